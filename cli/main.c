@@ -1,0 +1,54 @@
+/* main.c - the `devio` command: dispatches to subcommands, and falls back
+ * to ImDisk's devio command line when the first word is not one. */
+#include <stdio.h>
+#include <string.h>
+#include "cli.h"
+#include "devio/util.h"
+
+static const struct {
+	const char *name;
+	int (*fn)(int, char **);
+	const char *help;
+} commands[] = {
+	{ "serve", cmd_serve, "serve SOURCE [--devio ADDR] [--nbd ADDR] [--fuse DIR [--loop]] [--ublk] ..." },
+	{ "info", cmd_info, "info URI|IMAGE          size, alignment and flags of an export" },
+	{ "cat", cmd_cat, "cat URI|IMAGE [--offset N] [--length N]   export bytes to stdout" },
+	{ "write", cmd_write, "write URI|IMAGE [--offset N]   stdin into the export" },
+	{ "copy", cmd_copy, "copy SRC DST [--resume-from N]   copy between images and servers" },
+	{ "attach", cmd_attach, "attach URI --fuse DIR [--loop] | --nbd-device   a local device for a server" },
+	{ "detach", cmd_detach, "detach DIR|/dev/loopN|/dev/nbdN" },
+	{ "status", cmd_status, "status                   running servers and their transports" },
+};
+
+static void usage(FILE *out)
+{
+	fprintf(out, "usage: devio COMMAND [ARGS]\n\ncommands:\n");
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+		fprintf(out, "  devio %s\n", commands[i].help);
+	fprintf(out, "\nImDisk's devio command line also works:\n"
+		     "  devio [-r] tcp-port|commdev diskdev [blocks] [offset] [alignm] [buffersize]\n"
+		     "  devio [-r] tcp-port|commdev diskdev [partitionnumber] [alignm] [buffersize]\n"
+		     "\nSOURCE: an image file or block device, or ram:SIZE (e.g. ram:4G)\n"
+		     "URI: devio://HOST:PORT, devio+unix:///PATH, nbd://HOST[:PORT][/EXPORT],\n"
+		     "     nbd+unix:///EXPORT?socket=PATH\n");
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 2) {
+		usage(stderr);
+		return 2;
+	}
+	if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "help")) {
+		usage(stdout);
+		return 0;
+	}
+	if (!strcmp(argv[1], "--version") || !strcmp(argv[1], "version")) {
+		printf("devio %s\n", DEVIO_VERSION);
+		return 0;
+	}
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+		if (!strcmp(argv[1], commands[i].name))
+			return commands[i].fn(argc - 1, argv + 1);
+	return cmd_imdisk(argc, argv);
+}

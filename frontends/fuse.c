@@ -1,0 +1,17 @@
+/* fuse.c - the --fuse front end (not written yet). */
+#include <errno.h>
+#include "devio/frontend.h"
+
+static int start(struct devio_server *srv, const char *arg, void **state)
+{
+	(void)srv; (void)arg; (void)state;
+	return -ENOSYS;
+}
+
+static void stop(void *state) { (void)state; }
+
+const struct devio_frontend_type devio_frontend_fuse = {
+	.option = "fuse",
+	.start = start,
+	.stop = stop,
+};

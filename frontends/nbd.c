@@ -1,0 +1,17 @@
+/* nbd.c - the --nbd front end (not written yet). */
+#include <errno.h>
+#include "devio/frontend.h"
+
+static int start(struct devio_server *srv, const char *arg, void **state)
+{
+	(void)srv; (void)arg; (void)state;
+	return -ENOSYS;
+}
+
+static void stop(void *state) { (void)state; }
+
+const struct devio_frontend_type devio_frontend_nbd = {
+	.option = "nbd",
+	.start = start,
+	.stop = stop,
+};

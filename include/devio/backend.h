@@ -1,0 +1,103 @@
+/* backend.h - the table of operations every store of bytes implements.
+ *
+ * A backend owns the bytes of one export: an image file (whole, a window of
+ * it, one partition), a RAM disk, a remote server.  Front ends reach it only
+ * through this table and struct devio_request (request.h).  Every callback
+ * but pread is optional; the capability bits say what is offered and must
+ * tell the truth, because front ends advertise them to clients.
+ *
+ * Synchronous callbacks return 0 or a negative errno and move the whole
+ * length (a backend never returns a short transfer; the core has already
+ * checked the range).  They must be safe to call from several threads at
+ * once.  A backend that can run requests asynchronously (the file backend,
+ * through io_uring) also sets `submit`; the core then uses it.
+ */
+#ifndef DEVIO_BACKEND_H
+#define DEVIO_BACKEND_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include "request.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Capability bits (struct devio_backend.caps). */
+#define DEVIO_CAP_READONLY   (1u << 0)
+#define DEVIO_CAP_FLUSH      (1u << 1) /* flush does something useful */
+#define DEVIO_CAP_FUA        (1u << 2) /* FUA honoured (natively or by flushing) */
+#define DEVIO_CAP_TRIM       (1u << 3)
+#define DEVIO_CAP_ZERO       (1u << 4)
+#define DEVIO_CAP_FAST_ZERO  (1u << 5) /* zero can tell fast from slow */
+#define DEVIO_CAP_EXTENTS    (1u << 6) /* extents reports holes truthfully */
+#define DEVIO_CAP_MULTI_CONN (1u << 7) /* a flush on one connection covers writes of all */
+#define DEVIO_CAP_CACHE      (1u << 8)
+
+/* Extent flags, as NBD's base:allocation defines them. */
+#define DEVIO_EXTENT_HOLE (1u << 0) /* not allocated */
+#define DEVIO_EXTENT_ZERO (1u << 1) /* reads as zeroes */
+
+/* Called for each extent, in order; a non-zero return stops the walk and
+ * is returned by extents(). */
+typedef int (*devio_extent_fn)(void *ctx, uint64_t offset, uint64_t length, uint32_t flags);
+
+struct devio_backend;
+
+struct devio_backend_ops {
+	const char *name;
+	int (*pread)(struct devio_backend *b, void *buf, uint64_t len, uint64_t off);
+	int (*pwrite)(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags);
+	int (*flush)(struct devio_backend *b);
+	int (*trim)(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags);
+	int (*zero)(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags);
+	/* Describe [off, off+len): every byte at least once, in order.  May
+	 * stop early after at least one extent. */
+	int (*extents)(struct devio_backend *b, uint64_t off, uint64_t len, devio_extent_fn fn, void *ctx);
+	/* Optional asynchronous path: start req (already checked) and call
+	 * req->complete() later.  Return 0 if started, or a negative errno to
+	 * make the core run it synchronously instead (e.g. -EAGAIN). */
+	int (*submit)(struct devio_backend *b, struct devio_request *req);
+	/* One-line human description for `devio status` and logs (optional). */
+	void (*describe)(struct devio_backend *b, char *out, size_t outlen);
+	void (*close)(struct devio_backend *b);
+};
+
+struct devio_backend {
+	const struct devio_backend_ops *ops;
+	uint64_t size;       /* bytes */
+	uint32_t block_size; /* preferred/minimum I/O granularity; 1 if any */
+	uint32_t caps;       /* DEVIO_CAP_* */
+	uint32_t max_io;     /* largest single transfer the backend accepts; 0 = no limit */
+	void *priv;
+};
+
+/* How to open a SOURCE given on a command line. */
+struct devio_open_opts {
+	bool readonly;
+	bool has_offset, has_size;
+	uint64_t offset;   /* bytes into the image */
+	uint64_t size;     /* bytes; 0 with has_size false = to the end */
+	int partition;     /* 0 = whole image; N = MBR/GPT partition N */
+	uint64_t ram_max;  /* ram: cap on resident bytes, 0 = none */
+	bool direct;       /* file: O_DIRECT */
+};
+
+/* Open SOURCE: "ram:SIZE", "devio://HOST:PORT", "devio+unix:///PATH",
+ * "nbd://...", or a path to an image file or block device.  On error
+ * returns a negative errno and has logged why. */
+int devio_backend_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out);
+void devio_backend_close(struct devio_backend *b);
+
+/* Individual backends (backends/NAME.c). */
+int devio_file_open(const char *path, const struct devio_open_opts *opts, struct devio_backend **out);
+int devio_ram_open(uint64_t size, uint64_t max_resident, struct devio_backend **out);
+int devio_remote_open(const char *uri, const struct devio_open_opts *opts, struct devio_backend **out);
+
+/* RAM backend introspection, for tests and `devio status`. */
+uint64_t devio_ram_resident(struct devio_backend *b);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

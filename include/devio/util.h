@@ -1,0 +1,67 @@
+/* util.h - logging, size parsing, addresses and full-length socket I/O
+ * shared by the library, the front ends and the command line. */
+#ifndef DEVIO_UTIL_H
+#define DEVIO_UTIL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum devio_log_level { DEVIO_LOG_ERROR, DEVIO_LOG_WARN, DEVIO_LOG_INFO, DEVIO_LOG_DEBUG };
+
+void devio_log_set_level(enum devio_log_level level);
+enum devio_log_level devio_log_get_level(void);
+void devio_log(enum devio_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+#define devio_err(...)   devio_log(DEVIO_LOG_ERROR, __VA_ARGS__)
+#define devio_warn(...)  devio_log(DEVIO_LOG_WARN, __VA_ARGS__)
+#define devio_info(...)  devio_log(DEVIO_LOG_INFO, __VA_ARGS__)
+#define devio_debug(...) devio_log(DEVIO_LOG_DEBUG, __VA_ARGS__)
+
+/* "4096", "64K", "1.5G" is refused; "1T", "512M", "0x1000".  Suffixes
+ * K/M/G/T/P (powers of 1024), optional trailing "B"/"iB".  0 or -EINVAL /
+ * -ERANGE. */
+int devio_parse_size(const char *s, uint64_t *out);
+/* Plain unsigned decimal or 0x hex integer; 0 or -EINVAL/-ERANGE. */
+int devio_parse_u64(const char *s, uint64_t *out);
+
+/* A transport address: tcp:[HOST:]PORT, unix:PATH, stdio, or a device path. */
+enum devio_addr_kind { DEVIO_ADDR_TCP, DEVIO_ADDR_UNIX, DEVIO_ADDR_STDIO, DEVIO_ADDR_DEVICE };
+struct devio_addr {
+	enum devio_addr_kind kind;
+	char host[256];   /* TCP: empty = loopback when listening */
+	char port[16];    /* TCP */
+	char path[256];   /* UNIX socket path or device path */
+};
+
+/* Parse "tcp:[HOST:]PORT", "tcp:[::1]:PORT", "unix:PATH", "stdio"/"-",
+ * or "/dev/..." (a character device).  default_port is used for "tcp:" or
+ * "tcp:HOST:" with no port (may be NULL). */
+int devio_addr_parse(const char *s, const char *default_port, struct devio_addr *out);
+void devio_addr_format(const struct devio_addr *a, char *out, size_t outlen);
+/* Listening socket (SOCK_CLOEXEC, SO_REUSEADDR; a stale Unix socket file
+ * is replaced).  Returns fd or -errno. */
+int devio_listen(const struct devio_addr *a, int backlog);
+/* Connected socket with TCP_NODELAY for TCP.  Returns fd or -errno. */
+int devio_connect(const struct devio_addr *a);
+/* Tune a connected stream socket for block I/O (TCP_NODELAY, buffers). */
+void devio_socket_tune(int fd);
+
+/* Move exactly len bytes, retrying on EINTR and short transfers.
+ * Return 0, -errno, or -ECONNRESET when the peer closed (EOF). */
+int devio_read_full(int fd, void *buf, size_t len);
+int devio_write_full(int fd, const void *buf, size_t len);
+/* Read and throw away len bytes. */
+int devio_discard_full(int fd, uint64_t len);
+
+/* Monotonic time in nanoseconds. */
+uint64_t devio_now_ns(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

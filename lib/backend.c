@@ -1,0 +1,45 @@
+/* backend.c - opens the backend a SOURCE names and closes backends. */
+#include <errno.h>
+#include <string.h>
+#include "devio/backend.h"
+#include "devio/util.h"
+
+static bool is_remote_uri(const char *s)
+{
+	return !strncmp(s, "devio://", 8) || !strncmp(s, "devio+unix://", 13) ||
+	       !strncmp(s, "nbd://", 6) || !strncmp(s, "nbd+unix://", 11);
+}
+
+int devio_backend_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out)
+{
+	static const struct devio_open_opts none;
+	uint64_t size;
+	int r;
+
+	if (!opts)
+		opts = &none;
+	if (!strncmp(source, "ram:", 4)) {
+		if (opts->partition || opts->has_offset) {
+			devio_err("%s: --offset and --partition do not apply to a RAM disk", source);
+			return -EINVAL;
+		}
+		r = devio_parse_size(source + 4, &size);
+		if (r || size == 0) {
+			devio_err("%s: bad RAM disk size (want ram:SIZE, e.g. ram:1G)", source);
+			return -EINVAL;
+		}
+		r = devio_ram_open(size, opts->ram_max, out);
+		if (!r && opts->readonly)
+			(*out)->caps |= DEVIO_CAP_READONLY;
+		return r;
+	}
+	if (is_remote_uri(source))
+		return devio_remote_open(source, opts, out);
+	return devio_file_open(source, opts, out);
+}
+
+void devio_backend_close(struct devio_backend *b)
+{
+	if (b && b->ops->close)
+		b->ops->close(b);
+}

@@ -1,0 +1,286 @@
+/* net.c - transport addresses (tcp:, unix:, stdio, devices), listening and
+ * connecting sockets, and full-length reads and writes. */
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+#include "devio/util.h"
+
+static int copy_str(char *dst, size_t dstlen, const char *src, size_t n)
+{
+	if (n >= dstlen)
+		return -ENAMETOOLONG;
+	memcpy(dst, src, n);
+	dst[n] = '\0';
+	return 0;
+}
+
+/* "[HOST:]PORT", "[v6]:PORT", "HOST:" */
+static int parse_hostport(const char *s, const char *default_port, struct devio_addr *a)
+{
+	const char *colon;
+
+	if (*s == '[') {
+		const char *close = strchr(s, ']');
+		if (!close || (close[1] && close[1] != ':'))
+			return -EINVAL;
+		if (copy_str(a->host, sizeof(a->host), s + 1, (size_t)(close - s - 1)))
+			return -ENAMETOOLONG;
+		s = close[1] ? close + 2 : close + 1;
+	} else if ((colon = strrchr(s, ':'))) {
+		if (copy_str(a->host, sizeof(a->host), s, (size_t)(colon - s)))
+			return -ENAMETOOLONG;
+		s = colon + 1;
+	}
+	if (!*s) {
+		if (!default_port)
+			return -EINVAL;
+		s = default_port;
+	}
+	for (const char *p = s; *p; p++)
+		if (*p < '0' || *p > '9')
+			return -EINVAL;
+	return copy_str(a->port, sizeof(a->port), s, strlen(s));
+}
+
+int devio_addr_parse(const char *s, const char *default_port, struct devio_addr *a)
+{
+	memset(a, 0, sizeof(*a));
+	if (!s || !*s)
+		return -EINVAL;
+	if (!strcmp(s, "stdio") || !strcmp(s, "-")) {
+		a->kind = DEVIO_ADDR_STDIO;
+		return 0;
+	}
+	if (!strncmp(s, "tcp:", 4)) {
+		a->kind = DEVIO_ADDR_TCP;
+		return parse_hostport(s + 4, default_port, a);
+	}
+	if (!strncmp(s, "unix:", 5)) {
+		a->kind = DEVIO_ADDR_UNIX;
+		if (!s[5])
+			return -EINVAL;
+		return copy_str(a->path, sizeof(((struct sockaddr_un *)0)->sun_path), s + 5, strlen(s + 5));
+	}
+	if (s[0] == '/') {
+		a->kind = DEVIO_ADDR_DEVICE;
+		return copy_str(a->path, sizeof(a->path), s, strlen(s));
+	}
+	return -EINVAL;
+}
+
+void devio_addr_format(const struct devio_addr *a, char *out, size_t outlen)
+{
+	switch (a->kind) {
+	case DEVIO_ADDR_TCP:
+		if (strchr(a->host, ':'))
+			snprintf(out, outlen, "tcp:[%s]:%s", a->host, a->port);
+		else
+			snprintf(out, outlen, "tcp:%s:%s", a->host[0] ? a->host : "127.0.0.1", a->port);
+		break;
+	case DEVIO_ADDR_UNIX:
+		snprintf(out, outlen, "unix:%s", a->path);
+		break;
+	case DEVIO_ADDR_STDIO:
+		snprintf(out, outlen, "stdio");
+		break;
+	case DEVIO_ADDR_DEVICE:
+		snprintf(out, outlen, "%s", a->path);
+		break;
+	}
+}
+
+void devio_socket_tune(int fd)
+{
+	int one = 1, buf = 4 << 20;
+
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)); /* fails harmlessly on AF_UNIX */
+	setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buf, sizeof(buf));
+	setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof(buf));
+}
+
+static int unix_sockaddr(const struct devio_addr *a, struct sockaddr_un *sun)
+{
+	memset(sun, 0, sizeof(*sun));
+	sun->sun_family = AF_UNIX;
+	if (strlen(a->path) >= sizeof(sun->sun_path))
+		return -ENAMETOOLONG;
+	strcpy(sun->sun_path, a->path);
+	return 0;
+}
+
+static int listen_unix(const struct devio_addr *a, int backlog)
+{
+	struct sockaddr_un sun;
+	struct stat st;
+	int fd, r;
+
+	if ((r = unix_sockaddr(a, &sun)))
+		return r;
+	if (lstat(a->path, &st) == 0 && S_ISSOCK(st.st_mode))
+		unlink(a->path); /* stale socket of an earlier run */
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) || listen(fd, backlog)) {
+		r = -errno;
+		devio_err("%s: cannot listen: %s", a->path, strerror(-r));
+		close(fd);
+		return r;
+	}
+	return fd;
+}
+
+static int listen_tcp(const struct devio_addr *a, int backlog)
+{
+	struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE | AI_NUMERICSERV };
+	struct addrinfo *res, *ai;
+	const char *host = a->host[0] ? a->host : "127.0.0.1";
+	int fd = -1, r, one = 1;
+
+	if (!strcmp(host, "*") || !strcmp(host, "0.0.0.0") || !strcmp(host, "::"))
+		host = NULL; /* every interface */
+	r = getaddrinfo(host, a->port, &hints, &res);
+	if (r) {
+		devio_err("tcp:%s:%s: %s", a->host, a->port, gai_strerror(r));
+		return -EINVAL;
+	}
+	r = -EADDRNOTAVAIL;
+	/* Prefer IPv6 wildcard (dual stack) when listening everywhere. */
+	for (ai = res; ai; ai = ai->ai_next) {
+		fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+		if (fd < 0) {
+			r = -errno;
+			continue;
+		}
+		setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+		if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, backlog) == 0)
+			break;
+		r = -errno;
+		close(fd);
+		fd = -1;
+	}
+	freeaddrinfo(res);
+	if (fd < 0) {
+		devio_err("tcp:%s:%s: cannot listen: %s", host ? host : "*", a->port, strerror(-r));
+		return r;
+	}
+	return fd;
+}
+
+int devio_listen(const struct devio_addr *a, int backlog)
+{
+	switch (a->kind) {
+	case DEVIO_ADDR_TCP:
+		return listen_tcp(a, backlog);
+	case DEVIO_ADDR_UNIX:
+		return listen_unix(a, backlog);
+	default:
+		return -EINVAL;
+	}
+}
+
+int devio_connect(const struct devio_addr *a)
+{
+	struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV };
+	struct addrinfo *res, *ai;
+	struct sockaddr_un sun;
+	int fd = -1, r;
+
+	if (a->kind == DEVIO_ADDR_UNIX) {
+		if ((r = unix_sockaddr(a, &sun)))
+			return r;
+		fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (fd < 0)
+			return -errno;
+		if (connect(fd, (struct sockaddr *)&sun, sizeof(sun))) {
+			r = -errno;
+			close(fd);
+			return r;
+		}
+		devio_socket_tune(fd);
+		return fd;
+	}
+	if (a->kind != DEVIO_ADDR_TCP)
+		return -EINVAL;
+	r = getaddrinfo(a->host[0] ? a->host : "127.0.0.1", a->port, &hints, &res);
+	if (r)
+		return -EHOSTUNREACH;
+	r = -ECONNREFUSED;
+	for (ai = res; ai; ai = ai->ai_next) {
+		fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+		if (fd < 0) {
+			r = -errno;
+			continue;
+		}
+		if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0)
+			break;
+		r = -errno;
+		close(fd);
+		fd = -1;
+	}
+	freeaddrinfo(res);
+	if (fd < 0)
+		return r;
+	devio_socket_tune(fd);
+	return fd;
+}
+
+int devio_read_full(int fd, void *buf, size_t len)
+{
+	char *p = buf;
+
+	while (len) {
+		ssize_t n = read(fd, p, len);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (n == 0)
+			return -ECONNRESET;
+		p += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+int devio_write_full(int fd, const void *buf, size_t len)
+{
+	const char *p = buf;
+
+	while (len) {
+		ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
+		if (n < 0 && errno == ENOTSOCK)
+			n = write(fd, p, len);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		p += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+int devio_discard_full(int fd, uint64_t len)
+{
+	char scratch[65536];
+
+	while (len) {
+		size_t n = len < sizeof(scratch) ? (size_t)len : sizeof(scratch);
+		int r = devio_read_full(fd, scratch, n);
+		if (r)
+			return r;
+		len -= n;
+	}
+	return 0;
+}

@@ -1,0 +1,239 @@
+/* request.c - the request core: checks a request against its backend and
+ * runs it, asynchronously where the backend can (io_uring), synchronously
+ * otherwise.  Also a small worker pool for front ends that want several
+ * synchronous requests running at once on a multi-core machine. */
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include "devio/backend.h"
+#include "devio/request.h"
+#include "devio/workers.h"
+
+const char *devio_op_name(enum devio_op op)
+{
+	static const char *const names[] = { "READ", "WRITE", "FLUSH", "TRIM", "ZERO", "CACHE" };
+
+	return (unsigned)op < DEVIO_OP__COUNT ? names[op] : "UNKNOWN";
+}
+
+int devio_request_check(const struct devio_backend *b, const struct devio_request *req)
+{
+	const struct devio_backend_ops *ops = b->ops;
+	bool writes = req->op == DEVIO_OP_WRITE || req->op == DEVIO_OP_TRIM || req->op == DEVIO_OP_ZERO;
+
+	if ((unsigned)req->op >= DEVIO_OP__COUNT)
+		return -EINVAL;
+	if (writes && (b->caps & DEVIO_CAP_READONLY))
+		return -EROFS;
+	if (req->op == DEVIO_OP_FLUSH)
+		return 0;
+	if (req->offset > b->size || req->length > b->size - req->offset)
+		return req->op == DEVIO_OP_WRITE || req->op == DEVIO_OP_ZERO ? -ENOSPC : -EINVAL;
+	if ((req->op == DEVIO_OP_READ || req->op == DEVIO_OP_WRITE) && req->length && !req->buf)
+		return -EFAULT;
+	if (req->op == DEVIO_OP_WRITE && !ops->pwrite)
+		return -EROFS;
+	if (req->op == DEVIO_OP_TRIM && !ops->trim)
+		return -EOPNOTSUPP;
+	if (req->op == DEVIO_OP_ZERO && !ops->zero && (req->flags & DEVIO_REQ_FAST_ZERO))
+		return -EOPNOTSUPP;
+	return 0;
+}
+
+/* ZERO for a backend without a zero callback: write zeroes. */
+static int zero_by_writing(struct devio_backend *b, uint64_t off, uint64_t len)
+{
+	static const char zeroes[65536];
+	int r = 0;
+
+	while (len && !r) {
+		uint64_t n = len < sizeof(zeroes) ? len : sizeof(zeroes);
+		r = b->ops->pwrite(b, zeroes, n, off, 0);
+		off += n;
+		len -= n;
+	}
+	return r;
+}
+
+static int run_sync(struct devio_backend *b, struct devio_request *req)
+{
+	const struct devio_backend_ops *ops = b->ops;
+	int r = 0;
+
+	if (req->length == 0 && req->op != DEVIO_OP_FLUSH)
+		return 0;
+	switch (req->op) {
+	case DEVIO_OP_READ:
+		return ops->pread(b, req->buf, req->length, req->offset);
+	case DEVIO_OP_WRITE:
+		r = ops->pwrite(b, req->buf, req->length, req->offset, req->flags);
+		break;
+	case DEVIO_OP_FLUSH:
+		return ops->flush ? ops->flush(b) : 0;
+	case DEVIO_OP_TRIM:
+		r = ops->trim(b, req->offset, req->length, req->flags);
+		break;
+	case DEVIO_OP_ZERO:
+		r = ops->zero ? ops->zero(b, req->offset, req->length, req->flags)
+			      : zero_by_writing(b, req->offset, req->length);
+		break;
+	case DEVIO_OP_CACHE:
+		return 0;
+	default:
+		return -EINVAL;
+	}
+	if (!r && (req->flags & DEVIO_REQ_FUA) && ops->flush)
+		r = ops->flush(b);
+	return r;
+}
+
+void devio_submit(struct devio_backend *b, struct devio_request *req)
+{
+	int r;
+
+	req->backend = b;
+	r = devio_request_check(b, req);
+	if (!r && b->ops->submit) {
+		r = b->ops->submit(b, req);
+		if (r == 0)
+			return; /* complete() will be called by the backend */
+		if (r != -EAGAIN && r != -EOPNOTSUPP)
+			goto done;
+	}
+	if (!r)
+		r = run_sync(b, req);
+done:
+	req->result = r;
+	req->complete(req);
+}
+
+struct sync_wait {
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	bool done;
+	void (*complete)(struct devio_request *req);
+	void *opaque;
+};
+
+static void sync_complete(struct devio_request *req)
+{
+	struct sync_wait *w = req->opaque;
+
+	pthread_mutex_lock(&w->lock);
+	w->done = true;
+	pthread_cond_signal(&w->cond);
+	pthread_mutex_unlock(&w->lock);
+}
+
+int devio_execute(struct devio_backend *b, struct devio_request *req)
+{
+	struct sync_wait w = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, false,
+			       req->complete, req->opaque };
+	int r;
+
+	req->backend = b;
+	r = devio_request_check(b, req);
+	if (r || !b->ops->submit) {
+		/* Synchronous: no need to go through a completion at all. */
+		req->result = r ? r : run_sync(b, req);
+		return req->result;
+	}
+	req->complete = sync_complete;
+	req->opaque = &w;
+	devio_submit(b, req);
+	pthread_mutex_lock(&w.lock);
+	while (!w.done)
+		pthread_cond_wait(&w.cond, &w.lock);
+	pthread_mutex_unlock(&w.lock);
+	req->complete = w.complete;
+	req->opaque = w.opaque;
+	pthread_cond_destroy(&w.cond);
+	pthread_mutex_destroy(&w.lock);
+	return req->result;
+}
+
+/* ---- worker pool ---- */
+
+struct devio_workers {
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	struct devio_request *head, *tail;
+	bool stopping;
+	unsigned n;
+	pthread_t threads[];
+};
+
+static void *worker_main(void *arg)
+{
+	struct devio_workers *w = arg;
+
+	for (;;) {
+		struct devio_request *req;
+
+		pthread_mutex_lock(&w->lock);
+		while (!w->head && !w->stopping)
+			pthread_cond_wait(&w->cond, &w->lock);
+		req = w->head;
+		if (!req) {
+			pthread_mutex_unlock(&w->lock);
+			return NULL;
+		}
+		w->head = req->next;
+		if (!w->head)
+			w->tail = NULL;
+		pthread_mutex_unlock(&w->lock);
+		req->next = NULL;
+		devio_submit(req->backend, req);
+	}
+}
+
+struct devio_workers *devio_workers_new(unsigned nthreads)
+{
+	struct devio_workers *w;
+
+	if (nthreads == 0)
+		nthreads = 1;
+	w = calloc(1, sizeof(*w) + nthreads * sizeof(pthread_t));
+	if (!w)
+		return NULL;
+	pthread_mutex_init(&w->lock, NULL);
+	pthread_cond_init(&w->cond, NULL);
+	for (w->n = 0; w->n < nthreads; w->n++)
+		if (pthread_create(&w->threads[w->n], NULL, worker_main, w))
+			break;
+	if (w->n == 0) {
+		free(w);
+		return NULL;
+	}
+	return w;
+}
+
+void devio_workers_submit(struct devio_workers *w, struct devio_backend *b, struct devio_request *req)
+{
+	req->backend = b;
+	req->next = NULL;
+	pthread_mutex_lock(&w->lock);
+	if (w->tail)
+		w->tail->next = req;
+	else
+		w->head = req;
+	w->tail = req;
+	pthread_cond_signal(&w->cond);
+	pthread_mutex_unlock(&w->lock);
+}
+
+void devio_workers_free(struct devio_workers *w)
+{
+	if (!w)
+		return;
+	pthread_mutex_lock(&w->lock);
+	w->stopping = true;
+	pthread_cond_broadcast(&w->cond);
+	pthread_mutex_unlock(&w->lock);
+	for (unsigned i = 0; i < w->n; i++)
+		pthread_join(w->threads[i], NULL);
+	pthread_cond_destroy(&w->cond);
+	pthread_mutex_destroy(&w->lock);
+	free(w);
+}

@@ -1,0 +1,91 @@
+"""conftest.py - fixtures shared by the integration tests: the devio binary,
+a server process that is always stopped, free ports, scratch directories."""
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEVIO = os.environ.get("DEVIO", os.path.join(ROOT, "build-test", "devio"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred, timeout=10.0, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def port_open(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class Server:
+    """A `devio serve` process; stop() is idempotent and always called."""
+
+    def __init__(self, args, env=None):
+        self.args = [DEVIO, "serve"] + list(args)
+        # stderr to a file, never a pipe: a chatty server must not block on it
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=self.log, env=env, start_new_session=True)
+
+    def wait_tcp(self, port, timeout=10.0):
+        wait_for(lambda: port_open(port) or self.proc.poll() is not None, timeout, f"port {port}")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited {self.proc.returncode}: {self.stderr()}")
+
+    def wait_unix(self, path, timeout=10.0):
+        wait_for(lambda: os.path.exists(path) or self.proc.poll() is not None, timeout, path)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited {self.proc.returncode}: {self.stderr()}")
+
+    def stderr(self):
+        """What the server has printed so far (stdout and stderr)."""
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM, timeout=20.0):
+        """Stop the server; returns its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def serve():
+    """serve(args...) starts a server; every server is stopped at teardown."""
+    servers = []
+
+    def start(*args, env=None):
+        s = Server(args, env=env)
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.stop()
+        out = s.stderr()
+        if "AddressSanitizer" in out or "runtime error:" in out:
+            pytest.fail(f"sanitizer report from {s.args}:\n{out}")
