@@ -14,6 +14,10 @@ int cmd_write(int argc, char **argv);
 int cmd_copy(int argc, char **argv);
 int cmd_attach(int argc, char **argv);  /* cli/attach.c */
 int cmd_detach(int argc, char **argv);
+/* attach --nbd-device / detach /dev/nbdN: the kernel's nbd client over
+ * netlink (cli/attach_nbd.c); argv as given to cmd_attach/cmd_detach. */
+int attach_nbd_device(int argc, char **argv);
+int detach_nbd_device(const char *dev);
 /* ImDisk's own command line: devio [-r] tcp-port|commdev diskdev ... */
 int cmd_imdisk(int argc, char **argv);  /* cli/imdisk.c; argv[0] is "devio" */
 

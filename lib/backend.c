@@ -4,11 +4,6 @@
 #include "devio/backend.h"
 #include "devio/util.h"
 
-static bool is_remote_uri(const char *s)
-{
-	return !strncmp(s, "devio://", 8) || !strncmp(s, "devio+unix://", 13) ||
-	       !strncmp(s, "nbd://", 6) || !strncmp(s, "nbd+unix://", 11);
-}
 
 int devio_backend_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out)
 {
@@ -33,8 +28,10 @@ int devio_backend_open(const char *source, const struct devio_open_opts *opts, s
 			(*out)->caps |= DEVIO_CAP_READONLY;
 		return r;
 	}
-	if (is_remote_uri(source))
-		return devio_remote_open(source, opts, out);
+	if (!strncmp(source, "devio://", 8) || !strncmp(source, "devio+unix://", 13))
+		return devio_remote_devio_open(source, opts, out);
+	if (!strncmp(source, "nbd://", 6) || !strncmp(source, "nbd+unix://", 11))
+		return devio_remote_nbd_open(source, opts, out);
 	return devio_file_open(source, opts, out);
 }
 

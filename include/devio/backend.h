@@ -92,7 +92,9 @@ void devio_backend_close(struct devio_backend *b);
 /* Individual backends (backends/NAME.c). */
 int devio_file_open(const char *path, const struct devio_open_opts *opts, struct devio_backend **out);
 int devio_ram_open(uint64_t size, uint64_t max_resident, struct devio_backend **out);
-int devio_remote_open(const char *uri, const struct devio_open_opts *opts, struct devio_backend **out);
+/* Remote servers as backends: the client ends of the two protocols. */
+int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts, struct devio_backend **out); /* devio://, devio+unix:// */
+int devio_remote_nbd_open(const char *uri, const struct devio_open_opts *opts, struct devio_backend **out);   /* nbd://, nbd+unix:// */
 
 /* RAM backend introspection, for tests and `devio status`. */
 uint64_t devio_ram_resident(struct devio_backend *b);

@@ -1,0 +1,9 @@
+/* nbd_remote.c - a remote nbd server as a backend (not written yet). */
+#include <errno.h>
+#include "devio/backend.h"
+
+int devio_remote_nbd_open(const char *uri, const struct devio_open_opts *opts, struct devio_backend **out)
+{
+	(void)uri; (void)opts; (void)out;
+	return -ENOSYS;
+}
