@@ -1,17 +1,947 @@
-/* ublk.c - the --ublk front end (not written yet). */
+/* ublk.c - the --ublk front end: a real /dev/ublkbN block device whose
+ * requests the kernel's ublk driver hands to this process, the Linux
+ * counterpart of ImDisk's DevIO client driver.
+ *
+ * Control: commands on /dev/ublk-control as io_uring URING_CMDs (128-byte
+ * SQEs): GET_FEATURES, ADD_DEV, SET_PARAMS, START_DEV, STOP_DEV, DEL_DEV.
+ * Data: one thread per hardware queue with an io_uring of its own.  Each
+ * tag (request slot) has a buffer; the thread issues FETCH_REQ for every
+ * tag, and when one completes it reads the tag's descriptor from the
+ * queue's mmap()ed descriptor array, checks it, submits a devio_request to
+ * the backend and, when that completes, queues COMMIT_AND_FETCH_REQ with
+ * the result.  All commits gathered in one pass go to the kernel in one
+ * io_uring_enter, which also waits for the next completions.  Backend
+ * completions from other threads (the file backend's ring) come back
+ * through a lock-free list and an eventfd read kept armed in the ring.
+ *
+ * Data copy: with UBLK_F_USER_COPY (kernel 6.5+) the thread moves a
+ * request's data with pread/pwrite on /dev/ublkcN at the tag's offset;
+ * otherwise the driver copies into the buffer named in FETCH/COMMIT.
+ */
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <liburing.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include "devio/backend.h"
 #include "devio/frontend.h"
+#include "devio/ublk.h"
+#include "devio/util.h"
+#include "../lib/ublk_abi.h"
+
+#define UBLK_CONTROL "/dev/ublk-control"
+#define DEFAULT_DEPTH 64
+#define DEFAULT_MAX_IO (512u * 1024)
+#define EVENTFD_TAG UINT64_MAX
+#define NO_DEV_ID UINT32_MAX
+#define STOP_GRACE_NS (3ull * 1000 * 1000 * 1000)
+
+struct ublk_queue;
+
+/* One request slot of a queue. */
+struct ublk_tag {
+	struct devio_request req;
+	struct ublk_queue *q;
+	void *buf;
+	uint16_t tag;
+	uint8_t op;        /* the ublk op being served */
+	bool dead;         /* aborted by the driver: no more commands */
+};
+
+struct ublk_dev;
+
+struct ublk_queue {
+	struct ublk_dev *dev;
+	unsigned qid;
+	pthread_t thread;
+	pthread_t self;        /* set by the thread itself */
+	bool thread_started;
+	struct io_uring ring;
+	bool ring_ok;
+	const struct devio_ublk_io_desc *descs;
+	size_t descs_len;
+	struct ublk_tag *tags;
+	int efd;
+	uint64_t efd_val;
+	_Atomic(struct devio_request *) done_remote; /* completions from other threads */
+	struct devio_request *done_local;            /* completions on this thread */
+	unsigned cmds_out;     /* FETCH/COMMIT commands the kernel holds */
+	unsigned in_backend;   /* requests the backend holds */
+	/* counters, read by status() and printed at exit */
+	_Atomic uint64_t served, enters, batches_max, errors;
+};
+
+struct ublk_dev {
+	struct devio_backend *b;
+	int ctrl_fd;
+	int cdev_fd;
+	struct io_uring ctrl_ring;
+	bool ctrl_ring_ok;
+	bool ioctl_encode;
+	bool user_copy;
+	uint64_t features;
+	struct devio_ublk_dev_info info;
+	unsigned nr_queues, depth;
+	uint32_t max_io, lbs;
+	uint64_t dev_sectors;
+	bool added, started;
+	atomic_bool stopping;
+	uint64_t stop_deadline;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	unsigned ready, failed;
+	struct ublk_queue *queues;
+	char bdev[32], cdev[32];
+};
+
+/* ---- descriptor checks (unit-tested) ---- */
+
+int devio_ublk_decode(uint32_t op_flags, uint32_t nr_sectors, uint64_t start_sector,
+		      uint64_t dev_sectors, uint32_t max_io_bytes, struct devio_request *req)
+{
+	unsigned op = op_flags & 0xff;
+
+	req->flags = 0;
+	req->offset = 0;
+	req->length = 0;
+	switch (op) {
+	case DEVIO_UBLK_IO_OP_READ:
+		req->op = DEVIO_OP_READ;
+		break;
+	case DEVIO_UBLK_IO_OP_WRITE:
+		req->op = DEVIO_OP_WRITE;
+		if (op_flags & DEVIO_UBLK_IO_F_FUA)
+			req->flags |= DEVIO_REQ_FUA;
+		break;
+	case DEVIO_UBLK_IO_OP_FLUSH:
+		req->op = DEVIO_OP_FLUSH;
+		return 0;
+	case DEVIO_UBLK_IO_OP_DISCARD:
+		req->op = DEVIO_OP_TRIM;
+		break;
+	case DEVIO_UBLK_IO_OP_WRITE_ZEROES:
+		req->op = DEVIO_OP_ZERO;
+		if (op_flags & DEVIO_UBLK_IO_F_NOUNMAP)
+			req->flags |= DEVIO_REQ_NO_HOLE;
+		break;
+	default:
+		return -EOPNOTSUPP;
+	}
+	if (nr_sectors == 0 || start_sector > dev_sectors || nr_sectors > dev_sectors - start_sector)
+		return -EINVAL;
+	if ((req->op == DEVIO_OP_READ || req->op == DEVIO_OP_WRITE) &&
+	    (uint64_t)nr_sectors << 9 > max_io_bytes)
+		return -EINVAL;
+	req->offset = start_sector << 9;
+	req->length = (uint64_t)nr_sectors << 9;
+	return 0;
+}
+
+int devio_ublk_parse_dev(const char *s, unsigned *dev_id)
+{
+	uint64_t v;
+
+	if (!strncmp(s, "/dev/", 5))
+		s += 5;
+	if (!strncmp(s, "ublkb", 5) || !strncmp(s, "ublkc", 5))
+		s += 5;
+	if (!*s || devio_parse_u64(s, &v) || v >= NO_DEV_ID)
+		return -EINVAL;
+	*dev_id = (unsigned)v;
+	return 0;
+}
+
+/* ---- control commands ---- */
+
+static void prep_uring_cmd(struct io_uring_sqe *sqe, int fd, uint32_t op, const void *cmd, size_t len)
+{
+	memset(sqe, 0, 128);
+	sqe->opcode = IORING_OP_URING_CMD;
+	sqe->fd = fd;
+	sqe->cmd_op = op;
+	memcpy(sqe->cmd, cmd, len);
+}
+
+/* The opcode for control command nr: ioctl-encoded when the driver knows
+ * them (and always for commands that only exist that way). */
+static uint32_t ctrl_op(const struct ublk_dev *d, unsigned nr)
+{
+	bool reads = nr == DEVIO_UBLK_CMD_GET_QUEUE_AFFINITY || nr == DEVIO_UBLK_CMD_GET_DEV_INFO ||
+		     nr == DEVIO_UBLK_CMD_GET_PARAMS || nr == DEVIO_UBLK_CMD_GET_FEATURES;
+
+	if (!d->ioctl_encode && nr != DEVIO_UBLK_CMD_GET_FEATURES)
+		return nr;
+	return reads ? DEVIO_UBLK_U_CMDR(nr) : DEVIO_UBLK_U_CMD(nr);
+}
+
+/* Run one control command and wait for its result. */
+static int ctrl_cmd(struct ublk_dev *d, unsigned nr, struct devio_ublk_ctrl_cmd *cmd)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&d->ctrl_ring);
+	struct io_uring_cqe *cqe;
+	int r;
+
+	if (!sqe)
+		return -EBUSY;
+	prep_uring_cmd(sqe, d->ctrl_fd, ctrl_op(d, nr), cmd, sizeof(*cmd));
+	r = io_uring_submit(&d->ctrl_ring);
+	if (r < 0)
+		return r;
+	do
+		r = io_uring_wait_cqe(&d->ctrl_ring, &cqe);
+	while (r == -EINTR);
+	if (r < 0)
+		return r;
+	r = cqe->res;
+	io_uring_cqe_seen(&d->ctrl_ring, cqe);
+	return r;
+}
+
+static int ctrl_open(struct ublk_dev *d)
+{
+	int r;
+
+	d->ctrl_fd = open(UBLK_CONTROL, O_RDWR | O_CLOEXEC);
+	if (d->ctrl_fd < 0) {
+		r = -errno;
+		devio_err("ublk: %s: %s (is the ublk_drv module loaded?)", UBLK_CONTROL, strerror(-r));
+		return r;
+	}
+	r = io_uring_queue_init(4, &d->ctrl_ring, IORING_SETUP_SQE128);
+	if (r < 0) {
+		devio_err("ublk: io_uring with 128-byte SQEs: %s", strerror(-r));
+		return r;
+	}
+	d->ctrl_ring_ok = true;
+	return 0;
+}
+
+static void ctrl_close(struct ublk_dev *d)
+{
+	if (d->ctrl_ring_ok)
+		io_uring_queue_exit(&d->ctrl_ring);
+	d->ctrl_ring_ok = false;
+	if (d->ctrl_fd >= 0)
+		close(d->ctrl_fd);
+	d->ctrl_fd = -1;
+}
+
+/* GET_FEATURES (6.5+); older drivers know only the legacy opcodes. */
+static void get_features(struct ublk_dev *d)
+{
+	struct devio_ublk_ctrl_cmd cmd = { .dev_id = NO_DEV_ID, .queue_id = 0xffff };
+	uint64_t features = 0;
+
+	cmd.addr = (uintptr_t)&features;
+	cmd.len = sizeof(features);
+	if (ctrl_cmd(d, DEVIO_UBLK_CMD_GET_FEATURES, &cmd) < 0)
+		features = 0;
+	d->features = features;
+	d->ioctl_encode = features & DEVIO_UBLK_F_CMD_IOCTL_ENCODE;
+}
+
+static int simple_cmd(struct ublk_dev *d, unsigned nr, uint64_t data)
+{
+	struct devio_ublk_ctrl_cmd cmd = { .dev_id = d->info.dev_id, .queue_id = 0xffff };
+
+	cmd.data[0] = data;
+	return ctrl_cmd(d, nr, &cmd);
+}
+
+int devio_ublk_delete(unsigned dev_id)
+{
+	struct ublk_dev d = { .ctrl_fd = -1 };
+	int r;
+
+	r = ctrl_open(&d);
+	if (r)
+		goto out;
+	get_features(&d);
+	d.info.dev_id = dev_id;
+	r = simple_cmd(&d, DEVIO_UBLK_CMD_STOP_DEV, 0);
+	if (r < 0 && r != -ENODEV)
+		devio_warn("ublk: device %u: STOP_DEV: %s", dev_id, strerror(-r));
+	r = simple_cmd(&d, DEVIO_UBLK_CMD_DEL_DEV, 0);
+	if (r < 0)
+		devio_err("ublk: device %u: DEL_DEV: %s", dev_id, strerror(-r));
+out:
+	ctrl_close(&d);
+	return r < 0 ? r : 0;
+}
+
+/* ---- device setup ---- */
+
+static unsigned ilog2u(uint32_t v)
+{
+	unsigned s = 0;
+
+	while ((1u << (s + 1)) <= v && s < 31)
+		s++;
+	return s;
+}
+
+static int add_dev(struct ublk_dev *d, uint32_t want_id)
+{
+	struct devio_ublk_ctrl_cmd cmd = { .dev_id = want_id, .queue_id = 0xffff };
+	int r;
+
+	d->info.nr_hw_queues = (uint16_t)d->nr_queues;
+	d->info.queue_depth = (uint16_t)d->depth;
+	d->info.max_io_buf_bytes = d->max_io;
+	d->info.dev_id = want_id;
+	d->info.ublksrv_pid = (int32_t)getpid();
+	d->info.flags = d->user_copy ? DEVIO_UBLK_F_USER_COPY : 0;
+	if (d->ioctl_encode)
+		d->info.flags |= DEVIO_UBLK_F_CMD_IOCTL_ENCODE;
+	cmd.addr = (uintptr_t)&d->info;
+	cmd.len = sizeof(d->info);
+	r = ctrl_cmd(d, DEVIO_UBLK_CMD_ADD_DEV, &cmd);
+	if (r < 0) {
+		devio_err("ublk: ADD_DEV (id %s, %u queues, depth %u, %u-byte buffers): %s",
+			  want_id == NO_DEV_ID ? "auto" : "given", d->nr_queues, d->depth, d->max_io,
+			  strerror(-r));
+		return r;
+	}
+	d->added = true;
+	snprintf(d->bdev, sizeof(d->bdev), "/dev/ublkb%u", d->info.dev_id);
+	snprintf(d->cdev, sizeof(d->cdev), "/dev/ublkc%u", d->info.dev_id);
+	return 0;
+}
+
+static int set_params(struct ublk_dev *d)
+{
+	struct devio_ublk_ctrl_cmd cmd = { .dev_id = d->info.dev_id, .queue_id = 0xffff };
+	struct devio_ublk_params p = { .len = sizeof(p), .types = DEVIO_UBLK_PARAM_TYPE_BASIC };
+	uint32_t pbs = d->b->block_size > d->lbs && d->b->block_size <= 4096 &&
+		       !(d->b->block_size & (d->b->block_size - 1)) ? d->b->block_size : d->lbs;
+	uint32_t caps = d->b->caps;
+	int r;
+
+	p.basic.logical_bs_shift = (uint8_t)ilog2u(d->lbs);
+	p.basic.physical_bs_shift = (uint8_t)ilog2u(pbs);
+	p.basic.io_min_shift = p.basic.physical_bs_shift;
+	p.basic.io_opt_shift = p.basic.physical_bs_shift;
+	p.basic.max_sectors = d->max_io >> 9;
+	p.basic.dev_sectors = d->dev_sectors;
+	if (caps & DEVIO_CAP_READONLY)
+		p.basic.attrs |= DEVIO_UBLK_ATTR_READ_ONLY;
+	if (caps & DEVIO_CAP_FLUSH) {
+		p.basic.attrs |= DEVIO_UBLK_ATTR_VOLATILE_CACHE;
+		if (caps & DEVIO_CAP_FUA)
+			p.basic.attrs |= DEVIO_UBLK_ATTR_FUA;
+	}
+	if ((caps & (DEVIO_CAP_TRIM | DEVIO_CAP_ZERO)) && !(caps & DEVIO_CAP_READONLY)) {
+		p.types |= DEVIO_UBLK_PARAM_TYPE_DISCARD;
+		p.discard.discard_granularity = pbs > 4096 ? pbs : 4096;
+		p.discard.max_discard_segments = 1;
+		if (caps & DEVIO_CAP_TRIM)
+			p.discard.max_discard_sectors = UINT32_MAX >> 9 & ~7u;
+		if (caps & DEVIO_CAP_ZERO)
+			p.discard.max_write_zeroes_sectors = UINT32_MAX >> 9 & ~7u;
+	}
+	cmd.addr = (uintptr_t)&p;
+	cmd.len = sizeof(p);
+	r = ctrl_cmd(d, DEVIO_UBLK_CMD_SET_PARAMS, &cmd);
+	if (r < 0)
+		devio_err("ublk: %s: SET_PARAMS (%llu sectors, block %u/%u): %s", d->bdev,
+			  (unsigned long long)d->dev_sectors, d->lbs, pbs, strerror(-r));
+	return r < 0 ? r : 0;
+}
+
+/* /dev/ublkcN appears through devtmpfs/udev shortly after ADD_DEV. */
+static int open_cdev(struct ublk_dev *d)
+{
+	for (int i = 0; i < 200; i++) {
+		struct timespec ts = { 0, 10 * 1000 * 1000 };
+
+		d->cdev_fd = open(d->cdev, O_RDWR | O_CLOEXEC);
+		if (d->cdev_fd >= 0)
+			return 0;
+		if (errno != ENOENT)
+			break;
+		nanosleep(&ts, NULL);
+	}
+	devio_err("ublk: %s: %s", d->cdev, strerror(errno));
+	return -errno;
+}
+
+/* ---- the queue threads ---- */
+
+static uint64_t user_copy_off(const struct ublk_queue *q, uint16_t tag)
+{
+	return DEVIO_UBLKSRV_IO_BUF_OFFSET + ((uint64_t)q->qid << DEVIO_UBLK_QID_OFF) +
+	       ((uint64_t)tag << DEVIO_UBLK_TAG_OFF);
+}
+
+static uint32_t io_op(const struct ublk_dev *d, unsigned nr)
+{
+	return d->ioctl_encode ? DEVIO_UBLK_U_IO(nr) : nr;
+}
+
+static struct io_uring_sqe *get_sqe(struct ublk_queue *q)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&q->ring);
+
+	if (!sqe) {
+		io_uring_submit(&q->ring);
+		atomic_fetch_add_explicit(&q->enters, 1, memory_order_relaxed);
+		sqe = io_uring_get_sqe(&q->ring);
+	}
+	return sqe;
+}
+
+/* Queue FETCH_REQ (first time) or COMMIT_AND_FETCH_REQ with result. */
+static int queue_io_cmd(struct ublk_queue *q, struct ublk_tag *t, unsigned nr, int result)
+{
+	struct devio_ublk_io_cmd cmd = { .q_id = (uint16_t)q->qid, .tag = t->tag, .result = result };
+	struct io_uring_sqe *sqe = get_sqe(q);
+
+	if (!sqe)
+		return -EBUSY;
+	if (!q->dev->user_copy)
+		cmd.addr = (uintptr_t)t->buf;
+	prep_uring_cmd(sqe, 0, io_op(q->dev, nr), &cmd, sizeof(cmd));
+	sqe->flags |= IOSQE_FIXED_FILE;
+	io_uring_sqe_set_data64(sqe, t->tag);
+	q->cmds_out++;
+	return 0;
+}
+
+static void arm_eventfd(struct ublk_queue *q)
+{
+	struct io_uring_sqe *sqe = get_sqe(q);
+
+	if (!sqe)
+		return;
+	io_uring_prep_read(sqe, q->efd, &q->efd_val, sizeof(q->efd_val), 0);
+	io_uring_sqe_set_data64(sqe, EVENTFD_TAG);
+}
+
+/* Backend completion: hand the request back to its queue thread. */
+static void tag_complete(struct devio_request *req)
+{
+	struct ublk_tag *t = req->opaque;
+	struct ublk_queue *q = t->q;
+	struct devio_request *old;
+
+	if (pthread_equal(pthread_self(), q->self)) {
+		req->next = q->done_local;
+		q->done_local = req;
+		return;
+	}
+	old = atomic_load_explicit(&q->done_remote, memory_order_relaxed);
+	do
+		req->next = old;
+	while (!atomic_compare_exchange_weak_explicit(&q->done_remote, &old, req,
+						      memory_order_release, memory_order_relaxed));
+	if (!old) {
+		uint64_t one = 1;
+		if (write(q->efd, &one, sizeof(one)) < 0)
+			devio_warn("ublk: queue %u: eventfd: %s", q->qid, strerror(errno));
+	}
+}
+
+/* Commit one finished request and fetch the tag's next one. */
+static void commit_tag(struct ublk_queue *q, struct ublk_tag *t)
+{
+	struct devio_request *req = &t->req;
+	int res = req->result;
+
+	q->in_backend--;
+	if (res == 0 && (req->op == DEVIO_OP_READ || req->op == DEVIO_OP_WRITE))
+		res = (int)req->length;
+	if (res > 0 && req->op == DEVIO_OP_READ && q->dev->user_copy) {
+		ssize_t n = pwrite(q->dev->cdev_fd, t->buf, req->length, (off_t)user_copy_off(q, t->tag));
+		if (n != (ssize_t)req->length) {
+			devio_err("ublk: %s: queue %u tag %u: copying read at %llu to the kernel: %s",
+				  q->dev->bdev, q->qid, t->tag, (unsigned long long)req->offset,
+				  n < 0 ? strerror(errno) : "short copy");
+			res = -EIO;
+		}
+	}
+	if (res < 0) {
+		atomic_fetch_add_explicit(&q->errors, 1, memory_order_relaxed);
+		devio_debug("ublk: %s: %s at %llu length %llu: %s", q->dev->bdev, devio_op_name(req->op),
+			    (unsigned long long)req->offset, (unsigned long long)req->length, strerror(-res));
+	}
+	atomic_fetch_add_explicit(&q->served, 1, memory_order_relaxed);
+	if (queue_io_cmd(q, t, DEVIO_UBLK_IO_COMMIT_AND_FETCH_REQ, res))
+		devio_err("ublk: %s: queue %u tag %u: no SQE for the commit", q->dev->bdev, q->qid, t->tag);
+}
+
+static unsigned drain_completions(struct ublk_queue *q)
+{
+	struct devio_request *req, *next;
+	unsigned n = 0;
+
+	req = atomic_exchange_explicit(&q->done_remote, NULL, memory_order_acquire);
+	for (; req; req = next, n++) {
+		next = req->next;
+		commit_tag(q, req->opaque);
+	}
+	req = q->done_local;
+	q->done_local = NULL;
+	for (; req; req = next, n++) {
+		next = req->next;
+		commit_tag(q, req->opaque);
+	}
+	return n;
+}
+
+/* A fetched request: check the descriptor and start it. */
+static void start_request(struct ublk_queue *q, struct ublk_tag *t)
+{
+	struct ublk_dev *d = q->dev;
+	struct devio_ublk_io_desc desc;
+	struct devio_request *req = &t->req;
+	int r;
+
+	memcpy(&desc, (const void *)&q->descs[t->tag], sizeof(desc)); /* read once */
+	q->in_backend++;
+	req->result = 0;
+	req->buf = t->buf;
+	r = devio_ublk_decode(desc.op_flags, desc.nr_sectors, desc.start_sector, d->dev_sectors,
+			      d->max_io, req);
+	if (r) {
+		devio_warn("ublk: %s: queue %u tag %u: refusing op %u at sector %llu, %u sectors: %s",
+			   d->bdev, q->qid, t->tag, desc.op_flags & 0xff,
+			   (unsigned long long)desc.start_sector, desc.nr_sectors, strerror(-r));
+		goto fail;
+	}
+	if (req->op == DEVIO_OP_WRITE && d->user_copy) {
+		ssize_t n = pread(d->cdev_fd, t->buf, req->length, (off_t)user_copy_off(q, t->tag));
+		if (n != (ssize_t)req->length) {
+			devio_err("ublk: %s: write at %llu: copying from the kernel: %s", d->bdev,
+				  (unsigned long long)req->offset, n < 0 ? strerror(errno) : "short copy");
+			r = -EIO;
+			goto fail;
+		}
+	}
+	devio_submit(d->b, req);
+	return;
+fail:
+	req->result = r;
+	req->next = q->done_local;
+	q->done_local = req;
+}
+
+static void handle_cqe(struct ublk_queue *q, const struct io_uring_cqe *cqe)
+{
+	uint64_t ud = io_uring_cqe_get_data64(cqe);
+	struct ublk_tag *t;
+
+	if (ud == EVENTFD_TAG) {
+		if (!atomic_load(&q->dev->stopping) || q->cmds_out || q->in_backend)
+			arm_eventfd(q);
+		return;
+	}
+	if (ud >= q->dev->depth)
+		return;
+	t = &q->tags[ud];
+	q->cmds_out--;
+	if (cqe->res == DEVIO_UBLK_IO_RES_OK) {
+		start_request(q, t);
+		return;
+	}
+	t->dead = true;
+	if (cqe->res != -ENODEV)
+		devio_err("ublk: %s: queue %u tag %u: fetch/commit failed: %s", q->dev->bdev, q->qid,
+			  t->tag, strerror(-cqe->res));
+}
+
+static void queue_loop(struct ublk_queue *q)
+{
+	struct ublk_dev *d = q->dev;
+
+	while (q->cmds_out || q->in_backend) {
+		struct __kernel_timespec ts = { 0, 100 * 1000 * 1000 };
+		struct io_uring_cqe *cqe;
+		unsigned head, n = 0;
+		bool stopping = atomic_load(&d->stopping);
+		int r;
+
+		if (stopping && !q->in_backend && devio_now_ns() > d->stop_deadline)
+			break; /* the driver did not abort our commands: closing the ring will */
+		atomic_fetch_add_explicit(&q->enters, 1, memory_order_relaxed);
+		r = stopping ? io_uring_submit_and_wait_timeout(&q->ring, &cqe, 1, &ts, NULL)
+			     : io_uring_submit_and_wait(&q->ring, 1);
+		if (r < 0 && r != -EINTR && r != -ETIME && r != -EAGAIN && r != -EBUSY) {
+			devio_err("ublk: %s: queue %u: io_uring_enter: %s", d->bdev, q->qid, strerror(-r));
+			break;
+		}
+		io_uring_for_each_cqe(&q->ring, head, cqe) {
+			handle_cqe(q, cqe);
+			n++;
+		}
+		io_uring_cq_advance(&q->ring, n);
+		n = drain_completions(q);
+		if (n > atomic_load_explicit(&q->batches_max, memory_order_relaxed))
+			atomic_store_explicit(&q->batches_max, n, memory_order_relaxed);
+	}
+}
+
+static int queue_setup(struct ublk_queue *q)
+{
+	struct ublk_dev *d = q->dev;
+	long page = sysconf(_SC_PAGESIZE);
+	size_t max_len = ((size_t)DEVIO_UBLK_MAX_QUEUE_DEPTH * sizeof(struct devio_ublk_io_desc) + page - 1) & ~(size_t)(page - 1);
+	void *p;
+	int r;
+
+	q->descs_len = (d->depth * sizeof(struct devio_ublk_io_desc) + page - 1) & ~(size_t)(page - 1);
+	p = mmap(NULL, q->descs_len, PROT_READ, MAP_SHARED | MAP_POPULATE, d->cdev_fd,
+		 (off_t)(DEVIO_UBLKSRV_CMD_BUF_OFFSET + q->qid * max_len));
+	if (p == MAP_FAILED) {
+		r = -errno;
+		devio_err("ublk: %s: queue %u: mmap of the descriptors: %s", d->cdev, q->qid, strerror(-r));
+		return r;
+	}
+	q->descs = p;
+	r = io_uring_queue_init(d->depth + 2, &q->ring, IORING_SETUP_SQE128);
+	if (r < 0) {
+		devio_err("ublk: queue %u: io_uring: %s", q->qid, strerror(-r));
+		return r;
+	}
+	q->ring_ok = true;
+	r = io_uring_register_files(&q->ring, &d->cdev_fd, 1);
+	if (r < 0) {
+		devio_err("ublk: queue %u: registering %s: %s", q->qid, d->cdev, strerror(-r));
+		return r;
+	}
+	for (unsigned i = 0; i < d->depth; i++) {
+		r = queue_io_cmd(q, &q->tags[i], DEVIO_UBLK_IO_FETCH_REQ, 0);
+		if (r)
+			return r;
+	}
+	arm_eventfd(q);
+	r = io_uring_submit(&q->ring);
+	return r < 0 ? r : 0;
+}
+
+static void *queue_main(void *arg)
+{
+	struct ublk_queue *q = arg;
+	struct ublk_dev *d = q->dev;
+	int r;
+
+	q->self = pthread_self();
+	r = queue_setup(q);
+	pthread_mutex_lock(&d->lock);
+	if (r)
+		d->failed++;
+	else
+		d->ready++;
+	pthread_cond_broadcast(&d->cond);
+	pthread_mutex_unlock(&d->lock);
+	if (!r)
+		queue_loop(q);
+	return NULL;
+}
+
+static int queue_alloc(struct ublk_queue *q)
+{
+	struct ublk_dev *d = q->dev;
+
+	q->efd = eventfd(0, EFD_CLOEXEC);
+	if (q->efd < 0)
+		return -errno;
+	q->tags = calloc(d->depth, sizeof(*q->tags));
+	if (!q->tags)
+		return -ENOMEM;
+	for (unsigned i = 0; i < d->depth; i++) {
+		struct ublk_tag *t = &q->tags[i];
+
+		if (posix_memalign(&t->buf, 4096, d->max_io))
+			return -ENOMEM;
+		t->q = q;
+		t->tag = (uint16_t)i;
+		t->req.complete = tag_complete;
+		t->req.opaque = t;
+	}
+	return 0;
+}
+
+static void queue_free(struct ublk_queue *q)
+{
+	if (q->ring_ok)
+		io_uring_queue_exit(&q->ring);
+	if (q->descs)
+		munmap((void *)q->descs, q->descs_len);
+	if (q->tags)
+		for (unsigned i = 0; i < q->dev->depth; i++)
+			free(q->tags[i].buf);
+	free(q->tags);
+	if (q->efd >= 0)
+		close(q->efd);
+}
+
+/* Pin queue q's thread to the CPUs whose requests the driver sends it. */
+static void queue_affinity(struct ublk_dev *d, struct ublk_queue *q)
+{
+	struct devio_ublk_ctrl_cmd cmd = { .dev_id = d->info.dev_id, .queue_id = (uint16_t)q->qid };
+	cpu_set_t set;
+	int r;
+
+	CPU_ZERO(&set);
+	cmd.addr = (uintptr_t)&set;
+	cmd.len = sizeof(set);
+	r = ctrl_cmd(d, DEVIO_UBLK_CMD_GET_QUEUE_AFFINITY, &cmd);
+	if (r < 0 || CPU_COUNT(&set) == 0) {
+		devio_debug("ublk: %s: queue %u: no affinity: %s", d->bdev, q->qid, strerror(r < 0 ? -r : 0));
+		return;
+	}
+	pthread_setaffinity_np(q->thread, sizeof(set), &set);
+}
+
+static int start_queues(struct ublk_dev *d)
+{
+	int r;
+
+	d->queues = calloc(d->nr_queues, sizeof(*d->queues));
+	if (!d->queues)
+		return -ENOMEM;
+	for (unsigned i = 0; i < d->nr_queues; i++) {
+		d->queues[i].dev = d;
+		d->queues[i].qid = i;
+		d->queues[i].efd = -1;
+	}
+	for (unsigned i = 0; i < d->nr_queues; i++) {
+		struct ublk_queue *q = &d->queues[i];
+
+		r = queue_alloc(q);
+		if (r)
+			return r;
+		r = pthread_create(&q->thread, NULL, queue_main, q);
+		if (r)
+			return -r;
+		q->thread_started = true;
+		queue_affinity(d, q);
+	}
+	pthread_mutex_lock(&d->lock);
+	while (d->ready + d->failed < d->nr_queues)
+		pthread_cond_wait(&d->cond, &d->lock);
+	r = d->failed ? -EIO : 0;
+	pthread_mutex_unlock(&d->lock);
+	return r;
+}
+
+/* ---- the front end ---- */
+
+static int parse_arg(struct ublk_dev *d, const char *arg, uint32_t *want_id, int *copy)
+{
+	char buf[64], *tok, *save;
+
+	*want_id = NO_DEV_ID;
+	*copy = -1; /* auto */
+	if (!arg || !*arg)
+		return 0;
+	if (strlen(arg) >= sizeof(buf))
+		return -EINVAL;
+	strcpy(buf, arg);
+	for (tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+		uint64_t v;
+
+		if (!strcmp(tok, "user-copy"))
+			*copy = 1;
+		else if (!strcmp(tok, "kernel-copy"))
+			*copy = 0;
+		else if (!devio_parse_u64(tok, &v) && v < NO_DEV_ID)
+			*want_id = (uint32_t)v;
+		else
+			return -EINVAL;
+	}
+	return 0;
+}
+
+static int setup_geometry(struct ublk_dev *d, const struct devio_serve_opts *o)
+{
+	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+
+	d->lbs = o->block_size ? o->block_size : 512;
+	if (d->lbs > 4096) {
+		devio_err("ublk: --block-size %u: the kernel allows at most 4096", d->lbs);
+		return -EINVAL;
+	}
+	d->nr_queues = o->queues ? o->queues : (ncpu > 0 ? (unsigned)ncpu : 1);
+	if (d->nr_queues > 64)
+		d->nr_queues = 64;
+	d->depth = o->depth ? o->depth : DEFAULT_DEPTH;
+	if (d->depth > DEVIO_UBLK_MAX_QUEUE_DEPTH) {
+		devio_err("ublk: --depth %u: at most %d", d->depth, DEVIO_UBLK_MAX_QUEUE_DEPTH);
+		return -EINVAL;
+	}
+	d->max_io = DEFAULT_MAX_IO;
+	if (d->b->max_io && d->b->max_io < d->max_io)
+		d->max_io = d->b->max_io & ~4095u;
+	if (d->max_io < 4096 || d->max_io < d->lbs) {
+		devio_err("ublk: backend transfers of %u bytes are too small", d->b->max_io);
+		return -EINVAL;
+	}
+	d->dev_sectors = d->b->size / d->lbs * d->lbs >> 9;
+	if (!d->dev_sectors) {
+		devio_err("ublk: export of %llu bytes is smaller than one %u-byte block",
+			  (unsigned long long)d->b->size, d->lbs);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+static void teardown(struct ublk_dev *d);
 
 static int start(struct devio_server *srv, const char *arg, void **state)
 {
-	(void)srv; (void)arg; (void)state;
-	return -ENOSYS;
+	struct ublk_dev *d = calloc(1, sizeof(*d));
+	uint32_t want_id;
+	int copy, r;
+
+	if (!d)
+		return -ENOMEM;
+	d->ctrl_fd = d->cdev_fd = -1;
+	d->b = srv->exports[0].backend;
+	pthread_mutex_init(&d->lock, NULL);
+	pthread_cond_init(&d->cond, NULL);
+	r = parse_arg(d, arg, &want_id, &copy);
+	if (r) {
+		devio_err("ublk: bad argument '%s' (want [ID][,user-copy|,kernel-copy])", arg);
+		goto fail;
+	}
+	r = setup_geometry(d, &srv->opts);
+	if (r)
+		goto fail;
+	r = ctrl_open(d);
+	if (r)
+		goto fail;
+	get_features(d);
+	if (copy == 1 && !(d->features & DEVIO_UBLK_F_USER_COPY)) {
+		devio_err("ublk: this kernel has no UBLK_F_USER_COPY");
+		r = -EOPNOTSUPP;
+		goto fail;
+	}
+	d->user_copy = copy < 0 ? (d->features & DEVIO_UBLK_F_USER_COPY) != 0 : copy == 1;
+	r = add_dev(d, want_id);
+	if (r)
+		goto fail;
+	r = set_params(d);
+	if (r)
+		goto fail;
+	r = open_cdev(d);
+	if (r)
+		goto fail;
+	r = start_queues(d);
+	if (r)
+		goto fail;
+	r = simple_cmd(d, DEVIO_UBLK_CMD_START_DEV, (uint64_t)getpid());
+	if (r < 0) {
+		devio_err("ublk: %s: START_DEV: %s", d->bdev, strerror(-r));
+		goto fail;
+	}
+	d->started = true;
+	devio_info("ublk: %s: %llu bytes, %u queues, depth %u, %u-byte requests, %s copy, %s opcodes (driver features 0x%llx)",
+		   d->bdev, (unsigned long long)d->dev_sectors << 9, d->nr_queues, d->depth, d->max_io,
+		   d->user_copy ? "user" : "kernel", d->ioctl_encode ? "ioctl-encoded" : "legacy",
+		   (unsigned long long)d->features);
+	*state = d;
+	return 0;
+fail:
+	teardown(d);
+	return r < 0 ? r : -EIO;
 }
 
-static void stop(void *state) { (void)state; }
+static void print_counters(struct ublk_dev *d, FILE *out)
+{
+	for (unsigned i = 0; d->queues && i < d->nr_queues; i++) {
+		struct ublk_queue *q = &d->queues[i];
+		uint64_t served = atomic_load(&q->served), enters = atomic_load(&q->enters);
+
+		fprintf(out, "ublk %s queue %u served %llu io_uring_enter %llu max_batch %llu errors %llu\n",
+			d->bdev, i, (unsigned long long)served, (unsigned long long)enters,
+			(unsigned long long)atomic_load(&q->batches_max),
+			(unsigned long long)atomic_load(&q->errors));
+	}
+}
+
+/* Stop the device (the driver aborts our fetches), join the queue threads,
+ * release the character device, then delete the device. */
+static void teardown(struct ublk_dev *d)
+{
+	int r;
+
+	atomic_store(&d->stopping, true);
+	d->stop_deadline = devio_now_ns() + STOP_GRACE_NS;
+	if (d->added && d->ctrl_ring_ok) {
+		r = simple_cmd(d, DEVIO_UBLK_CMD_STOP_DEV, 0);
+		if (r < 0 && d->started)
+			devio_warn("ublk: %s: STOP_DEV: %s", d->bdev, strerror(-r));
+	}
+	for (unsigned i = 0; d->queues && i < d->nr_queues; i++) {
+		struct ublk_queue *q = &d->queues[i];
+		uint64_t one = 1;
+
+		if (q->efd >= 0 && write(q->efd, &one, sizeof(one)) < 0)
+			devio_warn("ublk: queue %u: eventfd: %s", i, strerror(errno));
+	}
+	for (unsigned i = 0; d->queues && i < d->nr_queues; i++)
+		if (d->queues[i].thread_started)
+			pthread_join(d->queues[i].thread, NULL);
+	if (d->started) {
+		FILE *mem;
+		char *text = NULL;
+		size_t len = 0;
+
+		mem = open_memstream(&text, &len);
+		if (mem) {
+			print_counters(d, mem);
+			fclose(mem);
+			devio_info("ublk: %s: stopped\n%.*s", d->bdev, len ? (int)len - 1 : 0, text ? text : "");
+			free(text);
+		}
+	}
+	for (unsigned i = 0; d->queues && i < d->nr_queues; i++)
+		queue_free(&d->queues[i]);
+	free(d->queues);
+	if (d->cdev_fd >= 0)
+		close(d->cdev_fd);
+	if (d->added && d->ctrl_ring_ok) {
+		r = simple_cmd(d, DEVIO_UBLK_CMD_DEL_DEV, 0);
+		if (r < 0)
+			devio_err("ublk: %s: DEL_DEV: %s", d->bdev, strerror(-r));
+	}
+	ctrl_close(d);
+	pthread_cond_destroy(&d->cond);
+	pthread_mutex_destroy(&d->lock);
+	free(d);
+}
+
+static void stop(void *state)
+{
+	if (state)
+		teardown(state);
+}
+
+static void status(void *state, FILE *out)
+{
+	struct ublk_dev *d = state;
+
+	fprintf(out, "ublk device %s queues %u depth %u max_io %u copy %s opcodes %s\n", d->bdev,
+		d->nr_queues, d->depth, d->max_io, d->user_copy ? "user" : "kernel",
+		d->ioctl_encode ? "ioctl" : "legacy");
+	print_counters(d, out);
+}
 
 const struct devio_frontend_type devio_frontend_ublk = {
 	.option = "ublk",
+	.arg_help = "[ID][,user-copy|,kernel-copy]",
 	.start = start,
 	.stop = stop,
+	.status = status,
 };

@@ -1,0 +1,35 @@
+/* ublk.h - helpers of the ublk front end (frontends/ublk.c) that other
+ * parts of the project use: the check that turns a descriptor the kernel
+ * wrote into a request (unit-tested on crafted descriptors), and removing
+ * a ublk device left behind by a server that died. */
+#ifndef DEVIO_UBLK_H
+#define DEVIO_UBLK_H
+
+#include <stdint.h>
+#include "request.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Decode one ublk I/O descriptor (op_flags, nr_sectors, start_sector as
+ * the driver wrote them) for a device of dev_sectors 512-byte sectors whose
+ * per-request buffers hold max_io_bytes.  Fills req->op, flags, offset and
+ * length.  Returns 0, -EOPNOTSUPP for an op we do not serve, or -EINVAL
+ * when the range is empty, overflows, leaves the device or exceeds the
+ * buffer. */
+int devio_ublk_decode(uint32_t op_flags, uint32_t nr_sectors, uint64_t start_sector,
+		      uint64_t dev_sectors, uint32_t max_io_bytes, struct devio_request *req);
+
+/* Stop and delete ublk device dev_id (from /dev/ublkbN or /dev/ublkcN)
+ * through /dev/ublk-control, e.g. after its server was killed.  0 or
+ * -errno (logged). */
+int devio_ublk_delete(unsigned dev_id);
+
+/* Parse "/dev/ublkbN", "/dev/ublkcN", "ublkbN" or "N" into N; 0 or -EINVAL. */
+int devio_ublk_parse_dev(const char *s, unsigned *dev_id);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,170 @@
+/* ublk_abi.h - the parts of the kernel's ublk UAPI (include/uapi/linux/
+ * ublk_cmd.h) that frontends/ublk.c uses, written out here because Debian
+ * 12's 6.1 headers predate the ioctl-encoded commands, GET_FEATURES and
+ * user copy.  Names carry a DEVIO_ prefix so this header can sit beside
+ * <linux/ublk_cmd.h> without clashing; values and layouts are the kernel's.
+ */
+#ifndef DEVIO_UBLK_ABI_H
+#define DEVIO_UBLK_ABI_H
+
+#include <stdint.h>
+#include <sys/ioctl.h>
+
+/* Legacy (plain number) control commands. */
+#define DEVIO_UBLK_CMD_GET_QUEUE_AFFINITY 0x01
+#define DEVIO_UBLK_CMD_GET_DEV_INFO       0x02
+#define DEVIO_UBLK_CMD_ADD_DEV            0x04
+#define DEVIO_UBLK_CMD_DEL_DEV            0x05
+#define DEVIO_UBLK_CMD_START_DEV          0x06
+#define DEVIO_UBLK_CMD_STOP_DEV           0x07
+#define DEVIO_UBLK_CMD_SET_PARAMS         0x08
+#define DEVIO_UBLK_CMD_GET_PARAMS         0x09
+#define DEVIO_UBLK_CMD_GET_FEATURES       0x13 /* only ever ioctl-encoded */
+
+/* Legacy I/O commands. */
+#define DEVIO_UBLK_IO_FETCH_REQ            0x20
+#define DEVIO_UBLK_IO_COMMIT_AND_FETCH_REQ 0x21
+
+/* The control command, carried in the 80-byte cmd area of a 128-byte SQE. */
+struct devio_ublk_ctrl_cmd {
+	uint32_t dev_id;
+	uint16_t queue_id;  /* 0xffff when not for a queue */
+	uint16_t len;       /* of the buffer at addr */
+	uint64_t addr;
+	uint64_t data[1];
+	uint16_t dev_path_len;
+	uint16_t pad;
+	uint32_t reserved;
+};
+
+/* The I/O command, in the cmd area of an SQE on /dev/ublkcN. */
+struct devio_ublk_io_cmd {
+	uint16_t q_id;
+	uint16_t tag;
+	int32_t result;     /* COMMIT: bytes done or -errno */
+	uint64_t addr;      /* classic copy: the tag's buffer; user copy: 0 */
+};
+
+/* The ioctl encodings (feature UBLK_F_CMD_IOCTL_ENCODE). */
+#define DEVIO_UBLK_U_CMD(nr)  _IOWR('u', (nr), struct devio_ublk_ctrl_cmd)
+#define DEVIO_UBLK_U_CMDR(nr) _IOR('u', (nr), struct devio_ublk_ctrl_cmd)
+#define DEVIO_UBLK_U_IO(nr)   _IOWR('u', (nr), struct devio_ublk_io_cmd)
+
+struct devio_ublk_dev_info {
+	uint16_t nr_hw_queues;
+	uint16_t queue_depth;
+	uint16_t state;
+	uint16_t pad0;
+	uint32_t max_io_buf_bytes;
+	uint32_t dev_id;
+	int32_t ublksrv_pid;
+	uint32_t pad1;
+	uint64_t flags;
+	uint64_t ublksrv_flags;
+	uint32_t owner_uid;
+	uint32_t owner_gid;
+	uint64_t reserved1;
+	uint64_t reserved2;
+};
+
+/* Device feature flags (ADD_DEV dev_info.flags, GET_FEATURES). */
+#define DEVIO_UBLK_F_SUPPORT_ZERO_COPY  (1ULL << 0)
+#define DEVIO_UBLK_F_NEED_GET_DATA      (1ULL << 2)
+#define DEVIO_UBLK_F_USER_RECOVERY      (1ULL << 3)
+#define DEVIO_UBLK_F_UNPRIVILEGED_DEV   (1ULL << 5)
+#define DEVIO_UBLK_F_CMD_IOCTL_ENCODE   (1ULL << 6)
+#define DEVIO_UBLK_F_USER_COPY          (1ULL << 7)
+#define DEVIO_UBLK_F_AUTO_BUF_REG       (1ULL << 11)
+
+/* Device states. */
+#define DEVIO_UBLK_S_DEV_DEAD 0
+#define DEVIO_UBLK_S_DEV_LIVE 1
+
+/* Completion results of FETCH/COMMIT_AND_FETCH. */
+#define DEVIO_UBLK_IO_RES_OK            0
+#define DEVIO_UBLK_IO_RES_NEED_GET_DATA 1
+/* UBLK_IO_RES_ABORT is -ENODEV: the device is going away, no re-fetch. */
+
+/* Where the per-queue descriptor arrays and (user copy) the per-tag data
+ * live in the /dev/ublkcN offset space. */
+#define DEVIO_UBLKSRV_CMD_BUF_OFFSET 0ULL
+#define DEVIO_UBLKSRV_IO_BUF_OFFSET  0x80000000ULL
+#define DEVIO_UBLK_MAX_QUEUE_DEPTH   4096
+#define DEVIO_UBLK_IO_BUF_BITS       25
+#define DEVIO_UBLK_TAG_OFF           DEVIO_UBLK_IO_BUF_BITS
+#define DEVIO_UBLK_TAG_BITS          16
+#define DEVIO_UBLK_QID_OFF           (DEVIO_UBLK_TAG_OFF + DEVIO_UBLK_TAG_BITS)
+#define DEVIO_UBLK_MAX_NR_QUEUES     4096
+
+/* Request ops and flags in ublksrv_io_desc.op_flags. */
+#define DEVIO_UBLK_IO_OP_READ         0
+#define DEVIO_UBLK_IO_OP_WRITE        1
+#define DEVIO_UBLK_IO_OP_FLUSH        2
+#define DEVIO_UBLK_IO_OP_DISCARD      3
+#define DEVIO_UBLK_IO_OP_WRITE_SAME   4
+#define DEVIO_UBLK_IO_OP_WRITE_ZEROES 5
+#define DEVIO_UBLK_IO_F_FUA           (1U << 13)
+#define DEVIO_UBLK_IO_F_NOUNMAP       (1U << 15)
+
+/* One request as the driver describes it, indexed by tag, in memory the
+ * driver writes and we map read-only.  Untrusted until checked. */
+struct devio_ublk_io_desc {
+	uint32_t op_flags;      /* op: bits 0-7, flags: bits 8-31 */
+	uint32_t nr_sectors;
+	uint64_t start_sector;
+	uint64_t addr;
+};
+
+struct devio_ublk_param_basic {
+#define DEVIO_UBLK_ATTR_READ_ONLY      (1 << 0)
+#define DEVIO_UBLK_ATTR_ROTATIONAL     (1 << 1)
+#define DEVIO_UBLK_ATTR_VOLATILE_CACHE (1 << 2)
+#define DEVIO_UBLK_ATTR_FUA            (1 << 3)
+	uint32_t attrs;
+	uint8_t logical_bs_shift;
+	uint8_t physical_bs_shift;
+	uint8_t io_opt_shift;
+	uint8_t io_min_shift;
+	uint32_t max_sectors;
+	uint32_t chunk_sectors;
+	uint64_t dev_sectors;
+	uint64_t virt_boundary_mask;
+};
+
+struct devio_ublk_param_discard {
+	uint32_t discard_alignment;
+	uint32_t discard_granularity;
+	uint32_t max_discard_sectors;
+	uint32_t max_write_zeroes_sectors;
+	uint16_t max_discard_segments;
+	uint16_t reserved0;
+};
+
+struct devio_ublk_param_devt {
+	uint32_t char_major;
+	uint32_t char_minor;
+	uint32_t disk_major;
+	uint32_t disk_minor;
+};
+
+/* The 6.1-era prefix of struct ublk_params; the driver accepts a shorter
+ * len than its own and copies only that much. */
+struct devio_ublk_params {
+	uint32_t len;
+#define DEVIO_UBLK_PARAM_TYPE_BASIC   (1 << 0)
+#define DEVIO_UBLK_PARAM_TYPE_DISCARD (1 << 1)
+#define DEVIO_UBLK_PARAM_TYPE_DEVT    (1 << 2)
+	uint32_t types;
+	struct devio_ublk_param_basic basic;
+	struct devio_ublk_param_discard discard;
+	struct devio_ublk_param_devt devt;
+};
+
+_Static_assert(sizeof(struct devio_ublk_ctrl_cmd) == 32, "ublksrv_ctrl_cmd layout");
+_Static_assert(sizeof(struct devio_ublk_io_cmd) == 16, "ublksrv_io_cmd layout");
+_Static_assert(sizeof(struct devio_ublk_io_desc) == 24, "ublksrv_io_desc layout");
+_Static_assert(sizeof(struct devio_ublk_dev_info) == 64, "ublksrv_ctrl_dev_info layout");
+_Static_assert(sizeof(struct devio_ublk_param_basic) == 32, "ublk_param_basic layout");
+_Static_assert(sizeof(struct devio_ublk_param_discard) == 20, "ublk_param_discard layout");
+
+#endif

@@ -1,0 +1,65 @@
+# guest-lib.sh - helpers the in-guest scenario scripts source: result
+# lines, bounded waits, starting/stopping a devio server, a file-system
+# round trip.  Runs under busybox sh inside the guest (tests/vm/run.sh).
+
+pass() { echo "PASS $1"; }
+fail() { echo "FAIL $1${2:+ ($2)}"; }
+info() { echo "INFO $*"; }
+
+# wait_for SECONDS CMD...: poll CMD every 0.1 s; 0 when it succeeded.
+wait_for() {
+  _n=$(($1 * 10)); shift
+  while [ $_n -gt 0 ]; do
+    "$@" 2>/dev/null && return 0
+    usleep 100000; _n=$((_n - 1))
+  done
+  return 1
+}
+
+alive() { kill -0 "$1" 2>/dev/null; }
+dead() { ! kill -0 "$1" 2>/dev/null; }
+
+# start_ublk LOG SERVE-ARGS...: start `devio serve`, wait for its ublk
+# device; sets SRV (pid) and DEV (/dev/ublkbN).
+start_ublk() {
+  _log=$1; shift
+  DEV=
+  devio serve "$@" >"$_log" 2>&1 &
+  SRV=$!
+  wait_for 60 grep -q 'ublk: /dev/ublkb[0-9]*: ' "$_log" || { cat "$_log"; return 1; }
+  DEV=$(sed -n 's|.*ublk: \(/dev/ublkb[0-9]*\): .*|\1|p' "$_log" | head -n 1)
+  wait_for 20 test -b "$DEV" || { echo "no $DEV"; return 1; }
+}
+
+# stop_server [SIGNAL]: stop $SRV within 60 s (SIGKILL after); sets SRV_RC.
+stop_server() {
+  kill -"${1:-TERM}" "$SRV" 2>/dev/null
+  wait_for 60 dead "$SRV" || kill -KILL "$SRV" 2>/dev/null
+  wait "$SRV"; SRV_RC=$?
+}
+
+# fs_roundtrip DEV: mkfs.ext4, write checksummed files, sync, unmount,
+# fsck -fn, mount again and compare.  0 on success.
+fs_roundtrip() {
+  _dev=$1; _r=0
+  mkfs.ext4 -q -F "$_dev" >/tmp/mkfs.log 2>&1 || { cat /tmp/mkfs.log; return 1; }
+  mount -t ext4 "$_dev" /mnt || return 1
+  for _i in 1 2 3 4; do
+    dd if=/dev/urandom of=/mnt/f$_i bs=64k count=$((_i * 8)) 2>/dev/null || _r=1
+  done
+  mkdir -p /mnt/dir && echo hello >/mnt/dir/small
+  (cd /mnt && sha256sum f1 f2 f3 f4 dir/small) >/tmp/sums
+  sync
+  umount /mnt || return 1
+  e2fsck -fn "$_dev" >/tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; _r=1; }
+  mount -t ext4 "$_dev" /mnt || return 1
+  (cd /mnt && sha256sum -c /tmp/sums) >/tmp/sumcheck.log 2>&1 || { cat /tmp/sumcheck.log; _r=1; }
+  umount /mnt || _r=1
+  return $_r
+}
+
+# vm_rss_kb PID: resident memory of PID in KiB.
+vm_rss_kb() { awk '/^VmRSS:/{print $2}' /proc/"$1"/status; }
+
+# counter LOG QUEUE: requests queue QUEUE served, from the exit summary.
+counter() { sed -n "s/.*queue $2 served \([0-9]*\) .*/\1/p" "$1" | tail -n 1; }

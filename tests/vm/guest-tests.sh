@@ -1,0 +1,149 @@
+# guest-tests.sh - the scenarios run inside the guest kernel (see
+# tests/vm/run.sh and docs/testing-vm.md).  Each prints PASS/FAIL NAME.
+. /guest-lib.sh
+cd /tmp
+
+# ublk over the file backend: a file system round trip, then the image
+# itself checks clean, and the device is gone after SIGTERM.
+t=ublk-file-fs
+truncate -s 64M /tmp/u.img
+if start_ublk /tmp/u.log /tmp/u.img --ublk --queues 2; then
+  fs_roundtrip "$DEV"; r=$?
+  stop_server TERM
+  if [ $r -ne 0 ]; then fail $t "file system round trip"
+  elif [ "$SRV_RC" != 0 ]; then fail $t "server exit $SRV_RC"
+  elif [ -e "$DEV" ] || [ -e /sys/block/${DEV#/dev/} ]; then fail $t "$DEV left behind"
+  elif ! e2fsck -fn /tmp/u.img >/dev/null 2>&1; then fail $t "image fails fsck"
+  else pass $t; fi
+  grep 'ublk' /tmp/u.log | sed 's/^/INFO /'
+else
+  fail $t "server did not start"; stop_server KILL
+fi
+rm -f /tmp/u.img
+
+# ublk over ram:, the driver copying into our buffers (classic mode).
+t=ublk-ram-fs
+if start_ublk /tmp/r.log ram:64M --ublk=kernel-copy --queues 2; then
+  fs_roundtrip "$DEV"; r=$?
+  stop_server TERM
+  if [ $r -ne 0 ]; then fail $t "file system round trip"
+  elif [ "$SRV_RC" != 0 ]; then fail $t "server exit $SRV_RC"
+  elif [ -e "$DEV" ]; then fail $t "$DEV left behind"
+  else pass $t; fi
+else
+  fail $t "server did not start"; cat /tmp/r.log; stop_server KILL
+fi
+
+# blkdiscard on the device punches holes in the image file.
+t=ublk-discard-file
+truncate -s 64M /tmp/d.img
+if start_ublk /tmp/d.log /tmp/d.img --ublk; then
+  dd if=/dev/urandom of="$DEV" bs=1M count=16 conv=fsync 2>/dev/null
+  before=$(stat -c %b /tmp/d.img)
+  blkdiscard "$DEV"; rd=$?
+  sync
+  after=$(stat -c %b /tmp/d.img)
+  stop_server TERM
+  info "$t: image blocks before $before after $after (blkdiscard rc $rd)"
+  if [ $rd -ne 0 ]; then fail $t "blkdiscard failed"
+  elif [ "$before" -lt 16384 ]; then fail $t "writes did not reach the image ($before blocks)"
+  elif [ "$after" -gt $((before / 4)) ]; then fail $t "no holes: $before -> $after blocks"
+  else pass $t; fi
+else
+  fail $t "server did not start"; stop_server KILL
+fi
+rm -f /tmp/d.img
+
+# blkdiscard on a RAM disk gives the memory back.
+t=ublk-discard-ram
+if start_ublk /tmp/dr.log ram:64M --ublk; then
+  dd if=/dev/urandom of="$DEV" bs=1M count=32 conv=fsync 2>/dev/null
+  before=$(vm_rss_kb "$SRV")
+  blkdiscard "$DEV"; rd=$?
+  usleep 300000
+  after=$(vm_rss_kb "$SRV")
+  stop_server TERM
+  info "$t: server RSS before ${before} KiB after ${after} KiB (blkdiscard rc $rd)"
+  if [ $rd -ne 0 ]; then fail $t "blkdiscard failed"
+  elif [ $((before - after)) -lt 16384 ]; then fail $t "RSS did not shrink: $before -> $after KiB"
+  else pass $t; fi
+else
+  fail $t "server did not start"; stop_server KILL
+fi
+
+# Two queues busy at once: readers pinned to each CPU; both queue threads
+# must have served requests.
+t=ublk-two-queues
+if start_ublk /tmp/q.log ram:64M --ublk --queues 2; then
+  taskset -c 0 dd if="$DEV" of=/dev/null bs=64k count=400 2>/dev/null &
+  p0=$!
+  taskset -c 1 dd if="$DEV" of=/dev/null bs=64k skip=500 count=400 2>/dev/null &
+  p1=$!
+  wait $p0; r0=$?
+  wait $p1; r1=$?
+  stop_server TERM
+  q0=$(counter /tmp/q.log 0); q1=$(counter /tmp/q.log 1)
+  info "$t: queue 0 served ${q0:-?}, queue 1 served ${q1:-?}"
+  if [ $r0 -ne 0 ] || [ $r1 -ne 0 ]; then fail $t "readers failed ($r0/$r1)"
+  elif [ "${q0:-0}" -eq 0 ] || [ "${q1:-0}" -eq 0 ]; then fail $t "a queue served nothing ($q0/$q1)"
+  else pass $t; fi
+  grep 'served' /tmp/q.log | sed 's/^/INFO /'
+else
+  fail $t "server did not start"; stop_server KILL
+fi
+
+# kill -9 with I/O in flight: the I/O fails within a bounded time and the
+# device can be removed by another process.
+t=ublk-kill9
+if start_ublk /tmp/k.log ram:64M --ublk; then
+  ( while :; do dd if=/dev/urandom of="$DEV" bs=64k count=256 conv=fsync 2>/dev/null || exit 1; done ) &
+  writer=$!
+  sleep 2
+  kill -KILL "$SRV"; wait "$SRV" 2>/dev/null
+  if wait_for 60 dead $writer; then
+    wait $writer; wrc=$?
+    id=${DEV#/dev/ublkb}
+    vmtool ublk-del "$DEV" >/tmp/del.log 2>&1; drc=$?
+    if [ $wrc -eq 0 ]; then fail $t "writer did not see an error"
+    elif [ $drc -ne 0 ]; then cat /tmp/del.log; fail $t "delete failed"
+    elif ! wait_for 10 test ! -e /dev/ublkc$id; then fail $t "/dev/ublkc$id left behind"
+    elif ! wait_for 10 test ! -e /sys/block/ublkb$id; then fail $t "ublkb$id left behind"
+    else pass $t; fi
+  else
+    kill -KILL $writer; fail $t "I/O still hanging 60 s after the server died"
+    vmtool ublk-del "$DEV"
+  fi
+else
+  fail $t "server did not start"; stop_server KILL
+fi
+
+# The kernel's nbd client attached to this project's NBD server with two
+# connections: the same file-system round trip, then detach.
+t=kernel-nbd
+truncate -s 64M /tmp/n.img
+devio serve /tmp/n.img --nbd unix:/tmp/nbd.sock >/tmp/n.log 2>&1 &
+SRV=$!
+if wait_for 30 test -S /tmp/nbd.sock; then
+  s0=$(ls -l /proc/$SRV/fd | grep -c socket)
+  if devio attach "nbd+unix:///?socket=/tmp/nbd.sock" --nbd-device /dev/nbd0 --connections 2 >/tmp/a.log 2>&1 ||
+     { grep -q -i 'usage\|unknown\|not written' /tmp/a.log &&
+       vmtool nbd-attach "nbd+unix:///?socket=/tmp/nbd.sock" --nbd-device /dev/nbd0 --connections 2 >>/tmp/a.log 2>&1; }; then
+    wait_for 10 test "$(cat /sys/block/nbd0/size)" -gt 0
+    s1=$(ls -l /proc/$SRV/fd | grep -c socket)
+    fs_roundtrip /dev/nbd0; r=$?
+    devio detach /dev/nbd0 >>/tmp/a.log 2>&1 || vmtool nbd-detach /dev/nbd0 >>/tmp/a.log 2>&1
+    wait_for 20 test "$(cat /sys/block/nbd0/size)" = 0; gone=$?
+    stop_server TERM
+    info "$t: server sockets before attach $s0, after $s1"
+    if [ $r -ne 0 ]; then cat /tmp/a.log; fail $t "file system round trip"
+    elif [ $((s1 - s0)) -ne 2 ]; then fail $t "want 2 connections, server has $((s1 - s0)) more sockets"
+    elif [ $gone -ne 0 ]; then fail $t "/dev/nbd0 still attached after detach"
+    elif ! e2fsck -fn /tmp/n.img >/dev/null 2>&1; then fail $t "image fails fsck"
+    else pass $t; fi
+  else
+    cat /tmp/a.log; fail $t "attach failed"; stop_server TERM
+  fi
+else
+  cat /tmp/n.log; fail $t "NBD server did not start"; stop_server KILL
+fi
+rm -f /tmp/n.img

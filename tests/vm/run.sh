@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# run.sh - the guest-kernel harness: builds devio without sanitizers, packs
+# it with busybox, e2fsprogs and the ublk/nbd/ext4 modules of Debian's 6.12
+# kernel into an initramfs, boots that kernel under qemu TCG and runs a
+# scenario script inside (default tests/vm/guest-tests.sh).  The guest
+# prints "PASS name" / "FAIL name" on its serial console; this script
+# repeats those lines on stdout (scripts/test.sh counts them) and reports
+# "FAIL vm-boot" when the guest never finished.
+#
+#   tests/vm/run.sh [--script FILE] [--timeout SECONDS] [--keep]
+#
+# Env: VM_KERNEL (default newest /boot/vmlinuz-6.12.*-amd64), VM_BUILD
+# (default build-vm), VM_MEM (1G), VM_SMP (2), VM_LOG (serial log path).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+SCRIPT=tests/vm/guest-tests.sh
+TIMEOUT=540
+KEEP=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --script) SCRIPT=$2; shift 2 ;;
+    --timeout) TIMEOUT=$2; shift 2 ;;
+    --keep) KEEP=1; shift ;;
+    *) echo "usage: $0 [--script FILE] [--timeout SECONDS] [--keep]" >&2; exit 2 ;;
+  esac
+done
+
+fail() { echo "FAIL vm-boot ($*)"; exit 1; }
+
+KERNEL=${VM_KERNEL:-$(ls /boot/vmlinuz-6.12.*-amd64 2>/dev/null | sort -V | tail -n 1)}
+[ -n "$KERNEL" ] && [ -r "$KERNEL" ] || fail "no Debian 6.12 kernel in /boot (scripts/deps.sh installs it)"
+KVER=${KERNEL#/boot/vmlinuz-}
+MODDIR=/lib/modules/$KVER
+[ -d "$MODDIR" ] || fail "no modules in $MODDIR"
+command -v qemu-system-x86_64 >/dev/null || fail "qemu-system-x86_64 missing"
+BUSYBOX=$(command -v busybox) || fail "busybox missing"
+
+# A plain optimised build: the guest has no ASan runtime and TCG is slow.
+BUILD=${VM_BUILD:-$ROOT/build-vm}
+if [ ! -f "$BUILD/build.ninja" ]; then
+  meson setup "$BUILD" --buildtype=debugoptimized -Dtests=disabled >/dev/null || fail "meson setup $BUILD"
+fi
+ninja -C "$BUILD" >/dev/null || fail "build in $BUILD failed"
+cc -O2 -Wall -D_GNU_SOURCE -I include -I cli -o "$BUILD/vmtool" tests/vm/vmtool.c cli/attach_nbd.c \
+  "$BUILD/libdevio.a" -luring -lpthread || fail "building tests/vm/vmtool.c"
+
+WORK=$(mktemp -d /tmp/devio-vm.XXXXXX)
+cleanup() { [ "$KEEP" = 1 ] && echo "kept $WORK" >&2 || rm -rf "$WORK"; }
+trap cleanup EXIT
+R=$WORK/root
+mkdir -p "$R"/{bin,sbin,lib,lib64,usr/lib,etc,proc,sys,dev,tmp,run,mnt,modules}
+
+# Binaries and the shared libraries they need (as ldd resolves them).
+copy_bin() { # copy_bin PATH [NAME]
+  local src=$1 name=${2:-$(basename "$1")}
+  cp -L "$src" "$R/bin/$name"
+  ldd "$src" 2>/dev/null | awk '/=> \//{print $3} /^\t\/lib/{print $1}' | while read -r lib; do
+    mkdir -p "$R$(dirname "$lib")"
+    [ -e "$R$lib" ] || cp -L "$lib" "$R$lib"
+  done
+}
+cp "$BUSYBOX" "$R/bin/busybox"
+copy_bin "$BUILD/devio"
+copy_bin "$BUILD/vmtool"
+for b in mke2fs e2fsck blkdiscard; do
+  p=$(command -v $b) || fail "$b missing"
+  copy_bin "$p"
+done
+ln -s mke2fs "$R/bin/mkfs.ext4"
+ln -s ../bin/busybox "$R/sbin/init"
+# ld.so also lives at /lib64 on x86-64
+[ -e "$R/lib64/ld-linux-x86-64.so.2" ] || cp -L /lib64/ld-linux-x86-64.so.2 "$R/lib64/"
+
+# Modules in load order (dependencies first), decompressed for busybox insmod.
+MODS="crc32c_generic crc16 mbcache jbd2 ext4 loop nbd ublk_drv"
+for m in $MODS; do
+  f=$(find "$MODDIR/kernel" -name "$m.ko*" | head -n 1)
+  [ -n "$f" ] || fail "module $m not found in $MODDIR"
+  case "$f" in
+    *.xz) xz -dc "$f" >"$R/modules/$m.ko" ;;
+    *.zst) zstd -dqc "$f" >"$R/modules/$m.ko" ;;
+    *) cp "$f" "$R/modules/$m.ko" ;;
+  esac
+done
+echo "$MODS" >"$R/modules/order"
+cp "$SCRIPT" "$R/scenario.sh"
+cp tests/vm/guest-lib.sh "$R/guest-lib.sh"
+
+cat >"$R/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs -o size=600m tmp /tmp
+mount -t tmpfs run /run
+ip link set lo up
+ip addr add 127.0.0.1/8 dev lo 2>/dev/null
+for m in $(cat /modules/order); do insmod /modules/$m.ko || echo "insmod $m failed"; done
+echo "VM-START $(uname -r) $(nproc) cpus"
+sh /scenario.sh
+echo "VM-DONE"
+sync
+poweroff -f
+INIT
+chmod +x "$R/init" "$R/scenario.sh"
+(cd "$R" && find . | cpio -o -H newc --quiet | gzip -1) >"$WORK/initrd.gz" || fail "packing the initramfs"
+
+LOG=${VM_LOG:-$WORK/serial.log}
+timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -m "${VM_MEM:-1G}" \
+  -smp "${VM_SMP:-2}" -nographic -no-reboot -nic none -cpu max \
+  -kernel "$KERNEL" -initrd "$WORK/initrd.gz" \
+  -append "console=ttyS0 panic=-1 oops=panic loglevel=4 rdinit=/init" </dev/null >"$LOG" 2>&1
+rc=$?
+tr -d '\r' <"$LOG" | grep -E '^(PASS|FAIL|INFO|BENCH) ' || true
+if ! tr -d '\r' <"$LOG" | grep -q '^VM-DONE'; then
+  echo "--- last lines of the serial console (qemu exit $rc):" >&2
+  tr -d '\r' <"$LOG" | tail -n 40 >&2
+  echo "FAIL vm-boot (guest did not finish within ${TIMEOUT}s)"
+  exit 1
+fi
+tr -d '\r' <"$LOG" | grep -q '^FAIL ' && exit 1
+exit 0
