@@ -1,9 +1,532 @@
-/* devio_remote.c - a remote devio server as a backend (not written yet). */
+/* devio_remote.c - a remote devio server (ImDisk's devio, or `devio serve
+ * --devio`) as a backend: devio://HOST:PORT and devio+unix:///PATH.
+ *
+ * The protocol allows one request in flight per connection, so the backend
+ * keeps a small pool of connections (up to REMOTE_MAX_CONNS, opened as
+ * front ends ask for parallelism) and runs each request on a free one.
+ * INFO at connect gives size, alignment and flags; transfers are split at
+ * REMOTE_CHUNK; unaligned requests to a server that wants alignment are
+ * widened (read) or read-modify-written (write, under a lock).  A broken
+ * connection is reopened once per request.  The protocol has no flush:
+ * flush is a no-op and no FLUSH capability is claimed.
+ */
 #include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
 #include "devio/backend.h"
+#include "devio/protocol.h"
+#include "devio/util.h"
+
+#define REMOTE_MAX_CONNS 4
+#define REMOTE_CHUNK (1u << 20)
+#define REMOTE_MAX_ALIGN (1u << 20)
+
+struct remote_conn {
+	int fd;
+	bool busy;
+};
+
+struct remote {
+	char uri[300];
+	struct devio_addr addr;
+	uint64_t base;          /* window offset into the remote export */
+	uint64_t align;         /* server's req_alignment (power of two) */
+	uint64_t remote_size;
+	uint64_t flags;         /* INFO flags */
+	pthread_mutex_t lock;
+	pthread_cond_t freed;
+	pthread_mutex_t rmw_lock; /* serialises read-modify-write of partial blocks */
+	struct remote_conn conns[REMOTE_MAX_CONNS];
+	unsigned n_conns;
+};
+
+/* ---- connections ---- */
+
+static int remote_dial(struct remote *rm)
+{
+	int fd = devio_connect(&rm->addr);
+
+	if (fd < 0)
+		devio_err("%s: cannot connect: %s", rm->uri, strerror(-fd));
+	return fd;
+}
+
+/* A free connection (opening one if the pool is not full), marked busy. */
+static struct remote_conn *conn_get(struct remote *rm)
+{
+	struct remote_conn *c = NULL;
+
+	pthread_mutex_lock(&rm->lock);
+	for (;;) {
+		for (unsigned i = 0; i < rm->n_conns; i++)
+			if (!rm->conns[i].busy) {
+				c = &rm->conns[i];
+				break;
+			}
+		if (c || rm->n_conns < REMOTE_MAX_CONNS)
+			break;
+		pthread_cond_wait(&rm->freed, &rm->lock);
+	}
+	if (!c) {
+		c = &rm->conns[rm->n_conns++];
+		c->fd = -1; /* dialled by the caller, outside the lock */
+	}
+	c->busy = true;
+	pthread_mutex_unlock(&rm->lock);
+	return c;
+}
+
+static void conn_put(struct remote *rm, struct remote_conn *c)
+{
+	pthread_mutex_lock(&rm->lock);
+	c->busy = false;
+	pthread_cond_signal(&rm->freed);
+	pthread_mutex_unlock(&rm->lock);
+}
+
+static void conn_drop(struct remote_conn *c)
+{
+	if (c->fd >= 0)
+		close(c->fd);
+	c->fd = -1;
+}
+
+static int send_all(int fd, struct iovec *iov, int cnt)
+{
+	while (cnt) {
+		ssize_t n = writev(fd, iov, cnt);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		while (cnt && (size_t)n >= iov->iov_len) {
+			n -= (ssize_t)iov->iov_len;
+			iov++;
+			cnt--;
+		}
+		if (cnt) {
+			iov->iov_base = (char *)iov->iov_base + n;
+			iov->iov_len -= (size_t)n;
+		}
+	}
+	return 0;
+}
+
+/* ---- one exchange on one connection ---- */
+
+/* An errno from the wire: 1..4095, else EIO. */
+static int peer_errno(uint64_t e)
+{
+	return e > 0 && e < 4096 ? -(int)e : -EIO;
+}
+
+struct xfer {
+	uint64_t code, off, len;
+	void *buf;        /* READ: filled; WRITE: payload */
+	int result;       /* the server's answer (0 or -errno) */
+};
+
+/* Send one request and read its answer.  Returns 0 when the exchange
+ * happened (the server's verdict is in x->result) or -errno when the
+ * connection broke or the server broke the protocol. */
+static int exchange(struct remote *rm, int fd, struct xfer *x)
+{
+	uint8_t hdr[40], resp[16];
+	struct iovec iov[2] = { { hdr, 24 }, { x->buf, 0 } };
+	int cnt = 1, r;
+	uint64_t n;
+
+	devio_put_le64(hdr, x->code);
+	if (x->code == DEVIO_REQ_UNMAP || x->code == DEVIO_REQ_ZERO) {
+		devio_put_le64(hdr + 8, DEVIO_RANGE_SIZE);
+		devio_put_le64(hdr + 16, x->off);
+		devio_put_le64(hdr + 24, x->len);
+		iov[0].iov_len = 32;
+	} else {
+		devio_put_le64(hdr + 8, x->off);
+		devio_put_le64(hdr + 16, x->len);
+		if (x->code == DEVIO_REQ_WRITE) {
+			iov[1].iov_len = x->len;
+			cnt = 2;
+		}
+	}
+	if ((r = send_all(fd, iov, cnt)))
+		return r;
+	if (x->code == DEVIO_REQ_UNMAP || x->code == DEVIO_REQ_ZERO) {
+		if ((r = devio_read_full(fd, resp, 8)))
+			return r;
+		x->result = devio_get_le64(resp) ? peer_errno(devio_get_le64(resp)) : 0;
+		return 0;
+	}
+	if ((r = devio_read_full(fd, resp, 16)))
+		return r;
+	n = devio_get_le64(resp + 8);
+	if (devio_get_le64(resp)) {
+		x->result = peer_errno(devio_get_le64(resp));
+		return 0;
+	}
+	if (n > x->len) {
+		devio_err("%s: server answered %llu bytes for %llu at %llu", rm->uri, (unsigned long long)n,
+			  (unsigned long long)x->len, (unsigned long long)x->off);
+		return -EPROTO;
+	}
+	if (x->code == DEVIO_REQ_READ && (r = devio_read_full(fd, x->buf, n)))
+		return r;
+	x->result = n == x->len ? 0 : -EIO;
+	if (n != x->len)
+		devio_err("%s: short %s at %llu: %llu of %llu bytes", rm->uri,
+			  x->code == DEVIO_REQ_READ ? "read" : "write", (unsigned long long)x->off,
+			  (unsigned long long)n, (unsigned long long)x->len);
+	return 0;
+}
+
+/* Run x on a pooled connection; reopen a broken connection once. */
+static int remote_run(struct remote *rm, struct xfer *x)
+{
+	struct remote_conn *c = conn_get(rm);
+	int r = -ECONNRESET;
+
+	for (int attempt = 0; attempt < 2; attempt++) {
+		if (c->fd < 0 && (c->fd = remote_dial(rm)) < 0) {
+			r = c->fd;
+			c->fd = -1;
+			break;
+		}
+		r = exchange(rm, c->fd, x);
+		if (r == 0)
+			break;
+		devio_warn("%s: connection lost at offset %llu (%s)%s", rm->uri, (unsigned long long)x->off,
+			   strerror(-r), attempt ? "" : "; reconnecting");
+		conn_drop(c);
+	}
+	conn_put(rm, c);
+	return r ? r : x->result;
+}
+
+/* ---- aligned transfers, split into chunks ---- */
+
+static int run_chunks(struct remote *rm, uint64_t code, void *buf, uint64_t len, uint64_t off)
+{
+	int r = 0;
+
+	while (len && !r) {
+		uint64_t n = len < REMOTE_CHUNK ? len : REMOTE_CHUNK;
+		struct xfer x = { .code = code, .off = rm->base + off, .len = n, .buf = buf };
+
+		r = remote_run(rm, &x);
+		if (r)
+			devio_err("%s: %s at %llu of %llu bytes: %s", rm->uri,
+				  code == DEVIO_REQ_READ ? "read" : "write", (unsigned long long)off,
+				  (unsigned long long)n, strerror(-r));
+		buf = (char *)buf + n;
+		off += n;
+		len -= n;
+	}
+	return r;
+}
+
+static bool aligned(const struct remote *rm, uint64_t off, uint64_t len)
+{
+	return ((off | len) & (rm->align - 1)) == 0;
+}
+
+static int remote_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t off)
+{
+	struct remote *rm = b->priv;
+	uint64_t start, end;
+	char *bounce;
+	int r;
+
+	if (aligned(rm, off, len))
+		return run_chunks(rm, DEVIO_REQ_READ, buf, len, off);
+	start = off & ~(rm->align - 1);
+	end = (off + len + rm->align - 1) & ~(rm->align - 1);
+	bounce = malloc(end - start);
+	if (!bounce)
+		return -ENOMEM;
+	r = run_chunks(rm, DEVIO_REQ_READ, bounce, end - start, start);
+	if (!r)
+		memcpy(buf, bounce + (off - start), len);
+	free(bounce);
+	return r;
+}
+
+/* Unaligned write: read the partial blocks at both ends, patch, write. */
+static int remote_pwrite_rmw(struct remote *rm, const void *buf, uint64_t len, uint64_t off)
+{
+	uint64_t start = off & ~(rm->align - 1);
+	uint64_t end = (off + len + rm->align - 1) & ~(rm->align - 1);
+	char *bounce = malloc(end - start);
+	int r = 0;
+
+	if (!bounce)
+		return -ENOMEM;
+	pthread_mutex_lock(&rm->rmw_lock);
+	if (start < off)
+		r = run_chunks(rm, DEVIO_REQ_READ, bounce, rm->align, start);
+	if (!r && off + len < end && end - rm->align >= start + (start < off ? rm->align : 0))
+		r = run_chunks(rm, DEVIO_REQ_READ, bounce + (end - rm->align - start), rm->align, end - rm->align);
+	if (!r) {
+		memcpy(bounce + (off - start), buf, len);
+		r = run_chunks(rm, DEVIO_REQ_WRITE, bounce, end - start, start);
+	}
+	pthread_mutex_unlock(&rm->rmw_lock);
+	free(bounce);
+	return r;
+}
+
+static int remote_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
+{
+	struct remote *rm = b->priv;
+
+	if (!aligned(rm, off, len))
+		return remote_pwrite_rmw(rm, buf, len, off);
+	return run_chunks(rm, DEVIO_REQ_WRITE, (void *)buf, len, off);
+}
+
+static int remote_range(struct devio_backend *b, uint64_t code, uint64_t off, uint64_t len)
+{
+	struct remote *rm = b->priv;
+	struct xfer x = { .code = code, .off = rm->base + off, .len = len };
+	int r = remote_run(rm, &x);
+
+	if (r)
+		devio_err("%s: %s at %llu of %llu bytes: %s", rm->uri, code == DEVIO_REQ_UNMAP ? "unmap" : "zero",
+			  (unsigned long long)off, (unsigned long long)len, strerror(-r));
+	return r;
+}
+
+static int remote_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
+{
+	struct remote *rm = b->priv;
+
+	if (!(rm->flags & DEVIO_INFO_SUPPORTS_UNMAP))
+		return -EOPNOTSUPP;
+	return remote_range(b, DEVIO_REQ_UNMAP, off, len);
+}
+
+/* ZERO where the server offers it, else zeroes written in chunks. */
+static int remote_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
+{
+	struct remote *rm = b->priv;
+	char *zeroes;
+	int r = 0;
+
+	if (flags & DEVIO_REQ_FAST_ZERO)
+		return -EOPNOTSUPP; /* the protocol cannot say whether ZERO is fast */
+	if (rm->flags & DEVIO_INFO_SUPPORTS_ZERO)
+		return remote_range(b, DEVIO_REQ_ZERO, off, len);
+	zeroes = calloc(1, REMOTE_CHUNK);
+	if (!zeroes)
+		return -ENOMEM;
+	while (len && !r) {
+		uint64_t n = len < REMOTE_CHUNK ? len : REMOTE_CHUNK;
+
+		r = remote_pwrite(b, zeroes, n, off, 0);
+		off += n;
+		len -= n;
+	}
+	free(zeroes);
+	return r;
+}
+
+/* The protocol has no flush: the server decides when data is durable. */
+static int remote_flush(struct devio_backend *b)
+{
+	return 0;
+}
+
+static void remote_describe(struct devio_backend *b, char *out, size_t outlen)
+{
+	struct remote *rm = b->priv;
+
+	snprintf(out, outlen, "devio server %s (alignment %llu, flags 0x%llx, %u connection(s))", rm->uri,
+		 (unsigned long long)rm->align, (unsigned long long)rm->flags, rm->n_conns);
+}
+
+static void remote_close(struct devio_backend *b)
+{
+	struct remote *rm = b->priv;
+	uint8_t bye[8];
+
+	devio_put_le64(bye, DEVIO_REQ_CLOSE);
+	for (unsigned i = 0; i < rm->n_conns; i++)
+		if (rm->conns[i].fd >= 0) {
+			if (devio_write_full(rm->conns[i].fd, bye, sizeof(bye)))
+				devio_debug("%s: CLOSE not delivered", rm->uri);
+			conn_drop(&rm->conns[i]);
+		}
+	pthread_cond_destroy(&rm->freed);
+	pthread_mutex_destroy(&rm->lock);
+	pthread_mutex_destroy(&rm->rmw_lock);
+	free(rm);
+	free(b);
+}
+
+static const struct devio_backend_ops remote_ops = {
+	.name = "devio-remote",
+	.pread = remote_pread,
+	.pwrite = remote_pwrite,
+	.flush = remote_flush,
+	.trim = remote_trim,
+	.zero = remote_zero,
+	.describe = remote_describe,
+	.close = remote_close,
+};
+
+/* ---- opening ---- */
+
+/* devio://HOST:PORT, devio://[V6]:PORT, devio+unix:///PATH */
+static int parse_uri(const char *uri, struct devio_addr *a)
+{
+	char spec[300];
+
+	if (!strncmp(uri, "devio://", 8)) {
+		const char *hp = uri + 8;
+		size_t n = strcspn(hp, "/?");
+
+		if (hp[n] && strcmp(hp + n, "/"))
+			return -EINVAL;
+		if (n == 0 || n + 5 >= sizeof(spec))
+			return -EINVAL;
+		snprintf(spec, sizeof(spec), "tcp:%.*s", (int)n, hp);
+		return devio_addr_parse(spec, "9000", a);
+	}
+	if (!strncmp(uri, "devio+unix://", 13) && uri[13] == '/' && uri[14]) {
+		if (strlen(uri + 13) + 6 >= sizeof(spec))
+			return -ENAMETOOLONG;
+		snprintf(spec, sizeof(spec), "unix:%s", uri + 13);
+		return devio_addr_parse(spec, NULL, a);
+	}
+	return -EINVAL;
+}
+
+static int remote_info(struct remote *rm)
+{
+	struct remote_conn *c = &rm->conns[0];
+	uint8_t req[8], resp[24];
+	int r;
+
+	c->fd = remote_dial(rm);
+	if (c->fd < 0)
+		return c->fd;
+	rm->n_conns = 1;
+	devio_put_le64(req, DEVIO_REQ_INFO);
+	if ((r = devio_write_full(c->fd, req, 8)) || (r = devio_read_full(c->fd, resp, 24))) {
+		devio_err("%s: INFO failed: %s", rm->uri, strerror(-r));
+		return r;
+	}
+	rm->remote_size = devio_get_le64(resp);
+	rm->align = devio_get_le64(resp + 8);
+	rm->flags = devio_get_le64(resp + 16);
+	if (rm->align == 0)
+		rm->align = 1;
+	if (rm->align > REMOTE_MAX_ALIGN || (rm->align & (rm->align - 1))) {
+		devio_err("%s: server wants %llu-byte alignment: not a power of two up to %u", rm->uri,
+			  (unsigned long long)rm->align, REMOTE_MAX_ALIGN);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+/* Size and window: the server's size (or --size when it says 0), then
+ * --offset/--size as a window inside it. */
+static int remote_window(struct remote *rm, const struct devio_open_opts *o, uint64_t *size)
+{
+	uint64_t total = rm->remote_size;
+
+	if (total == 0) {
+		if (!o->has_size || o->size == 0) {
+			devio_err("%s: the server does not tell its size; give it with --size", rm->uri);
+			return -EINVAL;
+		}
+		total = (o->has_offset ? o->offset : 0) + o->size;
+		if (total < o->size)
+			return -EINVAL;
+	}
+	rm->base = o->has_offset ? o->offset : 0;
+	if (rm->base > total) {
+		devio_err("%s: --offset %llu is beyond the end (%llu)", rm->uri, (unsigned long long)rm->base,
+			  (unsigned long long)total);
+		return -EINVAL;
+	}
+	*size = total - rm->base;
+	if (o->has_size && o->size) {
+		if (o->size > *size) {
+			devio_err("%s: --size %llu at offset %llu goes beyond the end (%llu)", rm->uri,
+				  (unsigned long long)o->size, (unsigned long long)rm->base,
+				  (unsigned long long)total);
+			return -EINVAL;
+		}
+		*size = o->size;
+	}
+	if (((rm->base | *size) & (rm->align - 1)) != 0) {
+		devio_err("%s: window %llu+%llu is not aligned to the server's %llu bytes", rm->uri,
+			  (unsigned long long)rm->base, (unsigned long long)*size, (unsigned long long)rm->align);
+		return -EINVAL;
+	}
+	return 0;
+}
 
 int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts, struct devio_backend **out)
 {
-	(void)uri; (void)opts; (void)out;
-	return -ENOSYS;
+	static const struct devio_open_opts none;
+	struct devio_backend *b = NULL;
+	struct remote *rm;
+	uint64_t size;
+	int r;
+
+	if (!opts)
+		opts = &none;
+	if (opts->partition) {
+		devio_err("%s: --partition does not apply to a remote devio server (serve the partition there)", uri);
+		return -EINVAL;
+	}
+	rm = calloc(1, sizeof(*rm));
+	if (!rm)
+		return -ENOMEM;
+	for (unsigned i = 0; i < REMOTE_MAX_CONNS; i++)
+		rm->conns[i].fd = -1;
+	pthread_mutex_init(&rm->lock, NULL);
+	pthread_cond_init(&rm->freed, NULL);
+	pthread_mutex_init(&rm->rmw_lock, NULL);
+	snprintf(rm->uri, sizeof(rm->uri), "%s", uri);
+	if (parse_uri(uri, &rm->addr)) {
+		devio_err("%s: want devio://HOST:PORT or devio+unix:///PATH", uri);
+		r = -EINVAL;
+		goto out_free;
+	}
+	if ((r = remote_info(rm)) || (r = remote_window(rm, opts, &size)))
+		goto out_free;
+	b = calloc(1, sizeof(*b));
+	if (!b) {
+		r = -ENOMEM;
+		goto out_free;
+	}
+	b->ops = &remote_ops;
+	b->size = size;
+	b->block_size = (uint32_t)rm->align;
+	b->priv = rm;
+	if (opts->readonly || (rm->flags & DEVIO_INFO_RO))
+		b->caps |= DEVIO_CAP_READONLY;
+	if (rm->flags & DEVIO_INFO_SUPPORTS_UNMAP)
+		b->caps |= DEVIO_CAP_TRIM;
+	if (rm->flags & DEVIO_INFO_SUPPORTS_ZERO)
+		b->caps |= DEVIO_CAP_ZERO;
+	*out = b;
+	return 0;
+out_free:
+	b = calloc(1, sizeof(*b));
+	if (b) {
+		b->priv = rm;
+		remote_close(b);
+	} else {
+		free(rm);
+	}
+	return r;
 }
