@@ -1,17 +1,867 @@
-/* fuse.c - the --fuse front end (not written yet). */
+/* fuse.c - the --fuse front end: the default export as one regular file in
+ * a FUSE mount (MOUNTPOINT/disk, or MOUNTPOINT/NAME for a named export),
+ * optionally behind a loop device (--loop) so that the machine gets a real
+ * block device.
+ *
+ * It speaks the FUSE protocol itself (lib/fuse_codec.c): Debian 12's
+ * libfuse predates the io_uring transport.  Two transports:
+ *   uring - FUSE over io_uring: one queue per possible CPU, each a thread
+ *           pinned to its CPU with an io_uring of `depth` ring entries; an
+ *           entry's payload buffer is where the backend reads into and
+ *           writes from, and one COMMIT_AND_FETCH both answers a request
+ *           and takes the next.  /dev/fuse is still read by one thread for
+ *           INIT, FORGET, INTERRUPT and whatever arrives before the ring.
+ *   dev   - /dev/fuse read by several threads, each on its own clone of
+ *           the device (FUSE_DEV_IOC_CLONE), each running one request at a
+ *           time.
+ * auto uses uring when /sys/module/fuse/parameters/enable_uring is Y. */
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <liburing.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+#include "../lib/fuse_proto.h"
 #include "devio/frontend.h"
+#include "devio/loop.h"
+#include "devio/util.h"
+#include "devio/workers.h"
+
+#define FUSE_MAX_WRITE (1u << 20)
+#define DEFAULT_DEPTH 16
+#define MAX_QUEUES 1024
+#define HDR_ROOM 4096 /* room before the data in a /dev/fuse read buffer */
+#define EVFD_TAG 1ull
+#define DEV_IOC_CLONE _IOR(229, 0, uint32_t)
+#define ENABLE_URING "/sys/module/fuse/parameters/enable_uring"
+
+struct fuse_fe;
+
+/* One ring entry: the header and payload buffers the kernel fills. */
+struct ring_ent {
+	struct fuse_uring_req_header *hdr;
+	uint8_t *payload;
+	struct iovec iov[2];
+	struct ring_queue *q;
+	struct devio_fuse_msg msg;
+	uint64_t commit_id;
+	struct ring_ent *next;
+	bool dead;
+};
+
+struct ring_queue {
+	struct fuse_fe *fe;
+	unsigned qid;
+	pthread_t thread;
+	pthread_t self;          /* set by the thread itself */
+	bool thread_started;
+	struct io_uring ring;
+	bool ring_ok;
+	int evfd;
+	uint64_t evval;
+	struct ring_ent *ents;
+	unsigned nents, live, inflight;
+	pthread_mutex_t lock;
+	struct ring_ent *done;   /* completed by other threads (lock) */
+	struct ring_ent *local;  /* completed on this thread */
+	/* start-up handshake */
+	int start_result;
+	bool start_done;
+	pthread_cond_t cond;
+};
+
+struct dev_thread {
+	struct fuse_fe *fe;
+	pthread_t thread;
+	int fd;
+};
+
+struct fuse_fe {
+	struct devio_fuse_fs fs;
+	struct devio_backend *backend;
+	char mnt[PATH_MAX];
+	char file[PATH_MAX + 256];
+	int fd;
+	bool mounted;
+	bool use_uring;
+	uint32_t payload_sz;
+	unsigned depth;
+	struct ring_queue *queues;
+	unsigned nqueues;
+	struct dev_thread *devs;
+	unsigned ndevs;
+	struct devio_workers *workers;
+	struct devio_loop loop;
+	bool has_loop;
+	atomic_bool stopping;
+};
+
+/* ---- helpers ---- */
+
+static void *alloc_aligned(size_t len)
+{
+	void *p = NULL;
+
+	if (posix_memalign(&p, 4096, len))
+		return NULL;
+	memset(p, 0, len);
+	return p;
+}
+
+static int read_sys_char(const char *path)
+{
+	char c = 0;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+
+	if (fd < 0)
+		return -errno;
+	if (read(fd, &c, 1) != 1)
+		c = 0;
+	close(fd);
+	return c;
+}
+
+static int write_sys(const char *path, const char *val)
+{
+	int fd = open(path, O_WRONLY | O_CLOEXEC), r = 0;
+
+	if (fd < 0)
+		return -errno;
+	if (write(fd, val, strlen(val)) < 0)
+		r = -errno;
+	close(fd);
+	return r;
+}
+
+/* The number of possible CPUs: the kernel keeps one FUSE queue for each. */
+static unsigned possible_cpus(void)
+{
+	char buf[256] = "";
+	unsigned max = 0;
+	int fd = open("/sys/devices/system/cpu/possible", O_RDONLY | O_CLOEXEC);
+	ssize_t n;
+
+	if (fd >= 0) {
+		n = read(fd, buf, sizeof(buf) - 1);
+		close(fd);
+		if (n > 0) {
+			buf[n] = '\0';
+			/* "0-3" or "0,2-5": the highest number + 1 */
+			for (char *p = buf; *p; p++)
+				if (*p >= '0' && *p <= '9') {
+					unsigned v = (unsigned)strtoul(p, &p, 10);
+					if (v + 1 > max)
+						max = v + 1;
+					p--;
+				}
+		}
+	}
+	if (max == 0 || max > MAX_QUEUES)
+		max = (unsigned)sysconf(_SC_NPROCESSORS_CONF);
+	return max ? max : 1;
+}
+
+/* Send a reply on /dev/fuse; the request may have been interrupted (ENOENT). */
+static void dev_reply(struct fuse_fe *fe, int fd, struct devio_fuse_msg *msg)
+{
+	struct fuse_out_header oh = { .error = msg->error, .unique = msg->in.unique };
+	struct iovec iov[2] = { { &oh, sizeof(oh) }, { msg->reply, msg->reply_len } };
+	ssize_t n;
+
+	if (msg->no_reply)
+		return;
+	oh.len = (uint32_t)(sizeof(oh) + msg->reply_len);
+	n = writev(fd, iov, msg->reply_len ? 2 : 1);
+	if (n < 0 && errno != ENOENT && errno != ENODEV)
+		devio_warn("fuse %s: reply to %s (unique %llu): %s", fe->mnt, devio_fuse_opname(msg->in.opcode),
+			   (unsigned long long)msg->in.unique, strerror(errno));
+}
+
+/* ---- the /dev/fuse transport ---- */
+
+static void run_sync_io(struct fuse_fe *fe, struct devio_fuse_msg *msg)
+{
+	if (!msg->has_io)
+		return;
+	devio_execute(fe->backend, &msg->req);
+	devio_fuse_finish(&fe->fs, msg);
+}
+
+/* Read one request from fd into buf and answer it.  Returns 0, or -ENODEV
+ * when the connection is gone. */
+static int dev_serve_one(struct fuse_fe *fe, int fd, uint8_t *base, uint8_t *reply)
+{
+	/* a WRITE's data (after 80 bytes of headers) lands page-aligned */
+	uint8_t *buf = base + HDR_ROOM - sizeof(struct fuse_in_header) - sizeof(struct fuse_rw_in);
+	size_t cap = fe->fs.max_write + sizeof(struct fuse_in_header) + sizeof(struct fuse_rw_in);
+	struct devio_fuse_msg msg;
+	ssize_t n;
+
+	n = read(fd, buf, cap);
+	if (n < 0) {
+		if (errno == EINTR || errno == EAGAIN || errno == ENOENT)
+			return 0;
+		if (errno != ENODEV)
+			devio_err("fuse %s: read /dev/fuse: %s", fe->mnt, strerror(errno));
+		return -ENODEV;
+	}
+	memset(&msg, 0, sizeof(msg));
+	msg.reply = reply;
+	msg.reply_cap = fe->fs.max_write;
+	if (devio_fuse_split(buf, (size_t)n, &msg)) {
+		devio_warn("fuse %s: malformed request of %zd bytes (opcode %u)", fe->mnt, n, msg.in.opcode);
+		if (!msg.in.unique)
+			return 0;
+		msg.error = -EINVAL;
+	} else {
+		devio_fuse_handle(&fe->fs, &msg);
+		run_sync_io(fe, &msg);
+	}
+	dev_reply(fe, fd, &msg);
+	return 0;
+}
+
+static void *dev_thread_main(void *arg)
+{
+	struct dev_thread *t = arg;
+	struct fuse_fe *fe = t->fe;
+	uint8_t *base = alloc_aligned(HDR_ROOM + fe->fs.max_write);
+	uint8_t *reply = alloc_aligned(fe->fs.max_write);
+
+	if (!base || !reply) {
+		devio_err("fuse %s: out of memory for a request buffer", fe->mnt);
+		goto out;
+	}
+	while (dev_serve_one(fe, t->fd, base, reply) == 0)
+		;
+out:
+	free(base);
+	free(reply);
+	return NULL;
+}
+
+static int clone_fd(struct fuse_fe *fe)
+{
+	uint32_t master = (uint32_t)fe->fd;
+	int fd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
+
+	if (fd < 0)
+		return -errno;
+	if (ioctl(fd, DEV_IOC_CLONE, &master) < 0) {
+		int r = -errno;
+		close(fd);
+		return r;
+	}
+	return fd;
+}
+
+static int start_dev_threads(struct fuse_fe *fe, unsigned n)
+{
+	fe->devs = calloc(n, sizeof(*fe->devs));
+	if (!fe->devs)
+		return -ENOMEM;
+	for (unsigned i = 0; i < n; i++) {
+		struct dev_thread *t = &fe->devs[i];
+
+		t->fe = fe;
+		t->fd = i == 0 ? fe->fd : clone_fd(fe);
+		if (t->fd < 0) {
+			devio_warn("fuse %s: FUSE_DEV_IOC_CLONE: %s; %u threads", fe->mnt, strerror(-t->fd), i);
+			break;
+		}
+		if (pthread_create(&t->thread, NULL, dev_thread_main, t)) {
+			if (i)
+				close(t->fd);
+			break;
+		}
+		fe->ndevs++;
+	}
+	return fe->ndevs ? 0 : -EAGAIN;
+}
+
+/* ---- the io_uring transport ---- */
+
+static struct io_uring_sqe *get_sqe(struct ring_queue *q)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&q->ring);
+
+	if (!sqe) {
+		io_uring_submit(&q->ring);
+		sqe = io_uring_get_sqe(&q->ring);
+	}
+	return sqe;
+}
+
+static int prep_cmd(struct ring_queue *q, struct ring_ent *e, uint32_t cmd_op)
+{
+	struct io_uring_sqe *sqe = get_sqe(q);
+	struct fuse_uring_cmd_req *cmd;
+
+	if (!sqe)
+		return -EBUSY;
+	memset(sqe, 0, 128);
+	sqe->opcode = IORING_OP_URING_CMD;
+	sqe->fd = q->fe->fd;
+	sqe->cmd_op = cmd_op;
+	sqe->addr = (uint64_t)(uintptr_t)e->iov;
+	sqe->len = 2;
+	io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)e);
+	cmd = (struct fuse_uring_cmd_req *)sqe->cmd;
+	cmd->qid = (uint16_t)q->qid;
+	cmd->commit_id = e->commit_id;
+	return 0;
+}
+
+static void arm_eventfd(struct ring_queue *q)
+{
+	struct io_uring_sqe *sqe = get_sqe(q);
+
+	if (!sqe)
+		return;
+	io_uring_prep_read(sqe, q->evfd, &q->evval, sizeof(q->evval), 0);
+	io_uring_sqe_set_data64(sqe, EVFD_TAG);
+}
+
+/* Answer the entry's request and take the next one. */
+static void commit(struct ring_queue *q, struct ring_ent *e)
+{
+	struct fuse_out_header oh = { .error = e->msg.error, .unique = e->msg.in.unique };
+
+	oh.len = (uint32_t)(sizeof(oh) + e->msg.reply_len);
+	memcpy(e->hdr->in_out, &oh, sizeof(oh));
+	e->hdr->ring_ent_in_out.payload_sz = (uint32_t)e->msg.reply_len;
+	if (prep_cmd(q, e, DEVIO_FUSE_URING_CMD_COMMIT_AND_FETCH))
+		devio_err("fuse %s: queue %u: no submission slot to answer a request", q->fe->mnt, q->qid);
+}
+
+static void ring_io_done(struct devio_request *req)
+{
+	struct ring_ent *e = req->opaque;
+	struct ring_queue *q = e->q;
+
+	if (pthread_equal(pthread_self(), q->self)) {
+		e->next = q->local;
+		q->local = e;
+		return;
+	}
+	pthread_mutex_lock(&q->lock);
+	e->next = q->done;
+	q->done = e;
+	pthread_mutex_unlock(&q->lock);
+	uint64_t one = 1;
+	if (write(q->evfd, &one, sizeof(one)) < 0)
+		devio_warn("fuse %s: queue %u: eventfd: %s", q->fe->mnt, q->qid, strerror(errno));
+}
+
+static void finish_list(struct ring_queue *q, struct ring_ent *e)
+{
+	while (e) {
+		struct ring_ent *next = e->next;
+
+		devio_fuse_finish(&q->fe->fs, &e->msg);
+		q->inflight--;
+		commit(q, e);
+		e = next;
+	}
+}
+
+static void drain_completions(struct ring_queue *q)
+{
+	struct ring_ent *list;
+
+	list = q->local;
+	q->local = NULL;
+	finish_list(q, list);
+	pthread_mutex_lock(&q->lock);
+	list = q->done;
+	q->done = NULL;
+	pthread_mutex_unlock(&q->lock);
+	finish_list(q, list);
+}
+
+/* A request has arrived in entry e. */
+static void ring_request(struct ring_queue *q, struct ring_ent *e)
+{
+	struct fuse_fe *fe = q->fe;
+	struct devio_fuse_msg *msg = &e->msg;
+	uint32_t psz = e->hdr->ring_ent_in_out.payload_sz;
+
+	memset(msg, 0, sizeof(*msg));
+	memcpy(&msg->in, e->hdr->in_out, sizeof(msg->in));
+	e->commit_id = e->hdr->ring_ent_in_out.commit_id;
+	msg->arg = e->hdr->op_in;
+	msg->arglen = sizeof(e->hdr->op_in);
+	msg->data = e->payload;
+	msg->datalen = psz < fe->payload_sz ? psz : fe->payload_sz;
+	msg->reply = e->payload;
+	msg->reply_cap = fe->payload_sz;
+	devio_fuse_handle(&fe->fs, msg);
+	if (!msg->has_io) {
+		commit(q, e);
+		return;
+	}
+	msg->req.complete = ring_io_done;
+	msg->req.opaque = e;
+	q->inflight++;
+	if (fe->workers)
+		devio_workers_submit(fe->workers, fe->backend, &msg->req);
+	else
+		devio_submit(fe->backend, &msg->req);
+}
+
+static void ring_cqe(struct ring_queue *q, struct io_uring_cqe *cqe)
+{
+	uint64_t tag = io_uring_cqe_get_data64(cqe);
+	struct ring_ent *e;
+
+	if (tag == EVFD_TAG) {
+		if (!atomic_load(&q->fe->stopping))
+			arm_eventfd(q);
+		return;
+	}
+	e = (struct ring_ent *)(uintptr_t)tag;
+	if (cqe->res < 0) {
+		if (cqe->res != -ENOTCONN && cqe->res != -ECANCELED && cqe->res != -ECONNABORTED)
+			devio_warn("fuse %s: queue %u: ring entry failed: %s", q->fe->mnt, q->qid, strerror(-cqe->res));
+		if (!e->dead) {
+			e->dead = true;
+			q->live--;
+		}
+		return;
+	}
+	ring_request(q, e);
+}
+
+static void ring_loop(struct ring_queue *q)
+{
+	for (;;) {
+		struct io_uring_cqe *cqe;
+		unsigned head, n = 0;
+		int r;
+
+		if (q->live == 0 && q->inflight == 0)
+			break;
+		if (atomic_load(&q->fe->stopping) && q->inflight == 0)
+			break;
+		r = io_uring_submit_and_wait(&q->ring, 1);
+		if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY) {
+			devio_err("fuse %s: queue %u: io_uring_enter: %s", q->fe->mnt, q->qid, strerror(-r));
+			break;
+		}
+		io_uring_for_each_cqe(&q->ring, head, cqe) {
+			ring_cqe(q, cqe);
+			n++;
+		}
+		io_uring_cq_advance(&q->ring, n);
+		drain_completions(q);
+	}
+	/* wait for requests still with the backend: they use our buffers */
+	while (q->inflight) {
+		struct timespec ts = { 0, 1000000 };
+		nanosleep(&ts, NULL);
+		drain_completions(q);
+	}
+}
+
+static int ring_setup(struct ring_queue *q)
+{
+	struct fuse_fe *fe = q->fe;
+	struct io_uring_params p = { .flags = IORING_SETUP_SQE128 | IORING_SETUP_SINGLE_ISSUER |
+					      IORING_SETUP_DEFER_TASKRUN };
+	int r;
+
+	r = io_uring_queue_init_params(q->nents * 2 + 8, &q->ring, &p);
+	if (r == -EINVAL) {
+		memset(&p, 0, sizeof(p));
+		p.flags = IORING_SETUP_SQE128;
+		r = io_uring_queue_init_params(q->nents * 2 + 8, &q->ring, &p);
+	}
+	if (r < 0)
+		return r;
+	q->ring_ok = true;
+	for (unsigned i = 0; i < q->nents; i++) {
+		struct ring_ent *e = &q->ents[i];
+
+		e->q = q;
+		e->hdr = alloc_aligned(sizeof(*e->hdr));
+		e->payload = alloc_aligned(fe->payload_sz);
+		if (!e->hdr || !e->payload)
+			return -ENOMEM;
+		e->iov[0] = (struct iovec){ e->hdr, sizeof(*e->hdr) };
+		e->iov[1] = (struct iovec){ e->payload, fe->payload_sz };
+		r = prep_cmd(q, e, DEVIO_FUSE_URING_CMD_REGISTER);
+		if (r)
+			return r;
+		q->live++;
+	}
+	arm_eventfd(q);
+	r = io_uring_submit(&q->ring);
+	if (r < 0)
+		return r;
+	/* a refused REGISTER completes at once */
+	struct io_uring_cqe *cqe;
+	if (io_uring_peek_cqe(&q->ring, &cqe) == 0 && cqe->res < 0 && io_uring_cqe_get_data64(cqe) != EVFD_TAG)
+		return cqe->res;
+	return 0;
+}
+
+static void *ring_thread_main(void *arg)
+{
+	struct ring_queue *q = arg;
+	cpu_set_t set;
+	int r;
+
+	q->self = pthread_self();
+	CPU_ZERO(&set);
+	CPU_SET(q->qid, &set);
+	pthread_setaffinity_np(pthread_self(), sizeof(set), &set); /* best effort: the CPU may be offline */
+	r = ring_setup(q);
+	pthread_mutex_lock(&q->lock);
+	q->start_result = r;
+	q->start_done = true;
+	pthread_cond_signal(&q->cond);
+	pthread_mutex_unlock(&q->lock);
+	if (r)
+		return NULL;
+	ring_loop(q);
+	return NULL;
+}
+
+static int start_queue(struct fuse_fe *fe, struct ring_queue *q, unsigned qid)
+{
+	int r;
+
+	q->fe = fe;
+	q->qid = qid;
+	q->nents = fe->depth;
+	pthread_mutex_init(&q->lock, NULL);
+	pthread_cond_init(&q->cond, NULL);
+	q->evfd = eventfd(0, EFD_CLOEXEC);
+	q->ents = calloc(q->nents, sizeof(*q->ents));
+	if (q->evfd < 0 || !q->ents)
+		return -ENOMEM;
+	if (pthread_create(&q->thread, NULL, ring_thread_main, q))
+		return -EAGAIN;
+	q->thread_started = true;
+	pthread_mutex_lock(&q->lock);
+	while (!q->start_done)
+		pthread_cond_wait(&q->cond, &q->lock);
+	r = q->start_result;
+	pthread_mutex_unlock(&q->lock);
+	return r;
+}
+
+static int start_rings(struct fuse_fe *fe)
+{
+	int r;
+
+	fe->nqueues = possible_cpus();
+	fe->queues = calloc(fe->nqueues, sizeof(*fe->queues));
+	if (!fe->queues)
+		return -ENOMEM;
+	for (unsigned i = 0; i < fe->nqueues; i++) {
+		r = start_queue(fe, &fe->queues[i], i);
+		if (r) {
+			devio_err("fuse %s: queue %u: cannot register ring entries: %s", fe->mnt, i, strerror(-r));
+			return r;
+		}
+	}
+	return 0;
+}
+
+static void stop_rings(struct fuse_fe *fe)
+{
+	for (unsigned i = 0; fe->queues && i < fe->nqueues; i++) {
+		struct ring_queue *q = &fe->queues[i];
+		uint64_t one = 1;
+
+		if (q->thread_started) {
+			if (write(q->evfd, &one, sizeof(one)) < 0)
+				devio_warn("fuse %s: queue %u: eventfd: %s", fe->mnt, i, strerror(errno));
+			pthread_join(q->thread, NULL);
+		}
+		if (q->ring_ok)
+			io_uring_queue_exit(&q->ring); /* cancels entries still registered */
+		for (unsigned j = 0; q->ents && j < q->nents; j++) {
+			free(q->ents[j].hdr);
+			free(q->ents[j].payload);
+		}
+		free(q->ents);
+		if (q->evfd >= 0)
+			close(q->evfd);
+		pthread_mutex_destroy(&q->lock);
+		pthread_cond_destroy(&q->cond);
+	}
+	free(fe->queues);
+	fe->queues = NULL;
+}
+
+/* ---- mount, INIT, unmount ---- */
+
+static int do_mount(struct fuse_fe *fe)
+{
+	char opts[256];
+
+	fe->fd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
+	if (fe->fd < 0) {
+		devio_err("fuse %s: /dev/fuse: %s", fe->mnt, strerror(errno));
+		return -errno;
+	}
+	snprintf(opts, sizeof(opts),
+		 "fd=%d,rootmode=40000,user_id=%u,group_id=%u,allow_other,default_permissions,max_read=%u",
+		 fe->fd, (unsigned)getuid(), (unsigned)getgid(), fe->fs.max_write);
+	if (mount("devio", fe->mnt, "fuse.devio", MS_NOSUID | MS_NODEV, opts) < 0) {
+		int r = -errno;
+		devio_err("fuse %s: mount: %s", fe->mnt, strerror(-r));
+		return r;
+	}
+	fe->mounted = true;
+	return 0;
+}
+
+/* The kernel sends INIT first; answer it here, before any thread runs. */
+static int do_init_handshake(struct fuse_fe *fe)
+{
+	uint8_t *base = alloc_aligned(HDR_ROOM + fe->fs.max_write);
+	uint8_t *reply = alloc_aligned(fe->fs.max_write);
+	int r = 0;
+
+	if (!base || !reply) {
+		r = -ENOMEM;
+		goto out;
+	}
+	while (!fe->fs.initialized && r == 0)
+		r = dev_serve_one(fe, fe->fd, base, reply);
+	if (r)
+		devio_err("fuse %s: the kernel closed the connection during INIT", fe->mnt);
+out:
+	free(base);
+	free(reply);
+	return r;
+}
+
+/* Abort the connection through fusectl (for a lazily unmounted file system). */
+static void abort_connection(struct fuse_fe *fe, dev_t dev)
+{
+	char path[96];
+
+	snprintf(path, sizeof(path), "/sys/fs/fuse/connections/%u/abort", minor(dev));
+	if (write_sys(path, "1") < 0)
+		devio_warn("fuse %s: cannot abort the connection via %s", fe->mnt, path);
+}
+
+static void do_unmount(struct fuse_fe *fe)
+{
+	struct stat st;
+	bool have_dev;
+
+	if (!fe->mounted)
+		return;
+	have_dev = stat(fe->mnt, &st) == 0;
+	for (int i = 0; i < 50; i++) {
+		if (umount2(fe->mnt, 0) == 0) {
+			fe->mounted = false;
+			return;
+		}
+		if (errno != EBUSY)
+			break;
+		struct timespec ts = { 0, 20 * 1000 * 1000 };
+		nanosleep(&ts, NULL);
+	}
+	devio_warn("fuse %s: unmount: %s; detaching lazily and aborting the connection", fe->mnt, strerror(errno));
+	if (umount2(fe->mnt, MNT_DETACH) < 0)
+		devio_err("fuse %s: lazy unmount: %s", fe->mnt, strerror(errno));
+	if (have_dev)
+		abort_connection(fe, st.st_dev);
+	fe->mounted = false;
+}
+
+/* ---- the front end ---- */
+
+static int choose_transport(struct fuse_fe *fe, const char *t)
+{
+	int c = read_sys_char(ENABLE_URING);
+
+	if (!t || !strcmp(t, "auto")) {
+		fe->use_uring = c == 'Y';
+		return 0;
+	}
+	if (!strcmp(t, "dev")) {
+		fe->use_uring = false;
+		return 0;
+	}
+	/* uring, forced */
+	if (c != 'Y' && write_sys(ENABLE_URING, "Y") < 0) {
+		devio_err("fuse %s: --fuse-transport uring: cannot enable %s", fe->mnt, ENABLE_URING);
+		return -EOPNOTSUPP;
+	}
+	fe->use_uring = true;
+	return 0;
+}
+
+static void fe_free(struct fuse_fe *fe)
+{
+	if (fe->has_loop)
+		devio_loop_detach(&fe->loop);
+	fe->has_loop = false;
+	do_unmount(fe);
+	atomic_store(&fe->stopping, true);
+	stop_rings(fe);
+	for (unsigned i = 0; i < fe->ndevs; i++) {
+		pthread_join(fe->devs[i].thread, NULL);
+		if (i)
+			close(fe->devs[i].fd);
+	}
+	free(fe->devs);
+	devio_workers_free(fe->workers);
+	if (fe->fd >= 0)
+		close(fe->fd);
+	free(fe);
+}
+
+static int start_transport(struct fuse_fe *fe, const struct devio_serve_opts *o, bool forced)
+{
+	unsigned ncpu = (unsigned)sysconf(_SC_NPROCESSORS_ONLN);
+	int r;
+
+	if (fe->use_uring && !fe->fs.uring_granted) {
+		if (forced) {
+			devio_err("fuse %s: the kernel did not grant FUSE_OVER_IO_URING", fe->mnt);
+			return -EOPNOTSUPP;
+		}
+		devio_warn("fuse %s: the kernel did not grant FUSE_OVER_IO_URING; using /dev/fuse", fe->mnt);
+		fe->use_uring = false;
+	}
+	if (!fe->use_uring)
+		return start_dev_threads(fe, o->threads ? o->threads : (ncpu * 4 > 16 ? 16 : ncpu * 4));
+	/* blocking backends get a pool so that many requests are in flight */
+	if (!fe->backend->ops->submit) {
+		fe->workers = devio_workers_new(o->threads ? o->threads : ncpu * 4);
+		if (!fe->workers)
+			return -ENOMEM;
+	}
+	r = start_dev_threads(fe, 1);
+	if (r)
+		return r;
+	return start_rings(fe);
+}
+
+static int attach_loop(struct fuse_fe *fe, const struct devio_serve_opts *o)
+{
+	int r = devio_loop_attach(fe->file, fe->fs.readonly, o->block_size ? o->block_size : 512, &fe->loop);
+
+	if (r)
+		return r;
+	fe->has_loop = true;
+	devio_info("fuse %s: %s attached to %s%s", fe->mnt, fe->loop.path, fe->file,
+		   fe->loop.direct_io ? " (direct I/O)" : "");
+	return 0;
+}
 
 static int start(struct devio_server *srv, const char *arg, void **state)
 {
-	(void)srv; (void)arg; (void)state;
-	return -ENOSYS;
+	struct devio_export *ex = devio_server_export(srv, "");
+	const char *t = srv->opts.fuse_transport;
+	struct fuse_fe *fe;
+	int r;
+
+	if (!ex)
+		ex = &srv->exports[0];
+	if (!arg || !*arg || strlen(arg) >= sizeof(fe->mnt) - 260) {
+		devio_err("--fuse: want a mount point directory");
+		return -EINVAL;
+	}
+	fe = calloc(1, sizeof(*fe));
+	if (!fe)
+		return -ENOMEM;
+	fe->fd = -1;
+	fe->backend = ex->backend;
+	if (!realpath(arg, fe->mnt)) {
+		r = -errno;
+		devio_err("fuse %s: %s", arg, strerror(-r));
+		free(fe);
+		return r;
+	}
+	snprintf(fe->fs.name, sizeof(fe->fs.name), "%s", ex->name[0] && !strchr(ex->name, '/') ? ex->name : "disk");
+	if ((size_t)snprintf(fe->file, sizeof(fe->file), "%s/%.255s", fe->mnt, fe->fs.name) >= sizeof(fe->file)) {
+		free(fe);
+		return -ENAMETOOLONG;
+	}
+	fe->fs.backend = ex->backend;
+	fe->fs.size = ex->backend->size;
+	fe->fs.readonly = (ex->backend->caps & DEVIO_CAP_READONLY) != 0;
+	fe->fs.uid = (uint32_t)getuid();
+	fe->fs.gid = (uint32_t)getgid();
+	fe->fs.mtime = (uint64_t)time(NULL);
+	fe->fs.max_write = FUSE_MAX_WRITE;
+	if (ex->backend->max_io && ex->backend->max_io < FUSE_MAX_WRITE && ex->backend->max_io >= 65536)
+		fe->fs.max_write = ex->backend->max_io & ~4095u;
+	fe->payload_sz = fe->fs.max_write;
+	fe->depth = srv->opts.depth ? srv->opts.depth : DEFAULT_DEPTH;
+	r = choose_transport(fe, t);
+	if (r)
+		goto out_free;
+	fe->fs.offer_uring = fe->use_uring;
+	r = do_mount(fe);
+	if (r)
+		goto out_free;
+	r = do_init_handshake(fe);
+	if (r)
+		goto out_free;
+	r = start_transport(fe, &srv->opts, t && !strcmp(t, "uring"));
+	if (r)
+		goto out_free;
+	if (srv->opts.loop && (r = attach_loop(fe, &srv->opts)))
+		goto out_free;
+	devio_info("fuse %s: serving %s (%llu bytes) over %s", fe->mnt, fe->file,
+		   (unsigned long long)fe->fs.size, fe->use_uring ? "io_uring" : "/dev/fuse");
+	printf("%s\n", fe->has_loop ? fe->loop.path : fe->file);
+	fflush(stdout);
+	*state = fe;
+	return 0;
+out_free:
+	fe_free(fe);
+	return r;
 }
 
-static void stop(void *state) { (void)state; }
+static void stop(void *state)
+{
+	if (state)
+		fe_free(state);
+}
+
+static void status(void *state, FILE *out)
+{
+	struct fuse_fe *fe = state;
+
+	if (!fe)
+		return;
+	fprintf(out, "  fuse mount %s file %s\n", fe->mnt, fe->file);
+	if (fe->use_uring)
+		fprintf(out, "  fuse transport io_uring: %u queues x %u entries, %u KiB payload\n", fe->nqueues,
+			fe->depth, fe->payload_sz >> 10);
+	else
+		fprintf(out, "  fuse transport /dev/fuse: %u threads\n", fe->ndevs);
+	if (fe->has_loop)
+		fprintf(out, "  loop %s%s\n", fe->loop.path, fe->loop.direct_io ? " direct-io" : "");
+}
 
 const struct devio_frontend_type devio_frontend_fuse = {
 	.option = "fuse",
+	.arg_help = "MOUNTPOINT",
 	.start = start,
 	.stop = stop,
+	.status = status,
 };
