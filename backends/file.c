@@ -17,9 +17,12 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <liburing.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
 #include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -601,17 +604,284 @@ out_free:
 	return r;
 }
 
-/* ---- the asynchronous path: io_uring ---- */
+/* ---- the asynchronous path: io_uring ----
+ *
+ * One ring per backend.  Any thread may queue a request: it takes the
+ * mutex, fills an SQE and, unless another thread is already in
+ * io_uring_enter() for this ring, becomes the submitter and pushes every
+ * queued SQE with one io_uring_enter() per batch (outside the mutex, so
+ * other threads keep queueing meanwhile and their SQEs ride along in the
+ * next batch).  A completion thread reaps CQEs in batches, finishes short
+ * transfers and retries EAGAIN/EINTR by queueing the rest again, and calls
+ * req->complete().  In-flight requests are capped at the CQ size so the
+ * CQ cannot overflow; past the cap the core runs requests synchronously.
+ * req->priv[0] counts the bytes done so far.
+ */
+
+#define RING_SQ_ENTRIES 256u
+#define RING_CQ_ENTRIES 1024u
+#define RING_MAX_INFLIGHT RING_CQ_ENTRIES
+#define RING_MAX_SQE_LEN (1u << 30)
+#define RING_REAP_BATCH 64u
+
+struct file_ring {
+	struct io_uring ring;
+	pthread_mutex_t lock;     /* the SQ side: get_sqe, flush */
+	bool submitting;          /* a thread is pushing SQEs to the kernel */
+	bool fixed_file;          /* fd registered as fixed file 0 */
+	_Atomic bool closing;     /* set by close: no new requests */
+	_Atomic unsigned inflight;
+	pthread_t reaper;
+};
+
+/* Publish queued SQEs to the kernel; returns how many it has not yet
+ * consumed.  Called with the lock held. */
+static unsigned ring_flush_locked(struct file_ring *fr)
+{
+	struct io_uring_sq *sq = &fr->ring.sq;
+	unsigned tail = sq->sqe_tail;
+
+	if (sq->sqe_head != tail) {
+		sq->sqe_head = tail;
+		io_uring_smp_store_release(sq->ktail, tail);
+	}
+	return tail - io_uring_smp_load_acquire(sq->khead);
+}
+
+/* Become the submitter unless someone is: push batches until nothing is
+ * left.  Called and returns with the lock held (drops it meanwhile). */
+static void ring_push_locked(struct file_ring *fr)
+{
+	unsigned n, failures = 0;
+
+	if (fr->submitting)
+		return;
+	fr->submitting = true;
+	while ((n = ring_flush_locked(fr)) > 0) {
+		int r;
+
+		pthread_mutex_unlock(&fr->lock);
+		r = io_uring_enter((unsigned)fr->ring.ring_fd, n, 0, 0, NULL);
+		if (r <= 0 && ++failures >= 1000) {
+			devio_err("io_uring_enter keeps failing (%d); %u requests wait for the next submit", r, n);
+			pthread_mutex_lock(&fr->lock);
+			break;
+		}
+		if (r <= 0)
+			sched_yield();
+		pthread_mutex_lock(&fr->lock);
+	}
+	fr->submitting = false;
+}
+
+/* An SQE, waiting for the submitter to free slots if the SQ is full. */
+static struct io_uring_sqe *ring_get_sqe_locked(struct file_ring *fr)
+{
+	struct io_uring_sqe *sqe;
+
+	while (!(sqe = io_uring_get_sqe(&fr->ring))) {
+		if (!fr->submitting) {
+			ring_push_locked(fr);
+			continue;
+		}
+		pthread_mutex_unlock(&fr->lock);
+		sched_yield();
+		pthread_mutex_lock(&fr->lock);
+	}
+	return sqe;
+}
+
+/* Queue (the rest of) req. */
+static void ring_queue(struct devio_file *f, struct devio_request *req)
+{
+	struct file_ring *fr = f->uring;
+	int fd = fr->fixed_file ? 0 : f->fd;
+	uint64_t done = req->priv[0], left = req->length - done;
+	unsigned n = left > RING_MAX_SQE_LEN ? RING_MAX_SQE_LEN : (unsigned)left;
+	struct io_uring_sqe *sqe;
+
+	pthread_mutex_lock(&fr->lock);
+	sqe = ring_get_sqe_locked(fr);
+	if (req->op == DEVIO_OP_READ) {
+		io_uring_prep_read(sqe, fd, (char *)req->buf + done, n, f->base + req->offset + done);
+	} else if (req->op == DEVIO_OP_WRITE) {
+		io_uring_prep_write(sqe, fd, (const char *)req->buf + done, n, f->base + req->offset + done);
+		if (req->flags & DEVIO_REQ_FUA)
+			sqe->rw_flags = RWF_DSYNC;
+	} else {
+		io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
+	}
+	if (fr->fixed_file)
+		sqe->flags |= IOSQE_FIXED_FILE;
+	io_uring_sqe_set_data(sqe, req);
+	ring_push_locked(fr);
+	pthread_mutex_unlock(&fr->lock);
+}
+
+static void ring_finish(struct file_ring *fr, struct devio_request *req, int r)
+{
+	req->result = r;
+	req->complete(req);
+	atomic_fetch_sub(&fr->inflight, 1);
+}
+
+/* One CQE for req: done, continue a short transfer, retry, or fail. */
+static void ring_handle(struct devio_file *f, struct devio_request *req, int res)
+{
+	struct file_ring *fr = f->uring;
+	bool retry = res == -EAGAIN || res == -EINTR || (res == -ECANCELED && !fr->closing);
+
+	if (retry) {
+		ring_queue(f, req);
+		return;
+	}
+	if (res < 0) {
+		devio_err("%s: %s of %" PRIu64 " bytes at offset %" PRIu64 ": %s", f->path, devio_op_name(req->op),
+			  req->length, f->base + req->offset, strerror(-res));
+		ring_finish(fr, req, res);
+		return;
+	}
+	if (req->op == DEVIO_OP_FLUSH) {
+		ring_finish(fr, req, 0);
+		return;
+	}
+	if (res == 0) {
+		devio_err("%s: %s at offset %" PRIu64 ": unexpected end of file (did it shrink?)", f->path,
+			  devio_op_name(req->op), f->base + req->offset + req->priv[0]);
+		ring_finish(fr, req, -EIO);
+		return;
+	}
+	req->priv[0] += (uint64_t)res;
+	if (req->priv[0] < req->length)
+		ring_queue(f, req); /* short transfer: the rest */
+	else
+		ring_finish(fr, req, 0);
+}
+
+/* The completion thread: reap, handle, until closed and drained. */
+static void *ring_reaper(void *arg)
+{
+	struct devio_file *f = arg;
+	struct file_ring *fr = f->uring;
+	bool stop_seen = false;
+
+	while (!stop_seen || atomic_load(&fr->inflight)) {
+		struct io_uring_cqe *cqe;
+		struct { struct devio_request *req; int res; } got[RING_REAP_BATCH];
+		unsigned head, n = 0;
+		int r = io_uring_wait_cqe(&fr->ring, &cqe);
+
+		if (r == -EINTR || r == -EAGAIN)
+			continue;
+		if (r < 0) {
+			devio_err("%s: io_uring_wait_cqe: %s; completion thread stops", f->path, strerror(-r));
+			break;
+		}
+		io_uring_for_each_cqe(&fr->ring, head, cqe) {
+			got[n].req = io_uring_cqe_get_data(cqe);
+			got[n].res = cqe->res;
+			if (++n == RING_REAP_BATCH)
+				break;
+		}
+		io_uring_cq_advance(&fr->ring, n);
+		for (unsigned i = 0; i < n; i++) {
+			if (got[i].req)
+				ring_handle(f, got[i].req, got[i].res);
+			else
+				stop_seen = true;
+		}
+	}
+	return NULL;
+}
+
+static int ring_setup(struct file_ring *fr)
+{
+	struct io_uring_params p;
+	int r;
+
+	memset(&p, 0, sizeof(p));
+	p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL;
+	p.cq_entries = RING_CQ_ENTRIES;
+	r = io_uring_queue_init_params(RING_SQ_ENTRIES, &fr->ring, &p);
+	if (r == -EINVAL) { /* older kernel: no SUBMIT_ALL */
+		memset(&p, 0, sizeof(p));
+		p.flags = IORING_SETUP_CQSIZE;
+		p.cq_entries = RING_CQ_ENTRIES;
+		r = io_uring_queue_init_params(RING_SQ_ENTRIES, &fr->ring, &p);
+	}
+	if (r)
+		return r;
+	if (!(p.features & IORING_FEAT_NODROP)) {
+		io_uring_queue_exit(&fr->ring);
+		return -EOPNOTSUPP;
+	}
+	return 0;
+}
 
 static void file_uring_start(struct devio_file *f)
 {
+	struct file_ring *fr = calloc(1, sizeof(*fr));
+	int r;
+
+	if (!fr)
+		return;
+	r = ring_setup(fr);
+	if (r) {
+		devio_info("%s: io_uring unavailable (%s): synchronous I/O only", f->path, strerror(-r));
+		free(fr);
+		return;
+	}
+	fr->fixed_file = io_uring_register_files(&fr->ring, &f->fd, 1) == 0;
+	pthread_mutex_init(&fr->lock, NULL);
+	f->uring = fr;
+	if (pthread_create(&fr->reaper, NULL, ring_reaper, f)) {
+		devio_info("%s: cannot start the io_uring completion thread: synchronous I/O only", f->path);
+		f->uring = NULL;
+		pthread_mutex_destroy(&fr->lock);
+		io_uring_queue_exit(&fr->ring);
+		free(fr);
+	}
 }
 
+/* Drain: a NOP with no request tells the reaper to stop once nothing is
+ * in flight. */
 static void file_uring_stop(struct devio_file *f)
 {
+	struct file_ring *fr = f->uring;
+	struct io_uring_sqe *sqe;
+
+	if (!fr)
+		return;
+	pthread_mutex_lock(&fr->lock);
+	fr->closing = true;
+	sqe = ring_get_sqe_locked(fr);
+	io_uring_prep_nop(sqe);
+	io_uring_sqe_set_data(sqe, NULL);
+	ring_push_locked(fr);
+	pthread_mutex_unlock(&fr->lock);
+	pthread_join(fr->reaper, NULL);
+	io_uring_queue_exit(&fr->ring);
+	pthread_mutex_destroy(&fr->lock);
+	free(fr);
+	f->uring = NULL;
 }
 
 static int file_uring_submit(struct devio_file *f, struct devio_request *req)
 {
-	return -EAGAIN;
+	struct file_ring *fr = f->uring;
+
+	if (!fr || fr->closing)
+		return -EAGAIN;
+	if (req->op != DEVIO_OP_READ && req->op != DEVIO_OP_WRITE && req->op != DEVIO_OP_FLUSH)
+		return -EAGAIN;
+	if (req->op != DEVIO_OP_FLUSH && (req->length == 0 ||
+	    (f->direct && !is_aligned(f, req->buf, req->length, f->base + req->offset))))
+		return -EAGAIN;
+	if (atomic_fetch_add(&fr->inflight, 1) >= RING_MAX_INFLIGHT) {
+		atomic_fetch_sub(&fr->inflight, 1);
+		return -EAGAIN;
+	}
+	req->priv[0] = 0;
+	ring_queue(f, req);
+	return 0;
 }

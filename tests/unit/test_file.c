@@ -1,0 +1,456 @@
+/* test_file.c - the file backend on real files in a temporary directory:
+ * round trips, windows and their bounds, TRIM/ZERO and the holes they
+ * leave (SEEK_DATA/SEEK_HOLE), read-only opens, O_DIRECT with unaligned
+ * requests, a partition of an image, and the io_uring path with many
+ * requests in flight from several threads, checked by content. */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <cmocka.h>
+#include "devio/backend.h"
+#include "devio/request.h"
+#include "devio/util.h"
+
+#define MiB (1ull << 20)
+
+static char dir[64];
+
+static int make_dir(void **state)
+{
+	strcpy(dir, "/var/tmp/devio-test-file-XXXXXX");
+	return mkdtemp(dir) ? 0 : -1;
+}
+
+static int remove_dir(void **state)
+{
+	char cmd[128];
+
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+	return system(cmd);
+}
+
+/* A new image of size bytes whose byte i is pattern(i). */
+static void make_image(const char *name, uint64_t size, char *path, size_t pathlen)
+{
+	unsigned char buf[65536];
+	int fd;
+
+	snprintf(path, pathlen, "%s/%s", dir, name);
+	fd = open(path, O_CREAT | O_TRUNC | O_RDWR, 0644);
+	assert_true(fd >= 0);
+	for (uint64_t off = 0; off < size; off += sizeof(buf)) {
+		size_t n = size - off < sizeof(buf) ? size - off : sizeof(buf);
+
+		for (size_t i = 0; i < n; i++)
+			buf[i] = (unsigned char)((off + i) * 7 + ((off + i) >> 12));
+		assert_int_equal(pwrite(fd, buf, n, off), (ssize_t)n);
+	}
+	close(fd);
+}
+
+static unsigned char pattern(uint64_t i)
+{
+	return (unsigned char)(i * 7 + (i >> 12));
+}
+
+static bool all_zero(const unsigned char *p, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		if (p[i])
+			return false;
+	return true;
+}
+
+static void test_roundtrip(void **state)
+{
+	char path[128];
+	struct devio_backend *b;
+	unsigned char w[10000], r[10000];
+	char desc[256];
+
+	make_image("rt.img", 4 * MiB, path, sizeof(path));
+	assert_int_equal(devio_file_open(path, NULL, &b), 0);
+	assert_int_equal(b->size, 4 * MiB);
+	assert_true(b->caps & DEVIO_CAP_FLUSH);
+	assert_true(b->caps & DEVIO_CAP_MULTI_CONN);
+	assert_false(b->caps & DEVIO_CAP_READONLY);
+	assert_int_equal(b->ops->pread(b, r, sizeof(r), 12345), 0);
+	for (size_t i = 0; i < sizeof(r); i++)
+		assert_int_equal(r[i], pattern(12345 + i));
+	for (size_t i = 0; i < sizeof(w); i++)
+		w[i] = (unsigned char)(i ^ 0x5A);
+	assert_int_equal(b->ops->pwrite(b, w, sizeof(w), 4 * MiB - sizeof(w), DEVIO_REQ_FUA), 0);
+	assert_int_equal(b->ops->flush(b), 0);
+	assert_int_equal(b->ops->pread(b, r, sizeof(r), 4 * MiB - sizeof(r)), 0);
+	assert_memory_equal(w, r, sizeof(w));
+	b->ops->describe(b, desc, sizeof(desc));
+	assert_non_null(strstr(desc, path));
+	devio_backend_close(b);
+}
+
+static void test_window(void **state)
+{
+	char path[128];
+	struct devio_backend *b;
+	struct devio_open_opts o = { .has_offset = true, .offset = 100000, .has_size = true, .size = MiB };
+	unsigned char r[4096], w[4096];
+	int fd;
+
+	make_image("win.img", 4 * MiB, path, sizeof(path));
+	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_int_equal(b->size, MiB);
+	assert_int_equal(b->ops->pread(b, r, sizeof(r), 0), 0);
+	for (size_t i = 0; i < sizeof(r); i++)
+		assert_int_equal(r[i], pattern(100000 + i));
+	memset(w, 0xEE, sizeof(w));
+	assert_int_equal(b->ops->pwrite(b, w, sizeof(w), MiB - sizeof(w), 0), 0);
+	devio_backend_close(b);
+	/* the write landed at offset + size - 4096 of the file, nowhere else */
+	fd = open(path, O_RDONLY);
+	assert_int_equal(pread(fd, r, sizeof(r), 100000 + MiB - sizeof(r)), (ssize_t)sizeof(r));
+	assert_memory_equal(r, w, sizeof(w));
+	assert_int_equal(pread(fd, r, 1, 100000 + MiB), 1);
+	assert_int_equal(r[0], pattern(100000 + MiB));
+	close(fd);
+
+	/* to the end */
+	o.has_size = false;
+	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_int_equal(b->size, 4 * MiB - 100000);
+	devio_backend_close(b);
+	/* out of range, overflow, empty */
+	o = (struct devio_open_opts){ .has_offset = true, .offset = 4 * MiB + 1 };
+	assert_int_equal(devio_file_open(path, &o, &b), -EINVAL);
+	o = (struct devio_open_opts){ .has_offset = true, .offset = 4096, .has_size = true, .size = 4 * MiB };
+	assert_int_equal(devio_file_open(path, &o, &b), -EINVAL);
+	o = (struct devio_open_opts){ .has_offset = true, .offset = 4096, .has_size = true, .size = UINT64_MAX };
+	assert_int_equal(devio_file_open(path, &o, &b), -EINVAL);
+	o = (struct devio_open_opts){ .has_size = true, .size = 0 };
+	assert_int_equal(devio_file_open(path, &o, &b), -EINVAL);
+}
+
+struct ext_list {
+	uint64_t off[32], len[32];
+	uint32_t flags[32];
+	int n;
+};
+
+static int collect(void *ctx, uint64_t off, uint64_t len, uint32_t flags)
+{
+	struct ext_list *l = ctx;
+
+	if (l->n == 32)
+		return 1;
+	l->off[l->n] = off;
+	l->len[l->n] = len;
+	l->flags[l->n] = flags;
+	l->n++;
+	return 0;
+}
+
+/* Whether [off, off+len) is reported as one hole, within the extents. */
+static bool is_hole(const struct ext_list *l, uint64_t off, uint64_t len)
+{
+	for (int i = 0; i < l->n; i++)
+		if (l->off[i] <= off && off + len <= l->off[i] + l->len[i])
+			return l->flags[i] == (DEVIO_EXTENT_HOLE | DEVIO_EXTENT_ZERO);
+	return false;
+}
+
+static void test_trim_zero_extents(void **state)
+{
+	char path[128];
+	struct devio_backend *b;
+	struct devio_open_opts o = { .has_offset = true, .offset = MiB };
+	unsigned char *r = malloc(MiB);
+	struct ext_list l = { 0 };
+	uint64_t covered = 0;
+
+	make_image("tz.img", 8 * MiB, path, sizeof(path));
+	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_true(b->caps & DEVIO_CAP_TRIM); /* /var/tmp punches holes */
+	assert_true(b->caps & DEVIO_CAP_FAST_ZERO);
+	assert_int_equal(b->ops->trim(b, MiB, MiB, 0), 0);
+	assert_int_equal(b->ops->zero(b, 3 * MiB + 100, 5000, 0), 0);
+	assert_int_equal(b->ops->zero(b, 5 * MiB, MiB, DEVIO_REQ_NO_HOLE), 0);
+	assert_int_equal(b->ops->zero(b, 6 * MiB, 4096, DEVIO_REQ_FAST_ZERO), 0);
+	assert_int_equal(b->ops->pread(b, r, MiB, MiB), 0);
+	assert_true(all_zero(r, MiB));
+	assert_int_equal(b->ops->pread(b, r, 10000, 3 * MiB), 0);
+	for (size_t i = 0; i < 100; i++)
+		assert_int_equal(r[i], pattern(MiB + 3 * MiB + i));
+	assert_true(all_zero(r + 100, 5000));
+	assert_int_equal(r[5100], pattern(MiB + 3 * MiB + 5100));
+	assert_int_equal(b->ops->pread(b, r, MiB, 5 * MiB), 0);
+	assert_true(all_zero(r, MiB));
+	/* extents are relative to the window and cover it in order */
+	assert_int_equal(b->ops->extents(b, 0, b->size, collect, &l), 0);
+	assert_true(l.n >= 2);
+	for (int i = 0; i < l.n; i++) {
+		assert_int_equal(l.off[i], covered);
+		covered += l.len[i];
+	}
+	assert_int_equal(covered, b->size);
+	assert_true(is_hole(&l, MiB, MiB));
+	assert_false(is_hole(&l, 0, 4096));
+	devio_backend_close(b);
+	free(r);
+}
+
+static void test_readonly(void **state)
+{
+	char path[128];
+	struct devio_backend *b;
+	struct devio_open_opts o = { .readonly = true };
+	struct devio_request req = { .op = DEVIO_OP_WRITE, .offset = 0, .length = 1 };
+	char c = 1;
+
+	make_image("ro.img", MiB, path, sizeof(path));
+	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_true(b->caps & DEVIO_CAP_READONLY);
+	req.buf = &c;
+	assert_int_equal(devio_execute(b, &req), -EROFS);
+	devio_backend_close(b);
+	/* asked read-write on a file that is not writable: a clear failure */
+	if (geteuid() != 0) {
+		chmod(path, 0444);
+		assert_int_equal(devio_file_open(path, NULL, &b), -EACCES);
+	}
+	assert_int_equal(devio_file_open("/nonexistent/devio.img", NULL, &b), -ENOENT);
+	assert_int_equal(devio_file_open(dir, NULL, &b), -EISDIR);
+}
+
+static void test_direct_unaligned(void **state)
+{
+	char path[128];
+	struct devio_backend *b;
+	struct devio_open_opts o = { .direct = true, .has_offset = true, .offset = 8192 };
+	unsigned char *w = malloc(20000), *r = malloc(20000);
+
+	make_image("direct.img", 4 * MiB, path, sizeof(path));
+	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_int_equal(b->block_size, 4096);
+	assert_int_equal(b->ops->pread(b, r + 1, 5000, 333), 0);
+	for (size_t i = 0; i < 5000; i++)
+		assert_int_equal(r[1 + i], pattern(8192 + 333 + i));
+	for (size_t i = 0; i < 20000; i++)
+		w[i] = (unsigned char)(i * 13);
+	assert_int_equal(b->ops->pwrite(b, w + 3, 9999, 4097, 0), 0);
+	assert_int_equal(b->ops->pread(b, r, 12000, 4000), 0);
+	for (size_t i = 0; i < 97; i++)
+		assert_int_equal(r[i], pattern(8192 + 4000 + i));
+	assert_memory_equal(r + 97, w + 3, 9999);
+	assert_int_equal(r[97 + 9999], pattern(8192 + 4097 + 9999));
+	assert_int_equal(b->ops->zero(b, 10, 100, 0), 0);
+	assert_int_equal(b->ops->pread(b, r, 200, 0), 0);
+	assert_true(all_zero(r + 10, 100));
+	assert_int_equal(r[110], pattern(8192 + 110));
+	devio_backend_close(b);
+	/* a window start that O_DIRECT cannot address is refused */
+	o.offset = 1000;
+	assert_int_equal(devio_file_open(path, &o, &b), -EINVAL);
+	free(w);
+	free(r);
+}
+
+/* ---- the asynchronous path ---- */
+
+#define ASYNC_THREADS 4
+#define ASYNC_DEPTH 32
+#define ASYNC_BLOCKS 2048 /* 4 KiB blocks: an 8 MiB image */
+
+struct async_ctx {
+	struct devio_backend *b;
+	unsigned id;
+	_Atomic int pending;
+	_Atomic int errors;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+};
+
+struct async_io {
+	struct devio_request req;
+	struct async_ctx *ctx;
+	unsigned char buf[4096];
+};
+
+static void async_done(struct devio_request *req)
+{
+	struct async_io *io = req->opaque;
+	struct async_ctx *c = io->ctx;
+
+	if (req->result)
+		atomic_fetch_add(&c->errors, 1);
+	pthread_mutex_lock(&c->lock);
+	if (atomic_fetch_sub(&c->pending, 1) == 1)
+		pthread_cond_signal(&c->cond);
+	pthread_mutex_unlock(&c->lock);
+}
+
+static void async_wait(struct async_ctx *c)
+{
+	pthread_mutex_lock(&c->lock);
+	while (atomic_load(&c->pending))
+		pthread_cond_wait(&c->cond, &c->lock);
+	pthread_mutex_unlock(&c->lock);
+}
+
+static void block_fill(unsigned char *p, uint64_t blk, unsigned round)
+{
+	for (size_t i = 0; i < 4096; i++)
+		p[i] = (unsigned char)(blk * 31 + round * 17 + i);
+}
+
+/* Each thread owns the blocks blk % ASYNC_THREADS == id and keeps
+ * ASYNC_DEPTH writes (then reads) in flight at once. */
+static void *async_thread(void *arg)
+{
+	struct async_ctx *c = arg;
+	struct async_io *ios = calloc(ASYNC_DEPTH, sizeof(*ios));
+
+	for (int phase = 0; phase < 2; phase++) {
+		unsigned slot = 0;
+
+		for (uint64_t blk = c->id; blk < ASYNC_BLOCKS; blk += ASYNC_THREADS) {
+			struct async_io *io = &ios[slot++];
+
+			io->ctx = c;
+			io->req = (struct devio_request){
+				.op = phase ? DEVIO_OP_READ : DEVIO_OP_WRITE, .offset = blk * 4096,
+				.length = 4096, .buf = io->buf, .complete = async_done, .opaque = io,
+				.flags = (!phase && blk % 64 == 0) ? DEVIO_REQ_FUA : 0 };
+			if (phase == 0)
+				block_fill(io->buf, blk, 1);
+			atomic_fetch_add(&c->pending, 1);
+			devio_submit(c->b, &io->req);
+			if (slot == ASYNC_DEPTH || blk + ASYNC_THREADS >= ASYNC_BLOCKS) {
+				async_wait(c);
+				for (unsigned i = 0; phase && i < slot; i++) {
+					unsigned char want[4096];
+
+					block_fill(want, ios[i].req.offset / 4096, 1);
+					if (memcmp(want, ios[i].buf, 4096))
+						atomic_fetch_add(&c->errors, 1);
+				}
+				slot = 0;
+			}
+		}
+	}
+	free(ios);
+	return NULL;
+}
+
+static void test_async_many_in_flight(void **state)
+{
+	char path[128];
+	struct devio_backend *b;
+	pthread_t t[ASYNC_THREADS];
+	struct async_ctx c[ASYNC_THREADS];
+	struct devio_request flush = { .op = DEVIO_OP_FLUSH };
+	unsigned char r[4096], want[4096];
+	char desc[256];
+
+	make_image("async.img", ASYNC_BLOCKS * 4096ull, path, sizeof(path));
+	assert_int_equal(devio_file_open(path, NULL, &b), 0);
+	assert_non_null(b->ops->submit);
+	b->ops->describe(b, desc, sizeof(desc));
+	assert_non_null(strstr(desc, "io_uring")); /* this kernel has it */
+	for (unsigned i = 0; i < ASYNC_THREADS; i++) {
+		c[i] = (struct async_ctx){ .b = b, .id = i };
+		pthread_mutex_init(&c[i].lock, NULL);
+		pthread_cond_init(&c[i].cond, NULL);
+		assert_int_equal(pthread_create(&t[i], NULL, async_thread, &c[i]), 0);
+	}
+	for (unsigned i = 0; i < ASYNC_THREADS; i++) {
+		pthread_join(t[i], NULL);
+		assert_int_equal(atomic_load(&c[i].errors), 0);
+	}
+	assert_int_equal(devio_execute(b, &flush), 0);
+	/* the synchronous path sees what the asynchronous one wrote */
+	for (uint64_t blk = 0; blk < ASYNC_BLOCKS; blk += 97) {
+		assert_int_equal(b->ops->pread(b, r, 4096, blk * 4096), 0);
+		block_fill(want, blk, 1);
+		assert_memory_equal(r, want, 4096);
+	}
+	devio_backend_close(b);
+}
+
+/* A large read through io_uring and a read crossing the end of a file that
+ * shrank under us: an error, not a hang and not garbage. */
+static void test_async_large_and_shrunk(void **state)
+{
+	char path[128];
+	struct devio_backend *b;
+	unsigned char *r = malloc(6 * MiB);
+	struct devio_request req = { .op = DEVIO_OP_READ, .offset = 1000, .length = 6 * MiB, .buf = r };
+
+	make_image("big.img", 8 * MiB, path, sizeof(path));
+	assert_int_equal(devio_file_open(path, NULL, &b), 0);
+	assert_int_equal(devio_execute(b, &req), 0);
+	for (size_t i = 0; i < 6 * MiB; i += 4099)
+		assert_int_equal(r[i], pattern(1000 + i));
+	assert_int_equal(truncate(path, 4 * MiB), 0);
+	assert_int_equal(devio_execute(b, &req), -EIO);
+	devio_backend_close(b);
+	free(r);
+}
+
+static void test_partition_window(void **state)
+{
+	char path[128];
+	struct devio_backend *b;
+	struct devio_open_opts o = { .partition = 1 };
+	unsigned char mbr[512] = { 0 }, r[16];
+	int fd;
+
+	make_image("part.img", 4 * MiB, path, sizeof(path));
+	mbr[446 + 4] = 0x83;
+	mbr[446 + 8] = 0x00; mbr[446 + 9] = 0x08; /* start LBA 2048 */
+	mbr[446 + 12] = 0x00; mbr[446 + 13] = 0x10; /* 4096 sectors */
+	mbr[510] = 0x55;
+	mbr[511] = 0xAA;
+	fd = open(path, O_WRONLY);
+	assert_int_equal(pwrite(fd, mbr, 512, 0), 512);
+	close(fd);
+	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_int_equal(b->size, 2 * MiB);
+	assert_int_equal(b->ops->pread(b, r, sizeof(r), 0), 0);
+	for (size_t i = 0; i < sizeof(r); i++)
+		assert_int_equal(r[i], pattern(MiB + i));
+	devio_backend_close(b);
+	/* a window inside the partition */
+	o.has_offset = true;
+	o.offset = 4096;
+	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_int_equal(b->size, 2 * MiB - 4096);
+	devio_backend_close(b);
+	o = (struct devio_open_opts){ .partition = 2 };
+	assert_int_equal(devio_file_open(path, &o, &b), -ENOENT);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_roundtrip),
+		cmocka_unit_test(test_window),
+		cmocka_unit_test(test_trim_zero_extents),
+		cmocka_unit_test(test_readonly),
+		cmocka_unit_test(test_direct_unaligned),
+		cmocka_unit_test(test_async_many_in_flight),
+		cmocka_unit_test(test_async_large_and_shrunk),
+		cmocka_unit_test(test_partition_window),
+	};
+
+	devio_log_set_level(DEVIO_LOG_ERROR + (getenv("DEVIO_TEST_VERBOSE") ? 3 : 0));
+	return cmocka_run_group_tests(tests, make_dir, remove_dir);
+}

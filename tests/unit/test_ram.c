@@ -1,0 +1,269 @@
+/* test_ram.c - the growable RAM disk: round trips, holes, memory that
+ * really goes back to the OS (VmRSS), the resident cap, a 1 TiB disk that
+ * opens without touching memory, and many threads writing and reading at the same time. */
+#include <errno.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+#include "devio/backend.h"
+#include "devio/util.h"
+
+#define MiB (1ull << 20)
+
+/* VmRSS of this process in bytes, from /proc/self/status. */
+static uint64_t vm_rss(void)
+{
+	char line[256];
+	uint64_t kb = 0;
+	FILE *f = fopen("/proc/self/status", "r");
+
+	assert_non_null(f);
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "VmRSS: %lu kB", &kb) == 1)
+			break;
+	fclose(f);
+	return kb * 1024;
+}
+
+static void fill(unsigned char *p, size_t n, unsigned seed)
+{
+	for (size_t i = 0; i < n; i++)
+		p[i] = (unsigned char)(seed * 131 + i * 7 + (i >> 9));
+}
+
+static bool all_zero(const unsigned char *p, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		if (p[i])
+			return false;
+	return true;
+}
+
+static void test_roundtrip_and_zero_reads(void **state)
+{
+	struct devio_backend *b;
+	unsigned char *w = malloc(MiB), *r = malloc(MiB);
+
+	assert_int_equal(devio_ram_open(64 * MiB + 1000, 0, &b), 0);
+	assert_int_equal(b->size, 64 * MiB + 1000);
+	assert_true(b->caps & DEVIO_CAP_TRIM);
+	assert_true(b->caps & DEVIO_CAP_EXTENTS);
+	assert_false(b->caps & DEVIO_CAP_READONLY);
+	/* never written: zeroes, no memory */
+	memset(r, 0xAA, MiB);
+	assert_int_equal(b->ops->pread(b, r, MiB, 3 * MiB), 0);
+	assert_true(all_zero(r, MiB));
+	assert_int_equal(devio_ram_resident(b), 0);
+	/* unaligned write across chunk borders, and at the very end */
+	fill(w, MiB, 1);
+	assert_int_equal(b->ops->pwrite(b, w, MiB - 3, 5 * MiB + 12345, 0), 0);
+	assert_int_equal(b->ops->pread(b, r, MiB - 3, 5 * MiB + 12345), 0);
+	assert_memory_equal(w, r, MiB - 3);
+	assert_int_equal(b->ops->pwrite(b, w, 1000, 64 * MiB, 0), 0);
+	assert_int_equal(b->ops->pread(b, r, 1000, 64 * MiB), 0);
+	assert_memory_equal(w, r, 1000);
+	assert_true(devio_ram_resident(b) >= MiB);
+	/* ZERO of a partial range keeps the rest */
+	assert_int_equal(b->ops->zero(b, 5 * MiB + 20000, 100, 0), 0);
+	assert_int_equal(b->ops->pread(b, r, MiB - 3, 5 * MiB + 12345), 0);
+	assert_memory_equal(w, r, 20000 - 12345);
+	assert_true(all_zero(r + 20000 - 12345, 100));
+	assert_memory_equal(w + 20000 - 12345 + 100, r + 20000 - 12345 + 100, MiB - 3 - (20000 - 12345 + 100));
+	devio_backend_close(b);
+	free(w);
+	free(r);
+}
+
+static void test_trim_gives_memory_back(void **state)
+{
+	struct devio_backend *b;
+	size_t len = 256 * MiB;
+	unsigned char *w = malloc(MiB), *r = malloc(MiB);
+	uint64_t rss0, rss1, rss2;
+
+	assert_int_equal(devio_ram_open(len, 0, &b), 0);
+	rss0 = vm_rss();
+	fill(w, MiB, 2);
+	for (uint64_t off = 0; off < len; off += MiB)
+		assert_int_equal(b->ops->pwrite(b, w, MiB, off, 0), 0);
+	rss1 = vm_rss();
+	assert_int_equal(devio_ram_resident(b), len);
+	assert_true(rss1 > rss0 + len / 2);
+	/* trim all but the first and last 100 bytes: partial chunks stay */
+	assert_int_equal(b->ops->trim(b, 100, len - 200, 0), 0);
+	rss2 = vm_rss();
+	assert_true(rss2 + len / 2 < rss1);
+	assert_true(devio_ram_resident(b) <= 2 * 65536);
+	assert_int_equal(b->ops->pread(b, r, MiB, 0), 0);
+	assert_memory_equal(r, w, 100);
+	assert_true(all_zero(r + 100, MiB - 100));
+	assert_int_equal(b->ops->pread(b, r, MiB, len - MiB), 0);
+	assert_true(all_zero(r, MiB - 100));
+	assert_memory_equal(r + MiB - 100, w + MiB - 100, 100);
+	devio_backend_close(b);
+	free(w);
+	free(r);
+}
+
+struct ext_list {
+	uint64_t off[16], len[16];
+	uint32_t flags[16];
+	int n;
+};
+
+static int collect(void *ctx, uint64_t off, uint64_t len, uint32_t flags)
+{
+	struct ext_list *l = ctx;
+
+	if (l->n == 16)
+		return 1;
+	l->off[l->n] = off;
+	l->len[l->n] = len;
+	l->flags[l->n] = flags;
+	l->n++;
+	return 0;
+}
+
+static void test_extents(void **state)
+{
+	struct devio_backend *b;
+	struct ext_list l = { 0 };
+	char c = 1;
+
+	assert_int_equal(devio_ram_open(MiB, 0, &b), 0);
+	assert_int_equal(b->ops->pwrite(b, &c, 1, 200000, 0), 0); /* chunk 3 */
+	assert_int_equal(b->ops->extents(b, 1000, MiB - 2000, collect, &l), 0);
+	assert_int_equal(l.n, 3);
+	assert_int_equal(l.off[0], 1000);
+	assert_int_equal(l.len[0], 3 * 65536 - 1000);
+	assert_int_equal(l.flags[0], DEVIO_EXTENT_HOLE | DEVIO_EXTENT_ZERO);
+	assert_int_equal(l.off[1], 3 * 65536);
+	assert_int_equal(l.len[1], 65536);
+	assert_int_equal(l.flags[1], 0);
+	assert_int_equal(l.off[2], 4 * 65536);
+	assert_int_equal(l.off[2] + l.len[2], MiB - 1000);
+	assert_int_equal(l.flags[2], DEVIO_EXTENT_HOLE | DEVIO_EXTENT_ZERO);
+	devio_backend_close(b);
+}
+
+static void test_cap_enospc(void **state)
+{
+	struct devio_backend *b;
+	unsigned char *w = calloc(1, MiB);
+
+	w[0] = 1;
+	assert_int_equal(devio_ram_open(64 * MiB, 2 * MiB, &b), 0);
+	assert_int_equal(b->ops->pwrite(b, w, MiB, 0, 0), 0);
+	assert_int_equal(b->ops->pwrite(b, w, MiB, 10 * MiB, 0), 0);
+	assert_int_equal(b->ops->pwrite(b, w, 1, 20 * MiB, 0), -ENOSPC);
+	/* rewriting what is held still works; freeing makes room again */
+	assert_int_equal(b->ops->pwrite(b, w, MiB, 0, 0), 0);
+	assert_int_equal(b->ops->trim(b, 0, MiB, 0), 0);
+	assert_int_equal(b->ops->pwrite(b, w, 4096, 20 * MiB, 0), 0);
+	assert_true(devio_ram_resident(b) <= 2 * MiB);
+	devio_backend_close(b);
+	free(w);
+}
+
+static void test_one_tebibyte_instantly(void **state)
+{
+	struct devio_backend *b;
+	uint64_t rss0 = vm_rss();
+	char buf[4096] = "end of the disk";
+	char back[4096];
+
+	assert_int_equal(devio_ram_open(1ull << 40, 0, &b), 0);
+	assert_int_equal(b->size, 1ull << 40);
+	assert_int_equal(b->ops->pwrite(b, buf, sizeof(buf), (1ull << 40) - 4096, 0), 0);
+	assert_int_equal(b->ops->pread(b, back, sizeof(back), (1ull << 40) - 4096), 0);
+	assert_memory_equal(buf, back, sizeof(buf));
+	/* instant because nothing proportional to the size is touched: the
+	 * process grew by far less than even the chunk table's address space */
+	assert_true(vm_rss() < rss0 + 32 * MiB);
+	devio_backend_close(b);
+}
+
+#define THREADS 4
+#define PER_THREAD (8 * MiB)
+
+struct worker {
+	struct devio_backend *b;
+	unsigned id;
+	int errors;
+};
+
+/* Each thread owns interleaved 4 KiB blocks; writes, trims, reads back. */
+static void *hammer(void *arg)
+{
+	struct worker *w = arg;
+	unsigned char buf[4096], back[4096];
+
+	for (int round = 0; round < 3; round++) {
+		for (uint64_t blk = w->id; blk < THREADS * PER_THREAD / 4096; blk += THREADS) {
+			fill(buf, sizeof(buf), (unsigned)(blk * 3 + round));
+			if (w->b->ops->pwrite(w->b, buf, sizeof(buf), blk * 4096, 0))
+				w->errors++;
+		}
+		for (uint64_t blk = w->id; blk < THREADS * PER_THREAD / 4096; blk += THREADS) {
+			fill(buf, sizeof(buf), (unsigned)(blk * 3 + round));
+			if (w->b->ops->pread(w->b, back, sizeof(back), blk * 4096) || memcmp(buf, back, 4096))
+				w->errors++;
+		}
+	}
+	return NULL;
+}
+
+static void test_concurrent(void **state)
+{
+	struct devio_backend *b;
+	pthread_t t[THREADS];
+	struct worker w[THREADS];
+
+	assert_int_equal(devio_ram_open(THREADS * PER_THREAD, 0, &b), 0);
+	for (unsigned i = 0; i < THREADS; i++) {
+		w[i] = (struct worker){ b, i, 0 };
+		assert_int_equal(pthread_create(&t[i], NULL, hammer, &w[i]), 0);
+	}
+	for (unsigned i = 0; i < THREADS; i++) {
+		pthread_join(t[i], NULL);
+		assert_int_equal(w[i].errors, 0);
+	}
+	assert_int_equal(devio_ram_resident(b), THREADS * PER_THREAD);
+	assert_int_equal(b->ops->trim(b, 0, b->size, 0), 0);
+	assert_int_equal(devio_ram_resident(b), 0);
+	devio_backend_close(b);
+}
+
+static void test_open_through_source(void **state)
+{
+	struct devio_backend *b;
+	struct devio_open_opts o = { .readonly = true };
+
+	assert_int_equal(devio_backend_open("ram:16M", &o, &b), 0);
+	assert_int_equal(b->size, 16 * MiB);
+	assert_true(b->caps & DEVIO_CAP_READONLY);
+	devio_backend_close(b);
+	assert_int_equal(devio_ram_open(0, 0, &b), -EINVAL);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_roundtrip_and_zero_reads),
+		cmocka_unit_test(test_trim_gives_memory_back),
+		cmocka_unit_test(test_extents),
+		cmocka_unit_test(test_cap_enospc),
+		cmocka_unit_test(test_one_tebibyte_instantly),
+		cmocka_unit_test(test_concurrent),
+		cmocka_unit_test(test_open_through_source),
+	};
+
+	devio_log_set_level(DEVIO_LOG_WARN);
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
