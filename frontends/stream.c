@@ -730,7 +730,7 @@ static int start_listener(struct stream_state *st, bool all_interfaces)
 
 	if (st->addr.kind == DEVIO_ADDR_TCP && !st->addr.host[0] && all_interfaces)
 		strcpy(st->addr.host, "*");
-	st->lfd = devio_listen(&st->addr, 16);
+	st->lfd = devio_listen(&st->addr, STREAM_MAX_CONNS);
 	if (st->lfd < 0)
 		return st->lfd;
 	if (st->addr.kind == DEVIO_ADDR_TCP && !strcmp(st->addr.host, "*"))

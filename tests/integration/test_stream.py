@@ -1,0 +1,300 @@
+"""test_stream.py - the --devio front end driven by an independent Python
+client (devio_wire.py): round trips over TCP and Unix sockets on image files
+and RAM disks, stdio sessions, and bad input, where in every case a second
+client connected at the same time keeps being served."""
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+
+import pytest
+
+import devio_wire as w
+from conftest import DEVIO, free_port
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def tmp():
+    d = tempfile.mkdtemp(prefix="devio-stream-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def make_image(path, size, seed=1):
+    data = bytes((i * 7 + seed) & 0xFF for i in range(4096)) * (size // 4096)
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
+
+
+def sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def vmrss(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def start_tcp(serve, *args):
+    port = free_port()
+    s = serve(*args, "--devio", f"tcp:{port}")
+    s.wait_tcp(port)
+    return s, (lambda: w.Client(port=port))
+
+
+def start_unix(serve, tmp, *args):
+    path = os.path.join(tmp, "devio.sock")
+    s = serve(*args, "--devio", f"unix:{path}")
+    s.wait_unix(path)
+    return s, (lambda: w.Client(path=path))
+
+
+def check_alive(c, expect_size):
+    """The bystander client is still served correctly."""
+    size, _, _ = c.info()
+    assert size == expect_size
+    err, data = c.read(0, 4096)
+    assert err == 0 and len(data) == 4096
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_file_round_trip(serve, tmp, transport):
+    img = os.path.join(tmp, "disk.img")
+    orig = make_image(img, 4 * MiB)
+    if transport == "tcp":
+        _, connect = start_tcp(serve, img)
+    else:
+        _, connect = start_unix(serve, tmp, img)
+    with connect() as c:
+        size, align, flags = c.info()
+        assert size == 4 * MiB and 1 <= align <= 512
+        assert not flags & w.FLAG_RO
+        err, data = c.read(12345, 100000)
+        assert err == 0 and data == orig[12345:12345 + 100000]
+        payload = os.urandom(MiB + 333)
+        assert c.write(77777, payload) == (0, len(payload))
+        err, back = c.read(77777, len(payload))
+        assert err == 0 and back == payload
+        c.bye()
+        assert c.at_eof()
+    with open(img, "rb") as f:
+        f.seek(77777)
+        assert f.read(len(payload)) == payload
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_ram_round_trip_and_zero_unmap(serve, tmp, transport):
+    if transport == "tcp":
+        _, connect = start_tcp(serve, "ram:16M")
+    else:
+        _, connect = start_unix(serve, tmp, "ram:16M")
+    with connect() as c:
+        size, _, flags = c.info()
+        assert size == 16 * MiB
+        assert flags & w.FLAG_UNMAP and flags & w.FLAG_ZERO
+        assert c.read(0, 4096) == (0, bytes(4096))
+        data = os.urandom(3 * MiB)
+        assert c.write(MiB, data) == (0, len(data))
+        assert c.read(MiB, len(data)) == (0, data)
+        assert c.zero([(MiB, 4096), (2 * MiB, 8192)]) == 0
+        _, back = c.read(MiB, len(data))
+        expect = bytearray(data)
+        expect[0:4096] = bytes(4096)
+        expect[MiB:MiB + 8192] = bytes(8192)
+        assert back == bytes(expect)
+        assert c.unmap([(MiB, 3 * MiB)]) == 0
+        assert c.read(MiB, len(data)) == (0, bytes(len(data)))
+
+
+def test_many_clients_at_once(serve, tmp):
+    _, connect = start_unix(serve, tmp, "ram:8M")
+    clients = [connect() for _ in range(8)]
+    try:
+        for i, c in enumerate(clients):
+            assert c.write(i * 65536, bytes([i + 1]) * 65536) == (0, 65536)
+        for i, c in enumerate(reversed(clients)):
+            j = len(clients) - 1 - i
+            assert c.read(j * 65536, 65536) == (0, bytes([j + 1]) * 65536)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_stdio_session(tmp):
+    img = os.path.join(tmp, "disk.img")
+    orig = make_image(img, MiB)
+    req = w.q(w.INFO) + w.q(w.READ, 4096, 512) + w.q(w.WRITE, 0, 4) + b"ABCD" + w.q(w.CLOSE)
+    p = subprocess.run([DEVIO, "serve", img, "--devio", "stdio"], input=req, capture_output=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert struct.unpack("<3Q", out[:24])[0] == MiB
+    assert struct.unpack("<2Q", out[24:40]) == (0, 512)
+    assert out[40:552] == orig[4096:4608]
+    assert struct.unpack("<2Q", out[552:568]) == (0, 4)
+    assert len(out) == 568
+    with open(img, "rb") as f:
+        assert f.read(4) == b"ABCD"
+
+
+# ---- bad input: each with a bystander that must keep being served ----
+
+@pytest.fixture
+def pair(serve, tmp):
+    """A RAM-disk server, an attacker connection and a bystander connection."""
+    s, connect = start_unix(serve, tmp, "ram:4M")
+    bad, good = connect(), connect()
+    assert good.write(0, b"bystander") == (0, 9)
+    yield s, bad, good, connect
+    bad.close()
+    good.close()
+
+
+def test_truncated_headers(pair):
+    s, bad, good, connect = pair
+    for prefix in (b"\x02\x00\x00", w.q(w.READ) + b"\x00" * 5, w.q(w.WRITE, 0, 100) + b"x" * 10,
+                   w.q(w.UNMAP, 32) + b"\x00" * 20):
+        c = connect()
+        c.send(prefix)
+        c.s.shutdown(1)  # the peer vanishes mid-request
+        assert c.at_eof()
+        c.close()
+        check_alive(good, 4 * MiB)
+    assert good.read(0, 9) == (0, b"bystander")
+    assert s.proc.poll() is None
+
+
+def test_unknown_codes_answer_enodev_and_keep_connection(pair):
+    _, bad, good, _ = pair
+    for code in (0, 10, 12345, 2 ** 64 - 1):
+        bad.send(w.q(code))
+        assert bad.recv_q(1) == (w.ENODEV,)
+    assert bad.info()[0] == 4 * MiB
+    check_alive(good, 4 * MiB)
+
+
+def test_connect_scsi_shared_answered_in_their_format(pair):
+    _, bad, good, _ = pair
+    bad.send(w.q(w.CONNECT, 0, 11) + b"10.0.0.1:99")
+    err, ptr = bad.recv_q(2)
+    assert err != 0 and ptr == 0
+    bad.send(w.q(w.SCSI) + bytes(16) + w.q(6, 512) + b"abcdef")
+    err, n = bad.recv_q(2)
+    assert err != 0 and n == 0
+    bad.send(w.q(w.SHARED, 0, 0, 0, 0, 0, 0))
+    resp = bad.recv_exact(64)
+    assert struct.unpack("<Q", resp[:8])[0] != 0 and struct.unpack("<Q", resp[-8:])[0] == 0
+    assert bad.info()[0] == 4 * MiB
+    check_alive(good, 4 * MiB)
+
+
+def test_over_limit_lengths_are_refused_without_allocation(pair):
+    s, bad, good, connect = pair
+    before = vmrss(s.proc.pid)
+    for n in (2 ** 63, 2 ** 64 - 1, (64 << 20) + 1, 1 << 40):
+        err, data = bad.read(0, n)
+        assert err != 0 and data == b""
+    assert vmrss(s.proc.pid) - before < 32 * MiB
+    bad.send(w.q(w.WRITE, 0, 1 << 62))
+    err, n = bad.recv_q(2)
+    assert err != 0 and n == 0
+    assert bad.at_eof()  # the stream cannot be followed: closed
+    c = connect()
+    c.send(w.q(w.UNMAP, 1 << 40))
+    assert c.recv_q(1)[0] != 0
+    assert c.at_eof()
+    c.close()
+    assert vmrss(s.proc.pid) - before < 32 * MiB
+    check_alive(good, 4 * MiB)
+
+
+def test_offset_overflow_and_past_end(pair):
+    _, bad, good, _ = pair
+    size = 4 * MiB
+    assert bad.write(size - 4, b"tail") == (0, 4)
+    err, data = bad.read(size - 4, 4096)  # short read at the end
+    assert err == 0 and data == b"tail"
+    assert bad.read(size, 10) == (0, b"")
+    assert bad.read(size + 1, 10)[0] != 0  # beyond the end: an error
+    assert bad.read(2 ** 64 - 100, 200)[0] != 0
+    assert bad.write(size - 2, b"four")[0] != 0
+    assert bad.write(2 ** 64 - 2, b"four")[0] != 0
+    assert bad.zero([(size - 10, 20)]) != 0
+    assert bad.unmap([(2 ** 63 - 1, 2 ** 64 - 1)]) != 0
+    assert bad.unmap([(-4096, 8192)]) != 0
+    assert bad.read(size - 4, 4) == (0, b"tail")
+    check_alive(good, size)
+
+
+def test_range_arrays_not_multiple_of_16(pair):
+    _, bad, good, _ = pair
+    assert bad.write(0, b"\xff" * 4096) == (0, 4096)
+    bad.send(w.q(w.UNMAP, 24) + struct.pack("<qQ", 0, 4096) + b"\x00" * 8)
+    assert bad.recv_q(1)[0] != 0
+    bad.send(w.q(w.ZERO, 15) + b"\x00" * 15)
+    assert bad.recv_q(1)[0] != 0
+    assert bad.read(0, 4096) == (0, b"\xff" * 4096)  # nothing was run
+    check_alive(good, 4 * MiB)
+
+
+def test_write_to_readonly_export(serve, tmp):
+    img = os.path.join(tmp, "ro.img")
+    make_image(img, MiB)
+    before = sha(img)
+    _, connect = start_unix(serve, tmp, img, "--readonly")
+    with connect() as bad, connect() as good:
+        assert bad.info()[2] & w.FLAG_RO
+        err, n = bad.write(0, b"x" * 8192)
+        assert err != 0 and n == 0
+        assert bad.zero([(0, 4096)]) != 0
+        assert bad.unmap([(0, 4096)]) != 0
+        assert bad.info()[0] == MiB  # payload consumed, stream in step
+        check_alive(good, MiB)
+    assert sha(img) == before
+
+
+def test_peer_vanishing_mid_write(pair):
+    s, bad, good, connect = pair
+    c = connect()
+    c.send(w.q(w.WRITE, 0, 4 * MiB) + b"y" * MiB)
+    c.s.close()  # gone with 3 MiB still owed
+    check_alive(good, 4 * MiB)
+    assert good.read(0, 9) == (0, b"bystander")
+    assert s.proc.poll() is None
+
+
+def test_connection_limit_refuses_extras(serve, tmp):
+    s, connect = start_unix(serve, tmp, "ram:1M")
+    clients = []
+    try:
+        for _ in range(64):
+            clients.append(connect())
+            assert clients[-1].info()[0] == MiB  # accepted and served
+        extra = connect()
+        assert extra.at_eof()
+        extra.close()
+        clients.pop().close()
+        w_ok = None
+        for _ in range(100):  # the freed slot is reused once its session ends
+            c = connect()
+            try:
+                c.s.settimeout(2)
+                c.send(w.q(w.INFO))
+                w_ok = c.recv_q(3)
+                break
+            except (w.ProtocolError, OSError):
+                c.close()
+        assert w_ok and w_ok[0] == MiB
+        c.close()
+    finally:
+        for c in clients:
+            c.close()
+    assert s.proc.poll() is None
