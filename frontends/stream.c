@@ -206,10 +206,8 @@ static int session_exec(struct session *s, enum devio_op op, uint64_t off, uint6
 	uint64_t step = s->b->max_io ? s->b->max_io : len;
 	int r = 0;
 
-	if (len == 0) {
-		struct devio_request req = { .op = op, .offset = off, .length = 0, .buf = buf };
-		return devio_execute(s->b, &req);
-	}
+	if (len == 0)
+		return 0; /* nothing to move (the range was checked by the caller) */
 	while (len && !r) {
 		uint64_t n = len < step ? len : step;
 		struct devio_request req = { .op = op, .offset = off, .length = n, .buf = buf };

@@ -1,0 +1,144 @@
+"""test_imdisk_cli.py - ImDisk's own devio command line as a drop-in:
+`devio [-r] tcp-port|commdev diskdev [blocks] [offset] [alignm] [buffersize]`,
+checked with the independent Python client over TCP and stdin/stdout."""
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+import devio_wire as w
+from conftest import DEVIO, free_port, port_open, wait_for
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def image():
+    d = tempfile.mkdtemp(prefix="devio-imdisk-")
+    path = os.path.join(d, "disk.img")
+    data = os.urandom(4 * MiB)  # random: no master boot record at sector 0
+    if data[510:512] == b"\x55\xaa":
+        data = data[:510] + b"\0\0" + data[512:]
+    with open(path, "wb") as f:
+        f.write(data)
+    yield path, data
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def imdisk():
+    """imdisk(args...) starts `devio ARGS` listening on a fresh TCP port."""
+    procs = []
+
+    def start(*args):
+        port = free_port()
+        argv = [DEVIO] + [str(port) if a == "PORT" else a for a in args]
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, start_new_session=True)
+        procs.append(p)
+        wait_for(lambda: port_open(port) or p.poll() is not None, 10, f"port {port}")
+        assert p.poll() is None, p.stderr.read()
+        return p, port
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        err = p.stderr.read()
+        p.stderr.close()
+        assert b"AddressSanitizer" not in err and b"runtime error:" not in err, err
+
+
+def stdio(args, requests):
+    return subprocess.run([DEVIO, *args], input=requests, capture_output=True, timeout=30)
+
+
+def test_tcp_port_serves_whole_image_on_all_interfaces(imdisk, image):
+    path, data = image
+    p, port = imdisk("PORT", path)
+    with w.Client(port=port) as c:
+        size, align, flags = c.info()
+        assert size == len(data) and align == 1 and not flags & w.FLAG_RO
+        assert c.read(MiB, 8192) == (0, data[MiB:MiB + 8192])
+        assert c.write(0, b"imdisk") == (0, 6)
+    with open(path, "rb") as f:
+        assert f.read(6) == b"imdisk"
+    p.terminate()
+    p.wait(timeout=20)
+    assert b"ALL interfaces" in p.stderr.read()
+    p.stderr = open(os.devnull, "rb")
+
+
+def test_blocks_and_offset_form(imdisk, image):
+    path, data = image
+    # 2048 blocks of 512 bytes from block 1024 (512 KiB), read-only
+    _, port = imdisk("-r", "PORT", path, "2048", "1024")
+    with w.Client(port=port) as c:
+        size, _, flags = c.info()
+        assert size == 2048 * 512 and flags & w.FLAG_RO
+        assert c.read(0, 4096) == (0, data[512 * 1024:512 * 1024 + 4096])
+        assert c.write(0, b"x")[0] != 0
+
+
+def test_size_suffixes(image):
+    path, data = image
+    # 1M bytes from 64K bytes (K/M are powers of 1024 as in ImDisk)
+    r = stdio(["-", path, "1M", "64K"], w.q(w.INFO) + w.q(w.READ, 0, 100) + w.q(w.CLOSE))
+    assert r.returncode == 0, r.stderr
+    assert int.from_bytes(r.stdout[:8], "little") == MiB
+    assert r.stdout[40:140] == data[65536:65636]
+    # lower case: powers of 1000
+    r = stdio(["-", path, "1m", "1k"], w.q(w.INFO) + w.q(w.READ, 0, 10) + w.q(w.CLOSE))
+    assert int.from_bytes(r.stdout[:8], "little") == 1000000
+    assert r.stdout[40:50] == data[1000:1010]
+
+
+def test_partition_zero_is_whole_image_and_buffersize_bounds_transfers(image):
+    path, data = image
+    reqs = w.q(w.INFO) + w.q(w.READ, 0, 4096) + w.q(w.READ, 0, 8192) + w.q(w.CLOSE)
+    r = stdio(["-r", "-", path, "0", "0", "1", "4096"], reqs)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert int.from_bytes(out[:8], "little") == len(data)
+    assert out[24:40] == w.q(0, 4096) and out[40:4136] == data[:4096]
+    err = int.from_bytes(out[4136:4144], "little")
+    assert err != 0 and len(out) == 4136 + 16  # over the buffer size: an error, no data
+
+
+def test_alignment_is_reported(image):
+    path, _ = image
+    r = stdio(["-", path, "0", "0", "512"], w.q(w.INFO) + w.q(w.CLOSE))
+    assert r.returncode == 0
+    assert int.from_bytes(r.stdout[8:16], "little") == 512
+
+
+def test_readonly_stdio_refuses_writes(image):
+    path, data = image
+    r = stdio(["-r", "-", path], w.q(w.WRITE, 0, 3) + b"abc" + w.q(w.CLOSE))
+    assert r.returncode == 0
+    err, n = int.from_bytes(r.stdout[:8], "little"), int.from_bytes(r.stdout[8:16], "little")
+    assert err != 0 and n == 0
+    with open(path, "rb") as f:
+        assert f.read() == data
+
+
+def test_shm_is_not_available_yet(image):
+    path, _ = image
+    r = subprocess.run([DEVIO, "shm:disk0", path], capture_output=True, timeout=30)
+    assert r.returncode != 0
+    assert b"shared memory transport not available yet" in r.stderr
+
+
+@pytest.mark.parametrize("args", [["9000"], ["-x", "9000", "img"], ["9000", "img", "1", "2", "3", "4", "5"],
+                                  ["-", "img", "12Q"]])
+def test_bad_command_lines(args):
+    r = subprocess.run([DEVIO, *args], capture_output=True, timeout=30)
+    assert r.returncode == 2
+    assert b"usage" in r.stderr
