@@ -96,7 +96,7 @@ struct ublk_dev {
 	uint64_t dev_sectors;
 	bool added, started;
 	atomic_bool stopping;
-	uint64_t stop_deadline;
+	_Atomic uint64_t stop_deadline;
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
 	unsigned ready, failed;
@@ -570,7 +570,7 @@ static void queue_loop(struct ublk_queue *q)
 		bool stopping = atomic_load(&d->stopping);
 		int r;
 
-		if (stopping && !q->in_backend && devio_now_ns() > d->stop_deadline)
+		if (stopping && !q->in_backend && devio_now_ns() >= atomic_load(&d->stop_deadline))
 			break; /* the driver did not abort our commands: closing the ring will */
 		atomic_fetch_add_explicit(&q->enters, 1, memory_order_relaxed);
 		r = stopping ? io_uring_submit_and_wait_timeout(&q->ring, &cqe, 1, &ts, NULL)
@@ -874,15 +874,23 @@ static void print_counters(struct ublk_dev *d, FILE *out)
  * release the character device, then delete the device. */
 static void teardown(struct ublk_dev *d)
 {
-	int r;
+	int r = 0;
+	/* While STOP_DEV waits for the disk's last requests the queue threads
+	 * keep serving; once it returns no request can come, and a thread
+	 * whose fetches the driver has not aborted may leave: closing its
+	 * ring cancels them. */
+	uint64_t t0 = devio_now_ns();
 
+	atomic_store(&d->stop_deadline, UINT64_MAX);
 	atomic_store(&d->stopping, true);
-	d->stop_deadline = devio_now_ns() + STOP_GRACE_NS;
 	if (d->added && d->ctrl_ring_ok) {
 		r = simple_cmd(d, DEVIO_UBLK_CMD_STOP_DEV, 0);
 		if (r < 0 && d->started)
 			devio_warn("ublk: %s: STOP_DEV: %s", d->bdev, strerror(-r));
+		devio_debug("ublk: %s: STOP_DEV took %llu ms", d->bdev,
+			    (unsigned long long)(devio_now_ns() - t0) / 1000000);
 	}
+	atomic_store(&d->stop_deadline, r < 0 && d->started ? devio_now_ns() + STOP_GRACE_NS : devio_now_ns());
 	for (unsigned i = 0; d->queues && i < d->nr_queues; i++) {
 		struct ublk_queue *q = &d->queues[i];
 		uint64_t one = 1;

@@ -1,10 +1,14 @@
 # guest-lib.sh - helpers the in-guest scenario scripts source: result
 # lines, bounded waits, starting/stopping a devio server, a file-system
 # round trip.  Runs under busybox sh inside the guest (tests/vm/run.sh).
+# Busybox's sh prefers its own applets to PATH: tools where the real
+# (util-linux, e2fsprogs) one matters are called as /usr/bin/NAME.
 
 pass() { echo "PASS $1"; }
 fail() { echo "FAIL $1${2:+ ($2)}"; }
 info() { echo "INFO $*"; }
+# show_log FILE: the last lines of a server log, as INFO lines.
+show_log() { tail -n 15 "$1" | sed 's/^/INFO   | /'; }
 
 # wait_for SECONDS CMD...: poll CMD every 0.1 s; 0 when it succeeded.
 wait_for() {

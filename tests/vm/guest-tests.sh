@@ -40,12 +40,12 @@ truncate -s 64M /tmp/d.img
 if start_ublk /tmp/d.log /tmp/d.img --ublk; then
   dd if=/dev/urandom of="$DEV" bs=1M count=16 conv=fsync 2>/dev/null
   before=$(stat -c %b /tmp/d.img)
-  blkdiscard "$DEV"; rd=$?
+  /usr/bin/blkdiscard "$DEV"; rd=$?
   sync
   after=$(stat -c %b /tmp/d.img)
   stop_server TERM
   info "$t: image blocks before $before after $after (blkdiscard rc $rd)"
-  if [ $rd -ne 0 ]; then fail $t "blkdiscard failed"
+  if [ $rd -ne 0 ]; then fail $t "blkdiscard failed"; show_log /tmp/d.log
   elif [ "$before" -lt 16384 ]; then fail $t "writes did not reach the image ($before blocks)"
   elif [ "$after" -gt $((before / 4)) ]; then fail $t "no holes: $before -> $after blocks"
   else pass $t; fi
@@ -59,7 +59,7 @@ t=ublk-discard-ram
 if start_ublk /tmp/dr.log ram:64M --ublk; then
   dd if=/dev/urandom of="$DEV" bs=1M count=32 conv=fsync 2>/dev/null
   before=$(vm_rss_kb "$SRV")
-  blkdiscard "$DEV"; rd=$?
+  /usr/bin/blkdiscard "$DEV"; rd=$?
   usleep 300000
   after=$(vm_rss_kb "$SRV")
   stop_server TERM
@@ -141,7 +141,7 @@ if wait_for 30 test -S /tmp/nbd.sock; then
     elif ! e2fsck -fn /tmp/n.img >/dev/null 2>&1; then fail $t "image fails fsck"
     else pass $t; fi
   else
-    cat /tmp/a.log; fail $t "attach failed"; stop_server TERM
+    show_log /tmp/a.log; fail $t "attach failed"; stop_server TERM
   fi
 else
   cat /tmp/n.log; fail $t "NBD server did not start"; stop_server KILL

@@ -39,7 +39,7 @@ BUSYBOX=$(command -v busybox) || fail "busybox missing"
 # A plain optimised build: the guest has no ASan runtime and TCG is slow.
 BUILD=${VM_BUILD:-$ROOT/build-vm}
 if [ ! -f "$BUILD/build.ninja" ]; then
-  meson setup "$BUILD" --buildtype=debugoptimized -Dtests=disabled >/dev/null || fail "meson setup $BUILD"
+  meson setup "$BUILD" --buildtype=debugoptimized -Db_lundef=false -Dtests=disabled >/dev/null || fail "meson setup $BUILD"
 fi
 ninja -C "$BUILD" >/dev/null || fail "build in $BUILD failed"
 cc -O2 -Wall -D_GNU_SOURCE -I include -I cli -o "$BUILD/vmtool" tests/vm/vmtool.c cli/attach_nbd.c \
@@ -49,12 +49,12 @@ WORK=$(mktemp -d /tmp/devio-vm.XXXXXX)
 cleanup() { [ "$KEEP" = 1 ] && echo "kept $WORK" >&2 || rm -rf "$WORK"; }
 trap cleanup EXIT
 R=$WORK/root
-mkdir -p "$R"/{bin,sbin,lib,lib64,usr/lib,etc,proc,sys,dev,tmp,run,mnt,modules}
+mkdir -p "$R"/{bin,sbin,lib,lib64,usr/lib,usr/bin,etc,proc,sys,dev,tmp,run,mnt,modules}
 
 # Binaries and the shared libraries they need (as ldd resolves them).
 copy_bin() { # copy_bin PATH [NAME]
   local src=$1 name=${2:-$(basename "$1")}
-  cp -L "$src" "$R/bin/$name"
+  cp -L "$src" "$R/usr/bin/$name" # /usr/bin: busybox --install fills /bin
   ldd "$src" 2>/dev/null | awk '/=> \//{print $3} /^\t\/lib/{print $1}' | while read -r lib; do
     mkdir -p "$R$(dirname "$lib")"
     [ -e "$R$lib" ] || cp -L "$lib" "$R$lib"
@@ -67,7 +67,7 @@ for b in mke2fs e2fsck blkdiscard; do
   p=$(command -v $b) || fail "$b missing"
   copy_bin "$p"
 done
-ln -s mke2fs "$R/bin/mkfs.ext4"
+ln -s mke2fs "$R/usr/bin/mkfs.ext4"
 ln -s ../bin/busybox "$R/sbin/init"
 # ld.so also lives at /lib64 on x86-64
 [ -e "$R/lib64/ld-linux-x86-64.so.2" ] || cp -L /lib64/ld-linux-x86-64.so.2 "$R/lib64/"
@@ -90,7 +90,7 @@ cp tests/vm/guest-lib.sh "$R/guest-lib.sh"
 cat >"$R/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
-export PATH=/bin:/sbin
+export PATH=/usr/bin:/bin:/sbin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
