@@ -139,6 +139,8 @@ int devio_ublk_decode(uint32_t op_flags, uint32_t nr_sectors, uint64_t start_sec
 	}
 	if (nr_sectors == 0 || start_sector > dev_sectors || nr_sectors > dev_sectors - start_sector)
 		return -EINVAL;
+	if (start_sector > (UINT64_MAX >> 9) - nr_sectors) /* byte offsets must fit 64 bits */
+		return -EINVAL;
 	if ((req->op == DEVIO_OP_READ || req->op == DEVIO_OP_WRITE) &&
 	    (uint64_t)nr_sectors << 9 > max_io_bytes)
 		return -EINVAL;

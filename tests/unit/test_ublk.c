@@ -1,0 +1,107 @@
+/* test_ublk.c - the ublk front end's descriptor check on crafted
+ * descriptors (ops, flags, ranges at and past the end, overflow, oversize
+ * transfers) and its device-name parser. */
+#include <errno.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include "devio/request.h"
+#include "devio/ublk.h"
+#include "../../lib/ublk_abi.h"
+
+#define SECTORS 2048u          /* a 1 MiB device */
+#define MAX_IO (64u * 1024)    /* 128 sectors per read/write */
+
+static int decode(uint32_t op_flags, uint32_t nr, uint64_t start, struct devio_request *req)
+{
+	return devio_ublk_decode(op_flags, nr, start, SECTORS, MAX_IO, req);
+}
+
+static void test_read_write(void **state)
+{
+	struct devio_request req;
+
+	assert_int_equal(decode(DEVIO_UBLK_IO_OP_READ, 8, 16, &req), 0);
+	assert_int_equal(req.op, DEVIO_OP_READ);
+	assert_int_equal(req.offset, 16 * 512);
+	assert_int_equal(req.length, 8 * 512);
+	assert_int_equal(req.flags, 0);
+	assert_int_equal(decode(DEVIO_UBLK_IO_OP_WRITE | DEVIO_UBLK_IO_F_FUA, 128, SECTORS - 128, &req), 0);
+	assert_int_equal(req.op, DEVIO_OP_WRITE);
+	assert_int_equal(req.flags, DEVIO_REQ_FUA);
+	assert_int_equal(req.offset + req.length, (uint64_t)SECTORS * 512);
+}
+
+static void test_other_ops(void **state)
+{
+	struct devio_request req;
+
+	assert_int_equal(decode(DEVIO_UBLK_IO_OP_FLUSH, 0, 0, &req), 0);
+	assert_int_equal(req.op, DEVIO_OP_FLUSH);
+	assert_int_equal(req.length, 0);
+	/* discards are not bounded by the buffer size, only by the device */
+	assert_int_equal(decode(DEVIO_UBLK_IO_OP_DISCARD, SECTORS, 0, &req), 0);
+	assert_int_equal(req.op, DEVIO_OP_TRIM);
+	assert_int_equal(req.length, (uint64_t)SECTORS * 512);
+	assert_int_equal(decode(DEVIO_UBLK_IO_OP_WRITE_ZEROES | DEVIO_UBLK_IO_F_NOUNMAP, 1024, 8, &req), 0);
+	assert_int_equal(req.op, DEVIO_OP_ZERO);
+	assert_int_equal(req.flags, DEVIO_REQ_NO_HOLE);
+}
+
+static void test_unknown_ops(void **state)
+{
+	struct devio_request req;
+
+	assert_int_equal(decode(DEVIO_UBLK_IO_OP_WRITE_SAME, 8, 0, &req), -EOPNOTSUPP);
+	assert_int_equal(decode(10 /* ZONE_OPEN */, 8, 0, &req), -EOPNOTSUPP);
+	assert_int_equal(decode(18 /* REPORT_ZONES */, 8, 0, &req), -EOPNOTSUPP);
+	assert_int_equal(decode(0xff, 8, 0, &req), -EOPNOTSUPP);
+}
+
+static void test_bad_ranges(void **state)
+{
+	struct devio_request req;
+
+	assert_int_equal(decode(DEVIO_UBLK_IO_OP_READ, 0, 0, &req), -EINVAL);           /* empty */
+	assert_int_equal(decode(DEVIO_UBLK_IO_OP_READ, 8, SECTORS - 7, &req), -EINVAL); /* past the end */
+	assert_int_equal(decode(DEVIO_UBLK_IO_OP_READ, 1, SECTORS, &req), -EINVAL);     /* at the end */
+	assert_int_equal(decode(DEVIO_UBLK_IO_OP_WRITE, 8, UINT64_MAX - 3, &req), -EINVAL);  /* wraps */
+	assert_int_equal(decode(DEVIO_UBLK_IO_OP_DISCARD, UINT32_MAX, 1, &req), -EINVAL);
+	assert_int_equal(decode(DEVIO_UBLK_IO_OP_WRITE_ZEROES, 8, UINT64_MAX >> 9, &req), -EINVAL);
+	/* a read or write larger than the tag's buffer */
+	assert_int_equal(decode(DEVIO_UBLK_IO_OP_READ, 129, 0, &req), -EINVAL);
+	assert_int_equal(decode(DEVIO_UBLK_IO_OP_WRITE, UINT32_MAX, 0, &req), -EINVAL);
+	/* a start sector whose byte offset would overflow 64 bits */
+	assert_int_equal(devio_ublk_decode(DEVIO_UBLK_IO_OP_READ, 8, 1ull << 60, UINT64_MAX, MAX_IO, &req), -EINVAL);
+}
+
+static void test_parse_dev(void **state)
+{
+	unsigned id;
+
+	assert_int_equal(devio_ublk_parse_dev("/dev/ublkb3", &id), 0);
+	assert_int_equal(id, 3);
+	assert_int_equal(devio_ublk_parse_dev("/dev/ublkc12", &id), 0);
+	assert_int_equal(id, 12);
+	assert_int_equal(devio_ublk_parse_dev("7", &id), 0);
+	assert_int_equal(id, 7);
+	assert_int_equal(devio_ublk_parse_dev("/dev/ublkb", &id), -EINVAL);
+	assert_int_equal(devio_ublk_parse_dev("/dev/sda", &id), -EINVAL);
+	assert_int_equal(devio_ublk_parse_dev("ublkb-1", &id), -EINVAL);
+	assert_int_equal(devio_ublk_parse_dev("4294967295", &id), -EINVAL);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_read_write),
+		cmocka_unit_test(test_other_ops),
+		cmocka_unit_test(test_unknown_ops),
+		cmocka_unit_test(test_bad_ranges),
+		cmocka_unit_test(test_parse_dev),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
