@@ -106,6 +106,7 @@ struct fuse_fe {
 	struct devio_loop loop;
 	bool has_loop;
 	atomic_bool stopping;
+	atomic_ullong ring_requests, dev_requests; /* logged at stop */
 };
 
 /* ---- helpers ---- */
@@ -189,6 +190,29 @@ static void dev_reply(struct fuse_fe *fe, int fd, struct devio_fuse_msg *msg)
 			   (unsigned long long)msg->in.unique, strerror(errno));
 }
 
+/* When a backend's submit() declines a request (-EAGAIN: an op it does not
+ * run asynchronously, or its ring is full), devio_submit() should run it
+ * with the synchronous callbacks; lib/request.c hands the -EAGAIN back
+ * instead, so do it here. */
+static void sync_fallback(struct devio_request *req)
+{
+	struct devio_backend *b = req->backend;
+	const struct devio_backend_ops *ops = b->ops;
+	int r;
+
+	if (req->result != -EAGAIN || devio_request_check(b, req))
+		return;
+	switch (req->op) {
+	case DEVIO_OP_READ: r = ops->pread(b, req->buf, req->length, req->offset); break;
+	case DEVIO_OP_WRITE: r = ops->pwrite(b, req->buf, req->length, req->offset, req->flags); break;
+	case DEVIO_OP_FLUSH: r = ops->flush ? ops->flush(b) : 0; break;
+	case DEVIO_OP_TRIM: r = ops->trim ? ops->trim(b, req->offset, req->length, req->flags) : -EOPNOTSUPP; break;
+	case DEVIO_OP_ZERO: r = ops->zero ? ops->zero(b, req->offset, req->length, req->flags) : -EOPNOTSUPP; break;
+	default: r = 0; break;
+	}
+	req->result = r;
+}
+
 /* ---- the /dev/fuse transport ---- */
 
 static void run_sync_io(struct fuse_fe *fe, struct devio_fuse_msg *msg)
@@ -196,6 +220,7 @@ static void run_sync_io(struct fuse_fe *fe, struct devio_fuse_msg *msg)
 	if (!msg->has_io)
 		return;
 	devio_execute(fe->backend, &msg->req);
+	sync_fallback(&msg->req);
 	devio_fuse_finish(&fe->fs, msg);
 }
 
@@ -226,6 +251,7 @@ static int dev_serve_one(struct fuse_fe *fe, int fd, uint8_t *base, uint8_t *rep
 			return 0;
 		msg.error = -EINVAL;
 	} else {
+		atomic_fetch_add_explicit(&fe->dev_requests, 1, memory_order_relaxed);
 		devio_fuse_handle(&fe->fs, &msg);
 		run_sync_io(fe, &msg);
 	}
@@ -351,6 +377,7 @@ static void ring_io_done(struct devio_request *req)
 	struct ring_ent *e = req->opaque;
 	struct ring_queue *q = e->q;
 
+	sync_fallback(req);
 	if (pthread_equal(pthread_self(), q->self)) {
 		e->next = q->local;
 		q->local = e;
@@ -407,6 +434,7 @@ static void ring_request(struct ring_queue *q, struct ring_ent *e)
 	msg->datalen = psz < fe->payload_sz ? psz : fe->payload_sz;
 	msg->reply = e->payload;
 	msg->reply_cap = fe->payload_sz;
+	atomic_fetch_add_explicit(&fe->ring_requests, 1, memory_order_relaxed);
 	devio_fuse_handle(&fe->fs, msg);
 	if (!msg->has_io) {
 		commit(q, e);
@@ -726,6 +754,10 @@ static void fe_free(struct fuse_fe *fe)
 	}
 	free(fe->devs);
 	devio_workers_free(fe->workers);
+	if (fe->fs.initialized)
+		devio_info("fuse %s: %llu requests over the io_uring, %llu over /dev/fuse", fe->mnt,
+			   (unsigned long long)atomic_load(&fe->ring_requests),
+			   (unsigned long long)atomic_load(&fe->dev_requests));
 	if (fe->fd >= 0)
 		close(fe->fd);
 	free(fe);
