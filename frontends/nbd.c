@@ -743,6 +743,22 @@ static void conn_free(struct nbd_conn *c)
 	free(c);
 }
 
+void devio_nbd_serve_fd(struct devio_server *srv, int fd)
+{
+	struct nbd_state st = { .srv = srv, .depth = NBD_DEFAULT_DEPTH, .listen_fd = -1, .stop_fd = -1 };
+	struct nbd_conn *c = calloc(1, sizeof(*c));
+
+	if (!c)
+		return;
+	c->st = &st;
+	c->fd = fd;
+	snprintf(c->peer, sizeof(c->peer), "fd%d", fd);
+	pthread_mutex_init(&c->lock, NULL);
+	pthread_cond_init(&c->cond, NULL);
+	conn_serve(c);
+	conn_free(c);
+}
+
 static void *conn_main(void *arg)
 {
 	struct nbd_conn *c = arg;

@@ -205,4 +205,9 @@ uint32_t devio_nbd_check_request(const struct devio_nbd_session *s, const struct
 /* Map a negative errno from a backend to an NBD error value. */
 uint32_t devio_nbd_errno(int err);
 
+/* Serve one already-connected client on fd (negotiation, then requests
+ * until it leaves) on the calling thread, as the --nbd front end does for
+ * every connection; fd is not closed.  For the fuzzers and tests. */
+void devio_nbd_serve_fd(struct devio_server *srv, int fd);
+
 #endif
