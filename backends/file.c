@@ -634,6 +634,11 @@ struct file_ring {
 	pthread_t reaper;
 };
 
+/* This ring on its completion thread while it handles a batch of CQEs: the
+ * requests it queues again (short transfers, retries, and whatever the
+ * completion callbacks start) go to the kernel together after the batch. */
+static __thread struct file_ring *ring_reaping;
+
 /* Publish queued SQEs to the kernel; returns how many it has not yet
  * consumed.  Called with the lock held. */
 static unsigned ring_flush_locked(struct file_ring *fr)
@@ -714,7 +719,8 @@ static void ring_queue(struct devio_file *f, struct devio_request *req)
 	if (fr->fixed_file)
 		sqe->flags |= IOSQE_FIXED_FILE;
 	io_uring_sqe_set_data(sqe, req);
-	ring_push_locked(fr);
+	if (ring_reaping != fr) /* the reaper pushes once per batch of CQEs */
+		ring_push_locked(fr);
 	pthread_mutex_unlock(&fr->lock);
 }
 
@@ -784,12 +790,17 @@ static void *ring_reaper(void *arg)
 				break;
 		}
 		io_uring_cq_advance(&fr->ring, n);
+		ring_reaping = fr;
 		for (unsigned i = 0; i < n; i++) {
 			if (got[i].req)
 				ring_handle(f, got[i].req, got[i].res);
 			else
 				stop_seen = true;
 		}
+		ring_reaping = NULL;
+		pthread_mutex_lock(&fr->lock);
+		ring_push_locked(fr);
+		pthread_mutex_unlock(&fr->lock);
 	}
 	return NULL;
 }
