@@ -1,7 +1,8 @@
 /* test_file.c - the file backend on real files in a temporary directory:
  * round trips, windows and their bounds, TRIM/ZERO and the holes they
  * leave (SEEK_DATA/SEEK_HOLE), read-only opens, O_DIRECT with unaligned
- * requests, a partition of an image, and the io_uring path with many
+ * requests, a partition of an image, a loop device (BLKGETSIZE64,
+ * BLKDISCARD, zeroing), the tmpfs fallbacks, and the io_uring path with many
  * requests in flight from several threads, checked by content. */
 #include <errno.h>
 #include <fcntl.h>
@@ -438,6 +439,123 @@ static void test_partition_window(void **state)
 	assert_int_equal(devio_file_open(path, &o, &b), -ENOENT);
 }
 
+/* ---- a real block device: a loop device over an image ---- */
+
+static char loopdev[64];
+
+static int loop_setup(void **state)
+{
+	char path[128], cmd[400];
+	FILE *f;
+
+	loopdev[0] = 0;
+	if (geteuid() != 0)
+		return 0; /* the test skips itself */
+	snprintf(path, sizeof(path), "%s/loop.img", dir);
+	snprintf(cmd, sizeof(cmd), "truncate -s 16M '%s' && losetup -f --show '%s' 2>/dev/null", path, path);
+	f = popen(cmd, "r");
+	if (!f)
+		return 0;
+	if (!fgets(loopdev, sizeof(loopdev), f))
+		loopdev[0] = 0;
+	pclose(f);
+	loopdev[strcspn(loopdev, "\n")] = 0;
+	return 0;
+}
+
+static int loop_teardown(void **state)
+{
+	char cmd[128];
+
+	if (loopdev[0]) {
+		snprintf(cmd, sizeof(cmd), "losetup -d '%s'", loopdev);
+		if (system(cmd))
+			return -1;
+	}
+	return 0;
+}
+
+static void test_block_device(void **state)
+{
+	struct devio_backend *b;
+	struct devio_open_opts o = { .has_offset = true, .offset = MiB };
+	unsigned char *w = malloc(MiB), *r = malloc(MiB);
+	struct ext_list l = { 0 };
+	int z;
+
+	if (!loopdev[0]) {
+		free(w);
+		free(r);
+		skip();
+	}
+	assert_int_equal(devio_file_open(loopdev, &o, &b), 0);
+	assert_int_equal(b->size, 15 * MiB); /* BLKGETSIZE64 minus the window offset */
+	assert_true(b->caps & DEVIO_CAP_TRIM);
+	for (size_t i = 0; i < MiB; i++)
+		w[i] = (unsigned char)(i * 3 + 1);
+	assert_int_equal(b->ops->pwrite(b, w, MiB, 2 * MiB, 0), 0);
+	assert_int_equal(b->ops->flush(b), 0);
+	assert_int_equal(b->ops->pread(b, r, MiB, 2 * MiB), 0);
+	assert_memory_equal(w, r, MiB);
+	/* discard with unaligned edges: the edges are written as zeroes */
+	assert_int_equal(b->ops->trim(b, 2 * MiB + 100, 300000, 0), 0);
+	assert_int_equal(b->ops->pread(b, r, MiB, 2 * MiB), 0);
+	assert_memory_equal(w, r, 100);
+	assert_true(all_zero(r + 100, 300000));
+	assert_memory_equal(w + 300100, r + 300100, MiB - 300100);
+	/* zero, the ordinary and the fast kind (fast may be refused) */
+	assert_int_equal(b->ops->zero(b, 2 * MiB + 500000, 7000, DEVIO_REQ_NO_HOLE), 0);
+	z = b->ops->zero(b, 2 * MiB + 600000, 65536, DEVIO_REQ_FAST_ZERO);
+	assert_true(z == 0 || z == -ENOTSUP);
+	assert_int_equal(b->ops->pread(b, r, MiB, 2 * MiB), 0);
+	assert_true(all_zero(r + 500000, 7000));
+	if (z == 0)
+		assert_true(all_zero(r + 600000, 65536));
+	else
+		assert_memory_equal(w + 600000, r + 600000, 65536);
+	assert_int_equal(r[507000], w[507000]);
+	/* a block device has no holes to report: one data extent */
+	assert_int_equal(b->ops->extents(b, 0, b->size, collect, &l), 0);
+	assert_int_equal(l.n, 1);
+	assert_int_equal(l.len[0], b->size);
+	devio_backend_close(b);
+	free(w);
+	free(r);
+}
+
+/* tmpfs has holes but no ZERO_RANGE: the fallbacks must still zero, and a
+ * fast zero that would need writing is refused. */
+static void test_zero_fallbacks_tmpfs(void **state)
+{
+	char path[] = "/dev/shm/devio-test-zero-XXXXXX";
+	int fd = mkstemp(path);
+	struct devio_backend *b;
+	unsigned char w[65536], r[65536];
+	int z;
+
+	assert_true(fd >= 0);
+	memset(w, 0x77, sizeof(w));
+	for (int i = 0; i < 16; i++)
+		assert_int_equal(pwrite(fd, w, sizeof(w), i * (off_t)sizeof(w)), (ssize_t)sizeof(w));
+	close(fd);
+	assert_int_equal(devio_file_open(path, NULL, &b), 0);
+	unlink(path);
+	assert_int_equal(b->ops->zero(b, 65536, 65536, 0), 0);
+	z = b->ops->zero(b, 3 * 65536, 65536, DEVIO_REQ_NO_HOLE | DEVIO_REQ_FAST_ZERO);
+	assert_int_equal(b->ops->pread(b, r, sizeof(r), 3 * 65536), 0);
+	if (z == 0)
+		assert_true(all_zero(r, sizeof(r)));
+	else
+		assert_int_equal(z, -ENOTSUP);
+	assert_int_equal(b->ops->zero(b, 5 * 65536 + 1, 65535, DEVIO_REQ_NO_HOLE), 0);
+	assert_int_equal(b->ops->pread(b, r, sizeof(r), 65536), 0);
+	assert_true(all_zero(r, sizeof(r)));
+	assert_int_equal(b->ops->pread(b, r, sizeof(r), 5 * 65536), 0);
+	assert_int_equal(r[0], 0x77);
+	assert_true(all_zero(r + 1, sizeof(r) - 1));
+	devio_backend_close(b);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -449,6 +567,8 @@ int main(void)
 		cmocka_unit_test(test_async_many_in_flight),
 		cmocka_unit_test(test_async_large_and_shrunk),
 		cmocka_unit_test(test_partition_window),
+		cmocka_unit_test_setup_teardown(test_block_device, loop_setup, loop_teardown),
+		cmocka_unit_test(test_zero_fallbacks_tmpfs),
 	};
 
 	devio_log_set_level(DEVIO_LOG_ERROR + (getenv("DEVIO_TEST_VERBOSE") ? 3 : 0));
