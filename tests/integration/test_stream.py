@@ -12,7 +12,7 @@ import tempfile
 import pytest
 
 import devio_wire as w
-from conftest import DEVIO, free_port
+from conftest import DEVIO, free_port, wait_for
 
 MiB = 1 << 20
 
@@ -298,3 +298,40 @@ def test_connection_limit_refuses_extras(serve, tmp):
         for c in clients:
             c.close()
     assert s.proc.poll() is None
+
+
+def test_serial_device_session(serve, tmp):
+    """A tty (a pseudo-terminal here): opened, put in raw mode, one session."""
+    import select
+    master, slave = os.openpty()
+    try:
+        img = os.path.join(tmp, "disk.img")
+        orig = make_image(img, MiB)
+        s = serve(img, "--devio", os.ttyname(slave))
+        import termios
+        # the server's raw mode is in place once echo is off
+        wait_for(lambda: not termios.tcgetattr(slave)[3] & termios.ECHO or s.proc.poll() is not None,
+                 10, "raw mode on the tty")
+
+        def xfer(data, n):
+            os.write(master, data)
+            out = b""
+            while len(out) < n:
+                r, _, _ = select.select([master], [], [], 10)
+                assert r, f"no answer from the server: {s.stderr()}"
+                out += os.read(master, n - len(out))
+            return out
+
+        # bytes a cooked tty would mangle (CR, ^C, ^D, NL) pass unchanged
+        payload = bytes([13, 3, 4, 10, 0x7F, 0x11, 0x13]) * 100
+        assert struct.unpack("<3Q", xfer(w.q(w.INFO), 24))[0] == MiB
+        assert xfer(w.q(w.WRITE, 100, len(payload)) + payload, 16) == w.q(0, len(payload))
+        out = xfer(w.q(w.READ, 100, len(payload)), 16 + len(payload))
+        assert out == w.q(0, len(payload)) + payload
+        os.write(master, w.q(w.CLOSE))
+        assert s.proc.wait(timeout=20) == 0
+        with open(img, "rb") as f:
+            assert f.read()[100:100 + len(payload)] == payload
+    finally:
+        os.close(master)
+        os.close(slave)
