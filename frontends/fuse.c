@@ -763,6 +763,11 @@ static void fe_free(struct fuse_fe *fe)
 	free(fe);
 }
 
+static bool backend_is_cpu_bound(const struct devio_backend *b)
+{
+	return b->ops->name && !strcmp(b->ops->name, "ram");
+}
+
 static int start_transport(struct fuse_fe *fe, const struct devio_serve_opts *o, bool forced)
 {
 	unsigned ncpu = (unsigned)sysconf(_SC_NPROCESSORS_ONLN);
@@ -778,8 +783,10 @@ static int start_transport(struct fuse_fe *fe, const struct devio_serve_opts *o,
 	}
 	if (!fe->use_uring)
 		return start_dev_threads(fe, o->threads ? o->threads : (ncpu * 4 > 16 ? 16 : ncpu * 4));
-	/* blocking backends get a pool so that many requests are in flight */
-	if (!fe->backend->ops->submit) {
+	/* Blocking backends that wait (remote servers) get a pool so that many
+	 * requests are in flight; the RAM disk only copies memory, which the
+	 * ring thread of each CPU does faster itself than by handing off. */
+	if (!fe->backend->ops->submit && !backend_is_cpu_bound(fe->backend)) {
 		fe->workers = devio_workers_new(o->threads ? o->threads : ncpu * 4);
 		if (!fe->workers)
 			return -ENOMEM;
@@ -804,13 +811,11 @@ static int attach_loop(struct fuse_fe *fe, const struct devio_serve_opts *o)
 
 static int start(struct devio_server *srv, const char *arg, void **state)
 {
-	struct devio_export *ex = devio_server_export(srv, "");
+	struct devio_export *ex = &srv->exports[0]; /* the default export */
 	const char *t = srv->opts.fuse_transport;
 	struct fuse_fe *fe;
 	int r;
 
-	if (!ex)
-		ex = &srv->exports[0];
 	if (!arg || !*arg || strlen(arg) >= sizeof(fe->mnt) - 260) {
 		devio_err("--fuse: want a mount point directory");
 		return -EINVAL;
