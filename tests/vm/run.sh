@@ -10,7 +10,9 @@
 #   tests/vm/run.sh [--script FILE] [--timeout SECONDS] [--keep]
 #
 # Env: VM_KERNEL (default newest /boot/vmlinuz-6.12.*-amd64), VM_BUILD
-# (default build-vm), VM_MEM (1G), VM_SMP (2), VM_LOG (serial log path).
+# (default build-vm), VM_BUILDTYPE (debugoptimized, for a new VM_BUILD),
+# VM_MEM (1G), VM_SMP (2), VM_LOG (serial log path), VM_ENV (words
+# exported in the guest, e.g. "BENCH_MB=64").
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -39,7 +41,8 @@ BUSYBOX=$(command -v busybox) || fail "busybox missing"
 # A plain optimised build: the guest has no ASan runtime and TCG is slow.
 BUILD=${VM_BUILD:-$ROOT/build-vm}
 if [ ! -f "$BUILD/build.ninja" ]; then
-  meson setup "$BUILD" --buildtype=debugoptimized -Db_lundef=false -Dtests=disabled >/dev/null || fail "meson setup $BUILD"
+  meson setup "$BUILD" --buildtype="${VM_BUILDTYPE:-debugoptimized}" -Db_lundef=false -Dtests=disabled >/dev/null ||
+    fail "meson setup $BUILD"
 fi
 ninja -C "$BUILD" >/dev/null || fail "build in $BUILD failed"
 cc -O2 -Wall -D_GNU_SOURCE -I include -I cli -o "$BUILD/vmtool" tests/vm/vmtool.c cli/attach_nbd.c \
@@ -63,7 +66,7 @@ copy_bin() { # copy_bin PATH [NAME]
 cp "$BUSYBOX" "$R/bin/busybox"
 copy_bin "$BUILD/devio"
 copy_bin "$BUILD/vmtool"
-for b in mke2fs e2fsck blkdiscard; do
+for b in mke2fs e2fsck blkdiscard losetup dd; do
   p=$(command -v $b) || fail "$b missing"
   copy_bin "$p"
 done
@@ -85,6 +88,7 @@ for m in $MODS; do
 done
 echo "$MODS" >"$R/modules/order"
 cp "$SCRIPT" "$R/scenario.sh"
+for kv in ${VM_ENV:-}; do echo "export $kv"; done >"$R/env.sh"
 cp tests/vm/guest-lib.sh "$R/guest-lib.sh"
 
 cat >"$R/init" <<'INIT'
@@ -99,6 +103,7 @@ mount -t tmpfs run /run
 ip link set lo up
 ip addr add 127.0.0.1/8 dev lo 2>/dev/null
 for m in $(cat /modules/order); do insmod /modules/$m.ko || echo "insmod $m failed"; done
+. /env.sh
 echo "VM-START $(uname -r) $(nproc) cpus"
 sh /scenario.sh
 echo "VM-DONE"
@@ -114,7 +119,7 @@ timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -m
   -kernel "$KERNEL" -initrd "$WORK/initrd.gz" \
   -append "console=ttyS0 panic=-1 oops=panic loglevel=4 rdinit=/init" </dev/null >"$LOG" 2>&1
 rc=$?
-tr -d '\r' <"$LOG" | grep -E '^(PASS|FAIL|INFO|BENCH) ' || true
+tr -d '\r' <"$LOG" | grep -E '^(PASS|FAIL|INFO|BENCH)[ -]' || true
 if ! tr -d '\r' <"$LOG" | grep -q '^VM-DONE'; then
   echo "--- last lines of the serial console (qemu exit $rc):" >&2
   tr -d '\r' <"$LOG" | tail -n 40 >&2

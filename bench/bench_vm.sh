@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# bench_vm.sh - ublk and kernel-nbd throughput inside a guest kernel,
+# relative to a loop device on a tmpfs file in the same guest, plus the
+# ublk server's io_uring_enter calls per request.  Boots Debian's 6.12
+# kernel under qemu TCG through tests/vm/run.sh with a release build;
+# TCG makes absolute numbers small, the ratios are what to compare.
+#
+#   bench/bench_vm.sh [MiB per sequential run, default 128]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MB=${1:-128}
+OUT=$(mktemp /tmp/devio-bench-vm.XXXXXX)
+trap 'rm -f "$OUT"' EXIT
+VM_BUILD=${VM_BUILD:-$PWD/build-release-vm} VM_BUILDTYPE=release VM_ENV="BENCH_MB=$MB" \
+  tests/vm/run.sh --script bench/vm_guest_bench.sh --timeout 900 >"$OUT" 2>&1
+/usr/bin/python3 - "$OUT" <<'PY'
+import sys
+rows, sysc, order = {}, [], []
+for line in open(sys.argv[1]):
+    f = line.split()
+    if len(f) == 4 and f[0] == "BENCH":
+        try:
+            rows.setdefault(f[1], {})[f[2]] = float(f[3])
+        except ValueError:
+            continue
+        if f[2] not in order:
+            order.append(f[2])
+    elif f and f[0] == "BENCH-SYSCALLS":
+        sysc.append(" ".join(f[1:]))
+    elif f and f[0] in ("FAIL", "BENCH") :
+        print(line.rstrip())
+if "loop" not in rows:
+    print("no results (see tests/vm/run.sh output)"); sys.exit(1)
+print("MiB/s inside the guest (ratio to the loop device on tmpfs)")
+print(f"{'device':<24}" + "".join(f"{w:>22}" for w in order))
+for dev, r in rows.items():
+    cells = []
+    for w in order:
+        v, base = r.get(w), rows["loop"].get(w)
+        cells.append(f"{v:9.1f} ({v / base:5.2f}x)" if v is not None and base else f"{'-':>17}")
+    print(f"{dev:<24}" + "".join(f"{c:>22}" for c in cells))
+print()
+print("ublk server system calls (io_uring_enter; user copy adds one pread/pwrite per read/write):")
+for s in sysc:
+    print("  " + s)
+PY

@@ -1,0 +1,82 @@
+# vm_guest_bench.sh - runs inside the guest (bench/bench_vm.sh boots it via
+# tests/vm/run.sh): the same dd workloads on a loop device over a tmpfs
+# file, ublk over the file and RAM backends (user and kernel copy) and the
+# kernel nbd client on devio's NBD server, and the ublk server's
+# io_uring_enter calls per request.  Prints "BENCH DEVICE WORKLOAD MiB/s"
+# and "BENCH-SYSCALLS ..." lines for the host to tabulate.
+. /guest-lib.sh
+DD=/usr/bin/dd        # coreutils dd: iflag/oflag=direct and a timing line
+MB=${BENCH_MB:-128}
+cd /tmp
+
+# dd_rate ARGS...: MiB/s of one coreutils dd run.
+dd_rate() {
+  "$DD" "$@" 2>&1 | awk -F', ' '/copied/ { split($(NF-1), t, " "); split($1, b, " ");
+    if (t[1] > 0) printf "%.1f\n", b[1] / t[1] / 1048576; else print "0" }'
+}
+
+# now_cs: uptime in centiseconds.
+now_cs() { awk '{ split($1, a, "."); print a[1] * 100 + a[2] }' /proc/uptime; }
+
+# par_read DEV: four direct 4 KiB readers at once; MiB/s over all.
+par_read() {
+  _n=2048; _t0=$(now_cs)
+  for _i in 0 1 2 3; do
+    "$DD" if="$1" of=/dev/null bs=4k count=$_n skip=$((_i * _n)) iflag=direct 2>/dev/null &
+  done
+  wait
+  _t1=$(now_cs)
+  awk -v n=$((4 * _n)) -v cs=$((_t1 - _t0)) 'BEGIN { if (cs < 1) cs = 1; printf "%.1f\n", n * 4096 / 1048576 / (cs / 100) }'
+}
+
+run_workloads() { # run_workloads NAME DEV
+  echo "BENCH $1 seq-write-1M $(dd_rate if=/dev/zero of="$2" bs=1M count=$MB oflag=direct)"
+  echo "BENCH $1 seq-read-1M $(dd_rate if="$2" of=/dev/null bs=1M count=$MB iflag=direct)"
+  echo "BENCH $1 read-4k-qd1 $(dd_rate if="$2" of=/dev/null bs=4k count=4096 iflag=direct)"
+  echo "BENCH $1 read-4k-4jobs $(par_read "$2")"
+}
+
+syscalls() { # syscalls NAME LOG: io_uring_enter per request from the exit summary
+  awk -v name="$1" '/queue [0-9]+ served/ { for (i = 1; i <= NF; i++) {
+      if ($i == "served") s += $(i + 1); if ($i == "io_uring_enter") e += $(i + 1);
+      if ($i == "max_batch" && $(i + 1) > m) m = $(i + 1) } }
+    END { if (s) printf "BENCH-SYSCALLS %s requests %d io_uring_enter %d per-request %.3f max-batch %d\n", name, s, e, e / s, m }' "$2"
+}
+
+# loop device over a tmpfs file: the in-kernel reference
+truncate -s ${MB}M /tmp/l.img
+LOOP=$(/usr/bin/losetup -f --show /tmp/l.img)
+run_workloads loop "$LOOP"
+/usr/bin/losetup -d "$LOOP"
+rm -f /tmp/l.img
+
+for mode in user-copy kernel-copy; do
+  truncate -s ${MB}M /tmp/u.img
+  if start_ublk /tmp/u.log /tmp/u.img --ublk=$mode --queues 2; then
+    run_workloads ublk-file-$mode "$DEV"
+    stop_server TERM
+    syscalls ublk-file-$mode /tmp/u.log
+  else
+    echo "BENCH ublk-file-$mode failed"
+  fi
+  rm -f /tmp/u.img
+done
+
+if start_ublk /tmp/r.log ram:${MB}M --ublk --queues 2; then
+  run_workloads ublk-ram "$DEV"
+  stop_server TERM
+  syscalls ublk-ram /tmp/r.log
+fi
+
+truncate -s ${MB}M /tmp/n.img
+devio serve /tmp/n.img --nbd unix:/tmp/b.sock >/tmp/n.log 2>&1 &
+SRV=$!
+if wait_for 30 test -S /tmp/b.sock &&
+   devio attach "nbd+unix:///?socket=/tmp/b.sock" --nbd-device /dev/nbd0 --connections 2 >/tmp/a.log 2>&1; then
+  run_workloads kernel-nbd /dev/nbd0
+  devio detach /dev/nbd0 >/dev/null 2>&1
+else
+  echo "BENCH kernel-nbd failed"
+fi
+stop_server TERM
+rm -f /tmp/n.img
