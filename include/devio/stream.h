@@ -15,7 +15,7 @@ extern "C" {
 
 struct devio_stream_opts {
 	uint32_t max_transfer;  /* largest READ/WRITE served; 0 = DEVIO_MAX_TRANSFER */
-	uint32_t alignment;     /* req_alignment reported by INFO; 0 = backend's block size */
+	uint32_t alignment;     /* req_alignment reported and enforced; 0 = report the backend's block size, enforce none */
 	int stop_fd;            /* readable = stop the session (-1: none; sockets use shutdown()) */
 	const char *name;       /* peer name for log messages */
 };

@@ -1,0 +1,142 @@
+"""test_stream_remote.py - the devio client backend (backends/devio_remote.c)
+re-exported by a second server: `devio serve devio+unix:///A --devio unix:B`.
+The Python wire client talks to B; B's backend talks to A.  Checks several
+clients in parallel through the connection pool, reconnection after A
+restarts, alignment handled by read-modify-write, windows and read-only."""
+import os
+import shutil
+import tempfile
+import threading
+
+import pytest
+
+import devio_wire as w
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def tmp():
+    d = tempfile.mkdtemp(prefix="devio-remote-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def image(path, size):
+    data = os.urandom(size)
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
+
+
+def chain(serve, tmp, src, upstream_args=(), front_args=(), a_opts=""):
+    a = os.path.join(tmp, "a.sock")
+    b = os.path.join(tmp, "b.sock")
+    sa = serve(src, *upstream_args, "--devio", f"unix:{a}{a_opts}")
+    sa.wait_unix(a)
+    sb = serve(f"devio+unix://{a}", *front_args, "--devio", f"unix:{b}")
+    sb.wait_unix(b)
+    return sa, sb, a, b
+
+
+def test_reexport_round_trip(serve, tmp):
+    img = os.path.join(tmp, "disk.img")
+    data = bytearray(image(img, 8 * MiB))
+    _, _, _, b = chain(serve, tmp, img)
+    with w.Client(path=b) as c:
+        assert c.info()[0] == len(data)
+        # larger than the client's 1 MiB chunk: split on the way
+        err, got = c.read(MiB - 7, 3 * MiB)
+        assert err == 0 and got == data[MiB - 7:4 * MiB - 7]
+        payload = os.urandom(2 * MiB + 5)
+        assert c.write(3, payload) == (0, len(payload))
+        data[3:3 + len(payload)] = payload
+        assert c.zero([(5 * MiB, 4096)]) == 0
+        data[5 * MiB:5 * MiB + 4096] = bytes(4096)
+    with open(img, "rb") as f:
+        assert f.read() == bytes(data)
+
+
+def test_parallel_clients_through_the_pool(serve, tmp):
+    _, _, _, b = chain(serve, tmp, "ram:64M")
+    errors = []
+
+    def worker(i):
+        try:
+            with w.Client(path=b) as c:
+                block = bytes([i + 1]) * (256 << 10)
+                for k in range(8):
+                    off = (i * 8 + k) * len(block)
+                    assert c.write(off, block) == (0, len(block))
+                for k in range(8):
+                    off = (i * 8 + k) * len(block)
+                    assert c.read(off, len(block)) == (0, block)
+        except Exception as e:  # reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+
+
+def test_reconnects_when_upstream_restarts(serve, tmp):
+    img = os.path.join(tmp, "disk.img")
+    data = image(img, 2 * MiB)
+    sa, sb, a, b = chain(serve, tmp, img)
+    with w.Client(path=b) as c:
+        assert c.read(0, 4096) == (0, data[:4096])
+        sa.stop()
+        assert not os.path.exists(a)  # the server removes its socket
+        sa2 = serve(img, "--devio", f"unix:{a}")
+        sa2.wait_unix(a)
+        # the first request after the restart finds a dead connection and redials
+        assert c.read(4096, 4096) == (0, data[4096:8192])
+        assert c.write(0, b"again") == (0, 5)
+    with open(img, "rb") as f:
+        assert f.read(5) == b"again"
+    assert "reconnecting" in sb.stderr()
+
+
+def test_alignment_by_read_modify_write(serve, tmp):
+    img = os.path.join(tmp, "disk.img")
+    data = bytearray(image(img, MiB))
+    sa, _, a, b = chain(serve, tmp, img, a_opts=",align=4096")
+    with w.Client(path=a) as direct:
+        assert direct.info()[1] == 4096
+        assert direct.write(1001, b"x")[0] != 0  # the upstream enforces its alignment
+    with w.Client(path=b) as c:
+        assert c.info()[1] == 4096  # the preference passes through
+        assert c.write(1001, b"unaligned write") == (0, 15)
+        data[1001:1016] = b"unaligned write"
+        assert c.write(4096 * 3 - 2, b"straddle") == (0, 8)
+        data[4096 * 3 - 2:4096 * 3 + 6] = b"straddle"
+        assert c.read(1000, 20) == (0, bytes(data[1000:1020]))
+    with open(img, "rb") as f:
+        assert f.read() == bytes(data)
+
+
+def test_window_and_readonly(serve, tmp):
+    img = os.path.join(tmp, "disk.img")
+    data = image(img, 4 * MiB)
+    _, _, _, b = chain(serve, tmp, img, front_args=("--offset", "1M", "--size", "2M", "--readonly"))
+    with w.Client(path=b) as c:
+        size, _, flags = c.info()
+        assert size == 2 * MiB and flags & w.FLAG_RO
+        assert c.read(0, 4096) == (0, data[MiB:MiB + 4096])
+        assert c.write(0, b"no")[0] != 0
+    with open(img, "rb") as f:
+        assert f.read() == data
+
+
+def test_upstream_readonly_is_inherited(serve, tmp):
+    img = os.path.join(tmp, "disk.img")
+    data = image(img, MiB)
+    _, _, _, b = chain(serve, tmp, img, upstream_args=("--readonly",))
+    with w.Client(path=b) as c:
+        assert c.info()[2] & w.FLAG_RO
+        assert c.write(0, b"no")[0] != 0
+    with open(img, "rb") as f:
+        assert f.read() == data
