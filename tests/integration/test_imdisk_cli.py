@@ -142,3 +142,43 @@ def test_bad_command_lines(args):
     r = subprocess.run([DEVIO, *args], capture_output=True, timeout=30)
     assert r.returncode == 2
     assert b"usage" in r.stderr
+
+
+def test_drv_maps_to_a_kernel_device(image):
+    """drv:NAME: ublk when the kernel has it, else a FUSE file with a loop device."""
+    if not os.path.exists("/dev/fuse") or os.path.exists("/dev/ublk-control"):
+        pytest.skip("tests the FUSE mapping (needs /dev/fuse and no ublk)")
+    path, data = image
+    name = f"imdisk-test-{os.getpid()}"
+    mnt = f"/run/devio/{name}"
+    p = subprocess.Popen([DEVIO, f"drv:{name}", path], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        def loop_dev():
+            out = subprocess.run(["losetup", "-j", f"{mnt}/disk"], capture_output=True, text=True,
+                                 timeout=10).stdout
+            return out.split(":")[0] if out else None
+        wait_for(lambda: loop_dev() or p.poll() is not None, 20, "loop device")
+        assert p.poll() is None, p.stderr.read()
+        dev = loop_dev()
+        with open(dev, "rb") as f:
+            assert f.read(MiB) == data[:MiB]
+        with open(f"{mnt}/disk", "rb") as f:
+            f.seek(2 * MiB)
+            assert f.read(4096) == data[2 * MiB:2 * MiB + 4096]
+    finally:
+        p.terminate()
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        p.stdout.close()
+        p.stderr.close()
+        if os.path.ismount(mnt):
+            subprocess.run(["umount", "-l", mnt], timeout=30)
+        if os.path.isdir(mnt):
+            os.rmdir(mnt)
+    assert p.returncode == 0
+    assert not subprocess.run(["losetup", "-j", f"{mnt}/disk"], capture_output=True, text=True,
+                              timeout=10).stdout
