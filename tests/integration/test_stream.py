@@ -335,3 +335,17 @@ def test_serial_device_session(serve, tmp):
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_stop_with_clients_connected_and_mid_request(serve, tmp):
+    s, connect = start_unix(serve, tmp, "ram:4M")
+    idle, busy = connect(), connect()
+    try:
+        assert idle.info()[0] == 4 * MiB
+        busy.send(w.q(w.WRITE, 0, MiB) + b"z" * 1000)  # stalls mid-payload
+        assert s.stop() == 0  # SIGTERM: sessions are ended, the server exits cleanly
+        assert idle.at_eof() and busy.at_eof()
+        assert not os.path.exists(os.path.join(tmp, "devio.sock"))
+    finally:
+        idle.close()
+        busy.close()
