@@ -39,8 +39,9 @@ run_workloads() { # run_workloads NAME DEV
 syscalls() { # syscalls NAME LOG: io_uring_enter per request from the exit summary
   awk -v name="$1" '/queue [0-9]+ served/ { for (i = 1; i <= NF; i++) {
       if ($i == "served") s += $(i + 1); if ($i == "io_uring_enter") e += $(i + 1);
+      if ($i == "copy_syscalls") c += $(i + 1);
       if ($i == "max_batch" && $(i + 1) > m) m = $(i + 1) } }
-    END { if (s) printf "BENCH-SYSCALLS %s requests %d io_uring_enter %d per-request %.3f max-batch %d\n", name, s, e, e / s, m }' "$2"
+    END { if (s) printf "BENCH-SYSCALLS %s requests %d io_uring_enter %d (%.3f per request) copy pread/pwrite %d (%.3f per request) max-batch %d\n", name, s, e, e / s, c, c / s, m }' "$2"
 }
 
 # loop device over a tmpfs file: the in-kernel reference

@@ -24,6 +24,7 @@
 #include <liburing.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -78,7 +79,7 @@ struct ublk_queue {
 	unsigned cmds_out;     /* FETCH/COMMIT commands the kernel holds */
 	unsigned in_backend;   /* requests the backend holds */
 	/* counters, read by status() and printed at exit */
-	_Atomic uint64_t served, enters, batches_max, errors;
+	_Atomic uint64_t served, enters, copies, batches_max, errors;
 };
 
 struct ublk_dev {
@@ -464,6 +465,8 @@ static void commit_tag(struct ublk_queue *q, struct ublk_tag *t)
 		res = (int)req->length;
 	if (res > 0 && req->op == DEVIO_OP_READ && q->dev->user_copy) {
 		ssize_t n = pwrite(q->dev->cdev_fd, t->buf, req->length, (off_t)user_copy_off(q, t->tag));
+
+		atomic_fetch_add_explicit(&q->copies, 1, memory_order_relaxed);
 		if (n != (ssize_t)req->length) {
 			devio_err("ublk: %s: queue %u tag %u: copying read at %llu to the kernel: %s",
 				  q->dev->bdev, q->qid, t->tag, (unsigned long long)req->offset,
@@ -472,9 +475,13 @@ static void commit_tag(struct ublk_queue *q, struct ublk_tag *t)
 		}
 	}
 	if (res < 0) {
-		atomic_fetch_add_explicit(&q->errors, 1, memory_order_relaxed);
-		devio_debug("ublk: %s: %s at %llu length %llu: %s", q->dev->bdev, devio_op_name(req->op),
-			    (unsigned long long)req->offset, (unsigned long long)req->length, strerror(-res));
+		/* the first few failures per queue are worth a warning, not a flood */
+		enum devio_log_level lvl = atomic_fetch_add_explicit(&q->errors, 1, memory_order_relaxed) < 10
+					   ? DEVIO_LOG_WARN : DEVIO_LOG_DEBUG;
+
+		devio_log(lvl, "ublk: %s: %s at %llu length %llu failed: %s", q->dev->bdev,
+			  devio_op_name(req->op), (unsigned long long)req->offset,
+			  (unsigned long long)req->length, strerror(-res));
 	}
 	atomic_fetch_add_explicit(&q->served, 1, memory_order_relaxed);
 	if (queue_io_cmd(q, t, DEVIO_UBLK_IO_COMMIT_AND_FETCH_REQ, res))
@@ -522,6 +529,8 @@ static void start_request(struct ublk_queue *q, struct ublk_tag *t)
 	}
 	if (req->op == DEVIO_OP_WRITE && d->user_copy) {
 		ssize_t n = pread(d->cdev_fd, t->buf, req->length, (off_t)user_copy_off(q, t->tag));
+
+		atomic_fetch_add_explicit(&q->copies, 1, memory_order_relaxed);
 		if (n != (ssize_t)req->length) {
 			devio_err("ublk: %s: write at %llu: copying from the kernel: %s", d->bdev,
 				  (unsigned long long)req->offset, n < 0 ? strerror(errno) : "short copy");
@@ -636,6 +645,14 @@ static void *queue_main(void *arg)
 	struct ublk_dev *d = q->dev;
 	int r;
 
+	sigset_t block;
+
+	/* signals are for the main thread, which stops the device */
+	sigemptyset(&block);
+	sigaddset(&block, SIGINT);
+	sigaddset(&block, SIGTERM);
+	sigaddset(&block, SIGHUP);
+	pthread_sigmask(SIG_BLOCK, &block, NULL);
 	q->self = pthread_self();
 	r = queue_setup(q);
 	pthread_mutex_lock(&d->lock);
@@ -865,9 +882,9 @@ static void print_counters(struct ublk_dev *d, FILE *out)
 		struct ublk_queue *q = &d->queues[i];
 		uint64_t served = atomic_load(&q->served), enters = atomic_load(&q->enters);
 
-		fprintf(out, "ublk %s queue %u served %llu io_uring_enter %llu max_batch %llu errors %llu\n",
+		fprintf(out, "ublk %s queue %u served %llu io_uring_enter %llu copy_syscalls %llu max_batch %llu errors %llu\n",
 			d->bdev, i, (unsigned long long)served, (unsigned long long)enters,
-			(unsigned long long)atomic_load(&q->batches_max),
+			(unsigned long long)atomic_load(&q->copies), (unsigned long long)atomic_load(&q->batches_max),
 			(unsigned long long)atomic_load(&q->errors));
 	}
 }
