@@ -214,3 +214,35 @@ def test_unaligned_server_requests_from_python_client_match_c_client(serve, tmp)
     with w.Client(path=path) as c:
         assert c.write(1001, b"python wrote this") == (0, 17)
     assert run("cat", f"devio+unix://{path}", "--offset", "1001", "--length", "17").stdout == b"python wrote this"
+
+
+def test_copy_progress_bar_on_a_terminal(serve, tmp):
+    import pty
+    import select
+    src = os.path.join(tmp, "src.img")
+    data = random_image(src, 4 * MiB)
+    ram = unix_server(serve, tmp, "ram:4M")
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.Popen([DEVIO, "copy", "--block-size", "512K", src, ram], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=slave)
+        os.close(slave)
+        slave = -1
+        out = b""
+        while True:
+            if not select.select([master], [], [], 60)[0]:
+                break  # bounded: the wait below reports a hang
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the terminal's last writer is gone
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert p.wait(timeout=60) == 0
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert b"100%" in out and b"[" + b"#" * 40 + b"]" in out
+    assert run("cat", ram).stdout == data
