@@ -630,6 +630,7 @@ struct file_ring {
 	bool submitting;          /* a thread is pushing SQEs to the kernel */
 	bool fixed_file;          /* fd registered as fixed file 0 */
 	_Atomic bool closing;     /* set by close: no new requests */
+	bool ext_arg;             /* the reaper's wait can have a timeout */
 	_Atomic unsigned inflight;
 	pthread_t reaper;
 };
@@ -765,29 +766,54 @@ static void ring_handle(struct devio_file *f, struct devio_request *req, int res
 }
 
 /* The completion thread: reap, handle, until closed and drained. */
+/* Submit what is queued and sleep until a completion, in one call.  The
+ * timeout is a safety net: SQEs the kernel did not take (it may submit
+ * fewer than asked) are pushed again on the next round. */
+static int ring_submit_and_wait(struct file_ring *fr, unsigned to_submit)
+{
+	struct __kernel_timespec ts = { .tv_sec = 1 };
+	struct io_uring_getevents_arg arg = { .ts = (uint64_t)(uintptr_t)&ts };
+	int r;
+
+	if (fr->ext_arg) {
+		r = io_uring_enter2((unsigned)fr->ring.ring_fd, to_submit, 1,
+				    IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, (sigset_t *)&arg, sizeof(arg));
+		if (r != -EINVAL)
+			return r;
+		fr->ext_arg = false; /* an old kernel: wait without a timeout */
+	}
+	return io_uring_enter((unsigned)fr->ring.ring_fd, to_submit, 1, IORING_ENTER_GETEVENTS, NULL);
+}
+
+/* The completion thread: reap, handle, until closed and drained.  What the
+ * completion callbacks queue is submitted together with the next wait. */
 static void *ring_reaper(void *arg)
 {
 	struct devio_file *f = arg;
 	struct file_ring *fr = f->uring;
 	bool stop_seen = false;
+	unsigned to_submit = 0;
 
 	while (!stop_seen || atomic_load(&fr->inflight)) {
 		struct io_uring_cqe *cqe;
 		struct { struct devio_request *req; int res; } got[RING_REAP_BATCH];
 		unsigned head, n = 0;
-		int r = io_uring_wait_cqe(&fr->ring, &cqe);
 
-		if (r == -EINTR || r == -EAGAIN)
-			continue;
-		if (r < 0) {
-			devio_err("%s: io_uring_wait_cqe: %s; completion thread stops", f->path, strerror(-r));
-			break;
-		}
 		io_uring_for_each_cqe(&fr->ring, head, cqe) {
 			got[n].req = io_uring_cqe_get_data(cqe);
 			got[n].res = cqe->res;
 			if (++n == RING_REAP_BATCH)
 				break;
+		}
+		if (n == 0) {
+			int r = ring_submit_and_wait(fr, to_submit);
+
+			to_submit = 0;
+			if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY && r != -ETIME) {
+				devio_err("%s: io_uring_enter: %s; completion thread stops", f->path, strerror(-r));
+				break;
+			}
+			continue;
 		}
 		io_uring_cq_advance(&fr->ring, n);
 		ring_reaping = fr;
@@ -799,7 +825,7 @@ static void *ring_reaper(void *arg)
 		}
 		ring_reaping = NULL;
 		pthread_mutex_lock(&fr->lock);
-		ring_push_locked(fr);
+		to_submit = fr->submitting ? 0 : ring_flush_locked(fr);
 		pthread_mutex_unlock(&fr->lock);
 	}
 	return NULL;
@@ -843,6 +869,7 @@ static void file_uring_start(struct devio_file *f)
 		return;
 	}
 	fr->fixed_file = io_uring_register_files(&fr->ring, &f->fd, 1) == 0;
+	fr->ext_arg = true;
 	pthread_mutex_init(&fr->lock, NULL);
 	f->uring = fr;
 	if (pthread_create(&fr->reaper, NULL, ring_reaper, f)) {
