@@ -1,7 +1,8 @@
 /* client_cmds.c - devio info / cat / write / copy: the client side of the
  * command line.  Every URI or image is opened with devio_backend_open(), so
  * a local image, ram:, a devio server and an NBD server are all the same
- * here.  copy prints the last completed offset when it stops early, so
+ * here.  copy sends blocks that the source's extents say read as zeroes
+ * as ZERO requests instead of reading and writing them.  copy prints the last completed offset when it stops early, so
  * `--resume-from` continues where it left off. */
 #include <errno.h>
 #include <getopt.h>
@@ -28,12 +29,41 @@ static int open_export(const char *source, bool readonly, struct devio_backend *
 	return r;
 }
 
-/* Run one request synchronously through the core (range checks included). */
+/* ZERO for a destination without a zero callback: write zeroes. */
+static int zero_by_writing(struct devio_backend *b, uint64_t off, uint64_t len)
+{
+	static const char zeroes[65536];
+	int r = 0;
+
+	while (len && !r) {
+		uint64_t n = len < sizeof(zeroes) ? len : sizeof(zeroes);
+
+		r = b->ops->pwrite(b, zeroes, n, off, 0);
+		off += n;
+		len -= n;
+	}
+	return r;
+}
+
+/* Run one request on this thread: the core's checks, then the backend's
+ * synchronous callback (these commands wait for every request anyway). */
 static int run(struct devio_backend *b, enum devio_op op, void *buf, uint64_t len, uint64_t off)
 {
 	struct devio_request req = { .op = op, .offset = off, .length = len, .buf = buf };
+	int r = devio_request_check(b, &req);
 
-	return devio_execute(b, &req);
+	if (r || len == 0)
+		return r;
+	switch (op) {
+	case DEVIO_OP_READ:
+		return b->ops->pread(b, buf, len, off);
+	case DEVIO_OP_WRITE:
+		return b->ops->pwrite(b, buf, len, off, 0);
+	case DEVIO_OP_ZERO:
+		return b->ops->zero ? b->ops->zero(b, off, len, 0) : zero_by_writing(b, off, len);
+	default:
+		return devio_execute(b, &req);
+	}
 }
 
 static int size_arg(const char *cmd, const char *opt, const char *val, uint64_t *out)
@@ -264,12 +294,47 @@ struct copy_job {
 	char *bufs[2];
 	uint64_t lens[2], offs[2];
 	bool full[2];
+	bool zero[2];         /* the block reads as zeroes: sent as ZERO, not data */
+	uint64_t zeroed;      /* bytes sent as ZERO */
 	bool eof, failed;
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
 	uint64_t done;        /* every byte below this is written */
 	int rerr;
 };
+
+struct zero_walk {
+	uint64_t pos;   /* covered so far, all zero */
+	bool data;      /* met an extent that may hold data */
+};
+
+static int zero_extent(void *ctx, uint64_t off, uint64_t len, uint32_t flags)
+{
+	struct zero_walk *z = ctx;
+
+	if (!(flags & DEVIO_EXTENT_ZERO) || off != z->pos) {
+		z->data = true;
+		return 1;
+	}
+	z->pos = off + len;
+	return 0;
+}
+
+/* Does [off, off+len) of the source read as zeroes, by its extents? */
+static bool block_is_zero(struct devio_backend *b, uint64_t off, uint64_t len)
+{
+	struct zero_walk z = { .pos = off };
+
+	if (!(b->caps & DEVIO_CAP_EXTENTS) || !b->ops->extents)
+		return false;
+	while (z.pos < off + len && !z.data) {
+		uint64_t before = z.pos;
+
+		if (b->ops->extents(b, z.pos, off + len - z.pos, zero_extent, &z) < 0 || z.pos == before)
+			return false;
+	}
+	return !z.data && z.pos >= off + len;
+}
 
 static void *copy_reader(void *arg)
 {
@@ -292,7 +357,8 @@ static void *copy_reader(void *arg)
 		n = j->end - off < j->block ? j->end - off : j->block;
 		j->pos += n;
 		pthread_mutex_unlock(&j->lock);
-		r = run(j->src, DEVIO_OP_READ, j->bufs[slot], n, off);
+		j->zero[slot] = block_is_zero(j->src, off, n);
+		r = j->zero[slot] ? 0 : run(j->src, DEVIO_OP_READ, j->bufs[slot], n, off);
 		pthread_mutex_lock(&j->lock);
 		if (r) {
 			devio_err("copy: %s: read at %llu: %s", j->src_name, (unsigned long long)off, strerror(-r));
@@ -323,8 +389,13 @@ static int copy_writer(struct copy_job *j, bool show, uint64_t start_ns, uint64_
 			return j->rerr;
 		}
 		pthread_mutex_unlock(&j->lock);
-		r = run(j->dst, DEVIO_OP_WRITE, j->bufs[slot], j->lens[slot], j->offs[slot]);
+		if (j->zero[slot])
+			r = run(j->dst, DEVIO_OP_ZERO, NULL, j->lens[slot], j->offs[slot]);
+		else
+			r = run(j->dst, DEVIO_OP_WRITE, j->bufs[slot], j->lens[slot], j->offs[slot]);
 		pthread_mutex_lock(&j->lock);
+		if (!r && j->zero[slot])
+			j->zeroed += j->lens[slot];
 		if (r) {
 			devio_err("copy: %s: write at %llu: %s", j->dst_name, (unsigned long long)j->offs[slot],
 				  strerror(-r));
@@ -423,8 +494,8 @@ int cmd_copy(int argc, char **argv)
 			(unsigned long long)j.done);
 		rc = r == -EINTR ? 130 : 1;
 	} else {
-		fprintf(stderr, "devio: copied %llu bytes from %s to %s\n", (unsigned long long)(j.end - resume),
-			j.src_name, j.dst_name);
+		fprintf(stderr, "devio: copied %llu bytes from %s to %s (%llu of them as zero ranges, not read)\n",
+			(unsigned long long)(j.end - resume), j.src_name, j.dst_name, (unsigned long long)j.zeroed);
 		rc = 0;
 	}
 out_bufs:

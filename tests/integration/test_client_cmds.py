@@ -246,3 +246,29 @@ def test_copy_progress_bar_on_a_terminal(serve, tmp):
             os.close(slave)
     assert b"100%" in out and b"[" + b"#" * 40 + b"]" in out
     assert run("cat", ram).stdout == data
+
+
+def test_copy_sends_zero_extents_as_zero_requests(serve, tmp):
+    # a sparse source: data in two places, holes elsewhere
+    src = os.path.join(tmp, "sparse.img")
+    a, b = os.urandom(MiB), os.urandom(MiB)
+    with open(src, "wb") as f:
+        f.truncate(16 * MiB)
+        f.seek(2 * MiB)
+        f.write(a)
+        f.seek(9 * MiB)
+        f.write(b)
+    dst = os.path.join(tmp, "dst.img")
+    random_image(dst, 16 * MiB)  # old contents that must be zeroed
+    p = run("copy", src, dst)
+    m = re.search(rb"\((\d+) of them as zero ranges", p.stderr)
+    assert m and int(m.group(1)) >= 8 * MiB, p.stderr  # holes were not read
+    expect = bytearray(16 * MiB)
+    expect[2 * MiB:3 * MiB] = a
+    expect[9 * MiB:10 * MiB] = b
+    assert read_file(dst) == bytes(expect)
+    # into a devio server (ZERO on the wire) from ram: (all holes)
+    srv = unix_server(serve, tmp, dst, name="dst.sock")
+    p = run("copy", "ram:16M", srv)
+    assert b"16777216 of them as zero ranges" in p.stderr
+    assert read_file(dst) == bytes(16 * MiB)
