@@ -1,0 +1,122 @@
+"""test_nbd_remote.py - the NBD client backend (nbd://, nbd+unix://):
+devio info/copy against a devio NBD server and against nbdkit and
+qemu-nbd, a devio server re-exporting another NBD server with many
+requests in flight, and what happens when the far server goes away."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+
+import pytest
+
+from conftest import DEVIO, free_port, wait_for
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def tmp():
+    d = tempfile.mkdtemp(prefix="devio-nbdr-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def run(*args, timeout=120, check=True):
+    r = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{args} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def random_file(path, size, seed):
+    block = hashlib.sha512(str(seed).encode()).digest() * 2048  # 128 KiB
+    with open(path, "wb") as f:
+        for pos in range(0, size, len(block)):
+            f.write(block[:min(len(block), size - pos)])
+
+
+def digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_info_and_copy_through_devio_server(serve, tmp):
+    sock = os.path.join(tmp, "a.sock")
+    serve("ram:8M", "--export", "small=ram:1M", "--nbd", f"unix:{sock}").wait_unix(sock)
+    out = run(DEVIO, "info", f"nbd+unix:///small?socket={sock}").stdout
+    assert "size: 1048576" in out
+    src = os.path.join(tmp, "src.bin")
+    random_file(src, 5 * MiB + 512, 1)
+    run(DEVIO, "copy", src, f"nbd+unix:///?socket={sock}")
+    back = os.path.join(tmp, "back.bin")
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", f"nbd+unix:///?socket={sock}", back)
+    with open(back, "rb") as f, open(src, "rb") as g:
+        a, b = f.read(), g.read()
+    assert a[:len(b)] == b and a[len(b):] == bytes(len(a) - len(b))
+    r = run(DEVIO, "info", f"nbd+unix:///nosuch?socket={sock}", check=False)
+    assert r.returncode != 0
+
+
+@pytest.mark.parametrize("peer", ["nbdkit", "qemu-nbd"])
+def test_copy_from_other_servers(tmp, peer):
+    img = os.path.join(tmp, "peer.img")
+    random_file(img, 3 * MiB, 2)
+    port = free_port()
+    if peer == "nbdkit":
+        cmd = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", img]
+    else:
+        cmd = ["qemu-nbd", "-t", "-f", "raw", "-b", "127.0.0.1", "-p", str(port), "-x", "disk", img]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        export = "disk" if peer == "qemu-nbd" else ""
+        u = f"nbd://127.0.0.1:{port}/{export}"
+        wait_for(lambda: run("nbdinfo", "--size", u, check=False).returncode == 0, 10, peer)
+        out = os.path.join(tmp, "out.img")
+        with open(out, "wb") as f:  # copy writes into an existing image
+            f.truncate(3 * MiB)
+        run(DEVIO, "copy", u, out)
+        assert digest(out) == digest(img)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=10)
+
+
+def test_reexport_with_requests_in_flight(serve, tmp):
+    a = os.path.join(tmp, "a.sock")
+    b = os.path.join(tmp, "b.sock")
+    serve("ram:64M", "--nbd", f"unix:{a}").wait_unix(a)
+    serve(f"nbd+unix:///?socket={a}", "--nbd", f"unix:{b}").wait_unix(b)
+    info = json.loads(run("nbdinfo", "--json", f"nbd+unix:///?socket={b}").stdout)["exports"][0]
+    assert info["export-size"] == 64 * MiB and info["can_trim"] and info["can_zero"]
+    ub = f"nbd+unix:///?socket={b}"
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x3c 1000 3M", "-c", "write -z 4M 1M",
+        "-c", "discard 8M 1M", ub)
+    run("qemu-io", "-f", "raw", "-c", "read -P 0x3c 1000 3M", "-c", "read -P 0 4M 1M",
+        f"nbd+unix:///?socket={a}")
+    r = run("fio", "--name=chain", "--ioengine=nbd", f"--uri={ub}", "--rw=randwrite", "--bs=4k",
+            "--size=8M", "--iodepth=32", "--numjobs=2", "--offset_increment=16M", "--verify=crc32c",
+            "--verify_fatal=1", "--verify_state_save=0", "--group_reporting", "--output-format=json",
+            timeout=300)
+    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+    assert job["error"] == 0 and job["read"]["io_bytes"] == 2 * 8 * MiB
+
+
+def test_far_server_going_away(serve, tmp):
+    a = os.path.join(tmp, "a.sock")
+    b = os.path.join(tmp, "b.sock")
+    far = serve("ram:8M", "--nbd", f"unix:{a}")
+    far.wait_unix(a)
+    near = serve(f"nbd+unix:///?socket={a}", "--nbd", f"unix:{b}")
+    near.wait_unix(b)
+    ub = f"nbd+unix:///?socket={b}"
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 64k", ub)
+    far.stop(signal.SIGKILL)
+    r = run("qemu-io", "-f", "raw", "-c", "read -P 0x11 0 64k", ub, check=False)
+    assert "error" in (r.stdout + r.stderr).lower() or r.returncode != 0
+    # the near server is still up and says so
+    assert run("nbdinfo", "--size", ub).stdout.strip() == str(8 * MiB)
+    assert near.proc.poll() is None
