@@ -28,6 +28,8 @@
 
 #define STREAM_MAX_CONNS 64
 #define STREAM_RDBUF 65536
+/* A connection keeps a data buffer up to this size between requests. */
+#define STREAM_KEEP_BUF (4u << 20)
 /* CONNECT carries a connection string: more than this is not a string. */
 #define STREAM_MAX_CONNECT_BYTES 65536u
 /* SCSI pass-through payloads we consume (and refuse) without keeping. */
@@ -548,6 +550,12 @@ int devio_stream_session(struct devio_backend *b, int rfd, int wfd, const struct
 			break;
 		if ((r = session_request(&s, code)))
 			break;
+		if (s.buflen > STREAM_KEEP_BUF) {
+			/* rare huge transfers: do not keep 64 MiB per idle client */
+			free(s.buf);
+			s.buf = NULL;
+			s.buflen = 0;
+		}
 	}
 	free(s.buf);
 	free(s.in);
