@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 #include "devio/backend.h"
@@ -95,10 +96,13 @@ static void conn_drop(struct remote_conn *c)
 	c->fd = -1;
 }
 
+/* sendmsg with MSG_NOSIGNAL: a dead server must not kill a client
+ * process that has not ignored SIGPIPE (devio cat, copy). */
 static int send_all(int fd, struct iovec *iov, int cnt)
 {
 	while (cnt) {
-		ssize_t n = writev(fd, iov, cnt);
+		struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)cnt };
+		ssize_t n = sendmsg(fd, &msg, MSG_NOSIGNAL);
 
 		if (n < 0 && errno == EINTR)
 			continue;

@@ -140,3 +140,56 @@ def test_upstream_readonly_is_inherited(serve, tmp):
         assert c.write(0, b"no")[0] != 0
     with open(img, "rb") as f:
         assert f.read() == data
+
+
+def fake_server(path, info, requests_to_answer=0):
+    """A one-shot devio server in a thread: answers INFO with `info`
+    (size, alignment, flags), then hangs up and stops listening."""
+    import socket
+    import struct
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ls.bind(path)
+    ls.listen(1)
+    ls.settimeout(30)
+
+    def run():
+        try:
+            conn, _ = ls.accept()
+            conn.settimeout(30)
+            with conn:
+                assert struct.unpack("<Q", conn.recv(8))[0] == w.INFO
+                conn.sendall(w.q(*info))
+        except OSError:
+            pass
+        finally:
+            ls.close()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_server_vanishing_fails_the_client_cleanly(tmp):
+    import subprocess
+    from conftest import DEVIO
+    path = os.path.join(tmp, "fake.sock")
+    t = fake_server(path, (MiB, 1, 0))
+    try:
+        p = subprocess.run([DEVIO, "cat", f"devio+unix://{path}"], capture_output=True, timeout=60)
+    finally:
+        t.join(30)
+    assert p.returncode == 1, p  # an error exit, not killed by SIGPIPE
+    assert b"fake.sock" in p.stderr and p.stdout == b""
+
+
+def test_size_zero_needs_size_option(tmp):
+    import subprocess
+    from conftest import DEVIO
+    path = os.path.join(tmp, "fake.sock")
+    t = fake_server(path, (0, 1, 0))
+    try:
+        p = subprocess.run([DEVIO, "info", f"devio+unix://{path}"], capture_output=True, timeout=60)
+    finally:
+        t.join(30)
+    assert p.returncode == 1
+    assert b"does not tell its size" in p.stderr and b"--size" in p.stderr
