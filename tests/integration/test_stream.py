@@ -8,6 +8,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import time
 
 import pytest
 
@@ -349,3 +350,16 @@ def test_stop_with_clients_connected_and_mid_request(serve, tmp):
     finally:
         idle.close()
         busy.close()
+
+
+def test_status_names_the_transport(serve, tmp):
+    s, _ = start_unix(serve, tmp, "ram:1M")
+    sock = os.path.join(tmp, "devio.sock")
+    out = ""
+    for _ in range(100):  # the status file is written right after start
+        out = subprocess.run([DEVIO, "status"], capture_output=True, text=True, timeout=30).stdout
+        if f"devio stream on unix:{sock}" in out:
+            break
+        time.sleep(0.05)
+    assert f"devio stream on unix:{sock}" in out, out
+    assert "served" in out
