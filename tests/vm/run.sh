@@ -10,7 +10,7 @@
 #   tests/vm/run.sh [--script FILE] [--timeout SECONDS] [--keep]
 #
 # Env: VM_KERNEL (default newest /boot/vmlinuz-6.12.*-amd64), VM_BUILD
-# (default build-vm), VM_BUILDTYPE (debugoptimized, for a new VM_BUILD),
+# (default $DEVIO_BUILD, else build-vm), VM_BUILDTYPE (debugoptimized, for a new VM_BUILD),
 # VM_MEM (1G), VM_SMP (2), VM_LOG (serial log path), VM_ENV (words
 # exported in the guest, e.g. "BENCH_MB=64").
 set -uo pipefail
@@ -38,14 +38,18 @@ MODDIR=/lib/modules/$KVER
 command -v qemu-system-x86_64 >/dev/null || fail "qemu-system-x86_64 missing"
 BUSYBOX=$(command -v busybox) || fail "busybox missing"
 
-# A plain optimised build: the guest has no ASan runtime and TCG is slow.
-BUILD=${VM_BUILD:-$ROOT/build-vm}
+# The build to test: VM_BUILD, else scripts/test.sh's sanitized DEVIO_BUILD
+# (its libasan/libubsan go into the guest like any other library, so the
+# ublk front end runs under ASan+UBSan there), else a plain build-vm.
+BUILD=${VM_BUILD:-${DEVIO_BUILD:-$ROOT/build-vm}}
 if [ ! -f "$BUILD/build.ninja" ]; then
   meson setup "$BUILD" --buildtype="${VM_BUILDTYPE:-debugoptimized}" -Db_lundef=false -Dtests=disabled >/dev/null ||
     fail "meson setup $BUILD"
 fi
 ninja -C "$BUILD" >/dev/null || fail "build in $BUILD failed"
-cc -O2 -Wall -D_GNU_SOURCE -I include -I cli -o "$BUILD/vmtool" tests/vm/vmtool.c cli/attach_nbd.c \
+SAN=
+grep -q __asan_init "$BUILD/devio" && SAN=-fsanitize=address,undefined # VM_BUILD may be a sanitized build
+cc -O2 -Wall $SAN -D_GNU_SOURCE -I include -I cli -o "$BUILD/vmtool" tests/vm/vmtool.c cli/attach_nbd.c \
   "$BUILD/libdevio.a" -luring -lpthread || fail "building tests/vm/vmtool.c"
 
 WORK=$(mktemp -d /tmp/devio-vm.XXXXXX)
