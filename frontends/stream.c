@@ -20,6 +20,7 @@
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <termios.h>
+#include <time.h>
 #include <unistd.h>
 #include "devio/frontend.h"
 #include "devio/protocol.h"
@@ -28,6 +29,8 @@
 
 #define STREAM_MAX_CONNS 64
 #define STREAM_RDBUF 65536
+/* How long stop() waits for sessions to end. */
+#define STREAM_STOP_SECONDS 10
 /* A connection keeps a data buffer up to this size between requests. */
 #define STREAM_KEEP_BUF (4u << 20)
 /* CONNECT carries a connection string: more than this is not a string. */
@@ -871,9 +874,12 @@ out_free:
 static void stop(void *state)
 {
 	struct stream_state *st = state;
+	struct timespec deadline;
 
 	if (!st)
 		return;
+	clock_gettime(CLOCK_REALTIME, &deadline);
+	deadline.tv_sec += STREAM_STOP_SECONDS;
 	pthread_mutex_lock(&st->lock);
 	st->stopping = true;
 	pthread_mutex_unlock(&st->lock);
@@ -885,8 +891,17 @@ static void stop(void *state)
 	for (struct stream_conn *c = st->conns; c; c = c->next)
 		if (!st->single)
 			shutdown(c->rfd, SHUT_RDWR); /* wakes its blocked read */
-	while (st->active)
-		pthread_cond_wait(&st->idle, &st->lock);
+	while (st->active) {
+		/* A stdio/device session blocked writing to a peer that does not
+		 * read cannot be woken: give up on it after a while rather than
+		 * hang the exit (its thread keeps the state, so it is not freed). */
+		if (pthread_cond_timedwait(&st->idle, &st->lock, &deadline) == ETIMEDOUT) {
+			devio_warn("--devio %s: %u session(s) did not end; exiting without them", st->where,
+				   st->active);
+			pthread_mutex_unlock(&st->lock);
+			return;
+		}
+	}
 	pthread_mutex_unlock(&st->lock);
 	state_free(st);
 }
