@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/uio.h>
 #include <unistd.h>
 #include "devio/backend.h"
@@ -25,6 +26,7 @@
 #define REMOTE_MAX_CONNS 4
 #define REMOTE_CHUNK (1u << 20)
 #define REMOTE_MAX_ALIGN (1u << 20)
+#define REMOTE_TIMEOUT_S 120
 
 struct remote_conn {
 	int fd;
@@ -38,6 +40,7 @@ struct remote {
 	uint64_t align;         /* server's req_alignment (power of two) */
 	uint64_t remote_size;
 	uint64_t flags;         /* INFO flags */
+	unsigned timeout_s;     /* per send/receive on a connection */
 	pthread_mutex_t lock;
 	pthread_cond_t freed;
 	pthread_mutex_t rmw_lock; /* serialises read-modify-write of partial blocks */
@@ -49,11 +52,29 @@ struct remote {
 
 static int remote_dial(struct remote *rm)
 {
+	struct timeval tv = { .tv_sec = rm->timeout_s };
 	int fd = devio_connect(&rm->addr);
 
-	if (fd < 0)
+	if (fd < 0) {
 		devio_err("%s: cannot connect: %s", rm->uri, strerror(-fd));
+		return fd;
+	}
+	/* A server that stops answering fails the request instead of
+	 * hanging its caller forever; the connection is then dropped. */
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
 	return fd;
+}
+
+/* DEVIO_REMOTE_TIMEOUT=SECONDS overrides the default of 120 s. */
+static unsigned remote_timeout(void)
+{
+	const char *e = getenv("DEVIO_REMOTE_TIMEOUT");
+	uint64_t v;
+
+	if (e && !devio_parse_u64(e, &v) && v >= 1 && v <= 86400)
+		return (unsigned)v;
+	return REMOTE_TIMEOUT_S;
 }
 
 /* A free connection (opening one if the pool is not full), marked busy. */
@@ -500,6 +521,7 @@ int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts,
 	pthread_cond_init(&rm->freed, NULL);
 	pthread_mutex_init(&rm->rmw_lock, NULL);
 	snprintf(rm->uri, sizeof(rm->uri), "%s", uri);
+	rm->timeout_s = remote_timeout();
 	if (parse_uri(uri, &rm->addr)) {
 		devio_err("%s: want devio://HOST:PORT or devio+unix:///PATH", uri);
 		r = -EINVAL;

@@ -193,3 +193,40 @@ def test_size_zero_needs_size_option(tmp):
         t.join(30)
     assert p.returncode == 1
     assert b"does not tell its size" in p.stderr and b"--size" in p.stderr
+
+
+def test_silent_server_times_out(tmp):
+    """A server that answers INFO, then never answers: the request fails
+    after DEVIO_REMOTE_TIMEOUT instead of hanging the client."""
+    import socket
+    import subprocess
+    from conftest import DEVIO
+    path = os.path.join(tmp, "silent.sock")
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ls.bind(path)
+    ls.listen(4)
+    held = []
+
+    def run():
+        ls.settimeout(30)
+        try:
+            conn, _ = ls.accept()
+            held.append(conn)
+            conn.recv(8)
+            conn.sendall(w.q(MiB, 1, 0))
+            ls.close()  # the redial after the timeout is refused
+        except OSError:
+            pass
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        p = subprocess.run([DEVIO, "cat", f"devio+unix://{path}", "--length", "4096"], capture_output=True,
+                           timeout=60, env=dict(os.environ, DEVIO_REMOTE_TIMEOUT="1"))
+    finally:
+        t.join(30)
+        for c in held:
+            c.close()
+        ls.close()
+    assert p.returncode == 1 and p.stdout == b""
+    assert b"connection lost" in p.stderr
