@@ -63,6 +63,9 @@ def stdio(args, requests):
 def test_tcp_port_serves_whole_image_on_all_interfaces(imdisk, image):
     path, data = image
     p, port = imdisk("PORT", path)
+    listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True,
+                               timeout=10).stdout
+    assert any(a in listening for a in (f"0.0.0.0:{port}", f"*:{port}", f"[::]:{port}")), listening
     with w.Client(port=port) as c:
         size, align, flags = c.info()
         assert size == len(data) and align == 1 and not flags & w.FLAG_RO

@@ -73,6 +73,11 @@ def test_file_round_trip(serve, tmp, transport):
     orig = make_image(img, 4 * MiB)
     if transport == "tcp":
         _, connect = start_tcp(serve, img)
+        with connect() as c0:
+            port = c0.s.getpeername()[1]
+        listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True,
+                                   timeout=10).stdout
+        assert f"127.0.0.1:{port}" in listening, listening  # loopback unless told otherwise
     else:
         _, connect = start_unix(serve, tmp, img)
     with connect() as c:
