@@ -7,11 +7,11 @@ PKGS=(
   build-essential meson ninja-build pkg-config liburing-dev libcmocka-dev clang libclang-rt-14-dev
   # test peers and tools
   python3 python3-pytest qemu-utils libnbd-bin python3-libnbd nbdkit nbdfuse fio fuse3
-  e2fsprogs xfsprogs fdisk util-linux kmod procps psmisc
+  e2fsprogs xfsprogs fdisk util-linux kmod procps psmisc iproute2
   # guest-kernel harness (ublk, kernel nbd)
   qemu-system-x86 busybox-static cpio 'linux-image-6.12.*-amd64-unsigned'
   # benchmarks and profiling
-  hyperfine linux-perf valgrind
+  hyperfine linux-perf valgrind bc
 )
 missing=()
 for p in "${PKGS[@]}"; do
