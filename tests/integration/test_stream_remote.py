@@ -230,3 +230,28 @@ def test_silent_server_times_out(tmp):
         ls.close()
     assert p.returncode == 1 and p.stdout == b""
     assert b"connection lost" in p.stderr
+
+
+def test_nbd_front_end_over_devio_backend(serve, tmp):
+    """Real NBD peers (nbdcopy with requests in flight, qemu-io) through
+    `serve devio+unix://A --nbd`: the pool carries their parallel requests."""
+    import subprocess
+    if not shutil.which("nbdcopy") or not shutil.which("qemu-io"):
+        pytest.skip("nbdcopy/qemu-io not installed")
+    img = os.path.join(tmp, "disk.img")
+    data = bytearray(image(img, 16 * MiB))
+    a = os.path.join(tmp, "a.sock")
+    b = os.path.join(tmp, "b.sock")
+    serve(img, "--devio", f"unix:{a}").wait_unix(a)
+    serve(f"devio+unix://{a}", "--nbd", f"unix:{b}").wait_unix(b)
+    uri = f"nbd+unix:///?socket={b}"
+    out = os.path.join(tmp, "out.img")
+    subprocess.run(["nbdcopy", "--requests=16", "--connections=1", uri, out], check=True, timeout=120)
+    with open(out, "rb") as f:
+        assert f.read() == bytes(data)
+    r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 1000000 300000", uri],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "wrote 300000" in r.stdout, r.stdout + r.stderr
+    data[1000000:1300000] = b"\x5a" * 300000
+    with open(img, "rb") as f:
+        assert f.read() == bytes(data)
