@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 #include <endian.h>
 #include "cli.h"
@@ -42,9 +43,11 @@
 #define MAX_REPLY_LEN      (64u * 1024)
 #define MAX_CONNECTIONS    16
 #define NL_BUF             8192
+#define HANDSHAKE_TIMEOUT  30 /* seconds, unless --timeout says otherwise */
 
 struct nbd_target {
 	struct devio_addr addr;
+	unsigned hs_timeout;  /* seconds a handshake read/write may stall */
 	char export_name[MAX_EXPORT_NAME + 1];
 	char uri[512];
 };
@@ -214,6 +217,15 @@ static int read_go_replies(int fd, const char *uri, struct nbd_export_info *info
 	return -EPROTO;
 }
 
+/* Bound every blocking read/write on fd to seconds (0: no bound). */
+static void set_timeouts(int fd, unsigned seconds)
+{
+	struct timeval tv = { .tv_sec = seconds };
+
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+}
+
 /* Connect and negotiate one socket up to the transmission phase. */
 static int nbd_connect_one(const struct nbd_target *t, struct nbd_export_info *info)
 {
@@ -229,6 +241,7 @@ static int nbd_connect_one(const struct nbd_target *t, struct nbd_export_info *i
 		devio_err("%s: cannot connect: %s", t->uri, strerror(-fd));
 		return fd;
 	}
+	set_timeouts(fd, t->hs_timeout);
 	r = devio_read_full(fd, &greet, sizeof(greet));
 	if (r)
 		goto out_err;
@@ -247,9 +260,12 @@ static int nbd_connect_one(const struct nbd_target *t, struct nbd_export_info *i
 		r = read_go_replies(fd, t->uri, info);
 	if (r)
 		goto out_err;
+	set_timeouts(fd, 0); /* from here on the kernel's own timeout applies */
 	return fd;
 out_err:
-	if (r != -EPROTO && r != -ENOENT)
+	if (r == -EAGAIN || r == -EWOULDBLOCK)
+		devio_err("%s: handshake: the server stalled for %u s", t->uri, t->hs_timeout);
+	else if (r != -EPROTO && r != -ENOENT)
 		devio_err("%s: handshake: %s", t->uri, strerror(-r));
 out:
 	close(fd);
@@ -451,7 +467,8 @@ static int nbd_genl_connect(int nl, uint16_t family, int index, const struct nbd
 static void attach_usage(void)
 {
 	fprintf(stderr, "usage: devio attach nbd://HOST[:PORT][/EXPORT]|nbd+unix:///EXPORT?socket=PATH\n"
-			"         --nbd-device [/dev/nbdN] [--connections N] [--timeout SECONDS]\n");
+			"         --nbd-device [/dev/nbdN] [--connections N] [--timeout SECONDS]\n"
+			"  --timeout bounds each handshake step and is the kernel's request timeout\n");
 }
 
 static int parse_nbd_index(const char *dev, int *index)
@@ -588,13 +605,16 @@ int attach_nbd_device(int argc, char **argv)
 		rc = 2;
 		goto out;
 	}
-	nl = nbd_genl_open(&family);
-	if (nl < 0)
-		goto out;
+	t->hs_timeout = a.timeout ? a.timeout : HANDSHAKE_TIMEOUT;
 	r = open_connections(t, &a, &info, fds);
 	if (r < 0)
-		goto out_close;
+		goto out;
 	nfds = r;
+	devio_info("%s: export of %llu bytes, flags 0x%x, %d connection%s negotiated", a.uri,
+		   (unsigned long long)info.size, info.flags, nfds, nfds == 1 ? "" : "s");
+	nl = nbd_genl_open(&family);
+	if (nl < 0)
+		goto out_close;
 	r = nbd_genl_connect(nl, family, a.index, &info, fds, nfds, a.timeout, &index);
 	if (r) {
 		devio_err("%s: NBD_CMD_CONNECT%s: %s", a.uri, a.index >= 0 ? " (device busy?)" : "", strerror(-r));
@@ -612,7 +632,8 @@ out_close:
 	/* the kernel holds its own references to the sockets */
 	for (int i = 0; i < nfds; i++)
 		close(fds[i]);
-	close(nl);
+	if (nl >= 0)
+		close(nl);
 out:
 	free(t);
 	return rc;
