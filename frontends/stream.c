@@ -299,7 +299,7 @@ static int do_info(struct session *s)
 	else {
 		if (b->caps & DEVIO_CAP_TRIM)
 			flags |= DEVIO_INFO_SUPPORTS_UNMAP;
-		/* The core writes zeroes where the backend has no zero(). */
+		/* zero_by_writing() serves ZERO where the backend has no zero(). */
 		if (b->caps & DEVIO_CAP_ZERO || b->ops->pwrite)
 			flags |= DEVIO_INFO_SUPPORTS_ZERO;
 	}
