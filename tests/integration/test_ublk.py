@@ -1,0 +1,37 @@
+"""test_ublk.py - the --ublk front end's refusals on the host, whose kernel
+has no ublk_drv: bad arguments are reported before the kernel is asked, a
+missing driver fails the start cleanly.  Devices themselves are tested in
+the guest kernel (tests/vm: ublk-* scenarios)."""
+import os
+import subprocess
+
+import pytest
+
+from conftest import DEVIO
+
+
+def serve(*args, timeout=30):
+    return subprocess.run([DEVIO, "serve", *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["ram:1M", "--ublk=fast"], "want [ID][,user-copy|,kernel-copy]"),
+    (["ram:1M", "--ublk=1,2x"], "want [ID][,user-copy|,kernel-copy]"),
+    (["ram:1M", "--ublk", "--block-size", "8192"], "at most 4096"),
+    (["ram:1M", "--ublk", "--depth", "5000"], "--depth"),
+    (["ram:1K", "--ublk", "--block-size", "4096"], "smaller than one 4096-byte block"),
+])
+def test_bad_arguments_are_refused(args, message):
+    r = serve(*args)
+    assert r.returncode == 1
+    assert message in r.stderr
+    assert "cannot start" in r.stderr
+
+
+@pytest.mark.skipif(os.path.exists("/dev/ublk-control"), reason="ublk_drv is loaded here")
+def test_missing_driver_fails_cleanly():
+    r = serve("ram:1M", "--ublk")
+    assert r.returncode == 1
+    assert "/dev/ublk-control" in r.stderr
+    assert "ublk_drv" in r.stderr
