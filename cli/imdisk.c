@@ -8,7 +8,8 @@
  * powers of 1024, k/m/g/t/b powers of 1000) is a size in bytes; a plain
  * number below 512 is a partition number (0 = the whole image); a larger
  * plain number counts 512-byte blocks.  Without it, partition 1 is served
- * when sector 0 holds a master boot record, else the whole image.  When a
+ * when sector 0 holds a master boot record, else the whole image; a
+ * partition number for an image without one also serves the whole image.  When a
  * partition was selected the next words are [alignm] [buffersize];
  * otherwise [offset] (512-byte blocks, or bytes with a suffix) comes first.
  *
@@ -146,6 +147,12 @@ static int imdisk_geometry(struct imdisk_args *a, struct devio_open_opts *o, int
 			o->size = v;
 		} else if (v < 512) {
 			o->partition = (int)v;
+			if (v && !has_mbr(a->image)) {
+				/* as devio does: no table, no partitions */
+				fprintf(stderr, "devio: %s: no master boot record; using the entire image\n",
+					a->image);
+				o->partition = 0;
+			}
 		} else {
 			if (v > UINT64_MAX >> 9)
 				return -ERANGE;

@@ -185,3 +185,13 @@ def test_drv_maps_to_a_kernel_device(image):
     assert p.returncode == 0
     assert not subprocess.run(["losetup", "-j", f"{mnt}/disk"], capture_output=True, text=True,
                               timeout=10).stdout
+
+
+def test_partition_number_without_mbr_serves_whole_image(image):
+    path, data = image
+    # as ImDisk's devio: no table, so "3" selects nothing; the next word is the offset
+    r = stdio(["-", path, "3", "8"], w.q(w.INFO) + w.q(w.READ, 0, 512) + w.q(w.CLOSE))
+    assert r.returncode == 0, r.stderr
+    assert int.from_bytes(r.stdout[:8], "little") == len(data) - 8 * 512
+    assert r.stdout[40:552] == data[4096:4608]
+    assert b"no master boot record" in r.stderr
