@@ -27,6 +27,7 @@ def tmp():
 
 def run(*args, input=None, check=True):
     p = subprocess.run([DEVIO, *args], input=input, capture_output=True, timeout=120)
+    assert b"AddressSanitizer" not in p.stderr and b"runtime error:" not in p.stderr, p.stderr
     if check:
         assert p.returncode == 0, p.stderr.decode(errors="replace")
     return p

@@ -57,7 +57,9 @@ def imdisk():
 
 
 def stdio(args, requests):
-    return subprocess.run([DEVIO, *args], input=requests, capture_output=True, timeout=30)
+    r = subprocess.run([DEVIO, *args], input=requests, capture_output=True, timeout=30)
+    assert b"AddressSanitizer" not in r.stderr and b"runtime error:" not in r.stderr, r.stderr
+    return r
 
 
 def test_tcp_port_serves_whole_image_on_all_interfaces(imdisk, image):
