@@ -99,6 +99,7 @@ def test_missing_partition_is_an_error(disk):
     img, _, d = disk
     p = subprocess.run([DEVIO, "serve", img, "--partition", "9", "--devio", f"unix:{d}/none.sock"],
                        capture_output=True, timeout=30)
+    assert b"AddressSanitizer" not in p.stderr and b"runtime error:" not in p.stderr
     assert p.returncode != 0
     assert not os.path.exists(f"{d}/none.sock")
 
@@ -127,6 +128,7 @@ def test_imdisk_default_is_partition_1_when_mbr(disk):
     start, size = parts[1]
     req = w.q(w.INFO) + w.q(w.READ, 0, 4096) + w.q(w.CLOSE)
     p = subprocess.run([DEVIO, "-r", "-", img], input=req, capture_output=True, timeout=30)
+    assert b"AddressSanitizer" not in p.stderr and b"runtime error:" not in p.stderr
     assert p.returncode == 0, p.stderr
     assert int.from_bytes(p.stdout[:8], "little") == size * SECTOR
     assert p.stdout[40:40 + 4096] == dd_extract(img, start, 8, d)

@@ -140,6 +140,7 @@ def test_stdio_session(tmp):
     orig = make_image(img, MiB)
     req = w.q(w.INFO) + w.q(w.READ, 4096, 512) + w.q(w.WRITE, 0, 4) + b"ABCD" + w.q(w.CLOSE)
     p = subprocess.run([DEVIO, "serve", img, "--devio", "stdio"], input=req, capture_output=True, timeout=30)
+    assert b"AddressSanitizer" not in p.stderr and b"runtime error:" not in p.stderr
     assert p.returncode == 0, p.stderr
     out = p.stdout
     assert struct.unpack("<3Q", out[:24])[0] == MiB

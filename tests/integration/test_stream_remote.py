@@ -178,6 +178,7 @@ def test_server_vanishing_fails_the_client_cleanly(tmp):
         p = subprocess.run([DEVIO, "cat", f"devio+unix://{path}"], capture_output=True, timeout=60)
     finally:
         t.join(30)
+    assert b"AddressSanitizer" not in p.stderr and b"runtime error:" not in p.stderr
     assert p.returncode == 1, p  # an error exit, not killed by SIGPIPE
     assert b"fake.sock" in p.stderr and p.stdout == b""
 
@@ -191,6 +192,7 @@ def test_size_zero_needs_size_option(tmp):
         p = subprocess.run([DEVIO, "info", f"devio+unix://{path}"], capture_output=True, timeout=60)
     finally:
         t.join(30)
+    assert b"AddressSanitizer" not in p.stderr and b"runtime error:" not in p.stderr
     assert p.returncode == 1
     assert b"does not tell its size" in p.stderr and b"--size" in p.stderr
 
@@ -228,6 +230,7 @@ def test_silent_server_times_out(tmp):
         for c in held:
             c.close()
         ls.close()
+    assert b"AddressSanitizer" not in p.stderr and b"runtime error:" not in p.stderr
     assert p.returncode == 1 and p.stdout == b""
     assert b"connection lost" in p.stderr
 
