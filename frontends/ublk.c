@@ -756,12 +756,13 @@ static int start_queues(struct ublk_dev *d)
 
 /* ---- the front end ---- */
 
-static int parse_arg(struct ublk_dev *d, const char *arg, uint32_t *want_id, int *copy)
+static int parse_arg(struct ublk_dev *d, const char *arg, uint32_t *want_id, int *copy, bool *legacy)
 {
 	char buf[64], *tok, *save;
 
 	*want_id = NO_DEV_ID;
 	*copy = -1; /* auto */
+	*legacy = false;
 	if (!arg || !*arg)
 		return 0;
 	if (strlen(arg) >= sizeof(buf))
@@ -774,6 +775,8 @@ static int parse_arg(struct ublk_dev *d, const char *arg, uint32_t *want_id, int
 			*copy = 1;
 		else if (!strcmp(tok, "kernel-copy"))
 			*copy = 0;
+		else if (!strcmp(tok, "legacy-opcodes"))
+			*legacy = true;
 		else if (!devio_parse_u64(tok, &v) && v < NO_DEV_ID)
 			*want_id = (uint32_t)v;
 		else
@@ -821,6 +824,7 @@ static int start(struct devio_server *srv, const char *arg, void **state)
 {
 	struct ublk_dev *d = calloc(1, sizeof(*d));
 	uint32_t want_id;
+	bool legacy;
 	int copy, r;
 
 	if (!d)
@@ -829,9 +833,9 @@ static int start(struct devio_server *srv, const char *arg, void **state)
 	d->b = srv->exports[0].backend;
 	pthread_mutex_init(&d->lock, NULL);
 	pthread_cond_init(&d->cond, NULL);
-	r = parse_arg(d, arg, &want_id, &copy);
+	r = parse_arg(d, arg, &want_id, &copy, &legacy);
 	if (r) {
-		devio_err("ublk: bad argument '%s' (want [ID][,user-copy|,kernel-copy])", arg);
+		devio_err("ublk: bad argument '%s' (want [ID][,user-copy|,kernel-copy][,legacy-opcodes])", arg);
 		goto fail;
 	}
 	r = setup_geometry(d, &srv->opts);
@@ -841,6 +845,8 @@ static int start(struct devio_server *srv, const char *arg, void **state)
 	if (r)
 		goto fail;
 	get_features(d);
+	if (legacy)
+		d->ioctl_encode = false; /* what a pre-6.5 driver gets; for testing the fallback */
 	if (copy == 1 && !(d->features & DEVIO_UBLK_F_USER_COPY)) {
 		devio_err("ublk: this kernel has no UBLK_F_USER_COPY");
 		r = -EOPNOTSUPP;
@@ -967,7 +973,7 @@ static void status(void *state, FILE *out)
 
 const struct devio_frontend_type devio_frontend_ublk = {
 	.option = "ublk",
-	.arg_help = "[ID][,user-copy|,kernel-copy]",
+	.arg_help = "[ID][,user-copy|,kernel-copy][,legacy-opcodes]",
 	.start = start,
 	.stop = stop,
 	.status = status,

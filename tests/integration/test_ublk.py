@@ -16,8 +16,8 @@ def serve(*args, timeout=30):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["ram:1M", "--ublk=fast"], "want [ID][,user-copy|,kernel-copy]"),
-    (["ram:1M", "--ublk=1,2x"], "want [ID][,user-copy|,kernel-copy]"),
+    (["ram:1M", "--ublk=fast"], "want [ID][,user-copy|,kernel-copy][,legacy-opcodes]"),
+    (["ram:1M", "--ublk=1,2x"], "want [ID][,user-copy|,kernel-copy][,legacy-opcodes]"),
     (["ram:1M", "--ublk", "--block-size", "8192"], "at most 4096"),
     (["ram:1M", "--ublk", "--depth", "5000"], "--depth"),
     (["ram:1K", "--ublk", "--block-size", "4096"], "smaller than one 4096-byte block"),

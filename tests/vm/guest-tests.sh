@@ -92,6 +92,45 @@ else
   fail $t "server did not start"; stop_server KILL
 fi
 
+# The legacy (plain number) opcodes, as a pre-6.5 driver needs them, in
+# kernel-copy mode: what is written reads back.
+t=ublk-legacy-opcodes
+if start_ublk /tmp/l.log ram:16M --ublk=kernel-copy,legacy-opcodes; then
+  dd if=/dev/urandom of=/tmp/pattern bs=1M count=8 2>/dev/null
+  dd if=/tmp/pattern of="$DEV" bs=1M conv=fsync 2>/dev/null; wr=$?
+  echo 3 >/proc/sys/vm/drop_caches
+  back=$(dd if="$DEV" bs=1M count=8 2>/dev/null | sha256sum | cut -d' ' -f1)
+  want=$(sha256sum </tmp/pattern | cut -d' ' -f1)
+  stop_server TERM
+  if ! grep -q 'legacy opcodes' /tmp/l.log; then fail $t "legacy opcodes not in use"; show_log /tmp/l.log
+  elif [ $wr -ne 0 ] || [ "$back" != "$want" ]; then fail $t "data did not read back"
+  elif [ "$SRV_RC" != 0 ]; then fail $t "server exit $SRV_RC"
+  else pass $t; fi
+else
+  fail $t "server did not start"; stop_server KILL
+fi
+rm -f /tmp/pattern
+
+# A read-only export: reads serve the image, writes fail, and the kernel
+# marks the disk read-only.
+t=ublk-readonly
+dd if=/dev/urandom of=/tmp/ro.img bs=1M count=8 2>/dev/null
+if start_ublk /tmp/ro.log /tmp/ro.img -r --ublk; then
+  back=$(dd if="$DEV" bs=1M 2>/dev/null | sha256sum | cut -d' ' -f1)
+  want=$(sha256sum </tmp/ro.img | cut -d' ' -f1)
+  ro=$(cat /sys/block/${DEV#/dev/}/ro)
+  dd if=/dev/zero of="$DEV" bs=4k count=1 conv=fsync 2>/dev/null; wr=$?
+  stop_server TERM
+  if [ "$back" != "$want" ]; then fail $t "read back differs from the image"
+  elif [ "$ro" != 1 ]; then fail $t "disk not marked read-only"
+  elif [ $wr -eq 0 ]; then fail $t "a write succeeded"
+  elif [ "$(sha256sum </tmp/ro.img | cut -d' ' -f1)" != "$want" ]; then fail $t "image changed"
+  else pass $t; fi
+else
+  fail $t "server did not start"; stop_server KILL
+fi
+rm -f /tmp/ro.img
+
 # kill -9 with I/O in flight: the I/O fails within a bounded time and the
 # device can be removed by another process.
 t=ublk-kill9
