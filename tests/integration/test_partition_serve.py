@@ -120,7 +120,10 @@ def test_imdisk_command_line_partition_form(disk):
     finally:
         p.terminate()
         p.wait(timeout=20)
-    assert b"partition 5" in p.stderr.read()
+    err = p.stderr.read()
+    p.stderr.close()
+    assert b"partition 5" in err
+    assert b"AddressSanitizer" not in err and b"runtime error:" not in err
 
 
 def test_imdisk_default_is_partition_1_when_mbr(disk):
