@@ -114,6 +114,10 @@ def test_alignment_by_read_modify_write(serve, tmp):
         assert c.write(4096 * 3 - 2, b"straddle") == (0, 8)
         data[4096 * 3 - 2:4096 * 3 + 6] = b"straddle"
         assert c.read(1000, 20) == (0, bytes(data[1000:1020]))
+        big = os.urandom(600000 + 5)  # unaligned at both ends, several blocks
+        assert c.write(4097, big) == (0, len(big))
+        data[4097:4097 + len(big)] = big
+        assert c.read(4095, len(big) + 10) == (0, bytes(data[4095:4095 + len(big) + 10]))
     with open(img, "rb") as f:
         assert f.read() == bytes(data)
 
