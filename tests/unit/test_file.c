@@ -556,6 +556,48 @@ static void test_zero_fallbacks_tmpfs(void **state)
 	devio_backend_close(b);
 }
 
+/* Every op through the core (devio_execute -> submit), not only the
+ * callbacks: TRIM, ZERO, CACHE and unaligned O_DIRECT writes do not go
+ * through io_uring and must still complete with the right result. */
+static void test_all_ops_through_core(void **state)
+{
+	char path[128];
+	struct devio_backend *b;
+	struct devio_open_opts o = { .direct = true };
+	unsigned char w[5000], r[5000];
+	struct devio_request req;
+
+	make_image("core.img", 4 * MiB, path, sizeof(path));
+	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	memset(w, 0x3C, sizeof(w));
+	req = (struct devio_request){ .op = DEVIO_OP_WRITE, .offset = 777, .length = sizeof(w), .buf = w,
+				      .flags = DEVIO_REQ_FUA };
+	assert_int_equal(devio_execute(b, &req), 0);
+	req = (struct devio_request){ .op = DEVIO_OP_READ, .offset = 777, .length = sizeof(r), .buf = r };
+	assert_int_equal(devio_execute(b, &req), 0);
+	assert_memory_equal(w, r, sizeof(w));
+	req = (struct devio_request){ .op = DEVIO_OP_TRIM, .offset = MiB, .length = MiB, .flags = DEVIO_REQ_FUA };
+	assert_int_equal(devio_execute(b, &req), 0);
+	req = (struct devio_request){ .op = DEVIO_OP_ZERO, .offset = 1000, .length = 2000 };
+	assert_int_equal(devio_execute(b, &req), 0);
+	req = (struct devio_request){ .op = DEVIO_OP_CACHE, .offset = 0, .length = MiB };
+	assert_int_equal(devio_execute(b, &req), 0);
+	req = (struct devio_request){ .op = DEVIO_OP_FLUSH };
+	assert_int_equal(devio_execute(b, &req), 0);
+	req = (struct devio_request){ .op = DEVIO_OP_READ, .offset = 777, .length = sizeof(r), .buf = r };
+	assert_int_equal(devio_execute(b, &req), 0);
+	assert_memory_equal(w, r, 1000 - 777);
+	assert_true(all_zero(r + 1000 - 777, 2000));
+	assert_memory_equal(w + 3000 - 777, r + 3000 - 777, sizeof(r) - (3000 - 777));
+	req = (struct devio_request){ .op = DEVIO_OP_READ, .offset = MiB + 5, .length = 4000, .buf = r };
+	assert_int_equal(devio_execute(b, &req), 0);
+	assert_true(all_zero(r, 4000));
+	/* out of range: refused by the core before the backend */
+	req = (struct devio_request){ .op = DEVIO_OP_WRITE, .offset = 4 * MiB - 10, .length = 20, .buf = w };
+	assert_int_equal(devio_execute(b, &req), -ENOSPC);
+	devio_backend_close(b);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -569,6 +611,7 @@ int main(void)
 		cmocka_unit_test(test_partition_window),
 		cmocka_unit_test_setup_teardown(test_block_device, loop_setup, loop_teardown),
 		cmocka_unit_test(test_zero_fallbacks_tmpfs),
+		cmocka_unit_test(test_all_ops_through_core),
 	};
 
 	devio_log_set_level(DEVIO_LOG_ERROR + (getenv("DEVIO_TEST_VERBOSE") ? 3 : 0));
