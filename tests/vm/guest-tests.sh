@@ -131,6 +131,31 @@ else
 fi
 rm -f /tmp/ro.img
 
+# SIGTERM with I/O in flight: the server still stops cleanly (exit 0, the
+# device deleted) within a bounded time, and the writer sees the error.
+t=ublk-stop-under-load
+if start_ublk /tmp/s.log ram:64M --ublk --queues 2; then
+  ( while :; do dd if=/dev/zero of="$DEV" bs=64k count=512 conv=fsync 2>/dev/null || exit 1; done ) &
+  writer=$!
+  sleep 2
+  kill -TERM "$SRV"
+  if wait_for 60 dead "$SRV"; then
+    wait "$SRV"; rc=$?
+    wait_for 60 dead $writer || kill -KILL $writer
+    wait $writer; wrc=$?
+    id=${DEV#/dev/ublkb}
+    if [ $rc -ne 0 ]; then fail $t "server exit $rc"; show_log /tmp/s.log
+    elif [ $wrc -eq 0 ]; then fail $t "writer did not see an error"
+    elif [ -e /dev/ublkc$id ] || [ -e /sys/block/ublkb$id ]; then fail $t "device left behind"
+    else pass $t; fi
+  else
+    fail $t "server still running 60 s after SIGTERM"; show_log /tmp/s.log
+    stop_server KILL; kill -KILL $writer; vmtool ublk-del "$DEV"
+  fi
+else
+  fail $t "server did not start"; stop_server KILL
+fi
+
 # kill -9 with I/O in flight: the I/O fails within a bounded time and the
 # device can be removed by another process.
 t=ublk-kill9
