@@ -35,7 +35,7 @@
 
 #define NBD_DEFAULT_DEPTH 64
 #define NBD_MAX_DEPTH 1024
-#define NBD_RX_SIZE (256u << 10)
+#define NBD_RX_SIZE (64u << 10)   /* small: big payloads go straight to their slot */
 #define NBD_KEEP_BUF (1u << 20)          /* slot buffers up to this size are kept */
 #define NBD_MAX_BYTES_IN_FLIGHT (256u << 20)
 #define NBD_MAX_WRITE_DISCARD (256u << 20) /* larger refused writes: close */
