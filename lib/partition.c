@@ -11,7 +11,9 @@
  * Every byte read here is untrusted: signatures and CRCs are checked, the
  * EBR chain is bounded and loops are detected, GPT sizes and counts are
  * bounded before anything is allocated, and every result is checked to lie
- * inside the image with overflow-safe arithmetic.
+ * inside the image with overflow-safe arithmetic.  A damaged primary GPT
+ * falls back to the backup header in the last sector; GPTs written for
+ * 4096-byte sectors (header at 4096) are recognised.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -115,9 +117,9 @@ static bool is_extended(uint8_t type)
 }
 
 /* The partition found: check it lies inside the image and report it. */
-static int found(struct pctx *c, uint64_t start_lba, uint64_t sectors, uint64_t table_off)
+static int found(struct pctx *c, uint64_t start_lba, uint64_t sectors, uint32_t ss, uint64_t table_off)
 {
-	uint64_t off = start_lba * SECTOR, len = sectors * SECTOR;
+	uint64_t off = start_lba * ss, len = sectors * ss;
 
 	if (sectors == 0) {
 		devio_err("%s: partition %d (table at offset %" PRIu64 ") is empty", c->name, c->want, table_off);
@@ -159,7 +161,7 @@ static int walk_ebrs(struct pctx *c, uint64_t ext_lba)
 		if (r)
 			return r;
 		if (e[0].type != 0 && !is_extended(e[0].type) && ++c->seen == c->want)
-			return found(c, lba + e[0].start, e[0].sectors, lba * SECTOR);
+			return found(c, lba + e[0].start, e[0].sectors, SECTOR, lba * SECTOR);
 		if (!is_extended(e[1].type) || e[1].start == 0)
 			return 1;
 		lba = ext_lba + e[1].start;
@@ -169,21 +171,26 @@ static int walk_ebrs(struct pctx *c, uint64_t ext_lba)
 	return -EINVAL;
 }
 
-/* Check a GPT header at lba: signature, size, CRC, then the entry array
- * (bounded) and its CRC.  On success *entries is malloc'd. */
-static int gpt_load(struct pctx *c, uint64_t lba, uint8_t **entries, uint32_t *count, uint32_t *esize)
+/* Check a GPT header at lba (sectors of ss bytes): signature, size, CRC,
+ * then the entry array (bounded) and its CRC.  On success *entries is
+ * malloc'd. */
+static int gpt_load(struct pctx *c, uint32_t ss, uint64_t lba, uint8_t **entries, uint32_t *count,
+		    uint32_t *esize)
 {
 	uint8_t hdr[SECTOR];
-	uint64_t off = lba * SECTOR, array_lba, array_bytes;
+	uint64_t off, array_lba, array_bytes;
 	uint32_t hsize, crc;
 	uint8_t *arr;
 	int r;
 
+	if (lba > UINT64_MAX / ss)
+		return -EINVAL;
+	off = lba * ss;
 	r = read_at(c, hdr, SECTOR, off, "GPT header");
 	if (r)
 		return r;
 	if (memcmp(hdr, "EFI PART", 8)) {
-		devio_err("%s: protective MBR but no \"EFI PART\" GPT header at offset %" PRIu64, c->name, off);
+		devio_err("%s: no \"EFI PART\" GPT header at offset %" PRIu64, c->name, off);
 		return -EINVAL;
 	}
 	hsize = get_le32(hdr + 12);
@@ -206,16 +213,16 @@ static int gpt_load(struct pctx *c, uint64_t lba, uint8_t **entries, uint32_t *c
 		return -EINVAL;
 	}
 	array_bytes = (uint64_t)*count * *esize;
-	if (array_bytes > GPT_MAX_ARRAY || array_lba > UINT64_MAX / SECTOR) {
+	if (array_bytes > GPT_MAX_ARRAY || array_lba > UINT64_MAX / ss) {
 		devio_err("%s: GPT header at offset %" PRIu64 ": entry array too large or out of range", c->name, off);
 		return -EINVAL;
 	}
 	arr = malloc(array_bytes ? array_bytes : 1);
 	if (!arr)
 		return -ENOMEM;
-	r = read_at(c, arr, array_bytes, array_lba * SECTOR, "GPT entry array");
+	r = read_at(c, arr, array_bytes, array_lba * ss, "GPT entry array");
 	if (!r && crc32_ieee(arr, array_bytes) != get_le32(hdr + 88)) {
-		devio_err("%s: GPT entry array at offset %" PRIu64 ": CRC32 mismatch", c->name, array_lba * SECTOR);
+		devio_err("%s: GPT entry array at offset %" PRIu64 ": CRC32 mismatch", c->name, array_lba * ss);
 		r = -EINVAL;
 	}
 	if (r) {
@@ -234,12 +241,38 @@ static bool all_zero(const uint8_t *p, size_t n)
 	return true;
 }
 
+/* The GPT's sector size: where "EFI PART" is, at 512 or at 4096. */
+static uint32_t gpt_sector_size(struct pctx *c)
+{
+	uint8_t sig[8];
+
+	if (c->image_size >= 2 * 4096 && c->read(c->ctx, sig, 8, 512) == 0 && memcmp(sig, "EFI PART", 8) &&
+	    c->read(c->ctx, sig, 8, 4096) == 0 && !memcmp(sig, "EFI PART", 8))
+		return 4096;
+	return SECTOR;
+}
+
+/* The primary header at LBA 1, else the backup in the last sector. */
+static int gpt_load_any(struct pctx *c, uint32_t ss, uint8_t **arr, uint32_t *count, uint32_t *esize)
+{
+	uint64_t last = c->image_size / ss - 1;
+	int r = gpt_load(c, ss, 1, arr, count, esize);
+
+	if (r != -EINVAL || last <= 1)
+		return r;
+	r = gpt_load(c, ss, last, arr, count, esize);
+	if (!r)
+		devio_warn("%s: primary GPT damaged; using the backup header at offset %" PRIu64, c->name,
+			   last * ss);
+	return r;
+}
+
 /* GPT: entries with a non-zero type GUID count 1, 2, ... in table order. */
 static int find_gpt(struct pctx *c)
 {
 	uint8_t *arr = NULL;
-	uint32_t count = 0, esize = 0;
-	int r = gpt_load(c, 1, &arr, &count, &esize);
+	uint32_t count = 0, esize = 0, ss = gpt_sector_size(c);
+	int r = gpt_load_any(c, ss, &arr, &count, &esize);
 
 	if (r)
 		return r;
@@ -250,12 +283,12 @@ static int find_gpt(struct pctx *c)
 
 		if (all_zero(e, 16) || ++c->seen != c->want)
 			continue;
-		if (last < first || first > UINT64_MAX / SECTOR || last - first >= UINT64_MAX / SECTOR) {
+		if (last < first || first > UINT64_MAX / ss || last - first >= UINT64_MAX / ss) {
 			devio_err("%s: GPT entry %" PRIu32 ": bad range of sectors %" PRIu64 "..%" PRIu64, c->name,
 				  i + 1, first, last);
 			r = -EINVAL;
 		} else {
-			r = found(c, first, last - first + 1, 2 * SECTOR);
+			r = found(c, first, last - first + 1, ss, 2 * (uint64_t)ss);
 		}
 		break;
 	}
@@ -283,7 +316,7 @@ static int find_mbr(struct pctx *c)
 			return find_gpt(c);
 	for (int i = 0; i < 4; i++)
 		if (e[i].type != 0 && ++c->seen == c->want)
-			return found(c, e[i].start, e[i].sectors, 0);
+			return found(c, e[i].start, e[i].sectors, SECTOR, 0);
 	for (int i = 0; i < 4; i++) {
 		if (!is_extended(e[i].type) || e[i].start == 0)
 			continue;

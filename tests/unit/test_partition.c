@@ -1,7 +1,8 @@
 /* test_partition.c - partition numbering on images built here (MBR with
  * primaries, an extended partition and logicals; GPT) and by sfdisk, whose
  * own listing (`sfdisk -d`) is the reference; and malformed tables: bad
- * signatures and boot flags, EBR loops, tables and partitions past the
+ * signatures and boot flags, EBR loops, a damaged primary GPT (the backup
+ * answers), 4096-byte-sector GPT, tables and partitions past the
  * end, CRC mismatches, absurd GPT entry counts and sizes. */
 #include <errno.h>
 #include <fcntl.h>
@@ -301,6 +302,10 @@ static void test_sfdisk_gpt(void **state)
 	m.p[512 + 200] ^= 1; /* past the header size: not covered, still fine */
 	assert_int_equal(find(&m, 2, &off, &len), 0);
 	m.p[512 + 40] ^= 1; /* first usable LBA: header CRC breaks */
+	assert_int_equal(find(&m, 2, &off, &len), 0); /* the backup header answers */
+	assert_int_equal(off, ref[1].start * 512);
+	assert_int_equal(len, ref[1].size * 512);
+	memset(m.p + m.size - 512, 0, 512); /* and without a backup, the damage shows */
 	assert_int_equal(find(&m, 2, &off, &len), -EINVAL);
 	m.p[512 + 40] ^= 1;
 	m.p[1024 + 130] ^= 1; /* an entry: array CRC breaks */
@@ -325,6 +330,56 @@ static void test_sfdisk_gpt(void **state)
 	free(m.p);
 }
 
+/* A GPT written for 4096-byte sectors (header at byte 4096, every LBA in
+ * 4096-byte units): sfdisk on a loop device with 4 KiB logical blocks (this
+ * sfdisk has no --sector-size), the loop device detached by the shell's
+ * trap on every path. */
+static void test_sfdisk_gpt_4k(void **state)
+{
+	char path[128], cmd[1024], line[512];
+	struct ref_part ref[8];
+	struct mem_image m;
+	uint64_t off, len;
+	int fd, n = 0;
+	FILE *f;
+
+	if (geteuid() != 0)
+		skip();
+	snprintf(path, sizeof(path), "%s/gpt4k.img", dir);
+	fd = open(path, O_CREAT | O_TRUNC | O_RDWR, 0644);
+	assert_true(fd >= 0);
+	assert_int_equal(ftruncate(fd, 64 * MiB), 0);
+	close(fd);
+	snprintf(cmd, sizeof(cmd),
+		 "set -e; d=$(losetup -b 4096 -f --show '%s'); trap 'losetup -d $d' EXIT; "
+		 "printf 'label: gpt\\nsize=1024, type=L\\nsize=2048, type=L\\n' | sfdisk -q $d >/dev/null 2>&1; "
+		 "sfdisk -d $d > '%s.dump'", path, path);
+	assert_int_equal(system(cmd), 0);
+	snprintf(cmd, sizeof(cmd), "%s.dump", path);
+	f = fopen(cmd, "r");
+	assert_non_null(f);
+	while (fgets(line, sizeof(line), f) && n < 8) {
+		unsigned long long start, sz;
+		const char *p = strstr(line, " : start=");
+
+		if (p && sscanf(p, " : start= %llu, size= %llu", &start, &sz) == 2) {
+			ref[n] = (struct ref_part){ n + 1, start, sz };
+			n++;
+		}
+	}
+	fclose(f);
+	assert_int_equal(n, 2);
+	load(path, &m);
+	assert_memory_equal(m.p + 4096, "EFI PART", 8);
+	for (int i = 0; i < n; i++) {
+		assert_int_equal(find(&m, i + 1, &off, &len), 0);
+		assert_int_equal(off, ref[i].start * 4096);
+		assert_int_equal(len, ref[i].size * 4096);
+	}
+	assert_int_equal(find(&m, 3, &off, &len), -ENOENT);
+	free(m.p);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -333,6 +388,7 @@ int main(void)
 		cmocka_unit_test(test_ebr_chain_bound),
 		cmocka_unit_test(test_sfdisk_mbr),
 		cmocka_unit_test(test_sfdisk_gpt),
+		cmocka_unit_test(test_sfdisk_gpt_4k),
 	};
 
 	devio_log_set_level(getenv("DEVIO_TEST_VERBOSE") ? DEVIO_LOG_DEBUG : DEVIO_LOG_ERROR);
