@@ -45,6 +45,12 @@ stop_server() {
 # fs_roundtrip DEV: mkfs.ext4, write checksummed files, sync, unmount,
 # fsck -fn, mount again and compare.  0 on success.
 fs_roundtrip() {
+  _fs_roundtrip "$@"; _r=$?
+  grep -q ' /mnt ' /proc/mounts && { umount /mnt || umount -l /mnt; } # never leave it mounted
+  return $_r
+}
+
+_fs_roundtrip() {
   _dev=$1; _r=0
   mkfs.ext4 -q -F "$_dev" >/tmp/mkfs.log 2>&1 || { cat /tmp/mkfs.log; return 1; }
   mount -t ext4 "$_dev" /mnt || return 1
