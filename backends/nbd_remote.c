@@ -332,23 +332,16 @@ static uint16_t command_of(const struct devio_request *req, uint16_t *flags)
 	}
 }
 
-static int remote_submit(struct devio_backend *b, struct devio_request *req)
+/* Put one request on the wire (it fits the server's limits and flags);
+ * the reader thread completes it.  0, or -EIO when the connection is gone. */
+static int send_request(struct remote *rm, struct devio_request *req)
 {
-	struct remote *rm = b->priv;
 	uint8_t hdr[NBD_REQUEST_SIZE];
 	struct iovec iov[2];
 	uint16_t flags, type = command_of(req, &flags);
 	unsigned i;
 	int r;
 
-	if ((req->op == DEVIO_OP_READ || req->op == DEVIO_OP_WRITE) && req->length > rm->max_payload)
-		return -EAGAIN; /* the synchronous path splits it */
-	if (req->length > REMOTE_MAX_RANGE)
-		return -EAGAIN;
-	if (req->op == DEVIO_OP_CACHE && !(rm->tflags & NBD_FLAG_SEND_CACHE))
-		return -EAGAIN; /* a no-op in the core */
-	if (!(rm->tflags & NBD_FLAG_SEND_FUA) && (flags & NBD_CMD_FLAG_FUA))
-		return -EAGAIN; /* the core adds a flush */
 	pthread_mutex_lock(&rm->lock);
 	while (!rm->dead && rm->used == REMOTE_SLOTS)
 		pthread_cond_wait(&rm->cond, &rm->lock);
@@ -422,7 +415,7 @@ static int run_piece(struct devio_backend *b, enum devio_op op, void *buf, uint6
 				     .complete = wake, .opaque = &w, .backend = b };
 	int r;
 
-	r = remote_submit(b, &req);
+	r = send_request(b->priv, &req);
 	if (r)
 		return r;
 	pthread_mutex_lock(&w.lock);
@@ -473,12 +466,93 @@ static int remote_flush(struct devio_backend *b)
 
 static int remote_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
 {
+	struct remote *rm = b->priv;
+
+	if (!(rm->tflags & NBD_FLAG_SEND_TRIM))
+		return 0; /* a hint the server does not take */
 	return run_split(b, DEVIO_OP_TRIM, NULL, len, off, flags & DEVIO_REQ_FUA);
 }
 
 static int remote_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
 {
-	return run_split(b, DEVIO_OP_ZERO, NULL, len, off, flags);
+	static const uint8_t zeroes[1 << 20];
+	struct remote *rm = b->priv;
+	int r = 0;
+
+	if (rm->tflags & NBD_FLAG_SEND_WRITE_ZEROES) {
+		if ((flags & DEVIO_REQ_FAST_ZERO) && !(rm->tflags & NBD_FLAG_SEND_FAST_ZERO))
+			return -EOPNOTSUPP;
+		return run_split(b, DEVIO_OP_ZERO, NULL, len, off, flags);
+	}
+	if (flags & DEVIO_REQ_FAST_ZERO)
+		return -EOPNOTSUPP;
+	while (len && !r) {
+		uint64_t n = len < sizeof(zeroes) ? len : sizeof(zeroes);
+
+		r = run_split(b, DEVIO_OP_WRITE, (void *)zeroes, n, off, flags & DEVIO_REQ_FUA);
+		off += n;
+		len -= n;
+	}
+	return r;
+}
+
+/* Requests the wire cannot carry as they are (longer than the server's
+ * maximum, FUA the server lacks, CACHE it does not offer) run here, in
+ * pieces, on the calling thread. */
+static bool needs_sync(const struct remote *rm, const struct devio_request *req)
+{
+	if ((req->op == DEVIO_OP_READ || req->op == DEVIO_OP_WRITE) && req->length > rm->max_payload)
+		return true;
+	if (req->length > REMOTE_MAX_RANGE)
+		return true;
+	if (req->op == DEVIO_OP_CACHE && !(rm->tflags & NBD_FLAG_SEND_CACHE))
+		return true;
+	if (req->op == DEVIO_OP_FLUSH && !(rm->tflags & NBD_FLAG_SEND_FLUSH))
+		return true;
+	if (req->op == DEVIO_OP_TRIM && !(rm->tflags & NBD_FLAG_SEND_TRIM))
+		return true;
+	if (req->op == DEVIO_OP_ZERO && (!(rm->tflags & NBD_FLAG_SEND_WRITE_ZEROES) ||
+	    ((req->flags & DEVIO_REQ_FAST_ZERO) && !(rm->tflags & NBD_FLAG_SEND_FAST_ZERO))))
+		return true;
+	return (req->flags & DEVIO_REQ_FUA) && !(rm->tflags & NBD_FLAG_SEND_FUA) && req->op != DEVIO_OP_READ;
+}
+
+static int run_sync(struct devio_backend *b, struct devio_request *req)
+{
+	int r;
+
+	switch (req->op) {
+	case DEVIO_OP_READ:
+		return remote_pread(b, req->buf, req->length, req->offset);
+	case DEVIO_OP_WRITE:
+		r = remote_pwrite(b, req->buf, req->length, req->offset, req->flags);
+		break;
+	case DEVIO_OP_TRIM:
+		r = remote_trim(b, req->offset, req->length, req->flags);
+		break;
+	case DEVIO_OP_ZERO:
+		r = remote_zero(b, req->offset, req->length, req->flags);
+		break;
+	case DEVIO_OP_FLUSH:
+		return remote_flush(b);
+	default:
+		return 0; /* CACHE is a hint */
+	}
+	if (!r && (req->flags & DEVIO_REQ_FUA))
+		r = remote_flush(b);
+	return r;
+}
+
+static int remote_submit(struct devio_backend *b, struct devio_request *req)
+{
+	struct remote *rm = b->priv;
+
+	if (needs_sync(rm, req)) {
+		req->result = run_sync(b, req);
+		req->complete(req);
+		return 0;
+	}
+	return send_request(rm, req);
 }
 
 static void remote_describe(struct devio_backend *b, char *out, size_t outlen)

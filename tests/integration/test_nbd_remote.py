@@ -120,3 +120,22 @@ def test_far_server_going_away(serve, tmp):
     # the near server is still up and says so
     assert run("nbdinfo", "--size", ub).stdout.strip() == str(8 * MiB)
     assert near.proc.poll() is None
+
+
+def test_copy_larger_than_server_maximum(serve, tmp):
+    """64 MiB blocks: the client splits them at the server's 32 MiB maximum."""
+    sock = os.path.join(tmp, "a.sock")
+    serve("ram:48M", "--nbd", f"unix:{sock}").wait_unix(sock)
+    u = f"nbd+unix:///?socket={sock}"
+    info = json.loads(run("nbdinfo", "--json", u).stdout)["exports"][0]
+    assert info["block_size_maximum"] < 64 * MiB
+    src = os.path.join(tmp, "src.bin")
+    random_file(src, 40 * MiB, 5)
+    run(DEVIO, "copy", src, u, "--block-size", "64M")
+    back = os.path.join(tmp, "back.bin")
+    with open(back, "wb") as f:
+        f.truncate(48 * MiB)
+    run(DEVIO, "copy", u, back, "--block-size", "64M")
+    with open(back, "rb") as f, open(src, "rb") as g:
+        a, b = f.read(), g.read()
+    assert a[:len(b)] == b and a[len(b):] == bytes(8 * MiB)
