@@ -3,10 +3,10 @@
  *
  * The synchronous callbacks use pread/pwrite/fallocate/ioctl on one file
  * descriptor shared by every thread (nothing here depends on the file
- * position).  Reads and writes can also go through io_uring (the code at the end of
- * this file): ops->submit queues them on one ring
- * and a completion thread calls req->complete(); everything else runs
- * synchronously through the core.
+ * position).  Reads, writes and flushes also go through io_uring (the
+ * code at the end of this file): ops->submit queues them on one ring and a
+ * completion thread calls req->complete(); submit runs everything else
+ * synchronously before it returns.
  *
  * With O_DIRECT (--direct) offsets, lengths and buffers must be aligned to
  * the device's logical block size (4096 for regular files, which every
@@ -645,9 +645,11 @@ out_free:
  * other threads keep queueing meanwhile and their SQEs ride along in the
  * next batch).  A completion thread reaps CQEs in batches, finishes short
  * transfers and retries EAGAIN/EINTR by queueing the rest again, and calls
- * req->complete().  In-flight requests are capped at the CQ size so the
- * CQ cannot overflow; past the cap the core runs requests synchronously.
- * req->priv[0] counts the bytes done so far.
+ * req->complete(); what it queues meanwhile is submitted by the same
+ * io_uring_enter() that waits for the next completions.  In-flight
+ * requests are capped at the CQ size so the CQ cannot overflow; past the
+ * cap file_submit() runs requests synchronously.  req->priv[0] counts the
+ * bytes done so far.
  */
 
 #define RING_SQ_ENTRIES 256u
