@@ -957,8 +957,21 @@ static void stop(void *state)
 			devio_warn("nbd %s: cannot wake the listener", st->name);
 		pthread_join(st->listener, NULL);
 	}
+	/* No new requests; let what is in flight be answered (the spec's
+	 * SHOULD), for up to two seconds, then cut every connection. */
 	pthread_mutex_lock(&st->lock);
 	st->stopping = true;
+	for (struct nbd_conn *c = st->conns; c; c = c->next)
+		if (c->fd >= 0)
+			shutdown(c->fd, SHUT_RD);
+	for (int i = 0; i < 100 && st->nconns; i++) {
+		reap_locked(st, false);
+		if (!st->nconns)
+			break;
+		pthread_mutex_unlock(&st->lock);
+		usleep(20 * 1000);
+		pthread_mutex_lock(&st->lock);
+	}
 	for (struct nbd_conn *c = st->conns; c; c = c->next)
 		if (c->fd >= 0)
 			shutdown(c->fd, SHUT_RDWR);

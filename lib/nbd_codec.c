@@ -152,6 +152,16 @@ static int send_info(struct negotiation *n, uint32_t opt, uint16_t type, const v
 	return send_rep(n, opt, NBD_REP_INFO, buf, 2 + len);
 }
 
+static int send_description(struct negotiation *n, uint32_t opt, const struct devio_export *e)
+{
+	char desc[512];
+	int len = snprintf(desc, sizeof(desc), "devio %s export", e->backend->ops->name ? e->backend->ops->name : "");
+
+	if (len < 0 || len >= (int)sizeof(desc))
+		return 0;
+	return send_info(n, opt, NBD_INFO_DESCRIPTION, desc, (uint32_t)len);
+}
+
 static int send_block_size(struct negotiation *n, uint32_t opt, const struct devio_backend *b)
 {
 	uint8_t bs[12];
@@ -193,6 +203,8 @@ static int opt_info_go(struct negotiation *n, uint32_t opt)
 		r = 0;
 		if (type == NBD_INFO_NAME)
 			r = send_info(n, opt, NBD_INFO_NAME, e->name, (uint32_t)strlen(e->name));
+		else if (type == NBD_INFO_DESCRIPTION)
+			r = send_description(n, opt, e);
 		if (r)
 			return r;
 	}
