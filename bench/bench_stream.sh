@@ -39,31 +39,44 @@ wait_addr() { # ADDR
 addr() { # TRANSPORT NAME
   if [ "$1" = tcp ]; then echo "tcp:$(free_port)"; else echo "unix:$WORK/$2.sock"; fi
 }
-start_sink() { "$B" sink "$1" & PIDS+=($!); wait_addr "$1"; }
-start_devio() { "$DEVIO" serve "$1" --devio "$2" -q & PIDS+=($!); wait_addr "$2"; }
+start_sink() { "$B" sink "$1" & PIDS+=($!); wait_addr "$1"; LASTPID=$!; }
+start_devio() { "$DEVIO" serve "$1" --devio "$2" -q & PIDS+=($!); wait_addr "$2"; LASTPID=$!; }
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # server CPU (user+system), clock ticks
+HZ=$(getconf CLK_TCK)
 
 truncate -s 1G "$WORK/disk.img"
-printf '%-5s %-6s %-5s %-6s %12s %12s %12s %8s\n' transp target op block "sink MiB/s" "devio MiB/s" "devio us/op" ratio
+printf '%-5s %-6s %-5s %-6s %11s %11s %7s %11s %11s %7s\n' transp target op block \
+  "sink MiB/s" "devio MiB/s" ratio "sink cpu/op" "devio cpu/op" "cpu x"
 for t in tcp unix; do
-  sink=$(addr $t sink); start_sink "$sink"
-  ram=$(addr $t ram); start_devio ram:1G "$ram"
-  img=$(addr $t img); start_devio "$WORK/disk.img" "$img"
+  sink=$(addr $t sink); start_sink "$sink"; sinkpid=$LASTPID
+  ram=$(addr $t ram); start_devio ram:1G "$ram"; rampid=$LASTPID
+  img=$(addr $t img); start_devio "$WORK/disk.img" "$img"; imgpid=$LASTPID
   for op in write read; do
     for bs in 4096 1048576; do
       for target in ram tmpfs; do
-        a=$ram; [ $target = tmpfs ] && a=$img
-        # alternate sink and devio runs and keep the best of each: the
-        # machine may be busy with other work, and noise only slows runs
-        smb=0; dmb=0; dus=0
+        a=$ram; pid=$rampid
+        [ $target = tmpfs ] && { a=$img; pid=$imgpid; }
+        # Alternate sink and devio runs and keep the best throughput of
+        # each: the machine may be busy with other work, and noise only
+        # slows runs.  Server CPU time per request (summed over all runs)
+        # is the steadier measure of what the server itself costs.
+        smb=0; dmb=0; sops=0; dops=0; sticks=0; dticks=0
         for _ in 1 2 3; do
+          t0=$(ticks $sinkpid)
           set -- $("$B" client "$sink" $op $bs "$SECS")
+          sticks=$((sticks + $(ticks $sinkpid) - t0)); sops=$((sops + $1))
           [ "$(echo "$2 > $smb" | bc)" = 1 ] && smb=$2
+          t0=$(ticks $pid)
           set -- $("$B" client "$a" $op $bs "$SECS")
-          [ "$(echo "$2 > $dmb" | bc)" = 1 ] && { dmb=$2; dus=$3; }
+          dticks=$((dticks + $(ticks $pid) - t0)); dops=$((dops + $1))
+          [ "$(echo "$2 > $dmb" | bc)" = 1 ] && dmb=$2
         done
-        printf '%-5s %-6s %-5s %-6s %12s %12s %12s %7.0f%%\n' $t $target $op \
-          $([ $bs = 4096 ] && echo 4K || echo 1M) "$smb" "$dmb" "$dus" \
-          "$(echo "100 * $dmb / $smb" | bc -l)"
+        scpu=$(echo "$sticks * 1000000 / $HZ / $sops" | bc -l)
+        dcpu=$(echo "$dticks * 1000000 / $HZ / $dops" | bc -l)
+        printf '%-5s %-6s %-5s %-6s %11s %11s %6.0f%% %9.1fus %9.1fus %6.2fx\n' $t $target $op \
+          $([ $bs = 4096 ] && echo 4K || echo 1M) "$smb" "$dmb" \
+          "$(echo "100 * $dmb / $smb" | bc -l)" "$scpu" "$dcpu" \
+          "$(echo "if ($scpu > 0) $dcpu / $scpu else 0" | bc -l)"
       done
     done
   done
