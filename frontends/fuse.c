@@ -111,13 +111,14 @@ struct fuse_fe {
 
 /* ---- helpers ---- */
 
+/* Page-aligned and not touched: a big payload buffer costs memory only
+ * once the kernel or a backend writes to it. */
 static void *alloc_aligned(size_t len)
 {
 	void *p = NULL;
 
 	if (posix_memalign(&p, 4096, len))
 		return NULL;
-	memset(p, 0, len);
 	return p;
 }
 
@@ -527,6 +528,7 @@ static int ring_setup(struct ring_queue *q)
 		e->payload = alloc_aligned(fe->payload_sz);
 		if (!e->hdr || !e->payload)
 			return -ENOMEM;
+		memset(e->hdr, 0, sizeof(*e->hdr));
 		e->iov[0] = (struct iovec){ e->hdr, sizeof(*e->hdr) };
 		e->iov[1] = (struct iovec){ e->payload, fe->payload_sz };
 		r = prep_cmd(q, e, DEVIO_FUSE_URING_CMD_REGISTER);
@@ -567,13 +569,41 @@ static void *ring_thread_main(void *arg)
 	return NULL;
 }
 
+/* Is cpu online?  Requests come from the CPU of the issuing task, so only
+ * online CPUs' queues need more than one entry.  Parses "0-3,8". */
+static bool cpu_usable(unsigned cpu)
+{
+	char buf[512] = "";
+	int fd = open("/sys/devices/system/cpu/online", O_RDONLY | O_CLOEXEC);
+	ssize_t n = fd >= 0 ? read(fd, buf, sizeof(buf) - 1) : -1;
+	char *p = buf;
+
+	if (fd >= 0)
+		close(fd);
+	if (n <= 0)
+		return true;
+	buf[n] = '\0';
+	while (*p >= '0' && *p <= '9') {
+		unsigned long lo = strtoul(p, &p, 10), hi = lo;
+
+		if (*p == '-')
+			hi = strtoul(p + 1, &p, 10);
+		if (cpu >= lo && cpu <= hi)
+			return true;
+		if (*p != ',')
+			break;
+		p++;
+	}
+	return false;
+}
+
 static int start_queue(struct fuse_fe *fe, struct ring_queue *q, unsigned qid)
 {
 	int r;
 
 	q->fe = fe;
 	q->qid = qid;
-	q->nents = fe->depth;
+	q->nents = cpu_usable(qid) ? fe->depth : 1; /* the kernel wants an entry on every queue */
 	pthread_mutex_init(&q->lock, NULL);
 	pthread_cond_init(&q->cond, NULL);
 	q->evfd = eventfd(0, EFD_CLOEXEC);
