@@ -355,11 +355,17 @@ static int nl_talk(int fd, struct nl_msg *m, void (*on_reply)(const struct nlmsg
 	if (sendto(fd, m->buf, m->len, 0, (struct sockaddr *)&sa, sizeof(sa)) < 0)
 		return -errno;
 	for (;;) {
-		ssize_t n = recv(fd, buf, sizeof(buf), 0);
+		struct sockaddr_nl from;
+		socklen_t fromlen = sizeof(from);
+		ssize_t n = recvfrom(fd, buf, sizeof(buf), 0, (struct sockaddr *)&from, &fromlen);
 		const struct nlmsghdr *h;
 
+		if (n < 0 && errno == EINTR)
+			continue;
 		if (n < 0)
-			return errno == EINTR ? -EAGAIN : -errno;
+			return -errno;
+		if (fromlen < sizeof(from) || from.nl_pid != 0)
+			continue; /* only the kernel answers us */
 		for (h = (const struct nlmsghdr *)buf; NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n)) {
 			if (h->nlmsg_type == NLMSG_ERROR) {
 				const struct nlmsgerr *e = NLMSG_DATA(h);
