@@ -9,7 +9,7 @@ PKGS=(
   python3 python3-pytest qemu-utils libnbd-bin python3-libnbd nbdkit nbdfuse fio fuse3
   e2fsprogs xfsprogs fdisk util-linux kmod procps psmisc iproute2
   # guest-kernel harness (ublk, kernel nbd)
-  qemu-system-x86 busybox-static cpio 'linux-image-6.12.*-amd64-unsigned'
+  qemu-system-x86 busybox-static cpio xz-utils 'linux-image-6.12.*-amd64-unsigned'
   # benchmarks and profiling
   hyperfine linux-perf valgrind bc
 )
