@@ -31,6 +31,7 @@ struct slot {
 	uint64_t rng;
 	struct thread_ctx *t;
 	unsigned char *buf;
+	bool again;
 };
 
 struct thread_ctx {
@@ -52,18 +53,28 @@ static uint64_t next_rand(uint64_t *s)
 	return *s;
 }
 
+/* Requests that complete inside devio_submit() (run synchronously by the
+ * backend) are restarted by this loop, not by recursion from done(). */
+static __thread int submit_depth;
+
 static void start(struct slot *s)
 {
 	struct job *j = s->job;
-	uint64_t r = next_rand(&s->rng);
-	bool write = j->mode == 1 || (j->mode == 2 && (r & 1));
 
-	s->req.op = write ? DEVIO_OP_WRITE : DEVIO_OP_READ;
-	s->req.offset = (r >> 8) % j->blocks * j->bs;
-	s->req.length = j->bs;
-	s->req.flags = 0;
-	s->req.buf = s->buf;
-	devio_submit(j->b, &s->req);
+	do {
+		uint64_t r = next_rand(&s->rng);
+		bool write = j->mode == 1 || (j->mode == 2 && (r & 1));
+
+		s->again = false;
+		s->req.op = write ? DEVIO_OP_WRITE : DEVIO_OP_READ;
+		s->req.offset = (r >> 8) % j->blocks * j->bs;
+		s->req.length = j->bs;
+		s->req.flags = 0;
+		s->req.buf = s->buf;
+		submit_depth++;
+		devio_submit(j->b, &s->req);
+		submit_depth--;
+	} while (s->again);
 }
 
 /* Completion: count it and start the next one at once. */
@@ -76,7 +87,10 @@ static void done(struct devio_request *req)
 		fprintf(stderr, "I/O error %d\n", req->result);
 	atomic_fetch_add_explicit(&t->done, 1, memory_order_relaxed);
 	if (!atomic_load(&s->job->stop)) {
-		start(s);
+		if (submit_depth)
+			s->again = true; /* completed inline: start()'s loop goes on */
+		else
+			start(s);
 		return;
 	}
 	pthread_mutex_lock(&t->lock);
