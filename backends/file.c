@@ -47,7 +47,8 @@ struct devio_file {
 	uint32_t align;     /* O_DIRECT alignment, 1 without */
 	uint32_t lbs;       /* logical block size (512 for files) */
 	bool is_blk, readonly, direct;
-	bool async_buffered_writes; /* io_uring writes to the page cache without a worker */
+	bool uring_reads;   /* io_uring reads the page cache without a worker */
+	bool uring_writes;  /* io_uring writes the page cache without a worker */
 	pthread_mutex_t rmw_lock; /* O_DIRECT read-modify-write of partial blocks */
 	struct file_ring *uring;  /* NULL: synchronous only */
 };
@@ -402,11 +403,15 @@ static int file_extents(struct devio_backend *b, uint64_t off, uint64_t len, dev
 static void file_describe(struct devio_backend *b, char *out, size_t outlen)
 {
 	struct devio_file *f = to_file(b);
+	const char *uring = !f->uring ? "" :
+			    f->direct ? ", io_uring for all I/O" :
+			    f->uring_reads && f->uring_writes ? ", io_uring for reads and writes" :
+			    f->uring_reads ? ", io_uring for reads" :
+			    f->uring_writes ? ", io_uring for writes" : ", io_uring for flushes";
 
 	snprintf(out, outlen, "%s %s: %" PRIu64 " bytes at offset %" PRIu64 ", %s%s%s",
 		 f->is_blk ? "block device" : "file", f->path, b->size, f->base,
-		 f->readonly ? "read-only" : "read-write", f->direct ? ", O_DIRECT" : "",
-		 f->uring ? ", io_uring" : "");
+		 f->readonly ? "read-only" : "read-write", f->direct ? ", O_DIRECT" : "", uring);
 }
 
 static void file_close(struct devio_backend *b)
@@ -507,18 +512,26 @@ static int open_fd(struct devio_file *f, const struct devio_open_opts *opts)
 	return -errno;
 }
 
-/* io_uring can write to the page cache without blocking only where the
- * filesystem says so (FMODE_BUF_WASYNC: XFS, btrfs).  Elsewhere (ext4,
- * tmpfs, block devices) every buffered write is punted to an io-wq worker,
- * and writes to one file are serialised on one worker: measured, a plain
- * pwrite() in the submitting thread is faster there. */
-static bool fs_has_async_buffered_writes(int fd)
+/* Which requests io_uring runs without an io-wq worker.  O_DIRECT: all.
+ * Page-cache reads: where the file takes RWF_NOWAIT (ext4, XFS, btrfs,
+ * block devices; not tmpfs), asked of the kernel with a 1-byte read.
+ * Page-cache writes: only where the filesystem does async buffered writes
+ * (FMODE_BUF_WASYNC: XFS, btrfs).  Elsewhere io_uring punts each request
+ * to a worker thread (and serialises writes to one file on one worker);
+ * measured, a plain pread/pwrite in the submitting thread is faster. */
+static void probe_uring_paths(struct devio_file *f, uint64_t size)
 {
+	unsigned char byte;
+	struct iovec iov = { &byte, 1 };
 	struct statfs sfs;
 
-	if (fstatfs(fd, &sfs) < 0)
-		return false;
-	return sfs.f_type == 0x58465342 /* XFS */ || sfs.f_type == (typeof(sfs.f_type))0x9123683E /* btrfs */;
+	f->uring_reads = f->uring_writes = true;
+	if (f->direct)
+		return;
+	if (size && preadv2(f->fd, &iov, 1, (off_t)f->base, RWF_NOWAIT) < 0 && errno == EOPNOTSUPP)
+		f->uring_reads = false;
+	f->uring_writes = !f->is_blk && fstatfs(f->fd, &sfs) == 0 &&
+			  (sfs.f_type == 0x58465342 /* XFS */ || sfs.f_type == (typeof(sfs.f_type))0x9123683E /* btrfs */);
 }
 
 /* Size, kind and alignment of the open file. */
@@ -547,7 +560,6 @@ static int probe_file(struct devio_file *f, uint64_t *image_size)
 		return -EINVAL;
 	}
 	*image_size = (uint64_t)st.st_size;
-	f->async_buffered_writes = fs_has_async_buffered_writes(f->fd);
 	f->lbs = 512;
 	f->align = f->direct ? 4096 : 1;
 	return 0;
@@ -640,6 +652,7 @@ int devio_file_open(const char *path, const struct devio_open_opts *opts, struct
 		f->b.caps |= DEVIO_CAP_READONLY;
 	else if (probe_punch(f, image_size))
 		f->b.caps |= DEVIO_CAP_TRIM | DEVIO_CAP_FAST_ZERO;
+	probe_uring_paths(f, size);
 	file_uring_start(f);
 	*out = &f->b;
 	return 0;
@@ -966,8 +979,10 @@ static int file_uring_submit(struct devio_file *f, struct devio_request *req)
 	if (req->op != DEVIO_OP_FLUSH && (req->length == 0 ||
 	    (f->direct && !is_aligned(f, req->buf, req->length, f->base + req->offset))))
 		return -EAGAIN;
-	if (req->op == DEVIO_OP_WRITE && !f->direct && !f->async_buffered_writes && !(req->flags & DEVIO_REQ_FUA))
-		return -EAGAIN; /* a page-cache copy: cheaper here than through a serialised io-wq worker */
+	if (req->op == DEVIO_OP_READ && !f->uring_reads)
+		return -EAGAIN; /* a page-cache copy: cheaper here than through an io-wq worker */
+	if (req->op == DEVIO_OP_WRITE && !f->uring_writes && !(req->flags & DEVIO_REQ_FUA))
+		return -EAGAIN; /* the same, and io-wq serialises writes to one file */
 	if (atomic_fetch_add(&fr->inflight, 1) >= RING_MAX_INFLIGHT) {
 		atomic_fetch_sub(&fr->inflight, 1);
 		return -EAGAIN;
