@@ -100,6 +100,7 @@ void devio_submit(struct devio_backend *b, struct devio_request *req)
 			return; /* complete() will be called by the backend */
 		if (r != -EAGAIN && r != -EOPNOTSUPP)
 			goto done;
+		r = 0; /* the backend declined: run it synchronously */
 	}
 	if (!r)
 		r = run_sync(b, req);
