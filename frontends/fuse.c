@@ -216,12 +216,21 @@ static void sync_fallback(struct devio_request *req)
 
 /* ---- the /dev/fuse transport ---- */
 
+/* A /dev/fuse thread blocks on its request anyway: call the backend's
+ * synchronous callbacks directly rather than hand the request to the
+ * backend's own thread and wait for it to come back. */
 static void run_sync_io(struct fuse_fe *fe, struct devio_fuse_msg *msg)
 {
+	struct devio_request *req = &msg->req;
+
 	if (!msg->has_io)
 		return;
-	devio_execute(fe->backend, &msg->req);
-	sync_fallback(&msg->req);
+	req->backend = fe->backend;
+	req->result = devio_request_check(fe->backend, req);
+	if (req->result == 0) {
+		req->result = -EAGAIN;
+		sync_fallback(req);
+	}
 	devio_fuse_finish(&fe->fs, msg);
 }
 
