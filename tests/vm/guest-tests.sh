@@ -181,6 +181,26 @@ else
   fail $t "server did not start"; stop_server KILL
 fi
 
+# ublk in front of a remote backend: a second devio server's NBD export
+# (its client backend completes on its own threads), file-system round
+# trip, then the image behind both passes fsck.
+t=ublk-over-nbd-remote
+truncate -s 64M /tmp/x.img
+devio serve /tmp/x.img --nbd unix:/tmp/x.sock >/tmp/x.log 2>&1 &
+XSRV=$!
+if wait_for 30 test -S /tmp/x.sock && start_ublk /tmp/xb.log "nbd+unix:///?socket=/tmp/x.sock" --ublk --queues 2; then
+  fs_roundtrip "$DEV"; r=$?
+  stop_server TERM
+  if [ $r -ne 0 ]; then fail $t "file system round trip"; show_log /tmp/xb.log
+  elif [ "$SRV_RC" != 0 ]; then fail $t "ublk server exit $SRV_RC"; show_log /tmp/xb.log
+  elif ! e2fsck -fn /tmp/x.img >/dev/null 2>&1; then fail $t "image fails fsck"
+  else pass $t; fi
+else
+  fail $t "servers did not start"; show_log /tmp/x.log; show_log /tmp/xb.log; stop_server KILL
+fi
+SRV=$XSRV; stop_server TERM
+rm -f /tmp/x.img
+
 # The kernel's nbd client attached to this project's NBD server with two
 # connections: the same file-system round trip, then detach.
 t=kernel-nbd
