@@ -394,11 +394,12 @@ static void ring_io_done(struct devio_request *req)
 		return;
 	}
 	pthread_mutex_lock(&q->lock);
+	bool was_empty = q->done == NULL; /* else a wake-up is already on its way */
 	e->next = q->done;
 	q->done = e;
 	pthread_mutex_unlock(&q->lock);
 	uint64_t one = 1;
-	if (write(q->evfd, &one, sizeof(one)) < 0)
+	if (was_empty && write(q->evfd, &one, sizeof(one)) < 0)
 		devio_warn("fuse %s: queue %u: eventfd: %s", q->fe->mnt, q->qid, strerror(errno));
 }
 
