@@ -11,6 +11,7 @@ import threading
 import pytest
 
 import devio_wire as w
+from conftest import wait_for
 
 MiB = 1 << 20
 
@@ -27,6 +28,14 @@ def image(path, size):
     with open(path, "wb") as f:
         f.write(data)
     return data
+
+
+def connectable(path):
+    try:
+        with w.Client(path=path, timeout=5) as c:
+            return c.info()[0] > 0
+    except (OSError, w.ProtocolError):
+        return False
 
 
 def chain(serve, tmp, src, upstream_args=(), front_args=(), a_opts=""):
@@ -92,6 +101,8 @@ def test_reconnects_when_upstream_restarts(serve, tmp):
         assert not os.path.exists(a)  # the server removes its socket
         sa2 = serve(img, "--devio", f"unix:{a}")
         sa2.wait_unix(a)
+        # the socket file appears at bind(), a moment before listen()
+        wait_for(lambda: connectable(a), 10, f"{a} accepting")
         # the first request after the restart finds a dead connection and redials
         assert c.read(4096, 4096) == (0, data[4096:8192])
         assert c.write(0, b"again") == (0, 5)
