@@ -41,6 +41,7 @@
 #define RAM_ALLOC   (1u << 31)
 #define RAM_FREEING (1u << 30)
 #define RAM_WRITERS (RAM_FREEING - 1)
+#define RAM_MAX_SIZE (1ull << 46) /* one mapping; x86-64 user space is 128 TiB */
 
 struct ram_disk {
 	struct devio_backend b;
@@ -217,8 +218,8 @@ static int ram_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32_
 
 		if (n > len)
 			n = len;
-		if (n == RAM_CHUNK_SIZE)
-			ram_free_chunk(rd, off >> RAM_CHUNK_SHIFT);
+		if (n == RAM_CHUNK_SIZE || (in_chunk == 0 && off + n == b->size))
+			ram_free_chunk(rd, off >> RAM_CHUNK_SHIFT); /* whole, or all the last one has */
 		else
 			ram_zero_part(rd, off, n);
 		off += n;
@@ -301,15 +302,12 @@ int devio_ram_open(uint64_t size, uint64_t max_resident, struct devio_backend **
 	struct ram_disk *rd;
 	uint64_t nchunks;
 
-	if (size == 0 || size > (UINT64_MAX >> 2)) {
-		devio_err("ram: bad size %" PRIu64, size);
+	if (size == 0 || size > RAM_MAX_SIZE) {
+		devio_err("ram: size %" PRIu64 " is outside 1 byte .. %" PRIu64 " (64 TiB: half the address space)",
+			  size, (uint64_t)RAM_MAX_SIZE);
 		return -EINVAL;
 	}
 	nchunks = (size + RAM_CHUNK_SIZE - 1) >> RAM_CHUNK_SHIFT;
-	if (nchunks > SIZE_MAX / RAM_CHUNK_SIZE) {
-		devio_err("ram: size %" PRIu64 " is too large for this machine", size);
-		return -EINVAL;
-	}
 	rd = calloc(1, sizeof(*rd));
 	if (!rd)
 		return -ENOMEM;
@@ -317,15 +315,16 @@ int devio_ram_open(uint64_t size, uint64_t max_resident, struct devio_backend **
 	rd->max_resident = max_resident;
 	rd->page_size = sysconf(_SC_PAGESIZE);
 	rd->map_len = (size_t)(nchunks << RAM_CHUNK_SHIFT);
-	rd->state = calloc(nchunks, sizeof(*rd->state));
-	if (!rd->state) {
-		devio_err("ram: no memory for the chunk table of a %" PRIu64 "-byte disk", size);
-		goto out_free;
-	}
 	rd->mem = mmap(NULL, rd->map_len, PROT_READ | PROT_WRITE,
 		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (rd->mem == MAP_FAILED) {
 		devio_err("ram: cannot reserve %" PRIu64 " bytes of address space: %s", size, strerror(errno));
+		goto out_free;
+	}
+	rd->state = calloc(nchunks, sizeof(*rd->state));
+	if (!rd->state) {
+		devio_err("ram: no memory for the chunk table of a %" PRIu64 "-byte disk", size);
+		munmap(rd->mem, rd->map_len);
 		goto out_free;
 	}
 	/* Huge pages would make a 4 KiB write cost 2 MiB and a 64 KiB TRIM

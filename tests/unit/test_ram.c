@@ -75,6 +75,11 @@ static void test_roundtrip_and_zero_reads(void **state)
 	assert_memory_equal(w, r, 20000 - 12345);
 	assert_true(all_zero(r + 20000 - 12345, 100));
 	assert_memory_equal(w + 20000 - 12345 + 100, r + 20000 - 12345 + 100, MiB - 3 - (20000 - 12345 + 100));
+	/* trimming everything frees everything, the short last chunk too */
+	assert_int_equal(b->ops->trim(b, 0, b->size, 0), 0);
+	assert_int_equal(devio_ram_resident(b), 0);
+	assert_int_equal(b->ops->pread(b, r, 1000, 64 * MiB), 0);
+	assert_true(all_zero(r, 1000));
 	devio_backend_close(b);
 	free(w);
 	free(r);
