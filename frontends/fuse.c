@@ -726,8 +726,15 @@ static void abort_connection(struct fuse_fe *fe, dev_t dev)
 	char path[96];
 
 	snprintf(path, sizeof(path), "/sys/fs/fuse/connections/%u/abort", minor(dev));
-	if (write_sys(path, "1") < 0)
-		devio_warn("fuse %s: cannot abort the connection via %s", fe->mnt, path);
+	int r = write_sys(path, "1");
+
+	/* fusectl is not always mounted; as root we can mount it */
+	if (r == -ENOENT && mount("fusectl", "/sys/fs/fuse/connections", "fusectl", 0, NULL) == 0) {
+		devio_info("fuse %s: mounted fusectl on /sys/fs/fuse/connections", fe->mnt);
+		r = write_sys(path, "1");
+	}
+	if (r < 0)
+		devio_warn("fuse %s: cannot abort the connection via %s: %s", fe->mnt, path, strerror(-r));
 }
 
 static void do_unmount(struct fuse_fe *fe)

@@ -375,3 +375,24 @@ def test_fsync_survives_kill(serve, scratch, transport):
         for off, data in blocks.items():
             f.seek(off)
             assert f.read(len(data)) == data
+
+
+def test_stop_with_file_held_open(serve, scratch, transport):
+    """SIGTERM while a process holds the file open: the server detaches the
+    mount lazily, aborts the connection and exits; the holder gets errors."""
+    s, disk, _ = start_fuse(serve, scratch, "ram:16M", transport, loop=False)
+    import mmap
+    buf = mmap.mmap(-1, 4096)
+    fd = os.open(disk, os.O_RDONLY | os.O_DIRECT)  # no page cache to answer for the server
+    try:
+        assert os.preadv(fd, [buf], 0) == 4096
+        assert s.stop(timeout=30) == 0, s.stderr()
+        assert "aborting the connection" in s.stderr()
+        with pytest.raises(OSError):
+            os.preadv(fd, [buf], 12 * MiB)
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # FLUSH on a dead connection: ENOTCONN
+    assert not is_mounted(os.path.join(scratch.dir, "mnt"))
