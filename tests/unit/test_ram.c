@@ -257,6 +257,71 @@ static void test_open_through_source(void **state)
 	assert_int_equal(devio_ram_open(0, 0, &b), -EINVAL);
 }
 
+/* Writers and trimmers racing on the same chunks: whatever interleaving,
+ * the accounting must come back to exactly 0 and to exactly the size. */
+struct racer {
+	struct devio_backend *b;
+	unsigned id;
+	int errors;
+};
+
+static void *race(void *arg)
+{
+	struct racer *r = arg;
+	unsigned char buf[8192];
+	uint64_t rng = r->id * 0x9E3779B97F4A7C15ull + 1;
+
+	memset(buf, (int)(r->id + 1), sizeof(buf));
+	for (int i = 0; i < 20000; i++) {
+		uint64_t off;
+
+		rng ^= rng << 13;
+		rng ^= rng >> 7;
+		rng ^= rng << 17;
+		off = (rng >> 16) % (4 * MiB - sizeof(buf));
+		if (r->id % 2 == 0) {
+			if (r->b->ops->pwrite(r->b, buf, sizeof(buf), off, 0))
+				r->errors++;
+		} else {
+			uint64_t start = off & ~65535ull, len = 65536 * (1 + (rng & 3));
+
+			if (len > 4 * MiB - start)
+				len = 4 * MiB - start;
+			if (r->b->ops->trim(r->b, start, len, 0))
+				r->errors++;
+		}
+	}
+	return NULL;
+}
+
+static void test_write_trim_race(void **state)
+{
+	struct devio_backend *b;
+	pthread_t t[4];
+	struct racer r[4];
+	unsigned char *buf = malloc(4 * MiB);
+
+	assert_int_equal(devio_ram_open(4 * MiB, 0, &b), 0);
+	for (unsigned i = 0; i < 4; i++) {
+		r[i] = (struct racer){ b, i, 0 };
+		assert_int_equal(pthread_create(&t[i], NULL, race, &r[i]), 0);
+	}
+	for (unsigned i = 0; i < 4; i++) {
+		pthread_join(t[i], NULL);
+		assert_int_equal(r[i].errors, 0);
+	}
+	assert_true(devio_ram_resident(b) <= 4 * MiB);
+	assert_int_equal(b->ops->trim(b, 0, 4 * MiB, 0), 0);
+	assert_int_equal(devio_ram_resident(b), 0);
+	assert_int_equal(b->ops->pread(b, buf, 4 * MiB, 0), 0);
+	assert_true(all_zero(buf, 4 * MiB));
+	memset(buf, 9, 4 * MiB);
+	assert_int_equal(b->ops->pwrite(b, buf, 4 * MiB, 0, 0), 0);
+	assert_int_equal(devio_ram_resident(b), 4 * MiB);
+	devio_backend_close(b);
+	free(buf);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -266,6 +331,7 @@ int main(void)
 		cmocka_unit_test(test_cap_enospc),
 		cmocka_unit_test(test_one_tebibyte_instantly),
 		cmocka_unit_test(test_concurrent),
+		cmocka_unit_test(test_write_trim_race),
 		cmocka_unit_test(test_open_through_source),
 	};
 
