@@ -231,3 +231,14 @@ else
   cat /tmp/n.log; fail $t "NBD server did not start"; stop_server KILL
 fi
 rm -f /tmp/n.img
+
+# No server log from the scenarios above holds a sanitizer report (with a
+# sanitized build; a plain build trivially passes).
+t=sanitizer-reports
+bad=$(grep -l -E 'AddressSanitizer|LeakSanitizer|runtime error:' /tmp/*.log 2>/dev/null)
+if [ -n "$bad" ]; then
+  for f in $bad; do grep -m 5 -E 'AddressSanitizer|LeakSanitizer|runtime error:|#[0-9] ' "$f" | sed "s|^|INFO $f: |"; done
+  fail $t "reports in: $(echo $bad)"
+else
+  pass $t
+fi
