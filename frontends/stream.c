@@ -793,13 +793,45 @@ static int start_single(struct stream_state *st)
 	return r;
 }
 
+/* A Unix socket is bound and listening under a temporary name, then
+ * renamed into place: whoever sees the path can connect at once. */
+static int listen_unix_atomic(struct stream_state *st)
+{
+	struct devio_addr tmp = st->addr;
+	struct stat sb;
+	int fd, n;
+
+	if (lstat(st->addr.path, &sb) == 0 && !S_ISSOCK(sb.st_mode)) {
+		devio_err("--devio %s: %s exists and is not a socket", st->where, st->addr.path);
+		return -EEXIST;
+	}
+	n = snprintf(tmp.path, sizeof(tmp.path), "%s.%d.tmp", st->addr.path, (int)getpid());
+	if (n < 0 || (size_t)n >= 108) /* sizeof(sockaddr_un.sun_path) */
+		return devio_listen(&st->addr, STREAM_MAX_CONNS);
+	fd = devio_listen(&tmp, STREAM_MAX_CONNS);
+	if (fd < 0)
+		return fd;
+	if (rename(tmp.path, st->addr.path)) {
+		int r = -errno;
+
+		devio_err("--devio %s: cannot move the socket into place: %s", st->where, strerror(-r));
+		unlink(tmp.path);
+		close(fd);
+		return r;
+	}
+	return fd;
+}
+
 static int start_listener(struct stream_state *st, bool all_interfaces)
 {
 	int r;
 
 	if (st->addr.kind == DEVIO_ADDR_TCP && !st->addr.host[0] && all_interfaces)
 		strcpy(st->addr.host, "*");
-	st->lfd = devio_listen(&st->addr, STREAM_MAX_CONNS);
+	if (st->addr.kind == DEVIO_ADDR_UNIX)
+		st->lfd = listen_unix_atomic(st);
+	else
+		st->lfd = devio_listen(&st->addr, STREAM_MAX_CONNS);
 	if (st->lfd < 0)
 		return st->lfd;
 	if (st->addr.kind == DEVIO_ADDR_TCP && !strcmp(st->addr.host, "*"))

@@ -369,3 +369,15 @@ def test_status_names_the_transport(serve, tmp):
         time.sleep(0.05)
     assert f"devio stream on unix:{sock}" in out, out
     assert "served" in out
+
+
+def test_unix_path_that_is_not_a_socket_is_left_alone(tmp):
+    path = os.path.join(tmp, "precious.txt")
+    with open(path, "w") as f:
+        f.write("keep me")
+    p = subprocess.run([DEVIO, "serve", "ram:1M", "--devio", f"unix:{path}"], capture_output=True, timeout=30)
+    assert p.returncode != 0
+    assert b"not a socket" in p.stderr
+    with open(path) as f:
+        assert f.read() == "keep me"
+    assert os.listdir(tmp) == ["precious.txt"]
