@@ -469,6 +469,10 @@ int cmd_copy(int argc, char **argv)
 		return 1;
 	if (open_export(j.dst_name, false, &j.dst))
 		goto out_src;
+	if (j.dst->caps & DEVIO_CAP_READONLY) {
+		devio_err("copy: %s is read-only", j.dst_name);
+		goto out_dst;
+	}
 	if (j.dst->size < j.src->size) {
 		devio_err("copy: %s (%llu bytes) is smaller than %s (%llu bytes)", j.dst_name,
 			  (unsigned long long)j.dst->size, j.src_name, (unsigned long long)j.src->size);

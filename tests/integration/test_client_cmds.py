@@ -107,6 +107,8 @@ def test_write_to_readonly_server_fails(serve, tmp):
     uri = unix_server(serve, tmp, img, "--readonly")
     p = run("write", uri, input=b"nope", check=False)
     assert p.returncode != 0
+    p = run("copy", "ram:1M", uri, check=False)
+    assert p.returncode != 0 and b"read-only" in p.stderr
     assert read_file(img) == data
 
 
