@@ -104,6 +104,8 @@ struct nbd_state {
 	bool stopping;
 };
 
+static bool runs_inline(const struct devio_server *srv, const struct devio_backend *b);
+
 /* ---- negotiation I/O on the socket ---- */
 
 static int sock_read(void *ctx, void *buf, size_t len)
@@ -710,7 +712,7 @@ static int conn_setup(struct nbd_conn *c)
 		c->free_slots = &c->slots[i];
 	}
 	c->b = c->s.export->backend;
-	c->use_workers = !c->b->ops->submit && c->st->workers;
+	c->use_workers = c->st->workers && !runs_inline(c->st->srv, c->b);
 	return 0;
 }
 
@@ -864,21 +866,33 @@ static void *listener_main(void *arg)
 	return NULL;
 }
 
-/* Worker threads for synchronous backends: only when asked for with
- * --threads N (N > 1).  Running a RAM disk's requests on the reader
- * thread measured faster (fewer wake-ups; one core per connection) than
- * handing them to a pool: see docs/nbd.md. */
-static unsigned worker_count(const struct devio_server *srv)
+#define NBD_DEFAULT_WORKERS 8
+
+/* Where a synchronous backend's requests run.  The RAM disk runs on the
+ * connection's reader thread: that measured faster than a pool (fewer
+ * wake-ups; one core per connection; docs/nbd.md).  Other synchronous
+ * backends (a remote devio server) block for a network round trip, so
+ * they get a pool, or the requests in flight would run one at a time.
+ * --threads 1 runs everything inline, --threads N > 1 pools everything. */
+static bool runs_inline(const struct devio_server *srv, const struct devio_backend *b)
 {
-	return srv->opts.threads;
+	if (b->ops->submit || srv->opts.threads == 1)
+		return true;
+	if (srv->opts.threads > 1)
+		return false;
+	return b->ops->name && !strcmp(b->ops->name, "ram");
 }
 
-static bool any_sync_backend(const struct devio_server *srv)
+static unsigned worker_count(const struct devio_server *srv)
 {
+	bool needed = false;
+
 	for (size_t i = 0; i < srv->n_exports; i++)
-		if (!srv->exports[i].backend->ops->submit)
-			return true;
-	return false;
+		if (!runs_inline(srv, srv->exports[i].backend))
+			needed = true;
+	if (!needed)
+		return 0;
+	return srv->opts.threads > 1 ? srv->opts.threads : NBD_DEFAULT_WORKERS;
 }
 
 static void state_free(struct nbd_state *st)
@@ -915,7 +929,7 @@ static int start(struct devio_server *srv, const char *arg, void **state)
 	if (st->addr.kind == DEVIO_ADDR_TCP && !st->addr.host[0] && srv->opts.all_interfaces)
 		snprintf(st->addr.host, sizeof(st->addr.host), "*");
 	devio_addr_format(&st->addr, st->name, sizeof(st->name));
-	if (any_sync_backend(srv) && worker_count(srv) > 1) {
+	if (worker_count(srv)) {
 		st->workers = devio_workers_new(worker_count(srv));
 		if (!st->workers) {
 			r = -ENOMEM;

@@ -410,7 +410,7 @@ int devio_nbd_negotiate(struct devio_nbd_io *io, struct devio_server *srv, struc
 	if ((r = greet(n)))
 		goto out_free;
 	for (unsigned i = 0; i < NBD_MAX_OPTIONS; i++) {
-		uint32_t opt;
+		uint32_t opt = 0;
 
 		r = read_option(n, &opt);
 		if (r == 1)

@@ -462,3 +462,22 @@ def test_client_vanishing_with_requests_in_flight(serve, tmp):
     assert still_serving(sock) == str(64 * MiB)
     run("qemu-io", "-f", "raw", "-c", "write -P 0x42 0 64k", "-c", "read -P 0x42 0 64k", uri(sock))
     assert srv.proc.poll() is None
+
+
+@pytest.mark.parametrize("how", ["ram-pool", "devio-remote"])
+def test_worker_pool_paths(serve, tmp, how):
+    """Synchronous backends on the worker pool: a RAM disk with --threads 3,
+    and a remote devio server (pooled by default) re-exported over NBD."""
+    if how == "ram-pool":
+        _, sock = serve_unix(serve, tmp, "ram:32M", "--threads", "3")
+    else:
+        dsock = os.path.join(tmp, "devio.sock")
+        serve("ram:32M", "--devio", f"unix:{dsock}").wait_unix(dsock)
+        _, sock = serve_unix(serve, tmp, f"devio+unix://{dsock}")
+    r = run("fio", "--name=pool", "--ioengine=nbd", f"--uri={uri(sock)}", "--rw=randrw", "--bs=4k",
+            "--size=8M", "--iodepth=32", "--numjobs=2", "--offset_increment=16M", "--verify=crc32c",
+            "--verify_fatal=1", "--verify_state_save=0", "--group_reporting", "--output-format=json",
+            timeout=300, cwd=tmp)
+    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+    assert job["error"] == 0 and job["write"]["io_bytes"] > 0
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x61 30M 2M", "-c", "read -P 0x61 30M 2M", uri(sock))
