@@ -240,7 +240,7 @@ static int dev_serve_one(struct fuse_fe *fe, int fd, uint8_t *base, uint8_t *rep
 {
 	/* a WRITE's data (after 80 bytes of headers) lands page-aligned */
 	uint8_t *buf = base + HDR_ROOM - sizeof(struct fuse_in_header) - sizeof(struct fuse_rw_in);
-	size_t cap = fe->fs.max_write + sizeof(struct fuse_in_header) + sizeof(struct fuse_rw_in);
+	size_t cap = fe->payload_sz + sizeof(struct fuse_in_header) + sizeof(struct fuse_rw_in);
 	struct devio_fuse_msg msg;
 	ssize_t n;
 
@@ -254,7 +254,7 @@ static int dev_serve_one(struct fuse_fe *fe, int fd, uint8_t *base, uint8_t *rep
 	}
 	memset(&msg, 0, sizeof(msg));
 	msg.reply = reply;
-	msg.reply_cap = fe->fs.max_write;
+	msg.reply_cap = fe->payload_sz;
 	if (devio_fuse_split(buf, (size_t)n, &msg)) {
 		devio_warn("fuse %s: malformed request of %zd bytes (opcode %u)", fe->mnt, n, msg.in.opcode);
 		if (!msg.in.unique)
@@ -273,8 +273,8 @@ static void *dev_thread_main(void *arg)
 {
 	struct dev_thread *t = arg;
 	struct fuse_fe *fe = t->fe;
-	uint8_t *base = alloc_aligned(HDR_ROOM + fe->fs.max_write);
-	uint8_t *reply = alloc_aligned(fe->fs.max_write);
+	uint8_t *base = alloc_aligned(HDR_ROOM + fe->payload_sz);
+	uint8_t *reply = alloc_aligned(fe->payload_sz);
 
 	if (!base || !reply) {
 		devio_err("fuse %s: out of memory for a request buffer", fe->mnt);
@@ -702,8 +702,8 @@ static int do_mount(struct fuse_fe *fe)
 /* The kernel sends INIT first; answer it here, before any thread runs. */
 static int do_init_handshake(struct fuse_fe *fe)
 {
-	uint8_t *base = alloc_aligned(HDR_ROOM + fe->fs.max_write);
-	uint8_t *reply = alloc_aligned(fe->fs.max_write);
+	uint8_t *base = alloc_aligned(HDR_ROOM + fe->payload_sz);
+	uint8_t *reply = alloc_aligned(fe->payload_sz);
 	int r = 0;
 
 	if (!base || !reply) {
@@ -890,9 +890,10 @@ static int start(struct devio_server *srv, const char *arg, void **state)
 	fe->fs.gid = (uint32_t)getgid();
 	fe->fs.mtime = (uint64_t)time(NULL);
 	fe->fs.max_write = FUSE_MAX_WRITE;
-	if (ex->backend->max_io && ex->backend->max_io < FUSE_MAX_WRITE && ex->backend->max_io >= 65536)
-		fe->fs.max_write = ex->backend->max_io & ~4095u;
-	fe->payload_sz = fe->fs.max_write;
+	/* the kernel never sends more than max_write (and max_read = max_write) */
+	if (ex->backend->max_io && ex->backend->max_io < FUSE_MAX_WRITE)
+		fe->fs.max_write = ex->backend->max_io >= 4096 ? ex->backend->max_io & ~4095u : 4096;
+	fe->payload_sz = fe->fs.max_write > 8192 ? fe->fs.max_write : 8192; /* the kernel's minimum buffer */
 	fe->depth = srv->opts.depth ? srv->opts.depth : DEFAULT_DEPTH;
 	r = choose_transport(fe, t);
 	if (r)
