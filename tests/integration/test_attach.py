@@ -117,3 +117,18 @@ def test_attach_foreground_sigterm(serve, scratch):
             p.kill()
             p.wait()
         lazy_umount(mnt)
+
+
+def test_detach_by_loop_device(serve, scratch):
+    """devio detach /dev/loopN finds the attach process by its loop device."""
+    sock = scratch.path("devio.sock")
+    s = serve("ram:16M", "--devio", "unix:" + sock)
+    s.wait_unix(sock)
+    mnt, dev = attach(scratch, "devio+unix://" + sock)
+    out = run(DEVIO, "status").stdout
+    assert f"loop {dev}" in out and "fuse transport" in out, out
+    run(DEVIO, "detach", dev, timeout=60)
+    assert not is_mounted(mnt)
+    wait_for(lambda: not loop_exists(dev), 10, f"{dev} detached")
+    r = subprocess.run([DEVIO, "detach", mnt], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "no devio server" in r.stderr

@@ -396,3 +396,24 @@ def test_stop_with_file_held_open(serve, scratch, transport):
         except OSError:
             pass  # FLUSH on a dead connection: ENOTCONN
     assert not is_mounted(os.path.join(scratch.dir, "mnt"))
+
+
+def test_forced_uring_enables_the_module_parameter(serve, scratch):
+    """--fuse-transport uring switches enable_uring on when it is off."""
+    if not os.path.exists(ENABLE_URING):
+        pytest.skip("kernel without FUSE over io_uring")
+    with open(ENABLE_URING) as f:
+        old = f.read().strip()
+    try:
+        with open(ENABLE_URING, "w") as f:
+            f.write("N")
+        s, disk, _ = start_fuse(serve, scratch, "ram:8M", "uring", loop=False)
+        with open(ENABLE_URING) as f:
+            assert f.read().strip() == "Y"
+        transport_in_status(s, "uring")
+        with open(disk, "r+b", buffering=0) as f:
+            f.write(b"ring" * 1024)
+        stop_and_check_gone(s, scratch, None, "uring")
+    finally:
+        with open(ENABLE_URING, "w") as f:
+            f.write(old)
