@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 
 import pytest
 
@@ -167,7 +166,8 @@ def test_copy_interrupted_prints_resume_offset(serve, tmp):
         f.truncate(1 << 30)
     p = subprocess.Popen([DEVIO, "copy", "--block-size", "4K", uri, dst], stderr=subprocess.PIPE)
     try:
-        time.sleep(0.5)
+        # interrupt once data is landing (the handler is in place by then)
+        wait_for(lambda: os.stat(dst).st_blocks > 0 or p.poll() is not None, 60, "copy under way")
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
     finally:

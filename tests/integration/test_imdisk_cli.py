@@ -38,7 +38,7 @@ def imdisk():
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, start_new_session=True)
         procs.append(p)
-        wait_for(lambda: port_open(port) or p.poll() is not None, 10, f"port {port}")
+        wait_for(lambda: port_open(port) or p.poll() is not None, 30, f"port {port}")
         assert p.poll() is None, p.stderr.read()
         return p, port
 
@@ -163,7 +163,7 @@ def test_drv_maps_to_a_kernel_device(image):
             out = subprocess.run(["losetup", "-j", f"{mnt}/disk"], capture_output=True, text=True,
                                  timeout=10).stdout
             return out.split(":")[0] if out else None
-        wait_for(lambda: loop_dev() or p.poll() is not None, 20, "loop device")
+        wait_for(lambda: loop_dev() or p.poll() is not None, 60, "loop device")
         assert p.poll() is None, p.stderr.read()
         dev = loop_dev()
         with open(dev, "rb") as f:

@@ -111,7 +111,7 @@ def test_imdisk_command_line_partition_form(disk):
     p = subprocess.Popen([DEVIO, "-r", str(port), img, "5"], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, start_new_session=True)
     try:
-        wait_for(lambda: port_open(port) or p.poll() is not None, 10, f"port {port}")
+        wait_for(lambda: port_open(port) or p.poll() is not None, 30, f"port {port}")
         assert p.poll() is None
         with w.Client(port=port) as c:
             got_size, _, flags = c.info()

@@ -290,7 +290,7 @@ def test_connection_limit_refuses_extras(serve, tmp):
         extra.close()
         clients.pop().close()
         w_ok = None
-        for _ in range(100):  # the freed slot is reused once its session ends
+        for _ in range(400):  # the freed slot is reused once its session ends
             c = connect()
             try:
                 c.s.settimeout(2)
@@ -299,6 +299,7 @@ def test_connection_limit_refuses_extras(serve, tmp):
                 break
             except (w.ProtocolError, OSError):
                 c.close()
+                time.sleep(0.05)
         assert w_ok and w_ok[0] == MiB
         c.close()
     finally:
