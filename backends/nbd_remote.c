@@ -24,7 +24,9 @@
 
 #define REMOTE_SLOTS 128
 #define REMOTE_DEFAULT_MAX (32u << 20)
-#define REMOTE_MAX_RANGE (1u << 30) /* TRIM/ZERO pieces (the wire length is 32 bits) */
+#define REMOTE_MAX_RANGE (1u << 30) /* TRIM/ZERO/BLOCK_STATUS pieces (the wire length is 32 bits) */
+#define REMOTE_MAX_DESC 512         /* block status descriptors kept per query */
+#define REMOTE_MAX_CHUNK_SKIP (16u << 20)
 
 struct remote {
 	char name[300];
@@ -39,7 +41,19 @@ struct remote {
 	uint32_t gen[REMOTE_SLOTS];
 	unsigned used;
 	bool dead;
+	bool structured;             /* structured replies negotiated */
+	bool have_meta;              /* base:allocation selected */
+	uint32_t meta_id;
 };
+
+/* A block-status query in flight: the reader fills desc. */
+struct bs_query {
+	struct devio_request req;    /* req.priv[1] = REQ_KIND_BS */
+	uint8_t desc[8 * REMOTE_MAX_DESC];
+	uint32_t ndesc;
+};
+
+#define REQ_KIND_BS 1
 
 /* ---- URI ---- */
 
@@ -181,6 +195,41 @@ static int negotiate_go(struct remote *rm, const char *export, uint64_t *size)
 	}
 }
 
+/* NBD_OPT_STRUCTURED_REPLY, then NBD_OPT_SET_META_CONTEXT base:allocation.
+ * Servers that refuse either are used without. */
+static int negotiate_structured(struct remote *rm, const char *export)
+{
+	static const char ctx[] = "base:allocation";
+	size_t nlen = strlen(export), qlen = sizeof(ctx) - 1;
+	uint8_t opt[4 + 4096 + 4 + 4 + sizeof(ctx)], buf[256];
+	uint32_t type, len;
+	int r;
+
+	if ((r = send_option(rm->fd, NBD_OPT_STRUCTURED_REPLY, NULL, 0)) ||
+	    (r = read_reply(rm->fd, NBD_OPT_STRUCTURED_REPLY, &type, buf, sizeof(buf), &len)))
+		return r;
+	if (type != NBD_REP_ACK)
+		return 0;
+	rm->structured = true;
+	nbd_put32(opt, (uint32_t)nlen);
+	memcpy(opt + 4, export, nlen);
+	nbd_put32(opt + 4 + nlen, 1);
+	nbd_put32(opt + 8 + nlen, (uint32_t)qlen);
+	memcpy(opt + 12 + nlen, ctx, qlen);
+	if ((r = send_option(rm->fd, NBD_OPT_SET_META_CONTEXT, opt, (uint32_t)(12 + nlen + qlen))))
+		return r;
+	for (;;) {
+		if ((r = read_reply(rm->fd, NBD_OPT_SET_META_CONTEXT, &type, buf, sizeof(buf), &len)))
+			return r;
+		if (type != NBD_REP_META_CONTEXT)
+			return 0; /* ACK or an error: done either way */
+		if (len == 4 + qlen && !memcmp(buf + 4, ctx, qlen)) {
+			rm->meta_id = nbd_get32(buf);
+			rm->have_meta = true;
+		}
+	}
+}
+
 static int negotiate_export_name(struct remote *rm, const char *export, bool no_zeroes, uint64_t *size)
 {
 	uint8_t reply[10 + 124];
@@ -214,6 +263,8 @@ static int negotiate(struct remote *rm, const char *export, uint64_t *size)
 		return r;
 	if (strlen(export) > 4096)
 		return -ENAMETOOLONG;
+	if ((hflags & NBD_FLAG_FIXED_NEWSTYLE) && (r = negotiate_structured(rm, export)))
+		return r;
 	r = (hflags & NBD_FLAG_FIXED_NEWSTYLE) ? negotiate_go(rm, export, size) : 1;
 	if (r == 1)
 		r = negotiate_export_name(rm, export, hflags & NBD_FLAG_NO_ZEROES, size);
@@ -275,40 +326,182 @@ static struct devio_request *take_slot(struct remote *rm, uint64_t cookie)
 	return req;
 }
 
+/* The request for a cookie, left in its slot (structured replies may
+ * come in several chunks); NULL if no such request is in flight. */
+static struct devio_request *find_slot(struct remote *rm, uint64_t cookie)
+{
+	uint32_t i = (uint32_t)cookie, gen = (uint32_t)(cookie >> 32);
+	struct devio_request *req = NULL;
+
+	pthread_mutex_lock(&rm->lock);
+	if (i < REMOTE_SLOTS && rm->slot[i] && rm->gen[i] == gen)
+		req = rm->slot[i];
+	pthread_mutex_unlock(&rm->lock);
+	return req;
+}
+
+/* One simple reply (after its 4-byte magic).  0, or -errno to close. */
+static int simple_reply(struct remote *rm)
+{
+	uint8_t hdr[NBD_SIMPLE_REPLY_SIZE - 4];
+	struct devio_request *req;
+	uint32_t err;
+	int r;
+
+	if ((r = devio_read_full(rm->fd, hdr, sizeof(hdr))))
+		return r;
+	req = take_slot(rm, nbd_get64(hdr + 4));
+	if (!req) {
+		devio_err("%s: reply for a request never sent; closing", rm->name);
+		return -EPROTO;
+	}
+	err = nbd_get32(hdr);
+	if (!err && req->op == DEVIO_OP_READ && req->length && rm->structured) {
+		/* A simple reply to a read is not allowed with structured replies. */
+		devio_err("%s: simple reply with data to a read; closing", rm->name);
+		r = -EPROTO;
+	} else if (!err && req->op == DEVIO_OP_READ && req->length) {
+		r = devio_read_full(rm->fd, req->buf, req->length);
+	}
+	if (err)
+		devio_debug("%s: %s at offset %llu: server error %u", rm->name, devio_op_name(req->op),
+			    (unsigned long long)req->offset, err);
+	req->result = r ? -EIO : err ? nbd_to_errno(err) : 0;
+	req->complete(req);
+	return r;
+}
+
+/* Is [off, off+len) inside the request? */
+static bool in_request(const struct devio_request *req, uint64_t off, uint64_t len)
+{
+	return off >= req->offset && len <= req->length && off - req->offset <= req->length - len;
+}
+
+static int chunk_data(struct remote *rm, struct devio_request *req, uint16_t type, uint32_t len)
+{
+	uint8_t hdr[12];
+	uint64_t off;
+	int r;
+
+	if (req->op != DEVIO_OP_READ || req->priv[1] == REQ_KIND_BS)
+		return -EPROTO;
+	if (type == NBD_REPLY_TYPE_OFFSET_HOLE) {
+		if (len != 12 || (r = devio_read_full(rm->fd, hdr, 12)))
+			return len != 12 ? -EPROTO : r;
+		off = nbd_get64(hdr);
+		if (!nbd_get32(hdr + 8) || !in_request(req, off, nbd_get32(hdr + 8)))
+			return -EPROTO;
+		memset((uint8_t *)req->buf + (off - req->offset), 0, nbd_get32(hdr + 8));
+		return 0;
+	}
+	if (len < 9 || (r = devio_read_full(rm->fd, hdr, 8)))
+		return len < 9 ? -EPROTO : r;
+	off = nbd_get64(hdr);
+	if (!in_request(req, off, len - 8))
+		return -EPROTO;
+	return devio_read_full(rm->fd, (uint8_t *)req->buf + (off - req->offset), len - 8);
+}
+
+static int chunk_block_status(struct remote *rm, struct devio_request *req, uint32_t len)
+{
+	struct bs_query *q = (struct bs_query *)req;
+	uint8_t id[4];
+	uint32_t keep;
+	int r;
+
+	if (req->priv[1] != REQ_KIND_BS || len < 12 || (len - 4) % 8)
+		return -EPROTO;
+	if ((r = devio_read_full(rm->fd, id, 4)))
+		return r;
+	len -= 4;
+	keep = len < sizeof(q->desc) ? len : (uint32_t)sizeof(q->desc);
+	if (nbd_get32(id) != rm->meta_id)
+		keep = 0; /* a context we did not ask for */
+	if ((r = devio_read_full(rm->fd, q->desc, keep)) || (r = devio_discard_full(rm->fd, len - keep)))
+		return r;
+	if (keep)
+		q->ndesc = keep / 8;
+	return 0;
+}
+
+static int chunk_error(struct remote *rm, struct devio_request *req, uint32_t len)
+{
+	uint8_t e[6];
+	int r;
+
+	if (len < 6 || len > REMOTE_MAX_CHUNK_SKIP)
+		return -EPROTO;
+	if ((r = devio_read_full(rm->fd, e, 6)) || (r = devio_discard_full(rm->fd, len - 6)))
+		return r;
+	req->priv[0] = (uint64_t)(int64_t)nbd_to_errno(nbd_get32(e) ? nbd_get32(e) : NBD_EIO);
+	devio_debug("%s: %s at offset %llu: server error %u", rm->name, devio_op_name(req->op),
+		    (unsigned long long)req->offset, nbd_get32(e));
+	return 0;
+}
+
+/* One structured reply chunk (after its magic).  0, or -errno to close. */
+static int structured_chunk(struct remote *rm)
+{
+	uint8_t hdr[NBD_CHUNK_HEADER_SIZE - 4];
+	struct devio_request *req;
+	uint16_t flags, type;
+	uint32_t len;
+	int r;
+
+	if ((r = devio_read_full(rm->fd, hdr, sizeof(hdr))))
+		return r;
+	flags = nbd_get16(hdr);
+	type = nbd_get16(hdr + 2);
+	len = nbd_get32(hdr + 12);
+	req = rm->structured ? find_slot(rm, nbd_get64(hdr + 4)) : NULL;
+	if (!req) {
+		devio_err("%s: structured reply for a request never sent; closing", rm->name);
+		return -EPROTO;
+	}
+	if (type == NBD_REPLY_TYPE_NONE)
+		r = len ? -EPROTO : 0;
+	else if (type == NBD_REPLY_TYPE_OFFSET_DATA || type == NBD_REPLY_TYPE_OFFSET_HOLE)
+		r = chunk_data(rm, req, type, len);
+	else if (type == NBD_REPLY_TYPE_BLOCK_STATUS)
+		r = chunk_block_status(rm, req, len);
+	else if (type & (1u << 15))
+		r = chunk_error(rm, req, len);
+	else
+		r = -EPROTO;
+	if (r) {
+		devio_err("%s: bad reply chunk (type %u, %u bytes) for %s at offset %llu; closing", rm->name, type,
+			  len, devio_op_name(req->op), (unsigned long long)req->offset);
+		return r;
+	}
+	if (flags & NBD_REPLY_FLAG_DONE) {
+		take_slot(rm, nbd_get64(hdr + 4));
+		req->result = (int)(int64_t)req->priv[0];
+		req->complete(req);
+	}
+	return 0;
+}
+
 static void *reader_main(void *arg)
 {
 	struct remote *rm = arg;
 
 	for (;;) {
-		uint8_t hdr[NBD_SIMPLE_REPLY_SIZE];
-		struct devio_request *req;
-		uint32_t err;
+		uint8_t magic[4];
 		int r;
 
-		if ((r = devio_read_full(rm->fd, hdr, sizeof(hdr))))
+		if ((r = devio_read_full(rm->fd, magic, sizeof(magic))))
 			break;
-		if (nbd_get32(hdr) != NBD_SIMPLE_REPLY_MAGIC) {
-			devio_err("%s: bad reply magic 0x%08x; closing", rm->name, nbd_get32(hdr));
+		if (nbd_get32(magic) == NBD_SIMPLE_REPLY_MAGIC)
+			r = simple_reply(rm);
+		else if (nbd_get32(magic) == NBD_STRUCTURED_REPLY_MAGIC)
+			r = structured_chunk(rm);
+		else
+			r = -EPROTO;
+		if (r == -EPROTO && nbd_get32(magic) != NBD_SIMPLE_REPLY_MAGIC &&
+		    nbd_get32(magic) != NBD_STRUCTURED_REPLY_MAGIC)
+			devio_err("%s: bad reply magic 0x%08x; closing", rm->name, nbd_get32(magic));
+		if (r)
 			break;
-		}
-		req = take_slot(rm, nbd_get64(hdr + 8));
-		if (!req) {
-			devio_err("%s: reply for a request never sent; closing", rm->name);
-			break;
-		}
-		err = nbd_get32(hdr + 4);
-		r = err ? nbd_to_errno(err) : 0;
-		if (!err && req->op == DEVIO_OP_READ && req->length &&
-		    devio_read_full(rm->fd, req->buf, req->length)) {
-			req->result = -EIO;
-			req->complete(req);
-			break;
-		}
-		if (err)
-			devio_debug("%s: %s at offset %llu: server error %u", rm->name, devio_op_name(req->op),
-				    (unsigned long long)req->offset, err);
-		req->result = r;
-		req->complete(req);
 	}
 	fail_all(rm);
 	return NULL;
@@ -316,6 +509,10 @@ static void *reader_main(void *arg)
 
 static uint16_t command_of(const struct devio_request *req, uint16_t *flags)
 {
+	if (req->priv[1] == REQ_KIND_BS) {
+		*flags = 0;
+		return NBD_CMD_BLOCK_STATUS;
+	}
 	*flags = (req->flags & DEVIO_REQ_FUA) ? NBD_CMD_FLAG_FUA : 0;
 	switch (req->op) {
 	case DEVIO_OP_READ: *flags = 0; return NBD_CMD_READ;
@@ -342,6 +539,7 @@ static int send_request(struct remote *rm, struct devio_request *req)
 	unsigned i;
 	int r;
 
+	req->priv[0] = 0; /* error reported by a chunk */
 	pthread_mutex_lock(&rm->lock);
 	while (!rm->dead && rm->used == REMOTE_SLOTS)
 		pthread_cond_wait(&rm->cond, &rm->lock);
@@ -547,12 +745,68 @@ static int remote_submit(struct devio_backend *b, struct devio_request *req)
 {
 	struct remote *rm = b->priv;
 
+	req->priv[1] = 0; /* an ordinary request */
 	if (needs_sync(rm, req)) {
 		req->result = run_sync(b, req);
 		req->complete(req);
 		return 0;
 	}
 	return send_request(rm, req);
+}
+
+/* base:allocation of [off, off+len), one BLOCK_STATUS query per 1 GiB. */
+static int remote_extents(struct devio_backend *b, uint64_t off, uint64_t len, devio_extent_fn fn, void *ctx)
+{
+	struct remote *rm = b->priv;
+	struct bs_query *q;
+	int r = 0;
+
+	if (!rm->have_meta)
+		return fn(ctx, off, len, 0);
+	q = malloc(sizeof(*q));
+	if (!q)
+		return -ENOMEM;
+	while (len && !r) {
+		struct waiter w = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, false };
+		uint64_t piece = len < REMOTE_MAX_RANGE ? len : REMOTE_MAX_RANGE, got = 0;
+
+		memset(&q->req, 0, sizeof(q->req));
+		q->req.op = DEVIO_OP_CACHE;
+		q->req.offset = off;
+		q->req.length = piece;
+		q->req.complete = wake;
+		q->req.opaque = &w;
+		q->req.backend = b;
+		q->req.priv[1] = REQ_KIND_BS;
+		q->ndesc = 0;
+		if ((r = send_request(rm, &q->req)))
+			break;
+		pthread_mutex_lock(&w.lock);
+		while (!w.done)
+			pthread_cond_wait(&w.cond, &w.lock);
+		pthread_mutex_unlock(&w.lock);
+		if ((r = q->req.result))
+			break;
+		for (uint32_t i = 0; i < q->ndesc && got < piece && !r; i++) {
+			uint64_t n = nbd_get32(q->desc + 8 * i);
+			uint32_t f = nbd_get32(q->desc + 8 * i + 4) & (DEVIO_EXTENT_HOLE | DEVIO_EXTENT_ZERO);
+
+			if (n == 0) {
+				r = -EIO;
+				break;
+			}
+			if (n > piece - got)
+				n = piece - got;
+			r = fn(ctx, off + got, n, f);
+			got += n;
+		}
+		if (!r && got == 0)
+			r = -EIO; /* no descriptors: the server broke the protocol */
+		off += got;
+		len -= got;
+	}
+	free(q);
+	return r;
 }
 
 static void remote_describe(struct devio_backend *b, char *out, size_t outlen)
@@ -593,6 +847,7 @@ static const struct devio_backend_ops remote_ops = {
 	.flush = remote_flush,
 	.trim = remote_trim,
 	.zero = remote_zero,
+	.extents = remote_extents,
 	.submit = remote_submit,
 	.describe = remote_describe,
 	.close = remote_close,
@@ -662,7 +917,7 @@ int devio_remote_nbd_open(const char *uri, const struct devio_open_opts *opts, s
 	b->ops = &remote_ops;
 	b->size = size;
 	b->block_size = 512;
-	b->caps = caps_of(rm->tflags);
+	b->caps = caps_of(rm->tflags) | (rm->have_meta ? DEVIO_CAP_EXTENTS : 0);
 	if (opts && opts->readonly)
 		b->caps |= DEVIO_CAP_READONLY;
 	b->max_io = rm->max_payload;

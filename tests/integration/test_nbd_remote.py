@@ -97,6 +97,11 @@ def test_reexport_with_requests_in_flight(serve, tmp):
         "-c", "discard 8M 1M", ub)
     run("qemu-io", "-f", "raw", "-c", "read -P 0x3c 1000 3M", "-c", "read -P 0 4M 1M",
         f"nbd+unix:///?socket={a}")
+    # holes travel through: structured replies and base:allocation end to end
+    m = json.loads(run("nbdinfo", "--map", "--json", ub).stdout)
+    assert m[0]["offset"] == 0 and m[0]["type"] & 1 == 0  # data written at 1000
+    assert any(e["type"] & 1 and e["offset"] <= 8 * MiB < e["offset"] + e["length"] for e in m), m
+    assert "extents" in run(DEVIO, "info", ub).stdout
     r = run("fio", "--name=chain", "--ioengine=nbd", f"--uri={ub}", "--rw=randwrite", "--bs=4k",
             "--size=8M", "--iodepth=32", "--numjobs=2", "--offset_increment=16M", "--verify=crc32c",
             "--verify_fatal=1", "--verify_state_save=0", "--group_reporting", "--output-format=json",
