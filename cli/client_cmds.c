@@ -142,7 +142,8 @@ int cmd_info(int argc, char **argv)
 int cmd_cat(int argc, char **argv)
 {
 	static const struct option opts[] = { { "offset", required_argument, NULL, 'o' },
-					      { "length", required_argument, NULL, 'l' }, { 0 } };
+					      { "length", required_argument, NULL, 'l' },
+					      { "help", no_argument, NULL, 'h' }, { 0 } };
 	uint64_t off = 0, len = 0, end;
 	bool has_len = false;
 	struct devio_backend *b;
@@ -150,15 +151,15 @@ int cmd_cat(int argc, char **argv)
 	int c, r = 0;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "o:l:", opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "o:l:h", opts, NULL)) != -1) {
 		if (c == 'o' && !size_arg("cat", "--offset", optarg, &off))
 			continue;
 		if (c == 'l' && !size_arg("cat", "--length", optarg, &len)) {
 			has_len = true;
 			continue;
 		}
-		fprintf(stderr, "usage: devio cat URI|IMAGE [--offset N] [--length N]\n");
-		return 2;
+		fprintf(c == 'h' ? stdout : stderr, "usage: devio cat URI|IMAGE [--offset N] [--length N]\n");
+		return c == 'h' ? 0 : 2;
 	}
 	if (optind != argc - 1) {
 		devio_err("cat: want one URI or IMAGE");
@@ -215,18 +216,19 @@ static int read_upto(int fd, char *buf, size_t n, size_t *got)
 
 int cmd_write(int argc, char **argv)
 {
-	static const struct option opts[] = { { "offset", required_argument, NULL, 'o' }, { 0 } };
+	static const struct option opts[] = { { "offset", required_argument, NULL, 'o' },
+					      { "help", no_argument, NULL, 'h' }, { 0 } };
 	struct devio_backend *b;
 	uint64_t off = 0, total = 0;
 	char *buf;
 	int c, r = 0;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "o:", opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
 		if (c == 'o' && !size_arg("write", "--offset", optarg, &off))
 			continue;
-		fprintf(stderr, "usage: devio write URI|IMAGE [--offset N] < DATA\n");
-		return 2;
+		fprintf(c == 'h' ? stdout : stderr, "usage: devio write URI|IMAGE [--offset N] < DATA\n");
+		return c == 'h' ? 0 : 2;
 	}
 	if (optind != argc - 1) {
 		devio_err("write: want one URI or IMAGE");
@@ -444,20 +446,21 @@ static int copy_run(struct copy_job *j)
 int cmd_copy(int argc, char **argv)
 {
 	static const struct option opts[] = { { "resume-from", required_argument, NULL, 'r' },
-					      { "block-size", required_argument, NULL, 'b' }, { 0 } };
+					      { "block-size", required_argument, NULL, 'b' },
+					      { "help", no_argument, NULL, 'h' }, { 0 } };
 	struct copy_job j = { .block = CLIENT_CHUNK, .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER };
 	uint64_t resume = 0;
 	int c, r, rc = 1;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "r:b:", opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "r:b:h", opts, NULL)) != -1) {
 		if (c == 'r' && !size_arg("copy", "--resume-from", optarg, &resume))
 			continue;
 		if (c == 'b' && !size_arg("copy", "--block-size", optarg, &j.block) && j.block >= 512 &&
 		    j.block <= (64u << 20))
 			continue;
-		fprintf(stderr, "usage: devio copy SRC DST [--resume-from N] [--block-size N (512..64M)]\n");
-		return 2;
+		fprintf(c == 'h' ? stdout : stderr, "usage: devio copy SRC DST [--resume-from N] [--block-size N (512..64M)]\n");
+		return c == 'h' ? 0 : 2;
 	}
 	if (optind != argc - 2) {
 		devio_err("copy: want SRC and DST");

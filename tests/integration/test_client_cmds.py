@@ -275,3 +275,11 @@ def test_copy_sends_zero_extents_as_zero_requests(serve, tmp):
     p = run("copy", "ram:16M", srv)
     assert b"16777216 of them as zero ranges" in p.stderr
     assert read_file(dst) == bytes(16 * MiB)
+
+
+@pytest.mark.parametrize("cmd", ["info", "cat", "write", "copy"])
+def test_help_and_usage_errors(cmd):
+    p = run(cmd, "--help")
+    assert p.stdout.startswith(f"usage: devio {cmd}".encode())
+    p = run(cmd, "--no-such-option", check=False)
+    assert p.returncode == 2 and b"usage" in p.stderr
