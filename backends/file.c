@@ -768,14 +768,15 @@ static void ring_queue(struct devio_file *f, struct devio_request *req)
 	int fd = fr->fixed_file ? 0 : f->fd;
 	uint64_t done = req->priv[0], left = req->length - done;
 	unsigned n = left > RING_MAX_SQE_LEN ? RING_MAX_SQE_LEN : (unsigned)left;
+	char *buf = req->priv[1] ? (char *)(uintptr_t)req->priv[1] : (char *)req->buf;
 	struct io_uring_sqe *sqe;
 
 	pthread_mutex_lock(&fr->lock);
 	sqe = ring_get_sqe_locked(fr);
 	if (req->op == DEVIO_OP_READ) {
-		io_uring_prep_read(sqe, fd, (char *)req->buf + done, n, f->base + req->offset + done);
+		io_uring_prep_read(sqe, fd, buf + done, n, f->base + req->offset + done);
 	} else if (req->op == DEVIO_OP_WRITE) {
-		io_uring_prep_write(sqe, fd, (const char *)req->buf + done, n, f->base + req->offset + done);
+		io_uring_prep_write(sqe, fd, buf + done, n, f->base + req->offset + done);
 		if (req->flags & DEVIO_REQ_FUA)
 			sqe->rw_flags = RWF_DSYNC;
 	} else {
@@ -791,6 +792,12 @@ static void ring_queue(struct devio_file *f, struct devio_request *req)
 
 static void ring_finish(struct file_ring *fr, struct devio_request *req, int r)
 {
+	if (req->priv[1]) { /* an O_DIRECT bounce buffer */
+		if (r == 0 && req->op == DEVIO_OP_READ)
+			memcpy(req->buf, (void *)(uintptr_t)req->priv[1], req->length);
+		free((void *)(uintptr_t)req->priv[1]);
+		req->priv[1] = 0;
+	}
 	req->result = r;
 	req->complete(req);
 	atomic_fetch_sub(&fr->inflight, 1);
@@ -977,8 +984,8 @@ static int file_uring_submit(struct devio_file *f, struct devio_request *req)
 	if (req->op != DEVIO_OP_READ && req->op != DEVIO_OP_WRITE && req->op != DEVIO_OP_FLUSH)
 		return -EAGAIN;
 	if (req->op != DEVIO_OP_FLUSH && (req->length == 0 ||
-	    (f->direct && !is_aligned(f, req->buf, req->length, f->base + req->offset))))
-		return -EAGAIN;
+	    (f->direct && !is_aligned(f, NULL, req->length, f->base + req->offset))))
+		return -EAGAIN; /* unaligned O_DIRECT ranges: read-modify-write in file_submit */
 	if (req->op == DEVIO_OP_READ && !f->uring_reads)
 		return -EAGAIN; /* a page-cache copy: cheaper here than through an io-wq worker */
 	if (req->op == DEVIO_OP_WRITE && !f->uring_writes && !(req->flags & DEVIO_REQ_FUA))
@@ -988,6 +995,16 @@ static int file_uring_submit(struct devio_file *f, struct devio_request *req)
 		return -EAGAIN;
 	}
 	req->priv[0] = 0;
+	req->priv[1] = 0;
+	if (f->direct && req->op != DEVIO_OP_FLUSH && !is_aligned(f, req->buf, 0, 0)) {
+		/* an aligned range in a buffer the device cannot take: bounce */
+		if (req->length > FILE_BOUNCE_MAX || !(req->priv[1] = (uintptr_t)bounce_alloc(f, req->length))) {
+			atomic_fetch_sub(&fr->inflight, 1);
+			return -EAGAIN;
+		}
+		if (req->op == DEVIO_OP_WRITE)
+			memcpy((void *)(uintptr_t)req->priv[1], req->buf, req->length);
+	}
 	ring_queue(f, req);
 	return 0;
 }

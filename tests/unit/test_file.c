@@ -273,6 +273,7 @@ static void test_direct_unaligned(void **state)
 struct async_ctx {
 	struct devio_backend *b;
 	unsigned id;
+	bool misalign;     /* hand the backend buffers at an odd address */
 	_Atomic int pending;
 	_Atomic int errors;
 	pthread_mutex_t lock;
@@ -280,7 +281,8 @@ struct async_ctx {
 };
 
 struct async_io {
-	unsigned char buf[4096] __attribute__((aligned(4096))); /* for O_DIRECT */
+	unsigned char buf[4096 + 8] __attribute__((aligned(4096))); /* for O_DIRECT */
+	unsigned char *data; /* buf, or buf + 8 */
 	struct devio_request req;
 	struct async_ctx *ctx;
 };
@@ -331,12 +333,13 @@ static void *async_thread(void *arg)
 			struct async_io *io = &ios[slot++];
 
 			io->ctx = c;
+			io->data = io->buf + (c->misalign ? 8 : 0);
 			io->req = (struct devio_request){
 				.op = phase ? DEVIO_OP_READ : DEVIO_OP_WRITE, .offset = blk * 4096,
-				.length = 4096, .buf = io->buf, .complete = async_done, .opaque = io,
+				.length = 4096, .buf = io->data, .complete = async_done, .opaque = io,
 				.flags = (!phase && blk % 64 == 0) ? DEVIO_REQ_FUA : 0 };
 			if (phase == 0)
-				block_fill(io->buf, blk, 1);
+				block_fill(io->data, blk, 1);
 			atomic_fetch_add(&c->pending, 1);
 			devio_submit(c->b, &io->req);
 			if (slot == ASYNC_DEPTH || blk + ASYNC_THREADS >= ASYNC_BLOCKS) {
@@ -345,7 +348,7 @@ static void *async_thread(void *arg)
 					unsigned char want[4096];
 
 					block_fill(want, ios[i].req.offset / 4096, 1);
-					if (memcmp(want, ios[i].buf, 4096))
+					if (memcmp(want, ios[i].data, 4096))
 						atomic_fetch_add(&c->errors, 1);
 				}
 				slot = 0;
@@ -356,7 +359,7 @@ static void *async_thread(void *arg)
 	return NULL;
 }
 
-static void async_many_in_flight(bool direct)
+static void async_many_in_flight(bool direct, bool misalign)
 {
 	char path[128];
 	struct devio_open_opts o = { .direct = direct };
@@ -374,7 +377,7 @@ static void async_many_in_flight(bool direct)
 	/* this kernel has io_uring; ext4 reads the page cache without a worker */
 	assert_non_null(strstr(desc, direct ? "io_uring for all I/O" : "io_uring for reads"));
 	for (unsigned i = 0; i < ASYNC_THREADS; i++) {
-		c[i] = (struct async_ctx){ .b = b, .id = i };
+		c[i] = (struct async_ctx){ .b = b, .id = i, .misalign = misalign };
 		pthread_mutex_init(&c[i].lock, NULL);
 		pthread_cond_init(&c[i].cond, NULL);
 		assert_int_equal(pthread_create(&t[i], NULL, async_thread, &c[i]), 0);
@@ -395,13 +398,19 @@ static void async_many_in_flight(bool direct)
 
 static void test_async_many_in_flight(void **state)
 {
-	async_many_in_flight(false);
+	async_many_in_flight(false, false);
 }
 
 /* O_DIRECT: reads and writes all go through the ring. */
 static void test_async_direct_many_in_flight(void **state)
 {
-	async_many_in_flight(true);
+	async_many_in_flight(true, false);
+}
+
+/* O_DIRECT with buffers the device cannot take: bounced, still the ring. */
+static void test_async_direct_misaligned_buffers(void **state)
+{
+	async_many_in_flight(true, true);
 }
 
 /* A large read through io_uring and a read crossing the end of a file that
@@ -626,6 +635,7 @@ int main(void)
 		cmocka_unit_test(test_direct_unaligned),
 		cmocka_unit_test(test_async_many_in_flight),
 		cmocka_unit_test(test_async_direct_many_in_flight),
+		cmocka_unit_test(test_async_direct_misaligned_buffers),
 		cmocka_unit_test(test_async_large_and_shrunk),
 		cmocka_unit_test(test_partition_window),
 		cmocka_unit_test_setup_teardown(test_block_device, loop_setup, loop_teardown),
