@@ -15,16 +15,6 @@
 #define MAX_FRONTENDS 16
 #define MAX_EXPORTS 16
 
-struct devio_export *devio_server_export(struct devio_server *srv, const char *name)
-{
-	if (!name)
-		name = "";
-	for (size_t i = 0; i < srv->n_exports; i++)
-		if (!strcmp(srv->exports[i].name, name))
-			return &srv->exports[i];
-	return NULL;
-}
-
 static void serve_usage(FILE *out)
 {
 	fprintf(out,
@@ -86,11 +76,13 @@ static void on_signal(int sig) { stop_signal = sig; }
 
 static void write_status(struct devio_server *srv, struct serve_frontend *fe, size_t n, char *path, size_t pathlen)
 {
+	char tmp[160];
 	FILE *f;
 
 	mkdir(DEVIO_RUN_DIR, 0755);
 	snprintf(path, pathlen, DEVIO_RUN_DIR "/%d.status", (int)getpid());
-	f = fopen(path, "w");
+	snprintf(tmp, sizeof(tmp), "%s.tmp", path); /* readers never see half a file */
+	f = fopen(tmp, "w");
 	if (!f) {
 		path[0] = '\0';
 		return;
@@ -110,7 +102,10 @@ static void write_status(struct devio_server *srv, struct serve_frontend *fe, si
 		if (fe[i].type->status)
 			fe[i].type->status(fe[i].state, f);
 	}
-	fclose(f);
+	if (fclose(f) || rename(tmp, path)) {
+		unlink(tmp);
+		path[0] = '\0';
+	}
 }
 
 static bool all_finished(struct serve_frontend *fe, size_t n)
@@ -142,9 +137,11 @@ int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 		}
 	}
 	write_status(srv, fe, n, status_path, sizeof(status_path));
-	while (!stop_signal && !all_finished(fe, n)) {
+	for (unsigned tick = 1; !stop_signal && !all_finished(fe, n); tick++) {
 		struct timespec ts = { 0, 50 * 1000 * 1000 };
 		nanosleep(&ts, NULL);
+		if (tick % 20 == 0 && status_path[0]) /* live counters for `devio status` */
+			write_status(srv, fe, n, status_path, sizeof(status_path));
 	}
 	if (stop_signal)
 		devio_info("signal %d: stopping", (int)stop_signal);

@@ -26,7 +26,9 @@ int cmd_status(int argc, char **argv)
 		FILE *f;
 		int pid = atoi(de->d_name);
 
-		if (pid <= 0 || !strstr(de->d_name, ".status"))
+		const char *dot = strchr(de->d_name, '.');
+
+		if (pid <= 0 || !dot || strcmp(dot, ".status"))
 			continue;
 		snprintf(path, sizeof(path), DEVIO_RUN_DIR "/%s", de->d_name);
 		if (kill(pid, 0) && errno == ESRCH) {

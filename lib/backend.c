@@ -1,7 +1,9 @@
-/* backend.c - opens the backend a SOURCE names and closes backends. */
+/* backend.c - opens the backend a SOURCE names, closes backends, and
+ * finds a server's export by name. */
 #include <errno.h>
 #include <string.h>
 #include "devio/backend.h"
+#include "devio/frontend.h"
 #include "devio/util.h"
 
 
@@ -39,4 +41,14 @@ void devio_backend_close(struct devio_backend *b)
 {
 	if (b && b->ops->close)
 		b->ops->close(b);
+}
+
+struct devio_export *devio_server_export(struct devio_server *srv, const char *name)
+{
+	if (!name)
+		name = "";
+	for (size_t i = 0; i < srv->n_exports; i++)
+		if (!strcmp(srv->exports[i].name, name))
+			return &srv->exports[i];
+	return NULL;
 }

@@ -116,22 +116,33 @@ static int unix_sockaddr(const struct devio_addr *a, struct sockaddr_un *sun)
 	return 0;
 }
 
+/* The socket file appears at bind(), before listen(): bind under a
+ * temporary name and rename it into place once it accepts connections, so
+ * a client that sees the path can always connect. */
 static int listen_unix(const struct devio_addr *a, int backlog)
 {
+	struct devio_addr tmp = *a;
 	struct sockaddr_un sun;
 	struct stat st;
 	int fd, r;
 
-	if ((r = unix_sockaddr(a, &sun)))
+	if (snprintf(tmp.path, sizeof(tmp.path), "%s.%d.tmp", a->path, (int)getpid()) >= (int)sizeof(tmp.path))
+		return -ENAMETOOLONG;
+	if ((r = unix_sockaddr(&tmp, &sun)))
 		return r;
-	if (lstat(a->path, &st) == 0 && S_ISSOCK(st.st_mode))
-		unlink(a->path); /* stale socket of an earlier run */
+	if (lstat(a->path, &st) == 0 && !S_ISSOCK(st.st_mode)) {
+		devio_err("%s: exists and is not a socket; not replacing it", a->path);
+		return -EEXIST;
+	}
+	unlink(tmp.path);
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return -errno;
-	if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) || listen(fd, backlog)) {
+	if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) || listen(fd, backlog) ||
+	    rename(tmp.path, a->path)) {
 		r = -errno;
 		devio_err("%s: cannot listen: %s", a->path, strerror(-r));
+		unlink(tmp.path);
 		close(fd);
 		return r;
 	}
