@@ -5,13 +5,14 @@
 # kernel under qemu TCG through tests/vm/run.sh with a release build;
 # TCG makes absolute numbers small, the ratios are what to compare.
 #
-#   bench/bench_vm.sh [MiB per sequential run, default 128]
+#   bench/bench_vm.sh [MiB per sequential run, default 128] [repetitions, default 3]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MB=${1:-128}
+REPS=${2:-3}
 OUT=$(mktemp /tmp/devio-bench-vm.XXXXXX)
 trap 'rm -f "$OUT"' EXIT
-VM_BUILD=${VM_BUILD:-$PWD/build-release-vm} VM_BUILDTYPE=release VM_ENV="BENCH_MB=$MB" \
+VM_BUILD=${VM_BUILD:-$PWD/build-release-vm} VM_BUILDTYPE=release VM_ENV="BENCH_MB=$MB BENCH_REPS=$REPS" \
   tests/vm/run.sh --script bench/vm_guest_bench.sh --timeout 900 >"$OUT" 2>&1
 /usr/bin/python3 - "$OUT" <<'PY'
 import sys
@@ -31,7 +32,7 @@ for line in open(sys.argv[1]):
         print(line.rstrip())
 if "loop" not in rows:
     print("no results (see tests/vm/run.sh output)"); sys.exit(1)
-print("MiB/s inside the guest (ratio to the loop device on tmpfs)")
+print("MiB/s inside the guest, best of the repetitions (ratio to the loop device on tmpfs)")
 print(f"{'device':<24}" + "".join(f"{w:>22}" for w in order))
 for dev, r in rows.items():
     cells = []
