@@ -601,15 +601,21 @@ static void queue_loop(struct ublk_queue *q)
 	}
 }
 
+static size_t round_up_sz(size_t v, size_t align)
+{
+	return (v + align - 1) / align * align;
+}
+
 static int queue_setup(struct ublk_queue *q)
 {
 	struct ublk_dev *d = q->dev;
-	long page = sysconf(_SC_PAGESIZE);
-	size_t max_len = ((size_t)DEVIO_UBLK_MAX_QUEUE_DEPTH * sizeof(struct devio_ublk_io_desc) + page - 1) & ~(size_t)(page - 1);
+	size_t page = (size_t)sysconf(_SC_PAGESIZE);
+	/* each queue's array starts at qid * the size of the largest one */
+	size_t max_len = round_up_sz(DEVIO_UBLK_MAX_QUEUE_DEPTH * sizeof(struct devio_ublk_io_desc), page);
 	void *p;
 	int r;
 
-	q->descs_len = (d->depth * sizeof(struct devio_ublk_io_desc) + page - 1) & ~(size_t)(page - 1);
+	q->descs_len = round_up_sz(d->depth * sizeof(struct devio_ublk_io_desc), page);
 	p = mmap(NULL, q->descs_len, PROT_READ, MAP_SHARED | MAP_POPULATE, d->cdev_fd,
 		 (off_t)(DEVIO_UBLKSRV_CMD_BUF_OFFSET + q->qid * max_len));
 	if (p == MAP_FAILED) {
