@@ -86,6 +86,13 @@ struct nbd_conn {
 	size_t bytes;
 	struct nbd_slot *tx_head, *tx_tail;
 	bool sending, corked, broken;
+	pthread_t reader_tid;
+	/* Completions on other threads (io_uring, workers) hand their replies
+	 * to this thread, so that a client that stops reading can block only
+	 * its own connection, never a backend's shared completion thread. */
+	pthread_t sender;
+	bool has_sender, closing;
+	pthread_cond_t tx_cond;
 };
 
 struct nbd_state {
@@ -160,15 +167,16 @@ static void slot_release_locked(struct nbd_conn *c, struct nbd_slot *sl)
 }
 
 /* Send everything queued; called with c->lock held, by one thread at a
- * time (c->sending).  Drops the lock while writing. */
-static void tx_flush_locked(struct nbd_conn *c)
+ * time (c->sending).  Drops the lock while writing.  The reader stops
+ * while it is corked; the sender thread does not. */
+static void tx_flush_locked(struct nbd_conn *c, bool by_reader)
 {
 	struct iovec iov[NBD_TX_IOV];
 
 	if (c->sending)
 		return;
 	c->sending = true;
-	while (c->tx_head && !c->corked) {
+	while (c->tx_head && !(by_reader && c->corked)) {
 		struct nbd_slot *batch = c->tx_head, *sl, *last = NULL;
 		int n = 0, r = 0;
 
@@ -198,6 +206,8 @@ static void tx_flush_locked(struct nbd_conn *c)
 		}
 	}
 	c->sending = false;
+	if (c->tx_head && c->has_sender)
+		pthread_cond_signal(&c->tx_cond);
 }
 
 static void tx_queue(struct nbd_conn *c, struct nbd_slot *sl)
@@ -209,8 +219,31 @@ static void tx_queue(struct nbd_conn *c, struct nbd_slot *sl)
 	else
 		c->tx_head = sl;
 	c->tx_tail = sl;
-	tx_flush_locked(c);
+	if (pthread_equal(pthread_self(), c->reader_tid))
+		tx_flush_locked(c, true);
+	else if (c->has_sender)
+		pthread_cond_signal(&c->tx_cond);
+	else
+		tx_flush_locked(c, false);
 	pthread_mutex_unlock(&c->lock);
+}
+
+static void *sender_main(void *arg)
+{
+	struct nbd_conn *c = arg;
+
+	pthread_mutex_lock(&c->lock);
+	for (;;) {
+		if (c->tx_head && !c->sending) {
+			tx_flush_locked(c, false);
+			continue;
+		}
+		if (c->closing)
+			break;
+		pthread_cond_wait(&c->tx_cond, &c->lock);
+	}
+	pthread_mutex_unlock(&c->lock);
+	return NULL;
 }
 
 /* The reader is about to block: send what its batch produced. */
@@ -218,7 +251,7 @@ static void tx_uncork(struct nbd_conn *c)
 {
 	pthread_mutex_lock(&c->lock);
 	c->corked = false;
-	tx_flush_locked(c);
+	tx_flush_locked(c, true);
 	pthread_mutex_unlock(&c->lock);
 }
 
@@ -417,7 +450,7 @@ static struct nbd_slot *slot_get(struct nbd_conn *c, size_t bytes)
 	pthread_mutex_lock(&c->lock);
 	while (!c->free_slots || (c->inflight && c->bytes + bytes > NBD_MAX_BYTES_IN_FLIGHT)) {
 		c->corked = false;
-		tx_flush_locked(c);
+		tx_flush_locked(c, true);
 		if (c->free_slots && !(c->inflight && c->bytes + bytes > NBD_MAX_BYTES_IN_FLIGHT))
 			break;
 		pthread_cond_wait(&c->cond, &c->lock);
@@ -692,10 +725,15 @@ static void conn_wait_idle(struct nbd_conn *c)
 {
 	pthread_mutex_lock(&c->lock);
 	c->corked = false;
-	tx_flush_locked(c);
+	tx_flush_locked(c, true);
 	while (c->inflight)
 		pthread_cond_wait(&c->cond, &c->lock);
+	c->closing = true;
+	pthread_cond_signal(&c->tx_cond);
 	pthread_mutex_unlock(&c->lock);
+	if (c->has_sender)
+		pthread_join(c->sender, NULL);
+	c->has_sender = false;
 }
 
 static int conn_setup(struct nbd_conn *c)
@@ -713,6 +751,10 @@ static int conn_setup(struct nbd_conn *c)
 	}
 	c->b = c->s.export->backend;
 	c->use_workers = c->st->workers && !runs_inline(c->st->srv, c->b);
+	/* Without a sender thread (it could not start) completions send
+	 * themselves, as inline ones do. */
+	if (c->b->ops->submit || c->use_workers)
+		c->has_sender = pthread_create(&c->sender, NULL, sender_main, c) == 0;
 	return 0;
 }
 
@@ -722,6 +764,7 @@ static void conn_serve(struct nbd_conn *c)
 	struct timeval tv = { 30, 0 }, none = { 0, 0 };
 	int r;
 
+	c->reader_tid = pthread_self();
 	/* A client gets 30 s per read during the handshake. */
 	setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 	r = devio_nbd_negotiate(&io, c->st->srv, &c->s);
@@ -753,6 +796,7 @@ static void conn_free(struct nbd_conn *c)
 	free(c->slots);
 	free(c->rx);
 	pthread_cond_destroy(&c->cond);
+	pthread_cond_destroy(&c->tx_cond);
 	pthread_mutex_destroy(&c->lock);
 	free(c);
 }
@@ -769,6 +813,7 @@ void devio_nbd_serve_fd(struct devio_server *srv, int fd)
 	snprintf(c->peer, sizeof(c->peer), "fd%d", fd);
 	pthread_mutex_init(&c->lock, NULL);
 	pthread_cond_init(&c->cond, NULL);
+	pthread_cond_init(&c->tx_cond, NULL);
 	conn_serve(c);
 	conn_free(c);
 }
@@ -830,6 +875,7 @@ static void accept_one(struct nbd_state *st)
 	c->fd = fd;
 	pthread_mutex_init(&c->lock, NULL);
 	pthread_cond_init(&c->cond, NULL);
+	pthread_cond_init(&c->tx_cond, NULL);
 	pthread_mutex_lock(&st->lock);
 	snprintf(c->peer, sizeof(c->peer), "%s#%u", st->addr.kind == DEVIO_ADDR_UNIX ? "unix" : "tcp", ++st->served);
 	if (pthread_create(&c->thread, NULL, conn_main, c)) {

@@ -9,6 +9,7 @@ import socket
 import struct
 import subprocess
 import tempfile
+import time
 
 import pytest
 
@@ -481,3 +482,32 @@ def test_worker_pool_paths(serve, tmp, how):
     job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
     assert job["error"] == 0 and job["write"]["io_bytes"] > 0
     run("qemu-io", "-f", "raw", "-c", "write -P 0x61 30M 2M", "-c", "read -P 0x61 30M 2M", uri(sock))
+
+
+@pytest.mark.parametrize("source", ["file", "ram"])
+def test_client_that_never_reads_replies_blocks_only_itself(serve, tmp, source):
+    """A client floods reads and never reads the replies: its socket fills,
+    but the backend's completion thread and other clients carry on."""
+    if source == "file":
+        source = os.path.join(tmp, "disk.img")
+        make_image(source, 64 * MiB)
+    else:
+        source = "ram:64M"
+    srv, sock = serve_unix(serve, tmp, source)
+    r = Raw(sock)
+    try:
+        r.s.sendall(struct.pack(">I", 3))
+        r.option(7, struct.pack(">IH", 0, 0))
+        while r.reply()[1] != REP_ACK:
+            pass
+        # fewer requests than slots: the reader goes back to recv and the
+        # completions find nobody sending, with the socket about to fill
+        reqs = b"".join(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, (i % 60) * MiB, MiB) for i in range(40))
+        r.s.sendall(reqs)
+        time.sleep(0.5)
+        # another client reads and writes the same export meanwhile
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x7e 0 1M", "-c", "read -P 0x7e 0 1M", uri(sock), timeout=60)
+        assert still_serving(sock) == str(64 * MiB)
+    finally:
+        r.close()
+    assert srv.proc.poll() is None
