@@ -15,6 +15,7 @@
 #include "cli.h"
 #include "devio/backend.h"
 #include "devio/request.h"
+#include "devio/stream.h"
 #include "devio/util.h"
 
 #define CLIENT_CHUNK (1u << 20)
@@ -29,41 +30,13 @@ static int open_export(const char *source, bool readonly, struct devio_backend *
 	return r;
 }
 
-/* ZERO for a destination without a zero callback: write zeroes. */
-static int zero_by_writing(struct devio_backend *b, uint64_t off, uint64_t len)
-{
-	static const char zeroes[65536];
-	int r = 0;
-
-	while (len && !r) {
-		uint64_t n = len < sizeof(zeroes) ? len : sizeof(zeroes);
-
-		r = b->ops->pwrite(b, zeroes, n, off, 0);
-		off += n;
-		len -= n;
-	}
-	return r;
-}
-
-/* Run one request on this thread: the core's checks, then the backend's
- * synchronous callback (these commands wait for every request anyway). */
+/* Run one request on this thread (these commands wait for every request
+ * anyway): the core's checks, then the backend's synchronous callback. */
 static int run(struct devio_backend *b, enum devio_op op, void *buf, uint64_t len, uint64_t off)
 {
 	struct devio_request req = { .op = op, .offset = off, .length = len, .buf = buf };
-	int r = devio_request_check(b, &req);
 
-	if (r || len == 0)
-		return r;
-	switch (op) {
-	case DEVIO_OP_READ:
-		return b->ops->pread(b, buf, len, off);
-	case DEVIO_OP_WRITE:
-		return b->ops->pwrite(b, buf, len, off, 0);
-	case DEVIO_OP_ZERO:
-		return b->ops->zero ? b->ops->zero(b, off, len, 0) : zero_by_writing(b, off, len);
-	default:
-		return devio_execute(b, &req);
-	}
+	return devio_run_inline(b, &req);
 }
 
 static int size_arg(const char *cmd, const char *opt, const char *val, uint64_t *out)

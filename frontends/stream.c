@@ -37,6 +37,8 @@
 #define STREAM_MAX_CONNECT_BYTES 65536u
 /* SCSI pass-through payloads we consume (and refuse) without keeping. */
 #define STREAM_MAX_SCSI_BYTES (1u << 20)
+/* accept() out of descriptors: wait this long before trying again. */
+#define STREAM_ACCEPT_PAUSE_MS 200
 
 /* ---- buffered input: one read() usually brings a header and payload ---- */
 
@@ -222,18 +224,18 @@ static int zero_by_writing(struct devio_backend *b, uint64_t off, uint64_t len)
 	return r;
 }
 
-/* One request, run on this thread: after the core's checks
+/* One request, run on this thread (stream.h): after the core's checks
  * (devio_request_check) the backend's synchronous callbacks are called
  * directly.  With one request outstanding per connection the asynchronous
  * path (io_uring plus a completion on another thread) only adds a thread
  * hop to every request (measured: 85 us instead of 21 us per 4 KiB read
  * on tmpfs). */
-static int session_run(struct devio_backend *b, struct devio_request *req)
+int devio_run_inline(struct devio_backend *b, struct devio_request *req)
 {
 	const struct devio_backend_ops *ops = b->ops;
 	int r;
 
-	if ((r = devio_request_check(b, req)))
+	if ((r = devio_request_check(b, req)) || req->length == 0)
 		return r;
 	switch (req->op) {
 	case DEVIO_OP_READ:
@@ -243,8 +245,11 @@ static int session_run(struct devio_backend *b, struct devio_request *req)
 	case DEVIO_OP_TRIM:
 		return ops->trim(b, req->offset, req->length, req->flags);
 	case DEVIO_OP_ZERO:
-		return ops->zero ? ops->zero(b, req->offset, req->length, req->flags)
-				 : zero_by_writing(b, req->offset, req->length);
+		if (ops->zero)
+			return ops->zero(b, req->offset, req->length, req->flags);
+		/* a backend with neither zero() nor pwrite() that does not say
+		 * it is read-only: refuse rather than call through NULL */
+		return ops->pwrite ? zero_by_writing(b, req->offset, req->length) : -EROFS;
 	default:
 		return devio_execute(b, req);
 	}
@@ -256,13 +261,18 @@ static int session_exec(struct session *s, enum devio_op op, uint64_t off, uint6
 	uint64_t step = s->b->max_io ? s->b->max_io : len;
 	int r = 0;
 
-	if (len == 0)
-		return 0; /* nothing to move (the range was checked by the caller) */
+	if (len == 0) {
+		/* nothing to move, but a WRITE of 0 bytes far beyond the end or
+		 * to a read-only export is still refused as the core would */
+		struct devio_request req = { .op = op, .offset = off, .buf = buf };
+
+		return devio_request_check(s->b, &req);
+	}
 	while (len && !r) {
 		uint64_t n = len < step ? len : step;
 		struct devio_request req = { .op = op, .offset = off, .length = n, .buf = buf };
 
-		r = session_run(s->b, &req);
+		r = devio_run_inline(s->b, &req);
 		off += n;
 		len -= n;
 		if (buf)
@@ -418,8 +428,13 @@ static int do_ranges(struct session *s, uint64_t code)
 		out_words(s->wfd, &v, 1);
 		return -EPROTO;
 	}
-	if ((r = session_buf(s, len)))
-		return r;
+	if ((r = session_buf(s, len))) {
+		/* no memory for the ranges: consume them, answer, keep the stream */
+		if ((r = in_discard(s->in, len)))
+			return r;
+		v = ENOMEM;
+		return out_words(s->wfd, &v, 1);
+	}
 	if ((r = in_read(s->in, s->buf, len, NULL)))
 		return r;
 	if (len % DEVIO_RANGE_SIZE) {
@@ -675,18 +690,33 @@ static void accept_one(struct stream_state *st)
 	int fd = accept4(st->lfd, NULL, NULL, SOCK_CLOEXEC);
 
 	if (fd < 0) {
-		if (errno != EINTR && errno != EAGAIN && errno != ECONNABORTED)
-			devio_warn("--devio %s: accept: %s", st->where, strerror(errno));
+		int e = errno;
+
+		if (e == EINTR || e == EAGAIN || e == ECONNABORTED)
+			return;
+		devio_warn("--devio %s: accept: %s", st->where, strerror(e));
+		/* Out of descriptors or memory: the pending connection stays
+		 * readable, so pause (stop still wakes us) instead of spinning
+		 * and logging this line at full speed. */
+		if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM) {
+			struct pollfd p = { .fd = st->stop_pipe[0], .events = POLLIN };
+
+			poll(&p, 1, STREAM_ACCEPT_PAUSE_MS);
+		}
 		return;
 	}
 	devio_socket_tune(fd);
 	pthread_mutex_lock(&st->lock);
 	snprintf(name, sizeof(name), "--devio %s client %llu", st->where, (unsigned long long)st->served + 1);
 	if (st->stopping || st->active >= STREAM_MAX_CONNS) {
-		st->refused++;
+		uint64_t n = ++st->refused;
+
 		pthread_mutex_unlock(&st->lock);
-		devio_warn("--devio %s: refusing a client: %u connections already served at once",
-			   st->where, (unsigned)STREAM_MAX_CONNS);
+		/* a client reconnecting in a loop must not flood the log:
+		 * the 1st, 2nd, 4th, 8th, ... refusal is told */
+		if ((n & (n - 1)) == 0)
+			devio_warn("--devio %s: refusing a client: %u connections already served at once (%llu refused so far)",
+				   st->where, (unsigned)STREAM_MAX_CONNS, (unsigned long long)n);
 		close(fd);
 		return;
 	}

@@ -237,6 +237,10 @@ def test_offset_overflow_and_past_end(pair):
     assert bad.zero([(size - 10, 20)]) != 0
     assert bad.unmap([(2 ** 63 - 1, 2 ** 64 - 1)]) != 0
     assert bad.unmap([(-4096, 8192)]) != 0
+    # a WRITE of nothing is still checked: fine at the end, refused beyond it
+    assert bad.write(size, b"") == (0, 0)
+    assert bad.write(size + 1, b"")[0] != 0
+    assert bad.write(2 ** 64 - 1, b"")[0] != 0
     assert bad.read(size - 4, 4) == (0, b"tail")
     check_alive(good, size)
 
@@ -261,6 +265,7 @@ def test_write_to_readonly_export(serve, tmp):
         assert bad.info()[2] & w.FLAG_RO
         err, n = bad.write(0, b"x" * 8192)
         assert err != 0 and n == 0
+        assert bad.write(0, b"")[0] != 0  # even 0 bytes: the export is read-only
         assert bad.zero([(0, 4096)]) != 0
         assert bad.unmap([(0, 4096)]) != 0
         assert bad.info()[0] == MiB  # payload consumed, stream in step
