@@ -43,7 +43,12 @@ struct remote {
 	unsigned timeout_s;     /* per send/receive on a connection */
 	pthread_mutex_t lock;
 	pthread_cond_t freed;
-	pthread_mutex_t rmw_lock; /* serialises read-modify-write of partial blocks */
+	/* Read-modify-write of partial blocks takes it exclusively; every
+	 * other change (aligned writes, UNMAP, ZERO) shared.  Otherwise an
+	 * aligned write landing between the RMW's read and write of the same
+	 * block would be undone by the RMW writing back the old bytes around
+	 * its patch: an acknowledged write lost. */
+	pthread_rwlock_t rmw_lock;
 	struct remote_conn conns[REMOTE_MAX_CONNS];
 	unsigned n_conns;
 };
@@ -291,7 +296,7 @@ static int remote_pwrite_rmw(struct remote *rm, const void *buf, uint64_t len, u
 
 	if (!bounce)
 		return -ENOMEM;
-	pthread_mutex_lock(&rm->rmw_lock);
+	pthread_rwlock_wrlock(&rm->rmw_lock);
 	if (start < off)
 		r = run_chunks(rm, DEVIO_REQ_READ, bounce, rm->align, start);
 	if (!r && off + len < end && end - rm->align >= start + (start < off ? rm->align : 0))
@@ -300,7 +305,7 @@ static int remote_pwrite_rmw(struct remote *rm, const void *buf, uint64_t len, u
 		memcpy(bounce + (off - start), buf, len);
 		r = run_chunks(rm, DEVIO_REQ_WRITE, bounce, end - start, start);
 	}
-	pthread_mutex_unlock(&rm->rmw_lock);
+	pthread_rwlock_unlock(&rm->rmw_lock);
 	free(bounce);
 	return r;
 }
@@ -308,18 +313,25 @@ static int remote_pwrite_rmw(struct remote *rm, const void *buf, uint64_t len, u
 static int remote_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
 {
 	struct remote *rm = b->priv;
+	int r;
 
 	if (!aligned(rm, off, len))
 		return remote_pwrite_rmw(rm, buf, len, off);
-	return run_chunks(rm, DEVIO_REQ_WRITE, (void *)buf, len, off);
+	pthread_rwlock_rdlock(&rm->rmw_lock);
+	r = run_chunks(rm, DEVIO_REQ_WRITE, (void *)buf, len, off);
+	pthread_rwlock_unlock(&rm->rmw_lock);
+	return r;
 }
 
 static int remote_range(struct devio_backend *b, uint64_t code, uint64_t off, uint64_t len)
 {
 	struct remote *rm = b->priv;
 	struct xfer x = { .code = code, .off = rm->base + off, .len = len };
-	int r = remote_run(rm, &x);
+	int r;
 
+	pthread_rwlock_rdlock(&rm->rmw_lock);
+	r = remote_run(rm, &x);
+	pthread_rwlock_unlock(&rm->rmw_lock);
 	if (r)
 		devio_err("%s: %s at %llu of %llu bytes: %s", rm->uri, code == DEVIO_REQ_UNMAP ? "unmap" : "zero",
 			  (unsigned long long)off, (unsigned long long)len, strerror(-r));
@@ -369,9 +381,13 @@ static int remote_flush(struct devio_backend *b)
 static void remote_describe(struct devio_backend *b, char *out, size_t outlen)
 {
 	struct remote *rm = b->priv;
+	unsigned n;
 
+	pthread_mutex_lock(&rm->lock); /* the pool may be growing on another thread */
+	n = rm->n_conns;
+	pthread_mutex_unlock(&rm->lock);
 	snprintf(out, outlen, "devio server %s (alignment %llu, flags 0x%llx, %u connection(s))", rm->uri,
-		 (unsigned long long)rm->align, (unsigned long long)rm->flags, rm->n_conns);
+		 (unsigned long long)rm->align, (unsigned long long)rm->flags, n);
 }
 
 static void remote_close(struct devio_backend *b)
@@ -388,7 +404,7 @@ static void remote_close(struct devio_backend *b)
 		}
 	pthread_cond_destroy(&rm->freed);
 	pthread_mutex_destroy(&rm->lock);
-	pthread_mutex_destroy(&rm->rmw_lock);
+	pthread_rwlock_destroy(&rm->rmw_lock);
 	free(rm);
 	free(b);
 }
@@ -498,6 +514,18 @@ static int remote_window(struct remote *rm, const struct devio_open_opts *o, uin
 	return 0;
 }
 
+/* Writers first: a steady stream of aligned writes must not starve an
+ * unaligned one waiting for the exclusive lock. */
+static void rmw_lock_init(pthread_rwlock_t *l)
+{
+	pthread_rwlockattr_t a;
+
+	pthread_rwlockattr_init(&a);
+	pthread_rwlockattr_setkind_np(&a, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+	pthread_rwlock_init(l, &a);
+	pthread_rwlockattr_destroy(&a);
+}
+
 int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts, struct devio_backend **out)
 {
 	static const struct devio_open_opts none;
@@ -519,7 +547,7 @@ int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts,
 		rm->conns[i].fd = -1;
 	pthread_mutex_init(&rm->lock, NULL);
 	pthread_cond_init(&rm->freed, NULL);
-	pthread_mutex_init(&rm->rmw_lock, NULL);
+	rmw_lock_init(&rm->rmw_lock);
 	snprintf(rm->uri, sizeof(rm->uri), "%s", uri);
 	rm->timeout_s = remote_timeout();
 	if (parse_uri(uri, &rm->addr)) {
