@@ -69,6 +69,24 @@ static void print_caps(FILE *out, uint32_t caps, bool json)
 		fprintf(out, "-");
 }
 
+/* A JSON string: the source is a user's path or URI and may hold quotes,
+ * backslashes or control characters. */
+static void print_json_string(FILE *out, const char *s)
+{
+	fputc('"', out);
+	for (; *s; s++) {
+		unsigned char ch = (unsigned char)*s;
+
+		if (ch == '"' || ch == '\\')
+			fprintf(out, "\\%c", ch);
+		else if (ch < 0x20)
+			fprintf(out, "\\u%04x", ch);
+		else
+			fputc(ch, out);
+	}
+	fputc('"', out);
+}
+
 int cmd_info(int argc, char **argv)
 {
 	static const struct option opts[] = { { "json", no_argument, NULL, 'j' }, { "help", no_argument, NULL, 'h' }, { 0 } };
@@ -95,8 +113,10 @@ int cmd_info(int argc, char **argv)
 	if (b->ops->describe)
 		b->ops->describe(b, desc, sizeof(desc));
 	if (json) {
-		printf("{\"source\": \"%s\", \"size\": %llu, \"alignment\": %u, \"read_only\": %s, \"caps\": [",
-		       argv[optind], (unsigned long long)b->size, b->block_size ? b->block_size : 1,
+		printf("{\"source\": ");
+		print_json_string(stdout, argv[optind]);
+		printf(", \"size\": %llu, \"alignment\": %u, \"read_only\": %s, \"caps\": [",
+		       (unsigned long long)b->size, b->block_size ? b->block_size : 1,
 		       b->caps & DEVIO_CAP_READONLY ? "true" : "false");
 		print_caps(stdout, b->caps, true);
 		printf("]}\n");

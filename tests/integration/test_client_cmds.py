@@ -67,6 +67,11 @@ def test_info_text_and_json(serve, tmp):
     # a local image and ram: through the same command
     assert json.loads(run("info", "--json", img).stdout)["size"] == 3 * MiB
     assert json.loads(run("info", "--json", "ram:5M").stdout)["size"] == 5 * MiB
+    # the source is quoted as a JSON string, whatever its name holds
+    odd = os.path.join(tmp, 'q"uote\\back\tslash.img')
+    random_image(odd, MiB)
+    j = json.loads(run("info", "--json", odd).stdout)
+    assert j["source"] == odd and j["size"] == MiB
 
 
 def test_info_of_missing_server_fails_clearly(tmp):
