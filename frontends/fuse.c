@@ -191,18 +191,13 @@ static void dev_reply(struct fuse_fe *fe, int fd, struct devio_fuse_msg *msg)
 			   (unsigned long long)msg->in.unique, strerror(errno));
 }
 
-/* When a backend's submit() declines a request (-EAGAIN: an op it does not
- * run asynchronously, or its ring is full), devio_submit() should run it
- * with the synchronous callbacks; lib/request.c hands the -EAGAIN back
- * instead, so do it here. */
-static void sync_fallback(struct devio_request *req)
+/* Run a checked request with the backend's synchronous callbacks. */
+static void run_callbacks(struct devio_request *req)
 {
 	struct devio_backend *b = req->backend;
 	const struct devio_backend_ops *ops = b->ops;
 	int r;
 
-	if (req->result != -EAGAIN || devio_request_check(b, req))
-		return;
 	switch (req->op) {
 	case DEVIO_OP_READ: r = ops->pread(b, req->buf, req->length, req->offset); break;
 	case DEVIO_OP_WRITE: r = ops->pwrite(b, req->buf, req->length, req->offset, req->flags); break;
@@ -227,10 +222,8 @@ static void run_sync_io(struct fuse_fe *fe, struct devio_fuse_msg *msg)
 		return;
 	req->backend = fe->backend;
 	req->result = devio_request_check(fe->backend, req);
-	if (req->result == 0) {
-		req->result = -EAGAIN;
-		sync_fallback(req);
-	}
+	if (req->result == 0)
+		run_callbacks(req);
 	devio_fuse_finish(&fe->fs, msg);
 }
 
@@ -387,7 +380,6 @@ static void ring_io_done(struct devio_request *req)
 	struct ring_ent *e = req->opaque;
 	struct ring_queue *q = e->q;
 
-	sync_fallback(req);
 	if (pthread_equal(pthread_self(), q->self)) {
 		e->next = q->local;
 		q->local = e;
