@@ -222,7 +222,9 @@ static int imdisk_frontend(struct imdisk_args *a, struct devio_server *srv, cons
 		return -EOPNOTSUPP;
 	}
 	if (!strncmp(c, "drv:", 4)) {
-		if (!c[4] || strchr(c + 4, '/')) {
+		/* NAME becomes a directory under DEVIO_RUN_DIR: "." or ".." would
+		 * mount over the run directory itself or its parent */
+		if (!c[4] || strchr(c + 4, '/') || !strcmp(c + 4, ".") || !strcmp(c + 4, "..")) {
 			devio_err("%s: want drv:NAME", c);
 			return -EINVAL;
 		}

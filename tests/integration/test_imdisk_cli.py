@@ -149,6 +149,14 @@ def test_bad_command_lines(args):
     assert b"usage" in r.stderr
 
 
+@pytest.mark.parametrize("name", ["drv:", "drv:.", "drv:..", "drv:a/b"])
+def test_drv_names_that_are_not_a_plain_name_are_refused(tmp_path, name):
+    # the image does not exist, so even a wrongly accepted name maps nothing
+    r = subprocess.run([DEVIO, name, str(tmp_path / "missing.img")], capture_output=True, timeout=30)
+    assert r.returncode == 2
+    assert b"want drv:NAME" in r.stderr
+
+
 def test_drv_maps_to_a_kernel_device(image):
     """drv:NAME: ublk when the kernel has it, else a FUSE file with a loop device."""
     if not os.path.exists("/dev/fuse") or os.path.exists("/dev/ublk-control"):
