@@ -12,6 +12,7 @@
  */
 #include <errno.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -465,6 +466,13 @@ static int remote_info(struct remote *rm)
 	rm->remote_size = devio_get_le64(resp);
 	rm->align = devio_get_le64(resp + 8);
 	rm->flags = devio_get_le64(resp + 16);
+	if (rm->remote_size > INT64_MAX) {
+		/* UNMAP/ZERO ranges start at a signed offset: past 2^63 the
+		 * export could not be addressed, and no disk is that large */
+		devio_err("%s: server claims %llu bytes: more than the protocol can address", rm->uri,
+			  (unsigned long long)rm->remote_size);
+		return -EINVAL;
+	}
 	if (rm->align == 0)
 		rm->align = 1;
 	if (rm->align > REMOTE_MAX_ALIGN || (rm->align & (rm->align - 1))) {

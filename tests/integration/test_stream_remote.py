@@ -266,6 +266,20 @@ def test_size_zero_needs_size_option(tmp):
     assert b"does not tell its size" in p.stderr and b"--size" in p.stderr
 
 
+def test_size_beyond_signed_offsets_is_refused(tmp):
+    import subprocess
+    from conftest import DEVIO
+    path = os.path.join(tmp, "huge.sock")
+    t = fake_server(path, (2 ** 64 - 512, 512, 0))
+    try:
+        p = subprocess.run([DEVIO, "info", f"devio+unix://{path}"], capture_output=True, timeout=60)
+    finally:
+        t.join(30)
+    assert b"AddressSanitizer" not in p.stderr and b"runtime error:" not in p.stderr
+    assert p.returncode == 1
+    assert b"more than the protocol can address" in p.stderr
+
+
 def test_silent_server_times_out(tmp):
     """A server that answers INFO, then never answers: the request fails
     after DEVIO_REMOTE_TIMEOUT instead of hanging the client."""
