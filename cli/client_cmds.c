@@ -419,8 +419,11 @@ static int copy_run(struct copy_job *j)
 	sigaction(SIGINT, &sa, &old_int);
 	sigaction(SIGTERM, &sa, &old_term);
 	j->done = j->pos;
-	if ((r = pthread_create(&t, NULL, copy_reader, j)))
+	if ((r = pthread_create(&t, NULL, copy_reader, j))) {
+		sigaction(SIGINT, &old_int, NULL);
+		sigaction(SIGTERM, &old_term, NULL);
 		return -r;
+	}
 	r = copy_writer(j, show, start_ns, first);
 	pthread_mutex_lock(&j->lock);
 	j->failed = true; /* stop the reader if the writer gave up */

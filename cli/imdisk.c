@@ -263,7 +263,11 @@ static int imdisk_frontend(struct imdisk_args *a, struct devio_server *srv, cons
 
 		if (!getcwd(cwd, sizeof(cwd)))
 			return -errno;
-		snprintf(buf, buflen, "%s/%s%s", cwd, c, opts);
+		if ((size_t)snprintf(buf, buflen, "%s/%s%s", cwd, c, opts) >= buflen) {
+			/* truncated, it would name another file */
+			devio_err("%s: path too long", c);
+			return -ENAMETOOLONG;
+		}
 	}
 	fe->arg = buf;
 	return 0;
