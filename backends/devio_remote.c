@@ -123,13 +123,25 @@ static void conn_drop(struct remote_conn *c)
 	c->fd = -1;
 }
 
+/* SO_RCVTIMEO/SO_SNDTIMEO bound each call; a server that trickles a
+ * byte now and then would still hold a request forever, so a whole
+ * exchange also has a deadline, checked between calls. */
+static int past(uint64_t deadline_ns)
+{
+	return devio_now_ns() > deadline_ns ? -ETIMEDOUT : 0;
+}
+
 /* sendmsg with MSG_NOSIGNAL: a dead server must not kill a client
  * process that has not ignored SIGPIPE (devio cat, copy). */
-static int send_all(int fd, struct iovec *iov, int cnt)
+static int send_all(int fd, struct iovec *iov, int cnt, uint64_t deadline_ns)
 {
 	while (cnt) {
 		struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)cnt };
-		ssize_t n = sendmsg(fd, &msg, MSG_NOSIGNAL);
+		ssize_t n;
+
+		if (past(deadline_ns))
+			return -ETIMEDOUT;
+		n = sendmsg(fd, &msg, MSG_NOSIGNAL);
 
 		if (n < 0 && errno == EINTR)
 			continue;
@@ -144,6 +156,28 @@ static int send_all(int fd, struct iovec *iov, int cnt)
 			iov->iov_base = (char *)iov->iov_base + n;
 			iov->iov_len -= (size_t)n;
 		}
+	}
+	return 0;
+}
+
+static int recv_all(int fd, void *buf, size_t len, uint64_t deadline_ns)
+{
+	char *p = buf;
+
+	while (len) {
+		ssize_t n;
+
+		if (past(deadline_ns))
+			return -ETIMEDOUT;
+		n = read(fd, p, len);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		if (n == 0)
+			return -ECONNRESET;
+		p += n;
+		len -= (size_t)n;
 	}
 	return 0;
 }
@@ -167,8 +201,9 @@ struct xfer {
  * connection broke or the server broke the protocol. */
 static int exchange(struct remote *rm, int fd, struct xfer *x)
 {
-	uint8_t hdr[40], resp[16];
+	uint8_t hdr[32], resp[16];
 	struct iovec iov[2] = { { hdr, 24 }, { x->buf, 0 } };
+	uint64_t deadline = devio_now_ns() + (uint64_t)rm->timeout_s * 1000000000u;
 	int cnt = 1, r;
 	uint64_t n;
 
@@ -186,15 +221,15 @@ static int exchange(struct remote *rm, int fd, struct xfer *x)
 			cnt = 2;
 		}
 	}
-	if ((r = send_all(fd, iov, cnt)))
+	if ((r = send_all(fd, iov, cnt, deadline)))
 		return r;
 	if (x->code == DEVIO_REQ_UNMAP || x->code == DEVIO_REQ_ZERO) {
-		if ((r = devio_read_full(fd, resp, 8)))
+		if ((r = recv_all(fd, resp, 8, deadline)))
 			return r;
 		x->result = devio_get_le64(resp) ? peer_errno(devio_get_le64(resp)) : 0;
 		return 0;
 	}
-	if ((r = devio_read_full(fd, resp, 16)))
+	if ((r = recv_all(fd, resp, 16, deadline)))
 		return r;
 	n = devio_get_le64(resp + 8);
 	if (devio_get_le64(resp)) {
@@ -206,7 +241,7 @@ static int exchange(struct remote *rm, int fd, struct xfer *x)
 			  (unsigned long long)x->len, (unsigned long long)x->off);
 		return -EPROTO;
 	}
-	if (x->code == DEVIO_REQ_READ && (r = devio_read_full(fd, x->buf, n)))
+	if (x->code == DEVIO_REQ_READ && (r = recv_all(fd, x->buf, n, deadline)))
 		return r;
 	x->result = n == x->len ? 0 : -EIO;
 	if (n != x->len)

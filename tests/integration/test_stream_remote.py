@@ -318,6 +318,51 @@ def test_silent_server_times_out(tmp):
     assert b"connection lost" in p.stderr
 
 
+def test_trickling_server_times_out(tmp):
+    """A server that answers a READ one byte at a time, each well within the
+    per-call timeout: the request still fails after DEVIO_REMOTE_TIMEOUT."""
+    import socket
+    import subprocess
+    import time
+    from conftest import DEVIO
+    path = os.path.join(tmp, "trickle.sock")
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ls.bind(path)
+    ls.listen(4)
+    done = threading.Event()
+
+    def run():
+        ls.settimeout(30)
+        try:
+            conn, _ = ls.accept()
+            with conn:
+                conn.recv(8)
+                conn.sendall(w.q(MiB, 1, 0))
+                ls.close()  # the redial after the timeout is refused
+                conn.recv(24)
+                answer = w.q(0, 4096) + bytes(4096)
+                for i in range(200):  # at most 40 s, far less than the answer
+                    if done.is_set():
+                        break
+                    conn.sendall(answer[i:i + 1])
+                    time.sleep(0.2)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        p = subprocess.run([DEVIO, "cat", f"devio+unix://{path}", "--length", "4096"], capture_output=True,
+                           timeout=60, env=dict(os.environ, DEVIO_REMOTE_TIMEOUT="2"))
+    finally:
+        done.set()
+        t.join(30)
+        ls.close()
+    assert b"AddressSanitizer" not in p.stderr and b"runtime error:" not in p.stderr
+    assert p.returncode == 1 and p.stdout == b""
+    assert b"timed out" in p.stderr
+
+
 def test_nbd_front_end_over_devio_backend(serve, tmp):
     """Real NBD peers (nbdcopy with requests in flight, qemu-io) through
     `serve devio+unix://A --nbd`: the pool carries their parallel requests."""
