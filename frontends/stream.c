@@ -235,13 +235,18 @@ int devio_run_inline(struct devio_backend *b, struct devio_request *req)
 	const struct devio_backend_ops *ops = b->ops;
 	int r;
 
+	if (req->op == DEVIO_OP_FLUSH || req->op == DEVIO_OP_CACHE)
+		return devio_execute(b, req); /* no range to move, nothing to gain */
 	if ((r = devio_request_check(b, req)) || req->length == 0)
 		return r;
 	switch (req->op) {
 	case DEVIO_OP_READ:
 		return ops->pread(b, req->buf, req->length, req->offset);
 	case DEVIO_OP_WRITE:
-		return ops->pwrite(b, req->buf, req->length, req->offset, req->flags);
+		r = ops->pwrite(b, req->buf, req->length, req->offset, req->flags);
+		if (!r && (req->flags & DEVIO_REQ_FUA) && ops->flush)
+			r = ops->flush(b); /* as the core does for FUA */
+		return r;
 	case DEVIO_OP_TRIM:
 		return ops->trim(b, req->offset, req->length, req->flags);
 	case DEVIO_OP_ZERO:
