@@ -208,25 +208,10 @@ static int session_buf(struct session *s, size_t n)
 	return 0;
 }
 
-/* ZERO for a backend without a zero callback: write zeroes. */
-static int zero_by_writing(struct devio_backend *b, uint64_t off, uint64_t len)
-{
-	static const char zeroes[65536];
-	int r = 0;
-
-	while (len && !r) {
-		uint64_t n = len < sizeof(zeroes) ? len : sizeof(zeroes);
-
-		r = b->ops->pwrite(b, zeroes, n, off, 0);
-		off += n;
-		len -= n;
-	}
-	return r;
-}
-
 /* One request, run on this thread (stream.h): after the core's checks
  * (devio_request_check) the backend's synchronous callbacks are called
- * directly.  With one request outstanding per connection the asynchronous
+ * directly (ZERO without a zero callback goes to the core, which writes
+ * zeroes).  With one request outstanding per connection the asynchronous
  * path (io_uring plus a completion on another thread) only adds a thread
  * hop to every request (measured: 85 us instead of 21 us per 4 KiB read
  * on tmpfs). */
@@ -252,9 +237,10 @@ int devio_run_inline(struct devio_backend *b, struct devio_request *req)
 	case DEVIO_OP_ZERO:
 		if (ops->zero)
 			return ops->zero(b, req->offset, req->length, req->flags);
-		/* a backend with neither zero() nor pwrite() that does not say
-		 * it is read-only: refuse rather than call through NULL */
-		return ops->pwrite ? zero_by_writing(b, req->offset, req->length) : -EROFS;
+		/* the core writes zeroes; a backend with neither zero() nor
+		 * pwrite() that does not say it is read-only is refused rather
+		 * than called through NULL */
+		return ops->pwrite ? devio_execute(b, req) : -EROFS;
 	default:
 		return devio_execute(b, req);
 	}
