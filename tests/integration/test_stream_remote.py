@@ -280,52 +280,15 @@ def test_size_beyond_signed_offsets_is_refused(tmp):
     assert b"more than the protocol can address" in p.stderr
 
 
-def test_silent_server_times_out(tmp):
-    """A server that answers INFO, then never answers: the request fails
-    after DEVIO_REMOTE_TIMEOUT instead of hanging the client."""
+def cat_from_slow_server(tmp, answer, timeout_s):
+    """A one-connection server that answers INFO (1 MiB, alignment 1), then
+    runs answer(conn, done) for the READ that `devio cat --length 4096`
+    sends, with DEVIO_REMOTE_TIMEOUT=timeout_s.  done is set once cat has
+    exited.  Returns cat's CompletedProcess, checked for sanitizer reports."""
     import socket
     import subprocess
     from conftest import DEVIO
-    path = os.path.join(tmp, "silent.sock")
-    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    ls.bind(path)
-    ls.listen(4)
-    held = []
-
-    def run():
-        ls.settimeout(30)
-        try:
-            conn, _ = ls.accept()
-            held.append(conn)
-            conn.recv(8)
-            conn.sendall(w.q(MiB, 1, 0))
-            ls.close()  # the redial after the timeout is refused
-        except OSError:
-            pass
-
-    t = threading.Thread(target=run)
-    t.start()
-    try:
-        p = subprocess.run([DEVIO, "cat", f"devio+unix://{path}", "--length", "4096"], capture_output=True,
-                           timeout=60, env=dict(os.environ, DEVIO_REMOTE_TIMEOUT="1"))
-    finally:
-        t.join(30)
-        for c in held:
-            c.close()
-        ls.close()
-    assert b"AddressSanitizer" not in p.stderr and b"runtime error:" not in p.stderr
-    assert p.returncode == 1 and p.stdout == b""
-    assert b"connection lost" in p.stderr
-
-
-def test_trickling_server_times_out(tmp):
-    """A server that answers a READ one byte at a time, each well within the
-    per-call timeout: the request still fails after DEVIO_REMOTE_TIMEOUT."""
-    import socket
-    import subprocess
-    import time
-    from conftest import DEVIO
-    path = os.path.join(tmp, "trickle.sock")
+    path = os.path.join(tmp, "slow.sock")
     ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     ls.bind(path)
     ls.listen(4)
@@ -340,12 +303,7 @@ def test_trickling_server_times_out(tmp):
                 conn.sendall(w.q(MiB, 1, 0))
                 ls.close()  # the redial after the timeout is refused
                 conn.recv(24)
-                answer = w.q(0, 4096) + bytes(4096)
-                for i in range(200):  # at most 40 s, far less than the answer
-                    if done.is_set():
-                        break
-                    conn.sendall(answer[i:i + 1])
-                    time.sleep(0.2)
+                answer(conn, done)
         except OSError:
             pass
 
@@ -353,12 +311,37 @@ def test_trickling_server_times_out(tmp):
     t.start()
     try:
         p = subprocess.run([DEVIO, "cat", f"devio+unix://{path}", "--length", "4096"], capture_output=True,
-                           timeout=60, env=dict(os.environ, DEVIO_REMOTE_TIMEOUT="2"))
+                           timeout=60, env=dict(os.environ, DEVIO_REMOTE_TIMEOUT=str(timeout_s)))
     finally:
         done.set()
         t.join(30)
         ls.close()
     assert b"AddressSanitizer" not in p.stderr and b"runtime error:" not in p.stderr
+    return p
+
+
+def test_silent_server_times_out(tmp):
+    """A server that answers INFO, then never answers: the request fails
+    after DEVIO_REMOTE_TIMEOUT instead of hanging the client."""
+    p = cat_from_slow_server(tmp, lambda conn, done: done.wait(60), 1)
+    assert p.returncode == 1 and p.stdout == b""
+    assert b"connection lost" in p.stderr
+
+
+def test_trickling_server_times_out(tmp):
+    """A server that answers a READ one byte at a time, each well within the
+    per-call timeout: the request still fails after DEVIO_REMOTE_TIMEOUT."""
+    import time
+
+    def trickle(conn, done):
+        answer = w.q(0, 4096) + bytes(4096)
+        for i in range(200):  # at most 40 s, far less than the answer
+            if done.is_set():
+                break
+            conn.sendall(answer[i:i + 1])
+            time.sleep(0.2)
+
+    p = cat_from_slow_server(tmp, trickle, 2)
     assert p.returncode == 1 and p.stdout == b""
     assert b"timed out" in p.stderr
 
