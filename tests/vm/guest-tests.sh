@@ -231,6 +231,31 @@ else
 fi
 rm -f /tmp/n.img
 
+# Over TCP on the guest's loopback (port 10809 = 0x2A39 in /proc/net/tcp),
+# letting the kernel pick a free nbd device: what is written reads back,
+# detach frees the device.
+t=kernel-nbd-tcp
+devio serve ram:32M --nbd tcp:127.0.0.1:10809 >/tmp/nt.log 2>&1 &
+SRV=$!
+if wait_for 30 grep -q ':2A39 00000000:0000 0A' /proc/net/tcp && devio attach nbd://127.0.0.1:10809 --nbd-device >/tmp/nta.out 2>/tmp/nta.log; then
+  nbd=$(head -n 1 /tmp/nta.out)
+  dd if=/dev/urandom of=/tmp/pattern bs=1M count=8 2>/dev/null
+  dd if=/tmp/pattern of="$nbd" bs=1M oflag=direct 2>/dev/null; wr=$?
+  back=$(dd if="$nbd" bs=1M count=8 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+  want=$(sha256sum </tmp/pattern | cut -d' ' -f1)
+  devio detach "$nbd" >>/tmp/nta.log 2>&1
+  wait_for 20 test "$(cat /sys/block/${nbd#/dev/}/size)" = 0; gone=$?
+  stop_server TERM
+  info "$t: attached as $nbd"
+  if ! [ -b "$nbd" ]; then fail $t "attach printed '$nbd'"
+  elif [ $wr -ne 0 ] || [ "$back" != "$want" ]; then fail $t "data did not read back"
+  elif [ $gone -ne 0 ]; then fail $t "$nbd still attached after detach"
+  else pass $t; fi
+else
+  show_log /tmp/nta.log; fail $t "attach failed"; stop_server TERM
+fi
+rm -f /tmp/pattern
+
 # No server log from the scenarios above holds a sanitizer report (with a
 # sanitized build; a plain build trivially passes).
 t=sanitizer-reports
