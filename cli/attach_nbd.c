@@ -11,6 +11,7 @@
  * the server advertises CAN_MULTI_CONN (or --connections says so).  The
  * kernel keeps the sockets; this process exits.
  */
+#include <ctype.h>
 #include <errno.h>
 #include <limits.h>
 #include <linux/genetlink.h>
@@ -70,7 +71,10 @@ static int uri_decode(const char *src, size_t n, char *dst, size_t dstlen)
 
 		if (j + 1 >= dstlen)
 			return -ENAMETOOLONG;
-		if (src[i] == '%' && i + 2 < n && sscanf(src + i + 1, "%2x", &v) == 1) {
+		if (src[i] == '%' && i + 2 < n && isxdigit((unsigned char)src[i + 1]) &&
+		    isxdigit((unsigned char)src[i + 2]) && sscanf(src + i + 1, "%2x", &v) == 1) {
+			if (v == 0)
+				return -EINVAL; /* no NULs inside names and paths */
 			dst[j++] = (char)v;
 			i += 2;
 		} else {
@@ -96,7 +100,7 @@ static int parse_nbd_uri(const char *uri, struct nbd_target *t)
 		if (!q || (path && path > q))
 			return -EINVAL;
 		if (path && uri_decode(path + 1, (size_t)(q - path - 1), t->export_name, sizeof(t->export_name)))
-			return -ENAMETOOLONG;
+			return -EINVAL;
 		t->addr.kind = DEVIO_ADDR_UNIX;
 		return uri_decode(q + 8, strlen(q + 8), t->addr.path, sizeof(t->addr.path));
 	}
@@ -108,7 +112,7 @@ static int parse_nbd_uri(const char *uri, struct nbd_target *t)
 		return -ENAMETOOLONG;
 	snprintf(hostport, sizeof(hostport), "tcp:%.*s", (int)((path ? path : p + strlen(p)) - p), p);
 	if (path && uri_decode(path + 1, strlen(path + 1), t->export_name, sizeof(t->export_name)))
-		return -ENAMETOOLONG;
+		return -EINVAL;
 	return devio_addr_parse(hostport, "10809", &t->addr);
 }
 

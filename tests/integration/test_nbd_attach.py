@@ -70,6 +70,16 @@ def test_unknown_export_is_refused_with_the_servers_message(serve):
     assert "refused the export" in r.stderr
 
 
+def test_percent_encoded_export_name(serve):
+    port = free_port()
+    s = serve("ram:1M", "--export", "my disk=ram:2M", "--nbd", f"tcp:127.0.0.1:{port}")
+    s.wait_tcp(port)
+    r = attach(f"nbd://127.0.0.1:{port}/my%20disk", "--nbd-device", "--connections", "1")
+    assert r.returncode == 1
+    assert f"export of {2 << 20} bytes" in r.stderr
+    assert 'netlink family "nbd"' in r.stderr
+
+
 class HostileServer:
     """Greets like an NBD server, then answers NBD_OPT_GO with `reply`."""
 
@@ -147,6 +157,7 @@ def test_hostile_servers_are_refused(greeting, reply, message):
 @pytest.mark.parametrize("args,message", [
     (["http://example/", "--nbd-device"], "not an NBD URI"),
     (["nbd+unix:///export", "--nbd-device"], "not an NBD URI"),
+    (["nbd://127.0.0.1:1/a%00b", "--nbd-device"], "not an NBD URI"),
     (["nbd://127.0.0.1:1", "--nbd-device", "/dev/nbdX"], "--nbd-device"),
     (["nbd://127.0.0.1:1", "--nbd-device", "--connections", "99"], "--connections"),
 ])
