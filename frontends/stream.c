@@ -10,6 +10,8 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -675,6 +677,20 @@ static int conn_start(struct stream_state *st, int rfd, int wfd, bool owns, cons
 	return 0;
 }
 
+/* A TCP peer that vanishes without a FIN (its host crashed, the link went
+ * down) would hold its slot and thread forever, since an idle client is
+ * legitimate: keepalive probes find it within about two minutes and the
+ * blocked read then fails.  A live idle client answers them. */
+static void tcp_keepalive(int fd)
+{
+	int one = 1, idle = 60, intvl = 10, cnt = 6;
+
+	setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+	setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
+	setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
+	setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
+}
+
 static void accept_one(struct stream_state *st)
 {
 	char name[400];
@@ -697,6 +713,8 @@ static void accept_one(struct stream_state *st)
 		return;
 	}
 	devio_socket_tune(fd);
+	if (st->addr.kind == DEVIO_ADDR_TCP)
+		tcp_keepalive(fd);
 	pthread_mutex_lock(&st->lock);
 	snprintf(name, sizeof(name), "--devio %s client %llu", st->where, (unsigned long long)st->served + 1);
 	if (st->stopping || st->active >= STREAM_MAX_CONNS) {

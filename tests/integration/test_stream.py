@@ -78,6 +78,12 @@ def test_file_round_trip(serve, tmp, transport):
         listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True,
                                    timeout=10).stdout
         assert f"127.0.0.1:{port}" in listening, listening  # loopback unless told otherwise
+        with connect() as c1:
+            c1.info()
+            # the server's end probes an idle peer, so a vanished one frees its slot
+            est = subprocess.run(["ss", "-Htno", "state", "established", f"sport = :{port}"],
+                                 capture_output=True, text=True, timeout=10).stdout
+            assert "keepalive" in est, est
     else:
         _, connect = start_unix(serve, tmp, img)
     with connect() as c:
