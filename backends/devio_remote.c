@@ -7,7 +7,8 @@
  * INFO at connect gives size, alignment and flags; transfers are split at
  * REMOTE_CHUNK; unaligned requests to a server that wants alignment are
  * widened (read) or read-modify-written (write, under a lock).  A broken
- * connection is reopened once per request.  The protocol has no flush:
+ * connection is reopened once per request (not for a change that timed
+ * out: it may still land).  The protocol has no flush:
  * flush is a no-op and no FLUSH capability is claimed.
  */
 #include <errno.h>
@@ -266,6 +267,11 @@ static int remote_run(struct remote *rm, struct xfer *x)
 		r = exchange(rm, c->fd, x);
 		if (r == 0)
 			break;
+		/* A change that timed out may still be running on the server:
+		 * sent again, the late first copy could land after a newer,
+		 * acknowledged write to the same blocks.  Only reads retry then. */
+		if ((r == -ETIMEDOUT || r == -EAGAIN) && x->code != DEVIO_REQ_READ)
+			attempt = 1;
 		devio_warn("%s: connection lost at offset %llu (%s)%s", rm->uri, (unsigned long long)x->off,
 			   strerror(-r), attempt ? "" : "; reconnecting");
 		conn_drop(c);

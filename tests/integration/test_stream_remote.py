@@ -280,11 +280,12 @@ def test_size_beyond_signed_offsets_is_refused(tmp):
     assert b"more than the protocol can address" in p.stderr
 
 
-def cat_from_slow_server(tmp, answer, timeout_s):
+def cat_from_slow_server(tmp, answer, timeout_s, cmd=("cat", "--length", "4096"), stdin=None):
     """A one-connection server that answers INFO (1 MiB, alignment 1), then
-    runs answer(conn, done) for the READ that `devio cat --length 4096`
-    sends, with DEVIO_REMOTE_TIMEOUT=timeout_s.  done is set once cat has
-    exited.  Returns cat's CompletedProcess, checked for sanitizer reports."""
+    runs answer(conn, done) for the request that `devio cat --length 4096`
+    (or cmd) sends, with DEVIO_REMOTE_TIMEOUT=timeout_s.  done is set once
+    the command has exited.  Returns its CompletedProcess, checked for
+    sanitizer reports."""
     import socket
     import subprocess
     from conftest import DEVIO
@@ -310,7 +311,7 @@ def cat_from_slow_server(tmp, answer, timeout_s):
     t = threading.Thread(target=run)
     t.start()
     try:
-        p = subprocess.run([DEVIO, "cat", f"devio+unix://{path}", "--length", "4096"], capture_output=True,
+        p = subprocess.run([DEVIO, cmd[0], f"devio+unix://{path}", *cmd[1:]], input=stdin, capture_output=True,
                            timeout=60, env=dict(os.environ, DEVIO_REMOTE_TIMEOUT=str(timeout_s)))
     finally:
         done.set()
@@ -326,6 +327,14 @@ def test_silent_server_times_out(tmp):
     p = cat_from_slow_server(tmp, lambda conn, done: done.wait(60), 1)
     assert p.returncode == 1 and p.stdout == b""
     assert b"connection lost" in p.stderr
+
+
+def test_write_that_timed_out_is_not_sent_again(tmp):
+    """A WRITE the server never answers may still land later: it fails
+    without a second copy on a new connection (a READ would be retried)."""
+    p = cat_from_slow_server(tmp, lambda conn, done: done.wait(60), 1, cmd=("write",), stdin=b"w" * 4096)
+    assert p.returncode == 1
+    assert b"connection lost" in p.stderr and b"reconnecting" not in p.stderr
 
 
 def test_trickling_server_times_out(tmp):
