@@ -33,6 +33,7 @@ struct remote {
 	int fd;
 	uint16_t tflags;
 	uint32_t max_payload;
+	uint32_t min_block;           /* the server's minimum block size, 1 if none */
 	pthread_t reader;
 	pthread_mutex_t send_lock;
 	pthread_mutex_t lock;        /* slots, dead */
@@ -188,9 +189,11 @@ static int negotiate_go(struct remote *rm, const char *export, uint64_t *size)
 			rm->tflags = nbd_get16(buf + 10);
 			have_export = true;
 		} else if (nbd_get16(buf) == NBD_INFO_BLOCK_SIZE && len >= 14) {
-			uint32_t mx = nbd_get32(buf + 10);
+			uint32_t mn = nbd_get32(buf + 2), mx = nbd_get32(buf + 10);
 			if (mx >= 512 && mx < rm->max_payload)
 				rm->max_payload = mx;
+			if (mn && mn <= 65536 && !(mn & (mn - 1)))
+				rm->min_block = mn;
 		}
 	}
 }
@@ -897,6 +900,7 @@ int devio_remote_nbd_open(const char *uri, const struct devio_open_opts *opts, s
 	}
 	snprintf(rm->name, sizeof(rm->name), "%s", uri);
 	rm->max_payload = REMOTE_DEFAULT_MAX;
+	rm->min_block = 1;
 	rm->fd = devio_connect(&a);
 	if (rm->fd < 0) {
 		r = rm->fd;
@@ -916,7 +920,7 @@ int devio_remote_nbd_open(const char *uri, const struct devio_open_opts *opts, s
 	}
 	b->ops = &remote_ops;
 	b->size = size;
-	b->block_size = 512;
+	b->block_size = rm->min_block;
 	b->caps = caps_of(rm->tflags) | (rm->have_meta ? DEVIO_CAP_EXTENTS : 0);
 	if (opts && opts->readonly)
 		b->caps |= DEVIO_CAP_READONLY;
