@@ -47,19 +47,19 @@ row() { # LABEL "DEVIO ARGS" "FIO ARGS": alternating runs, best of two each
 echo "best of two alternating runs of ${SECS}s each; image on $(df --output=fstype "$WORK" | tail -1)"
 printf '%-52s %12s %12s %7s\n' "4 KiB random I/O" "devio IOPS" "fio IOPS" "ratio"
 warm
-row "file read, page cache, QD32 x1 (io_uring/io_uring)" \
+row "file read, page cache, QD32 x1 (submit/fio io_uring)" \
   'devio_iops "$IMG" read 32 1 async' 'fio_iops randread io_uring 32 1 0 "$IMG"'
-row "file read, page cache, QD32 x2 (io_uring/io_uring)" \
+row "file read, page cache, QD32 x2 (submit/fio io_uring)" \
   'devio_iops "$IMG" read 32 2 async' 'fio_iops randread io_uring 32 2 0 "$IMG"'
-row "file write, page cache, QD1 x2 (sync pwrite/psync)" \
+row "file write, page cache, QD1 x2 (pwrite/fio psync)" \
   'devio_iops "$IMG" write 1 2 sync' 'fio_iops randwrite psync 1 2 0 "$IMG"'
-row "file read, O_DIRECT, QD32 x1 (io_uring/io_uring)" \
+row "file read, O_DIRECT, QD32 x1 (submit/fio io_uring)" \
   'devio_iops "$IMG" read 32 1 async direct' 'fio_iops randread io_uring 32 1 1 "$IMG"'
-row "file write, O_DIRECT, QD32 x1 (io_uring/io_uring)" \
+row "file write, O_DIRECT, QD32 x1 (submit/fio io_uring)" \
   'devio_iops "$IMG" write 32 1 async direct' 'fio_iops randwrite io_uring 32 1 1 "$IMG"'
-row "file read, O_DIRECT, QD1 x2 (sync pread/psync)" \
+row "file read, O_DIRECT, QD1 x2 (pread/fio psync)" \
   'devio_iops "$IMG" read 1 2 sync direct' 'fio_iops randread psync 1 2 1 "$IMG"'
-row "ram:512M read vs tmpfs file, x2 (sync/psync)" \
+row "ram:512M read vs tmpfs file, x2 (callbacks/fio psync)" \
   'devio_iops ram:512M read 1 2 sync' 'fio_iops randread psync 1 2 0 "$SHM/ram.img"'
-row "ram:512M write vs tmpfs file, x2 (sync/psync)" \
+row "ram:512M write vs tmpfs file, x2 (callbacks/fio psync)" \
   'devio_iops ram:512M write 1 2 sync' 'fio_iops randwrite psync 1 2 0 "$SHM/ram.img"'
