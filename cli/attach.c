@@ -20,6 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 #include "cli.h"
+#include "devio/ublk.h"
 #include "devio/util.h"
 
 static void attach_usage(FILE *out)
@@ -226,6 +227,9 @@ static bool status_matches(const char *path, const char *target)
 		snprintf(want, sizeof(want), "  fuse mount %s ", target);
 		if (!strncmp(line, want, strlen(want)))
 			hit = true;
+		snprintf(want, sizeof(want), "ublk device %s ", target);
+		if (!strncmp(line, want, strlen(want)))
+			hit = true;
 		snprintf(want, sizeof(want), "  loop %s", target);
 		if (!strncmp(line, want, strlen(want)) && (line[strlen(want)] == '\0' || line[strlen(want)] == ' '))
 			hit = true;
@@ -244,7 +248,9 @@ static pid_t find_server(const char *target)
 		char path[512];
 		int pid = atoi(de->d_name);
 
-		if (pid <= 0 || !strstr(de->d_name, ".status"))
+		const char *dot = strchr(de->d_name, '.');
+
+		if (pid <= 0 || !dot || strcmp(dot, ".status"))
 			continue;
 		snprintf(path, sizeof(path), DEVIO_RUN_DIR "/%s", de->d_name);
 		if (kill(pid, 0) && errno == ESRCH)
@@ -257,26 +263,10 @@ static pid_t find_server(const char *target)
 	return found;
 }
 
-int cmd_detach(int argc, char **argv)
+/* SIGTERM the server and wait (bounded) until it has unmounted, detached
+ * and exited. */
+static int stop_server(const char *target, pid_t pid)
 {
-	char target[PATH_MAX];
-	pid_t pid;
-
-	if (argc != 2 || argv[1][0] == '-') {
-		attach_usage(stderr);
-		return 2;
-	}
-	if (!strncmp(argv[1], "/dev/nbd", 8))
-		return detach_nbd_device(argv[1]);
-	if (!realpath(argv[1], target)) {
-		devio_err("detach %s: %s", argv[1], strerror(errno));
-		return 1;
-	}
-	pid = find_server(target);
-	if (!pid) {
-		devio_err("detach %s: no devio server serves it (see devio status)", target);
-		return 1;
-	}
 	if (kill(pid, SIGTERM) < 0) {
 		devio_err("detach %s: signal pid %d: %s", target, (int)pid, strerror(errno));
 		return 1;
@@ -291,4 +281,51 @@ int cmd_detach(int argc, char **argv)
 	}
 	devio_err("detach %s: server pid %d still running after 30 s", target, (int)pid);
 	return 1;
+}
+
+/* Ask the server to stop (it deletes its device); when no server serves it
+ * any more (killed), delete the device left behind ourselves. */
+static int detach_ublk(const char *dev)
+{
+	unsigned id;
+	pid_t pid = find_server(dev);
+	int r;
+
+	if (pid)
+		return stop_server(dev, pid);
+	if (devio_ublk_parse_dev(dev, &id)) {
+		devio_err("detach %s: not a ublk device name", dev);
+		return 1;
+	}
+	r = devio_ublk_delete(id);
+	if (r) {
+		devio_err("detach %s: %s", dev, strerror(-r));
+		return 1;
+	}
+	return 0;
+}
+
+int cmd_detach(int argc, char **argv)
+{
+	char target[PATH_MAX];
+	pid_t pid;
+
+	if (argc != 2 || argv[1][0] == '-') {
+		attach_usage(stderr);
+		return 2;
+	}
+	if (!strncmp(argv[1], "/dev/nbd", 8))
+		return detach_nbd_device(argv[1]);
+	if (!strncmp(argv[1], "/dev/ublkb", 10))
+		return detach_ublk(argv[1]);
+	if (!realpath(argv[1], target)) {
+		devio_err("detach %s: %s", argv[1], strerror(errno));
+		return 1;
+	}
+	pid = find_server(target);
+	if (!pid) {
+		devio_err("detach %s: no devio server serves it (see devio status)", target);
+		return 1;
+	}
+	return stop_server(target, pid);
 }

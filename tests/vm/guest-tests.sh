@@ -167,7 +167,7 @@ if start_ublk /tmp/k.log ram:64M --ublk; then
   if wait_for 60 dead $writer; then
     wait $writer; wrc=$?
     id=${DEV#/dev/ublkb}
-    vmtool ublk-del "$DEV" >/tmp/del.log 2>&1; drc=$?
+    devio detach "$DEV" >/tmp/del.log 2>&1; drc=$?
     if [ $wrc -eq 0 ]; then fail $t "writer did not see an error"
     elif [ $drc -ne 0 ]; then cat /tmp/del.log; fail $t "delete failed"
     elif ! wait_for 10 test ! -e /dev/ublkc$id; then fail $t "/dev/ublkc$id left behind"
