@@ -31,12 +31,13 @@ DEVIO="$ROOT/$BUILD/devio"
 
 WORK=$(mktemp -d /dev/shm/devio-bench-nbd.XXXXXX)
 RESULTS="$WORK/results.tsv"
-# name rw bs iodepth
+# name rw bs iodepth [connections]
 JOBS=(
   "4k-randread-qd1 randread 4k 1"
   "4k-randread-qd32 randread 4k 32"
   "4k-randwrite-qd1 randwrite 4k 1"
   "4k-randwrite-qd32 randwrite 4k 32"
+  "4k-randread-qd32x2 randread 4k 32 2"
   "1m-read-qd8 read 1m 8"
   "1m-write-qd8 write 1m 8"
 )
@@ -101,11 +102,12 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-# run_job NAME BACKEND TRANSPORT JOB RW BS IODEPTH: appends a row to $RESULTS
+# run_job NAME BACKEND TRANSPORT JOB RW BS IODEPTH [CONNECTIONS]: appends a
+# row to $RESULTS (with several connections, their sum)
 run_job() {
   local name=$1 backend=$2 transport=$3 job=$4
   fio --name="$job" --ioengine=nbd --uri="${URI[$name]}" --rw="$5" --bs="$6" --iodepth="$7" \
-    --size="$SIZE" --time_based --runtime="$RUNTIME" --ramp_time=1 --numjobs=1 \
+    --size="$SIZE" --time_based --runtime="$RUNTIME" --ramp_time=1 --numjobs="${8:-1}" --group_reporting \
     --randrepeat=0 --norandommap --output-format=json >"$WORK/fio.json" 2>"$WORK/fio.err" ||
     { echo "bench_nbd: fio $job against $name failed: $(tail -3 "$WORK/fio.err")" >&2; return 0; }
   $PY - "$WORK/fio.json" "$backend" "$transport" "$job" "$name" >>"$RESULTS" <<'PY'
