@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -511,3 +512,30 @@ def test_client_that_never_reads_replies_blocks_only_itself(serve, tmp, source):
     finally:
         r.close()
     assert srv.proc.poll() is None
+
+
+@pytest.mark.parametrize("source", ["file", "ram"])
+def test_stop_with_traffic_in_flight(serve, tmp, source):
+    """SIGTERM while two clients have requests in flight: the server answers
+    or drops them, joins every thread and exits 0 by itself."""
+    if source == "file":
+        source = os.path.join(tmp, "disk.img")
+        make_image(source, 32 * MiB)
+    else:
+        source = "ram:32M"
+    srv, sock = serve_unix(serve, tmp, source)
+    fio = subprocess.Popen(["fio", "--name=stop", "--ioengine=nbd", f"--uri={uri(sock)}", "--rw=randrw",
+                            "--bs=64k", "--size=16M", "--iodepth=32", "--numjobs=2", "--time_based",
+                            "--runtime=30", "--verify_state_save=0"],
+                           cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    try:
+        time.sleep(1.5)
+        assert srv.proc.poll() is None
+        assert srv.stop(timeout=15) == 0  # not killed after the bound: it exited by itself
+        fio.wait(timeout=30)  # its connections were closed under it
+    finally:
+        if fio.poll() is None:
+            os.killpg(fio.pid, signal.SIGKILL)
+            fio.wait()
+    assert not os.path.exists(sock)  # the listener cleaned up its socket
