@@ -29,8 +29,10 @@ static size_t build(uint8_t *buf, uint32_t op, uint64_t node, const void *arg, s
 
 	h.len = (uint32_t)(sizeof(h) + arglen + datalen);
 	memcpy(buf, &h, sizeof(h));
-	memcpy(buf + sizeof(h), arg, arglen);
-	memcpy(buf + sizeof(h) + arglen, data, datalen);
+	if (arglen)
+		memcpy(buf + sizeof(h), arg, arglen);
+	if (datalen)
+		memcpy(buf + sizeof(h) + arglen, data, datalen);
 	return h.len;
 }
 
