@@ -92,7 +92,12 @@ if [ -x tests/vm/run.sh ]; then
       PASS) count "vm:$name" pass ;;
       FAIL) count "vm:$name" fail ;;
     esac
-  done < <(DEVIO_BUILD="$ROOT/build-test" tests/vm/run.sh 2>&1 | tee build-test/vm.log | grep -E '^(PASS|FAIL) ')
+  done < <(DEVIO_BUILD="$ROOT/build-test" VM_LOG="$ROOT/build-test/vm-serial.log" tests/vm/run.sh 2>&1 \
+             | tee build-test/vm.log | grep -E '^(PASS|FAIL) ')
+  if grep -q '^FAIL' build-test/vm.log; then
+    echo "-- guest serial console (build-test/vm-serial.log), last 80 lines:"
+    tail -n 80 build-test/vm-serial.log
+  fi
 fi
 
 if [ $FAIL -gt 0 ]; then
