@@ -107,7 +107,11 @@ class HostileServer:
                 conn.recv(65536)             # the option
                 conn.sendall(self.reply)
                 if not self.hang_up:
-                    conn.recv(1)             # stall until the client gives up
+                    # stall until the client gives up: keep reading whatever
+                    # is left of its option (it may arrive in pieces) so
+                    # closing never resets the connection under the client
+                    while conn.recv(65536):
+                        pass
             except OSError:
                 pass
 
