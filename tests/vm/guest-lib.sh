@@ -32,7 +32,9 @@ start_ublk() {
   SRV=$!
   wait_for 60 grep -q 'ublk: /dev/ublkb[0-9]*: ' "$_log" || { cat "$_log"; return 1; }
   DEV=$(sed -n 's|.*ublk: \(/dev/ublkb[0-9]*\): .*|\1|p' "$_log" | head -n 1)
-  wait_for 20 test -b "$DEV" || { echo "no $DEV"; return 1; }
+  wait_for 20 test -b "$DEV" && return 0
+  echo "no block device $DEV: $(ls -l "$DEV" 2>&1)"
+  return 1
 }
 
 # stop_server [SIGNAL]: stop $SRV within 60 s (SIGKILL after); sets SRV_RC.

@@ -135,7 +135,7 @@ rm -f /tmp/ro.img
 # device deleted) within a bounded time, and the writer sees the error.
 t=ublk-stop-under-load
 if start_ublk /tmp/s.log ram:64M --ublk --queues 2; then
-  ( while :; do dd if=/dev/zero of="$DEV" bs=64k count=512 conv=fsync 2>/dev/null || exit 1; done ) &
+  ( while :; do /usr/bin/dd if=/dev/zero of="$DEV" bs=64k count=512 conv=fsync,nocreat 2>/dev/null || exit 1; done ) &
   writer=$!
   sleep 2
   kill -TERM "$SRV"
@@ -160,7 +160,7 @@ fi
 # device can be removed by another process.
 t=ublk-kill9
 if start_ublk /tmp/k.log ram:64M --ublk; then
-  ( while :; do dd if=/dev/urandom of="$DEV" bs=64k count=256 conv=fsync 2>/dev/null || exit 1; done ) &
+  ( while :; do /usr/bin/dd if=/dev/urandom of="$DEV" bs=64k count=256 conv=fsync,nocreat 2>/dev/null || exit 1; done ) &
   writer=$!
   sleep 2
   kill -KILL "$SRV"; wait "$SRV" 2>/dev/null
