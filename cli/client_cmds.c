@@ -108,7 +108,11 @@ int cmd_info(int argc, char **argv)
 		devio_err("info: want one URI or IMAGE");
 		return 2;
 	}
-	if (open_export(argv[optind], true, &b))
+	/* Open read-write where allowed so the flags are the export's own, not
+	 * those of a read-only open; fall back to read-only (a read-only image
+	 * file). */
+	if (devio_backend_open(argv[optind], &(struct devio_open_opts){ 0 }, &b) &&
+	    open_export(argv[optind], true, &b))
 		return 1;
 	if (b->ops->describe)
 		b->ops->describe(b, desc, sizeof(desc));

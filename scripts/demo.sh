@@ -65,6 +65,7 @@ echo "after TRIM:"; grep VmRSS /proc/$RAMPID/status
 
 step "the kernel's view: FUSE file + loop device, ext4 on it"
 truncate -s 128M "$WORK/fs.img"
+mkdir -p "$WORK/fuse"
 "$DEVIO" serve "$WORK/fs.img" --fuse "$WORK/fuse" --loop > "$WORK/loop.txt" &
 PIDS+=($!)
 for _ in $(seq 100); do grep -q /dev/loop "$WORK/loop.txt" 2>/dev/null && break; sleep 0.1; done
