@@ -20,6 +20,7 @@
 #include <limits.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,6 +46,7 @@
 #define NBD_SLOT_IOV (2 * NBD_MAX_CHUNKS + 2)
 #define NBD_SLOT_HDR (NBD_MAX_CHUNKS * 32 + 128)
 #define NBD_TX_IOV 256
+#define NBD_SPIN_NS 30000               /* look for the next request before sleeping */
 
 struct nbd_conn;
 
@@ -483,6 +485,34 @@ static int slot_reserve(struct nbd_slot *sl, size_t len)
 
 /* ---- receiving ---- */
 
+/* Receive into buf, sleeping only after a short look.  The socket is
+ * drained and the replies are sent: the client usually answers them (or
+ * sends the rest of a write) within microseconds.  A reader asleep in recv
+ * makes every send of the client pay for waking it, and on loopback that
+ * wake-up is a good part of the client's CPU time, which is what limits a
+ * loopback benchmark.  sched_yield() keeps the look from starving a client
+ * that shares this CPU. */
+static ssize_t recv_wait(struct nbd_conn *c, void *buf, size_t len)
+{
+	uint64_t until = 0;
+
+	for (unsigned i = 0;; i++) {
+		ssize_t n = recv(c->fd, buf, len, MSG_DONTWAIT);
+
+		if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
+			return n;
+		if ((i & 7) == 0) {
+			uint64_t now = devio_now_ns();
+
+			if (!until)
+				until = now + NBD_SPIN_NS;
+			else if (now >= until)
+				return recv(c->fd, buf, len, 0);
+		}
+		sched_yield();
+	}
+}
+
 /* Make at least need bytes available in the rx buffer (need <= NBD_RX_SIZE).
  * While the last recv filled the buffer more requests may be waiting, so
  * look without blocking; once the socket is drained, send the replies the
@@ -501,7 +531,7 @@ static int rx_fill(struct nbd_conn *c, size_t need)
 		space = NBD_RX_SIZE - c->rx_end;
 		if (c->rx_drained) {
 			tx_uncork(c); /* about to sleep: answer what we have */
-			n = recv(c->fd, c->rx + c->rx_end, space, 0);
+			n = recv_wait(c, c->rx + c->rx_end, space);
 			tx_cork(c);
 		} else {
 			n = recv(c->fd, c->rx + c->rx_end, space, MSG_DONTWAIT);
@@ -523,13 +553,21 @@ static int rx_fill(struct nbd_conn *c, size_t need)
 	return 0;
 }
 
-/* Copy len payload bytes to dst (NULL: throw them away). */
+/* Copy len payload bytes to dst (NULL: throw them away).  Payloads that
+ * fit the rx buffer come through it (one recv for header and payload);
+ * larger ones go straight to dst. */
 static int rx_payload(struct nbd_conn *c, uint8_t *dst, uint64_t len)
 {
 	size_t have = c->rx_end - c->rx_start;
 	size_t n = have < len ? have : (size_t)len;
-	int r;
+	uint8_t scratch[4096];
+	int r = 0;
 
+	if (len > have && len <= NBD_RX_SIZE / 2) {
+		if ((r = rx_fill(c, (size_t)len)))
+			return r;
+		n = (size_t)len;
+	}
 	if (dst)
 		memcpy(dst, c->rx + c->rx_start, n);
 	c->rx_start += n;
@@ -537,7 +575,21 @@ static int rx_payload(struct nbd_conn *c, uint8_t *dst, uint64_t len)
 	if (!len)
 		return 0;
 	tx_uncork(c);
-	r = dst ? devio_read_full(c->fd, dst + n, (size_t)len) : devio_discard_full(c->fd, len);
+	while (len && !r) {
+		uint8_t *p = dst ? dst + n : scratch;
+		size_t want = dst || len < sizeof(scratch) ? (size_t)len : sizeof(scratch);
+		ssize_t got = recv_wait(c, p, want);
+
+		if (got < 0 && errno != EINTR)
+			r = -errno;
+		else if (got == 0)
+			r = -ECONNRESET;
+		else if (got > 0) {
+			len -= (size_t)got;
+			if (dst)
+				n += (size_t)got;
+		}
+	}
 	tx_cork(c);
 	return r;
 }
