@@ -208,7 +208,9 @@ static void tx_flush_locked(struct nbd_conn *c, bool by_reader)
 		}
 	}
 	c->sending = false;
-	if (c->tx_head && c->has_sender)
+	/* A corked reader leaves its replies for its own uncork (waking the
+	 * sender for them would cost a wake-up per reply). */
+	if (c->tx_head && c->has_sender && !(by_reader && c->corked))
 		pthread_cond_signal(&c->tx_cond);
 }
 
@@ -492,12 +494,14 @@ static int slot_reserve(struct nbd_slot *sl, size_t len)
  * wake-up is a good part of the client's CPU time, which is what limits a
  * loopback benchmark.  sched_yield() keeps the look from starving a client
  * that shares this CPU. */
+static uint64_t nbd_spin_ns = NBD_SPIN_NS;
+
 static ssize_t recv_wait(struct nbd_conn *c, void *buf, size_t len)
 {
 	uint64_t until = 0;
 
 	for (unsigned i = 0;; i++) {
-		ssize_t n = recv(c->fd, buf, len, MSG_DONTWAIT);
+		ssize_t n = recv(c->fd, buf, len, nbd_spin_ns ? MSG_DONTWAIT : 0);
 
 		if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
 			return n;
@@ -505,7 +509,7 @@ static ssize_t recv_wait(struct nbd_conn *c, void *buf, size_t len)
 			uint64_t now = devio_now_ns();
 
 			if (!until)
-				until = now + NBD_SPIN_NS;
+				until = now + nbd_spin_ns;
 			else if (now >= until)
 				return recv(c->fd, buf, len, 0);
 		}
@@ -1015,6 +1019,8 @@ static int start(struct devio_server *srv, const char *arg, void **state)
 	st->srv = srv;
 	st->listen_fd = st->stop_fd = -1;
 	pthread_mutex_init(&st->lock, NULL);
+	if (getenv("DEVIO_SPIN"))
+		nbd_spin_ns = strtoull(getenv("DEVIO_SPIN"), NULL, 0);
 	st->depth = srv->opts.depth ? srv->opts.depth : NBD_DEFAULT_DEPTH;
 	if (st->depth > NBD_MAX_DEPTH)
 		st->depth = NBD_MAX_DEPTH;
