@@ -179,6 +179,35 @@ static int ram_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t 
 }
 
 /* Write: each chunk touched is allocated (or -ENOSPC past the cap). */
+/* Pieces of the mapping itself; never-written chunks as NULL pieces (so
+ * that reading them maps no pages).  Adjacent pieces of one kind merge. */
+static int ram_map_read(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max)
+{
+	struct ram_disk *rd = to_ram(b);
+	int n = 0;
+
+	while (len) {
+		uint64_t c = off >> RAM_CHUNK_SHIFT;
+		uint64_t step = RAM_CHUNK_SIZE - (off & (RAM_CHUNK_SIZE - 1));
+		bool data = atomic_load_explicit(&rd->state[c], memory_order_acquire) & RAM_ALLOC;
+
+		if (step > len)
+			step = len;
+		if (n && (iov[n - 1].iov_base != NULL) == data) {
+			iov[n - 1].iov_len += step;
+		} else {
+			if (n == max)
+				return -E2BIG;
+			iov[n].iov_base = data ? rd->mem + off : NULL;
+			iov[n].iov_len = step;
+			n++;
+		}
+		off += step;
+		len -= step;
+	}
+	return n;
+}
+
 static int ram_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
 {
 	struct ram_disk *rd = to_ram(b);
@@ -281,6 +310,7 @@ static void ram_close(struct devio_backend *b)
 static const struct devio_backend_ops ram_ops = {
 	.name = "ram",
 	.pread = ram_pread,
+	.map_read = ram_map_read,
 	.pwrite = ram_pwrite,
 	.flush = ram_flush,
 	.trim = ram_trim,

@@ -58,6 +58,8 @@ struct nbd_slot {
 	size_t cap;
 	size_t held;          /* bytes counted against the connection's budget */
 	uint32_t error;       /* NBD error decided before running, or 0 */
+	int npieces;          /* a READ sent from the store in place: pieces[] */
+	struct iovec pieces[NBD_MAX_CHUNKS];
 	struct nbd_slot *next;
 	int niov;
 	struct iovec iov[NBD_SLOT_IOV];
@@ -80,6 +82,7 @@ struct nbd_conn {
 	uint8_t *rx;
 	size_t rx_start, rx_end;
 	bool rx_drained;          /* the last recv emptied the socket */
+	unsigned corked_replies;  /* replies the reader queued since it last sent */
 
 	pthread_mutex_t lock;
 	pthread_cond_t cond;      /* a slot was released */
@@ -223,8 +226,10 @@ static void tx_queue(struct nbd_conn *c, struct nbd_slot *sl)
 	else
 		c->tx_head = sl;
 	c->tx_tail = sl;
-	if (pthread_equal(pthread_self(), c->reader_tid))
+	if (pthread_equal(pthread_self(), c->reader_tid)) {
+		c->corked_replies++;
 		tx_flush_locked(c, true);
+	}
 	else if (c->has_sender)
 		pthread_cond_signal(&c->tx_cond);
 	else
@@ -254,6 +259,7 @@ static void *sender_main(void *arg)
 static void tx_uncork(struct nbd_conn *c)
 {
 	pthread_mutex_lock(&c->lock);
+	c->corked_replies = 0;
 	c->corked = false;
 	tx_flush_locked(c, true);
 	pthread_mutex_unlock(&c->lock);
@@ -402,6 +408,48 @@ static void encode_read_structured(struct nbd_slot *sl)
 	}
 }
 
+/* A READ sent straight from the store's memory (sl->pieces; NULL pieces
+ * are holes, only present when structured replies allow sending them). */
+static void encode_read_mapped(struct nbd_slot *sl)
+{
+	uint64_t off = sl->nr.offset;
+	uint8_t *p = sl->hdr;
+	int n = sl->npieces;
+
+	sl->niov = 0;
+	if (!sl->c->s.structured) {
+		encode_simple(sl, 0, false);
+	} else if (sl->nr.flags & NBD_CMD_FLAG_DF) {
+		p = chunk_header(p, sl, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, 8 + sl->nr.length);
+		nbd_put64(p, off);
+		iov_add(sl, sl->hdr, (size_t)(p + 8 - sl->hdr));
+	} else {
+		for (int i = 0; i < n; i++) {
+			uint8_t *h = p;
+			uint16_t flags = i == n - 1 ? NBD_REPLY_FLAG_DONE : 0;
+			uint32_t len = (uint32_t)sl->pieces[i].iov_len;
+
+			if (sl->pieces[i].iov_base) {
+				p = chunk_header(p, sl, flags, NBD_REPLY_TYPE_OFFSET_DATA, 8 + len);
+				nbd_put64(p, off);
+				p += 8;
+				iov_add(sl, h, (size_t)(p - h));
+				iov_add(sl, sl->pieces[i].iov_base, len);
+			} else {
+				p = chunk_header(p, sl, flags, NBD_REPLY_TYPE_OFFSET_HOLE, 12);
+				nbd_put64(p, off);
+				nbd_put32(p + 8, len);
+				p += 12;
+				iov_add(sl, h, (size_t)(p - h));
+			}
+			off += len;
+		}
+		return;
+	}
+	for (int i = 0; i < n; i++)
+		iov_add(sl, sl->pieces[i].iov_base, sl->pieces[i].iov_len);
+}
+
 /* Encode the reply for a finished slot (error already mapped). */
 static void encode_reply(struct nbd_slot *sl, uint32_t error)
 {
@@ -415,7 +463,9 @@ static void encode_reply(struct nbd_slot *sl, uint32_t error)
 		return;
 	}
 	if (sl->nr.type == NBD_CMD_READ) {
-		if (structured)
+		if (sl->npieces)
+			encode_read_mapped(sl);
+		else if (structured)
 			encode_read_structured(sl);
 		else
 			encode_simple(sl, 0, true);
@@ -467,6 +517,7 @@ static struct nbd_slot *slot_get(struct nbd_conn *c, size_t bytes)
 	pthread_mutex_unlock(&c->lock);
 	sl->next = NULL;
 	sl->error = 0;
+	sl->npieces = 0;
 	return sl;
 }
 
@@ -496,25 +547,42 @@ static int slot_reserve(struct nbd_slot *sl, size_t len)
  * that shares this CPU. */
 static uint64_t nbd_spin_ns = NBD_SPIN_NS;
 
+static uint64_t nbd_hold_ns;
+static unsigned nbd_hold_n;
+
+static bool poll_for(struct nbd_conn *c, uint64_t ns)
+{
+	struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
+	uint64_t until = devio_now_ns() + ns;
+
+	do
+		if (poll(&pfd, 1, 0) != 0)
+			return true;
+	while (devio_now_ns() < until);
+	return false;
+}
+
 static ssize_t recv_wait(struct nbd_conn *c, void *buf, size_t len)
 {
+	struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
 	uint64_t until = 0;
 
-	for (unsigned i = 0;; i++) {
-		ssize_t n = recv(c->fd, buf, len, nbd_spin_ns ? MSG_DONTWAIT : 0);
-
-		if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
-			return n;
+	/* poll() looks without the socket lock that recv takes, so the look
+	 * does not contend with the client's sends delivering to us. */
+	for (unsigned i = 0; nbd_spin_ns; i++) {
+		if (poll(&pfd, 1, 0) != 0)
+			break;
 		if ((i & 7) == 0) {
 			uint64_t now = devio_now_ns();
 
 			if (!until)
 				until = now + nbd_spin_ns;
 			else if (now >= until)
-				return recv(c->fd, buf, len, 0);
+				break;
 		}
 		sched_yield();
 	}
+	return recv(c->fd, buf, len, 0);
 }
 
 /* Make at least need bytes available in the rx buffer (need <= NBD_RX_SIZE).
@@ -533,6 +601,11 @@ static int rx_fill(struct nbd_conn *c, size_t need)
 			c->rx_start = 0;
 		}
 		space = NBD_RX_SIZE - c->rx_end;
+		if (c->rx_drained && c->corked_replies && c->corked_replies < nbd_hold_n && nbd_hold_ns &&
+		    poll_for(c, nbd_hold_ns)) {
+			c->rx_drained = false;
+			continue;
+		}
 		if (c->rx_drained) {
 			tx_uncork(c); /* about to sleep: answer what we have */
 			n = recv_wait(c, c->rx + c->rx_end, space);
@@ -719,6 +792,35 @@ static void reply_error(struct nbd_conn *c, struct nbd_slot *sl, uint32_t error)
 	tx_queue(c, sl);
 }
 
+/* A READ of a store kept in memory: reply with pointers into it instead
+ * of a copy (the socket copies it anyway).  False if the backend cannot,
+ * or the reply would need holes the client did not allow (simple replies
+ * or NBD_CMD_FLAG_DF) or more pieces than a reply takes: then the read
+ * runs as usual. */
+static bool read_in_place(struct nbd_conn *c, const struct devio_nbd_request *nr)
+{
+	struct iovec pieces[NBD_MAX_CHUNKS];
+	struct nbd_slot *sl;
+	int n;
+
+	if (!c->b->ops->map_read || nr->length == 0)
+		return false;
+	n = devio_map_read(c->b, nr->offset, nr->length, pieces, NBD_MAX_CHUNKS);
+	if (n <= 0)
+		return false;
+	if (!c->s.structured || (nr->flags & NBD_CMD_FLAG_DF))
+		for (int i = 0; i < n; i++)
+			if (!pieces[i].iov_base)
+				return false;
+	sl = slot_get(c, 0);
+	sl->nr = *nr;
+	memcpy(sl->pieces, pieces, (size_t)n * sizeof(*pieces));
+	sl->npieces = n;
+	encode_reply(sl, 0);
+	tx_queue(c, sl);
+	return true;
+}
+
 /* Read, check and start one request.  Returns 1 on NBD_CMD_DISC, 0 to
  * go on, negative to drop the connection. */
 static int handle_one(struct nbd_conn *c)
@@ -750,6 +852,8 @@ static int handle_one(struct nbd_conn *c)
 		if ((r = rx_payload(c, NULL, nr.length)))
 			return r;
 	}
+	if (!err && nr.type == NBD_CMD_READ && read_in_place(c, &nr))
+		return 0;
 	bytes = !err && (nr.type == NBD_CMD_READ || payload) ? nr.length : 0;
 	sl = slot_get(c, bytes);
 	sl->nr = nr;
@@ -1019,6 +1123,10 @@ static int start(struct devio_server *srv, const char *arg, void **state)
 	st->srv = srv;
 	st->listen_fd = st->stop_fd = -1;
 	pthread_mutex_init(&st->lock, NULL);
+	if (getenv("DEVIO_HOLD"))
+		nbd_hold_ns = strtoull(getenv("DEVIO_HOLD"), NULL, 0);
+	if (getenv("DEVIO_HOLDN"))
+		nbd_hold_n = (unsigned)strtoul(getenv("DEVIO_HOLDN"), NULL, 0);
 	if (getenv("DEVIO_SPIN"))
 		nbd_spin_ns = strtoull(getenv("DEVIO_SPIN"), NULL, 0);
 	st->depth = srv->opts.depth ? srv->opts.depth : NBD_DEFAULT_DEPTH;

@@ -41,6 +41,17 @@ int devio_request_check(const struct devio_backend *b, const struct devio_reques
 	return 0;
 }
 
+int devio_map_read(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max)
+{
+	if (!b->ops->map_read)
+		return -EOPNOTSUPP;
+	if (off > b->size || len > b->size - off)
+		return -EINVAL;
+	if (len == 0)
+		return 0;
+	return b->ops->map_read(b, off, len, iov, max);
+}
+
 /* ZERO for a backend without a zero callback: write zeroes. */
 static int zero_by_writing(struct devio_backend *b, uint64_t off, uint64_t len)
 {

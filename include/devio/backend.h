@@ -17,6 +17,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/uio.h>
 #include "request.h"
 
 #ifdef __cplusplus
@@ -58,6 +59,14 @@ struct devio_backend_ops {
 	 * req->complete() later.  Return 0 if started, or a negative errno to
 	 * make the core run it synchronously instead (e.g. -EAGAIN). */
 	int (*submit)(struct devio_backend *b, struct devio_request *req);
+	/* Optional, for stores kept in memory (ram): the bytes of [off,
+	 * off+len) in place, as up to max pieces in order; a piece whose
+	 * iov_base is NULL reads as zeroes (never written).  The memory stays
+	 * mapped until close; a concurrent WRITE or TRIM may change it, as it
+	 * may change what a racing read sees.  Returns the number of pieces,
+	 * or -E2BIG if more than max are needed.  Lets a front end send a
+	 * read straight from the store, without copying it first. */
+	int (*map_read)(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max);
 	/* One-line human description for `devio status` and logs (optional). */
 	void (*describe)(struct devio_backend *b, char *out, size_t outlen);
 	void (*close)(struct devio_backend *b);
@@ -91,6 +100,12 @@ void devio_backend_close(struct devio_backend *b);
 
 /* Individual backends (backends/NAME.c). */
 int devio_file_open(const char *path, const struct devio_open_opts *opts, struct devio_backend **out);
+/* A READ of [off, off+len) in place (ops->map_read), after the same range
+ * checks as devio_submit(): pieces, -EOPNOTSUPP if the backend keeps no
+ * bytes in memory, -E2BIG if they need more than max pieces, -EINVAL out
+ * of range. */
+int devio_map_read(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max);
+
 int devio_ram_open(uint64_t size, uint64_t max_resident, struct devio_backend **out);
 /* Remote servers as backends: the client ends of the two protocols. */
 int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts, struct devio_backend **out); /* devio://, devio+unix:// */

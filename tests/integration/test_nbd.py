@@ -275,6 +275,20 @@ assert any(o <= 65536 and o + n >= 65536 + 8192 and b == b"\\xab" for o, n, s, b
 chunks.clear()
 h.pread_structured(4 * 65536, 0, chunk, nbd.CMD_FLAG_DF)
 assert len(chunks) == 1 and chunks[0][2] == nbd.READ_DATA and chunks[0][1] == 4 * 65536
+# RAM reads go out from the disk's memory in place: more runs of data and
+# holes than one reply takes (every other 64 KiB chunk of 2.5 MiB written),
+# and DF over written data
+base = 3 << 19
+for k in range(20):
+    h.pwrite(bytes([k + 1]) * 65536, base + 2 * k * 65536)
+want = b"".join(bytes([k + 1]) * 65536 + bytes(65536) for k in range(20))
+assert h.pread(40 * 65536, base) == want
+chunks.clear()
+h.pread_structured(40 * 65536, base, chunk)
+assert sum(c[1] for c in chunks) == 40 * 65536
+chunks.clear()
+h.pread_structured(65536 - 7, base + 7, chunk, nbd.CMD_FLAG_DF)
+assert chunks == [(base + 7, 65536 - 7, nbd.READ_DATA, b"\x01")], chunks
 # block status: data at 64K..72K, hole,zero around it; REQ_ONE gives one extent
 ext = []
 h.block_status(2 << 20, 0, lambda ctx, off, e, err: ext.append((ctx, list(e))) or 0)
