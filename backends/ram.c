@@ -208,6 +208,39 @@ static int ram_map_read(struct devio_backend *b, uint64_t off, uint64_t len, str
 	return n;
 }
 
+static void ram_unmap_write(struct devio_backend *b, uint64_t off, uint64_t len)
+{
+	struct ram_disk *rd = to_ram(b);
+	uint64_t first = off >> RAM_CHUNK_SHIFT, last = (off + len - 1) >> RAM_CHUNK_SHIFT;
+
+	for (uint64_t c = first; c <= last; c++)
+		ram_leave_writer(rd, c);
+}
+
+/* Enter every chunk of the range as a writer (allocating it), so that the
+ * caller may copy straight into the mapping; one piece, as the mapping is
+ * contiguous. */
+static int ram_map_write(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max)
+{
+	struct ram_disk *rd = to_ram(b);
+	uint64_t first = off >> RAM_CHUNK_SHIFT, last = (off + len - 1) >> RAM_CHUNK_SHIFT;
+
+	if (max < 1)
+		return -E2BIG;
+	for (uint64_t c = first; c <= last; c++) {
+		int r = ram_enter_writer(rd, c);
+
+		if (r) {
+			if (c > first)
+				ram_unmap_write(b, off, (c << RAM_CHUNK_SHIFT) - off);
+			return r;
+		}
+	}
+	iov[0].iov_base = rd->mem + off;
+	iov[0].iov_len = len;
+	return 1;
+}
+
 static int ram_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
 {
 	struct ram_disk *rd = to_ram(b);
@@ -312,6 +345,8 @@ static const struct devio_backend_ops ram_ops = {
 	.pread = ram_pread,
 	.map_read = ram_map_read,
 	.pwrite = ram_pwrite,
+	.map_write = ram_map_write,
+	.unmap_write = ram_unmap_write,
 	.flush = ram_flush,
 	.trim = ram_trim,
 	.zero = ram_zero,

@@ -47,6 +47,9 @@
 #define NBD_SLOT_HDR (NBD_MAX_CHUNKS * 32 + 128)
 #define NBD_TX_IOV 256
 #define NBD_SPIN_NS 30000               /* look for the next request before sleeping */
+#define NBD_HOLD_NS 5000                /* hold a small batch of replies ... */
+#define NBD_HOLD_MAX 16                 /* ... of fewer than this many ... */
+#define NBD_HOLD_SKIP 64                /* ... unless the last holds saw nothing */
 
 struct nbd_conn;
 
@@ -78,11 +81,14 @@ struct nbd_conn {
 	struct devio_nbd_session s;
 	struct devio_backend *b;
 	bool use_workers;
+	bool in_place_writes;     /* Unix socket: receive writes into the store */
 
 	uint8_t *rx;
 	size_t rx_start, rx_end;
 	bool rx_drained;          /* the last recv emptied the socket */
 	unsigned corked_replies;  /* replies the reader queued since it last sent */
+	unsigned hold_skip;       /* batches to send without holding */
+	unsigned hold_backoff;    /* the next hold_skip after a failed hold */
 
 	pthread_mutex_t lock;
 	pthread_cond_t cond;      /* a slot was released */
@@ -538,51 +544,65 @@ static int slot_reserve(struct nbd_slot *sl, size_t len)
 
 /* ---- receiving ---- */
 
-/* Receive into buf, sleeping only after a short look.  The socket is
- * drained and the replies are sent: the client usually answers them (or
- * sends the rest of a write) within microseconds.  A reader asleep in recv
- * makes every send of the client pay for waking it, and on loopback that
- * wake-up is a good part of the client's CPU time, which is what limits a
- * loopback benchmark.  sched_yield() keeps the look from starving a client
- * that shares this CPU. */
-static uint64_t nbd_spin_ns = NBD_SPIN_NS;
-
-static uint64_t nbd_hold_ns;
-static unsigned nbd_hold_n;
-
-static bool poll_for(struct nbd_conn *c, uint64_t ns)
+/* Look for more bytes from the client for up to NBD_SPIN_NS; false if
+ * none came.  The socket is drained and the replies are sent: the client
+ * usually answers them (or sends the rest of a write) within microseconds.
+ * A reader asleep in recv makes every send of the client pay for waking
+ * it, and on loopback that wake-up is a good part of the client's CPU
+ * time, which is what limits a loopback benchmark.  poll() looks without
+ * the socket lock that recv takes, so the look does not contend with the
+ * client's sends delivering to us; sched_yield() keeps it from starving a
+ * client that shares this CPU. */
+static bool rx_ready_soon(struct nbd_conn *c)
 {
 	struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
-	uint64_t until = devio_now_ns() + ns;
+	uint64_t until = devio_now_ns() + NBD_SPIN_NS;
 
-	do
+	do {
 		if (poll(&pfd, 1, 0) != 0)
 			return true;
-	while (devio_now_ns() < until);
+		sched_yield();
+	} while (devio_now_ns() < until);
 	return false;
 }
 
+/* Receive into buf, sleeping only after a short look. */
 static ssize_t recv_wait(struct nbd_conn *c, void *buf, size_t len)
 {
-	struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
-	uint64_t until = 0;
-
-	/* poll() looks without the socket lock that recv takes, so the look
-	 * does not contend with the client's sends delivering to us. */
-	for (unsigned i = 0; nbd_spin_ns; i++) {
-		if (poll(&pfd, 1, 0) != 0)
-			break;
-		if ((i & 7) == 0) {
-			uint64_t now = devio_now_ns();
-
-			if (!until)
-				until = now + nbd_spin_ns;
-			else if (now >= until)
-				break;
-		}
-		sched_yield();
-	}
+	rx_ready_soon(c);
 	return recv(c->fd, buf, len, 0);
+}
+
+/* Hold a small batch of replies for a moment while more requests come:
+ * a client that keeps many requests in flight sends the next ones while
+ * we hold, and then gets the replies in fewer, larger sends (measured
+ * over loopback: +6% 4K QD32 reads over TCP, +25% over a Unix socket; the
+ * client is the bottleneck there, so fewer sends to take apart is what
+ * helps).  A hold that sees nothing means the client may be waiting for
+ * us (QD1): then skip holding for 1, 2, 4 ... up to NBD_HOLD_SKIP batches
+ * while holds keep failing. */
+static bool hold_replies(struct nbd_conn *c)
+{
+	struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
+	uint64_t until;
+
+	if (c->hold_skip) {
+		c->hold_skip--;
+		return false;
+	}
+	if (!c->corked_replies || c->corked_replies >= NBD_HOLD_MAX)
+		return false;
+	until = devio_now_ns() + NBD_HOLD_NS;
+	do {
+		if (poll(&pfd, 1, 0) != 0) {
+			c->hold_backoff = 1;
+			return true;
+		}
+	} while (devio_now_ns() < until);
+	c->hold_skip = c->hold_backoff;
+	if (c->hold_backoff < NBD_HOLD_SKIP)
+		c->hold_backoff *= 2;
+	return false;
 }
 
 /* Make at least need bytes available in the rx buffer (need <= NBD_RX_SIZE).
@@ -601,8 +621,7 @@ static int rx_fill(struct nbd_conn *c, size_t need)
 			c->rx_start = 0;
 		}
 		space = NBD_RX_SIZE - c->rx_end;
-		if (c->rx_drained && c->corked_replies && c->corked_replies < nbd_hold_n && nbd_hold_ns &&
-		    poll_for(c, nbd_hold_ns)) {
+		if (c->rx_drained && hold_replies(c)) {
 			c->rx_drained = false;
 			continue;
 		}
@@ -821,6 +840,96 @@ static bool read_in_place(struct nbd_conn *c, const struct devio_nbd_request *nr
 	return true;
 }
 
+/* Receive up to len payload bytes into the pieces: what the rx buffer
+ * holds, then whatever the socket delivers without making us sleep.
+ * Returns the bytes received or a negative errno. */
+static int64_t rx_into(struct nbd_conn *c, const struct iovec *v, int n, uint64_t len)
+{
+	uint64_t done = 0;
+	bool uncorked = false;
+	int64_t r = 0;
+
+	if (c->rx_end - c->rx_start < len) {
+		tx_uncork(c); /* the replies go out while the payload comes in */
+		uncorked = true;
+	}
+	for (int i = 0; i < n && done < len; i++) {
+		uint8_t *p = v[i].iov_base;
+		size_t want = v[i].iov_len, got = c->rx_end - c->rx_start;
+
+		if (got > want)
+			got = want;
+		memcpy(p, c->rx + c->rx_start, got);
+		c->rx_start += got;
+		while (got < want) {
+			ssize_t k = recv(c->fd, p + got, want - got, MSG_DONTWAIT);
+
+			if (k > 0) {
+				got += (size_t)k;
+				continue;
+			}
+			if (k == 0) {
+				r = -ECONNRESET;
+			} else if (errno == EINTR) {
+				continue;
+			} else if (errno != EAGAIN && errno != EWOULDBLOCK) {
+				r = -errno;
+			} else {
+				if (rx_ready_soon(c))
+					continue;
+			}
+			break;
+		}
+		done += got;
+		if (r || got < want)
+			break;
+	}
+	if (uncorked)
+		tx_cork(c);
+	return r ? r : (int64_t)done;
+}
+
+/* A WRITE to a store kept in memory: receive the payload straight into it
+ * (one copy instead of two).  Only on Unix sockets: over TCP loopback the
+ * payload trickles in segment by segment and the client, which does the
+ * receive processing for us while we are not in recv, became the
+ * bottleneck (1 MiB writes: 7.2k/s copying, 5.5k/s in place; over a Unix
+ * socket 3.7k/s copying, 5.4k/s in place).  The range is held open only while bytes keep
+ * coming; if the client pauses mid-payload, what came stays written, *nr
+ * shrinks to the rest and the usual path (slot buffer, blocking reads)
+ * takes over.  Returns 1 when the reply is queued, 0 to go on with *nr,
+ * negative to drop the connection. */
+static int write_in_place(struct nbd_conn *c, struct devio_nbd_request *nr)
+{
+	struct iovec v[NBD_MAX_CHUNKS];
+	struct nbd_slot *sl;
+	int64_t done;
+	int n, r = 0;
+
+	if (!c->in_place_writes || !c->b->ops->map_write)
+		return 0;
+	n = devio_map_write(c->b, nr->offset, nr->length, v, NBD_MAX_CHUNKS);
+	if (n <= 0)
+		return 0; /* the usual path reports ENOSPC and the like */
+	done = rx_into(c, v, n, nr->length);
+	devio_unmap_write(c->b, nr->offset, nr->length);
+	if (done < 0)
+		return (int)done;
+	if ((uint64_t)done < nr->length) {
+		nr->offset += (uint64_t)done;
+		nr->length -= (uint32_t)done;
+		return 0;
+	}
+	if ((nr->flags & NBD_CMD_FLAG_FUA) && c->b->ops->flush)
+		r = c->b->ops->flush(c->b);
+	sl = slot_get(c, 0);
+	sl->nr = *nr;
+	sl->req.op = DEVIO_OP_WRITE;
+	encode_reply(sl, devio_nbd_errno(r));
+	tx_queue(c, sl);
+	return 1;
+}
+
 /* Read, check and start one request.  Returns 1 on NBD_CMD_DISC, 0 to
  * go on, negative to drop the connection. */
 static int handle_one(struct nbd_conn *c)
@@ -854,6 +963,8 @@ static int handle_one(struct nbd_conn *c)
 	}
 	if (!err && nr.type == NBD_CMD_READ && read_in_place(c, &nr))
 		return 0;
+	if (!err && payload && nr.length && (r = write_in_place(c, &nr)))
+		return r < 0 ? r : 0;
 	bytes = !err && (nr.type == NBD_CMD_READ || payload) ? nr.length : 0;
 	sl = slot_get(c, bytes);
 	sl->nr = nr;
@@ -896,6 +1007,14 @@ static void conn_wait_idle(struct nbd_conn *c)
 	c->has_sender = false;
 }
 
+static int socket_family(int fd)
+{
+	struct sockaddr_storage ss;
+	socklen_t len = sizeof(ss);
+
+	return getsockname(fd, (struct sockaddr *)&ss, &len) ? -1 : ss.ss_family;
+}
+
 static int conn_setup(struct nbd_conn *c)
 {
 	unsigned depth = c->st->depth;
@@ -910,6 +1029,8 @@ static int conn_setup(struct nbd_conn *c)
 		c->free_slots = &c->slots[i];
 	}
 	c->b = c->s.export->backend;
+	c->in_place_writes = socket_family(c->fd) == AF_UNIX;
+	c->hold_backoff = 1;
 	c->use_workers = c->st->workers && !runs_inline(c->st->srv, c->b);
 	/* Without a sender thread (it could not start) completions send
 	 * themselves, as inline ones do. */
@@ -1123,12 +1244,6 @@ static int start(struct devio_server *srv, const char *arg, void **state)
 	st->srv = srv;
 	st->listen_fd = st->stop_fd = -1;
 	pthread_mutex_init(&st->lock, NULL);
-	if (getenv("DEVIO_HOLD"))
-		nbd_hold_ns = strtoull(getenv("DEVIO_HOLD"), NULL, 0);
-	if (getenv("DEVIO_HOLDN"))
-		nbd_hold_n = (unsigned)strtoul(getenv("DEVIO_HOLDN"), NULL, 0);
-	if (getenv("DEVIO_SPIN"))
-		nbd_spin_ns = strtoull(getenv("DEVIO_SPIN"), NULL, 0);
 	st->depth = srv->opts.depth ? srv->opts.depth : NBD_DEFAULT_DEPTH;
 	if (st->depth > NBD_MAX_DEPTH)
 		st->depth = NBD_MAX_DEPTH;

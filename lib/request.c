@@ -52,6 +52,22 @@ int devio_map_read(struct devio_backend *b, uint64_t off, uint64_t len, struct i
 	return b->ops->map_read(b, off, len, iov, max);
 }
 
+int devio_map_write(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max)
+{
+	if (!b->ops->map_write || !b->ops->unmap_write || len == 0)
+		return -EOPNOTSUPP;
+	if (b->caps & DEVIO_CAP_READONLY)
+		return -EROFS;
+	if (off > b->size || len > b->size - off)
+		return -ENOSPC;
+	return b->ops->map_write(b, off, len, iov, max);
+}
+
+void devio_unmap_write(struct devio_backend *b, uint64_t off, uint64_t len)
+{
+	b->ops->unmap_write(b, off, len);
+}
+
 /* ZERO for a backend without a zero callback: write zeroes. */
 static int zero_by_writing(struct devio_backend *b, uint64_t off, uint64_t len)
 {

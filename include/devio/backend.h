@@ -67,6 +67,13 @@ struct devio_backend_ops {
 	 * or -E2BIG if more than max are needed.  Lets a front end send a
 	 * read straight from the store, without copying it first. */
 	int (*map_read)(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max);
+	/* Optional, with map_read: [off, off+len) opened for writing in place,
+	 * as up to max pieces (none NULL).  The range counts as being written
+	 * (a TRIM of it waits) until unmap_write(), so hold it only while the
+	 * bytes are at hand.  Returns the number of pieces, -ENOSPC when the
+	 * store is full, -E2BIG if more than max pieces are needed. */
+	int (*map_write)(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max);
+	void (*unmap_write)(struct devio_backend *b, uint64_t off, uint64_t len);
 	/* One-line human description for `devio status` and logs (optional). */
 	void (*describe)(struct devio_backend *b, char *out, size_t outlen);
 	void (*close)(struct devio_backend *b);
@@ -105,6 +112,12 @@ int devio_file_open(const char *path, const struct devio_open_opts *opts, struct
  * bytes in memory, -E2BIG if they need more than max pieces, -EINVAL out
  * of range. */
 int devio_map_read(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max);
+
+/* A WRITE in place (ops->map_write), after devio_submit()'s checks:
+ * -EROFS read-only, -ENOSPC out of range or full, -EOPNOTSUPP not
+ * offered.  Every successful devio_map_write() needs its unmap. */
+int devio_map_write(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max);
+void devio_unmap_write(struct devio_backend *b, uint64_t off, uint64_t len);
 
 int devio_ram_open(uint64_t size, uint64_t max_resident, struct devio_backend **out);
 /* Remote servers as backends: the client ends of the two protocols. */

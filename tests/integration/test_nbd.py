@@ -480,6 +480,40 @@ def test_client_vanishing_with_requests_in_flight(serve, tmp):
     assert srv.proc.poll() is None
 
 
+def test_write_paused_mid_payload_holds_nothing(serve, tmp):
+    """Writes to the RAM disk over a Unix socket are received in place; a
+    client that stops halfway through a payload must not keep the range
+    locked (another client's TRIM of it finishes), and what it sends
+    afterwards lands."""
+    srv, sock = serve_unix(serve, tmp, "ram:4M")
+    payload = bytes(range(256)) * 1024  # 256 KiB
+    r = Raw(sock)
+    try:
+        r.s.sendall(struct.pack(">I", 3))
+        r.option(7, struct.pack(">IH", 0, 0))  # GO, default export, no structured replies
+        while r.reply()[1] != REP_ACK:
+            pass
+        for cookie, trim in ((77, True), (78, False)):
+            r.s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, cookie, MiB, len(payload)) + payload[:100000])
+            time.sleep(0.3)
+            if trim:
+                # the writer is stalled; trimming its range must not hang
+                nbdsh(uri(sock), f"h.trim({2 * MiB}, 0)")
+            r.s.sendall(payload[100000:])
+            magic, err, got = struct.unpack(">IIQ", r.recv(16))
+            assert (magic, err, got) == (0x67446698, 0, cookie)
+            # overlapping a TRIM in flight, only the part sent after it is certain
+            start = 100000 if trim else 0
+            nbdsh(uri(sock), f"""
+import hashlib
+got = hashlib.sha256(h.pread({len(payload) - start}, {MiB + start})).hexdigest()
+assert got == "{hashlib.sha256(payload[start:]).hexdigest()}", "{cookie}"
+""")
+    finally:
+        r.close()
+    assert srv.proc.poll() is None
+
+
 @pytest.mark.parametrize("how", ["ram-pool", "devio-remote"])
 def test_worker_pool_paths(serve, tmp, how):
     """Synchronous backends on the worker pool: a RAM disk with --threads 3,

@@ -1,6 +1,7 @@
 /* test_ram.c - the growable RAM disk: round trips, holes, memory that
  * really goes back to the OS (VmRSS), the resident cap, a 1 TiB disk that
- * opens without touching memory, and many threads writing and reading at the same time. */
+ * opens without touching memory, many threads writing and reading at the
+ * same time, and reads and writes in place (map_read/map_write). */
 #include <errno.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -322,6 +323,52 @@ static void test_write_trim_race(void **state)
 	free(buf);
 }
 
+/* Reads and writes in place (what the NBD front end sends from and
+ * receives into): pieces that follow the written chunks, range checks, the
+ * cap, and a mapped range that holds a whole-chunk TRIM only until unmap. */
+static void test_map_in_place(void **state)
+{
+	struct devio_backend *b;
+	struct iovec v[4];
+	unsigned char w[100];
+
+	memset(w, 0x5a, sizeof(w));
+	assert_int_equal(devio_ram_open(MiB, 128 * 1024, &b), 0);
+	assert_int_equal(b->ops->pwrite(b, w, sizeof(w), 65536 + 10, 0), 0);
+	/* chunk 0 hole, chunk 1 data, chunks 2-3 hole */
+	assert_int_equal(devio_map_read(b, 100, 3 * 65536, v, 4), 3);
+	assert_null(v[0].iov_base);
+	assert_int_equal(v[0].iov_len, 65536 - 100);
+	assert_non_null(v[1].iov_base);
+	assert_int_equal(v[1].iov_len, 65536);
+	assert_memory_equal((unsigned char *)v[1].iov_base + 10, w, sizeof(w));
+	assert_null(v[2].iov_base);
+	assert_int_equal(v[2].iov_len, 65536 + 100); /* chunks 2 and 3 merge */
+	assert_int_equal(devio_map_read(b, 100, 3 * 65536, v, 2), -E2BIG);
+	assert_int_equal(devio_map_read(b, MiB - 10, 11, v, 4), -EINVAL);
+	assert_int_equal(devio_map_read(b, UINT64_MAX, 2, v, 4), -EINVAL);
+	assert_int_equal(devio_map_read(b, MiB, 0, v, 4), 0);
+
+	/* write in place across two chunks: both count, the data lands */
+	assert_int_equal(devio_map_write(b, 65536 - 4, 8, v, 4), 1);
+	memset(v[0].iov_base, 0x77, 8);
+	devio_unmap_write(b, 65536 - 4, 8);
+	assert_int_equal(devio_ram_resident(b), 2 * 65536);
+	assert_int_equal(b->ops->pread(b, w, 8, 65536 - 4), 0);
+	assert_memory_equal(w, "\x77\x77\x77\x77\x77\x77\x77\x77", 8);
+	/* the cap: a third chunk does not fit, and nothing stays entered */
+	assert_int_equal(devio_map_write(b, 65536, 2 * 65536, v, 4), -ENOSPC);
+	assert_int_equal(devio_map_write(b, MiB - 1, 2, v, 4), -ENOSPC);
+	assert_int_equal(b->ops->trim(b, 0, 2 * 65536, 0), 0);
+	assert_int_equal(devio_ram_resident(b), 0);
+	devio_backend_close(b);
+
+	assert_int_equal(devio_ram_open(MiB, 0, &b), 0);
+	b->caps |= DEVIO_CAP_READONLY;
+	assert_int_equal(devio_map_write(b, 0, 1, v, 4), -EROFS);
+	devio_backend_close(b);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -332,6 +379,7 @@ int main(void)
 		cmocka_unit_test(test_one_tebibyte_instantly),
 		cmocka_unit_test(test_concurrent),
 		cmocka_unit_test(test_write_trim_race),
+		cmocka_unit_test(test_map_in_place),
 		cmocka_unit_test(test_open_through_source),
 	};
 
