@@ -178,7 +178,6 @@ static int ram_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t 
 	return 0;
 }
 
-/* Write: each chunk touched is allocated (or -ENOSPC past the cap). */
 /* Pieces of the mapping itself; never-written chunks as NULL pieces (so
  * that reading them maps no pages).  Adjacent pieces of one kind merge. */
 static int ram_map_read(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max)
@@ -241,6 +240,7 @@ static int ram_map_write(struct devio_backend *b, uint64_t off, uint64_t len, st
 	return 1;
 }
 
+/* Write: each chunk touched is allocated (or -ENOSPC past the cap). */
 static int ram_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
 {
 	struct ram_disk *rd = to_ram(b);

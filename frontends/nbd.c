@@ -544,6 +544,21 @@ static int slot_reserve(struct nbd_slot *sl, size_t len)
 
 /* ---- receiving ---- */
 
+/* True as soon as the client has sent more bytes, false after ns. */
+static bool rx_arrives_within(struct nbd_conn *c, uint64_t ns, bool yield)
+{
+	struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
+	uint64_t until = devio_now_ns() + ns;
+
+	do {
+		if (poll(&pfd, 1, 0) != 0)
+			return true;
+		if (yield)
+			sched_yield();
+	} while (devio_now_ns() < until);
+	return false;
+}
+
 /* Look for more bytes from the client for up to NBD_SPIN_NS; false if
  * none came.  The socket is drained and the replies are sent: the client
  * usually answers them (or sends the rest of a write) within microseconds.
@@ -555,15 +570,7 @@ static int slot_reserve(struct nbd_slot *sl, size_t len)
  * client that shares this CPU. */
 static bool rx_ready_soon(struct nbd_conn *c)
 {
-	struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
-	uint64_t until = devio_now_ns() + NBD_SPIN_NS;
-
-	do {
-		if (poll(&pfd, 1, 0) != 0)
-			return true;
-		sched_yield();
-	} while (devio_now_ns() < until);
-	return false;
+	return rx_arrives_within(c, NBD_SPIN_NS, true);
 }
 
 /* Receive into buf, sleeping only after a short look. */
@@ -583,22 +590,16 @@ static ssize_t recv_wait(struct nbd_conn *c, void *buf, size_t len)
  * while holds keep failing. */
 static bool hold_replies(struct nbd_conn *c)
 {
-	struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
-	uint64_t until;
-
 	if (c->hold_skip) {
 		c->hold_skip--;
 		return false;
 	}
 	if (!c->corked_replies || c->corked_replies >= NBD_HOLD_MAX)
 		return false;
-	until = devio_now_ns() + NBD_HOLD_NS;
-	do {
-		if (poll(&pfd, 1, 0) != 0) {
-			c->hold_backoff = 1;
-			return true;
-		}
-	} while (devio_now_ns() < until);
+	if (rx_arrives_within(c, NBD_HOLD_NS, false)) {
+		c->hold_backoff = 1;
+		return true;
+	}
 	c->hold_skip = c->hold_backoff;
 	if (c->hold_backoff < NBD_HOLD_SKIP)
 		c->hold_backoff *= 2;
@@ -874,9 +875,8 @@ static int64_t rx_into(struct nbd_conn *c, const struct iovec *v, int n, uint64_
 				continue;
 			} else if (errno != EAGAIN && errno != EWOULDBLOCK) {
 				r = -errno;
-			} else {
-				if (rx_ready_soon(c))
-					continue;
+			} else if (rx_ready_soon(c)) {
+				continue;
 			}
 			break;
 		}
@@ -894,8 +894,8 @@ static int64_t rx_into(struct nbd_conn *c, const struct iovec *v, int n, uint64_
  * payload trickles in segment by segment and the client, which does the
  * receive processing for us while we are not in recv, became the
  * bottleneck (1 MiB writes: 7.2k/s copying, 5.5k/s in place; over a Unix
- * socket 3.7k/s copying, 5.4k/s in place).  The range is held open only while bytes keep
- * coming; if the client pauses mid-payload, what came stays written, *nr
+ * socket 3.7k/s copying, 5.4k/s in place).  The range is held open only
+ * while bytes keep coming; if the client pauses mid-payload, what came stays written, *nr
  * shrinks to the rest and the usual path (slot buffer, blocking reads)
  * takes over.  Returns 1 when the reply is queued, 0 to go on with *nr,
  * negative to drop the connection. */
@@ -924,7 +924,6 @@ static int write_in_place(struct nbd_conn *c, struct devio_nbd_request *nr)
 		r = c->b->ops->flush(c->b);
 	sl = slot_get(c, 0);
 	sl->nr = *nr;
-	sl->req.op = DEVIO_OP_WRITE;
 	encode_reply(sl, devio_nbd_errno(r));
 	tx_queue(c, sl);
 	return 1;

@@ -17,6 +17,12 @@ const char *devio_op_name(enum devio_op op)
 	return (unsigned)op < DEVIO_OP__COUNT ? names[op] : "UNKNOWN";
 }
 
+/* offset + length overflows or passes the end of the backend */
+static bool out_of_range(const struct devio_backend *b, uint64_t off, uint64_t len)
+{
+	return off > b->size || len > b->size - off;
+}
+
 int devio_request_check(const struct devio_backend *b, const struct devio_request *req)
 {
 	const struct devio_backend_ops *ops = b->ops;
@@ -28,7 +34,7 @@ int devio_request_check(const struct devio_backend *b, const struct devio_reques
 		return -EROFS;
 	if (req->op == DEVIO_OP_FLUSH)
 		return 0;
-	if (req->offset > b->size || req->length > b->size - req->offset)
+	if (out_of_range(b, req->offset, req->length))
 		return req->op == DEVIO_OP_WRITE || req->op == DEVIO_OP_ZERO ? -ENOSPC : -EINVAL;
 	if ((req->op == DEVIO_OP_READ || req->op == DEVIO_OP_WRITE) && req->length && !req->buf)
 		return -EFAULT;
@@ -45,7 +51,7 @@ int devio_map_read(struct devio_backend *b, uint64_t off, uint64_t len, struct i
 {
 	if (!b->ops->map_read)
 		return -EOPNOTSUPP;
-	if (off > b->size || len > b->size - off)
+	if (out_of_range(b, off, len))
 		return -EINVAL;
 	if (len == 0)
 		return 0;
@@ -58,7 +64,7 @@ int devio_map_write(struct devio_backend *b, uint64_t off, uint64_t len, struct 
 		return -EOPNOTSUPP;
 	if (b->caps & DEVIO_CAP_READONLY)
 		return -EROFS;
-	if (off > b->size || len > b->size - off)
+	if (out_of_range(b, off, len))
 		return -ENOSPC;
 	return b->ops->map_write(b, off, len, iov, max);
 }

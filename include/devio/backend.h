@@ -105,8 +105,6 @@ struct devio_open_opts {
 int devio_backend_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out);
 void devio_backend_close(struct devio_backend *b);
 
-/* Individual backends (backends/NAME.c). */
-int devio_file_open(const char *path, const struct devio_open_opts *opts, struct devio_backend **out);
 /* A READ of [off, off+len) in place (ops->map_read), after the same range
  * checks as devio_submit(): pieces, -EOPNOTSUPP if the backend keeps no
  * bytes in memory, -E2BIG if they need more than max pieces, -EINVAL out
@@ -119,6 +117,8 @@ int devio_map_read(struct devio_backend *b, uint64_t off, uint64_t len, struct i
 int devio_map_write(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max);
 void devio_unmap_write(struct devio_backend *b, uint64_t off, uint64_t len);
 
+/* Individual backends (backends/NAME.c). */
+int devio_file_open(const char *path, const struct devio_open_opts *opts, struct devio_backend **out);
 int devio_ram_open(uint64_t size, uint64_t max_resident, struct devio_backend **out);
 /* Remote servers as backends: the client ends of the two protocols. */
 int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts, struct devio_backend **out); /* devio://, devio+unix:// */
