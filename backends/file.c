@@ -225,6 +225,32 @@ static int file_flush(struct devio_backend *b)
 	return 0;
 }
 
+/* A write whose payload waits in a pipe: splice moves it into the page
+ * cache, which copies from the pipe's pages (a socket's own buffers when
+ * the front end spliced them in). */
+static int file_splice_write(struct devio_backend *b, int pipe_fd, uint64_t len, uint64_t off, uint32_t flags)
+{
+	struct devio_file *f = to_file(b);
+	loff_t pos = (loff_t)(f->base + off);
+
+	while (len) {
+		size_t want = len > (1u << 30) ? (1u << 30) : (size_t)len;
+		ssize_t n = splice(pipe_fd, NULL, f->fd, &pos, want, SPLICE_F_MOVE);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			int r = n < 0 ? -errno : -EIO;
+
+			devio_err("%s: write of %" PRIu64 " bytes at offset %lld from a pipe: %s", f->path, len,
+				  (long long)pos, n < 0 ? strerror(errno) : "the pipe ran dry");
+			return r == -EAGAIN ? -EIO : r;
+		}
+		len -= (uint64_t)n;
+	}
+	return (flags & DEVIO_REQ_FUA) ? file_flush(b) : 0;
+}
+
 /* Write zeroes at an absolute offset, the slow way. */
 static int write_zeroes(struct devio_file *f, uint64_t off, uint64_t len)
 {
@@ -509,6 +535,7 @@ static const struct devio_backend_ops file_ops = {
 	.zero = file_zero,
 	.extents = file_extents,
 	.submit = file_submit,
+	.splice_write = file_splice_write,
 	.describe = file_describe,
 	.close = file_close,
 };
@@ -681,6 +708,11 @@ int devio_file_open(const char *path, const struct devio_open_opts *opts, struct
 	else if (probe_punch(f, image_size))
 		f->b.caps |= DEVIO_CAP_TRIM | DEVIO_CAP_FAST_ZERO;
 	probe_uring_paths(f, size);
+	/* Spliced writes run synchronously: offered where plain writes do too
+	 * (not through io_uring's async buffered writes) and not for O_DIRECT,
+	 * which wants aligned memory a pipe's pages are not. */
+	if (!f->direct && !f->uring_writes)
+		f->b.caps |= DEVIO_CAP_SPLICE_WRITE;
 	file_uring_start(f);
 	*out = &f->b;
 	return 0;

@@ -17,6 +17,7 @@
  * core's and the backend's business (DEVIO_REQ_FUA).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
 #include <pthread.h>
@@ -50,6 +51,7 @@
 #define NBD_HOLD_NS 5000                /* hold a small batch of replies ... */
 #define NBD_HOLD_MAX 16                 /* ... of fewer than this many ... */
 #define NBD_HOLD_SKIP 64                /* ... unless the last holds saw nothing */
+#define NBD_SPLICE_PIPE (1u << 20)      /* pipe between socket and page cache */
 
 struct nbd_conn;
 
@@ -82,6 +84,9 @@ struct nbd_conn {
 	struct devio_backend *b;
 	bool use_workers;
 	bool in_place_writes;     /* Unix socket: receive writes into the store */
+	bool splice_writes;       /* large writes spliced through pipe[] */
+	int pipe[2];
+	size_t pipe_size;
 
 	uint8_t *rx;
 	size_t rx_start, rx_end;
@@ -929,6 +934,99 @@ static int write_in_place(struct nbd_conn *c, struct devio_nbd_request *nr)
 	return 1;
 }
 
+/* Move up to want payload bytes from the socket into the (empty) pipe,
+ * looking for a while before sleeping as recv_wait() does.  Returns the
+ * bytes moved or a negative errno. */
+static ssize_t splice_in(struct nbd_conn *c, uint64_t want)
+{
+	size_t n = want < c->pipe_size ? (size_t)want : c->pipe_size;
+	unsigned flags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK;
+
+	for (;;) {
+		ssize_t k = splice(c->fd, NULL, c->pipe[1], NULL, n, flags);
+
+		if (k > 0)
+			return k;
+		if (k == 0)
+			return -ECONNRESET;
+		if (errno == EINTR)
+			continue;
+		if (errno != EAGAIN || !(flags & SPLICE_F_NONBLOCK))
+			return -errno;
+		if (!rx_ready_soon(c))
+			flags &= ~SPLICE_F_NONBLOCK; /* nothing came: sleep in splice */
+	}
+}
+
+/* Throw away what a failed write left in the pipe. */
+static void pipe_empty(struct nbd_conn *c)
+{
+	uint8_t scratch[4096];
+
+	while (read(c->pipe[0], scratch, sizeof(scratch)) > 0)
+		;
+}
+
+/* The payload of a write at off: the part already in the rx buffer
+ * written from there, the rest spliced socket -> pipe -> page cache.
+ * Returns 0 or the backend's negative errno with the payload consumed
+ * either way; *gone is set when the connection failed instead. */
+static int splice_payload(struct nbd_conn *c, uint64_t off, uint64_t len, int *gone)
+{
+	size_t have = c->rx_end - c->rx_start;
+	struct devio_request req = { .op = DEVIO_OP_WRITE, .offset = off, .buf = c->rx + c->rx_start };
+	int r = 0;
+
+	req.length = have < len ? have : len;
+	if (req.length)
+		r = devio_execute(c->b, &req);
+	c->rx_start += (size_t)req.length;
+	off += req.length;
+	len -= req.length;
+	while (len) {
+		ssize_t n = splice_in(c, len);
+
+		if (n < 0) {
+			*gone = (int)n;
+			pipe_empty(c);
+			return r;
+		}
+		if (r || (r = devio_splice_write(c->b, c->pipe[0], off, (uint64_t)n, 0)))
+			pipe_empty(c); /* keep reading the payload: the reply says why */
+		off += (uint64_t)n;
+		len -= (uint64_t)n;
+	}
+	return r;
+}
+
+/* A WRITE too large for the rx buffer, to a store in the page cache (a
+ * file): splice the payload from the socket into a pipe and from there
+ * into the file, so that the page cache copies straight from the socket's
+ * buffers: one copy instead of recv's and pwrite's two.  Runs on the
+ * reader, as the file's page-cache writes do anyway.  Returns 1 when the
+ * reply is queued, 0 if the usual path should run, negative to drop the
+ * connection. */
+static int write_spliced(struct nbd_conn *c, const struct devio_nbd_request *nr)
+{
+	struct nbd_slot *sl;
+	int gone = 0, r;
+
+	if (!c->splice_writes || nr->length <= NBD_RX_SIZE / 2)
+		return 0;
+	tx_uncork(c); /* the replies go out while the payload comes in */
+	r = splice_payload(c, nr->offset, nr->length, &gone);
+	tx_cork(c);
+	if (gone)
+		return gone;
+	if (!r && (nr->flags & NBD_CMD_FLAG_FUA) && c->b->ops->flush)
+		r = c->b->ops->flush(c->b);
+	sl = slot_get(c, 0);
+	sl->nr = *nr;
+	encode_reply(sl, devio_nbd_errno(r));
+	tx_queue(c, sl);
+	return 1;
+}
+
 /* Read, check and start one request.  Returns 1 on NBD_CMD_DISC, 0 to
  * go on, negative to drop the connection. */
 static int handle_one(struct nbd_conn *c)
@@ -963,6 +1061,8 @@ static int handle_one(struct nbd_conn *c)
 	if (!err && nr.type == NBD_CMD_READ && read_in_place(c, &nr))
 		return 0;
 	if (!err && payload && nr.length && (r = write_in_place(c, &nr)))
+		return r < 0 ? r : 0;
+	if (!err && payload && (r = write_spliced(c, &nr)))
 		return r < 0 ? r : 0;
 	bytes = !err && (nr.type == NBD_CMD_READ || payload) ? nr.length : 0;
 	sl = slot_get(c, bytes);
@@ -1014,6 +1114,25 @@ static int socket_family(int fd)
 	return getsockname(fd, (struct sockaddr *)&ss, &len) ? -1 : ss.ss_family;
 }
 
+/* The pipe for spliced writes, where the backend takes them. */
+static void pipe_setup(struct nbd_conn *c)
+{
+	int size;
+
+	if (!(c->b->caps & DEVIO_CAP_SPLICE_WRITE) || (c->b->caps & DEVIO_CAP_READONLY))
+		return;
+	/* Only the read end is non-blocking (emptying it after a failure):
+	 * splice() would take a non-blocking write end as SPLICE_F_NONBLOCK
+	 * for the socket too. */
+	if (pipe2(c->pipe, O_CLOEXEC))
+		return;
+	fcntl(c->pipe[0], F_SETFL, O_NONBLOCK);
+	fcntl(c->pipe[1], F_SETPIPE_SZ, (int)NBD_SPLICE_PIPE); /* a smaller one still works */
+	size = fcntl(c->pipe[1], F_GETPIPE_SZ);
+	c->pipe_size = size > 0 ? (size_t)size : 65536;
+	c->splice_writes = true;
+}
+
 static int conn_setup(struct nbd_conn *c)
 {
 	unsigned depth = c->st->depth;
@@ -1029,6 +1148,7 @@ static int conn_setup(struct nbd_conn *c)
 	}
 	c->b = c->s.export->backend;
 	c->in_place_writes = socket_family(c->fd) == AF_UNIX;
+	pipe_setup(c);
 	c->hold_backoff = 1;
 	c->use_workers = c->st->workers && !runs_inline(c->st->srv, c->b);
 	/* Without a sender thread (it could not start) completions send
@@ -1066,6 +1186,10 @@ static void conn_serve(struct nbd_conn *c)
 		devio_debug("nbd %s: connection ends: %s", c->peer, strerror(-r));
 	/* NBD_CMD_DISC or a vanished client: finish what is in flight. */
 	conn_wait_idle(c);
+	if (c->splice_writes) {
+		close(c->pipe[0]);
+		close(c->pipe[1]);
+	}
 }
 
 static void conn_free(struct nbd_conn *c)

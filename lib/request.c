@@ -74,6 +74,19 @@ void devio_unmap_write(struct devio_backend *b, uint64_t off, uint64_t len)
 	b->ops->unmap_write(b, off, len);
 }
 
+int devio_splice_write(struct devio_backend *b, int pipe_fd, uint64_t off, uint64_t len, uint32_t flags)
+{
+	if (!b->ops->splice_write || !(b->caps & DEVIO_CAP_SPLICE_WRITE))
+		return -EOPNOTSUPP;
+	if (b->caps & DEVIO_CAP_READONLY)
+		return -EROFS;
+	if (out_of_range(b, off, len))
+		return -ENOSPC;
+	if (len == 0)
+		return 0;
+	return b->ops->splice_write(b, pipe_fd, len, off, flags);
+}
+
 /* ZERO for a backend without a zero callback: write zeroes. */
 static int zero_by_writing(struct devio_backend *b, uint64_t off, uint64_t len)
 {

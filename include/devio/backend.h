@@ -34,6 +34,7 @@ extern "C" {
 #define DEVIO_CAP_EXTENTS    (1u << 6) /* extents reports holes truthfully */
 #define DEVIO_CAP_MULTI_CONN (1u << 7) /* a flush on one connection covers writes of all */
 #define DEVIO_CAP_CACHE      (1u << 8)
+#define DEVIO_CAP_SPLICE_WRITE (1u << 9) /* splice_write works here (not advertised to clients) */
 
 /* Extent flags, as NBD's base:allocation defines them. */
 #define DEVIO_EXTENT_HOLE (1u << 0) /* not allocated */
@@ -74,6 +75,14 @@ struct devio_backend_ops {
 	 * store is full, -E2BIG if more than max pieces are needed. */
 	int (*map_write)(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max);
 	void (*unmap_write)(struct devio_backend *b, uint64_t off, uint64_t len);
+	/* Optional, for stores in the page cache (file, where DEVIO_CAP_
+	 * SPLICE_WRITE says so): write len bytes at off taken from the read
+	 * end of a pipe holding at least that many, with splice(2).  A front
+	 * end that spliced a socket's payload into the pipe gets it written
+	 * with one copy (socket buffers to page cache) instead of two.
+	 * Honours DEVIO_REQ_FUA.  On error the pipe may still hold the rest;
+	 * the caller empties it. */
+	int (*splice_write)(struct devio_backend *b, int pipe_fd, uint64_t len, uint64_t off, uint32_t flags);
 	/* One-line human description for `devio status` and logs (optional). */
 	void (*describe)(struct devio_backend *b, char *out, size_t outlen);
 	void (*close)(struct devio_backend *b);
@@ -116,6 +125,11 @@ int devio_map_read(struct devio_backend *b, uint64_t off, uint64_t len, struct i
  * offered.  Every successful devio_map_write() needs its unmap. */
 int devio_map_write(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max);
 void devio_unmap_write(struct devio_backend *b, uint64_t off, uint64_t len);
+
+/* A WRITE whose payload waits in a pipe (ops->splice_write), after
+ * devio_submit()'s checks: -EROFS, -ENOSPC out of range, -EOPNOTSUPP not
+ * offered (DEVIO_CAP_SPLICE_WRITE unset). */
+int devio_splice_write(struct devio_backend *b, int pipe_fd, uint64_t off, uint64_t len, uint32_t flags);
 
 /* Individual backends (backends/NAME.c). */
 int devio_file_open(const char *path, const struct devio_open_opts *opts, struct devio_backend **out);

@@ -480,6 +480,26 @@ def test_client_vanishing_with_requests_in_flight(serve, tmp):
     assert srv.proc.poll() is None
 
 
+def raw_transmission(sock):
+    """A raw client past a GO for the default export (simple replies)."""
+    r = Raw(sock)
+    r.s.sendall(struct.pack(">I", 3))
+    r.option(7, struct.pack(">IH", 0, 0))
+    while r.reply()[1] != REP_ACK:
+        pass
+    return r
+
+
+def raw_request(r, typ, cookie, offset, length, payload=b"", flags=0):
+    r.s.sendall(struct.pack(">IHHQQI", 0x25609513, flags, typ, cookie, offset, length) + payload)
+
+
+def raw_simple_reply(r, cookie):
+    magic, err, got = struct.unpack(">IIQ", r.recv(16))
+    assert (magic, got) == (0x67446698, cookie)
+    return err
+
+
 def test_write_paused_mid_payload_holds_nothing(serve, tmp):
     """Writes to the RAM disk over a Unix socket are received in place; a
     client that stops halfway through a payload must not keep the range
@@ -487,21 +507,16 @@ def test_write_paused_mid_payload_holds_nothing(serve, tmp):
     afterwards lands."""
     srv, sock = serve_unix(serve, tmp, "ram:4M")
     payload = bytes(range(256)) * 1024  # 256 KiB
-    r = Raw(sock)
+    r = raw_transmission(sock)
     try:
-        r.s.sendall(struct.pack(">I", 3))
-        r.option(7, struct.pack(">IH", 0, 0))  # GO, default export, no structured replies
-        while r.reply()[1] != REP_ACK:
-            pass
         for cookie, trim in ((77, True), (78, False)):
-            r.s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, cookie, MiB, len(payload)) + payload[:100000])
+            raw_request(r, 1, cookie, MiB, len(payload), payload[:100000])
             time.sleep(0.3)
             if trim:
                 # the writer is stalled; trimming its range must not hang
                 nbdsh(uri(sock), f"h.trim({2 * MiB}, 0)")
             r.s.sendall(payload[100000:])
-            magic, err, got = struct.unpack(">IIQ", r.recv(16))
-            assert (magic, err, got) == (0x67446698, 0, cookie)
+            assert raw_simple_reply(r, cookie) == 0
             # overlapping a TRIM in flight, only the part sent after it is certain
             start = 100000 if trim else 0
             nbdsh(uri(sock), f"""
@@ -512,6 +527,41 @@ assert got == "{hashlib.sha256(payload[start:]).hexdigest()}", "{cookie}"
     finally:
         r.close()
     assert srv.proc.poll() is None
+
+
+def test_spliced_file_writes_pause_fail_and_stay_in_step(serve, tmp):
+    """Large writes to a file are spliced socket -> pipe -> page cache.  A
+    payload that pauses halfway lands whole (with FUA); one the file system
+    has no room for is answered ENOSPC with the rest of its payload read
+    and thrown away, so the next request on the connection is understood."""
+    small = os.path.join(tmp, "small")
+    os.mkdir(small)
+    run("mount", "-t", "tmpfs", "-o", "size=2M", "devio-test", small)
+    try:
+        img = os.path.join(small, "disk.img")
+        with open(img, "wb") as f:
+            f.truncate(16 * MiB)  # sparse: more than the file system holds
+        srv, sock = serve_unix(serve, tmp, img)
+        payload = bytes(range(256)) * 1024  # 256 KiB
+        r = raw_transmission(sock)
+        try:
+            raw_request(r, 1, 1, MiB, len(payload), payload[:100000], flags=1)  # FUA
+            time.sleep(0.3)
+            r.s.sendall(payload[100000:])
+            assert raw_simple_reply(r, 1) == 0
+            big = b"\x5a" * (4 * MiB)
+            raw_request(r, 1, 2, 8 * MiB, len(big), big)
+            assert raw_simple_reply(r, 2) == 28  # NBD_ENOSPC
+            raw_request(r, 0, 3, MiB, len(payload))
+            assert raw_simple_reply(r, 3) == 0
+            assert r.recv(len(payload)) == payload
+        finally:
+            r.close()
+        assert srv.proc.poll() is None
+        srv.stop()
+        assert "from a pipe: No space left on device" in srv.stderr()
+    finally:
+        run("umount", "-l", small, check=False)
 
 
 @pytest.mark.parametrize("how", ["ram-pool", "devio-remote"])

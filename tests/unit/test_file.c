@@ -2,8 +2,9 @@
  * round trips, windows and their bounds, TRIM/ZERO and the holes they
  * leave (SEEK_DATA/SEEK_HOLE), read-only opens, O_DIRECT with unaligned
  * requests, a partition of an image, a loop device (BLKGETSIZE64,
- * BLKDISCARD, zeroing), the tmpfs fallbacks, and the io_uring path with many
- * requests in flight from several threads, checked by content. */
+ * BLKDISCARD, zeroing), the tmpfs fallbacks, writes taken from a pipe
+ * (splice_write), and the io_uring path with many requests in flight from
+ * several threads, checked by content. */
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -229,6 +230,65 @@ static void test_readonly(void **state)
 	}
 	assert_int_equal(devio_file_open("/nonexistent/devio.img", NULL, &b), -ENOENT);
 	assert_int_equal(devio_file_open(dir, NULL, &b), -EISDIR);
+}
+
+/* Fill the pipe with len bytes of value v (len fits the pipe). */
+static void pipe_fill(int fd, size_t len, unsigned char v)
+{
+	unsigned char buf[4096];
+
+	memset(buf, v, sizeof(buf));
+	while (len) {
+		size_t n = len < sizeof(buf) ? len : sizeof(buf);
+
+		assert_int_equal(write(fd, buf, n), (ssize_t)n);
+		len -= n;
+	}
+}
+
+static void test_splice_write(void **state)
+{
+	char path[128];
+	struct devio_backend *b;
+	struct devio_open_opts o = { .has_offset = true, .offset = 100000, .has_size = true, .size = MiB };
+	unsigned char r[4096];
+	int p[2], fd;
+
+	make_image("splice.img", 2 * MiB, path, sizeof(path));
+	assert_int_equal(pipe(p), 0);
+	assert_true(fcntl(p[1], F_SETPIPE_SZ, 1 << 20) > 0);
+	fcntl(p[0], F_SETFL, O_NONBLOCK);
+	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_true(b->caps & DEVIO_CAP_SPLICE_WRITE);
+	/* past the window: refused before the pipe is touched */
+	assert_int_equal(devio_splice_write(b, p[0], MiB - 10, 300000, 0), -ENOSPC);
+	pipe_fill(p[1], 300000, 0xA5);
+	assert_int_equal(devio_splice_write(b, p[0], MiB - 300000, 300000, DEVIO_REQ_FUA), 0);
+	/* a pipe holding less than promised: an error, not a hang */
+	pipe_fill(p[1], 100, 0x5A);
+	assert_int_equal(devio_splice_write(b, p[0], 0, 200, 0), -EIO);
+	devio_backend_close(b);
+	fd = open(path, O_RDONLY);
+	assert_int_equal(pread(fd, r, sizeof(r), 100000 + MiB - sizeof(r)), (ssize_t)sizeof(r));
+	for (size_t i = 0; i < sizeof(r); i++)
+		assert_int_equal(r[i], 0xA5);
+	assert_int_equal(pread(fd, r, 1, 100000 + MiB), 1);
+	assert_int_equal(r[0], pattern(100000 + MiB)); /* nothing past the window */
+	assert_int_equal(pread(fd, r, 1, 100000 + MiB - 300001), 1);
+	assert_int_equal(r[0], pattern(100000 + MiB - 300001));
+	close(fd);
+
+	o = (struct devio_open_opts){ .readonly = true };
+	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_int_equal(devio_splice_write(b, p[0], 0, 4096, 0), -EROFS);
+	devio_backend_close(b);
+	o = (struct devio_open_opts){ .direct = true };
+	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_false(b->caps & DEVIO_CAP_SPLICE_WRITE); /* O_DIRECT wants aligned memory */
+	assert_int_equal(devio_splice_write(b, p[0], 0, 4096, 0), -EOPNOTSUPP);
+	devio_backend_close(b);
+	close(p[0]);
+	close(p[1]);
 }
 
 static void test_direct_unaligned(void **state)
@@ -632,6 +692,7 @@ int main(void)
 		cmocka_unit_test(test_window),
 		cmocka_unit_test(test_trim_zero_extents),
 		cmocka_unit_test(test_readonly),
+		cmocka_unit_test(test_splice_write),
 		cmocka_unit_test(test_direct_unaligned),
 		cmocka_unit_test(test_async_many_in_flight),
 		cmocka_unit_test(test_async_direct_many_in_flight),
