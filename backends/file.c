@@ -251,6 +251,40 @@ static int file_splice_write(struct devio_backend *b, int pipe_fd, uint64_t len,
 	return (flags & DEVIO_REQ_FUA) ? file_flush(b) : 0;
 }
 
+/* A read into a pipe: the pipe takes references to the page cache's
+ * pages (no copy) for the front end to splice into a socket. */
+static int file_splice_read(struct devio_backend *b, int pipe_fd, uint64_t len, uint64_t off)
+{
+	struct devio_file *f = to_file(b);
+	loff_t pos = (loff_t)(f->base + off);
+	struct stat st;
+
+	/* Only a file without holes: finding them per read (SEEK_HOLE) walks
+	 * the page cache to the next hole, and the copying path sends holes
+	 * as holes. */
+	if (!f->is_blk && (fstat(f->fd, &st) || (uint64_t)st.st_blocks * 512 < (uint64_t)st.st_size))
+		return -EAGAIN;
+
+	while (len) {
+		size_t want = len > (1u << 30) ? (1u << 30) : (size_t)len;
+		ssize_t n = splice(f->fd, &pos, pipe_fd, NULL, want, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && errno == EAGAIN)
+			return -EAGAIN; /* the pipe is full: the caller copies instead */
+		if (n <= 0) {
+			int r = n < 0 ? -errno : -EIO;
+
+			devio_err("%s: read of %" PRIu64 " bytes at offset %lld into a pipe: %s", f->path, len,
+				  (long long)pos, n < 0 ? strerror(errno) : "unexpected end of file");
+			return r;
+		}
+		len -= (uint64_t)n;
+	}
+	return 0;
+}
+
 /* Write zeroes at an absolute offset, the slow way. */
 static int write_zeroes(struct devio_file *f, uint64_t off, uint64_t len)
 {
@@ -536,6 +570,7 @@ static const struct devio_backend_ops file_ops = {
 	.extents = file_extents,
 	.submit = file_submit,
 	.splice_write = file_splice_write,
+	.splice_read = file_splice_read,
 	.describe = file_describe,
 	.close = file_close,
 };
@@ -708,11 +743,14 @@ int devio_file_open(const char *path, const struct devio_open_opts *opts, struct
 	else if (probe_punch(f, image_size))
 		f->b.caps |= DEVIO_CAP_TRIM | DEVIO_CAP_FAST_ZERO;
 	probe_uring_paths(f, size);
-	/* Spliced writes run synchronously: offered where plain writes do too
-	 * (not through io_uring's async buffered writes) and not for O_DIRECT,
-	 * which wants aligned memory a pipe's pages are not. */
+	/* Spliced reads and writes run synchronously: offered where plain ones
+	 * do too (not where io_uring reads the page cache or writes it
+	 * asynchronously) and not for O_DIRECT, which wants aligned memory a
+	 * pipe's pages are not. */
 	if (!f->direct && !f->uring_writes)
 		f->b.caps |= DEVIO_CAP_SPLICE_WRITE;
+	if (!f->direct && !f->uring_reads)
+		f->b.caps |= DEVIO_CAP_SPLICE_READ;
 	file_uring_start(f);
 	*out = &f->b;
 	return 0;

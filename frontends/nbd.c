@@ -85,6 +85,7 @@ struct nbd_conn {
 	bool use_workers;
 	bool in_place_writes;     /* Unix socket: receive writes into the store */
 	bool splice_writes;       /* large writes spliced through pipe[] */
+	bool splice_reads;        /* large reads too */
 	int pipe[2];
 	size_t pipe_size;
 
@@ -143,11 +144,11 @@ static int sock_write(void *ctx, const void *buf, size_t len)
 
 /* ---- sending replies ---- */
 
-static int send_iov(int fd, struct iovec *iov, int n)
+static int send_iov(int fd, struct iovec *iov, int n, int flags)
 {
 	while (n > 0) {
 		struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)n };
-		ssize_t w = sendmsg(fd, &mh, MSG_NOSIGNAL);
+		ssize_t w = sendmsg(fd, &mh, MSG_NOSIGNAL | flags);
 
 		if (w < 0) {
 			if (errno == EINTR)
@@ -165,6 +166,15 @@ static int send_iov(int fd, struct iovec *iov, int n)
 		}
 	}
 	return 0;
+}
+
+/* Throw away what a failed transfer left in the pipe. */
+static void pipe_empty(struct nbd_conn *c)
+{
+	uint8_t scratch[4096];
+
+	while (read(c->pipe[0], scratch, sizeof(scratch)) > 0)
+		;
 }
 
 static void slot_release_locked(struct nbd_conn *c, struct nbd_slot *sl)
@@ -208,7 +218,7 @@ static void tx_flush_locked(struct nbd_conn *c, bool by_reader)
 		last->next = NULL;
 		pthread_mutex_unlock(&c->lock);
 		if (!c->broken)
-			r = send_iov(c->fd, iov, n);
+			r = send_iov(c->fd, iov, n, 0);
 		pthread_mutex_lock(&c->lock);
 		if (r) {
 			if (!c->broken)
@@ -222,6 +232,7 @@ static void tx_flush_locked(struct nbd_conn *c, bool by_reader)
 		}
 	}
 	c->sending = false;
+	pthread_cond_broadcast(&c->cond); /* a reader may wait to send alone */
 	/* A corked reader leaves its replies for its own uncork (waking the
 	 * sender for them would cost a wake-up per reply). */
 	if (c->tx_head && c->has_sender && !(by_reader && c->corked))
@@ -279,6 +290,47 @@ static void tx_uncork(struct nbd_conn *c)
 static void tx_cork(struct nbd_conn *c)
 {
 	pthread_mutex_lock(&c->lock);
+	c->corked = true;
+	pthread_mutex_unlock(&c->lock);
+}
+
+/* Send sl's header, then len bytes from the connection's pipe, alone on
+ * the socket: what is queued goes first, nobody sends while we do.  The
+ * reader calls this (corked) and is corked again after it. */
+static void tx_spliced(struct nbd_conn *c, struct nbd_slot *sl, size_t len)
+{
+	int r = 0;
+
+	pthread_mutex_lock(&c->lock);
+	c->corked = false;
+	c->corked_replies = 0;
+	tx_flush_locked(c, true);
+	while (c->sending)
+		pthread_cond_wait(&c->cond, &c->lock);
+	c->sending = true;
+	pthread_mutex_unlock(&c->lock);
+	if (!c->broken)
+		r = send_iov(c->fd, sl->iov, sl->niov, MSG_MORE);
+	while (!r && !c->broken && len) {
+		ssize_t w = splice(c->pipe[0], NULL, c->fd, NULL, len, SPLICE_F_MOVE);
+
+		if (w > 0)
+			len -= (size_t)w;
+		else if (w < 0 && errno != EINTR)
+			r = -errno;
+		else if (w == 0)
+			r = -EIO;
+	}
+	if (len)
+		pipe_empty(c);
+	pthread_mutex_lock(&c->lock);
+	if (r && !c->broken) {
+		devio_debug("nbd %s: sending a read reply: %s", c->peer, strerror(-r));
+		c->broken = true;
+	}
+	c->sending = false;
+	slot_release_locked(c, sl);
+	tx_flush_locked(c, true);
 	c->corked = true;
 	pthread_mutex_unlock(&c->lock);
 }
@@ -846,6 +898,37 @@ static bool read_in_place(struct nbd_conn *c, const struct devio_nbd_request *nr
 	return true;
 }
 
+/* A READ of a file too large for the usual batch: splice it from the page
+ * cache into the pipe and from there into the socket, so that this side
+ * copies nothing (pread and send copied every byte twice on the reader).
+ * What the backend declines (a file with holes: the usual path sends them
+ * as hole chunks) and reads the pipe cannot take whole run as usual. */
+static bool read_spliced(struct nbd_conn *c, const struct devio_nbd_request *nr)
+{
+	uint64_t pages = (nr->offset % 4096 + nr->length + 4095) / 4096;
+	struct nbd_slot *sl;
+	uint8_t *p;
+
+	if (!c->splice_reads || nr->length <= NBD_RX_SIZE / 2 || pages > c->pipe_size / 4096)
+		return false;
+	if (devio_splice_read(c->b, c->pipe[1], nr->offset, nr->length)) {
+		pipe_empty(c);
+		return false;
+	}
+	sl = slot_get(c, 0);
+	sl->nr = *nr;
+	if (c->s.structured) {
+		p = chunk_header(sl->hdr, sl, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, 8 + nr->length);
+		nbd_put64(p, nr->offset);
+		sl->niov = 0;
+		iov_add(sl, sl->hdr, (size_t)(p + 8 - sl->hdr));
+	} else {
+		encode_simple(sl, 0, false);
+	}
+	tx_spliced(c, sl, nr->length);
+	return true;
+}
+
 /* Receive up to len payload bytes into the pieces: what the rx buffer
  * holds, then whatever the socket delivers without making us sleep.
  * Returns the bytes received or a negative errno. */
@@ -958,15 +1041,6 @@ static ssize_t splice_in(struct nbd_conn *c, uint64_t want)
 	}
 }
 
-/* Throw away what a failed write left in the pipe. */
-static void pipe_empty(struct nbd_conn *c)
-{
-	uint8_t scratch[4096];
-
-	while (read(c->pipe[0], scratch, sizeof(scratch)) > 0)
-		;
-}
-
 /* The payload of a write at off: the part already in the rx buffer
  * written from there, the rest spliced socket -> pipe -> page cache.
  * Returns 0 or the backend's negative errno with the payload consumed
@@ -1058,7 +1132,7 @@ static int handle_one(struct nbd_conn *c)
 		if ((r = rx_payload(c, NULL, nr.length)))
 			return r;
 	}
-	if (!err && nr.type == NBD_CMD_READ && read_in_place(c, &nr))
+	if (!err && nr.type == NBD_CMD_READ && (read_in_place(c, &nr) || read_spliced(c, &nr)))
 		return 0;
 	if (!err && payload && nr.length && (r = write_in_place(c, &nr)))
 		return r < 0 ? r : 0;
@@ -1114,12 +1188,15 @@ static int socket_family(int fd)
 	return getsockname(fd, (struct sockaddr *)&ss, &len) ? -1 : ss.ss_family;
 }
 
-/* The pipe for spliced writes, where the backend takes them. */
+/* The pipe for spliced writes and reads, where the backend takes them. */
 static void pipe_setup(struct nbd_conn *c)
 {
 	int size;
 
-	if (!(c->b->caps & DEVIO_CAP_SPLICE_WRITE) || (c->b->caps & DEVIO_CAP_READONLY))
+	bool writes = (c->b->caps & DEVIO_CAP_SPLICE_WRITE) && !(c->b->caps & DEVIO_CAP_READONLY);
+	bool reads = (c->b->caps & DEVIO_CAP_SPLICE_READ) != 0;
+
+	if (!writes && !reads)
 		return;
 	/* Only the read end is non-blocking (emptying it after a failure):
 	 * splice() would take a non-blocking write end as SPLICE_F_NONBLOCK
@@ -1130,7 +1207,8 @@ static void pipe_setup(struct nbd_conn *c)
 	fcntl(c->pipe[1], F_SETPIPE_SZ, (int)NBD_SPLICE_PIPE); /* a smaller one still works */
 	size = fcntl(c->pipe[1], F_GETPIPE_SZ);
 	c->pipe_size = size > 0 ? (size_t)size : 65536;
-	c->splice_writes = true;
+	c->splice_writes = writes;
+	c->splice_reads = reads;
 }
 
 static int conn_setup(struct nbd_conn *c)
@@ -1186,7 +1264,7 @@ static void conn_serve(struct nbd_conn *c)
 		devio_debug("nbd %s: connection ends: %s", c->peer, strerror(-r));
 	/* NBD_CMD_DISC or a vanished client: finish what is in flight. */
 	conn_wait_idle(c);
-	if (c->splice_writes) {
+	if (c->splice_writes || c->splice_reads) {
 		close(c->pipe[0]);
 		close(c->pipe[1]);
 	}

@@ -87,6 +87,17 @@ int devio_splice_write(struct devio_backend *b, int pipe_fd, uint64_t off, uint6
 	return b->ops->splice_write(b, pipe_fd, len, off, flags);
 }
 
+int devio_splice_read(struct devio_backend *b, int pipe_fd, uint64_t off, uint64_t len)
+{
+	if (!b->ops->splice_read || !(b->caps & DEVIO_CAP_SPLICE_READ))
+		return -EOPNOTSUPP;
+	if (out_of_range(b, off, len))
+		return -EINVAL;
+	if (len == 0)
+		return 0;
+	return b->ops->splice_read(b, pipe_fd, len, off);
+}
+
 /* ZERO for a backend without a zero callback: write zeroes. */
 static int zero_by_writing(struct devio_backend *b, uint64_t off, uint64_t len)
 {

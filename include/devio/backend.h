@@ -35,6 +35,7 @@ extern "C" {
 #define DEVIO_CAP_MULTI_CONN (1u << 7) /* a flush on one connection covers writes of all */
 #define DEVIO_CAP_CACHE      (1u << 8)
 #define DEVIO_CAP_SPLICE_WRITE (1u << 9) /* splice_write works here (not advertised to clients) */
+#define DEVIO_CAP_SPLICE_READ  (1u << 10) /* splice_read works here (not advertised to clients) */
 
 /* Extent flags, as NBD's base:allocation defines them. */
 #define DEVIO_EXTENT_HOLE (1u << 0) /* not allocated */
@@ -83,6 +84,14 @@ struct devio_backend_ops {
 	 * Honours DEVIO_REQ_FUA.  On error the pipe may still hold the rest;
 	 * the caller empties it. */
 	int (*splice_write)(struct devio_backend *b, int pipe_fd, uint64_t len, uint64_t off, uint32_t flags);
+	/* Optional, the other way (DEVIO_CAP_SPLICE_READ): put the len bytes
+	 * at off into the write end of a pipe, by reference to the page cache
+	 * where the kernel can, for a front end that splices them on into a
+	 * socket (no copy on this side at all).  Never waits for room in the
+	 * pipe; -EAGAIN (read the usual way instead) if it fills up, or for a
+	 * file with holes, which the usual way can send as holes.  On error
+	 * the pipe may hold a part. */
+	int (*splice_read)(struct devio_backend *b, int pipe_fd, uint64_t len, uint64_t off);
 	/* One-line human description for `devio status` and logs (optional). */
 	void (*describe)(struct devio_backend *b, char *out, size_t outlen);
 	void (*close)(struct devio_backend *b);
@@ -130,6 +139,10 @@ void devio_unmap_write(struct devio_backend *b, uint64_t off, uint64_t len);
  * devio_submit()'s checks: -EROFS, -ENOSPC out of range, -EOPNOTSUPP not
  * offered (DEVIO_CAP_SPLICE_WRITE unset). */
 int devio_splice_write(struct devio_backend *b, int pipe_fd, uint64_t off, uint64_t len, uint32_t flags);
+
+/* A READ into a pipe (ops->splice_read), after devio_submit()'s checks:
+ * -EINVAL out of range, -EOPNOTSUPP not offered. */
+int devio_splice_read(struct devio_backend *b, int pipe_fd, uint64_t off, uint64_t len);
 
 /* Individual backends (backends/NAME.c). */
 int devio_file_open(const char *path, const struct devio_open_opts *opts, struct devio_backend **out);

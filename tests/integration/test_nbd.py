@@ -564,6 +564,39 @@ def test_spliced_file_writes_pause_fail_and_stay_in_step(serve, tmp):
         run("umount", "-l", small, check=False)
 
 
+def test_spliced_file_reads_both_reply_kinds(serve, tmp):
+    """Large reads of a fully written file on tmpfs are spliced page cache
+    -> pipe -> socket: with simple and structured replies, at an unaligned
+    offset, interleaved with small reads and a write, all by content."""
+    fd, img = tempfile.mkstemp(prefix="devio-splice-", dir="/dev/shm")
+    os.close(fd)
+    try:
+        make_image(img, 4 * MiB, seed=7)
+        with open(img, "rb") as f:
+            data = f.read()
+        srv, sock = serve_unix(serve, tmp, img)
+        r = raw_transmission(sock)
+        try:
+            raw_request(r, 0, 1, 4096 + 100, MiB - 8192)  # 255 pages: fits the pipe
+            raw_request(r, 0, 2, 10, 512)
+            assert raw_simple_reply(r, 1) == 0
+            assert r.recv(MiB - 8192) == data[4196:4196 + MiB - 8192]
+            assert raw_simple_reply(r, 2) == 0
+            assert r.recv(512) == data[10:522]
+        finally:
+            r.close()
+        digest = hashlib.sha256(data[3 * MiB - 7:4 * MiB - 7]).hexdigest()
+        nbdsh(uri(sock), f"""
+import hashlib
+h.pwrite(b"\\xee" * 8192, {2 * MiB})
+assert h.pread({MiB}, {2 * MiB - 4096})[4096:12288] == b"\\xee" * 8192
+assert hashlib.sha256(h.pread({MiB}, {3 * MiB - 7})).hexdigest() == "{digest}"
+""")
+        assert srv.proc.poll() is None
+    finally:
+        os.unlink(img)
+
+
 @pytest.mark.parametrize("how", ["ram-pool", "devio-remote"])
 def test_worker_pool_paths(serve, tmp, how):
     """Synchronous backends on the worker pool: a RAM disk with --threads 3,

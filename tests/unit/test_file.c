@@ -3,7 +3,7 @@
  * leave (SEEK_DATA/SEEK_HOLE), read-only opens, O_DIRECT with unaligned
  * requests, a partition of an image, a loop device (BLKGETSIZE64,
  * BLKDISCARD, zeroing), the tmpfs fallbacks, writes taken from a pipe
- * (splice_write), and the io_uring path with many requests in flight from
+ * (splice_write) and read into one (splice_read), and the io_uring path with many requests in flight from
  * several threads, checked by content. */
 #include <errno.h>
 #include <fcntl.h>
@@ -246,14 +246,20 @@ static void pipe_fill(int fd, size_t len, unsigned char v)
 	}
 }
 
-static void test_splice_write(void **state)
+static void test_splice_both_ways(void **state)
 {
 	char path[128];
 	struct devio_backend *b;
 	struct devio_open_opts o = { .has_offset = true, .offset = 100000, .has_size = true, .size = MiB };
 	unsigned char r[4096];
+	unsigned char got[8192];
+	char saved[sizeof(dir)];
 	int p[2], fd;
 
+	/* on tmpfs, where reads run synchronously and splice_read is offered */
+	memcpy(saved, dir, sizeof(dir));
+	strcpy(dir, "/dev/shm/devio-test-splice-XXXXXX");
+	assert_non_null(mkdtemp(dir));
 	make_image("splice.img", 2 * MiB, path, sizeof(path));
 	assert_int_equal(pipe(p), 0);
 	assert_true(fcntl(p[1], F_SETPIPE_SZ, 1 << 20) > 0);
@@ -281,6 +287,12 @@ static void test_splice_write(void **state)
 	o = (struct devio_open_opts){ .readonly = true };
 	assert_int_equal(devio_file_open(path, &o, &b), 0);
 	assert_int_equal(devio_splice_write(b, p[0], 0, 4096, 0), -EROFS);
+	assert_true(b->caps & DEVIO_CAP_SPLICE_READ);
+	assert_int_equal(devio_splice_read(b, p[1], 2 * MiB - 100, 200), -EINVAL);
+	assert_int_equal(devio_splice_read(b, p[1], 4096 + 10, sizeof(got)), 0);
+	assert_int_equal(read(p[0], got, sizeof(got)), (ssize_t)sizeof(got));
+	for (size_t i = 0; i < sizeof(got); i++)
+		assert_int_equal(got[i], pattern(4096 + 10 + i));
 	devio_backend_close(b);
 	o = (struct devio_open_opts){ .direct = true };
 	assert_int_equal(devio_file_open(path, &o, &b), 0);
@@ -289,6 +301,8 @@ static void test_splice_write(void **state)
 	devio_backend_close(b);
 	close(p[0]);
 	close(p[1]);
+	remove_dir(state);
+	memcpy(dir, saved, sizeof(dir));
 }
 
 static void test_direct_unaligned(void **state)
@@ -692,7 +706,7 @@ int main(void)
 		cmocka_unit_test(test_window),
 		cmocka_unit_test(test_trim_zero_extents),
 		cmocka_unit_test(test_readonly),
-		cmocka_unit_test(test_splice_write),
+		cmocka_unit_test(test_splice_both_ways),
 		cmocka_unit_test(test_direct_unaligned),
 		cmocka_unit_test(test_async_many_in_flight),
 		cmocka_unit_test(test_async_direct_many_in_flight),
