@@ -977,6 +977,21 @@ static int64_t rx_into(struct nbd_conn *c, const struct iovec *v, int n, uint64_
 	return r ? r : (int64_t)done;
 }
 
+/* Answer a WRITE the reader carried out itself (r: its result), after
+ * the flush FUA asks for.  Returns 1: the reply is queued. */
+static int reply_written(struct nbd_conn *c, const struct devio_nbd_request *nr, int r)
+{
+	struct nbd_slot *sl;
+
+	if (!r && (nr->flags & NBD_CMD_FLAG_FUA) && c->b->ops->flush)
+		r = c->b->ops->flush(c->b);
+	sl = slot_get(c, 0);
+	sl->nr = *nr;
+	encode_reply(sl, devio_nbd_errno(r));
+	tx_queue(c, sl);
+	return 1;
+}
+
 /* A WRITE to a store kept in memory: receive the payload straight into it
  * (one copy instead of two).  Only on Unix sockets: over TCP loopback the
  * payload trickles in segment by segment and the client, which does the
@@ -990,9 +1005,8 @@ static int64_t rx_into(struct nbd_conn *c, const struct iovec *v, int n, uint64_
 static int write_in_place(struct nbd_conn *c, struct devio_nbd_request *nr)
 {
 	struct iovec v[NBD_MAX_CHUNKS];
-	struct nbd_slot *sl;
 	int64_t done;
-	int n, r = 0;
+	int n;
 
 	if (!c->in_place_writes || !c->b->ops->map_write)
 		return 0;
@@ -1008,13 +1022,7 @@ static int write_in_place(struct nbd_conn *c, struct devio_nbd_request *nr)
 		nr->length -= (uint32_t)done;
 		return 0;
 	}
-	if ((nr->flags & NBD_CMD_FLAG_FUA) && c->b->ops->flush)
-		r = c->b->ops->flush(c->b);
-	sl = slot_get(c, 0);
-	sl->nr = *nr;
-	encode_reply(sl, devio_nbd_errno(r));
-	tx_queue(c, sl);
-	return 1;
+	return reply_written(c, nr, 0);
 }
 
 /* Move up to want payload bytes from the socket into the (empty) pipe,
@@ -1082,7 +1090,6 @@ static int splice_payload(struct nbd_conn *c, uint64_t off, uint64_t len, int *g
  * connection. */
 static int write_spliced(struct nbd_conn *c, const struct devio_nbd_request *nr)
 {
-	struct nbd_slot *sl;
 	int gone = 0, r;
 
 	if (!c->splice_writes || nr->length <= NBD_RX_SIZE / 2)
@@ -1092,13 +1099,7 @@ static int write_spliced(struct nbd_conn *c, const struct devio_nbd_request *nr)
 	tx_cork(c);
 	if (gone)
 		return gone;
-	if (!r && (nr->flags & NBD_CMD_FLAG_FUA) && c->b->ops->flush)
-		r = c->b->ops->flush(c->b);
-	sl = slot_get(c, 0);
-	sl->nr = *nr;
-	encode_reply(sl, devio_nbd_errno(r));
-	tx_queue(c, sl);
-	return 1;
+	return reply_written(c, nr, r);
 }
 
 /* Read, check and start one request.  Returns 1 on NBD_CMD_DISC, 0 to
