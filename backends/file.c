@@ -225,6 +225,28 @@ static int file_flush(struct devio_backend *b)
 	return 0;
 }
 
+/* Move len bytes between the file at *pos and a pipe with splice(2), into
+ * the file or out of it.  Returns 0, -EAGAIN when the pipe is empty (into
+ * the file) or full (out of it) and the pipe's end is non-blocking, or
+ * another negative errno (-EIO at the end of the pipe or of the file). */
+static int splice_file(struct devio_file *f, int pipe_fd, loff_t *pos, uint64_t len, bool into_file)
+{
+	while (len) {
+		size_t want = len > (1u << 30) ? (1u << 30) : (size_t)len;
+		ssize_t n = into_file ? splice(pipe_fd, NULL, f->fd, pos, want, SPLICE_F_MOVE)
+				      : splice(f->fd, pos, pipe_fd, NULL, want, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		if (n == 0)
+			return -EIO;
+		len -= (uint64_t)n;
+	}
+	return 0;
+}
+
 /* A write whose payload waits in a pipe: splice moves it into the page
  * cache, which copies from the pipe's pages (a socket's own buffers when
  * the front end spliced them in). */
@@ -232,21 +254,12 @@ static int file_splice_write(struct devio_backend *b, int pipe_fd, uint64_t len,
 {
 	struct devio_file *f = to_file(b);
 	loff_t pos = (loff_t)(f->base + off);
+	int r = splice_file(f, pipe_fd, &pos, len, true);
 
-	while (len) {
-		size_t want = len > (1u << 30) ? (1u << 30) : (size_t)len;
-		ssize_t n = splice(pipe_fd, NULL, f->fd, &pos, want, SPLICE_F_MOVE);
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0) {
-			int r = n < 0 ? -errno : -EIO;
-
-			devio_err("%s: write of %" PRIu64 " bytes at offset %lld from a pipe: %s", f->path, len,
-				  (long long)pos, n < 0 ? strerror(errno) : "the pipe ran dry");
-			return r == -EAGAIN ? -EIO : r;
-		}
-		len -= (uint64_t)n;
+	if (r) {
+		devio_err("%s: write of %" PRIu64 " bytes at offset %" PRIu64 " from a pipe: %s", f->path, len,
+			  f->base + off, r == -EIO || r == -EAGAIN ? "the pipe ran dry" : strerror(-r));
+		return r == -EAGAIN ? -EIO : r;
 	}
 	return (flags & DEVIO_REQ_FUA) ? file_flush(b) : 0;
 }
@@ -258,31 +271,18 @@ static int file_splice_read(struct devio_backend *b, int pipe_fd, uint64_t len, 
 	struct devio_file *f = to_file(b);
 	loff_t pos = (loff_t)(f->base + off);
 	struct stat st;
+	int r;
 
 	/* Only a file without holes: finding them per read (SEEK_HOLE) walks
 	 * the page cache to the next hole, and the copying path sends holes
 	 * as holes. */
 	if (!f->is_blk && (fstat(f->fd, &st) || (uint64_t)st.st_blocks * 512 < (uint64_t)st.st_size))
 		return -EAGAIN;
-
-	while (len) {
-		size_t want = len > (1u << 30) ? (1u << 30) : (size_t)len;
-		ssize_t n = splice(f->fd, &pos, pipe_fd, NULL, want, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0 && errno == EAGAIN)
-			return -EAGAIN; /* the pipe is full: the caller copies instead */
-		if (n <= 0) {
-			int r = n < 0 ? -errno : -EIO;
-
-			devio_err("%s: read of %" PRIu64 " bytes at offset %lld into a pipe: %s", f->path, len,
-				  (long long)pos, n < 0 ? strerror(errno) : "unexpected end of file");
-			return r;
-		}
-		len -= (uint64_t)n;
-	}
-	return 0;
+	r = splice_file(f, pipe_fd, &pos, len, false);
+	if (r && r != -EAGAIN) /* -EAGAIN: the pipe is full, the caller copies instead */
+		devio_err("%s: read of %" PRIu64 " bytes at offset %" PRIu64 " into a pipe: %s", f->path, len,
+			  f->base + off, r == -EIO ? "unexpected end of file" : strerror(-r));
+	return r;
 }
 
 /* Write zeroes at an absolute offset, the slow way. */

@@ -38,6 +38,7 @@
 #define NBD_DEFAULT_DEPTH 64
 #define NBD_MAX_DEPTH 1024
 #define NBD_RX_SIZE (64u << 10)   /* small: big payloads go straight to their slot */
+#define NBD_RX_PAYLOAD (NBD_RX_SIZE / 2) /* payloads up to this come through the rx buffer */
 #define NBD_KEEP_BUF (1u << 20)          /* slot buffers up to this size are kept */
 #define NBD_MAX_BYTES_IN_FLIGHT (256u << 20)
 #define NBD_MAX_WRITE_DISCARD (256u << 20) /* larger refused writes: close */
@@ -301,10 +302,8 @@ static void tx_spliced(struct nbd_conn *c, struct nbd_slot *sl, size_t len)
 {
 	int r = 0;
 
+	tx_uncork(c); /* what is queued goes first */
 	pthread_mutex_lock(&c->lock);
-	c->corked = false;
-	c->corked_replies = 0;
-	tx_flush_locked(c, true);
 	while (c->sending)
 		pthread_cond_wait(&c->cond, &c->lock);
 	c->sending = true;
@@ -330,9 +329,9 @@ static void tx_spliced(struct nbd_conn *c, struct nbd_slot *sl, size_t len)
 	}
 	c->sending = false;
 	slot_release_locked(c, sl);
-	tx_flush_locked(c, true);
-	c->corked = true;
+	tx_flush_locked(c, true); /* what came in meanwhile */
 	pthread_mutex_unlock(&c->lock);
+	tx_cork(c);
 }
 
 /* ---- encoding replies ---- */
@@ -717,7 +716,7 @@ static int rx_payload(struct nbd_conn *c, uint8_t *dst, uint64_t len)
 	uint8_t scratch[4096];
 	int r = 0;
 
-	if (len > have && len <= NBD_RX_SIZE / 2) {
+	if (len > have && len <= NBD_RX_PAYLOAD) {
 		if ((r = rx_fill(c, (size_t)len)))
 			return r;
 		n = (size_t)len;
@@ -909,7 +908,7 @@ static bool read_spliced(struct nbd_conn *c, const struct devio_nbd_request *nr)
 	struct nbd_slot *sl;
 	uint8_t *p;
 
-	if (!c->splice_reads || nr->length <= NBD_RX_SIZE / 2 || pages > c->pipe_size / 4096)
+	if (!c->splice_reads || nr->length <= NBD_RX_PAYLOAD || pages > c->pipe_size / 4096)
 		return false;
 	if (devio_splice_read(c->b, c->pipe[1], nr->offset, nr->length)) {
 		pipe_empty(c);
@@ -1092,7 +1091,7 @@ static int write_spliced(struct nbd_conn *c, const struct devio_nbd_request *nr)
 {
 	int gone = 0, r;
 
-	if (!c->splice_writes || nr->length <= NBD_RX_SIZE / 2)
+	if (!c->splice_writes || nr->length <= NBD_RX_PAYLOAD)
 		return 0;
 	tx_uncork(c); /* the replies go out while the payload comes in */
 	r = splice_payload(c, nr->offset, nr->length, &gone);
@@ -1192,10 +1191,9 @@ static int socket_family(int fd)
 /* The pipe for spliced writes and reads, where the backend takes them. */
 static void pipe_setup(struct nbd_conn *c)
 {
-	int size;
-
 	bool writes = (c->b->caps & DEVIO_CAP_SPLICE_WRITE) && !(c->b->caps & DEVIO_CAP_READONLY);
 	bool reads = (c->b->caps & DEVIO_CAP_SPLICE_READ) != 0;
+	int size;
 
 	if (!writes && !reads)
 		return;
