@@ -413,6 +413,10 @@ int devio_nbd_negotiate(struct devio_nbd_io *io, struct devio_server *srv, struc
 		uint32_t opt = 0;
 
 		r = read_option(n, &opt);
+		/* A SET_META_CONTEXT replaces the selection even when it fails
+		 * (malformed, too big, unknown export, no structured replies). */
+		if (r >= 0 && opt == NBD_OPT_SET_META_CONTEXT)
+			n->meta_set = false;
 		if (r == 1)
 			r = send_err(n, opt, NBD_REP_ERR_TOO_BIG, "option data too large");
 		else if (r == 0)
