@@ -14,6 +14,8 @@
 #include "nbd_proto.h"
 
 #define NBD_DEFAULT_PREFERRED 4096u
+/* Time a negotiation may spend sending option data we throw away. */
+#define NBD_OPTION_SKIP_NS (60ull * 1000000000ull)
 
 struct negotiation {
 	struct devio_nbd_io *io;
@@ -24,6 +26,7 @@ struct negotiation {
 	bool meta_set;
 	uint8_t *data;          /* option payload, NBD_MAX_OPTION_LEN + 1 bytes */
 	uint32_t len;           /* bytes of data */
+	uint64_t skip_until;    /* deadline for skipped option data; 0 = none yet */
 };
 
 uint16_t devio_nbd_tflags(const struct devio_backend *b, bool structured)
@@ -304,8 +307,52 @@ static int opt_meta_context(struct negotiation *n, uint32_t opt)
 	return send_rep(n, opt, NBD_REP_ACK, NULL, 0);
 }
 
-/* Read one option header and its payload (or skip an oversized one).
- * Returns 0, 1 when the payload was skipped, or -errno. */
+/* Options this server carries out (STARTTLS is answered, not done). */
+static bool option_implemented(uint32_t opt)
+{
+	switch (opt) {
+	case NBD_OPT_EXPORT_NAME:
+	case NBD_OPT_ABORT:
+	case NBD_OPT_LIST:
+	case NBD_OPT_INFO:
+	case NBD_OPT_GO:
+	case NBD_OPT_STRUCTURED_REPLY:
+	case NBD_OPT_LIST_META_CONTEXT:
+	case NBD_OPT_SET_META_CONTEXT:
+		return true;
+	default:
+		return false;
+	}
+}
+
+/* Read len bytes of option data and throw them away, in pieces through
+ * n->data; all the skipping of one negotiation gets NBD_OPTION_SKIP_NS. */
+static int skip_data(struct negotiation *n, uint32_t opt, uint32_t len)
+{
+	int r;
+
+	if (!n->skip_until)
+		n->skip_until = devio_now_ns() + NBD_OPTION_SKIP_NS;
+	while (len) {
+		uint32_t chunk = len < NBD_MAX_OPTION_LEN ? len : NBD_MAX_OPTION_LEN;
+
+		if (devio_now_ns() > n->skip_until) {
+			devio_warn("nbd %s: option %u: %u bytes of its data still unsent after %llu s of "
+				   "oversized options; closing", n->io->peer, opt, len,
+				   NBD_OPTION_SKIP_NS / 1000000000ull);
+			return -ETIMEDOUT;
+		}
+		if ((r = n->io->read(n->io->ctx, n->data, chunk)))
+			return r;
+		len -= chunk;
+	}
+	return 0;
+}
+
+/* Read one option header and its payload, or throw away a payload over
+ * NBD_MAX_OPTION_LEN: any length for an option we do not implement (it
+ * gets ERR_UNSUP), up to NBD_MAX_OPTION_SKIP for one we do (ERR_TOO_BIG).
+ * Returns 0, 1 when the payload was thrown away, or -errno. */
 static int read_option(struct negotiation *n, uint32_t *opt)
 {
 	uint8_t hdr[16];
@@ -325,18 +372,12 @@ static int read_option(struct negotiation *n, uint32_t *opt)
 		n->len = len;
 		return len ? n->io->read(n->io->ctx, n->data, len) : 0;
 	}
-	if (*opt == NBD_OPT_EXPORT_NAME || len > NBD_MAX_OPTION_SKIP) {
+	if (*opt == NBD_OPT_EXPORT_NAME || (option_implemented(*opt) && len > NBD_MAX_OPTION_SKIP)) {
 		devio_warn("nbd %s: option %u with %u bytes of data is too large; closing", n->io->peer, *opt, len);
 		return -EMSGSIZE;
 	}
-	/* Consume it in bounded pieces, then refuse it. */
-	while (len) {
-		uint32_t chunk = len < NBD_MAX_OPTION_LEN ? len : NBD_MAX_OPTION_LEN;
-		if ((r = n->io->read(n->io->ctx, n->data, chunk)))
-			return r;
-		len -= chunk;
-	}
-	return 1;
+	r = skip_data(n, *opt, len);
+	return r ? r : 1;
 }
 
 /* Run one option; 1 once the client chose an export, 0 to go on. */
@@ -366,6 +407,14 @@ static int do_option(struct negotiation *n, uint32_t opt)
 	default:
 		return send_err(n, opt, NBD_REP_ERR_UNSUP, "unknown option");
 	}
+}
+
+/* Answer an option whose payload read_option() threw away. */
+static int refuse_skipped(struct negotiation *n, uint32_t opt)
+{
+	if (option_implemented(opt))
+		return send_err(n, opt, NBD_REP_ERR_TOO_BIG, "option data too large");
+	return do_option(n, opt); /* ERR_UNSUP; n->len is 0 */
 }
 
 static int greet(struct negotiation *n)
@@ -418,7 +467,7 @@ int devio_nbd_negotiate(struct devio_nbd_io *io, struct devio_server *srv, struc
 		if (r >= 0 && opt == NBD_OPT_SET_META_CONTEXT)
 			n->meta_set = false;
 		if (r == 1)
-			r = send_err(n, opt, NBD_REP_ERR_TOO_BIG, "option data too large");
+			r = refuse_skipped(n, opt);
 		else if (r == 0)
 			r = do_option(n, opt);
 		if (r)

@@ -119,8 +119,10 @@
 #define NBD_REQUEST_SIZE 28u
 #define NBD_SIMPLE_REPLY_SIZE 16u
 #define NBD_CHUNK_HEADER_SIZE 20u
-/* Largest option payload we read into memory; larger ones are skipped
- * (up to NBD_MAX_OPTION_SKIP, beyond which the peer is dropped). */
+/* Largest option payload we read into memory.  A larger one is read and
+ * thrown away: an option we do not implement is then answered ERR_UNSUP
+ * whatever its length, one we implement ERR_TOO_BIG up to
+ * NBD_MAX_OPTION_SKIP, beyond which the peer is dropped. */
 #define NBD_MAX_OPTION_LEN  (64u << 10)
 #define NBD_MAX_OPTION_SKIP (32u << 20)
 /* Largest READ/WRITE payload served (advertised as the maximum block size). */
