@@ -42,6 +42,7 @@
 #define NBD_KEEP_BUF (1u << 20)          /* slot buffers up to this size are kept */
 #define NBD_MAX_BYTES_IN_FLIGHT (256u << 20)
 #define NBD_MAX_WRITE_DISCARD (256u << 20) /* larger refused writes: close */
+#define NBD_LOG_REFUSED 8                  /* refused requests logged per connection */
 #define NBD_MAX_CHUNKS 16                 /* content chunks in one sparse read */
 #define NBD_SPARSE_BLOCK 4096u
 #define NBD_MAX_EXTENTS 1024
@@ -96,6 +97,7 @@ struct nbd_conn {
 	unsigned corked_replies;  /* replies the reader queued since it last sent */
 	unsigned hold_skip;       /* batches to send without holding */
 	unsigned hold_backoff;    /* the next hold_skip after a failed hold */
+	unsigned refused;         /* requests refused by the checks (reader only) */
 
 	pthread_mutex_t lock;
 	pthread_cond_t cond;      /* a slot was released */
@@ -365,16 +367,32 @@ static uint8_t *chunk_header(uint8_t *p, struct nbd_slot *sl, uint16_t flags, ui
 	return p + NBD_CHUNK_HEADER_SIZE;
 }
 
-static void encode_error_chunk(struct nbd_slot *sl, uint32_t error)
+/* "NBD_CMD_READ", or "NBD_CMD 9" for a command we do not know. */
+static const char *cmd_label(uint16_t type, char *buf, size_t len)
 {
-	char msg[96];
+	const char *name = devio_nbd_cmd_name(type);
+
+	if (name)
+		return name;
+	snprintf(buf, len, "NBD_CMD %u", type);
+	return buf;
+}
+
+/* An error chunk whose message says what failed and why (NULL: the NBD
+ * error's name). */
+static void encode_error_chunk(struct nbd_slot *sl, uint32_t error, const char *why)
+{
+	char msg[256], cmd[24];
 	uint8_t *p = sl->hdr, *start = sl->hdr;
 	int mlen;
 
-	mlen = snprintf(msg, sizeof(msg), "devio: %s at offset %llu failed (error %u)",
-			sl->nr.type == NBD_CMD_READ ? "read" : "request", (unsigned long long)sl->nr.offset, error);
-	if (mlen < 0 || mlen >= (int)sizeof(msg))
+	mlen = snprintf(msg, sizeof(msg), "devio: %s offset %llu length %u: %s",
+			cmd_label(sl->nr.type, cmd, sizeof(cmd)), (unsigned long long)sl->nr.offset, sl->nr.length,
+			why ? why : devio_nbd_error_name(error));
+	if (mlen < 0)
 		mlen = 0;
+	if (mlen >= (int)sizeof(msg))
+		mlen = (int)sizeof(msg) - 1; /* cut short */
 	p = chunk_header(p, sl, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, 6u + (uint32_t)mlen);
 	nbd_put32(p, error);
 	nbd_put16(p + 4, (uint16_t)mlen);
@@ -512,14 +530,15 @@ static void encode_read_mapped(struct nbd_slot *sl)
 		iov_add(sl, sl->pieces[i].iov_base, sl->pieces[i].iov_len);
 }
 
-/* Encode the reply for a finished slot (error already mapped). */
-static void encode_reply(struct nbd_slot *sl, uint32_t error)
+/* Encode the reply for a finished slot (error already mapped; why, if
+ * not NULL, says why for the client's human). */
+static void encode_reply(struct nbd_slot *sl, uint32_t error, const char *why)
 {
 	bool structured = sl->c->s.structured;
 
 	if (error) {
 		if (structured)
-			encode_error_chunk(sl, error);
+			encode_error_chunk(sl, error, why);
 		else
 			encode_simple(sl, error, false);
 		return;
@@ -553,7 +572,7 @@ static void slot_complete(struct devio_request *req)
 		devio_debug("nbd %s: %s offset %llu length %llu: %s", sl->c->peer, devio_op_name(req->op),
 			    (unsigned long long)req->offset, (unsigned long long)req->length,
 			    strerror(-req->result));
-	encode_reply(sl, devio_nbd_errno(req->result));
+	encode_reply(sl, devio_nbd_errno(req->result), req->result ? strerror(-req->result) : NULL);
 	tx_queue(sl->c, sl);
 }
 
@@ -813,6 +832,14 @@ out:
 	slot_complete(&sl->req);
 }
 
+static void backend_start(struct nbd_conn *c, struct devio_request *req)
+{
+	if (c->use_workers)
+		devio_workers_submit(c->st->workers, c->b, req);
+	else
+		devio_submit(c->b, req);
+}
+
 static void run_request(struct nbd_conn *c, struct nbd_slot *sl)
 {
 	struct devio_request *req = &sl->req;
@@ -854,17 +881,14 @@ static void run_request(struct nbd_conn *c, struct nbd_slot *sl)
 		run_block_status(c, sl);
 		return;
 	}
-	if (c->use_workers)
-		devio_workers_submit(c->st->workers, c->b, req);
-	else
-		devio_submit(c->b, req);
+	backend_start(c, req);
 }
 
-/* Answer a request that failed its checks. */
-static void reply_error(struct nbd_conn *c, struct nbd_slot *sl, uint32_t error)
+/* Answer a request that failed before it ran (why: for the client). */
+static void reply_error(struct nbd_conn *c, struct nbd_slot *sl, uint32_t error, const char *why)
 {
 	sl->req.op = DEVIO_OP_READ;
-	encode_reply(sl, error);
+	encode_reply(sl, error, why);
 	tx_queue(c, sl);
 }
 
@@ -892,7 +916,7 @@ static bool read_in_place(struct nbd_conn *c, const struct devio_nbd_request *nr
 	sl->nr = *nr;
 	memcpy(sl->pieces, pieces, (size_t)n * sizeof(*pieces));
 	sl->npieces = n;
-	encode_reply(sl, 0);
+	encode_reply(sl, 0, NULL);
 	tx_queue(c, sl);
 	return true;
 }
@@ -986,7 +1010,7 @@ static int reply_written(struct nbd_conn *c, const struct devio_nbd_request *nr,
 		r = c->b->ops->flush(c->b);
 	sl = slot_get(c, 0);
 	sl->nr = *nr;
-	encode_reply(sl, devio_nbd_errno(r));
+	encode_reply(sl, devio_nbd_errno(r), r ? strerror(-r) : NULL);
 	tx_queue(c, sl);
 	return 1;
 }
@@ -1101,12 +1125,57 @@ static int write_spliced(struct nbd_conn *c, const struct devio_nbd_request *nr)
 	return reply_written(c, nr, r);
 }
 
+/* Say once, here where the rule is known, why a request was refused: the
+ * command, its range, the export and the rule (the client gets the rule
+ * too).  outcome: " with EINVAL" and the like, or "" when the connection
+ * is closed instead of answering. */
+static void log_refusal(struct nbd_conn *c, const struct devio_nbd_request *nr, const char *outcome, const char *why)
+{
+	char cmd[24];
+
+	devio_warn("nbd %s: export '%s' (%llu bytes): %s offset %llu length %u refused%s: %s", c->peer,
+		   c->s.export->name, (unsigned long long)c->b->size, cmd_label(nr->type, cmd, sizeof(cmd)),
+		   (unsigned long long)nr->offset, nr->length, outcome, why);
+}
+
+/* Answer a request that failed its checks.  The payload of a refused
+ * write is read and thrown away so that the next request is understood;
+ * one too large for that ends the connection.  A client that keeps
+ * sending bad requests gets NBD_LOG_REFUSED lines in the log; the rest
+ * are counted and summed up when it leaves.  Returns 0 or -errno. */
+static int refuse_request(struct nbd_conn *c, const struct devio_nbd_request *nr, uint32_t err, const char *why)
+{
+	struct nbd_slot *sl;
+	char text[256];
+	int r;
+
+	c->refused++;
+	if (nr->type == NBD_CMD_WRITE && nr->length > NBD_MAX_WRITE_DISCARD) {
+		snprintf(text, sizeof(text), "%s, and more than the %u MiB of payload we read and drop; closing",
+			 why, NBD_MAX_WRITE_DISCARD >> 20);
+		log_refusal(c, nr, "", text);
+		return -EMSGSIZE;
+	}
+	if (c->refused <= NBD_LOG_REFUSED) {
+		snprintf(text, sizeof(text), " with %s%s", devio_nbd_error_name(err),
+			 c->refused == NBD_LOG_REFUSED ? " (later refusals on this connection are only counted)" : "");
+		log_refusal(c, nr, text, why);
+	}
+	if (nr->type == NBD_CMD_WRITE && (r = rx_payload(c, NULL, nr->length)))
+		return r;
+	sl = slot_get(c, 0);
+	sl->nr = *nr;
+	reply_error(c, sl, err, why);
+	return 0;
+}
+
 /* Read, check and start one request.  Returns 1 on NBD_CMD_DISC, 0 to
  * go on, negative to drop the connection. */
 static int handle_one(struct nbd_conn *c)
 {
 	struct devio_nbd_request nr;
 	struct nbd_slot *sl;
+	char why[160];
 	uint32_t err;
 	bool payload;
 	size_t bytes;
@@ -1121,42 +1190,29 @@ static int handle_one(struct nbd_conn *c)
 	c->rx_start += NBD_REQUEST_SIZE;
 	if (nr.type == NBD_CMD_DISC)
 		return 1;
-	err = devio_nbd_check_request(&c->s, &nr);
+	err = devio_nbd_check_request(&c->s, &nr, why, sizeof(why));
+	if (err)
+		return refuse_request(c, &nr, err, why);
 	payload = nr.type == NBD_CMD_WRITE;
-	if (err && payload) {
-		if (nr.length > NBD_MAX_WRITE_DISCARD) {
-			devio_warn("nbd %s: write of %u bytes at offset %llu is far too large; closing", c->peer,
-				   nr.length, (unsigned long long)nr.offset);
-			return -EMSGSIZE;
-		}
-		if ((r = rx_payload(c, NULL, nr.length)))
-			return r;
-	}
-	if (!err && nr.type == NBD_CMD_READ && (read_in_place(c, &nr) || read_spliced(c, &nr)))
+	if (nr.type == NBD_CMD_READ && (read_in_place(c, &nr) || read_spliced(c, &nr)))
 		return 0;
-	if (!err && payload && nr.length && (r = write_in_place(c, &nr)))
+	if (payload && nr.length && (r = write_in_place(c, &nr)))
 		return r < 0 ? r : 0;
-	if (!err && payload && (r = write_spliced(c, &nr)))
+	if (payload && (r = write_spliced(c, &nr)))
 		return r < 0 ? r : 0;
-	bytes = !err && (nr.type == NBD_CMD_READ || payload) ? nr.length : 0;
+	bytes = nr.type == NBD_CMD_READ || payload ? nr.length : 0;
 	sl = slot_get(c, bytes);
 	sl->nr = nr;
-	if (err) {
-		devio_debug("nbd %s: request type %u offset %llu length %u refused with error %u", c->peer,
-			    nr.type, (unsigned long long)nr.offset, nr.length, err);
-		reply_error(c, sl, err);
-		return 0;
-	}
 	if (bytes && slot_reserve(sl, bytes)) {
 		devio_err("nbd %s: no memory for %zu bytes at offset %llu", c->peer, bytes,
 			  (unsigned long long)nr.offset);
 		if (payload && (r = rx_payload(c, NULL, nr.length)))
 			return r;
-		reply_error(c, sl, NBD_ENOMEM);
+		reply_error(c, sl, NBD_ENOMEM, "out of memory");
 		return 0;
 	}
 	if (payload && (r = rx_payload(c, sl->buf, nr.length))) {
-		reply_error(c, sl, NBD_EIO); /* never sent: the peer is gone */
+		reply_error(c, sl, NBD_EIO, NULL); /* never sent: the peer is gone */
 		return r;
 	}
 	run_request(c, sl);
@@ -1261,6 +1317,9 @@ static void conn_serve(struct nbd_conn *c)
 	while (r == 0);
 	if (r < 0 && r != -ECONNRESET)
 		devio_debug("nbd %s: connection ends: %s", c->peer, strerror(-r));
+	if (c->refused > NBD_LOG_REFUSED)
+		devio_warn("nbd %s: %u requests refused on this connection, %u of them not logged", c->peer,
+			   c->refused, c->refused - NBD_LOG_REFUSED);
 	/* NBD_CMD_DISC or a vanished client: finish what is in flight. */
 	conn_wait_idle(c);
 	if (c->splice_writes || c->splice_reads) {

@@ -7,6 +7,8 @@
  * allocated beyond NBD_MAX_OPTION_LEN.
  */
 #include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "devio/backend.h"
@@ -536,27 +538,82 @@ static bool advertised(const struct devio_nbd_session *s, uint16_t type)
 	}
 }
 
-uint32_t devio_nbd_check_request(const struct devio_nbd_session *s, const struct devio_nbd_request *r)
+const char *devio_nbd_cmd_name(uint16_t type)
+{
+	static const char *const names[] = {
+		"NBD_CMD_READ", "NBD_CMD_WRITE", "NBD_CMD_DISC", "NBD_CMD_FLUSH",
+		"NBD_CMD_TRIM", "NBD_CMD_CACHE", "NBD_CMD_WRITE_ZEROES", "NBD_CMD_BLOCK_STATUS",
+	};
+
+	return type < sizeof(names) / sizeof(names[0]) ? names[type] : NULL;
+}
+
+const char *devio_nbd_error_name(uint32_t err)
+{
+	switch (err) {
+	case 0: return "no error";
+	case NBD_EPERM: return "EPERM";
+	case NBD_ENOMEM: return "ENOMEM";
+	case NBD_EINVAL: return "EINVAL";
+	case NBD_ENOSPC: return "ENOSPC";
+	case NBD_EOVERFLOW: return "EOVERFLOW";
+	case NBD_ENOTSUP: return "ENOTSUP";
+	case NBD_ESHUTDOWN: return "ESHUTDOWN";
+	default: return "EIO";
+	}
+}
+
+/* Refuse with err, saying why (printf-style) if the caller wants to know. */
+static uint32_t __attribute__((format(printf, 4, 5)))
+refuse(uint32_t err, char *why, size_t whylen, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (why && whylen) {
+		va_start(ap, fmt);
+		vsnprintf(why, whylen, fmt, ap);
+		va_end(ap);
+	}
+	return err;
+}
+
+/* The rule a command that was not advertised breaks. */
+static uint32_t refuse_unadvertised(const struct devio_nbd_session *s, uint16_t type, char *why, size_t whylen)
+{
+	if (type == NBD_CMD_BLOCK_STATUS && !s->structured)
+		return refuse(NBD_EINVAL, why, whylen, "structured replies not negotiated");
+	if (type == NBD_CMD_BLOCK_STATUS)
+		return refuse(NBD_EINVAL, why, whylen, "no metadata context selected (NBD_OPT_SET_META_CONTEXT)");
+	return refuse(NBD_EINVAL, why, whylen, "%s not advertised for this export", devio_nbd_cmd_name(type));
+}
+
+uint32_t devio_nbd_check_request(const struct devio_nbd_session *s, const struct devio_nbd_request *r,
+				 char *why, size_t whylen)
 {
 	const struct devio_backend *b = s->export->backend;
 	bool writes = r->type == NBD_CMD_WRITE || r->type == NBD_CMD_TRIM || r->type == NBD_CMD_WRITE_ZEROES;
+	uint16_t bad_flags;
 
-	if (r->type > NBD_CMD_BLOCK_STATUS)
-		return NBD_EINVAL;
-	if (r->flags & ~allowed_flags(s, r->type))
-		return NBD_EINVAL;
+	if (!devio_nbd_cmd_name(r->type))
+		return refuse(NBD_EINVAL, why, whylen, "NBD_CMD %u unknown", r->type);
+	if ((bad_flags = r->flags & ~allowed_flags(s, r->type)))
+		return refuse(NBD_EINVAL, why, whylen, "command flags 0x%x not valid for %s or not negotiated",
+			      bad_flags, devio_nbd_cmd_name(r->type));
 	if (writes && (b->caps & DEVIO_CAP_READONLY))
-		return NBD_EPERM;
+		return refuse(NBD_EPERM, why, whylen, "write to a read-only export");
 	if (!advertised(s, r->type))
-		return NBD_EINVAL;
+		return refuse_unadvertised(s, r->type, why, whylen);
 	if (r->type == NBD_CMD_DISC || r->type == NBD_CMD_FLUSH)
 		return 0;
 	if ((r->type == NBD_CMD_READ || r->type == NBD_CMD_WRITE) && r->length > max_payload(b))
-		return NBD_EOVERFLOW;
+		return refuse(NBD_EOVERFLOW, why, whylen, "length 0x%x over the %u-byte maximum", r->length,
+			      max_payload(b));
 	if (r->type == NBD_CMD_BLOCK_STATUS && r->length == 0)
-		return NBD_EINVAL;
+		return refuse(NBD_EINVAL, why, whylen, "NBD_CMD_BLOCK_STATUS of length 0");
 	if (r->offset > b->size || r->length > b->size - r->offset)
-		return r->type == NBD_CMD_WRITE || r->type == NBD_CMD_WRITE_ZEROES ? NBD_ENOSPC : NBD_EINVAL;
+		return refuse(r->type == NBD_CMD_WRITE || r->type == NBD_CMD_WRITE_ZEROES ? NBD_ENOSPC : NBD_EINVAL,
+			      why, whylen, "offset+length past the end of the %llu-byte export",
+			      (unsigned long long)b->size);
 	return 0;
 }
 

@@ -202,8 +202,15 @@ struct devio_nbd_request {
 /* Decode the 28-byte request header; -EPROTO on a bad magic. */
 int devio_nbd_decode_request(const uint8_t *hdr, struct devio_nbd_request *r);
 /* Check a decoded request against the session: 0 or the NBD error value
- * to answer with (NBD_EINVAL, NBD_EPERM, NBD_ENOSPC, NBD_EOVERFLOW). */
-uint32_t devio_nbd_check_request(const struct devio_nbd_session *s, const struct devio_nbd_request *r);
+ * to answer with (NBD_EINVAL, NBD_EPERM, NBD_ENOSPC, NBD_EOVERFLOW).  On
+ * an error, why (if not NULL) gets the rule that refused it, for a human:
+ * "NBD_CMD 9 unknown", "write to a read-only export", ... */
+uint32_t devio_nbd_check_request(const struct devio_nbd_session *s, const struct devio_nbd_request *r,
+				 char *why, size_t whylen);
+/* "NBD_CMD_READ" ..., or NULL for a command this codec does not know. */
+const char *devio_nbd_cmd_name(uint16_t type);
+/* "EINVAL" ... for an NBD error value ("EIO" for any other). */
+const char *devio_nbd_error_name(uint32_t err);
 /* Map a negative errno from a backend to an NBD error value. */
 uint32_t devio_nbd_errno(int err);
 
