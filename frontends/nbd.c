@@ -22,6 +22,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,7 +41,7 @@
 #define NBD_RX_SIZE (64u << 10)   /* small: big payloads go straight to their slot */
 #define NBD_RX_PAYLOAD (NBD_RX_SIZE / 2) /* payloads up to this come through the rx buffer */
 #define NBD_KEEP_BUF (1u << 20)          /* slot buffers up to this size are kept */
-#define NBD_MAX_BYTES_IN_FLIGHT (256u << 20)
+#define NBD_MAX_BYTES_IN_FLIGHT (256u << 20) /* 4 requests of NBD_MAX_PAYLOAD */
 #define NBD_MAX_WRITE_DISCARD (256u << 20) /* larger refused writes: close */
 #define NBD_LOG_REFUSED 8                  /* refused requests logged per connection */
 #define NBD_MAX_CHUNKS 16                 /* content chunks in one sparse read */
@@ -67,6 +68,8 @@ struct nbd_slot {
 	uint32_t error;       /* NBD error decided before running, or 0 */
 	int npieces;          /* a READ sent from the store in place: pieces[] */
 	struct iovec pieces[NBD_MAX_CHUNKS];
+	uint64_t split_done;  /* READ/WRITE over the backend's max_io: bytes done */
+	atomic_int split_state; /* SPLIT_*: who starts the next piece */
 	struct nbd_slot *next;
 	int niov;
 	struct iovec iov[NBD_SLOT_IOV];
@@ -599,6 +602,7 @@ static struct nbd_slot *slot_get(struct nbd_conn *c, size_t bytes)
 	sl->next = NULL;
 	sl->error = 0;
 	sl->npieces = 0;
+	sl->split_done = 0;
 	return sl;
 }
 
@@ -840,6 +844,56 @@ static void backend_start(struct nbd_conn *c, struct devio_request *req)
 		devio_submit(c->b, req);
 }
 
+/* ---- READ/WRITE longer than the backend takes at once ---- */
+
+/* Who starts the next piece: split_run() while it is submitting one (the
+ * piece completed inside devio_submit, on this thread or a racing one), or
+ * split_complete() once split_run() has left it pending. */
+enum { SPLIT_SUBMITTING, SPLIT_DONE_EARLY, SPLIT_PENDING };
+
+static void split_complete(struct devio_request *req);
+
+/* Run sl's request as pieces of at most max_io bytes, one after the
+ * other; the first error or the last piece completes the slot.  A loop
+ * rather than a chain of completions: a synchronous backend completes
+ * every piece inside devio_submit(), which would otherwise recurse. */
+static void split_run(struct nbd_slot *sl)
+{
+	struct nbd_conn *c = sl->c;
+	struct devio_request *req = &sl->req;
+
+	for (;;) {
+		uint64_t left = sl->nr.length - sl->split_done;
+
+		if (req->result || left == 0) {
+			req->offset = sl->nr.offset;
+			req->length = sl->nr.length;
+			req->buf = sl->buf;
+			req->complete = slot_complete;
+			slot_complete(req);
+			return;
+		}
+		req->offset = sl->nr.offset + sl->split_done;
+		req->length = left < c->b->max_io ? left : c->b->max_io;
+		req->buf = sl->buf + sl->split_done;
+		req->complete = split_complete;
+		atomic_store(&sl->split_state, SPLIT_SUBMITTING);
+		backend_start(c, req);
+		if (atomic_exchange(&sl->split_state, SPLIT_PENDING) != SPLIT_DONE_EARLY)
+			return; /* split_complete() goes on */
+	}
+}
+
+static void split_complete(struct devio_request *req)
+{
+	struct nbd_slot *sl = req->opaque;
+
+	sl->split_done += req->length;
+	if (atomic_exchange(&sl->split_state, SPLIT_DONE_EARLY) == SPLIT_SUBMITTING)
+		return; /* split_run() goes on */
+	split_run(sl);
+}
+
 static void run_request(struct nbd_conn *c, struct nbd_slot *sl)
 {
 	struct devio_request *req = &sl->req;
@@ -879,6 +933,10 @@ static void run_request(struct nbd_conn *c, struct nbd_slot *sl)
 		break;
 	case NBD_CMD_BLOCK_STATUS:
 		run_block_status(c, sl);
+		return;
+	}
+	if ((req->op == DEVIO_OP_READ || req->op == DEVIO_OP_WRITE) && c->b->max_io && req->length > c->b->max_io) {
+		split_run(sl);
 		return;
 	}
 	backend_start(c, req);

@@ -57,13 +57,6 @@ uint16_t devio_nbd_tflags(const struct devio_backend *b, bool structured)
 	return f;
 }
 
-static uint32_t max_payload(const struct devio_backend *b)
-{
-	if (b->max_io && b->max_io < NBD_MAX_PAYLOAD)
-		return b->max_io;
-	return NBD_MAX_PAYLOAD;
-}
-
 /* Send one option reply: header and len bytes of data. */
 static int send_rep(struct negotiation *n, uint32_t opt, uint32_t type, const void *data, uint32_t len)
 {
@@ -118,6 +111,7 @@ static int opt_export_name(struct negotiation *n)
 	n->s->export = e;
 	n->s->base_allocation = n->s->structured && meta_applies(n, e);
 	n->s->tflags = devio_nbd_tflags(e->backend, n->s->structured);
+	n->s->max_payload = NBD_MAX_PAYLOAD; /* the client never learns a maximum */
 	memset(reply, 0, sizeof(reply));
 	nbd_put64(reply, e->backend->size);
 	nbd_put16(reply + 8, n->s->tflags);
@@ -174,7 +168,7 @@ static int send_block_size(struct negotiation *n, uint32_t opt, const struct dev
 
 	nbd_put32(bs, 1);
 	nbd_put32(bs + 4, pref);
-	nbd_put32(bs + 8, max_payload(b));
+	nbd_put32(bs + 8, NBD_MAX_BLOCK); /* whatever b->max_io: the front end splits */
 	return send_info(n, opt, NBD_INFO_BLOCK_SIZE, bs, sizeof(bs));
 }
 
@@ -186,6 +180,7 @@ static int opt_info_go(struct negotiation *n, uint32_t opt)
 	uint32_t namelen;
 	uint16_t ninfos, tflags;
 	const uint8_t *infos;
+	bool asked_sizes = false;
 	uint8_t exp[10];
 	int r;
 
@@ -210,6 +205,8 @@ static int opt_info_go(struct negotiation *n, uint32_t opt)
 			r = send_info(n, opt, NBD_INFO_NAME, e->name, (uint32_t)strlen(e->name));
 		else if (type == NBD_INFO_DESCRIPTION)
 			r = send_description(n, opt, e);
+		else if (type == NBD_INFO_BLOCK_SIZE)
+			asked_sizes = true; /* sent below in any case */
 		if (r)
 			return r;
 	}
@@ -227,6 +224,8 @@ static int opt_info_go(struct negotiation *n, uint32_t opt)
 	n->s->export = e;
 	n->s->tflags = tflags;
 	n->s->base_allocation = n->s->structured && meta_applies(n, e);
+	/* Asking for the block sizes in GO is a promise to keep to them. */
+	n->s->max_payload = asked_sizes ? NBD_MAX_BLOCK : NBD_MAX_PAYLOAD;
 	return 1;
 }
 
@@ -605,9 +604,10 @@ uint32_t devio_nbd_check_request(const struct devio_nbd_session *s, const struct
 		return refuse_unadvertised(s, r->type, why, whylen);
 	if (r->type == NBD_CMD_DISC || r->type == NBD_CMD_FLUSH)
 		return 0;
-	if ((r->type == NBD_CMD_READ || r->type == NBD_CMD_WRITE) && r->length > max_payload(b))
-		return refuse(NBD_EOVERFLOW, why, whylen, "length 0x%x over the %u-byte maximum", r->length,
-			      max_payload(b));
+	if ((r->type == NBD_CMD_READ || r->type == NBD_CMD_WRITE) && r->length > s->max_payload)
+		return refuse(NBD_EOVERFLOW, why, whylen, "length 0x%x over the %u MiB maximum%s", r->length,
+			      s->max_payload >> 20,
+			      s->max_payload == NBD_MAX_BLOCK ? " block size the client asked for" : "");
 	if (r->type == NBD_CMD_BLOCK_STATUS && r->length == 0)
 		return refuse(NBD_EINVAL, why, whylen, "NBD_CMD_BLOCK_STATUS of length 0");
 	if (r->offset > b->size || r->length > b->size - r->offset)

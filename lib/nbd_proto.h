@@ -125,8 +125,14 @@
  * NBD_MAX_OPTION_SKIP, beyond which the peer is dropped. */
 #define NBD_MAX_OPTION_LEN  (64u << 10)
 #define NBD_MAX_OPTION_SKIP (32u << 20)
-/* Largest READ/WRITE payload served (advertised as the maximum block size). */
-#define NBD_MAX_PAYLOAD     (32u << 20)
+/* READ/WRITE lengths served, whatever the backend's max_io (the front end
+ * splits): NBD_MAX_BLOCK is the maximum block size advertised in
+ * NBD_INFO_BLOCK_SIZE and the limit for a client that asked for it in its
+ * NBD_OPT_GO (it promised to keep to it); a client that did not (or used
+ * NBD_OPT_EXPORT_NAME) never learned a limit and is served up to
+ * NBD_MAX_PAYLOAD, as nbdkit does. */
+#define NBD_MAX_BLOCK       (32u << 20)
+#define NBD_MAX_PAYLOAD     (64u << 20)
 /* Options a client may send before it must choose an export. */
 #define NBD_MAX_OPTIONS     4096
 /* The metadata context id of base:allocation. */
@@ -181,6 +187,7 @@ struct devio_nbd_session {
 	bool structured;        /* NBD_OPT_STRUCTURED_REPLY acknowledged */
 	bool base_allocation;   /* base:allocation selected for this export */
 	uint16_t tflags;        /* transmission flags sent */
+	uint32_t max_payload;   /* longest READ/WRITE: NBD_MAX_BLOCK or NBD_MAX_PAYLOAD */
 };
 
 /* Transmission flags for a backend (structured: replies negotiated). */
