@@ -4,7 +4,9 @@
  * picked by the first input byte: structured replies and base:allocation
  * or not, read-only or not, EXPORT_NAME or GO); the rest of the input is
  * the client's request stream.  A thread writes it, another drains the
- * replies.  A 1 MiB in-memory backend with extents of its own. */
+ * replies.  A 1 MiB in-memory backend with extents of its own; in some
+ * variants it takes at most 3000 bytes at once (max_io), and traps on more,
+ * so that the front end must split. */
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
@@ -21,12 +23,16 @@ static uint8_t mem[MEM_SIZE];
 
 static int mem_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t off)
 {
+	if (b->max_io && len > b->max_io)
+		__builtin_trap();
 	memcpy(buf, mem + off, len);
 	return 0;
 }
 
 static int mem_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
 {
+	if (b->max_io && len > b->max_io)
+		__builtin_trap();
 	memcpy(mem + off, buf, len);
 	return 0;
 }
@@ -144,6 +150,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	devio_log_set_level(DEVIO_LOG_ERROR);
 	if (data[0] & 8)
 		b.caps |= DEVIO_CAP_READONLY;
+	if (data[0] & 16)
+		b.max_io = 3000;
 	n = handshake(data[0], buf);
 	memcpy(buf + n, data + 1, size - 1);
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv))
