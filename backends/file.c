@@ -11,8 +11,13 @@
  * With O_DIRECT (--direct) offsets, lengths and buffers must be aligned to
  * the device's logical block size (4096 for regular files, which every
  * Linux filesystem accepts); reads that are not are bounced through an
- * aligned buffer, writes that are not are read-modify-written under a lock
- * so that two writes sharing a block do not undo each other.
+ * aligned buffer, writes that are not are read-modify-written.  Every
+ * change of bytes holds the blocks it touches in a range lock, an RMW
+ * exclusively, so no WRITE, TRIM or ZERO of another connection lands
+ * between an RMW's read and its write-back of a shared block.  The bytes
+ * of a file past its last whole block (an image whose size is not a
+ * multiple of 4096) cannot be moved with O_DIRECT at all: they go through
+ * a second descriptor of the same file without it.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -33,6 +38,7 @@
 #include <unistd.h>
 #include "devio/backend.h"
 #include "devio/partition.h"
+#include "devio/range_lock.h"
 #include "devio/util.h"
 
 #define FILE_BOUNCE_MAX (1u << 20) /* bounce/zero buffers: at most 1 MiB at a time */
@@ -49,7 +55,9 @@ struct devio_file {
 	bool is_blk, readonly, direct;
 	bool uring_reads;   /* io_uring reads the page cache without a worker */
 	bool uring_writes;  /* io_uring writes the page cache without a worker */
-	pthread_mutex_t rmw_lock; /* O_DIRECT read-modify-write of partial blocks */
+	struct devio_range_lock ranges; /* O_DIRECT: blocks being changed */
+	uint64_t dio_end;   /* O_DIRECT: the end of the file's last whole block */
+	int tail_fd;        /* O_DIRECT: the same file without it, for past dio_end; or -1 */
 	struct file_ring *uring;  /* NULL: synchronous only */
 };
 
@@ -71,13 +79,13 @@ static bool is_aligned(const struct devio_file *f, const void *buf, uint64_t len
 
 /* pread at an absolute offset, all of it: short reads continue, EOF is an
  * error (the range was checked to lie inside the file). */
-static int raw_pread(struct devio_file *f, void *buf, uint64_t len, uint64_t off)
+static int raw_pread(struct devio_file *f, int fd, void *buf, uint64_t len, uint64_t off)
 {
 	unsigned char *p = buf;
 
 	while (len) {
 		size_t n = len > (1u << 30) ? (1u << 30) : (size_t)len;
-		ssize_t r = pread(f->fd, p, n, (off_t)off);
+		ssize_t r = pread(fd, p, n, (off_t)off);
 
 		if (r < 0 && errno == EINTR)
 			continue;
@@ -99,14 +107,14 @@ static int raw_pread(struct devio_file *f, void *buf, uint64_t len, uint64_t off
 	return 0;
 }
 
-static int raw_pwrite(struct devio_file *f, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
+static int raw_pwrite(struct devio_file *f, int fd, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
 {
 	const unsigned char *p = buf;
 
 	while (len) {
 		size_t n = len > (1u << 30) ? (1u << 30) : (size_t)len;
 		struct iovec iov = { (void *)p, n };
-		ssize_t r = pwritev2(f->fd, &iov, 1, (off_t)off, (flags & DEVIO_REQ_FUA) ? RWF_DSYNC : 0);
+		ssize_t r = pwritev2(fd, &iov, 1, (off_t)off, (flags & DEVIO_REQ_FUA) ? RWF_DSYNC : 0);
 
 		if (r < 0 && errno == EINTR)
 			continue;
@@ -136,8 +144,9 @@ static void *bounce_alloc(const struct devio_file *f, size_t len)
 	return p;
 }
 
-/* Read any range with O_DIRECT: through an aligned bounce buffer. */
-static int direct_pread(struct devio_file *f, void *buf, uint64_t len, uint64_t off)
+/* Read any range of whole blocks' bytes with O_DIRECT: through an aligned
+ * bounce buffer. */
+static int bounce_pread(struct devio_file *f, void *buf, uint64_t len, uint64_t off)
 {
 	unsigned char *out = buf, *bb = bounce_alloc(f, FILE_BOUNCE_MAX);
 	int r = 0;
@@ -150,7 +159,7 @@ static int direct_pread(struct devio_file *f, void *buf, uint64_t len, uint64_t 
 		uint64_t n = FILE_BOUNCE_MAX - skip < len ? FILE_BOUNCE_MAX - skip : len;
 		uint64_t span = (skip + n + f->align - 1) / f->align * f->align;
 
-		r = raw_pread(f, bb, span, start);
+		r = raw_pread(f, f->fd, bb, span, start);
 		if (!r)
 			memcpy(out, bb + skip, n);
 		out += n;
@@ -161,9 +170,10 @@ static int direct_pread(struct devio_file *f, void *buf, uint64_t len, uint64_t 
 	return r;
 }
 
-/* Write any range with O_DIRECT: partial blocks are read, patched and
- * written back under rmw_lock. */
-static int direct_pwrite(struct devio_file *f, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
+/* Write any range of whole blocks' bytes with O_DIRECT: partial blocks are
+ * read, patched and written back.  The caller holds the blocks
+ * exclusively (file_hold). */
+static int rmw_pwrite(struct devio_file *f, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
 {
 	const unsigned char *in = buf;
 	unsigned char *bb = bounce_alloc(f, FILE_BOUNCE_MAX);
@@ -171,7 +181,6 @@ static int direct_pwrite(struct devio_file *f, const void *buf, uint64_t len, ui
 
 	if (!bb)
 		return -ENOMEM;
-	pthread_mutex_lock(&f->rmw_lock);
 	while (len && !r) {
 		uint64_t start = off / f->align * f->align;
 		uint64_t skip = off - start;
@@ -179,18 +188,71 @@ static int direct_pwrite(struct devio_file *f, const void *buf, uint64_t len, ui
 		uint64_t span = (skip + n + f->align - 1) / f->align * f->align;
 
 		if (skip || n % f->align)
-			r = raw_pread(f, bb, span, start); /* only head and tail matter; simple and rare */
+			r = raw_pread(f, f->fd, bb, span, start); /* only head and tail matter; simple and rare */
 		if (!r) {
 			memcpy(bb + skip, in, n);
-			r = raw_pwrite(f, bb, span, start, flags);
+			r = raw_pwrite(f, f->fd, bb, span, start, flags);
 		}
 		in += n;
 		off += n;
 		len -= n;
 	}
-	pthread_mutex_unlock(&f->rmw_lock);
 	free(bb);
 	return r;
+}
+
+/* How many of the len bytes at off lie before dio_end (O_DIRECT can move
+ * them); the rest go through tail_fd. */
+static uint64_t dio_part(const struct devio_file *f, uint64_t len, uint64_t off)
+{
+	if (off >= f->dio_end)
+		return 0;
+	return len < f->dio_end - off ? len : f->dio_end - off;
+}
+
+/* Read any range at an absolute offset with O_DIRECT. */
+static int dio_pread(struct devio_file *f, void *buf, uint64_t len, uint64_t off)
+{
+	uint64_t n = dio_part(f, len, off);
+	int r = 0;
+
+	if (n)
+		r = is_aligned(f, buf, n, off) ? raw_pread(f, f->fd, buf, n, off) : bounce_pread(f, buf, n, off);
+	if (!r && len > n)
+		r = raw_pread(f, f->tail_fd, (unsigned char *)buf + n, len - n, off + n);
+	return r;
+}
+
+/* Write any range at an absolute offset with O_DIRECT; the caller holds
+ * its blocks (file_hold). */
+static int dio_pwrite(struct devio_file *f, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
+{
+	uint64_t n = dio_part(f, len, off);
+	int r = 0;
+
+	if (n)
+		r = is_aligned(f, buf, n, off) ? raw_pwrite(f, f->fd, buf, n, off, flags)
+					       : rmw_pwrite(f, buf, n, off, flags);
+	if (!r && len > n)
+		r = raw_pwrite(f, f->tail_fd, (const unsigned char *)buf + n, len - n, off + n, flags);
+	return r;
+}
+
+/* With O_DIRECT, hold the blocks that a change of [off, off+len) touches:
+ * exclusively where it has a partial block to read-modify-write.  Without,
+ * nothing to do (the page cache changes bytes, not blocks). */
+static void file_hold(struct devio_file *f, struct devio_range *held, uint64_t off, uint64_t len)
+{
+	uint64_t a = f->align;
+
+	if (f->direct)
+		devio_range_acquire(&f->ranges, held, off / a * a, (off + len + a - 1) / a * a, (off | len) % a != 0);
+}
+
+static void file_unhold(struct devio_file *f, struct devio_range *held)
+{
+	if (f->direct)
+		devio_range_release(&f->ranges, held);
 }
 
 /* Read from the window at off. */
@@ -198,18 +260,23 @@ static int file_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t
 {
 	struct devio_file *f = to_file(b);
 
-	if (f->direct && !is_aligned(f, buf, len, f->base + off))
-		return direct_pread(f, buf, len, f->base + off);
-	return raw_pread(f, buf, len, f->base + off);
+	if (f->direct)
+		return dio_pread(f, buf, len, f->base + off);
+	return raw_pread(f, f->fd, buf, len, f->base + off);
 }
 
 static int file_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
 {
 	struct devio_file *f = to_file(b);
+	struct devio_range held;
+	int r;
 
-	if (f->direct && !is_aligned(f, buf, len, f->base + off))
-		return direct_pwrite(f, buf, len, f->base + off, flags);
-	return raw_pwrite(f, buf, len, f->base + off, flags);
+	if (!f->direct)
+		return raw_pwrite(f, f->fd, buf, len, f->base + off, flags);
+	file_hold(f, &held, f->base + off, len);
+	r = dio_pwrite(f, buf, len, f->base + off, flags);
+	file_unhold(f, &held);
+	return r;
 }
 
 static int file_flush(struct devio_backend *b)
@@ -285,7 +352,8 @@ static int file_splice_read(struct devio_backend *b, int pipe_fd, uint64_t len, 
 	return r;
 }
 
-/* Write zeroes at an absolute offset, the slow way. */
+/* Write zeroes at an absolute offset, the slow way (with O_DIRECT the
+ * caller holds the blocks). */
 static int write_zeroes(struct devio_file *f, uint64_t off, uint64_t len)
 {
 	uint64_t n = len < FILE_BOUNCE_MAX ? len : FILE_BOUNCE_MAX;
@@ -301,10 +369,7 @@ static int write_zeroes(struct devio_file *f, uint64_t off, uint64_t len)
 	while (len && !r) {
 		uint64_t m = len < n ? len : n;
 
-		if (f->direct && !is_aligned(f, z, m, off))
-			r = direct_pwrite(f, z, m, off, 0);
-		else
-			r = raw_pwrite(f, z, m, off, 0);
+		r = f->direct ? dio_pwrite(f, z, m, off, 0) : raw_pwrite(f, f->fd, z, m, off, 0);
 		off += m;
 		len -= m;
 	}
@@ -357,8 +422,10 @@ static int file_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32
 {
 	struct devio_file *f = to_file(b);
 	uint64_t abs = f->base + off;
+	struct devio_range held;
 	int r;
 
+	file_hold(f, &held, abs, len);
 	if (f->is_blk) {
 		r = blk_range(f, BLKDISCARD, 0, abs, len);
 		if (not_supported(r))
@@ -368,6 +435,7 @@ static int file_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32
 		if (not_supported(r))
 			r = write_zeroes(f, abs, len);
 	}
+	file_unhold(f, &held);
 	if (r)
 		devio_err("%s: trim of %" PRIu64 " bytes at offset %" PRIu64 ": %s", f->path, len, abs,
 			  strerror(-r));
@@ -412,9 +480,12 @@ static int file_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint32
 {
 	struct devio_file *f = to_file(b);
 	uint64_t abs = f->base + off;
+	struct devio_range held;
 	int r;
 
+	file_hold(f, &held, abs, len);
 	r = f->is_blk ? file_zero_blk(f, abs, len, flags) : file_zero_reg(f, abs, len, flags);
+	file_unhold(f, &held);
 	if (r && r != -ENOTSUP)
 		devio_err("%s: zero of %" PRIu64 " bytes at offset %" PRIu64 ": %s", f->path, len, abs,
 			  strerror(-r));
@@ -480,7 +551,9 @@ static void file_close(struct devio_backend *b)
 
 	file_uring_stop(f);
 	close(f->fd);
-	pthread_mutex_destroy(&f->rmw_lock);
+	if (f->tail_fd >= 0)
+		close(f->tail_fd);
+	devio_range_lock_destroy(&f->ranges);
 	free(f->path);
 	free(f);
 }
@@ -580,9 +653,9 @@ static int part_read(void *ctx, void *buf, uint64_t len, uint64_t off)
 {
 	struct devio_file *f = ctx;
 
-	if (f->direct && !is_aligned(f, buf, len, off))
-		return direct_pread(f, buf, len, off);
-	return raw_pread(f, buf, len, off);
+	if (f->direct)
+		return dio_pread(f, buf, len, off);
+	return raw_pread(f, f->fd, buf, len, off);
 }
 
 static int open_fd(struct devio_file *f, const struct devio_open_opts *opts)
@@ -624,6 +697,24 @@ static void probe_uring_paths(struct devio_file *f, uint64_t size)
 			  (sfs.f_type == 0x58465342 /* XFS */ || sfs.f_type == (typeof(sfs.f_type))0x9123683E /* btrfs */);
 }
 
+/* O_DIRECT on a file whose size is not a multiple of the alignment: a
+ * descriptor of the same open file (not the path again, which may name
+ * another file by now) without O_DIRECT, for the bytes past dio_end. */
+static int open_tail_fd(struct devio_file *f, uint64_t image_size)
+{
+	char self[64];
+	int flags = fcntl(f->fd, F_GETFL), err;
+
+	snprintf(self, sizeof(self), "/proc/self/fd/%d", f->fd);
+	f->tail_fd = flags < 0 ? -1 : open(self, (flags & O_ACCMODE) | O_CLOEXEC);
+	if (f->tail_fd >= 0)
+		return 0;
+	err = errno;
+	devio_err("%s: cannot reopen for the last %" PRIu64 " bytes, which O_DIRECT cannot reach: %s", f->path,
+		  image_size - f->dio_end, strerror(err));
+	return -err;
+}
+
 /* Size, kind and alignment of the open file. */
 static int probe_file(struct devio_file *f, uint64_t *image_size)
 {
@@ -643,6 +734,7 @@ static int probe_file(struct devio_file *f, uint64_t *image_size)
 			lbs = 512;
 		f->lbs = (uint32_t)lbs;
 		f->align = f->direct ? f->lbs : 1;
+		f->dio_end = *image_size;
 		return 0;
 	}
 	if (!S_ISREG(st.st_mode)) {
@@ -652,7 +744,8 @@ static int probe_file(struct devio_file *f, uint64_t *image_size)
 	*image_size = (uint64_t)st.st_size;
 	f->lbs = 512;
 	f->align = f->direct ? 4096 : 1;
-	return 0;
+	f->dio_end = *image_size / f->align * f->align;
+	return f->dio_end < *image_size ? open_tail_fd(f, *image_size) : 0;
 }
 
 /* Apply --partition, then --offset/--size inside it. */
@@ -721,7 +814,8 @@ int devio_file_open(const char *path, const struct devio_open_opts *opts, struct
 		free(f);
 		return -ENOMEM;
 	}
-	pthread_mutex_init(&f->rmw_lock, NULL);
+	devio_range_lock_init(&f->ranges);
+	f->tail_fd = -1;
 	f->readonly = opts->readonly;
 	f->direct = opts->direct;
 	r = open_fd(f, opts);
@@ -757,8 +851,10 @@ int devio_file_open(const char *path, const struct devio_open_opts *opts, struct
 
 out_close:
 	close(f->fd);
+	if (f->tail_fd >= 0)
+		close(f->tail_fd);
 out_free:
-	pthread_mutex_destroy(&f->rmw_lock);
+	devio_range_lock_destroy(&f->ranges);
 	free(f->path);
 	free(f);
 	return r;
@@ -777,7 +873,11 @@ out_free:
  * io_uring_enter() that waits for the next completions.  In-flight
  * requests are capped at the CQ size so the CQ cannot overflow; past the
  * cap file_submit() runs requests synchronously.  req->priv[0] counts the
- * bytes done so far.
+ * bytes done so far; with O_DIRECT req->priv[1] is a struct file_dio.
+ * An O_DIRECT write holds its blocks shared from submit to completion, so
+ * a completion callback must not start an unaligned O_DIRECT write (its
+ * exclusive hold would wait for completions only this thread reaps); none
+ * does: front ends start requests from their own threads.
  */
 
 #define RING_SQ_ENTRIES 256u
@@ -795,6 +895,13 @@ struct file_ring {
 	bool ext_arg;             /* the reaper's wait can have a timeout */
 	_Atomic unsigned inflight;
 	pthread_t reaper;
+};
+
+/* An O_DIRECT request on the ring: an aligned copy of a buffer the device
+ * cannot take, the blocks that a write holds shared.  req->priv[1]. */
+struct file_dio {
+	unsigned char *bounce;
+	struct devio_range held;
 };
 
 /* This ring on its completion thread while it handles a batch of CQEs: the
@@ -866,7 +973,8 @@ static void ring_queue(struct devio_file *f, struct devio_request *req)
 	int fd = fr->fixed_file ? 0 : f->fd;
 	uint64_t done = req->priv[0], left = req->length - done;
 	unsigned n = left > RING_MAX_SQE_LEN ? RING_MAX_SQE_LEN : (unsigned)left;
-	char *buf = req->priv[1] ? (char *)(uintptr_t)req->priv[1] : (char *)req->buf;
+	struct file_dio *d = (struct file_dio *)(uintptr_t)req->priv[1];
+	char *buf = d && d->bounce ? (char *)d->bounce : (char *)req->buf;
 	struct io_uring_sqe *sqe;
 
 	pthread_mutex_lock(&fr->lock);
@@ -888,14 +996,52 @@ static void ring_queue(struct devio_file *f, struct devio_request *req)
 	pthread_mutex_unlock(&fr->lock);
 }
 
-static void ring_finish(struct file_ring *fr, struct devio_request *req, int r)
+/* Set up req->priv[1] for an O_DIRECT read or write of an aligned range. */
+static int ring_dio_start(struct devio_file *f, struct devio_request *req)
 {
-	if (req->priv[1]) { /* an O_DIRECT bounce buffer */
-		if (r == 0 && req->op == DEVIO_OP_READ)
-			memcpy(req->buf, (void *)(uintptr_t)req->priv[1], req->length);
-		free((void *)(uintptr_t)req->priv[1]);
-		req->priv[1] = 0;
+	bool bounce = !is_aligned(f, req->buf, 0, 0);
+	struct file_dio *d;
+
+	req->priv[1] = 0;
+	if (!bounce && req->op != DEVIO_OP_WRITE)
+		return 0;
+	if (bounce && req->length > FILE_BOUNCE_MAX)
+		return -E2BIG;
+	d = calloc(1, sizeof(*d));
+	if (!d || (bounce && !(d->bounce = bounce_alloc(f, req->length)))) {
+		free(d);
+		return -ENOMEM;
 	}
+	if (bounce && req->op == DEVIO_OP_WRITE)
+		memcpy(d->bounce, req->buf, req->length);
+	if (req->op == DEVIO_OP_WRITE)
+		file_hold(f, &d->held, f->base + req->offset, req->length);
+	req->priv[1] = (uintptr_t)d;
+	return 0;
+}
+
+static void ring_dio_end(struct devio_file *f, struct devio_request *req, int r)
+{
+	struct file_dio *d = (struct file_dio *)(uintptr_t)req->priv[1];
+
+	if (!d)
+		return;
+	if (req->op == DEVIO_OP_WRITE)
+		file_unhold(f, &d->held);
+	if (d->bounce && r == 0 && req->op == DEVIO_OP_READ)
+		memcpy(req->buf, d->bounce, req->length);
+	free(d->bounce);
+	free(d);
+	req->priv[1] = 0;
+}
+
+/* The blocks are let go before complete(): what the callback starts next
+ * may want them. */
+static void ring_finish(struct devio_file *f, struct devio_request *req, int r)
+{
+	struct file_ring *fr = f->uring;
+
+	ring_dio_end(f, req, r);
 	req->result = r;
 	req->complete(req);
 	atomic_fetch_sub(&fr->inflight, 1);
@@ -914,24 +1060,24 @@ static void ring_handle(struct devio_file *f, struct devio_request *req, int res
 	if (res < 0) {
 		devio_err("%s: %s of %" PRIu64 " bytes at offset %" PRIu64 ": %s", f->path, devio_op_name(req->op),
 			  req->length, f->base + req->offset, strerror(-res));
-		ring_finish(fr, req, res);
+		ring_finish(f, req, res);
 		return;
 	}
 	if (req->op == DEVIO_OP_FLUSH) {
-		ring_finish(fr, req, 0);
+		ring_finish(f, req, 0);
 		return;
 	}
 	if (res == 0) {
 		devio_err("%s: %s at offset %" PRIu64 ": unexpected end of file (did it shrink?)", f->path,
 			  devio_op_name(req->op), f->base + req->offset + req->priv[0]);
-		ring_finish(fr, req, -EIO);
+		ring_finish(f, req, -EIO);
 		return;
 	}
 	req->priv[0] += (uint64_t)res;
 	if (req->priv[0] < req->length)
 		ring_queue(f, req); /* short transfer: the rest */
 	else
-		ring_finish(fr, req, 0);
+		ring_finish(f, req, 0);
 }
 
 /* The completion thread: reap, handle, until closed and drained. */
@@ -1094,14 +1240,9 @@ static int file_uring_submit(struct devio_file *f, struct devio_request *req)
 	}
 	/* priv[0]: bytes a cached read already copied (0 for the rest) */
 	req->priv[1] = 0;
-	if (f->direct && req->op != DEVIO_OP_FLUSH && !is_aligned(f, req->buf, 0, 0)) {
-		/* an aligned range in a buffer the device cannot take: bounce */
-		if (req->length > FILE_BOUNCE_MAX || !(req->priv[1] = (uintptr_t)bounce_alloc(f, req->length))) {
-			atomic_fetch_sub(&fr->inflight, 1);
-			return -EAGAIN;
-		}
-		if (req->op == DEVIO_OP_WRITE)
-			memcpy((void *)(uintptr_t)req->priv[1], req->buf, req->length);
+	if (f->direct && req->op != DEVIO_OP_FLUSH && ring_dio_start(f, req)) {
+		atomic_fetch_sub(&fr->inflight, 1);
+		return -EAGAIN; /* run synchronously: bounced in pieces */
 	}
 	ring_queue(f, req);
 	return 0;

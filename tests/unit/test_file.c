@@ -338,6 +338,39 @@ static void test_direct_unaligned(void **state)
 	free(r);
 }
 
+/* O_DIRECT on an image of 1001 2048-byte sectors: the last half block is
+ * read, written and zeroed like any other bytes, and the file never grows. */
+static void test_direct_odd_size(void **state)
+{
+	const uint64_t size = 1001 * 2048, tail = size / 4096 * 4096;
+	char path[128];
+	struct devio_backend *b;
+	struct devio_open_opts o = { .direct = true };
+	unsigned char *r = malloc(size), w[6000];
+	struct stat st;
+
+	make_image("odd.img", size, path, sizeof(path));
+	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_int_equal(b->size, size);
+	assert_int_equal(b->ops->pread(b, r, size, 0), 0);
+	for (uint64_t i = 0; i < size; i += 997)
+		assert_int_equal(r[i], pattern(i));
+	assert_int_equal(r[size - 1], pattern(size - 1));
+	memset(w, 0x5a, sizeof(w));
+	assert_int_equal(b->ops->pwrite(b, w, sizeof(w), size - sizeof(w), DEVIO_REQ_FUA), 0);
+	assert_int_equal(b->ops->zero(b, tail - 10, 20, 0), 0);
+	assert_int_equal(b->ops->pread(b, r, 8000, size - 8000), 0);
+	for (size_t i = 0; i < 2000; i++)
+		assert_int_equal(r[i], pattern(size - 8000 + i));
+	for (size_t i = 2000; i < 8000; i++)
+		assert_int_equal(r[i], size - 8000 + i - (tail - 10) < 20 ? 0 : 0x5a);
+	assert_int_equal(b->ops->flush(b), 0);
+	devio_backend_close(b);
+	assert_int_equal(stat(path, &st), 0);
+	assert_int_equal(st.st_size, size);
+	free(r);
+}
+
 /* ---- the asynchronous path ---- */
 
 #define ASYNC_THREADS 4
@@ -708,6 +741,7 @@ int main(void)
 		cmocka_unit_test(test_readonly),
 		cmocka_unit_test(test_splice_both_ways),
 		cmocka_unit_test(test_direct_unaligned),
+		cmocka_unit_test(test_direct_odd_size),
 		cmocka_unit_test(test_async_many_in_flight),
 		cmocka_unit_test(test_async_direct_many_in_flight),
 		cmocka_unit_test(test_async_direct_misaligned_buffers),
