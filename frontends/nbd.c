@@ -22,7 +22,6 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,8 +67,6 @@ struct nbd_slot {
 	uint32_t error;       /* NBD error decided before running, or 0 */
 	int npieces;          /* a READ sent from the store in place: pieces[] */
 	struct iovec pieces[NBD_MAX_CHUNKS];
-	uint64_t split_done;  /* READ/WRITE over the backend's max_io: bytes done */
-	atomic_int split_state; /* SPLIT_*: who starts the next piece */
 	struct nbd_slot *next;
 	int niov;
 	struct iovec iov[NBD_SLOT_IOV];
@@ -602,7 +599,6 @@ static struct nbd_slot *slot_get(struct nbd_conn *c, size_t bytes)
 	sl->next = NULL;
 	sl->error = 0;
 	sl->npieces = 0;
-	sl->split_done = 0;
 	return sl;
 }
 
@@ -844,54 +840,31 @@ static void backend_start(struct nbd_conn *c, struct devio_request *req)
 		devio_submit(c->b, req);
 }
 
-/* ---- READ/WRITE longer than the backend takes at once ---- */
-
-/* Who starts the next piece: split_run() while it is submitting one (the
- * piece completed inside devio_submit, on this thread or a racing one), or
- * split_complete() once split_run() has left it pending. */
-enum { SPLIT_SUBMITTING, SPLIT_DONE_EARLY, SPLIT_PENDING };
-
-static void split_complete(struct devio_request *req);
-
-/* Run sl's request as pieces of at most max_io bytes, one after the
- * other; the first error or the last piece completes the slot.  A loop
- * rather than a chain of completions: a synchronous backend completes
- * every piece inside devio_submit(), which would otherwise recurse. */
-static void split_run(struct nbd_slot *sl)
+/* A READ/WRITE longer than the backend takes at once (max_io): pieces
+ * one after the other, each with the request's flags, on the reader,
+ * which waits for each; the first failing piece fails the request.  Never
+ * from a completion: a backend's completion thread must not be made to
+ * submit (the NBD client backend's would wait for a slot or a send that
+ * only it can free).  Rare (over 32 MiB for a remote NBD server), so the
+ * reader may wait; what is queued goes out meanwhile. */
+static void run_split(struct nbd_conn *c, struct nbd_slot *sl)
 {
-	struct nbd_conn *c = sl->c;
 	struct devio_request *req = &sl->req;
+	uint64_t done = 0;
+	int r = 0;
 
-	for (;;) {
-		uint64_t left = sl->nr.length - sl->split_done;
+	tx_uncork(c);
+	while (!r && done < req->length) {
+		struct devio_request piece = { .op = req->op, .flags = req->flags, .offset = req->offset + done,
+					       .buf = (uint8_t *)req->buf + done };
 
-		if (req->result || left == 0) {
-			req->offset = sl->nr.offset;
-			req->length = sl->nr.length;
-			req->buf = sl->buf;
-			req->complete = slot_complete;
-			slot_complete(req);
-			return;
-		}
-		req->offset = sl->nr.offset + sl->split_done;
-		req->length = left < c->b->max_io ? left : c->b->max_io;
-		req->buf = sl->buf + sl->split_done;
-		req->complete = split_complete;
-		atomic_store(&sl->split_state, SPLIT_SUBMITTING);
-		backend_start(c, req);
-		if (atomic_exchange(&sl->split_state, SPLIT_PENDING) != SPLIT_DONE_EARLY)
-			return; /* split_complete() goes on */
+		piece.length = req->length - done < c->b->max_io ? req->length - done : c->b->max_io;
+		r = devio_execute(c->b, &piece);
+		done += piece.length;
 	}
-}
-
-static void split_complete(struct devio_request *req)
-{
-	struct nbd_slot *sl = req->opaque;
-
-	sl->split_done += req->length;
-	if (atomic_exchange(&sl->split_state, SPLIT_DONE_EARLY) == SPLIT_SUBMITTING)
-		return; /* split_run() goes on */
-	split_run(sl);
+	tx_cork(c);
+	req->result = r;
+	slot_complete(req);
 }
 
 static void run_request(struct nbd_conn *c, struct nbd_slot *sl)
@@ -936,7 +909,7 @@ static void run_request(struct nbd_conn *c, struct nbd_slot *sl)
 		return;
 	}
 	if ((req->op == DEVIO_OP_READ || req->op == DEVIO_OP_WRITE) && c->b->max_io && req->length > c->b->max_io) {
-		split_run(sl);
+		run_split(c, sl);
 		return;
 	}
 	backend_start(c, req);
