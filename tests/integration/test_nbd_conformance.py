@@ -294,6 +294,32 @@ def test_export_name_client_64mib_write_and_read(serve, nbdkit, tmp, source):
         r.close()
 
 
+def test_split_requests_pipelined_with_small_ones(serve, nbdkit, tmp):
+    """Several 64 MiB requests to a backend that takes 32 MiB at once, in
+    flight together with small ones: all answered, by content."""
+    far = nbdkit("160M")
+    sock = serve_unix(serve, tmp, f"nbd+unix:///?socket={far}")[1]
+    r, _ = export_name(sock)
+    try:
+        a, b = os.urandom(4096) * (16 << 10), os.urandom(4096) * (16 << 10)
+        r.s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, CMD_WRITE, 1, 0, len(a)) + a +
+                    struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, 2, 150 * MiB, 4096) +
+                    struct.pack(">IHHQQI", 0x25609513, 1, CMD_WRITE, 3, 80 * MiB, len(b)) + b +  # FUA
+                    struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, 4, 150 * MiB, 4096))
+        for cookie in range(1, 5):
+            magic, err, got = struct.unpack(">IIQ", recv_exact(r.s, 16))
+            assert magic == 0x67446698 and err == 0 and got in (1, 2, 3, 4)
+            if got in (2, 4):
+                assert recv_exact(r.s, 4096) == bytes(4096)
+        raw_request(r, CMD_READ, 5, 0, len(a))
+        raw_request(r, CMD_READ, 6, 80 * MiB, len(b))
+        for cookie, want in ((5, a), (6, b)):
+            assert raw_simple_reply(r, cookie) == 0
+            assert recv_exact(r.s, len(want)) == want
+    finally:
+        r.close()
+
+
 @pytest.mark.parametrize("server", ["devio", "nbdkit"])
 def test_libnbd_64mib_pwrite_pread(serve, nbdkit, tmp, server):
     sock = server_sock(server, serve, nbdkit, tmp, "80M")
