@@ -42,6 +42,16 @@ def tmp():
     shutil.rmtree(d, ignore_errors=True)
 
 
+def unix_accepts(path):
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(1)
+            s.connect(path)
+            return True
+    except OSError:
+        return False
+
+
 @pytest.fixture
 def nbdkit(tmp):
     """nbdkit(size) starts nbdkit's memory plugin on a Unix socket."""
@@ -52,7 +62,8 @@ def nbdkit(tmp):
         p = subprocess.Popen(["nbdkit", "-f", "-U", sock, "memory", size], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
         procs.append(p)
-        wait_for(lambda: os.path.exists(sock) or p.poll() is not None, 10, sock)
+        # the socket file appears at bind(), before listen(): wait for a connection
+        wait_for(lambda: unix_accepts(sock) or p.poll() is not None, 10, sock)
         assert p.poll() is None, "nbdkit exited"
         return sock
 
