@@ -122,10 +122,8 @@ static int run_attach(struct attach_args *a)
 	int r, rc;
 
 	r = devio_backend_open(a->uri, &a->open, &ex.backend);
-	if (r) {
-		devio_err("%s: cannot open: %s", a->uri, strerror(-r));
-		return 1;
-	}
+	if (r)
+		return 1; /* the backend said why */
 	rc = serve_run(&srv, &fe, 1);
 	devio_backend_close(ex.backend);
 	return rc;

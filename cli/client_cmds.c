@@ -23,11 +23,8 @@
 static int open_export(const char *source, bool readonly, struct devio_backend **out)
 {
 	struct devio_open_opts o = { .readonly = readonly };
-	int r = devio_backend_open(source, &o, out);
 
-	if (r)
-		devio_err("%s: cannot open: %s", source, strerror(-r));
-	return r;
+	return devio_backend_open(source, &o, out); /* logs why it fails */
 }
 
 /* Run one request on this thread (these commands wait for every request
@@ -93,7 +90,7 @@ int cmd_info(int argc, char **argv)
 	struct devio_backend *b;
 	char desc[256] = "";
 	bool json = false;
-	int c;
+	int c, r;
 
 	optind = 1;
 	while ((c = getopt_long(argc, argv, "jh", opts, NULL)) != -1) {
@@ -111,8 +108,10 @@ int cmd_info(int argc, char **argv)
 	/* Open read-write where allowed so the flags are the export's own, not
 	 * those of a read-only open; fall back to read-only (a read-only image
 	 * file). */
-	if (devio_backend_open(argv[optind], &(struct devio_open_opts){ 0 }, &b) &&
-	    open_export(argv[optind], true, &b))
+	devio_log_mute(true); /* a failure is told by the read-only attempt */
+	r = devio_backend_open(argv[optind], &(struct devio_open_opts){ 0 }, &b);
+	devio_log_mute(false);
+	if (r && open_export(argv[optind], true, &b))
 		return 1;
 	if (b->ops->describe)
 		b->ops->describe(b, desc, sizeof(desc));

@@ -299,13 +299,8 @@ int cmd_imdisk(int argc, char **argv)
 		return 2;
 	e.source = a.image;
 	r = devio_backend_open(a.image, &o, &e.backend);
-	if (r) {
-		if (o.partition && r == -ENOENT)
-			devio_err("%s: partition %d not found", a.image, o.partition);
-		else
-			devio_err("%s: cannot open: %s", a.image, strerror(-r));
-		return 1;
-	}
+	if (r)
+		return 1; /* the backend said why */
 	if (o.partition)
 		fprintf(stderr, "devio: using partition %d of %s\n", o.partition, a.image);
 	fprintf(stderr, "devio: serving %llu bytes of %s%s\n", (unsigned long long)e.backend->size, a.image,

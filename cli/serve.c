@@ -128,10 +128,13 @@ int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 	sigaction(SIGTERM, &sa, NULL);
 	sigaction(SIGHUP, &sa, NULL);
 	for (; started < n; started++) {
+		unsigned long errors = devio_log_errors();
 		int r = fe[started].type->start(srv, fe[started].arg, &fe[started].state);
+
 		if (r) {
-			devio_err("--%s %s: cannot start: %s", fe[started].type->option,
-				  fe[started].arg ? fe[started].arg : "", strerror(-r));
+			if (devio_log_errors() == errors) /* the front end did not say why */
+				devio_err("--%s %s: cannot start: %s", fe[started].type->option,
+					  fe[started].arg ? fe[started].arg : "", strerror(-r));
 			rc = 1;
 			goto stop;
 		}
@@ -303,8 +306,7 @@ static int open_exports(struct serve_args *a, struct devio_server *srv)
 		e->name = a->names[i];
 		e->source = a->sources[i];
 		r = devio_backend_open(e->source, &a->open, &e->backend);
-		if (r) {
-			devio_err("%s: cannot open: %s", e->source, strerror(-r));
+		if (r) { /* the backend said why */
 			close_exports(srv);
 			return r;
 		}

@@ -7,14 +7,11 @@
 #include "devio/util.h"
 
 
-int devio_backend_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out)
+static int backend_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out)
 {
-	static const struct devio_open_opts none;
 	uint64_t size;
 	int r;
 
-	if (!opts)
-		opts = &none;
 	if (!strncmp(source, "ram:", 4)) {
 		if (opts->partition || opts->has_offset) {
 			devio_err("%s: --offset and --partition do not apply to a RAM disk", source);
@@ -35,6 +32,19 @@ int devio_backend_open(const char *source, const struct devio_open_opts *opts, s
 	if (!strncmp(source, "nbd://", 6) || !strncmp(source, "nbd+unix://", 11))
 		return devio_remote_nbd_open(source, opts, out);
 	return devio_file_open(source, opts, out);
+}
+
+/* The backends log why they fail; the few failures they do not explain
+ * (out of memory) are told here, so every failure is told once. */
+int devio_backend_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out)
+{
+	static const struct devio_open_opts none;
+	unsigned long errors = devio_log_errors();
+	int r = backend_open(source, opts ? opts : &none, out);
+
+	if (r && devio_log_errors() == errors)
+		devio_err("%s: cannot open: %s", source, strerror(-r));
+	return r;
 }
 
 void devio_backend_close(struct devio_backend *b)

@@ -1,5 +1,6 @@
 /* log.c - one-line messages to stderr with a level filter.  Every message
- * is written with a single write(2) so lines from threads don't mix. */
+ * is written with a single write(2) so lines from threads don't mix; each
+ * thread counts the errors it logged (devio_log_errors). */
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -7,6 +8,11 @@
 #include "devio/util.h"
 
 static enum devio_log_level log_level = DEVIO_LOG_INFO;
+static __thread unsigned long log_errors;
+static __thread bool log_muted;
+
+unsigned long devio_log_errors(void) { return log_errors; }
+void devio_log_mute(bool mute) { log_muted = mute; }
 
 void devio_log_set_level(enum devio_log_level level) { log_level = level; }
 enum devio_log_level devio_log_get_level(void) { return log_level; }
@@ -18,8 +24,10 @@ void devio_log(enum devio_log_level level, const char *fmt, ...)
 	va_list ap;
 	int n;
 
-	if (level > log_level)
+	if (level > log_level || log_muted)
 		return;
+	if (level == DEVIO_LOG_ERROR)
+		log_errors++;
 	n = snprintf(line, sizeof(line), "devio: %s", prefix[level]);
 	va_start(ap, fmt);
 	n += vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);

@@ -6,6 +6,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -47,6 +48,8 @@ static int parse_hostport(const char *s, const char *default_port, struct devio_
 	for (const char *p = s; *p; p++)
 		if (*p < '0' || *p > '9')
 			return -EINVAL;
+	if (strlen(s) > 5 || strtoul(s, NULL, 10) > 65535)
+		return -ERANGE; /* getaddrinfo would take port 99999 as 34463 */
 	return copy_str(a->port, sizeof(a->port), s, strlen(s));
 }
 
