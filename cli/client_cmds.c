@@ -27,13 +27,13 @@ static int open_export(const char *source, bool readonly, struct devio_backend *
 	return devio_backend_open(source, &o, out); /* logs why it fails */
 }
 
-/* Run one request on this thread (these commands wait for every request
- * anyway): the core's checks, then the backend's synchronous callback. */
+/* Run one request on this thread: these commands wait for every request
+ * anyway. */
 static int run(struct devio_backend *b, enum devio_op op, void *buf, uint64_t len, uint64_t off)
 {
 	struct devio_request req = { .op = op, .offset = off, .length = len, .buf = buf };
 
-	return devio_run_inline(b, &req);
+	return devio_run(b, &req);
 }
 
 static int size_arg(const char *cmd, const char *opt, const char *val, uint64_t *out)
@@ -89,8 +89,8 @@ int cmd_info(int argc, char **argv)
 	static const struct option opts[] = { { "json", no_argument, NULL, 'j' }, { "help", no_argument, NULL, 'h' }, { 0 } };
 	struct devio_backend *b;
 	char desc[256] = "";
-	bool json = false;
-	int c, r;
+	bool json = false, readonly;
+	int c;
 
 	optind = 1;
 	while ((c = getopt_long(argc, argv, "jh", opts, NULL)) != -1) {
@@ -106,12 +106,11 @@ int cmd_info(int argc, char **argv)
 		return 2;
 	}
 	/* Open read-write where allowed so the flags are the export's own, not
-	 * those of a read-only open; fall back to read-only (a read-only image
-	 * file). */
-	devio_log_mute(true); /* a failure is told by the read-only attempt */
-	r = devio_backend_open(argv[optind], &(struct devio_open_opts){ 0 }, &b);
-	devio_log_mute(false);
-	if (r && open_export(argv[optind], true, &b))
+	 * those of a read-only open; read-only an image file we may not write
+	 * (a URI is no file here: access() fails with ENOENT).  One attempt,
+	 * so a server that takes one connection is asked once. */
+	readonly = access(argv[optind], W_OK) < 0 && (errno == EACCES || errno == EROFS || errno == EPERM);
+	if (open_export(argv[optind], readonly, &b))
 		return 1;
 	if (b->ops->describe)
 		b->ops->describe(b, desc, sizeof(desc));

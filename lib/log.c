@@ -9,10 +9,8 @@
 
 static enum devio_log_level log_level = DEVIO_LOG_INFO;
 static __thread unsigned long log_errors;
-static __thread bool log_muted;
 
 unsigned long devio_log_errors(void) { return log_errors; }
-void devio_log_mute(bool mute) { log_muted = mute; }
 
 void devio_log_set_level(enum devio_log_level level) { log_level = level; }
 enum devio_log_level devio_log_get_level(void) { return log_level; }
@@ -24,7 +22,7 @@ void devio_log(enum devio_log_level level, const char *fmt, ...)
 	va_list ap;
 	int n;
 
-	if (level > log_level || log_muted)
+	if (level > log_level)
 		return;
 	if (level == DEVIO_LOG_ERROR)
 		log_errors++;

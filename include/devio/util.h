@@ -25,9 +25,6 @@ void devio_log(enum devio_log_level level, const char *fmt, ...) __attribute__((
  * prints its own line only when the callee, which knows the cause better,
  * printed none: each failure is told once. */
 unsigned long devio_log_errors(void);
-/* Drop this thread's messages while muted (an attempt whose failure is
- * retried another way, which will say why if it fails too). */
-void devio_log_mute(bool mute);
 
 /* "4096", "64K", "1.5G" is refused; "1T", "512M", "0x1000".  Suffixes
  * K/M/G/T/P (powers of 1024), optional trailing "B"/"iB".  0 or -EINVAL /
