@@ -558,40 +558,6 @@ static void file_close(struct devio_backend *b)
 	free(f);
 }
 
-/* A request the ring does not take, run here and now: the same work the
- * core's synchronous path does (FUA on TRIM/ZERO = a flush after).  Done in
- * the backend so that submit() never has to hand a request back. */
-static int file_run_sync(struct devio_backend *b, struct devio_request *req)
-{
-	struct devio_file *f = to_file(b);
-	int r;
-
-	if (req->length == 0 && req->op != DEVIO_OP_FLUSH)
-		return 0;
-	switch (req->op) {
-	case DEVIO_OP_READ:
-		return file_pread(b, req->buf, req->length, req->offset);
-	case DEVIO_OP_WRITE:
-		return file_pwrite(b, req->buf, req->length, req->offset, req->flags);
-	case DEVIO_OP_FLUSH:
-		return file_flush(b);
-	case DEVIO_OP_TRIM:
-		r = file_trim(b, req->offset, req->length, req->flags);
-		break;
-	case DEVIO_OP_ZERO:
-		r = file_zero(b, req->offset, req->length, req->flags);
-		break;
-	case DEVIO_OP_CACHE:
-		posix_fadvise(f->fd, (off_t)(f->base + req->offset), (off_t)req->length, POSIX_FADV_WILLNEED);
-		return 0;
-	default:
-		return -EINVAL;
-	}
-	if (!r && (req->flags & DEVIO_REQ_FUA))
-		r = file_flush(b);
-	return r;
-}
-
 /* A page-cache read that needs no waiting is cheapest done right here: one
  * preadv2(RWF_NOWAIT) copies what is cached.  True if that finished req;
  * otherwise req->priv[0] says how much it did and the ring does the rest
@@ -618,19 +584,23 @@ static bool file_read_cached(struct devio_file *f, struct devio_request *req)
 	return false;
 }
 
-/* submit: reads, writes and flushes through io_uring; everything else
- * (and everything when the ring is unavailable or full) synchronously. */
+/* submit: reads, writes and flushes through io_uring, CACHE as a hint to
+ * the page cache; everything else (and everything when the ring is
+ * unavailable or full) goes back to the core, which runs it with the
+ * synchronous callbacks. */
 static int file_submit(struct devio_backend *b, struct devio_request *req)
 {
 	struct devio_file *f = to_file(b);
 
-	if (file_read_cached(f, req))
+	if (req->op == DEVIO_OP_CACHE) {
+		posix_fadvise(f->fd, (off_t)(f->base + req->offset), (off_t)req->length, POSIX_FADV_WILLNEED);
+		req->result = 0;
+		req->complete(req);
 		return 0;
-	if (file_uring_submit(f, req) == 0)
+	}
+	if (file_read_cached(f, req) || file_uring_submit(f, req) == 0)
 		return 0;
-	req->result = file_run_sync(b, req);
-	req->complete(req);
-	return 0;
+	return -EAGAIN;
 }
 
 static const struct devio_backend_ops file_ops = {

@@ -191,24 +191,6 @@ static void dev_reply(struct fuse_fe *fe, int fd, struct devio_fuse_msg *msg)
 			   (unsigned long long)msg->in.unique, strerror(errno));
 }
 
-/* Run a checked request with the backend's synchronous callbacks. */
-static void run_callbacks(struct devio_request *req)
-{
-	struct devio_backend *b = req->backend;
-	const struct devio_backend_ops *ops = b->ops;
-	int r;
-
-	switch (req->op) {
-	case DEVIO_OP_READ: r = ops->pread(b, req->buf, req->length, req->offset); break;
-	case DEVIO_OP_WRITE: r = ops->pwrite(b, req->buf, req->length, req->offset, req->flags); break;
-	case DEVIO_OP_FLUSH: r = ops->flush ? ops->flush(b) : 0; break;
-	case DEVIO_OP_TRIM: r = ops->trim ? ops->trim(b, req->offset, req->length, req->flags) : -EOPNOTSUPP; break;
-	case DEVIO_OP_ZERO: r = ops->zero ? ops->zero(b, req->offset, req->length, req->flags) : -EOPNOTSUPP; break;
-	default: r = 0; break;
-	}
-	req->result = r;
-}
-
 /* ---- the /dev/fuse transport ---- */
 
 /* A /dev/fuse thread blocks on its request anyway: call the backend's
@@ -220,10 +202,7 @@ static void run_sync_io(struct fuse_fe *fe, struct devio_fuse_msg *msg)
 
 	if (!msg->has_io)
 		return;
-	req->backend = fe->backend;
-	req->result = devio_request_check(fe->backend, req);
-	if (req->result == 0)
-		run_callbacks(req);
+	devio_run(fe->backend, req);
 	devio_fuse_finish(&fe->fs, msg);
 }
 

@@ -210,44 +210,6 @@ static int session_buf(struct session *s, size_t n)
 	return 0;
 }
 
-/* One request, run on this thread (stream.h): after the core's checks
- * (devio_request_check) the backend's synchronous callbacks are called
- * directly (ZERO without a zero callback goes to the core, which writes
- * zeroes).  With one request outstanding per connection the asynchronous
- * path (io_uring plus a completion on another thread) only adds a thread
- * hop to every request (measured: 85 us instead of 21 us per 4 KiB read
- * on tmpfs). */
-int devio_run_inline(struct devio_backend *b, struct devio_request *req)
-{
-	const struct devio_backend_ops *ops = b->ops;
-	int r;
-
-	if (req->op == DEVIO_OP_FLUSH || req->op == DEVIO_OP_CACHE)
-		return devio_execute(b, req); /* no range to move, nothing to gain */
-	if ((r = devio_request_check(b, req)) || req->length == 0)
-		return r;
-	switch (req->op) {
-	case DEVIO_OP_READ:
-		return ops->pread(b, req->buf, req->length, req->offset);
-	case DEVIO_OP_WRITE:
-		r = ops->pwrite(b, req->buf, req->length, req->offset, req->flags);
-		if (!r && (req->flags & DEVIO_REQ_FUA) && ops->flush)
-			r = ops->flush(b); /* as the core does for FUA */
-		return r;
-	case DEVIO_OP_TRIM:
-		return ops->trim(b, req->offset, req->length, req->flags);
-	case DEVIO_OP_ZERO:
-		if (ops->zero)
-			return ops->zero(b, req->offset, req->length, req->flags);
-		/* the core writes zeroes; a backend with neither zero() nor
-		 * pwrite() that does not say it is read-only is refused rather
-		 * than called through NULL */
-		return ops->pwrite ? devio_execute(b, req) : -EROFS;
-	default:
-		return devio_execute(b, req);
-	}
-}
-
 /* Run op on [off, off+len), split at the backend's max_io. */
 static int session_exec(struct session *s, enum devio_op op, uint64_t off, uint64_t len, void *buf)
 {
@@ -265,7 +227,7 @@ static int session_exec(struct session *s, enum devio_op op, uint64_t off, uint6
 		uint64_t n = len < step ? len : step;
 		struct devio_request req = { .op = op, .offset = off, .length = n, .buf = buf };
 
-		r = devio_run_inline(s->b, &req);
+		r = devio_run(s->b, &req);
 		off += n;
 		len -= n;
 		if (buf)

@@ -44,6 +44,8 @@ int devio_request_check(const struct devio_backend *b, const struct devio_reques
 		return -EOPNOTSUPP;
 	if (req->op == DEVIO_OP_ZERO && !ops->zero && (req->flags & DEVIO_REQ_FAST_ZERO))
 		return -EOPNOTSUPP;
+	if (req->op == DEVIO_OP_ZERO && !ops->zero && !ops->pwrite)
+		return -EROFS; /* zeroes cannot be written either */
 	return 0;
 }
 
@@ -166,6 +168,15 @@ done:
 	req->complete(req);
 }
 
+int devio_run(struct devio_backend *b, struct devio_request *req)
+{
+	req->backend = b;
+	req->result = devio_request_check(b, req);
+	if (req->result == 0)
+		req->result = run_sync(b, req);
+	return req->result;
+}
+
 struct sync_wait {
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
@@ -190,13 +201,12 @@ int devio_execute(struct devio_backend *b, struct devio_request *req)
 			       req->complete, req->opaque };
 	int r;
 
+	if (!b->ops->submit)
+		return devio_run(b, req); /* no need to go through a completion at all */
 	req->backend = b;
 	r = devio_request_check(b, req);
-	if (r || !b->ops->submit) {
-		/* Synchronous: no need to go through a completion at all. */
-		req->result = r ? r : run_sync(b, req);
-		return req->result;
-	}
+	if (r)
+		return req->result = r;
 	req->complete = sync_complete;
 	req->opaque = &w;
 	devio_submit(b, req);

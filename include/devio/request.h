@@ -54,9 +54,18 @@ struct devio_request {
  * through complete() like any other result, never by the return value. */
 void devio_submit(struct devio_backend *b, struct devio_request *req);
 
-/* Run one request and wait for it; returns req->result.  For front ends
- * that have one request outstanding at a time (the devio stream protocol). */
+/* Run one request and wait for it; returns req->result.  Through the
+ * backend's asynchronous path where it has one. */
 int devio_execute(struct devio_backend *b, struct devio_request *req);
+
+/* Run one request on this thread with the backend's synchronous callbacks,
+ * after the same checks and with the same rules as devio_submit() (FUA as
+ * a flush after, ZERO by writing zeroes where the backend cannot); returns
+ * req->result, complete() is not called.  For callers that wait for every
+ * request anyway (one request per stream connection, the client commands,
+ * a FUSE thread): no thread hop, which costs more than a cached copy
+ * (measured: 85 us instead of 21 us per 4 KiB stream read on tmpfs). */
+int devio_run(struct devio_backend *b, struct devio_request *req);
 
 /* Validate a request without running it: 0 or the negative errno that
  * devio_submit() would complete it with. */

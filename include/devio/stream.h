@@ -28,13 +28,6 @@ struct devio_stream_opts {
  * with an error first), another -errno for a transport error. */
 int devio_stream_session(struct devio_backend *b, int rfd, int wfd, const struct devio_stream_opts *opts);
 
-/* Run one request on the calling thread: devio_request_check(), then the
- * backend's synchronous callback (ZERO falls back to writing zeroes).
- * For callers that wait for every request anyway (one request per stream
- * connection, the client commands): no thread hop.  Returns 0 or -errno;
- * req->complete is not called. */
-int devio_run_inline(struct devio_backend *b, struct devio_request *req);
-
 #ifdef __cplusplus
 }
 #endif
