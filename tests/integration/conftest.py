@@ -28,6 +28,14 @@ def wait_for(pred, timeout=10.0, what="condition"):
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def run_ok(*args, timeout=120):
+    """Run a tool; its stdout, or an AssertionError with everything it said."""
+    r = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise AssertionError(f"{args} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+    return r.stdout
+
+
 def port_open(port):
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2):

@@ -13,7 +13,7 @@ import tempfile
 
 import pytest
 
-from conftest import wait_for
+from conftest import run_ok as run, wait_for
 
 BLOCK = 4096
 
@@ -54,13 +54,6 @@ if failed:
 h.flush()
 h.shutdown()
 """
-
-
-def run(*args, timeout=120):
-    r = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise AssertionError(f"{args} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
-    return r.stdout
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import tempfile
 
 import pytest
 
-from conftest import wait_for
+from conftest import run_ok as run, wait_for
 
 SECTOR = 512
 LAYOUT = """label: gpt
@@ -21,13 +21,6 @@ size=4096, type=L
 size=16384, type=L
 size=8192, type=S
 """
-
-
-def run(*args, timeout=120):
-    r = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise AssertionError(f"{args} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
-    return r.stdout
 
 
 @pytest.fixture
