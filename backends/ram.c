@@ -17,6 +17,8 @@
  * compare-and-swap (allocating the chunk on the way), a read of an
  * unallocated chunk just fills zeroes.  A whole-chunk TRIM waits until no
  * writer is inside, marks FREEING, drops the pages and clears the word.
+ * A ZERO with NO_HOLE enters its chunks as a writer instead (allocating
+ * them) and drops their pages, so they stay allocated and counted.
  *
  * 64 KiB chunks: small enough that a filesystem's discards of freed blocks
  * really free memory and that the cap is counted finely, large enough that
@@ -71,8 +73,10 @@ static bool ram_reserve(struct ram_disk *rd)
 	return true;
 }
 
-/* Enter chunk c as a writer, allocating it if needed. */
-static int ram_enter_writer(struct ram_disk *rd, uint64_t c)
+/* Enter chunk c as a writer, allocating it if needed; *fresh (if not
+ * NULL) says whether this call allocated it (then it reads as zeroes: a
+ * chunk is cleared only after its pages were dropped). */
+static int ram_enter_writer_fresh(struct ram_disk *rd, uint64_t c, bool *fresh)
 {
 	uint32_t s = atomic_load(&rd->state[c]);
 
@@ -89,11 +93,19 @@ static int ram_enter_writer(struct ram_disk *rd, uint64_t c)
 				return -ENOSPC;
 			reserved = true;
 		}
-		if (atomic_compare_exchange_weak(&rd->state[c], &s, (s + 1) | RAM_ALLOC))
+		if (atomic_compare_exchange_weak(&rd->state[c], &s, (s + 1) | RAM_ALLOC)) {
+			if (fresh)
+				*fresh = reserved;
 			return 0;
+		}
 		if (reserved)
 			atomic_fetch_sub(&rd->resident, RAM_CHUNK_SIZE);
 	}
+}
+
+static int ram_enter_writer(struct ram_disk *rd, uint64_t c)
+{
+	return ram_enter_writer_fresh(rd, c, NULL);
 }
 
 /* Enter chunk c as a writer only if it is allocated; false if not. */
@@ -135,16 +147,14 @@ static void ram_free_chunk(struct ram_disk *rd, uint64_t c)
 	atomic_store(&rd->state[c], 0);
 }
 
-/* Zero part of an allocated chunk: whole pages are dropped, the rest
- * written with zeroes. */
-static void ram_zero_part(struct ram_disk *rd, uint64_t off, uint64_t len)
+/* Zero bytes of a chunk the caller is a writer of: whole pages are
+ * dropped (they read as zeroes and take no memory until written again),
+ * the edges written with zeroes.  The chunk stays allocated. */
+static void ram_zero_bytes(struct ram_disk *rd, uint64_t off, uint64_t len)
 {
-	uint64_t c = off >> RAM_CHUNK_SHIFT;
 	uint64_t ps = (uint64_t)rd->page_size;
 	uint64_t pstart = (off + ps - 1) / ps * ps, pend = (off + len) / ps * ps;
 
-	if (!ram_enter_allocated(rd, c))
-		return; /* reads as zeroes already */
 	if (pstart < pend) {
 		memset(rd->mem + off, 0, pstart - off);
 		madvise(rd->mem + pstart, pend - pstart, MADV_DONTNEED);
@@ -152,7 +162,44 @@ static void ram_zero_part(struct ram_disk *rd, uint64_t off, uint64_t len)
 	} else {
 		memset(rd->mem + off, 0, len);
 	}
+}
+
+/* Zero part of a chunk that may be unallocated (which reads as zeroes). */
+static void ram_zero_part(struct ram_disk *rd, uint64_t off, uint64_t len)
+{
+	uint64_t c = off >> RAM_CHUNK_SHIFT;
+
+	if (!ram_enter_allocated(rd, c))
+		return; /* reads as zeroes already */
+	ram_zero_bytes(rd, off, len);
 	ram_leave_writer(rd, c);
+}
+
+/* Zero part of one chunk and keep it allocated (NO_HOLE): a chunk that
+ * was not is allocated here, counted against the cap (-ENOSPC past it). */
+static int ram_zero_keep(struct ram_disk *rd, uint64_t off, uint64_t len)
+{
+	uint64_t c = off >> RAM_CHUNK_SHIFT;
+	bool fresh = false;
+	int r = ram_enter_writer_fresh(rd, c, &fresh);
+
+	if (r)
+		return r;
+	if (!fresh)
+		ram_zero_bytes(rd, off, len);
+	ram_leave_writer(rd, c);
+	return 0;
+}
+
+/* Bytes that allocating the unallocated chunks of a range would add. */
+static uint64_t ram_missing(struct ram_disk *rd, uint64_t off, uint64_t len)
+{
+	uint64_t first = off >> RAM_CHUNK_SHIFT, last = (off + len - 1) >> RAM_CHUNK_SHIFT, n = 0;
+
+	for (uint64_t c = first; c <= last; c++)
+		if (!(atomic_load(&rd->state[c]) & RAM_ALLOC))
+			n += RAM_CHUNK_SIZE;
+	return n;
 }
 
 /* Read: allocated chunks are copied, the others read as zeroes. */
@@ -268,7 +315,7 @@ static int ram_pwrite(struct devio_backend *b, const void *buf, uint64_t len, ui
 	return 0;
 }
 
-/* TRIM and ZERO are the same here: whole chunks are freed, partial ones
+/* TRIM (and ZERO without NO_HOLE): whole chunks are freed, partial ones
  * zeroed (their whole pages freed). */
 static int ram_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
 {
@@ -290,11 +337,39 @@ static int ram_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32_
 	return 0;
 }
 
+/* ZERO without NO_HOLE frees like TRIM.  With NO_HOLE the range stays
+ * provisioned: every chunk is allocated (counted against the cap) and
+ * zeroed, so a later write there cannot fail for room and extents say
+ * data.  A range that cannot fit is refused before anything changes
+ * (unless a racing write takes the room first: then the chunks before
+ * the one that did not fit are zeroed). */
 static int ram_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
 {
-	return ram_trim(b, off, len, flags);
+	struct ram_disk *rd = to_ram(b);
+
+	if (!(flags & DEVIO_REQ_NO_HOLE))
+		return ram_trim(b, off, len, flags);
+	if (rd->max_resident && atomic_load(&rd->resident) + ram_missing(rd, off, len) > rd->max_resident)
+		goto full;
+	while (len) {
+		uint64_t n = RAM_CHUNK_SIZE - (off & (RAM_CHUNK_SIZE - 1));
+
+		if (n > len)
+			n = len;
+		if (ram_zero_keep(rd, off, n))
+			goto full;
+		off += n;
+		len -= n;
+	}
+	return 0;
+full:
+	devio_debug("ram: zero (no hole) at offset %" PRIu64 ": resident cap of %" PRIu64 " bytes reached",
+		    off, rd->max_resident);
+	return -ENOSPC;
 }
 
+/* Nothing is volatile beyond the disk itself: every completed write is
+ * as durable as it will ever be, so FLUSH and FUA cost nothing. */
 static int ram_flush(struct devio_backend *b)
 {
 	return 0;
@@ -398,8 +473,10 @@ int devio_ram_open(uint64_t size, uint64_t max_resident, struct devio_backend **
 	rd->b.ops = &ram_ops;
 	rd->b.size = size;
 	rd->b.block_size = 1;
-	rd->b.caps = DEVIO_CAP_TRIM | DEVIO_CAP_ZERO | DEVIO_CAP_FAST_ZERO | DEVIO_CAP_EXTENTS |
-		     DEVIO_CAP_MULTI_CONN;
+	/* FLUSH and FUA are free (ram_flush); CACHE is a no-op (the core's),
+	 * everything being in memory already. */
+	rd->b.caps = DEVIO_CAP_FLUSH | DEVIO_CAP_FUA | DEVIO_CAP_CACHE | DEVIO_CAP_TRIM | DEVIO_CAP_ZERO |
+		     DEVIO_CAP_FAST_ZERO | DEVIO_CAP_EXTENTS | DEVIO_CAP_MULTI_CONN;
 	rd->b.priv = rd;
 	*out = &rd->b;
 	return 0;

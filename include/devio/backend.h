@@ -26,14 +26,14 @@ extern "C" {
 
 /* Capability bits (struct devio_backend.caps). */
 #define DEVIO_CAP_READONLY   (1u << 0)
-#define DEVIO_CAP_FLUSH      (1u << 1) /* flush does something useful */
+#define DEVIO_CAP_FLUSH      (1u << 1) /* flush makes completed writes durable (free if nothing is volatile) */
 #define DEVIO_CAP_FUA        (1u << 2) /* FUA honoured (natively or by flushing) */
 #define DEVIO_CAP_TRIM       (1u << 3)
 #define DEVIO_CAP_ZERO       (1u << 4)
 #define DEVIO_CAP_FAST_ZERO  (1u << 5) /* zero can tell fast from slow */
 #define DEVIO_CAP_EXTENTS    (1u << 6) /* extents reports holes truthfully */
 #define DEVIO_CAP_MULTI_CONN (1u << 7) /* a flush on one connection covers writes of all */
-#define DEVIO_CAP_CACHE      (1u << 8)
+#define DEVIO_CAP_CACHE      (1u << 8) /* CACHE accepted (a hint: may be a no-op) */
 #define DEVIO_CAP_SPLICE_WRITE (1u << 9) /* splice_write works here (not advertised to clients) */
 #define DEVIO_CAP_SPLICE_READ  (1u << 10) /* splice_read works here (not advertised to clients) */
 
@@ -97,8 +97,17 @@ struct devio_backend_ops {
 	void (*close)(struct devio_backend *b);
 };
 
+/* How the synchronous callbacks behave, for the core's policy of where
+ * they run (devio_wants_pool in workers.h); a backend with submit is run
+ * through it whatever this says. */
+enum devio_run_kind {
+	DEVIO_RUN_BLOCKING = 0, /* may wait for a disk or a network: a pool overlaps requests */
+	DEVIO_RUN_CPU,          /* only copies memory: fastest on the thread that has the request */
+};
+
 struct devio_backend {
 	const struct devio_backend_ops *ops;
+	enum devio_run_kind run;
 	uint64_t size;       /* bytes */
 	uint32_t block_size; /* preferred/minimum I/O granularity; 1 if any */
 	uint32_t caps;       /* DEVIO_CAP_* */

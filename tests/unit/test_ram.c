@@ -1,7 +1,8 @@
 /* test_ram.c - the growable RAM disk: round trips, holes, memory that
  * really goes back to the OS (VmRSS), the resident cap, a 1 TiB disk that
  * opens without touching memory, many threads writing and reading at the
- * same time, and reads and writes in place (map_read/map_write). */
+ * same time, reads and writes in place (map_read/map_write), ZERO with
+ * NO_HOLE keeping the range provisioned, and FLUSH/FUA/CACHE offered. */
 #include <errno.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -177,6 +178,89 @@ static void test_cap_enospc(void **state)
 	free(w);
 }
 
+/* A NO_HOLE zero keeps the range provisioned: allocated, counted against
+ * the cap, reading as zeroes, data in extents; a plain zero frees. */
+static void test_zero_no_hole(void **state)
+{
+	struct devio_backend *b;
+	struct ext_list l = { 0 };
+	unsigned char *w = malloc(2 * MiB), *r = malloc(2 * MiB);
+
+	fill(w, 2 * MiB, 3);
+	assert_int_equal(devio_ram_open(64 * MiB, 2 * MiB, &b), 0);
+	assert_int_equal(b->ops->pwrite(b, w, 2 * MiB, 0, 0), 0); /* the cap is full */
+	assert_int_equal(b->ops->zero(b, 0, MiB, DEVIO_REQ_NO_HOLE), 0);
+	assert_int_equal(devio_ram_resident(b), 2 * MiB);
+	assert_int_equal(b->ops->pread(b, r, 2 * MiB, 0), 0);
+	assert_true(all_zero(r, MiB));
+	assert_memory_equal(w + MiB, r + MiB, MiB);
+	assert_int_equal(b->ops->extents(b, 0, 2 * MiB, collect, &l), 0);
+	assert_int_equal(l.n, 1);
+	assert_int_equal(l.len[0], 2 * MiB);
+	assert_int_equal(l.flags[0], 0);
+	/* the zeroed range takes a write again although the cap is full */
+	assert_int_equal(b->ops->pwrite(b, w, MiB, 0, 0), 0);
+	assert_int_equal(b->ops->pread(b, r, MiB, 0), 0);
+	assert_memory_equal(w, r, MiB);
+	/* partial chunks: only the bytes asked for change */
+	assert_int_equal(b->ops->zero(b, 1000, 70000, DEVIO_REQ_NO_HOLE), 0);
+	assert_int_equal(b->ops->pread(b, r, 80000, 0), 0);
+	assert_memory_equal(w, r, 1000);
+	assert_true(all_zero(r + 1000, 70000));
+	assert_memory_equal(w + 71000, r + 71000, 80000 - 71000);
+	/* no room for never-written chunks: -ENOSPC, nothing allocated */
+	assert_int_equal(b->ops->zero(b, 10 * MiB + 5, 100, DEVIO_REQ_NO_HOLE), -ENOSPC);
+	assert_int_equal(b->ops->zero(b, 10 * MiB, MiB, DEVIO_REQ_NO_HOLE | DEVIO_REQ_FAST_ZERO), -ENOSPC);
+	assert_int_equal(devio_ram_resident(b), 2 * MiB);
+	/* a plain zero frees whole chunks; NO_HOLE then allocates zeroes */
+	assert_int_equal(b->ops->zero(b, MiB, MiB, 0), 0);
+	assert_int_equal(devio_ram_resident(b), MiB);
+	assert_int_equal(b->ops->zero(b, 10 * MiB + 5, MiB - 10, DEVIO_REQ_NO_HOLE), 0);
+	assert_int_equal(devio_ram_resident(b), 2 * MiB);
+	memset(r, 0xAA, MiB);
+	assert_int_equal(b->ops->pread(b, r, MiB, 10 * MiB), 0);
+	assert_true(all_zero(r, MiB));
+	l.n = 0;
+	assert_int_equal(b->ops->extents(b, 10 * MiB, MiB, collect, &l), 0);
+	assert_int_equal(l.n, 1);
+	assert_int_equal(l.flags[0], 0);
+	assert_int_equal(b->ops->pwrite(b, w, MiB, 10 * MiB, 0), 0);
+	assert_int_equal(b->ops->pwrite(b, w, 1, 20 * MiB, 0), -ENOSPC);
+	devio_backend_close(b);
+	free(w);
+	free(r);
+}
+
+/* FLUSH, FUA and CACHE are offered (all free in memory) and work through
+ * the core. */
+static void test_flush_fua_cache(void **state)
+{
+	struct devio_backend *b;
+	char w[5000], r[5000];
+	struct devio_request req = { .op = DEVIO_OP_WRITE, .flags = DEVIO_REQ_FUA, .offset = 65000,
+				     .length = sizeof(w), .buf = w };
+
+	memset(w, 0x5A, sizeof(w));
+	assert_int_equal(devio_ram_open(MiB, 0, &b), 0);
+	assert_true(b->caps & DEVIO_CAP_FLUSH);
+	assert_true(b->caps & DEVIO_CAP_FUA);
+	assert_true(b->caps & DEVIO_CAP_CACHE);
+	assert_true(b->caps & DEVIO_CAP_MULTI_CONN);
+	assert_int_equal(devio_execute(b, &req), 0);
+	assert_int_equal(b->ops->pread(b, r, sizeof(r), 65000), 0);
+	assert_memory_equal(w, r, sizeof(w));
+	req = (struct devio_request){ .op = DEVIO_OP_FLUSH };
+	assert_int_equal(devio_execute(b, &req), 0);
+	req = (struct devio_request){ .op = DEVIO_OP_CACHE, .offset = 0, .length = MiB };
+	assert_int_equal(devio_execute(b, &req), 0);
+	req = (struct devio_request){ .op = DEVIO_OP_ZERO, .flags = DEVIO_REQ_FUA | DEVIO_REQ_NO_HOLE,
+				      .offset = 65000, .length = 100 };
+	assert_int_equal(devio_execute(b, &req), 0);
+	assert_int_equal(b->ops->pread(b, r, 100, 65000), 0);
+	assert_true(all_zero((unsigned char *)r, 100));
+	devio_backend_close(b);
+}
+
 static void test_one_tebibyte_instantly(void **state)
 {
 	struct devio_backend *b;
@@ -288,7 +372,9 @@ static void *race(void *arg)
 
 			if (len > 4 * MiB - start)
 				len = 4 * MiB - start;
-			if (r->b->ops->trim(r->b, start, len, 0))
+			/* thread 3 zeroes keeping the chunks (NO_HOLE) */
+			if (r->id == 3 ? r->b->ops->zero(r->b, start, len, DEVIO_REQ_NO_HOLE)
+				       : r->b->ops->trim(r->b, start, len, 0))
 				r->errors++;
 		}
 	}
@@ -376,6 +462,8 @@ int main(void)
 		cmocka_unit_test(test_trim_gives_memory_back),
 		cmocka_unit_test(test_extents),
 		cmocka_unit_test(test_cap_enospc),
+		cmocka_unit_test(test_zero_no_hole),
+		cmocka_unit_test(test_flush_fua_cache),
 		cmocka_unit_test(test_one_tebibyte_instantly),
 		cmocka_unit_test(test_concurrent),
 		cmocka_unit_test(test_write_trim_race),
