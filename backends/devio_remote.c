@@ -9,7 +9,10 @@
  * widened (read) or read-modify-written (write, under a lock).  A broken
  * connection is reopened once per request (not for a change that timed
  * out: it may still land).  The protocol has no flush:
- * flush is a no-op and no FLUSH capability is claimed.
+ * flush is a no-op and no FLUSH or FUA capability is claimed.  CACHE (a
+ * hint) is offered as a no-op; MULTI_CONN is as true as this backend
+ * itself, which already spreads one client's requests over several
+ * connections to the server.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -615,6 +618,7 @@ int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts,
 	b->size = size;
 	b->block_size = (uint32_t)rm->align;
 	b->priv = rm;
+	b->caps = DEVIO_CAP_CACHE | DEVIO_CAP_MULTI_CONN;
 	if (opts->readonly || (rm->flags & DEVIO_INFO_RO))
 		b->caps |= DEVIO_CAP_READONLY;
 	if (rm->flags & DEVIO_INFO_SUPPORTS_UNMAP)

@@ -856,9 +856,13 @@ static const struct devio_backend_ops remote_ops = {
 	.close = remote_close,
 };
 
+/* What the server offers, plus what this end gives for free: CACHE (a
+ * hint, a no-op where the server has none) and MULTI_CONN (every front-end
+ * connection shares the one connection to the server, so a flush on it
+ * covers every write completed before, whichever client sent it). */
 static uint32_t caps_of(uint16_t f)
 {
-	uint32_t caps = 0;
+	uint32_t caps = DEVIO_CAP_CACHE | DEVIO_CAP_MULTI_CONN;
 
 	if (f & NBD_FLAG_READ_ONLY)
 		caps |= DEVIO_CAP_READONLY;
@@ -872,10 +876,6 @@ static uint32_t caps_of(uint16_t f)
 		caps |= DEVIO_CAP_ZERO;
 	if ((f & NBD_FLAG_SEND_WRITE_ZEROES) && (f & NBD_FLAG_SEND_FAST_ZERO))
 		caps |= DEVIO_CAP_FAST_ZERO;
-	if (f & NBD_FLAG_CAN_MULTI_CONN)
-		caps |= DEVIO_CAP_MULTI_CONN;
-	if (f & NBD_FLAG_SEND_CACHE)
-		caps |= DEVIO_CAP_CACHE;
 	return caps;
 }
 
