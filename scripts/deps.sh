@@ -6,7 +6,7 @@ PKGS=(
   # build
   build-essential meson ninja-build pkg-config liburing-dev libcmocka-dev clang libclang-rt-14-dev
   # test peers and tools
-  python3 python3-pytest qemu-utils libnbd-bin python3-libnbd nbdkit fio fuse3
+  python3 python3-pytest qemu-utils libnbd-bin python3-libnbd nbdkit nbd-server fio fuse3
   e2fsprogs xfsprogs fdisk util-linux kmod procps psmisc iproute2
   # guest-kernel harness (ublk, kernel nbd)
   qemu-system-x86 busybox-static cpio xz-utils 'linux-image-6.12.*-amd64-unsigned'
