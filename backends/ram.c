@@ -349,6 +349,8 @@ static int ram_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint32_
 
 	if (!(flags & DEVIO_REQ_NO_HOLE))
 		return ram_trim(b, off, len, flags);
+	if (len == 0)
+		return 0; /* ram_missing() wants at least one byte */
 	if (rd->max_resident && atomic_load(&rd->resident) + ram_missing(rd, off, len) > rd->max_resident)
 		goto full;
 	while (len) {

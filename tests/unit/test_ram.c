@@ -208,6 +208,7 @@ static void test_zero_no_hole(void **state)
 	assert_memory_equal(w, r, 1000);
 	assert_true(all_zero(r + 1000, 70000));
 	assert_memory_equal(w + 71000, r + 71000, 80000 - 71000);
+	assert_int_equal(b->ops->zero(b, 0, 0, DEVIO_REQ_NO_HOLE), 0); /* nothing to do */
 	/* no room for never-written chunks: -ENOSPC, nothing allocated */
 	assert_int_equal(b->ops->zero(b, 10 * MiB + 5, 100, DEVIO_REQ_NO_HOLE), -ENOSPC);
 	assert_int_equal(b->ops->zero(b, 10 * MiB, MiB, DEVIO_REQ_NO_HOLE | DEVIO_REQ_FAST_ZERO), -ENOSPC);
