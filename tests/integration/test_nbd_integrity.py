@@ -374,3 +374,28 @@ def test_integrity_huge(start_peer, peer):
         # 64 MiB is under way.  The journal above ran cut to that maximum and
         # passed; this test passes as a whole once the limit is 64 MiB.
         pytest.xfail(f"devio advertises a maximum block size of {limit // MiB} MiB, not 64 MiB")
+
+
+def test_reexport_adds_cache_and_multi_conn(start_peer, serve):
+    """devio re-exporting nbd-server (no CACHE there) through its NBD client
+    backend offers CACHE (a no-op hint) and MULTI_CONN (one upstream
+    connection carries every client's requests) and passes FUA and FLUSH
+    on; the journal then runs through both hops."""
+    p = start_peer("nbd-server", 16 * MiB)
+    up = connect(p.uri)
+    assert not up.can_cache()
+    sock = os.path.join(p.dir, "reexport.sock")
+    s = serve(p.uri, "--nbd", f"unix:{sock}")
+    s.wait_unix(sock)
+    re = Peer.__new__(Peer)
+    re.name, re.size, re.uri = "devio-over-nbd-server", p.size, f"nbd+unix:///?socket={sock}"
+    h = connect(re.uri)
+    assert h.can_cache() and h.can_multi_conn() and h.can_flush() and h.can_fua()
+    h.cache(MiB, 0)
+    h.shutdown()
+    rnd = random.Random(f"{SEED}-reexport")
+    model = run_journal(re, journal(rnd, 300, p.size, small_sizes), 2, 8, "reexport")
+    rep = Replay(p, [up], model, 1, SEED, "reexport")
+    rep.verify(up, "upstream nbd-server")
+    up.shutdown()
+    assert s.stop() == 0, s.stderr()
