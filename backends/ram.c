@@ -479,6 +479,7 @@ int devio_ram_open(uint64_t size, uint64_t max_resident, struct devio_backend **
 	 * everything being in memory already. */
 	rd->b.caps = DEVIO_CAP_FLUSH | DEVIO_CAP_FUA | DEVIO_CAP_CACHE | DEVIO_CAP_TRIM | DEVIO_CAP_ZERO |
 		     DEVIO_CAP_FAST_ZERO | DEVIO_CAP_EXTENTS | DEVIO_CAP_MULTI_CONN;
+	rd->b.run = DEVIO_RUN_CPU; /* callbacks copy memory, never wait */
 	rd->b.priv = rd;
 	*out = &rd->b;
 	return 0;

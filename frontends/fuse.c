@@ -781,11 +781,6 @@ static void fe_free(struct fuse_fe *fe)
 	free(fe);
 }
 
-static bool backend_is_cpu_bound(const struct devio_backend *b)
-{
-	return b->ops->name && !strcmp(b->ops->name, "ram");
-}
-
 static int start_transport(struct fuse_fe *fe, const struct devio_serve_opts *o, bool forced)
 {
 	unsigned ncpu = (unsigned)sysconf(_SC_NPROCESSORS_ONLN);
@@ -801,11 +796,11 @@ static int start_transport(struct fuse_fe *fe, const struct devio_serve_opts *o,
 	}
 	if (!fe->use_uring)
 		return start_dev_threads(fe, o->threads ? o->threads : (ncpu * 4 > 16 ? 16 : ncpu * 4));
-	/* Blocking backends that wait (remote servers) get a pool so that many
-	 * requests are in flight; the RAM disk only copies memory, which the
-	 * ring thread of each CPU does faster itself than by handing off. */
-	if (!fe->backend->ops->submit && !backend_is_cpu_bound(fe->backend)) {
-		fe->workers = devio_workers_new(o->threads ? o->threads : ncpu * 4);
+	/* The core's policy: backends that wait (remote servers) get a pool so
+	 * that many requests are in flight; the RAM disk only copies memory,
+	 * which the ring thread of each CPU does faster itself. */
+	if (devio_wants_pool(fe->backend, o->threads)) {
+		fe->workers = devio_workers_new(devio_pool_size(o->threads));
 		if (!fe->workers)
 			return -ENOMEM;
 	}

@@ -131,8 +131,6 @@ struct nbd_state {
 	bool stopping;
 };
 
-static bool runs_inline(const struct devio_server *srv, const struct devio_backend *b);
-
 /* ---- negotiation I/O on the socket ---- */
 
 static int sock_read(void *ctx, void *buf, size_t len)
@@ -1314,7 +1312,7 @@ static int conn_setup(struct nbd_conn *c)
 	c->in_place_writes = socket_family(c->fd) == AF_UNIX;
 	pipe_setup(c);
 	c->hold_backoff = 1;
-	c->use_workers = c->st->workers && !runs_inline(c->st->srv, c->b);
+	c->use_workers = c->st->workers && devio_wants_pool(c->b, c->st->srv->opts.threads);
 	/* Without a sender thread (it could not start) completions send
 	 * themselves, as inline ones do. */
 	if (c->b->ops->submit || c->use_workers)
@@ -1483,33 +1481,16 @@ static void *listener_main(void *arg)
 	return NULL;
 }
 
-#define NBD_DEFAULT_WORKERS 8
-
-/* Where a synchronous backend's requests run.  The RAM disk runs on the
- * connection's reader thread: that measured faster than a pool (fewer
- * wake-ups; one core per connection; docs/nbd.md).  Other synchronous
- * backends (a remote devio server) block for a network round trip, so
- * they get a pool, or the requests in flight would run one at a time.
- * --threads 1 runs everything inline, --threads N > 1 pools everything. */
-static bool runs_inline(const struct devio_server *srv, const struct devio_backend *b)
-{
-	if (b->ops->submit || srv->opts.threads == 1)
-		return true;
-	if (srv->opts.threads > 1)
-		return false;
-	return b->ops->name && !strcmp(b->ops->name, "ram");
-}
-
+/* One pool for the server when the core's policy (devio_wants_pool) puts
+ * any export's requests on one: a remote devio server's callbacks wait
+ * for round trips; the RAM disk runs on the connection's reader thread,
+ * which measured faster than a pool (fewer wake-ups; docs/nbd.md). */
 static unsigned worker_count(const struct devio_server *srv)
 {
-	bool needed = false;
-
 	for (size_t i = 0; i < srv->n_exports; i++)
-		if (!runs_inline(srv, srv->exports[i].backend))
-			needed = true;
-	if (!needed)
-		return 0;
-	return srv->opts.threads > 1 ? srv->opts.threads : NBD_DEFAULT_WORKERS;
+		if (devio_wants_pool(srv->exports[i].backend, srv->opts.threads))
+			return devio_pool_size(srv->opts.threads);
+	return 0;
 }
 
 static void state_free(struct nbd_state *st)

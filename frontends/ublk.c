@@ -38,6 +38,7 @@
 #include "devio/frontend.h"
 #include "devio/ublk.h"
 #include "devio/util.h"
+#include "devio/workers.h"
 #include "../lib/ublk_abi.h"
 
 #define UBLK_CONTROL "/dev/ublk-control"
@@ -84,6 +85,7 @@ struct ublk_queue {
 
 struct ublk_dev {
 	struct devio_backend *b;
+	struct devio_workers *workers; /* the core's pool for backends that wait, or NULL */
 	int ctrl_fd;
 	int cdev_fd;
 	struct io_uring ctrl_ring;
@@ -538,7 +540,10 @@ static void start_request(struct ublk_queue *q, struct ublk_tag *t)
 			goto fail;
 		}
 	}
-	devio_submit(d->b, req);
+	if (d->workers)
+		devio_workers_submit(d->workers, d->b, req);
+	else
+		devio_submit(d->b, req);
 	return;
 fail:
 	req->result = r;
@@ -847,6 +852,12 @@ static int start(struct devio_server *srv, const char *arg, void **state)
 	r = setup_geometry(d, &srv->opts);
 	if (r)
 		goto fail;
+	if (devio_wants_pool(d->b, srv->opts.threads) &&
+	    !(d->workers = devio_workers_new(devio_pool_size(srv->opts.threads)))) {
+		devio_err("ublk: cannot start the worker threads");
+		r = -ENOMEM;
+		goto fail;
+	}
 	r = ctrl_open(d);
 	if (r)
 		goto fail;
@@ -932,6 +943,7 @@ static void teardown(struct ublk_dev *d)
 	for (unsigned i = 0; d->queues && i < d->nr_queues; i++)
 		if (d->queues[i].thread_started)
 			pthread_join(d->queues[i].thread, NULL);
+	devio_workers_free(d->workers); /* idle: each queue waited for its requests */
 	if (d->started) {
 		FILE *mem;
 		char *text = NULL;

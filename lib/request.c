@@ -223,6 +223,20 @@ int devio_execute(struct devio_backend *b, struct devio_request *req)
 
 /* ---- worker pool ---- */
 
+#define DEVIO_POOL_DEFAULT 8u /* enough to overlap a remote server's round trips */
+
+bool devio_wants_pool(const struct devio_backend *b, unsigned threads)
+{
+	if (b->ops->submit || threads == 1)
+		return false;
+	return threads > 1 || b->run != DEVIO_RUN_CPU;
+}
+
+unsigned devio_pool_size(unsigned threads)
+{
+	return threads > 1 ? threads : DEVIO_POOL_DEFAULT;
+}
+
 struct devio_workers {
 	pthread_mutex_t lock;
 	pthread_cond_t cond;

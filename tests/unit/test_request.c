@@ -3,7 +3,8 @@
  * a flush after for every op that changes bytes, ZERO written as zeroes
  * where the backend has no zero (never for FAST_ZERO), a submit that
  * declines (-EAGAIN) run synchronously, and the three ways to run a
- * request (devio_submit, devio_execute, devio_run) agreeing. */
+ * request (devio_submit, devio_execute, devio_run) agreeing, and the one
+ * policy of which backends a front end hands to a worker pool. */
 #include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -13,6 +14,7 @@
 #include <string.h>
 #include "devio/backend.h"
 #include "devio/request.h"
+#include "devio/workers.h"
 
 #define FAKE_SIZE 65536u
 
@@ -224,6 +226,26 @@ static void test_execute_and_run_agree(void **state)
 	assert_int_equal(devio_execute(&f.b, &req), -EINVAL);
 }
 
+static void test_pool_policy(void **state)
+{
+	struct fake f;
+
+	fake_init(&f, true, true); /* asynchronous: never pooled */
+	assert_false(devio_wants_pool(&f.b, 0));
+	assert_false(devio_wants_pool(&f.b, 4));
+	fake_init(&f, true, false); /* blocking by default: pooled unless --threads 1 */
+	assert_true(devio_wants_pool(&f.b, 0));
+	assert_false(devio_wants_pool(&f.b, 1));
+	assert_true(devio_wants_pool(&f.b, 4));
+	f.b.run = DEVIO_RUN_CPU; /* in memory: inline unless --threads N > 1 */
+	assert_false(devio_wants_pool(&f.b, 0));
+	assert_false(devio_wants_pool(&f.b, 1));
+	assert_true(devio_wants_pool(&f.b, 4));
+	assert_int_equal(devio_pool_size(4), 4);
+	assert_true(devio_pool_size(0) > 1);
+	assert_int_equal(devio_pool_size(1), devio_pool_size(0));
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -232,6 +254,7 @@ int main(void)
 		cmocka_unit_test(test_zero_without_callback_writes_zeroes),
 		cmocka_unit_test(test_declined_submit_runs_synchronously),
 		cmocka_unit_test(test_execute_and_run_agree),
+		cmocka_unit_test(test_pool_policy),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
