@@ -698,8 +698,9 @@ static int remote_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint
 }
 
 /* Requests the wire cannot carry as they are (longer than the server's
- * maximum, FUA the server lacks, CACHE it does not offer) run here, in
- * pieces, on the calling thread. */
+ * maximum, FUA the server lacks, CACHE it does not offer) go back to the
+ * core, which runs them on the calling thread with the synchronous
+ * callbacks (in pieces; FUA as a flush after). */
 static bool needs_sync(const struct remote *rm, const struct devio_request *req)
 {
 	if ((req->op == DEVIO_OP_READ || req->op == DEVIO_OP_WRITE) && req->length > rm->max_payload)
@@ -718,42 +719,13 @@ static bool needs_sync(const struct remote *rm, const struct devio_request *req)
 	return (req->flags & DEVIO_REQ_FUA) && !(rm->tflags & NBD_FLAG_SEND_FUA) && req->op != DEVIO_OP_READ;
 }
 
-static int run_sync(struct devio_backend *b, struct devio_request *req)
-{
-	int r;
-
-	switch (req->op) {
-	case DEVIO_OP_READ:
-		return remote_pread(b, req->buf, req->length, req->offset);
-	case DEVIO_OP_WRITE:
-		r = remote_pwrite(b, req->buf, req->length, req->offset, req->flags);
-		break;
-	case DEVIO_OP_TRIM:
-		r = remote_trim(b, req->offset, req->length, req->flags);
-		break;
-	case DEVIO_OP_ZERO:
-		r = remote_zero(b, req->offset, req->length, req->flags);
-		break;
-	case DEVIO_OP_FLUSH:
-		return remote_flush(b);
-	default:
-		return 0; /* CACHE is a hint */
-	}
-	if (!r && (req->flags & DEVIO_REQ_FUA))
-		r = remote_flush(b);
-	return r;
-}
-
 static int remote_submit(struct devio_backend *b, struct devio_request *req)
 {
 	struct remote *rm = b->priv;
 
 	req->priv[1] = 0; /* an ordinary request */
-	if (needs_sync(rm, req)) {
-		req->result = run_sync(b, req);
-		req->complete(req);
-		return 0;
-	}
+	if (needs_sync(rm, req))
+		return -EAGAIN; /* the core runs it with the synchronous callbacks */
 	return send_request(rm, req);
 }
 
