@@ -40,6 +40,11 @@ struct remote {
 	pthread_cond_t cond;         /* a slot was freed */
 	struct devio_request *slot[REMOTE_SLOTS];
 	uint32_t gen[REMOTE_SLOTS];
+	/* A request is completed only once it is answered and no longer being
+	 * sent: a reply (or a dead connection) can come while its payload is
+	 * still going out, and completing it would free that payload. */
+	bool sending[REMOTE_SLOTS];
+	bool answered[REMOTE_SLOTS]; /* while sending: req->result is set */
 	unsigned used;
 	bool dead;
 	bool structured;             /* structured replies negotiated */
@@ -299,7 +304,10 @@ static void fail_all(struct remote *rm)
 	pthread_mutex_lock(&rm->lock);
 	rm->dead = true;
 	for (unsigned i = 0; i < REMOTE_SLOTS; i++) {
-		if (rm->slot[i]) {
+		if (rm->slot[i] && rm->sending[i]) {
+			rm->slot[i]->result = -EIO; /* its sender completes it */
+			rm->answered[i] = true;
+		} else if (rm->slot[i]) {
 			done[n++] = rm->slot[i];
 			rm->slot[i] = NULL;
 			rm->used--;
@@ -313,20 +321,51 @@ static void fail_all(struct remote *rm)
 	}
 }
 
-static struct devio_request *take_slot(struct remote *rm, uint64_t cookie)
+/* Free slot i (lock held). */
+static void release_slot_locked(struct remote *rm, unsigned i)
 {
-	uint32_t i = (uint32_t)cookie, gen = (uint32_t)(cookie >> 32);
+	rm->slot[i] = NULL;
+	rm->answered[i] = false;
+	rm->used--;
+	pthread_cond_signal(&rm->cond);
+}
+
+/* The answer for the request in slot i (found by its cookie): complete
+ * it now, or leave that to its sender if it is still being sent. */
+static void answer_slot(struct remote *rm, uint64_t cookie, int result)
+{
+	unsigned i = (uint32_t)cookie;
+	struct devio_request *req;
+
+	pthread_mutex_lock(&rm->lock);
+	req = rm->slot[i];
+	req->result = result;
+	if (rm->sending[i]) {
+		rm->answered[i] = true;
+		req = NULL;
+	} else {
+		release_slot_locked(rm, i);
+	}
+	pthread_mutex_unlock(&rm->lock);
+	if (req)
+		req->complete(req);
+}
+
+/* The sender of slot i is done: complete the request if it was answered
+ * meanwhile. */
+static void sent_slot(struct remote *rm, unsigned i)
+{
 	struct devio_request *req = NULL;
 
 	pthread_mutex_lock(&rm->lock);
-	if (i < REMOTE_SLOTS && rm->slot[i] && rm->gen[i] == gen) {
+	rm->sending[i] = false;
+	if (rm->answered[i]) {
 		req = rm->slot[i];
-		rm->slot[i] = NULL;
-		rm->used--;
-		pthread_cond_signal(&rm->cond);
+		release_slot_locked(rm, i);
 	}
 	pthread_mutex_unlock(&rm->lock);
-	return req;
+	if (req)
+		req->complete(req);
 }
 
 /* The request for a cookie, left in its slot (structured replies may
@@ -337,8 +376,8 @@ static struct devio_request *find_slot(struct remote *rm, uint64_t cookie)
 	struct devio_request *req = NULL;
 
 	pthread_mutex_lock(&rm->lock);
-	if (i < REMOTE_SLOTS && rm->slot[i] && rm->gen[i] == gen)
-		req = rm->slot[i];
+	if (i < REMOTE_SLOTS && rm->slot[i] && rm->gen[i] == gen && !rm->answered[i])
+		req = rm->slot[i]; /* an answered one is no longer in flight */
 	pthread_mutex_unlock(&rm->lock);
 	return req;
 }
@@ -353,7 +392,7 @@ static int simple_reply(struct remote *rm)
 
 	if ((r = devio_read_full(rm->fd, hdr, sizeof(hdr))))
 		return r;
-	req = take_slot(rm, nbd_get64(hdr + 4));
+	req = find_slot(rm, nbd_get64(hdr + 4));
 	if (!req) {
 		devio_err("%s: reply for a request never sent; closing", rm->name);
 		return -EPROTO;
@@ -369,8 +408,7 @@ static int simple_reply(struct remote *rm)
 	if (err)
 		devio_debug("%s: %s at offset %llu: server error %u", rm->name, devio_op_name(req->op),
 			    (unsigned long long)req->offset, err);
-	req->result = r ? -EIO : err ? nbd_to_errno(err) : 0;
-	req->complete(req);
+	answer_slot(rm, nbd_get64(hdr + 4), r ? -EIO : err ? nbd_to_errno(err) : 0);
 	return r;
 }
 
@@ -476,11 +514,8 @@ static int structured_chunk(struct remote *rm)
 			  len, devio_op_name(req->op), (unsigned long long)req->offset);
 		return r;
 	}
-	if (flags & NBD_REPLY_FLAG_DONE) {
-		take_slot(rm, nbd_get64(hdr + 4));
-		req->result = (int)(int64_t)req->priv[0];
-		req->complete(req);
-	}
+	if (flags & NBD_REPLY_FLAG_DONE)
+		answer_slot(rm, nbd_get64(hdr + 4), (int)(int64_t)req->priv[0]);
 	return 0;
 }
 
@@ -553,6 +588,7 @@ static int send_request(struct remote *rm, struct devio_request *req)
 	for (i = 0; rm->slot[i]; i++)
 		;
 	rm->slot[i] = req;
+	rm->sending[i] = true;
 	rm->gen[i]++;
 	rm->used++;
 	nbd_put32(hdr, NBD_REQUEST_MAGIC);
@@ -588,6 +624,7 @@ static int send_request(struct remote *rm, struct devio_request *req)
 		devio_err("%s: sending a request: %s", rm->name, strerror(-r));
 		shutdown(rm->fd, SHUT_RDWR);
 	}
+	sent_slot(rm, i);
 	return 0;
 }
 

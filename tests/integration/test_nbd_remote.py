@@ -144,3 +144,78 @@ def test_copy_larger_than_server_maximum(serve, tmp):
     with open(back, "rb") as f, open(src, "rb") as g:
         a, b = f.read(), g.read()
     assert a[:len(b)] == b and a[len(b):] == bytes(8 * MiB)
+
+
+def early_answering_server(path, size, ready):
+    """A hostile NBD server on a Unix socket that acknowledges every WRITE
+    before it reads the payload (and only then reads it, slowly)."""
+    import socket
+    import struct
+    import time
+    ls = socket.socket(socket.AF_UNIX)
+    ls.bind(path)
+    ls.listen(1)
+    ready.set()
+    ls.settimeout(30)
+    c, _ = ls.accept()
+    ls.close()
+    c.settimeout(30)
+
+    def recv(n):
+        b = b""
+        while len(b) < n:
+            got = c.recv(n - len(b))
+            if not got:
+                raise EOFError
+            b += got
+        return b
+
+    def opt_reply(opt, typ, data=b""):
+        c.sendall(struct.pack(">QIII", 0x3e889045565a9, opt, typ, len(data)) + data)
+
+    try:
+        c.sendall(b"NBDMAGIC" + b"IHAVEOPT" + struct.pack(">H", 3))  # fixed newstyle, no zeroes
+        recv(4)
+        while True:
+            _, opt, ln = struct.unpack(">QII", recv(16))
+            recv(ln)
+            if opt == 7:  # GO: the export, then ACK
+                opt_reply(opt, 3, struct.pack(">HQH", 0, size, 1 | 4 | 8))  # HAS_FLAGS|FLUSH|FUA
+                opt_reply(opt, 1)
+                break
+            opt_reply(opt, 0x80000001)  # ERR_UNSUP: no structured replies, no meta contexts
+        while True:
+            _, _, typ, cookie, _, ln = struct.unpack(">IHHQQI", recv(28))
+            if typ == 2:  # DISC
+                break
+            c.sendall(struct.pack(">IIQ", 0x67446698, 0, cookie) + (bytes(ln) if typ == 0 else b""))
+            if typ == 1:  # WRITE: answered already; now take the payload, slowly
+                time.sleep(0.2)
+                recv(ln)
+    except (EOFError, OSError):
+        pass
+    finally:
+        c.close()
+
+
+def test_reply_before_the_payload_is_sent(serve, tmp):
+    """A far server may answer a WRITE before taking its payload: the
+    request is completed (and the near server frees its 3 MiB buffer) only
+    once the payload is out, so the sanitizer build sees no use after free
+    and the near server stays up."""
+    import threading
+    import time
+    a = os.path.join(tmp, "hostile.sock")
+    b = os.path.join(tmp, "b.sock")
+    ready = threading.Event()
+    t = threading.Thread(target=early_answering_server, args=(a, 64 * MiB, ready), daemon=True)
+    t.start()
+    assert ready.wait(10)
+    near = serve(f"nbd+unix:///?socket={a}", "--nbd", f"unix:{b}")
+    near.wait_unix(b)
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 3M", "-c", "write -P 0x5b 3M 3M",
+        f"nbd+unix:///?socket={b}", timeout=60)
+    time.sleep(1)  # the hostile server takes the payloads meanwhile
+    assert near.proc.poll() is None
+    near.stop()
+    t.join(30)
