@@ -674,9 +674,18 @@ static int open_tail_fd(struct devio_file *f, uint64_t image_size)
 {
 	char self[64];
 	int flags = fcntl(f->fd, F_GETFL), err;
+	struct stat a, b;
 
 	snprintf(self, sizeof(self), "/proc/self/fd/%d", f->fd);
 	f->tail_fd = flags < 0 ? -1 : open(self, (flags & O_ACCMODE) | O_CLOEXEC);
+	if (f->tail_fd < 0 && flags >= 0) /* no /proc here: the path, if it is still the same file */
+		f->tail_fd = open(f->path, (flags & O_ACCMODE) | O_CLOEXEC);
+	if (f->tail_fd >= 0 && (fstat(f->fd, &a) || fstat(f->tail_fd, &b) || a.st_dev != b.st_dev ||
+				a.st_ino != b.st_ino)) {
+		close(f->tail_fd);
+		f->tail_fd = -1;
+		errno = ESTALE; /* the path names another file by now */
+	}
 	if (f->tail_fd >= 0)
 		return 0;
 	err = errno;
@@ -801,7 +810,7 @@ int devio_file_open(const char *path, const struct devio_open_opts *opts, struct
 	f->b.block_size = f->align;
 	f->b.priv = f;
 	f->b.caps = DEVIO_CAP_FLUSH | DEVIO_CAP_FUA | DEVIO_CAP_ZERO | DEVIO_CAP_EXTENTS |
-		    DEVIO_CAP_MULTI_CONN | DEVIO_CAP_CACHE;
+		    DEVIO_CAP_MULTI_CONN | DEVIO_CAP_CACHE | DEVIO_CAP_PWRITE_FUA /* RWF_DSYNC */;
 	if (f->readonly)
 		f->b.caps |= DEVIO_CAP_READONLY;
 	else if (probe_punch(f, image_size))
@@ -845,9 +854,11 @@ out_free:
  * cap file_submit() runs requests synchronously.  req->priv[0] counts the
  * bytes done so far; with O_DIRECT req->priv[1] is a struct file_dio.
  * An O_DIRECT write holds its blocks shared from submit to completion, so
- * a completion callback must not start an unaligned O_DIRECT write (its
- * exclusive hold would wait for completions only this thread reaps); none
- * does: front ends start requests from their own threads.
+ * a completion callback must not start any O_DIRECT WRITE, TRIM or ZERO:
+ * ranges are granted first come first served, and one queued behind an
+ * RMW that waits for a completion only this thread reaps never comes.
+ * None does: front ends start requests from their own threads (NBD runs
+ * the pieces of a split request on its reader for this reason).
  */
 
 #define RING_SQ_ENTRIES 256u

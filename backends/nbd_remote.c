@@ -305,8 +305,9 @@ static void fail_all(struct remote *rm)
 	rm->dead = true;
 	for (unsigned i = 0; i < REMOTE_SLOTS; i++) {
 		if (rm->slot[i] && rm->sending[i]) {
-			rm->slot[i]->result = -EIO; /* its sender completes it */
-			rm->answered[i] = true;
+			if (!rm->answered[i]) /* else its real answer stands */
+				rm->slot[i]->result = -EIO;
+			rm->answered[i] = true; /* its sender completes it */
 		} else if (rm->slot[i]) {
 			done[n++] = rm->slot[i];
 			rm->slot[i] = NULL;
@@ -330,8 +331,10 @@ static void release_slot_locked(struct remote *rm, unsigned i)
 	pthread_cond_signal(&rm->cond);
 }
 
-/* The answer for the request in slot i (found by its cookie): complete
- * it now, or leave that to its sender if it is still being sent. */
+/* The answer for the request in slot i, which find_slot() returned to the
+ * reader: complete it now, or leave that to its sender if it is still
+ * being sent.  Only the reader answers, and a sender frees only answered
+ * slots, so the slot is still there. */
 static void answer_slot(struct remote *rm, uint64_t cookie, int result)
 {
 	unsigned i = (uint32_t)cookie;
@@ -339,6 +342,10 @@ static void answer_slot(struct remote *rm, uint64_t cookie, int result)
 
 	pthread_mutex_lock(&rm->lock);
 	req = rm->slot[i];
+	if (!req) { /* cannot happen (see above); never a NULL dereference */
+		pthread_mutex_unlock(&rm->lock);
+		return;
+	}
 	req->result = result;
 	if (rm->sending[i]) {
 		rm->answered[i] = true;

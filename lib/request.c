@@ -142,7 +142,8 @@ static int run_sync(struct devio_backend *b, struct devio_request *req)
 	default:
 		return -EINVAL;
 	}
-	if (!r && (req->flags & DEVIO_REQ_FUA) && ops->flush)
+	if (!r && (req->flags & DEVIO_REQ_FUA) && ops->flush &&
+	    !(req->op == DEVIO_OP_WRITE && (b->caps & DEVIO_CAP_PWRITE_FUA)))
 		r = ops->flush(b);
 	return r;
 }

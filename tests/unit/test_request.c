@@ -151,6 +151,12 @@ static void test_fua_is_a_flush_after_every_change(void **state)
 	assert_int_equal(f.flushes, 3);
 	assert_int_equal(submit(&f, DEVIO_OP_FLUSH, 0, 0, 0, NULL), 0);
 	assert_int_equal(f.flushes, 4);
+	/* a pwrite that honours FUA itself (RWF_DSYNC) gets no second sync */
+	f.b.caps |= DEVIO_CAP_PWRITE_FUA;
+	assert_int_equal(submit(&f, DEVIO_OP_WRITE, 0, 16, DEVIO_REQ_FUA, buf), 0);
+	assert_int_equal(f.flushes, 4);
+	assert_int_equal(submit(&f, DEVIO_OP_ZERO, 0, 16, DEVIO_REQ_FUA, NULL), 0);
+	assert_int_equal(f.flushes, 5);
 }
 
 static void test_zero_without_callback_writes_zeroes(void **state)
