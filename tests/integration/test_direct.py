@@ -80,9 +80,15 @@ def race(uri, kind_a, kind_b, nblocks):
     procs = [subprocess.Popen([sys.executable, "-c", RACER, uri, k, str(nblocks)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for k in (kind_a, kind_b)]
-    for p in procs:
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, out.decode(errors="replace")
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=120)
+            assert p.returncode == 0, out.decode(errors="replace")
+    finally:
+        for p in procs:  # never left running, whatever failed
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 # kind_a, kind_b, what every block must hold afterwards (as a function of
