@@ -28,6 +28,15 @@ def wait_for(pred, timeout=10.0, what="condition"):
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def vmrss(pid):
+    """Resident bytes of a process."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS line")
+
+
 def run_ok(*args, timeout=120):
     """Run a tool; its stdout, or an AssertionError with everything it said."""
     r = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)

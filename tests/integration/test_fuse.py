@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import wait_for
+from conftest import vmrss, wait_for
 
 ENABLE_URING = "/sys/module/fuse/parameters/enable_uring"
 MiB = 1 << 20
@@ -38,13 +38,6 @@ def loop_exists(dev):
     except OSError:
         return False
 
-
-def vmrss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def sha256_file(path):
@@ -260,16 +253,16 @@ def test_fio_verify(serve, scratch, transport):
 def test_discard_reaches_ram(serve, scratch, transport):
     """blkdiscard on the loop device frees the RAM disk's memory."""
     s, _, dev = start_fuse(serve, scratch, "ram:256M", transport)
-    before = vmrss_kib(s.proc.pid)
+    before = vmrss(s.proc.pid) // 1024
     with open(dev, "wb") as f:
         for _ in range(96):
             f.write(os.urandom(MiB))
         f.flush()
         os.fsync(f.fileno())
-    full = vmrss_kib(s.proc.pid)
+    full = vmrss(s.proc.pid) // 1024
     assert full - before > 64 * 1024, (before, full)
     run("blkdiscard", dev)
-    wait_for(lambda: vmrss_kib(s.proc.pid) < full - 64 * 1024, 20, "RSS to shrink after discard")
+    wait_for(lambda: vmrss(s.proc.pid) // 1024 < full - 64 * 1024, 20, "RSS to shrink after discard")
     with open(dev, "rb") as f:
         assert f.read(MiB) == b"\0" * MiB
     stop_and_check_gone(s, scratch, dev)

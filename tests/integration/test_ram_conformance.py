@@ -11,17 +11,11 @@ import tempfile
 
 import pytest
 
+from conftest import vmrss
+
 nbd = pytest.importorskip("nbd")
 
 MiB = 1 << 20
-
-
-def vmrss(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS line")
 
 
 @pytest.fixture

@@ -8,17 +8,10 @@ import tempfile
 import pytest
 
 import devio_wire as w
+from conftest import vmrss
 
 MiB = 1 << 20
 WRITTEN = 96 * MiB
-
-
-def vmrss(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS line")
 
 
 @pytest.fixture
