@@ -47,10 +47,16 @@ int devio_backend_open(const char *source, const struct devio_open_opts *opts, s
 	return r;
 }
 
+/* A stack closes from the top: the layer first, then what it wrapped. */
 void devio_backend_close(struct devio_backend *b)
 {
-	if (b && b->ops->close)
-		b->ops->close(b);
+	while (b) {
+		struct devio_backend *lower = b->lower;
+
+		if (b->ops->close)
+			b->ops->close(b);
+		b = lower;
+	}
 }
 
 struct devio_export *devio_server_export(struct devio_server *srv, const char *name)

@@ -114,6 +114,7 @@ struct devio_backend {
 	uint32_t caps;       /* DEVIO_CAP_* */
 	uint32_t max_io;     /* largest single transfer the backend accepts; 0 = no limit */
 	void *priv;
+	struct devio_backend *lower; /* a layer's wrapped backend (layer.h); NULL for a store */
 };
 
 /* How to open a SOURCE given on a command line. */

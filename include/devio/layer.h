@@ -1,0 +1,57 @@
+/* layer.h - backends that wrap another backend.
+ *
+ * A layer (nbdkit's filters are the model) is a struct devio_backend whose
+ * `lower` points at the backend it wraps: a window or partition of it, an
+ * image format read from it (VHD, qcow2), a copy-on-write overlay over it,
+ * a read-only guard.  A source string plus options composes a stack:
+ *
+ *     store (file, ram:, devio://, nbd://) -> format -> partition/window -> overlay
+ *
+ * The core closes a stack from the top: devio_backend_close() closes the
+ * layer, then its lower backend.  A layer reaches its lower backend only
+ * through the functions below, which run a request with the core's checks
+ * and rules (range, read-only, FUA, ZERO fallback), never by calling the
+ * lower backend's operations itself.
+ */
+#ifndef DEVIO_LAYER_H
+#define DEVIO_LAYER_H
+
+#include "backend.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Make b a layer over lower with ops and priv: size, block size, maximum
+ * transfer, run kind and the capabilities in `keep` are lower's (the layer
+ * changes them afterwards as it needs). */
+void devio_layer_init(struct devio_backend *b, const struct devio_backend_ops *ops,
+		      struct devio_backend *lower, uint32_t keep, void *priv);
+
+/* Synchronous requests to the lower backend, on the calling thread (or
+ * waiting for its asynchronous path): 0 or a negative errno.  Argument
+ * order as in struct devio_backend_ops. */
+int devio_layer_read(struct devio_backend *lower, void *buf, uint64_t len, uint64_t off);
+int devio_layer_write(struct devio_backend *lower, const void *buf, uint64_t len, uint64_t off, uint32_t flags);
+int devio_layer_flush(struct devio_backend *lower);
+int devio_layer_trim(struct devio_backend *lower, uint64_t off, uint64_t len, uint32_t flags);
+int devio_layer_zero(struct devio_backend *lower, uint64_t off, uint64_t len, uint32_t flags);
+
+/* The extents of [off, off+len) of any backend, after a range check: its
+ * own extents callback, or one data extent where it has none. */
+int devio_extents(struct devio_backend *b, uint64_t off, uint64_t len, devio_extent_fn fn, void *ctx);
+
+/* Image formats (lib/format.c): the format layer for an opened store.
+ * format is "auto" (or NULL: detect VHD and qcow2 by their signatures, and
+ * refuse images that name a backing file or parent), "raw" (no layer), or
+ * a format's name (its backing file, if any, opened read-only relative to
+ * `name`'s folder).  On success *out is the format layer, or lower itself
+ * for raw bytes; on error lower is left open and a message names the
+ * image, the field and the offset. */
+int devio_format_open(const char *name, struct devio_backend *lower, const char *format,
+		      const struct devio_open_opts *opts, struct devio_backend **out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
