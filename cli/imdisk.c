@@ -33,6 +33,7 @@
 
 struct imdisk_args {
 	bool readonly;
+	bool novhd;    /* --novhd: no VHD detection */
 	const char *comm;
 	const char *image;
 	const char *words[4]; /* what follows diskdev */
@@ -97,7 +98,7 @@ static int imdisk_parse(int argc, char **argv, struct imdisk_args *a)
 		if (!strcmp(argv[i], "-r"))
 			a->readonly = true;
 		else if (!strcmp(argv[i], "--novhd"))
-			continue; /* no VHD detection here: accepted for compatibility */
+			a->novhd = true; /* the image's bytes as they are, VHD or not */
 		else
 			return -EINVAL;
 	}
@@ -289,6 +290,7 @@ int cmd_imdisk(int argc, char **argv)
 		return 2;
 	}
 	o.readonly = a.readonly;
+	o.format = a.novhd ? "raw" : "auto";
 	if (imdisk_geometry(&a, &o, &rest) || imdisk_stream_opts(&a, rest, opts, sizeof(opts))) {
 		imdisk_usage();
 		return 2;

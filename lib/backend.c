@@ -4,10 +4,11 @@
 #include <string.h>
 #include "devio/backend.h"
 #include "devio/frontend.h"
+#include "devio/layer.h"
 #include "devio/util.h"
 
 
-static int backend_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out)
+static int store_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out)
 {
 	uint64_t size;
 	int r;
@@ -32,6 +33,20 @@ static int backend_open(const char *source, const struct devio_open_opts *opts, 
 	if (!strncmp(source, "nbd://", 6) || !strncmp(source, "nbd+unix://", 11))
 		return devio_remote_nbd_open(source, opts, out);
 	return devio_file_open(source, opts, out);
+}
+
+/* The store a SOURCE names, then the image-format layer over it. */
+static int backend_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out)
+{
+	struct devio_backend *store;
+	int r = store_open(source, opts, &store);
+
+	if (r)
+		return r;
+	r = devio_format_open(source, store, opts->format, opts, out);
+	if (r)
+		devio_backend_close(store);
+	return r;
 }
 
 /* The backends log why they fail; the few failures they do not explain

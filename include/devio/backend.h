@@ -126,6 +126,7 @@ struct devio_open_opts {
 	int partition;     /* 0 = whole image; N = MBR/GPT partition N */
 	uint64_t ram_max;  /* ram: cap on resident bytes, 0 = none */
 	bool direct;       /* file: O_DIRECT */
+	const char *format; /* NULL or "auto": detect; "raw"; "vhd", "qcow2" (layer.h) */
 };
 
 /* Open SOURCE: "ram:SIZE", "devio://HOST:PORT", "devio+unix:///PATH",
