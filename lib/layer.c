@@ -23,7 +23,7 @@ static int layer_request(struct devio_backend *lower, enum devio_op op, void *bu
 {
 	struct devio_request req = { .op = op, .flags = flags, .offset = off, .length = len, .buf = buf };
 
-	return devio_execute(lower, &req);
+	return devio_run(lower, &req);
 }
 
 int devio_layer_read(struct devio_backend *lower, void *buf, uint64_t len, uint64_t off)

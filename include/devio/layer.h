@@ -28,9 +28,9 @@ extern "C" {
 void devio_layer_init(struct devio_backend *b, const struct devio_backend_ops *ops,
 		      struct devio_backend *lower, uint32_t keep, void *priv);
 
-/* Synchronous requests to the lower backend, on the calling thread (or
- * waiting for its asynchronous path): 0 or a negative errno.  Argument
- * order as in struct devio_backend_ops. */
+/* Synchronous requests to the lower backend with devio_run(), on the
+ * calling thread (no hop to an asynchronous path and back): 0 or a
+ * negative errno.  Argument order as in struct devio_backend_ops. */
 int devio_layer_read(struct devio_backend *lower, void *buf, uint64_t len, uint64_t off);
 int devio_layer_write(struct devio_backend *lower, const void *buf, uint64_t len, uint64_t off, uint32_t flags);
 int devio_layer_flush(struct devio_backend *lower);
