@@ -2,7 +2,7 @@
 # test.sh - the project's one test command (README, .ci/run): installs what
 # it needs, builds with ASan+UBSan and warnings as errors, runs the unit
 # tests, the integration tests against real peers, every fuzz target for a
-# bounded time and the guest-kernel scenarios, then prints one closing line
+# bounded time and the guest-kernel scenarios (6.12 and 7.x), then prints one closing line
 # "N passed, N failed".  Needs root (FUSE, loop devices, mounts).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -85,18 +85,33 @@ else
   count fuzz-build fail
 fi
 
-if [ -x tests/vm/run.sh ]; then
-  echo "== guest-kernel scenarios (tests/vm)"
+# run_vm LABEL KERNEL: the guest scenarios on one kernel, counted as LABEL:name.
+run_vm() {
+  local label=$1 kernel=$2 log=build-test/vm-$1.log serial=$ROOT/build-test/vm-$1-serial.log
+  echo "== guest-kernel scenarios on $label ($kernel)"
   while read -r status name; do
     case "$status" in
-      PASS) count "vm:$name" pass ;;
-      FAIL) count "vm:$name" fail ;;
+      PASS) count "$label:$name" pass ;;
+      FAIL) count "$label:$name" fail ;;
     esac
-  done < <(DEVIO_BUILD="$ROOT/build-test" VM_LOG="$ROOT/build-test/vm-serial.log" tests/vm/run.sh 2>&1 \
-             | tee build-test/vm.log | grep -E '^(PASS|FAIL) ')
-  if grep -q '^FAIL' build-test/vm.log; then
-    echo "-- guest serial console (build-test/vm-serial.log), last 80 lines:"
-    tail -n 80 build-test/vm-serial.log
+  done < <(VM_KERNEL="$kernel" DEVIO_BUILD="$ROOT/build-test" VM_LOG="$serial" tests/vm/run.sh 2>&1 \
+             | tee "$log" | grep -E '^(PASS|FAIL) ')
+  if grep -q '^FAIL' "$log"; then
+    echo "-- guest serial console ($serial), last 80 lines:"
+    tail -n 80 "$serial"
+  fi
+}
+
+if [ -x tests/vm/run.sh ]; then
+  # Debian 12's 6.12 (scripts/deps.sh) and the newest 7.x from
+  # trixie-backports, fetched into a cache (scripts/guest-kernels.sh).
+  k612=$(ls /boot/vmlinuz-6.12.*-amd64 2>/dev/null | sort -V | tail -n 1)
+  if [ -n "$k612" ]; then run_vm vm-6.12 "$k612"; else count "vm-6.12:kernel-missing" fail; fi
+  if k7=$(bash scripts/guest-kernels.sh 2>build-test/guest-kernels.log) && [ -n "$k7" ]; then
+    run_vm vm-7.x "$k7"
+  else
+    echo "guest-kernels: no 7.x kernel (build-test/guest-kernels.log):"; tail -5 build-test/guest-kernels.log
+    count "vm-7.x:kernel-missing" fail
   fi
 fi
 
