@@ -123,8 +123,12 @@ int feopts_init(struct feopts *f, const struct devio_frontend_type *const *types
 	for (; types[f->n_types]; f->n_types++) {
 		const struct devio_frontend_type *t = types[f->n_types];
 
-		if (f->n_types == FEOPTS_MAX_TYPES || (t->options && !t->opts_size)) {
-			devio_err("--%s: too many front ends, or options without a struct", t->option);
+		if (f->n_types == FEOPTS_MAX_TYPES) {
+			devio_err("more than %d front ends", FEOPTS_MAX_TYPES);
+			return -EINVAL;
+		}
+		if (t->options && !t->opts_size) {
+			devio_err("--%s: options but no options struct", t->option);
 			return -EINVAL;
 		}
 		f->types[f->n_types] = t;
