@@ -62,8 +62,19 @@ static const struct option *feopts_find(const struct option *table, size_t n, co
 	return NULL;
 }
 
-/* Append name to the table unless a front end declared it already (then
- * it must agree on taking an argument). */
+/* Append one getopt entry; two options of one command never share a name. */
+static int feopts_append(struct feopts *f, size_t *n, struct option o)
+{
+	if (feopts_find(f->table, *n, o.name)) {
+		devio_err("--%s: declared twice for this command", o.name);
+		return -EINVAL;
+	}
+	f->table[(*n)++] = o;
+	return 0;
+}
+
+/* A front end's option: a new name, or one another front end declared
+ * already (then both must agree on taking an argument). */
 static int feopts_add_name(struct feopts *f, size_t *n, const struct devio_frontend_option *o)
 {
 	const struct option *seen = feopts_find(f->table, *n, o->name);
@@ -75,51 +86,41 @@ static int feopts_add_name(struct feopts *f, size_t *n, const struct devio_front
 		devio_err("front ends disagree whether --%s takes an argument", o->name);
 		return -EINVAL;
 	}
-	if (seen) {
-		devio_err("front end option --%s is already an option of this command", o->name);
+	if (feopts_append(f, n, (struct option){ o->name, has_arg, NULL, FEOPTS_NAME_CODE + (int)f->n_names }))
 		return -EINVAL;
-	}
-	f->names[f->n_names] = o->name;
-	f->table[(*n)++] = (struct option){ o->name, has_arg, NULL, FEOPTS_NAME_CODE + (int)f->n_names };
-	f->n_names++;
+	f->names[f->n_names++] = o->name;
 	return 0;
 }
 
 static int feopts_build_table(struct feopts *f, const struct option *own, size_t n_own, size_t n_opts)
 {
 	size_t n = 0;
-	int r;
+	int r = 0;
 
 	f->table = calloc(n_own + f->n_types + n_opts + feopts_count(feopts_serving) + 1, sizeof(*f->table));
 	f->names = calloc(n_opts + 1, sizeof(*f->names));
 	f->given = calloc(n_opts + 1, sizeof(*f->given));
 	if (!f->table || !f->names || !f->given)
 		return -ENOMEM;
-	for (; n < n_own; n++)
-		f->table[n] = own[n];
-	for (size_t i = 0; i < f->n_types; i++)
-		f->table[n++] = (struct option){ f->types[i]->option,
-						 f->types[i]->arg_optional ? optional_argument : required_argument,
-						 NULL, FEOPTS_START_CODE + (int)i };
-	for (size_t k = 0; feopts_serving[k].name; k++)
-		f->table[n++] = (struct option){ feopts_serving[k].name, required_argument, NULL,
-						 FEOPTS_SERVING_CODE + (int)k };
+	for (size_t k = 0; k < n_own && !r; k++)
+		r = own[k].val < FEOPTS_CODE_BASE ? feopts_append(f, &n, own[k]) : -EINVAL;
+	for (size_t i = 0; i < f->n_types && !r; i++)
+		r = feopts_append(f, &n, (struct option){ f->types[i]->option,
+							  f->types[i]->arg_optional ? optional_argument : required_argument,
+							  NULL, FEOPTS_START_CODE + (int)i });
+	for (size_t k = 0; feopts_serving[k].name && !r; k++)
+		r = feopts_append(f, &n, (struct option){ feopts_serving[k].name, required_argument, NULL,
+							  FEOPTS_SERVING_CODE + (int)k });
 	/* the front ends' options last: their names index f->names */
-	for (size_t i = 0; i < f->n_types; i++)
-		for (size_t k = 0; f->types[i]->options && f->types[i]->options[k].name; k++)
-			if ((r = feopts_add_name(f, &n, &f->types[i]->options[k])))
-				return r;
-	return 0;
+	for (size_t i = 0; i < f->n_types && !r; i++)
+		for (size_t k = 0; f->types[i]->options && f->types[i]->options[k].name && !r; k++)
+			r = feopts_add_name(f, &n, &f->types[i]->options[k]);
+	return r;
 }
 
-int feopts_init(struct feopts *f, const struct devio_frontend_type *const *types, const struct option *own)
+/* The offered types and an options struct for each. */
+static int feopts_take_types(struct feopts *f, const struct devio_frontend_type *const *types, size_t *n_opts)
 {
-	size_t n_own = 0, n_opts = 0;
-	int r;
-
-	memset(f, 0, sizeof(*f));
-	while (own && own[n_own].name)
-		n_own++;
 	for (; types[f->n_types]; f->n_types++) {
 		const struct devio_frontend_type *t = types[f->n_types];
 
@@ -132,11 +133,24 @@ int feopts_init(struct feopts *f, const struct devio_frontend_type *const *types
 			return -EINVAL;
 		}
 		f->types[f->n_types] = t;
-		n_opts += feopts_count(t->options);
+		*n_opts += feopts_count(t->options);
 		if (t->opts_size && !(f->opts[f->n_types] = calloc(1, t->opts_size)))
 			return -ENOMEM;
 	}
-	r = feopts_build_table(f, own, n_own, n_opts);
+	return 0;
+}
+
+int feopts_init(struct feopts *f, const struct devio_frontend_type *const *types, const struct option *own)
+{
+	size_t n_own = 0, n_opts = 0;
+	int r;
+
+	memset(f, 0, sizeof(*f));
+	while (own && own[n_own].name)
+		n_own++;
+	r = feopts_take_types(f, types, &n_opts);
+	if (!r)
+		r = feopts_build_table(f, own, n_own, n_opts);
 	if (r)
 		feopts_free(f);
 	return r;

@@ -152,6 +152,61 @@ static void test_clash_with_own_option_is_refused(void **state)
 	assert_int_equal(feopts_init(&f, devio_frontends, own), -EINVAL);
 }
 
+/* A front end added by a table alone: its options parse into its struct,
+ * a name it shares with NBD reaches both. */
+struct fake_opts {
+	bool turbo;
+	unsigned depth;
+};
+
+static int fake_start(struct devio_server *srv, const char *arg, const void *opts, void **st) { return 0; }
+static void fake_stop(void *st) { }
+
+static const struct devio_frontend_option fake_options[] = {
+	{ "turbo", NULL, "go faster", devio_opt_flag, offsetof(struct fake_opts, turbo) },
+	{ "depth", "N", "in flight", devio_opt_uint, offsetof(struct fake_opts, depth) },
+	{ NULL },
+};
+
+static const struct devio_frontend_type fake = {
+	.option = "fake", .arg_help = "WHERE", .help = "a test front end", .options = fake_options,
+	.opts_size = sizeof(struct fake_opts), .start = fake_start, .stop = fake_stop,
+};
+
+static void test_a_new_front_end_is_a_table(void **state)
+{
+	static const struct devio_frontend_type *const types[] = { &devio_frontend_nbd, &fake, NULL };
+	const struct fake_opts *o;
+	struct feopts f;
+
+	assert_int_equal(feopts_init(&f, types, NULL), 0);
+	assert_int_equal(feopts_add(&f, &fake, "here"), 0);
+	assert_int_equal(feopts_set(&f, "turbo", NULL), 0);
+	assert_int_equal(feopts_set(&f, "depth", "5"), 0);
+	o = f.fe[0].opts;
+	assert_true(o->turbo);
+	assert_int_equal(o->depth, 5);
+	assert_int_equal(uint_field(&f, &devio_frontend_nbd, "depth"), 5);
+	feopts_free(&f);
+}
+
+static void test_inconsistent_tables_are_refused(void **state)
+{
+	static const struct devio_frontend_option flag_depth[] = {
+		{ "depth", NULL, "a flag here", devio_opt_flag, 0 }, { NULL },
+	};
+	static const struct devio_frontend_type flagged = {
+		.option = "flagged", .help = "", .options = flag_depth, .opts_size = sizeof(bool),
+		.start = fake_start, .stop = fake_stop,
+	};
+	static const struct devio_frontend_type *const disagree[] = { &devio_frontend_nbd, &flagged, NULL };
+	static const struct option own_fuse[] = { { "fuse", no_argument, NULL, 'f' }, { NULL, 0, NULL, 0 } };
+	struct feopts f;
+
+	assert_int_equal(feopts_init(&f, disagree, NULL), -EINVAL);
+	assert_int_equal(feopts_init(&f, devio_frontends, own_fuse), -EINVAL); /* a front end's name */
+}
+
 static void test_only_offered_front_ends(void **state)
 {
 	static const struct devio_frontend_type *const fuse_only[] = { &devio_frontend_fuse, NULL };
@@ -175,6 +230,8 @@ int main(void)
 		cmocka_unit_test(test_getopt_starts_front_ends),
 		cmocka_unit_test(test_clash_with_own_option_is_refused),
 		cmocka_unit_test(test_only_offered_front_ends),
+		cmocka_unit_test(test_a_new_front_end_is_a_table),
+		cmocka_unit_test(test_inconsistent_tables_are_refused),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
