@@ -4,6 +4,8 @@
  * into struct devio_request and back.  `devio serve` opens the exports,
  * starts every front end named on its command line (each runs on threads
  * of its own), waits for SIGINT/SIGTERM, then stops them in reverse order.
+ * Each front end declares its own options and help in its registration
+ * (struct devio_frontend_type); the command line is built from them.
  */
 #ifndef DEVIO_FRONTEND_H
 #define DEVIO_FRONTEND_H
