@@ -23,29 +23,37 @@
 #include "devio/ublk.h"
 #include "devio/util.h"
 
+/* The front ends attach offers: a local file or device for the export. */
+static const struct devio_frontend_type *const attach_frontends[] = { &devio_frontend_fuse, NULL };
+
 static void attach_usage(FILE *out)
 {
+	struct feopts f;
+
 	fprintf(out,
 		"usage: devio attach URI --fuse MOUNTPOINT [--loop] [-r] [-d]\n"
 		"       devio attach URI --nbd-device [...]\n"
 		"URI: devio://HOST:PORT, devio+unix:///PATH, nbd://HOST[:PORT][/EXPORT], nbd+unix:///EXPORT?socket=PATH\n"
-		"  --fuse DIR           show the export as DIR/disk\n"
-		"  --loop               and attach a loop device to it (printed on stdout)\n"
-		"  -r, --readonly       refuse writes\n"
-		"  -d, --daemon         return once the device is ready; the server runs on\n"
-		"  --fuse-transport auto|uring|dev  --threads N  --depth N\n"
-		"usage: devio detach MOUNTPOINT|/dev/loopN|/dev/nbdN\n");
+		"front end and its options:\n");
+	if (!feopts_init(&f, attach_frontends, NULL)) {
+		feopts_usage_frontends(&f, out);
+		feopts_free(&f);
+	}
+	fprintf(out,
+		"options:\n"
+		"  -r, --readonly         refuse writes\n"
+		"  -d, --daemon           return once the device is ready; the server runs on\n"
+		"  -v, --verbose\n"
+		"serving options (the core's run policy):\n");
+	feopts_usage_serving(out);
+	fprintf(out, "usage: devio detach MOUNTPOINT|/dev/loopN|/dev/nbdN\n");
 }
 
-enum { OPT_FUSE = 256, OPT_LOOP, OPT_NBD_DEVICE, OPT_TRANSPORT, OPT_THREADS, OPT_DEPTH };
+enum { OPT_NBD_DEVICE = 256 };
 
+/* attach's own options; the front end's and --threads come from feopts.c */
 static const struct option attach_options[] = {
-	{ "fuse", required_argument, NULL, OPT_FUSE },
-	{ "loop", no_argument, NULL, OPT_LOOP },
 	{ "nbd-device", optional_argument, NULL, OPT_NBD_DEVICE },
-	{ "fuse-transport", required_argument, NULL, OPT_TRANSPORT },
-	{ "threads", required_argument, NULL, OPT_THREADS },
-	{ "depth", required_argument, NULL, OPT_DEPTH },
 	{ "readonly", no_argument, NULL, 'r' },
 	{ "daemon", no_argument, NULL, 'd' },
 	{ "verbose", no_argument, NULL, 'v' },
@@ -54,10 +62,10 @@ static const struct option attach_options[] = {
 };
 
 struct attach_args {
-	const char *uri, *mnt;
+	const char *uri;
 	bool daemon;
 	struct devio_open_opts open;
-	struct devio_serve_opts serve;
+	struct feopts fe;
 };
 
 static bool wants_nbd_device(int argc, char **argv)
@@ -68,48 +76,35 @@ static bool wants_nbd_device(int argc, char **argv)
 	return false;
 }
 
-static int parse_count(const char *opt, const char *val, unsigned *out)
+static int parse_one(struct attach_args *a, int c)
 {
-	uint64_t v;
-
-	if (devio_parse_u64(val, &v) || v == 0 || v > 4096) {
-		devio_err("%s: bad number '%s'", opt, val);
-		return -EINVAL;
+	switch (c) {
+	case 'r': a->open.readonly = true; return 0;
+	case 'd': a->daemon = true; return 0;
+	case 'v': devio_log_set_level(DEVIO_LOG_DEBUG); return 0;
+	case 'h': attach_usage(stdout); exit(0);
+	default: return -EINVAL;
 	}
-	*out = (unsigned)v;
-	return 0;
 }
 
 static int parse_attach(int argc, char **argv, struct attach_args *a)
 {
-	int c;
+	int c, r;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "rdvh", attach_options, NULL)) != -1) {
-		switch (c) {
-		case OPT_FUSE: a->mnt = optarg; break;
-		case OPT_LOOP: a->serve.loop = true; break;
-		case OPT_TRANSPORT:
-			if (strcmp(optarg, "auto") && strcmp(optarg, "uring") && strcmp(optarg, "dev")) {
-				devio_err("--fuse-transport: want auto, uring or dev");
-				return -EINVAL;
-			}
-			a->serve.fuse_transport = optarg;
-			break;
-		case OPT_THREADS: if (parse_count("--threads", optarg, &a->serve.threads)) return -EINVAL; break;
-		case OPT_DEPTH: if (parse_count("--depth", optarg, &a->serve.depth)) return -EINVAL; break;
-		case 'r': a->open.readonly = true; break;
-		case 'd': a->daemon = true; break;
-		case 'v': devio_log_set_level(DEVIO_LOG_DEBUG); break;
-		case 'h': attach_usage(stdout); exit(0);
-		default: return -EINVAL;
-		}
+	while ((c = getopt_long(argc, argv, "rdvh", a->fe.table, NULL)) != -1) {
+		r = c == '?' ? -EINVAL : feopts_parse(&a->fe, c, optarg);
+		if (r == 1)
+			r = parse_one(a, c);
+		if (r)
+			return -EINVAL;
 	}
-	if (optind != argc - 1 || !a->mnt) {
+	if (optind != argc - 1 || !a->fe.n_fe) {
 		devio_err(optind != argc - 1 ? "want exactly one URI" : "want --fuse MOUNTPOINT (or --nbd-device)");
 		return -EINVAL;
 	}
 	a->uri = argv[optind];
+	feopts_finish(&a->fe);
 	return 0;
 }
 
@@ -117,14 +112,13 @@ static int parse_attach(int argc, char **argv, struct attach_args *a)
 static int run_attach(struct attach_args *a)
 {
 	struct devio_export ex = { .name = "", .source = a->uri };
-	struct devio_server srv = { .exports = &ex, .n_exports = 1, .opts = a->serve };
-	struct serve_frontend fe = { .type = &devio_frontend_fuse, .arg = a->mnt };
+	struct devio_server srv = { .exports = &ex, .n_exports = 1, .opts = a->fe.serve };
 	int r, rc;
 
 	r = devio_backend_open(a->uri, &a->open, &ex.backend);
 	if (r)
 		return 1; /* the backend said why */
-	rc = serve_run(&srv, &fe, 1);
+	rc = serve_run(&srv, a->fe.fe, a->fe.n_fe);
 	devio_backend_close(ex.backend);
 	return rc;
 }
@@ -196,14 +190,20 @@ static int daemonize_and_run(struct attach_args *a)
 int cmd_attach(int argc, char **argv)
 {
 	struct attach_args a = { 0 };
+	int rc;
 
 	if (wants_nbd_device(argc, argv))
 		return attach_nbd_device(argc, argv);
+	if (feopts_init(&a.fe, attach_frontends, attach_options))
+		return 1;
 	if (parse_attach(argc, argv, &a)) {
 		attach_usage(stderr);
-		return 2;
+		rc = 2;
+	} else {
+		rc = a.daemon ? daemonize_and_run(&a) : run_attach(&a);
 	}
-	return a.daemon ? daemonize_and_run(&a) : run_attach(&a);
+	feopts_free(&a.fe);
+	return rc;
 }
 
 /* ---- detach ---- */

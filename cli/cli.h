@@ -2,7 +2,10 @@
 #ifndef DEVIO_CLI_H
 #define DEVIO_CLI_H
 
+#include <getopt.h>
+#include <stdbool.h>
 #include <stddef.h>
+#include <stdio.h>
 #include "devio/frontend.h"
 
 /* Subcommands: argv[0] is the subcommand's name.  Return the exit status. */
@@ -21,12 +24,57 @@ int detach_nbd_device(const char *dev);
 /* ImDisk's own command line: devio [-r] tcp-port|commdev diskdev ... */
 int cmd_imdisk(int argc, char **argv);  /* cli/imdisk.c; argv[0] is "devio" */
 
-/* One front end to start: a type and its argument. */
+/* One front end to start: a type, its argument and its options. */
 struct serve_frontend {
 	const struct devio_frontend_type *type;
 	const char *arg;
+	const void *opts; /* the type's options struct (NULL = defaults) */
 	void *state;
 };
+
+/* The front ends named on one command line and their options
+ * (cli/feopts.c): the getopt table and the usage text are built from the
+ * front ends' registrations, so a new front end needs no change here.
+ * An option goes to every offered front end that declares it; one that no
+ * named front end declares is a warning. */
+#define FEOPTS_MAX_TYPES 16
+#define FEOPTS_MAX_FRONTENDS 16
+
+struct feopts {
+	const struct devio_frontend_type *types[FEOPTS_MAX_TYPES]; /* offered */
+	size_t n_types;
+	void *opts[FEOPTS_MAX_TYPES]; /* each type's options struct */
+	bool named[FEOPTS_MAX_TYPES]; /* started on this command line */
+	struct devio_serve_opts serve; /* serving options (--threads) */
+	struct serve_frontend fe[FEOPTS_MAX_FRONTENDS];
+	size_t n_fe;
+	struct option *table; /* the command's own options, then ours */
+	const char **names;   /* the front ends' option names, once each */
+	bool *given;          /* ... and whether each was given */
+	size_t n_names;
+};
+
+/* Offer types (NULL-terminated) and the command's own getopt options
+ * (their val below FEOPTS_CODE_BASE; NULL if none).  0 or -errno. */
+#define FEOPTS_CODE_BASE 0x1000
+int feopts_init(struct feopts *f, const struct devio_frontend_type *const *types, const struct option *own);
+/* A getopt_long code and its argument: 0 when handled, 1 when it is not
+ * a front end's or serving option (the command's own), -EINVAL (logged). */
+int feopts_parse(struct feopts *f, int code, const char *val);
+/* What a command line would do: start type at arg; --name [val]. */
+int feopts_add(struct feopts *f, const struct devio_frontend_type *type, const char *arg);
+int feopts_set(struct feopts *f, const char *name, const char *val);
+/* After the last option: hand each front end its options, warn about
+ * options no named front end takes. */
+void feopts_finish(struct feopts *f);
+/* "--nbd, --fuse or --ublk": the offered front ends (that declare the
+ * option name, unless NULL). */
+void feopts_list(const struct feopts *f, const char *name, char *out, size_t outlen);
+/* "  --fuse MOUNTPOINT  ..." with each front end's options under it; the
+ * serving options. */
+void feopts_usage_frontends(const struct feopts *f, FILE *out);
+void feopts_usage_serving(FILE *out);
+void feopts_free(struct feopts *f);
 
 /* Start every front end, wait for SIGINT/SIGTERM (or for every front end
  * to report finished()), stop them in reverse order, flush the exports.

@@ -211,9 +211,36 @@ static int imdisk_stream_opts(struct imdisk_args *a, int w, char *out, size_t ou
 	return 0;
 }
 
-/* The front end for commdev, and its argument (in buf). */
-static int imdisk_frontend(struct imdisk_args *a, struct devio_server *srv, const char *opts,
-			   struct serve_frontend *fe, char *buf, size_t buflen)
+/* drv:NAME: a ublk device when the kernel has ublk, else a FUSE file
+ * under DEVIO_RUN_DIR with a loop device (fuse's --loop). */
+static int imdisk_driver(const char *c, struct feopts *f, char *buf, size_t buflen)
+{
+	int r;
+
+	/* NAME becomes a directory under DEVIO_RUN_DIR: "." or ".." would
+	 * mount over the run directory itself or its parent */
+	if (!c[4] || strchr(c + 4, '/') || !strcmp(c + 4, ".") || !strcmp(c + 4, "..")) {
+		devio_err("%s: want drv:NAME", c);
+		return -EINVAL;
+	}
+	if (access("/dev/ublk-control", F_OK) == 0) {
+		snprintf(buf, buflen, "%s", c + 4);
+		return feopts_add(f, &devio_frontend_ublk, buf);
+	}
+	mkdir(DEVIO_RUN_DIR, 0755);
+	snprintf(buf, buflen, DEVIO_RUN_DIR "/%s", c + 4);
+	if (mkdir(buf, 0755) && errno != EEXIST) {
+		r = -errno;
+		devio_err("%s: cannot create %s: %s", c, buf, strerror(-r));
+		return r;
+	}
+	r = feopts_add(f, &devio_frontend_fuse, buf);
+	return r ? r : feopts_set(f, "loop", NULL);
+}
+
+/* The front end for commdev and its argument (in buf), as `devio serve`
+ * would be given them. */
+static int imdisk_frontend(struct imdisk_args *a, struct feopts *f, const char *opts, char *buf, size_t buflen)
 {
 	const char *c = a->comm;
 	uint64_t port;
@@ -222,39 +249,16 @@ static int imdisk_frontend(struct imdisk_args *a, struct devio_server *srv, cons
 		devio_err("%s: shared memory transport not available yet", c);
 		return -EOPNOTSUPP;
 	}
-	if (!strncmp(c, "drv:", 4)) {
-		/* NAME becomes a directory under DEVIO_RUN_DIR: "." or ".." would
-		 * mount over the run directory itself or its parent */
-		if (!c[4] || strchr(c + 4, '/') || !strcmp(c + 4, ".") || !strcmp(c + 4, "..")) {
-			devio_err("%s: want drv:NAME", c);
-			return -EINVAL;
-		}
-		if (access("/dev/ublk-control", F_OK) == 0) {
-			fe->type = &devio_frontend_ublk;
-			snprintf(buf, buflen, "%s", c + 4);
-		} else {
-			mkdir(DEVIO_RUN_DIR, 0755);
-			snprintf(buf, buflen, DEVIO_RUN_DIR "/%s", c + 4);
-			if (mkdir(buf, 0755) && errno != EEXIST) {
-				devio_err("%s: cannot create %s: %s", c, buf, strerror(errno));
-				return -errno;
-			}
-			fe->type = &devio_frontend_fuse;
-			srv->opts.loop = true;
-		}
-		fe->arg = buf;
-		return 0;
-	}
-	fe->type = &devio_frontend_stream;
+	if (!strncmp(c, "drv:", 4))
+		return imdisk_driver(c, f, buf, buflen);
 	if (!devio_parse_u64(c, &port)) {
 		if (port == 0 || port > 65535) {
 			devio_err("%s: not a TCP port", c);
 			return -EINVAL;
 		}
-		srv->opts.all_interfaces = true;
 		fprintf(stderr, "devio: listening on TCP port %llu on ALL interfaces (as ImDisk's devio does)\n",
 			(unsigned long long)port);
-		snprintf(buf, buflen, "tcp:%llu%s", (unsigned long long)port, opts);
+		snprintf(buf, buflen, "tcp:*:%llu%s", (unsigned long long)port, opts);
 	} else if (!strcmp(c, "-")) {
 		snprintf(buf, buflen, "stdio%s", opts);
 	} else if (c[0] == '/') {
@@ -270,19 +274,35 @@ static int imdisk_frontend(struct imdisk_args *a, struct devio_server *srv, cons
 			return -ENAMETOOLONG;
 		}
 	}
-	fe->arg = buf;
-	return 0;
+	return feopts_add(f, &devio_frontend_stream, buf);
+}
+
+/* Open the image and serve it through the front end f names. */
+static int imdisk_serve(struct imdisk_args *a, struct devio_open_opts *o, struct feopts *f)
+{
+	struct devio_export e = { .name = "", .source = a->image };
+	struct devio_server srv = { .exports = &e, .n_exports = 1, .opts = f->serve };
+	int r, rc;
+
+	r = devio_backend_open(a->image, o, &e.backend);
+	if (r)
+		return 1; /* the backend said why */
+	if (o->partition)
+		fprintf(stderr, "devio: using partition %d of %s\n", o->partition, a->image);
+	fprintf(stderr, "devio: serving %llu bytes of %s%s\n", (unsigned long long)e.backend->size, a->image,
+		e.backend->caps & DEVIO_CAP_READONLY ? " read-only" : "");
+	rc = serve_run(&srv, f->fe, f->n_fe);
+	devio_backend_close(e.backend);
+	return rc;
 }
 
 int cmd_imdisk(int argc, char **argv)
 {
 	struct imdisk_args a = { 0 };
 	struct devio_open_opts o = { 0 };
-	struct devio_server srv = { 0 };
-	struct devio_export e = { .name = "" };
-	struct serve_frontend fe = { 0 };
+	struct feopts f;
 	char opts[96], arg[4200];
-	int rest, r, rc;
+	int rest, rc;
 
 	if (imdisk_parse(argc, argv, &a)) {
 		devio_err("unknown command or bad ImDisk command line: %s", argc > 1 ? argv[1] : "");
@@ -295,19 +315,13 @@ int cmd_imdisk(int argc, char **argv)
 		imdisk_usage();
 		return 2;
 	}
-	srv.exports = &e;
-	srv.n_exports = 1;
-	if (imdisk_frontend(&a, &srv, opts, &fe, arg, sizeof(arg)))
-		return 2;
-	e.source = a.image;
-	r = devio_backend_open(a.image, &o, &e.backend);
-	if (r)
-		return 1; /* the backend said why */
-	if (o.partition)
-		fprintf(stderr, "devio: using partition %d of %s\n", o.partition, a.image);
-	fprintf(stderr, "devio: serving %llu bytes of %s%s\n", (unsigned long long)e.backend->size, a.image,
-		e.backend->caps & DEVIO_CAP_READONLY ? " read-only" : "");
-	rc = serve_run(&srv, &fe, 1);
-	devio_backend_close(e.backend);
+	if (feopts_init(&f, devio_frontends, NULL))
+		return 1;
+	rc = imdisk_frontend(&a, &f, opts, arg, sizeof(arg)) ? 2 : 0;
+	if (!rc) {
+		feopts_finish(&f);
+		rc = imdisk_serve(&a, &o, &f);
+	}
+	feopts_free(&f);
 	return rc;
 }

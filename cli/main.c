@@ -10,7 +10,7 @@ static const struct {
 	int (*fn)(int, char **);
 	const char *help;
 } commands[] = {
-	{ "serve", cmd_serve, "serve SOURCE [--devio ADDR] [--nbd ADDR] [--fuse DIR [--loop]] [--ublk] ..." },
+	{ "serve", cmd_serve, "serve SOURCE FRONTEND... [options]   serve an image (devio serve --help)" },
 	{ "info", cmd_info, "info URI|IMAGE          size, alignment and flags of an export" },
 	{ "cat", cmd_cat, "cat URI|IMAGE [--offset N] [--length N]   export bytes to stdout" },
 	{ "write", cmd_write, "write URI|IMAGE [--offset N]   stdin into the export" },
@@ -25,6 +25,9 @@ static void usage(FILE *out)
 	fprintf(out, "usage: devio COMMAND [ARGS]\n\ncommands:\n");
 	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
 		fprintf(out, "  devio %s\n", commands[i].help);
+	fprintf(out, "\nFRONTEND (repeatable, with its argument):");
+	for (size_t i = 0; devio_frontends[i]; i++)
+		fprintf(out, " --%s%s", devio_frontends[i]->option, devio_frontends[i + 1] ? "," : "\n");
 	fprintf(out, "\nImDisk's devio command line also works:\n"
 		     "  devio [-r] tcp-port|commdev diskdev [blocks] [offset] [alignm] [buffersize]\n"
 		     "  devio [-r] tcp-port|commdev diskdev [partitionnumber] [alignm] [buffersize]\n"

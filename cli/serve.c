@@ -12,19 +12,16 @@
 #include "cli.h"
 #include "devio/util.h"
 
-#define MAX_FRONTENDS 16
 #define MAX_EXPORTS 16
 
-static void serve_usage(FILE *out)
+static void serve_usage(const struct feopts *f, FILE *out)
 {
 	fprintf(out,
 		"usage: devio serve SOURCE [options] FRONTEND...\n"
 		"SOURCE: IMAGE (file or block device) or ram:SIZE\n"
-		"front ends (each repeatable, at least one):\n"
-		"  --devio tcp:[HOST:]PORT|unix:PATH|stdio|DEVICE   devio stream protocol (ImDisk proxy)\n"
-		"  --nbd tcp:[HOST:]PORT|unix:PATH                  NBD (default port 10809)\n"
-		"  --fuse MOUNTPOINT [--loop]                       the export as one file (and a loop device)\n"
-		"  --ublk                                           a /dev/ublkbN block device\n"
+		"front ends (each repeatable, at least one) and their options:\n");
+	feopts_usage_frontends(f, out);
+	fprintf(out,
 		"export options:\n"
 		"  -r, --readonly         refuse writes\n"
 		"  --offset N, --size N   a window of the image (K/M/G/T suffixes)\n"
@@ -33,9 +30,9 @@ static void serve_usage(FILE *out)
 		"  --direct               file: O_DIRECT\n"
 		"  --format auto|raw|vhd|qcow2  image format (auto: detect, never follow a backing file)\n"
 		"  --export NAME=SOURCE   a further named export (NBD), repeatable\n"
-		"serving options:\n"
-		"  --queues N --depth N --threads N --block-size N --fuse-transport auto|uring|dev\n"
-		"  -v, --verbose  -q, --quiet\n");
+		"serving options (the core's run policy, every front end):\n");
+	feopts_usage_serving(out);
+	fprintf(out, "  -v, --verbose  -q, --quiet\n");
 }
 
 static int parse_size_opt(const char *opt, const char *val, uint64_t *out)
@@ -45,30 +42,6 @@ static int parse_size_opt(const char *opt, const char *val, uint64_t *out)
 		return -EINVAL;
 	}
 	return 0;
-}
-
-static int parse_uint_opt(const char *opt, const char *val, unsigned *out)
-{
-	uint64_t v;
-
-	if (devio_parse_u64(val, &v) || v > 1u << 20) {
-		devio_err("%s: bad number '%s'", opt, val);
-		return -EINVAL;
-	}
-	*out = (unsigned)v;
-	return 0;
-}
-
-static const struct devio_frontend_type *frontend_by_option(const char *name)
-{
-	static const struct devio_frontend_type *const all[] = {
-		&devio_frontend_stream, &devio_frontend_nbd, &devio_frontend_fuse, &devio_frontend_ublk
-	};
-
-	for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
-		if (!strcmp(all[i]->option, name))
-			return all[i];
-	return NULL;
 }
 
 static volatile sig_atomic_t stop_signal;
@@ -130,7 +103,7 @@ int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 	sigaction(SIGHUP, &sa, NULL);
 	for (; started < n; started++) {
 		unsigned long errors = devio_log_errors();
-		int r = fe[started].type->start(srv, fe[started].arg, &fe[started].state);
+		int r = fe[started].type->start(srv, fe[started].arg, fe[started].opts, &fe[started].state);
 
 		if (r) {
 			if (devio_log_errors() == errors) /* the front end did not say why */
@@ -166,10 +139,9 @@ stop:
 	return rc;
 }
 
+/* serve's own options; the front ends' and --threads come from feopts.c */
 enum {
-	OPT_OFFSET = 256, OPT_SIZE, OPT_PARTITION, OPT_RAM_MAX, OPT_DIRECT, OPT_EXPORT,
-	OPT_DEVIO, OPT_NBD, OPT_FUSE, OPT_UBLK, OPT_LOOP, OPT_QUEUES, OPT_DEPTH, OPT_THREADS,
-	OPT_BLOCK_SIZE, OPT_FUSE_TRANSPORT, OPT_FORMAT,
+	OPT_OFFSET = 256, OPT_SIZE, OPT_PARTITION, OPT_RAM_MAX, OPT_DIRECT, OPT_EXPORT, OPT_FORMAT,
 };
 
 static const struct option serve_options[] = {
@@ -181,16 +153,6 @@ static const struct option serve_options[] = {
 	{ "direct", no_argument, NULL, OPT_DIRECT },
 	{ "format", required_argument, NULL, OPT_FORMAT },
 	{ "export", required_argument, NULL, OPT_EXPORT },
-	{ "devio", required_argument, NULL, OPT_DEVIO },
-	{ "nbd", required_argument, NULL, OPT_NBD },
-	{ "fuse", required_argument, NULL, OPT_FUSE },
-	{ "ublk", optional_argument, NULL, OPT_UBLK },
-	{ "loop", no_argument, NULL, OPT_LOOP },
-	{ "queues", required_argument, NULL, OPT_QUEUES },
-	{ "depth", required_argument, NULL, OPT_DEPTH },
-	{ "threads", required_argument, NULL, OPT_THREADS },
-	{ "block-size", required_argument, NULL, OPT_BLOCK_SIZE },
-	{ "fuse-transport", required_argument, NULL, OPT_FUSE_TRANSPORT },
 	{ "verbose", no_argument, NULL, 'v' },
 	{ "quiet", no_argument, NULL, 'q' },
 	{ "help", no_argument, NULL, 'h' },
@@ -201,21 +163,8 @@ struct serve_args {
 	struct devio_open_opts open;
 	const char *sources[MAX_EXPORTS], *names[MAX_EXPORTS];
 	size_t n_sources;
-	struct serve_frontend fe[MAX_FRONTENDS];
-	size_t n_fe;
+	struct feopts fe;
 };
-
-static int add_frontend(struct serve_args *a, const char *option, const char *arg)
-{
-	if (a->n_fe == MAX_FRONTENDS) {
-		devio_err("too many front ends (at most %d)", MAX_FRONTENDS);
-		return -E2BIG;
-	}
-	a->fe[a->n_fe].type = frontend_by_option(option);
-	a->fe[a->n_fe].arg = arg;
-	a->n_fe++;
-	return 0;
-}
 
 static int add_export(struct serve_args *a, const char *name, const char *source)
 {
@@ -240,7 +189,7 @@ static int parse_export_opt(struct serve_args *a, char *val)
 	return add_export(a, val, eq + 1);
 }
 
-static int parse_one(struct serve_args *a, struct devio_serve_opts *so, int c, char *val)
+static int parse_one(struct serve_args *a, int c, char *val)
 {
 	uint64_t v;
 
@@ -261,31 +210,7 @@ static int parse_one(struct serve_args *a, struct devio_serve_opts *so, int c, c
 	case OPT_DIRECT: a->open.direct = true; return 0;
 	case OPT_FORMAT: a->open.format = val; return 0;
 	case OPT_EXPORT: return parse_export_opt(a, val);
-	case OPT_DEVIO: return add_frontend(a, "devio", val);
-	case OPT_NBD: return add_frontend(a, "nbd", val);
-	case OPT_FUSE: return add_frontend(a, "fuse", val);
-	case OPT_UBLK: return add_frontend(a, "ublk", val);
-	case OPT_LOOP: so->loop = true; return 0;
-	case OPT_QUEUES: return parse_uint_opt("--queues", val, &so->queues);
-	case OPT_DEPTH: return parse_uint_opt("--depth", val, &so->depth);
-	case OPT_THREADS: return parse_uint_opt("--threads", val, &so->threads);
-	case OPT_BLOCK_SIZE:
-		if (parse_size_opt("--block-size", val, &v))
-			return -EINVAL;
-		if (v < 512 || v > 65536 || (v & (v - 1))) {
-			devio_err("--block-size: want a power of two from 512 to 64K, got '%s'", val);
-			return -EINVAL;
-		}
-		so->block_size = (uint32_t)v;
-		return 0;
-	case OPT_FUSE_TRANSPORT:
-		if (strcmp(val, "auto") && strcmp(val, "uring") && strcmp(val, "dev")) {
-			devio_err("--fuse-transport: want auto, uring or dev, got '%s'", val);
-			return -EINVAL;
-		}
-		so->fuse_transport = val;
-		return 0;
-	case 'h': serve_usage(stdout); exit(0);
+	case 'h': serve_usage(&a->fe, stdout); exit(0);
 	default: return -EINVAL;
 	}
 }
@@ -318,32 +243,58 @@ static int open_exports(struct serve_args *a, struct devio_server *srv)
 	return 0;
 }
 
+/* Options in any order; 0, or an exit status for a usage error. */
+static int serve_parse(struct serve_args *a, int argc, char **argv)
+{
+	int c, r;
+
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "rvqh", a->fe.table, NULL)) != -1) {
+		r = c == '?' ? -EINVAL : feopts_parse(&a->fe, c, optarg);
+		if (r == 1)
+			r = parse_one(a, c, optarg);
+		if (r)
+			return 2;
+	}
+	if (optind != argc - 1 || a->fe.n_fe == 0) {
+		char all[256];
+
+		feopts_list(&a->fe, NULL, all, sizeof(all));
+		if (optind == argc)
+			devio_err("no SOURCE given");
+		else if (optind < argc - 1)
+			devio_err("more than one SOURCE given (use --export NAME=SOURCE)");
+		else
+			devio_err("no front end given (%s)", all);
+		return 2;
+	}
+	a->sources[0] = argv[optind];
+	feopts_finish(&a->fe);
+	return 0;
+}
+
 int cmd_serve(int argc, char **argv)
 {
 	static struct serve_args a; /* large; one per process */
 	struct devio_server srv = { 0 };
-	int c, rc;
+	int rc;
 
 	memset(&a, 0, sizeof(a));
-	add_export(&a, "", NULL); /* slot 0: the default export, the positional SOURCE */
-	optind = 1;
-	while ((c = getopt_long(argc, argv, "rvqh", serve_options, NULL)) != -1) {
-		if (c == '?' || parse_one(&a, &srv.opts, c, optarg)) {
-			serve_usage(stderr);
-			return 2;
-		}
-	}
-	if (optind != argc - 1 || a.n_fe == 0) {
-		devio_err(optind == argc ? "no SOURCE given"
-		       : optind < argc - 1 ? "more than one SOURCE given (use --export NAME=SOURCE)"
-					   : "no front end given (--devio, --nbd, --fuse, --ublk)");
-		serve_usage(stderr);
-		return 2;
-	}
-	a.sources[0] = argv[optind];
-	if (open_exports(&a, &srv))
+	if (feopts_init(&a.fe, devio_frontends, serve_options))
 		return 1;
-	rc = serve_run(&srv, a.fe, a.n_fe);
+	add_export(&a, "", NULL); /* slot 0: the default export, the positional SOURCE */
+	rc = serve_parse(&a, argc, argv);
+	if (rc) {
+		serve_usage(&a.fe, stderr);
+		goto out;
+	}
+	srv.opts = a.fe.serve;
+	rc = 1;
+	if (open_exports(&a, &srv))
+		goto out;
+	rc = serve_run(&srv, a.fe.fe, a.fe.n_fe);
 	close_exports(&srv);
+out:
+	feopts_free(&a.fe);
 	return rc;
 }

@@ -810,7 +810,15 @@ static int start_transport(struct fuse_fe *fe, const struct devio_serve_opts *o,
 	return start_rings(fe);
 }
 
-static int attach_loop(struct fuse_fe *fe, const struct devio_serve_opts *o)
+/* The --fuse front end's options (fuse_options below). */
+struct fuse_opts {
+	bool loop;             /* --loop: attach a loop device to the file */
+	const char *transport; /* --fuse-transport auto|uring|dev; NULL = auto */
+	unsigned depth;        /* --depth: ring entries per queue, 0 = DEFAULT_DEPTH */
+	uint32_t block_size;   /* --block-size: the loop device's, 0 = 512 */
+};
+
+static int attach_loop(struct fuse_fe *fe, const struct fuse_opts *o)
 {
 	int r = devio_loop_attach(fe->file, fe->fs.readonly, o->block_size ? o->block_size : 512, &fe->loop);
 
@@ -822,10 +830,12 @@ static int attach_loop(struct fuse_fe *fe, const struct devio_serve_opts *o)
 	return 0;
 }
 
-static int start(struct devio_server *srv, const char *arg, void **state)
+static int start(struct devio_server *srv, const char *arg, const void *opts, void **state)
 {
+	static const struct fuse_opts defaults;
+	const struct fuse_opts *o = opts ? opts : &defaults;
 	struct devio_export *ex = &srv->exports[0]; /* the default export */
-	const char *t = srv->opts.fuse_transport;
+	const char *t = o->transport;
 	struct fuse_fe *fe;
 	int r;
 
@@ -860,7 +870,7 @@ static int start(struct devio_server *srv, const char *arg, void **state)
 	if (ex->backend->max_io && ex->backend->max_io < FUSE_MAX_WRITE)
 		fe->fs.max_write = ex->backend->max_io >= 4096 ? ex->backend->max_io & ~4095u : 4096;
 	fe->payload_sz = fe->fs.max_write > 8192 ? fe->fs.max_write : 8192; /* the kernel's minimum buffer */
-	fe->depth = srv->opts.depth ? srv->opts.depth : DEFAULT_DEPTH;
+	fe->depth = o->depth ? o->depth : DEFAULT_DEPTH;
 	r = choose_transport(fe, t);
 	if (r)
 		goto out_free;
@@ -874,7 +884,7 @@ static int start(struct devio_server *srv, const char *arg, void **state)
 	r = start_transport(fe, &srv->opts, t && !strcmp(t, "uring"));
 	if (r)
 		goto out_free;
-	if (srv->opts.loop && (r = attach_loop(fe, &srv->opts)))
+	if (o->loop && (r = attach_loop(fe, o)))
 		goto out_free;
 	devio_info("fuse %s: serving %s (%llu bytes) over %s", fe->mnt, fe->file,
 		   (unsigned long long)fe->fs.size, fe->use_uring ? "io_uring" : "/dev/fuse");
@@ -909,9 +919,33 @@ static void status(void *state, FILE *out)
 		fprintf(out, "  loop %s%s\n", fe->loop.path, fe->loop.direct_io ? " direct-io" : "");
 }
 
+static int fuse_parse_transport(const char *name, const char *val, void *field)
+{
+	if (!val || (strcmp(val, "auto") && strcmp(val, "uring") && strcmp(val, "dev"))) {
+		devio_err("--%s: want auto, uring or dev, got '%s'", name, val ? val : "");
+		return -EINVAL;
+	}
+	*(const char **)field = val;
+	return 0;
+}
+
+static const struct devio_frontend_option fuse_options[] = {
+	{ "loop", NULL, "and a loop device on it (its path is printed instead of the file's)",
+	  devio_opt_flag, offsetof(struct fuse_opts, loop) },
+	{ "fuse-transport", "auto|uring|dev", "io_uring, /dev/fuse, or (auto) io_uring when the kernel has it on",
+	  fuse_parse_transport, offsetof(struct fuse_opts, transport) },
+	{ "depth", "N", "io_uring entries per queue (default 16)", devio_opt_uint, offsetof(struct fuse_opts, depth) },
+	{ "block-size", "N", "the loop device's logical block size (default 512)", devio_opt_block_size,
+	  offsetof(struct fuse_opts, block_size) },
+	{ NULL },
+};
+
 const struct devio_frontend_type devio_frontend_fuse = {
 	.option = "fuse",
 	.arg_help = "MOUNTPOINT",
+	.help = "the export as one file, MOUNTPOINT/disk",
+	.options = fuse_options,
+	.opts_size = sizeof(struct fuse_opts),
 	.start = start,
 	.stop = stop,
 	.status = status,

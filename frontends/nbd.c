@@ -1504,8 +1504,14 @@ static void state_free(struct nbd_state *st)
 	free(st);
 }
 
-static int start(struct devio_server *srv, const char *arg, void **state)
+/* The --nbd front end's options (nbd_options below). */
+struct nbd_opts {
+	unsigned depth; /* --depth: requests in flight per connection, 0 = NBD_DEFAULT_DEPTH */
+};
+
+static int start(struct devio_server *srv, const char *arg, const void *opts, void **state)
 {
+	const struct nbd_opts *o = opts;
 	struct nbd_state *st;
 	int r;
 
@@ -1515,7 +1521,7 @@ static int start(struct devio_server *srv, const char *arg, void **state)
 	st->srv = srv;
 	st->listen_fd = st->stop_fd = -1;
 	pthread_mutex_init(&st->lock, NULL);
-	st->depth = srv->opts.depth ? srv->opts.depth : NBD_DEFAULT_DEPTH;
+	st->depth = o && o->depth ? o->depth : NBD_DEFAULT_DEPTH;
 	if (st->depth > NBD_MAX_DEPTH)
 		st->depth = NBD_MAX_DEPTH;
 	r = devio_addr_parse(arg, NBD_DEFAULT_PORT, &st->addr);
@@ -1524,8 +1530,6 @@ static int start(struct devio_server *srv, const char *arg, void **state)
 		r = -EINVAL;
 		goto out_free;
 	}
-	if (st->addr.kind == DEVIO_ADDR_TCP && !st->addr.host[0] && srv->opts.all_interfaces)
-		snprintf(st->addr.host, sizeof(st->addr.host), "*");
 	devio_addr_format(&st->addr, st->name, sizeof(st->name));
 	if (worker_count(srv)) {
 		st->workers = devio_workers_new(worker_count(srv));
@@ -1604,9 +1608,18 @@ static void status(void *state, FILE *out)
 	pthread_mutex_unlock(&st->lock);
 }
 
+static const struct devio_frontend_option nbd_options[] = {
+	{ "depth", "N", "requests in flight per connection (default 64, at most 1024)", devio_opt_uint,
+	  offsetof(struct nbd_opts, depth) },
+	{ NULL },
+};
+
 const struct devio_frontend_type devio_frontend_nbd = {
 	.option = "nbd",
 	.arg_help = "tcp:[HOST:]PORT|unix:PATH",
+	.help = "NBD, newstyle fixed (default port 10809)",
+	.options = nbd_options,
+	.opts_size = sizeof(struct nbd_opts),
 	.start = start,
 	.stop = stop,
 	.status = status,

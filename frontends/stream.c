@@ -823,12 +823,10 @@ static int listen_unix_atomic(struct stream_state *st)
 	return fd;
 }
 
-static int start_listener(struct stream_state *st, bool all_interfaces)
+static int start_listener(struct stream_state *st)
 {
 	int r;
 
-	if (st->addr.kind == DEVIO_ADDR_TCP && !st->addr.host[0] && all_interfaces)
-		strcpy(st->addr.host, "*");
 	if (st->addr.kind == DEVIO_ADDR_UNIX)
 		st->lfd = listen_unix_atomic(st);
 	else
@@ -863,7 +861,7 @@ static void state_free(struct stream_state *st)
 	free(st);
 }
 
-static int start(struct devio_server *srv, const char *arg, void **state)
+static int start(struct devio_server *srv, const char *arg, const void *opts, void **state)
 {
 	/* exports[0] is the default export (frontend.h); looked up directly so
 	 * the library does not need the command line's devio_server_export(). */
@@ -894,7 +892,7 @@ static int start(struct devio_server *srv, const char *arg, void **state)
 	if (st->addr.kind == DEVIO_ADDR_STDIO || st->addr.kind == DEVIO_ADDR_DEVICE)
 		r = start_single(st);
 	else
-		r = start_listener(st, srv->opts.all_interfaces);
+		r = start_listener(st);
 	if (r)
 		goto out_free;
 	*state = st;
@@ -960,6 +958,7 @@ static bool finished(void *state)
 const struct devio_frontend_type devio_frontend_stream = {
 	.option = "devio",
 	.arg_help = "tcp:[HOST:]PORT|unix:PATH|stdio|DEVICE[,max-transfer=N][,align=N]",
+	.help = "devio stream protocol (ImDisk proxy)",
 	.start = start,
 	.stop = stop,
 	.status = status,

@@ -796,7 +796,14 @@ static int parse_arg(struct ublk_dev *d, const char *arg, uint32_t *want_id, int
 	return 0;
 }
 
-static int setup_geometry(struct ublk_dev *d, const struct devio_serve_opts *o)
+/* The --ublk front end's options (ublk_options below). */
+struct ublk_opts {
+	unsigned queues;     /* --queues: 0 = one per CPU */
+	unsigned depth;      /* --depth: tags per queue, 0 = DEFAULT_DEPTH */
+	uint32_t block_size; /* --block-size: logical block size, 0 = 512 */
+};
+
+static int setup_geometry(struct ublk_dev *d, const struct ublk_opts *o)
 {
 	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
 
@@ -831,8 +838,9 @@ static int setup_geometry(struct ublk_dev *d, const struct devio_serve_opts *o)
 
 static void teardown(struct ublk_dev *d);
 
-static int start(struct devio_server *srv, const char *arg, void **state)
+static int start(struct devio_server *srv, const char *arg, const void *opts, void **state)
 {
+	static const struct ublk_opts defaults;
 	struct ublk_dev *d = calloc(1, sizeof(*d));
 	uint32_t want_id;
 	bool legacy;
@@ -849,7 +857,7 @@ static int start(struct devio_server *srv, const char *arg, void **state)
 		devio_err("ublk: bad argument '%s' (want [ID][,user-copy|,kernel-copy][,legacy-opcodes])", arg);
 		goto fail;
 	}
-	r = setup_geometry(d, &srv->opts);
+	r = setup_geometry(d, opts ? opts : &defaults);
 	if (r)
 		goto fail;
 	if (devio_wants_pool(d->b, srv->opts.threads) &&
@@ -989,9 +997,23 @@ static void status(void *state, FILE *out)
 	print_counters(d, out);
 }
 
+static const struct devio_frontend_option ublk_options[] = {
+	{ "queues", "N", "queues, a thread each (default one per CPU, at most 64)", devio_opt_uint,
+	  offsetof(struct ublk_opts, queues) },
+	{ "depth", "N", "requests in flight per queue (default 64, at most 4096)", devio_opt_uint,
+	  offsetof(struct ublk_opts, depth) },
+	{ "block-size", "N", "logical block size (default 512, at most 4096)", devio_opt_block_size,
+	  offsetof(struct ublk_opts, block_size) },
+	{ NULL },
+};
+
 const struct devio_frontend_type devio_frontend_ublk = {
 	.option = "ublk",
 	.arg_help = "[ID][,user-copy|,kernel-copy][,legacy-opcodes]",
+	.arg_optional = true,
+	.help = "a /dev/ublkbN block device",
+	.options = ublk_options,
+	.opts_size = sizeof(struct ublk_opts),
 	.start = start,
 	.stop = stop,
 	.status = status,

@@ -4,11 +4,14 @@
  * into struct devio_request and back.  `devio serve` opens the exports,
  * starts every front end named on its command line (each runs on threads
  * of its own), waits for SIGINT/SIGTERM, then stops them in reverse order.
+ * Each front end declares its own options and help in its registration
+ * (struct devio_frontend_type); the command line is built from them.
  */
 #ifndef DEVIO_FRONTEND_H
 #define DEVIO_FRONTEND_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdio.h>
 #include "backend.h"
 
@@ -22,15 +25,11 @@ struct devio_export {
 	struct devio_backend *backend;
 };
 
-/* Options of `devio serve` that front ends read. */
+/* Serving options: the core's run policy, the same for every front end
+ * (docs/design.md, "Options").  A front end's own options (--loop,
+ * --depth, ...) live in its own struct, declared by its options table. */
 struct devio_serve_opts {
-	bool all_interfaces;   /* ImDisk drop-in: listen on every interface */
-	bool loop;             /* --loop: attach a loop device to the FUSE file */
-	unsigned queues;       /* --queues: 0 = one per CPU */
-	unsigned depth;        /* --depth: requests in flight per queue, 0 = default */
-	unsigned threads;      /* --threads: worker threads, 0 = default */
-	uint32_t block_size;   /* --block-size: logical block size, 0 = default */
-	const char *fuse_transport; /* --fuse-transport auto|uring|dev */
+	unsigned threads;      /* --threads: the core's worker pool, 0 = default */
 };
 
 struct devio_server {
@@ -42,11 +41,31 @@ struct devio_server {
 /* Look up an export by name ("" = the default); NULL if none. */
 struct devio_export *devio_server_export(struct devio_server *srv, const char *name);
 
+/* One option a front end declares: --NAME [ARG].  Several front ends may
+ * declare the same NAME (--depth): a value given once goes to each of
+ * them.  parse() stores val (NULL for a flag) into the field at offset in
+ * the front end's options struct; it returns 0 or -EINVAL, logged with the
+ * option's name.  devio_opt_flag and friends below fit most options. */
+struct devio_frontend_option {
+	const char *name;     /* without "--" */
+	const char *arg;      /* the argument in the help ("N", "auto|uring|dev"); NULL: a flag */
+	const char *help;     /* one line */
+	int (*parse)(const char *name, const char *val, void *field);
+	size_t offset;        /* of the field in the options struct */
+};
+
 struct devio_frontend_type {
 	const char *option;   /* the serve option that starts it: "devio", "nbd", ... */
 	const char *arg_help; /* e.g. "tcp:[HOST:]PORT|unix:PATH|stdio|DEVICE" */
-	/* Start serving srv at arg; threads of its own; 0 or -errno (logged). */
-	int (*start)(struct devio_server *srv, const char *arg, void **state);
+	bool arg_optional;    /* --ublk or --ublk=ARG */
+	const char *help;     /* one line for the usage */
+	/* Its options ({ NULL }-terminated; NULL if none) and the size of the
+	 * struct they are parsed into; all zero means every default. */
+	const struct devio_frontend_option *options;
+	size_t opts_size;
+	/* Start serving srv at arg with opts (its own options struct, NULL =
+	 * defaults); threads of its own; 0 or -errno (logged). */
+	int (*start)(struct devio_server *srv, const char *arg, const void *opts, void **state);
 	/* Stop: no new clients, finish or fail what is in flight, join threads,
 	 * release kernel objects (unmount, detach, delete device). */
 	void (*stop)(void *state);
@@ -56,6 +75,20 @@ struct devio_frontend_type {
 	 * (e.g. a stdio stream whose peer sent CLOSE); serve then exits. */
 	bool (*finished)(void *state);
 };
+
+/* Every front end, in the order of the usage; NULL-terminated.  Adding a
+ * front end: its file, plus one line in frontends/registry.c. */
+extern const struct devio_frontend_type *const devio_frontends[];
+
+/* The front end started by --option; NULL if none. */
+const struct devio_frontend_type *devio_frontend_find(const char *option);
+
+/* parse() callbacks for struct devio_frontend_option: a flag (bool), a
+ * count 0..1048576 (unsigned, 0 = the default), a block size (uint32_t, a
+ * power of two from 512 to 64K). */
+int devio_opt_flag(const char *name, const char *val, void *field);
+int devio_opt_uint(const char *name, const char *val, void *field);
+int devio_opt_block_size(const char *name, const char *val, void *field);
 
 extern const struct devio_frontend_type devio_frontend_stream; /* --devio */
 extern const struct devio_frontend_type devio_frontend_nbd;    /* --nbd   */
