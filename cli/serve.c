@@ -19,7 +19,7 @@ static void serve_usage(FILE *out)
 {
 	fprintf(out,
 		"usage: devio serve SOURCE [options] FRONTEND...\n"
-		"SOURCE: IMAGE (file or block device) or ram:SIZE\n"
+		"SOURCE: IMAGE (file or block device), ram:SIZE, devio://, nbd://, rbd:POOL/[NS/]IMAGE[@SNAP]\n"
 		"front ends (each repeatable, at least one):\n"
 		"  --devio tcp:[HOST:]PORT|unix:PATH|stdio|DEVICE   devio stream protocol (ImDisk proxy)\n"
 		"  --nbd tcp:[HOST:]PORT|unix:PATH                  NBD (default port 10809)\n"
@@ -33,6 +33,7 @@ static void serve_usage(FILE *out)
 		"  --direct               file: O_DIRECT\n"
 		"  --format auto|raw|vhd|qcow2  image format (auto: detect, never follow a backing file)\n"
 		"  --export NAME=SOURCE   a further named export (NBD), repeatable\n"
+		"  --ceph-conf FILE --ceph-id NAME --ceph-keyring FILE --ceph-timeout SECONDS   rbd: the cluster\n"
 		"serving options:\n"
 		"  --queues N --depth N --threads N --block-size N --fuse-transport auto|uring|dev\n"
 		"  -v, --verbose  -q, --quiet\n");
@@ -169,7 +170,8 @@ stop:
 enum {
 	OPT_OFFSET = 256, OPT_SIZE, OPT_PARTITION, OPT_RAM_MAX, OPT_DIRECT, OPT_EXPORT,
 	OPT_DEVIO, OPT_NBD, OPT_FUSE, OPT_UBLK, OPT_LOOP, OPT_QUEUES, OPT_DEPTH, OPT_THREADS,
-	OPT_BLOCK_SIZE, OPT_FUSE_TRANSPORT, OPT_FORMAT,
+	OPT_BLOCK_SIZE, OPT_FUSE_TRANSPORT, OPT_FORMAT, OPT_CEPH_CONF, OPT_CEPH_ID, OPT_CEPH_KEYRING,
+	OPT_CEPH_TIMEOUT,
 };
 
 static const struct option serve_options[] = {
@@ -180,6 +182,10 @@ static const struct option serve_options[] = {
 	{ "ram-max", required_argument, NULL, OPT_RAM_MAX },
 	{ "direct", no_argument, NULL, OPT_DIRECT },
 	{ "format", required_argument, NULL, OPT_FORMAT },
+	{ "ceph-conf", required_argument, NULL, OPT_CEPH_CONF },
+	{ "ceph-id", required_argument, NULL, OPT_CEPH_ID },
+	{ "ceph-keyring", required_argument, NULL, OPT_CEPH_KEYRING },
+	{ "ceph-timeout", required_argument, NULL, OPT_CEPH_TIMEOUT },
 	{ "export", required_argument, NULL, OPT_EXPORT },
 	{ "devio", required_argument, NULL, OPT_DEVIO },
 	{ "nbd", required_argument, NULL, OPT_NBD },
@@ -260,6 +266,10 @@ static int parse_one(struct serve_args *a, struct devio_serve_opts *so, int c, c
 	case OPT_RAM_MAX: return parse_size_opt("--ram-max", val, &a->open.ram_max);
 	case OPT_DIRECT: a->open.direct = true; return 0;
 	case OPT_FORMAT: a->open.format = val; return 0;
+	case OPT_CEPH_CONF: a->open.ceph_conf = val; return 0;
+	case OPT_CEPH_ID: a->open.ceph_id = val; return 0;
+	case OPT_CEPH_KEYRING: a->open.ceph_keyring = val; return 0;
+	case OPT_CEPH_TIMEOUT: return parse_uint_opt("--ceph-timeout", val, &a->open.ceph_timeout);
 	case OPT_EXPORT: return parse_export_opt(a, val);
 	case OPT_DEVIO: return add_frontend(a, "devio", val);
 	case OPT_NBD: return add_frontend(a, "nbd", val);
