@@ -5,7 +5,8 @@
  * default search: $CEPH_CONF, /etc/ceph/ceph.conf), the client name through
  * --ceph-id (default admin) and its key through --ceph-keyring (else the
  * conf's).  `submit` starts rbd_aio_* requests, many in flight, and librbd
- * completes them on its own threads; FUA is a flush after the write.  A
+ * completes them on its own threads; FUA is a flush after the write.  librbd's
+ * cache is write-through: a write is acknowledged once the OSDs hold it.  A
  * writable image with the exclusive-lock feature is locked explicitly at
  * open, so librbd never hands the lock to another client: a second writer
  * is refused instead of taking turns with us.  Every cluster operation is
@@ -343,6 +344,11 @@ static int rbd_connect(struct rbd_store *st, const struct devio_open_opts *o)
 			  strerror(-r));
 		return r;
 	}
+	/* A write is acknowledged once the OSDs have it, never from librbd's
+	 * cache alone: what devio acknowledges survives devio's own crash
+	 * (CEPH_ARGS='--rbd_cache_policy=writeback' trades that for speed). */
+	if ((r = rbd_conf_set(st, "rbd_cache_policy", "writethrough")) < 0)
+		return r;
 	rados_conf_parse_env(st->cluster, NULL); /* CEPH_ARGS, as the ceph tools do */
 	if (o->ceph_keyring && (r = rbd_conf_set(st, "keyring", o->ceph_keyring)) < 0)
 		return r;
