@@ -18,7 +18,7 @@ static void serve_usage(const struct feopts *f, FILE *out)
 {
 	fprintf(out,
 		"usage: devio serve SOURCE [options] FRONTEND...\n"
-		"SOURCE: IMAGE (file or block device) or ram:SIZE\n"
+		"SOURCE: IMAGE (file or block device), ram:SIZE, devio://, nbd://, rbd:POOL/[NS/]IMAGE[@SNAP]\n"
 		"front ends (each repeatable, at least one) and their options:\n");
 	feopts_usage_frontends(f, out);
 	fprintf(out,
@@ -30,6 +30,7 @@ static void serve_usage(const struct feopts *f, FILE *out)
 		"  --direct               file: O_DIRECT\n"
 		"  --format auto|raw|vhd|qcow2  image format (auto: detect, never follow a backing file)\n"
 		"  --export NAME=SOURCE   a further named export (NBD), repeatable\n"
+		"  --ceph-conf FILE --ceph-id NAME --ceph-keyring FILE --ceph-timeout SECONDS   rbd: the cluster\n"
 		"serving options (the core's run policy, every front end):\n");
 	feopts_usage_serving(out);
 	fprintf(out, "  -v, --verbose  -q, --quiet\n");
@@ -142,6 +143,7 @@ stop:
 /* serve's own options; the front ends' and --threads come from feopts.c */
 enum {
 	OPT_OFFSET = 256, OPT_SIZE, OPT_PARTITION, OPT_RAM_MAX, OPT_DIRECT, OPT_EXPORT, OPT_FORMAT,
+	OPT_CEPH_CONF, OPT_CEPH_ID, OPT_CEPH_KEYRING, OPT_CEPH_TIMEOUT,
 };
 
 static const struct option serve_options[] = {
@@ -152,6 +154,10 @@ static const struct option serve_options[] = {
 	{ "ram-max", required_argument, NULL, OPT_RAM_MAX },
 	{ "direct", no_argument, NULL, OPT_DIRECT },
 	{ "format", required_argument, NULL, OPT_FORMAT },
+	{ "ceph-conf", required_argument, NULL, OPT_CEPH_CONF },
+	{ "ceph-id", required_argument, NULL, OPT_CEPH_ID },
+	{ "ceph-keyring", required_argument, NULL, OPT_CEPH_KEYRING },
+	{ "ceph-timeout", required_argument, NULL, OPT_CEPH_TIMEOUT },
 	{ "export", required_argument, NULL, OPT_EXPORT },
 	{ "verbose", no_argument, NULL, 'v' },
 	{ "quiet", no_argument, NULL, 'q' },
@@ -209,6 +215,10 @@ static int parse_one(struct serve_args *a, int c, char *val)
 	case OPT_RAM_MAX: return parse_size_opt("--ram-max", val, &a->open.ram_max);
 	case OPT_DIRECT: a->open.direct = true; return 0;
 	case OPT_FORMAT: a->open.format = val; return 0;
+	case OPT_CEPH_CONF: a->open.ceph_conf = val; return 0;
+	case OPT_CEPH_ID: a->open.ceph_id = val; return 0;
+	case OPT_CEPH_KEYRING: a->open.ceph_keyring = val; return 0;
+	case OPT_CEPH_TIMEOUT: return devio_opt_uint("ceph-timeout", val, &a->open.ceph_timeout);
 	case OPT_EXPORT: return parse_export_opt(a, val);
 	case 'h': serve_usage(&a->fe, stdout); exit(0);
 	default: return -EINVAL;

@@ -32,8 +32,20 @@ static int store_open(const char *source, const struct devio_open_opts *opts, st
 		return devio_remote_devio_open(source, opts, out);
 	if (!strncmp(source, "nbd://", 6) || !strncmp(source, "nbd+unix://", 11))
 		return devio_remote_nbd_open(source, opts, out);
+	if (!strncmp(source, "rbd:", 4))
+		return devio_rbd_open(source, opts, out);
 	return devio_file_open(source, opts, out);
 }
+
+#ifndef DEVIO_HAVE_RBD
+int devio_rbd_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out)
+{
+	(void)opts;
+	(void)out;
+	devio_err("%s: this devio was built without Ceph RBD support (librbd-dev)", source);
+	return -ENOTSUP;
+}
+#endif
 
 /* The store a SOURCE names, then the image-format layer over it. */
 static int backend_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out)

@@ -126,6 +126,10 @@ struct devio_open_opts {
 	int partition;     /* 0 = whole image; N = MBR/GPT partition N */
 	uint64_t ram_max;  /* ram: cap on resident bytes, 0 = none */
 	bool direct;       /* file: O_DIRECT */
+	const char *ceph_conf;    /* rbd: ceph.conf (NULL: librados' default search) */
+	const char *ceph_id;      /* rbd: client name without "client." (NULL: admin) */
+	const char *ceph_keyring; /* rbd: keyring file (NULL: the conf's) */
+	unsigned ceph_timeout;    /* rbd: seconds before a cluster operation fails (0: 60) */
 	const char *format; /* NULL or "auto": detect; "raw"; "vhd", "qcow2" (layer.h) */
 };
 
@@ -162,6 +166,8 @@ int devio_ram_open(uint64_t size, uint64_t max_resident, struct devio_backend **
 /* Remote servers as backends: the client ends of the two protocols. */
 int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts, struct devio_backend **out); /* devio://, devio+unix:// */
 int devio_remote_nbd_open(const char *uri, const struct devio_open_opts *opts, struct devio_backend **out);   /* nbd://, nbd+unix:// */
+/* A Ceph RBD image (rbd:POOL/[NAMESPACE/]IMAGE[@SNAP]); -ENOTSUP in a build without librbd. */
+int devio_rbd_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out);
 
 /* RAM backend introspection, for tests and `devio status`. */
 uint64_t devio_ram_resident(struct devio_backend *b);
