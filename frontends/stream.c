@@ -25,22 +25,23 @@
 #include <time.h>
 #include <unistd.h>
 #include "devio/frontend.h"
+#include "devio/listener.h"
 #include "devio/protocol.h"
 #include "devio/stream.h"
 #include "devio/util.h"
 
 #define STREAM_MAX_CONNS 64
 #define STREAM_RDBUF 65536
-/* How long stop() waits for sessions to end. */
+/* How long stop() waits for a stdio/device session to end. */
 #define STREAM_STOP_SECONDS 10
+/* How long stop() lets socket sessions finish the request they are in. */
+#define STREAM_STOP_GRACE_MS 2000
 /* A connection keeps a data buffer up to this size between requests. */
 #define STREAM_KEEP_BUF (4u << 20)
 /* CONNECT carries a connection string: more than this is not a string. */
 #define STREAM_MAX_CONNECT_BYTES 65536u
 /* SCSI pass-through payloads we consume (and refuse) without keeping. */
 #define STREAM_MAX_SCSI_BYTES (1u << 20)
-/* accept() out of descriptors: wait this long before trying again. */
-#define STREAM_ACCEPT_PAUSE_MS 200
 
 /* ---- buffered input: one read() usually brings a header and payload ---- */
 
@@ -535,186 +536,67 @@ int devio_stream_session(struct devio_backend *b, int rfd, int wfd, const struct
 	return r;
 }
 
-/* ---- the front end: listening, connections, stopping ---- */
-
-struct stream_conn {
-	struct stream_state *st;
-	int rfd, wfd;
-	bool owns_fds;
-	char name[128];
-	struct stream_conn *next;
-};
+/* ---- the front end: connections, stopping ---- */
 
 struct stream_state {
 	struct devio_backend *b;
 	struct devio_addr addr;
 	char where[300];
+	char name[320];             /* "--devio WHERE" */
 	struct devio_stream_opts opts;
-	int lfd;
+	struct devio_listener *listener; /* TCP, Unix: lib/listener.c */
+	atomic_uint_fast64_t failed;     /* sessions dropped on an error */
+	/* stdio or a device: one session on its own (detached) thread */
+	bool single;
+	int single_rfd, single_wfd;
 	int stop_pipe[2];
-	pthread_t accept_thread;
-	bool accepting;
-	bool single; /* stdio or a device: one session, then finished */
 	pthread_mutex_t lock;
 	pthread_cond_t idle;
-	struct stream_conn *conns;
-	unsigned active;
-	bool stopping;
+	bool single_active;
 	atomic_bool finished;
-	uint64_t served, refused, failed;
 };
 
-static void conn_unlink(struct stream_state *st, struct stream_conn *c)
+/* One session, logged at its start and end. */
+static void stream_run(struct stream_state *st, int rfd, int wfd, const char *name, int stop_fd)
 {
-	for (struct stream_conn **pp = &st->conns; *pp; pp = &(*pp)->next)
-		if (*pp == c) {
-			*pp = c->next;
-			break;
-		}
-}
-
-static void *conn_main(void *arg)
-{
-	struct stream_conn *c = arg;
-	struct stream_state *st = c->st;
 	struct devio_stream_opts o = st->opts;
 	int r;
 
-	o.name = c->name;
-	o.stop_fd = st->single ? st->stop_pipe[0] : -1;
-	devio_info("%s: client connected", c->name);
-	r = devio_stream_session(st->b, c->rfd, c->wfd, &o);
-	if (r && r != -ECANCELED)
-		devio_info("%s: connection closed: %s", c->name, strerror(-r));
-	else
-		devio_info("%s: session ended", c->name);
-	pthread_mutex_lock(&st->lock);
-	conn_unlink(st, c);
-	if (c->owns_fds) {
-		close(c->rfd);
-		if (c->wfd != c->rfd)
-			close(c->wfd);
+	o.name = name;
+	o.stop_fd = stop_fd;
+	devio_info("%s: client connected", name);
+	r = devio_stream_session(st->b, rfd, wfd, &o);
+	if (r && r != -ECANCELED) {
+		devio_info("%s: connection closed: %s", name, strerror(-r));
+		atomic_fetch_add(&st->failed, 1);
+	} else {
+		devio_info("%s: session ended", name);
 	}
-	if (r && r != -ECANCELED)
-		st->failed++;
-	st->active--;
-	if (st->single)
-		atomic_store(&st->finished, true);
-	pthread_cond_broadcast(&st->idle);
-	pthread_mutex_unlock(&st->lock);
-	free(c);
-	return NULL;
 }
 
-/* Start a detached session thread for a connection; the lock is held. */
-static int conn_start(struct stream_state *st, int rfd, int wfd, bool owns, const char *name)
+/* A socket connection, on the listener's thread for it. */
+static void stream_serve(void *ctx, int fd, uint64_t id)
 {
-	struct stream_conn *c = calloc(1, sizeof(*c));
-	pthread_attr_t attr;
-	pthread_t t;
-	int r;
-
-	if (!c)
-		return -ENOMEM;
-	c->st = st;
-	c->rfd = rfd;
-	c->wfd = wfd;
-	c->owns_fds = owns;
-	snprintf(c->name, sizeof(c->name), "%s", name);
-	c->next = st->conns;
-	st->conns = c;
-	st->active++;
-	st->served++;
-	pthread_attr_init(&attr);
-	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-	r = pthread_create(&t, &attr, conn_main, c);
-	pthread_attr_destroy(&attr);
-	if (r) {
-		conn_unlink(st, c);
-		st->active--;
-		st->served--;
-		free(c);
-		return -r;
-	}
-	return 0;
-}
-
-/* A TCP peer that vanishes without a FIN (its host crashed, the link went
- * down) would hold its slot and thread forever, since an idle client is
- * legitimate: keepalive probes find it within about two minutes and the
- * blocked read then fails.  A live idle client answers them. */
-static void tcp_keepalive(int fd)
-{
-	int one = 1, idle = 60, intvl = 10, cnt = 6;
-
-	setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
-	setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
-	setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
-	setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
-}
-
-static void accept_one(struct stream_state *st)
-{
+	struct stream_state *st = ctx;
 	char name[400];
-	int fd = accept4(st->lfd, NULL, NULL, SOCK_CLOEXEC);
 
-	if (fd < 0) {
-		int e = errno;
-
-		if (e == EINTR || e == EAGAIN || e == ECONNABORTED)
-			return;
-		devio_warn("--devio %s: accept: %s", st->where, strerror(e));
-		/* Out of descriptors or memory: the pending connection stays
-		 * readable, so pause (stop still wakes us) instead of spinning
-		 * and logging this line at full speed. */
-		if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM) {
-			struct pollfd p = { .fd = st->stop_pipe[0], .events = POLLIN };
-
-			poll(&p, 1, STREAM_ACCEPT_PAUSE_MS);
-		}
-		return;
-	}
-	devio_socket_tune(fd);
-	if (st->addr.kind == DEVIO_ADDR_TCP)
-		tcp_keepalive(fd);
-	pthread_mutex_lock(&st->lock);
-	snprintf(name, sizeof(name), "--devio %s client %llu", st->where, (unsigned long long)st->served + 1);
-	if (st->stopping || st->active >= STREAM_MAX_CONNS) {
-		uint64_t n = ++st->refused;
-
-		pthread_mutex_unlock(&st->lock);
-		/* a client reconnecting in a loop must not flood the log:
-		 * the 1st, 2nd, 4th, 8th, ... refusal is told */
-		if ((n & (n - 1)) == 0)
-			devio_warn("--devio %s: refusing a client: %u connections already served at once (%llu refused so far)",
-				   st->where, (unsigned)STREAM_MAX_CONNS, (unsigned long long)n);
-		close(fd);
-		return;
-	}
-	if (conn_start(st, fd, fd, true, name)) {
-		st->refused++;
-		close(fd);
-	}
-	pthread_mutex_unlock(&st->lock);
+	snprintf(name, sizeof(name), "%s client %llu", st->name, (unsigned long long)id);
+	stream_run(st, fd, fd, name, -1);
 }
 
-static void *accept_main(void *arg)
+static void *stream_single_main(void *arg)
 {
 	struct stream_state *st = arg;
-	struct pollfd p[2] = { { .fd = st->lfd, .events = POLLIN }, { .fd = st->stop_pipe[0], .events = POLLIN } };
 
-	for (;;) {
-		if (poll(p, 2, -1) < 0) {
-			if (errno == EINTR)
-				continue;
-			devio_err("--devio %s: poll: %s", st->where, strerror(errno));
-			return NULL;
-		}
-		if (p[1].revents)
-			return NULL;
-		if (p[0].revents)
-			accept_one(st);
-	}
+	stream_run(st, st->single_rfd, st->single_wfd, st->where, st->stop_pipe[0]);
+	pthread_mutex_lock(&st->lock);
+	if (st->addr.kind == DEVIO_ADDR_DEVICE)
+		close(st->single_rfd);
+	st->single_active = false;
+	atomic_store(&st->finished, true);
+	pthread_cond_broadcast(&st->idle);
+	pthread_mutex_unlock(&st->lock);
+	return NULL;
 }
 
 /* Raw mode for a serial line: bytes pass unchanged. */
@@ -770,6 +652,8 @@ static int parse_arg(struct stream_state *st, const char *arg)
 
 static int start_single(struct stream_state *st)
 {
+	pthread_attr_t attr;
+	pthread_t t;
 	int rfd = 0, wfd = 1, r;
 
 	st->single = true;
@@ -786,74 +670,38 @@ static int start_single(struct stream_state *st)
 		}
 		wfd = rfd;
 	}
-	pthread_mutex_lock(&st->lock);
-	r = conn_start(st, rfd, wfd, st->addr.kind == DEVIO_ADDR_DEVICE, st->where);
-	pthread_mutex_unlock(&st->lock);
-	if (r && st->addr.kind == DEVIO_ADDR_DEVICE)
+	if (pipe2(st->stop_pipe, O_CLOEXEC)) {
+		r = -errno;
+		goto out_close;
+	}
+	st->single_rfd = rfd;
+	st->single_wfd = wfd;
+	st->single_active = true;
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	r = -pthread_create(&t, &attr, stream_single_main, st);
+	pthread_attr_destroy(&attr);
+	if (!r)
+		return 0;
+	st->single_active = false;
+out_close:
+	if (st->addr.kind == DEVIO_ADDR_DEVICE)
 		close(rfd);
 	return r;
 }
 
-/* A Unix socket is bound and listening under a temporary name, then
- * renamed into place: whoever sees the path can connect at once. */
-static int listen_unix_atomic(struct stream_state *st)
-{
-	struct devio_addr tmp = st->addr;
-	struct stat sb;
-	int fd, n;
-
-	if (lstat(st->addr.path, &sb) == 0 && !S_ISSOCK(sb.st_mode)) {
-		devio_err("--devio %s: %s exists and is not a socket", st->where, st->addr.path);
-		return -EEXIST;
-	}
-	n = snprintf(tmp.path, sizeof(tmp.path), "%s.%d.tmp", st->addr.path, (int)getpid());
-	if (n < 0 || (size_t)n >= 108) /* sizeof(sockaddr_un.sun_path) */
-		return devio_listen(&st->addr, STREAM_MAX_CONNS);
-	fd = devio_listen(&tmp, STREAM_MAX_CONNS);
-	if (fd < 0)
-		return fd;
-	if (rename(tmp.path, st->addr.path)) {
-		int r = -errno;
-
-		devio_err("--devio %s: cannot move the socket into place: %s", st->where, strerror(-r));
-		unlink(tmp.path);
-		close(fd);
-		return r;
-	}
-	return fd;
-}
-
 static int start_listener(struct stream_state *st, bool all_interfaces)
 {
-	int r;
+	struct devio_listener_conf conf = { .name = st->name, .max_conns = STREAM_MAX_CONNS,
+					    .grace_ms = STREAM_STOP_GRACE_MS, .serve = stream_serve, .ctx = st };
 
 	if (st->addr.kind == DEVIO_ADDR_TCP && !st->addr.host[0] && all_interfaces)
 		strcpy(st->addr.host, "*");
-	if (st->addr.kind == DEVIO_ADDR_UNIX)
-		st->lfd = listen_unix_atomic(st);
-	else
-		st->lfd = devio_listen(&st->addr, STREAM_MAX_CONNS);
-	if (st->lfd < 0)
-		return st->lfd;
-	if (st->addr.kind == DEVIO_ADDR_TCP && !strcmp(st->addr.host, "*"))
-		devio_info("--devio %s: listening on every interface", st->where);
-	r = pthread_create(&st->accept_thread, NULL, accept_main, st);
-	if (r) {
-		close(st->lfd);
-		st->lfd = -1;
-		return -r;
-	}
-	st->accepting = true;
-	return 0;
+	return devio_listener_start(&st->addr, &conf, &st->listener);
 }
 
 static void state_free(struct stream_state *st)
 {
-	if (st->lfd >= 0) {
-		close(st->lfd);
-		if (st->addr.kind == DEVIO_ADDR_UNIX)
-			unlink(st->addr.path); /* ours: created by devio_listen() */
-	}
 	if (st->stop_pipe[0] >= 0) {
 		close(st->stop_pipe[0]);
 		close(st->stop_pipe[1]);
@@ -877,17 +725,13 @@ static int start(struct devio_server *srv, const char *arg, void **state)
 	if (!st)
 		return -ENOMEM;
 	st->b = e->backend;
-	st->lfd = -1;
 	st->stop_pipe[0] = st->stop_pipe[1] = -1;
 	pthread_mutex_init(&st->lock, NULL);
 	pthread_cond_init(&st->idle, NULL);
 	if ((r = parse_arg(st, arg)))
 		goto out_free;
 	devio_addr_format(&st->addr, st->where, sizeof(st->where));
-	if (pipe2(st->stop_pipe, O_CLOEXEC)) {
-		r = -errno;
-		goto out_free;
-	}
+	snprintf(st->name, sizeof(st->name), "--devio %s", st->where);
 	if (st->b->block_size > 512 && !st->opts.alignment)
 		devio_warn("--devio %s: %s needs %u-byte alignment; ImDisk clients refuse more than 512",
 			   st->where, e->source, st->b->block_size);
@@ -904,33 +748,21 @@ out_free:
 	return r;
 }
 
-static void stop(void *state)
+/* A stdio/device session blocked writing to a peer that does not read
+ * cannot be woken: give up on it after a while rather than hang the exit
+ * (its thread keeps the state, so it is not freed). */
+static void stop_single(struct stream_state *st)
 {
-	struct stream_state *st = state;
 	struct timespec deadline;
 
-	if (!st)
-		return;
 	clock_gettime(CLOCK_REALTIME, &deadline);
 	deadline.tv_sec += STREAM_STOP_SECONDS;
-	pthread_mutex_lock(&st->lock);
-	st->stopping = true;
-	pthread_mutex_unlock(&st->lock);
 	if (write(st->stop_pipe[1], "x", 1) < 0)
-		devio_warn("--devio %s: cannot signal stop: %s", st->where, strerror(errno));
-	if (st->accepting)
-		pthread_join(st->accept_thread, NULL);
+		devio_warn("%s: cannot signal stop: %s", st->name, strerror(errno));
 	pthread_mutex_lock(&st->lock);
-	for (struct stream_conn *c = st->conns; c; c = c->next)
-		if (!st->single)
-			shutdown(c->rfd, SHUT_RDWR); /* wakes its blocked read */
-	while (st->active) {
-		/* A stdio/device session blocked writing to a peer that does not
-		 * read cannot be woken: give up on it after a while rather than
-		 * hang the exit (its thread keeps the state, so it is not freed). */
+	while (st->single_active) {
 		if (pthread_cond_timedwait(&st->idle, &st->lock, &deadline) == ETIMEDOUT) {
-			devio_warn("--devio %s: %u session(s) did not end; exiting without them", st->where,
-				   st->active);
+			devio_warn("%s: the session did not end; exiting without it", st->name);
 			pthread_mutex_unlock(&st->lock);
 			return;
 		}
@@ -939,15 +771,36 @@ static void stop(void *state)
 	state_free(st);
 }
 
-static void status(void *state, FILE *out)
+static void stop(void *state)
 {
 	struct stream_state *st = state;
 
-	pthread_mutex_lock(&st->lock);
+	if (!st)
+		return;
+	if (st->single) {
+		stop_single(st);
+		return;
+	}
+	devio_listener_stop(st->listener);
+	state_free(st);
+}
+
+static void status(void *state, FILE *out)
+{
+	struct stream_state *st = state;
+	struct devio_listener_stats ls = { 0 };
+
+	if (st->listener) {
+		devio_listener_stats(st->listener, &ls);
+	} else {
+		pthread_mutex_lock(&st->lock);
+		ls.active = st->single_active;
+		ls.served = 1;
+		pthread_mutex_unlock(&st->lock);
+	}
 	fprintf(out, "  devio stream on %s: %u client(s) connected, %llu served, %llu refused, %llu dropped on error\n",
-		st->where, st->active, (unsigned long long)st->served, (unsigned long long)st->refused,
-		(unsigned long long)st->failed);
-	pthread_mutex_unlock(&st->lock);
+		st->where, ls.active, (unsigned long long)ls.served, (unsigned long long)ls.refused,
+		(unsigned long long)atomic_load(&st->failed));
 }
 
 static bool finished(void *state)
