@@ -4,14 +4,14 @@
  * One thread per connection (at most STREAM_MAX_CONNS; extras are accepted
  * and closed at once), one request outstanding per connection as the
  * protocol defines, each request run with devio_execute() on the default
- * export.  devio_stream_session() is the whole protocol on a pair of file
- * descriptors; everything else here is listening, accounting and stopping.
- * The wire format and the choices for bad input are in docs/devio-protocol.md.
+ * export.  devio_stream_session() is the whole server side of the
+ * protocol on a pair of file descriptors; the layouts, encoders and checks
+ * both ends share are lib/devio_codec.c (include/devio/protocol.h), the
+ * accept loop lib/listener.c.  The wire format and the choices for bad
+ * input are in docs/devio-protocol.md.
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -19,7 +19,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/uio.h>
 #include <termios.h>
 #include <time.h>
@@ -38,10 +37,6 @@
 #define STREAM_STOP_GRACE_MS 2000
 /* A connection keeps a data buffer up to this size between requests. */
 #define STREAM_KEEP_BUF (4u << 20)
-/* CONNECT carries a connection string: more than this is not a string. */
-#define STREAM_MAX_CONNECT_BYTES 65536u
-/* SCSI pass-through payloads we consume (and refuse) without keeping. */
-#define STREAM_MAX_SCSI_BYTES (1u << 20)
 
 /* ---- buffered input: one read() usually brings a header and payload ---- */
 
@@ -249,43 +244,39 @@ static int check_aligned(struct session *s, const char *what, uint64_t off, uint
 	return -EINVAL;
 }
 
-static uint64_t wire_errno(int r)
+/* An answer of error + length (READ data, if any, in the same call). */
+static int out_answer(struct session *s, int result, uint64_t length, const void *data)
 {
-	return r < 0 ? (uint64_t)-r : 0;
+	uint8_t hdr[DEVIO_ANSWER_SIZE];
+	struct iovec iov[2] = { { hdr, sizeof(hdr) }, { (void *)data, (size_t)length } };
+
+	devio_proto_encode_answer(hdr, result, length);
+	return out_writev(s->wfd, iov, data && length ? 2 : 1);
+}
+
+static int out_errno(struct session *s, int result)
+{
+	uint64_t v = devio_proto_wire_errno(result);
+
+	return out_words(s->wfd, &v, 1);
 }
 
 static int do_info(struct session *s)
 {
-	const struct devio_backend *b = s->b;
-	uint64_t flags = 0;
-	uint64_t v[3];
+	struct devio_info i = { .file_size = s->b->size, .req_alignment = s->alignment,
+				.flags = devio_proto_info_flags(s->b) };
+	uint8_t out[DEVIO_INFO_SIZE];
+	struct iovec iov = { out, sizeof(out) };
 
-	if (b->caps & DEVIO_CAP_READONLY)
-		flags |= DEVIO_INFO_RO;
-	else {
-		if (b->caps & DEVIO_CAP_TRIM)
-			flags |= DEVIO_INFO_SUPPORTS_UNMAP;
-		/* zero_by_writing() serves ZERO where the backend has no zero(). */
-		if (b->caps & DEVIO_CAP_ZERO || b->ops->pwrite)
-			flags |= DEVIO_INFO_SUPPORTS_ZERO;
-	}
-	v[0] = b->size;
-	v[1] = s->alignment;
-	v[2] = flags;
-	return out_words(s->wfd, v, 3);
+	devio_proto_encode_info(out, &i);
+	return out_writev(s->wfd, &iov, 1);
 }
 
-static int do_read(struct session *s)
+static int do_read(struct session *s, const struct devio_proto_req *rq)
 {
-	uint8_t hdr[16];
-	uint64_t off, len, v[2];
-	struct iovec iov[2];
+	uint64_t off = rq->offset, len = rq->length;
 	int r;
 
-	if ((r = in_read(s->in, hdr, sizeof(hdr), NULL)))
-		return r;
-	off = devio_get_le64(hdr);
-	len = devio_get_le64(hdr + 8);
 	if (len > s->max_transfer) {
 		devio_warn("%s: READ at %llu of %llu bytes: over the %u-byte limit", s->name,
 			   (unsigned long long)off, (unsigned long long)len, s->max_transfer);
@@ -307,33 +298,20 @@ static int do_read(struct session *s)
 			devio_warn("%s: READ at %llu of %llu bytes: %s", s->name, (unsigned long long)off,
 				   (unsigned long long)len, strerror(-r));
 	}
-	v[0] = wire_errno(r);
-	v[1] = r ? 0 : len;
-	devio_put_le64(hdr, v[0]);
-	devio_put_le64(hdr + 8, v[1]);
-	iov[0] = (struct iovec){ hdr, 16 };
-	iov[1] = (struct iovec){ s->buf, (size_t)v[1] };
-	return out_writev(s->wfd, iov, v[1] ? 2 : 1);
+	return out_answer(s, r, r ? 0 : len, s->buf);
 }
 
-static int do_write(struct session *s)
+static int do_write(struct session *s, const struct devio_proto_req *rq)
 {
-	uint8_t hdr[16];
-	uint64_t off, len, v[2];
+	uint64_t off = rq->offset, len = rq->length;
 	int r, err;
 
-	if ((r = in_read(s->in, hdr, sizeof(hdr), NULL)))
-		return r;
-	off = devio_get_le64(hdr);
-	len = devio_get_le64(hdr + 8);
 	if (len > s->max_transfer) {
 		/* The payload cannot be consumed without trusting the length:
 		 * answer, then drop the connection (the stream is lost). */
 		devio_warn("%s: WRITE at %llu of %llu bytes: over the %u-byte limit; closing",
 			   s->name, (unsigned long long)off, (unsigned long long)len, s->max_transfer);
-		v[0] = E2BIG;
-		v[1] = 0;
-		out_words(s->wfd, v, 2);
+		out_answer(s, -E2BIG, 0, NULL);
 		return -EPROTO;
 	}
 	if ((err = check_aligned(s, "WRITE", off, len)) || (err = session_buf(s, len))) {
@@ -349,146 +327,114 @@ static int do_write(struct session *s)
 	if (r && r != -EINVAL)
 		devio_warn("%s: WRITE at %llu of %llu bytes: %s", s->name, (unsigned long long)off,
 			   (unsigned long long)len, strerror(-r));
-	v[0] = wire_errno(r);
-	v[1] = r ? 0 : len;
-	return out_words(s->wfd, v, 2);
+	return out_answer(s, r, r ? 0 : len, NULL);
 }
 
-/* Check one UNMAP/ZERO range against the export. */
-static int range_check(struct session *s, const uint8_t *p, uint64_t *off, uint64_t *len)
+/* Check every range before running any; 0 or -errno (logged). */
+static int ranges_check(struct session *s, const char *what, uint64_t len)
 {
-	int64_t soff = (int64_t)devio_get_le64(p);
+	uint64_t off, n;
 
-	*off = (uint64_t)soff;
-	*len = devio_get_le64(p + 8);
-	if (soff < 0 || *off > s->b->size || *len > s->b->size - *off)
+	if (len % DEVIO_RANGE_SIZE) {
+		devio_warn("%s: %s: range array of %llu bytes is not a multiple of %u", s->name, what,
+			   (unsigned long long)len, DEVIO_RANGE_SIZE);
 		return -EINVAL;
+	}
+	if (s->b->caps & DEVIO_CAP_READONLY)
+		return -EROFS;
+	for (uint64_t i = 0; i < len; i += DEVIO_RANGE_SIZE) {
+		if (devio_proto_decode_range((uint8_t *)s->buf + i, s->b->size, &off, &n)) {
+			devio_warn("%s: %s range at %lld of %llu bytes: outside the export (%llu bytes)",
+				   s->name, what, (long long)off, (unsigned long long)n,
+				   (unsigned long long)s->b->size);
+			return -EINVAL;
+		}
+	}
 	return 0;
 }
 
-static int do_ranges(struct session *s, uint64_t code)
+static int do_ranges(struct session *s, const struct devio_proto_req *rq)
 {
-	enum devio_op op = code == DEVIO_REQ_UNMAP ? DEVIO_OP_TRIM : DEVIO_OP_ZERO;
-	const char *what = code == DEVIO_REQ_UNMAP ? "UNMAP" : "ZERO";
-	uint8_t hdr[8];
-	uint64_t len, v, off, n;
+	enum devio_op op = rq->code == DEVIO_REQ_UNMAP ? DEVIO_OP_TRIM : DEVIO_OP_ZERO;
+	const char *what = rq->code == DEVIO_REQ_UNMAP ? "UNMAP" : "ZERO";
+	uint64_t len = rq->length, off, n;
 	int r;
 
-	if ((r = in_read(s->in, hdr, sizeof(hdr), NULL)))
-		return r;
-	len = devio_get_le64(hdr);
 	if (len > DEVIO_MAX_RANGES_BYTES) {
 		devio_warn("%s: %s with %llu bytes of ranges: over the %u-byte limit; closing", s->name,
 			   what, (unsigned long long)len, DEVIO_MAX_RANGES_BYTES);
-		v = E2BIG;
-		out_words(s->wfd, &v, 1);
+		out_errno(s, -E2BIG);
 		return -EPROTO;
 	}
 	if ((r = session_buf(s, len))) {
 		/* no memory for the ranges: consume them, answer, keep the stream */
 		if ((r = in_discard(s->in, len)))
 			return r;
-		v = ENOMEM;
-		return out_words(s->wfd, &v, 1);
+		return out_errno(s, -ENOMEM);
 	}
 	if ((r = in_read(s->in, s->buf, len, NULL)))
 		return r;
-	if (len % DEVIO_RANGE_SIZE) {
-		devio_warn("%s: %s: range array of %llu bytes is not a multiple of %u", s->name, what,
-			   (unsigned long long)len, DEVIO_RANGE_SIZE);
-		r = -EINVAL;
-	}
-	if (!r && (s->b->caps & DEVIO_CAP_READONLY))
-		r = -EROFS;
-	/* Check every range before running any. */
+	r = ranges_check(s, what, len);
 	for (uint64_t i = 0; !r && i < len; i += DEVIO_RANGE_SIZE) {
-		if ((r = range_check(s, (uint8_t *)s->buf + i, &off, &n)))
-			devio_warn("%s: %s range at %lld of %llu bytes: outside the export (%llu bytes)",
-				   s->name, what, (long long)off, (unsigned long long)n,
-				   (unsigned long long)s->b->size);
-	}
-	for (uint64_t i = 0; !r && i < len; i += DEVIO_RANGE_SIZE) {
-		range_check(s, (uint8_t *)s->buf + i, &off, &n);
+		devio_proto_decode_range((uint8_t *)s->buf + i, s->b->size, &off, &n);
 		if (n && (r = session_exec(s, op, off, n, NULL)))
 			devio_warn("%s: %s at %llu of %llu bytes: %s", s->name, what,
 				   (unsigned long long)off, (unsigned long long)n, strerror(-r));
 	}
-	v = wire_errno(r);
-	return out_words(s->wfd, &v, 1);
+	return out_errno(s, r);
 }
 
-/* CONNECT asks a server to open a connection elsewhere: not ours to do. */
-static int do_connect(struct session *s)
+/* CONNECT and SCSI carry data this server consumes and refuses (a
+ * connection elsewhere is not ours to open; SCSI is not offered: no
+ * SUPPORTS_SCSI flag); more than limit bytes of it close the connection. */
+static int do_refuse_data(struct session *s, const struct devio_proto_req *rq, uint64_t limit, int err)
 {
-	uint8_t hdr[16];
-	uint64_t len, v[2] = { EOPNOTSUPP, 0 };
+	const char *what = rq->code == DEVIO_REQ_CONNECT ? "CONNECT" : "SCSI";
 	int r;
 
-	if ((r = in_read(s->in, hdr, sizeof(hdr), NULL)))
-		return r;
-	len = devio_get_le64(hdr + 8);
-	if (len > STREAM_MAX_CONNECT_BYTES) {
-		devio_warn("%s: CONNECT with a %llu-byte string: over the limit; closing", s->name,
-			   (unsigned long long)len);
-		out_words(s->wfd, v, 2);
+	if (rq->length > limit) {
+		devio_warn("%s: %s with %llu bytes of data: over the limit; closing", s->name, what,
+			   (unsigned long long)rq->length);
+		out_answer(s, err, 0, NULL);
 		return -EPROTO;
 	}
-	if ((r = in_discard(s->in, len)))
+	if ((r = in_discard(s->in, rq->length)))
 		return r;
-	devio_debug("%s: CONNECT refused (this server only serves its own export)", s->name);
-	return out_words(s->wfd, v, 2);
-}
-
-/* SCSI pass-through is not offered (no SUPPORTS_SCSI flag). */
-static int do_scsi(struct session *s)
-{
-	uint8_t hdr[32];
-	uint64_t len, v[2] = { ENODEV, 0 };
-	int r;
-
-	if ((r = in_read(s->in, hdr, sizeof(hdr), NULL)))
-		return r;
-	len = devio_get_le64(hdr + 16);
-	if (len > STREAM_MAX_SCSI_BYTES) {
-		devio_warn("%s: SCSI with %llu bytes of data: over the limit; closing", s->name,
-			   (unsigned long long)len);
-		out_words(s->wfd, v, 2);
-		return -EPROTO;
-	}
-	if ((r = in_discard(s->in, len)))
-		return r;
-	return out_words(s->wfd, v, 2);
+	devio_debug("%s: %s refused (this server only serves its own export)", s->name, what);
+	return out_answer(s, err, 0, NULL);
 }
 
 /* SHARED reservations are not offered: errno, no unique id, no keys. */
 static int do_shared(struct session *s)
 {
-	uint8_t hdr[48], resp[64] = { 0 };
+	uint8_t resp[DEVIO_SHARED_ANSWER_SIZE] = { 0 };
 	struct iovec iov = { resp, sizeof(resp) };
-	int r;
 
-	if ((r = in_read(s->in, hdr, sizeof(hdr), NULL)))
-		return r;
 	devio_put_le64(resp, ENODEV);
 	return out_writev(s->wfd, &iov, 1);
 }
 
 static int session_request(struct session *s, uint64_t code)
 {
-	uint64_t v = ENODEV;
+	uint8_t hdr[DEVIO_MAX_REQ_HDR];
+	struct devio_proto_req rq;
+	int r;
 
+	if ((r = in_read(s->in, hdr, devio_proto_req_hdr_size(code), NULL)))
+		return r;
+	devio_proto_decode_req(code, hdr, &rq);
 	switch (code) {
 	case DEVIO_REQ_INFO: return do_info(s);
-	case DEVIO_REQ_READ: return do_read(s);
-	case DEVIO_REQ_WRITE: return do_write(s);
-	case DEVIO_REQ_CONNECT: return do_connect(s);
+	case DEVIO_REQ_READ: return do_read(s, &rq);
+	case DEVIO_REQ_WRITE: return do_write(s, &rq);
+	case DEVIO_REQ_CONNECT: return do_refuse_data(s, &rq, DEVIO_MAX_CONNECT_BYTES, -EOPNOTSUPP);
 	case DEVIO_REQ_UNMAP:
-	case DEVIO_REQ_ZERO: return do_ranges(s, code);
-	case DEVIO_REQ_SCSI: return do_scsi(s);
+	case DEVIO_REQ_ZERO: return do_ranges(s, &rq);
+	case DEVIO_REQ_SCSI: return do_refuse_data(s, &rq, DEVIO_MAX_SCSI_BYTES, -ENODEV);
 	case DEVIO_REQ_SHARED: return do_shared(s);
 	default:
 		devio_debug("%s: unknown request code %llu: answered ENODEV", s->name, (unsigned long long)code);
-		return out_words(s->wfd, &v, 1);
+		return out_errno(s, -ENODEV);
 	}
 }
 
