@@ -236,7 +236,7 @@ static int query_param(struct uri_err *e, enum uri_kind kind, const char *s, siz
 static int parse_query(struct uri_err *e, enum uri_kind kind, const char *s, size_t n, struct devio_nbd_uri *u)
 {
 	bool have_socket = false;
-	const char *end = s + n;
+	const char *end = s ? s + n : NULL; /* s is NULL when there is no query */
 	int r;
 
 	while (s && s < end) {
