@@ -697,7 +697,7 @@ out_free:
 /* A stdio/device session blocked writing to a peer that does not read
  * cannot be woken: give up on it after a while rather than hang the exit
  * (its thread keeps the state, so it is not freed). */
-static void stop_single(struct stream_state *st)
+static void stream_stop_single(struct stream_state *st)
 {
 	struct timespec deadline;
 
@@ -724,7 +724,7 @@ static void stop(void *state)
 	if (!st)
 		return;
 	if (st->single) {
-		stop_single(st);
+		stream_stop_single(st);
 		return;
 	}
 	devio_listener_stop(st->listener);

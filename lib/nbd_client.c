@@ -25,7 +25,7 @@
 #define NBD_OLDSTYLE_MAGIC 0x0000420281861253ull
 /* Replies to one option before the server is taken as broken. */
 #define NBD_CLIENT_MAX_REPLIES 1024
-/* Bytes of one option reply kept (INFO, META_CONTEXT, error messages). */
+/* Bytes of one option reply client_kept (INFO, META_CONTEXT, error messages). */
 #define NBD_CLIENT_REPLY_KEEP 512u
 
 struct hs {
@@ -39,7 +39,7 @@ struct hs {
 
 /* ---- transfers under the deadline ---- */
 
-static int hs_wait(struct hs *h, short events)
+static int client_wait(struct hs *h, short events)
 {
 	for (;;) {
 		uint64_t now = devio_now_ns();
@@ -58,13 +58,13 @@ static int hs_wait(struct hs *h, short events)
 	}
 }
 
-static int hs_read(struct hs *h, void *buf, size_t len)
+static int client_read(struct hs *h, void *buf, size_t len)
 {
 	char *p = buf;
 
 	while (len) {
 		ssize_t n;
-		int r = hs_wait(h, POLLIN);
+		int r = client_wait(h, POLLIN);
 
 		if (r)
 			return r;
@@ -81,13 +81,13 @@ static int hs_read(struct hs *h, void *buf, size_t len)
 	return 0;
 }
 
-static int hs_write(struct hs *h, const void *buf, size_t len)
+static int client_write(struct hs *h, const void *buf, size_t len)
 {
 	const char *p = buf;
 
 	while (len) {
 		ssize_t n;
-		int r = hs_wait(h, POLLOUT);
+		int r = client_wait(h, POLLOUT);
 
 		if (r)
 			return r;
@@ -102,13 +102,13 @@ static int hs_write(struct hs *h, const void *buf, size_t len)
 	return 0;
 }
 
-static int hs_discard(struct hs *h, uint32_t len)
+static int client_discard(struct hs *h, uint32_t len)
 {
 	char scratch[4096];
 
 	while (len) {
 		uint32_t n = len < sizeof(scratch) ? len : (uint32_t)sizeof(scratch);
-		int r = hs_read(h, scratch, n);
+		int r = client_read(h, scratch, n);
 
 		if (r)
 			return r;
@@ -119,7 +119,7 @@ static int hs_discard(struct hs *h, uint32_t len)
 
 /* ---- options and replies ---- */
 
-static int send_option(struct hs *h, uint32_t opt, const void *data, uint32_t len)
+static int client_send_option(struct hs *h, uint32_t opt, const void *data, uint32_t len)
 {
 	uint8_t hdr[16];
 	int r;
@@ -127,8 +127,8 @@ static int send_option(struct hs *h, uint32_t opt, const void *data, uint32_t le
 	nbd_put64(hdr, NBD_OPTS_MAGIC);
 	nbd_put32(hdr + 8, opt);
 	nbd_put32(hdr + 12, len);
-	r = hs_write(h, hdr, sizeof(hdr));
-	return r || !len ? r : hs_write(h, data, len);
+	r = client_write(h, hdr, sizeof(hdr));
+	return r || !len ? r : client_write(h, data, len);
 }
 
 struct reply {
@@ -136,18 +136,18 @@ struct reply {
 	uint8_t data[NBD_CLIENT_REPLY_KEEP];
 };
 
-static uint32_t kept(const struct reply *rp)
+static uint32_t client_kept(const struct reply *rp)
 {
 	return rp->len < sizeof(rp->data) ? rp->len : (uint32_t)sizeof(rp->data);
 }
 
 /* Read one reply to opt; -EPROTO (logged) if it is not one. */
-static int read_reply(struct hs *h, uint32_t opt, struct reply *rp)
+static int client_read_reply(struct hs *h, uint32_t opt, struct reply *rp)
 {
 	uint8_t hdr[20];
 	int r;
 
-	if ((r = hs_read(h, hdr, sizeof(hdr))))
+	if ((r = client_read(h, hdr, sizeof(hdr))))
 		return r;
 	rp->type = nbd_get32(hdr + 12);
 	rp->len = nbd_get32(hdr + 16);
@@ -161,52 +161,52 @@ static int read_reply(struct hs *h, uint32_t opt, struct reply *rp)
 			  rp->len, NBD_MAX_OPTION_LEN);
 		return -EPROTO;
 	}
-	if ((r = hs_read(h, rp->data, kept(rp))))
+	if ((r = client_read(h, rp->data, client_kept(rp))))
 		return r;
-	return hs_discard(h, rp->len - kept(rp));
+	return client_discard(h, rp->len - client_kept(rp));
 }
 
-static bool is_error(uint32_t type)
+static bool client_is_error(uint32_t type)
 {
 	return type & (1u << 31);
 }
 
 /* An error reply's message, for a human: printable bytes only. */
-static const char *reply_text(struct reply *rp, char *out, size_t outlen)
+static const char *client_reply_text(struct reply *rp, char *out, size_t outlen)
 {
 	size_t n = 0;
 
-	for (uint32_t i = 0; i < kept(rp) && n + 1 < outlen; i++)
+	for (uint32_t i = 0; i < client_kept(rp) && n + 1 < outlen; i++)
 		out[n++] = rp->data[i] >= 0x20 && rp->data[i] < 0x7f ? (char)rp->data[i] : '?';
 	out[n] = '\0';
 	return out;
 }
 
-static int unexpected(struct hs *h, const char *opt, const struct reply *rp)
+static int client_unexpected(struct hs *h, const char *opt, const struct reply *rp)
 {
 	devio_err("%s: unexpected reply 0x%x to %s", h->name, rp->type, opt);
 	return -EPROTO;
 }
 
 /* NBD_OPT_STRUCTURED_REPLY: an ACK turns them on; an error leaves them off. */
-static int opt_structured(struct hs *h)
+static int client_opt_structured(struct hs *h)
 {
 	struct reply rp;
 	int r;
 
-	if ((r = send_option(h, NBD_OPT_STRUCTURED_REPLY, NULL, 0)) ||
-	    (r = read_reply(h, NBD_OPT_STRUCTURED_REPLY, &rp)))
+	if ((r = client_send_option(h, NBD_OPT_STRUCTURED_REPLY, NULL, 0)) ||
+	    (r = client_read_reply(h, NBD_OPT_STRUCTURED_REPLY, &rp)))
 		return r;
 	if (rp.type == NBD_REP_ACK)
 		h->info->structured = true;
-	else if (!is_error(rp.type))
-		return unexpected(h, "NBD_OPT_STRUCTURED_REPLY", &rp);
+	else if (!client_is_error(rp.type))
+		return client_unexpected(h, "NBD_OPT_STRUCTURED_REPLY", &rp);
 	return 0;
 }
 
 /* NBD_OPT_SET_META_CONTEXT base:allocation for the export; a server that
  * refuses it is used without. */
-static int opt_meta(struct hs *h)
+static int client_opt_meta(struct hs *h)
 {
 	static const char ctx[] = "base:allocation";
 	uint32_t nlen = (uint32_t)strlen(h->export), qlen = sizeof(ctx) - 1;
@@ -219,15 +219,15 @@ static int opt_meta(struct hs *h)
 	nbd_put32(opt + 4 + nlen, 1);
 	nbd_put32(opt + 8 + nlen, qlen);
 	memcpy(opt + 12 + nlen, ctx, qlen);
-	if ((r = send_option(h, NBD_OPT_SET_META_CONTEXT, opt, 12 + nlen + qlen)))
+	if ((r = client_send_option(h, NBD_OPT_SET_META_CONTEXT, opt, 12 + nlen + qlen)))
 		return r;
 	for (unsigned i = 0; i < NBD_CLIENT_MAX_REPLIES; i++) {
-		if ((r = read_reply(h, NBD_OPT_SET_META_CONTEXT, &rp)))
+		if ((r = client_read_reply(h, NBD_OPT_SET_META_CONTEXT, &rp)))
 			return r;
-		if (rp.type == NBD_REP_ACK || is_error(rp.type))
+		if (rp.type == NBD_REP_ACK || client_is_error(rp.type))
 			return 0;
 		if (rp.type != NBD_REP_META_CONTEXT)
-			return unexpected(h, "NBD_OPT_SET_META_CONTEXT", &rp);
+			return client_unexpected(h, "NBD_OPT_SET_META_CONTEXT", &rp);
 		if (rp.len == 4 + qlen && !memcmp(rp.data + 4, ctx, qlen)) {
 			h->info->meta_id = nbd_get32(rp.data);
 			h->info->base_allocation = true;
@@ -237,27 +237,27 @@ static int opt_meta(struct hs *h)
 	return -EPROTO;
 }
 
-static bool pow2(uint32_t v)
+static bool client_pow2(uint32_t v)
 {
 	return v && !(v & (v - 1));
 }
 
 /* NBD_INFO_BLOCK_SIZE: keep what the spec allows, drop the rest. */
-static void info_block_size(struct hs *h, const uint8_t *d)
+static void client_info_block_size(struct hs *h, const uint8_t *d)
 {
 	uint32_t mn = nbd_get32(d), pref = nbd_get32(d + 4), mx = nbd_get32(d + 8);
 
-	if (!pow2(mn) || mn > 65536) {
+	if (!client_pow2(mn) || mn > 65536) {
 		devio_debug("%s: ignoring a minimum block size of %u", h->name, mn);
 		return;
 	}
 	h->info->min_block = mn;
-	h->info->pref_block = pow2(pref) && pref >= mn ? pref : 0;
+	h->info->pref_block = client_pow2(pref) && pref >= mn ? pref : 0;
 	h->info->max_block = mx >= mn && (mx == UINT32_MAX || mx % mn == 0) ? mx : 0;
 }
 
 /* One NBD_REP_INFO to NBD_OPT_GO; *have_export once NBD_INFO_EXPORT came. */
-static int go_info(struct hs *h, const struct reply *rp, bool *have_export)
+static int client_go_info(struct hs *h, const struct reply *rp, bool *have_export)
 {
 	uint16_t type = rp->len >= 2 ? nbd_get16(rp->data) : 0xffff;
 
@@ -278,13 +278,13 @@ static int go_info(struct hs *h, const struct reply *rp, bool *have_export)
 			devio_err("%s: NBD_INFO_BLOCK_SIZE of %u bytes (want 14)", h->name, rp->len);
 			return -EPROTO;
 		}
-		info_block_size(h, rp->data + 2);
+		client_info_block_size(h, rp->data + 2);
 	}
 	return 0; /* other information is for humans */
 }
 
 /* The server refused NBD_OPT_GO with an error reply. */
-static int go_refused(struct hs *h, struct reply *rp)
+static int client_go_refused(struct hs *h, struct reply *rp)
 {
 	char msg[NBD_CLIENT_REPLY_KEEP + 1];
 
@@ -293,12 +293,12 @@ static int go_refused(struct hs *h, struct reply *rp)
 		return -EPROTONOSUPPORT;
 	}
 	devio_err("%s: the server refused the export '%s' (NBD_OPT_GO error 0x%x%s%s)", h->name, h->export, rp->type,
-		  rp->len ? ": " : "", reply_text(rp, msg, sizeof(msg)));
+		  rp->len ? ": " : "", client_reply_text(rp, msg, sizeof(msg)));
 	return rp->type == NBD_REP_ERR_UNKNOWN ? -ENOENT : -EPROTO;
 }
 
 /* NBD_OPT_GO asking for the block sizes; 1 if the server does not know it. */
-static int opt_go(struct hs *h)
+static int client_opt_go(struct hs *h)
 {
 	uint32_t nlen = (uint32_t)strlen(h->export);
 	uint8_t opt[4 + NBD_MAX_EXPORT_NAME + 2 + 2];
@@ -310,16 +310,16 @@ static int opt_go(struct hs *h)
 	memcpy(opt + 4, h->export, nlen);
 	nbd_put16(opt + 4 + nlen, 1);
 	nbd_put16(opt + 6 + nlen, NBD_INFO_BLOCK_SIZE);
-	if ((r = send_option(h, NBD_OPT_GO, opt, 8 + nlen)))
+	if ((r = client_send_option(h, NBD_OPT_GO, opt, 8 + nlen)))
 		return r;
 	for (unsigned i = 0; i < NBD_CLIENT_MAX_REPLIES; i++) {
-		if ((r = read_reply(h, NBD_OPT_GO, &rp)))
+		if ((r = client_read_reply(h, NBD_OPT_GO, &rp)))
 			return r;
 		if (rp.type == NBD_REP_ERR_UNSUP)
 			return 1;
-		if (is_error(rp.type))
-			return go_refused(h, &rp);
-		if (rp.type == NBD_REP_INFO && (r = go_info(h, &rp, &have_export)))
+		if (client_is_error(rp.type))
+			return client_go_refused(h, &rp);
+		if (rp.type == NBD_REP_INFO && (r = client_go_info(h, &rp, &have_export)))
 			return r;
 		if (rp.type == NBD_REP_ACK && !have_export) {
 			devio_err("%s: the server sent no export size (NBD_OPT_GO acknowledged without NBD_INFO_EXPORT)", h->name);
@@ -330,21 +330,21 @@ static int opt_go(struct hs *h)
 			return 0;
 		}
 		if (rp.type != NBD_REP_INFO)
-			return unexpected(h, "NBD_OPT_GO", &rp);
+			return client_unexpected(h, "NBD_OPT_GO", &rp);
 	}
 	devio_err("%s: more than %d replies to NBD_OPT_GO", h->name, NBD_CLIENT_MAX_REPLIES);
 	return -EPROTO;
 }
 
 /* NBD_OPT_EXPORT_NAME: size and flags, then 124 zeroes unless declined. */
-static int opt_export_name(struct hs *h, bool no_zeroes)
+static int client_opt_export_name(struct hs *h, bool no_zeroes)
 {
 	uint8_t reply[10 + 124];
 	int r;
 
-	if ((r = send_option(h, NBD_OPT_EXPORT_NAME, h->export, (uint32_t)strlen(h->export))))
+	if ((r = client_send_option(h, NBD_OPT_EXPORT_NAME, h->export, (uint32_t)strlen(h->export))))
 		return r;
-	r = hs_read(h, reply, no_zeroes ? 10 : sizeof(reply));
+	r = client_read(h, reply, no_zeroes ? 10 : sizeof(reply));
 	if (r == -ECONNRESET) {
 		devio_err("%s: the server closed the connection after NBD_OPT_EXPORT_NAME (no export '%s'?)",
 			  h->name, h->export);
@@ -358,10 +358,10 @@ static int opt_export_name(struct hs *h, bool no_zeroes)
 }
 
 /* The greeting; answers with the client flags.  *hflags: the server's. */
-static int greet(struct hs *h, uint16_t *hflags)
+static int client_greet(struct hs *h, uint16_t *hflags)
 {
 	uint8_t hello[18], cf[4];
-	int r = hs_read(h, hello, sizeof(hello));
+	int r = client_read(h, hello, sizeof(hello));
 
 	if (r)
 		return r;
@@ -380,24 +380,24 @@ static int greet(struct hs *h, uint16_t *hflags)
 	*hflags = nbd_get16(hello + 16);
 	nbd_put32(cf, (*hflags & NBD_FLAG_FIXED_NEWSTYLE ? NBD_FLAG_C_FIXED_NEWSTYLE : 0) |
 		      (*hflags & NBD_FLAG_NO_ZEROES ? NBD_FLAG_C_NO_ZEROES : 0));
-	return hs_write(h, cf, sizeof(cf));
+	return client_write(h, cf, sizeof(cf));
 }
 
-static int handshake(struct hs *h, const struct devio_nbd_client_opts *o)
+static int client_handshake(struct hs *h, const struct devio_nbd_client_opts *o)
 {
 	uint16_t hflags = 0;
 	int r;
 
-	if ((r = greet(h, &hflags)))
+	if ((r = client_greet(h, &hflags)))
 		return r;
 	if (!(hflags & NBD_FLAG_FIXED_NEWSTYLE)) /* options other than EXPORT_NAME would end it */
-		return opt_export_name(h, hflags & NBD_FLAG_NO_ZEROES);
-	if (o->structured && (r = opt_structured(h)))
+		return client_opt_export_name(h, hflags & NBD_FLAG_NO_ZEROES);
+	if (o->structured && (r = client_opt_structured(h)))
 		return r;
-	if (h->info->structured && o->base_allocation && (r = opt_meta(h)))
+	if (h->info->structured && o->base_allocation && (r = client_opt_meta(h)))
 		return r;
-	r = opt_go(h);
-	return r == 1 ? opt_export_name(h, hflags & NBD_FLAG_NO_ZEROES) : r;
+	r = client_opt_go(h);
+	return r == 1 ? client_opt_export_name(h, hflags & NBD_FLAG_NO_ZEROES) : r;
 }
 
 int devio_nbd_client_handshake(int fd, const struct devio_nbd_client_opts *o, struct devio_nbd_client_info *info)
@@ -415,7 +415,7 @@ int devio_nbd_client_handshake(int fd, const struct devio_nbd_client_opts *o, st
 		devio_err("%s: export name longer than %d bytes", h.name, NBD_MAX_EXPORT_NAME);
 		return -ENAMETOOLONG;
 	}
-	r = handshake(&h, o);
+	r = client_handshake(&h, o);
 	if (r == -ETIMEDOUT)
 		devio_err("%s: NBD handshake: the server stalled (no answer within %u s)", h.name, h.timeout_s);
 	else if (r == -ECONNRESET && devio_log_errors() == errors)

@@ -44,7 +44,7 @@ enum uri_kind { URI_TCP, URI_UNIX, URI_TLS, URI_VSOCK, URI_UNKNOWN };
 
 /* Length of the scheme at s (RFC 3986: ALPHA *( ALPHA / DIGIT / + - . ))
  * if "://" follows it, else 0. */
-static size_t scheme_len(const char *s)
+static size_t uri_scheme_len(const char *s)
 {
 	size_t n = 0;
 
@@ -58,27 +58,27 @@ static size_t scheme_len(const char *s)
 	return strncmp(s + n, "://", 3) ? 0 : n;
 }
 
-static bool scheme_is(const char *s, size_t n, const char *name)
+static bool uri_scheme_is(const char *s, size_t n, const char *name)
 {
 	return strlen(name) == n && !strncasecmp(s, name, n);
 }
 
-static enum uri_kind scheme_kind(const char *s, size_t n)
+static enum uri_kind uri_scheme_kind(const char *s, size_t n)
 {
-	if (scheme_is(s, n, "nbd"))
+	if (uri_scheme_is(s, n, "nbd"))
 		return URI_TCP;
-	if (scheme_is(s, n, "nbd+unix"))
+	if (uri_scheme_is(s, n, "nbd+unix"))
 		return URI_UNIX;
-	if (scheme_is(s, n, "nbds") || scheme_is(s, n, "nbds+unix") || scheme_is(s, n, "nbds+vsock"))
+	if (uri_scheme_is(s, n, "nbds") || uri_scheme_is(s, n, "nbds+unix") || uri_scheme_is(s, n, "nbds+vsock"))
 		return URI_TLS;
-	if (scheme_is(s, n, "nbd+vsock"))
+	if (uri_scheme_is(s, n, "nbd+vsock"))
 		return URI_VSOCK;
 	return URI_UNKNOWN;
 }
 
 bool devio_nbd_uri_is_nbd(const char *s)
 {
-	size_t n = s ? scheme_len(s) : 0;
+	size_t n = s ? uri_scheme_len(s) : 0;
 
 	if (n < 3 || strncasecmp(s, "nbd", 3))
 		return false;
@@ -89,7 +89,7 @@ bool devio_nbd_uri_is_nbd(const char *s)
 
 /* ---- characters and percent-encoding ---- */
 
-static int unhex(char c)
+static int uri_unhex(char c)
 {
 	if (c >= '0' && c <= '9')
 		return c - '0';
@@ -99,13 +99,13 @@ static int unhex(char c)
 }
 
 /* A byte that may not appear in a URI as it is (RFC 3986 section 2). */
-static bool must_encode(unsigned char c)
+static bool uri_must_encode(unsigned char c)
 {
 	return c <= 0x20 || c >= 0x7f || strchr("\"<>\\^`{|}[]", c);
 }
 
 /* Decode [s, s+n) of the part called what into out (NUL-terminated). */
-static int decode(struct uri_err *e, const char *what, const char *s, size_t n, char *out, size_t outlen)
+static int uri_decode(struct uri_err *e, const char *what, const char *s, size_t n, char *out, size_t outlen)
 {
 	size_t o = 0;
 
@@ -113,14 +113,14 @@ static int decode(struct uri_err *e, const char *what, const char *s, size_t n, 
 		unsigned char c = (unsigned char)s[i];
 
 		if (c == '%') {
-			if (n - i < 3 || unhex(s[i + 1]) < 0 || unhex(s[i + 2]) < 0)
+			if (n - i < 3 || uri_unhex(s[i + 1]) < 0 || uri_unhex(s[i + 2]) < 0)
 				return uri_fail(e, -EINVAL, "bad percent-encoding '%.*s' in the %s (want %%XX, two hex digits)",
 						(int)(n - i < 3 ? n - i : 3), s + i, what);
-			c = (unsigned char)(unhex(s[i + 1]) * 16 + unhex(s[i + 2]));
+			c = (unsigned char)(uri_unhex(s[i + 1]) * 16 + uri_unhex(s[i + 2]));
 			if (c == 0)
 				return uri_fail(e, -EINVAL, "%%00 (a NUL byte) in the %s", what);
 			i += 2;
-		} else if (must_encode(c)) {
+		} else if (uri_must_encode(c)) {
 			return uri_fail(e, -EINVAL, "the %s has a byte 0x%02X ('%c') that must be percent-encoded (%%%02X)",
 					what, c, c > 0x20 && c < 0x7f ? c : '?', c);
 		}
@@ -135,7 +135,7 @@ static int decode(struct uri_err *e, const char *what, const char *s, size_t n, 
 /* ---- authority ---- */
 
 /* "PORT" or "" (the default); digits only, 1..65535. */
-static int parse_port(struct uri_err *e, const char *s, size_t n, struct devio_addr *a)
+static int uri_port(struct uri_err *e, const char *s, size_t n, struct devio_addr *a)
 {
 	unsigned long v = 0;
 
@@ -155,15 +155,15 @@ static int parse_port(struct uri_err *e, const char *s, size_t n, struct devio_a
 }
 
 /* Hex digits, ':' and '.', then maybe a zone: %25 and letters, digits, -._~ */
-static bool ipv6_chars(const char *p, const char *end)
+static bool uri_ipv6_chars(const char *p, const char *end)
 {
 	bool zone = false;
 
 	for (; p < end; p++) {
-		bool alnum = unhex(*p) >= 0 || ((*p | 32) >= 'a' && (*p | 32) <= 'z');
+		bool alnum = uri_unhex(*p) >= 0 || ((*p | 32) >= 'a' && (*p | 32) <= 'z');
 
 		zone |= *p == '%';
-		if (!(unhex(*p) >= 0 || *p == ':' || *p == '.' || *p == '%' ||
+		if (!(uri_unhex(*p) >= 0 || *p == ':' || *p == '.' || *p == '%' ||
 		      (zone && (alnum || strchr("-_~", *p)))))
 			return false;
 	}
@@ -171,7 +171,7 @@ static bool ipv6_chars(const char *p, const char *end)
 }
 
 /* HOST[:PORT] or [IPV6][:PORT]; an empty host is this machine. */
-static int parse_authority(struct uri_err *e, const char *s, size_t n, struct devio_addr *a)
+static int uri_authority(struct uri_err *e, const char *s, size_t n, struct devio_addr *a)
 {
 	const char *end = s + n, *colon;
 	int r;
@@ -184,28 +184,28 @@ static int parse_authority(struct uri_err *e, const char *s, size_t n, struct de
 
 		if (!close || close == s + 1)
 			return uri_fail(e, -EINVAL, "bad IPv6 address: want [ADDRESS] in brackets");
-		if (!ipv6_chars(s + 1, close))
+		if (!uri_ipv6_chars(s + 1, close))
 			return uri_fail(e, -EINVAL, "bad IPv6 address '%.*s'", (int)(close - s + 1), s);
-		if ((r = decode(e, "IPv6 address", s + 1, (size_t)(close - s - 1), a->host, sizeof(a->host))))
+		if ((r = uri_decode(e, "IPv6 address", s + 1, (size_t)(close - s - 1), a->host, sizeof(a->host))))
 			return r;
 		if (close + 1 == end)
-			return parse_port(e, end, 0, a);
+			return uri_port(e, end, 0, a);
 		if (close[1] != ':')
 			return uri_fail(e, -EINVAL, "unexpected '%c' after the IPv6 address", close[1]);
-		return parse_port(e, close + 2, (size_t)(end - close - 2), a);
+		return uri_port(e, close + 2, (size_t)(end - close - 2), a);
 	}
 	colon = memchr(s, ':', n);
-	if ((r = decode(e, "host", s, colon ? (size_t)(colon - s) : n, a->host, sizeof(a->host))))
+	if ((r = uri_decode(e, "host", s, colon ? (size_t)(colon - s) : n, a->host, sizeof(a->host))))
 		return r;
 	if (strchr(a->host, ':') || strchr(a->host, '/'))
 		return uri_fail(e, -EINVAL, "bad host '%s' (an IPv6 address goes in brackets: [::1])", a->host);
-	return parse_port(e, colon ? colon + 1 : end, colon ? (size_t)(end - colon - 1) : 0, a);
+	return uri_port(e, colon ? colon + 1 : end, colon ? (size_t)(end - colon - 1) : 0, a);
 }
 
 /* ---- query ---- */
 
 /* One "KEY=VALUE" of the query; *have_socket counts socket= seen. */
-static int query_param(struct uri_err *e, enum uri_kind kind, const char *s, size_t n, struct devio_nbd_uri *u,
+static int uri_query_param(struct uri_err *e, enum uri_kind kind, const char *s, size_t n, struct devio_nbd_uri *u,
 		       bool *have_socket)
 {
 	const char *eq = memchr(s, '=', n);
@@ -214,7 +214,7 @@ static int query_param(struct uri_err *e, enum uri_kind kind, const char *s, siz
 
 	if (n == 0)
 		return uri_fail(e, -EINVAL, "empty query parameter");
-	if ((r = decode(e, "query parameter name", s, eq ? (size_t)(eq - s) : n, key, sizeof(key))))
+	if ((r = uri_decode(e, "query parameter name", s, eq ? (size_t)(eq - s) : n, key, sizeof(key))))
 		return r;
 	if (!strncmp(key, "tls-", 4))
 		return uri_fail(e, -EPROTONOSUPPORT, "query parameter '%s': unsupported (no TLS in this build)", key);
@@ -228,12 +228,12 @@ static int query_param(struct uri_err *e, enum uri_kind kind, const char *s, siz
 	if (!eq || eq + 1 == s + n)
 		return uri_fail(e, -EINVAL, "socket= without a path");
 	u->addr.kind = DEVIO_ADDR_UNIX;
-	r = decode(e, "socket path", eq + 1, (size_t)(s + n - eq - 1), u->addr.path,
+	r = uri_decode(e, "socket path", eq + 1, (size_t)(s + n - eq - 1), u->addr.path,
 		   sizeof(((struct sockaddr_un *)0)->sun_path));
 	return r;
 }
 
-static int parse_query(struct uri_err *e, enum uri_kind kind, const char *s, size_t n, struct devio_nbd_uri *u)
+static int uri_query(struct uri_err *e, enum uri_kind kind, const char *s, size_t n, struct devio_nbd_uri *u)
 {
 	bool have_socket = false;
 	const char *end = s ? s + n : NULL; /* s is NULL when there is no query */
@@ -243,7 +243,7 @@ static int parse_query(struct uri_err *e, enum uri_kind kind, const char *s, siz
 		const char *amp = memchr(s, '&', (size_t)(end - s));
 		size_t len = amp ? (size_t)(amp - s) : (size_t)(end - s);
 
-		if ((r = query_param(e, kind, s, len, u, &have_socket)))
+		if ((r = uri_query_param(e, kind, s, len, u, &have_socket)))
 			return r;
 		s = amp ? amp + 1 : end;
 		if (amp && s == end)
@@ -256,7 +256,7 @@ static int parse_query(struct uri_err *e, enum uri_kind kind, const char *s, siz
 
 /* ---- the whole URI ---- */
 
-static int check_scheme(struct uri_err *e, const char *uri, size_t n, enum uri_kind kind)
+static int uri_check_scheme(struct uri_err *e, const char *uri, size_t n, enum uri_kind kind)
 {
 	if (n == 0)
 		return uri_fail(e, -EINVAL, "want nbd://HOST[:PORT][/EXPORT] or nbd+unix:///EXPORT?socket=PATH");
@@ -273,8 +273,8 @@ static int check_scheme(struct uri_err *e, const char *uri, size_t n, enum uri_k
 int devio_nbd_uri_parse(const char *uri, struct devio_nbd_uri *u, char *why, size_t whylen)
 {
 	struct uri_err e = { why, whylen };
-	size_t n = uri ? scheme_len(uri) : 0;
-	enum uri_kind kind = scheme_kind(uri ? uri : "", n);
+	size_t n = uri ? uri_scheme_len(uri) : 0;
+	enum uri_kind kind = uri_scheme_kind(uri ? uri : "", n);
 	const char *auth, *path, *query;
 	size_t alen, plen;
 	int r;
@@ -282,7 +282,7 @@ int devio_nbd_uri_parse(const char *uri, struct devio_nbd_uri *u, char *why, siz
 	memset(u, 0, sizeof(*u));
 	if (why && whylen)
 		why[0] = '\0';
-	if ((r = check_scheme(&e, uri ? uri : "", n, kind)))
+	if ((r = uri_check_scheme(&e, uri ? uri : "", n, kind)))
 		return r;
 	auth = uri + n + 3;
 	if (strchr(auth, '#'))
@@ -294,10 +294,10 @@ int devio_nbd_uri_parse(const char *uri, struct devio_nbd_uri *u, char *why, siz
 	if (kind == URI_UNIX && alen)
 		return uri_fail(&e, -EINVAL, "nbd+unix:// takes no host ('%.*s'): want nbd+unix:///EXPORT?socket=PATH",
 				(int)(alen > 64 ? 64 : alen), auth);
-	if (kind == URI_TCP && (r = parse_authority(&e, auth, alen, &u->addr)))
+	if (kind == URI_TCP && (r = uri_authority(&e, auth, alen, &u->addr)))
 		return r;
 	/* The export name is the path without its leading '/'. */
-	if (plen && (r = decode(&e, "export name", path + 1, plen - 1, u->export, sizeof(u->export))))
+	if (plen && (r = uri_decode(&e, "export name", path + 1, plen - 1, u->export, sizeof(u->export))))
 		return r;
-	return parse_query(&e, kind, query, query ? strlen(query) : 0, u);
+	return uri_query(&e, kind, query, query ? strlen(query) : 0, u);
 }
