@@ -1363,16 +1363,16 @@ static void conn_free(struct nbd_conn *c)
 	free(c);
 }
 
-void devio_nbd_serve_fd(struct devio_server *srv, int fd)
+/* Serve one connection on fd to its end on this thread (fd stays open). */
+static void conn_run(struct nbd_state *st, int fd, const char *peer)
 {
-	struct nbd_state st = { .srv = srv, .depth = NBD_DEFAULT_DEPTH };
 	struct nbd_conn *c = calloc(1, sizeof(*c));
 
 	if (!c)
 		return;
-	c->st = &st;
+	c->st = st;
 	c->fd = fd;
-	snprintf(c->peer, sizeof(c->peer), "fd%d", fd);
+	snprintf(c->peer, sizeof(c->peer), "%s", peer);
 	pthread_mutex_init(&c->lock, NULL);
 	pthread_cond_init(&c->cond, NULL);
 	pthread_cond_init(&c->tx_cond, NULL);
@@ -1380,23 +1380,24 @@ void devio_nbd_serve_fd(struct devio_server *srv, int fd)
 	conn_free(c);
 }
 
+void devio_nbd_serve_fd(struct devio_server *srv, int fd)
+{
+	struct nbd_state st = { .srv = srv, .depth = NBD_DEFAULT_DEPTH };
+	char peer[32];
+
+	snprintf(peer, sizeof(peer), "fd%d", fd);
+	conn_run(&st, fd, peer);
+}
+
 /* One connection, on the listener's thread for it (which closes fd). */
 static void nbd_serve_conn(void *ctx, int fd, uint64_t id)
 {
 	struct nbd_state *st = ctx;
-	struct nbd_conn *c = calloc(1, sizeof(*c));
+	char peer[64];
 
-	if (!c)
-		return;
-	c->st = st;
-	c->fd = fd;
-	snprintf(c->peer, sizeof(c->peer), "%s#%llu", st->addr.kind == DEVIO_ADDR_UNIX ? "unix" : "tcp",
+	snprintf(peer, sizeof(peer), "%s#%llu", st->addr.kind == DEVIO_ADDR_UNIX ? "unix" : "tcp",
 		 (unsigned long long)id);
-	pthread_mutex_init(&c->lock, NULL);
-	pthread_cond_init(&c->cond, NULL);
-	pthread_cond_init(&c->tx_cond, NULL);
-	conn_serve(c);
-	conn_free(c);
+	conn_run(st, fd, peer);
 }
 
 /* One pool for the server when the core's policy (devio_wants_pool) puts
