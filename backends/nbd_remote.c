@@ -349,6 +349,7 @@ static uint16_t command_of(const struct devio_request *req, uint16_t *flags)
 static int send_request(struct remote *rm, struct devio_request *req)
 {
 	uint8_t hdr[NBD_REQUEST_SIZE];
+	struct devio_nbd_request nr;
 	struct iovec iov[2];
 	uint16_t flags, type = command_of(req, &flags);
 	unsigned i;
@@ -368,13 +369,13 @@ static int send_request(struct remote *rm, struct devio_request *req)
 	rm->sending[i] = true;
 	rm->gen[i]++;
 	rm->used++;
-	nbd_put32(hdr, NBD_REQUEST_MAGIC);
-	nbd_put16(hdr + 4, flags);
-	nbd_put16(hdr + 6, type);
-	nbd_put64(hdr + 8, (uint64_t)rm->gen[i] << 32 | i);
+	nr.cookie = (uint64_t)rm->gen[i] << 32 | i;
 	pthread_mutex_unlock(&rm->lock);
-	nbd_put64(hdr + 16, req->op == DEVIO_OP_FLUSH ? 0 : req->offset);
-	nbd_put32(hdr + 24, req->op == DEVIO_OP_FLUSH ? 0 : (uint32_t)req->length);
+	nr.flags = flags;
+	nr.type = type;
+	nr.offset = req->op == DEVIO_OP_FLUSH ? 0 : req->offset;
+	nr.length = req->op == DEVIO_OP_FLUSH ? 0 : (uint32_t)req->length;
+	devio_nbd_encode_request(hdr, &nr);
 	iov[0] = (struct iovec){ hdr, sizeof(hdr) };
 	iov[1] = (struct iovec){ req->buf, req->op == DEVIO_OP_WRITE ? req->length : 0 };
 	pthread_mutex_lock(&rm->send_lock);
@@ -608,14 +609,14 @@ static void remote_describe(struct devio_backend *b, char *out, size_t outlen)
 static void remote_close(struct devio_backend *b)
 {
 	struct remote *rm = b->priv;
-	uint8_t disc[NBD_REQUEST_SIZE] = { 0 };
+	struct devio_nbd_request nr = { .type = NBD_CMD_DISC };
+	uint8_t disc[NBD_REQUEST_SIZE];
 
 	pthread_mutex_lock(&rm->lock);
 	while (rm->used && !rm->dead)
 		pthread_cond_wait(&rm->cond, &rm->lock);
 	pthread_mutex_unlock(&rm->lock);
-	nbd_put32(disc, NBD_REQUEST_MAGIC);
-	nbd_put16(disc + 6, NBD_CMD_DISC);
+	devio_nbd_encode_request(disc, &nr);
 	pthread_mutex_lock(&rm->send_lock);
 	devio_write_full(rm->fd, disc, sizeof(disc));
 	pthread_mutex_unlock(&rm->send_lock);

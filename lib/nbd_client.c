@@ -121,12 +121,10 @@ static int client_discard(struct hs *h, uint32_t len)
 
 static int client_send_option(struct hs *h, uint32_t opt, const void *data, uint32_t len)
 {
-	uint8_t hdr[16];
+	uint8_t hdr[NBD_OPTION_HEADER_SIZE];
 	int r;
 
-	nbd_put64(hdr, NBD_OPTS_MAGIC);
-	nbd_put32(hdr + 8, opt);
-	nbd_put32(hdr + 12, len);
+	devio_nbd_encode_option(hdr, opt, len);
 	r = client_write(h, hdr, sizeof(hdr));
 	return r || !len ? r : client_write(h, data, len);
 }
@@ -144,14 +142,12 @@ static uint32_t client_kept(const struct reply *rp)
 /* Read one reply to opt; -EPROTO (logged) if it is not one. */
 static int client_read_reply(struct hs *h, uint32_t opt, struct reply *rp)
 {
-	uint8_t hdr[20];
+	uint8_t hdr[NBD_OPTION_REPLY_HEADER_SIZE];
 	int r;
 
 	if ((r = client_read(h, hdr, sizeof(hdr))))
 		return r;
-	rp->type = nbd_get32(hdr + 12);
-	rp->len = nbd_get32(hdr + 16);
-	if (nbd_get64(hdr) != NBD_REP_MAGIC || nbd_get32(hdr + 8) != opt) {
+	if (devio_nbd_decode_option_reply(hdr, opt, &rp->type, &rp->len)) {
 		devio_err("%s: bad option reply to option %u (magic 0x%016llx, option %u)", h->name, opt,
 			  (unsigned long long)nbd_get64(hdr), nbd_get32(hdr + 8));
 		return -EPROTO;
@@ -446,19 +442,4 @@ int devio_nbd_client_connect(const struct devio_nbd_uri *u, const struct devio_n
 		return r;
 	}
 	return fd;
-}
-
-int devio_nbd_to_errno(uint32_t e)
-{
-	switch (e) {
-	case 0: return 0;
-	case NBD_EPERM: return -EPERM;
-	case NBD_ENOMEM: return -ENOMEM;
-	case NBD_EINVAL: return -EINVAL;
-	case NBD_ENOSPC: return -ENOSPC;
-	case NBD_EOVERFLOW: return -EOVERFLOW;
-	case NBD_ENOTSUP: return -EOPNOTSUPP;
-	case NBD_ESHUTDOWN: return -ESHUTDOWN;
-	default: return -EIO;
-	}
 }

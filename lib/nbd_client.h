@@ -77,7 +77,4 @@ int devio_nbd_client_handshake(int fd, const struct devio_nbd_client_opts *opts,
 int devio_nbd_client_connect(const struct devio_nbd_uri *u, const struct devio_nbd_client_opts *opts,
 			     struct devio_nbd_client_info *info);
 
-/* An NBD error value from the wire as a negative errno. */
-int devio_nbd_to_errno(uint32_t err);
-
 #endif
