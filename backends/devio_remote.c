@@ -12,7 +12,8 @@
  * flush is a no-op and no FLUSH or FUA capability is claimed.  CACHE (a
  * hint) is offered as a no-op; MULTI_CONN is as true as this backend
  * itself, which already spreads one client's requests over several
- * connections to the server.
+ * connections to the server.  The request and answer layouts and their
+ * checks are lib/devio_codec.c, shared with the server.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -30,7 +31,6 @@
 
 #define REMOTE_MAX_CONNS 4
 #define REMOTE_CHUNK (1u << 20)
-#define REMOTE_MAX_ALIGN (1u << 20)
 #define REMOTE_TIMEOUT_S 120
 
 struct remote_conn {
@@ -188,12 +188,6 @@ static int recv_all(int fd, void *buf, size_t len, uint64_t deadline_ns)
 
 /* ---- one exchange on one connection ---- */
 
-/* An errno from the wire: 1..4095, else EIO. */
-static int peer_errno(uint64_t e)
-{
-	return e > 0 && e < 4096 ? -(int)e : -EIO;
-}
-
 struct xfer {
 	uint64_t code, off, len;
 	void *buf;        /* READ: filled; WRITE: payload */
@@ -205,50 +199,37 @@ struct xfer {
  * connection broke or the server broke the protocol. */
 static int exchange(struct remote *rm, int fd, struct xfer *x)
 {
-	uint8_t hdr[32], resp[16];
-	struct iovec iov[2] = { { hdr, 24 }, { x->buf, 0 } };
+	struct devio_proto_req rq = { .code = x->code, .offset = x->off, .length = x->len };
+	uint8_t hdr[DEVIO_MAX_REQ_HDR], resp[DEVIO_ANSWER_SIZE];
+	struct iovec iov[2] = { { hdr, 0 }, { x->buf, 0 } };
 	uint64_t deadline = devio_now_ns() + (uint64_t)rm->timeout_s * 1000000000u;
 	int cnt = 1, r;
 	uint64_t n;
 
-	devio_put_le64(hdr, x->code);
-	if (x->code == DEVIO_REQ_UNMAP || x->code == DEVIO_REQ_ZERO) {
-		devio_put_le64(hdr + 8, DEVIO_RANGE_SIZE);
-		devio_put_le64(hdr + 16, x->off);
-		devio_put_le64(hdr + 24, x->len);
-		iov[0].iov_len = 32;
-	} else {
-		devio_put_le64(hdr + 8, x->off);
-		devio_put_le64(hdr + 16, x->len);
-		if (x->code == DEVIO_REQ_WRITE) {
-			iov[1].iov_len = x->len;
-			cnt = 2;
-		}
+	iov[0].iov_len = devio_proto_encode_req(&rq, hdr);
+	if (x->code == DEVIO_REQ_WRITE) {
+		iov[1].iov_len = x->len;
+		cnt = 2;
 	}
 	if ((r = send_all(fd, iov, cnt, deadline)))
 		return r;
 	if (x->code == DEVIO_REQ_UNMAP || x->code == DEVIO_REQ_ZERO) {
-		if ((r = recv_all(fd, resp, 8, deadline)))
+		if ((r = recv_all(fd, resp, DEVIO_ERRNO_SIZE, deadline)))
 			return r;
-		x->result = devio_get_le64(resp) ? peer_errno(devio_get_le64(resp)) : 0;
+		x->result = devio_proto_peer_errno(devio_get_le64(resp));
 		return 0;
 	}
-	if ((r = recv_all(fd, resp, 16, deadline)))
+	if ((r = recv_all(fd, resp, DEVIO_ANSWER_SIZE, deadline)))
 		return r;
-	n = devio_get_le64(resp + 8);
-	if (devio_get_le64(resp)) {
-		x->result = peer_errno(devio_get_le64(resp));
-		return 0;
-	}
-	if (n > x->len) {
-		devio_err("%s: server answered %llu bytes for %llu at %llu", rm->uri, (unsigned long long)n,
-			  (unsigned long long)x->len, (unsigned long long)x->off);
+	if (devio_proto_decode_answer(resp, x->len, &x->result, &n)) {
+		devio_err("%s: server answered %llu bytes for %llu at %llu", rm->uri,
+			  (unsigned long long)devio_get_le64(resp + 8), (unsigned long long)x->len,
+			  (unsigned long long)x->off);
 		return -EPROTO;
 	}
 	if (x->code == DEVIO_REQ_READ && (r = recv_all(fd, x->buf, n, deadline)))
 		return r;
-	x->result = n == x->len ? 0 : -EIO;
-	if (n != x->len)
+	if (!devio_get_le64(resp) && n != x->len)
 		devio_err("%s: short %s at %llu: %llu of %llu bytes", rm->uri,
 			  x->code == DEVIO_REQ_READ ? "read" : "write", (unsigned long long)x->off,
 			  (unsigned long long)n, (unsigned long long)x->len);
@@ -495,35 +476,28 @@ static int parse_uri(const char *uri, struct devio_addr *a)
 static int remote_info(struct remote *rm)
 {
 	struct remote_conn *c = &rm->conns[0];
-	uint8_t req[8], resp[24];
+	struct devio_proto_req rq = { .code = DEVIO_REQ_INFO };
+	uint8_t req[DEVIO_MAX_REQ_HDR], resp[DEVIO_INFO_SIZE];
+	struct devio_info info;
+	char why[160];
 	int r;
 
 	c->fd = remote_dial(rm);
 	if (c->fd < 0)
 		return c->fd;
 	rm->n_conns = 1;
-	devio_put_le64(req, DEVIO_REQ_INFO);
-	if ((r = devio_write_full(c->fd, req, 8)) || (r = devio_read_full(c->fd, resp, 24))) {
+	if ((r = devio_write_full(c->fd, req, devio_proto_encode_req(&rq, req))) ||
+	    (r = devio_read_full(c->fd, resp, sizeof(resp)))) {
 		devio_err("%s: INFO failed: %s", rm->uri, strerror(-r));
 		return r;
 	}
-	rm->remote_size = devio_get_le64(resp);
-	rm->align = devio_get_le64(resp + 8);
-	rm->flags = devio_get_le64(resp + 16);
-	if (rm->remote_size > INT64_MAX) {
-		/* UNMAP/ZERO ranges start at a signed offset: past 2^63 the
-		 * export could not be addressed, and no disk is that large */
-		devio_err("%s: server claims %llu bytes: more than the protocol can address", rm->uri,
-			  (unsigned long long)rm->remote_size);
-		return -EINVAL;
+	if ((r = devio_proto_decode_info(resp, &info, why, sizeof(why)))) {
+		devio_err("%s: %s", rm->uri, why);
+		return r;
 	}
-	if (rm->align == 0)
-		rm->align = 1;
-	if (rm->align > REMOTE_MAX_ALIGN || (rm->align & (rm->align - 1))) {
-		devio_err("%s: server wants %llu-byte alignment: not a power of two up to %u", rm->uri,
-			  (unsigned long long)rm->align, REMOTE_MAX_ALIGN);
-		return -EINVAL;
-	}
+	rm->remote_size = info.file_size;
+	rm->align = info.req_alignment;
+	rm->flags = info.flags;
 	return 0;
 }
 
@@ -618,13 +592,9 @@ int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts,
 	b->size = size;
 	b->block_size = (uint32_t)rm->align;
 	b->priv = rm;
-	b->caps = DEVIO_CAP_CACHE | DEVIO_CAP_MULTI_CONN;
-	if (opts->readonly || (rm->flags & DEVIO_INFO_RO))
+	b->caps = DEVIO_CAP_CACHE | DEVIO_CAP_MULTI_CONN | devio_proto_caps(rm->flags);
+	if (opts->readonly)
 		b->caps |= DEVIO_CAP_READONLY;
-	if (rm->flags & DEVIO_INFO_SUPPORTS_UNMAP)
-		b->caps |= DEVIO_CAP_TRIM;
-	if (rm->flags & DEVIO_INFO_SUPPORTS_ZERO)
-		b->caps |= DEVIO_CAP_ZERO;
 	*out = b;
 	return 0;
 out_free:

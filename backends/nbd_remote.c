@@ -1,8 +1,9 @@
 /* nbd_remote.c - a remote NBD server as a backend: the client end of NBD.
  *
- * nbd://HOST[:PORT][/EXPORT] or nbd+unix:///EXPORT?socket=PATH.  Fixed
- * newstyle handshake with NBD_OPT_GO (falling back to NBD_OPT_EXPORT_NAME
- * for servers that do not know it), simple replies.  Many requests are
+ * nbd://HOST[:PORT][/EXPORT] or nbd+unix:///EXPORT?socket=PATH; the URI
+ * and the handshake (structured replies, base:allocation, NBD_OPT_GO) are
+ * lib/nbd_uri.c and lib/nbd_client.c, shared with `attach --nbd-device`;
+ * this file is the transmission phase.  Many requests are
  * in flight on the one connection: `submit` sends a request under a send
  * lock and returns; a reader thread matches each reply to its request by
  * the cookie (a slot index plus a generation) and completes it.  The
@@ -20,6 +21,7 @@
 #include <unistd.h>
 #include "devio/backend.h"
 #include "devio/util.h"
+#include "../lib/nbd_client.h"
 #include "../lib/nbd_proto.h"
 
 #define REMOTE_SLOTS 128
@@ -61,239 +63,7 @@ struct bs_query {
 
 #define REQ_KIND_BS 1
 
-/* ---- URI ---- */
-
-static int unhex(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if ((c | 32) >= 'a' && (c | 32) <= 'f')
-		return (c | 32) - 'a' + 10;
-	return -1;
-}
-
-/* Copy a percent-encoded URI piece [s, s+n) to out. */
-static int uri_decode(const char *s, size_t n, char *out, size_t outlen)
-{
-	size_t o = 0;
-
-	for (size_t i = 0; i < n; i++) {
-		char c = s[i];
-
-		if (c == '%' && i + 2 < n && unhex(s[i + 1]) >= 0 && unhex(s[i + 2]) >= 0) {
-			c = (char)(unhex(s[i + 1]) * 16 + unhex(s[i + 2]));
-			i += 2;
-		}
-		if (o + 1 >= outlen)
-			return -ENAMETOOLONG;
-		out[o++] = c;
-	}
-	out[o] = '\0';
-	return 0;
-}
-
-static int parse_uri(const char *uri, struct devio_addr *a, char *export, size_t exportlen)
-{
-	const char *rest, *slash, *q;
-	char hostport[300];
-	int r;
-
-	export[0] = '\0';
-	if (!strncmp(uri, "nbd+unix://", 11)) {
-		rest = uri + 11;
-		q = strstr(rest, "?socket=");
-		if (!q)
-			return -EINVAL;
-		slash = strchr(rest, '/');
-		if (slash && slash < q && (r = uri_decode(slash + 1, (size_t)(q - slash - 1), export, exportlen)))
-			return r;
-		memset(a, 0, sizeof(*a));
-		a->kind = DEVIO_ADDR_UNIX;
-		q += 8;
-		return uri_decode(q, strcspn(q, "&"), a->path, sizeof(a->path));
-	}
-	if (strncmp(uri, "nbd://", 6))
-		return -EINVAL;
-	rest = uri + 6;
-	slash = strchr(rest, '/');
-	if (snprintf(hostport, sizeof(hostport), "tcp:%.*s", (int)(slash ? (size_t)(slash - rest) : strlen(rest)),
-		     rest) >= (int)sizeof(hostport))
-		return -ENAMETOOLONG;
-	if (slash && (r = uri_decode(slash + 1, strcspn(slash + 1, "?"), export, exportlen)))
-		return r;
-	return devio_addr_parse(hostport, NBD_DEFAULT_PORT, a);
-}
-
-/* ---- handshake ---- */
-
-static int send_option(int fd, uint32_t opt, const void *data, uint32_t len)
-{
-	uint8_t hdr[16];
-	int r;
-
-	nbd_put64(hdr, NBD_OPTS_MAGIC);
-	nbd_put32(hdr + 8, opt);
-	nbd_put32(hdr + 12, len);
-	r = devio_write_full(fd, hdr, sizeof(hdr));
-	return r || !len ? r : devio_write_full(fd, data, len);
-}
-
-/* Read one option reply; its data (at most cap bytes kept) into buf. */
-static int read_reply(int fd, uint32_t opt, uint32_t *type, uint8_t *buf, uint32_t cap, uint32_t *len)
-{
-	uint8_t hdr[20];
-	int r;
-
-	if ((r = devio_read_full(fd, hdr, sizeof(hdr))))
-		return r;
-	if (nbd_get64(hdr) != NBD_REP_MAGIC || nbd_get32(hdr + 8) != opt)
-		return -EPROTO;
-	*type = nbd_get32(hdr + 12);
-	*len = nbd_get32(hdr + 16);
-	if (*len > cap) {
-		if (*len > NBD_MAX_OPTION_SKIP)
-			return -EPROTO;
-		r = devio_read_full(fd, buf, cap);
-		return r ? r : devio_discard_full(fd, *len - cap);
-	}
-	return devio_read_full(fd, buf, *len);
-}
-
-/* NBD_OPT_GO; 1 if the server does not know it, 0 or -errno. */
-static int negotiate_go(struct remote *rm, const char *export, uint64_t *size)
-{
-	size_t nlen = strlen(export);
-	uint8_t opt[4 + 4096 + 2 + 2], buf[512];
-	bool have_export = false;
-	int r;
-
-	nbd_put32(opt, (uint32_t)nlen);
-	memcpy(opt + 4, export, nlen);
-	nbd_put16(opt + 4 + nlen, 1);
-	nbd_put16(opt + 6 + nlen, NBD_INFO_BLOCK_SIZE);
-	if ((r = send_option(rm->fd, NBD_OPT_GO, opt, (uint32_t)(8 + nlen))))
-		return r;
-	for (;;) {
-		uint32_t type, len;
-
-		if ((r = read_reply(rm->fd, NBD_OPT_GO, &type, buf, sizeof(buf), &len)))
-			return r;
-		if (type == NBD_REP_ACK)
-			return have_export ? 0 : -EPROTO;
-		if (type == NBD_REP_ERR_UNSUP)
-			return 1;
-		if (type & (1u << 31)) {
-			devio_err("%s: the server refuses export '%s' (reply 0x%x: %.*s)", rm->name, export, type,
-				  (int)(len < sizeof(buf) ? len : sizeof(buf)), (const char *)buf);
-			return type == NBD_REP_ERR_UNKNOWN ? -ENOENT : -EPROTO;
-		}
-		if (type != NBD_REP_INFO || len < 2 || len > sizeof(buf))
-			continue;
-		if (nbd_get16(buf) == NBD_INFO_EXPORT && len >= 12) {
-			*size = nbd_get64(buf + 2);
-			rm->tflags = nbd_get16(buf + 10);
-			have_export = true;
-		} else if (nbd_get16(buf) == NBD_INFO_BLOCK_SIZE && len >= 14) {
-			uint32_t mn = nbd_get32(buf + 2), mx = nbd_get32(buf + 10);
-			if (mx >= 512 && mx < rm->max_payload)
-				rm->max_payload = mx;
-			if (mn && mn <= 65536 && !(mn & (mn - 1)))
-				rm->min_block = mn;
-		}
-	}
-}
-
-/* NBD_OPT_STRUCTURED_REPLY, then NBD_OPT_SET_META_CONTEXT base:allocation.
- * Servers that refuse either are used without. */
-static int negotiate_structured(struct remote *rm, const char *export)
-{
-	static const char ctx[] = "base:allocation";
-	size_t nlen = strlen(export), qlen = sizeof(ctx) - 1;
-	uint8_t opt[4 + 4096 + 4 + 4 + sizeof(ctx)], buf[256];
-	uint32_t type, len;
-	int r;
-
-	if ((r = send_option(rm->fd, NBD_OPT_STRUCTURED_REPLY, NULL, 0)) ||
-	    (r = read_reply(rm->fd, NBD_OPT_STRUCTURED_REPLY, &type, buf, sizeof(buf), &len)))
-		return r;
-	if (type != NBD_REP_ACK)
-		return 0;
-	rm->structured = true;
-	nbd_put32(opt, (uint32_t)nlen);
-	memcpy(opt + 4, export, nlen);
-	nbd_put32(opt + 4 + nlen, 1);
-	nbd_put32(opt + 8 + nlen, (uint32_t)qlen);
-	memcpy(opt + 12 + nlen, ctx, qlen);
-	if ((r = send_option(rm->fd, NBD_OPT_SET_META_CONTEXT, opt, (uint32_t)(12 + nlen + qlen))))
-		return r;
-	for (;;) {
-		if ((r = read_reply(rm->fd, NBD_OPT_SET_META_CONTEXT, &type, buf, sizeof(buf), &len)))
-			return r;
-		if (type != NBD_REP_META_CONTEXT)
-			return 0; /* ACK or an error: done either way */
-		if (len == 4 + qlen && !memcmp(buf + 4, ctx, qlen)) {
-			rm->meta_id = nbd_get32(buf);
-			rm->have_meta = true;
-		}
-	}
-}
-
-static int negotiate_export_name(struct remote *rm, const char *export, bool no_zeroes, uint64_t *size)
-{
-	uint8_t reply[10 + 124];
-	int r;
-
-	if ((r = send_option(rm->fd, NBD_OPT_EXPORT_NAME, export, (uint32_t)strlen(export))))
-		return r;
-	if ((r = devio_read_full(rm->fd, reply, no_zeroes ? 10 : sizeof(reply))))
-		return r;
-	*size = nbd_get64(reply);
-	rm->tflags = nbd_get16(reply + 8);
-	return 0;
-}
-
-static int negotiate(struct remote *rm, const char *export, uint64_t *size)
-{
-	uint8_t hello[18], cf[4];
-	uint16_t hflags;
-	int r;
-
-	if ((r = devio_read_full(rm->fd, hello, sizeof(hello))))
-		return r;
-	if (nbd_get64(hello) != NBD_MAGIC || nbd_get64(hello + 8) != NBD_OPTS_MAGIC) {
-		devio_err("%s: not an NBD newstyle server", rm->name);
-		return -EPROTO;
-	}
-	hflags = nbd_get16(hello + 16);
-	nbd_put32(cf, (hflags & NBD_FLAG_FIXED_NEWSTYLE ? NBD_FLAG_C_FIXED_NEWSTYLE : 0) |
-		      (hflags & NBD_FLAG_NO_ZEROES ? NBD_FLAG_C_NO_ZEROES : 0));
-	if ((r = devio_write_full(rm->fd, cf, sizeof(cf))))
-		return r;
-	if (strlen(export) > 4096)
-		return -ENAMETOOLONG;
-	if ((hflags & NBD_FLAG_FIXED_NEWSTYLE) && (r = negotiate_structured(rm, export)))
-		return r;
-	r = (hflags & NBD_FLAG_FIXED_NEWSTYLE) ? negotiate_go(rm, export, size) : 1;
-	if (r == 1)
-		r = negotiate_export_name(rm, export, hflags & NBD_FLAG_NO_ZEROES, size);
-	return r;
-}
-
 /* ---- transmission ---- */
-
-static int nbd_to_errno(uint32_t e)
-{
-	switch (e) {
-	case NBD_EPERM: return -EPERM;
-	case NBD_ENOMEM: return -ENOMEM;
-	case NBD_EINVAL: return -EINVAL;
-	case NBD_ENOSPC: return -ENOSPC;
-	case NBD_EOVERFLOW: return -EOVERFLOW;
-	case NBD_ENOTSUP: return -EOPNOTSUPP;
-	case NBD_ESHUTDOWN: return -ESHUTDOWN;
-	default: return -EIO;
-	}
-}
 
 /* Fail everything in flight (the connection is gone). */
 static void fail_all(struct remote *rm)
@@ -415,7 +185,7 @@ static int simple_reply(struct remote *rm)
 	if (err)
 		devio_debug("%s: %s at offset %llu: server error %u", rm->name, devio_op_name(req->op),
 			    (unsigned long long)req->offset, err);
-	answer_slot(rm, nbd_get64(hdr + 4), r ? -EIO : err ? nbd_to_errno(err) : 0);
+	answer_slot(rm, nbd_get64(hdr + 4), r ? -EIO : err ? devio_nbd_to_errno(err) : 0);
 	return r;
 }
 
@@ -481,7 +251,7 @@ static int chunk_error(struct remote *rm, struct devio_request *req, uint32_t le
 		return -EPROTO;
 	if ((r = devio_read_full(rm->fd, e, 6)) || (r = devio_discard_full(rm->fd, len - 6)))
 		return r;
-	req->priv[0] = (uint64_t)(int64_t)nbd_to_errno(nbd_get32(e) ? nbd_get32(e) : NBD_EIO);
+	req->priv[0] = (uint64_t)(int64_t)devio_nbd_to_errno(nbd_get32(e) ? nbd_get32(e) : NBD_EIO);
 	devio_debug("%s: %s at offset %llu: server error %u", rm->name, devio_op_name(req->op),
 		    (unsigned long long)req->offset, nbd_get32(e));
 	return 0;
@@ -579,6 +349,7 @@ static uint16_t command_of(const struct devio_request *req, uint16_t *flags)
 static int send_request(struct remote *rm, struct devio_request *req)
 {
 	uint8_t hdr[NBD_REQUEST_SIZE];
+	struct devio_nbd_request nr;
 	struct iovec iov[2];
 	uint16_t flags, type = command_of(req, &flags);
 	unsigned i;
@@ -598,13 +369,13 @@ static int send_request(struct remote *rm, struct devio_request *req)
 	rm->sending[i] = true;
 	rm->gen[i]++;
 	rm->used++;
-	nbd_put32(hdr, NBD_REQUEST_MAGIC);
-	nbd_put16(hdr + 4, flags);
-	nbd_put16(hdr + 6, type);
-	nbd_put64(hdr + 8, (uint64_t)rm->gen[i] << 32 | i);
+	nr.cookie = (uint64_t)rm->gen[i] << 32 | i;
 	pthread_mutex_unlock(&rm->lock);
-	nbd_put64(hdr + 16, req->op == DEVIO_OP_FLUSH ? 0 : req->offset);
-	nbd_put32(hdr + 24, req->op == DEVIO_OP_FLUSH ? 0 : (uint32_t)req->length);
+	nr.flags = flags;
+	nr.type = type;
+	nr.offset = req->op == DEVIO_OP_FLUSH ? 0 : req->offset;
+	nr.length = req->op == DEVIO_OP_FLUSH ? 0 : (uint32_t)req->length;
+	devio_nbd_encode_request(hdr, &nr);
 	iov[0] = (struct iovec){ hdr, sizeof(hdr) };
 	iov[1] = (struct iovec){ req->buf, req->op == DEVIO_OP_WRITE ? req->length : 0 };
 	pthread_mutex_lock(&rm->send_lock);
@@ -838,14 +609,14 @@ static void remote_describe(struct devio_backend *b, char *out, size_t outlen)
 static void remote_close(struct devio_backend *b)
 {
 	struct remote *rm = b->priv;
-	uint8_t disc[NBD_REQUEST_SIZE] = { 0 };
+	struct devio_nbd_request nr = { .type = NBD_CMD_DISC };
+	uint8_t disc[NBD_REQUEST_SIZE];
 
 	pthread_mutex_lock(&rm->lock);
 	while (rm->used && !rm->dead)
 		pthread_cond_wait(&rm->cond, &rm->lock);
 	pthread_mutex_unlock(&rm->lock);
-	nbd_put32(disc, NBD_REQUEST_MAGIC);
-	nbd_put16(disc + 6, NBD_CMD_DISC);
+	devio_nbd_encode_request(disc, &nr);
 	pthread_mutex_lock(&rm->send_lock);
 	devio_write_full(rm->fd, disc, sizeof(disc));
 	pthread_mutex_unlock(&rm->send_lock);
@@ -895,38 +666,60 @@ static uint32_t caps_of(uint16_t f)
 	return caps;
 }
 
+/* DEVIO_REMOTE_TIMEOUT=SECONDS bounds the handshake, as it bounds each
+ * exchange of a devio:// client; NBD_CLIENT_TIMEOUT_S otherwise. */
+static unsigned handshake_timeout(void)
+{
+	const char *e = getenv("DEVIO_REMOTE_TIMEOUT");
+	uint64_t v;
+
+	if (e && !devio_parse_u64(e, &v) && v >= 1 && v <= 86400)
+		return (unsigned)v;
+	return NBD_CLIENT_TIMEOUT_S;
+}
+
+/* Take what the handshake agreed. */
+static void remote_agreed(struct remote *rm, const struct devio_nbd_client_info *info)
+{
+	rm->tflags = info->tflags;
+	rm->structured = info->structured;
+	rm->have_meta = info->base_allocation;
+	rm->meta_id = info->meta_id;
+	rm->min_block = info->min_block;
+	rm->max_payload = REMOTE_DEFAULT_MAX;
+	if (info->max_block >= 512 && info->max_block < rm->max_payload)
+		rm->max_payload = info->max_block;
+}
+
 int devio_remote_nbd_open(const char *uri, const struct devio_open_opts *opts, struct devio_backend **out)
 {
+	struct devio_nbd_client_opts co = { .name = uri, .structured = true, .base_allocation = true,
+					    .timeout_s = handshake_timeout() };
+	struct devio_nbd_client_info info;
 	struct devio_backend *b = NULL;
-	struct devio_addr a;
+	struct devio_nbd_uri *u;
 	struct remote *rm;
-	char export[4097];
-	uint64_t size = 0;
+	char why[256];
 	int r;
 
-	if ((r = parse_uri(uri, &a, export, sizeof(export)))) {
-		devio_err("%s: want nbd://HOST[:PORT][/EXPORT] or nbd+unix:///EXPORT?socket=PATH", uri);
-		return r;
-	}
+	u = malloc(sizeof(*u));
 	rm = calloc(1, sizeof(*rm));
 	b = calloc(1, sizeof(*b));
-	if (!rm || !b) {
+	if (!u || !rm || !b) {
 		r = -ENOMEM;
 		goto out_free;
 	}
-	snprintf(rm->name, sizeof(rm->name), "%s", uri);
-	rm->max_payload = REMOTE_DEFAULT_MAX;
-	rm->min_block = 1;
-	rm->fd = devio_connect(&a);
-	if (rm->fd < 0) {
-		r = rm->fd;
-		devio_err("%s: cannot connect: %s", uri, strerror(-r));
+	if ((r = devio_nbd_uri_parse(uri, u, why, sizeof(why)))) {
+		devio_err("%s: %s", uri, why);
 		goto out_free;
 	}
-	if ((r = negotiate(rm, export, &size))) {
-		devio_err("%s: NBD handshake failed: %s", uri, strerror(r < 0 ? -r : EPROTO));
-		goto out_close;
+	snprintf(rm->name, sizeof(rm->name), "%s", uri);
+	rm->fd = devio_nbd_client_connect(u, &co, &info);
+	if (rm->fd < 0) {
+		r = rm->fd;
+		goto out_free;
 	}
+	remote_agreed(rm, &info);
 	pthread_mutex_init(&rm->lock, NULL);
 	pthread_mutex_init(&rm->send_lock, NULL);
 	pthread_cond_init(&rm->cond, NULL);
@@ -935,19 +728,21 @@ int devio_remote_nbd_open(const char *uri, const struct devio_open_opts *opts, s
 		goto out_close;
 	}
 	b->ops = &remote_ops;
-	b->size = size;
+	b->size = info.size;
 	b->block_size = rm->min_block;
 	b->caps = caps_of(rm->tflags) | (rm->have_meta ? DEVIO_CAP_EXTENTS : 0);
 	if (opts && opts->readonly)
 		b->caps |= DEVIO_CAP_READONLY;
 	b->max_io = rm->max_payload;
 	b->priv = rm;
+	free(u);
 	*out = b;
 	return 0;
 out_close:
 	close(rm->fd);
 out_free:
+	free(u);
 	free(rm);
 	free(b);
-	return r < 0 ? r : -EPROTO;
+	return r;
 }

@@ -2,278 +2,46 @@
  * and `devio detach /dev/nbdN`: give this machine a block device for an NBD
  * server through the kernel's own nbd client.
  *
- * Each connection first does the NBD handshake in user space (fixed
- * newstyle, NBD_OPT_GO asking for the block sizes), since the kernel only
- * speaks the transmission phase.  The connected sockets, the export's size,
- * block size and transmission flags then go to the kernel in one
+ * Each connection first does the NBD handshake in user space
+ * (lib/nbd_client.c: fixed newstyle, NBD_OPT_GO asking for the block
+ * sizes, simple replies), since the kernel only speaks the transmission
+ * phase; the URI is parsed by lib/nbd_uri.c, as for the nbd:// backend.
+ * The connected sockets, the export's size, block size and transmission
+ * flags then go to the kernel in one
  * NBD_CMD_CONNECT message of the generic netlink family "nbd", written by
  * hand on a raw NETLINK_GENERIC socket.  Several connections are used when
  * the server advertises CAN_MULTI_CONN (or --connections says so).  The
  * kernel keeps the sockets; this process exits.
  */
-#include <ctype.h>
 #include <errno.h>
 #include <limits.h>
 #include <linux/genetlink.h>
 #include <linux/nbd-netlink.h>
-#include <linux/nbd.h>
 #include <linux/netlink.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <sys/time.h>
 #include <unistd.h>
-#include <endian.h>
 #include "cli.h"
 #include "devio/util.h"
+#include "../lib/nbd_client.h"
+#include "../lib/nbd_proto.h"
 
-#define NBD_MAGIC_PASSWD   0x4e42444d41474943ULL /* "NBDMAGIC" */
-#define NBD_MAGIC_OPTS     0x49484156454F5054ULL /* "IHAVEOPT" */
-#define NBD_MAGIC_REPLY    0x0003e889045565a9ULL
-#define NBD_HS_FIXED       (1u << 0)
-#define NBD_HS_NO_ZEROES   (1u << 1)
-#define NBD_OPT_GO_        7u
-#define NBD_OPT_ABORT_     2u
-#define NBD_REP_ACK_       1u
-#define NBD_REP_INFO_      3u
-#define NBD_REP_ERR_BIT    (1u << 31)
-#define NBD_INFO_EXPORT_   0u
-#define NBD_INFO_BLOCK_    3u
-#define MAX_EXPORT_NAME    4096
-#define MAX_REPLY_LEN      (64u * 1024)
 #define MAX_CONNECTIONS    16
 #define NL_BUF             8192
-#define HANDSHAKE_TIMEOUT  30 /* seconds, unless --timeout says otherwise */
 
 struct nbd_target {
-	struct devio_addr addr;
-	unsigned hs_timeout;  /* seconds a handshake read/write may stall */
-	char export_name[MAX_EXPORT_NAME + 1];
-	char uri[512];
+	struct devio_nbd_uri u;
+	struct devio_nbd_client_opts hs;  /* what the handshake asks for */
 };
 
-struct nbd_export_info {
-	uint64_t size;
-	uint16_t flags;      /* transmission flags */
-	uint32_t min_block, pref_block;
-};
-
-/* ---- URIs ---- */
-
-/* Percent-decode src into dst (at most dstlen-1 bytes). */
-static int uri_decode(const char *src, size_t n, char *dst, size_t dstlen)
+/* Connect and negotiate one socket up to the transmission phase, with
+ * the same handshake as the nbd:// backend (lib/nbd_client.c) minus
+ * structured replies, which the kernel's client does not speak. */
+static int nbd_connect_one(const struct nbd_target *t, struct devio_nbd_client_info *info)
 {
-	size_t j = 0;
-
-	for (size_t i = 0; i < n; i++) {
-		unsigned v;
-
-		if (j + 1 >= dstlen)
-			return -ENAMETOOLONG;
-		if (src[i] == '%' && i + 2 < n && isxdigit((unsigned char)src[i + 1]) &&
-		    isxdigit((unsigned char)src[i + 2]) && sscanf(src + i + 1, "%2x", &v) == 1) {
-			if (v == 0)
-				return -EINVAL; /* no NULs inside names and paths */
-			dst[j++] = (char)v;
-			i += 2;
-		} else {
-			dst[j++] = src[i];
-		}
-	}
-	dst[j] = '\0';
-	return 0;
-}
-
-/* nbd://HOST[:PORT][/EXPORT] or nbd+unix:///EXPORT?socket=PATH */
-static int parse_nbd_uri(const char *uri, struct nbd_target *t)
-{
-	const char *p, *path, *q;
-	char hostport[300];
-
-	memset(t, 0, sizeof(*t));
-	snprintf(t->uri, sizeof(t->uri), "%s", uri);
-	if (!strncmp(uri, "nbd+unix://", 11)) {
-		p = uri + 11;
-		path = strchr(p, '/');
-		q = strstr(p, "?socket=");
-		if (!q || (path && path > q))
-			return -EINVAL;
-		if (path && uri_decode(path + 1, (size_t)(q - path - 1), t->export_name, sizeof(t->export_name)))
-			return -EINVAL;
-		t->addr.kind = DEVIO_ADDR_UNIX;
-		return uri_decode(q + 8, strlen(q + 8), t->addr.path, sizeof(t->addr.path));
-	}
-	if (strncmp(uri, "nbd://", 6))
-		return -EINVAL;
-	p = uri + 6;
-	path = strchr(p, '/');
-	if ((size_t)((path ? path : p + strlen(p)) - p) >= sizeof(hostport) - 5)
-		return -ENAMETOOLONG;
-	snprintf(hostport, sizeof(hostport), "tcp:%.*s", (int)((path ? path : p + strlen(p)) - p), p);
-	if (path && uri_decode(path + 1, strlen(path + 1), t->export_name, sizeof(t->export_name)))
-		return -EINVAL;
-	return devio_addr_parse(hostport, "10809", &t->addr);
-}
-
-/* ---- the handshake ---- */
-
-static int send_opt(int fd, uint32_t opt, const void *data, uint32_t len)
-{
-	struct __attribute__((packed)) {
-		uint64_t magic;
-		uint32_t opt, len;
-	} h = { htobe64(NBD_MAGIC_OPTS), htobe32(opt), htobe32(len) };
-	int r = devio_write_full(fd, &h, sizeof(h));
-
-	return r || !len ? r : devio_write_full(fd, data, len);
-}
-
-/* NBD_OPT_GO payload: name, then one info request (block sizes). */
-static int send_go(int fd, const char *name)
-{
-	uint32_t nlen = (uint32_t)strlen(name);
-	size_t len = 4 + nlen + 2 + 2;
-	unsigned char *buf = malloc(len);
-	uint32_t be32 = htobe32(nlen);
-	uint16_t be16;
-	int r;
-
-	if (!buf)
-		return -ENOMEM;
-	memcpy(buf, &be32, 4);
-	memcpy(buf + 4, name, nlen);
-	be16 = htobe16(1);
-	memcpy(buf + 4 + nlen, &be16, 2);
-	be16 = htobe16(NBD_INFO_BLOCK_);
-	memcpy(buf + 6 + nlen, &be16, 2);
-	r = send_opt(fd, NBD_OPT_GO_, buf, (uint32_t)len);
-	free(buf);
-	return r;
-}
-
-static void parse_info(const unsigned char *d, uint32_t len, struct nbd_export_info *info)
-{
-	uint16_t type;
-
-	if (len < 2)
-		return;
-	memcpy(&type, d, 2);
-	type = be16toh(type);
-	if (type == NBD_INFO_EXPORT_ && len >= 12) {
-		memcpy(&info->size, d + 2, 8);
-		info->size = be64toh(info->size);
-		memcpy(&info->flags, d + 10, 2);
-		info->flags = be16toh(info->flags);
-	} else if (type == NBD_INFO_BLOCK_ && len >= 14) {
-		memcpy(&info->min_block, d + 2, 4);
-		memcpy(&info->pref_block, d + 6, 4);
-		info->min_block = be32toh(info->min_block);
-		info->pref_block = be32toh(info->pref_block);
-	}
-}
-
-/* Read option replies to NBD_OPT_GO until ACK (0) or an error. */
-static int read_go_replies(int fd, const char *uri, struct nbd_export_info *info)
-{
-	bool have_export = false;
-
-	for (int n = 0; n < 64; n++) {
-		struct __attribute__((packed)) {
-			uint64_t magic;
-			uint32_t opt, type, len;
-		} h;
-		unsigned char data[256];
-		uint32_t len, keep;
-		int r = devio_read_full(fd, &h, sizeof(h));
-
-		if (r)
-			return r;
-		len = be32toh(h.len);
-		if (be64toh(h.magic) != NBD_MAGIC_REPLY || be32toh(h.opt) != NBD_OPT_GO_ || len > MAX_REPLY_LEN) {
-			devio_err("%s: bad option reply (magic, option or length %u)", uri, len);
-			return -EPROTO;
-		}
-		keep = len < sizeof(data) ? len : sizeof(data);
-		r = devio_read_full(fd, data, keep);
-		if (!r && len > keep)
-			r = devio_discard_full(fd, len - keep);
-		if (r)
-			return r;
-		h.type = be32toh(h.type);
-		if (h.type & NBD_REP_ERR_BIT) {
-			devio_err("%s: server refused the export (NBD_OPT_GO error 0x%x%s%.*s)", uri, h.type,
-				  keep ? ": " : "", (int)keep, (const char *)data);
-			return -ENOENT;
-		}
-		if (h.type == NBD_REP_INFO_) {
-			parse_info(data, keep, info);
-			have_export |= keep >= 12 && data[0] == 0 && data[1] == NBD_INFO_EXPORT_;
-		} else if (h.type == NBD_REP_ACK_) {
-			if (!have_export) {
-				devio_err("%s: server sent no export size", uri);
-				return -EPROTO;
-			}
-			return 0;
-		}
-	}
-	devio_err("%s: too many option replies", uri);
-	return -EPROTO;
-}
-
-/* Bound every blocking read/write on fd to seconds (0: no bound). */
-static void set_timeouts(int fd, unsigned seconds)
-{
-	struct timeval tv = { .tv_sec = seconds };
-
-	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-}
-
-/* Connect and negotiate one socket up to the transmission phase. */
-static int nbd_connect_one(const struct nbd_target *t, struct nbd_export_info *info)
-{
-	struct __attribute__((packed)) {
-		uint64_t passwd, opts;
-		uint16_t flags;
-	} greet;
-	uint32_t cflags;
-	int fd, r;
-
-	fd = devio_connect(&t->addr);
-	if (fd < 0) {
-		devio_err("%s: cannot connect: %s", t->uri, strerror(-fd));
-		return fd;
-	}
-	set_timeouts(fd, t->hs_timeout);
-	r = devio_read_full(fd, &greet, sizeof(greet));
-	if (r)
-		goto out_err;
-	greet.flags = be16toh(greet.flags);
-	if (be64toh(greet.passwd) != NBD_MAGIC_PASSWD || be64toh(greet.opts) != NBD_MAGIC_OPTS ||
-	    !(greet.flags & NBD_HS_FIXED)) {
-		devio_err("%s: not a fixed-newstyle NBD server", t->uri);
-		r = -EPROTO;
-		goto out;
-	}
-	cflags = htobe32(NBD_HS_FIXED | (greet.flags & NBD_HS_NO_ZEROES));
-	r = devio_write_full(fd, &cflags, sizeof(cflags));
-	if (!r)
-		r = send_go(fd, t->export_name);
-	if (!r)
-		r = read_go_replies(fd, t->uri, info);
-	if (r)
-		goto out_err;
-	set_timeouts(fd, 0); /* from here on the kernel's own timeout applies */
-	return fd;
-out_err:
-	if (r == -EAGAIN || r == -EWOULDBLOCK)
-		devio_err("%s: handshake: the server stalled for %u s", t->uri, t->hs_timeout);
-	else if (r != -EPROTO && r != -ENOENT)
-		devio_err("%s: handshake: %s", t->uri, strerror(-r));
-out:
-	close(fd);
-	return r;
+	return devio_nbd_client_connect(&t->u, &t->hs, info);
 }
 
 /* ---- generic netlink ---- */
@@ -432,7 +200,7 @@ static void index_reply(const struct nlmsghdr *h, void *ctx)
 		memcpy(ctx, (const char *)a + NLA_HDRLEN, 4);
 }
 
-static uint64_t pick_block_size(const struct nbd_export_info *info)
+static uint64_t pick_block_size(const struct devio_nbd_client_info *info)
 {
 	uint32_t bs = info->pref_block ? info->pref_block : info->min_block;
 
@@ -442,7 +210,7 @@ static uint64_t pick_block_size(const struct nbd_export_info *info)
 	return bs;
 }
 
-static int nbd_genl_connect(int nl, uint16_t family, int index, const struct nbd_export_info *info,
+static int nbd_genl_connect(int nl, uint16_t family, int index, const struct devio_nbd_client_info *info,
 			    const int *fds, int nfds, uint32_t timeout, uint32_t *got_index)
 {
 	struct nl_msg *m = malloc(sizeof(*m));
@@ -455,7 +223,7 @@ static int nbd_genl_connect(int nl, uint16_t family, int index, const struct nbd
 		r |= nl_put_u32(m, NBD_ATTR_INDEX, (uint32_t)index);
 	r |= nl_put_u64(m, NBD_ATTR_SIZE_BYTES, info->size);
 	r |= nl_put_u64(m, NBD_ATTR_BLOCK_SIZE_BYTES, pick_block_size(info));
-	r |= nl_put_u64(m, NBD_ATTR_SERVER_FLAGS, info->flags);
+	r |= nl_put_u64(m, NBD_ATTR_SERVER_FLAGS, info->tflags);
 	if (timeout)
 		r |= nl_put_u64(m, NBD_ATTR_TIMEOUT, timeout);
 	r |= nl_nest_start(m, NBD_ATTR_SOCKETS);
@@ -478,7 +246,7 @@ static void attach_usage(void)
 {
 	fprintf(stderr, "usage: devio attach nbd://HOST[:PORT][/EXPORT]|nbd+unix:///EXPORT?socket=PATH\n"
 			"         --nbd-device [/dev/nbdN] [--connections N] [--timeout SECONDS]\n"
-			"  --timeout bounds each handshake step and is the kernel's request timeout\n");
+			"  --timeout bounds the handshake (default 30 s) and is the kernel's request timeout\n");
 }
 
 static int parse_nbd_index(const char *dev, int *index)
@@ -549,17 +317,17 @@ static int parse_attach_args(int argc, char **argv, struct attach_args *a)
 	return 0;
 }
 
-static unsigned default_connections(const struct nbd_export_info *info)
+static unsigned default_connections(const struct devio_nbd_client_info *info)
 {
 	long n = sysconf(_SC_NPROCESSORS_ONLN);
 
-	if (!(info->flags & NBD_FLAG_CAN_MULTI_CONN))
+	if (!(info->tflags & NBD_FLAG_CAN_MULTI_CONN))
 		return 1;
 	return n < 2 ? 2 : n > 8 ? 8 : (unsigned)n;
 }
 
 /* Open every connection: returns how many, or -errno with none left open. */
-static int open_connections(const struct nbd_target *t, struct attach_args *a, struct nbd_export_info *info,
+static int open_connections(const struct nbd_target *t, struct attach_args *a, struct devio_nbd_client_info *info,
 			    int *fds)
 {
 	int n = 0, r;
@@ -570,19 +338,19 @@ static int open_connections(const struct nbd_target *t, struct attach_args *a, s
 	fds[n++] = r;
 	if (!a->connections)
 		a->connections = default_connections(info);
-	else if (a->connections > 1 && !(info->flags & NBD_FLAG_CAN_MULTI_CONN))
-		devio_warn("%s: server does not advertise CAN_MULTI_CONN; using %u connections anyway", t->uri,
+	else if (a->connections > 1 && !(info->tflags & NBD_FLAG_CAN_MULTI_CONN))
+		devio_warn("%s: server does not advertise CAN_MULTI_CONN; using %u connections anyway", t->hs.name,
 			   a->connections);
 	while ((unsigned)n < a->connections) {
-		struct nbd_export_info more = { 0 };
+		struct devio_nbd_client_info more = { 0 };
 
 		r = nbd_connect_one(t, &more);
 		if (r < 0)
 			goto out_close;
 		fds[n++] = r;
-		if (more.size != info->size || more.flags != info->flags) {
-			devio_err("%s: connection %d sees a different export (size %llu, flags 0x%x)", t->uri, n,
-				  (unsigned long long)more.size, more.flags);
+		if (more.size != info->size || more.tflags != info->tflags) {
+			devio_err("%s: connection %d sees a different export (size %llu, flags 0x%x)", t->hs.name, n,
+				  (unsigned long long)more.size, more.tflags);
 			r = -EPROTO;
 			goto out_close;
 		}
@@ -597,11 +365,12 @@ out_close:
 int attach_nbd_device(int argc, char **argv)
 {
 	struct nbd_target *t = calloc(1, sizeof(*t));
-	struct nbd_export_info info = { 0 };
+	struct devio_nbd_client_info info = { 0 };
 	struct attach_args a;
 	int fds[MAX_CONNECTIONS], nfds = 0, nl = -1, rc = 1, r;
 	uint16_t family;
 	uint32_t index;
+	char why[256];
 
 	if (!t)
 		return 1;
@@ -610,18 +379,20 @@ int attach_nbd_device(int argc, char **argv)
 		rc = 2;
 		goto out;
 	}
-	if (parse_nbd_uri(a.uri, t)) {
-		devio_err("%s: not an NBD URI (nbd://HOST[:PORT][/EXPORT] or nbd+unix:///EXPORT?socket=PATH)", a.uri);
+	if ((r = devio_nbd_uri_parse(a.uri, &t->u, why, sizeof(why)))) {
+		devio_err("%s: %s", a.uri, why);
 		rc = 2;
 		goto out;
 	}
-	t->hs_timeout = a.timeout ? a.timeout : HANDSHAKE_TIMEOUT;
+	t->hs.name = a.uri;
+	t->hs.export = t->u.export;
+	t->hs.timeout_s = a.timeout ? a.timeout : NBD_CLIENT_TIMEOUT_S;
 	r = open_connections(t, &a, &info, fds);
 	if (r < 0)
 		goto out;
 	nfds = r;
 	devio_info("%s: export of %llu bytes, flags 0x%x, %d connection%s negotiated", a.uri,
-		   (unsigned long long)info.size, info.flags, nfds, nfds == 1 ? "" : "s");
+		   (unsigned long long)info.size, info.tflags, nfds, nfds == 1 ? "" : "s");
 	nl = nbd_genl_open(&family);
 	if (nl < 0)
 		goto out_close;
@@ -636,7 +407,7 @@ int attach_nbd_device(int argc, char **argv)
 	fflush(stdout);
 	devio_info("%s: attached as /dev/nbd%u: %llu bytes, block %llu, %d connection%s, flags 0x%x", a.uri, index,
 		   (unsigned long long)info.size, (unsigned long long)pick_block_size(&info), nfds,
-		   nfds == 1 ? "" : "s", info.flags);
+		   nfds == 1 ? "" : "s", info.tflags);
 	rc = 0;
 out_close:
 	/* the kernel holds its own references to the sockets */

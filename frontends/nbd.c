@@ -1,7 +1,8 @@
 /* nbd.c - the --nbd front end: serves srv->exports over NBD (fixed
  * newstyle, structured replies, base:allocation) on TCP or Unix sockets.
  *
- * Threads: one listener per --nbd address; one reader thread per client
+ * Threads: one listener per --nbd address (lib/listener.c: at most
+ * NBD_MAX_CONNS clients at once); one reader thread per client
  * connection.  The reader decodes requests from a buffered socket into a
  * bounded pool of slots (request + buffer) and starts them with
  * devio_submit() (io_uring for the file backend) or on a worker pool for
@@ -25,17 +26,19 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 #include "devio/backend.h"
 #include "devio/frontend.h"
+#include "devio/listener.h"
 #include "devio/util.h"
 #include "devio/workers.h"
 #include "../lib/nbd_proto.h"
 
 #define NBD_DEFAULT_DEPTH 64
+#define NBD_MAX_CONNS 128                  /* clients served at once; more are closed at once */
+#define NBD_STOP_GRACE_MS 2000             /* stop: time to answer what is in flight */
 #define NBD_MAX_DEPTH 1024
 #define NBD_RX_SIZE (64u << 10)   /* small: big payloads go straight to their slot */
 #define NBD_RX_PAYLOAD (NBD_RX_SIZE / 2) /* payloads up to this come through the rx buffer */
@@ -79,9 +82,6 @@ struct nbd_conn {
 	struct nbd_state *st;
 	int fd;
 	char peer[64];
-	pthread_t thread;
-	bool finished;            /* thread done; joinable (st->lock) */
-	struct nbd_conn *next;    /* st->conns */
 	struct devio_nbd_session s;
 	struct devio_backend *b;
 	bool use_workers;
@@ -119,16 +119,9 @@ struct nbd_state {
 	struct devio_server *srv;
 	struct devio_addr addr;
 	char name[300];
-	int listen_fd;
-	int stop_fd;              /* eventfd: wakes the listener */
-	pthread_t listener;
-	bool listener_started;
+	struct devio_listener *listener; /* lib/listener.c: accept, cap, stop grace */
 	unsigned depth;
-	pthread_mutex_t lock;
-	struct nbd_conn *conns;
-	unsigned nconns, served;
 	struct devio_workers *workers;
-	bool stopping;
 };
 
 /* ---- negotiation I/O on the socket ---- */
@@ -1370,16 +1363,16 @@ static void conn_free(struct nbd_conn *c)
 	free(c);
 }
 
-void devio_nbd_serve_fd(struct devio_server *srv, int fd)
+/* Serve one connection on fd to its end on this thread (fd stays open). */
+static void conn_run(struct nbd_state *st, int fd, const char *peer)
 {
-	struct nbd_state st = { .srv = srv, .depth = NBD_DEFAULT_DEPTH, .listen_fd = -1, .stop_fd = -1 };
 	struct nbd_conn *c = calloc(1, sizeof(*c));
 
 	if (!c)
 		return;
-	c->st = &st;
+	c->st = st;
 	c->fd = fd;
-	snprintf(c->peer, sizeof(c->peer), "fd%d", fd);
+	snprintf(c->peer, sizeof(c->peer), "%s", peer);
 	pthread_mutex_init(&c->lock, NULL);
 	pthread_cond_init(&c->cond, NULL);
 	pthread_cond_init(&c->tx_cond, NULL);
@@ -1387,98 +1380,24 @@ void devio_nbd_serve_fd(struct devio_server *srv, int fd)
 	conn_free(c);
 }
 
-static void *conn_main(void *arg)
+void devio_nbd_serve_fd(struct devio_server *srv, int fd)
 {
-	struct nbd_conn *c = arg;
-	struct nbd_state *st = c->st;
+	struct nbd_state st = { .srv = srv, .depth = NBD_DEFAULT_DEPTH };
+	char peer[32];
 
-	conn_serve(c);
-	pthread_mutex_lock(&st->lock);
-	close(c->fd);
-	c->fd = -1;
-	c->finished = true;
-	pthread_mutex_unlock(&st->lock);
-	return NULL;
+	snprintf(peer, sizeof(peer), "fd%d", fd);
+	conn_run(&st, fd, peer);
 }
 
-/* Join connections whose threads have ended (st->lock held). */
-static void reap_locked(struct nbd_state *st, bool all)
+/* One connection, on the listener's thread for it (which closes fd). */
+static void nbd_serve_conn(void *ctx, int fd, uint64_t id)
 {
-	struct nbd_conn **pp = &st->conns;
+	struct nbd_state *st = ctx;
+	char peer[64];
 
-	while (*pp) {
-		struct nbd_conn *c = *pp;
-
-		if (!c->finished && !all) {
-			pp = &c->next;
-			continue;
-		}
-		*pp = c->next;
-		st->nconns--;
-		pthread_mutex_unlock(&st->lock);
-		pthread_join(c->thread, NULL);
-		conn_free(c);
-		pthread_mutex_lock(&st->lock);
-	}
-}
-
-static void accept_one(struct nbd_state *st)
-{
-	struct nbd_conn *c;
-	int fd = accept4(st->listen_fd, NULL, NULL, SOCK_CLOEXEC);
-
-	if (fd < 0) {
-		if (errno != EINTR && errno != EAGAIN && errno != ECONNABORTED)
-			devio_warn("nbd %s: accept: %s", st->name, strerror(errno));
-		if (errno == EMFILE || errno == ENFILE)
-			usleep(100 * 1000);
-		return;
-	}
-	devio_socket_tune(fd);
-	c = calloc(1, sizeof(*c));
-	if (!c) {
-		close(fd);
-		return;
-	}
-	c->st = st;
-	c->fd = fd;
-	pthread_mutex_init(&c->lock, NULL);
-	pthread_cond_init(&c->cond, NULL);
-	pthread_cond_init(&c->tx_cond, NULL);
-	pthread_mutex_lock(&st->lock);
-	snprintf(c->peer, sizeof(c->peer), "%s#%u", st->addr.kind == DEVIO_ADDR_UNIX ? "unix" : "tcp", ++st->served);
-	if (pthread_create(&c->thread, NULL, conn_main, c)) {
-		pthread_mutex_unlock(&st->lock);
-		devio_warn("nbd %s: cannot start a connection thread", st->name);
-		close(fd);
-		conn_free(c);
-		return;
-	}
-	c->next = st->conns;
-	st->conns = c;
-	st->nconns++;
-	reap_locked(st, false);
-	pthread_mutex_unlock(&st->lock);
-}
-
-static void *listener_main(void *arg)
-{
-	struct nbd_state *st = arg;
-
-	for (;;) {
-		struct pollfd p[2] = { { st->listen_fd, POLLIN, 0 }, { st->stop_fd, POLLIN, 0 } };
-
-		if (poll(p, 2, 1000) < 0 && errno != EINTR)
-			break;
-		if (p[1].revents)
-			break;
-		if (p[0].revents & POLLIN)
-			accept_one(st);
-		pthread_mutex_lock(&st->lock);
-		reap_locked(st, false);
-		pthread_mutex_unlock(&st->lock);
-	}
-	return NULL;
+	snprintf(peer, sizeof(peer), "%s#%llu", st->addr.kind == DEVIO_ADDR_UNIX ? "unix" : "tcp",
+		 (unsigned long long)id);
+	conn_run(st, fd, peer);
 }
 
 /* One pool for the server when the core's policy (devio_wants_pool) puts
@@ -1495,12 +1414,7 @@ static unsigned worker_count(const struct devio_server *srv)
 
 static void state_free(struct nbd_state *st)
 {
-	if (st->listen_fd >= 0)
-		close(st->listen_fd);
-	if (st->stop_fd >= 0)
-		close(st->stop_fd);
 	devio_workers_free(st->workers);
-	pthread_mutex_destroy(&st->lock);
 	free(st);
 }
 
@@ -1508,6 +1422,16 @@ static void state_free(struct nbd_state *st)
 struct nbd_opts {
 	unsigned depth; /* --depth: requests in flight per connection, 0 = NBD_DEFAULT_DEPTH */
 };
+
+static int nbd_listen(struct nbd_state *st)
+{
+	char name[320];
+	struct devio_listener_conf conf = { .name = name, .max_conns = NBD_MAX_CONNS, .grace_ms = NBD_STOP_GRACE_MS,
+					    .serve = nbd_serve_conn, .ctx = st };
+
+	snprintf(name, sizeof(name), "nbd %s", st->name);
+	return devio_listener_start(&st->addr, &conf, &st->listener);
+}
 
 static int start(struct devio_server *srv, const char *arg, const void *opts, void **state)
 {
@@ -1519,8 +1443,6 @@ static int start(struct devio_server *srv, const char *arg, const void *opts, vo
 	if (!st)
 		return -ENOMEM;
 	st->srv = srv;
-	st->listen_fd = st->stop_fd = -1;
-	pthread_mutex_init(&st->lock, NULL);
 	st->depth = o && o->depth ? o->depth : NBD_DEFAULT_DEPTH;
 	if (st->depth > NBD_MAX_DEPTH)
 		st->depth = NBD_MAX_DEPTH;
@@ -1538,21 +1460,8 @@ static int start(struct devio_server *srv, const char *arg, const void *opts, vo
 			goto out_free;
 		}
 	}
-	st->stop_fd = eventfd(0, EFD_CLOEXEC);
-	if (st->stop_fd < 0) {
-		r = -errno;
+	if ((r = nbd_listen(st)))
 		goto out_free;
-	}
-	st->listen_fd = devio_listen(&st->addr, 128);
-	if (st->listen_fd < 0) {
-		r = st->listen_fd;
-		goto out_free;
-	}
-	if (pthread_create(&st->listener, NULL, listener_main, st)) {
-		r = -EAGAIN;
-		goto out_free;
-	}
-	st->listener_started = true;
 	devio_info("nbd: serving %zu export%s on %s", srv->n_exports, srv->n_exports == 1 ? "" : "s", st->name);
 	*state = st;
 	return 0;
@@ -1564,48 +1473,23 @@ out_free:
 static void stop(void *state)
 {
 	struct nbd_state *st = state;
-	uint64_t one = 1;
 
 	if (!st)
 		return;
-	if (st->listener_started) {
-		if (write(st->stop_fd, &one, sizeof(one)) < 0)
-			devio_warn("nbd %s: cannot wake the listener", st->name);
-		pthread_join(st->listener, NULL);
-	}
-	/* No new requests; let what is in flight be answered (the spec's
-	 * SHOULD), for up to two seconds, then cut every connection. */
-	pthread_mutex_lock(&st->lock);
-	st->stopping = true;
-	for (struct nbd_conn *c = st->conns; c; c = c->next)
-		if (c->fd >= 0)
-			shutdown(c->fd, SHUT_RD);
-	for (int i = 0; i < 100 && st->nconns; i++) {
-		reap_locked(st, false);
-		if (!st->nconns)
-			break;
-		pthread_mutex_unlock(&st->lock);
-		usleep(20 * 1000);
-		pthread_mutex_lock(&st->lock);
-	}
-	for (struct nbd_conn *c = st->conns; c; c = c->next)
-		if (c->fd >= 0)
-			shutdown(c->fd, SHUT_RDWR);
-	reap_locked(st, true);
-	pthread_mutex_unlock(&st->lock);
-	if (st->addr.kind == DEVIO_ADDR_UNIX)
-		unlink(st->addr.path);
+	/* No new requests; what is in flight is answered (the spec's SHOULD)
+	 * for up to NBD_STOP_GRACE_MS, then every connection is cut. */
+	devio_listener_stop(st->listener);
 	state_free(st);
 }
 
 static void status(void *state, FILE *out)
 {
 	struct nbd_state *st = state;
+	struct devio_listener_stats ls;
 
-	pthread_mutex_lock(&st->lock);
-	fprintf(out, "  nbd %s: %u connection%s, %u served\n", st->name, st->nconns, st->nconns == 1 ? "" : "s",
-		st->served);
-	pthread_mutex_unlock(&st->lock);
+	devio_listener_stats(st->listener, &ls);
+	fprintf(out, "  nbd %s: %u connection%s, %llu served, %llu refused\n", st->name, ls.active,
+		ls.active == 1 ? "" : "s", (unsigned long long)ls.served, (unsigned long long)ls.refused);
 }
 
 static const struct devio_frontend_option nbd_options[] = {

@@ -4,14 +4,14 @@
  * One thread per connection (at most STREAM_MAX_CONNS; extras are accepted
  * and closed at once), one request outstanding per connection as the
  * protocol defines, each request run with devio_execute() on the default
- * export.  devio_stream_session() is the whole protocol on a pair of file
- * descriptors; everything else here is listening, accounting and stopping.
- * The wire format and the choices for bad input are in docs/devio-protocol.md.
+ * export.  devio_stream_session() is the whole server side of the
+ * protocol on a pair of file descriptors; the layouts, encoders and checks
+ * both ends share are lib/devio_codec.c (include/devio/protocol.h), the
+ * accept loop lib/listener.c.  The wire format and the choices for bad
+ * input are in docs/devio-protocol.md.
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -19,28 +19,24 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/uio.h>
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
 #include "devio/frontend.h"
+#include "devio/listener.h"
 #include "devio/protocol.h"
 #include "devio/stream.h"
 #include "devio/util.h"
 
 #define STREAM_MAX_CONNS 64
 #define STREAM_RDBUF 65536
-/* How long stop() waits for sessions to end. */
+/* How long stop() waits for a stdio/device session to end. */
 #define STREAM_STOP_SECONDS 10
+/* How long stop() lets socket sessions finish the request they are in. */
+#define STREAM_STOP_GRACE_MS 2000
 /* A connection keeps a data buffer up to this size between requests. */
 #define STREAM_KEEP_BUF (4u << 20)
-/* CONNECT carries a connection string: more than this is not a string. */
-#define STREAM_MAX_CONNECT_BYTES 65536u
-/* SCSI pass-through payloads we consume (and refuse) without keeping. */
-#define STREAM_MAX_SCSI_BYTES (1u << 20)
-/* accept() out of descriptors: wait this long before trying again. */
-#define STREAM_ACCEPT_PAUSE_MS 200
 
 /* ---- buffered input: one read() usually brings a header and payload ---- */
 
@@ -248,43 +244,39 @@ static int check_aligned(struct session *s, const char *what, uint64_t off, uint
 	return -EINVAL;
 }
 
-static uint64_t wire_errno(int r)
+/* An answer of error + length (READ data, if any, in the same call). */
+static int out_answer(struct session *s, int result, uint64_t length, const void *data)
 {
-	return r < 0 ? (uint64_t)-r : 0;
+	uint8_t hdr[DEVIO_ANSWER_SIZE];
+	struct iovec iov[2] = { { hdr, sizeof(hdr) }, { (void *)data, (size_t)length } };
+
+	devio_proto_encode_answer(hdr, result, length);
+	return out_writev(s->wfd, iov, data && length ? 2 : 1);
+}
+
+static int out_errno(struct session *s, int result)
+{
+	uint64_t v = devio_proto_wire_errno(result);
+
+	return out_words(s->wfd, &v, 1);
 }
 
 static int do_info(struct session *s)
 {
-	const struct devio_backend *b = s->b;
-	uint64_t flags = 0;
-	uint64_t v[3];
+	struct devio_info i = { .file_size = s->b->size, .req_alignment = s->alignment,
+				.flags = devio_proto_info_flags(s->b) };
+	uint8_t out[DEVIO_INFO_SIZE];
+	struct iovec iov = { out, sizeof(out) };
 
-	if (b->caps & DEVIO_CAP_READONLY)
-		flags |= DEVIO_INFO_RO;
-	else {
-		if (b->caps & DEVIO_CAP_TRIM)
-			flags |= DEVIO_INFO_SUPPORTS_UNMAP;
-		/* zero_by_writing() serves ZERO where the backend has no zero(). */
-		if (b->caps & DEVIO_CAP_ZERO || b->ops->pwrite)
-			flags |= DEVIO_INFO_SUPPORTS_ZERO;
-	}
-	v[0] = b->size;
-	v[1] = s->alignment;
-	v[2] = flags;
-	return out_words(s->wfd, v, 3);
+	devio_proto_encode_info(out, &i);
+	return out_writev(s->wfd, &iov, 1);
 }
 
-static int do_read(struct session *s)
+static int do_read(struct session *s, const struct devio_proto_req *rq)
 {
-	uint8_t hdr[16];
-	uint64_t off, len, v[2];
-	struct iovec iov[2];
+	uint64_t off = rq->offset, len = rq->length;
 	int r;
 
-	if ((r = in_read(s->in, hdr, sizeof(hdr), NULL)))
-		return r;
-	off = devio_get_le64(hdr);
-	len = devio_get_le64(hdr + 8);
 	if (len > s->max_transfer) {
 		devio_warn("%s: READ at %llu of %llu bytes: over the %u-byte limit", s->name,
 			   (unsigned long long)off, (unsigned long long)len, s->max_transfer);
@@ -306,33 +298,20 @@ static int do_read(struct session *s)
 			devio_warn("%s: READ at %llu of %llu bytes: %s", s->name, (unsigned long long)off,
 				   (unsigned long long)len, strerror(-r));
 	}
-	v[0] = wire_errno(r);
-	v[1] = r ? 0 : len;
-	devio_put_le64(hdr, v[0]);
-	devio_put_le64(hdr + 8, v[1]);
-	iov[0] = (struct iovec){ hdr, 16 };
-	iov[1] = (struct iovec){ s->buf, (size_t)v[1] };
-	return out_writev(s->wfd, iov, v[1] ? 2 : 1);
+	return out_answer(s, r, r ? 0 : len, s->buf);
 }
 
-static int do_write(struct session *s)
+static int do_write(struct session *s, const struct devio_proto_req *rq)
 {
-	uint8_t hdr[16];
-	uint64_t off, len, v[2];
+	uint64_t off = rq->offset, len = rq->length;
 	int r, err;
 
-	if ((r = in_read(s->in, hdr, sizeof(hdr), NULL)))
-		return r;
-	off = devio_get_le64(hdr);
-	len = devio_get_le64(hdr + 8);
 	if (len > s->max_transfer) {
 		/* The payload cannot be consumed without trusting the length:
 		 * answer, then drop the connection (the stream is lost). */
 		devio_warn("%s: WRITE at %llu of %llu bytes: over the %u-byte limit; closing",
 			   s->name, (unsigned long long)off, (unsigned long long)len, s->max_transfer);
-		v[0] = E2BIG;
-		v[1] = 0;
-		out_words(s->wfd, v, 2);
+		out_answer(s, -E2BIG, 0, NULL);
 		return -EPROTO;
 	}
 	if ((err = check_aligned(s, "WRITE", off, len)) || (err = session_buf(s, len))) {
@@ -348,146 +327,114 @@ static int do_write(struct session *s)
 	if (r && r != -EINVAL)
 		devio_warn("%s: WRITE at %llu of %llu bytes: %s", s->name, (unsigned long long)off,
 			   (unsigned long long)len, strerror(-r));
-	v[0] = wire_errno(r);
-	v[1] = r ? 0 : len;
-	return out_words(s->wfd, v, 2);
+	return out_answer(s, r, r ? 0 : len, NULL);
 }
 
-/* Check one UNMAP/ZERO range against the export. */
-static int range_check(struct session *s, const uint8_t *p, uint64_t *off, uint64_t *len)
+/* Check every range before running any; 0 or -errno (logged). */
+static int ranges_check(struct session *s, const char *what, uint64_t len)
 {
-	int64_t soff = (int64_t)devio_get_le64(p);
+	uint64_t off, n;
 
-	*off = (uint64_t)soff;
-	*len = devio_get_le64(p + 8);
-	if (soff < 0 || *off > s->b->size || *len > s->b->size - *off)
+	if (len % DEVIO_RANGE_SIZE) {
+		devio_warn("%s: %s: range array of %llu bytes is not a multiple of %u", s->name, what,
+			   (unsigned long long)len, DEVIO_RANGE_SIZE);
 		return -EINVAL;
+	}
+	if (s->b->caps & DEVIO_CAP_READONLY)
+		return -EROFS;
+	for (uint64_t i = 0; i < len; i += DEVIO_RANGE_SIZE) {
+		if (devio_proto_decode_range((uint8_t *)s->buf + i, s->b->size, &off, &n)) {
+			devio_warn("%s: %s range at %lld of %llu bytes: outside the export (%llu bytes)",
+				   s->name, what, (long long)off, (unsigned long long)n,
+				   (unsigned long long)s->b->size);
+			return -EINVAL;
+		}
+	}
 	return 0;
 }
 
-static int do_ranges(struct session *s, uint64_t code)
+static int do_ranges(struct session *s, const struct devio_proto_req *rq)
 {
-	enum devio_op op = code == DEVIO_REQ_UNMAP ? DEVIO_OP_TRIM : DEVIO_OP_ZERO;
-	const char *what = code == DEVIO_REQ_UNMAP ? "UNMAP" : "ZERO";
-	uint8_t hdr[8];
-	uint64_t len, v, off, n;
+	enum devio_op op = rq->code == DEVIO_REQ_UNMAP ? DEVIO_OP_TRIM : DEVIO_OP_ZERO;
+	const char *what = rq->code == DEVIO_REQ_UNMAP ? "UNMAP" : "ZERO";
+	uint64_t len = rq->length, off, n;
 	int r;
 
-	if ((r = in_read(s->in, hdr, sizeof(hdr), NULL)))
-		return r;
-	len = devio_get_le64(hdr);
 	if (len > DEVIO_MAX_RANGES_BYTES) {
 		devio_warn("%s: %s with %llu bytes of ranges: over the %u-byte limit; closing", s->name,
 			   what, (unsigned long long)len, DEVIO_MAX_RANGES_BYTES);
-		v = E2BIG;
-		out_words(s->wfd, &v, 1);
+		out_errno(s, -E2BIG);
 		return -EPROTO;
 	}
 	if ((r = session_buf(s, len))) {
 		/* no memory for the ranges: consume them, answer, keep the stream */
 		if ((r = in_discard(s->in, len)))
 			return r;
-		v = ENOMEM;
-		return out_words(s->wfd, &v, 1);
+		return out_errno(s, -ENOMEM);
 	}
 	if ((r = in_read(s->in, s->buf, len, NULL)))
 		return r;
-	if (len % DEVIO_RANGE_SIZE) {
-		devio_warn("%s: %s: range array of %llu bytes is not a multiple of %u", s->name, what,
-			   (unsigned long long)len, DEVIO_RANGE_SIZE);
-		r = -EINVAL;
-	}
-	if (!r && (s->b->caps & DEVIO_CAP_READONLY))
-		r = -EROFS;
-	/* Check every range before running any. */
+	r = ranges_check(s, what, len);
 	for (uint64_t i = 0; !r && i < len; i += DEVIO_RANGE_SIZE) {
-		if ((r = range_check(s, (uint8_t *)s->buf + i, &off, &n)))
-			devio_warn("%s: %s range at %lld of %llu bytes: outside the export (%llu bytes)",
-				   s->name, what, (long long)off, (unsigned long long)n,
-				   (unsigned long long)s->b->size);
-	}
-	for (uint64_t i = 0; !r && i < len; i += DEVIO_RANGE_SIZE) {
-		range_check(s, (uint8_t *)s->buf + i, &off, &n);
+		devio_proto_decode_range((uint8_t *)s->buf + i, s->b->size, &off, &n);
 		if (n && (r = session_exec(s, op, off, n, NULL)))
 			devio_warn("%s: %s at %llu of %llu bytes: %s", s->name, what,
 				   (unsigned long long)off, (unsigned long long)n, strerror(-r));
 	}
-	v = wire_errno(r);
-	return out_words(s->wfd, &v, 1);
+	return out_errno(s, r);
 }
 
-/* CONNECT asks a server to open a connection elsewhere: not ours to do. */
-static int do_connect(struct session *s)
+/* CONNECT and SCSI carry data this server consumes and refuses (a
+ * connection elsewhere is not ours to open; SCSI is not offered: no
+ * SUPPORTS_SCSI flag); more than limit bytes of it close the connection. */
+static int do_refuse_data(struct session *s, const struct devio_proto_req *rq, uint64_t limit, int err)
 {
-	uint8_t hdr[16];
-	uint64_t len, v[2] = { EOPNOTSUPP, 0 };
+	const char *what = rq->code == DEVIO_REQ_CONNECT ? "CONNECT" : "SCSI";
 	int r;
 
-	if ((r = in_read(s->in, hdr, sizeof(hdr), NULL)))
-		return r;
-	len = devio_get_le64(hdr + 8);
-	if (len > STREAM_MAX_CONNECT_BYTES) {
-		devio_warn("%s: CONNECT with a %llu-byte string: over the limit; closing", s->name,
-			   (unsigned long long)len);
-		out_words(s->wfd, v, 2);
+	if (rq->length > limit) {
+		devio_warn("%s: %s with %llu bytes of data: over the limit; closing", s->name, what,
+			   (unsigned long long)rq->length);
+		out_answer(s, err, 0, NULL);
 		return -EPROTO;
 	}
-	if ((r = in_discard(s->in, len)))
+	if ((r = in_discard(s->in, rq->length)))
 		return r;
-	devio_debug("%s: CONNECT refused (this server only serves its own export)", s->name);
-	return out_words(s->wfd, v, 2);
-}
-
-/* SCSI pass-through is not offered (no SUPPORTS_SCSI flag). */
-static int do_scsi(struct session *s)
-{
-	uint8_t hdr[32];
-	uint64_t len, v[2] = { ENODEV, 0 };
-	int r;
-
-	if ((r = in_read(s->in, hdr, sizeof(hdr), NULL)))
-		return r;
-	len = devio_get_le64(hdr + 16);
-	if (len > STREAM_MAX_SCSI_BYTES) {
-		devio_warn("%s: SCSI with %llu bytes of data: over the limit; closing", s->name,
-			   (unsigned long long)len);
-		out_words(s->wfd, v, 2);
-		return -EPROTO;
-	}
-	if ((r = in_discard(s->in, len)))
-		return r;
-	return out_words(s->wfd, v, 2);
+	devio_debug("%s: %s refused (this server only serves its own export)", s->name, what);
+	return out_answer(s, err, 0, NULL);
 }
 
 /* SHARED reservations are not offered: errno, no unique id, no keys. */
 static int do_shared(struct session *s)
 {
-	uint8_t hdr[48], resp[64] = { 0 };
+	uint8_t resp[DEVIO_SHARED_ANSWER_SIZE] = { 0 };
 	struct iovec iov = { resp, sizeof(resp) };
-	int r;
 
-	if ((r = in_read(s->in, hdr, sizeof(hdr), NULL)))
-		return r;
 	devio_put_le64(resp, ENODEV);
 	return out_writev(s->wfd, &iov, 1);
 }
 
 static int session_request(struct session *s, uint64_t code)
 {
-	uint64_t v = ENODEV;
+	uint8_t hdr[DEVIO_MAX_REQ_HDR];
+	struct devio_proto_req rq;
+	int r;
 
+	if ((r = in_read(s->in, hdr, devio_proto_req_hdr_size(code), NULL)))
+		return r;
+	devio_proto_decode_req(code, hdr, &rq);
 	switch (code) {
 	case DEVIO_REQ_INFO: return do_info(s);
-	case DEVIO_REQ_READ: return do_read(s);
-	case DEVIO_REQ_WRITE: return do_write(s);
-	case DEVIO_REQ_CONNECT: return do_connect(s);
+	case DEVIO_REQ_READ: return do_read(s, &rq);
+	case DEVIO_REQ_WRITE: return do_write(s, &rq);
+	case DEVIO_REQ_CONNECT: return do_refuse_data(s, &rq, DEVIO_MAX_CONNECT_BYTES, -EOPNOTSUPP);
 	case DEVIO_REQ_UNMAP:
-	case DEVIO_REQ_ZERO: return do_ranges(s, code);
-	case DEVIO_REQ_SCSI: return do_scsi(s);
+	case DEVIO_REQ_ZERO: return do_ranges(s, &rq);
+	case DEVIO_REQ_SCSI: return do_refuse_data(s, &rq, DEVIO_MAX_SCSI_BYTES, -ENODEV);
 	case DEVIO_REQ_SHARED: return do_shared(s);
 	default:
 		devio_debug("%s: unknown request code %llu: answered ENODEV", s->name, (unsigned long long)code);
-		return out_words(s->wfd, &v, 1);
+		return out_errno(s, -ENODEV);
 	}
 }
 
@@ -535,186 +482,67 @@ int devio_stream_session(struct devio_backend *b, int rfd, int wfd, const struct
 	return r;
 }
 
-/* ---- the front end: listening, connections, stopping ---- */
-
-struct stream_conn {
-	struct stream_state *st;
-	int rfd, wfd;
-	bool owns_fds;
-	char name[128];
-	struct stream_conn *next;
-};
+/* ---- the front end: connections, stopping ---- */
 
 struct stream_state {
 	struct devio_backend *b;
 	struct devio_addr addr;
 	char where[300];
+	char name[320];             /* "--devio WHERE" */
 	struct devio_stream_opts opts;
-	int lfd;
+	struct devio_listener *listener; /* TCP, Unix: lib/listener.c */
+	atomic_uint_fast64_t failed;     /* sessions dropped on an error */
+	/* stdio or a device: one session on its own (detached) thread */
+	bool single;
+	int single_rfd, single_wfd;
 	int stop_pipe[2];
-	pthread_t accept_thread;
-	bool accepting;
-	bool single; /* stdio or a device: one session, then finished */
 	pthread_mutex_t lock;
 	pthread_cond_t idle;
-	struct stream_conn *conns;
-	unsigned active;
-	bool stopping;
+	bool single_active;
 	atomic_bool finished;
-	uint64_t served, refused, failed;
 };
 
-static void conn_unlink(struct stream_state *st, struct stream_conn *c)
+/* One session, logged at its start and end. */
+static void stream_run(struct stream_state *st, int rfd, int wfd, const char *name, int stop_fd)
 {
-	for (struct stream_conn **pp = &st->conns; *pp; pp = &(*pp)->next)
-		if (*pp == c) {
-			*pp = c->next;
-			break;
-		}
-}
-
-static void *conn_main(void *arg)
-{
-	struct stream_conn *c = arg;
-	struct stream_state *st = c->st;
 	struct devio_stream_opts o = st->opts;
 	int r;
 
-	o.name = c->name;
-	o.stop_fd = st->single ? st->stop_pipe[0] : -1;
-	devio_info("%s: client connected", c->name);
-	r = devio_stream_session(st->b, c->rfd, c->wfd, &o);
-	if (r && r != -ECANCELED)
-		devio_info("%s: connection closed: %s", c->name, strerror(-r));
-	else
-		devio_info("%s: session ended", c->name);
-	pthread_mutex_lock(&st->lock);
-	conn_unlink(st, c);
-	if (c->owns_fds) {
-		close(c->rfd);
-		if (c->wfd != c->rfd)
-			close(c->wfd);
+	o.name = name;
+	o.stop_fd = stop_fd;
+	devio_info("%s: client connected", name);
+	r = devio_stream_session(st->b, rfd, wfd, &o);
+	if (r && r != -ECANCELED) {
+		devio_info("%s: connection closed: %s", name, strerror(-r));
+		atomic_fetch_add(&st->failed, 1);
+	} else {
+		devio_info("%s: session ended", name);
 	}
-	if (r && r != -ECANCELED)
-		st->failed++;
-	st->active--;
-	if (st->single)
-		atomic_store(&st->finished, true);
-	pthread_cond_broadcast(&st->idle);
-	pthread_mutex_unlock(&st->lock);
-	free(c);
-	return NULL;
 }
 
-/* Start a detached session thread for a connection; the lock is held. */
-static int conn_start(struct stream_state *st, int rfd, int wfd, bool owns, const char *name)
+/* A socket connection, on the listener's thread for it. */
+static void stream_serve(void *ctx, int fd, uint64_t id)
 {
-	struct stream_conn *c = calloc(1, sizeof(*c));
-	pthread_attr_t attr;
-	pthread_t t;
-	int r;
-
-	if (!c)
-		return -ENOMEM;
-	c->st = st;
-	c->rfd = rfd;
-	c->wfd = wfd;
-	c->owns_fds = owns;
-	snprintf(c->name, sizeof(c->name), "%s", name);
-	c->next = st->conns;
-	st->conns = c;
-	st->active++;
-	st->served++;
-	pthread_attr_init(&attr);
-	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-	r = pthread_create(&t, &attr, conn_main, c);
-	pthread_attr_destroy(&attr);
-	if (r) {
-		conn_unlink(st, c);
-		st->active--;
-		st->served--;
-		free(c);
-		return -r;
-	}
-	return 0;
-}
-
-/* A TCP peer that vanishes without a FIN (its host crashed, the link went
- * down) would hold its slot and thread forever, since an idle client is
- * legitimate: keepalive probes find it within about two minutes and the
- * blocked read then fails.  A live idle client answers them. */
-static void tcp_keepalive(int fd)
-{
-	int one = 1, idle = 60, intvl = 10, cnt = 6;
-
-	setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
-	setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
-	setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
-	setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
-}
-
-static void accept_one(struct stream_state *st)
-{
+	struct stream_state *st = ctx;
 	char name[400];
-	int fd = accept4(st->lfd, NULL, NULL, SOCK_CLOEXEC);
 
-	if (fd < 0) {
-		int e = errno;
-
-		if (e == EINTR || e == EAGAIN || e == ECONNABORTED)
-			return;
-		devio_warn("--devio %s: accept: %s", st->where, strerror(e));
-		/* Out of descriptors or memory: the pending connection stays
-		 * readable, so pause (stop still wakes us) instead of spinning
-		 * and logging this line at full speed. */
-		if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM) {
-			struct pollfd p = { .fd = st->stop_pipe[0], .events = POLLIN };
-
-			poll(&p, 1, STREAM_ACCEPT_PAUSE_MS);
-		}
-		return;
-	}
-	devio_socket_tune(fd);
-	if (st->addr.kind == DEVIO_ADDR_TCP)
-		tcp_keepalive(fd);
-	pthread_mutex_lock(&st->lock);
-	snprintf(name, sizeof(name), "--devio %s client %llu", st->where, (unsigned long long)st->served + 1);
-	if (st->stopping || st->active >= STREAM_MAX_CONNS) {
-		uint64_t n = ++st->refused;
-
-		pthread_mutex_unlock(&st->lock);
-		/* a client reconnecting in a loop must not flood the log:
-		 * the 1st, 2nd, 4th, 8th, ... refusal is told */
-		if ((n & (n - 1)) == 0)
-			devio_warn("--devio %s: refusing a client: %u connections already served at once (%llu refused so far)",
-				   st->where, (unsigned)STREAM_MAX_CONNS, (unsigned long long)n);
-		close(fd);
-		return;
-	}
-	if (conn_start(st, fd, fd, true, name)) {
-		st->refused++;
-		close(fd);
-	}
-	pthread_mutex_unlock(&st->lock);
+	snprintf(name, sizeof(name), "%s client %llu", st->name, (unsigned long long)id);
+	stream_run(st, fd, fd, name, -1);
 }
 
-static void *accept_main(void *arg)
+static void *stream_single_main(void *arg)
 {
 	struct stream_state *st = arg;
-	struct pollfd p[2] = { { .fd = st->lfd, .events = POLLIN }, { .fd = st->stop_pipe[0], .events = POLLIN } };
 
-	for (;;) {
-		if (poll(p, 2, -1) < 0) {
-			if (errno == EINTR)
-				continue;
-			devio_err("--devio %s: poll: %s", st->where, strerror(errno));
-			return NULL;
-		}
-		if (p[1].revents)
-			return NULL;
-		if (p[0].revents)
-			accept_one(st);
-	}
+	stream_run(st, st->single_rfd, st->single_wfd, st->where, st->stop_pipe[0]);
+	pthread_mutex_lock(&st->lock);
+	if (st->addr.kind == DEVIO_ADDR_DEVICE)
+		close(st->single_rfd);
+	st->single_active = false;
+	atomic_store(&st->finished, true);
+	pthread_cond_broadcast(&st->idle);
+	pthread_mutex_unlock(&st->lock);
+	return NULL;
 }
 
 /* Raw mode for a serial line: bytes pass unchanged. */
@@ -770,6 +598,8 @@ static int parse_arg(struct stream_state *st, const char *arg)
 
 static int start_single(struct stream_state *st)
 {
+	pthread_attr_t attr;
+	pthread_t t;
 	int rfd = 0, wfd = 1, r;
 
 	st->single = true;
@@ -786,72 +616,38 @@ static int start_single(struct stream_state *st)
 		}
 		wfd = rfd;
 	}
-	pthread_mutex_lock(&st->lock);
-	r = conn_start(st, rfd, wfd, st->addr.kind == DEVIO_ADDR_DEVICE, st->where);
-	pthread_mutex_unlock(&st->lock);
-	if (r && st->addr.kind == DEVIO_ADDR_DEVICE)
+	if (pipe2(st->stop_pipe, O_CLOEXEC)) {
+		r = -errno;
+		goto out_close;
+	}
+	st->single_rfd = rfd;
+	st->single_wfd = wfd;
+	st->single_active = true;
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	r = -pthread_create(&t, &attr, stream_single_main, st);
+	pthread_attr_destroy(&attr);
+	if (!r)
+		return 0;
+	st->single_active = false;
+out_close:
+	if (st->addr.kind == DEVIO_ADDR_DEVICE)
 		close(rfd);
 	return r;
 }
 
-/* A Unix socket is bound and listening under a temporary name, then
- * renamed into place: whoever sees the path can connect at once. */
-static int listen_unix_atomic(struct stream_state *st)
-{
-	struct devio_addr tmp = st->addr;
-	struct stat sb;
-	int fd, n;
-
-	if (lstat(st->addr.path, &sb) == 0 && !S_ISSOCK(sb.st_mode)) {
-		devio_err("--devio %s: %s exists and is not a socket", st->where, st->addr.path);
-		return -EEXIST;
-	}
-	n = snprintf(tmp.path, sizeof(tmp.path), "%s.%d.tmp", st->addr.path, (int)getpid());
-	if (n < 0 || (size_t)n >= 108) /* sizeof(sockaddr_un.sun_path) */
-		return devio_listen(&st->addr, STREAM_MAX_CONNS);
-	fd = devio_listen(&tmp, STREAM_MAX_CONNS);
-	if (fd < 0)
-		return fd;
-	if (rename(tmp.path, st->addr.path)) {
-		int r = -errno;
-
-		devio_err("--devio %s: cannot move the socket into place: %s", st->where, strerror(-r));
-		unlink(tmp.path);
-		close(fd);
-		return r;
-	}
-	return fd;
-}
-
 static int start_listener(struct stream_state *st)
 {
-	int r;
+	struct devio_listener_conf conf = { .name = st->name, .max_conns = STREAM_MAX_CONNS,
+					    .grace_ms = STREAM_STOP_GRACE_MS, .serve = stream_serve, .ctx = st };
 
-	if (st->addr.kind == DEVIO_ADDR_UNIX)
-		st->lfd = listen_unix_atomic(st);
-	else
-		st->lfd = devio_listen(&st->addr, STREAM_MAX_CONNS);
-	if (st->lfd < 0)
-		return st->lfd;
 	if (st->addr.kind == DEVIO_ADDR_TCP && !strcmp(st->addr.host, "*"))
 		devio_info("--devio %s: listening on every interface", st->where);
-	r = pthread_create(&st->accept_thread, NULL, accept_main, st);
-	if (r) {
-		close(st->lfd);
-		st->lfd = -1;
-		return -r;
-	}
-	st->accepting = true;
-	return 0;
+	return devio_listener_start(&st->addr, &conf, &st->listener);
 }
 
 static void state_free(struct stream_state *st)
 {
-	if (st->lfd >= 0) {
-		close(st->lfd);
-		if (st->addr.kind == DEVIO_ADDR_UNIX)
-			unlink(st->addr.path); /* ours: created by devio_listen() */
-	}
 	if (st->stop_pipe[0] >= 0) {
 		close(st->stop_pipe[0]);
 		close(st->stop_pipe[1]);
@@ -875,17 +671,13 @@ static int start(struct devio_server *srv, const char *arg, const void *opts, vo
 	if (!st)
 		return -ENOMEM;
 	st->b = e->backend;
-	st->lfd = -1;
 	st->stop_pipe[0] = st->stop_pipe[1] = -1;
 	pthread_mutex_init(&st->lock, NULL);
 	pthread_cond_init(&st->idle, NULL);
 	if ((r = parse_arg(st, arg)))
 		goto out_free;
 	devio_addr_format(&st->addr, st->where, sizeof(st->where));
-	if (pipe2(st->stop_pipe, O_CLOEXEC)) {
-		r = -errno;
-		goto out_free;
-	}
+	snprintf(st->name, sizeof(st->name), "--devio %s", st->where);
 	if (st->b->block_size > 512 && !st->opts.alignment)
 		devio_warn("--devio %s: %s needs %u-byte alignment; ImDisk clients refuse more than 512",
 			   st->where, e->source, st->b->block_size);
@@ -902,33 +694,21 @@ out_free:
 	return r;
 }
 
-static void stop(void *state)
+/* A stdio/device session blocked writing to a peer that does not read
+ * cannot be woken: give up on it after a while rather than hang the exit
+ * (its thread keeps the state, so it is not freed). */
+static void stream_stop_single(struct stream_state *st)
 {
-	struct stream_state *st = state;
 	struct timespec deadline;
 
-	if (!st)
-		return;
 	clock_gettime(CLOCK_REALTIME, &deadline);
 	deadline.tv_sec += STREAM_STOP_SECONDS;
-	pthread_mutex_lock(&st->lock);
-	st->stopping = true;
-	pthread_mutex_unlock(&st->lock);
 	if (write(st->stop_pipe[1], "x", 1) < 0)
-		devio_warn("--devio %s: cannot signal stop: %s", st->where, strerror(errno));
-	if (st->accepting)
-		pthread_join(st->accept_thread, NULL);
+		devio_warn("%s: cannot signal stop: %s", st->name, strerror(errno));
 	pthread_mutex_lock(&st->lock);
-	for (struct stream_conn *c = st->conns; c; c = c->next)
-		if (!st->single)
-			shutdown(c->rfd, SHUT_RDWR); /* wakes its blocked read */
-	while (st->active) {
-		/* A stdio/device session blocked writing to a peer that does not
-		 * read cannot be woken: give up on it after a while rather than
-		 * hang the exit (its thread keeps the state, so it is not freed). */
+	while (st->single_active) {
 		if (pthread_cond_timedwait(&st->idle, &st->lock, &deadline) == ETIMEDOUT) {
-			devio_warn("--devio %s: %u session(s) did not end; exiting without them", st->where,
-				   st->active);
+			devio_warn("%s: the session did not end; exiting without it", st->name);
 			pthread_mutex_unlock(&st->lock);
 			return;
 		}
@@ -937,15 +717,36 @@ static void stop(void *state)
 	state_free(st);
 }
 
-static void status(void *state, FILE *out)
+static void stop(void *state)
 {
 	struct stream_state *st = state;
 
-	pthread_mutex_lock(&st->lock);
+	if (!st)
+		return;
+	if (st->single) {
+		stream_stop_single(st);
+		return;
+	}
+	devio_listener_stop(st->listener);
+	state_free(st);
+}
+
+static void status(void *state, FILE *out)
+{
+	struct stream_state *st = state;
+	struct devio_listener_stats ls = { 0 };
+
+	if (st->listener) {
+		devio_listener_stats(st->listener, &ls);
+	} else {
+		pthread_mutex_lock(&st->lock);
+		ls.active = st->single_active;
+		ls.served = 1;
+		pthread_mutex_unlock(&st->lock);
+	}
 	fprintf(out, "  devio stream on %s: %u client(s) connected, %llu served, %llu refused, %llu dropped on error\n",
-		st->where, st->active, (unsigned long long)st->served, (unsigned long long)st->refused,
-		(unsigned long long)st->failed);
-	pthread_mutex_unlock(&st->lock);
+		st->where, ls.active, (unsigned long long)ls.served, (unsigned long long)ls.refused,
+		(unsigned long long)atomic_load(&st->failed));
 }
 
 static bool finished(void *state)

@@ -1,5 +1,7 @@
-/* fuzz_nbd_client.c - libFuzzer target for the NBD client backend
- * (backends/nbd_remote.c): the input is everything a malicious server
+/* fuzz_nbd_client.c - libFuzzer target for the NBD client: the one
+ * handshake (lib/nbd_client.c, shared with attach --nbd-device) and the
+ * backend's transmission phase (backends/nbd_remote.c), opened through
+ * devio_remote_nbd_open().  The input is everything a malicious server
  * sends — greeting, option replies, then simple replies and structured
  * chunks.  A thread plays that server on a Unix socket (writes the input,
  * then closes its side, draining what the client sends); the client opens

@@ -6,6 +6,7 @@
 #include "devio/frontend.h"
 #include "devio/layer.h"
 #include "devio/util.h"
+#include "nbd_client.h"
 
 
 static int store_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out)
@@ -30,7 +31,7 @@ static int store_open(const char *source, const struct devio_open_opts *opts, st
 	}
 	if (!strncmp(source, "devio://", 8) || !strncmp(source, "devio+unix://", 13))
 		return devio_remote_devio_open(source, opts, out);
-	if (!strncmp(source, "nbd://", 6) || !strncmp(source, "nbd+unix://", 11))
+	if (devio_nbd_uri_is_nbd(source)) /* nbds://, nbd+vsock://: an error, never a file */
 		return devio_remote_nbd_open(source, opts, out);
 	if (!strncmp(source, "rbd:", 4))
 		return devio_rbd_open(source, opts, out);

@@ -1,5 +1,7 @@
-/* nbd_codec.c - the server side of NBD's fixed newstyle negotiation and
- * the decoding and checking of transmission requests.
+/* nbd_codec.c - the server side of NBD's fixed newstyle negotiation, the
+ * decoding and checking of transmission requests, and the header layouts
+ * and error values both ends use (the client: lib/nbd_client.c,
+ * backends/nbd_remote.c).
  *
  * Used by frontends/nbd.c on sockets and by fuzz/fuzz_nbd_*.c on byte
  * strings: every byte read here comes from an untrusted peer, so every
@@ -60,13 +62,10 @@ uint16_t devio_nbd_tflags(const struct devio_backend *b, bool structured)
 /* Send one option reply: header and len bytes of data. */
 static int send_rep(struct negotiation *n, uint32_t opt, uint32_t type, const void *data, uint32_t len)
 {
-	uint8_t hdr[20];
+	uint8_t hdr[NBD_OPTION_REPLY_HEADER_SIZE];
 	int r;
 
-	nbd_put64(hdr, NBD_REP_MAGIC);
-	nbd_put32(hdr + 8, opt);
-	nbd_put32(hdr + 12, type);
-	nbd_put32(hdr + 16, len);
+	devio_nbd_encode_option_reply(hdr, opt, type, len);
 	r = n->io->write(n->io->ctx, hdr, sizeof(hdr));
 	if (!r && len)
 		r = n->io->write(n->io->ctx, data, len);
@@ -356,18 +355,16 @@ static int skip_data(struct negotiation *n, uint32_t opt, uint32_t len)
  * Returns 0, 1 when the payload was thrown away, or -errno. */
 static int read_option(struct negotiation *n, uint32_t *opt)
 {
-	uint8_t hdr[16];
+	uint8_t hdr[NBD_OPTION_HEADER_SIZE];
 	uint32_t len;
 	int r;
 
 	if ((r = n->io->read(n->io->ctx, hdr, sizeof(hdr))))
 		return r;
-	if (nbd_get64(hdr) != NBD_OPTS_MAGIC) {
+	if (devio_nbd_decode_option(hdr, opt, &len)) {
 		devio_warn("nbd %s: bad option magic; closing", n->io->peer);
 		return -EPROTO;
 	}
-	*opt = nbd_get32(hdr + 8);
-	len = nbd_get32(hdr + 12);
 	n->len = 0;
 	if (len <= NBD_MAX_OPTION_LEN) {
 		n->len = len;
@@ -495,6 +492,49 @@ int devio_nbd_decode_request(const uint8_t *hdr, struct devio_nbd_request *r)
 	r->offset = nbd_get64(hdr + 16);
 	r->length = nbd_get32(hdr + 24);
 	return 0;
+}
+
+void devio_nbd_encode_request(uint8_t hdr[NBD_REQUEST_SIZE], const struct devio_nbd_request *r)
+{
+	nbd_put32(hdr, NBD_REQUEST_MAGIC);
+	nbd_put16(hdr + 4, r->flags);
+	nbd_put16(hdr + 6, r->type);
+	nbd_put64(hdr + 8, r->cookie);
+	nbd_put64(hdr + 16, r->offset);
+	nbd_put32(hdr + 24, r->length);
+}
+
+void devio_nbd_encode_option(uint8_t hdr[NBD_OPTION_HEADER_SIZE], uint32_t opt, uint32_t len)
+{
+	nbd_put64(hdr, NBD_OPTS_MAGIC);
+	nbd_put32(hdr + 8, opt);
+	nbd_put32(hdr + 12, len);
+}
+
+int devio_nbd_decode_option(const uint8_t hdr[NBD_OPTION_HEADER_SIZE], uint32_t *opt, uint32_t *len)
+{
+	if (nbd_get64(hdr) != NBD_OPTS_MAGIC)
+		return -EPROTO;
+	*opt = nbd_get32(hdr + 8);
+	*len = nbd_get32(hdr + 12);
+	return 0;
+}
+
+void devio_nbd_encode_option_reply(uint8_t hdr[NBD_OPTION_REPLY_HEADER_SIZE], uint32_t opt, uint32_t type,
+				   uint32_t len)
+{
+	nbd_put64(hdr, NBD_REP_MAGIC);
+	nbd_put32(hdr + 8, opt);
+	nbd_put32(hdr + 12, type);
+	nbd_put32(hdr + 16, len);
+}
+
+int devio_nbd_decode_option_reply(const uint8_t hdr[NBD_OPTION_REPLY_HEADER_SIZE], uint32_t opt, uint32_t *type,
+				  uint32_t *len)
+{
+	*type = nbd_get32(hdr + 12);
+	*len = nbd_get32(hdr + 16);
+	return nbd_get64(hdr) == NBD_REP_MAGIC && nbd_get32(hdr + 8) == opt ? 0 : -EPROTO;
 }
 
 /* Command flags each command may carry, given what was negotiated. */
@@ -642,5 +682,20 @@ uint32_t devio_nbd_errno(int err)
 		return NBD_ESHUTDOWN;
 	default:
 		return NBD_EIO;
+	}
+}
+
+int devio_nbd_to_errno(uint32_t err)
+{
+	switch (err) {
+	case 0: return 0;
+	case NBD_EPERM: return -EPERM;
+	case NBD_ENOMEM: return -ENOMEM;
+	case NBD_EINVAL: return -EINVAL;
+	case NBD_ENOSPC: return -ENOSPC;
+	case NBD_EOVERFLOW: return -EOVERFLOW;
+	case NBD_ENOTSUP: return -EOPNOTSUPP;
+	case NBD_ESHUTDOWN: return -ESHUTDOWN;
+	default: return -EIO;
 	}
 }

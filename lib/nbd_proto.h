@@ -119,6 +119,8 @@
 #define NBD_REQUEST_SIZE 28u
 #define NBD_SIMPLE_REPLY_SIZE 16u
 #define NBD_CHUNK_HEADER_SIZE 20u
+#define NBD_OPTION_HEADER_SIZE 16u
+#define NBD_OPTION_REPLY_HEADER_SIZE 20u
 /* Largest option payload we read into memory.  A larger one is read and
  * thrown away: an option we do not implement is then answered ERR_UNSUP
  * whatever its length, one we implement ERR_TOO_BIG up to
@@ -208,6 +210,18 @@ struct devio_nbd_request {
 
 /* Decode the 28-byte request header; -EPROTO on a bad magic. */
 int devio_nbd_decode_request(const uint8_t *hdr, struct devio_nbd_request *r);
+/* Encode one (the client's side of the same layout). */
+void devio_nbd_encode_request(uint8_t hdr[NBD_REQUEST_SIZE], const struct devio_nbd_request *r);
+
+/* Option headers (client to server) and option reply headers (server to
+ * client), both ends of the negotiation.  The decoders return -EPROTO on
+ * a bad magic (or, for a reply, an option other than the one asked). */
+void devio_nbd_encode_option(uint8_t hdr[NBD_OPTION_HEADER_SIZE], uint32_t opt, uint32_t len);
+int devio_nbd_decode_option(const uint8_t hdr[NBD_OPTION_HEADER_SIZE], uint32_t *opt, uint32_t *len);
+void devio_nbd_encode_option_reply(uint8_t hdr[NBD_OPTION_REPLY_HEADER_SIZE], uint32_t opt, uint32_t type,
+				   uint32_t len);
+int devio_nbd_decode_option_reply(const uint8_t hdr[NBD_OPTION_REPLY_HEADER_SIZE], uint32_t opt, uint32_t *type,
+				  uint32_t *len);
 /* Check a decoded request against the session: 0 or the NBD error value
  * to answer with (NBD_EINVAL, NBD_EPERM, NBD_ENOSPC, NBD_EOVERFLOW).  On
  * an error, why (if not NULL) gets the rule that refused it, for a human:
@@ -218,8 +232,10 @@ uint32_t devio_nbd_check_request(const struct devio_nbd_session *s, const struct
 const char *devio_nbd_cmd_name(uint16_t type);
 /* "EINVAL" ... for an NBD error value ("EIO" for any other). */
 const char *devio_nbd_error_name(uint32_t err);
-/* Map a negative errno from a backend to an NBD error value. */
+/* Map a negative errno from a backend to an NBD error value, and an NBD
+ * error value from the wire back to a negative errno (unknown ones: EIO). */
 uint32_t devio_nbd_errno(int err);
+int devio_nbd_to_errno(uint32_t err);
 
 /* Serve one already-connected client on fd (negotiation, then requests
  * until it leaves) on the calling thread, as the --nbd front end does for

@@ -129,20 +129,25 @@ static int listen_unix(const struct devio_addr *a, int backlog)
 	struct stat st;
 	int fd, r;
 
-	if (snprintf(tmp.path, sizeof(tmp.path), "%s.%d.tmp", a->path, (int)getpid()) >= (int)sizeof(tmp.path))
-		return -ENAMETOOLONG;
-	if ((r = unix_sockaddr(&tmp, &sun)))
-		return r;
 	if (lstat(a->path, &st) == 0 && !S_ISSOCK(st.st_mode)) {
 		devio_err("%s: exists and is not a socket; not replacing it", a->path);
 		return -EEXIST;
+	}
+	if (snprintf(tmp.path, sizeof(tmp.path), "%s.%d.tmp", a->path, (int)getpid()) >= (int)sizeof(tmp.path) ||
+	    unix_sockaddr(&tmp, &sun)) {
+		/* no room for the temporary name: bind in place (a stale
+		 * socket file goes first) */
+		tmp = *a;
+		unlink(a->path);
+		if ((r = unix_sockaddr(a, &sun)))
+			return r;
 	}
 	unlink(tmp.path);
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return -errno;
 	if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) || listen(fd, backlog) ||
-	    rename(tmp.path, a->path)) {
+	    (strcmp(tmp.path, a->path) && rename(tmp.path, a->path))) {
 		r = -errno;
 		devio_err("%s: cannot listen: %s", a->path, strerror(-r));
 		unlink(tmp.path);

@@ -219,3 +219,43 @@ def test_reply_before_the_payload_is_sent(serve, tmp):
     assert near.proc.poll() is None
     near.stop()
     t.join(30)
+
+
+@pytest.mark.parametrize("uri,message", [
+    ("nbds://127.0.0.1/", "unsupported (no TLS in this build)"),
+    ("nbds+unix:///?socket=/nonexistent", "unsupported (no TLS in this build)"),
+    ("nbd+vsock://2:10809/", "unsupported (no vsock in this build)"),
+    ("nbd+foo:///x", "unknown scheme"),
+    ("nbd://127.0.0.1/?socket=/tmp/s", "socket= belongs to nbd+unix"),
+    ("nbd+unix:///?socket=/tmp/s&timeout=3", "unknown query parameter 'timeout'"),
+    ("nbd+unix:///?socket=%00abstract", "%00"),
+    ("nbd://127.0.0.1/a%zz", "bad percent-encoding"),
+])
+def test_bad_uris_are_errors_never_file_names(tmp, uri, message):
+    """Each says which rule it broke; none is opened as a file (the
+    directory holds no file of that name, so a file open would say so)."""
+    r = subprocess.run([DEVIO, "info", uri], capture_output=True, text=True, timeout=30, cwd=tmp)
+    assert r.returncode != 0
+    assert message in r.stderr
+    assert "No such file" not in r.stderr
+    a = subprocess.run([DEVIO, "attach", uri, "--nbd-device"], capture_output=True, text=True, timeout=30)
+    assert a.returncode == 2
+    assert message in a.stderr  # the same parser, the same words
+
+
+def test_stalled_handshake_times_out(tmp):
+    """A server that accepts and never greets: the open fails after
+    DEVIO_REMOTE_TIMEOUT, saying so, instead of hanging."""
+    import socket
+    path = os.path.join(tmp, "mute.sock")
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        ls.bind(path)
+        ls.listen(1)
+        env = dict(os.environ, DEVIO_REMOTE_TIMEOUT="1")
+        r = subprocess.run([DEVIO, "info", f"nbd+unix:///?socket={path}"], capture_output=True, text=True,
+                           timeout=60, env=env)
+        assert r.returncode != 0
+        assert "the server stalled (no answer within 1 s)" in r.stderr
+    finally:
+        ls.close()
