@@ -32,6 +32,7 @@ static void serve_usage(FILE *out)
 		"  --ram-max N            RAM disk: cap on resident memory (ENOSPC beyond)\n"
 		"  --direct               file: O_DIRECT\n"
 		"  --format auto|raw|vhd|qcow2  image format (auto: detect, never follow a backing file)\n"
+		"  --cow FILE|ram         writes go to an overlay FILE (created if missing) or RAM; SOURCE is never written\n"
 		"  --export NAME=SOURCE   a further named export (NBD), repeatable\n"
 		"serving options:\n"
 		"  --queues N --depth N --threads N --block-size N --fuse-transport auto|uring|dev\n"
@@ -169,7 +170,7 @@ stop:
 enum {
 	OPT_OFFSET = 256, OPT_SIZE, OPT_PARTITION, OPT_RAM_MAX, OPT_DIRECT, OPT_EXPORT,
 	OPT_DEVIO, OPT_NBD, OPT_FUSE, OPT_UBLK, OPT_LOOP, OPT_QUEUES, OPT_DEPTH, OPT_THREADS,
-	OPT_BLOCK_SIZE, OPT_FUSE_TRANSPORT, OPT_FORMAT,
+	OPT_BLOCK_SIZE, OPT_FUSE_TRANSPORT, OPT_FORMAT, OPT_COW,
 };
 
 static const struct option serve_options[] = {
@@ -180,6 +181,7 @@ static const struct option serve_options[] = {
 	{ "ram-max", required_argument, NULL, OPT_RAM_MAX },
 	{ "direct", no_argument, NULL, OPT_DIRECT },
 	{ "format", required_argument, NULL, OPT_FORMAT },
+	{ "cow", required_argument, NULL, OPT_COW },
 	{ "export", required_argument, NULL, OPT_EXPORT },
 	{ "devio", required_argument, NULL, OPT_DEVIO },
 	{ "nbd", required_argument, NULL, OPT_NBD },
@@ -260,6 +262,7 @@ static int parse_one(struct serve_args *a, struct devio_serve_opts *so, int c, c
 	case OPT_RAM_MAX: return parse_size_opt("--ram-max", val, &a->open.ram_max);
 	case OPT_DIRECT: a->open.direct = true; return 0;
 	case OPT_FORMAT: a->open.format = val; return 0;
+	case OPT_COW: a->open.cow = val; return 0;
 	case OPT_EXPORT: return parse_export_opt(a, val);
 	case OPT_DEVIO: return add_frontend(a, "devio", val);
 	case OPT_NBD: return add_frontend(a, "nbd", val);

@@ -127,6 +127,7 @@ struct devio_open_opts {
 	uint64_t ram_max;  /* ram: cap on resident bytes, 0 = none */
 	bool direct;       /* file: O_DIRECT */
 	const char *format; /* NULL or "auto": detect; "raw"; "vhd", "qcow2" (layer.h) */
+	const char *cow;    /* NULL, or a copy-on-write overlay on top: FILE or "ram" (cow.h) */
 };
 
 /* Open SOURCE: "ram:SIZE", "devio://HOST:PORT", "devio+unix:///PATH",
