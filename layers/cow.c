@@ -696,8 +696,8 @@ int devio_cow_open(struct devio_backend *lower, const char *file, const struct d
 	}
 	c->shift = (unsigned)__builtin_ctz(c->h.block_size);
 	devio_layer_init(&c->b, &cow_ops, lower, 0, c);
-	c->b.caps = DEVIO_CAP_FLUSH | DEVIO_CAP_FUA | DEVIO_CAP_TRIM | DEVIO_CAP_ZERO | DEVIO_CAP_EXTENTS |
-		    DEVIO_CAP_MULTI_CONN | DEVIO_CAP_CACHE | (readonly ? DEVIO_CAP_READONLY : 0);
+	c->b.caps = DEVIO_CAP_FLUSH | DEVIO_CAP_EXTENTS | DEVIO_CAP_MULTI_CONN | DEVIO_CAP_CACHE |
+		    (readonly ? DEVIO_CAP_READONLY : DEVIO_CAP_FUA | DEVIO_CAP_TRIM | DEVIO_CAP_ZERO);
 	if (c->store->run == DEVIO_RUN_BLOCKING)
 		c->b.run = DEVIO_RUN_BLOCKING;
 	*out = &c->b;
