@@ -279,3 +279,26 @@ def test_cow_fuse_loop_mkfs_fsck_over_readonly_source(serve, scratch):  # noqa: 
         run_ok("umount", fsmnt)
     stop_and_check_gone(s, scratch, dev)
     assert sha(src) == before
+
+
+def test_cow_fio_verify_qd32_two_connections(serve, tmp):
+    """Random 4 KiB writes at QD32 from two connections, many of them
+    copying up the same 64 KiB blocks at once; verified, then verified again
+    after the server restarted over the same overlay."""
+    probe = subprocess.run(["fio", "--enghelp"], capture_output=True, text=True, timeout=30)
+    if "nbd" not in probe.stdout:
+        pytest.skip("fio without the nbd engine")
+    src = os.path.join(tmp, "src.raw")
+    make_source(src, 64 * MiB)
+    before = sha(src)
+    cow = os.path.join(tmp, "o.cow")
+    job = ["fio", "--name=verify", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--size=16M",
+           "--iodepth=32", "--numjobs=2", "--offset_increment=32M", "--verify=crc32c", "--verify_fatal=1",
+           "--group_reporting", "--verify_state_save=0", "--randseed=7"]
+    s, uri = serve_cow(serve, tmp, src, cow)
+    run_ok(*job, f"--uri={uri}", "--do_verify=1", timeout=300)
+    assert s.stop() == 0, s.stderr()
+    s, uri = serve_cow(serve, tmp, src, cow, name="t.sock")
+    run_ok(*job, f"--uri={uri}", "--verify_only=1", timeout=300)
+    assert s.stop() == 0, s.stderr()
+    assert sha(src) == before
