@@ -302,3 +302,63 @@ def test_cow_fio_verify_qd32_two_connections(serve, tmp):
     run_ok(*job, f"--uri={uri}", "--verify_only=1", timeout=300)
     assert s.stop() == 0, s.stderr()
     assert sha(src) == before
+
+
+CRASH_WRITER = """
+import random, sys
+r = random.Random(11)
+for i in range(1, 1000000):
+    h.pwrite(bytes([i % 251 + 1]) * 4096, r.randrange(0, {blocks}) * 4096)
+    if i % 10 == 0:
+        h.flush()
+        print(i, flush=True)
+"""
+
+
+def test_cow_kill9_mid_run_keeps_flushed_writes_and_whole_blocks(serve, tmp):
+    """Writes with a flush every ten, the server killed -9 while they run:
+    after a restart every write acknowledged before the last flush is
+    there, and every 4 KiB piece holds the source's bytes or one of the
+    writes made there, never zeroes of a block whose copy-up was lost."""
+    src = os.path.join(tmp, "src.raw")
+    size = 8 * MiB
+    model = make_source(src, size)
+    model[MiB:2 * MiB] = os.urandom(MiB)  # no zeroes in the source: zeroes would mean a lost copy-up
+    with open(src, "r+b") as f:
+        f.write(model)
+    cow = os.path.join(tmp, "o.cow")
+    s, uri = serve_cow(serve, tmp, src, cow)
+    env = dict(os.environ, PATH="/usr/bin:" + os.environ.get("PATH", ""))
+    w = subprocess.Popen(["nbdsh", "--connect", uri, "-c", CRASH_WRITER.format(blocks=size // 4096)],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    flushed = 0
+    try:
+        for line in w.stdout:
+            flushed = int(line)
+            if flushed >= 600:
+                break
+        s.stop(sig=signal.SIGKILL)
+        # the writer fails on its next request; its last line is the last
+        # flush the server acknowledged
+        rest = w.communicate(timeout=60)[0]
+        flushed = max([flushed] + [int(x) for x in rest.split()])
+    finally:
+        if w.poll() is None:
+            w.kill()
+            w.wait()
+    assert flushed >= 600
+    # replay the writer's sequence: at most ten writes after the last flush
+    r = __import__("random").Random(11)
+    history = {}
+    for i in range(1, flushed + 11):
+        history.setdefault(r.randrange(0, size // 4096), []).append(i)
+    s, uri = serve_cow(serve, tmp, src, cow, name="t.sock")
+    data = read_all(uri, tmp)
+    for piece in range(size // 4096):
+        got = data[piece * 4096:(piece + 1) * 4096]
+        writes = history.get(piece, [])
+        durable = [i for i in writes if i <= flushed]
+        allowed = {bytes([i % 251 + 1]) * 4096 for i in writes if not durable or i >= durable[-1]}
+        if not durable:
+            allowed.add(bytes(model[piece * 4096:(piece + 1) * 4096]))
+        assert got in allowed, f"piece {piece}: writes {writes}, flushed up to {flushed}"
