@@ -72,6 +72,14 @@ enum { CLI_OPT_OFFSET = 0x200, CLI_OPT_SIZE, CLI_OPT_PARTITION, CLI_OPT_FORMAT, 
 #define CLI_EXPORT_USAGE "[--offset N] [--size N] [--partition N] [--format F] [--cow FILE]"
 int cli_export_option(const char *cmd, int c, const char *val, struct devio_open_opts *o);
 
+/* a and b (a may be NULL) name the same file: same device and inode. */
+bool cli_same_file(const char *a, const char *b);
+/* s is a server URI or ram:, not a path. */
+bool cli_is_uri(const char *s);
+/* path created (or truncated) as a sparse file of size bytes: 0 or the
+ * error, logged. */
+int cli_create_sparse(const char *cmd, const char *path, uint64_t size);
+
 /* Where running servers describe themselves for `devio status`. */
 #define DEVIO_RUN_DIR "/run/devio"
 

@@ -680,7 +680,8 @@ int cmd_copy(int argc, char **argv)
 		if (c == 'b' && !size_arg("copy", "--block-size", optarg, &j.block) && j.block >= 512 &&
 		    j.block <= (64u << 20))
 			continue;
-		fprintf(c == 'h' ? stdout : stderr, "usage: devio copy SRC DST [--resume-from N] [--block-size N (512..64M)]\n");
+		fprintf(c == 'h' ? stdout : stderr, "usage: devio copy SRC DST [--resume-from N] [--block-size N (512..64M)]\n"
+			"  DST is created (sparse) when it is a file that does not exist\n");
 		return c == 'h' ? 0 : 2;
 	}
 	if (optind != argc - 2) {
@@ -689,8 +690,19 @@ int cmd_copy(int argc, char **argv)
 	}
 	j.src_name = argv[optind];
 	j.dst_name = argv[optind + 1];
+	if (cli_same_file(j.src_name, j.dst_name)) {
+		devio_err("copy: %s and %s are the same file: refusing to copy an image onto itself", j.src_name,
+			  j.dst_name);
+		return 1;
+	}
 	if (open_export(j.src_name, true, &j.src))
 		return 1;
+	/* a missing DST file is made, sparse, as convert makes it */
+	if (!cli_is_uri(j.dst_name) && access(j.dst_name, F_OK) && errno == ENOENT) {
+		if (cli_create_sparse("copy", j.dst_name, j.src->size))
+			goto out_src;
+		j.dst_zero = true;
+	}
 	if (open_export(j.dst_name, false, &j.dst))
 		goto out_src;
 	if (j.dst->caps & DEVIO_CAP_READONLY) {

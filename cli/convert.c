@@ -3,8 +3,8 @@
  * nbd://, a stack built with serve's export options) into a new image of
  * the given format.  The new image is sparse: ranges the source's extents
  * call zero, and all-zero pieces read, are never written.  The copying is
- * client_cmds.c's copy engine.  Also the export options that info and
- * convert share. */
+ * client_cmds.c's copy engine.  Also what info, copy and convert share:
+ * the export options, the same-file check, a new sparse file. */
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -54,16 +54,29 @@ int cli_export_option(const char *cmd, int c, const char *val, struct devio_open
 	}
 }
 
-static bool convert_same_file(const char *a, const char *b)
+bool cli_same_file(const char *a, const char *b)
 {
 	struct stat sa, sb;
 
 	return a && !stat(a, &sa) && !stat(b, &sb) && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }
 
-static bool convert_is_uri(const char *s)
+bool cli_is_uri(const char *s)
 {
 	return strstr(s, "://") || !strncmp(s, "ram:", 4);
+}
+
+int cli_create_sparse(const char *cmd, const char *path, uint64_t size)
+{
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666), r = 0;
+
+	if (fd < 0 || ftruncate(fd, (off_t)size)) {
+		r = -errno;
+		devio_err("%s: %s: cannot create: %s", cmd, path, strerror(-r));
+	}
+	if (fd >= 0)
+		close(fd);
+	return r;
 }
 
 /* A raw DST: a server's export or a block device is written in place (it
@@ -73,10 +86,10 @@ static int convert_open_raw(const char *dst, uint64_t size, struct devio_backend
 {
 	struct devio_open_opts o = { 0 };
 	struct stat st;
-	int fd, r;
+	int r;
 
 	*fresh = false;
-	if (convert_is_uri(dst) || (!stat(dst, &st) && !S_ISREG(st.st_mode))) {
+	if (cli_is_uri(dst) || (!stat(dst, &st) && !S_ISREG(st.st_mode))) {
 		r = devio_backend_open(dst, &o, out);
 		if (!r && (*out)->size < size) {
 			devio_err("convert: %s (%llu bytes) is smaller than the source (%llu bytes)", dst,
@@ -86,15 +99,8 @@ static int convert_open_raw(const char *dst, uint64_t size, struct devio_backend
 		}
 		return r;
 	}
-	fd = open(dst, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
-	if (fd < 0 || ftruncate(fd, (off_t)size)) {
-		r = -errno;
-		devio_err("convert: %s: cannot create: %s", dst, strerror(-r));
-		if (fd >= 0)
-			close(fd);
+	if ((r = cli_create_sparse("convert", dst, size)))
 		return r;
-	}
-	close(fd);
 	*fresh = true;
 	return devio_file_open(dst, &o, out);
 }
@@ -104,7 +110,7 @@ static int convert_open_dst(const char *fmt, const char *dst, uint64_t size, str
 {
 	if (!strcmp(fmt, "raw"))
 		return convert_open_raw(dst, size, out, fresh);
-	if (convert_is_uri(dst)) {
+	if (cli_is_uri(dst)) {
 		devio_err("convert: -O %s wants a file name as DST, not '%s'", fmt, dst);
 		return -EINVAL;
 	}
@@ -139,7 +145,7 @@ static int convert_run(const char *fmt, bool show, const struct devio_open_opts 
 	bool fresh = false;
 	int r;
 
-	if (convert_same_file(src, dst) || convert_same_file(o->cow, dst)) {
+	if (cli_same_file(src, dst) || cli_same_file(o->cow, dst)) {
 		devio_err("convert: %s and %s are the same file: refusing to copy an image onto itself", src, dst);
 		return 1;
 	}

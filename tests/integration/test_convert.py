@@ -239,3 +239,19 @@ def test_info_json_of_an_overlay_stack(serve, tmp):
     plain = json.loads(devio("info", "--json", src).stdout)
     assert j["allocated"] == plain["allocated"] + 128 * 1024  # the overlay's blocks over a hole
     assert j["read_only"] is True
+
+
+def test_copy_shares_convert_rules(tmp):
+    """devio copy (the same engine): a missing DST file is created sparse,
+    an image is never copied onto itself."""
+    src = os.path.join(tmp, "src.raw")
+    expect = sparse_source(src)
+    dst = os.path.join(tmp, "new.raw")
+    devio("copy", src, dst)
+    assert read(dst) == expect
+    assert os.stat(dst).st_blocks * 512 <= 3 * MiB + 2 * 65536
+    link = os.path.join(tmp, "link.raw")
+    os.symlink(src, link)
+    p = devio("copy", src, link, check=False)
+    assert p.returncode == 1 and "same file" in p.stderr, p.stderr
+    assert read(src) == expect
