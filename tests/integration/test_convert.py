@@ -83,6 +83,15 @@ def test_from_nbd_servers(serve, tmp):
     assert read(out) == expect
     run_ok("qemu-img", "compare", "-f", "raw", "-F", "raw", src, out)
     assert os.stat(out).st_blocks * 512 <= 3 * MiB + 2 * 65536
+    # a devio server, and ram: (nothing but zeroes: nothing written)
+    dsock = os.path.join(tmp, "s.sock")
+    serve(src, "--readonly", "--devio", f"unix:{dsock}").wait_unix(dsock)
+    out3 = os.path.join(tmp, "devio.raw")
+    devio("convert", f"devio+unix://{dsock}", out3)
+    assert read(out3) == expect
+    p = devio("convert", "ram:8M", out3)
+    assert "8388608 bytes not written" in p.stderr
+    assert read(out3) == bytes(8 * MiB) and os.stat(out3).st_blocks == 0
     # nbdkit's pattern plugin: every byte is data
     ksock = os.path.join(tmp, "k.sock")
     k = subprocess.Popen(["nbdkit", "-f", "-U", ksock, "pattern", "3M"], stdout=subprocess.DEVNULL,
