@@ -258,6 +258,7 @@ static int cow_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t 
 static int cow_copy_up(struct cow *c, uint64_t blk, const void *data, uint64_t len, uint64_t off)
 {
 	uint64_t start = blk << c->shift, blen = cow_block_len(c, blk);
+	unsigned long errors;
 	char *tmp;
 	int r;
 
@@ -266,8 +267,9 @@ static int cow_copy_up(struct cow *c, uint64_t blk, const void *data, uint64_t l
 	tmp = malloc(blen);
 	if (!tmp)
 		return -ENOMEM;
+	errors = devio_log_errors();
 	r = devio_layer_read(c->b.lower, tmp, blen, start);
-	if (r)
+	if (r && devio_log_errors() == errors) /* the source did not say why */
 		devio_err("%s: copy-up of block %" PRIu64 ": reading the source at offset %" PRIu64 ": %s",
 			  c->name, blk, start, strerror(-r));
 	if (!r) {
@@ -385,6 +387,7 @@ static long cow_snapshot(struct cow *c, uint64_t **pages, size_t **idx)
 /* Data first (fdatasync), then the bits that describe it, then sync those. */
 static int cow_flush_bitmap(struct cow *c)
 {
+	unsigned long errors = devio_log_errors();
 	uint64_t *pages;
 	size_t *idx;
 	long n = cow_snapshot(c, &pages, &idx);
@@ -396,7 +399,8 @@ static int cow_flush_bitmap(struct cow *c)
 	if (!r && n > 0)
 		r = devio_layer_flush(c->store);
 	if (r) {
-		devio_err("%s: flush of the overlay bitmap: %s", c->name, strerror(-r));
+		if (devio_log_errors() == errors) /* the store did not say why */
+			devio_err("%s: flush of the overlay bitmap: %s", c->name, strerror(-r));
 		for (long i = 0; i < n; i++)
 			atomic_store(&c->dirty[idx[i]], 1); /* written at the next flush */
 	}
