@@ -579,7 +579,7 @@ static int cow_lock_file(struct cow *c, const char *file, uint64_t size, bool re
 	}
 	if (flock(c->lock_fd, (readonly ? LOCK_SH : LOCK_EX) | LOCK_NB)) {
 		r = -errno;
-		devio_err("%s: the overlay is in use by another process", file);
+		devio_err("%s: the overlay is in use by another process (or another export of this server)", file);
 		return r == -EWOULDBLOCK ? -EBUSY : r;
 	}
 	return 0;
