@@ -658,7 +658,7 @@ static int cow_open_file(struct cow *c, uint64_t size, bool readonly)
 	return r;
 }
 
-static int cow_open_ram(struct cow *c, uint64_t size)
+static int cow_open_ram(struct cow *c, uint64_t size, uint64_t ram_max)
 {
 	int r = devio_cow_layout(size, 0, &c->h);
 
@@ -669,7 +669,7 @@ static int cow_open_ram(struct cow *c, uint64_t size)
 	c->h.data_offset = 0; /* nothing but blocks in RAM */
 	r = cow_alloc_bitmap(c);
 	if (!r)
-		r = devio_ram_open(c->h.nblocks * c->h.block_size, 0, &c->store);
+		r = devio_ram_open(c->h.nblocks * c->h.block_size, ram_max, &c->store);
 	return r;
 }
 
@@ -693,7 +693,8 @@ int devio_cow_open(struct devio_backend *lower, const char *file, const struct d
 		devio_err("%s: cannot overlay an empty source", file);
 		r = -EINVAL;
 	} else
-		r = strcmp(file, "ram") ? cow_open_file(c, lower->size, readonly) : cow_open_ram(c, lower->size);
+		r = strcmp(file, "ram") ? cow_open_file(c, lower->size, readonly)
+					: cow_open_ram(c, lower->size, opts ? opts->ram_max : 0);
 	if (r) {
 		cow_free(c);
 		return r;
