@@ -368,9 +368,9 @@ def test_cow_ram_capped_by_ram_max(serve, tmp):
     src = os.path.join(tmp, "src.raw")
     make_source(src, 4 * MiB)
     s, uri = serve_cow(serve, tmp, src, "ram", "--ram-max", "1M")
+    model = bytearray(make_source_copy(src))
+    qemu_write(uri, model, 2 * MiB, 512 * 1024, 7)
     p = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 9 0 2M", uri], capture_output=True, text=True,
                        timeout=60)
     assert "No space left on device" in p.stdout + p.stderr
-    model = bytearray(make_source_copy(src))
-    qemu_write(uri, model, 2 * MiB, 512 * 1024, 7)
     assert read_all(uri, tmp)[2 * MiB:3 * MiB] == model[2 * MiB:3 * MiB]
