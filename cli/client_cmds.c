@@ -1,11 +1,15 @@
 /* client_cmds.c - devio info / cat / write / copy: the client side of the
  * command line.  Every URI or image is opened with devio_backend_open(), so
  * a local image, ram:, a devio server and an NBD server are all the same
- * here.  copy sends blocks that the source's extents say read as zeroes
- * as ZERO requests instead of reading and writing them.  copy prints the last completed offset when it stops early, so
- * `--resume-from` continues where it left off. */
+ * here.  info describes a stack layer by layer (JSON through jansson).
+ * The copy engine (copy, convert) sends blocks that the source's extents
+ * say read as zeroes as ZERO requests instead of reading and writing them
+ * (or skips them, into a new sparse image).  copy prints the last
+ * completed offset when it stops early, so `--resume-from` continues
+ * where it left off. */
 #include <errno.h>
 #include <getopt.h>
+#include <jansson.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -14,6 +18,7 @@
 #include <unistd.h>
 #include "cli.h"
 #include "devio/backend.h"
+#include "devio/layer.h"
 #include "devio/request.h"
 #include "devio/stream.h"
 #include "devio/util.h"
@@ -47,57 +52,208 @@ static int size_arg(const char *cmd, const char *opt, const char *val, uint64_t 
 
 /* ---- info ---- */
 
-static void print_caps(FILE *out, uint32_t caps, bool json)
-{
-	static const struct { uint32_t bit; const char *name; } names[] = {
-		{ DEVIO_CAP_READONLY, "readonly" }, { DEVIO_CAP_FLUSH, "flush" }, { DEVIO_CAP_FUA, "fua" },
-		{ DEVIO_CAP_TRIM, "trim" }, { DEVIO_CAP_ZERO, "zero" }, { DEVIO_CAP_FAST_ZERO, "fast_zero" },
-		{ DEVIO_CAP_EXTENTS, "extents" }, { DEVIO_CAP_MULTI_CONN, "multi_conn" }, { DEVIO_CAP_CACHE, "cache" },
-	};
-	bool first = true;
+static const struct { uint32_t bit; const char *name; } cap_names[] = {
+	{ DEVIO_CAP_READONLY, "readonly" }, { DEVIO_CAP_FLUSH, "flush" }, { DEVIO_CAP_FUA, "fua" },
+	{ DEVIO_CAP_TRIM, "trim" }, { DEVIO_CAP_ZERO, "zero" }, { DEVIO_CAP_FAST_ZERO, "fast_zero" },
+	{ DEVIO_CAP_EXTENTS, "extents" }, { DEVIO_CAP_MULTI_CONN, "multi_conn" }, { DEVIO_CAP_CACHE, "cache" },
+};
 
-	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
-		if (!(caps & names[i].bit))
-			continue;
-		fprintf(out, json ? "%s\"%s\"" : "%s%s", first ? "" : json ? ", " : " ", names[i].name);
-		first = false;
+/* The length of the valid UTF-8 sequence at s, 0 if there is none. */
+static size_t info_utf8_len(const unsigned char *s)
+{
+	size_t n = s[0] < 0x80 ? 1 : s[0] >= 0xc2 && s[0] < 0xe0 ? 2 : s[0] >= 0xe0 && s[0] < 0xf0 ? 3 :
+		   s[0] >= 0xf0 && s[0] < 0xf5 ? 4 : 0;
+	uint32_t cp = n == 1 ? s[0] : n == 2 ? s[0] & 0x1f : n == 3 ? s[0] & 0x0f : s[0] & 0x07;
+
+	for (size_t i = 1; i < n; i++) {
+		if ((s[i] & 0xc0) != 0x80)
+			return 0;
+		cp = cp << 6 | (s[i] & 0x3f);
 	}
-	if (first && !json)
-		fprintf(out, "-");
+	if ((n == 3 && (cp < 0x800 || (cp >= 0xd800 && cp < 0xe000))) || (n == 4 && (cp < 0x10000 || cp > 0x10ffff)))
+		return 0;
+	return n;
 }
 
-/* A JSON string: the source is a user's path or URI and may hold quotes,
- * backslashes or control characters. */
-static void print_json_string(FILE *out, const char *s)
+/* A JSON string for any bytes (a path may be no UTF-8 at all): what is
+ * not valid UTF-8 becomes U+FFFD; *exact says whether nothing was. */
+static json_t *info_json_text(const char *s, bool *exact)
 {
-	fputc('"', out);
-	for (; *s; s++) {
-		unsigned char ch = (unsigned char)*s;
+	size_t len = strlen(s), o = 0;
+	char *copy;
+	json_t *j;
 
-		if (ch == '"' || ch == '\\')
-			fprintf(out, "\\%c", ch);
-		else if (ch < 0x20)
-			fprintf(out, "\\u%04x", ch);
-		else
-			fputc(ch, out);
+	*exact = true;
+	if ((j = json_string(s)))
+		return j;
+	copy = malloc(len * 3 + 1);
+	if (!copy)
+		return NULL;
+	for (const unsigned char *p = (const unsigned char *)s; *p;) {
+		size_t n = info_utf8_len(p);
+
+		if (n) {
+			memcpy(copy + o, p, n);
+			o += n;
+			p += n;
+			continue;
+		}
+		memcpy(copy + o, "\xef\xbf\xbd", 3);
+		o += 3;
+		p++;
+		*exact = false;
 	}
-	fputc('"', out);
+	j = json_stringn(copy, o);
+	free(copy);
+	return j;
+}
+
+/* The bytes of s in hex, for a name that JSON text cannot hold exactly. */
+static json_t *info_json_hex(const char *s)
+{
+	size_t len = strlen(s);
+	char *hex = malloc(len * 2 + 1);
+	json_t *j;
+
+	if (!hex)
+		return NULL;
+	for (size_t i = 0; i < len; i++)
+		snprintf(hex + 2 * i, 3, "%02x", (unsigned char)s[i]);
+	j = json_string(hex);
+	free(hex);
+	return j;
+}
+
+struct info_walk {
+	uint64_t pos;       /* end of the last extent seen */
+	uint64_t allocated; /* bytes in extents that are no hole */
+};
+
+static int info_extent(void *ctx, uint64_t off, uint64_t len, uint32_t flags)
+{
+	struct info_walk *w = ctx;
+
+	if (!(flags & DEVIO_EXTENT_HOLE))
+		w->allocated += len;
+	w->pos = off + len;
+	return 0;
+}
+
+/* Allocated bytes: the sum of the data extents through the whole stack. */
+static int info_allocated(struct devio_backend *b, uint64_t *out)
+{
+	struct info_walk w = { 0, 0 };
+
+	while (w.pos < b->size) {
+		uint64_t before = w.pos;
+		int r = devio_extents(b, w.pos, b->size - w.pos, info_extent, &w);
+
+		if (r)
+			return r;
+		if (w.pos <= before)
+			return -EIO;
+	}
+	*out = w.allocated;
+	return 0;
+}
+
+/* "qcow2", "cow over raw", "cow over vhd": the layers from the top, then
+ * raw when no format layer reads the store. */
+static void info_format(struct devio_backend *b, char *out, size_t outlen)
+{
+	const char *last = NULL;
+	size_t o = 0;
+
+	out[0] = '\0';
+	for (; b->lower && o < outlen; b = b->lower) {
+		last = b->ops->name ? b->ops->name : "layer";
+		o += (size_t)snprintf(out + o, outlen - o, "%s%s", o ? " over " : "", last);
+	}
+	if (o < outlen && (!last || (strcmp(last, "vhd") && strcmp(last, "qcow2"))))
+		snprintf(out + o, outlen - o, "%sraw", o ? " over " : "");
+}
+
+static void info_describe(struct devio_backend *b, char *out, size_t outlen)
+{
+	out[0] = '\0';
+	if (b->ops->describe)
+		b->ops->describe(b, out, outlen);
+}
+
+static int info_json(const char *source, struct devio_backend *b, const char *format, int ar, uint64_t allocated)
+{
+	json_t *root = json_object(), *caps = json_array(), *stack = json_array();
+	char desc[512];
+	bool exact;
+	int r;
+
+	json_object_set_new(root, "source", info_json_text(source, &exact));
+	if (!exact)
+		json_object_set_new(root, "source_hex", info_json_hex(source));
+	json_object_set_new(root, "format", json_string(format));
+	json_object_set_new(root, "size", json_integer((json_int_t)b->size));
+	json_object_set_new(root, "virtual_size", json_integer((json_int_t)b->size));
+	json_object_set_new(root, "allocated", ar ? json_null() : json_integer((json_int_t)allocated));
+	json_object_set_new(root, "alignment", json_integer(b->block_size ? b->block_size : 1));
+	json_object_set_new(root, "read_only", json_boolean(b->caps & DEVIO_CAP_READONLY));
+	for (size_t i = 0; i < sizeof(cap_names) / sizeof(cap_names[0]); i++)
+		if (b->caps & cap_names[i].bit)
+			json_array_append_new(caps, json_string(cap_names[i].name));
+	json_object_set_new(root, "caps", caps);
+	for (struct devio_backend *l = b; l; l = l->lower) {
+		json_t *e = json_object();
+
+		info_describe(l, desc, sizeof(desc));
+		json_object_set_new(e, "layer", json_string(l->ops->name ? l->ops->name : "layer"));
+		json_object_set_new(e, "size", json_integer((json_int_t)l->size));
+		json_object_set_new(e, "description", info_json_text(desc, &exact));
+		json_array_append_new(stack, e);
+	}
+	json_object_set_new(root, "stack", stack);
+	r = json_dumpf(root, stdout, JSON_INDENT(2)) || fputc('\n', stdout) == EOF ? -EIO : 0;
+	json_decref(root);
+	return r;
+}
+
+static void info_text(const char *source, struct devio_backend *b, const char *format, int ar, uint64_t allocated)
+{
+	char desc[512];
+
+	printf("source: %s\nformat: %s\nsize: %llu\n", source, format, (unsigned long long)b->size);
+	if (ar)
+		printf("allocated: unknown (%s)\n", strerror(-ar));
+	else
+		printf("allocated: %llu\n", (unsigned long long)allocated);
+	printf("alignment: %u\ncaps:", b->block_size ? b->block_size : 1);
+	for (size_t i = 0; i < sizeof(cap_names) / sizeof(cap_names[0]); i++)
+		if (b->caps & cap_names[i].bit)
+			printf(" %s", cap_names[i].name);
+	printf("\nstack:\n");
+	for (struct devio_backend *l = b; l; l = l->lower) {
+		info_describe(l, desc, sizeof(desc));
+		printf("  %s: %s\n", l->ops->name ? l->ops->name : "layer", desc[0] ? desc : "-");
+	}
 }
 
 int cmd_info(int argc, char **argv)
 {
-	static const struct option opts[] = { { "json", no_argument, NULL, 'j' }, { "help", no_argument, NULL, 'h' }, { 0 } };
+	static const struct option opts[] = { { "json", no_argument, NULL, 'j' }, { "help", no_argument, NULL, 'h' },
+					      CLI_EXPORT_OPTIONS, { 0 } };
+	struct devio_open_opts o = { 0 };
 	struct devio_backend *b;
-	char desc[256] = "";
-	bool json = false, readonly;
-	int c;
+	char format[256];
+	uint64_t allocated = 0;
+	bool json = false;
+	int c, ar, rc = 0;
 
 	optind = 1;
 	while ((c = getopt_long(argc, argv, "jh", opts, NULL)) != -1) {
 		if (c == 'j')
 			json = true;
-		else {
-			fprintf(c == 'h' ? stdout : stderr, "usage: devio info URI|IMAGE [--json]\n");
+		else if ((ar = cli_export_option("info", c, optarg, &o)) < 0)
+			return 2;
+		else if (ar == 0) {
+			fprintf(c == 'h' ? stdout : stderr, "usage: devio info URI|IMAGE [--json] " CLI_EXPORT_USAGE "\n");
 			return c == 'h' ? 0 : 2;
 		}
 	}
@@ -107,29 +263,20 @@ int cmd_info(int argc, char **argv)
 	}
 	/* Open read-write where allowed so the flags are the export's own, not
 	 * those of a read-only open; read-only an image file we may not write
-	 * (a URI is no file here: access() fails with ENOENT).  One attempt,
-	 * so a server that takes one connection is asked once. */
-	readonly = access(argv[optind], W_OK) < 0 && (errno == EACCES || errno == EROFS || errno == EPERM);
-	if (open_export(argv[optind], readonly, &b))
+	 * (a URI is no file here: access() fails with ENOENT), and with an
+	 * overlay, which info must never create.  One attempt, so a server
+	 * that takes one connection is asked once. */
+	o.readonly = o.cow || (access(argv[optind], W_OK) < 0 && (errno == EACCES || errno == EROFS || errno == EPERM));
+	if (devio_backend_open(argv[optind], &o, &b))
 		return 1;
-	if (b->ops->describe)
-		b->ops->describe(b, desc, sizeof(desc));
-	if (json) {
-		printf("{\"source\": ");
-		print_json_string(stdout, argv[optind]);
-		printf(", \"size\": %llu, \"alignment\": %u, \"read_only\": %s, \"caps\": [",
-		       (unsigned long long)b->size, b->block_size ? b->block_size : 1,
-		       b->caps & DEVIO_CAP_READONLY ? "true" : "false");
-		print_caps(stdout, b->caps, true);
-		printf("]}\n");
-	} else {
-		printf("source: %s\nsize: %llu\nalignment: %u\ncaps: ", argv[optind], (unsigned long long)b->size,
-		       b->block_size ? b->block_size : 1);
-		print_caps(stdout, b->caps, false);
-		printf("\n%s%s%s", desc[0] ? "backend: " : "", desc, desc[0] ? "\n" : "");
-	}
+	info_format(b, format, sizeof(format));
+	ar = info_allocated(b, &allocated);
+	if (json)
+		rc = info_json(argv[optind], b, format, ar, allocated) ? 1 : 0;
+	else
+		info_text(argv[optind], b, format, ar, allocated);
 	devio_backend_close(b);
-	return 0;
+	return rc;
 }
 
 /* ---- cat ---- */
@@ -264,39 +411,54 @@ int cmd_write(int argc, char **argv)
 	return r ? 1 : 0;
 }
 
-/* ---- copy ---- */
+/* ---- the copy engine: copy and convert ---- */
+
+#define COPY_SPARSE 4096u /* convert leaves all-zero pieces of this size unwritten */
 
 static volatile sig_atomic_t copy_interrupted;
 
 static void on_copy_signal(int sig) { copy_interrupted = sig; }
 
+static void format_eta(double secs, char *out, size_t outlen)
+{
+	unsigned long s = secs < 0 ? 0 : secs > 359999 ? 359999 : (unsigned long)secs;
+
+	if (s >= 3600)
+		snprintf(out, outlen, "%luh%02lum", s / 3600, s / 60 % 60);
+	else if (s >= 60)
+		snprintf(out, outlen, "%lum%02lus", s / 60, s % 60);
+	else
+		snprintf(out, outlen, "%lus", s);
+}
+
+/* One line, redrawn in place: bar, percent, MiB, rate, time left. */
 static void progress(uint64_t done, uint64_t total, uint64_t start_ns)
 {
 	double secs = (double)(devio_now_ns() - start_ns) / 1e9;
+	double rate = secs > 0 ? (double)done / secs : 0.0;
 	int pct = total ? (int)(done * 100 / total) : 100;
-	char bar[41];
+	char bar[41], eta[32] = "--";
 
 	for (int i = 0; i < 40; i++)
 		bar[i] = i < pct * 40 / 100 ? '#' : '.';
 	bar[40] = '\0';
-	fprintf(stderr, "\r[%s] %3d%% %llu/%llu MiB %.1f MiB/s", bar, pct, (unsigned long long)(done >> 20),
-		(unsigned long long)(total >> 20), secs > 0 ? (double)done / 1048576.0 / secs : 0.0);
+	if (rate > 0)
+		format_eta((double)(total - done) / rate, eta, sizeof(eta));
+	fprintf(stderr, "\r[%s] %3d%% %llu/%llu MiB %.1f MiB/s ETA %s\033[K", bar, pct,
+		(unsigned long long)(done >> 20), (unsigned long long)(total >> 20), rate / 1048576.0, eta);
 }
 
 /* Two threads: the reader fills one buffer while the writer drains the other. */
 struct copy_job {
-	struct devio_backend *src, *dst;
-	const char *src_name, *dst_name;
-	uint64_t pos, end, block;
+	struct cli_copy *c;
+	uint64_t pos;         /* next offset the reader takes */
 	char *bufs[2];
 	uint64_t lens[2], offs[2];
 	bool full[2];
-	bool zero[2];         /* the block reads as zeroes: sent as ZERO, not data */
-	uint64_t zeroed;      /* bytes sent as ZERO */
+	bool zero[2];         /* the block reads as zeroes: sent as ZERO (or skipped), not data */
 	bool eof, failed;
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
-	uint64_t done;        /* every byte below this is written */
 	int rerr;
 };
 
@@ -327,7 +489,7 @@ static bool block_is_zero(struct devio_backend *b, uint64_t off, uint64_t len)
 	while (z.pos < off + len && !z.data) {
 		uint64_t before = z.pos;
 
-		if (b->ops->extents(b, z.pos, off + len - z.pos, zero_extent, &z) < 0 || z.pos == before)
+		if (devio_extents(b, z.pos, off + len - z.pos, zero_extent, &z) < 0 || z.pos == before)
 			return false;
 	}
 	return !z.data && z.pos >= off + len;
@@ -336,6 +498,7 @@ static bool block_is_zero(struct devio_backend *b, uint64_t off, uint64_t len)
 static void *copy_reader(void *arg)
 {
 	struct copy_job *j = arg;
+	struct cli_copy *c = j->c;
 
 	for (int slot = 0;; slot ^= 1) {
 		uint64_t n, off;
@@ -344,21 +507,21 @@ static void *copy_reader(void *arg)
 		pthread_mutex_lock(&j->lock);
 		while (j->full[slot] && !j->failed)
 			pthread_cond_wait(&j->cond, &j->lock);
-		if (j->failed || copy_interrupted || j->pos >= j->end) {
+		if (j->failed || copy_interrupted || j->pos >= c->end) {
 			j->eof = true;
 			pthread_cond_broadcast(&j->cond);
 			pthread_mutex_unlock(&j->lock);
 			return NULL;
 		}
 		off = j->pos;
-		n = j->end - off < j->block ? j->end - off : j->block;
+		n = c->end - off < c->block ? c->end - off : c->block;
 		j->pos += n;
 		pthread_mutex_unlock(&j->lock);
-		j->zero[slot] = block_is_zero(j->src, off, n);
-		r = j->zero[slot] ? 0 : run(j->src, DEVIO_OP_READ, j->bufs[slot], n, off);
+		j->zero[slot] = block_is_zero(c->src, off, n);
+		r = j->zero[slot] ? 0 : run(c->src, DEVIO_OP_READ, j->bufs[slot], n, off);
 		pthread_mutex_lock(&j->lock);
 		if (r) {
-			devio_err("copy: %s: read at %llu: %s", j->src_name, (unsigned long long)off, strerror(-r));
+			devio_err("%s: %s: read at %llu: %s", c->cmd, c->src_name, (unsigned long long)off, strerror(-r));
 			j->rerr = r;
 			j->eof = true;
 		} else {
@@ -373,8 +536,54 @@ static void *copy_reader(void *arg)
 	}
 }
 
-static int copy_writer(struct copy_job *j, bool show, uint64_t start_ns, uint64_t first)
+static bool all_zero(const char *p, uint64_t n)
 {
+	return n == 0 || (p[0] == 0 && !memcmp(p, p + 1, n - 1));
+}
+
+/* Into a destination that reads as zeroes: only the pieces that are not
+ * all zero are written. */
+static int copy_write_sparse(struct cli_copy *c, const char *buf, uint64_t len, uint64_t off)
+{
+	uint64_t pos = 0;
+
+	while (pos < len) {
+		bool zero = all_zero(buf + pos, len - pos < COPY_SPARSE ? len - pos : COPY_SPARSE);
+		uint64_t end = pos;
+		int r = 0;
+
+		do
+			end = len - end < COPY_SPARSE ? len : end + COPY_SPARSE;
+		while (end < len && all_zero(buf + end, len - end < COPY_SPARSE ? len - end : COPY_SPARSE) == zero);
+		if (zero)
+			c->skipped += end - pos;
+		else
+			r = run(c->dst, DEVIO_OP_WRITE, (char *)buf + pos, end - pos, off + pos);
+		if (r)
+			return r;
+		pos = end;
+	}
+	return 0;
+}
+
+static int copy_write(struct copy_job *j, int slot)
+{
+	struct cli_copy *c = j->c;
+
+	if (j->zero[slot] && c->dst_zero) {
+		c->skipped += j->lens[slot];
+		return 0;
+	}
+	if (j->zero[slot])
+		return run(c->dst, DEVIO_OP_ZERO, NULL, j->lens[slot], j->offs[slot]);
+	if (c->dst_zero)
+		return copy_write_sparse(c, j->bufs[slot], j->lens[slot], j->offs[slot]);
+	return run(c->dst, DEVIO_OP_WRITE, j->bufs[slot], j->lens[slot], j->offs[slot]);
+}
+
+static int copy_writer(struct copy_job *j, uint64_t start_ns)
+{
+	struct cli_copy *c = j->c;
 	int r = 0;
 
 	for (int slot = 0;; slot ^= 1) {
@@ -386,67 +595,81 @@ static int copy_writer(struct copy_job *j, bool show, uint64_t start_ns, uint64_
 			return j->rerr;
 		}
 		pthread_mutex_unlock(&j->lock);
-		if (j->zero[slot])
-			r = run(j->dst, DEVIO_OP_ZERO, NULL, j->lens[slot], j->offs[slot]);
-		else
-			r = run(j->dst, DEVIO_OP_WRITE, j->bufs[slot], j->lens[slot], j->offs[slot]);
+		r = copy_write(j, slot);
 		pthread_mutex_lock(&j->lock);
 		if (!r && j->zero[slot])
-			j->zeroed += j->lens[slot];
+			c->zeroed += j->lens[slot];
 		if (r) {
-			devio_err("copy: %s: write at %llu: %s", j->dst_name, (unsigned long long)j->offs[slot],
+			devio_err("%s: %s: write at %llu: %s", c->cmd, c->dst_name, (unsigned long long)j->offs[slot],
 				  strerror(-r));
 			j->failed = true;
 		} else {
-			j->done = j->offs[slot] + j->lens[slot];
+			c->done = j->offs[slot] + j->lens[slot];
 			j->full[slot] = false;
 		}
 		pthread_cond_broadcast(&j->cond);
 		pthread_mutex_unlock(&j->lock);
 		if (r)
 			return r;
-		if (show)
-			progress(j->done - first, j->end - first, start_ns);
+		if (c->progress)
+			progress(c->done - c->start, c->end - c->start, start_ns);
 	}
 }
 
-static int copy_run(struct copy_job *j)
+static int copy_threads(struct copy_job *j)
 {
-	struct sigaction sa = { .sa_handler = on_copy_signal }, old_int, old_term;
-	bool show = isatty(STDERR_FILENO);
-	uint64_t start_ns = devio_now_ns(), first = j->pos;
+	uint64_t start_ns = devio_now_ns();
 	pthread_t t;
 	int r;
 
-	sigaction(SIGINT, &sa, &old_int);
-	sigaction(SIGTERM, &sa, &old_term);
-	j->done = j->pos;
-	if ((r = pthread_create(&t, NULL, copy_reader, j))) {
-		sigaction(SIGINT, &old_int, NULL);
-		sigaction(SIGTERM, &old_term, NULL);
+	if ((r = pthread_create(&t, NULL, copy_reader, j)))
 		return -r;
-	}
-	r = copy_writer(j, show, start_ns, first);
+	r = copy_writer(j, start_ns);
 	pthread_mutex_lock(&j->lock);
 	j->failed = true; /* stop the reader if the writer gave up */
 	pthread_cond_broadcast(&j->cond);
 	pthread_mutex_unlock(&j->lock);
 	pthread_join(t, NULL);
-	if (show)
-		fprintf(stderr, "\n");
-	sigaction(SIGINT, &old_int, NULL);
-	sigaction(SIGTERM, &old_term, NULL);
-	if (!r && copy_interrupted)
-		r = -EINTR;
+	if (j->c->progress)
+		fprintf(stderr, "\r\033[K"); /* the line clears itself */
 	return r;
 }
+
+int cli_copy_run(struct cli_copy *c)
+{
+	struct sigaction sa = { .sa_handler = on_copy_signal }, old_int, old_term;
+	struct copy_job j = { .c = c, .pos = c->start, .lock = PTHREAD_MUTEX_INITIALIZER,
+			      .cond = PTHREAD_COND_INITIALIZER };
+	int r = -ENOMEM;
+
+	c->done = c->start;
+	c->zeroed = c->skipped = 0;
+	j.bufs[0] = malloc(c->block);
+	j.bufs[1] = malloc(c->block);
+	if (j.bufs[0] && j.bufs[1]) {
+		sigaction(SIGINT, &sa, &old_int);
+		sigaction(SIGTERM, &sa, &old_term);
+		r = copy_threads(&j);
+		sigaction(SIGINT, &old_int, NULL);
+		sigaction(SIGTERM, &old_term, NULL);
+		if (!r && copy_interrupted)
+			r = -EINTR;
+	}
+	free(j.bufs[0]);
+	free(j.bufs[1]);
+	if (!r && c->dst->ops->flush && (r = devio_layer_flush(c->dst)))
+		devio_err("%s: %s: flush: %s", c->cmd, c->dst_name, strerror(-r));
+	return r;
+}
+
+/* ---- copy ---- */
 
 int cmd_copy(int argc, char **argv)
 {
 	static const struct option opts[] = { { "resume-from", required_argument, NULL, 'r' },
 					      { "block-size", required_argument, NULL, 'b' },
 					      { "help", no_argument, NULL, 'h' }, { 0 } };
-	struct copy_job j = { .block = CLIENT_CHUNK, .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER };
+	struct cli_copy j = { .cmd = "copy", .block = CLIENT_CHUNK, .progress = isatty(STDERR_FILENO) };
 	uint64_t resume = 0;
 	int c, r, rc = 1;
 
@@ -457,7 +680,8 @@ int cmd_copy(int argc, char **argv)
 		if (c == 'b' && !size_arg("copy", "--block-size", optarg, &j.block) && j.block >= 512 &&
 		    j.block <= (64u << 20))
 			continue;
-		fprintf(c == 'h' ? stdout : stderr, "usage: devio copy SRC DST [--resume-from N] [--block-size N (512..64M)]\n");
+		fprintf(c == 'h' ? stdout : stderr, "usage: devio copy SRC DST [--resume-from N] [--block-size N (512..64M)]\n"
+			"  DST is created (sparse) when it is a file that does not exist\n");
 		return c == 'h' ? 0 : 2;
 	}
 	if (optind != argc - 2) {
@@ -466,8 +690,19 @@ int cmd_copy(int argc, char **argv)
 	}
 	j.src_name = argv[optind];
 	j.dst_name = argv[optind + 1];
+	if (cli_same_file(j.src_name, j.dst_name)) {
+		devio_err("copy: %s and %s are the same file: refusing to copy an image onto itself", j.src_name,
+			  j.dst_name);
+		return 1;
+	}
 	if (open_export(j.src_name, true, &j.src))
 		return 1;
+	/* a missing DST file is made, sparse, as convert makes it */
+	if (!cli_is_uri(j.dst_name) && access(j.dst_name, F_OK) && errno == ENOENT) {
+		if (cli_create_sparse("copy", j.dst_name, j.src->size))
+			goto out_src;
+		j.dst_zero = true;
+	}
 	if (open_export(j.dst_name, false, &j.dst))
 		goto out_src;
 	if (j.dst->caps & DEVIO_CAP_READONLY) {
@@ -484,15 +719,9 @@ int cmd_copy(int argc, char **argv)
 			  j.src_name, (unsigned long long)j.src->size);
 		goto out_dst;
 	}
-	j.pos = resume;
+	j.start = resume;
 	j.end = j.src->size;
-	j.bufs[0] = malloc(j.block);
-	j.bufs[1] = malloc(j.block);
-	if (!j.bufs[0] || !j.bufs[1])
-		goto out_bufs;
-	r = copy_run(&j);
-	if (!r && j.dst->ops->flush && (r = j.dst->ops->flush(j.dst)))
-		devio_err("copy: %s: flush: %s", j.dst_name, strerror(-r));
+	r = cli_copy_run(&j);
 	if (r) {
 		fprintf(stderr, "devio: copy stopped (%s); %llu bytes done; continue with --resume-from %llu\n",
 			r == -EINTR ? "interrupted" : strerror(-r), (unsigned long long)j.done,
@@ -503,9 +732,6 @@ int cmd_copy(int argc, char **argv)
 			(unsigned long long)(j.end - resume), j.src_name, j.dst_name, (unsigned long long)j.zeroed);
 		rc = 0;
 	}
-out_bufs:
-	free(j.bufs[0]);
-	free(j.bufs[1]);
 out_dst:
 	devio_backend_close(j.dst);
 out_src:

@@ -11,10 +11,11 @@ static const struct {
 	const char *help;
 } commands[] = {
 	{ "serve", cmd_serve, "serve SOURCE FRONTEND... [options]   serve an image (devio serve --help)" },
-	{ "info", cmd_info, "info URI|IMAGE          size, alignment and flags of an export" },
+	{ "info", cmd_info, "info URI|IMAGE [--json]  format, size, allocation, flags and layers of an export" },
 	{ "cat", cmd_cat, "cat URI|IMAGE [--offset N] [--length N]   export bytes to stdout" },
 	{ "write", cmd_write, "write URI|IMAGE [--offset N]   stdin into the export" },
 	{ "copy", cmd_copy, "copy SRC DST [--resume-from N]   copy between images and servers" },
+	{ "convert", cmd_convert, "convert [-O raw|vhd|qcow2] [-p] SRC DST   a new sparse image from any source" },
 	{ "attach", cmd_attach, "attach URI --fuse DIR [--loop] | --nbd-device   a local device for a server" },
 	{ "detach", cmd_detach, "detach DIR|/dev/loopN|/dev/nbdN" },
 	{ "status", cmd_status, "status                   running servers and their transports" },

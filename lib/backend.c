@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <string.h>
 #include "devio/backend.h"
+#include "devio/cow.h"
 #include "devio/frontend.h"
 #include "devio/layer.h"
 #include "devio/util.h"
@@ -62,13 +63,32 @@ static int backend_open(const char *source, const struct devio_open_opts *opts, 
 	return r;
 }
 
+/* With --cow: the stack below opened read-only whatever the options say
+ * (the source is never written), the overlay on top. */
+static int cow_stack_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out)
+{
+	struct devio_open_opts below = *opts;
+	struct devio_backend *lower;
+	int r;
+
+	below.readonly = true;
+	below.cow = NULL;
+	r = backend_open(source, &below, &lower);
+	if (r)
+		return r;
+	r = devio_cow_open(lower, opts->cow, opts, out);
+	if (r)
+		devio_backend_close(lower);
+	return r;
+}
+
 /* The backends log why they fail; the few failures they do not explain
  * (out of memory) are told here, so every failure is told once. */
 int devio_backend_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out)
 {
 	static const struct devio_open_opts none;
 	unsigned long errors = devio_log_errors();
-	int r = backend_open(source, opts ? opts : &none, out);
+	int r = opts && opts->cow ? cow_stack_open(source, opts, out) : backend_open(source, opts ? opts : &none, out);
 
 	if (r && devio_log_errors() == errors)
 		devio_err("%s: cannot open: %s", source, strerror(-r));

@@ -131,6 +131,7 @@ struct devio_open_opts {
 	const char *ceph_keyring; /* rbd: keyring file (NULL: the conf's) */
 	unsigned ceph_timeout;    /* rbd: seconds before a cluster operation fails (0: 60) */
 	const char *format; /* NULL or "auto": detect; "raw"; "vhd", "qcow2" (layer.h) */
+	const char *cow;    /* NULL, or a copy-on-write overlay on top: FILE or "ram" (cow.h) */
 };
 
 /* Open SOURCE: "ram:SIZE", "devio://HOST:PORT", "devio+unix:///PATH",

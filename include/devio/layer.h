@@ -51,6 +51,15 @@ int devio_extents(struct devio_backend *b, uint64_t off, uint64_t len, devio_ext
 int devio_format_open(const char *name, struct devio_backend *lower, const char *format,
 		      const struct devio_open_opts *opts, struct devio_backend **out);
 
+/* A new image of format ("vhd", "qcow2") at path (a file there is
+ * replaced) with a virtual size of size bytes, for `devio convert`: *out
+ * is a writable backend over it whose unwritten ranges read as zeroes (the
+ * converter skips zero ranges).  The caller flushes and closes it with
+ * devio_backend_close().  Raw images are the caller's own business.  On
+ * error the cause was logged: -ENOTSUP for a format that cannot be
+ * created yet, -EINVAL for an unknown one. */
+int devio_format_create(const char *format, const char *path, uint64_t size, struct devio_backend **out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,200 @@
+/* convert.c - `devio convert [-O raw|vhd|qcow2] [-p] SRC DST`, the
+ * counterpart of `qemu-img convert`: any source (an image, ram:, devio://,
+ * nbd://, a stack built with serve's export options) into a new image of
+ * the given format.  The new image is sparse: ranges the source's extents
+ * call zero, and all-zero pieces read, are never written.  The copying is
+ * client_cmds.c's copy engine.  Also what info, copy and convert share:
+ * the export options, the same-file check, a new sparse file. */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include "cli.h"
+#include "devio/backend.h"
+#include "devio/layer.h"
+#include "devio/util.h"
+
+#define CONVERT_BLOCK (1u << 20)
+
+int cli_export_option(const char *cmd, int c, const char *val, struct devio_open_opts *o)
+{
+	uint64_t v;
+
+	switch (c) {
+	case CLI_OPT_OFFSET:
+	case CLI_OPT_SIZE:
+		if (devio_parse_size(val, &v)) {
+			devio_err("%s: %s: bad size '%s'", cmd, c == CLI_OPT_OFFSET ? "--offset" : "--size", val);
+			return -EINVAL;
+		}
+		if (c == CLI_OPT_OFFSET)
+			o->has_offset = true, o->offset = v;
+		else
+			o->has_size = true, o->size = v;
+		return 1;
+	case CLI_OPT_PARTITION:
+		if (devio_parse_u64(val, &v) || v < 1 || v > 128) {
+			devio_err("%s: --partition: want 1..128, got '%s'", cmd, val);
+			return -EINVAL;
+		}
+		o->partition = (int)v;
+		return 1;
+	case CLI_OPT_FORMAT:
+		o->format = val;
+		return 1;
+	case CLI_OPT_COW:
+		o->cow = val;
+		return 1;
+	default:
+		return 0;
+	}
+}
+
+bool cli_same_file(const char *a, const char *b)
+{
+	struct stat sa, sb;
+
+	return a && !stat(a, &sa) && !stat(b, &sb) && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+bool cli_is_uri(const char *s)
+{
+	return strstr(s, "://") || !strncmp(s, "ram:", 4);
+}
+
+int cli_create_sparse(const char *cmd, const char *path, uint64_t size)
+{
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666), r = 0;
+
+	if (fd < 0 || ftruncate(fd, (off_t)size)) {
+		r = -errno;
+		devio_err("%s: %s: cannot create: %s", cmd, path, strerror(-r));
+	}
+	if (fd >= 0)
+		close(fd);
+	return r;
+}
+
+/* A raw DST: a server's export or a block device is written in place (it
+ * must be large enough); a file is created (or truncated) sparse, so it
+ * reads as zeroes (*fresh). */
+static int convert_open_raw(const char *dst, uint64_t size, struct devio_backend **out, bool *fresh)
+{
+	struct devio_open_opts o = { 0 };
+	struct stat st;
+	int r;
+
+	*fresh = false;
+	if (cli_is_uri(dst) || (!stat(dst, &st) && !S_ISREG(st.st_mode))) {
+		r = devio_backend_open(dst, &o, out);
+		if (!r && (*out)->size < size) {
+			devio_err("convert: %s (%llu bytes) is smaller than the source (%llu bytes)", dst,
+				  (unsigned long long)(*out)->size, (unsigned long long)size);
+			devio_backend_close(*out);
+			r = -ENOSPC;
+		}
+		return r;
+	}
+	if ((r = cli_create_sparse("convert", dst, size)))
+		return r;
+	*fresh = true;
+	return devio_file_open(dst, &o, out);
+}
+
+static int convert_open_dst(const char *fmt, const char *dst, uint64_t size, struct devio_backend **out,
+			    bool *fresh)
+{
+	if (!strcmp(fmt, "raw"))
+		return convert_open_raw(dst, size, out, fresh);
+	if (cli_is_uri(dst)) {
+		devio_err("convert: -O %s wants a file name as DST, not '%s'", fmt, dst);
+		return -EINVAL;
+	}
+	*fresh = true;
+	return devio_format_create(fmt, dst, size, out);
+}
+
+static void convert_report(const struct cli_copy *c, int r)
+{
+	if (r)
+		fprintf(stderr, "devio: convert stopped (%s) after %llu bytes\n",
+			r == -EINTR ? "interrupted" : strerror(-r), (unsigned long long)c->done);
+	else
+		fprintf(stderr, "devio: converted %llu bytes from %s to %s (%llu of them zero ranges not read, "
+			"%llu bytes not written)\n", (unsigned long long)c->end, c->src_name, c->dst_name,
+			(unsigned long long)c->zeroed, (unsigned long long)c->skipped);
+}
+
+static int convert_usage(FILE *out, int rc)
+{
+	fprintf(out, "usage: devio convert [-O raw|vhd|qcow2] [-p] " CLI_EXPORT_USAGE " SRC DST\n"
+		     "  -O FORMAT   the new image's format (default raw)\n"
+		     "  -p          a progress line (on a terminal)\n"
+		     "  export options as for `devio serve`: a window, a partition, the source's format, an overlay\n");
+	return rc;
+}
+
+static int convert_run(const char *fmt, bool show, const struct devio_open_opts *o, const char *src, const char *dst)
+{
+	struct cli_copy c = { .cmd = "convert", .src_name = src, .dst_name = dst, .block = CONVERT_BLOCK };
+	struct devio_open_opts so = *o;
+	bool fresh = false;
+	int r;
+
+	if (cli_same_file(src, dst) || cli_same_file(o->cow, dst)) {
+		devio_err("convert: %s and %s are the same file: refusing to copy an image onto itself", src, dst);
+		return 1;
+	}
+	so.readonly = true;
+	if (devio_backend_open(src, &so, &c.src))
+		return 1;
+	r = convert_open_dst(fmt, dst, c.src->size, &c.dst, &fresh);
+	if (r) {
+		devio_backend_close(c.src);
+		return 1;
+	}
+	c.end = c.src->size;
+	c.progress = show && isatty(STDERR_FILENO);
+	c.dst_zero = fresh;
+	r = cli_copy_run(&c);
+	devio_backend_close(c.dst);
+	devio_backend_close(c.src);
+	convert_report(&c, r);
+	if (r && fresh)
+		unlink(dst); /* no half image left behind */
+	return r == -EINTR ? 130 : r ? 1 : 0;
+}
+
+int cmd_convert(int argc, char **argv)
+{
+	static const struct option opts[] = { { "help", no_argument, NULL, 'h' }, CLI_EXPORT_OPTIONS, { 0 } };
+	struct devio_open_opts o = { 0 };
+	const char *fmt = "raw";
+	bool show = false;
+	int c, k;
+
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "O:ph", opts, NULL)) != -1) {
+		if (c == 'O')
+			fmt = optarg;
+		else if (c == 'p')
+			show = true;
+		else if (c == 'h')
+			return convert_usage(stdout, 0);
+		else if ((k = cli_export_option("convert", c, optarg, &o)) <= 0)
+			return k < 0 ? 2 : convert_usage(stderr, 2);
+	}
+	if (strcmp(fmt, "raw") && strcmp(fmt, "vhd") && strcmp(fmt, "qcow2")) {
+		devio_err("convert: -O: want raw, vhd or qcow2, got '%s'", fmt);
+		return 2;
+	}
+	if (optind != argc - 2) {
+		devio_err("convert: want SRC and DST");
+		return 2;
+	}
+	return convert_run(fmt, show, &o, argv[optind], argv[optind + 1]);
+}

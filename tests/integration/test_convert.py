@@ -1,0 +1,266 @@
+"""test_convert.py - `devio convert` against qemu-img (compare, check) and
+from real peers (a devio and an nbdkit NBD server), the sparseness of what
+it writes (st_blocks), windows and overlays as sources, the refusals
+(an image onto itself), the progress line as a terminal shows it (tmux),
+and `devio info --json` read back with Python's json."""
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from conftest import DEVIO, run_ok, wait_for
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def tmp():
+    d = tempfile.mkdtemp(prefix="devio-convert-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def devio(*args, check=True):
+    p = subprocess.run([DEVIO] + list(args), capture_output=True, text=True, timeout=120)
+    if check and p.returncode:
+        raise AssertionError(f"devio {args} exited {p.returncode}: {p.stderr}")
+    return p
+
+
+def sparse_source(path):
+    """32 MiB: holes, 3 MiB of random data in two places, and 4 MiB of
+    zeroes written out (allocated, all zero)."""
+    a, b = os.urandom(2 * MiB), os.urandom(MiB + 4096)
+    with open(path, "wb") as f:
+        f.truncate(32 * MiB)
+        f.seek(3 * MiB)
+        f.write(a)
+        f.seek(10 * MiB)
+        f.write(bytes(4 * MiB))
+        f.seek(20 * MiB + 512)
+        f.write(b)
+    expect = bytearray(32 * MiB)
+    expect[3 * MiB:5 * MiB] = a
+    expect[20 * MiB + 512:20 * MiB + 512 + len(b)] = b
+    return bytes(expect)
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_raw_to_raw_is_sparse_and_identical(tmp):
+    src, out = os.path.join(tmp, "src.raw"), os.path.join(tmp, "out.raw")
+    sparse_source(src)
+    p = devio("convert", src, out)
+    assert "converted 33554432 bytes" in p.stderr
+    assert "Images are identical" in run_ok("qemu-img", "compare", "-f", "raw", "-F", "raw", src, out)
+    assert os.path.getsize(out) == 32 * MiB
+    # only the 3 MiB of data (rounded to file system blocks) is allocated:
+    # neither the holes nor the written-out zeroes of the source
+    assert os.stat(out).st_blocks * 512 <= 3 * MiB + 2 * 65536, os.stat(out).st_blocks
+    assert os.stat(out).st_blocks < os.stat(src).st_blocks
+    # an existing file is replaced, not merged into
+    with open(out, "r+b") as f:
+        f.write(b"x" * 100)
+        f.truncate(64 * MiB)
+    devio("convert", "-O", "raw", src, out)
+    assert read(out) == read(src)
+
+
+def test_from_nbd_servers(serve, tmp):
+    src = os.path.join(tmp, "src.raw")
+    expect = sparse_source(src)
+    sock = os.path.join(tmp, "d.sock")
+    serve(src, "--readonly", "--nbd", f"unix:{sock}").wait_unix(sock)
+    out = os.path.join(tmp, "out.raw")
+    devio("convert", f"nbd+unix:///?socket={sock}", out)
+    assert read(out) == expect
+    run_ok("qemu-img", "compare", "-f", "raw", "-F", "raw", src, out)
+    assert os.stat(out).st_blocks * 512 <= 3 * MiB + 2 * 65536
+    # a devio server, and ram: (nothing but zeroes: nothing written)
+    dsock = os.path.join(tmp, "s.sock")
+    serve(src, "--readonly", "--devio", f"unix:{dsock}").wait_unix(dsock)
+    out3 = os.path.join(tmp, "devio.raw")
+    devio("convert", f"devio+unix://{dsock}", out3)
+    assert read(out3) == expect
+    p = devio("convert", "ram:8M", out3)
+    assert "8388608 bytes not written" in p.stderr
+    assert read(out3) == bytes(8 * MiB) and os.stat(out3).st_blocks == 0
+    # nbdkit's pattern plugin: every byte is data
+    ksock = os.path.join(tmp, "k.sock")
+    k = subprocess.Popen(["nbdkit", "-f", "-U", ksock, "pattern", "3M"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: os.path.exists(ksock), 10, ksock)
+        out2 = os.path.join(tmp, "pattern.raw")
+        devio("convert", f"nbd+unix:///?socket={ksock}", out2)
+        run_ok("qemu-img", "compare", "-f", "raw", "-F", "raw", f"nbd+unix:///?socket={ksock}", out2)
+    finally:
+        k.terminate()
+        k.wait(timeout=20)
+
+
+def test_window_and_overlay_sources(serve, tmp):
+    src = os.path.join(tmp, "src.raw")
+    expect = sparse_source(src)
+    out = os.path.join(tmp, "win.raw")
+    devio("convert", "--offset", "3M", "--size", "5M", src, out)
+    assert read(out) == expect[3 * MiB:8 * MiB]
+    # an overlay's view: the source with the overlay's writes
+    cow = os.path.join(tmp, "o.cow")
+    sock = os.path.join(tmp, "c.sock")
+    s = serve(src, "--cow", cow, "--nbd", f"unix:{sock}")
+    s.wait_unix(sock)
+    run_ok("qemu-io", "-f", "raw", "-c", "write -P 0x3c 1M 100k", f"nbd+unix:///?socket={sock}")
+    assert s.stop() == 0
+    view = bytearray(expect)
+    view[MiB:MiB + 100 * 1024] = b"\x3c" * (100 * 1024)
+    devio("convert", "--cow", cow, src, out)
+    assert read(out) == bytes(view)
+    assert read(src) == expect
+
+
+def test_self_copy_refused(tmp):
+    src = os.path.join(tmp, "src.raw")
+    expect = sparse_source(src)
+    link = os.path.join(tmp, "link.raw")
+    os.symlink(src, link)
+    hard = os.path.join(tmp, "hard.raw")
+    os.link(src, hard)
+    for dst in (src, link, hard):
+        p = devio("convert", src, dst, check=False)
+        assert p.returncode == 1 and "same file" in p.stderr, p.stderr
+    assert read(src) == expect
+
+
+@pytest.mark.parametrize("fmt,qfmt", [("qcow2", "qcow2"), ("vhd", "vpc")])
+def test_convert_to_image_formats(tmp, fmt, qfmt):
+    src = os.path.join(tmp, "src.raw")
+    sparse_source(src)
+    out = os.path.join(tmp, "out." + fmt)
+    p = devio("convert", "-O", fmt, src, out, check=False)
+    if p.returncode and "not built yet" in p.stderr:
+        assert not os.path.exists(out)  # nothing half made
+        pytest.skip(f"creating {fmt} images is not built in this tree: {p.stderr.strip()}")
+    assert p.returncode == 0, p.stderr
+    if fmt == "qcow2":
+        run_ok("qemu-img", "check", out)
+    run_ok("qemu-img", "compare", "-f", "raw", "-F", qfmt, src, out)
+
+
+def test_usage_errors():
+    p = devio("convert", "-O", "vmdk", "a", "b", check=False)
+    assert p.returncode == 2 and "want raw, vhd or qcow2" in p.stderr
+    p = devio("convert", "onlyone", check=False)
+    assert p.returncode == 2
+    assert devio("convert", "--help").stdout.startswith("usage: devio convert")
+
+
+def tmux(sock, *args):
+    return subprocess.run(["tmux", "-L", sock] + list(args), capture_output=True, text=True, timeout=30)
+
+
+def test_progress_bar_in_a_terminal(tmp):
+    if not shutil.which("tmux"):
+        pytest.skip("no tmux")
+    ksock = os.path.join(tmp, "k.sock")
+    # a slow source (each 1 MiB read waits 100 ms) so the bar is seen mid-run
+    k = subprocess.Popen(["nbdkit", "-f", "-U", ksock, "--filter=delay", "pattern", "24M", "rdelay=100ms"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tsock = f"devio-test-{os.getpid()}"
+    out = os.path.join(tmp, "out.raw")
+    try:
+        wait_for(lambda: os.path.exists(ksock), 10, ksock)
+        cmd = f"{DEVIO} convert -p 'nbd+unix:///?socket={ksock}' {out}; echo EXIT=$?; sleep 60"
+        assert tmux(tsock, "new-session", "-d", "-x", "150", "-y", "10", cmd).returncode == 0
+        seen = {}
+
+        def pane_has(word):
+            seen["pane"] = tmux(tsock, "capture-pane", "-p").stdout
+            return word in seen["pane"]
+
+        wait_for(lambda: pane_has("ETA"), 60, "the progress line")
+        assert "%" in seen["pane"] and "MiB/s" in seen["pane"] and "[#" in seen["pane"] + "[#", seen["pane"]
+        wait_for(lambda: pane_has("EXIT="), 120, "convert to finish")
+        pane = seen["pane"]
+        assert "EXIT=0" in pane, pane
+        assert "converted 25165824 bytes" in pane
+        assert "ETA" not in pane and "MiB/s" not in pane, pane  # the line cleared itself
+    finally:
+        tmux(tsock, "kill-server")
+        k.terminate()
+        k.wait(timeout=20)
+    assert os.path.getsize(out) == 24 * MiB
+    # without a terminal, -p draws nothing
+    out2 = os.path.join(tmp, "out2.raw")
+    p = devio("convert", "-p", out, out2)
+    assert "ETA" not in p.stderr and "\r" not in p.stderr
+
+
+def test_info_json(tmp):
+    src = os.path.join(tmp, "src.raw")
+    sparse_source(src)
+    j = json.loads(devio("info", "--json", src).stdout)
+    assert j["format"] == "raw" and j["virtual_size"] == 32 * MiB == j["size"]
+    assert 3 * MiB <= j["allocated"] <= 8 * MiB  # data and written-out zeroes, not the holes
+    assert [layer["layer"] for layer in j["stack"]] == ["file"]
+    t = devio("info", src).stdout
+    assert "format: raw\n" in t and f"allocated: {j['allocated']}\n" in t
+    # an overlay info would have to make is refused
+    cow = os.path.join(tmp, "o.cow")
+    p = devio("info", "--json", src, "--cow", cow, check=False)
+    assert p.returncode == 1 and "never created" in p.stderr  # info makes no overlay
+    assert not os.path.exists(cow)
+    # a window
+    j = json.loads(devio("info", "--json", "--offset", "3M", "--size", "2M", src).stdout)
+    assert j["size"] == 2 * MiB and j["allocated"] == 2 * MiB
+    # any bytes in a name: the JSON stays valid, the exact bytes in hex
+    odd = os.path.join(tmp.encode(), b"odd\xff\"\\\n.raw")
+    with open(odd, "wb") as f:
+        f.truncate(MiB)
+    p = subprocess.run([DEVIO.encode(), b"info", b"--json", odd], capture_output=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    j = json.loads(p.stdout)
+    assert bytes.fromhex(j["source_hex"]) == odd
+    assert j["source"] == odd.decode(errors="replace")
+    assert j["allocated"] == 0
+
+
+def test_info_json_of_an_overlay_stack(serve, tmp):
+    src = os.path.join(tmp, "src.raw")
+    sparse_source(src)
+    cow = os.path.join(tmp, "o.cow")
+    sock = os.path.join(tmp, "c.sock")
+    s = serve(src, "--cow", cow, "--nbd", f"unix:{sock}")
+    s.wait_unix(sock)
+    run_ok("qemu-io", "-f", "raw", "-c", "write -P 1 16M 128k", f"nbd+unix:///?socket={sock}")
+    assert s.stop() == 0
+    j = json.loads(devio("info", "--json", src, "--cow", cow).stdout)
+    assert j["format"] == "cow over raw"
+    assert [layer["layer"] for layer in j["stack"]] == ["cow", "file"]
+    assert "2 of 512 blocks" in j["stack"][0]["description"]
+    plain = json.loads(devio("info", "--json", src).stdout)
+    assert j["allocated"] == plain["allocated"] + 128 * 1024  # the overlay's blocks over a hole
+    assert j["read_only"] is True
+
+
+def test_copy_shares_convert_rules(tmp):
+    """devio copy (the same engine): a missing DST file is created sparse,
+    an image is never copied onto itself."""
+    src = os.path.join(tmp, "src.raw")
+    expect = sparse_source(src)
+    dst = os.path.join(tmp, "new.raw")
+    devio("copy", src, dst)
+    assert read(dst) == expect
+    assert os.stat(dst).st_blocks * 512 <= 3 * MiB + 2 * 65536
+    link = os.path.join(tmp, "link.raw")
+    os.symlink(src, link)
+    p = devio("copy", src, link, check=False)
+    assert p.returncode == 1 and "same file" in p.stderr, p.stderr
+    assert read(src) == expect
