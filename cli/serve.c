@@ -22,6 +22,7 @@ static void serve_usage(FILE *out)
 		"SOURCE: IMAGE (file or block device) or ram:SIZE\n"
 		"front ends (each repeatable, at least one):\n"
 		"  --devio tcp:[HOST:]PORT|unix:PATH|stdio|DEVICE   devio stream protocol (ImDisk proxy)\n"
+		"  --devio shm:NAME[,slots=N][,buffer=N]            devio protocol in shared memory\n"
 		"  --nbd tcp:[HOST:]PORT|unix:PATH                  NBD (default port 10809)\n"
 		"  --fuse MOUNTPOINT [--loop]                       the export as one file (and a loop device)\n"
 		"  --ublk                                           a /dev/ublkbN block device\n"
@@ -261,7 +262,15 @@ static int parse_one(struct serve_args *a, struct devio_serve_opts *so, int c, c
 	case OPT_DIRECT: a->open.direct = true; return 0;
 	case OPT_FORMAT: a->open.format = val; return 0;
 	case OPT_EXPORT: return parse_export_opt(a, val);
-	case OPT_DEVIO: return add_frontend(a, "devio", val);
+	case OPT_DEVIO:
+		if (!strncmp(val, "shm:", 4)) { /* shared memory: its own front end */
+			int r = add_frontend(a, "devio", val);
+
+			if (!r)
+				a->fe[a->n_fe - 1].type = &devio_frontend_shm;
+			return r;
+		}
+		return add_frontend(a, "devio", val);
 	case OPT_NBD: return add_frontend(a, "nbd", val);
 	case OPT_FUSE: return add_frontend(a, "fuse", val);
 	case OPT_UBLK: return add_frontend(a, "ublk", val);

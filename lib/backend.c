@@ -5,6 +5,7 @@
 #include "devio/backend.h"
 #include "devio/frontend.h"
 #include "devio/layer.h"
+#include "devio/shm.h"
 #include "devio/util.h"
 
 
@@ -30,6 +31,8 @@ static int store_open(const char *source, const struct devio_open_opts *opts, st
 	}
 	if (!strncmp(source, "devio://", 8) || !strncmp(source, "devio+unix://", 13))
 		return devio_remote_devio_open(source, opts, out);
+	if (!strncmp(source, "devio+shm://", 12))
+		return devio_remote_shm_open(source, opts, out);
 	if (!strncmp(source, "nbd://", 6) || !strncmp(source, "nbd+unix://", 11))
 		return devio_remote_nbd_open(source, opts, out);
 	return devio_file_open(source, opts, out);

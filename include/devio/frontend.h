@@ -61,6 +61,7 @@ extern const struct devio_frontend_type devio_frontend_stream; /* --devio */
 extern const struct devio_frontend_type devio_frontend_nbd;    /* --nbd   */
 extern const struct devio_frontend_type devio_frontend_fuse;   /* --fuse  */
 extern const struct devio_frontend_type devio_frontend_ublk;   /* --ublk  */
+extern const struct devio_frontend_type devio_frontend_shm;    /* --devio shm:NAME */
 
 #ifdef __cplusplus
 }
