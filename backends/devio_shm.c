@@ -359,17 +359,23 @@ static int shmc_sleep(struct shmc *c)
 		return -ECONNRESET; /* the server never writes to the socket after the hello */
 	if (p[0].revents && read(c->resp_efd, &v, sizeof(v)) < 0 && errno != EAGAIN)
 		return -errno;
-	return n == 0 ? shmc_overdue(c) ?: 1 : 1;
+	return 1;
 }
 
 static void *shmc_main(void *arg)
 {
 	struct shmc *c = arg;
+	uint64_t checked = devio_now_ns();
 	int r;
 
 	for (;;) {
 		if ((r = shmc_reap(c)))
 			break;
+		if (devio_now_ns() - checked > 1000000000u) { /* once a second, busy or not */
+			checked = devio_now_ns();
+			if ((r = shmc_overdue(c)))
+				break;
+		}
 		shmc_put32(c->ctl + DEVIO_SHM_CTL_CQ_WAKE, 1, __ATOMIC_RELAXED);
 		atomic_thread_fence(memory_order_seq_cst);
 		r = shmc_get32(c->ctl + DEVIO_SHM_CTL_CQ_TAIL, __ATOMIC_ACQUIRE) == c->cq_head ? shmc_sleep(c) : 1;

@@ -478,6 +478,7 @@ struct shm_state {
 	char path[256];
 	uint32_t nslots, data_size;
 	int lfd, stop_efd;
+	atomic_bool stopping;          /* seen by sessions too busy to sleep */
 	pthread_t accept_thread;
 	bool accepting;
 	struct devio_workers *workers;
@@ -525,6 +526,8 @@ static int shm_serve(struct shm_session *s)
 
 		if (r)
 			return r == -ECONNRESET ? 0 : r;
+		if (atomic_load_explicit(&s->st->stopping, memory_order_relaxed))
+			return 0;
 		shm_put32(s->ctl + DEVIO_SHM_CTL_SQ_WAKE, 1, __ATOMIC_RELAXED);
 		atomic_thread_fence(memory_order_seq_cst);
 		if (shm_get32(s->ctl + DEVIO_SHM_CTL_SQ_TAIL, __ATOMIC_ACQUIRE) == s->sq_head)
@@ -894,6 +897,7 @@ static void shm_fe_stop(void *state)
 
 	if (!st)
 		return;
+	atomic_store(&st->stopping, true);
 	if (write(st->stop_efd, &one, sizeof(one)) < 0)
 		devio_warn("--devio %s: cannot signal stop: %s", st->arg, strerror(errno));
 	if (st->accepting)

@@ -424,3 +424,79 @@ def test_bad_names_refused(serve, scratch):
     r = subprocess.run([DEVIO, "info", "devio+shm://nobody-listens-here"], capture_output=True, text=True,
                        timeout=30)
     assert r.returncode != 0 and "cannot connect" in r.stderr
+
+
+# ---- a hostile or vanishing server, for the client ----
+
+class FakeServer:
+    """One connection, handed a sealed region of 2 slots of 4 KiB; then
+    `mode` decides what it does with the client's first request."""
+
+    def __init__(self, path, mode):
+        import fcntl
+        import threading
+        self.path, self.mode = path, mode
+        self.nslots, self.data = 2, 4096
+        self.ctl = self.nslots * (HDR + self.data)
+        self.size = self.ctl + 4096
+        self.lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.lsock.bind(path)
+        self.lsock.listen(1)
+        self.memfd = os.memfd_create("fake", os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.memfd, self.size)
+        fcntl.fcntl(self.memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        self.m = mmap.mmap(self.memfd, self.size)
+        self.req_efd, self.resp_efd = os.eventfd(0), os.eventfd(0)
+        self.stop = False
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        self.lsock.settimeout(30)
+        try:
+            conn, _ = self.lsock.accept()
+        except OSError:
+            return
+        hello = [0x4d48534f49564544, 1, 0, self.nslots, self.data, self.size, 1 << 20, 1, 0x06, 0] + [0] * 6
+        socket.send_fds(conn, [struct.pack("<16Q", *hello)], [self.memfd, self.req_efd, self.resp_efd])
+        get32 = lambda off: struct.unpack_from("<I", self.m, self.ctl + off)[0]
+        while not self.stop and get32(CTL_SQ_TAIL) == 0:
+            time.sleep(0.01)
+        tag = struct.unpack_from("<I", self.m, self.ctl + CTL_RINGS)[0]
+        if self.mode == "die":
+            conn.close()
+            return
+        if self.mode in ("bad_tag", "short"):
+            if self.mode == "short":
+                struct.pack_into("<2Q", self.m, tag * (HDR + self.data), 0, 1)
+            cq = CTL_RINGS + 4 * 2  # the ring capacity is 2
+            struct.pack_into("<I", self.m, self.ctl + cq, 99 if self.mode == "bad_tag" else tag)
+            struct.pack_into("<I", self.m, self.ctl + CTL_CQ_TAIL, 1)
+            os.write(self.resp_efd, struct.pack("<Q", 1))
+        while not self.stop:  # "silent": hold the request
+            time.sleep(0.05)
+        conn.close()
+
+    def close(self):
+        self.stop = True
+        self.thread.join(10)
+        self.lsock.close()
+        self.m.close()
+        for fd in (self.memfd, self.req_efd, self.resp_efd):
+            os.close(fd)
+
+
+@pytest.mark.parametrize("mode,message", [("silent", "timed out"), ("die", "lost"),
+                                          ("bad_tag", "not in flight"), ("short", "answered 1 of")])
+def test_client_survives_bad_server(scratch, mode, message):
+    path = scratch.path("fake.sock")
+    srv = FakeServer(path, mode)
+    scratch.cleanups.append(srv.close)
+    env = dict(os.environ, DEVIO_REMOTE_TIMEOUT="2")
+    start = time.monotonic()
+    r = subprocess.run([DEVIO, "cat", "devio+shm://" + path, "--length", "4096"], capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr
+    assert time.monotonic() - start < 50
+    assert "AddressSanitizer" not in r.stderr and "runtime error" not in r.stderr, r.stderr
