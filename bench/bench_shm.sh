@@ -34,8 +34,19 @@ DEVIO=$BUILD/devio
 SIZE=$((256 << 20))
 head -c $SIZE /dev/zero | tr '\0' '\245' >"$SHMDIR/disk.img"
 
-mibs() { # SOURCE RW BS DEPTH THREADS MODE -> MiB/s
-  "$B" "$1" "$2" "$3" "$4" "$5" "$SECS" "$6" | awk '{ printf "%.0f", $2 }'
+SRV=
+# shellcheck disable=SC2317
+srv_ticks() { # the server's user + system time so far, in clock ticks
+  if [ -n "$SRV" ]; then awk '{ print $14 + $15 }' "/proc/$SRV/stat"; else echo 0; fi
+}
+mibs() { # SOURCE RW BS DEPTH THREADS MODE -> "MiB/s CPU-us-per-request" (client + server)
+  local t0 t1 out
+  t0=$(srv_ticks)
+  out=$("$B" "$1" "$2" "$3" "$4" "$5" "$SECS" "$6")
+  t1=$(srv_ticks)
+  awk -v o="$out" -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" 'BEGIN {
+    split(o, f, " "); srv = f[1] > 0 ? d * 1e6 / hz / (f[1] * '"$SECS"') : 0
+    printf "%.0f %.2f", f[2], f[3] + srv }'
 }
 
 # WORKLOAD -> "RW BS DEPTH THREADS" for async clients / for the stream client
@@ -56,6 +67,7 @@ run() { # SOURCE WORKLOAD stream|async
   if [ "$3" = stream ]; then a=$(stream_args "$2"); else a=$(async_args "$2"); fi
   # shellcheck disable=SC2086
   set -- "$1" $a
+  if [[ $1 == */* ]]; then SRV=${PIDS[-1]}; else SRV=; fi # a server's, or in-process
   mibs "$1" "$2" "$3" "$4" "$5" async
 }
 
@@ -63,7 +75,7 @@ PORT=$((20000 + RANDOM % 20000))
 WORKLOADS="4k-qd1 4k-qd32 1m-read-qd4 1m-write-qd4"
 echo "bench_shm.sh: ${SECS}s per run, $(nproc) CPUs, load $(cut -d' ' -f1 /proc/loadavg); MiB/s (ratio to in-process)"
 printf '%-6s %-13s %9s %15s %15s %15s %15s %15s\n' target workload in-proc shm-1slot shm-32slots stream-unix stream-tcp nbd-unix
-declare -A R
+declare -A R C
 for target in ram tmpfs; do
   if [ $target = ram ]; then src=ram:256M; else src="$SHMDIR/disk.img"; fi
   n=bench-$$-$target
@@ -77,20 +89,22 @@ for target in ram tmpfs; do
   for w in $WORKLOADS; do
     # best of three rounds, the six clients interleaved in each round: a
     # busy machine slows runs, it never speeds them up
-    best=(0 0 0 0 0 0)
+    best=(0 0 0 0 0 0) cpu=(1e9 1e9 1e9 1e9 1e9 1e9)
     for _ in 1 2 3; do
       i=0
       for c in "$src async" "devio+shm://$n-1 async" "devio+shm://$n-32 async" \
                "devio+unix://$WORK/$target.sock stream" "devio://127.0.0.1:$PORT stream" \
                "nbd+unix:///?socket=$WORK/$target.nbd async"; do
         # shellcheck disable=SC2086
-        v=$(run ${c% *} "$w" ${c##* })
+        read -r v u <<<"$(run ${c% *} "$w" ${c##* })"
         [ "$v" -gt "${best[$i]}" ] && best[$i]=$v
+        cpu[$i]=$(awk -v a="$u" -v b="${cpu[$i]}" 'BEGIN { print (a < b ? a : b) }')
         i=$((i + 1))
       done
     done
     lim=${best[0]} s1=${best[1]} s32=${best[2]} su=${best[3]} st=${best[4]} nu=${best[5]}
     R[$target-$w]="$lim $s1 $s32 $su $st $nu"
+    C[$target-$w]="${cpu[*]}"
     pct() { awk -v a="$1" -v b="$lim" 'BEGIN { printf "%d (%3.0f%%)", a, (b > 0 ? 100 * a / b : 0) }'; }
     printf '%-6s %-13s %9d %15s %15s %15s %15s %15s\n' $target "$w" "$lim" "$(pct "$s1")" "$(pct "$s32")" \
       "$(pct "$su")" "$(pct "$st")" "$(pct "$nu")"
@@ -99,13 +113,29 @@ for target in ram tmpfs; do
   PORT=$((PORT + 1))
 done
 echo
+echo "CPU per request, client + server, in microseconds (best of three; ratio: in-process CPU / this CPU)"
+printf '%-6s %-13s %9s %15s %15s %15s %15s %15s\n' target workload in-proc shm-1slot shm-32slots stream-unix stream-tcp nbd-unix
+for target in ram tmpfs; do
+  for w in $WORKLOADS; do
+    # shellcheck disable=SC2086
+    set -- ${C[$target-$w]}
+    awk -v t=$target -v w="$w" -v l="$1" -v a="$2" -v b="$3" -v c="$4" -v d="$5" -v e="$6" 'function f(x) {
+      return sprintf("%7.2f (%3.0f%%)", x, x > 0 ? 100 * l / x : 0) }
+      BEGIN { printf "%-6s %-13s %9.2f %15s %15s %15s %15s %15s\n", t, w, l, f(a), f(b), f(c), f(d), f(e) }'
+  done
+done
+echo
 echo "aims: shm QD32 >= 2x the Unix-socket stream and >= NBD on a Unix socket; 1 MiB >= 80% of in-process"
 for target in ram tmpfs; do
   read -r lim s1 s32 su st nu <<<"${R[$target-4k-qd32]}"
-  awk -v t=$target -v s=$s32 -v u=$su -v n=$nu \
-    'BEGIN { printf "%-6s 4k-qd32: shm/stream-unix %.2fx, shm/nbd-unix %.2fx\n", t, s / u, s / n }'
+  read -r clim c1 c32 cu ct cn <<<"${C[$target-4k-qd32]}"
+  awk -v t=$target -v s=$s32 -v u=$su -v n=$nu -v cs=$c32 -v cu=$cu -v cn=$cn \
+    'BEGIN { printf "%-6s 4k-qd32: shm/stream-unix %.2fx (CPU per request %.2fx less), shm/nbd-unix %.2fx (%.2fx less)\n",
+             t, s / u, cu / cs, s / n, cn / cs }'
   for w in 1m-read-qd4 1m-write-qd4; do
     read -r lim s1 s32 su st nu <<<"${R[$target-$w]}"
-    awk -v t=$target -v w=$w -v s=$s32 -v l=$lim 'BEGIN { printf "%-6s %s: shm %.0f%% of in-process\n", t, w, 100 * s / l }'
+    read -r clim c1 c32 cu ct cn <<<"${C[$target-$w]}"
+    awk -v t=$target -v w=$w -v s=$s32 -v l=$lim -v cs=$c32 -v cl=$clim \
+      'BEGIN { printf "%-6s %s: shm %.0f%% of in-process (CPU: %.0f%%)\n", t, w, 100 * s / l, 100 * cl / cs }'
   done
 done

@@ -37,6 +37,10 @@
 #include "devio/workers.h"
 
 #define SHM_MAX_CLIENTS 16
+/* A completion that moved this much is announced at once, even inside a
+ * batch: the client copies it out while we run the next request (a
+ * doorbell costs far less than copying it). */
+#define SHM_BELL_NOW_BYTES (64u << 10)
 #define SHM_RUN_DIR "/run/devio"
 
 /* ---- loads and stores in the shared region: each exactly once ---- */
@@ -172,7 +176,7 @@ static void shm_finish(struct shm_slot *sl, int r, uint64_t len)
 	s->cq_tail++;
 	atomic_store(&sl->busy, false);
 	shm_put32(s->ctl + DEVIO_SHM_CTL_CQ_TAIL, s->cq_tail, __ATOMIC_RELEASE);
-	ring = !(s->batching && pthread_equal(pthread_self(), s->thread));
+	ring = !(s->batching && pthread_equal(pthread_self(), s->thread)) || len >= SHM_BELL_NOW_BYTES;
 	if (!ring)
 		s->bell_owed = true;
 	if (--s->inflight == 0)
