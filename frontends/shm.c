@@ -766,6 +766,25 @@ static void *shm_accept_main(void *arg)
 	}
 }
 
+/* Does a live server answer on path?  (ImDisk keeps a second server off a
+ * name with a mutex; here the first server's socket is that mutex.) */
+static bool shm_path_live(const char *path)
+{
+	struct sockaddr_un sun = { .sun_family = AF_UNIX };
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	bool live;
+
+	if (fd < 0 || strlen(path) >= sizeof(sun.sun_path)) {
+		if (fd >= 0)
+			close(fd);
+		return false;
+	}
+	memcpy(sun.sun_path, path, strlen(path) + 1);
+	live = connect(fd, (struct sockaddr *)&sun, sizeof(sun)) == 0;
+	close(fd);
+	return live;
+}
+
 /* Bound under a temporary name, made 0600 whatever the umask, listening,
  * then renamed into place: the path appears only when it is ready, and
  * only its owner (and root) may connect. */
@@ -778,6 +797,10 @@ static int shm_listen(struct shm_state *st)
 	if (lstat(st->path, &sb) == 0 && !S_ISSOCK(sb.st_mode)) {
 		devio_err("--devio %s: %s exists and is not a socket", st->arg, st->path);
 		return -EEXIST;
+	}
+	if (shm_path_live(st->path)) {
+		devio_err("--devio %s: another server already listens on %s", st->arg, st->path);
+		return -EADDRINUSE;
 	}
 	if ((size_t)snprintf(sun.sun_path, sizeof(sun.sun_path), "%s.%d.tmp", st->path, (int)getpid()) >=
 	    sizeof(sun.sun_path)) {

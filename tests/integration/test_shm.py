@@ -500,3 +500,14 @@ def test_client_survives_bad_server(scratch, mode, message):
     assert message in r.stderr, r.stderr
     assert time.monotonic() - start < 50
     assert "AddressSanitizer" not in r.stderr and "runtime error" not in r.stderr, r.stderr
+
+
+def test_second_server_on_a_name_refused(serve, scratch):
+    """As ImDisk's NAME_Server mutex does: a name in use is not taken over."""
+    name = shm_name()
+    s = start_shm(serve, "ram:1M", name)
+    r = subprocess.run([DEVIO, "serve", "ram:2M", "--devio", f"shm:{name}"], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode != 0 and "already listens" in r.stderr, r.stderr
+    assert "size: 1048576" in run_ok(DEVIO, "info", "devio+shm://" + name)
+    assert s.stop() == 0, s.stderr()
