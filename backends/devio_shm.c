@@ -128,12 +128,16 @@ static void shmc_fill(struct shmc *c, uint32_t tag, struct devio_request *req)
 /* Publish a filled slot; the lock is held.  Returns whether to ring. */
 static bool shmc_publish(struct shmc *c, uint32_t tag)
 {
+	uint32_t want = htole32(1);
+
 	shmc_put32(c->ctl + DEVIO_SHM_CTL_RINGS + 4u * (c->sq_tail & (c->cap - 1)), tag, __ATOMIC_RELAXED);
 	c->sq_tail++;
 	shmc_put32(c->ctl + DEVIO_SHM_CTL_SQ_TAIL, c->sq_tail, __ATOMIC_RELEASE);
-	/* our tail before its flag; it sets its flag before reading our tail */
+	/* our tail before its flag; it sets its flag before reading our tail.
+	 * Taking the flag (1 -> 0) makes this the one submission that rings. */
 	atomic_thread_fence(memory_order_seq_cst);
-	return shmc_get32(c->ctl + DEVIO_SHM_CTL_SQ_WAKE, __ATOMIC_RELAXED) != 0;
+	return __atomic_compare_exchange_n((uint32_t *)(void *)(c->ctl + DEVIO_SHM_CTL_SQ_WAKE), &want, 0, false,
+					   __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
 }
 
 static void shmc_ring(struct shmc *c)

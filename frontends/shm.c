@@ -146,6 +146,16 @@ static uint8_t *slot_hdr(struct shm_session *s, uint32_t tag)
 	return s->region + (uint64_t)tag * devio_shm_slot_size(s->data_size);
 }
 
+/* Take the other side's "I sleep" flag (1 -> 0): true if we did, and so
+ * owe it the doorbell.  Whoever takes the flag rings, once. */
+static bool shm_take_wake(uint8_t *flag)
+{
+	uint32_t want = htole32(1);
+
+	return __atomic_compare_exchange_n((uint32_t *)(void *)flag, &want, 0, false, __ATOMIC_SEQ_CST,
+					   __ATOMIC_RELAXED);
+}
+
 /* The answer doorbell, if the client said it sleeps.  The fence orders our
  * ring update before reading its flag (it orders its flag before reading
  * our tail), so one of us sees the other. */
@@ -154,7 +164,7 @@ static void shm_bell(struct shm_session *s)
 	uint64_t one = 1;
 
 	atomic_thread_fence(memory_order_seq_cst);
-	if (s->resp_efd >= 0 && shm_get32(s->ctl + DEVIO_SHM_CTL_CQ_WAKE, __ATOMIC_RELAXED) &&
+	if (s->resp_efd >= 0 && shm_take_wake(s->ctl + DEVIO_SHM_CTL_CQ_WAKE) &&
 	    write(s->resp_efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
 		devio_debug("%s: doorbell: %s", s->name, strerror(errno));
 }
