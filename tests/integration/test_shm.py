@@ -511,3 +511,36 @@ def test_second_server_on_a_name_refused(serve, scratch):
     assert r.returncode != 0 and "already listens" in r.stderr, r.stderr
     assert "size: 1048576" in run_ok(DEVIO, "info", "devio+shm://" + name)
     assert s.stop() == 0, s.stderr()
+
+
+def test_chain_through_pool_and_submit(serve, scratch):
+    """shm in front of a remote devio server (the core puts its requests on
+    the worker pool) and shm in front of shm (the backend's own submit)."""
+    img = scratch.path("img")
+    data = bytearray(random_image(img, 4 * MiB))
+    sock = scratch.path("stream.sock")
+    serve(img, "--devio", "unix:" + sock).wait_unix(sock)
+    a, b = shm_name(), shm_name()
+    start_shm(serve, "devio+unix://" + sock, a)
+    start_shm(serve, "devio+shm://" + a, b, opts=",slots=8,buffer=128K")
+    uri = "devio+shm://" + b
+    new = os.urandom(MiB + 4097)
+    subprocess.run([DEVIO, "write", uri, "--offset", "12345"], input=new, capture_output=True, timeout=60,
+                   check=True)
+    data[12345:12345 + len(new)] = new
+    out = subprocess.run([DEVIO, "cat", uri], capture_output=True, timeout=60, check=True).stdout
+    assert out == bytes(data)
+    assert read_file(img) == bytes(data)
+
+
+def test_stop_with_a_client_connected(serve, scratch):
+    name = shm_name()
+    s = start_shm(serve, "ram:1M", name, opts=",slots=2,buffer=4K")
+    c = PyClient(shm_path(name))
+    try:
+        assert c.request(0, 2, 0, 16) == (0, 16)
+        assert s.stop() == 0, s.stderr()
+        assert c.dropped()
+    finally:
+        c.close()
+    assert not os.path.exists(shm_path(name))
