@@ -137,6 +137,8 @@ struct shm_session {
 	pthread_cond_t idle;
 	uint32_t cq_tail;
 	unsigned inflight;
+	uint64_t n_req, n_wake;         /* requests taken, request doorbells heard (session thread) */
+	atomic_uint_fast64_t n_bell;    /* answer doorbells rung */
 	struct shm_session *next;
 	struct shm_slot slots[];
 };
@@ -164,8 +166,10 @@ static void shm_bell(struct shm_session *s)
 	uint64_t one = 1;
 
 	atomic_thread_fence(memory_order_seq_cst);
-	if (s->resp_efd >= 0 && shm_take_wake(s->ctl + DEVIO_SHM_CTL_CQ_WAKE) &&
-	    write(s->resp_efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+	if (s->resp_efd < 0 || !shm_take_wake(s->ctl + DEVIO_SHM_CTL_CQ_WAKE))
+		return;
+	atomic_fetch_add_explicit(&s->n_bell, 1, memory_order_relaxed);
+	if (write(s->resp_efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
 		devio_debug("%s: doorbell: %s", s->name, strerror(errno));
 }
 
@@ -386,6 +390,7 @@ static int shm_take(struct shm_session *s)
 		int r;
 
 		s->sq_head++;
+		s->n_req++;
 		if (tag >= s->nslots) {
 			devio_warn("%s: tag %u out of range (%u slots); dropping the client", s->name, tag,
 				   s->nslots);
@@ -526,8 +531,11 @@ static int shm_sleep(struct shm_session *s)
 		if (n == 0 || (errno != EAGAIN && errno != EINTR))
 			return 0;
 	}
-	if (p[0].revents && read(s->req_efd, &v, sizeof(v)) < 0 && errno != EAGAIN)
-		return -errno;
+	if (p[0].revents) {
+		if (read(s->req_efd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+			return -errno;
+		s->n_wake++;
+	}
 	return 1;
 }
 
@@ -581,6 +589,9 @@ static void *shm_session_main(void *arg)
 		devio_info("%s: client dropped: %s", s->name, strerror(-r));
 	else
 		devio_info("%s: session ended", s->name);
+	devio_info("%s: %llu requests, %llu request doorbells heard, %llu answer doorbells rung", s->name,
+		   (unsigned long long)s->n_req, (unsigned long long)s->n_wake,
+		   (unsigned long long)atomic_load(&s->n_bell));
 	pthread_mutex_lock(&st->lock);
 	shm_unlink_session(st, s);
 	st->active--;
