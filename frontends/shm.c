@@ -266,8 +266,8 @@ static int shm_decode_rw(struct shm_session *s, struct shm_slot *sl, const uint8
 	sl->req.op = sl->code == DEVIO_REQ_READ ? DEVIO_OP_READ : DEVIO_OP_WRITE;
 	sl->req.offset = off;
 	if (len > s->data_size) {
-		devio_warn("%s: slot %u: %s of %llu bytes: over the slot's %u", s->name, sl->tag,
-			   devio_op_name(sl->req.op), (unsigned long long)len, s->data_size);
+		devio_debug("%s: slot %u: %s of %llu bytes: over the slot's %u", s->name, sl->tag,
+			    devio_op_name(sl->req.op), (unsigned long long)len, s->data_size);
 		return -E2BIG;
 	}
 	if (sl->req.op == DEVIO_OP_READ && off <= s->b->size && len > s->b->size - off)
