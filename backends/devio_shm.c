@@ -634,6 +634,12 @@ static int shmc_check(struct shmc *c, const struct shmc_hello *h)
 			  (unsigned long long)w[DEVIO_SHM_H_REGION_SIZE]);
 		return -EPROTO;
 	}
+	/* a doorbell that is not an eventfd (a full pipe) must not hang us */
+	for (int i = 1; i < 3; i++)
+		if (fcntl(h->fds[i], F_SETFL, O_NONBLOCK)) {
+			devio_err("%s: bad doorbell descriptor: %s", c->uri, strerror(errno));
+			return -EPROTO;
+		}
 	seals = fcntl(h->fds[0], F_GET_SEALS);
 	if (fstat(h->fds[0], &sb) || (uint64_t)sb.st_size != w[DEVIO_SHM_H_REGION_SIZE] || seals < 0 ||
 	    !(seals & F_SEAL_SHRINK)) {
