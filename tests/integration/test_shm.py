@@ -180,6 +180,12 @@ def test_attach_ext4_round_trip(serve, scratch):
 
 # ---- a client killed mid-stream ----
 
+def regions(pid):
+    """How many shared-memory regions the server has mapped."""
+    with open(f"/proc/{pid}/maps") as f:
+        return sum("memfd:devio-shm" in line for line in f)
+
+
 def test_client_killed_mid_stream(serve, scratch):
     name = shm_name()
     s = start_shm(serve, "ram:1G", name)
@@ -193,8 +199,9 @@ def test_client_killed_mid_stream(serve, scratch):
             p.kill()
             p.wait()
     wait_for(lambda: s.stderr().count("session ended") >= 2, 10, "both sessions to end")
-    # the server is alive, and a new client is served
+    # the regions are gone with them, the server is alive, and a new client is served
     assert s.proc.poll() is None
+    assert regions(s.proc.pid) == 0
     new = os.urandom(MiB)
     subprocess.run([DEVIO, "write", uri, "--offset", "5M"], input=new, capture_output=True, timeout=60, check=True)
     out = subprocess.run([DEVIO, "cat", uri, "--offset", "5M", "--length", "1M"], capture_output=True,
@@ -539,6 +546,7 @@ def test_stop_with_a_client_connected(serve, scratch):
     c = PyClient(shm_path(name))
     try:
         assert c.request(0, 2, 0, 16) == (0, 16)
+        assert regions(s.proc.pid) == 1
         assert s.stop() == 0, s.stderr()
         assert c.dropped()
     finally:
