@@ -1,7 +1,9 @@
 /* backend_bench.c - drives one backend directly through devio_submit()
  * (the path every front end uses) with random I/O: THREADS threads each
  * keep DEPTH requests in flight, or call the synchronous pread/pwrite in a
- * loop with "sync".  Prints "IOPS MiB/s" for bench/bench_backends.sh.
+ * loop with "sync".  Prints "IOPS MiB/s CPU-us-per-request" (this
+ * process's user + system time over the measured window) for
+ * bench/bench_backends.sh and bench/bench_shm.sh.
  *
  *   backend_bench SOURCE read|write|randrw BS DEPTH THREADS SECONDS async|sync [direct]
  */
@@ -10,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 #include "devio/backend.h"
 #include "devio/request.h"
@@ -174,6 +177,8 @@ int main(int argc, char **argv)
 	pthread_t *tid;
 	double secs;
 	uint64_t t0, t1, total = 0;
+	struct rusage ru0, ru1;
+	double cpu_us;
 
 	struct devio_open_opts o = { 0 };
 
@@ -197,6 +202,7 @@ int main(int argc, char **argv)
 	t = calloc(threads, sizeof(*t));
 	tid = calloc(threads, sizeof(*tid));
 	t0 = devio_now_ns();
+	getrusage(RUSAGE_SELF, &ru0);
 	for (unsigned i = 0; i < threads; i++) {
 		t[i] = (struct thread_ctx){ .job = &j, .id = i, .sync = !strcmp(argv[7], "sync") };
 		pthread_mutex_init(&t[i].lock, NULL);
@@ -206,11 +212,15 @@ int main(int argc, char **argv)
 	usleep((useconds_t)(secs * 1e6));
 	for (unsigned i = 0; i < threads; i++)
 		total += atomic_load(&t[i].done);
+	getrusage(RUSAGE_SELF, &ru1);
 	atomic_store(&j.stop, true);
 	for (unsigned i = 0; i < threads; i++)
 		pthread_join(tid[i], NULL);
 	t1 = t0 + (uint64_t)(secs * 1e9);
-	printf("%.0f %.1f\n", total / ((t1 - t0) / 1e9), total * (double)j.bs / ((t1 - t0) / 1e9) / 1048576.0);
+	cpu_us = (ru1.ru_utime.tv_sec - ru0.ru_utime.tv_sec + ru1.ru_stime.tv_sec - ru0.ru_stime.tv_sec) * 1e6 +
+		 (ru1.ru_utime.tv_usec - ru0.ru_utime.tv_usec + ru1.ru_stime.tv_usec - ru0.ru_stime.tv_usec);
+	printf("%.0f %.1f %.2f\n", total / ((t1 - t0) / 1e9), total * (double)j.bs / ((t1 - t0) / 1e9) / 1048576.0,
+	       total ? cpu_us / (double)total : 0.0);
 	devio_backend_close(b);
 	free(t);
 	free(tid);

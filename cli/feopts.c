@@ -189,8 +189,10 @@ int feopts_add(struct feopts *f, const struct devio_frontend_type *type, const c
 			devio_err("too many front ends (at most %d)", FEOPTS_MAX_FRONTENDS);
 			return -E2BIG;
 		}
+		const struct devio_frontend_type *v = type->variant ? type->variant(arg) : NULL;
+
 		f->named[i] = true;
-		f->fe[f->n_fe++] = (struct serve_frontend){ .type = type, .arg = arg, .opts = f->opts[i] };
+		f->fe[f->n_fe++] = (struct serve_frontend){ .type = v ? v : type, .arg = arg, .opts = v ? NULL : f->opts[i] };
 		return 0;
 	}
 	devio_err("--%s: not a front end of this command", type->option);

@@ -14,8 +14,9 @@
  * otherwise [offset] (512-byte blocks, or bytes with a suffix) comes first.
  *
  * tcp-port: a bare number, listening on EVERY interface as devio does.
- * commdev: "-" for stdin/stdout, a device path, shm:NAME (not available
- * yet) or drv:NAME (this machine's equivalent of the DevIO client driver:
+ * commdev: "-" for stdin/stdout, a device path, shm:NAME (shared memory,
+ * frontends/shm.c; alignm and buffersize do not apply) or drv:NAME
+ * (this machine's equivalent of the DevIO client driver:
  * a ublk device when /dev/ublk-control exists, else a FUSE file at
  * /run/devio/NAME with a loop device).
  */
@@ -46,7 +47,8 @@ static void imdisk_usage(void)
 		"usage: devio [-r] tcp-port|commdev diskdev [blocks] [offset] [alignm] [buffersize]\n"
 		"       devio [-r] tcp-port|commdev diskdev [partitionnumber] [alignm] [buffersize]\n"
 		"tcp-port: listen on every interface; commdev: - (stdin/stdout), a device path,\n"
-		"drv:NAME (ublk device, or FUSE file /run/devio/NAME with a loop device).\n"
+		"shm:NAME (shared memory, docs/shm.md), drv:NAME (ublk device, or FUSE file\n"
+		"/run/devio/NAME with a loop device).\n"
 		"blocks and offset count 512-byte blocks, or bytes with a K/M/G/T/B suffix\n"
 		"(k/m/g/t/b: powers of 1000); a plain number below 512 is a partition number.\n"
 		"Run 'devio --help' for the devio subcommands.\n");
@@ -245,9 +247,9 @@ static int imdisk_frontend(struct imdisk_args *a, struct feopts *f, const char *
 	const char *c = a->comm;
 	uint64_t port;
 
-	if (!strncmp(c, "shm:", 4)) {
-		devio_err("%s: shared memory transport not available yet", c);
-		return -EOPNOTSUPP;
+	if (!strncmp(c, "shm:", 4)) { /* the stream front end's shm: variant; alignm/buffersize: not for shm */
+		snprintf(buf, buflen, "%s", c);
+		return feopts_add(f, &devio_frontend_stream, buf);
 	}
 	if (!strncmp(c, "drv:", 4))
 		return imdisk_driver(c, f, buf, buflen);

@@ -756,12 +756,19 @@ static bool finished(void *state)
 	return st->single && atomic_load(&st->finished);
 }
 
+/* --devio shm:NAME is the same protocol in shared memory (frontends/shm.c). */
+static const struct devio_frontend_type *stream_variant(const char *arg)
+{
+	return arg && !strncmp(arg, "shm:", 4) ? &devio_frontend_shm : NULL;
+}
+
 const struct devio_frontend_type devio_frontend_stream = {
 	.option = "devio",
-	.arg_help = "tcp:[HOST:]PORT|unix:PATH|stdio|DEVICE[,max-transfer=N][,align=N]",
+	.arg_help = "tcp:[HOST:]PORT|unix:PATH|stdio|DEVICE[,max-transfer=N][,align=N]|shm:NAME[,slots=N][,buffer=N]",
 	.help = "devio stream protocol (ImDisk proxy)",
 	.start = start,
 	.stop = stop,
 	.status = status,
 	.finished = finished,
+	.variant = stream_variant,
 };

@@ -6,6 +6,7 @@
 #include "devio/cow.h"
 #include "devio/frontend.h"
 #include "devio/layer.h"
+#include "devio/shm.h"
 #include "devio/util.h"
 #include "nbd_client.h"
 
@@ -32,6 +33,8 @@ static int store_open(const char *source, const struct devio_open_opts *opts, st
 	}
 	if (!strncmp(source, "devio://", 8) || !strncmp(source, "devio+unix://", 13))
 		return devio_remote_devio_open(source, opts, out);
+	if (!strncmp(source, "devio+shm://", 12))
+		return devio_remote_shm_open(source, opts, out);
 	if (devio_nbd_uri_is_nbd(source)) /* nbds://, nbd+vsock://: an error, never a file */
 		return devio_remote_nbd_open(source, opts, out);
 	if (!strncmp(source, "rbd:", 4))

@@ -74,6 +74,10 @@ struct devio_frontend_type {
 	/* Optional: returns true once the front end has nothing left to serve
 	 * (e.g. a stdio stream whose peer sent CLOSE); serve then exits. */
 	bool (*finished)(void *state);
+	/* Optional: the front end that serves this argument of the option, when
+	 * another one shares it (--devio shm:NAME is the shm front end's);
+	 * that one then starts with no options of its own. */
+	const struct devio_frontend_type *(*variant)(const char *arg);
 };
 
 /* Every front end, in the order of the usage; NULL-terminated.  Adding a
@@ -94,6 +98,7 @@ extern const struct devio_frontend_type devio_frontend_stream; /* --devio */
 extern const struct devio_frontend_type devio_frontend_nbd;    /* --nbd   */
 extern const struct devio_frontend_type devio_frontend_fuse;   /* --fuse  */
 extern const struct devio_frontend_type devio_frontend_ublk;   /* --ublk  */
+extern const struct devio_frontend_type devio_frontend_shm;    /* --devio shm:NAME */
 
 #ifdef __cplusplus
 }

@@ -134,11 +134,7 @@ def test_readonly_stdio_refuses_writes(image):
         assert f.read() == data
 
 
-def test_shm_is_not_available_yet(image):
-    path, _ = image
-    r = subprocess.run([DEVIO, "shm:disk0", path], capture_output=True, timeout=30)
-    assert r.returncode != 0
-    assert b"shared memory transport not available yet" in r.stderr
+# shm:NAME on this command line: test_shm.py::test_imdisk_command_line
 
 
 @pytest.mark.parametrize("args", [["9000"], ["-x", "9000", "img"], ["9000", "img", "1", "2", "3", "4", "5"],

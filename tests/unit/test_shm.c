@@ -1,0 +1,170 @@
+/* test_shm.c - the shared-memory transport's layout helpers, socket paths
+ * and the server's slot decoder (devio_shm_serve_region) on a RAM disk. */
+#include <errno.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include "devio/backend.h"
+#include "devio/protocol.h"
+#include "devio/shm.h"
+
+#define NSLOTS 4u
+#define DATA 4096u
+
+static void test_geometry(void **state)
+{
+	assert_int_equal(devio_shm_ring_cap(1), 1);
+	assert_int_equal(devio_shm_ring_cap(5), 8);
+	assert_int_equal(devio_shm_ring_cap(32), 32);
+	assert_int_equal(devio_shm_ctl_offset(32, 1u << 20), 32ull * (4096 + (1u << 20)));
+	assert_int_equal(devio_shm_region_size(32, 1u << 20), 32ull * (4096 + (1u << 20)) + 4096);
+	assert_int_equal(devio_shm_region_size(1024, 4096), 1024ull * 8192 + 12288); /* 512 + 8 KiB of rings */
+	assert_true(devio_shm_geometry_ok(1, 4096));
+	assert_true(devio_shm_geometry_ok(1024, 64u << 20));
+	assert_false(devio_shm_geometry_ok(0, 4096));
+	assert_false(devio_shm_geometry_ok(1025, 4096));
+	assert_false(devio_shm_geometry_ok(1, 4095));
+	assert_false(devio_shm_geometry_ok(1, 6000));
+	assert_false(devio_shm_geometry_ok(1, (64u << 20) + 4096));
+}
+
+static void test_socket_path(void **state)
+{
+	char p[256], longname[300];
+
+	assert_int_equal(devio_shm_socket_path("", false, p, sizeof(p)), -EINVAL);
+	assert_int_equal(devio_shm_socket_path("a/b", false, p, sizeof(p)), -EINVAL);
+	assert_int_equal(devio_shm_socket_path("..", false, p, sizeof(p)), -EINVAL);
+	assert_int_equal(devio_shm_socket_path("/tmp/x.sock", false, p, sizeof(p)), 0);
+	assert_string_equal(p, "/tmp/x.sock");
+	memset(longname, 'a', sizeof(longname) - 1);
+	longname[sizeof(longname) - 1] = '\0';
+	assert_int_equal(devio_shm_socket_path(longname, false, p, sizeof(p)), -ENAMETOOLONG);
+	if (geteuid() == 0) {
+		assert_int_equal(devio_shm_socket_path("disk", false, p, sizeof(p)), 0);
+		assert_string_equal(p, "/run/devio/shm/disk");
+	}
+}
+
+struct region {
+	uint8_t *m;
+	uint64_t size, ctl;
+	uint32_t tail;
+};
+
+static void region_init(struct region *r)
+{
+	r->size = devio_shm_region_size(NSLOTS, DATA);
+	r->ctl = devio_shm_ctl_offset(NSLOTS, DATA);
+	r->m = aligned_alloc(4096, r->size);
+	assert_non_null(r->m);
+	memset(r->m, 0, r->size);
+	r->tail = 0;
+}
+
+static uint8_t *hdr(struct region *r, uint32_t tag)
+{
+	return r->m + tag * devio_shm_slot_size(DATA);
+}
+
+static void put_words(uint8_t *p, int n, const uint64_t *w)
+{
+	for (int i = 0; i < n; i++)
+		devio_put_le64(p + 8 * i, w[i]);
+}
+
+static void push(struct region *r, uint32_t tag)
+{
+	uint32_t *sq = (uint32_t *)(void *)(r->m + r->ctl + DEVIO_SHM_CTL_RINGS);
+
+	sq[r->tail++ % devio_shm_ring_cap(NSLOTS)] = tag;
+	*(uint32_t *)(void *)(r->m + r->ctl + DEVIO_SHM_CTL_SQ_TAIL) = r->tail;
+}
+
+static uint32_t cq_tail(struct region *r)
+{
+	return *(uint32_t *)(void *)(r->m + r->ctl + DEVIO_SHM_CTL_CQ_TAIL);
+}
+
+static void test_serve_requests(void **state)
+{
+	struct devio_backend *b;
+	struct region r;
+	uint32_t *cq;
+
+	assert_int_equal(devio_ram_open(1 << 20, 0, &b), 0);
+	region_init(&r);
+	cq = (uint32_t *)(void *)(r.m + r.ctl + DEVIO_SHM_CTL_RINGS + 4 * devio_shm_ring_cap(NSLOTS));
+	/* WRITE in slot 2, READ it back in slot 0, INFO in slot 3, one batch */
+	put_words(hdr(&r, 2), 3, (uint64_t[]){ DEVIO_REQ_WRITE, 1000, 5 });
+	memcpy(hdr(&r, 2) + DEVIO_SHM_HDR, "hello", 5);
+	put_words(hdr(&r, 0), 3, (uint64_t[]){ DEVIO_REQ_READ, 998, 9 });
+	put_words(hdr(&r, 3), 1, (uint64_t[]){ DEVIO_REQ_INFO });
+	push(&r, 2);
+	push(&r, 0);
+	push(&r, 3);
+	assert_int_equal(devio_shm_serve_region(b, r.m, r.size, NSLOTS, DATA), 0);
+	assert_int_equal(cq_tail(&r), 3);
+	assert_int_equal(cq[0], 2);
+	assert_int_equal(cq[1], 0);
+	assert_int_equal(cq[2], 3);
+	assert_int_equal(devio_get_le64(hdr(&r, 2)), 0);
+	assert_int_equal(devio_get_le64(hdr(&r, 2) + 8), 5);
+	assert_int_equal(devio_get_le64(hdr(&r, 0)), 0);
+	assert_int_equal(devio_get_le64(hdr(&r, 0) + 8), 9);
+	assert_memory_equal(hdr(&r, 0) + DEVIO_SHM_HDR, "\0\0hello\0\0", 9);
+	assert_int_equal(devio_get_le64(hdr(&r, 3)), 1 << 20);
+	/* errors in the slots, in a fresh region */
+	free(r.m);
+	region_init(&r);
+	put_words(hdr(&r, 0), 3, (uint64_t[]){ DEVIO_REQ_READ, 0, DATA + 1 });
+	put_words(hdr(&r, 1), 3, (uint64_t[]){ DEVIO_REQ_WRITE, (1 << 20) - 1, 2 });
+	put_words(hdr(&r, 2), 2, (uint64_t[]){ DEVIO_REQ_ZERO, 32 });
+	put_words(hdr(&r, 2) + DEVIO_SHM_HDR, 4, (uint64_t[]){ 0, 4096, 1 << 20, 1 });
+	put_words(hdr(&r, 3), 1, (uint64_t[]){ 77 });
+	for (uint32_t t = 0; t < 4; t++)
+		push(&r, t);
+	assert_int_equal(devio_shm_serve_region(b, r.m, r.size, NSLOTS, DATA), 0);
+	assert_int_equal(devio_get_le64(hdr(&r, 0)), E2BIG);
+	assert_int_equal(devio_get_le64(hdr(&r, 1)), ENOSPC);
+	assert_int_equal(devio_get_le64(hdr(&r, 2)), EINVAL);
+	assert_int_equal(devio_get_le64(hdr(&r, 3)), ENODEV);
+	free(r.m);
+	devio_backend_close(b);
+}
+
+static void test_broken_rings(void **state)
+{
+	struct devio_backend *b;
+	struct region r;
+
+	assert_int_equal(devio_ram_open(1 << 20, 0, &b), 0);
+	region_init(&r);
+	push(&r, NSLOTS); /* a tag out of range */
+	assert_int_equal(devio_shm_serve_region(b, r.m, r.size, NSLOTS, DATA), -EPROTO);
+	free(r.m);
+	region_init(&r);
+	*(uint32_t *)(void *)(r.m + r.ctl + DEVIO_SHM_CTL_SQ_TAIL) = NSLOTS + 1; /* ahead */
+	assert_int_equal(devio_shm_serve_region(b, r.m, r.size, NSLOTS, DATA), -EPROTO);
+	assert_int_equal(cq_tail(&r), 0);
+	assert_int_equal(devio_shm_serve_region(b, r.m, r.size - 1, NSLOTS, DATA), -EINVAL);
+	free(r.m);
+	devio_backend_close(b);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_geometry),
+		cmocka_unit_test(test_socket_path),
+		cmocka_unit_test(test_serve_requests),
+		cmocka_unit_test(test_broken_rings),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
