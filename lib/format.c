@@ -6,14 +6,35 @@
 #include "devio/layer.h"
 #include "devio/util.h"
 
+/* VHD: detected by its footer, or named.  1 = not a VHD (auto only). */
+static int format_vhd(const char *name, struct devio_backend *lower, bool named,
+		      const struct devio_open_opts *opts, struct devio_backend **out)
+{
+	int r = named ? 1 : devio_vhd_detect(name, lower);
+
+	if (r <= 0)
+		return r;
+	return devio_vhd_open(name, lower, named, opts, out);
+}
+
 int devio_format_open(const char *name, struct devio_backend *lower, const char *format,
 		      const struct devio_open_opts *opts, struct devio_backend **out)
 {
-	(void)opts;
-	if (!format || !strcmp(format, "auto") || !strcmp(format, "raw")) {
+	int r;
+
+	if (format && !strcmp(format, "raw")) {
 		*out = lower;
 		return 0;
 	}
-	devio_err("%s: format '%s' is not supported (known: raw)", name, format);
+	if (!format || !strcmp(format, "auto")) {
+		r = format_vhd(name, lower, false, opts, out);
+		if (r <= 0)
+			return r;
+		*out = lower;
+		return 0;
+	}
+	if (!strcmp(format, "vhd"))
+		return format_vhd(name, lower, true, opts, out);
+	devio_err("%s: format '%s' is not supported (known: raw, vhd)", name, format);
 	return -EINVAL;
 }
