@@ -12,9 +12,9 @@ static int format_vhd(const char *name, struct devio_backend *lower, bool named,
 {
 	int r = named ? 1 : devio_vhd_detect(name, lower);
 
-	if (r <= 0)
+	if (r < 0)
 		return r;
-	return devio_vhd_open(name, lower, named, opts, out);
+	return r ? devio_vhd_open(name, lower, named, opts, out) : 1;
 }
 
 int devio_format_open(const char *name, struct devio_backend *lower, const char *format,
