@@ -299,6 +299,37 @@ static bool vhd_block_fits(const struct vhd *v, uint32_t e, uint64_t hdr_at, uin
 	return !(start < bat_end && end > v->bat_off);
 }
 
+static int vhd_cmp_u32(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/* No two allocated blocks may share bytes: a write to one would change
+ * the other. */
+static int vhd_bat_overlaps(struct vhd *v)
+{
+	uint32_t *s = malloc(((size_t)v->n_blocks + 1) * sizeof(*s)), n = 0;
+	uint64_t span = v->bitmap_size + (uint64_t)v->block_size;
+	int r = 0;
+
+	if (!s)
+		return -ENOMEM;
+	for (uint32_t i = 0; i < v->n_blocks; i++)
+		if (v->bat[i] != VHD_BAT_UNUSED)
+			s[n++] = v->bat[i];
+	qsort(s, n, sizeof(*s), vhd_cmp_u32);
+	for (uint32_t i = 1; i < n && !r; i++)
+		if ((uint64_t)s[i - 1] * VHD_SECTOR + span > (uint64_t)s[i] * VHD_SECTOR) {
+			devio_err("%s: VHD BAT (offset %" PRIu64 "): the blocks at sectors %u and %u overlap", v->name,
+				  v->bat_off, s[i - 1], s[i]);
+			r = -EINVAL;
+		}
+	free(s);
+	return r;
+}
+
 static int vhd_bat_read(struct vhd *v, uint64_t hdr_at, uint64_t limit)
 {
 	uint8_t *raw = malloc((size_t)v->n_blocks * 4 + 1);
@@ -323,7 +354,7 @@ static int vhd_bat_read(struct vhd *v, uint64_t hdr_at, uint64_t limit)
 		v->bat[i] = e;
 	}
 	free(raw);
-	return r;
+	return r ? r : vhd_bat_overlaps(v);
 }
 
 /* ---- bitmaps ---- */
@@ -1116,10 +1147,10 @@ static int vhd_parent_path(struct vhd *v, const uint8_t *h, uint64_t hdr_at, uin
 			r = vhd_locator_read(v, ent, limit, hdr_at + 576 + 24 * (uint64_t)i, out, cap);
 			if (r < 0)
 				return r;
-			if (r == 0 && stat(out, &st) == 0)
+			if (r == 0 && stat(out, &st) == 0 && (S_ISREG(st.st_mode) || S_ISBLK(st.st_mode)))
 				return 0;
 			if (r == 0)
-				devio_info("%s: VHD parent locator %d names %s, which is not there", v->name, i, out);
+				devio_info("%s: VHD parent locator %d names %s: no image file there", v->name, i, out);
 		}
 	}
 	devio_err("%s: differencing VHD: no parent locator (header at offset %" PRIu64 ", entries at +576) names "
