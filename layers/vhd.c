@@ -681,13 +681,14 @@ static int vhd_alloc(struct vhd *v, uint32_t blk, const uint8_t *buf, uint64_t l
 	if (!bm)
 		return -ENOMEM;
 	r = vhd_fill_block(v, pos, bm, buf, len, in, voff);
-	if (!r)
-		r = vhd_bat_put(v, blk, (uint32_t)(pos / VHD_SECTOR));
-	if (!r)
-		vhd_bitmap_publish(v, blk, bm);
-	else
+	if (r) {
 		free(bm);
-	return r;
+		return r;
+	}
+	/* the bitmap before the BAT entry: a reader that sees the entry finds
+	 * it (while the entry is unused, nobody looks at it) */
+	vhd_bitmap_publish(v, blk, bm);
+	return vhd_bat_put(v, blk, (uint32_t)(pos / VHD_SECTOR));
 }
 
 /* Set the bits of sectors first..last of an allocated block, on disk. */

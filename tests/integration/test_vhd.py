@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import tempfile
@@ -445,3 +446,60 @@ def test_corrupt_images_are_refused_clearly(tmp, case):
     want[1]()
     err = devio_fails("info", img)
     assert want[0] in err and "c.vhd" in err, err
+
+
+# ---- many writers at once, and crashes ----
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_parallel_out_of_order_writes(serve, tmp, direct):
+    """qemu-img convert -m 16 -W: 16 writers, out of order, allocating the
+    same blocks at once (and with O_DIRECT, the growing file's tail)."""
+    img = os.path.join(tmp, "p.vhd")
+    size = qemu_vhd(img, 24 * MiB)
+    raw = os.path.join(tmp, "src.raw")
+    with open(raw, "wb") as f:
+        f.write(patterned(size))
+    s, sock = serve_nbd(serve, tmp, img, *(["--direct"] if direct else []))
+    run_ok("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", "-m", "16", "-W", "-S", "0", raw, uri(sock))
+    assert s.stop() == 0
+    run_ok("qemu-img", "compare", "-f", "vpc", img, "-F", "raw", raw)
+    entries = [e for e in bat(img) if e != 0xFFFFFFFF]
+    n = (size + BLOCK - 1) // BLOCK - 1  # block 1 is all zeroes
+    assert len(entries) == len(set(entries)) == n
+    assert os.path.getsize(img) == 512 + 1024 + 512 + n * (512 + BLOCK) + 512
+
+
+def test_kill_during_writes_leaves_an_image_that_opens(serve, tmp):
+    """Copies of the file taken while writers allocate blocks, and the file
+    after kill -9: each opens (footer at the end, every BAT entry inside
+    the file) in qemu and in devio; what was flushed before the kill is
+    there."""
+    img = os.path.join(tmp, "k.vhd")
+    size = qemu_vhd(img, 32 * MiB)
+    s, sock = serve_nbd(serve, tmp, img)
+    first = os.urandom(3 * MiB)
+    with open(os.path.join(tmp, "first.raw"), "wb") as f:
+        f.write(first)
+    run_ok("nbdcopy", os.path.join(tmp, "first.raw"), uri(sock))  # nbdcopy flushes at the end
+    raw = os.path.join(tmp, "rest.raw")
+    with open(raw, "wb") as f:
+        f.write(os.urandom(size - 4 * MiB))
+    writer = subprocess.Popen(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", "-m", "8", "-W",
+                               "--target-image-opts", raw,
+                               f"driver=raw,file.driver=nbd,file.path={sock},offset={4 * MiB}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        snaps = []
+        for i in range(6):
+            snap = os.path.join(tmp, f"snap{i}.vhd")
+            shutil.copyfile(img, snap)
+            snaps.append(snap)
+        s.stop(signal.SIGKILL)
+    finally:
+        writer.kill()
+        writer.wait()
+    for path in snaps + [img]:
+        assert virtual_size(path) == size
+        out = subprocess.run([DEVIO, "cat", path, "--length", str(3 * MiB)], capture_output=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == first
