@@ -104,7 +104,6 @@ struct vhd {
 	char *parent_path;
 	pthread_mutex_t lock;     /* allocation, BAT and bitmap changes */
 	uint64_t next_alloc;      /* where the next block goes: the end footer's offset */
-	bool alloc_broken;        /* a failed footer write: no more allocations */
 	bool told_full;           /* "cannot grow" logged once */
 };
 
@@ -643,12 +642,8 @@ static int vhd_fill_block(struct vhd *v, uint64_t pos, const uint8_t *bm, const 
 	int r;
 
 	r = devio_layer_write(v->b.lower, v->footer, VHD_FOOTER_SIZE, end, 0);
-	if (r) {
-		v->alloc_broken = true;
-		devio_err("%s: VHD footer at offset %" PRIu64 " not written: no more blocks are allocated", v->name,
-			  end);
-		return r;
-	}
+	if (r)
+		return r; /* nothing refers to [pos, end]: the next try writes the same footer there */
 	v->next_alloc = end; /* from here on a failure leaks the block, nothing worse */
 	r = devio_layer_write(v->b.lower, bm, v->bitmap_size, pos, 0);
 	if (!r) /* no sector of the block was there before: edges from below */
@@ -667,8 +662,6 @@ static int vhd_alloc(struct vhd *v, uint32_t blk, const uint8_t *buf, uint64_t l
 	uint8_t *bm;
 	int r;
 
-	if (v->alloc_broken)
-		return -EIO;
 	if (pos / VHD_SECTOR >= VHD_BAT_UNUSED) {
 		devio_err("%s: VHD image full: a block at offset %" PRIu64 " is past what a BAT entry can address",
 			  v->name, pos);
