@@ -1280,7 +1280,12 @@ static void vhd_init_layer(struct vhd *v, struct devio_backend *lower)
 
 	devio_layer_init(&v->b, fixed ? &vhd_fixed_ops : &vhd_dynamic_ops, lower, fixed ? fixed_keep : dyn_keep, v);
 	if (!fixed)
-		v->b.caps |= DEVIO_CAP_TRIM | DEVIO_CAP_ZERO | DEVIO_CAP_EXTENTS;
+		v->b.caps |= DEVIO_CAP_ZERO | DEVIO_CAP_EXTENTS;
+	/* TRIM reads back as zeroes here (FUSE's punch relies on it): in a
+	 * differencing image that means writing them, which a client that
+	 * discards a whole disk (mkfs) should not be invited to do */
+	if (v->type == VHD_TYPE_DYNAMIC)
+		v->b.caps |= DEVIO_CAP_TRIM;
 	if (v->b.block_size < VHD_SECTOR)
 		v->b.block_size = VHD_SECTOR;
 	v->b.size = vhd_be64(v->footer + 48);

@@ -107,6 +107,7 @@ def test_qemu_image_served_byte_exact(serve, tmp, sub, opts):
     assert nbd_read(sock, tmp) == want
     info = run_ok("nbdinfo", "--json", uri(sock))
     assert f'"export-size": {size}' in info
+    assert '"can_trim": true' in info and '"can_zero": true' in info
     assert s.stop() == 0
     assert subprocess.run([DEVIO, "cat", img], capture_output=True, timeout=60).stdout == want
 
@@ -376,6 +377,8 @@ def test_differencing_needs_format_named(serve, tmp, chain):
     assert "differencing" in err and "--format vhd" in err, err
     s, sock = serve_nbd(serve, tmp, child, "--format", "vhd")
     assert nbd_read(sock, tmp) == want
+    info = run_ok("nbdinfo", "--json", uri(sock))
+    assert '"can_trim": false' in info and '"can_zero": true' in info  # TRIM would write zeroes
     with open(parent, "rb") as f:
         before = hashlib.sha256(f.read()).digest()
     run_ok("qemu-io", "-f", "raw", "-c", "write -P 0xD1 2098176 1000", "-c", "write -P 0xD2 512 100",
