@@ -220,6 +220,73 @@ def imdisk():
         assert b"AddressSanitizer" not in err and b"runtime error:" not in err, err
 
 
+def imdisk_rules_read(path):
+    """The virtual disk as ImDisk's devio reads a dynamic VHD: footer copy
+    at 0, header at 512, a one-sector bitmap before each block's data,
+    bitmaps ignored, unallocated blocks zero."""
+    with open(path, "rb") as f:
+        img = f.read()
+    assert img[:8] == b"conectix" and img[512:520] == b"cxsparse"
+    assert struct.unpack(">I", img[60:64])[0] == 3
+    size, = struct.unpack(">Q", img[48:56])
+    table, = struct.unpack(">Q", img[512 + 16:512 + 24])
+    bs, = struct.unpack(">I", img[512 + 32:512 + 36])
+    out = bytearray(size)
+    for blk in range((size + bs - 1) // bs):
+        e, = struct.unpack(">I", img[table + 4 * blk:table + 4 * blk + 4])
+        if e != 0xFFFFFFFF:
+            n = min(bs, size - blk * bs)
+            out[blk * bs:blk * bs + n] = img[e * 512 + 512:e * 512 + 512 + n]
+    return bytes(out)
+
+
+def imdisk_rules_write(path, off, data):
+    """A write inside one block as ImDisk's devio makes it: a new block
+    where the footer was (BAT entry, zeroes, footer after), the data, then
+    0xFF bytes over the bitmap bytes the written sectors fall in."""
+    with open(path, "r+b") as f:
+        f.seek(512 + 16)
+        table, = struct.unpack(">Q", f.read(8))
+        f.seek(512 + 32)
+        bs, = struct.unpack(">I", f.read(4))
+        blk, inb = divmod(off, bs)
+        f.seek(table + 4 * blk)
+        e, = struct.unpack(">I", f.read(4))
+        if e == 0xFFFFFFFF:
+            f.seek(-512, 2)
+            at = f.tell()
+            foot = f.read(512)
+            e = at // 512
+            f.seek(table + 4 * blk)
+            f.write(struct.pack(">I", e))
+            f.seek(at)
+            f.write(bytes(512 + bs) + foot)
+        f.seek(e * 512 + 512 + inb)
+        f.write(data)
+        f.seek(e * 512 + (inb >> 12))
+        f.write(b"\xff" * ((((len(data) + 511) >> 9) + 7) >> 3))
+
+
+def test_image_written_by_imdisk_rules_is_served(serve, tmp):
+    img = os.path.join(tmp, "w.vhd")
+    size = qemu_vhd(img, 8 * MiB)
+    want = bytearray(size)
+    for off, ln, pat in ((4096, 1024, 0x61), (3 * MiB + 7 * 512, 512, 0x62), (3 * MiB + 64 * 1024, 8192, 0x63)):
+        imdisk_rules_write(img, off, bytes([pat]) * ln)
+        want[off:off + ln] = bytes([pat]) * ln
+    assert qemu_raw(img, tmp) == bytes(want)
+    s, sock = serve_nbd(serve, tmp, img)
+    assert nbd_read(sock, tmp) == bytes(want)
+    # sectors 200 and 300 of block 1: their bits unset (the second a partial sector)
+    run_ok("qemu-io", "-f", "raw", "-c", "write -P 0x64 3248128 512", "-c", "write -P 0x65 3299338 100", uri(sock))
+    want[3248128:3248128 + 512] = b"\x64" * 512
+    want[3299338:3299338 + 100] = b"\x65" * 100
+    assert s.stop() == 0
+    assert qemu_raw(img, tmp, "after.raw") == bytes(want)
+    # devio honours the bitmap: the bits of the new sectors were set
+    assert subprocess.run([DEVIO, "cat", img], capture_output=True, timeout=60).stdout == bytes(want)
+
+
 def test_imdisk_command_line_serves_the_virtual_disk(imdisk, tmp):
     img = os.path.join(tmp, "i.vhd")
     size = qemu_vhd(img, 16 * MiB)
@@ -243,6 +310,7 @@ def test_imdisk_command_line_serves_the_virtual_disk(imdisk, tmp):
     want[MiB:4 * MiB] = payload
     assert r.stdout == bytes(want)
     assert qemu_raw(img, tmp) == bytes(want)
+    assert imdisk_rules_read(img) == bytes(want)  # the layout ImDisk's devio reads
 
 
 def test_imdisk_novhd_serves_the_container(imdisk, tmp):
