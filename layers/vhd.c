@@ -1213,8 +1213,9 @@ static int vhd_differencing(struct vhd *v, const uint8_t *h, uint64_t hdr_at, ui
 	int r;
 
 	if (!named) {
-		devio_err("%s: a differencing VHD: it names a parent image, which devio opens only when asked to "
-			  "(--format vhd; or --format raw / --novhd for the container's bytes)", v->name);
+		devio_err("%s: a differencing VHD: it names a parent image, which devio opens only when the format "
+			  "is named (devio serve IMAGE --format vhd ...); --format raw or ImDisk's --novhd serve the "
+			  "container's bytes", v->name);
 		return -EINVAL;
 	}
 	if (strstr(v->name, "://") || !strncmp(v->name, "ram:", 4)) {
