@@ -34,7 +34,10 @@
  *   4. the BAT entry.
  * A crash before 4 leaks the space (the file ends with a valid footer
  * after it; the next open appends after that footer).  In a block already
- * allocated, data is written before the bitmap bits that make it visible.
+ * allocated (a differencing image's, or one another tool wrote with a
+ * partial bitmap), data is written and flushed before the bitmap bits that
+ * make it visible; blocks devio allocates in a dynamic image have every
+ * bit set and never take that path.
  * TRIM/ZERO of a whole block of a dynamic image frees it: the BAT entry
  * becomes 0xFFFFFFFF on disk first, then the block's bytes are trimmed in
  * the lower store where it can (a hole in the middle of the file, never
@@ -684,7 +687,8 @@ static int vhd_alloc(struct vhd *v, uint32_t blk, const uint8_t *buf, uint64_t l
 	return vhd_bat_put(v, blk, (uint32_t)(pos / VHD_SECTOR));
 }
 
-/* Set the bits of sectors first..last of an allocated block, on disk. */
+/* Set the bits of sectors first..last of an allocated block, on disk,
+ * after a barrier: the data they make visible is durable first. */
 static int vhd_bitmap_update(struct vhd *v, uint32_t e, uint8_t *bm, uint32_t first, uint32_t last)
 {
 	uint8_t *copy;
@@ -692,6 +696,9 @@ static int vhd_bitmap_update(struct vhd *v, uint32_t e, uint8_t *bm, uint32_t fi
 
 	if (bm == VHD_BITMAP_FULL)
 		return 0;
+	r = devio_layer_flush(v->b.lower);
+	if (r)
+		return r;
 	copy = malloc(v->bitmap_size);
 	if (!copy)
 		return -ENOMEM;

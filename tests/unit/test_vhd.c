@@ -1,7 +1,8 @@
 /* test_vhd.c - the VHD layer over a store in memory that grows as a file
  * does (its length is what was written, its limit what grow allowed) and
  * records every write and flush: the order of a block's allocation
- * (footer at the new end, bitmap and data, flush, BAT entry), an image
+ * (footer at the new end, bitmap and data, flush, BAT entry) and of a
+ * partial bitmap's update (data, flush, bitmap), an image
  * that opens after a failure at each step, all-zero writes that allocate
  * nothing, TRIM freeing whole blocks, a store that cannot grow, many
  * threads allocating at once, and a few hostile header fields. */
@@ -238,6 +239,47 @@ static void test_allocation_order(void **state)
 	mem_free(m);
 }
 
+/* A block another tool wrote with a partial bitmap (sector 0 only): a
+ * write to another sector lands, is flushed, then its bit is set; the
+ * sectors never written read as zeroes whatever the file holds there. */
+static void test_partial_bitmap_order(void **state)
+{
+	struct mem *m = mem_image(true);
+	struct devio_backend *v;
+	uint8_t buf[600], back[1536];
+
+	put32(m->p + BAT_AT + 4, DATA_AT / 512);  /* block 1 at the old footer's place */
+	memset(m->p + DATA_AT, 0, 512);
+	m->p[DATA_AT] = 0x80;                      /* sector 0 present */
+	memset(m->p + DATA_AT + 512, 0xEE, BS);    /* stale bytes everywhere */
+	memcpy(m->p + DATA_AT + 512 + BS, m->p, 512);
+	m->len = DATA_AT + 512 + BS + 512;
+	v = vhd_over(m);
+	assert_int_equal(devio_layer_read(v, back, 1024, BS), 0);
+	assert_int_equal(back[0], 0xEE);
+	assert_int_equal(back[512], 0);            /* not present: zero, not the stale 0xEE */
+	memset(buf, 0x19, sizeof(buf));
+	m->n_ops = 0;
+	assert_int_equal(devio_layer_write(v, buf, sizeof(buf), BS + 700, 0), 0);  /* sectors 1-2, partial */
+	assert_true(m->n_ops >= 3);
+	assert_true(m->ops[m->n_ops - 2].kind == OP_FLUSH);
+	assert_true(m->ops[m->n_ops - 1].kind == OP_WRITE && m->ops[m->n_ops - 1].off == DATA_AT);
+	for (int i = 0; i < m->n_ops - 2; i++)
+		assert_true(m->ops[i].kind == OP_WRITE && m->ops[i].off >= DATA_AT + 512);
+	assert_int_equal(m->p[DATA_AT], 0xE0);     /* sectors 0, 1, 2 */
+	vhd_done(v);
+	v = vhd_over(m);
+	assert_int_equal(devio_layer_read(v, back, 1024 + 512, BS), 0);
+	assert_int_equal(back[511], 0xEE);
+	assert_int_equal(back[512], 0);            /* the rest of sector 1 from below: zeroes */
+	assert_int_equal(back[699], 0);
+	assert_int_equal(back[700], 0x19);
+	assert_int_equal(back[1299], 0x19);
+	assert_int_equal(back[1300], 0);           /* the rest of sector 2 */
+	vhd_done(v);
+	mem_free(m);
+}
+
 /* A failure at step k of an allocation: the image still opens, the BAT
  * does not point at the block, the next allocation works. */
 static void test_failure_at_each_step(void **state)
@@ -435,6 +477,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_allocation_order),
 		cmocka_unit_test(test_failure_at_each_step),
+		cmocka_unit_test(test_partial_bitmap_order),
 		cmocka_unit_test(test_zeroes_and_trim),
 		cmocka_unit_test(test_extents_and_no_grow),
 		cmocka_unit_test(test_threads_allocate_at_once),
