@@ -839,7 +839,7 @@ struct vhd_emit {
 	void *ctx;
 	uint64_t off, len;
 	uint32_t flags;
-	bool stop;   /* the parent stopped early: so do we */
+	bool stop;   /* the parent or the store stopped early: so do we */
 };
 
 static int vhd_emit_flush(struct vhd_emit *em)
@@ -887,6 +887,37 @@ static int vhd_extents_below(struct vhd *v, uint64_t off, uint64_t len, struct v
 	return len > n ? vhd_emit(em, off + n, len - n, DEVIO_EXTENT_HOLE | DEVIO_EXTENT_ZERO) : 0;
 }
 
+/* The store's extents under an allocated block's data, told at the
+ * virtual offsets they stand for. */
+struct vhd_shift {
+	struct vhd_emit *em;
+	uint64_t lower_base, virt_base;
+};
+
+static int vhd_emit_shifted(void *ctx, uint64_t off, uint64_t len, uint32_t flags)
+{
+	struct vhd_shift *s = ctx;
+
+	return vhd_emit(s->em, off - s->lower_base + s->virt_base, len, flags);
+}
+
+/* An allocated piece: where every sector is in the block, the holes of
+ * the file under it (a block devio appends is sparse until written). */
+static int vhd_extents_block(struct vhd *v, uint32_t e, uint64_t off, uint64_t len, struct vhd_emit *em)
+{
+	struct vhd_shift s = { em, (uint64_t)e * VHD_SECTOR + v->bitmap_size + (off & (v->block_size - 1)), off };
+	uint64_t want = em->off + em->len + len;
+	uint8_t *bm;
+	int r = vhd_bitmap(v, (uint32_t)(off >> v->block_shift), e, &bm);
+
+	if (r || bm != VHD_BITMAP_FULL || !(v->b.lower->caps & DEVIO_CAP_EXTENTS))
+		return r ? r : vhd_emit(em, off, len, 0);
+	r = devio_extents(v->b.lower, s.lower_base, len, vhd_emit_shifted, &s);
+	if (!r && em->off + em->len < want)
+		em->stop = true;
+	return r;
+}
+
 static int vhd_extents(struct devio_backend *b, uint64_t off, uint64_t len, devio_extent_fn fn, void *ctx)
 {
 	struct vhd *v = vhd_of(b);
@@ -897,8 +928,10 @@ static int vhd_extents(struct devio_backend *b, uint64_t off, uint64_t len, devi
 		uint64_t room = v->block_size - (off & (v->block_size - 1));
 		uint64_t n = len < room ? len : room;
 
-		if (vhd_bat_get(v, (uint32_t)(off >> v->block_shift)) != VHD_BAT_UNUSED)
-			r = vhd_emit(&em, off, n, 0);
+		uint32_t e = vhd_bat_get(v, (uint32_t)(off >> v->block_shift));
+
+		if (e != VHD_BAT_UNUSED)
+			r = vhd_extents_block(v, e, off, n, &em);
 		else
 			r = vhd_extents_below(v, off, n, &em);
 		off += n;
