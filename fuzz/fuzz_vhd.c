@@ -6,6 +6,7 @@
  * zeroes, extents must cover the range in order. */
 #include <errno.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -86,11 +87,30 @@ static int mem_grow(struct devio_backend *b, uint64_t size)
 	return 0;
 }
 
+/* 512-byte pieces of zeroes are holes, as a sparse file's would be. */
+static int mem_extents(struct devio_backend *b, uint64_t off, uint64_t len, devio_extent_fn fn, void *ctx)
+{
+	struct mem *m = b->priv;
+
+	while (len) {
+		uint64_t n = 512 - off % 512 < len ? 512 - off % 512 : len;
+		bool zero = m->p[off] == 0 && !memcmp(m->p + off, m->p + off + 1, n - 1);
+		int r = fn(ctx, off, n, zero ? DEVIO_EXTENT_HOLE | DEVIO_EXTENT_ZERO : 0);
+
+		if (r)
+			return r;
+		off += n;
+		len -= n;
+	}
+	return 0;
+}
+
 static const struct devio_backend_ops mem_ops = {
 	.name = "fuzz-mem",
 	.pread = mem_pread,
 	.pwrite = mem_pwrite,
 	.trim = mem_trim,
+	.extents = mem_extents,
 	.grow = mem_grow,
 };
 
