@@ -576,3 +576,25 @@ def test_kill_during_writes_leaves_an_image_that_opens(serve, tmp):
         out = subprocess.run([DEVIO, "cat", path, "--length", str(3 * MiB)], capture_output=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert out.stdout == first
+
+
+def test_format_vhd_on_raw_bytes_and_readonly(serve, tmp):
+    raw = os.path.join(tmp, "plain.img")
+    with open(raw, "wb") as f:
+        f.write(os.urandom(MiB))
+    r = subprocess.run([DEVIO, "serve", raw, "--format", "vhd", "--nbd", f"unix:{tmp}/r.sock"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "conectix" in r.stderr, r.stderr
+    img = os.path.join(tmp, "ro.vhd")
+    size = qemu_vhd(img, 8 * MiB)
+    qemu_write(img, (0x3c, 0, 65536))
+    before = os.path.getsize(img)
+    s, sock = serve_nbd(serve, tmp, img, "--readonly")
+    info = run_ok("nbdinfo", "--json", uri(sock))
+    assert '"is_read_only": true' in info and f'"export-size": {size}' in info, info
+    w = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 1 4M 4096", uri(sock)], capture_output=True,
+                       text=True, timeout=60)
+    assert w.returncode != 0 or "error" in (w.stdout + w.stderr).lower()
+    assert nbd_read(sock, tmp)[:65536] == b"\x3c" * 65536
+    assert s.stop() == 0
+    assert os.path.getsize(img) == before
