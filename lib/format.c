@@ -12,9 +12,12 @@ static int format_vhd(const char *name, struct devio_backend *lower, bool named,
 {
 	int r = named ? 1 : devio_vhd_detect(name, lower);
 
-	if (r < 0)
-		return r;
-	return r ? devio_vhd_open(name, lower, named, opts, out) : 1;
+	if (r < 0) /* a raw device with an unreadable sector is still served */
+		devio_warn("%s: cannot read where a VHD footer would be (%s): serving the bytes as they are", name,
+			   strerror(-r));
+	if (r <= 0)
+		return 1;
+	return devio_vhd_open(name, lower, named, opts, out);
 }
 
 int devio_format_open(const char *name, struct devio_backend *lower, const char *format,

@@ -42,6 +42,7 @@ struct mem {
 	uint8_t *p;
 	uint64_t len;           /* bytes written so far: the file's length */
 	int fail_at;            /* fail the Nth write/flush from now (1-based), 0 never */
+	bool fail_reads;        /* every read fails (a device with bad sectors) */
 	int n_ops;
 	struct op ops[64];
 };
@@ -52,8 +53,8 @@ static int mem_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t 
 {
 	struct mem *m = to_mem(b);
 
-	if (off + len > m->len)
-		return -EIO; /* past the end of the "file" */
+	if (off + len > m->len || m->fail_reads)
+		return -EIO; /* past the end of the "file", or a bad sector */
 	memcpy(buf, m->p + off, len);
 	return 0;
 }
@@ -472,6 +473,21 @@ static void test_hostile_fields(void **state)
 	}
 }
 
+/* Detection that cannot read the footer's place serves the bytes raw
+ * (a device with a bad last sector is still a device); naming the format
+ * makes it an error. */
+static void test_unreadable_footer_place(void **state)
+{
+	struct mem *m = mem_image(true);
+	struct devio_backend *v = NULL;
+
+	m->fail_reads = true;
+	assert_int_equal(devio_format_open("mem.vhd", &m->b, "auto", NULL, &v), 0);
+	assert_ptr_equal(v, &m->b);
+	assert_int_equal(devio_format_open("mem.vhd", &m->b, "vhd", NULL, &v), -EIO);
+	mem_free(m);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -482,6 +498,7 @@ int main(void)
 		cmocka_unit_test(test_extents_and_no_grow),
 		cmocka_unit_test(test_threads_allocate_at_once),
 		cmocka_unit_test(test_hostile_fields),
+		cmocka_unit_test(test_unreadable_footer_place),
 	};
 
 	devio_log_set_level(DEVIO_LOG_ERROR);
