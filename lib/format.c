@@ -2,6 +2,7 @@
  * by signature, the user's --format, and the rule that an image named only
  * by auto-detection never makes devio open a backing file. */
 #include <errno.h>
+#include <stdbool.h>
 #include <string.h>
 #include "devio/layer.h"
 #include "devio/util.h"
@@ -20,6 +21,14 @@ static int format_vhd(const char *name, struct devio_backend *lower, bool named,
 	return devio_vhd_open(name, lower, named, opts, out);
 }
 
+/* Auto-detection looks at image files and devices.  A remote export
+ * (devio://, nbd://) is what its server chose to serve, and a new RAM disk
+ * holds nothing: either is read as an image format only when asked. */
+static bool format_detectable(const char *name)
+{
+	return !strstr(name, "://") && strncmp(name, "ram:", 4);
+}
+
 int devio_format_open(const char *name, struct devio_backend *lower, const char *format,
 		      const struct devio_open_opts *opts, struct devio_backend **out)
 {
@@ -30,7 +39,7 @@ int devio_format_open(const char *name, struct devio_backend *lower, const char 
 		return 0;
 	}
 	if (!format || !strcmp(format, "auto")) {
-		r = format_vhd(name, lower, false, opts, out);
+		r = format_detectable(name) ? format_vhd(name, lower, false, opts, out) : 1;
 		if (r <= 0)
 			return r;
 		*out = lower;

@@ -598,3 +598,36 @@ def test_format_vhd_on_raw_bytes_and_readonly(serve, tmp):
     assert nbd_read(sock, tmp)[:65536] == b"\x3c" * 65536
     assert s.stop() == 0
     assert os.path.getsize(img) == before
+
+
+def test_vhd_over_a_remote_store_only_when_named(serve, tmp):
+    """A container served raw by one devio, read as a VHD by another over
+    NBD with --format vhd; without it the export's bytes are what they are.
+    A remote store cannot grow: a new block is refused, allocated ones are
+    written."""
+    img = os.path.join(tmp, "r.vhd")
+    size = qemu_vhd(img, 8 * MiB)
+    qemu_write(img, (0x5e, 2 * MiB, 4096))
+    want = qemu_raw(img, tmp)
+    with open(img, "rb") as f:
+        container = f.read()
+    inner_sock = os.path.join(tmp, "inner.sock")
+    inner = serve(img, "--format", "raw", "--nbd", f"unix:{inner_sock}")
+    inner.wait_unix(inner_sock)
+    outer_sock = os.path.join(tmp, "outer.sock")
+    outer = serve(uri(inner_sock), "--format", "vhd",
+                  "--nbd", f"unix:{outer_sock}")
+    outer.wait_unix(outer_sock)
+    assert nbd_read(outer_sock, tmp) == want
+    run_ok("qemu-io", "-f", "raw", "-c", "write -P 0x6f 2101248 512", uri(outer_sock))  # block 1: allocated
+    bad = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x70 0 512", uri(outer_sock)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 or "error" in (bad.stdout + bad.stderr).lower()
+    assert "cannot append a VHD block" in outer.stderr()
+    r = subprocess.run([DEVIO, "cat", uri(inner_sock)], capture_output=True, timeout=60)
+    assert r.returncode == 0 and r.stdout[:512] == container[:512] and len(r.stdout) == len(container)
+    assert outer.stop() == 0 and inner.stop() == 0
+    expect = bytearray(want)
+    expect[2101248:2101248 + 512] = b"\x6f" * 512
+    assert qemu_raw(img, tmp, "after.raw") == bytes(expect)
+    assert size == len(want)
