@@ -585,7 +585,7 @@ static int vhd_write_edges(struct vhd *v, const uint8_t *bm, uint64_t data, cons
 	return len ? devio_layer_write(v->b.lower, buf, len, data + in, 0) : 0;
 }
 
-/* Whether growing failed for a reason worth one message. */
+/* Let the store reach size bytes; the first refusal is logged, once. */
 static int vhd_grow(struct vhd *v, uint64_t size)
 {
 	int r = devio_layer_grow(v->b.lower, size);

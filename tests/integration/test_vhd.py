@@ -631,3 +631,26 @@ def test_vhd_over_a_remote_store_only_when_named(serve, tmp):
     expect[2101248:2101248 + 512] = b"\x6f" * 512
     assert qemu_raw(img, tmp, "after.raw") == bytes(expect)
     assert size == len(want)
+
+
+def test_fixed_image_written_through_nbd(serve, tmp):
+    img = os.path.join(tmp, "f.vhd")
+    size = qemu_vhd(img, 6 * MiB, "fixed")
+    with open(img, "rb") as f:
+        f.seek(-512, 2)
+        footer = f.read()
+    s, sock = serve_nbd(serve, tmp, img)
+    run_ok("qemu-io", "-f", "raw", "-c", f"write -P 0x4b {size - 4096} 4096", "-c", "write -P 0x4c 0 1000",
+           "-c", "discard 2M 1M", uri(sock))
+    too_far = subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P 1 {size} 512", uri(sock)],
+                             capture_output=True, text=True, timeout=60)
+    assert too_far.returncode != 0 or "error" in (too_far.stdout + too_far.stderr).lower()
+    assert s.stop() == 0
+    want = bytearray(size)
+    want[size - 4096:] = b"\x4b" * 4096
+    want[:1000] = b"\x4c" * 1000
+    assert qemu_raw(img, tmp) == bytes(want)
+    with open(img, "rb") as f:
+        f.seek(-512, 2)
+        assert f.read() == footer  # the footer is not part of the disk
+    assert os.path.getsize(img) == size + 512
