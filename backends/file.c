@@ -53,6 +53,7 @@ struct devio_file {
 	uint32_t align;     /* O_DIRECT alignment, 1 without */
 	uint32_t lbs;       /* logical block size (512 for files) */
 	bool is_blk, readonly, direct;
+	bool whole;         /* the window is the whole regular file: it may grow (file_grow) */
 	bool uring_reads;   /* io_uring reads the page cache without a worker */
 	bool uring_writes;  /* io_uring writes the page cache without a worker */
 	struct devio_range_lock ranges; /* O_DIRECT: blocks being changed */
@@ -531,6 +532,32 @@ static int file_extents(struct devio_backend *b, uint64_t off, uint64_t len, dev
 	return 0;
 }
 
+static int open_tail_fd(struct devio_file *f, uint64_t image_size);
+
+/* Let writes reach size bytes: for an image format that appends blocks
+ * (VHD, qcow2).  The file itself grows as those writes land; with O_DIRECT
+ * the bytes past the last whole block at open go through the tail
+ * descriptor, as the tail of the file did. */
+static int file_grow(struct devio_backend *b, uint64_t size)
+{
+	struct devio_file *f = to_file(b);
+	int r;
+
+	if (!f->whole || f->readonly)
+		return -EOPNOTSUPP;
+	if (size <= b->size)
+		return 0;
+	if (size > (uint64_t)INT64_MAX)
+		return -EFBIG;
+	if (f->direct && f->tail_fd < 0) {
+		r = open_tail_fd(f, size);
+		if (r)
+			return r;
+	}
+	__atomic_store_n(&b->size, size, __ATOMIC_RELEASE);
+	return 0;
+}
+
 static void file_describe(struct devio_backend *b, char *out, size_t outlen)
 {
 	struct devio_file *f = to_file(b);
@@ -615,6 +642,7 @@ static const struct devio_backend_ops file_ops = {
 	.splice_write = file_splice_write,
 	.splice_read = file_splice_read,
 	.describe = file_describe,
+	.grow = file_grow,
 	.close = file_close,
 };
 
@@ -806,6 +834,7 @@ int devio_file_open(const char *path, const struct devio_open_opts *opts, struct
 	if (r)
 		goto out_close;
 	f->b.ops = &file_ops;
+	f->whole = !f->is_blk && !opts->partition && !opts->has_offset && !opts->has_size;
 	f->b.size = size;
 	f->b.block_size = f->align;
 	f->b.priv = f;

@@ -2,19 +2,52 @@
  * by signature, the user's --format, and the rule that an image named only
  * by auto-detection never makes devio open a backing file. */
 #include <errno.h>
+#include <stdbool.h>
 #include <string.h>
 #include "devio/layer.h"
 #include "devio/util.h"
 
+/* VHD: detected by its footer, or named.  1 = not a VHD (auto only). */
+static int format_vhd(const char *name, struct devio_backend *lower, bool named,
+		      const struct devio_open_opts *opts, struct devio_backend **out)
+{
+	int r = named ? 1 : devio_vhd_detect(name, lower);
+
+	if (r < 0) /* a raw device with an unreadable sector is still served */
+		devio_warn("%s: cannot read where a VHD footer would be (%s): serving the bytes as they are", name,
+			   strerror(-r));
+	if (r <= 0)
+		return 1;
+	return devio_vhd_open(name, lower, named, opts, out);
+}
+
+/* Auto-detection looks at image files and devices.  A remote export
+ * (devio://, nbd://) is what its server chose to serve, and a new RAM disk
+ * holds nothing: either is read as an image format only when asked. */
+static bool format_detectable(const char *name)
+{
+	return !strstr(name, "://") && strncmp(name, "ram:", 4);
+}
+
 int devio_format_open(const char *name, struct devio_backend *lower, const char *format,
 		      const struct devio_open_opts *opts, struct devio_backend **out)
 {
-	(void)opts;
-	if (!format || !strcmp(format, "auto") || !strcmp(format, "raw")) {
+	int r;
+
+	if (format && !strcmp(format, "raw")) {
 		*out = lower;
 		return 0;
 	}
-	devio_err("%s: format '%s' is not supported (known: raw)", name, format);
+	if (!format || !strcmp(format, "auto")) {
+		r = format_detectable(name) ? format_vhd(name, lower, false, opts, out) : 1;
+		if (r <= 0)
+			return r;
+		*out = lower;
+		return 0;
+	}
+	if (!strcmp(format, "vhd"))
+		return format_vhd(name, lower, true, opts, out);
+	devio_err("%s: format '%s' is not supported (known: raw, vhd)", name, format);
 	return -EINVAL;
 }
 

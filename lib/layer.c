@@ -51,6 +51,17 @@ int devio_layer_zero(struct devio_backend *lower, uint64_t off, uint64_t len, ui
 	return layer_request(lower, DEVIO_OP_ZERO, NULL, len, off, flags);
 }
 
+int devio_layer_grow(struct devio_backend *lower, uint64_t size)
+{
+	if (lower->caps & DEVIO_CAP_READONLY)
+		return -EROFS;
+	if (size <= lower->size)
+		return 0;
+	if (!lower->ops->grow)
+		return -EOPNOTSUPP;
+	return lower->ops->grow(lower, size);
+}
+
 int devio_extents(struct devio_backend *b, uint64_t off, uint64_t len, devio_extent_fn fn, void *ctx)
 {
 	if (off > b->size || len > b->size - off)

@@ -93,6 +93,13 @@ struct devio_backend_ops {
 	 * file with holes, which the usual way can send as holes.  On error
 	 * the pipe may hold a part. */
 	int (*splice_read)(struct devio_backend *b, int pipe_fd, uint64_t len, uint64_t off);
+	/* Optional, for stores that can get longer (a whole image file): let
+	 * writes reach up to size bytes from now on (b->size becomes size; the
+	 * store grows as those writes land, so write its new end first).
+	 * Never shrinks.  -EOPNOTSUPP where the store's size is fixed (a
+	 * device, a window, a remote server, a RAM disk).  For image formats
+	 * that append blocks (layer.h: devio_layer_grow). */
+	int (*grow)(struct devio_backend *b, uint64_t size);
 	/* One-line human description for `devio status` and logs (optional). */
 	void (*describe)(struct devio_backend *b, char *out, size_t outlen);
 	void (*close)(struct devio_backend *b);

@@ -36,6 +36,9 @@ int devio_layer_write(struct devio_backend *lower, const void *buf, uint64_t len
 int devio_layer_flush(struct devio_backend *lower);
 int devio_layer_trim(struct devio_backend *lower, uint64_t off, uint64_t len, uint32_t flags);
 int devio_layer_zero(struct devio_backend *lower, uint64_t off, uint64_t len, uint32_t flags);
+/* Let writes to the lower backend reach size bytes (ops->grow): 0,
+ * -EOPNOTSUPP if its size is fixed, -EROFS if it is read-only. */
+int devio_layer_grow(struct devio_backend *lower, uint64_t size);
 
 /* The extents of [off, off+len) of any backend, after a range check: its
  * own extents callback, or one data extent where it has none. */
@@ -59,6 +62,14 @@ int devio_format_open(const char *name, struct devio_backend *lower, const char 
  * error the cause was logged: -ENOTSUP for a format that cannot be
  * created yet, -EINVAL for an unknown one. */
 int devio_format_create(const char *format, const char *path, uint64_t size, struct devio_backend **out);
+/* VHD (layers/vhd.c).  devio_vhd_detect: 1 if lower holds a VHD (a
+ * "conectix" footer at its end, or at offset 0 followed by a "cxsparse"
+ * header), 0 if not, or a negative errno.  devio_vhd_open: the VHD layer
+ * over lower; a differencing image's parent is opened (read-only) only
+ * when named is true (the user asked for --format vhd). */
+int devio_vhd_detect(const char *name, struct devio_backend *lower);
+int devio_vhd_open(const char *name, struct devio_backend *lower, bool named, const struct devio_open_opts *opts,
+		   struct devio_backend **out);
 
 #ifdef __cplusplus
 }
