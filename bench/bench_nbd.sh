@@ -4,7 +4,11 @@
 # socket and over TCP on loopback) for a RAM disk (devio ram: vs nbdkit's
 # memory plugin) and for a file on tmpfs (devio vs nbdkit's file plugin
 # vs qemu-nbd).  Prints IOPS and MiB/s per job and the ratio of each
-# server to the best peer (nbdkit / qemu-nbd) of that row.
+# server to the best peer (nbdkit / qemu-nbd) of that row, and each
+# server's CPU time per request: utime + stime of the server process over
+# the job (ramp included) divided by the requests it served in that time
+# (fio's IOPS x (ramp + runtime)): a figure the client cannot hide when it
+# saturates first.
 #
 #   bench/bench_nbd.sh                 # release build in build-release-nbd
 #   RUNTIME=5 SIZE=512M bench/bench_nbd.sh
@@ -104,19 +108,26 @@ trap cleanup EXIT INT TERM
 
 # run_job NAME BACKEND TRANSPORT JOB RW BS IODEPTH [CONNECTIONS]: appends a
 # row to $RESULTS (with several connections, their sum)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
 run_job() {
-  local name=$1 backend=$2 transport=$3 job=$4
+  local name=$1 backend=$2 transport=$3 job=$4 t0 t1
+  t0=$(cpu_ticks "${PID[$name]}")
   fio --name="$job" --ioengine=nbd --uri="${URI[$name]}" --rw="$5" --bs="$6" --iodepth="$7" \
     --size="$SIZE" --time_based --runtime="$RUNTIME" --ramp_time=1 --numjobs="${8:-1}" --group_reporting \
     --randrepeat=0 --norandommap --output-format=json >"$WORK/fio.json" 2>"$WORK/fio.err" ||
     { echo "bench_nbd: fio $job against $name failed: $(tail -3 "$WORK/fio.err")" >&2; return 0; }
-  $PY - "$WORK/fio.json" "$backend" "$transport" "$job" "$name" >>"$RESULTS" <<'PY'
+  t1=$(cpu_ticks "${PID[$name]}")
+  $PY - "$WORK/fio.json" "$backend" "$transport" "$job" "$name" "$((t1 - t0))" "$(getconf CLK_TCK)" \
+      "$((RUNTIME + 1))" >>"$RESULTS" <<'PY'
 import json, sys
-path, backend, transport, job, server = sys.argv[1:]
+path, backend, transport, job, server, ticks, hz, secs = sys.argv[1:]
 text = open(path).read()
 j = json.loads(text[text.index("{"):])["jobs"][0]
 io = j["read"] if j["read"]["io_bytes"] else j["write"]
-print(f"{backend}\t{transport}\t{job}\t{server}\t{io['iops']:.0f}\t{io['bw'] / 1024:.1f}")
+reqs = io["iops"] * float(secs)
+cpu_us = int(ticks) / int(hz) * 1e6 / reqs if reqs else 0
+print(f"{backend}\t{transport}\t{job}\t{server}\t{io['iops']:.0f}\t{io['bw'] / 1024:.1f}\t{cpu_us:.2f}")
 PY
 }
 
@@ -146,16 +157,17 @@ $PY - "$RESULTS" <<'PY'
 import sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 by = {}
-for backend, transport, job, server, iops, mibs in rows:
+for backend, transport, job, server, iops, mibs, cpu in rows:
     cur = by.setdefault((backend, transport, job), {}).get(server)
     if not cur or float(iops) > cur[0]:
-        by[(backend, transport, job)][server] = (float(iops), float(mibs))
+        by[(backend, transport, job)][server] = (float(iops), float(mibs), float(cpu))
 print()
-print(f"{'backend':7} {'transport':9} {'job':18} {'server':9} {'IOPS':>9} {'MiB/s':>8} {'vs best peer':>12}")
+print(f"{'backend':7} {'transport':9} {'job':18} {'server':9} {'IOPS':>9} {'MiB/s':>8} {'vs best peer':>12}"
+      f" {'CPU us/req':>10}")
 for (backend, transport, job), servers in by.items():
     peers = [v for s, v in servers.items() if s != "devio"]
     best = max((v[0] for v in peers), default=0)
-    for s, (iops, mibs) in servers.items():
+    for s, (iops, mibs, cpu) in servers.items():
         ratio = f"{iops / best:.2f}x" if best else "-"
-        print(f"{backend:7} {transport:9} {job:18} {s:9} {iops:9.0f} {mibs:8.1f} {ratio:>12}")
+        print(f"{backend:7} {transport:9} {job:18} {s:9} {iops:9.0f} {mibs:8.1f} {ratio:>12} {cpu:10.2f}")
 PY
