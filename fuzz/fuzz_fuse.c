@@ -7,54 +7,12 @@
 #include <string.h>
 #include "../lib/fuse_proto.h"
 #include "devio/request.h"
+#include "fuzz_mem.h"
 
 #define DISK_SIZE (1u << 16)
 #define REPLY_CAP (1u << 17)
 
-static uint8_t disk[DISK_SIZE];
 static uint8_t reply[REPLY_CAP];
-
-static int mem_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t off)
-{
-	memcpy(buf, disk + off, len);
-	return 0;
-}
-
-static int mem_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
-{
-	memcpy(disk + off, buf, len);
-	return 0;
-}
-
-static int mem_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
-{
-	memset(disk + off, 0, len);
-	return 0;
-}
-
-/* Alternating 4 KiB data and hole extents. */
-static int mem_extents(struct devio_backend *b, uint64_t off, uint64_t len, devio_extent_fn fn, void *ctx)
-{
-	uint64_t end = off + len;
-
-	while (off < end) {
-		uint64_t next = (off | 4095) + 1;
-		int r;
-
-		if (next > end)
-			next = end;
-		r = fn(ctx, off, next - off, (off / 4096) % 2 ? DEVIO_EXTENT_HOLE | DEVIO_EXTENT_ZERO : 0);
-		if (r)
-			return r;
-		off = next;
-	}
-	return 0;
-}
-
-static const struct devio_backend_ops mem_ops = {
-	.name = "fuzz-mem", .pread = mem_pread, .pwrite = mem_pwrite, .trim = mem_zero,
-	.zero = mem_zero, .extents = mem_extents,
-};
 
 static void run(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 {
@@ -83,9 +41,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-	static struct devio_backend be = { .ops = &mem_ops, .size = DISK_SIZE, .block_size = 1,
-					   .caps = DEVIO_CAP_TRIM | DEVIO_CAP_ZERO | DEVIO_CAP_EXTENTS };
-	struct devio_fuse_fs fs = { .backend = &be, .name = "disk", .size = DISK_SIZE,
+	static struct fuzz_mem m;
+	struct devio_fuse_fs fs = { .backend = fuzz_mem_init(&m, DISK_SIZE, 1, 0, 4096, 1), .name = "disk", .size = DISK_SIZE,
 				    .max_write = REPLY_CAP, .offer_uring = true };
 	struct devio_fuse_msg msg = { .reply = reply, .reply_cap = REPLY_CAP };
 	uint8_t *copy;

@@ -4,9 +4,10 @@
  * picked by the first input byte: structured replies and base:allocation
  * or not, read-only or not, EXPORT_NAME or GO); the rest of the input is
  * the client's request stream.  A thread writes it, another drains the
- * replies.  A 1 MiB in-memory backend with extents of its own; in some
- * variants it takes at most 3000 bytes at once (max_io), and traps on more,
- * so that the front end must split. */
+ * replies.  A 1 MiB in-memory backend (fuzz_mem.c: 64 KiB granules,
+ * alternately data and holes until written); in some variants it takes at
+ * most 3000 bytes at once (max_io), and traps on more, so that the front
+ * end must split. */
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
@@ -16,59 +17,10 @@
 #include "devio/frontend.h"
 #include "devio/util.h"
 #include "../lib/nbd_proto.h"
+#include "fuzz_mem.h"
 
 #define MEM_SIZE (1u << 20)
 
-static uint8_t mem[MEM_SIZE];
-
-static int mem_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t off)
-{
-	if (b->max_io && len > b->max_io)
-		__builtin_trap();
-	memcpy(buf, mem + off, len);
-	return 0;
-}
-
-static int mem_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
-{
-	if (b->max_io && len > b->max_io)
-		__builtin_trap();
-	memcpy(mem + off, buf, len);
-	return 0;
-}
-
-static int mem_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
-{
-	memset(mem + off, 0, len);
-	return 0;
-}
-
-static int mem_extents(struct devio_backend *b, uint64_t off, uint64_t len, devio_extent_fn fn, void *ctx)
-{
-	/* 64 KiB blocks: odd ones are holes. */
-	while (len) {
-		uint64_t n = 65536 - off % 65536;
-		int r;
-
-		if (n > len)
-			n = len;
-		r = fn(ctx, off, n, (off / 65536) % 2 ? DEVIO_EXTENT_HOLE | DEVIO_EXTENT_ZERO : 0);
-		if (r)
-			return r;
-		off += n;
-		len -= n;
-	}
-	return 0;
-}
-
-static const struct devio_backend_ops mem_ops = {
-	.name = "fuzz-mem",
-	.pread = mem_pread,
-	.pwrite = mem_pwrite,
-	.trim = mem_zero,
-	.zero = mem_zero,
-	.extents = mem_extents,
-};
 
 struct feed {
 	int fd;
@@ -136,9 +88,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	static uint8_t buf[128 + 65536];
-	struct devio_backend b = { .ops = &mem_ops, .size = MEM_SIZE, .block_size = 512,
-				   .caps = DEVIO_CAP_TRIM | DEVIO_CAP_ZERO | DEVIO_CAP_EXTENTS | DEVIO_CAP_FAST_ZERO };
-	struct devio_export e = { "", "mem", &b };
+	static struct fuzz_mem m;
+	struct devio_backend *b = fuzz_mem_init(&m, MEM_SIZE, 512, 0, 65536, 1);
+	struct devio_export e = { "", "mem", b };
 	struct devio_server srv = { .exports = &e, .n_exports = 1 };
 	struct feed wf, df;
 	pthread_t wt, dt;
@@ -148,10 +100,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (size < 1 || size > 65536)
 		return 0;
 	devio_log_set_level(DEVIO_LOG_ERROR);
+	b->caps |= DEVIO_CAP_FAST_ZERO;
 	if (data[0] & 8)
-		b.caps |= DEVIO_CAP_READONLY;
+		b->caps |= DEVIO_CAP_READONLY;
 	if (data[0] & 16)
-		b.max_io = 3000;
+		b->max_io = 3000;
 	n = handshake(data[0], buf);
 	memcpy(buf + n, data + 1, size - 1);
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv))

@@ -12,38 +12,12 @@
 #include "devio/backend.h"
 #include "devio/shm.h"
 #include "devio/util.h"
+#include "fuzz_mem.h"
 
 #define MEM_SIZE (1u << 20)
 #define NSLOTS 4u
 #define DATA 4096u
 
-static uint8_t mem[MEM_SIZE];
-
-static int mem_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t off)
-{
-	memcpy(buf, mem + off, len);
-	return 0;
-}
-
-static int mem_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
-{
-	memcpy(mem + off, buf, len);
-	return 0;
-}
-
-static int mem_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
-{
-	memset(mem + off, 0, len);
-	return 0;
-}
-
-static const struct devio_backend_ops mem_ops = {
-	.name = "fuzz-mem",
-	.pread = mem_pread,
-	.pwrite = mem_pwrite,
-	.trim = mem_trim,
-	.zero = mem_trim,
-};
 
 /* Take up to n bytes of the input into dst. */
 static void take(uint8_t *dst, size_t n, const uint8_t **data, size_t *size)
@@ -62,8 +36,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	static uint8_t *region;
 	uint64_t rsize = devio_shm_region_size(NSLOTS, DATA);
 	uint64_t ctl = devio_shm_ctl_offset(NSLOTS, DATA);
-	struct devio_backend b = { .ops = &mem_ops, .size = MEM_SIZE, .block_size = 1,
-				   .run = DEVIO_RUN_CPU, .caps = DEVIO_CAP_TRIM | DEVIO_CAP_ZERO };
+	static struct fuzz_mem m;
+	struct devio_backend *b = fuzz_mem_init(&m, MEM_SIZE, 1, 0, 4096, 0);
 	uint8_t mode;
 
 	if (!region) {
@@ -76,8 +50,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		return 0;
 	mode = *data++;
 	size--;
+	b->run = DEVIO_RUN_CPU;
 	if (mode & 1)
-		b.caps |= DEVIO_CAP_READONLY;
+		b->caps |= DEVIO_CAP_READONLY;
 	memset(region, 0, rsize);
 	if (mode & 2) {
 		take(region, rsize, &data, &size);
@@ -89,6 +64,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			take(region + t * devio_shm_slot_size(DATA) + DEVIO_SHM_HDR, 64, &data, &size);
 		}
 	}
-	devio_shm_serve_region(&b, region, rsize, NSLOTS, DATA);
+	devio_shm_serve_region(b, region, rsize, NSLOTS, DATA);
 	return 0;
 }

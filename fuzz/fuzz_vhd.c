@@ -14,6 +14,7 @@
 #include "devio/backend.h"
 #include "devio/layer.h"
 #include "devio/util.h"
+#include "fuzz_mem.h"
 
 #define FUZZ_MAX_GROW (16u << 20) /* the image may grow this much */
 #define FUZZ_IO 8192u
@@ -41,78 +42,6 @@ void devio_log(enum devio_log_level level, const char *fmt, ...)
 	fputc('\n', stderr);
 }
 
-struct mem {
-	struct devio_backend b;
-	uint8_t *p;
-	uint64_t limit;
-};
-
-static int mem_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t off)
-{
-	struct mem *m = b->priv;
-
-	memcpy(buf, m->p + off, len);
-	return 0;
-}
-
-static int mem_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
-{
-	struct mem *m = b->priv;
-
-	memcpy(m->p + off, buf, len);
-	return 0;
-}
-
-static int mem_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
-{
-	struct mem *m = b->priv;
-
-	memset(m->p + off, 0, len);
-	return 0;
-}
-
-static int mem_grow(struct devio_backend *b, uint64_t size)
-{
-	struct mem *m = b->priv;
-	uint8_t *p;
-
-	if (size > m->limit)
-		return -ENOSPC;
-	p = realloc(m->p, size);
-	if (!p)
-		return -ENOMEM;
-	memset(p + b->size, 0, size - b->size);
-	m->p = p;
-	b->size = size;
-	return 0;
-}
-
-/* 512-byte pieces of zeroes are holes, as a sparse file's would be. */
-static int mem_extents(struct devio_backend *b, uint64_t off, uint64_t len, devio_extent_fn fn, void *ctx)
-{
-	struct mem *m = b->priv;
-
-	while (len) {
-		uint64_t n = 512 - off % 512 < len ? 512 - off % 512 : len;
-		bool zero = m->p[off] == 0 && !memcmp(m->p + off, m->p + off + 1, n - 1);
-		int r = fn(ctx, off, n, zero ? DEVIO_EXTENT_HOLE | DEVIO_EXTENT_ZERO : 0);
-
-		if (r)
-			return r;
-		off += n;
-		len -= n;
-	}
-	return 0;
-}
-
-static const struct devio_backend_ops mem_ops = {
-	.name = "fuzz-mem",
-	.pread = mem_pread,
-	.pwrite = mem_pwrite,
-	.trim = mem_trim,
-	.extents = mem_extents,
-	.grow = mem_grow,
-};
 
 struct walk {
 	uint64_t next, end;
@@ -164,21 +93,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-	struct mem m = { .limit = size + FUZZ_MAX_GROW };
+	static struct fuzz_mem m;
 	struct devio_open_opts opts = { .format = "vhd" };
 	struct devio_backend *v;
 
 	if (size == 0)
 		return 0;
-	m.p = malloc(size);
-	if (!m.p)
-		return 0;
+	fuzz_mem_init(&m, size, 1, size + FUZZ_MAX_GROW, 512, 0);
 	memcpy(m.p, data, size);
-	m.b.ops = &mem_ops;
-	m.b.size = size;
-	m.b.block_size = 1;
 	m.b.caps = DEVIO_CAP_TRIM | DEVIO_CAP_EXTENTS;
-	m.b.priv = &m;
 	/* parents are looked for next to a folder that does not exist */
 	if (devio_format_open("/nonexistent-devio-fuzz/image.vhd", &m.b, size & 1 ? "vhd" : "auto", &opts, &v) == 0) {
 		if (v != &m.b) {
@@ -187,6 +110,5 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			devio_backend_close(v);
 		}
 	}
-	free(m.p);
 	return 0;
 }
