@@ -14,6 +14,7 @@
 #include <unistd.h>
 #include "cli.h"
 #include "devio/backend.h"
+#include "devio/layer.h"
 #include "devio/request.h"
 #include "devio/stream.h"
 #include "devio/util.h"
@@ -255,7 +256,7 @@ int cmd_write(int argc, char **argv)
 		if (got < CLIENT_CHUNK)
 			break;
 	}
-	if (!r && b->ops->flush && (r = b->ops->flush(b)))
+	if (!r && (r = run(b, DEVIO_OP_FLUSH, NULL, 0, 0)))
 		devio_err("write: %s: flush: %s", argv[optind], strerror(-r));
 	free(buf);
 	devio_backend_close(b);
@@ -322,12 +323,12 @@ static bool block_is_zero(struct devio_backend *b, uint64_t off, uint64_t len)
 {
 	struct zero_walk z = { .pos = off };
 
-	if (!(b->caps & DEVIO_CAP_EXTENTS) || !b->ops->extents)
+	if (!(b->caps & DEVIO_CAP_EXTENTS))
 		return false;
 	while (z.pos < off + len && !z.data) {
 		uint64_t before = z.pos;
 
-		if (b->ops->extents(b, z.pos, off + len - z.pos, zero_extent, &z) < 0 || z.pos == before)
+		if (devio_extents(b, z.pos, off + len - z.pos, zero_extent, &z) < 0 || z.pos == before)
 			return false;
 	}
 	return !z.data && z.pos >= off + len;
@@ -491,7 +492,7 @@ int cmd_copy(int argc, char **argv)
 	if (!j.bufs[0] || !j.bufs[1])
 		goto out_bufs;
 	r = copy_run(&j);
-	if (!r && j.dst->ops->flush && (r = j.dst->ops->flush(j.dst)))
+	if (!r && (r = run(j.dst, DEVIO_OP_FLUSH, NULL, 0, 0)))
 		devio_err("copy: %s: flush: %s", j.dst_name, strerror(-r));
 	if (r) {
 		fprintf(stderr, "devio: copy stopped (%s); %llu bytes done; continue with --resume-from %llu\n",

@@ -264,9 +264,8 @@ static int do_info(struct session *s)
 	else {
 		if (b->caps & DEVIO_CAP_TRIM)
 			flags |= DEVIO_INFO_SUPPORTS_UNMAP;
-		/* zero_by_writing() serves ZERO where the backend has no zero(). */
-		if (b->caps & DEVIO_CAP_ZERO || b->ops->pwrite)
-			flags |= DEVIO_INFO_SUPPORTS_ZERO;
+		/* the core writes zeroes where the backend has no zero() */
+		flags |= DEVIO_INFO_SUPPORTS_ZERO;
 	}
 	v[0] = b->size;
 	v[1] = s->alignment;
