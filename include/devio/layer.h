@@ -27,7 +27,8 @@ extern "C" {
 
 /* Make b a layer over lower with ops and priv: size, block size, maximum
  * transfer, run kind and the capabilities in `keep` are lower's (the layer
- * changes them afterwards as it needs). */
+ * changes them afterwards as it needs), less the buffer kinds (MAP,
+ * SPLICE_*) a layer with data callbacks does not take itself. */
 void devio_layer_init(struct devio_backend *b, const struct devio_backend_ops *ops,
 		      struct devio_backend *lower, uint32_t keep, void *priv);
 

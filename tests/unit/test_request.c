@@ -15,6 +15,7 @@
 #include <cmocka.h>
 #include <string.h>
 #include "devio/backend.h"
+#include "devio/layer.h"
 #include "devio/request.h"
 #include "devio/workers.h"
 
@@ -434,6 +435,18 @@ static void test_layer_forwarding(void **state)
 	req = (struct devio_request){ .op = DEVIO_OP_READ, .offset = 5, .length = 16, .buf = buf };
 	assert_int_equal(devio_run(&l2.b, &req), 0);
 	assert_int_equal(req.offset, 2005);
+	/* a layer with data callbacks of its own takes no other buffer kinds
+	 * unless it says so: they never reach the store past it */
+	{
+		static const struct devio_backend_ops own_ops = { .name = "own", .pread = fake_pread };
+		struct devio_backend own;
+
+		devio_layer_init(&own, &own_ops, &f.b, ~0u, &f);
+		assert_false(own.caps & (DEVIO_CAP_MAP | DEVIO_CAP_SPLICE_READ));
+		assert_int_equal(run_kind(&own, DEVIO_OP_READ, DEVIO_BUF_MAP, 0, 16, 0, &req), -EOPNOTSUPP);
+		assert_int_equal(run_kind(&own, DEVIO_OP_READ, DEVIO_BUF_PIPE, 0, 16, 0, &req), -EOPNOTSUPP);
+		assert_false(devio_backend_async(&own)); /* its callbacks run, not the store's submit */
+	}
 	/* a synchronous store under a layer: pooled as the store would be */
 	fake_init(&f, true, false);
 	shift_init(&l, &f.b);
