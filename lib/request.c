@@ -1,8 +1,9 @@
 /* request.c - the request core: checks a request against its backend,
  * moves it through the layers that remap it (windows) to the store, and
  * runs it there, asynchronously where the store can (io_uring),
- * synchronously otherwise, whatever kind of buffer it carries.  Also a small worker pool for front ends that want several
- * synchronous requests running at once on a multi-core machine. */
+ * synchronously otherwise, whatever kind of buffer it carries.  Also a
+ * small worker pool for front ends that want several synchronous requests
+ * running at once on a multi-core machine. */
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -152,7 +153,8 @@ static int run_sync(struct devio_backend *b, struct devio_request *req)
 		return ops->map(b, req); /* a WRITE's FUA: devio_map_end() */
 	switch (req->op) {
 	case DEVIO_OP_READ:
-		return req->kind == DEVIO_BUF_PIPE ? ops->splice(b, req) : ops->pread(b, req->buf, req->length, req->offset);
+		return req->kind == DEVIO_BUF_PIPE ? ops->splice(b, req)
+						   : ops->pread(b, req->buf, req->length, req->offset);
 	case DEVIO_OP_WRITE:
 		r = req->kind == DEVIO_BUF_PIPE ? ops->splice(b, req)
 						: ops->pwrite(b, req->buf, req->length, req->offset, req->flags);
