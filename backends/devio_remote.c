@@ -41,7 +41,6 @@ struct remote_conn {
 struct remote {
 	char uri[300];
 	struct devio_addr addr;
-	uint64_t base;          /* window offset into the remote export */
 	uint64_t align;         /* server's req_alignment (power of two) */
 	uint64_t remote_size;
 	uint64_t flags;         /* INFO flags */
@@ -272,7 +271,7 @@ static int run_chunks(struct remote *rm, uint64_t code, void *buf, uint64_t len,
 
 	while (len && !r) {
 		uint64_t n = len < REMOTE_CHUNK ? len : REMOTE_CHUNK;
-		struct xfer x = { .code = code, .off = rm->base + off, .len = n, .buf = buf };
+		struct xfer x = { .code = code, .off = off, .len = n, .buf = buf };
 
 		r = remote_run(rm, &x);
 		if (r)
@@ -352,7 +351,7 @@ static int remote_pwrite(struct devio_backend *b, const void *buf, uint64_t len,
 static int remote_range(struct devio_backend *b, uint64_t code, uint64_t off, uint64_t len)
 {
 	struct remote *rm = b->priv;
-	struct xfer x = { .code = code, .off = rm->base + off, .len = len };
+	struct xfer x = { .code = code, .off = off, .len = len };
 	int r;
 
 	pthread_rwlock_rdlock(&rm->rmw_lock);
@@ -501,40 +500,22 @@ static int remote_info(struct remote *rm)
 	return 0;
 }
 
-/* Size and window: the server's size (or --size when it says 0), then
- * --offset/--size as a window inside it. */
-static int remote_window(struct remote *rm, const struct devio_open_opts *o, uint64_t *size)
+/* The export's size: the server's, or --offset + --size when it says 0
+ * (an ImDisk server of a device it cannot size); the window layer then
+ * cuts --offset/--size out of it, as out of any source. */
+static int remote_export_size(struct remote *rm, const struct devio_open_opts *o, uint64_t *size)
 {
-	uint64_t total = rm->remote_size;
-
-	if (total == 0) {
-		if (!o->has_size || o->size == 0) {
-			devio_err("%s: the server does not tell its size; give it with --size", rm->uri);
-			return -EINVAL;
-		}
-		total = (o->has_offset ? o->offset : 0) + o->size;
-		if (total < o->size)
-			return -EINVAL;
+	if (rm->remote_size) {
+		*size = rm->remote_size;
+		return 0;
 	}
-	rm->base = o->has_offset ? o->offset : 0;
-	if (rm->base > total) {
-		devio_err("%s: --offset %llu is beyond the end (%llu)", rm->uri, (unsigned long long)rm->base,
-			  (unsigned long long)total);
+	if (!o->has_size || o->size == 0) {
+		devio_err("%s: the server does not tell its size; give it with --size", rm->uri);
 		return -EINVAL;
 	}
-	*size = total - rm->base;
-	if (o->has_size && o->size) {
-		if (o->size > *size) {
-			devio_err("%s: --size %llu at offset %llu goes beyond the end (%llu)", rm->uri,
-				  (unsigned long long)o->size, (unsigned long long)rm->base,
-				  (unsigned long long)total);
-			return -EINVAL;
-		}
-		*size = o->size;
-	}
-	if (((rm->base | *size) & (rm->align - 1)) != 0) {
-		devio_err("%s: window %llu+%llu is not aligned to the server's %llu bytes", rm->uri,
-			  (unsigned long long)rm->base, (unsigned long long)*size, (unsigned long long)rm->align);
+	if (__builtin_add_overflow(o->has_offset ? o->offset : 0, o->size, size)) {
+		devio_err("%s: --offset %llu plus --size %llu overflows", rm->uri,
+			  (unsigned long long)o->offset, (unsigned long long)o->size);
 		return -EINVAL;
 	}
 	return 0;
@@ -562,10 +543,6 @@ int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts,
 
 	if (!opts)
 		opts = &none;
-	if (opts->partition) {
-		devio_err("%s: --partition does not apply to a remote devio server (serve the partition there)", uri);
-		return -EINVAL;
-	}
 	rm = calloc(1, sizeof(*rm));
 	if (!rm)
 		return -ENOMEM;
@@ -581,7 +558,7 @@ int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts,
 		r = -EINVAL;
 		goto out_free;
 	}
-	if ((r = remote_info(rm)) || (r = remote_window(rm, opts, &size)))
+	if ((r = remote_info(rm)) || (r = remote_export_size(rm, opts, &size)))
 		goto out_free;
 	b = calloc(1, sizeof(*b));
 	if (!b) {
@@ -592,9 +569,7 @@ int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts,
 	b->size = size;
 	b->block_size = (uint32_t)rm->align;
 	b->priv = rm;
-	b->caps = DEVIO_CAP_CACHE | DEVIO_CAP_MULTI_CONN | devio_proto_caps(rm->flags);
-	if (opts->readonly)
-		b->caps |= DEVIO_CAP_READONLY;
+	b->caps = DEVIO_CAP_CACHE | DEVIO_CAP_MULTI_CONN | devio_proto_caps(rm->flags); /* -r: the window layer */
 	*out = b;
 	return 0;
 out_free:

@@ -1,5 +1,6 @@
-/* file.c - image files and block devices as backends: the whole image, a
- * window of it (--offset/--size) or one MBR/GPT partition of it.
+/* file.c - image files and block devices as backends (stores): all of
+ * the file; a window or partition of it is a layer over this one
+ * (layers/window.c).
  *
  * The synchronous callbacks use pread/pwrite/fallocate/ioctl on one file
  * descriptor shared by every thread (nothing here depends on the file
@@ -37,7 +38,6 @@
 #include <sys/uio.h>
 #include <unistd.h>
 #include "devio/backend.h"
-#include "devio/partition.h"
 #include "devio/range_lock.h"
 #include "devio/util.h"
 
@@ -49,7 +49,6 @@ struct devio_file {
 	struct devio_backend b;
 	int fd;
 	char *path;
-	uint64_t base;      /* absolute offset of the window */
 	uint32_t align;     /* O_DIRECT alignment, 1 without */
 	uint32_t lbs;       /* logical block size (512 for files) */
 	bool is_blk, readonly, direct;
@@ -256,14 +255,14 @@ static void file_unhold(struct devio_file *f, struct devio_range *held)
 		devio_range_release(&f->ranges, held);
 }
 
-/* Read from the window at off. */
+/* Read at off. */
 static int file_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t off)
 {
 	struct devio_file *f = to_file(b);
 
 	if (f->direct)
-		return dio_pread(f, buf, len, f->base + off);
-	return raw_pread(f, f->fd, buf, len, f->base + off);
+		return dio_pread(f, buf, len, off);
+	return raw_pread(f, f->fd, buf, len, off);
 }
 
 static int file_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
@@ -273,9 +272,9 @@ static int file_pwrite(struct devio_backend *b, const void *buf, uint64_t len, u
 	int r;
 
 	if (!f->direct)
-		return raw_pwrite(f, f->fd, buf, len, f->base + off, flags);
-	file_hold(f, &held, f->base + off, len);
-	r = dio_pwrite(f, buf, len, f->base + off, flags);
+		return raw_pwrite(f, f->fd, buf, len, off, flags);
+	file_hold(f, &held, off, len);
+	r = dio_pwrite(f, buf, len, off, flags);
 	file_unhold(f, &held);
 	return r;
 }
@@ -317,27 +316,25 @@ static int splice_file(struct devio_file *f, int pipe_fd, loff_t *pos, uint64_t 
 
 /* A write whose payload waits in a pipe: splice moves it into the page
  * cache, which copies from the pipe's pages (a socket's own buffers when
- * the front end spliced them in). */
-static int file_splice_write(struct devio_backend *b, int pipe_fd, uint64_t len, uint64_t off, uint32_t flags)
+ * the front end spliced them in).  FUA: the core flushes after. */
+static int file_splice_write(struct devio_file *f, int pipe_fd, uint64_t len, uint64_t off)
 {
-	struct devio_file *f = to_file(b);
-	loff_t pos = (loff_t)(f->base + off);
+	loff_t pos = (loff_t)off;
 	int r = splice_file(f, pipe_fd, &pos, len, true);
 
 	if (r) {
 		devio_err("%s: write of %" PRIu64 " bytes at offset %" PRIu64 " from a pipe: %s", f->path, len,
-			  f->base + off, r == -EIO || r == -EAGAIN ? "the pipe ran dry" : strerror(-r));
+			  off, r == -EIO || r == -EAGAIN ? "the pipe ran dry" : strerror(-r));
 		return r == -EAGAIN ? -EIO : r;
 	}
-	return (flags & DEVIO_REQ_FUA) ? file_flush(b) : 0;
+	return 0;
 }
 
 /* A read into a pipe: the pipe takes references to the page cache's
  * pages (no copy) for the front end to splice into a socket. */
-static int file_splice_read(struct devio_backend *b, int pipe_fd, uint64_t len, uint64_t off)
+static int file_splice_read(struct devio_file *f, int pipe_fd, uint64_t len, uint64_t off)
 {
-	struct devio_file *f = to_file(b);
-	loff_t pos = (loff_t)(f->base + off);
+	loff_t pos = (loff_t)off;
 	struct stat st;
 	int r;
 
@@ -349,8 +346,18 @@ static int file_splice_read(struct devio_backend *b, int pipe_fd, uint64_t len, 
 	r = splice_file(f, pipe_fd, &pos, len, false);
 	if (r && r != -EAGAIN) /* -EAGAIN: the pipe is full, the caller copies instead */
 		devio_err("%s: read of %" PRIu64 " bytes at offset %" PRIu64 " into a pipe: %s", f->path, len,
-			  f->base + off, r == -EIO ? "unexpected end of file" : strerror(-r));
+			  off, r == -EIO ? "unexpected end of file" : strerror(-r));
 	return r;
+}
+
+/* READ and WRITE with a pipe for a buffer (DEVIO_BUF_PIPE). */
+static int file_splice(struct devio_backend *b, struct devio_request *req)
+{
+	struct devio_file *f = to_file(b);
+
+	if (req->op == DEVIO_OP_WRITE)
+		return file_splice_write(f, req->pipe_fd, req->length, req->offset);
+	return file_splice_read(f, req->pipe_fd, req->length, req->offset);
 }
 
 /* Write zeroes at an absolute offset, the slow way (with O_DIRECT the
@@ -422,23 +429,22 @@ static bool not_supported(int r)
 static int file_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
 {
 	struct devio_file *f = to_file(b);
-	uint64_t abs = f->base + off;
 	struct devio_range held;
 	int r;
 
-	file_hold(f, &held, abs, len);
+	file_hold(f, &held, off, len);
 	if (f->is_blk) {
-		r = blk_range(f, BLKDISCARD, 0, abs, len);
+		r = blk_range(f, BLKDISCARD, 0, off, len);
 		if (not_supported(r))
-			r = blk_range(f, BLKZEROOUT, 0, abs, len);
+			r = blk_range(f, BLKZEROOUT, 0, off, len);
 	} else {
-		r = try_fallocate(f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, abs, len);
+		r = try_fallocate(f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len);
 		if (not_supported(r))
-			r = write_zeroes(f, abs, len);
+			r = write_zeroes(f, off, len);
 	}
 	file_unhold(f, &held);
 	if (r)
-		devio_err("%s: trim of %" PRIu64 " bytes at offset %" PRIu64 ": %s", f->path, len, abs,
+		devio_err("%s: trim of %" PRIu64 " bytes at offset %" PRIu64 ": %s", f->path, len, off,
 			  strerror(-r));
 	return r;
 }
@@ -480,25 +486,24 @@ static int file_zero_blk(struct devio_file *f, uint64_t abs, uint64_t len, uint3
 static int file_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
 {
 	struct devio_file *f = to_file(b);
-	uint64_t abs = f->base + off;
 	struct devio_range held;
 	int r;
 
-	file_hold(f, &held, abs, len);
-	r = f->is_blk ? file_zero_blk(f, abs, len, flags) : file_zero_reg(f, abs, len, flags);
+	file_hold(f, &held, off, len);
+	r = f->is_blk ? file_zero_blk(f, off, len, flags) : file_zero_reg(f, off, len, flags);
 	file_unhold(f, &held);
 	if (r && r != -ENOTSUP)
-		devio_err("%s: zero of %" PRIu64 " bytes at offset %" PRIu64 ": %s", f->path, len, abs,
+		devio_err("%s: zero of %" PRIu64 " bytes at offset %" PRIu64 ": %s", f->path, len, off,
 			  strerror(-r));
 	return r;
 }
 
-/* SEEK_DATA/SEEK_HOLE walk of [off, off+len) of the window.  Block devices
+/* SEEK_DATA/SEEK_HOLE walk of [off, off+len).  Block devices
  * and filesystems without holes report everything as data. */
 static int file_extents(struct devio_backend *b, uint64_t off, uint64_t len, devio_extent_fn fn, void *ctx)
 {
 	struct devio_file *f = to_file(b);
-	uint64_t pos = f->base + off, end = f->base + off + len;
+	uint64_t pos = off, end = off + len;
 
 	if (f->is_blk)
 		return fn(ctx, off, len, 0);
@@ -510,10 +515,10 @@ static int file_extents(struct devio_backend *b, uint64_t off, uint64_t len, dev
 		if (data < 0 && errno == ENXIO)
 			data = (off_t)end; /* only a hole remains */
 		else if (data < 0)
-			return fn(ctx, pos - f->base, end - pos, 0); /* cannot tell: data */
+			return fn(ctx, pos, end - pos, 0); /* cannot tell: data */
 		hole_end = (uint64_t)data < end ? (uint64_t)data : end;
 		if (hole_end > pos) {
-			r = fn(ctx, pos - f->base, hole_end - pos, DEVIO_EXTENT_HOLE | DEVIO_EXTENT_ZERO);
+			r = fn(ctx, pos, hole_end - pos, DEVIO_EXTENT_HOLE | DEVIO_EXTENT_ZERO);
 			if (r)
 				return r;
 			pos = hole_end;
@@ -524,7 +529,7 @@ static int file_extents(struct devio_backend *b, uint64_t off, uint64_t len, dev
 		data_end = data < 0 || (uint64_t)data > end ? end : (uint64_t)data;
 		if (data_end <= pos)
 			data_end = end; /* a racing write filled the hole: call it data */
-		r = fn(ctx, pos - f->base, data_end - pos, 0);
+		r = fn(ctx, pos, data_end - pos, 0);
 		if (r)
 			return r;
 		pos = data_end;
@@ -567,8 +572,8 @@ static void file_describe(struct devio_backend *b, char *out, size_t outlen)
 			    f->uring_reads ? ", io_uring for reads" :
 			    f->uring_writes ? ", io_uring for writes" : ", io_uring for flushes";
 
-	snprintf(out, outlen, "%s %s: %" PRIu64 " bytes at offset %" PRIu64 ", %s%s%s",
-		 f->is_blk ? "block device" : "file", f->path, b->size, f->base,
+	snprintf(out, outlen, "%s %s: %" PRIu64 " bytes, %s%s%s",
+		 f->is_blk ? "block device" : "file", f->path, b->size,
 		 f->readonly ? "read-only" : "read-write", f->direct ? ", O_DIRECT" : "", uring);
 }
 
@@ -599,7 +604,7 @@ static bool file_read_cached(struct devio_file *f, struct devio_request *req)
 	if (f->direct || !f->uring || !f->uring_reads || req->op != DEVIO_OP_READ || req->length == 0 ||
 	    req->length > (1u << 30))
 		return false;
-	r = preadv2(f->fd, &iov, 1, (off_t)(f->base + req->offset), RWF_NOWAIT);
+	r = preadv2(f->fd, &iov, 1, (off_t)(req->offset), RWF_NOWAIT);
 	if (r <= 0)
 		return false; /* not cached (EAGAIN), or let the ring report it */
 	if ((uint64_t)r == req->length) {
@@ -620,7 +625,7 @@ static int file_submit(struct devio_backend *b, struct devio_request *req)
 	struct devio_file *f = to_file(b);
 
 	if (req->op == DEVIO_OP_CACHE) {
-		posix_fadvise(f->fd, (off_t)(f->base + req->offset), (off_t)req->length, POSIX_FADV_WILLNEED);
+		posix_fadvise(f->fd, (off_t)(req->offset), (off_t)req->length, POSIX_FADV_WILLNEED);
 		req->result = 0;
 		req->complete(req);
 		return 0;
@@ -639,22 +644,11 @@ static const struct devio_backend_ops file_ops = {
 	.zero = file_zero,
 	.extents = file_extents,
 	.submit = file_submit,
-	.splice_write = file_splice_write,
-	.splice_read = file_splice_read,
+	.splice = file_splice,
 	.describe = file_describe,
 	.grow = file_grow,
 	.close = file_close,
 };
-
-/* The partition table reader: absolute offsets, any alignment. */
-static int part_read(void *ctx, void *buf, uint64_t len, uint64_t off)
-{
-	struct devio_file *f = ctx;
-
-	if (f->direct)
-		return dio_pread(f, buf, len, off);
-	return raw_pread(f, f->fd, buf, len, off);
-}
 
 static int open_fd(struct devio_file *f, const struct devio_open_opts *opts)
 {
@@ -689,7 +683,7 @@ static void probe_uring_paths(struct devio_file *f, uint64_t size)
 	f->uring_reads = f->uring_writes = true;
 	if (f->direct)
 		return;
-	if (size && preadv2(f->fd, &iov, 1, (off_t)f->base, RWF_NOWAIT) < 0 && errno == EOPNOTSUPP)
+	if (size && preadv2(f->fd, &iov, 1, 0, RWF_NOWAIT) < 0 && errno == EOPNOTSUPP)
 		f->uring_reads = false;
 	f->uring_writes = !f->is_blk && fstatfs(f->fd, &sfs) == 0 &&
 			  (sfs.f_type == 0x58465342 /* XFS */ || sfs.f_type == (typeof(sfs.f_type))0x9123683E /* btrfs */);
@@ -755,45 +749,6 @@ static int probe_file(struct devio_file *f, uint64_t *image_size)
 	return f->dio_end < *image_size ? open_tail_fd(f, *image_size) : 0;
 }
 
-/* Apply --partition, then --offset/--size inside it. */
-static int apply_window(struct devio_file *f, const struct devio_open_opts *opts, uint64_t image_size,
-			uint64_t *size)
-{
-	uint64_t base = 0, avail = image_size;
-	int r;
-
-	if (opts->partition) {
-		r = devio_partition_find(f->path, part_read, f, image_size, opts->partition, &base, &avail);
-		if (r)
-			return r;
-	}
-	if (opts->has_offset) {
-		if (opts->offset > avail) {
-			devio_err("%s: offset %" PRIu64 " lies past the end (%" PRIu64 " bytes)", f->path,
-				  opts->offset, avail);
-			return -EINVAL;
-		}
-		base += opts->offset;
-		avail -= opts->offset;
-	}
-	if (opts->has_size) {
-		if (opts->size == 0 || opts->size > avail) {
-			devio_err("%s: size %" PRIu64 " does not fit: %" PRIu64 " bytes from offset %" PRIu64,
-				  f->path, opts->size, avail, base);
-			return -EINVAL;
-		}
-		avail = opts->size;
-	}
-	if (f->direct && base % f->align) {
-		devio_err("%s: with O_DIRECT the start offset %" PRIu64 " must be a multiple of %u", f->path,
-			  base, f->align);
-		return -EINVAL;
-	}
-	f->base = base;
-	*size = avail;
-	return 0;
-}
-
 /* Can this filesystem punch holes?  Punching past the end changes nothing. */
 static bool probe_punch(struct devio_file *f, uint64_t image_size)
 {
@@ -808,7 +763,7 @@ int devio_file_open(const char *path, const struct devio_open_opts *opts, struct
 {
 	static const struct devio_open_opts none;
 	struct devio_file *f;
-	uint64_t image_size = 0, size = 0;
+	uint64_t size = 0;
 	int r;
 
 	if (!opts)
@@ -828,9 +783,7 @@ int devio_file_open(const char *path, const struct devio_open_opts *opts, struct
 	r = open_fd(f, opts);
 	if (r)
 		goto out_free;
-	r = probe_file(f, &image_size);
-	if (!r)
-		r = apply_window(f, opts, image_size, &size);
+	r = probe_file(f, &size);
 	if (r)
 		goto out_close;
 	f->b.ops = &file_ops;
@@ -842,7 +795,7 @@ int devio_file_open(const char *path, const struct devio_open_opts *opts, struct
 		    DEVIO_CAP_MULTI_CONN | DEVIO_CAP_CACHE | DEVIO_CAP_PWRITE_FUA /* RWF_DSYNC */;
 	if (f->readonly)
 		f->b.caps |= DEVIO_CAP_READONLY;
-	else if (probe_punch(f, image_size))
+	else if (probe_punch(f, size))
 		f->b.caps |= DEVIO_CAP_TRIM | DEVIO_CAP_FAST_ZERO;
 	probe_uring_paths(f, size);
 	/* Spliced reads and writes run synchronously: offered where plain ones
@@ -990,9 +943,9 @@ static void ring_queue(struct devio_file *f, struct devio_request *req)
 	pthread_mutex_lock(&fr->lock);
 	sqe = ring_get_sqe_locked(fr);
 	if (req->op == DEVIO_OP_READ) {
-		io_uring_prep_read(sqe, fd, buf + done, n, f->base + req->offset + done);
+		io_uring_prep_read(sqe, fd, buf + done, n, req->offset + done);
 	} else if (req->op == DEVIO_OP_WRITE) {
-		io_uring_prep_write(sqe, fd, buf + done, n, f->base + req->offset + done);
+		io_uring_prep_write(sqe, fd, buf + done, n, req->offset + done);
 		if (req->flags & DEVIO_REQ_FUA)
 			sqe->rw_flags = RWF_DSYNC;
 	} else {
@@ -1025,7 +978,7 @@ static int ring_dio_start(struct devio_file *f, struct devio_request *req)
 	if (bounce && req->op == DEVIO_OP_WRITE)
 		memcpy(d->bounce, req->buf, req->length);
 	if (req->op == DEVIO_OP_WRITE)
-		file_hold(f, &d->held, f->base + req->offset, req->length);
+		file_hold(f, &d->held, req->offset, req->length);
 	req->priv[1] = (uintptr_t)d;
 	return 0;
 }
@@ -1069,7 +1022,7 @@ static void ring_handle(struct devio_file *f, struct devio_request *req, int res
 	}
 	if (res < 0) {
 		devio_err("%s: %s of %" PRIu64 " bytes at offset %" PRIu64 ": %s", f->path, devio_op_name(req->op),
-			  req->length, f->base + req->offset, strerror(-res));
+			  req->length, req->offset, strerror(-res));
 		ring_finish(f, req, res);
 		return;
 	}
@@ -1079,7 +1032,7 @@ static void ring_handle(struct devio_file *f, struct devio_request *req, int res
 	}
 	if (res == 0) {
 		devio_err("%s: %s at offset %" PRIu64 ": unexpected end of file (did it shrink?)", f->path,
-			  devio_op_name(req->op), f->base + req->offset + req->priv[0]);
+			  devio_op_name(req->op), req->offset + req->priv[0]);
 		ring_finish(f, req, -EIO);
 		return;
 	}
@@ -1238,7 +1191,7 @@ static int file_uring_submit(struct devio_file *f, struct devio_request *req)
 	if (req->op != DEVIO_OP_READ && req->op != DEVIO_OP_WRITE && req->op != DEVIO_OP_FLUSH)
 		return -EAGAIN;
 	if (req->op != DEVIO_OP_FLUSH && (req->length == 0 ||
-	    (f->direct && !is_aligned(f, NULL, req->length, f->base + req->offset))))
+	    (f->direct && !is_aligned(f, NULL, req->length, req->offset))))
 		return -EAGAIN; /* unaligned O_DIRECT ranges: read-modify-write in file_submit */
 	if (req->op == DEVIO_OP_READ && !f->uring_reads)
 		return -EAGAIN; /* a page-cache copy: cheaper here than through an io-wq worker */

@@ -731,8 +731,6 @@ int devio_remote_nbd_open(const char *uri, const struct devio_open_opts *opts, s
 	b->size = info.size;
 	b->block_size = rm->min_block;
 	b->caps = caps_of(rm->tflags) | (rm->have_meta ? DEVIO_CAP_EXTENTS : 0);
-	if (opts && opts->readonly)
-		b->caps |= DEVIO_CAP_READONLY;
 	b->max_io = rm->max_payload;
 	b->priv = rm;
 	free(u);

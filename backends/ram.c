@@ -227,9 +227,8 @@ static int ram_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t 
 
 /* Pieces of the mapping itself; never-written chunks as NULL pieces (so
  * that reading them maps no pages).  Adjacent pieces of one kind merge. */
-static int ram_map_read(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max)
+static int ram_map_read(struct ram_disk *rd, uint64_t off, uint64_t len, struct iovec *iov, int max)
 {
-	struct ram_disk *rd = to_ram(b);
 	int n = 0;
 
 	while (len) {
@@ -254,9 +253,8 @@ static int ram_map_read(struct devio_backend *b, uint64_t off, uint64_t len, str
 	return n;
 }
 
-static void ram_unmap_write(struct devio_backend *b, uint64_t off, uint64_t len)
+static void ram_leave_range(struct ram_disk *rd, uint64_t off, uint64_t len)
 {
-	struct ram_disk *rd = to_ram(b);
 	uint64_t first = off >> RAM_CHUNK_SHIFT, last = (off + len - 1) >> RAM_CHUNK_SHIFT;
 
 	for (uint64_t c = first; c <= last; c++)
@@ -266,9 +264,8 @@ static void ram_unmap_write(struct devio_backend *b, uint64_t off, uint64_t len)
 /* Enter every chunk of the range as a writer (allocating it), so that the
  * caller may copy straight into the mapping; one piece, as the mapping is
  * contiguous. */
-static int ram_map_write(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max)
+static int ram_map_write(struct ram_disk *rd, uint64_t off, uint64_t len, struct iovec *iov, int max)
 {
-	struct ram_disk *rd = to_ram(b);
 	uint64_t first = off >> RAM_CHUNK_SHIFT, last = (off + len - 1) >> RAM_CHUNK_SHIFT;
 
 	if (max < 1)
@@ -278,13 +275,33 @@ static int ram_map_write(struct devio_backend *b, uint64_t off, uint64_t len, st
 
 		if (r) {
 			if (c > first)
-				ram_unmap_write(b, off, (c << RAM_CHUNK_SHIFT) - off);
+				ram_leave_range(rd, off, (c << RAM_CHUNK_SHIFT) - off);
 			return r;
 		}
 	}
 	iov[0].iov_base = rd->mem + off;
 	iov[0].iov_len = len;
 	return 1;
+}
+
+/* A READ or WRITE in place (DEVIO_BUF_MAP): the pieces, their number in
+ * req->iovcnt. */
+static int ram_map(struct devio_backend *b, struct devio_request *req)
+{
+	struct ram_disk *rd = to_ram(b);
+	int n = req->op == DEVIO_OP_WRITE ? ram_map_write(rd, req->offset, req->length, req->iov, req->iovcnt)
+					   : ram_map_read(rd, req->offset, req->length, req->iov, req->iovcnt);
+
+	if (n < 0)
+		return n;
+	req->iovcnt = n;
+	return 0;
+}
+
+/* The end of a WRITE in place: its chunks' writers leave. */
+static void ram_unmap(struct devio_backend *b, struct devio_request *req)
+{
+	ram_leave_range(to_ram(b), req->offset, req->length);
 }
 
 /* Write: each chunk touched is allocated (or -ENOSPC past the cap). */
@@ -420,10 +437,9 @@ static void ram_close(struct devio_backend *b)
 static const struct devio_backend_ops ram_ops = {
 	.name = "ram",
 	.pread = ram_pread,
-	.map_read = ram_map_read,
 	.pwrite = ram_pwrite,
-	.map_write = ram_map_write,
-	.unmap_write = ram_unmap_write,
+	.map = ram_map,
+	.unmap = ram_unmap,
 	.flush = ram_flush,
 	.trim = ram_trim,
 	.zero = ram_zero,
@@ -478,7 +494,7 @@ int devio_ram_open(uint64_t size, uint64_t max_resident, struct devio_backend **
 	/* FLUSH and FUA are free (ram_flush); CACHE is a no-op (the core's),
 	 * everything being in memory already. */
 	rd->b.caps = DEVIO_CAP_FLUSH | DEVIO_CAP_FUA | DEVIO_CAP_CACHE | DEVIO_CAP_TRIM | DEVIO_CAP_ZERO |
-		     DEVIO_CAP_FAST_ZERO | DEVIO_CAP_EXTENTS | DEVIO_CAP_MULTI_CONN;
+		     DEVIO_CAP_FAST_ZERO | DEVIO_CAP_EXTENTS | DEVIO_CAP_MULTI_CONN | DEVIO_CAP_MAP;
 	rd->b.run = DEVIO_RUN_CPU; /* callbacks copy memory, never wait */
 	rd->b.priv = rd;
 	*out = &rd->b;

@@ -2,7 +2,8 @@
 # bench_ab.sh - A/B of two builds of devio on the same jobs, interleaved, in
 # one run: the NBD server over a Unix socket (fio's nbd engine, 4 KiB random
 # QD32, RAM disk and a file on tmpfs) and the file backend alone with
-# O_DIRECT (bench/backend_bench.c, QD32).  For refactors: prints each
+# O_DIRECT (bench/backend_bench.c, QD32); and a window (--offset) of the
+# file, 4 KiB reads and 1 MiB (spliced) writes.  For refactors: prints each
 # build's runs and the ratio of medians new/old.
 #   bench/bench_ab.sh OLD_REV [REPEAT] [SECONDS]
 # OLD_REV (e.g. the last landed commit) is built in a temporary worktree;
@@ -24,20 +25,25 @@ git worktree add -q --detach "$T/old-src" "$OLD"
 build() { # SRC OUT
   meson setup "$2" "$1" --buildtype=release -Dtests=disabled >/dev/null
   ninja -C "$2" devio libdevio.a >/dev/null
-  cc -O2 -D_GNU_SOURCE -I"$1/include" -o "$2/backend_bench" "$1/bench/backend_bench.c" "$2/libdevio.a" -luring -lpthread
+  cc -O2 -D_GNU_SOURCE -I"$1/include" -o "$2/backend_bench" "$1/bench/backend_bench.c" "$2/libdevio.a" \
+     -luring -lpthread $(extra_libs "$2")
+}
+extra_libs() { # BUILD: what a build's libdevio.a needs beyond liburing (the rbd backend's Ceph libraries)
+  if nm "$1/libdevio.a" 2>/dev/null | grep ' U rbd_open' >/dev/null; then echo -lrbd -lrados; fi
 }
 build "$T/old-src" "$T/old"
 build "$PWD" "$T/new"
 truncate -s 512M "$SHM/f.img"
 dd if=/dev/urandom of="$T/direct.img" bs=1M count=512 status=none
 
-nbd_iops() { # BUILD SOURCE RW
-  local sock="$SHM/s.sock" p
+nbd_iops() { # BUILD SOURCE RW [BS [SERVE-OPTIONS...]]
+  local sock="$SHM/s.sock" p b="$1" src="$2" rw="$3" bs="${4:-4k}"
+  shift 3; [ $# -gt 0 ] && shift
   rm -f "$sock"
-  "$1/devio" serve "$2" --nbd "unix:$sock" >/dev/null 2>&1 &
+  "$b/devio" serve "$src" "$@" --nbd "unix:$sock" >/dev/null 2>&1 &
   p=$!
   for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
-  fio --name=ab --ioengine=nbd --uri="nbd+unix:///?socket=$sock" --rw="$3" --bs=4k --iodepth=32 \
+  fio --name=ab --ioengine=nbd --uri="nbd+unix:///?socket=$sock" --rw="$rw" --bs="$bs" --iodepth=32 \
       --size=256M --time_based --runtime="$SECS" --output-format=terse --terse-version=3 2>/dev/null |
     awk -F';' 'NF > 50 { print int(($8 > 0 ? $8 : 0) + ($49 > 0 ? $49 : 0)) }'
   kill "$p"; wait "$p" 2>/dev/null || true
@@ -59,5 +65,7 @@ row "nbd unix ram 4K randread QD32" 'nbd_iops @ ram:512M randread'
 row "nbd unix ram 4K randwrite QD32" 'nbd_iops @ ram:512M randwrite'
 row "nbd unix file(tmpfs) 4K randread" 'nbd_iops @ "$SHM/f.img" randread'
 row "nbd unix file(tmpfs) 4K randwrite" 'nbd_iops @ "$SHM/f.img" randwrite'
+row "nbd unix file --offset 1M 4K randrd" 'nbd_iops @ "$SHM/f.img" randread 4k --offset 1M'
+row "nbd unix file --offset 1M 1M write" 'nbd_iops @ "$SHM/f.img" randwrite 1m --offset 1M'
 row "file O_DIRECT 4K write QD32" 'direct_iops @ write'
 row "file O_DIRECT 4K read QD32" 'direct_iops @ read'

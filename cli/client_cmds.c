@@ -402,7 +402,7 @@ int cmd_write(int argc, char **argv)
 		if (got < CLIENT_CHUNK)
 			break;
 	}
-	if (!r && b->ops->flush && (r = b->ops->flush(b)))
+	if (!r && (r = run(b, DEVIO_OP_FLUSH, NULL, 0, 0)))
 		devio_err("write: %s: flush: %s", argv[optind], strerror(-r));
 	free(buf);
 	devio_backend_close(b);
@@ -484,7 +484,7 @@ static bool block_is_zero(struct devio_backend *b, uint64_t off, uint64_t len)
 {
 	struct zero_walk z = { .pos = off };
 
-	if (!(b->caps & DEVIO_CAP_EXTENTS) || !b->ops->extents)
+	if (!(b->caps & DEVIO_CAP_EXTENTS))
 		return false;
 	while (z.pos < off + len && !z.data) {
 		uint64_t before = z.pos;
@@ -657,7 +657,7 @@ int cli_copy_run(struct cli_copy *c)
 	}
 	free(j.bufs[0]);
 	free(j.bufs[1]);
-	if (!r && c->dst->ops->flush && (r = devio_layer_flush(c->dst)))
+	if (!r && (r = devio_layer_flush(c->dst)))
 		devio_err("%s: %s: flush: %s", c->cmd, c->dst_name, strerror(-r));
 	return r;
 }

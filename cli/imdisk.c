@@ -137,6 +137,7 @@ static int imdisk_geometry(struct imdisk_args *a, struct devio_open_opts *o, int
 	bool bytes;
 	int w = 0;
 
+	o->numbering = DEVIO_PART_IMDISK; /* ImDisk's own partition numbers */
 	if (a->n_words == 0) {
 		if (has_mbr(a->image))
 			o->partition = 1;

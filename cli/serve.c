@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 #include "cli.h"
+#include "devio/request.h"
 #include "devio/util.h"
 
 #define MAX_EXPORTS 16
@@ -133,7 +134,9 @@ stop:
 	}
 	for (size_t i = 0; i < srv->n_exports; i++) {
 		struct devio_backend *b = srv->exports[i].backend;
-		if (!(b->caps & DEVIO_CAP_READONLY) && b->ops->flush && b->ops->flush(b) < 0) {
+		struct devio_request flush = { .op = DEVIO_OP_FLUSH };
+
+		if (!(b->caps & DEVIO_CAP_READONLY) && devio_run(b, &flush) < 0) {
 			devio_err("%s: flush at exit failed", srv->exports[i].source);
 			rc = 1;
 		}

@@ -32,6 +32,7 @@
 #include "devio/backend.h"
 #include "devio/frontend.h"
 #include "devio/listener.h"
+#include "devio/layer.h"
 #include "devio/util.h"
 #include "devio/workers.h"
 #include "../lib/nbd_proto.h"
@@ -561,7 +562,7 @@ static void slot_complete(struct devio_request *req)
 
 	if (req->result)
 		devio_debug("nbd %s: %s offset %llu length %llu: %s", sl->c->peer, devio_op_name(req->op),
-			    (unsigned long long)req->offset, (unsigned long long)req->length,
+			    (unsigned long long)sl->nr.offset, (unsigned long long)req->length,
 			    strerror(-req->result));
 	encode_reply(sl, devio_nbd_errno(req->result), req->result ? strerror(-req->result) : NULL);
 	tx_queue(sl->c, sl);
@@ -806,8 +807,8 @@ static void run_block_status(struct nbd_conn *c, struct nbd_slot *sl)
 	}
 	nbd_put32(sl->buf, NBD_META_ID_BASE_ALLOCATION);
 	w = (struct bs_walk){ sl->buf + 4, 0, max, sl->nr.offset, sl->nr.offset + sl->nr.length };
-	if (b->ops->extents && (b->caps & DEVIO_CAP_EXTENTS))
-		r = b->ops->extents(b, sl->nr.offset, sl->nr.length, bs_extent, &w);
+	if (b->caps & DEVIO_CAP_EXTENTS)
+		r = devio_extents(b, sl->nr.offset, sl->nr.length, bs_extent, &w);
 	if (r < 0)
 		devio_warn("nbd %s: extents at offset %llu: %s; reporting allocated data", c->peer,
 			   (unsigned long long)sl->nr.offset, strerror(-r));
@@ -922,14 +923,14 @@ static void reply_error(struct nbd_conn *c, struct nbd_slot *sl, uint32_t error,
 static bool read_in_place(struct nbd_conn *c, const struct devio_nbd_request *nr)
 {
 	struct iovec pieces[NBD_MAX_CHUNKS];
+	struct devio_request req = { .op = DEVIO_OP_READ, .offset = nr->offset, .length = nr->length,
+				     .kind = DEVIO_BUF_MAP, .iov = pieces, .iovcnt = NBD_MAX_CHUNKS };
 	struct nbd_slot *sl;
 	int n;
 
-	if (!c->b->ops->map_read || nr->length == 0)
+	if (!(c->b->caps & DEVIO_CAP_MAP) || nr->length == 0 || devio_run(c->b, &req))
 		return false;
-	n = devio_map_read(c->b, nr->offset, nr->length, pieces, NBD_MAX_CHUNKS);
-	if (n <= 0)
-		return false;
+	n = req.iovcnt;
 	if (!c->s.structured || (nr->flags & NBD_CMD_FLAG_DF))
 		for (int i = 0; i < n; i++)
 			if (!pieces[i].iov_base)
@@ -951,12 +952,14 @@ static bool read_in_place(struct nbd_conn *c, const struct devio_nbd_request *nr
 static bool read_spliced(struct nbd_conn *c, const struct devio_nbd_request *nr)
 {
 	uint64_t pages = (nr->offset % 4096 + nr->length + 4095) / 4096;
+	struct devio_request req = { .op = DEVIO_OP_READ, .offset = nr->offset, .length = nr->length,
+				     .kind = DEVIO_BUF_PIPE, .pipe_fd = c->pipe[1] };
 	struct nbd_slot *sl;
 	uint8_t *p;
 
 	if (!c->splice_reads || nr->length <= NBD_RX_PAYLOAD || pages > c->pipe_size / 4096)
 		return false;
-	if (devio_splice_read(c->b, c->pipe[1], nr->offset, nr->length)) {
+	if (devio_run(c->b, &req)) {
 		pipe_empty(c);
 		return false;
 	}
@@ -1022,14 +1025,12 @@ static int64_t rx_into(struct nbd_conn *c, const struct iovec *v, int n, uint64_
 	return r ? r : (int64_t)done;
 }
 
-/* Answer a WRITE the reader carried out itself (r: its result), after
- * the flush FUA asks for.  Returns 1: the reply is queued. */
+/* Answer a WRITE the reader carried out itself (r: its result, FUA
+ * included).  Returns 1: the reply is queued. */
 static int reply_written(struct nbd_conn *c, const struct devio_nbd_request *nr, int r)
 {
 	struct nbd_slot *sl;
 
-	if (!r && (nr->flags & NBD_CMD_FLAG_FUA) && c->b->ops->flush)
-		r = c->b->ops->flush(c->b);
 	sl = slot_get(c, 0);
 	sl->nr = *nr;
 	encode_reply(sl, devio_nbd_errno(r), r ? strerror(-r) : NULL);
@@ -1050,16 +1051,18 @@ static int reply_written(struct nbd_conn *c, const struct devio_nbd_request *nr,
 static int write_in_place(struct nbd_conn *c, struct devio_nbd_request *nr)
 {
 	struct iovec v[NBD_MAX_CHUNKS];
+	struct devio_request req = { .op = DEVIO_OP_WRITE, .offset = nr->offset, .length = nr->length,
+				     .flags = (nr->flags & NBD_CMD_FLAG_FUA) ? DEVIO_REQ_FUA : 0,
+				     .kind = DEVIO_BUF_MAP, .iov = v, .iovcnt = NBD_MAX_CHUNKS };
 	int64_t done;
-	int n;
+	int r;
 
-	if (!c->in_place_writes || !c->b->ops->map_write)
-		return 0;
-	n = devio_map_write(c->b, nr->offset, nr->length, v, NBD_MAX_CHUNKS);
-	if (n <= 0)
+	if (!c->in_place_writes || !(c->b->caps & DEVIO_CAP_MAP) || devio_run(c->b, &req))
 		return 0; /* the usual path reports ENOSPC and the like */
-	done = rx_into(c, v, n, nr->length);
-	devio_unmap_write(c->b, nr->offset, nr->length);
+	done = rx_into(c, v, req.iovcnt, nr->length);
+	if (done < 0 || (uint64_t)done < nr->length)
+		req.flags &= ~DEVIO_REQ_FUA; /* the rest goes the usual way, FUA with it */
+	r = devio_map_end(&req);
 	if (done < 0)
 		return (int)done;
 	if ((uint64_t)done < nr->length) {
@@ -1067,7 +1070,7 @@ static int write_in_place(struct nbd_conn *c, struct devio_nbd_request *nr)
 		nr->length -= (uint32_t)done;
 		return 0;
 	}
-	return reply_written(c, nr, 0);
+	return reply_written(c, nr, r);
 }
 
 /* Move up to want payload bytes from the socket into the (empty) pipe,
@@ -1095,16 +1098,19 @@ static ssize_t splice_in(struct nbd_conn *c, uint64_t want)
 }
 
 /* The payload of a write at off: the part already in the rx buffer
- * written from there, the rest spliced socket -> pipe -> page cache.
- * Returns 0 or the backend's negative errno with the payload consumed
- * either way; *gone is set when the connection failed instead. */
-static int splice_payload(struct nbd_conn *c, uint64_t off, uint64_t len, int *gone)
+ * written from there, the rest spliced socket -> pipe -> page cache; the
+ * last part carries the write's flags (FUA: the core's flush after it
+ * covers the parts before).  Returns 0 or the backend's negative errno
+ * with the payload consumed either way; *gone is set when the connection
+ * failed instead. */
+static int splice_payload(struct nbd_conn *c, uint64_t off, uint64_t len, uint32_t flags, int *gone)
 {
 	size_t have = c->rx_end - c->rx_start;
 	struct devio_request req = { .op = DEVIO_OP_WRITE, .offset = off, .buf = c->rx + c->rx_start };
 	int r = 0;
 
 	req.length = have < len ? have : len;
+	req.flags = req.length == len ? flags : 0;
 	if (req.length)
 		r = devio_execute(c->b, &req);
 	c->rx_start += (size_t)req.length;
@@ -1118,7 +1124,13 @@ static int splice_payload(struct nbd_conn *c, uint64_t off, uint64_t len, int *g
 			pipe_empty(c);
 			return r;
 		}
-		if (r || (r = devio_splice_write(c->b, c->pipe[0], off, (uint64_t)n, 0)))
+		if (!r) {
+			req = (struct devio_request){ .op = DEVIO_OP_WRITE, .offset = off, .length = (uint64_t)n,
+						      .flags = (uint64_t)n == len ? flags : 0,
+						      .kind = DEVIO_BUF_PIPE, .pipe_fd = c->pipe[0] };
+			r = devio_run(c->b, &req);
+		}
+		if (r)
 			pipe_empty(c); /* keep reading the payload: the reply says why */
 		off += (uint64_t)n;
 		len -= (uint64_t)n;
@@ -1140,7 +1152,7 @@ static int write_spliced(struct nbd_conn *c, const struct devio_nbd_request *nr)
 	if (!c->splice_writes || nr->length <= NBD_RX_PAYLOAD)
 		return 0;
 	tx_uncork(c); /* the replies go out while the payload comes in */
-	r = splice_payload(c, nr->offset, nr->length, &gone);
+	r = splice_payload(c, nr->offset, nr->length, (nr->flags & NBD_CMD_FLAG_FUA) ? DEVIO_REQ_FUA : 0, &gone);
 	tx_cork(c);
 	if (gone)
 		return gone;
@@ -1308,7 +1320,7 @@ static int conn_setup(struct nbd_conn *c)
 	c->use_workers = c->st->workers && devio_wants_pool(c->b, c->st->srv->opts.threads);
 	/* Without a sender thread (it could not start) completions send
 	 * themselves, as inline ones do. */
-	if (c->b->ops->submit || c->use_workers)
+	if (devio_backend_async(c->b) || c->use_workers)
 		c->has_sender = pthread_create(&c->sender, NULL, sender_main, c) == 0;
 	return 0;
 }

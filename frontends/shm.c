@@ -243,19 +243,9 @@ static int shm_ranges(struct shm_session *s, enum devio_op op, const uint8_t *da
 /* INFO in a slot: size, alignment, flags, as the stream answers it. */
 static void shm_info_words(struct devio_backend *b, uint64_t v[3])
 {
-	uint64_t flags = 0;
-
-	if (b->caps & DEVIO_CAP_READONLY)
-		flags |= DEVIO_INFO_RO;
-	else {
-		if (b->caps & DEVIO_CAP_TRIM)
-			flags |= DEVIO_INFO_SUPPORTS_UNMAP;
-		if (b->caps & DEVIO_CAP_ZERO || b->ops->pwrite)
-			flags |= DEVIO_INFO_SUPPORTS_ZERO;
-	}
 	v[0] = b->size;
 	v[1] = b->block_size ? b->block_size : 1;
-	v[2] = flags;
+	v[2] = devio_proto_info_flags(b);
 }
 
 /* Decode a READ/WRITE header into req; 0, or the errno to answer. */
@@ -648,7 +638,7 @@ static void shm_hello(struct shm_state *st, uint64_t status, uint8_t out[DEVIO_S
 	w[DEVIO_SHM_H_FILE_SIZE] = info[0];
 	w[DEVIO_SHM_H_ALIGNMENT] = info[1];
 	w[DEVIO_SHM_H_FLAGS] = info[2];
-	w[DEVIO_SHM_H_EXT] = st->b->ops->flush ? DEVIO_SHM_EXT_FLUSH : 0;
+	w[DEVIO_SHM_H_EXT] = st->b->caps & DEVIO_CAP_FLUSH ? DEVIO_SHM_EXT_FLUSH : 0;
 	for (int i = 0; i < DEVIO_SHM_H__COUNT; i++)
 		devio_put_le64(out + 8 * i, w[i]);
 }

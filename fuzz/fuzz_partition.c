@@ -1,5 +1,5 @@
 /* fuzz_partition.c - libFuzzer target: arbitrary bytes as a disk image for
- * devio_partition_find(), partitions 1..8.  Whatever it answers must lie
+ * devio_partition_find(), partitions 1..8 in both numberings.  Whatever it answers must lie
  * inside the image. */
 #include <stdint.h>
 #include <stdlib.h>
@@ -29,10 +29,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	struct image im = { data, size };
 
 	devio_log_set_level(DEVIO_LOG_ERROR);
-	for (int n = 1; n <= 8; n++) {
+	for (int k = 0; k < 16; k++) {
+		enum devio_part_numbering numbering = k < 8 ? DEVIO_PART_LINUX : DEVIO_PART_IMDISK;
+		int n = k % 8 + 1;
 		uint64_t off = 0, len = 0;
 
-		if (devio_partition_find("fuzz", image_read, &im, size, n, &off, &len) == 0 &&
+		if (devio_partition_find("fuzz", image_read, &im, size, numbering, n, &off, &len) == 0 &&
 		    (len == 0 || off > size || len > size - off))
 			abort();
 	}

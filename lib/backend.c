@@ -1,5 +1,6 @@
-/* backend.c - opens the backend a SOURCE names, closes backends, and
- * finds a server's export by name. */
+/* backend.c - opens the stack of backends a SOURCE and its options name
+ * (store, image format, window), closes stacks, and finds a server's
+ * export by name. */
 #include <errno.h>
 #include <string.h>
 #include "devio/backend.h"
@@ -17,19 +18,12 @@ static int store_open(const char *source, const struct devio_open_opts *opts, st
 	int r;
 
 	if (!strncmp(source, "ram:", 4)) {
-		if (opts->partition || opts->has_offset) {
-			devio_err("%s: --offset and --partition do not apply to a RAM disk", source);
-			return -EINVAL;
-		}
 		r = devio_parse_size(source + 4, &size);
 		if (r || size == 0) {
 			devio_err("%s: bad RAM disk size (want ram:SIZE, e.g. ram:1G)", source);
 			return -EINVAL;
 		}
-		r = devio_ram_open(size, opts->ram_max, out);
-		if (!r && opts->readonly)
-			(*out)->caps |= DEVIO_CAP_READONLY;
-		return r;
+		return devio_ram_open(size, opts->ram_max, out);
 	}
 	if (!strncmp(source, "devio://", 8) || !strncmp(source, "devio+unix://", 13))
 		return devio_remote_devio_open(source, opts, out);
@@ -52,17 +46,25 @@ int devio_rbd_open(const char *source, const struct devio_open_opts *opts, struc
 }
 #endif
 
-/* The store a SOURCE names, then the image-format layer over it. */
+/* The stack a SOURCE and its options name, bottom up: the store; the
+ * image-format layer; the window layer for --partition, --offset/--size
+ * inside it and -r where the store below is writable.  A layer that is
+ * not needed is not there. */
 static int backend_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out)
 {
-	struct devio_backend *store;
+	struct devio_backend *store, *fmt;
 	int r = store_open(source, opts, &store);
 
 	if (r)
 		return r;
-	r = devio_format_open(source, store, opts->format, opts, out);
-	if (r)
+	r = devio_format_open(source, store, opts->format, opts, &fmt);
+	if (r) {
 		devio_backend_close(store);
+		return r;
+	}
+	r = devio_window_open(source, fmt, opts, out);
+	if (r)
+		devio_backend_close(fmt);
 	return r;
 }
 

@@ -158,9 +158,7 @@ uint64_t devio_proto_info_flags(const struct devio_backend *b)
 		return DEVIO_INFO_RO;
 	if (b->caps & DEVIO_CAP_TRIM)
 		flags |= DEVIO_INFO_SUPPORTS_UNMAP;
-	if ((b->caps & DEVIO_CAP_ZERO) || b->ops->pwrite)
-		flags |= DEVIO_INFO_SUPPORTS_ZERO; /* the core writes zeroes if it must */
-	return flags;
+	return flags | DEVIO_INFO_SUPPORTS_ZERO; /* writable: the core writes zeroes where it must */
 }
 
 uint32_t devio_proto_caps(uint64_t info_flags)

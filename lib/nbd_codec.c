@@ -44,11 +44,11 @@ uint16_t devio_nbd_tflags(const struct devio_backend *b, bool structured)
 		f |= NBD_FLAG_SEND_FLUSH;
 	if (!ro && (b->caps & DEVIO_CAP_FUA))
 		f |= NBD_FLAG_SEND_FUA;
-	if (!ro && (b->caps & DEVIO_CAP_TRIM) && b->ops->trim)
+	if (!ro && (b->caps & DEVIO_CAP_TRIM))
 		f |= NBD_FLAG_SEND_TRIM;
-	if (!ro && b->ops->pwrite)
+	if (!ro)
 		f |= NBD_FLAG_SEND_WRITE_ZEROES; /* the core writes zeroes if it must */
-	if (!ro && (b->caps & DEVIO_CAP_FAST_ZERO) && b->ops->zero)
+	if (!ro && (b->caps & DEVIO_CAP_FAST_ZERO))
 		f |= NBD_FLAG_SEND_FAST_ZERO;
 	if (structured)
 		f |= NBD_FLAG_SEND_DF;

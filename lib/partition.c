@@ -1,12 +1,20 @@
 /* partition.c - find partition N of a disk image: MBR primaries and the
- * logical partitions of the EBR chain, numbered as ImDisk's devio numbers
- * them, or GPT entries in table order behind a protective MBR.
+ * logical partitions of the EBR chain, or GPT entries behind a protective
+ * MBR, in one of two numberings (partition.h).
  *
- * Numbering (MBR): every primary entry with a non-zero type counts, in
- * slot order, 1, 2, ... (an extended entry too: it is the container); then
- * the logical partitions of each extended entry's EBR chain count on.  With
- * partitions filled in slot order this is the numbering Linux and sfdisk
- * use (three primaries, an extended and two logicals are 1..4, 5, 6).
+ * Linux's (and sfdisk's, and nbdkit's partition filter's): a primary is
+ * its slot, 1-4, used when its size is not zero (an empty slot is a gap);
+ * the extended container has a number but is no partition to serve; the
+ * logical partitions are 5, 6, ... along the EBR chains.  A GPT entry is
+ * its index in the table, used when its type GUID is not zero.
+ *
+ * ImDisk's devio: every primary entry with a non-zero type counts, in slot
+ * order, 1, 2, ... (an extended entry too: it is the container); then the
+ * logical partitions count on; GPT entries in use count 1, 2, ... in table
+ * order.  With partitions filled in slot order the two agree.
+ *
+ * Each EBR's first entry is a logical partition, its second the link to
+ * the next EBR, as sfdisk, fdisk and ImDisk write them.
  *
  * Every byte read here is untrusted: signatures and CRCs are checked, the
  * EBR chain is bounded and loops are detected, GPT sizes and counts are
@@ -40,7 +48,9 @@ struct pctx {
 	devio_read_fn read;
 	void *ctx;
 	uint64_t image_size;
+	bool linux_numbers;       /* DEVIO_PART_LINUX, else ImDisk's */
 	int want, seen;           /* partition asked for, partitions counted */
+	int number;               /* the number the last partition counted got */
 	uint64_t *offset, *length;
 };
 
@@ -116,6 +126,13 @@ static bool is_extended(uint8_t type)
 	return type == 0x05 || type == 0x0F || type == 0x85;
 }
 
+/* Does the entry hold a partition?  Linux and sfdisk go by the size,
+ * ImDisk by the type. */
+static bool is_used(const struct pctx *c, const struct mbr_entry *e)
+{
+	return c->linux_numbers ? e->sectors != 0 : e->type != 0;
+}
+
 /* The partition found: check it lies inside the image and report it. */
 static int found(struct pctx *c, uint64_t start_lba, uint64_t sectors, uint32_t ss, uint64_t table_off)
 {
@@ -160,8 +177,11 @@ static int walk_ebrs(struct pctx *c, uint64_t ext_lba)
 		r = read_table(c, lba, sec, e, "extended boot record");
 		if (r)
 			return r;
-		if (e[0].type != 0 && !is_extended(e[0].type) && ++c->seen == c->want)
-			return found(c, lba + e[0].start, e[0].sectors, SECTOR, lba * SECTOR);
+		if (is_used(c, &e[0]) && !is_extended(e[0].type)) {
+			c->seen++;
+			if (++c->number == c->want)
+				return found(c, lba + e[0].start, e[0].sectors, SECTOR, lba * SECTOR);
+		}
 		if (!is_extended(e[1].type) || e[1].start == 0)
 			return 1;
 		lba = ext_lba + e[1].start;
@@ -281,7 +301,10 @@ static int find_gpt(struct pctx *c)
 		const uint8_t *e = arr + (size_t)i * esize;
 		uint64_t first = get_le64(e + 32), last = get_le64(e + 40);
 
-		if (all_zero(e, 16) || ++c->seen != c->want)
+		if (all_zero(e, 16))
+			continue;
+		c->seen++;
+		if ((c->linux_numbers ? (int)i + 1 : c->seen) != c->want)
 			continue;
 		if (last < first || first > UINT64_MAX / ss || last - first >= UINT64_MAX / ss) {
 			devio_err("%s: GPT entry %" PRIu32 ": bad range of sectors %" PRIu64 "..%" PRIu64, c->name,
@@ -294,6 +317,28 @@ static int find_gpt(struct pctx *c)
 	}
 	free(arr);
 	return r;
+}
+
+/* The primary slots: Linux numbers them by slot, ImDisk counts the used
+ * ones.  -ENOENT: not among them. */
+static int find_primary(struct pctx *c, const struct mbr_entry e[4])
+{
+	for (int i = 0; i < 4; i++) {
+		if (!is_used(c, &e[i]))
+			continue;
+		c->number = c->linux_numbers ? i + 1 : c->number + 1;
+		if (!c->linux_numbers || !is_extended(e[i].type))
+			c->seen++;
+		if (c->number != c->want)
+			continue;
+		if (c->linux_numbers && is_extended(e[i].type)) {
+			devio_err("%s: partition %d is the extended partition, a container of the logical ones "
+				  "(5 and up), not a partition to serve", c->name, c->want);
+			return -EINVAL;
+		}
+		return found(c, e[i].start, e[i].sectors, SECTOR, 0);
+	}
+	return -ENOENT;
 }
 
 static int find_mbr(struct pctx *c)
@@ -314,11 +359,13 @@ static int find_mbr(struct pctx *c)
 	for (int i = 0; i < 4; i++)
 		if (e[i].type == 0xEE)
 			return find_gpt(c);
-	for (int i = 0; i < 4; i++)
-		if (e[i].type != 0 && ++c->seen == c->want)
-			return found(c, e[i].start, e[i].sectors, SECTOR, 0);
+	r = find_primary(c, e);
+	if (r != -ENOENT)
+		return r;
+	if (c->linux_numbers)
+		c->number = 4; /* logical partitions start at 5 */
 	for (int i = 0; i < 4; i++) {
-		if (!is_extended(e[i].type) || e[i].start == 0)
+		if (!is_used(c, &e[i]) || !is_extended(e[i].type) || e[i].start == 0)
 			continue;
 		r = walk_ebrs(c, e[i].start);
 		if (r <= 0)
@@ -328,9 +375,11 @@ static int find_mbr(struct pctx *c)
 }
 
 int devio_partition_find(const char *name, devio_read_fn read, void *ctx, uint64_t image_size,
-			 int n, uint64_t *offset, uint64_t *length)
+			 enum devio_part_numbering numbering, int n, uint64_t *offset, uint64_t *length)
 {
-	struct pctx c = { name ? name : "image", read, ctx, image_size, n, 0, offset, length };
+	struct pctx c = { .name = name ? name : "image", .read = read, .ctx = ctx, .image_size = image_size,
+			  .linux_numbers = numbering == DEVIO_PART_LINUX, .want = n,
+			  .offset = offset, .length = length };
 	int r;
 
 	if (n < 1) {

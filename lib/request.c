@@ -1,7 +1,9 @@
-/* request.c - the request core: checks a request against its backend and
- * runs it, asynchronously where the backend can (io_uring), synchronously
- * otherwise.  Also a small worker pool for front ends that want several
- * synchronous requests running at once on a multi-core machine. */
+/* request.c - the request core: checks a request against its backend,
+ * moves it through the layers that remap it (windows) to the store, and
+ * runs it there, asynchronously where the store can (io_uring),
+ * synchronously otherwise, whatever kind of buffer it carries.  Also a
+ * small worker pool for front ends that want several synchronous requests
+ * running at once on a multi-core machine. */
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -23,10 +25,52 @@ static bool out_of_range(const struct devio_backend *b, uint64_t off, uint64_t l
 	return off > b->size || len > b->size - off;
 }
 
+/* The backend that holds the bytes under b: past the layers that only
+ * move requests (remap). */
+static struct devio_backend *store_of(const struct devio_backend *b)
+{
+	while (b->ops->remap)
+		b = b->lower;
+	return (struct devio_backend *)b;
+}
+
+bool devio_backend_async(const struct devio_backend *b)
+{
+	return store_of(b)->ops->submit != NULL;
+}
+
+/* The buffer: memory for every op that has bytes, or a kind the store
+ * takes for this op. */
+static int check_buffer(const struct devio_backend *s, const struct devio_request *req)
+{
+	bool rw = req->op == DEVIO_OP_READ || req->op == DEVIO_OP_WRITE;
+	uint32_t cap = req->op == DEVIO_OP_READ ? DEVIO_CAP_SPLICE_READ : DEVIO_CAP_SPLICE_WRITE;
+
+	switch (req->kind) {
+	case DEVIO_BUF_MEM:
+		return rw && req->length && !req->buf ? -EFAULT : 0;
+	case DEVIO_BUF_MAP:
+		if (!rw)
+			return -EINVAL;
+		if (!(s->caps & DEVIO_CAP_MAP) || !s->ops->map || !s->ops->unmap)
+			return -EOPNOTSUPP;
+		return !req->iov || req->iovcnt <= 0 ? -EFAULT : 0;
+	case DEVIO_BUF_PIPE:
+		if (!rw)
+			return -EINVAL;
+		return (s->caps & cap) && s->ops->splice ? 0 : -EOPNOTSUPP;
+	}
+	return -EINVAL;
+}
+
+/* Checks against b (the top of a stack: its size, its read-only bit),
+ * then what the store under it offers. */
 int devio_request_check(const struct devio_backend *b, const struct devio_request *req)
 {
-	const struct devio_backend_ops *ops = b->ops;
+	const struct devio_backend *s;
+	const struct devio_backend_ops *ops;
 	bool writes = req->op == DEVIO_OP_WRITE || req->op == DEVIO_OP_TRIM || req->op == DEVIO_OP_ZERO;
+	int r;
 
 	if ((unsigned)req->op >= DEVIO_OP__COUNT)
 		return -EINVAL;
@@ -36,8 +80,10 @@ int devio_request_check(const struct devio_backend *b, const struct devio_reques
 		return 0;
 	if (out_of_range(b, req->offset, req->length))
 		return req->op == DEVIO_OP_WRITE || req->op == DEVIO_OP_ZERO ? -ENOSPC : -EINVAL;
-	if ((req->op == DEVIO_OP_READ || req->op == DEVIO_OP_WRITE) && req->length && !req->buf)
-		return -EFAULT;
+	s = store_of(b);
+	ops = s->ops;
+	if ((r = check_buffer(s, req)))
+		return r;
 	if (req->op == DEVIO_OP_WRITE && !ops->pwrite)
 		return -EROFS;
 	if (req->op == DEVIO_OP_TRIM && !ops->trim)
@@ -49,55 +95,34 @@ int devio_request_check(const struct devio_backend *b, const struct devio_reques
 	return 0;
 }
 
-int devio_map_read(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max)
+/* Move a checked request through the layers that remap it, into the
+ * store's coordinates; req->backend becomes the store. */
+static struct devio_backend *descend(struct devio_backend *b, struct devio_request *req)
 {
-	if (!b->ops->map_read)
-		return -EOPNOTSUPP;
-	if (out_of_range(b, off, len))
-		return -EINVAL;
-	if (len == 0)
+	while (b->ops->remap) {
+		b->ops->remap(b, req);
+		b = b->lower;
+	}
+	req->backend = b;
+	return b;
+}
+
+/* FUA asks for a flush after a change, unless the store's pwrite honoured
+ * it itself (memory buffers only: a pipe or a mapping has no RWF_DSYNC). */
+static bool needs_flush_after(const struct devio_backend *b, const struct devio_request *req)
+{
+	return (req->flags & DEVIO_REQ_FUA) && b->ops->flush &&
+	       !(req->op == DEVIO_OP_WRITE && req->kind == DEVIO_BUF_MEM && (b->caps & DEVIO_CAP_PWRITE_FUA));
+}
+
+int devio_map_end(struct devio_request *req)
+{
+	struct devio_backend *b = req->backend;
+
+	if (req->op != DEVIO_OP_WRITE || req->kind != DEVIO_BUF_MAP || req->length == 0)
 		return 0;
-	return b->ops->map_read(b, off, len, iov, max);
-}
-
-int devio_map_write(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max)
-{
-	if (!b->ops->map_write || !b->ops->unmap_write || len == 0)
-		return -EOPNOTSUPP;
-	if (b->caps & DEVIO_CAP_READONLY)
-		return -EROFS;
-	if (out_of_range(b, off, len))
-		return -ENOSPC;
-	return b->ops->map_write(b, off, len, iov, max);
-}
-
-void devio_unmap_write(struct devio_backend *b, uint64_t off, uint64_t len)
-{
-	b->ops->unmap_write(b, off, len);
-}
-
-int devio_splice_write(struct devio_backend *b, int pipe_fd, uint64_t off, uint64_t len, uint32_t flags)
-{
-	if (!b->ops->splice_write || !(b->caps & DEVIO_CAP_SPLICE_WRITE))
-		return -EOPNOTSUPP;
-	if (b->caps & DEVIO_CAP_READONLY)
-		return -EROFS;
-	if (out_of_range(b, off, len))
-		return -ENOSPC;
-	if (len == 0)
-		return 0;
-	return b->ops->splice_write(b, pipe_fd, len, off, flags);
-}
-
-int devio_splice_read(struct devio_backend *b, int pipe_fd, uint64_t off, uint64_t len)
-{
-	if (!b->ops->splice_read || !(b->caps & DEVIO_CAP_SPLICE_READ))
-		return -EOPNOTSUPP;
-	if (out_of_range(b, off, len))
-		return -EINVAL;
-	if (len == 0)
-		return 0;
-	return b->ops->splice_read(b, pipe_fd, len, off);
+	b->ops->unmap(b, req);
+	return needs_flush_after(b, req) ? b->ops->flush(b) : 0;
 }
 
 /* ZERO for a backend without a zero callback: write zeroes. */
@@ -120,13 +145,19 @@ static int run_sync(struct devio_backend *b, struct devio_request *req)
 	const struct devio_backend_ops *ops = b->ops;
 	int r = 0;
 
-	if (req->length == 0 && req->op != DEVIO_OP_FLUSH)
+	if (req->length == 0 && req->op != DEVIO_OP_FLUSH) {
+		req->iovcnt = 0;
 		return 0;
+	}
+	if (req->kind == DEVIO_BUF_MAP)
+		return ops->map(b, req); /* a WRITE's FUA: devio_map_end() */
 	switch (req->op) {
 	case DEVIO_OP_READ:
-		return ops->pread(b, req->buf, req->length, req->offset);
+		return req->kind == DEVIO_BUF_PIPE ? ops->splice(b, req)
+						   : ops->pread(b, req->buf, req->length, req->offset);
 	case DEVIO_OP_WRITE:
-		r = ops->pwrite(b, req->buf, req->length, req->offset, req->flags);
+		r = req->kind == DEVIO_BUF_PIPE ? ops->splice(b, req)
+						: ops->pwrite(b, req->buf, req->length, req->offset, req->flags);
 		break;
 	case DEVIO_OP_FLUSH:
 		return ops->flush ? ops->flush(b) : 0;
@@ -142,8 +173,7 @@ static int run_sync(struct devio_backend *b, struct devio_request *req)
 	default:
 		return -EINVAL;
 	}
-	if (!r && (req->flags & DEVIO_REQ_FUA) && ops->flush &&
-	    !(req->op == DEVIO_OP_WRITE && (b->caps & DEVIO_CAP_PWRITE_FUA)))
+	if (!r && needs_flush_after(b, req))
 		r = ops->flush(b);
 	return r;
 }
@@ -154,7 +184,9 @@ void devio_submit(struct devio_backend *b, struct devio_request *req)
 
 	req->backend = b;
 	r = devio_request_check(b, req);
-	if (!r && b->ops->submit) {
+	if (!r)
+		b = descend(b, req);
+	if (!r && b->ops->submit && req->kind == DEVIO_BUF_MEM) {
 		r = b->ops->submit(b, req);
 		if (r == 0)
 			return; /* complete() will be called by the backend */
@@ -174,7 +206,7 @@ int devio_run(struct devio_backend *b, struct devio_request *req)
 	req->backend = b;
 	req->result = devio_request_check(b, req);
 	if (req->result == 0)
-		req->result = run_sync(b, req);
+		req->result = run_sync(descend(b, req), req);
 	return req->result;
 }
 
@@ -202,7 +234,7 @@ int devio_execute(struct devio_backend *b, struct devio_request *req)
 			       req->complete, req->opaque };
 	int r;
 
-	if (!b->ops->submit)
+	if (!devio_backend_async(b) || req->kind != DEVIO_BUF_MEM)
 		return devio_run(b, req); /* no need to go through a completion at all */
 	req->backend = b;
 	r = devio_request_check(b, req);
@@ -228,7 +260,7 @@ int devio_execute(struct devio_backend *b, struct devio_request *req)
 
 bool devio_wants_pool(const struct devio_backend *b, unsigned threads)
 {
-	if (b->ops->submit || threads == 1)
+	if (devio_backend_async(b) || threads == 1)
 		return false;
 	return threads > 1 || b->run != DEVIO_RUN_CPU;
 }

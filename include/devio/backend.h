@@ -1,15 +1,19 @@
 /* backend.h - the table of operations every store of bytes implements.
  *
- * A backend owns the bytes of one export: an image file (whole, a window of
- * it, one partition), a RAM disk, a remote server.  Front ends reach it only
- * through this table and struct devio_request (request.h).  Every callback
- * but pread is optional; the capability bits say what is offered and must
- * tell the truth, because front ends advertise them to clients.
+ * A backend owns the bytes of one export: an image file or device, a RAM
+ * disk, a remote server (the stores), or a layer over another backend (a
+ * window or partition of it, an image format: layer.h).  Front ends reach
+ * it only through struct devio_request (request.h), devio_extents()
+ * (layer.h) and the fields below.  Every callback but pread is optional (a
+ * layer that sets remap has no data callbacks at all); the capability
+ * bits say what is offered and must tell the truth, because front ends
+ * advertise them to clients without looking at the callbacks.
  *
- * Synchronous callbacks return 0 or a negative errno and move the whole
- * length (a backend never returns a short transfer; the core has already
- * checked the range).  They must be safe to call from several threads at
- * once.  A backend that can run requests asynchronously (the file backend,
+ * The data callbacks are called only by the core (lib/request.c), after
+ * its checks.  Synchronous callbacks return 0 or a negative errno and
+ * move the whole length (a backend never returns a short transfer; the
+ * core has already checked the range).  They must be safe to call from
+ * several threads at once.  A backend that can run requests asynchronously (the file backend,
  * through io_uring) also sets `submit`; the core then uses it.
  */
 #ifndef DEVIO_BACKEND_H
@@ -18,6 +22,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/uio.h>
+#include "partition.h"
 #include "request.h"
 
 #ifdef __cplusplus
@@ -34,9 +39,12 @@ extern "C" {
 #define DEVIO_CAP_EXTENTS    (1u << 6) /* extents reports holes truthfully */
 #define DEVIO_CAP_MULTI_CONN (1u << 7) /* a flush on one connection covers writes of all */
 #define DEVIO_CAP_CACHE      (1u << 8) /* CACHE accepted (a hint: may be a no-op) */
-#define DEVIO_CAP_SPLICE_WRITE (1u << 9) /* splice_write works here (not advertised to clients) */
-#define DEVIO_CAP_SPLICE_READ  (1u << 10) /* splice_read works here (not advertised to clients) */
+/* Buffer kinds taken (request.h), for front ends to choose a fast path;
+ * never advertised to clients. */
+#define DEVIO_CAP_SPLICE_WRITE (1u << 9)  /* WRITE from DEVIO_BUF_PIPE */
+#define DEVIO_CAP_SPLICE_READ  (1u << 10) /* READ into DEVIO_BUF_PIPE */
 #define DEVIO_CAP_PWRITE_FUA   (1u << 11) /* pwrite honours DEVIO_REQ_FUA itself: the core adds no flush */
+#define DEVIO_CAP_MAP          (1u << 12) /* READ and WRITE as DEVIO_BUF_MAP */
 
 /* Extent flags, as NBD's base:allocation defines them. */
 #define DEVIO_EXTENT_HOLE (1u << 0) /* not allocated */
@@ -62,37 +70,27 @@ struct devio_backend_ops {
 	 * req->complete() later.  Return 0 if started, or a negative errno to
 	 * make the core run it synchronously instead (e.g. -EAGAIN). */
 	int (*submit)(struct devio_backend *b, struct devio_request *req);
-	/* Optional, for stores kept in memory (ram): the bytes of [off,
-	 * off+len) in place, as up to max pieces in order; a piece whose
-	 * iov_base is NULL reads as zeroes (never written).  The memory stays
-	 * mapped until close; a concurrent WRITE or TRIM may change it, as it
-	 * may change what a racing read sees.  Returns the number of pieces,
-	 * or -E2BIG if more than max are needed.  Lets a front end send a
-	 * read straight from the store, without copying it first. */
-	int (*map_read)(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max);
-	/* Optional, with map_read: [off, off+len) opened for writing in place,
-	 * as up to max pieces (none NULL).  The range counts as being written
-	 * (a TRIM of it waits) until unmap_write(), so hold it only while the
-	 * bytes are at hand.  Returns the number of pieces, -ENOSPC when the
-	 * store is full, -E2BIG if more than max pieces are needed. */
-	int (*map_write)(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max);
-	void (*unmap_write)(struct devio_backend *b, uint64_t off, uint64_t len);
-	/* Optional, for stores in the page cache (file, where DEVIO_CAP_
-	 * SPLICE_WRITE says so): write len bytes at off taken from the read
-	 * end of a pipe holding at least that many, with splice(2).  A front
-	 * end that spliced a socket's payload into the pipe gets it written
-	 * with one copy (socket buffers to page cache) instead of two.
-	 * Honours DEVIO_REQ_FUA.  On error the pipe may still hold the rest;
-	 * the caller empties it. */
-	int (*splice_write)(struct devio_backend *b, int pipe_fd, uint64_t len, uint64_t off, uint32_t flags);
-	/* Optional, the other way (DEVIO_CAP_SPLICE_READ): put the len bytes
-	 * at off into the write end of a pipe, by reference to the page cache
-	 * where the kernel can, for a front end that splices them on into a
-	 * socket (no copy on this side at all).  Never waits for room in the
-	 * pipe; -EAGAIN (read the usual way instead) if it fills up, or for a
-	 * file with holes, which the usual way can send as holes.  On error
-	 * the pipe may hold a part. */
-	int (*splice_read)(struct devio_backend *b, int pipe_fd, uint64_t len, uint64_t off);
+	/* Optional: READ and WRITE with the other buffer kinds (request.h),
+	 * already checked, in this backend's coordinates.  map: a store kept
+	 * in memory (ram, DEVIO_CAP_MAP) fills req->iov with pieces of itself
+	 * (-E2BIG if more than req->iovcnt are needed, -ENOSPC when a WRITE
+	 * finds the store full); a WRITE holds its range until unmap.  splice:
+	 * a store in the page cache (file, DEVIO_CAP_SPLICE_READ/_WRITE) moves
+	 * the bytes between itself and req->pipe_fd with splice(2): one copy
+	 * from a socket's pages into the page cache for a WRITE, none for a
+	 * READ, which the front end splices on into its socket.  FUA is the
+	 * core's (a flush after, as for every backend without PWRITE_FUA). */
+	int (*map)(struct devio_backend *b, struct devio_request *req);
+	void (*unmap)(struct devio_backend *b, struct devio_request *req);
+	int (*splice)(struct devio_backend *b, struct devio_request *req);
+	/* A layer that only moves requests (a window of its lower backend, a
+	 * read-only guard: layer.h) sets remap instead of the data callbacks.
+	 * The core checks a request against this layer, calls remap to move
+	 * it in place into lower's coordinates, then runs it on lower, with
+	 * lower's asynchronous path and buffer kinds: the layer costs nothing
+	 * on the fast paths.  Requests never reach this layer's other data
+	 * callbacks; extents, describe and close are still its own. */
+	void (*remap)(struct devio_backend *b, struct devio_request *req);
 	/* Optional, for stores that can get longer (a whole image file): let
 	 * writes reach up to size bytes from now on (b->size becomes size; the
 	 * store grows as those writes land, so write its new end first).
@@ -128,9 +126,10 @@ struct devio_backend {
 struct devio_open_opts {
 	bool readonly;
 	bool has_offset, has_size;
-	uint64_t offset;   /* bytes into the image */
+	uint64_t offset;   /* bytes into the image (the partition, if any) */
 	uint64_t size;     /* bytes; 0 with has_size false = to the end */
-	int partition;     /* 0 = whole image; N = MBR/GPT partition N */
+	int partition;     /* 0 = whole image; N = MBR/GPT partition N, numbered as below */
+	enum devio_part_numbering numbering; /* partition.h: Linux's by default */
 	uint64_t ram_max;  /* ram: cap on resident bytes, 0 = none */
 	bool direct;       /* file: O_DIRECT */
 	const char *ceph_conf;    /* rbd: ceph.conf (NULL: librados' default search) */
@@ -147,26 +146,10 @@ struct devio_open_opts {
 int devio_backend_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out);
 void devio_backend_close(struct devio_backend *b);
 
-/* A READ of [off, off+len) in place (ops->map_read), after the same range
- * checks as devio_submit(): pieces, -EOPNOTSUPP if the backend keeps no
- * bytes in memory, -E2BIG if they need more than max pieces, -EINVAL out
- * of range. */
-int devio_map_read(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max);
-
-/* A WRITE in place (ops->map_write), after devio_submit()'s checks:
- * -EROFS read-only, -ENOSPC out of range or full, -EOPNOTSUPP not
- * offered.  Every successful devio_map_write() needs its unmap. */
-int devio_map_write(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *iov, int max);
-void devio_unmap_write(struct devio_backend *b, uint64_t off, uint64_t len);
-
-/* A WRITE whose payload waits in a pipe (ops->splice_write), after
- * devio_submit()'s checks: -EROFS, -ENOSPC out of range, -EOPNOTSUPP not
- * offered (DEVIO_CAP_SPLICE_WRITE unset). */
-int devio_splice_write(struct devio_backend *b, int pipe_fd, uint64_t off, uint64_t len, uint32_t flags);
-
-/* A READ into a pipe (ops->splice_read), after devio_submit()'s checks:
- * -EINVAL out of range, -EOPNOTSUPP not offered. */
-int devio_splice_read(struct devio_backend *b, int pipe_fd, uint64_t off, uint64_t len);
+/* Whether b's requests may complete on another thread than the one that
+ * submitted them (its store has an asynchronous path): a front end then
+ * needs somewhere to send replies from. */
+bool devio_backend_async(const struct devio_backend *b);
 
 /* Individual backends (backends/NAME.c). */
 int devio_file_open(const char *path, const struct devio_open_opts *opts, struct devio_backend **out);

@@ -5,13 +5,16 @@
  * image format read from it (VHD, qcow2), a copy-on-write overlay over it,
  * a read-only guard.  A source string plus options composes a stack:
  *
- *     store (file, ram:, devio://, nbd://) -> format -> partition/window -> overlay
+ *     store (file, ram:, devio://, nbd://) -> format -> window (partition,
+ *     offset/size, read-only guard) -> overlay
  *
  * The core closes a stack from the top: devio_backend_close() closes the
  * layer, then its lower backend.  A layer reaches its lower backend only
  * through the functions below, which run a request with the core's checks
  * and rules (range, read-only, FUA, ZERO fallback), never by calling the
- * lower backend's operations itself.
+ * lower backend's operations itself.  A layer that only moves requests
+ * (the window) sets ops->remap instead and the core runs each request on
+ * the lower backend's own path (backend.h).
  */
 #ifndef DEVIO_LAYER_H
 #define DEVIO_LAYER_H
@@ -24,7 +27,8 @@ extern "C" {
 
 /* Make b a layer over lower with ops and priv: size, block size, maximum
  * transfer, run kind and the capabilities in `keep` are lower's (the layer
- * changes them afterwards as it needs). */
+ * changes them afterwards as it needs), less the buffer kinds (MAP,
+ * SPLICE_*) a layer with data callbacks does not take itself. */
 void devio_layer_init(struct devio_backend *b, const struct devio_backend_ops *ops,
 		      struct devio_backend *lower, uint32_t keep, void *priv);
 
@@ -70,6 +74,13 @@ int devio_format_create(const char *format, const char *path, uint64_t size, str
 int devio_vhd_detect(const char *name, struct devio_backend *lower);
 int devio_vhd_open(const char *name, struct devio_backend *lower, bool named, const struct devio_open_opts *opts,
 		   struct devio_backend **out);
+/* The window layer (layers/window.c) for --partition (numbered as
+ * opts->numbering says), --offset/--size inside it and -r over a lower
+ * backend that is writable, in one layer: *out is the window, or lower
+ * itself when opts ask for none of these.  On error lower is left open
+ * and a message names `name`, the offset and the cause. */
+int devio_window_open(const char *name, struct devio_backend *lower, const struct devio_open_opts *opts,
+		      struct devio_backend **out);
 
 #ifdef __cplusplus
 }

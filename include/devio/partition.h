@@ -1,7 +1,7 @@
 /* partition.h - find partition N of a disk image in its MBR (primaries,
- * then logicals along the EBR chain, numbered as ImDisk's devio numbers
- * them) or its GPT (entries in table order).  Every byte of the tables is
- * untrusted: loops are bounded and every offset is range-checked. */
+ * then logicals along the EBR chain) or its GPT, numbered as Linux and
+ * sfdisk number them or as ImDisk's devio does.  Every byte of the tables
+ * is untrusted: loops are bounded and every offset is range-checked. */
 #ifndef DEVIO_PARTITION_H
 #define DEVIO_PARTITION_H
 
@@ -11,6 +11,19 @@
 extern "C" {
 #endif
 
+/* How partitions are numbered. */
+enum devio_part_numbering {
+	/* Linux, sfdisk, nbdkit's partition filter: MBR slots 1-4 by slot
+	 * index (an empty slot is a gap; the extended container is no
+	 * partition to serve), logical partitions 5, 6, ... along the EBR
+	 * chain; GPT entry N by its index in the table. */
+	DEVIO_PART_LINUX = 0,
+	/* ImDisk's devio: every used MBR slot counts 1, 2, ... in slot order
+	 * (the extended container too), then the logicals count on; GPT
+	 * entries in use count 1, 2, ... in table order. */
+	DEVIO_PART_IMDISK,
+};
+
 /* Reads len bytes at off of the image into buf; 0 or -errno. */
 typedef int (*devio_read_fn)(void *ctx, void *buf, uint64_t len, uint64_t off);
 
@@ -19,7 +32,7 @@ typedef int (*devio_read_fn)(void *ctx, void *buf, uint64_t len, uint64_t off);
  * there is no such partition, -EINVAL if the tables are malformed (and a
  * message names the image, the offset and the cause). */
 int devio_partition_find(const char *name, devio_read_fn read, void *ctx, uint64_t image_size,
-			 int n, uint64_t *offset, uint64_t *length);
+			 enum devio_part_numbering numbering, int n, uint64_t *offset, uint64_t *length);
 
 #ifdef __cplusplus
 }

@@ -7,12 +7,26 @@
  * devio_submit() returns.  Many requests may be in flight at once: nothing
  * in the core serialises them; ordering (FLUSH after completed writes, FUA)
  * is the front end's business, as the protocols define it.
+ *
+ * Zero copy is a kind of buffer on the same request (enum devio_buf_kind):
+ * the bytes of a READ or WRITE may also be pieces of the store's own
+ * memory (in place) or a pipe.  The checks (range, read-only, op offered),
+ * FUA and the error codes are the core's, whatever the buffer.
+ *
+ * Once submitted, the request belongs to the core and the backends until
+ * complete() (or devio_run() returning): a layer moves it in place, as the
+ * kernel remaps a bio's sector for a partition, so `offset` and `backend`
+ * then name the place in the store below, not the front end's.  A front
+ * end keeps what it needs afterwards (the client's offset, for a reply or
+ * a log line) in its own state; op, flags, length, the buffer and opaque
+ * are left as they were.
  */
 #ifndef DEVIO_REQUEST_H
 #define DEVIO_REQUEST_H
 
 #include <stdint.h>
 #include <stddef.h>
+#include <sys/uio.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -35,12 +49,37 @@ enum devio_op {
 #define DEVIO_REQ_NO_HOLE   (1u << 1) /* ZERO: keep the range allocated */
 #define DEVIO_REQ_FAST_ZERO (1u << 2) /* ZERO: fail with -ENOTSUP rather than write zeroes slowly */
 
+/* What the bytes of a READ or WRITE are (every other op: DEVIO_BUF_MEM). */
+enum devio_buf_kind {
+	DEVIO_BUF_MEM = 0, /* buf: memory the front end owns */
+	/* The store's own memory, in place (DEVIO_CAP_MAP): the caller sets
+	 * iov to room for iovcnt pieces; on success the backend has filled
+	 * iovcnt pieces covering the range in order.  READ: a piece whose
+	 * iov_base is NULL reads as zeroes; the memory stays mapped until the
+	 * backend closes, and a racing WRITE or TRIM may change it.  WRITE:
+	 * the caller copies the payload into the pieces, then calls
+	 * devio_map_end(); until then the range counts as being written (a
+	 * TRIM of it waits), so hold it only while the bytes are at hand.
+	 * -E2BIG: more than iovcnt pieces would be needed. */
+	DEVIO_BUF_MAP,
+	/* A pipe (DEVIO_CAP_SPLICE_READ/_WRITE): READ puts the bytes into
+	 * pipe_fd (its write end) by reference to the page cache where it can,
+	 * never waiting for room (-EAGAIN: read into memory instead); WRITE
+	 * takes them from pipe_fd (its read end), which holds at least length
+	 * bytes.  On error the pipe may hold a part: the caller empties it. */
+	DEVIO_BUF_PIPE,
+};
+
 struct devio_request {
 	enum devio_op op;
 	uint32_t flags;
 	uint64_t offset;
 	uint64_t length;
-	void *buf;              /* READ: filled; WRITE: source; else unused */
+	enum devio_buf_kind kind; /* READ/WRITE: what the bytes are; DEVIO_BUF_MEM for the rest */
+	void *buf;              /* DEVIO_BUF_MEM: READ filled, WRITE source; else unused */
+	struct iovec *iov;      /* DEVIO_BUF_MAP: the pieces */
+	int iovcnt;             /* DEVIO_BUF_MAP: room in iov before, pieces filled after */
+	int pipe_fd;            /* DEVIO_BUF_PIPE */
 	int result;             /* 0 or a negative errno, set before complete() */
 	void (*complete)(struct devio_request *req);
 	void *opaque;           /* the front end's own pointer */
@@ -55,7 +94,9 @@ struct devio_request {
 void devio_submit(struct devio_backend *b, struct devio_request *req);
 
 /* Run one request and wait for it; returns req->result.  Through the
- * backend's asynchronous path where it has one. */
+ * backend's asynchronous path where it has one.  Requests whose buffer is
+ * not DEVIO_BUF_MEM always run on the calling thread (their bytes are at
+ * hand: in memory or in the page cache), in all three functions. */
 int devio_execute(struct devio_backend *b, struct devio_request *req);
 
 /* Run one request on this thread with the backend's synchronous callbacks,
@@ -66,6 +107,13 @@ int devio_execute(struct devio_backend *b, struct devio_request *req);
  * a FUSE thread): no thread hop, which costs more than a cached copy
  * (measured: 85 us instead of 21 us per 4 KiB stream read on tmpfs). */
 int devio_run(struct devio_backend *b, struct devio_request *req);
+
+/* End a DEVIO_BUF_MAP WRITE that ran successfully, once its pieces hold
+ * the payload (or as much of it as the caller got: that much stays
+ * written; clear DEVIO_REQ_FUA first if the caller will write the rest
+ * another way).  Lets the range go, then flushes for DEVIO_REQ_FUA:
+ * returns 0 or the flush's negative errno. */
+int devio_map_end(struct devio_request *req);
 
 /* Validate a request without running it: 0 or the negative errno that
  * devio_submit() would complete it with. */

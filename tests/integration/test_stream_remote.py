@@ -378,3 +378,21 @@ def test_nbd_front_end_over_devio_backend(serve, tmp):
     data[1000000:1300000] = b"\x5a" * 300000
     with open(img, "rb") as f:
         assert f.read() == bytes(data)
+
+
+def test_size_zero_takes_offset_plus_size(serve, tmp):
+    """A server that does not tell its size: the export is --offset +
+    --size long and the window layer serves the --size bytes after
+    --offset, as over any source."""
+    import subprocess
+    path = os.path.join(tmp, "fake.sock")
+    t = fake_server(path, (0, 512, 0))
+    sock = os.path.join(tmp, "win.sock")
+    try:
+        serve(f"devio+unix://{path}", "--offset", "1M", "--size", "3M", "--nbd", f"unix:{sock}").wait_unix(sock)
+    finally:
+        t.join(30)
+    r = subprocess.run(["nbdinfo", "--size", f"nbd+unix:///?socket={sock}"], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) == 3 * MiB

@@ -20,6 +20,7 @@
 #include <unistd.h>
 #include <cmocka.h>
 #include "devio/backend.h"
+#include "devio/layer.h"
 #include "devio/request.h"
 #include "devio/util.h"
 
@@ -86,14 +87,14 @@ static void test_roundtrip(void **state)
 	assert_true(b->caps & DEVIO_CAP_FLUSH);
 	assert_true(b->caps & DEVIO_CAP_MULTI_CONN);
 	assert_false(b->caps & DEVIO_CAP_READONLY);
-	assert_int_equal(b->ops->pread(b, r, sizeof(r), 12345), 0);
+	assert_int_equal(devio_layer_read(b, r, sizeof(r), 12345), 0);
 	for (size_t i = 0; i < sizeof(r); i++)
 		assert_int_equal(r[i], pattern(12345 + i));
 	for (size_t i = 0; i < sizeof(w); i++)
 		w[i] = (unsigned char)(i ^ 0x5A);
-	assert_int_equal(b->ops->pwrite(b, w, sizeof(w), 4 * MiB - sizeof(w), DEVIO_REQ_FUA), 0);
-	assert_int_equal(b->ops->flush(b), 0);
-	assert_int_equal(b->ops->pread(b, r, sizeof(r), 4 * MiB - sizeof(r)), 0);
+	assert_int_equal(devio_layer_write(b, w, sizeof(w), 4 * MiB - sizeof(w), DEVIO_REQ_FUA), 0);
+	assert_int_equal(devio_layer_flush(b), 0);
+	assert_int_equal(devio_layer_read(b, r, sizeof(r), 4 * MiB - sizeof(r)), 0);
 	assert_memory_equal(w, r, sizeof(w));
 	b->ops->describe(b, desc, sizeof(desc));
 	assert_non_null(strstr(desc, path));
@@ -109,13 +110,13 @@ static void test_window(void **state)
 	int fd;
 
 	make_image("win.img", 4 * MiB, path, sizeof(path));
-	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_int_equal(devio_backend_open(path, &o, &b), 0);
 	assert_int_equal(b->size, MiB);
-	assert_int_equal(b->ops->pread(b, r, sizeof(r), 0), 0);
+	assert_int_equal(devio_layer_read(b, r, sizeof(r), 0), 0);
 	for (size_t i = 0; i < sizeof(r); i++)
 		assert_int_equal(r[i], pattern(100000 + i));
 	memset(w, 0xEE, sizeof(w));
-	assert_int_equal(b->ops->pwrite(b, w, sizeof(w), MiB - sizeof(w), 0), 0);
+	assert_int_equal(devio_layer_write(b, w, sizeof(w), MiB - sizeof(w), 0), 0);
 	devio_backend_close(b);
 	/* the write landed at offset + size - 4096 of the file, nowhere else */
 	fd = open(path, O_RDONLY);
@@ -127,18 +128,18 @@ static void test_window(void **state)
 
 	/* to the end */
 	o.has_size = false;
-	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_int_equal(devio_backend_open(path, &o, &b), 0);
 	assert_int_equal(b->size, 4 * MiB - 100000);
 	devio_backend_close(b);
 	/* out of range, overflow, empty */
 	o = (struct devio_open_opts){ .has_offset = true, .offset = 4 * MiB + 1 };
-	assert_int_equal(devio_file_open(path, &o, &b), -EINVAL);
+	assert_int_equal(devio_backend_open(path, &o, &b), -EINVAL);
 	o = (struct devio_open_opts){ .has_offset = true, .offset = 4096, .has_size = true, .size = 4 * MiB };
-	assert_int_equal(devio_file_open(path, &o, &b), -EINVAL);
+	assert_int_equal(devio_backend_open(path, &o, &b), -EINVAL);
 	o = (struct devio_open_opts){ .has_offset = true, .offset = 4096, .has_size = true, .size = UINT64_MAX };
-	assert_int_equal(devio_file_open(path, &o, &b), -EINVAL);
+	assert_int_equal(devio_backend_open(path, &o, &b), -EINVAL);
 	o = (struct devio_open_opts){ .has_size = true, .size = 0 };
-	assert_int_equal(devio_file_open(path, &o, &b), -EINVAL);
+	assert_int_equal(devio_backend_open(path, &o, &b), -EINVAL);
 }
 
 struct ext_list {
@@ -179,24 +180,24 @@ static void test_trim_zero_extents(void **state)
 	uint64_t covered = 0;
 
 	make_image("tz.img", 8 * MiB, path, sizeof(path));
-	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_int_equal(devio_backend_open(path, &o, &b), 0);
 	assert_true(b->caps & DEVIO_CAP_TRIM); /* /var/tmp punches holes */
 	assert_true(b->caps & DEVIO_CAP_FAST_ZERO);
-	assert_int_equal(b->ops->trim(b, MiB, MiB, 0), 0);
-	assert_int_equal(b->ops->zero(b, 3 * MiB + 100, 5000, 0), 0);
-	assert_int_equal(b->ops->zero(b, 5 * MiB, MiB, DEVIO_REQ_NO_HOLE), 0);
-	assert_int_equal(b->ops->zero(b, 6 * MiB, 4096, DEVIO_REQ_FAST_ZERO), 0);
-	assert_int_equal(b->ops->pread(b, r, MiB, MiB), 0);
+	assert_int_equal(devio_layer_trim(b, MiB, MiB, 0), 0);
+	assert_int_equal(devio_layer_zero(b, 3 * MiB + 100, 5000, 0), 0);
+	assert_int_equal(devio_layer_zero(b, 5 * MiB, MiB, DEVIO_REQ_NO_HOLE), 0);
+	assert_int_equal(devio_layer_zero(b, 6 * MiB, 4096, DEVIO_REQ_FAST_ZERO), 0);
+	assert_int_equal(devio_layer_read(b, r, MiB, MiB), 0);
 	assert_true(all_zero(r, MiB));
-	assert_int_equal(b->ops->pread(b, r, 10000, 3 * MiB), 0);
+	assert_int_equal(devio_layer_read(b, r, 10000, 3 * MiB), 0);
 	for (size_t i = 0; i < 100; i++)
 		assert_int_equal(r[i], pattern(MiB + 3 * MiB + i));
 	assert_true(all_zero(r + 100, 5000));
 	assert_int_equal(r[5100], pattern(MiB + 3 * MiB + 5100));
-	assert_int_equal(b->ops->pread(b, r, MiB, 5 * MiB), 0);
+	assert_int_equal(devio_layer_read(b, r, MiB, 5 * MiB), 0);
 	assert_true(all_zero(r, MiB));
 	/* extents are relative to the window and cover it in order */
-	assert_int_equal(b->ops->extents(b, 0, b->size, collect, &l), 0);
+	assert_int_equal(devio_extents(b, 0, b->size, collect, &l), 0);
 	assert_true(l.n >= 2);
 	for (int i = 0; i < l.n; i++) {
 		assert_int_equal(l.off[i], covered);
@@ -218,7 +219,7 @@ static void test_readonly(void **state)
 	char c = 1;
 
 	make_image("ro.img", MiB, path, sizeof(path));
-	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_int_equal(devio_backend_open(path, &o, &b), 0);
 	assert_true(b->caps & DEVIO_CAP_READONLY);
 	req.buf = &c;
 	assert_int_equal(devio_execute(b, &req), -EROFS);
@@ -246,6 +247,16 @@ static void pipe_fill(int fd, size_t len, unsigned char v)
 	}
 }
 
+/* A READ or WRITE with a pipe for a buffer, through the core. */
+static int splice_req(struct devio_backend *b, enum devio_op op, int fd, uint64_t off, uint64_t len, uint32_t flags)
+{
+	struct devio_request req = { .op = op, .flags = flags, .offset = off, .length = len,
+				     .kind = DEVIO_BUF_PIPE, .pipe_fd = fd };
+
+	return devio_run(b, &req);
+}
+
+/* Through a window (the layer forwards pipes as it forwards memory). */
 static void test_splice_both_ways(void **state)
 {
 	char path[128];
@@ -264,15 +275,16 @@ static void test_splice_both_ways(void **state)
 	assert_int_equal(pipe(p), 0);
 	assert_true(fcntl(p[1], F_SETPIPE_SZ, 1 << 20) > 0);
 	fcntl(p[0], F_SETFL, O_NONBLOCK);
-	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_int_equal(devio_backend_open(path, &o, &b), 0);
+	assert_non_null(b->lower); /* a window over the file */
 	assert_true(b->caps & DEVIO_CAP_SPLICE_WRITE);
 	/* past the window: refused before the pipe is touched */
-	assert_int_equal(devio_splice_write(b, p[0], MiB - 10, 300000, 0), -ENOSPC);
+	assert_int_equal(splice_req(b, DEVIO_OP_WRITE, p[0], MiB - 10, 300000, 0), -ENOSPC);
 	pipe_fill(p[1], 300000, 0xA5);
-	assert_int_equal(devio_splice_write(b, p[0], MiB - 300000, 300000, DEVIO_REQ_FUA), 0);
+	assert_int_equal(splice_req(b, DEVIO_OP_WRITE, p[0], MiB - 300000, 300000, DEVIO_REQ_FUA), 0);
 	/* a pipe holding less than promised: an error, not a hang */
 	pipe_fill(p[1], 100, 0x5A);
-	assert_int_equal(devio_splice_write(b, p[0], 0, 200, 0), -EIO);
+	assert_int_equal(splice_req(b, DEVIO_OP_WRITE, p[0], 0, 200, 0), -EIO);
 	devio_backend_close(b);
 	fd = open(path, O_RDONLY);
 	assert_int_equal(pread(fd, r, sizeof(r), 100000 + MiB - sizeof(r)), (ssize_t)sizeof(r));
@@ -285,19 +297,19 @@ static void test_splice_both_ways(void **state)
 	close(fd);
 
 	o = (struct devio_open_opts){ .readonly = true };
-	assert_int_equal(devio_file_open(path, &o, &b), 0);
-	assert_int_equal(devio_splice_write(b, p[0], 0, 4096, 0), -EROFS);
+	assert_int_equal(devio_backend_open(path, &o, &b), 0);
+	assert_int_equal(splice_req(b, DEVIO_OP_WRITE, p[0], 0, 4096, 0), -EROFS);
 	assert_true(b->caps & DEVIO_CAP_SPLICE_READ);
-	assert_int_equal(devio_splice_read(b, p[1], 2 * MiB - 100, 200), -EINVAL);
-	assert_int_equal(devio_splice_read(b, p[1], 4096 + 10, sizeof(got)), 0);
+	assert_int_equal(splice_req(b, DEVIO_OP_READ, p[1], 2 * MiB - 100, 200, 0), -EINVAL);
+	assert_int_equal(splice_req(b, DEVIO_OP_READ, p[1], 4096 + 10, sizeof(got), 0), 0);
 	assert_int_equal(read(p[0], got, sizeof(got)), (ssize_t)sizeof(got));
 	for (size_t i = 0; i < sizeof(got); i++)
 		assert_int_equal(got[i], pattern(4096 + 10 + i));
 	devio_backend_close(b);
 	o = (struct devio_open_opts){ .direct = true };
-	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_int_equal(devio_backend_open(path, &o, &b), 0);
 	assert_false(b->caps & DEVIO_CAP_SPLICE_WRITE); /* O_DIRECT wants aligned memory */
-	assert_int_equal(devio_splice_write(b, p[0], 0, 4096, 0), -EOPNOTSUPP);
+	assert_int_equal(splice_req(b, DEVIO_OP_WRITE, p[0], 0, 4096, 0), -EOPNOTSUPP);
 	devio_backend_close(b);
 	close(p[0]);
 	close(p[1]);
@@ -313,27 +325,27 @@ static void test_direct_unaligned(void **state)
 	unsigned char *w = malloc(20000), *r = malloc(20000);
 
 	make_image("direct.img", 4 * MiB, path, sizeof(path));
-	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_int_equal(devio_backend_open(path, &o, &b), 0);
 	assert_int_equal(b->block_size, 4096);
-	assert_int_equal(b->ops->pread(b, r + 1, 5000, 333), 0);
+	assert_int_equal(devio_layer_read(b, r + 1, 5000, 333), 0);
 	for (size_t i = 0; i < 5000; i++)
 		assert_int_equal(r[1 + i], pattern(8192 + 333 + i));
 	for (size_t i = 0; i < 20000; i++)
 		w[i] = (unsigned char)(i * 13);
-	assert_int_equal(b->ops->pwrite(b, w + 3, 9999, 4097, 0), 0);
-	assert_int_equal(b->ops->pread(b, r, 12000, 4000), 0);
+	assert_int_equal(devio_layer_write(b, w + 3, 9999, 4097, 0), 0);
+	assert_int_equal(devio_layer_read(b, r, 12000, 4000), 0);
 	for (size_t i = 0; i < 97; i++)
 		assert_int_equal(r[i], pattern(8192 + 4000 + i));
 	assert_memory_equal(r + 97, w + 3, 9999);
 	assert_int_equal(r[97 + 9999], pattern(8192 + 4097 + 9999));
-	assert_int_equal(b->ops->zero(b, 10, 100, 0), 0);
-	assert_int_equal(b->ops->pread(b, r, 200, 0), 0);
+	assert_int_equal(devio_layer_zero(b, 10, 100, 0), 0);
+	assert_int_equal(devio_layer_read(b, r, 200, 0), 0);
 	assert_true(all_zero(r + 10, 100));
 	assert_int_equal(r[110], pattern(8192 + 110));
 	devio_backend_close(b);
 	/* a window start that O_DIRECT cannot address is refused */
 	o.offset = 1000;
-	assert_int_equal(devio_file_open(path, &o, &b), -EINVAL);
+	assert_int_equal(devio_backend_open(path, &o, &b), -EINVAL);
 	free(w);
 	free(r);
 }
@@ -350,21 +362,21 @@ static void test_direct_odd_size(void **state)
 	struct stat st;
 
 	make_image("odd.img", size, path, sizeof(path));
-	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_int_equal(devio_backend_open(path, &o, &b), 0);
 	assert_int_equal(b->size, size);
-	assert_int_equal(b->ops->pread(b, r, size, 0), 0);
+	assert_int_equal(devio_layer_read(b, r, size, 0), 0);
 	for (uint64_t i = 0; i < size; i += 997)
 		assert_int_equal(r[i], pattern(i));
 	assert_int_equal(r[size - 1], pattern(size - 1));
 	memset(w, 0x5a, sizeof(w));
-	assert_int_equal(b->ops->pwrite(b, w, sizeof(w), size - sizeof(w), DEVIO_REQ_FUA), 0);
-	assert_int_equal(b->ops->zero(b, tail - 10, 20, 0), 0);
-	assert_int_equal(b->ops->pread(b, r, 8000, size - 8000), 0);
+	assert_int_equal(devio_layer_write(b, w, sizeof(w), size - sizeof(w), DEVIO_REQ_FUA), 0);
+	assert_int_equal(devio_layer_zero(b, tail - 10, 20, 0), 0);
+	assert_int_equal(devio_layer_read(b, r, 8000, size - 8000), 0);
 	for (size_t i = 0; i < 2000; i++)
 		assert_int_equal(r[i], pattern(size - 8000 + i));
 	for (size_t i = 2000; i < 8000; i++)
 		assert_int_equal(r[i], size - 8000 + i - (tail - 10) < 20 ? 0 : 0x5a);
-	assert_int_equal(b->ops->flush(b), 0);
+	assert_int_equal(devio_layer_flush(b), 0);
 	devio_backend_close(b);
 	assert_int_equal(stat(path, &st), 0);
 	assert_int_equal(st.st_size, size);
@@ -478,7 +490,7 @@ static void async_many_in_flight(bool direct, bool misalign)
 	char desc[256];
 
 	make_image("async.img", ASYNC_BLOCKS * 4096ull, path, sizeof(path));
-	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_int_equal(devio_backend_open(path, &o, &b), 0);
 	assert_non_null(b->ops->submit);
 	b->ops->describe(b, desc, sizeof(desc));
 	/* this kernel has io_uring; ext4 reads the page cache without a worker */
@@ -496,7 +508,7 @@ static void async_many_in_flight(bool direct, bool misalign)
 	assert_int_equal(devio_execute(b, &flush), 0);
 	/* the synchronous path sees what the asynchronous one wrote */
 	for (uint64_t blk = 0; blk < ASYNC_BLOCKS; blk += 97) {
-		assert_int_equal(b->ops->pread(b, r, 4096, blk * 4096), 0);
+		assert_int_equal(devio_layer_read(b, r, 4096, blk * 4096), 0);
 		block_fill(want, blk, 1);
 		assert_memory_equal(r, want, 4096);
 	}
@@ -557,20 +569,20 @@ static void test_partition_window(void **state)
 	fd = open(path, O_WRONLY);
 	assert_int_equal(pwrite(fd, mbr, 512, 0), 512);
 	close(fd);
-	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_int_equal(devio_backend_open(path, &o, &b), 0);
 	assert_int_equal(b->size, 2 * MiB);
-	assert_int_equal(b->ops->pread(b, r, sizeof(r), 0), 0);
+	assert_int_equal(devio_layer_read(b, r, sizeof(r), 0), 0);
 	for (size_t i = 0; i < sizeof(r); i++)
 		assert_int_equal(r[i], pattern(MiB + i));
 	devio_backend_close(b);
 	/* a window inside the partition */
 	o.has_offset = true;
 	o.offset = 4096;
-	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_int_equal(devio_backend_open(path, &o, &b), 0);
 	assert_int_equal(b->size, 2 * MiB - 4096);
 	devio_backend_close(b);
 	o = (struct devio_open_opts){ .partition = 2 };
-	assert_int_equal(devio_file_open(path, &o, &b), -ENOENT);
+	assert_int_equal(devio_backend_open(path, &o, &b), -ENOENT);
 }
 
 /* ---- a real block device: a loop device over an image ---- */
@@ -622,26 +634,26 @@ static void test_block_device(void **state)
 		free(r);
 		skip();
 	}
-	assert_int_equal(devio_file_open(loopdev, &o, &b), 0);
+	assert_int_equal(devio_backend_open(loopdev, &o, &b), 0);
 	assert_int_equal(b->size, 15 * MiB); /* BLKGETSIZE64 minus the window offset */
 	assert_true(b->caps & DEVIO_CAP_TRIM);
 	for (size_t i = 0; i < MiB; i++)
 		w[i] = (unsigned char)(i * 3 + 1);
-	assert_int_equal(b->ops->pwrite(b, w, MiB, 2 * MiB, 0), 0);
-	assert_int_equal(b->ops->flush(b), 0);
-	assert_int_equal(b->ops->pread(b, r, MiB, 2 * MiB), 0);
+	assert_int_equal(devio_layer_write(b, w, MiB, 2 * MiB, 0), 0);
+	assert_int_equal(devio_layer_flush(b), 0);
+	assert_int_equal(devio_layer_read(b, r, MiB, 2 * MiB), 0);
 	assert_memory_equal(w, r, MiB);
 	/* discard with unaligned edges: the edges are written as zeroes */
-	assert_int_equal(b->ops->trim(b, 2 * MiB + 100, 300000, 0), 0);
-	assert_int_equal(b->ops->pread(b, r, MiB, 2 * MiB), 0);
+	assert_int_equal(devio_layer_trim(b, 2 * MiB + 100, 300000, 0), 0);
+	assert_int_equal(devio_layer_read(b, r, MiB, 2 * MiB), 0);
 	assert_memory_equal(w, r, 100);
 	assert_true(all_zero(r + 100, 300000));
 	assert_memory_equal(w + 300100, r + 300100, MiB - 300100);
 	/* zero, the ordinary and the fast kind (fast may be refused) */
-	assert_int_equal(b->ops->zero(b, 2 * MiB + 500000, 7000, DEVIO_REQ_NO_HOLE), 0);
-	z = b->ops->zero(b, 2 * MiB + 600000, 65536, DEVIO_REQ_FAST_ZERO);
+	assert_int_equal(devio_layer_zero(b, 2 * MiB + 500000, 7000, DEVIO_REQ_NO_HOLE), 0);
+	z = devio_layer_zero(b, 2 * MiB + 600000, 65536, DEVIO_REQ_FAST_ZERO);
 	assert_true(z == 0 || z == -ENOTSUP);
-	assert_int_equal(b->ops->pread(b, r, MiB, 2 * MiB), 0);
+	assert_int_equal(devio_layer_read(b, r, MiB, 2 * MiB), 0);
 	assert_true(all_zero(r + 500000, 7000));
 	if (z == 0)
 		assert_true(all_zero(r + 600000, 65536));
@@ -649,7 +661,7 @@ static void test_block_device(void **state)
 		assert_memory_equal(w + 600000, r + 600000, 65536);
 	assert_int_equal(r[507000], w[507000]);
 	/* a block device has no holes to report: one data extent */
-	assert_int_equal(b->ops->extents(b, 0, b->size, collect, &l), 0);
+	assert_int_equal(devio_extents(b, 0, b->size, collect, &l), 0);
 	assert_int_equal(l.n, 1);
 	assert_int_equal(l.len[0], b->size);
 	devio_backend_close(b);
@@ -674,17 +686,17 @@ static void test_zero_fallbacks_tmpfs(void **state)
 	close(fd);
 	assert_int_equal(devio_file_open(path, NULL, &b), 0);
 	unlink(path);
-	assert_int_equal(b->ops->zero(b, 65536, 65536, 0), 0);
-	z = b->ops->zero(b, 3 * 65536, 65536, DEVIO_REQ_NO_HOLE | DEVIO_REQ_FAST_ZERO);
-	assert_int_equal(b->ops->pread(b, r, sizeof(r), 3 * 65536), 0);
+	assert_int_equal(devio_layer_zero(b, 65536, 65536, 0), 0);
+	z = devio_layer_zero(b, 3 * 65536, 65536, DEVIO_REQ_NO_HOLE | DEVIO_REQ_FAST_ZERO);
+	assert_int_equal(devio_layer_read(b, r, sizeof(r), 3 * 65536), 0);
 	if (z == 0)
 		assert_true(all_zero(r, sizeof(r)));
 	else
 		assert_int_equal(z, -ENOTSUP);
-	assert_int_equal(b->ops->zero(b, 5 * 65536 + 1, 65535, DEVIO_REQ_NO_HOLE), 0);
-	assert_int_equal(b->ops->pread(b, r, sizeof(r), 65536), 0);
+	assert_int_equal(devio_layer_zero(b, 5 * 65536 + 1, 65535, DEVIO_REQ_NO_HOLE), 0);
+	assert_int_equal(devio_layer_read(b, r, sizeof(r), 65536), 0);
 	assert_true(all_zero(r, sizeof(r)));
-	assert_int_equal(b->ops->pread(b, r, sizeof(r), 5 * 65536), 0);
+	assert_int_equal(devio_layer_read(b, r, sizeof(r), 5 * 65536), 0);
 	assert_int_equal(r[0], 0x77);
 	assert_true(all_zero(r + 1, sizeof(r) - 1));
 	devio_backend_close(b);
@@ -702,7 +714,7 @@ static void test_all_ops_through_core(void **state)
 	struct devio_request req;
 
 	make_image("core.img", 4 * MiB, path, sizeof(path));
-	assert_int_equal(devio_file_open(path, &o, &b), 0);
+	assert_int_equal(devio_backend_open(path, &o, &b), 0);
 	memset(w, 0x3C, sizeof(w));
 	req = (struct devio_request){ .op = DEVIO_OP_WRITE, .offset = 777, .length = sizeof(w), .buf = w,
 				      .flags = DEVIO_REQ_FUA };

@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -54,9 +55,16 @@ static void put_entry(uint8_t *sec, int slot, uint8_t boot, uint8_t type, uint32
 	sec[511] = 0xAA;
 }
 
+/* ImDisk's numbering (the tests of the tables' checks use it) */
 static int find(struct mem_image *m, int n, uint64_t *off, uint64_t *len)
 {
-	return devio_partition_find("test.img", mem_read, m, m->size, n, off, len);
+	return devio_partition_find("test.img", mem_read, m, m->size, DEVIO_PART_IMDISK, n, off, len);
+}
+
+/* Linux's and sfdisk's numbering */
+static int find_linux(struct mem_image *m, int n, uint64_t *off, uint64_t *len)
+{
+	return devio_partition_find("test.img", mem_read, m, m->size, DEVIO_PART_LINUX, n, off, len);
 }
 
 /* 16 MiB: slot 1 Linux, slot 2 empty, slot 3 NTFS, slot 4 extended with
@@ -95,6 +103,35 @@ static void test_mbr_numbering(void **state)
 	assert_int_equal(len, 500 * 512);
 	assert_int_equal(find(&m, 6, &off, &len), -ENOENT);
 	assert_int_equal(find(&m, 0, &off, &len), -EINVAL);
+	free(m.p);
+}
+
+/* The same image as Linux numbers it: slots by index (2 is a gap), the
+ * extended container refused, logicals from 5. */
+static void test_mbr_linux_numbering(void **state)
+{
+	struct mem_image m;
+	uint64_t off, len;
+
+	build_mbr(&m);
+	assert_int_equal(find_linux(&m, 1, &off, &len), 0);
+	assert_int_equal(off, 2048 * 512);
+	assert_int_equal(find_linux(&m, 2, &off, &len), -ENOENT); /* the empty slot */
+	assert_int_equal(find_linux(&m, 3, &off, &len), 0);
+	assert_int_equal(off, 4096 * 512);
+	assert_int_equal(find_linux(&m, 4, &off, &len), -EINVAL); /* the extended container */
+	assert_int_equal(find_linux(&m, 5, &off, &len), 0);
+	assert_int_equal(off, (8192 + 2048) * 512);
+	assert_int_equal(len, 1000 * 512);
+	assert_int_equal(find_linux(&m, 6, &off, &len), 0);
+	assert_int_equal(off, (12288 + 100) * 512);
+	assert_int_equal(len, 500 * 512);
+	assert_int_equal(find_linux(&m, 7, &off, &len), -ENOENT);
+	assert_int_equal(find_linux(&m, 0, &off, &len), -EINVAL);
+	/* a slot with a type but no sectors is no partition to Linux */
+	put_entry(m.p, 0, 0, 0x83, 2048, 0);
+	assert_int_equal(find_linux(&m, 1, &off, &len), -ENOENT);
+	assert_int_equal(find(&m, 1, &off, &len), -EINVAL); /* ImDisk: an empty partition */
 	free(m.p);
 }
 
@@ -174,7 +211,17 @@ static int remove_dir(void **state)
 struct ref_part {
 	int n;
 	uint64_t start, size; /* sectors */
+	bool extended;        /* the MBR's container of logical partitions */
 };
+
+/* An `sfdisk -d` line of an MBR extended partition (type 5, f or 85). */
+static bool is_extended_line(const char *line)
+{
+	const char *t = strstr(line, "type=");
+	unsigned type;
+
+	return t && sscanf(t, "type=%x", &type) == 1 && (type == 0x5 || type == 0xf || type == 0x85);
+}
 
 /* Partition an image with sfdisk, then read back its own listing. */
 static int sfdisk_make(const char *path, uint64_t size, const char *script, struct ref_part *ref, int max)
@@ -205,7 +252,7 @@ static int sfdisk_make(const char *path, uint64_t size, const char *script, stru
 		for (p--; p > line && p[-1] >= '0' && p[-1] <= '9'; p--)
 			;
 		n = atoi(p);
-		ref[count++] = (struct ref_part){ n, start, sz };
+		ref[count++] = (struct ref_part){ n, start, sz, is_extended_line(line) };
 	}
 	assert_int_equal(pclose(f), 0);
 	return count;
@@ -231,11 +278,21 @@ static void compare_with_sfdisk(const char *path, const struct ref_part *ref, in
 
 	load(path, &m);
 	for (int i = 0; i < count; i++) {
-		assert_int_equal(find(&m, ref[i].n, &off, &len), 0);
+		if (ref[i].extended) {
+			assert_int_equal(find_linux(&m, ref[i].n, &off, &len), -EINVAL);
+			continue;
+		}
+		assert_int_equal(find_linux(&m, ref[i].n, &off, &len), 0);
 		assert_int_equal(off, ref[i].start * 512);
 		assert_int_equal(len, ref[i].size * 512);
 	}
-	assert_int_equal(find(&m, ref[count - 1].n + 1, &off, &len), -ENOENT);
+	assert_int_equal(find_linux(&m, ref[count - 1].n + 1, &off, &len), -ENOENT);
+	for (int n = 1, i = 0; n < ref[count - 1].n; n++) { /* the numbers sfdisk skipped do not exist */
+		while (i < count && ref[i].n < n)
+			i++;
+		if (ref[i].n != n)
+			assert_int_equal(find_linux(&m, n, &off, &len), -ENOENT);
+	}
 	free(m.p);
 }
 
@@ -278,6 +335,30 @@ static void fix_header_crc(struct mem_image *m)
 
 	put32(h + 16, 0);
 	put32(h + 16, crc32_ref(h, 92));
+}
+
+/* Primaries in slots 1 and 3 (2 and 4 empty), an extended partition in
+ * slot 4 after all, with three logicals: sfdisk's numbers are the
+ * reference, gaps included. */
+static void test_sfdisk_mbr_gaps(void **state)
+{
+	char path[128];
+	struct ref_part ref[16];
+	int n;
+
+	snprintf(path, sizeof(path), "%s/gaps.img", dir);
+	n = sfdisk_make(path, 64 * MiB,
+			"label: dos\n"
+			"gaps.img1 : start=2048, size=4096, type=83\n"
+			"gaps.img3 : start=8192, size=4096, type=7\n"
+			"gaps.img4 : start=16384, size=65536, type=5\n"
+			"gaps.img5 : start=18432, size=8192, type=83\n"
+			"gaps.img6 : start=28672, size=2048, type=82\n"
+			"gaps.img7 : start=32768, size=16384, type=83\n", ref, 16);
+	assert_int_equal(n, 6);
+	assert_int_equal(ref[1].n, 3);
+	assert_true(ref[2].extended);
+	compare_with_sfdisk(path, ref, n);
 }
 
 static void test_sfdisk_gpt(void **state)
@@ -384,9 +465,11 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_mbr_numbering),
+		cmocka_unit_test(test_mbr_linux_numbering),
 		cmocka_unit_test(test_mbr_malformed),
 		cmocka_unit_test(test_ebr_chain_bound),
 		cmocka_unit_test(test_sfdisk_mbr),
+		cmocka_unit_test(test_sfdisk_mbr_gaps),
 		cmocka_unit_test(test_sfdisk_gpt),
 		cmocka_unit_test(test_sfdisk_gpt_4k),
 	};

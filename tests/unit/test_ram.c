@@ -1,7 +1,7 @@
 /* test_ram.c - the growable RAM disk: round trips, holes, memory that
  * really goes back to the OS (VmRSS), the resident cap, a 1 TiB disk that
  * opens without touching memory, many threads writing and reading at the
- * same time, reads and writes in place (map_read/map_write), ZERO with
+ * same time, reads and writes in place (DEVIO_BUF_MAP), ZERO with
  * NO_HOLE keeping the range provisioned, and FLUSH/FUA/CACHE offered. */
 #include <errno.h>
 #include <pthread.h>
@@ -410,12 +410,33 @@ static void test_write_trim_race(void **state)
 	free(buf);
 }
 
+/* A READ in place (DEVIO_BUF_MAP) through the core: the number of pieces
+ * or a negative errno. */
+static int map_read(struct devio_backend *b, uint64_t off, uint64_t len, struct iovec *v, int max)
+{
+	struct devio_request req = { .op = DEVIO_OP_READ, .offset = off, .length = len, .kind = DEVIO_BUF_MAP,
+				     .iov = v, .iovcnt = max };
+	int r = devio_run(b, &req);
+
+	return r ? r : req.iovcnt;
+}
+
+/* A WRITE in place, opened: req is kept for devio_map_end(). */
+static int map_write(struct devio_backend *b, struct devio_request *req, uint64_t off, uint64_t len,
+		     struct iovec *v, int max)
+{
+	*req = (struct devio_request){ .op = DEVIO_OP_WRITE, .offset = off, .length = len, .kind = DEVIO_BUF_MAP,
+				       .iov = v, .iovcnt = max };
+	return devio_run(b, req) ? req->result : req->iovcnt;
+}
+
 /* Reads and writes in place (what the NBD front end sends from and
  * receives into): pieces that follow the written chunks, range checks, the
  * cap, and a mapped range that holds a whole-chunk TRIM only until unmap. */
 static void test_map_in_place(void **state)
 {
 	struct devio_backend *b;
+	struct devio_request req;
 	struct iovec v[4];
 	unsigned char w[100];
 
@@ -423,7 +444,7 @@ static void test_map_in_place(void **state)
 	assert_int_equal(devio_ram_open(MiB, 128 * 1024, &b), 0);
 	assert_int_equal(b->ops->pwrite(b, w, sizeof(w), 65536 + 10, 0), 0);
 	/* chunk 0 hole, chunk 1 data, chunks 2-3 hole */
-	assert_int_equal(devio_map_read(b, 100, 3 * 65536, v, 4), 3);
+	assert_int_equal(map_read(b, 100, 3 * 65536, v, 4), 3);
 	assert_null(v[0].iov_base);
 	assert_int_equal(v[0].iov_len, 65536 - 100);
 	assert_non_null(v[1].iov_base);
@@ -431,28 +452,35 @@ static void test_map_in_place(void **state)
 	assert_memory_equal((unsigned char *)v[1].iov_base + 10, w, sizeof(w));
 	assert_null(v[2].iov_base);
 	assert_int_equal(v[2].iov_len, 65536 + 100); /* chunks 2 and 3 merge */
-	assert_int_equal(devio_map_read(b, 100, 3 * 65536, v, 2), -E2BIG);
-	assert_int_equal(devio_map_read(b, MiB - 10, 11, v, 4), -EINVAL);
-	assert_int_equal(devio_map_read(b, UINT64_MAX, 2, v, 4), -EINVAL);
-	assert_int_equal(devio_map_read(b, MiB, 0, v, 4), 0);
+	assert_int_equal(map_read(b, 100, 3 * 65536, v, 2), -E2BIG);
+	assert_int_equal(map_read(b, MiB - 10, 11, v, 4), -EINVAL);
+	assert_int_equal(map_read(b, UINT64_MAX, 2, v, 4), -EINVAL);
+	assert_int_equal(map_read(b, MiB, 0, v, 4), 0);
 
 	/* write in place across two chunks: both count, the data lands */
-	assert_int_equal(devio_map_write(b, 65536 - 4, 8, v, 4), 1);
+	assert_int_equal(map_write(b, &req, 65536 - 4, 8, v, 4), 1);
 	memset(v[0].iov_base, 0x77, 8);
-	devio_unmap_write(b, 65536 - 4, 8);
+	assert_int_equal(devio_map_end(&req), 0);
 	assert_int_equal(devio_ram_resident(b), 2 * 65536);
 	assert_int_equal(b->ops->pread(b, w, 8, 65536 - 4), 0);
 	assert_memory_equal(w, "\x77\x77\x77\x77\x77\x77\x77\x77", 8);
 	/* the cap: a third chunk does not fit, and nothing stays entered */
-	assert_int_equal(devio_map_write(b, 65536, 2 * 65536, v, 4), -ENOSPC);
-	assert_int_equal(devio_map_write(b, MiB - 1, 2, v, 4), -ENOSPC);
+	assert_int_equal(map_write(b, &req, 65536, 2 * 65536, v, 4), -ENOSPC);
+	assert_int_equal(map_write(b, &req, MiB - 1, 2, v, 4), -ENOSPC);
 	assert_int_equal(b->ops->trim(b, 0, 2 * 65536, 0), 0);
 	assert_int_equal(devio_ram_resident(b), 0);
 	devio_backend_close(b);
 
 	assert_int_equal(devio_ram_open(MiB, 0, &b), 0);
 	b->caps |= DEVIO_CAP_READONLY;
-	assert_int_equal(devio_map_write(b, 0, 1, v, 4), -EROFS);
+	assert_int_equal(map_write(b, &req, 0, 1, v, 4), -EROFS);
+	assert_int_equal(map_write(b, &req, 0, 1, v, 0), -EROFS); /* read-only is told first */
+	b->caps &= ~DEVIO_CAP_READONLY;
+	assert_int_equal(map_write(b, &req, 0, 1, v, 0), -EFAULT); /* no room for a piece */
+	req = (struct devio_request){ .op = DEVIO_OP_TRIM, .length = 1, .kind = DEVIO_BUF_MAP, .iov = v, .iovcnt = 4 };
+	assert_int_equal(devio_run(b, &req), -EINVAL); /* only READ and WRITE have bytes */
+	req = (struct devio_request){ .op = DEVIO_OP_READ, .length = 1, .kind = DEVIO_BUF_PIPE, .pipe_fd = -1 };
+	assert_int_equal(devio_run(b, &req), -EOPNOTSUPP); /* no pipes here */
 	devio_backend_close(b);
 }
 

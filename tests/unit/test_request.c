@@ -4,7 +4,9 @@
  * where the backend has no zero (never for FAST_ZERO), a submit that
  * declines (-EAGAIN) run synchronously, and the three ways to run a
  * request (devio_submit, devio_execute, devio_run) agreeing, and the one
- * policy of which backends a front end hands to a worker pool. */
+ * policy of which backends a front end hands to a worker pool; the buffer
+ * kinds (in place, pipe) under the same checks and FUA rule; a layer that
+ * remaps requests forwarding every kind to the store's own paths. */
 #include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -13,6 +15,7 @@
 #include <cmocka.h>
 #include <string.h>
 #include "devio/backend.h"
+#include "devio/layer.h"
 #include "devio/request.h"
 #include "devio/workers.h"
 
@@ -21,8 +24,10 @@
 struct fake {
 	struct devio_backend b;
 	unsigned char data[FAKE_SIZE];
-	int writes, flushes, zeroes, trims, submits;
+	int writes, flushes, zeroes, trims, submits, maps, unmaps, splices;
 	int submit_result; /* what submit returns: 0 = it ran the request */
+	uint64_t last_off;  /* offset of the last request that reached it */
+	struct iovec piece; /* what map hands out */
 };
 
 static struct fake *to_fake(struct devio_backend *b) { return b->priv; }
@@ -60,11 +65,39 @@ static int fake_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint32
 	return 0;
 }
 
+/* In place: one piece of data[], as a RAM disk would give. */
+static int fake_map(struct devio_backend *b, struct devio_request *req)
+{
+	struct fake *f = to_fake(b);
+
+	f->maps++;
+	f->last_off = req->offset;
+	req->iov[0].iov_base = f->data + req->offset;
+	req->iov[0].iov_len = req->length;
+	req->iovcnt = 1;
+	return 0;
+}
+
+static void fake_unmap(struct devio_backend *b, struct devio_request *req)
+{
+	to_fake(b)->unmaps++;
+	to_fake(b)->last_off = req->offset;
+}
+
+/* A pipe: only counted, the fd is never touched. */
+static int fake_splice(struct devio_backend *b, struct devio_request *req)
+{
+	to_fake(b)->splices++;
+	to_fake(b)->last_off = req->offset;
+	return 0;
+}
+
 static int fake_submit(struct devio_backend *b, struct devio_request *req)
 {
 	struct fake *f = to_fake(b);
 
 	f->submits++;
+	f->last_off = req->offset;
 	if (f->submit_result)
 		return f->submit_result;
 	req->result = 0;
@@ -85,6 +118,9 @@ static void fake_init(struct fake *f, bool with_zero, bool with_submit)
 	fake_ops.trim = fake_trim;
 	fake_ops.zero = with_zero ? fake_zero : NULL;
 	fake_ops.submit = with_submit ? fake_submit : NULL;
+	fake_ops.map = fake_map;
+	fake_ops.unmap = fake_unmap;
+	fake_ops.splice = fake_splice;
 	f->b.ops = &fake_ops;
 	f->b.size = FAKE_SIZE;
 	f->b.block_size = 1;
@@ -101,15 +137,21 @@ static void on_complete(struct devio_request *req)
 }
 
 /* Submit and return the result complete() saw (exactly once). */
-static int submit(struct fake *f, enum devio_op op, uint64_t off, uint64_t len, uint32_t flags, void *buf)
+static int submit_to(struct devio_backend *b, enum devio_op op, uint64_t off, uint64_t len, uint32_t flags,
+		     void *buf)
 {
 	struct devio_request req = { .op = op, .offset = off, .length = len, .flags = flags, .buf = buf,
 				     .complete = on_complete };
 
 	completions = 0;
-	devio_submit(&f->b, &req);
+	devio_submit(b, &req);
 	assert_int_equal(completions, 1);
 	return last_result;
+}
+
+static int submit(struct fake *f, enum devio_op op, uint64_t off, uint64_t len, uint32_t flags, void *buf)
+{
+	return submit_to(&f->b, op, off, len, flags, buf);
 }
 
 static void test_range_and_overflow_checks(void **state)
@@ -252,6 +294,166 @@ static void test_pool_policy(void **state)
 	assert_int_equal(devio_pool_size(1), devio_pool_size(0));
 }
 
+/* A request with another kind of buffer: run with devio_run(). */
+static int run_kind(struct devio_backend *b, enum devio_op op, enum devio_buf_kind kind, uint64_t off,
+		    uint64_t len, uint32_t flags, struct devio_request *req)
+{
+	static struct iovec v[4];
+
+	*req = (struct devio_request){ .op = op, .offset = off, .length = len, .flags = flags, .kind = kind,
+				       .iov = v, .iovcnt = 4, .pipe_fd = 99 };
+	return devio_run(b, req);
+}
+
+/* In place and pipe buffers: offered by the caps, checked like memory,
+ * FUA once (for an in-place write at devio_map_end), never through the
+ * asynchronous path. */
+static void test_buffer_kinds(void **state)
+{
+	struct devio_request req;
+	struct fake f;
+
+	fake_init(&f, true, true);
+	assert_int_equal(run_kind(&f.b, DEVIO_OP_READ, DEVIO_BUF_MAP, 0, 16, 0, &req), -EOPNOTSUPP);
+	assert_int_equal(run_kind(&f.b, DEVIO_OP_WRITE, DEVIO_BUF_PIPE, 0, 16, 0, &req), -EOPNOTSUPP);
+	f.b.caps |= DEVIO_CAP_MAP | DEVIO_CAP_SPLICE_WRITE;
+	assert_int_equal(run_kind(&f.b, DEVIO_OP_READ, DEVIO_BUF_PIPE, 0, 16, 0, &req), -EOPNOTSUPP);
+	assert_int_equal(run_kind(&f.b, DEVIO_OP_READ, DEVIO_BUF_MAP, 100, 16, 0, &req), 0);
+	assert_int_equal(req.iovcnt, 1);
+	assert_ptr_equal(req.iov[0].iov_base, f.data + 100);
+	/* the same range checks and error codes as for memory */
+	assert_int_equal(run_kind(&f.b, DEVIO_OP_READ, DEVIO_BUF_MAP, FAKE_SIZE - 1, 2, 0, &req), -EINVAL);
+	assert_int_equal(run_kind(&f.b, DEVIO_OP_WRITE, DEVIO_BUF_MAP, UINT64_MAX, 2, 0, &req), -ENOSPC);
+	assert_int_equal(run_kind(&f.b, DEVIO_OP_WRITE, DEVIO_BUF_PIPE, FAKE_SIZE, 1, 0, &req), -ENOSPC);
+	assert_int_equal(run_kind(&f.b, DEVIO_OP_ZERO, DEVIO_BUF_PIPE, 0, 1, 0, &req), -EINVAL);
+	assert_int_equal(f.maps + f.splices, 1);
+	/* an in-place FUA write: flushed once, after its bytes are in */
+	assert_int_equal(run_kind(&f.b, DEVIO_OP_WRITE, DEVIO_BUF_MAP, 8, 4, DEVIO_REQ_FUA, &req), 0);
+	memcpy(req.iov[0].iov_base, "abcd", 4);
+	assert_int_equal(f.flushes, 0);
+	assert_int_equal(devio_map_end(&req), 0);
+	assert_int_equal(f.unmaps, 1);
+	assert_int_equal(f.flushes, 1);
+	assert_memory_equal(f.data + 8, "abcd", 4);
+	/* a pipe FUA write: flushed after, even where pwrite does FUA itself */
+	f.b.caps |= DEVIO_CAP_PWRITE_FUA;
+	assert_int_equal(run_kind(&f.b, DEVIO_OP_WRITE, DEVIO_BUF_PIPE, 0, 16, DEVIO_REQ_FUA, &req), 0);
+	assert_int_equal(f.splices, 1);
+	assert_int_equal(f.flushes, 2);
+	/* devio_submit runs them here, never through submit */
+	req = (struct devio_request){ .op = DEVIO_OP_WRITE, .length = 16, .kind = DEVIO_BUF_PIPE, .pipe_fd = 99,
+				      .complete = on_complete };
+	completions = 0;
+	devio_submit(&f.b, &req);
+	assert_int_equal(completions, 1);
+	assert_int_equal(f.splices, 2);
+	assert_int_equal(f.submits, 0);
+	/* read-only wins over every kind */
+	f.b.caps |= DEVIO_CAP_READONLY;
+	assert_int_equal(run_kind(&f.b, DEVIO_OP_WRITE, DEVIO_BUF_MAP, 0, 1, 0, &req), -EROFS);
+	assert_int_equal(run_kind(&f.b, DEVIO_OP_WRITE, DEVIO_BUF_PIPE, 0, 1, 0, &req), -EROFS);
+	/* no room for pieces */
+	f.b.caps &= ~DEVIO_CAP_READONLY;
+	req = (struct devio_request){ .op = DEVIO_OP_READ, .length = 1, .kind = DEVIO_BUF_MAP };
+	assert_int_equal(devio_run(&f.b, &req), -EFAULT);
+	assert_int_equal(f.maps, 2);
+}
+
+/* A layer that moves requests by 1000 bytes and shows 4096 of them. */
+struct shift {
+	struct devio_backend b;
+	int remaps;
+};
+
+static void shift_remap(struct devio_backend *b, struct devio_request *req)
+{
+	((struct shift *)b)->remaps++;
+	req->offset += 1000;
+}
+
+static const struct devio_backend_ops shift_ops = { .name = "shift", .remap = shift_remap };
+
+static void shift_init(struct shift *l, struct devio_backend *lower)
+{
+	memset(l, 0, sizeof(*l));
+	l->b.ops = &shift_ops;
+	l->b.lower = lower;
+	l->b.size = 4096;
+	l->b.caps = lower->caps;
+	l->b.run = lower->run;
+}
+
+/* Checked against the layer, run on the store's own path with the offset
+ * moved, every buffer kind alike; async-ness and pool policy are the
+ * store's. */
+static void test_layer_forwarding(void **state)
+{
+	struct devio_request req;
+	struct shift l, l2;
+	struct fake f;
+	char buf[16] = "sixteen bytes!!";
+
+	fake_init(&f, true, true);
+	shift_init(&l, &f.b);
+	assert_true(devio_backend_async(&l.b));
+	assert_false(devio_wants_pool(&l.b, 0));
+	assert_int_equal(submit_to(&l.b, DEVIO_OP_WRITE, 10, 16, 0, buf), 0);
+	assert_int_equal(f.submits, 1); /* the store's asynchronous path */
+	assert_int_equal(f.last_off, 1010);
+	assert_int_equal(l.remaps, 1);
+	/* the layer's size bounds it, before anything moves */
+	assert_int_equal(submit_to(&l.b, DEVIO_OP_WRITE, 4090, 16, 0, buf), -ENOSPC);
+	assert_int_equal(submit_to(&l.b, DEVIO_OP_READ, 4096, 1, 0, buf), -EINVAL);
+	assert_int_equal(l.remaps, 1);
+	/* devio_run: synchronously on the store, req->backend the store */
+	req = (struct devio_request){ .op = DEVIO_OP_WRITE, .offset = 20, .length = 16, .buf = buf };
+	assert_int_equal(devio_run(&l.b, &req), 0);
+	assert_ptr_equal(req.backend, &f.b);
+	assert_int_equal(req.offset, 1020); /* moved in place: the front end keeps its own */
+	assert_memory_equal(f.data + 1020, buf, 16);
+	/* in place and pipes go through unchanged, with the store's checks */
+	assert_int_equal(run_kind(&l.b, DEVIO_OP_READ, DEVIO_BUF_MAP, 0, 16, 0, &req), -EOPNOTSUPP);
+	f.b.caps |= DEVIO_CAP_MAP | DEVIO_CAP_SPLICE_READ;
+	assert_int_equal(run_kind(&l.b, DEVIO_OP_WRITE, DEVIO_BUF_MAP, 30, 4, DEVIO_REQ_FUA, &req), 0);
+	assert_ptr_equal(req.iov[0].iov_base, f.data + 1030);
+	assert_int_equal(devio_map_end(&req), 0);
+	assert_int_equal(f.unmaps, 1);
+	assert_int_equal(f.last_off, 1030);
+	assert_int_equal(run_kind(&l.b, DEVIO_OP_READ, DEVIO_BUF_PIPE, 40, 8, 0, &req), 0);
+	assert_int_equal(f.last_off, 1040);
+	/* the layer's read-only bit is the one that counts */
+	l.b.caps |= DEVIO_CAP_READONLY;
+	assert_int_equal(submit_to(&l.b, DEVIO_OP_TRIM, 0, 16, 0, NULL), -EROFS);
+	assert_int_equal(f.trims, 0);
+	l.b.caps &= ~DEVIO_CAP_READONLY;
+	/* FAST_ZERO is refused by what the store can do */
+	fake_ops.zero = NULL;
+	assert_int_equal(submit_to(&l.b, DEVIO_OP_ZERO, 0, 16, DEVIO_REQ_FAST_ZERO, NULL), -EOPNOTSUPP);
+	/* two layers: both move it */
+	shift_init(&l2, &l.b);
+	l2.b.size = 2048;
+	req = (struct devio_request){ .op = DEVIO_OP_READ, .offset = 5, .length = 16, .buf = buf };
+	assert_int_equal(devio_run(&l2.b, &req), 0);
+	assert_int_equal(req.offset, 2005);
+	/* a layer with data callbacks of its own takes no other buffer kinds
+	 * unless it says so: they never reach the store past it */
+	{
+		static const struct devio_backend_ops own_ops = { .name = "own", .pread = fake_pread };
+		struct devio_backend own;
+
+		devio_layer_init(&own, &own_ops, &f.b, ~0u, &f);
+		assert_false(own.caps & (DEVIO_CAP_MAP | DEVIO_CAP_SPLICE_READ));
+		assert_int_equal(run_kind(&own, DEVIO_OP_READ, DEVIO_BUF_MAP, 0, 16, 0, &req), -EOPNOTSUPP);
+		assert_int_equal(run_kind(&own, DEVIO_OP_READ, DEVIO_BUF_PIPE, 0, 16, 0, &req), -EOPNOTSUPP);
+		assert_false(devio_backend_async(&own)); /* its callbacks run, not the store's submit */
+	}
+	/* a synchronous store under a layer: pooled as the store would be */
+	fake_init(&f, true, false);
+	shift_init(&l, &f.b);
+	assert_false(devio_backend_async(&l.b));
+	assert_true(devio_wants_pool(&l.b, 0));
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -261,6 +463,8 @@ int main(void)
 		cmocka_unit_test(test_declined_submit_runs_synchronously),
 		cmocka_unit_test(test_execute_and_run_agree),
 		cmocka_unit_test(test_pool_policy),
+		cmocka_unit_test(test_buffer_kinds),
+		cmocka_unit_test(test_layer_forwarding),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
