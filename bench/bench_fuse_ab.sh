@@ -6,8 +6,13 @@
 # FUSE ring, the tmpfs file over /dev/fuse, and a file on ext4 (an image on
 # a loop device on tmpfs) whose page cache is dropped before every job, so
 # that its reads miss it (the file backend's I/O on the FUSE queue's ring).
-# Prints every run and min/median/max of new/old over the repeats.
-#   bench/bench_fuse_ab.sh OLD [REPEAT] [SECONDS]      (root)
+# The order alternates (old first, then new first) so that neither build
+# always meets what the other one's writes left behind.  Prints every run
+# and min/median/max of new/old over the repeats, for the throughput and
+# for the server's CPU time per request (utime+stime of the devio process,
+# all its threads, over the job / requests: what a loaded machine's noise
+# hides least).
+#   bench/bench_fuse_ab.sh OLD [REPEAT] [SECONDS]      (root; ONLY=REGEX picks cases)
 # OLD is a revision (built in a temporary worktree) or a directory holding a
 # release build's `devio`; the new build is the working tree's.
 set -euo pipefail
@@ -60,19 +65,20 @@ truncate -s $((SIZE_MB + 128))M "$T/shm/ext4.fs"
 mkfs.ext4 -q -F "$T/shm/ext4.fs"
 EXT4LOOP=$(losetup -f --show "$T/shm/ext4.fs")
 mount "$EXT4LOOP" "$T/ext4"
-fallocate -l ${SIZE_MB}M "$T/ext4/disk.img"
+dd if=/dev/urandom of="$T/ext4/disk.img" bs=1M count=$SIZE_MB status=none # data, not unwritten extents
 
 # CASES: name transport source; JOBS: name rw bs iodepth
 CASES=("uring-ram uring ram:${SIZE_MB}M" "uring-tmpfs uring $T/shm/tmpfs.img"
        "dev-tmpfs dev $T/shm/tmpfs.img" "uring-ext4-cold uring $T/ext4/disk.img")
 JOBS=("randread-4k randread 4k 32" "randwrite-4k randwrite 4k 32" "seqread-1M read 1M 8" "seqwrite-1M write 1M 8")
 
-run_fio() { # dev rw bs qd -> IOPS (4k) or MiB/s (1M)
+run_fio() { # dev rw bs qd -> "IOPS (4k) or MiB/s (1M)" "requests"
   fio --name=b --filename="$1" --rw="$2" --bs="$3" --iodepth="$4" --ioengine=io_uring --direct=1 \
       --time_based --runtime="$SECS" --size=${SIZE_MB}M --norandommap --randrepeat=0 \
       --output-format=json 2>/dev/null |
-    /usr/bin/python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; d=j["read"] if j["read"]["io_bytes"] else j["write"]; print("%.0f" % (d["iops"] if sys.argv[1] == "4k" else d["bw_bytes"]/1048576))' "$3"
+    /usr/bin/python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; d=j["read"] if j["read"]["io_bytes"] else j["write"]; print("%.0f %d" % (d["iops"] if sys.argv[1] == "4k" else d["bw_bytes"]/1048576, d["total_ios"]))' "$3"
 }
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; } # utime + stime of every thread
 
 # one server, every job once: prints "job=value ..."
 one_run() { # BIN transport source
@@ -86,8 +92,12 @@ one_run() { # BIN transport source
   [ -n "$dev" ] || { cat "$log" >&2; exit 1; }
   for j in "${JOBS[@]}"; do
     set -- $j
+    sync # the last job's writes: not in this job's time
     dd if="$T/ext4/disk.img" iflag=nocache count=0 status=none # cold page cache for the ext4 case
-    out+="$1=$(run_fio "$dev" "$2" "$3" "$4") "
+    c0=$(cpu_ticks "$pid")
+    read -r v n < <(run_fio "$dev" "$2" "$3" "$4")
+    c1=$(cpu_ticks "$pid")
+    out+="$1=$v cpu-$1=$(echo "($c1 - $c0) * 1000000 / $(getconf CLK_TCK) / ($n + 1)" | bc -l | xargs printf '%.2f') "
   done
   kill "$pid"; wait "$pid" 2>/dev/null || true
   echo "$out"
@@ -97,8 +107,10 @@ declare -A RES
 echo "A/B: $OLDBIN (old) vs $NEWBIN (new), ${REPEAT} interleaved runs of ${SECS}s per job, ${SIZE_MB} MiB"
 for c in "${CASES[@]}"; do
   set -- $c
+  [[ $1 =~ ${ONLY:-.} ]] || continue
   for i in $(seq "$REPEAT"); do
-    for side in old new; do
+    order="old new"; [ $((i % 2)) = 0 ] && order="new old"
+    for side in $order; do
       bin=$OLDBIN; [ $side = new ] && bin=$NEWBIN
       for kv in $(one_run "$bin" "$2" "$3"); do
         RES["$1/${kv%%=*}/$side"]+="${kv#*=} "
@@ -106,18 +118,20 @@ for c in "${CASES[@]}"; do
     done
   done
 done
-printf '\n%-16s %-13s %-26s %-26s %s\n' case job "old runs" "new runs" "new/old per repeat: min median max"
+printf '\n%-16s %-17s %-30s %-30s %s\n' case job "old runs" "new runs" "new/old per repeat: min median max"
+printf '%-16s %-17s %s\n' "" "" "(IOPS for 4k, MiB/s for 1M; cpu-JOB: server CPU microseconds per request)"
 for c in "${CASES[@]}"; do
   set -- $c
-  for j in "${JOBS[@]}"; do
+  [[ $1 =~ ${ONLY:-.} ]] || continue
+  for j in "${JOBS[@]}" "${JOBS[@]/#/cpu-}"; do
     set -- "${c%% *}" $j
     o=${RES["$1/$2/old"]}; n=${RES["$1/$2/new"]}
     /usr/bin/python3 - "$1" "$2" "$o" "$n" <<'PY'
 import statistics, sys
 case, job, o, n = sys.argv[1], sys.argv[2], [float(x) for x in sys.argv[3].split()], [float(x) for x in sys.argv[4].split()]
 r = sorted(b / a for a, b in zip(o, n) if a)
-fmt = lambda v: " ".join("%.0f" % x for x in v)
-print("%-16s %-13s %-26s %-26s %.2f %.2f %.2f" % (case, job, fmt(o), fmt(n), r[0], statistics.median(r), r[-1]))
+fmt = lambda v: " ".join(("%.0f" if x >= 100 else "%.2f") % x for x in v)
+print("%-16s %-17s %-30s %-30s %.2f %.2f %.2f" % (case, job, fmt(o), fmt(n), r[0], statistics.median(r), r[-1]))
 PY
   done
 done

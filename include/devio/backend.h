@@ -97,15 +97,15 @@ struct devio_backend_ops {
 	/* One-line human description for `devio status` and logs (optional). */
 	void (*describe)(struct devio_backend *b, char *out, size_t outlen);
 	void (*close)(struct devio_backend *b);
-	/* Optional, with submit: put req's I/O on the caller's io_uring (a
-	 * FUSE or ublk queue, ring.h) instead of the backend's own, so that
-	 * its completion arrives on the thread that waits there anyway: one
-	 * ring, no hand-off.  SQEs from devio_ring_get_sqe(ring), tagged with
-	 * devio_ring_sqe_request(sqe, req).  The core calls it on the ring's
-	 * thread only, for READ and WRITE of at least one byte (FUA only with
-	 * DEVIO_CAP_PWRITE_FUA) and FLUSH.  Returns 0 if it finished or queued
-	 * req, -EAGAIN to decline (the core goes on with submit), or another
-	 * negative errno to fail it. */
+	/* Optional, for a backend with an io_uring path: put req's I/O on
+	 * the caller's io_uring (a FUSE or ublk queue, ring.h) instead of its
+	 * own, so that the completion arrives on the thread that waits there
+	 * anyway: one ring, no hand-off.  SQEs from devio_ring_get_sqe(ring),
+	 * tagged with devio_ring_sqe_request(sqe, req).  The core calls it on
+	 * the ring's thread only, for READ and WRITE of at least one byte
+	 * (FUA only with DEVIO_CAP_PWRITE_FUA) and FLUSH.  Returns 0 if it
+	 * finished or queued req, -EAGAIN to decline (the core goes on with
+	 * submit), or another negative errno to fail it. */
 	int (*ring_submit)(struct devio_backend *b, struct devio_request *req, struct devio_ring *ring);
 	/* With ring_submit: the CQE of one of its SQEs, on the ring's thread
 	 * (req->ring): complete req, or queue the rest on req->ring. */
