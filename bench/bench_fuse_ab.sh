@@ -24,12 +24,11 @@ SIZE_MB=${SIZE_MB:-512}
 ENABLE=/sys/module/fuse/parameters/enable_uring
 ORIG_URING=$(cat $ENABLE 2>/dev/null || echo N)
 T=$(mktemp -d /var/tmp/devio-fuse-ab-XXXXXX)
-PIDS=()
 EXT4LOOP=
 
 cleanup() {
   set +e
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  [ -f "$T/pids" ] && while read -r p; do kill "$p" 2>/dev/null; done < "$T/pids" # the servers started
   sleep 1
   for m in "$T"/m-*; do
     [ -d "$m" ] && losetup -j "$m/disk" -O NAME -n 2>/dev/null | xargs -r -n1 losetup -d
@@ -87,7 +86,7 @@ one_run() { # BIN transport source
   [ "$2" = uring ] && echo Y > $ENABLE
   "$1" serve "$3" --fuse "$m" --loop --fuse-transport "$2" > "$log" 2>&1 &
   pid=$!
-  PIDS+=("$pid")
+  echo "$pid" >> "$T/pids" # one_run runs in a subshell: cleanup finds them here
   for _ in $(seq 300); do dev=$(grep -m1 -E '^/dev/loop[0-9]+$' "$log" || true); [ -n "$dev" ] && break; sleep 0.1; done
   [ -n "$dev" ] || { cat "$log" >&2; exit 1; }
   for j in "${JOBS[@]}"; do
