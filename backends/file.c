@@ -7,7 +7,8 @@
  * position).  Reads, writes and flushes also go through io_uring (the
  * code at the end of this file): ops->submit queues them on one ring and a
  * completion thread calls req->complete(); submit runs everything else
- * synchronously before it returns.
+ * synchronously before it returns.  ops->ring_submit puts them on the
+ * caller's ring instead (a FUSE or ublk queue thread, ring.h).
  *
  * With O_DIRECT (--direct) offsets, lengths and buffers must be aligned to
  * the device's logical block size (4096 for regular files, which every
@@ -39,6 +40,7 @@
 #include <unistd.h>
 #include "devio/backend.h"
 #include "devio/range_lock.h"
+#include "devio/ring.h"
 #include "devio/util.h"
 
 #define FILE_BOUNCE_MAX (1u << 20) /* bounce/zero buffers: at most 1 MiB at a time */
@@ -64,6 +66,8 @@ struct devio_file {
 static void file_uring_start(struct devio_file *f);
 static void file_uring_stop(struct devio_file *f);
 static int file_uring_submit(struct devio_file *f, struct devio_request *req);
+static int file_ring_submit(struct devio_backend *b, struct devio_request *req, struct devio_ring *ring);
+static void file_ring_cqe(struct devio_backend *b, struct devio_request *req, int res);
 
 static struct devio_file *to_file(struct devio_backend *b)
 {
@@ -648,6 +652,8 @@ static const struct devio_backend_ops file_ops = {
 	.describe = file_describe,
 	.grow = file_grow,
 	.close = file_close,
+	.ring_submit = file_ring_submit,
+	.ring_cqe = file_ring_cqe,
 };
 
 static int open_fd(struct devio_file *f, const struct devio_open_opts *opts)
@@ -823,24 +829,30 @@ out_free:
 
 /* ---- the asynchronous path: io_uring ----
  *
- * One ring per backend.  Any thread may queue a request: it takes the
- * mutex, fills an SQE and, unless another thread is already in
- * io_uring_enter() for this ring, becomes the submitter and pushes every
- * queued SQE with one io_uring_enter() per batch (outside the mutex, so
- * other threads keep queueing meanwhile and their SQEs ride along in the
- * next batch).  A completion thread reaps CQEs in batches, finishes short
- * transfers and retries EAGAIN/EINTR by queueing the rest again, and calls
- * req->complete(); what it queues meanwhile is submitted by the same
- * io_uring_enter() that waits for the next completions.  In-flight
- * requests are capped at the CQ size so the CQ cannot overflow; past the
- * cap file_submit() runs requests synchronously.  req->priv[0] counts the
- * bytes done so far; with O_DIRECT req->priv[1] is a struct file_dio.
+ * One ring per backend.  Any thread may queue a request: it pushes it on
+ * a lock-free list and, unless another thread holds the submitter token,
+ * takes it, moves every queued request into SQEs and submits them with
+ * one io_uring_enter() (liburing's io_uring_submit); requests other
+ * threads queue meanwhile ride along in the next batch.  Only the token
+ * holder touches the submission queue; a completion thread reaps CQEs in
+ * batches (the completion side may run beside a submitter), finishes
+ * short transfers and retries EAGAIN/EINTR by queueing the rest again,
+ * and calls req->complete(); what it queues meanwhile is submitted once
+ * after the batch.  In-flight requests are capped at the CQ size so the
+ * CQ cannot overflow; past the cap file_submit() runs requests
+ * synchronously.  req->priv[0] counts the bytes done so far; with
+ * O_DIRECT req->priv[1] is a struct file_dio.
  * An O_DIRECT write holds its blocks shared from submit to completion, so
  * a completion callback must not start any O_DIRECT WRITE, TRIM or ZERO:
  * ranges are granted first come first served, and one queued behind an
  * RMW that waits for a completion only this thread reaps never comes.
  * None does: front ends start requests from their own threads (NBD runs
  * the pieces of a split request on its reader for this reason).
+ *
+ * The same SQEs can go on the caller's ring instead (ops->ring_submit, a
+ * FUSE or ublk queue thread, ring.h): the CQE then comes back to the
+ * thread that waits for its next command anyway.  Only requests that need
+ * nothing held until completion go there (no O_DIRECT write or bounce).
  */
 
 #define RING_SQ_ENTRIES 256u
@@ -848,11 +860,12 @@ out_free:
 #define RING_MAX_INFLIGHT RING_CQ_ENTRIES
 #define RING_MAX_SQE_LEN (1u << 30)
 #define RING_REAP_BATCH 64u
+#define RING_MAX_SUBMIT_FAILURES 1000u
 
 struct file_ring {
 	struct io_uring ring;
-	pthread_mutex_t lock;     /* the SQ side: get_sqe, flush */
-	bool submitting;          /* a thread is pushing SQEs to the kernel */
+	_Atomic(struct devio_request *) pending; /* queued, not yet in SQEs (newest first) */
+	atomic_bool submitting;   /* the submitter token: only its holder touches the SQ */
 	bool fixed_file;          /* fd registered as fixed file 0 */
 	_Atomic bool closing;     /* set by close: no new requests */
 	bool ext_arg;             /* the reaper's wait can have a timeout */
@@ -872,76 +885,15 @@ struct file_dio {
  * completion callbacks start) go to the kernel together after the batch. */
 static __thread struct file_ring *ring_reaping;
 
-/* Publish queued SQEs to the kernel; returns how many it has not yet
- * consumed.  Called with the lock held. */
-static unsigned ring_flush_locked(struct file_ring *fr)
+/* Fill sqe with (the rest of) req. */
+static void ring_prep(struct devio_file *f, struct devio_request *req, struct io_uring_sqe *sqe, bool fixed)
 {
-	struct io_uring_sq *sq = &fr->ring.sq;
-	unsigned tail = sq->sqe_tail;
-
-	if (sq->sqe_head != tail) {
-		sq->sqe_head = tail;
-		io_uring_smp_store_release(sq->ktail, tail);
-	}
-	return tail - io_uring_smp_load_acquire(sq->khead);
-}
-
-/* Become the submitter unless someone is: push batches until nothing is
- * left.  Called and returns with the lock held (drops it meanwhile). */
-static void ring_push_locked(struct file_ring *fr)
-{
-	unsigned n, failures = 0;
-
-	if (fr->submitting)
-		return;
-	fr->submitting = true;
-	while ((n = ring_flush_locked(fr)) > 0) {
-		int r;
-
-		pthread_mutex_unlock(&fr->lock);
-		r = io_uring_enter((unsigned)fr->ring.ring_fd, n, 0, 0, NULL);
-		if (r <= 0 && ++failures >= 1000) {
-			devio_err("io_uring_enter keeps failing (%d); %u requests wait for the next submit", r, n);
-			pthread_mutex_lock(&fr->lock);
-			break;
-		}
-		if (r <= 0)
-			sched_yield();
-		pthread_mutex_lock(&fr->lock);
-	}
-	fr->submitting = false;
-}
-
-/* An SQE, waiting for the submitter to free slots if the SQ is full. */
-static struct io_uring_sqe *ring_get_sqe_locked(struct file_ring *fr)
-{
-	struct io_uring_sqe *sqe;
-
-	while (!(sqe = io_uring_get_sqe(&fr->ring))) {
-		if (!fr->submitting) {
-			ring_push_locked(fr);
-			continue;
-		}
-		pthread_mutex_unlock(&fr->lock);
-		sched_yield();
-		pthread_mutex_lock(&fr->lock);
-	}
-	return sqe;
-}
-
-/* Queue (the rest of) req. */
-static void ring_queue(struct devio_file *f, struct devio_request *req)
-{
-	struct file_ring *fr = f->uring;
-	int fd = fr->fixed_file ? 0 : f->fd;
+	int fd = fixed ? 0 : f->fd;
 	uint64_t done = req->priv[0], left = req->length - done;
 	unsigned n = left > RING_MAX_SQE_LEN ? RING_MAX_SQE_LEN : (unsigned)left;
 	struct file_dio *d = (struct file_dio *)(uintptr_t)req->priv[1];
 	char *buf = d && d->bounce ? (char *)d->bounce : (char *)req->buf;
-	struct io_uring_sqe *sqe;
 
-	pthread_mutex_lock(&fr->lock);
-	sqe = ring_get_sqe_locked(fr);
 	if (req->op == DEVIO_OP_READ) {
 		io_uring_prep_read(sqe, fd, buf + done, n, req->offset + done);
 	} else if (req->op == DEVIO_OP_WRITE) {
@@ -951,12 +903,106 @@ static void ring_queue(struct devio_file *f, struct devio_request *req)
 	} else {
 		io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
 	}
-	if (fr->fixed_file)
+	if (fixed)
 		sqe->flags |= IOSQE_FIXED_FILE;
-	io_uring_sqe_set_data(sqe, req);
-	if (ring_reaping != fr) /* the reaper pushes once per batch of CQEs */
-		ring_push_locked(fr);
-	pthread_mutex_unlock(&fr->lock);
+}
+
+/* Submit every SQE the kernel has not taken yet (token held). */
+static void ring_push(struct devio_file *f)
+{
+	struct file_ring *fr = f->uring;
+	unsigned failures = 0;
+
+	while (io_uring_sq_ready(&fr->ring) > 0) {
+		int r = io_uring_submit(&fr->ring);
+
+		if (r > 0) {
+			failures = 0;
+			continue;
+		}
+		if (++failures >= RING_MAX_SUBMIT_FAILURES) {
+			devio_err("%s: io_uring_enter keeps failing (%d); %u requests wait for the next submit",
+				  f->path, r, io_uring_sq_ready(&fr->ring));
+			return;
+		}
+		sched_yield();
+	}
+}
+
+/* Move the queued requests into SQEs, oldest first (token held). */
+static void ring_fill(struct devio_file *f)
+{
+	struct file_ring *fr = f->uring;
+	struct devio_request *req = atomic_exchange(&fr->pending, NULL), *fifo = NULL;
+
+	while (req) {
+		struct devio_request *next = req->next;
+
+		req->next = fifo;
+		fifo = req;
+		req = next;
+	}
+	for (req = fifo; req; req = req->next) {
+		struct io_uring_sqe *sqe;
+
+		while (!(sqe = io_uring_get_sqe(&fr->ring))) {
+			ring_push(f);
+			if (io_uring_sq_space_left(&fr->ring) == 0)
+				sched_yield();
+		}
+		ring_prep(f, req, sqe, fr->fixed_file);
+		io_uring_sqe_set_data(sqe, req);
+	}
+}
+
+/* Take the submitter token unless another thread holds it, and submit
+ * what is queued until nothing is left; a request queued by a thread that
+ * found the token taken is seen by the holder's last look at the list. */
+static void ring_kick(struct devio_file *f)
+{
+	struct file_ring *fr = f->uring;
+
+	while (!atomic_exchange(&fr->submitting, true)) {
+		ring_fill(f);
+		ring_push(f);
+		atomic_store(&fr->submitting, false);
+		if (!atomic_load(&fr->pending))
+			break;
+	}
+}
+
+/* Queue (the rest of) req on the backend's own ring. */
+static void ring_queue(struct devio_file *f, struct devio_request *req)
+{
+	struct file_ring *fr = f->uring;
+	struct devio_request *old = atomic_load(&fr->pending);
+
+	do
+		req->next = old;
+	while (!atomic_compare_exchange_weak(&fr->pending, &old, req));
+	if (ring_reaping != fr) /* the reaper submits once per batch of CQEs */
+		ring_kick(f);
+}
+
+/* Queue the rest of req where it runs: the caller's ring or our own. */
+static void ring_requeue(struct devio_file *f, struct devio_request *req, struct devio_ring *on)
+{
+	struct io_uring_sqe *sqe;
+
+	if (!on) {
+		ring_queue(f, req);
+		return;
+	}
+	sqe = devio_ring_get_sqe(on);
+	if (!sqe) {
+		devio_err("%s: %s at offset %" PRIu64 ": no submission slot on the queue's ring", f->path,
+			  devio_op_name(req->op), req->offset);
+		req->result = -EBUSY;
+		req->complete(req);
+		return;
+	}
+	ring_prep(f, req, sqe, false);
+	devio_ring_sqe_request(sqe, req);
 }
 
 /* Set up req->priv[1] for an O_DIRECT read or write of an aligned range. */
@@ -1000,77 +1046,68 @@ static void ring_dio_end(struct devio_file *f, struct devio_request *req, int r)
 
 /* The blocks are let go before complete(): what the callback starts next
  * may want them. */
-static void ring_finish(struct devio_file *f, struct devio_request *req, int r)
+static void ring_finish(struct devio_file *f, struct devio_request *req, int r, struct devio_ring *on)
 {
-	struct file_ring *fr = f->uring;
-
 	ring_dio_end(f, req, r);
 	req->result = r;
 	req->complete(req);
-	atomic_fetch_sub(&fr->inflight, 1);
+	if (!on)
+		atomic_fetch_sub(&f->uring->inflight, 1);
 }
 
-/* One CQE for req: done, continue a short transfer, retry, or fail. */
-static void ring_handle(struct devio_file *f, struct devio_request *req, int res)
+/* One CQE for req (on our ring, or on the caller's ring `on`): done,
+ * continue a short transfer, retry, or fail. */
+static void ring_handle(struct devio_file *f, struct devio_request *req, int res, struct devio_ring *on)
 {
-	struct file_ring *fr = f->uring;
-	bool retry = res == -EAGAIN || res == -EINTR || (res == -ECANCELED && !fr->closing);
+	bool retry = res == -EAGAIN || res == -EINTR || (res == -ECANCELED && !on && !f->uring->closing);
 
 	if (retry) {
-		ring_queue(f, req);
+		ring_requeue(f, req, on);
 		return;
 	}
 	if (res < 0) {
 		devio_err("%s: %s of %" PRIu64 " bytes at offset %" PRIu64 ": %s", f->path, devio_op_name(req->op),
 			  req->length, req->offset, strerror(-res));
-		ring_finish(f, req, res);
+		ring_finish(f, req, res, on);
 		return;
 	}
 	if (req->op == DEVIO_OP_FLUSH) {
-		ring_finish(f, req, 0);
+		ring_finish(f, req, 0, on);
 		return;
 	}
 	if (res == 0) {
 		devio_err("%s: %s at offset %" PRIu64 ": unexpected end of file (did it shrink?)", f->path,
 			  devio_op_name(req->op), req->offset + req->priv[0]);
-		ring_finish(f, req, -EIO);
+		ring_finish(f, req, -EIO, on);
 		return;
 	}
 	req->priv[0] += (uint64_t)res;
 	if (req->priv[0] < req->length)
-		ring_queue(f, req); /* short transfer: the rest */
+		ring_requeue(f, req, on); /* short transfer: the rest */
 	else
-		ring_finish(f, req, 0);
+		ring_finish(f, req, 0, on);
 }
 
-/* The completion thread: reap, handle, until closed and drained. */
-/* Submit what is queued and sleep until a completion, in one call.  The
- * timeout is a safety net: SQEs the kernel did not take (it may submit
- * fewer than asked) are pushed again on the next round. */
-static int ring_submit_and_wait(struct file_ring *fr, unsigned to_submit)
+/* Sleep until a completion.  The timeout is a safety net: SQEs the kernel
+ * did not take are pushed again after it.  Touches only the completion
+ * side, so a submitter may run meanwhile. */
+static int ring_wait(struct file_ring *fr)
 {
 	struct __kernel_timespec ts = { .tv_sec = 1 };
-	struct io_uring_getevents_arg arg = { .ts = (uint64_t)(uintptr_t)&ts };
-	int r;
+	struct io_uring_cqe *cqe;
 
-	if (fr->ext_arg) {
-		r = io_uring_enter2((unsigned)fr->ring.ring_fd, to_submit, 1,
-				    IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, (sigset_t *)&arg, sizeof(arg));
-		if (r != -EINVAL)
-			return r;
-		fr->ext_arg = false; /* an old kernel: wait without a timeout */
-	}
-	return io_uring_enter((unsigned)fr->ring.ring_fd, to_submit, 1, IORING_ENTER_GETEVENTS, NULL);
+	if (fr->ext_arg) /* else liburing would queue a timeout SQE: not ours to touch */
+		return io_uring_wait_cqe_timeout(&fr->ring, &cqe, &ts);
+	return io_uring_wait_cqe(&fr->ring, &cqe);
 }
 
 /* The completion thread: reap, handle, until closed and drained.  What the
- * completion callbacks queue is submitted together with the next wait. */
+ * completion callbacks queue is submitted after each batch. */
 static void *ring_reaper(void *arg)
 {
 	struct devio_file *f = arg;
 	struct file_ring *fr = f->uring;
 	bool stop_seen = false;
-	unsigned to_submit = 0;
 
 	while (!stop_seen || atomic_load(&fr->inflight)) {
 		struct io_uring_cqe *cqe;
@@ -1084,27 +1121,26 @@ static void *ring_reaper(void *arg)
 				break;
 		}
 		if (n == 0) {
-			int r = ring_submit_and_wait(fr, to_submit);
+			int r = ring_wait(fr);
 
-			to_submit = 0;
 			if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY && r != -ETIME) {
 				devio_err("%s: io_uring_enter: %s; completion thread stops", f->path, strerror(-r));
 				break;
 			}
+			if (r == -ETIME)
+				ring_kick(f);
 			continue;
 		}
 		io_uring_cq_advance(&fr->ring, n);
 		ring_reaping = fr;
 		for (unsigned i = 0; i < n; i++) {
 			if (got[i].req)
-				ring_handle(f, got[i].req, got[i].res);
+				ring_handle(f, got[i].req, got[i].res, NULL);
 			else
 				stop_seen = true;
 		}
 		ring_reaping = NULL;
-		pthread_mutex_lock(&fr->lock);
-		to_submit = fr->submitting ? 0 : ring_flush_locked(fr);
-		pthread_mutex_unlock(&fr->lock);
+		ring_kick(f);
 	}
 	return NULL;
 }
@@ -1130,6 +1166,7 @@ static int ring_setup(struct file_ring *fr)
 		io_uring_queue_exit(&fr->ring);
 		return -EOPNOTSUPP;
 	}
+	fr->ext_arg = (p.features & IORING_FEAT_EXT_ARG) != 0;
 	return 0;
 }
 
@@ -1147,13 +1184,10 @@ static void file_uring_start(struct devio_file *f)
 		return;
 	}
 	fr->fixed_file = io_uring_register_files(&fr->ring, &f->fd, 1) == 0;
-	fr->ext_arg = true;
-	pthread_mutex_init(&fr->lock, NULL);
 	f->uring = fr;
 	if (pthread_create(&fr->reaper, NULL, ring_reaper, f)) {
 		devio_info("%s: cannot start the io_uring completion thread: synchronous I/O only", f->path);
 		f->uring = NULL;
-		pthread_mutex_destroy(&fr->lock);
 		io_uring_queue_exit(&fr->ring);
 		free(fr);
 	}
@@ -1168,35 +1202,43 @@ static void file_uring_stop(struct devio_file *f)
 
 	if (!fr)
 		return;
-	pthread_mutex_lock(&fr->lock);
 	fr->closing = true;
-	sqe = ring_get_sqe_locked(fr);
+	while (atomic_exchange(&fr->submitting, true))
+		sched_yield();
+	ring_fill(f);
+	while (!(sqe = io_uring_get_sqe(&fr->ring)))
+		ring_push(f);
 	io_uring_prep_nop(sqe);
 	io_uring_sqe_set_data(sqe, NULL);
-	ring_push_locked(fr);
-	pthread_mutex_unlock(&fr->lock);
+	ring_push(f);
+	atomic_store(&fr->submitting, false);
 	pthread_join(fr->reaper, NULL);
 	io_uring_queue_exit(&fr->ring);
-	pthread_mutex_destroy(&fr->lock);
 	free(fr);
 	f->uring = NULL;
+}
+
+/* What any io_uring path takes (the own ring adds its in-flight cap). */
+static bool ring_takes(const struct devio_file *f, const struct devio_request *req)
+{
+	if (req->op != DEVIO_OP_READ && req->op != DEVIO_OP_WRITE && req->op != DEVIO_OP_FLUSH)
+		return false;
+	if (req->op != DEVIO_OP_FLUSH && (req->length == 0 ||
+	    (f->direct && !is_aligned(f, NULL, req->length, req->offset))))
+		return false; /* unaligned O_DIRECT ranges: read-modify-write in file_submit */
+	if (req->op == DEVIO_OP_READ && !f->uring_reads)
+		return false; /* a page-cache copy: cheaper here than through an io-wq worker */
+	if (req->op == DEVIO_OP_WRITE && !f->uring_writes && !(req->flags & DEVIO_REQ_FUA))
+		return false; /* the same, and io-wq serialises writes to one file */
+	return true;
 }
 
 static int file_uring_submit(struct devio_file *f, struct devio_request *req)
 {
 	struct file_ring *fr = f->uring;
 
-	if (!fr || fr->closing)
+	if (!fr || fr->closing || !ring_takes(f, req))
 		return -EAGAIN;
-	if (req->op != DEVIO_OP_READ && req->op != DEVIO_OP_WRITE && req->op != DEVIO_OP_FLUSH)
-		return -EAGAIN;
-	if (req->op != DEVIO_OP_FLUSH && (req->length == 0 ||
-	    (f->direct && !is_aligned(f, NULL, req->length, req->offset))))
-		return -EAGAIN; /* unaligned O_DIRECT ranges: read-modify-write in file_submit */
-	if (req->op == DEVIO_OP_READ && !f->uring_reads)
-		return -EAGAIN; /* a page-cache copy: cheaper here than through an io-wq worker */
-	if (req->op == DEVIO_OP_WRITE && !f->uring_writes && !(req->flags & DEVIO_REQ_FUA))
-		return -EAGAIN; /* the same, and io-wq serialises writes to one file */
 	if (atomic_fetch_add(&fr->inflight, 1) >= RING_MAX_INFLIGHT) {
 		atomic_fetch_sub(&fr->inflight, 1);
 		return -EAGAIN;
@@ -1209,4 +1251,32 @@ static int file_uring_submit(struct devio_file *f, struct devio_request *req)
 	}
 	ring_queue(f, req);
 	return 0;
+}
+
+/* ring_submit: req on the caller's ring.  Declined where something would
+ * be held until completion (an O_DIRECT write's blocks, a bounce buffer)
+ * and where the own ring would decline too. */
+static int file_ring_submit(struct devio_backend *b, struct devio_request *req, struct devio_ring *ring)
+{
+	struct devio_file *f = to_file(b);
+	struct io_uring_sqe *sqe;
+
+	if (!f->uring || !ring_takes(f, req))
+		return -EAGAIN;
+	if (f->direct && (req->op == DEVIO_OP_WRITE || !is_aligned(f, req->buf, 0, 0)))
+		return -EAGAIN;
+	if (file_read_cached(f, req))
+		return 0;
+	sqe = devio_ring_get_sqe(ring);
+	if (!sqe)
+		return -EAGAIN;
+	req->priv[1] = 0;
+	ring_prep(f, req, sqe, false);
+	devio_ring_sqe_request(sqe, req);
+	return 0;
+}
+
+static void file_ring_cqe(struct devio_backend *b, struct devio_request *req, int res)
+{
+	ring_handle(to_file(b), req, res, req->ring);
 }

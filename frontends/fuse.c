@@ -6,7 +6,8 @@
  * It speaks the FUSE protocol itself (lib/fuse_codec.c): Debian 12's
  * libfuse predates the io_uring transport.  Two transports:
  *   uring - FUSE over io_uring: one queue per possible CPU, each a thread
- *           pinned to its CPU with an io_uring of `depth` ring entries; an
+ *           pinned to its CPU with an io_uring of `depth` ring entries
+ *           (the thread, ring and completion inbox: lib/ring.c); an
  *           entry's payload buffer is where the backend reads into and
  *           writes from, and one COMMIT_AND_FETCH both answers a request
  *           and takes the next.  /dev/fuse is still read by one thread for
@@ -25,7 +26,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
@@ -36,6 +36,7 @@
 #include "../lib/fuse_proto.h"
 #include "devio/frontend.h"
 #include "devio/loop.h"
+#include "devio/ring.h"
 #include "devio/util.h"
 #include "devio/workers.h"
 
@@ -43,7 +44,6 @@
 #define DEFAULT_DEPTH 16
 #define MAX_QUEUES 1024
 #define HDR_ROOM 4096 /* room before the data in a /dev/fuse read buffer */
-#define EVFD_TAG 1ull
 #define DEV_IOC_CLONE _IOR(229, 0, uint32_t)
 #define ENABLE_URING "/sys/module/fuse/parameters/enable_uring"
 
@@ -57,29 +57,16 @@ struct ring_ent {
 	struct ring_queue *q;
 	struct devio_fuse_msg msg;
 	uint64_t commit_id;
-	struct ring_ent *next;
 	bool dead;
 };
 
+/* One FUSE queue: a ring thread (lib/ring.c) and its entries. */
 struct ring_queue {
 	struct fuse_fe *fe;
 	unsigned qid;
-	pthread_t thread;
-	pthread_t self;          /* set by the thread itself */
-	bool thread_started;
-	struct io_uring ring;
-	bool ring_ok;
-	int evfd;
-	uint64_t evval;
+	struct devio_ring *ring;
 	struct ring_ent *ents;
-	unsigned nents, live, inflight;
-	pthread_mutex_t lock;
-	struct ring_ent *done;   /* completed by other threads (lock) */
-	struct ring_ent *local;  /* completed on this thread */
-	/* start-up handshake */
-	int start_result;
-	bool start_done;
-	pthread_cond_t cond;
+	unsigned nents, live;    /* live: entries the kernel has not ended */
 };
 
 struct dev_thread {
@@ -107,6 +94,7 @@ struct fuse_fe {
 	bool has_loop;
 	atomic_bool stopping;
 	atomic_ullong ring_requests, dev_requests; /* logged at stop */
+	uint64_t ring_ios;       /* backend I/Os that went on the queue rings (at stop) */
 };
 
 /* ---- helpers ---- */
@@ -299,22 +287,15 @@ static int start_dev_threads(struct fuse_fe *fe, unsigned n)
 	return fe->ndevs ? 0 : -EAGAIN;
 }
 
-/* ---- the io_uring transport ---- */
-
-static struct io_uring_sqe *get_sqe(struct ring_queue *q)
-{
-	struct io_uring_sqe *sqe = io_uring_get_sqe(&q->ring);
-
-	if (!sqe) {
-		io_uring_submit(&q->ring);
-		sqe = io_uring_get_sqe(&q->ring);
-	}
-	return sqe;
-}
+/* ---- the io_uring transport ----
+ *
+ * The queue thread, its ring and the completion inbox are lib/ring.c's;
+ * here are the FUSE commands: REGISTER for each entry, then for each
+ * request COMMIT_AND_FETCH with the answer. */
 
 static int prep_cmd(struct ring_queue *q, struct ring_ent *e, uint32_t cmd_op)
 {
-	struct io_uring_sqe *sqe = get_sqe(q);
+	struct io_uring_sqe *sqe = devio_ring_get_sqe(q->ring);
 	struct fuse_uring_cmd_req *cmd;
 
 	if (!sqe)
@@ -325,21 +306,11 @@ static int prep_cmd(struct ring_queue *q, struct ring_ent *e, uint32_t cmd_op)
 	sqe->cmd_op = cmd_op;
 	sqe->addr = (uint64_t)(uintptr_t)e->iov;
 	sqe->len = 2;
-	io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)e);
+	devio_ring_sqe_owner(sqe, e);
 	cmd = (struct fuse_uring_cmd_req *)sqe->cmd;
 	cmd->qid = (uint16_t)q->qid;
 	cmd->commit_id = e->commit_id;
 	return 0;
-}
-
-static void arm_eventfd(struct ring_queue *q)
-{
-	struct io_uring_sqe *sqe = get_sqe(q);
-
-	if (!sqe)
-		return;
-	io_uring_prep_read(sqe, q->evfd, &q->evval, sizeof(q->evval), 0);
-	io_uring_sqe_set_data64(sqe, EVFD_TAG);
 }
 
 /* Answer the entry's request and take the next one. */
@@ -354,50 +325,14 @@ static void commit(struct ring_queue *q, struct ring_ent *e)
 		devio_err("fuse %s: queue %u: no submission slot to answer a request", q->fe->mnt, q->qid);
 }
 
-static void ring_io_done(struct devio_request *req)
+/* The backend finished an entry's request (owner->done). */
+static void ring_io_done(struct devio_ring *r, void *ctx, struct devio_request *req)
 {
+	struct ring_queue *q = ctx;
 	struct ring_ent *e = req->opaque;
-	struct ring_queue *q = e->q;
 
-	if (pthread_equal(pthread_self(), q->self)) {
-		e->next = q->local;
-		q->local = e;
-		return;
-	}
-	pthread_mutex_lock(&q->lock);
-	bool was_empty = q->done == NULL; /* else a wake-up is already on its way */
-	e->next = q->done;
-	q->done = e;
-	pthread_mutex_unlock(&q->lock);
-	uint64_t one = 1;
-	if (was_empty && write(q->evfd, &one, sizeof(one)) < 0)
-		devio_warn("fuse %s: queue %u: eventfd: %s", q->fe->mnt, q->qid, strerror(errno));
-}
-
-static void finish_list(struct ring_queue *q, struct ring_ent *e)
-{
-	while (e) {
-		struct ring_ent *next = e->next;
-
-		devio_fuse_finish(&q->fe->fs, &e->msg);
-		q->inflight--;
-		commit(q, e);
-		e = next;
-	}
-}
-
-static void drain_completions(struct ring_queue *q)
-{
-	struct ring_ent *list;
-
-	list = q->local;
-	q->local = NULL;
-	finish_list(q, list);
-	pthread_mutex_lock(&q->lock);
-	list = q->done;
-	q->done = NULL;
-	pthread_mutex_unlock(&q->lock);
-	finish_list(q, list);
+	devio_fuse_finish(&q->fe->fs, &e->msg);
+	commit(q, e);
 }
 
 /* A request has arrived in entry e. */
@@ -422,29 +357,19 @@ static void ring_request(struct ring_queue *q, struct ring_ent *e)
 		commit(q, e);
 		return;
 	}
-	msg->req.complete = ring_io_done;
 	msg->req.opaque = e;
-	q->inflight++;
-	if (fe->workers)
-		devio_workers_submit(fe->workers, fe->backend, &msg->req);
-	else
-		devio_submit(fe->backend, &msg->req);
+	devio_ring_submit(q->ring, fe->backend, &msg->req);
 }
 
-static void ring_cqe(struct ring_queue *q, struct io_uring_cqe *cqe)
+/* The CQE of an entry's REGISTER or COMMIT_AND_FETCH (owner->cqe). */
+static void ring_ent_cqe(struct devio_ring *r, void *ctx, void *data, int res)
 {
-	uint64_t tag = io_uring_cqe_get_data64(cqe);
-	struct ring_ent *e;
+	struct ring_queue *q = ctx;
+	struct ring_ent *e = data;
 
-	if (tag == EVFD_TAG) {
-		if (!atomic_load(&q->fe->stopping))
-			arm_eventfd(q);
-		return;
-	}
-	e = (struct ring_ent *)(uintptr_t)tag;
-	if (cqe->res < 0) {
-		if (cqe->res != -ENOTCONN && cqe->res != -ECANCELED && cqe->res != -ECONNABORTED)
-			devio_warn("fuse %s: queue %u: ring entry failed: %s", q->fe->mnt, q->qid, strerror(-cqe->res));
+	if (res < 0) {
+		if (res != -ENOTCONN && res != -ECANCELED && res != -ECONNABORTED)
+			devio_warn("fuse %s: queue %u: ring entry failed: %s", q->fe->mnt, q->qid, strerror(-res));
 		if (!e->dead) {
 			e->dead = true;
 			q->live--;
@@ -454,53 +379,25 @@ static void ring_cqe(struct ring_queue *q, struct io_uring_cqe *cqe)
 	ring_request(q, e);
 }
 
-static void ring_loop(struct ring_queue *q)
+/* Done when stopping or when the kernel has ended every entry; the ring
+ * module waits for the requests still with the backend (they use our
+ * buffers). */
+static bool ring_finished(struct devio_ring *r, void *ctx)
 {
-	for (;;) {
-		struct io_uring_cqe *cqe;
-		unsigned head, n = 0;
-		int r;
+	struct ring_queue *q = ctx;
 
-		if (q->live == 0 && q->inflight == 0)
-			break;
-		if (atomic_load(&q->fe->stopping) && q->inflight == 0)
-			break;
-		r = io_uring_submit_and_wait(&q->ring, 1);
-		if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY) {
-			devio_err("fuse %s: queue %u: io_uring_enter: %s", q->fe->mnt, q->qid, strerror(-r));
-			break;
-		}
-		io_uring_for_each_cqe(&q->ring, head, cqe) {
-			ring_cqe(q, cqe);
-			n++;
-		}
-		io_uring_cq_advance(&q->ring, n);
-		drain_completions(q);
-	}
-	/* wait for requests still with the backend: they use our buffers */
-	while (q->inflight) {
-		struct timespec ts = { 0, 1000000 };
-		nanosleep(&ts, NULL);
-		drain_completions(q);
-	}
+	return q->live == 0 || atomic_load(&q->fe->stopping);
 }
 
-static int ring_setup(struct ring_queue *q)
+/* On the queue thread: the entries' buffers, one REGISTER each. */
+static int ring_setup(struct devio_ring *r, void *ctx)
 {
+	struct ring_queue *q = ctx;
 	struct fuse_fe *fe = q->fe;
-	struct io_uring_params p = { .flags = IORING_SETUP_SQE128 | IORING_SETUP_SINGLE_ISSUER |
-					      IORING_SETUP_DEFER_TASKRUN };
-	int r;
+	struct io_uring_cqe *cqe;
+	int res;
 
-	r = io_uring_queue_init_params(q->nents * 2 + 8, &q->ring, &p);
-	if (r == -EINVAL) {
-		memset(&p, 0, sizeof(p));
-		p.flags = IORING_SETUP_SQE128;
-		r = io_uring_queue_init_params(q->nents * 2 + 8, &q->ring, &p);
-	}
-	if (r < 0)
-		return r;
-	q->ring_ok = true;
+	q->ring = r;
 	for (unsigned i = 0; i < q->nents; i++) {
 		struct ring_ent *e = &q->ents[i];
 
@@ -512,43 +409,26 @@ static int ring_setup(struct ring_queue *q)
 		memset(e->hdr, 0, sizeof(*e->hdr));
 		e->iov[0] = (struct iovec){ e->hdr, sizeof(*e->hdr) };
 		e->iov[1] = (struct iovec){ e->payload, fe->payload_sz };
-		r = prep_cmd(q, e, DEVIO_FUSE_URING_CMD_REGISTER);
-		if (r)
-			return r;
+		res = prep_cmd(q, e, DEVIO_FUSE_URING_CMD_REGISTER);
+		if (res)
+			return res;
 		q->live++;
 	}
-	arm_eventfd(q);
-	r = io_uring_submit(&q->ring);
-	if (r < 0)
-		return r;
+	res = io_uring_submit(devio_ring_uring(r));
+	if (res < 0)
+		return res;
 	/* a refused REGISTER completes at once */
-	struct io_uring_cqe *cqe;
-	if (io_uring_peek_cqe(&q->ring, &cqe) == 0 && cqe->res < 0 && io_uring_cqe_get_data64(cqe) != EVFD_TAG)
+	if (io_uring_peek_cqe(devio_ring_uring(r), &cqe) == 0 && cqe->res < 0)
 		return cqe->res;
 	return 0;
 }
 
-static void *ring_thread_main(void *arg)
-{
-	struct ring_queue *q = arg;
-	cpu_set_t set;
-	int r;
-
-	q->self = pthread_self();
-	CPU_ZERO(&set);
-	CPU_SET(q->qid, &set);
-	pthread_setaffinity_np(pthread_self(), sizeof(set), &set); /* best effort: the CPU may be offline */
-	r = ring_setup(q);
-	pthread_mutex_lock(&q->lock);
-	q->start_result = r;
-	q->start_done = true;
-	pthread_cond_signal(&q->cond);
-	pthread_mutex_unlock(&q->lock);
-	if (r)
-		return NULL;
-	ring_loop(q);
-	return NULL;
-}
+static const struct devio_ring_owner ring_owner = {
+	.setup = ring_setup,
+	.cqe = ring_ent_cqe,
+	.done = ring_io_done,
+	.finished = ring_finished,
+};
 
 /* Is cpu online?  Requests come from the CPU of the issuing task, so only
  * online CPUs' queues need more than one entry.  Parses "0-3,8". */
@@ -580,26 +460,29 @@ static bool cpu_usable(unsigned cpu)
 
 static int start_queue(struct fuse_fe *fe, struct ring_queue *q, unsigned qid)
 {
-	int r;
+	char name[PATH_MAX + 32];
+	cpu_set_t cpu;
+	struct devio_ring_params p = {
+		.name = name,
+		.flags = IORING_SETUP_SQE128,
+		.try_flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+		.cpus = &cpu,
+		.workers = fe->workers,
+		.owner = &ring_owner,
+		.ctx = q,
+	};
 
 	q->fe = fe;
 	q->qid = qid;
 	q->nents = cpu_usable(qid) ? fe->depth : 1; /* the kernel wants an entry on every queue */
-	pthread_mutex_init(&q->lock, NULL);
-	pthread_cond_init(&q->cond, NULL);
-	q->evfd = eventfd(0, EFD_CLOEXEC);
 	q->ents = calloc(q->nents, sizeof(*q->ents));
-	if (q->evfd < 0 || !q->ents)
+	if (!q->ents)
 		return -ENOMEM;
-	if (pthread_create(&q->thread, NULL, ring_thread_main, q))
-		return -EAGAIN;
-	q->thread_started = true;
-	pthread_mutex_lock(&q->lock);
-	while (!q->start_done)
-		pthread_cond_wait(&q->cond, &q->lock);
-	r = q->start_result;
-	pthread_mutex_unlock(&q->lock);
-	return r;
+	snprintf(name, sizeof(name), "fuse %s: queue %u", fe->mnt, qid);
+	CPU_ZERO(&cpu);
+	CPU_SET(qid, &cpu);
+	p.entries = q->nents * 2 + 8; /* commands, the backend's I/O, the inbox */
+	return devio_ring_start(&p, &q->ring);
 }
 
 static int start_rings(struct fuse_fe *fe)
@@ -620,28 +503,22 @@ static int start_rings(struct fuse_fe *fe)
 	return 0;
 }
 
+/* Stop every queue first (they end together), then release them. */
 static void stop_rings(struct fuse_fe *fe)
 {
+	for (unsigned i = 0; fe->queues && i < fe->nqueues; i++)
+		devio_ring_stop(fe->queues[i].ring);
 	for (unsigned i = 0; fe->queues && i < fe->nqueues; i++) {
 		struct ring_queue *q = &fe->queues[i];
-		uint64_t one = 1;
+		struct devio_ring_stats st = { 0 };
 
-		if (q->thread_started) {
-			if (write(q->evfd, &one, sizeof(one)) < 0)
-				devio_warn("fuse %s: queue %u: eventfd: %s", fe->mnt, i, strerror(errno));
-			pthread_join(q->thread, NULL);
-		}
-		if (q->ring_ok)
-			io_uring_queue_exit(&q->ring); /* cancels entries still registered */
+		devio_ring_free(q->ring, &st); /* cancels entries still registered */
+		fe->ring_ios += st.ring_ios;
 		for (unsigned j = 0; q->ents && j < q->nents; j++) {
 			free(q->ents[j].hdr);
 			free(q->ents[j].payload);
 		}
 		free(q->ents);
-		if (q->evfd >= 0)
-			close(q->evfd);
-		pthread_mutex_destroy(&q->lock);
-		pthread_cond_destroy(&q->cond);
 	}
 	free(fe->queues);
 	fe->queues = NULL;
@@ -773,9 +650,9 @@ static void fe_free(struct fuse_fe *fe)
 	free(fe->devs);
 	devio_workers_free(fe->workers);
 	if (fe->fs.initialized)
-		devio_info("fuse %s: %llu requests over the io_uring, %llu over /dev/fuse", fe->mnt,
-			   (unsigned long long)atomic_load(&fe->ring_requests),
-			   (unsigned long long)atomic_load(&fe->dev_requests));
+		devio_info("fuse %s: %llu requests over the io_uring, %llu over /dev/fuse, %llu backend I/Os on the queue rings",
+			   fe->mnt, (unsigned long long)atomic_load(&fe->ring_requests),
+			   (unsigned long long)atomic_load(&fe->dev_requests), (unsigned long long)fe->ring_ios);
 	if (fe->fd >= 0)
 		close(fe->fd);
 	free(fe);

@@ -10,9 +10,9 @@
  * queue's mmap()ed descriptor array, checks it, submits a devio_request to
  * the backend and, when that completes, queues COMMIT_AND_FETCH_REQ with
  * the result.  All commits gathered in one pass go to the kernel in one
- * io_uring_enter, which also waits for the next completions.  Backend
- * completions from other threads (the file backend's ring) come back
- * through a lock-free list and an eventfd read kept armed in the ring.
+ * io_uring_enter, which also waits for the next completions.  The thread,
+ * its ring and the inbox for completions from other threads are
+ * lib/ring.c's; the file backend puts its I/O on the same ring.
  *
  * Data copy: with UBLK_F_USER_COPY (kernel 6.5+) the thread moves a
  * request's data with pread/pwrite on /dev/ublkcN at the tag's offset;
@@ -22,20 +22,18 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <liburing.h>
-#include <pthread.h>
 #include <sched.h>
-#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 #include "devio/backend.h"
 #include "devio/frontend.h"
+#include "devio/ring.h"
 #include "devio/ublk.h"
 #include "devio/util.h"
 #include "devio/workers.h"
@@ -44,7 +42,6 @@
 #define UBLK_CONTROL "/dev/ublk-control"
 #define DEFAULT_DEPTH 64
 #define DEFAULT_MAX_IO (512u * 1024)
-#define EVENTFD_TAG UINT64_MAX
 #define NO_DEV_ID UINT32_MAX
 #define STOP_GRACE_NS (3ull * 1000 * 1000 * 1000)
 
@@ -62,25 +59,18 @@ struct ublk_tag {
 
 struct ublk_dev;
 
+/* One hardware queue: a ring thread (lib/ring.c) and its tags. */
 struct ublk_queue {
 	struct ublk_dev *dev;
 	unsigned qid;
-	pthread_t thread;
-	pthread_t self;        /* set by the thread itself */
-	bool thread_started;
-	struct io_uring ring;
-	bool ring_ok;
+	struct devio_ring *ring;
+	struct devio_ring_stats final; /* the ring's counters once it is gone */
 	const struct devio_ublk_io_desc *descs;
 	size_t descs_len;
 	struct ublk_tag *tags;
-	int efd;
-	uint64_t efd_val;
-	_Atomic(struct devio_request *) done_remote; /* completions from other threads */
-	struct devio_request *done_local;            /* completions on this thread */
 	unsigned cmds_out;     /* FETCH/COMMIT commands the kernel holds */
-	unsigned in_backend;   /* requests the backend holds */
 	/* counters, read by status() and printed at exit */
-	_Atomic uint64_t served, enters, copies, batches_max, errors;
+	_Atomic uint64_t served, copies, errors;
 };
 
 struct ublk_dev {
@@ -100,9 +90,6 @@ struct ublk_dev {
 	bool added, started;
 	atomic_bool stopping;
 	_Atomic uint64_t stop_deadline;
-	pthread_mutex_t lock;
-	pthread_cond_t cond;
-	unsigned ready, failed;
 	struct ublk_queue *queues;
 	char bdev[32], cdev[32];
 };
@@ -393,23 +380,11 @@ static uint32_t io_op(const struct ublk_dev *d, unsigned nr)
 	return d->ioctl_encode ? DEVIO_UBLK_U_IO(nr) : nr;
 }
 
-static struct io_uring_sqe *get_sqe(struct ublk_queue *q)
-{
-	struct io_uring_sqe *sqe = io_uring_get_sqe(&q->ring);
-
-	if (!sqe) {
-		io_uring_submit(&q->ring);
-		atomic_fetch_add_explicit(&q->enters, 1, memory_order_relaxed);
-		sqe = io_uring_get_sqe(&q->ring);
-	}
-	return sqe;
-}
-
 /* Queue FETCH_REQ (first time) or COMMIT_AND_FETCH_REQ with result. */
 static int queue_io_cmd(struct ublk_queue *q, struct ublk_tag *t, unsigned nr, int result)
 {
 	struct devio_ublk_io_cmd cmd = { .q_id = (uint16_t)q->qid, .tag = t->tag, .result = result };
-	struct io_uring_sqe *sqe = get_sqe(q);
+	struct io_uring_sqe *sqe = devio_ring_get_sqe(q->ring);
 
 	if (!sqe)
 		return -EBUSY;
@@ -417,43 +392,9 @@ static int queue_io_cmd(struct ublk_queue *q, struct ublk_tag *t, unsigned nr, i
 		cmd.addr = (uintptr_t)t->buf;
 	prep_uring_cmd(sqe, 0, io_op(q->dev, nr), &cmd, sizeof(cmd));
 	sqe->flags |= IOSQE_FIXED_FILE;
-	io_uring_sqe_set_data64(sqe, t->tag);
+	devio_ring_sqe_owner(sqe, t);
 	q->cmds_out++;
 	return 0;
-}
-
-static void arm_eventfd(struct ublk_queue *q)
-{
-	struct io_uring_sqe *sqe = get_sqe(q);
-
-	if (!sqe)
-		return;
-	io_uring_prep_read(sqe, q->efd, &q->efd_val, sizeof(q->efd_val), 0);
-	io_uring_sqe_set_data64(sqe, EVENTFD_TAG);
-}
-
-/* Backend completion: hand the request back to its queue thread. */
-static void tag_complete(struct devio_request *req)
-{
-	struct ublk_tag *t = req->opaque;
-	struct ublk_queue *q = t->q;
-	struct devio_request *old;
-
-	if (pthread_equal(pthread_self(), q->self)) {
-		req->next = q->done_local;
-		q->done_local = req;
-		return;
-	}
-	old = atomic_load_explicit(&q->done_remote, memory_order_relaxed);
-	do
-		req->next = old;
-	while (!atomic_compare_exchange_weak_explicit(&q->done_remote, &old, req,
-						      memory_order_release, memory_order_relaxed));
-	if (!old) {
-		uint64_t one = 1;
-		if (write(q->efd, &one, sizeof(one)) < 0)
-			devio_warn("ublk: queue %u: eventfd: %s", q->qid, strerror(errno));
-	}
 }
 
 /* Commit one finished request and fetch the tag's next one. */
@@ -462,7 +403,6 @@ static void commit_tag(struct ublk_queue *q, struct ublk_tag *t)
 	struct devio_request *req = &t->req;
 	int res = req->result;
 
-	q->in_backend--;
 	if (res == 0 && (req->op == DEVIO_OP_READ || req->op == DEVIO_OP_WRITE))
 		res = (int)req->length;
 	if (res > 0 && req->op == DEVIO_OP_READ && q->dev->user_copy) {
@@ -490,23 +430,10 @@ static void commit_tag(struct ublk_queue *q, struct ublk_tag *t)
 		devio_err("ublk: %s: queue %u tag %u: no SQE for the commit", q->dev->bdev, q->qid, t->tag);
 }
 
-static unsigned drain_completions(struct ublk_queue *q)
+/* A request the backend finished (owner->done). */
+static void queue_done(struct devio_ring *r, void *ctx, struct devio_request *req)
 {
-	struct devio_request *req, *next;
-	unsigned n = 0;
-
-	req = atomic_exchange_explicit(&q->done_remote, NULL, memory_order_acquire);
-	for (; req; req = next, n++) {
-		next = req->next;
-		commit_tag(q, req->opaque);
-	}
-	req = q->done_local;
-	q->done_local = NULL;
-	for (; req; req = next, n++) {
-		next = req->next;
-		commit_tag(q, req->opaque);
-	}
-	return n;
+	commit_tag(ctx, req->opaque);
 }
 
 /* A fetched request: check the descriptor and start it. */
@@ -518,7 +445,6 @@ static void start_request(struct ublk_queue *q, struct ublk_tag *t)
 	int r;
 
 	memcpy(&desc, (const void *)&q->descs[t->tag], sizeof(desc)); /* read once */
-	q->in_backend++;
 	req->result = 0;
 	req->buf = t->buf;
 	r = devio_ublk_decode(desc.op_flags, desc.nr_sectors, desc.start_sector, d->dev_sectors,
@@ -540,70 +466,40 @@ static void start_request(struct ublk_queue *q, struct ublk_tag *t)
 			goto fail;
 		}
 	}
-	if (d->workers)
-		devio_workers_submit(d->workers, d->b, req);
-	else
-		devio_submit(d->b, req);
+	devio_ring_submit(q->ring, d->b, req);
 	return;
 fail:
 	req->result = r;
-	req->next = q->done_local;
-	q->done_local = req;
+	commit_tag(q, t);
 }
 
-static void handle_cqe(struct ublk_queue *q, const struct io_uring_cqe *cqe)
+/* The CQE of a tag's FETCH or COMMIT_AND_FETCH (owner->cqe). */
+static void queue_cqe(struct devio_ring *r, void *ctx, void *data, int res)
 {
-	uint64_t ud = io_uring_cqe_get_data64(cqe);
-	struct ublk_tag *t;
+	struct ublk_queue *q = ctx;
+	struct ublk_tag *t = data;
 
-	if (ud == EVENTFD_TAG) {
-		if (!atomic_load(&q->dev->stopping) || q->cmds_out || q->in_backend)
-			arm_eventfd(q);
-		return;
-	}
-	if (ud >= q->dev->depth)
-		return;
-	t = &q->tags[ud];
 	q->cmds_out--;
-	if (cqe->res == DEVIO_UBLK_IO_RES_OK) {
+	if (res == DEVIO_UBLK_IO_RES_OK) {
 		start_request(q, t);
 		return;
 	}
 	t->dead = true;
-	if (cqe->res != -ENODEV)
+	if (res != -ENODEV)
 		devio_err("ublk: %s: queue %u tag %u: fetch/commit failed: %s", q->dev->bdev, q->qid,
-			  t->tag, strerror(-cqe->res));
+			  t->tag, strerror(-res));
 }
 
-static void queue_loop(struct ublk_queue *q)
+/* Done when the driver holds no command of ours, or, stopping, once the
+ * grace after STOP_DEV is over (closing the ring cancels the rest); the
+ * ring module waits for the requests still with the backend. */
+static bool queue_finished(struct devio_ring *r, void *ctx)
 {
-	struct ublk_dev *d = q->dev;
+	struct ublk_queue *q = ctx;
 
-	while (q->cmds_out || q->in_backend) {
-		struct __kernel_timespec ts = { 0, 100 * 1000 * 1000 };
-		struct io_uring_cqe *cqe;
-		unsigned head, n = 0;
-		bool stopping = atomic_load(&d->stopping);
-		int r;
-
-		if (stopping && !q->in_backend && devio_now_ns() >= atomic_load(&d->stop_deadline))
-			break; /* the driver did not abort our commands: closing the ring will */
-		atomic_fetch_add_explicit(&q->enters, 1, memory_order_relaxed);
-		r = stopping ? io_uring_submit_and_wait_timeout(&q->ring, &cqe, 1, &ts, NULL)
-			     : io_uring_submit_and_wait(&q->ring, 1);
-		if (r < 0 && r != -EINTR && r != -ETIME && r != -EAGAIN && r != -EBUSY) {
-			devio_err("ublk: %s: queue %u: io_uring_enter: %s", d->bdev, q->qid, strerror(-r));
-			break;
-		}
-		io_uring_for_each_cqe(&q->ring, head, cqe) {
-			handle_cqe(q, cqe);
-			n++;
-		}
-		io_uring_cq_advance(&q->ring, n);
-		n = drain_completions(q);
-		if (n > atomic_load_explicit(&q->batches_max, memory_order_relaxed))
-			atomic_store_explicit(&q->batches_max, n, memory_order_relaxed);
-	}
+	if (!q->cmds_out)
+		return true;
+	return atomic_load(&q->dev->stopping) && devio_now_ns() >= atomic_load(&q->dev->stop_deadline);
 }
 
 static size_t round_up_sz(size_t v, size_t align)
@@ -611,8 +507,11 @@ static size_t round_up_sz(size_t v, size_t align)
 	return (v + align - 1) / align * align;
 }
 
-static int queue_setup(struct ublk_queue *q)
+/* On the queue thread: the descriptors, /dev/ublkcN as fixed file 0, a
+ * FETCH_REQ for every tag. */
+static int queue_setup(struct devio_ring *ring, void *ctx)
 {
+	struct ublk_queue *q = ctx;
 	struct ublk_dev *d = q->dev;
 	size_t page = (size_t)sysconf(_SC_PAGESIZE);
 	/* each queue's array starts at qid * the size of the largest one */
@@ -620,6 +519,7 @@ static int queue_setup(struct ublk_queue *q)
 	void *p;
 	int r;
 
+	q->ring = ring;
 	q->descs_len = round_up_sz(d->depth * sizeof(struct devio_ublk_io_desc), page);
 	p = mmap(NULL, q->descs_len, PROT_READ, MAP_SHARED | MAP_POPULATE, d->cdev_fd,
 		 (off_t)(DEVIO_UBLKSRV_CMD_BUF_OFFSET + q->qid * max_len));
@@ -629,13 +529,7 @@ static int queue_setup(struct ublk_queue *q)
 		return r;
 	}
 	q->descs = p;
-	r = io_uring_queue_init(d->depth + 2, &q->ring, IORING_SETUP_SQE128);
-	if (r < 0) {
-		devio_err("ublk: queue %u: io_uring: %s", q->qid, strerror(-r));
-		return r;
-	}
-	q->ring_ok = true;
-	r = io_uring_register_files(&q->ring, &d->cdev_fd, 1);
+	r = io_uring_register_files(devio_ring_uring(ring), &d->cdev_fd, 1);
 	if (r < 0) {
 		devio_err("ublk: queue %u: registering %s: %s", q->qid, d->cdev, strerror(-r));
 		return r;
@@ -645,46 +539,21 @@ static int queue_setup(struct ublk_queue *q)
 		if (r)
 			return r;
 	}
-	arm_eventfd(q);
-	r = io_uring_submit(&q->ring);
+	r = io_uring_submit(devio_ring_uring(ring));
 	return r < 0 ? r : 0;
 }
 
-static void *queue_main(void *arg)
-{
-	struct ublk_queue *q = arg;
-	struct ublk_dev *d = q->dev;
-	int r;
-
-	sigset_t block;
-
-	/* signals are for the main thread, which stops the device */
-	sigemptyset(&block);
-	sigaddset(&block, SIGINT);
-	sigaddset(&block, SIGTERM);
-	sigaddset(&block, SIGHUP);
-	pthread_sigmask(SIG_BLOCK, &block, NULL);
-	q->self = pthread_self();
-	r = queue_setup(q);
-	pthread_mutex_lock(&d->lock);
-	if (r)
-		d->failed++;
-	else
-		d->ready++;
-	pthread_cond_broadcast(&d->cond);
-	pthread_mutex_unlock(&d->lock);
-	if (!r)
-		queue_loop(q);
-	return NULL;
-}
+static const struct devio_ring_owner queue_owner = {
+	.setup = queue_setup,
+	.cqe = queue_cqe,
+	.done = queue_done,
+	.finished = queue_finished,
+};
 
 static int queue_alloc(struct ublk_queue *q)
 {
 	struct ublk_dev *d = q->dev;
 
-	q->efd = eventfd(0, EFD_CLOEXEC);
-	if (q->efd < 0)
-		return -errno;
 	q->tags = calloc(d->depth, sizeof(*q->tags));
 	if (!q->tags)
 		return -ENOMEM;
@@ -695,74 +564,78 @@ static int queue_alloc(struct ublk_queue *q)
 			return -ENOMEM;
 		t->q = q;
 		t->tag = (uint16_t)i;
-		t->req.complete = tag_complete;
 		t->req.opaque = t;
 	}
 	return 0;
 }
 
+/* After the ring is gone (its thread joined, its commands cancelled). */
 static void queue_free(struct ublk_queue *q)
 {
-	if (q->ring_ok)
-		io_uring_queue_exit(&q->ring);
 	if (q->descs)
 		munmap((void *)q->descs, q->descs_len);
 	if (q->tags)
 		for (unsigned i = 0; i < q->dev->depth; i++)
 			free(q->tags[i].buf);
 	free(q->tags);
-	if (q->efd >= 0)
-		close(q->efd);
 }
 
-/* Pin queue q's thread to the CPUs whose requests the driver sends it. */
-static void queue_affinity(struct ublk_dev *d, struct ublk_queue *q)
+/* The CPUs whose requests the driver sends to queue q, for its thread;
+ * false if the driver does not say. */
+static bool queue_affinity(struct ublk_dev *d, struct ublk_queue *q, cpu_set_t *set)
 {
 	struct devio_ublk_ctrl_cmd cmd = { .dev_id = d->info.dev_id, .queue_id = (uint16_t)q->qid };
-	cpu_set_t set;
 	int r;
 
-	CPU_ZERO(&set);
-	cmd.addr = (uintptr_t)&set;
-	cmd.len = sizeof(set);
+	CPU_ZERO(set);
+	cmd.addr = (uintptr_t)set;
+	cmd.len = sizeof(*set);
 	r = ctrl_cmd(d, DEVIO_UBLK_CMD_GET_QUEUE_AFFINITY, &cmd);
-	if (r < 0 || CPU_COUNT(&set) == 0) {
+	if (r < 0 || CPU_COUNT(set) == 0) {
 		devio_debug("ublk: %s: queue %u: no affinity: %s", d->bdev, q->qid, strerror(r < 0 ? -r : 0));
-		return;
+		return false;
 	}
-	pthread_setaffinity_np(q->thread, sizeof(set), &set);
+	return true;
+}
+
+static int start_queue(struct ublk_dev *d, struct ublk_queue *q)
+{
+	char name[64];
+	cpu_set_t cpus;
+	struct devio_ring_params p = {
+		.name = name,
+		.entries = d->depth * 2 + 2, /* commands, the backend's I/O, the inbox */
+		.flags = IORING_SETUP_SQE128,
+		.workers = d->workers,
+		.owner = &queue_owner,
+		.ctx = q,
+	};
+	int r = queue_alloc(q);
+
+	if (r)
+		return r;
+	snprintf(name, sizeof(name), "ublk: %s: queue %u", d->bdev, q->qid);
+	if (queue_affinity(d, q, &cpus))
+		p.cpus = &cpus;
+	return devio_ring_start(&p, &q->ring);
 }
 
 static int start_queues(struct ublk_dev *d)
 {
-	int r;
-
 	d->queues = calloc(d->nr_queues, sizeof(*d->queues));
 	if (!d->queues)
 		return -ENOMEM;
 	for (unsigned i = 0; i < d->nr_queues; i++) {
 		d->queues[i].dev = d;
 		d->queues[i].qid = i;
-		d->queues[i].efd = -1;
 	}
 	for (unsigned i = 0; i < d->nr_queues; i++) {
-		struct ublk_queue *q = &d->queues[i];
+		int r = start_queue(d, &d->queues[i]);
 
-		r = queue_alloc(q);
 		if (r)
 			return r;
-		r = pthread_create(&q->thread, NULL, queue_main, q);
-		if (r)
-			return -r;
-		q->thread_started = true;
-		queue_affinity(d, q);
 	}
-	pthread_mutex_lock(&d->lock);
-	while (d->ready + d->failed < d->nr_queues)
-		pthread_cond_wait(&d->cond, &d->lock);
-	r = d->failed ? -EIO : 0;
-	pthread_mutex_unlock(&d->lock);
-	return r;
+	return 0;
 }
 
 /* ---- the front end ---- */
@@ -850,8 +723,6 @@ static int start(struct devio_server *srv, const char *arg, const void *opts, vo
 		return -ENOMEM;
 	d->ctrl_fd = d->cdev_fd = -1;
 	d->b = srv->exports[0].backend;
-	pthread_mutex_init(&d->lock, NULL);
-	pthread_cond_init(&d->cond, NULL);
 	r = parse_arg(d, arg, &want_id, &copy, &legacy);
 	if (r) {
 		devio_err("ublk: bad argument '%s' (want [ID][,user-copy|,kernel-copy][,legacy-opcodes])", arg);
@@ -911,12 +782,14 @@ static void print_counters(struct ublk_dev *d, FILE *out)
 {
 	for (unsigned i = 0; d->queues && i < d->nr_queues; i++) {
 		struct ublk_queue *q = &d->queues[i];
-		uint64_t served = atomic_load(&q->served), enters = atomic_load(&q->enters);
+		struct devio_ring_stats st = q->final;
 
-		fprintf(out, "ublk %s queue %u served %llu io_uring_enter %llu copy_syscalls %llu max_batch %llu errors %llu\n",
-			d->bdev, i, (unsigned long long)served, (unsigned long long)enters,
-			(unsigned long long)atomic_load(&q->copies), (unsigned long long)atomic_load(&q->batches_max),
-			(unsigned long long)atomic_load(&q->errors));
+		if (q->ring)
+			devio_ring_get_stats(q->ring, &st);
+		fprintf(out, "ublk %s queue %u served %llu io_uring_enter %llu copy_syscalls %llu max_batch %llu errors %llu backend_ios_on_ring %llu\n",
+			d->bdev, i, (unsigned long long)atomic_load(&q->served), (unsigned long long)st.enters,
+			(unsigned long long)atomic_load(&q->copies), (unsigned long long)st.max_batch,
+			(unsigned long long)atomic_load(&q->errors), (unsigned long long)st.ring_ios);
 	}
 }
 
@@ -933,6 +806,8 @@ static void teardown(struct ublk_dev *d)
 
 	atomic_store(&d->stop_deadline, UINT64_MAX);
 	atomic_store(&d->stopping, true);
+	for (unsigned i = 0; d->queues && i < d->nr_queues; i++)
+		devio_ring_stop(d->queues[i].ring);
 	if (d->added && d->ctrl_ring_ok) {
 		r = simple_cmd(d, DEVIO_UBLK_CMD_STOP_DEV, 0);
 		if (r < 0 && d->started)
@@ -941,16 +816,15 @@ static void teardown(struct ublk_dev *d)
 			    (unsigned long long)(devio_now_ns() - t0) / 1000000);
 	}
 	atomic_store(&d->stop_deadline, r < 0 && d->started ? devio_now_ns() + STOP_GRACE_NS : devio_now_ns());
+	for (unsigned i = 0; d->queues && i < d->nr_queues; i++)
+		if (d->queues[i].ring)
+			devio_ring_wake(d->queues[i].ring);
 	for (unsigned i = 0; d->queues && i < d->nr_queues; i++) {
 		struct ublk_queue *q = &d->queues[i];
-		uint64_t one = 1;
 
-		if (q->efd >= 0 && write(q->efd, &one, sizeof(one)) < 0)
-			devio_warn("ublk: queue %u: eventfd: %s", i, strerror(errno));
+		devio_ring_free(q->ring, &q->final); /* joins the thread, cancels what the driver still holds */
+		q->ring = NULL;
 	}
-	for (unsigned i = 0; d->queues && i < d->nr_queues; i++)
-		if (d->queues[i].thread_started)
-			pthread_join(d->queues[i].thread, NULL);
 	devio_workers_free(d->workers); /* idle: each queue waited for its requests */
 	if (d->started) {
 		FILE *mem;
@@ -976,8 +850,6 @@ static void teardown(struct ublk_dev *d)
 			devio_err("ublk: %s: DEL_DEV: %s", d->bdev, strerror(-r));
 	}
 	ctrl_close(d);
-	pthread_cond_destroy(&d->cond);
-	pthread_mutex_destroy(&d->lock);
 	free(d);
 }
 

@@ -10,6 +10,7 @@
 #include <string.h>
 #include "devio/backend.h"
 #include "devio/request.h"
+#include "devio/ring.h"
 #include "devio/workers.h"
 
 const char *devio_op_name(enum devio_op op)
@@ -178,6 +179,37 @@ static int run_sync(struct devio_backend *b, struct devio_request *req)
 	return r;
 }
 
+/* May req's I/O go on the caller's ring (req->ring)?  Only on the ring's
+ * own thread (its SQEs are that thread's; a worker of the pool has no
+ * ring), only for what the backend finishes alone: a READ or WRITE of some
+ * bytes (FUA only where pwrite honours it: the core's FUA is a flush
+ * after) or a FLUSH.  TRIM, ZERO and CACHE take the usual way. */
+static bool ring_eligible(const struct devio_backend *b, const struct devio_request *req)
+{
+	if (!req->ring || !b->ops->ring_submit || !b->ops->ring_cqe || !devio_ring_is_current(req->ring))
+		return false;
+	if (req->op == DEVIO_OP_FLUSH)
+		return true;
+	if (req->op != DEVIO_OP_READ && req->op != DEVIO_OP_WRITE)
+		return false;
+	if (req->length == 0)
+		return false;
+	return !(req->op == DEVIO_OP_WRITE && (req->flags & DEVIO_REQ_FUA) && !(b->caps & DEVIO_CAP_PWRITE_FUA));
+}
+
+/* The backend's asynchronous paths: the caller's ring, then its own.  0 if
+ * one took req, -EAGAIN if both declined, or the error to complete it with. */
+static int submit_async(struct devio_backend *b, struct devio_request *req)
+{
+	int r = -EAGAIN;
+
+	if (ring_eligible(b, req))
+		r = b->ops->ring_submit(b, req, req->ring);
+	if ((r == -EAGAIN || r == -EOPNOTSUPP) && b->ops->submit)
+		r = b->ops->submit(b, req);
+	return r == -EOPNOTSUPP ? -EAGAIN : r;
+}
+
 void devio_submit(struct devio_backend *b, struct devio_request *req)
 {
 	int r;
@@ -185,12 +217,12 @@ void devio_submit(struct devio_backend *b, struct devio_request *req)
 	req->backend = b;
 	r = devio_request_check(b, req);
 	if (!r)
-		b = descend(b, req);
-	if (!r && b->ops->submit && req->kind == DEVIO_BUF_MEM) {
-		r = b->ops->submit(b, req);
+		b = descend(b, req); /* through the layers that only remap, to the store */
+	if (!r && req->kind == DEVIO_BUF_MEM) {
+		r = submit_async(b, req);
 		if (r == 0)
 			return; /* complete() will be called by the backend */
-		if (r != -EAGAIN && r != -EOPNOTSUPP)
+		if (r != -EAGAIN)
 			goto done;
 		r = 0; /* the backend declined: run it synchronously */
 	}

@@ -55,6 +55,7 @@ extern "C" {
 typedef int (*devio_extent_fn)(void *ctx, uint64_t offset, uint64_t length, uint32_t flags);
 
 struct devio_backend;
+struct devio_ring;
 
 struct devio_backend_ops {
 	const char *name;
@@ -101,6 +102,19 @@ struct devio_backend_ops {
 	/* One-line human description for `devio status` and logs (optional). */
 	void (*describe)(struct devio_backend *b, char *out, size_t outlen);
 	void (*close)(struct devio_backend *b);
+	/* Optional, for a backend with an io_uring path: put req's I/O on
+	 * the caller's io_uring (a FUSE or ublk queue, ring.h) instead of its
+	 * own, so that the completion arrives on the thread that waits there
+	 * anyway: one ring, no hand-off.  SQEs from devio_ring_get_sqe(ring),
+	 * tagged with devio_ring_sqe_request(sqe, req).  The core calls it on
+	 * the ring's thread only, for READ and WRITE of at least one byte
+	 * (FUA only with DEVIO_CAP_PWRITE_FUA) and FLUSH.  Returns 0 if it
+	 * finished or queued req, -EAGAIN to decline (the core goes on with
+	 * submit), or another negative errno to fail it. */
+	int (*ring_submit)(struct devio_backend *b, struct devio_request *req, struct devio_ring *ring);
+	/* With ring_submit: the CQE of one of its SQEs, on the ring's thread
+	 * (req->ring): complete req, or queue the rest on req->ring. */
+	void (*ring_cqe)(struct devio_backend *b, struct devio_request *req, int res);
 };
 
 /* How the synchronous callbacks behave, for the core's policy of where

@@ -33,6 +33,7 @@ extern "C" {
 #endif
 
 struct devio_backend;
+struct devio_ring;
 
 enum devio_op {
 	DEVIO_OP_READ = 0,
@@ -86,6 +87,11 @@ struct devio_request {
 	struct devio_backend *backend; /* set by devio_submit() */
 	struct devio_request *next;    /* free for queues: the core and backends use it while the request is theirs */
 	uint64_t priv[2];       /* for the backend while the request is in flight */
+	/* The caller's queue ring (ring.h; set by devio_ring_submit), or
+	 * NULL: devio_submit() may put the I/O there (backend.h ring_submit).
+	 * A layer forwards it by copying it into its request to the lower
+	 * backend, or declines by leaving that NULL. */
+	struct devio_ring *ring;
 };
 
 /* Check the request against the backend (op supported, read-only,

@@ -4,6 +4,7 @@ checked on it, fio with verification, discard reaching the backend, backend
 errors, kill -9 and clean shutdown.  Every test runs over both transports:
 FUSE over io_uring and plain /dev/fuse."""
 import hashlib
+import mmap
 import os
 import re
 import shutil
@@ -390,6 +391,79 @@ def test_stop_with_file_held_open(serve, scratch, transport):
         except OSError:
             pass  # FLUSH on a dead connection: ENOTCONN
     assert not is_mounted(os.path.join(scratch.dir, "mnt"))
+
+
+def ext4_dir(scratch, mb=128):
+    """An ext4 file system (an image mounted with -o loop, detached again
+    on unmount) in the scratch dir: a store where io_uring reads the page
+    cache without a worker thread (RWF_NOWAIT), unlike tmpfs."""
+    img = scratch.path("ext4.img")
+    with open(img, "wb") as f:
+        f.truncate(mb * MiB)
+    run("mkfs.ext4", "-q", "-F", img)
+    d = scratch.mkdir("ext4")
+    run("mount", "-o", "loop", img, d)
+    return d
+
+
+def drop_file_cache(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_file_reads_on_the_queue_ring(serve, scratch, transport):
+    """An image on ext4, its page cache dropped: over io_uring the file
+    backend's reads that miss the cache (and the flushes) go on the FUSE
+    queue's own ring, not through the backend's ring and a second wake-up;
+    the loop device is read with O_DIRECT (no FUSE page cache in between),
+    sequentially and at scattered 4 KiB offsets, and every byte must be the
+    image's; then a write + fsync and the same read again."""
+    img = os.path.join(ext4_dir(scratch), "disk.raw")
+    data = os.urandom(48 * MiB)
+    with open(img, "wb") as f:
+        f.write(data)
+    drop_file_cache(img)
+    s, _, dev = start_fuse(serve, scratch, img, transport)
+    got = scratch.path("got.raw")
+    run("dd", f"if={dev}", f"of={got}", "bs=1M", "iflag=direct", timeout=120)
+    with open(got, "rb") as f:
+        assert f.read() == data
+    drop_file_cache(img)
+    # 4 KiB reads at scattered offsets, each compared with the image
+    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 4096)
+        for i in range(512):
+            off = (i * 7919 % (48 * 256)) * 4096
+            assert os.preadv(fd, [buf], off) == 4096
+            assert buf[:] == data[off:off + 4096], off
+    finally:
+        os.close(fd)
+    patch = os.urandom(4 * MiB)
+    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, len(patch))
+        buf.write(patch)
+        assert os.pwritev(fd, [buf], 5 * MiB) == len(patch)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    drop_file_cache(img)
+    run("dd", f"if={dev}", f"of={got}", "bs=1M", "iflag=direct", timeout=120)
+    want = data[:5 * MiB] + patch + data[9 * MiB:]
+    with open(got, "rb") as f:
+        assert f.read() == want
+    stop_and_check_gone(s, scratch, dev, transport)
+    m = re.search(r"(\d+) backend I/Os on the queue rings", s.stderr())
+    assert m, s.stderr()
+    on_ring = int(m.group(1))
+    assert on_ring > 0 if transport == "uring" else on_ring == 0, m.group(0)
+    with open(img, "rb") as f:
+        assert f.read() == want
 
 
 def test_forced_uring_enables_the_module_parameter(serve, scratch):

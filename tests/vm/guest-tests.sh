@@ -21,6 +21,46 @@ else
 fi
 rm -f /tmp/u.img
 
+# ublk over an image on ext4, whose page cache io_uring reads without a
+# worker (on tmpfs the backend reads synchronously): with the cache
+# dropped, the file backend's reads go on the queue's own ring (one ring,
+# no hand-off), counted as backend_ios_on_ring in the exit summary; the
+# bytes read with O_DIRECT are the image's, and so are those written.
+t=ublk-file-on-ring
+truncate -s 96M /tmp/e.img
+EL=$(/usr/bin/losetup -f --show /tmp/e.img 2>/dev/null)
+mkdir -p /tmp/e
+if [ -n "$EL" ] && mkfs.ext4 -q -F "$EL" >/dev/null 2>&1 && mount -t ext4 "$EL" /tmp/e; then
+  dd if=/dev/urandom of=/tmp/e/img bs=1M count=32 2>/dev/null
+  dd if=/dev/urandom of=/tmp/e.patch bs=1M count=4 2>/dev/null
+  sync; echo 3 >/proc/sys/vm/drop_caches
+  if start_ublk /tmp/e.log /tmp/e/img --ublk --queues 2; then
+    r=
+    want=$(sha256sum </tmp/e/img | cut -d' ' -f1)
+    echo 3 >/proc/sys/vm/drop_caches
+    got=$(/usr/bin/dd if="$DEV" bs=1M iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+    [ "$got" = "$want" ] || r="direct read differs"
+    /usr/bin/dd if=/tmp/e.patch of="$DEV" bs=1M seek=3 oflag=direct conv=fsync 2>/dev/null || r=${r:-"direct write failed"}
+    echo 3 >/proc/sys/vm/drop_caches
+    got=$(/usr/bin/dd if="$DEV" bs=1M skip=3 count=4 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+    [ "$got" = "$(sha256sum </tmp/e.patch | cut -d' ' -f1)" ] || r=${r:-"written bytes differ"}
+    stop_server TERM
+    n=$(sed -n 's/.*backend_ios_on_ring \([0-9]*\).*/\1/p' /tmp/e.log | awk '{s += $1} END {print s + 0}')
+    if [ -n "$r" ]; then fail $t "$r"
+    elif [ "$SRV_RC" != 0 ]; then fail $t "server exit $SRV_RC"
+    elif [ "$n" -eq 0 ]; then fail $t "no backend I/O went on the queue rings"
+    else pass $t; fi
+    info "$t: $n backend I/Os on the queue rings"
+  else
+    fail $t "server did not start"; stop_server KILL
+  fi
+  umount /tmp/e
+else
+  fail $t "no ext4 on a loop device"
+fi
+[ -n "$EL" ] && /usr/bin/losetup -d "$EL"
+rm -f /tmp/e.img /tmp/e.patch
+
 # ublk over ram:, the driver copying into our buffers (classic mode).
 t=ublk-ram-fs
 if start_ublk /tmp/r.log ram:64M --ublk=kernel-copy --queues 2; then
