@@ -811,6 +811,10 @@ int devio_file_open(const char *path, const struct devio_open_opts *opts, struct
 	f->b.priv = f;
 	f->b.caps = DEVIO_CAP_FLUSH | DEVIO_CAP_FUA | DEVIO_CAP_ZERO | DEVIO_CAP_EXTENTS |
 		    DEVIO_CAP_MULTI_CONN | DEVIO_CAP_CACHE | DEVIO_CAP_PWRITE_FUA /* RWF_DSYNC */;
+	/* An image format appends clusters or blocks: only a whole regular
+	 * file can grow (not a device, a window, or O_DIRECT's fixed tail). */
+	if (!f->readonly && !f->is_blk && !f->direct && !opts->has_offset && !opts->has_size && !opts->partition)
+		f->b.caps |= DEVIO_CAP_GROWS;
 	if (f->readonly)
 		f->b.caps |= DEVIO_CAP_READONLY;
 	else if (probe_punch(f, image_size))

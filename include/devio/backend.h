@@ -37,6 +37,7 @@ extern "C" {
 #define DEVIO_CAP_SPLICE_WRITE (1u << 9) /* splice_write works here (not advertised to clients) */
 #define DEVIO_CAP_SPLICE_READ  (1u << 10) /* splice_read works here (not advertised to clients) */
 #define DEVIO_CAP_PWRITE_FUA   (1u << 11) /* pwrite honours DEVIO_REQ_FUA itself: the core adds no flush */
+#define DEVIO_CAP_GROWS        (1u << 12) /* a layer may raise size and write past the old end (a whole regular file; not advertised) */
 
 /* Extent flags, as NBD's base:allocation defines them. */
 #define DEVIO_EXTENT_HOLE (1u << 0) /* not allocated */
