@@ -1212,7 +1212,8 @@ static void qc_close(struct devio_backend *b)
 {
 	struct qcow2 *q = to_qc(b);
 
-	if (!q->readonly && qc_flush(b))
+	/* the second write-back stores the decrements the first one applied */
+	if (!q->readonly && (qc_flush(b) || qc_meta_flush(q, true)))
 		devio_err("%s: qcow2: metadata not fully written at close (leaked clusters possible)", q->name);
 	qc_free(q);
 }
