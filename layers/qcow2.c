@@ -3,9 +3,10 @@
  *
  * A guest offset maps through the L1 table (in memory) and an L2 table (a
  * bounded cache) to a host cluster; refcount blocks (a second bounded
- * cache) count the references of every host cluster.  Reads of allocated
- * clusters take the lock only to look the mapping up; the data moves
- * outside it.  Allocation and table updates run under the lock.
+ * cache) count the references of every host cluster.  Reads, and writes
+ * into clusters already ours, take the metadata lock shared, only to look
+ * a cached mapping up; the data moves outside it.  Loading a table,
+ * allocation and table updates take it exclusively.
  *
  * Crash consistency (what `qemu-img check` must find after a kill -9 or a
  * power cut at any moment: leaks allowed, nothing else):
@@ -63,7 +64,6 @@
 #define QC_MAX_CHAIN 16
 #define QC_CACHE_BYTES (32u << 20)  /* per cache */
 #define QC_MIN_SLOTS 16u
-#define QC_RUN_MAX (4u << 20)       /* bytes one read run covers at most */
 
 enum qc_kind { QC_UNALLOC, QC_ZEROES, QC_DATA, QC_COMPRESSED };
 
@@ -109,10 +109,11 @@ struct qcow2 {
 	uint64_t file_end;  /* cluster-aligned end of the image: new clusters go here */
 	uint64_t free_hint; /* first cluster that may be free */
 	struct qc_cache l2c, rbc;
-	pthread_mutex_t lock;
-	pthread_cond_t cond;
+	pthread_rwlock_t meta;  /* shared: lookups of cached tables; exclusive: everything else */
 	pthread_rwlock_t reuse; /* shared: a request using mappings; exclusive: freeing */
-	uint64_t *busy;         /* guest clusters being allocated */
+	pthread_mutex_t busy_lock;
+	pthread_cond_t busy_cond;
+	uint64_t *busy;         /* guest clusters being allocated (busy_lock) */
 	size_t nbusy, busy_cap;
 	struct qc_range *frees; /* references gone, refcounts not yet decremented */
 	size_t nfrees, frees_cap;
@@ -693,19 +694,32 @@ static int qc_decode(struct qcow2 *q, uint64_t e, uint64_t gc, uint64_t l2off, s
 	return 0;
 }
 
-/* Under the lock: the mapping of guest cluster gc. */
-static int qc_lookup(struct qcow2 *q, uint64_t gc, struct qc_map *m)
+/* Under the lock: the mapping of guest cluster gc.  shared (the lock
+ * held shared): only from a cached table, -EAGAIN if it is not. */
+static int qc_lookup_mode(struct qcow2 *q, uint64_t gc, bool shared, struct qc_map *m)
 {
+	uint64_t i = gc >> q->l2_bits;
 	struct qc_slot *s;
-	int r = qc_l2_get(q, gc, false, &s);
+	int r;
 
-	if (r)
-		return r;
-	if (!s) {
+	if (!q->l1[i]) {
 		memset(m, 0, sizeof(*m));
 		return 0;
 	}
+	if (shared) {
+		if (!q->l2c.index[i])
+			return -EAGAIN;
+		s = &q->l2c.slot[q->l2c.index[i] - 1];
+		__atomic_store_n(&s->ref, true, __ATOMIC_RELAXED);
+	} else if ((r = qc_l2_get(q, gc, false, &s))) {
+		return r;
+	}
 	return qc_decode(q, get64(s->data + (gc & (q->l2_entries - 1)) * 8), gc, s->off, m);
+}
+
+static int qc_lookup(struct qcow2 *q, uint64_t gc, struct qc_map *m)
+{
+	return qc_lookup_mode(q, gc, false, m);
 }
 
 /* Under the lock: set guest cluster gc's entry (its L2 table exists). */
@@ -770,6 +784,7 @@ static int qc_free_apply(struct qcow2 *q, const struct qc_range *rg, size_t n)
 
 /* ---- guest clusters being allocated ---- */
 
+/* Under busy_lock. */
 static bool qc_is_busy(struct qcow2 *q, uint64_t gc)
 {
 	for (size_t i = 0; i < q->nbusy; i++)
@@ -778,35 +793,59 @@ static bool qc_is_busy(struct qcow2 *q, uint64_t gc)
 	return false;
 }
 
-static void qc_wait_idle(struct qcow2 *q, uint64_t gc)
+/* Take the lock exclusively with guest cluster gc not being allocated by
+ * another request (waiting for it without the lock). */
+static void qc_lock_idle(struct qcow2 *q, uint64_t gc)
 {
-	while (qc_is_busy(q, gc))
-		pthread_cond_wait(&q->cond, &q->lock);
+	for (;;) {
+		bool busy;
+
+		pthread_rwlock_wrlock(&q->meta);
+		pthread_mutex_lock(&q->busy_lock);
+		busy = qc_is_busy(q, gc);
+		pthread_mutex_unlock(&q->busy_lock);
+		if (!busy)
+			return;
+		pthread_rwlock_unlock(&q->meta);
+		pthread_mutex_lock(&q->busy_lock);
+		while (qc_is_busy(q, gc))
+			pthread_cond_wait(&q->busy_cond, &q->busy_lock);
+		pthread_mutex_unlock(&q->busy_lock);
+	}
 }
 
 static int qc_busy_add(struct qcow2 *q, uint64_t gc)
 {
+	int r = 0;
+
+	pthread_mutex_lock(&q->busy_lock);
 	if (q->nbusy == q->busy_cap) {
 		size_t cap = q->busy_cap ? q->busy_cap * 2 : 16;
 		uint64_t *n = realloc(q->busy, cap * sizeof(*n));
 
-		if (!n)
-			return -ENOMEM;
-		q->busy = n;
-		q->busy_cap = cap;
+		if (n) {
+			q->busy = n;
+			q->busy_cap = cap;
+		}
 	}
-	q->busy[q->nbusy++] = gc;
-	return 0;
+	if (q->nbusy < q->busy_cap)
+		q->busy[q->nbusy++] = gc;
+	else
+		r = -ENOMEM;
+	pthread_mutex_unlock(&q->busy_lock);
+	return r;
 }
 
 static void qc_busy_del(struct qcow2 *q, uint64_t gc)
 {
+	pthread_mutex_lock(&q->busy_lock);
 	for (size_t i = 0; i < q->nbusy; i++)
 		if (q->busy[i] == gc) {
 			q->busy[i] = q->busy[--q->nbusy];
 			break;
 		}
-	pthread_cond_broadcast(&q->cond);
+	pthread_cond_broadcast(&q->busy_cond);
+	pthread_mutex_unlock(&q->busy_lock);
 }
 
 /* ---- reading ---- */
@@ -882,22 +921,46 @@ static int qc_read_run(struct qcow2 *q, const struct qc_map *m, void *buf, uint6
 
 /* Under the lock: the mapping at guest offset off and how many bytes
  * (up to len) the same run covers: contiguous data, or the same kind of
- * unallocated/zero clusters. */
-static int qc_map_run(struct qcow2 *q, uint64_t off, uint64_t len, struct qc_map *m, uint64_t *n)
+ * unallocated/zero clusters (a range without an L2 table in one step). */
+static int qc_map_run(struct qcow2 *q, uint64_t off, uint64_t len, bool shared, struct qc_map *m, uint64_t *n)
 {
-	uint64_t gc = off >> q->cluster_bits, done = q->cs - (off & (q->cs - 1));
-	int r = qc_lookup(q, gc, m);
+	uint64_t first = off >> q->cluster_bits, gc = first, done = q->cs - (off & (q->cs - 1));
+	int r = qc_lookup_mode(q, gc, shared, m);
 
-	while (!r && done < len && done < QC_RUN_MAX && m->kind != QC_COMPRESSED) {
+	while (!r && done < len && m->kind != QC_COMPRESSED) {
 		struct qc_map next;
-		uint64_t want = m->host + ((gc + 1 - (off >> q->cluster_bits)) << q->cluster_bits);
 
-		r = qc_lookup(q, ++gc, &next);
-		if (r || next.kind != m->kind || (m->kind == QC_DATA && next.host != want))
+		if (m->kind == QC_UNALLOC && !q->l1[(gc + 1) >> q->l2_bits]) {
+			uint64_t end = (((gc + 1) >> q->l2_bits) + 1) << q->l2_bits; /* past that table's range */
+
+			done += (end - gc - 1) << q->cluster_bits;
+			gc = end - 1;
+			continue;
+		}
+		if (qc_lookup_mode(q, gc + 1, shared, &next) || next.kind != m->kind || /* a bad entry: its own run says so */
+		    (m->kind == QC_DATA && next.host != m->host + ((gc + 1 - first) << q->cluster_bits)))
 			break;
+		gc++;
 		done += q->cs;
 	}
 	*n = done < len ? done : len;
+	return r;
+}
+
+/* The run at off: with the lock shared where the tables are cached (the
+ * common case: readers do not wait for each other), else exclusively. */
+static int qc_map(struct qcow2 *q, uint64_t off, uint64_t len, struct qc_map *m, uint64_t *n)
+{
+	int r;
+
+	pthread_rwlock_rdlock(&q->meta);
+	r = qc_map_run(q, off, len, true, m, n);
+	pthread_rwlock_unlock(&q->meta);
+	if (r != -EAGAIN)
+		return r;
+	pthread_rwlock_wrlock(&q->meta);
+	r = qc_map_run(q, off, len, false, m, n);
+	pthread_rwlock_unlock(&q->meta);
 	return r;
 }
 
@@ -912,9 +975,7 @@ static int qc_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t o
 		struct qc_map m;
 		uint64_t n;
 
-		pthread_mutex_lock(&q->lock);
-		r = qc_map_run(q, off, len, &m, &n);
-		pthread_mutex_unlock(&q->lock);
+		r = qc_map(q, off, len, &m, &n);
 		if (!r)
 			r = qc_read_run(q, &m, p, n, off);
 		p += n;
@@ -970,16 +1031,20 @@ static int qc_fill(struct qcow2 *q, const struct qc_map *m, uint64_t gc, const v
  * the cluster is ours, else into a newly allocated cluster. */
 static int qc_write_piece(struct qcow2 *q, const void *buf, uint64_t off, uint64_t n)
 {
-	uint64_t gc = off >> q->cluster_bits, in = off & (q->cs - 1), host = 0;
+	uint64_t gc = off >> q->cluster_bits, in = off & (q->cs - 1), host = 0, run;
 	struct qc_map m;
 	struct qc_slot *s;
 	int r;
 
-	pthread_mutex_lock(&q->lock);
-	qc_wait_idle(q, gc);
+	/* A cluster of ours (an allocation in progress never looks like one):
+	 * in place, the lock shared only for the lookup. */
+	r = qc_map(q, off, n, &m, &run);
+	if (!r && m.kind == QC_DATA && (m.entry & QC_COPIED))
+		return qc_data_write(q, buf, n, m.host + in);
+	qc_lock_idle(q, gc);
 	r = qc_lookup(q, gc, &m);
 	if (!r && m.kind == QC_DATA && (m.entry & QC_COPIED)) {
-		pthread_mutex_unlock(&q->lock);
+		pthread_rwlock_unlock(&q->meta);
 		return qc_data_write(q, buf, n, m.host + in);
 	}
 	if (!r)
@@ -988,11 +1053,11 @@ static int qc_write_piece(struct qcow2 *q, const void *buf, uint64_t off, uint64
 		r = qc_alloc(q, &host);
 	if (!r && (r = qc_busy_add(q, gc)))
 		qc_rc_add(q, host >> q->cluster_bits, -1);
-	pthread_mutex_unlock(&q->lock);
+	pthread_rwlock_unlock(&q->meta);
 	if (r)
 		return r;
 	r = qc_fill(q, &m, gc, buf, in, n, host);
-	pthread_mutex_lock(&q->lock);
+	pthread_rwlock_wrlock(&q->meta);
 	if (!r)
 		r = qc_set_entry(q, gc, host | QC_COPIED);
 	if (!r)
@@ -1000,7 +1065,7 @@ static int qc_write_piece(struct qcow2 *q, const void *buf, uint64_t off, uint64
 	else
 		qc_rc_add(q, host >> q->cluster_bits, -1); /* never referenced */
 	qc_busy_del(q, gc);
-	pthread_mutex_unlock(&q->lock);
+	pthread_rwlock_unlock(&q->meta);
 	return r;
 }
 
@@ -1055,8 +1120,7 @@ static int qc_drop_cluster(struct qcow2 *q, uint64_t gc)
 	struct qc_slot *s;
 	int r;
 
-	pthread_mutex_lock(&q->lock);
-	qc_wait_idle(q, gc);
+	qc_lock_idle(q, gc);
 	r = qc_lookup(q, gc, &m);
 	if (r || (m.kind == QC_UNALLOC && !e) || (m.kind == QC_ZEROES && !m.host))
 		goto out;
@@ -1068,7 +1132,7 @@ static int qc_drop_cluster(struct qcow2 *q, uint64_t gc)
 	if (!r && m.kind == QC_DATA && (m.entry & QC_COPIED) && (q->lower->caps & DEVIO_CAP_TRIM))
 		devio_layer_trim(q->lower, m.host, q->cs, 0); /* space back now; a failure only costs space */
 out:
-	pthread_mutex_unlock(&q->lock);
+	pthread_rwlock_unlock(&q->meta);
 	return r;
 }
 
@@ -1078,9 +1142,9 @@ static int qc_reads_zero(struct qcow2 *q, uint64_t gc, bool *zero)
 	struct qc_map m;
 	int r;
 
-	pthread_mutex_lock(&q->lock);
-	r = qc_lookup(q, gc, &m);
-	pthread_mutex_unlock(&q->lock);
+	uint64_t n;
+
+	r = qc_map(q, gc << q->cluster_bits, 1, &m, &n);
 	*zero = !r && (m.kind == QC_ZEROES || (m.kind == QC_UNALLOC && !q->backing));
 	return r;
 }
@@ -1130,7 +1194,7 @@ static int qc_flush(struct devio_backend *b)
 
 	if (q->readonly)
 		return 0;
-	pthread_mutex_lock(&q->lock);
+	pthread_rwlock_wrlock(&q->meta);
 	r = qc_meta_flush(q, true);
 	frees = q->frees;
 	n = r ? 0 : q->nfrees;
@@ -1138,15 +1202,15 @@ static int qc_flush(struct devio_backend *b)
 		q->frees = NULL;
 		q->nfrees = q->frees_cap = 0;
 	}
-	pthread_mutex_unlock(&q->lock);
+	pthread_rwlock_unlock(&q->meta);
 	if (!n)
 		return r;
 	/* The cleared entries are durable: give their clusters back once no
 	 * request can still be using the old mappings. */
 	pthread_rwlock_wrlock(&q->reuse);
-	pthread_mutex_lock(&q->lock);
+	pthread_rwlock_wrlock(&q->meta);
 	r = qc_free_apply(q, frees, n);
-	pthread_mutex_unlock(&q->lock);
+	pthread_rwlock_unlock(&q->meta);
 	pthread_rwlock_unlock(&q->reuse);
 	free(frees);
 	return r;
@@ -1164,9 +1228,7 @@ static int qc_extents(struct devio_backend *b, uint64_t off, uint64_t len, devio
 		uint64_t n;
 		uint32_t flags = 0;
 
-		pthread_mutex_lock(&q->lock);
-		r = qc_map_run(q, off, len, &m, &n);
-		pthread_mutex_unlock(&q->lock);
+		r = qc_map(q, off, len, &m, &n);
 		if (r)
 			break;
 		if (m.kind == QC_ZEROES)
@@ -1197,8 +1259,9 @@ static void qc_free(struct qcow2 *q)
 		devio_backend_close(q->backing);
 	qc_cache_free(&q->l2c);
 	qc_cache_free(&q->rbc);
-	pthread_mutex_destroy(&q->lock);
-	pthread_cond_destroy(&q->cond);
+	pthread_rwlock_destroy(&q->meta);
+	pthread_mutex_destroy(&q->busy_lock);
+	pthread_cond_destroy(&q->busy_cond);
 	pthread_rwlock_destroy(&q->reuse);
 	free(q->l1);
 	free(q->rt);
@@ -1594,11 +1657,12 @@ int devio_qcow2_open(const char *name, struct devio_backend *lower, bool explici
 		return -ENOMEM;
 	}
 	q->lower = lower;
-	pthread_mutex_init(&q->lock, NULL);
-	pthread_cond_init(&q->cond, NULL);
+	pthread_mutex_init(&q->busy_lock, NULL);
+	pthread_cond_init(&q->busy_cond, NULL);
 	pthread_rwlockattr_init(&ra);
 	pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
 	pthread_rwlock_init(&q->reuse, &ra);
+	pthread_rwlock_init(&q->meta, &ra);
 	pthread_rwlockattr_destroy(&ra);
 	q->readonly = (lower->caps & DEVIO_CAP_READONLY) || (opts && opts->readonly);
 	q->can_grow = (lower->caps & DEVIO_CAP_GROWS) != 0;
