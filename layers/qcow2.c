@@ -105,7 +105,7 @@ struct qcow2 {
 	uint32_t l1_size;
 	uint64_t *rt, rt_off, rt_entries, rt_lo, rt_hi;
 	bool readonly, can_grow;
-	_Atomic bool data_unsynced;
+	_Atomic bool unsynced;  /* written since the last sync of the lower backend */
 	uint64_t file_end;  /* cluster-aligned end of the image: new clusters go here */
 	uint64_t free_hint; /* first cluster that may be free */
 	struct qc_cache l2c, rbc;
@@ -120,6 +120,13 @@ struct qcow2 {
 	char backing_name[QC_MAX_BACKING_NAME + 1];
 	char backing_fmt[32];
 };
+
+static _Atomic size_t qc_cache_bytes = QC_CACHE_BYTES;
+
+void devio_qcow2_set_cache_size(size_t bytes)
+{
+	atomic_store(&qc_cache_bytes, bytes ? bytes : QC_CACHE_BYTES);
+}
 
 /* Backing chains being opened on this thread (opening is synchronous). */
 static __thread struct {
@@ -172,9 +179,19 @@ static int qc_lower_read(struct qcow2 *q, void *buf, uint64_t len, uint64_t off)
 	return n ? devio_layer_read(q->lower, buf, n, off) : 0;
 }
 
+/* A metadata write; FLUSH syncs it even when nothing else is dirty. */
+static int qc_meta_write(struct qcow2 *q, const void *buf, uint64_t len, uint64_t off)
+{
+	int r = devio_layer_write(q->lower, buf, len, off, 0);
+
+	if (!r)
+		atomic_store(&q->unsynced, true);
+	return r;
+}
+
 static int qc_sync(struct qcow2 *q)
 {
-	atomic_store(&q->data_unsynced, false);
+	atomic_store(&q->unsynced, false);
 	return devio_layer_flush(q->lower);
 }
 
@@ -182,7 +199,7 @@ static int qc_sync(struct qcow2 *q)
 
 static int qc_cache_init(struct qcow2 *q, struct qc_cache *c, uint64_t nindex)
 {
-	uint64_t n = QC_CACHE_BYTES / q->cs;
+	uint64_t n = atomic_load(&qc_cache_bytes) / q->cs;
 
 	if (n < QC_MIN_SLOTS)
 		n = QC_MIN_SLOTS;
@@ -284,7 +301,7 @@ static int qc_cache_write(struct qcow2 *q, struct qc_cache *c)
 
 		if (!s->used || !s->dirty)
 			continue;
-		r = devio_layer_write(q->lower, s->data, q->cs, s->off, 0);
+		r = qc_meta_write(q, s->data, q->cs, s->off);
 		if (r)
 			return r;
 		s->dirty = false;
@@ -320,7 +337,7 @@ static int qc_table_write(struct qcow2 *q, const uint64_t *t, uint64_t off, uint
 		return -ENOMEM;
 	for (uint64_t i = 0; i < n; i++)
 		put64(buf + i * 8, t[*lo + i]);
-	r = devio_layer_write(q->lower, buf, n * 8, off + *lo * 8, 0);
+	r = qc_meta_write(q, buf, n * 8, off + *lo * 8);
 	free(buf);
 	if (!r)
 		*lo = *hi = 0;
@@ -341,7 +358,7 @@ static int qc_meta_flush(struct qcow2 *q, bool sync_end)
 		written = true;
 	}
 	if (!r && (q->l2c.ndirty || q->l1_lo < q->l1_hi)) {
-		if (written || atomic_load(&q->data_unsynced))
+		if (written || atomic_load(&q->unsynced))
 			r = qc_sync(q);
 		if (!r)
 			r = qc_cache_write(q, &q->l2c);
@@ -349,7 +366,7 @@ static int qc_meta_flush(struct qcow2 *q, bool sync_end)
 			r = qc_table_write(q, q->l1, q->l1_off, &q->l1_lo, &q->l1_hi);
 		written = true;
 	}
-	if (!r && sync_end && (written || atomic_load(&q->data_unsynced)))
+	if (!r && sync_end && (written || atomic_load(&q->unsynced)))
 		r = qc_sync(q);
 	return r;
 }
@@ -538,7 +555,7 @@ static int qc_write_rt_header(struct qcow2 *q, uint64_t off, uint64_t clusters)
 
 	put64(h, off);
 	memcpy(h + 8, &c, 4);
-	return devio_layer_write(q->lower, h, sizeof(h), 48, 0);
+	return qc_meta_write(q, h, sizeof(h), 48);
 }
 
 /* A larger refcount table, with the refcount blocks that count it, at
@@ -995,7 +1012,7 @@ static int qc_data_write(struct qcow2 *q, const void *buf, uint64_t len, uint64_
 		    : devio_layer_zero(q->lower, host, len, DEVIO_REQ_NO_HOLE);
 
 	if (!r)
-		atomic_store(&q->data_unsynced, true);
+		atomic_store(&q->unsynced, true);
 	return r;
 }
 
@@ -1637,7 +1654,7 @@ static int qc_clear_autoclear(struct qcow2 *q)
 
 	if (q->version < 3 || !q->autoclear)
 		return 0;
-	r = devio_layer_write(q->lower, v, 8, 88, 0);
+	r = qc_meta_write(q, v, 8, 88);
 	if (!r)
 		r = qc_sync(q);
 	if (!r)

@@ -22,6 +22,11 @@ bool devio_qcow2_probe(struct devio_backend *lower);
 int devio_qcow2_open(const char *name, struct devio_backend *lower, bool explicit,
 		     const struct devio_open_opts *opts, struct devio_backend **out);
 
+/* Memory for each of an image's two metadata caches (L2 tables, refcount
+ * blocks), for images opened afterwards; 0 = the default, 32 MiB.  At
+ * least 16 tables are cached whatever the size.  For tests and tuning. */
+void devio_qcow2_set_cache_size(size_t bytes);
+
 #ifdef __cplusplus
 }
 #endif

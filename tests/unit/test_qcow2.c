@@ -25,6 +25,7 @@ struct mem {
 	uint8_t *p;
 	uint64_t len;
 	bool check;          /* check consistency after every write */
+	bool unsynced;       /* written since the last flush */
 	unsigned writes, bad;
 };
 
@@ -165,6 +166,7 @@ static int mem_pwrite(struct devio_backend *b, const void *buf, uint64_t len, ui
 	if (off + len > m->len)
 		m->len = off + len;
 	m->writes++;
+	m->unsynced = true;
 	if (m->check)
 		m->bad += img_check(m->p, m->len, &leaks);
 	return 0;
@@ -180,6 +182,7 @@ static int mem_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32_
 
 static int mem_flush(struct devio_backend *b)
 {
+	((struct mem *)b->priv)->unsynced = false;
 	return 0;
 }
 
@@ -286,6 +289,7 @@ static void run_random(unsigned cb, uint32_t version, unsigned ops, unsigned see
 			memset(ref + off, 0, len); /* whole clusters, no backing file: zeroes */
 		} else {
 			assert_int_equal(req(q, DEVIO_OP_FLUSH, NULL, 0, 0, 0), 0);
+			assert_false(m->unsynced); /* nothing written is left unsynced */
 		}
 	}
 	assert_int_equal(req(q, DEVIO_OP_READ, got, 0, vsize, 0), 0);
@@ -381,6 +385,32 @@ static void test_threads(void **state)
 	mem_free(m);
 }
 
+/* Tables written back because the cache was full (here by reads) are
+ * made durable by the next FLUSH even when nothing is dirty any more. */
+static void test_flush_syncs_evicted_tables(void **state)
+{
+	struct mem *m = mem_new();
+	struct devio_backend *q;
+	uint8_t buf[512] = { 1 }, *all = malloc(16u << 20);
+
+	devio_qcow2_set_cache_size(1); /* the minimum: 16 tables */
+	mk_image(m, 9, 16u << 20, 3, NULL);
+	assert_int_equal(devio_qcow2_open("mem.qcow2", &m->b, false, NULL, &q), 0);
+	for (uint64_t off = 0; off < (16u << 20); off += 32768) /* one cluster in every L2 table */
+		assert_int_equal(req(q, DEVIO_OP_WRITE, buf, off, sizeof(buf), 0), 0);
+	assert_int_equal(req(q, DEVIO_OP_FLUSH, NULL, 0, 0, 0), 0);
+	assert_false(m->unsynced);
+	for (uint64_t off = 0; off < (16u << 20); off += 32768)
+		assert_int_equal(req(q, DEVIO_OP_WRITE, buf, off + 512, sizeof(buf), 0), 0);
+	assert_int_equal(req(q, DEVIO_OP_READ, all, 0, 16u << 20, 0), 0); /* evicts the dirty tables */
+	assert_int_equal(req(q, DEVIO_OP_FLUSH, NULL, 0, 0, 0), 0);
+	assert_false(m->unsynced);
+	devio_backend_close(q);
+	devio_qcow2_set_cache_size(0);
+	free(all);
+	mem_free(m);
+}
+
 static void test_backing_refused_on_detection(void **state)
 {
 	struct mem *m = mem_new();
@@ -427,6 +457,7 @@ int main(void)
 		cmocka_unit_test(test_random_v2_64k),
 		cmocka_unit_test(test_random_v3_512),
 		cmocka_unit_test(test_threads),
+		cmocka_unit_test(test_flush_syncs_evicted_tables),
 		cmocka_unit_test(test_backing_refused_on_detection),
 		cmocka_unit_test(test_bad_header_fields),
 	};
