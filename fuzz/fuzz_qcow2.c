@@ -120,7 +120,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	struct mem *m = calloc(1, sizeof(*m));
 	struct devio_backend *q = NULL;
 
-	devio_log_set_level(DEVIO_LOG_ERROR + 0);
+	devio_log_set_level(DEVIO_LOG_ERROR);
+	devio_qcow2_set_cache_size(1); /* 16 tables: evictions too */
 	if (!m)
 		return 0;
 	m->cap = size + FUZZ_GROW;

@@ -330,6 +330,15 @@ static void test_random_v3_512(void **state)
 	run_random(9, 3, 400, 3);
 }
 
+static void test_random_small_cache(void **state)
+{
+	/* 16 tables per cache: dirty tables leave it all the time */
+	devio_qcow2_set_cache_size(1);
+	run_random(9, 3, 500, 4);
+	run_random(12, 2, 300, 5);
+	devio_qcow2_set_cache_size(0);
+}
+
 struct thr {
 	struct devio_backend *q;
 	uint8_t *ref; /* what each thread wrote, at the same offsets */
@@ -456,6 +465,7 @@ int main(void)
 		cmocka_unit_test(test_random_v3_4k),
 		cmocka_unit_test(test_random_v2_64k),
 		cmocka_unit_test(test_random_v3_512),
+		cmocka_unit_test(test_random_small_cache),
 		cmocka_unit_test(test_threads),
 		cmocka_unit_test(test_flush_syncs_evicted_tables),
 		cmocka_unit_test(test_backing_refused_on_detection),
