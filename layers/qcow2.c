@@ -671,8 +671,9 @@ static int qc_l2_get(struct qcow2 *q, uint64_t gc, bool create, struct qc_slot *
 	return qc_cache_get(q, &q->l2c, i, q->l1[i] & QC_OFF_MASK, false, s);
 }
 
-/* Decode L2 entry e of guest cluster gc (table at l2off). */
-static int qc_decode(struct qcow2 *q, uint64_t e, uint64_t gc, uint64_t l2off, struct qc_map *m)
+/* Decode L2 entry e of guest cluster gc (table at l2off); a bad one is
+ * logged unless quiet. */
+static int qc_decode(struct qcow2 *q, uint64_t e, uint64_t gc, uint64_t l2off, bool quiet, struct qc_map *m)
 {
 	const char *why = NULL;
 
@@ -702,18 +703,16 @@ static int qc_decode(struct qcow2 *q, uint64_t e, uint64_t gc, uint64_t l2off, s
 			why = "COPIED flag without an offset";
 		m->kind = (e & QC_ZERO) ? QC_ZEROES : m->host ? QC_DATA : QC_UNALLOC;
 	}
-	if (why) {
+	if (why && !quiet)
 		devio_err("%s: qcow2: bad L2 entry 0x%016" PRIx64 " for guest offset %" PRIu64
 			  " at offset %" PRIu64 ": %s", q->name, e, gc << q->cluster_bits,
 			  l2off + (gc & (q->l2_entries - 1)) * 8, why);
-		return -EIO;
-	}
-	return 0;
+	return why ? -EIO : 0;
 }
 
 /* Under the lock: the mapping of guest cluster gc.  shared (the lock
  * held shared): only from a cached table, -EAGAIN if it is not. */
-static int qc_lookup_mode(struct qcow2 *q, uint64_t gc, bool shared, struct qc_map *m)
+static int qc_lookup_mode(struct qcow2 *q, uint64_t gc, bool shared, bool quiet, struct qc_map *m)
 {
 	uint64_t i = gc >> q->l2_bits;
 	struct qc_slot *s;
@@ -731,12 +730,12 @@ static int qc_lookup_mode(struct qcow2 *q, uint64_t gc, bool shared, struct qc_m
 	} else if ((r = qc_l2_get(q, gc, false, &s))) {
 		return r;
 	}
-	return qc_decode(q, get64(s->data + (gc & (q->l2_entries - 1)) * 8), gc, s->off, m);
+	return qc_decode(q, get64(s->data + (gc & (q->l2_entries - 1)) * 8), gc, s->off, quiet, m);
 }
 
 static int qc_lookup(struct qcow2 *q, uint64_t gc, struct qc_map *m)
 {
-	return qc_lookup_mode(q, gc, false, m);
+	return qc_lookup_mode(q, gc, false, false, m);
 }
 
 /* Under the lock: set guest cluster gc's entry (its L2 table exists). */
@@ -942,7 +941,7 @@ static int qc_read_run(struct qcow2 *q, const struct qc_map *m, void *buf, uint6
 static int qc_map_run(struct qcow2 *q, uint64_t off, uint64_t len, bool shared, struct qc_map *m, uint64_t *n)
 {
 	uint64_t first = off >> q->cluster_bits, gc = first, done = q->cs - (off & (q->cs - 1));
-	int r = qc_lookup_mode(q, gc, shared, m);
+	int r = qc_lookup_mode(q, gc, shared, false, m);
 
 	while (!r && done < len && m->kind != QC_COMPRESSED) {
 		struct qc_map next;
@@ -954,7 +953,7 @@ static int qc_map_run(struct qcow2 *q, uint64_t off, uint64_t len, bool shared, 
 			gc = end - 1;
 			continue;
 		}
-		if (qc_lookup_mode(q, gc + 1, shared, &next) || next.kind != m->kind || /* a bad entry: its own run says so */
+		if (qc_lookup_mode(q, gc + 1, shared, true, &next) || next.kind != m->kind || /* a bad entry: its own run says so */
 		    (m->kind == QC_DATA && next.host != m->host + ((gc + 1 - first) << q->cluster_bits)))
 			break;
 		gc++;
