@@ -954,7 +954,8 @@ static int qc_map_run(struct qcow2 *q, uint64_t off, uint64_t len, bool shared, 
 			continue;
 		}
 		if (qc_lookup_mode(q, gc + 1, shared, true, &next) || next.kind != m->kind || /* a bad entry: its own run says so */
-		    (m->kind == QC_DATA && next.host != m->host + ((gc + 1 - first) << q->cluster_bits)))
+		    (m->kind == QC_DATA && (next.host != m->host + ((gc + 1 - first) << q->cluster_bits) ||
+					    ((next.entry ^ m->entry) & QC_COPIED))))
 			break;
 		gc++;
 		done += q->cs;
@@ -1108,14 +1109,36 @@ static int qc_each_piece(struct qcow2 *q, uint64_t off, uint64_t len, const uint
 	return r;
 }
 
-static int qc_write_fn(struct qcow2 *q, const uint8_t *buf, uint64_t off, uint64_t n, uint32_t flags)
-{
-	return qc_write_piece(q, buf, off, n);
-}
-
+/* Runs of clusters already ours are written in place with one write
+ * each (a 1 MiB write over allocated data is one write); the rest cluster
+ * by cluster. */
 static int qc_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
 {
-	return qc_each_piece(to_qc(b), off, len, buf, qc_write_fn, flags);
+	struct qcow2 *q = to_qc(b);
+	const uint8_t *p = buf;
+	int r = 0;
+
+	pthread_rwlock_rdlock(&q->reuse);
+	while (len && !r) {
+		struct qc_map m;
+		uint64_t n;
+
+		r = qc_map(q, off, len, &m, &n);
+		if (r)
+			break;
+		if (m.kind == QC_DATA && (m.entry & QC_COPIED)) {
+			r = qc_data_write(q, p, n, m.host + (off & (q->cs - 1)));
+		} else {
+			n = q->cs - (off & (q->cs - 1));
+			n = n < len ? n : len;
+			r = qc_write_piece(q, p, off, n);
+		}
+		p += n;
+		off += n;
+		len -= n;
+	}
+	pthread_rwlock_unlock(&q->reuse);
+	return r;
 }
 
 /* ---- TRIM and ZERO ---- */
