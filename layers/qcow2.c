@@ -500,6 +500,11 @@ static int qc_alloc(struct qcow2 *q, uint64_t *off)
 			return r;
 		if (rc == 0)
 			break;
+		if (cl > (q->file_end >> q->cluster_bits) + 65536) { /* a damaged image: no endless scan */
+			devio_err("%s: qcow2: refcounts claim clusters far past the end of the image (offset %" PRIu64 ")",
+				  q->name, cl << q->cluster_bits);
+			return -EIO;
+		}
 	}
 	r = qc_extend(q, (cl + 1) << q->cluster_bits);
 	if (!r)

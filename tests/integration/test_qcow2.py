@@ -127,6 +127,24 @@ def test_read_compressed(serve, tmp, compat):
     assert same_file(nbd_raw(tmp, u), qemu_raw(tmp, src))
 
 
+def test_size_not_a_cluster_multiple(serve, tmp):
+    """The last cluster is partial: read, compressed, and written over."""
+    size = 8 * MiB + 1536
+    src = create(tmp, "p.qcow2", size=str(size))
+    qemu_io(src, f"write -P 0x5a {size - 4096} 4096", "write -P 0x11 0 64k")
+    img = os.path.join(tmp, "pc.qcow2")
+    run_ok("qemu-img", "convert", "-c", "-O", "qcow2", src, img)
+    s, u = serve_img(serve, tmp, img)
+    assert int(run_ok("nbdinfo", "--size", u)) == size
+    assert same_file(nbd_raw(tmp, u), qemu_raw(tmp, src))
+    ref = qemu_raw(tmp, src, "want.raw")
+    qemu_io(u, f"write -P 0x6b {size - 1024} 1024", fmt="raw")
+    qemu_io(ref, f"write -P 0x6b {size - 1024} 1024", fmt="raw")
+    assert s.stop() == 0, s.stderr()
+    check_clean(img)
+    run_ok("qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, ref)
+
+
 def test_extents_show_holes(serve, tmp):
     img = create(tmp, "a.qcow2")
     qemu_io(img, "write -P 0x11 1M 1M", "write -z 4M 1M")
