@@ -5,11 +5,13 @@
 # the same data as a raw file (the "within 85% of raw reads" row), all over
 # NBD on a Unix socket; fio's nbd engine: 4 KiB random read/write at QD32
 # and 1 MiB sequential read/write.  Prints IOPS and MiB/s per job and
-# server, devio's ratio to qemu-nbd and to devio raw.
+# server, devio's ratio to qemu-nbd and to devio raw.  Afterwards every
+# written qcow2 image must pass `qemu-img check`.
 #
 #   bench/bench_formats.sh                   # release build in build-release-formats
 #   RUNTIME=5 SIZE=1G bench/bench_formats.sh
 #   REPEAT=3 bench/bench_formats.sh          # best of 3, interleaved
+#   SERVERS="devio-qcow2 qemu-nbd-qcow2" bench/bench_formats.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -37,7 +39,9 @@ JOBS=(
   "1m-read-qd8 read 1m 8"
   "1m-write-qd8 write 1m 8"
 )
-SERVERS="devio-qcow2 qemu-nbd-qcow2 devio-raw"
+# devio-qcow2-t2: the same with --threads 2 (a pool as large as this
+# machine's CPUs instead of the default 8), to show what the pool costs
+SERVERS=${SERVERS:-"devio-qcow2 qemu-nbd-qcow2 devio-raw devio-qcow2-t2"}
 
 declare -A URI PID
 cleanup() {
@@ -61,6 +65,7 @@ start_server() {
     devio-qcow2)    cp "$WORK/data.qcow2" "$WORK/$name.img"; "$DEVIO" serve "$WORK/$name.img" -q --nbd "unix:$sock" & ;;
     qemu-nbd-qcow2) cp "$WORK/data.qcow2" "$WORK/$name.img"; qemu-nbd -t -e 8 -f qcow2 -x '' -k "$sock" "$WORK/$name.img" & ;;
     devio-raw)      cp "$WORK/data.raw" "$WORK/$name.img"; "$DEVIO" serve "$WORK/$name.img" -q --nbd "unix:$sock" & ;;
+    devio-qcow2-t2) cp "$WORK/data.qcow2" "$WORK/$name.img"; "$DEVIO" serve "$WORK/$name.img" -q --threads 2 --nbd "unix:$sock" & ;;
   esac
   PID[$name]=$!
   for _ in $(seq 100); do
@@ -99,7 +104,8 @@ for j in "${JOBS[@]}"; do
   done
 done
 # every image written through its server must still be sound
-for name in devio-qcow2 qemu-nbd-qcow2; do
+for name in $SERVERS; do
+  [ "${name#devio-raw}" = "$name" ] || continue
   kill "${PID[$name]}"; wait "${PID[$name]}" 2>/dev/null || true; unset "PID[$name]"
   qemu-img check -q "$WORK/$name.img" || echo "bench_formats: qemu-img check of $name's image FAILED" >&2
 done
@@ -119,6 +125,6 @@ for job, servers in best.items():
     raw = servers.get("devio-raw", (0, 0))[0]
     for s, (iops, mibs) in servers.items():
         rq = f"{iops / q:.2f}x" if q and s != "qemu-nbd-qcow2" else "-"
-        rr = f"{iops / raw:.2f}x" if raw and s == "devio-qcow2" else "-"
+        rr = f"{iops / raw:.2f}x" if raw and s.startswith("devio-qcow2") else "-"
         print(f"{job:18} {s:15} {iops:9.0f} {mibs:8.1f} {rq:>12} {rr:>13}")
 PY
