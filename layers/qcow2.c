@@ -487,8 +487,10 @@ static int qc_rc_add(struct qcow2 *q, uint64_t cl, int delta)
 	return 0;
 }
 
-/* A free host cluster, counted (refcount 1). */
-static int qc_alloc(struct qcow2 *q, uint64_t *off)
+/* A free host cluster, counted (refcount 1); *fresh (if not NULL): it lies
+ * past everything ever allocated, so it was never written and reads as
+ * zeroes. */
+static int qc_alloc_fresh(struct qcow2 *q, uint64_t *off, bool *fresh)
 {
 	uint64_t cl = q->free_hint;
 	uint32_t rc;
@@ -506,6 +508,8 @@ static int qc_alloc(struct qcow2 *q, uint64_t *off)
 			return -EIO;
 		}
 	}
+	if (fresh)
+		*fresh = (cl << q->cluster_bits) >= q->file_end;
 	r = qc_extend(q, (cl + 1) << q->cluster_bits);
 	if (!r)
 		r = qc_rc_add(q, cl, 1);
@@ -514,6 +518,11 @@ static int qc_alloc(struct qcow2 *q, uint64_t *off)
 	q->free_hint = cl + 1;
 	*off = cl << q->cluster_bits;
 	return 0;
+}
+
+static int qc_alloc(struct qcow2 *q, uint64_t *off)
+{
+	return qc_alloc_fresh(q, off, NULL);
 }
 
 /* The new refcount table's size and how many new refcount blocks it and
@@ -1024,13 +1033,27 @@ static int qc_data_write(struct qcow2 *q, const void *buf, uint64_t len, uint64_
 /* A whole new cluster at host: guest cluster gc as m shows it, with n
  * bytes at in replaced by buf (zeroes if NULL). */
 static int qc_fill(struct qcow2 *q, const struct qc_map *m, uint64_t gc, const void *buf, uint64_t in,
-		   uint64_t n, uint64_t host)
+		   uint64_t n, uint64_t host, bool fresh)
 {
+	static const uint8_t tail[512];
 	uint8_t *tmp;
 	int r = 0;
 
 	if (n == q->cs && buf)
 		return qc_data_write(q, buf, n, host);
+	if (fresh && (m->kind == QC_ZEROES || (m->kind == QC_UNALLOC && !q->backing))) {
+		/* a never written cluster over zeroes: only the new bytes, and
+		 * the cluster's last sector so that the file covers all of it */
+		uint64_t end = buf ? in + n : 0, from = q->cs - sizeof(tail);
+
+		if (buf)
+			r = qc_data_write(q, buf, n, host + in);
+		if (end > from)
+			from = end;
+		if (!r && from < q->cs)
+			r = qc_data_write(q, tail, q->cs - from, host + from);
+		return r;
+	}
 	/* zeroes too are written, not fallocated: the cluster may lie past
 	 * the end of the file, which only a write extends */
 	tmp = malloc(q->cs);
@@ -1056,6 +1079,7 @@ static int qc_write_piece(struct qcow2 *q, const void *buf, uint64_t off, uint64
 	uint64_t gc = off >> q->cluster_bits, in = off & (q->cs - 1), host = 0, run;
 	struct qc_map m;
 	struct qc_slot *s;
+	bool fresh = false;
 	int r;
 
 	/* A cluster of ours (an allocation in progress never looks like one):
@@ -1072,13 +1096,13 @@ static int qc_write_piece(struct qcow2 *q, const void *buf, uint64_t off, uint64
 	if (!r)
 		r = qc_l2_get(q, gc, true, &s); /* the table exists before the data is written */
 	if (!r)
-		r = qc_alloc(q, &host);
+		r = qc_alloc_fresh(q, &host, &fresh);
 	if (!r && (r = qc_busy_add(q, gc)))
 		qc_rc_add(q, host >> q->cluster_bits, -1);
 	pthread_rwlock_unlock(&q->meta);
 	if (r)
 		return r;
-	r = qc_fill(q, &m, gc, buf, in, n, host);
+	r = qc_fill(q, &m, gc, buf, in, n, host, fresh);
 	pthread_rwlock_wrlock(&q->meta);
 	if (!r)
 		r = qc_set_entry(q, gc, host | QC_COPIED);
