@@ -575,27 +575,20 @@ static int qc_write_rt_header(struct qcow2 *q, uint64_t off, uint64_t clusters)
 /* A larger refcount table, with the refcount blocks that count it, at
  * the end of the image; the header switches to it once all of it is
  * durable, then the old table's clusters are given back. */
-static int qc_rt_grow(struct qcow2 *q, uint64_t need)
+/* Switch the in-memory refcount table to a copy with ent entries at
+ * start (the image's header still names the old one). */
+static int qc_rt_install(struct qcow2 *q, uint64_t ent, uint64_t start)
 {
-	uint64_t start = q->file_end, ent, tc, nb, *rt, old_off = q->rt_off, old_ent = q->rt_entries;
-	uint64_t next, end;
-	uint32_t *index;
-	int r = qc_meta_flush(q, false);
+	uint64_t *rt = calloc(ent, sizeof(*rt));
+	uint32_t *index = calloc(ent, sizeof(*index));
 
-	if (!r)
-		r = qc_rt_plan(q, need, start, &ent, &tc, &nb);
-	if (r)
-		return r;
-	end = start + ((tc + nb) << q->cluster_bits);
-	rt = calloc(ent, sizeof(*rt));
-	index = calloc(ent, sizeof(*index));
-	if (!rt || !index || (r = qc_extend(q, end))) {
+	if (!rt || !index) {
 		free(rt);
 		free(index);
-		return r ? r : -ENOMEM;
+		return -ENOMEM;
 	}
-	memcpy(rt, q->rt, old_ent * sizeof(*rt));
-	memcpy(index, q->rbc.index, old_ent * sizeof(*index));
+	memcpy(rt, q->rt, q->rt_entries * sizeof(*rt));
+	memcpy(index, q->rbc.index, q->rt_entries * sizeof(*index));
 	free(q->rt);
 	free(q->rbc.index);
 	q->rt = rt;
@@ -603,31 +596,59 @@ static int qc_rt_grow(struct qcow2 *q, uint64_t need)
 	q->rbc.nindex = ent;
 	q->rt_entries = ent;
 	q->rt_off = start;
-	next = start + (tc << q->cluster_bits);
-	for (uint64_t i = 0; i < ent && next < end; i++) {
-		bool covers = i == need || (i >= ((start >> q->cluster_bits) >> q->rb_bits) &&
-					    i <= (((end - 1) >> q->cluster_bits) >> q->rb_bits));
-		struct qc_slot *s;
+	q->rt_lo = 0;
+	q->rt_hi = ent;
+	return 0;
+}
 
-		if (!covers || rt[i])
+/* New (zeroed, dirty) refcount blocks from next on, for the indices that
+ * cover [start, end) and for need, where there are none yet. */
+static int qc_rt_place_blocks(struct qcow2 *q, uint64_t need, uint64_t start, uint64_t end, uint64_t next)
+{
+	uint64_t first = (start >> q->cluster_bits) >> q->rb_bits, last = ((end - 1) >> q->cluster_bits) >> q->rb_bits;
+
+	for (uint64_t i = 0; i < q->rt_entries && next < end; i++) {
+		struct qc_slot *s;
+		int r;
+
+		if ((i != need && (i < first || i > last)) || q->rt[i])
 			continue;
 		if ((r = qc_cache_get(q, &q->rbc, i, next, true, &s)))
 			return r;
 		qc_cache_dirty(&q->rbc, s);
-		rt[i] = next;
+		q->rt[i] = next;
 		next += q->cs;
 	}
+	return 0;
+}
+
+/* A larger refcount table, with the refcount blocks that count it, at
+ * the end of the image; the header switches to it once all of it is
+ * durable, then the old table's clusters are given back. */
+static int qc_rt_grow(struct qcow2 *q, uint64_t need)
+{
+	uint64_t start = q->file_end, ent = 0, tc = 0, nb = 0, end, old_off = q->rt_off;
+	uint64_t old_clusters = round_up(q->rt_entries * 8, q->cs) >> q->cluster_bits;
+	int r = qc_meta_flush(q, false);
+
+	if (!r)
+		r = qc_rt_plan(q, need, start, &ent, &tc, &nb);
+	end = start + ((tc + nb) << q->cluster_bits);
+	if (!r)
+		r = qc_extend(q, end);
+	if (!r)
+		r = qc_rt_install(q, ent, start);
+	if (!r)
+		r = qc_rt_place_blocks(q, need, start, end, start + (tc << q->cluster_bits));
 	for (uint64_t cl = start >> q->cluster_bits; !r && cl < end >> q->cluster_bits; cl++)
 		r = qc_rc_add(q, cl, 1);
-	q->rt_lo = 0;
-	q->rt_hi = ent;
 	if (!r)
 		r = qc_meta_flush(q, true);
 	if (!r)
 		r = qc_write_rt_header(q, start, tc);
 	if (!r)
 		r = qc_sync(q);
-	for (uint64_t c = 0; !r && c < (round_up(old_ent * 8, q->cs) >> q->cluster_bits); c++)
+	for (uint64_t c = 0; !r && c < old_clusters; c++)
 		r = qc_rc_add(q, (old_off >> q->cluster_bits) + c, -1);
 	if (!r)
 		devio_info("%s: qcow2: refcount table moved to offset %" PRIu64 " (%" PRIu64 " entries)", q->name,
@@ -1638,23 +1659,8 @@ bool devio_qcow2_probe(struct devio_backend *lower)
 	return lower->size >= QC_V2_HEADER && devio_layer_read(lower, m, 4, 0) == 0 && get32(m) == QC_MAGIC;
 }
 
-static int qc_parse(struct qcow2 *q, bool explicit, const struct devio_open_opts *opts)
+static void qc_geometry(struct qcow2 *q, uint32_t cb)
 {
-	const uint8_t *features = NULL;
-	uint32_t flen = 0, len, cb;
-	uint8_t head[QC_V3_HEADER] = { 0 }, *h;
-	int r;
-
-	if (q->lower->size < QC_V2_HEADER)
-		return qc_bad(q, "magic", 0, "image shorter than a qcow2 header");
-	r = devio_layer_read(q->lower, head, q->lower->size < QC_V3_HEADER ? QC_V2_HEADER : QC_V3_HEADER, 0);
-	if (r)
-		return r;
-	if (get32(head) != QC_MAGIC)
-		return qc_bad(q, "magic", 0, "not a qcow2 image (no QFI\\xfb)");
-	cb = get32(head + 20);
-	if (cb < 9 || cb > 21)
-		return qc_bad(q, "cluster_bits", 20, "cluster size outside 512 B .. 2 MiB");
 	q->cluster_bits = cb;
 	q->cs = 1ull << cb;
 	q->l2_bits = cb - 3;
@@ -1665,8 +1671,17 @@ static int qc_parse(struct qcow2 *q, bool explicit, const struct devio_open_opts
 	q->coff_mask = (1ull << q->csize_shift) - 1;
 	q->file_end = round_up(q->lower->size, q->cs);
 	q->free_hint = q->file_end >> cb;
-	len = (uint32_t)(q->lower->size < q->cs ? q->lower->size : q->cs);
-	h = malloc(len);
+}
+
+/* Everything the first cluster says: fixed fields, extensions, features,
+ * the backing file's name, the tables' geometry. */
+static int qc_parse_first_cluster(struct qcow2 *q)
+{
+	const uint8_t *features = NULL;
+	uint32_t flen = 0, len = (uint32_t)(q->lower->size < q->cs ? q->lower->size : q->cs);
+	uint8_t *h = malloc(len);
+	int r;
+
 	if (!h)
 		return -ENOMEM;
 	r = devio_layer_read(q->lower, h, len, 0);
@@ -1685,6 +1700,27 @@ static int qc_parse(struct qcow2 *q, bool explicit, const struct devio_open_opts
 	if (!r)
 		r = qc_parse_tables(q, h);
 	free(h);
+	return r;
+}
+
+static int qc_parse(struct qcow2 *q, bool explicit, const struct devio_open_opts *opts)
+{
+	uint8_t head[QC_V3_HEADER] = { 0 };
+	uint32_t cb;
+	int r;
+
+	if (q->lower->size < QC_V2_HEADER)
+		return qc_bad(q, "magic", 0, "image shorter than a qcow2 header");
+	r = devio_layer_read(q->lower, head, q->lower->size < QC_V3_HEADER ? QC_V2_HEADER : QC_V3_HEADER, 0);
+	if (r)
+		return r;
+	if (get32(head) != QC_MAGIC)
+		return qc_bad(q, "magic", 0, "not a qcow2 image (no QFI\\xfb)");
+	cb = get32(head + 20);
+	if (cb < 9 || cb > 21)
+		return qc_bad(q, "cluster_bits", 20, "cluster size outside 512 B .. 2 MiB");
+	qc_geometry(q, cb);
+	r = qc_parse_first_cluster(q);
 	if (!r && q->backing_name[0] && !explicit && !qc_chain.depth) {
 		devio_err("%s: qcow2 image names a backing file (%s): refused on automatic detection; "
 			  "serve it with --format qcow2 to follow it (opened read-only)", q->name, q->backing_name);
