@@ -96,6 +96,7 @@ struct qcow2 {
 	struct devio_backend *lower, *backing;
 	char *name;
 	uint32_t version, cluster_bits, header_length, nb_snapshots;
+	uint64_t snap_off;
 	uint64_t cs, l2_entries, vsize;
 	uint32_t l2_bits, rb_bits;           /* log2 entries per L2 table, per refcount block */
 	uint32_t csize_shift;
@@ -1457,12 +1458,60 @@ static int qc_check_features(struct qcow2 *q, const uint8_t *features, uint32_t 
 			   "`qemu-img check -r all` repairs it", q->name);
 		q->readonly = true;
 	}
-	if (q->nb_snapshots) {
-		devio_warn("%s: qcow2 image has %u internal snapshots: served read-only (the active layer)",
-			   q->name, q->nb_snapshots);
-		q->readonly = true;
-	}
 	return 0;
+}
+
+/* The name of the snapshot table entry at *off (printable ASCII, at most
+ * outlen - 1 bytes); *off moves to the next entry.  Untrusted: every
+ * length is checked against the file. */
+static int qc_snapshot_name(struct qcow2 *q, uint64_t *off, char *out, size_t outlen)
+{
+	uint64_t size = q->lower->size, at, n;
+	uint8_t e[40];
+	int r;
+
+	if (*off > size || sizeof(e) > size - *off)
+		return -EIO;
+	if ((r = devio_layer_read(q->lower, e, sizeof(e), *off)))
+		return r;
+	at = *off + sizeof(e) + get32(e + 36) + ((uint32_t)e[12] << 8 | e[13]); /* extra data, id */
+	n = (uint32_t)e[14] << 8 | e[15];
+	*off = round_up(at + n, 8);
+	n = n < outlen - 1 ? n : outlen - 1;
+	if (at > size || n > size - at)
+		return -EIO;
+	if ((r = devio_layer_read(q->lower, out, n, at)))
+		return r;
+	out[n] = 0;
+	for (uint64_t i = 0; i < n; i++)
+		if (out[i] < 0x20 || out[i] > 0x7e)
+			out[i] = '?';
+	return 0;
+}
+
+/* Images with internal snapshots are served read-only; say which ones. */
+static void qc_list_snapshots(struct qcow2 *q)
+{
+	char list[256] = "", name[48];
+	uint64_t off = q->snap_off;
+	size_t used = 0;
+
+	if (!q->nb_snapshots)
+		return;
+	for (uint32_t i = 0; i < q->nb_snapshots && i < 32 && used < sizeof(list) - 1; i++) {
+		bool bad = qc_snapshot_name(q, &off, name, sizeof(name)) != 0;
+		int n;
+
+		if (bad)
+			snprintf(name, sizeof(name), "unreadable table entry at offset %" PRIu64, off);
+		n = snprintf(list + used, sizeof(list) - used, "%s'%s'", used ? ", " : "", name);
+		used += n > 0 ? (size_t)n : 0;
+		if (bad)
+			break;
+	}
+	devio_warn("%s: qcow2 image has %u internal snapshots (%s): served read-only (the active layer)",
+		   q->name, q->nb_snapshots, list);
+	q->readonly = true;
 }
 
 /* Fixed header fields of the first cluster h (len bytes of it read). */
@@ -1492,7 +1541,8 @@ static int qc_parse_fixed(struct qcow2 *q, const uint8_t *h, uint32_t len)
 	if (get32(h + 32) != 0)
 		return qc_bad(q, "crypt_method", 32, "encrypted images are not supported");
 	q->nb_snapshots = get32(h + 60);
-	if (q->nb_snapshots && (get64(h + 64) & (q->cs - 1)))
+	q->snap_off = get64(h + 64);
+	if (q->nb_snapshots && (q->snap_off & (q->cs - 1)))
 		return qc_bad(q, "snapshots_offset", 64, "not aligned to a cluster");
 	return 0;
 }
@@ -1721,6 +1771,8 @@ static int qc_parse(struct qcow2 *q, bool explicit, const struct devio_open_opts
 		return qc_bad(q, "cluster_bits", 20, "cluster size outside 512 B .. 2 MiB");
 	qc_geometry(q, cb);
 	r = qc_parse_first_cluster(q);
+	if (!r)
+		qc_list_snapshots(q);
 	if (!r && q->backing_name[0] && !explicit && !qc_chain.depth) {
 		devio_err("%s: qcow2 image names a backing file (%s): refused on automatic detection; "
 			  "serve it with --format qcow2 to follow it (opened read-only)", q->name, q->backing_name);

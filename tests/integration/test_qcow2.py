@@ -441,9 +441,10 @@ def test_snapshots_served_readonly(serve, tmp):
     img = create(tmp, "s.qcow2")
     qemu_io(img, "write -P 0x11 0 1M")
     run_ok("qemu-img", "snapshot", "-c", "snap1", img)
+    run_ok("qemu-img", "snapshot", "-c", "before-upgrade", img)
     qemu_io(img, "write -P 0x22 0 64k")
     s, u = serve_img(serve, tmp, img)
-    assert "read-only" in s.stderr()
+    assert "read-only" in s.stderr() and "'snap1', 'before-upgrade'" in s.stderr(), s.stderr()
     assert same_file(nbd_raw(tmp, u), qemu_raw(tmp, img))
     r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write 0 4k", u], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 or "failed" in r.stdout + r.stderr
