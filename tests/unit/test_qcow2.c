@@ -1,8 +1,11 @@
 /* test_qcow2.c - the qcow2 layer over an in-memory image file that checks,
- * after every single write the layer makes to it, that the image as it
- * stands then is one `qemu-img check` accepts (every referenced cluster
- * counted at least as often as it is referenced; leaks allowed): the crash
- * consistency of the metadata write order at every possible cut.  Plus
+ * at every single write the layer makes to it, that the image is one
+ * `qemu-img check` accepts (every referenced cluster counted at least as
+ * often as it is referenced; leaks allowed) both as it stands after the
+ * write (a copy taken at that moment, or kill -9) and as the last FLUSH of
+ * the file left it plus only this write (a power cut that kept this write
+ * and none of the others since that flush): the crash consistency of the
+ * metadata write order and of its syncs at every possible cut.  Plus
  * data read back against a reference, a reopen after FLUSH, no leaks after
  * a clean close, writers on several threads, and the backing-file rule. */
 #include <stdarg.h>
@@ -26,7 +29,8 @@ struct mem {
 	uint64_t len;
 	bool check;          /* check consistency after every write */
 	bool unsynced;       /* written since the last flush */
-	unsigned writes, bad;
+	uint8_t *durable;    /* the image as of the last flush */
+	unsigned writes, bad, bad_cut;
 };
 
 static uint64_t rd64(const uint8_t *p)
@@ -168,8 +172,16 @@ static int mem_pwrite(struct devio_backend *b, const void *buf, uint64_t len, ui
 		m->len = off + len;
 	m->writes++;
 	m->unsynced = true;
-	if (m->check)
+	if (m->check) {
+		uint8_t *saved = malloc(len);
+
 		m->bad += img_check(m->p, m->len, &leaks);
+		memcpy(saved, m->durable + off, len); /* the last flush's image plus this write alone */
+		memcpy(m->durable + off, buf, len);
+		m->bad_cut += img_check(m->durable, m->len, &leaks);
+		memcpy(m->durable + off, saved, len);
+		free(saved);
+	}
 	return 0;
 }
 
@@ -183,7 +195,10 @@ static int mem_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32_
 
 static int mem_flush(struct devio_backend *b)
 {
-	((struct mem *)b->priv)->unsynced = false;
+	struct mem *m = b->priv;
+
+	m->unsynced = false;
+	memcpy(m->durable, m->p, m->len);
 	return 0;
 }
 
@@ -200,6 +215,7 @@ static struct mem *mem_new(void)
 	struct mem *m = calloc(1, sizeof(*m));
 
 	m->p = calloc(1, MEM_CAP);
+	m->durable = calloc(1, MEM_CAP);
 	m->b.ops = &mem_ops;
 	m->b.block_size = 1;
 	m->b.priv = m;
@@ -210,6 +226,7 @@ static struct mem *mem_new(void)
 static void mem_free(struct mem *m)
 {
 	free(m->p);
+	free(m->durable);
 	free(m);
 }
 
@@ -244,6 +261,7 @@ static void mk_image(struct mem *m, unsigned cb, uint64_t vsize, uint32_t versio
 		m->p[2 * cs + i * 2 + 1] = 1;
 	m->len = n * cs;
 	m->b.size = m->len;
+	memcpy(m->durable, m->p, m->len);
 }
 
 static int req(struct devio_backend *b, enum devio_op op, void *buf, uint64_t off, uint64_t len, uint32_t flags)
@@ -296,6 +314,7 @@ static void run_random(unsigned cb, uint32_t version, unsigned ops, unsigned see
 	assert_int_equal(req(q, DEVIO_OP_READ, got, 0, vsize, 0), 0);
 	assert_memory_equal(got, ref, vsize);
 	assert_int_equal(m->bad, 0);
+	assert_int_equal(m->bad_cut, 0);
 	assert_true(m->writes > ops / 10);
 	m->check = false;
 	devio_backend_close(q); /* flushes: every queued free given back */
