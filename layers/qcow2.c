@@ -99,6 +99,8 @@ struct qcow2 {
 	uint64_t snap_off;
 	uint64_t cs, l2_entries, vsize;
 	uint32_t l2_bits, rb_bits;           /* log2 entries per L2 table, per refcount block */
+	uint32_t l2_esize, unit_bits;        /* L2 entry bytes; log2 bytes one mapping covers */
+	bool extl2;                          /* extended L2 entries: 32 subclusters a cluster */
 	uint32_t csize_shift;
 	uint64_t csize_mask, coff_mask;      /* compressed descriptors */
 	uint64_t incompat, compat, autoclear;
@@ -731,6 +733,8 @@ static int qc_decode(struct qcow2 *q, uint64_t e, uint64_t gc, uint64_t l2off, b
 			why = "reserved bits set";
 		else if ((e & QC_ZERO) && q->version < 3)
 			why = "zero flag in a version 2 image";
+		else if ((e & QC_ZERO) && q->extl2)
+			why = "zero flag with extended L2 entries";
 		else if (m->host & (q->cs - 1))
 			why = "misaligned cluster offset";
 		else if (m->host && m->host >= q->file_end)
@@ -742,15 +746,45 @@ static int qc_decode(struct qcow2 *q, uint64_t e, uint64_t gc, uint64_t l2off, b
 	if (why && !quiet)
 		devio_err("%s: qcow2: bad L2 entry 0x%016" PRIx64 " for guest offset %" PRIu64
 			  " at offset %" PRIu64 ": %s", q->name, e, gc << q->cluster_bits,
-			  l2off + (gc & (q->l2_entries - 1)) * 8, why);
+			  l2off + (gc & (q->l2_entries - 1)) * q->l2_esize, why);
 	return why ? -EIO : 0;
 }
 
-/* Under the lock: the mapping of guest cluster gc.  shared (the lock
- * held shared): only from a cached table, -EAGAIN if it is not. */
-static int qc_lookup_mode(struct qcow2 *q, uint64_t gc, bool shared, bool quiet, struct qc_map *m)
+/* Extended L2 entries: subcluster sc of the cluster m maps, from the
+ * entry's allocation/zero bitmap b. */
+static int qc_subcluster(struct qcow2 *q, struct qc_map *m, uint64_t b, uint64_t gc, uint64_t l2off, unsigned sc,
+			 bool quiet)
 {
-	uint64_t i = gc >> q->l2_bits;
+	const char *why = NULL;
+
+	if (m->kind == QC_COMPRESSED) {
+		if (b)
+			why = "subcluster bitmap of a compressed cluster not zero";
+	} else if (b & (b >> 32) & 0xffffffffu) {
+		why = "subcluster both allocated and zero";
+	} else if ((b >> sc) & 1) {
+		if (!m->host)
+			why = "allocated subcluster without a cluster offset";
+		m->kind = QC_DATA;
+		m->host += (uint64_t)sc << q->unit_bits;
+	} else {
+		m->kind = (b >> (32 + sc)) & 1 ? QC_ZEROES : QC_UNALLOC;
+		m->host = 0;
+	}
+	if (why && !quiet)
+		devio_err("%s: qcow2: bad extended L2 entry (bitmap 0x%016" PRIx64 ") for guest offset %" PRIu64
+			  " at offset %" PRIu64 ": %s", q->name, b, gc << q->cluster_bits,
+			  l2off + (gc & (q->l2_entries - 1)) * 16, why);
+	return why ? -EIO : 0;
+}
+
+/* Under the lock: the mapping of guest unit u (a cluster, or with
+ * extended L2 entries a subcluster).  shared (the lock held shared): only
+ * from a cached table, -EAGAIN if it is not. */
+static int qc_lookup_mode(struct qcow2 *q, uint64_t u, bool shared, bool quiet, struct qc_map *m)
+{
+	uint64_t gc = u >> (q->cluster_bits - q->unit_bits), i = gc >> q->l2_bits;
+	const uint8_t *e;
 	struct qc_slot *s;
 	int r;
 
@@ -766,9 +800,15 @@ static int qc_lookup_mode(struct qcow2 *q, uint64_t gc, bool shared, bool quiet,
 	} else if ((r = qc_l2_get(q, gc, false, &s))) {
 		return r;
 	}
-	return qc_decode(q, get64(s->data + (gc & (q->l2_entries - 1)) * 8), gc, s->off, quiet, m);
+	e = s->data + (gc & (q->l2_entries - 1)) * q->l2_esize;
+	r = qc_decode(q, get64(e), gc, s->off, quiet, m);
+	if (!r && q->extl2)
+		r = qc_subcluster(q, m, get64(e + 8), gc, s->off, (unsigned)(u & 31), quiet);
+	return r;
 }
 
+/* A whole cluster's mapping (images without extended L2 entries: the
+ * only ones written). */
 static int qc_lookup(struct qcow2 *q, uint64_t gc, struct qc_map *m)
 {
 	return qc_lookup_mode(q, gc, false, false, m);
@@ -782,7 +822,7 @@ static int qc_set_entry(struct qcow2 *q, uint64_t gc, uint64_t e)
 
 	if (r)
 		return r;
-	put64(s->data + (gc & (q->l2_entries - 1)) * 8, e);
+	put64(s->data + (gc & (q->l2_entries - 1)) * q->l2_esize, e);
 	qc_cache_dirty(&q->l2c, s);
 	return 0;
 }
@@ -952,7 +992,7 @@ static int qc_read_run(struct qcow2 *q, const struct qc_map *m, void *buf, uint6
 
 	switch (m->kind) {
 	case QC_DATA:
-		return qc_lower_read(q, buf, n, m->host + (off & (q->cs - 1)));
+		return qc_lower_read(q, buf, n, m->host + (off & ((1ull << q->unit_bits) - 1)));
 	case QC_UNALLOC:
 		return qc_backing_read(q, buf, n, off);
 	case QC_ZEROES:
@@ -976,25 +1016,26 @@ static int qc_read_run(struct qcow2 *q, const struct qc_map *m, void *buf, uint6
  * unallocated/zero clusters (a range without an L2 table in one step). */
 static int qc_map_run(struct qcow2 *q, uint64_t off, uint64_t len, bool shared, struct qc_map *m, uint64_t *n)
 {
-	uint64_t first = off >> q->cluster_bits, gc = first, done = q->cs - (off & (q->cs - 1));
-	int r = qc_lookup_mode(q, gc, shared, false, m);
+	uint64_t us = 1ull << q->unit_bits, first = off >> q->unit_bits, u = first, done = us - (off & (us - 1));
+	uint32_t per_table = q->l2_bits + q->cluster_bits - q->unit_bits; /* log2 units an L2 table maps */
+	int r = qc_lookup_mode(q, u, shared, false, m);
 
 	while (!r && done < len && m->kind != QC_COMPRESSED) {
 		struct qc_map next;
 
-		if (m->kind == QC_UNALLOC && !q->l1[(gc + 1) >> q->l2_bits]) {
-			uint64_t end = (((gc + 1) >> q->l2_bits) + 1) << q->l2_bits; /* past that table's range */
+		if (m->kind == QC_UNALLOC && !q->l1[(u + 1) >> per_table]) {
+			uint64_t end = (((u + 1) >> per_table) + 1) << per_table; /* past that table's range */
 
-			done += (end - gc - 1) << q->cluster_bits;
-			gc = end - 1;
+			done += (end - u - 1) << q->unit_bits;
+			u = end - 1;
 			continue;
 		}
-		if (qc_lookup_mode(q, gc + 1, shared, true, &next) || next.kind != m->kind || /* a bad entry: its own run says so */
-		    (m->kind == QC_DATA && (next.host != m->host + ((gc + 1 - first) << q->cluster_bits) ||
+		if (qc_lookup_mode(q, u + 1, shared, true, &next) || next.kind != m->kind || /* a bad entry: its own run says so */
+		    (m->kind == QC_DATA && (next.host != m->host + ((u + 1 - first) << q->unit_bits) ||
 					    ((next.entry ^ m->entry) & QC_COPIED))))
 			break;
-		gc++;
-		done += q->cs;
+		u++;
+		done += us;
 	}
 	*n = done < len ? done : len;
 	return r;
@@ -1178,7 +1219,7 @@ static int qc_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uin
 		if (r)
 			break;
 		if (m.kind == QC_DATA && (m.entry & QC_COPIED)) {
-			r = qc_data_write(q, p, n, m.host + (off & (q->cs - 1)));
+			r = qc_data_write(q, p, n, m.host + (off & ((1ull << q->unit_bits) - 1)));
 		} else {
 			n = q->cs - (off & (q->cs - 1));
 			n = n < len ? n : len;
@@ -1431,7 +1472,7 @@ static int qc_parse_ext(struct qcow2 *q, const uint8_t *h, uint32_t start, uint3
  * only read. */
 static int qc_check_features(struct qcow2 *q, const uint8_t *features, uint32_t flen)
 {
-	uint64_t known = QC_INCOMPAT_DIRTY | QC_INCOMPAT_CORRUPT;
+	uint64_t known = QC_INCOMPAT_DIRTY | QC_INCOMPAT_CORRUPT | QC_INCOMPAT_EXTL2;
 	char name[80];
 
 	if (q->incompat & QC_INCOMPAT_CORRUPT)
@@ -1446,12 +1487,14 @@ static int qc_check_features(struct qcow2 *q, const uint8_t *features, uint32_t 
 			why = "an external data file is not supported";
 		else if (bit == 3)
 			why = "a compression type other than zlib (zstd) is not supported";
-		else if (bit == 4)
-			why = "extended L2 entries (subclusters) are not supported";
 		qc_feature_name(features, flen, bit, name, sizeof(name));
 		devio_err("%s: qcow2 header field incompatible_features at offset 72: %s set: %s", q->name, name,
 			  why ? why : "unknown feature, refused");
 		return -EINVAL;
+	}
+	if (q->extl2) {
+		devio_warn("%s: qcow2 image has extended L2 entries (subclusters): served read-only", q->name);
+		q->readonly = true;
 	}
 	if (q->incompat & QC_INCOMPAT_DIRTY) {
 		devio_warn("%s: qcow2 image is dirty (lazy refcounts not repaired): served read-only; "
@@ -1535,6 +1578,15 @@ static int qc_parse_fixed(struct qcow2 *q, const uint8_t *h, uint32_t len)
 			return qc_bad(q, "header_length", 100, "below 104, not a multiple of 8, or past the first cluster");
 		if (q->header_length > 104 && h[104] != 0 && !(q->incompat & QC_INCOMPAT_COMPRESS))
 			return qc_bad(q, "compression_type", 104, "non-zlib compression without its feature bit");
+		if (q->incompat & QC_INCOMPAT_EXTL2) {
+			if (q->cluster_bits < 14)
+				return qc_bad(q, "cluster_bits", 20, "extended L2 entries need clusters of 16 KiB or more");
+			q->extl2 = true;
+			q->l2_bits = q->cluster_bits - 4;
+			q->l2_entries = 1ull << q->l2_bits;
+			q->l2_esize = 16;
+			q->unit_bits = q->cluster_bits - 5;
+		}
 	}
 	if (order != 4)
 		return qc_bad(q, "refcount_order", 96, "only 16-bit refcounts (order 4, the default) are supported");
@@ -1715,6 +1767,8 @@ static void qc_geometry(struct qcow2 *q, uint32_t cb)
 	q->cs = 1ull << cb;
 	q->l2_bits = cb - 3;
 	q->l2_entries = 1ull << q->l2_bits;
+	q->l2_esize = 8;
+	q->unit_bits = cb;
 	q->rb_bits = cb - 1;
 	q->csize_shift = 62 - (cb - 8);
 	q->csize_mask = (1ull << (cb - 8)) - 1;

@@ -432,8 +432,26 @@ def test_bad_l2_entry_is_eio_not_crash(serve, tmp):
     assert "bad L2 entry" in s.stderr() and "past the end" in s.stderr()
 
 
-def test_extended_l2_refused(tmp):
-    img = create(tmp, "x.qcow2", extra=["-o", "extended_l2=on"])
+def test_extended_l2_served_readonly(serve, tmp):
+    """Subclusters (2 KiB of a 64 KiB cluster): allocated, zero and
+    unallocated ones over a backing file, and compressed clusters."""
+    base = create(tmp, "base.qcow2")
+    qemu_io(base, "write -P 0x99 0 8M")
+    img = create(tmp, "x.qcow2", backing="base.qcow2", extra=["-o", "extended_l2=on"])
+    qemu_io(img, "write -P 0x11 4k 2k", "write -P 0x22 100k 10k", "write -z 200k 6k", "write -P 0x33 1M 64k",
+            "write -z 2M 64k", "write -P 0x44 3M 1k", "discard 1M 4k")
+    s, u = serve_img(serve, tmp, img, "--format", "qcow2")
+    assert "subclusters" in s.stderr() and "read-only" in s.stderr(), s.stderr()
+    assert same_file(nbd_raw(tmp, u), qemu_raw(tmp, img))
+    comp = os.path.join(tmp, "xc.qcow2")
+    run_ok("qemu-img", "convert", "-c", "-O", "qcow2", "-o", "extended_l2=on", img, comp)
+    s2, u2 = serve_img(serve, tmp, comp, name="c")
+    assert same_file(nbd_raw(tmp, u2, "c.raw"), qemu_raw(tmp, img, "c-want.raw"))
+
+
+def test_extended_l2_small_clusters_refused(tmp):
+    img = create(tmp, "x.qcow2", cluster=16384, extra=["-o", "extended_l2=on"])
+    patch(img, 20, ">I", 12)  # 4 KiB clusters cannot have subclusters
     assert "extended L2" in serve_fails(img)
 
 

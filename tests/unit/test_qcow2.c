@@ -440,6 +440,40 @@ static void test_flush_syncs_evicted_tables(void **state)
 	mem_free(m);
 }
 
+/* Extended L2 entries: subclusters read as their bitmap says; a bitmap
+ * that is both allocated and zero for one is an I/O error. */
+static void test_extended_l2(void **state)
+{
+	struct mem *m = mem_new();
+	struct devio_backend *q;
+	uint64_t cs = 16384, l2, host;
+	uint8_t got[1536];
+
+	mk_image(m, 14, 1u << 20, 3, NULL);
+	wr64(m->p + 72, 1u << 4);
+	l2 = m->len;
+	host = l2 + cs;
+	wr64(m->p + 3 * cs, l2 | (1ull << 63));               /* L1[0] */
+	wr64(m->p + l2, host | (1ull << 63));                 /* L2[0]: the cluster */
+	wr64(m->p + l2 + 8, (1ull << 1) | (1ull << (32 + 2))); /* subcluster 1 data, 2 zero */
+	memset(m->p + host, 0x5a, cs);
+	m->p[2 * cs + (l2 / cs) * 2 + 1] = 1;
+	m->p[2 * cs + (host / cs) * 2 + 1] = 1;
+	m->len = host + cs;
+	m->b.size = m->len;
+	assert_int_equal(devio_qcow2_open("mem.qcow2", &m->b, false, NULL, &q), 0);
+	assert_true(q->caps & DEVIO_CAP_READONLY);
+	assert_int_equal(req(q, DEVIO_OP_READ, got, 0, sizeof(got), 0), 0);
+	for (size_t i = 0; i < sizeof(got); i++)
+		assert_int_equal(got[i], i >= 512 && i < 1024 ? 0x5a : 0);
+	devio_backend_close(q);
+	wr64(m->p + l2 + 8, (1ull << 1) | (1ull << (32 + 1)));
+	assert_int_equal(devio_qcow2_open("mem.qcow2", &m->b, false, NULL, &q), 0);
+	assert_int_equal(req(q, DEVIO_OP_READ, got, 0, sizeof(got), 0), -EIO);
+	devio_backend_close(q);
+	mem_free(m);
+}
+
 static void test_backing_refused_on_detection(void **state)
 {
 	struct mem *m = mem_new();
@@ -488,6 +522,7 @@ int main(void)
 		cmocka_unit_test(test_random_small_cache),
 		cmocka_unit_test(test_threads),
 		cmocka_unit_test(test_flush_syncs_evicted_tables),
+		cmocka_unit_test(test_extended_l2),
 		cmocka_unit_test(test_backing_refused_on_detection),
 		cmocka_unit_test(test_bad_header_fields),
 	};
