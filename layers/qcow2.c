@@ -1705,7 +1705,7 @@ static int qc_backing_path(struct qcow2 *q, char *out, size_t outlen)
 	return n < 0 || (size_t)n >= outlen ? -ENAMETOOLONG : 0;
 }
 
-static int qc_open_backing(struct qcow2 *q, const struct devio_open_opts *opts)
+static int qc_open_backing(struct qcow2 *q)
 {
 	struct devio_open_opts bo = { .readonly = true };
 	char path[PATH_MAX];
@@ -1732,7 +1732,6 @@ static int qc_open_backing(struct qcow2 *q, const struct devio_open_opts *opts)
 	qc_chain.depth -= pushed;
 	if (r)
 		devio_err("%s: qcow2: cannot open backing file %s", q->name, path);
-	(void)opts;
 	return r;
 }
 
@@ -1807,7 +1806,7 @@ static int qc_parse_first_cluster(struct qcow2 *q)
 	return r;
 }
 
-static int qc_parse(struct qcow2 *q, bool explicit, const struct devio_open_opts *opts)
+static int qc_parse(struct qcow2 *q, bool explicit)
 {
 	uint8_t head[QC_V3_HEADER] = { 0 };
 	uint32_t cb;
@@ -1835,7 +1834,7 @@ static int qc_parse(struct qcow2 *q, bool explicit, const struct devio_open_opts
 	if (!r)
 		r = qc_load_tables(q);
 	if (!r && q->backing_name[0])
-		r = qc_open_backing(q, opts);
+		r = qc_open_backing(q);
 	return r;
 }
 
@@ -1878,7 +1877,7 @@ int devio_qcow2_open(const char *name, struct devio_backend *lower, bool explici
 	q->can_grow = (lower->caps & DEVIO_CAP_GROWS) != 0;
 	if (explicit && !qc_chain.depth)
 		pushed = qc_chain_push(name) > 0; /* the top of a chain, for loop detection */
-	r = qc_parse(q, explicit, opts);
+	r = qc_parse(q, explicit);
 	qc_chain.depth -= pushed;
 	if (!r)
 		r = qc_cache_init(q, &q->l2c, q->l1_size);
