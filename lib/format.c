@@ -5,6 +5,7 @@
 #include <stdbool.h>
 #include <string.h>
 #include "devio/layer.h"
+#include "devio/qcow2.h"
 #include "devio/util.h"
 
 /* VHD: detected by its footer, or named.  1 = not a VHD (auto only). */
@@ -21,6 +22,16 @@ static int format_vhd(const char *name, struct devio_backend *lower, bool named,
 	return devio_vhd_open(name, lower, named, opts, out);
 }
 
+/* qcow2: detected by its magic, or named; a backing file only when named
+ * (devio_qcow2_open refuses it otherwise).  1 = not qcow2 (auto only). */
+static int format_qcow2(const char *name, struct devio_backend *lower, bool named,
+			const struct devio_open_opts *opts, struct devio_backend **out)
+{
+	if (!named && !devio_qcow2_probe(lower))
+		return 1;
+	return devio_qcow2_open(name, lower, named, opts, out);
+}
+
 /* Auto-detection looks at image files and devices.  A remote export
  * (devio://, nbd://) is what its server chose to serve, and a new RAM disk
  * holds nothing: either is read as an image format only when asked. */
@@ -29,25 +40,40 @@ static bool format_detectable(const char *name)
 	return !strstr(name, "://") && strncmp(name, "ram:", 4);
 }
 
+/* --format auto: qcow2 by its magic at the start, then VHD by its footer
+ * at the end; raw bytes if neither. */
+static int format_detect(const char *name, struct devio_backend *lower, const struct devio_open_opts *opts,
+			 struct devio_backend **out)
+{
+	int r = format_qcow2(name, lower, false, opts, out);
+
+	if (r == 1)
+		r = format_vhd(name, lower, false, opts, out);
+	if (r == 1) {
+		*out = lower;
+		r = 0;
+	}
+	return r;
+}
+
 int devio_format_open(const char *name, struct devio_backend *lower, const char *format,
 		      const struct devio_open_opts *opts, struct devio_backend **out)
 {
-	int r;
-
 	if (format && !strcmp(format, "raw")) {
 		*out = lower;
 		return 0;
 	}
 	if (!format || !strcmp(format, "auto")) {
-		r = format_detectable(name) ? format_vhd(name, lower, false, opts, out) : 1;
-		if (r <= 0)
-			return r;
+		if (format_detectable(name))
+			return format_detect(name, lower, opts, out);
 		*out = lower;
 		return 0;
 	}
 	if (!strcmp(format, "vhd"))
 		return format_vhd(name, lower, true, opts, out);
-	devio_err("%s: format '%s' is not supported (known: raw, vhd)", name, format);
+	if (!strcmp(format, "qcow2"))
+		return format_qcow2(name, lower, true, opts, out);
+	devio_err("%s: format '%s' is not supported (known: auto, raw, vhd, qcow2)", name, format);
 	return -EINVAL;
 }
 

@@ -4,7 +4,7 @@
 set -euo pipefail
 PKGS=(
   # build
-  build-essential meson ninja-build pkg-config liburing-dev libcmocka-dev clang libclang-rt-14-dev
+  build-essential meson ninja-build pkg-config liburing-dev libcmocka-dev zlib1g-dev clang libclang-rt-14-dev
   libjansson-dev
   # test peers and tools
   python3 python3-pytest qemu-utils libnbd-bin python3-libnbd nbdkit nbd-server fio fuse3
