@@ -35,6 +35,8 @@ static int store_open(const char *source, const struct devio_open_opts *opts, st
 		return devio_remote_nbd_open(source, opts, out);
 	if (!strncmp(source, "rbd:", 4))
 		return devio_rbd_open(source, opts, out);
+	if (!strncmp(source, "plugin:", 7))
+		return devio_plugin_open(source, opts, out);
 	return devio_file_open(source, opts, out);
 }
 

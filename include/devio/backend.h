@@ -168,6 +168,8 @@ int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts,
 int devio_remote_nbd_open(const char *uri, const struct devio_open_opts *opts, struct devio_backend **out);   /* nbd://, nbd+unix:// */
 /* A Ceph RBD image (rbd:POOL/[NAMESPACE/]IMAGE[@SNAP]); -ENOTSUP in a build without librbd. */
 int devio_rbd_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out);
+/* A backend in a shared object: plugin:LIB[;PROC][:ARGS] (backends/plugin.c, include/devio/plugin.h). */
+int devio_plugin_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out);
 
 /* RAM backend introspection, for tests and `devio status`. */
 uint64_t devio_ram_resident(struct devio_backend *b);
