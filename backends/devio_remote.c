@@ -3,7 +3,9 @@
  *
  * The protocol allows one request in flight per connection, so the backend
  * keeps a small pool of connections (up to REMOTE_MAX_CONNS, opened as
- * front ends ask for parallelism) and runs each request on a free one.
+ * front ends ask for parallelism) and runs each request on a free one.  A
+ * server that refuses one more connection (ImDisk's devio serves one)
+ * caps the pool at those it accepted: requests wait for them.
  * INFO at connect gives size, alignment and flags; transfers are split at
  * REMOTE_CHUNK; unaligned requests to a server that wants alignment are
  * widened (read) or read-modify-written (write, under a lock).  A broken
@@ -55,20 +57,22 @@ struct remote {
 	 * its patch: an acknowledged write lost. */
 	pthread_rwlock_t rmw_lock;
 	struct remote_conn conns[REMOTE_MAX_CONNS];
-	unsigned n_conns;
+	/* Connections the pool opens at most: REMOTE_MAX_CONNS, lowered to
+	 * what is open when the server refuses one more (ImDisk's devio
+	 * serves one connection): requests then wait for those. */
+	unsigned max_conns;
 };
 
 /* ---- connections ---- */
 
+/* A connected socket or -errno (the caller tells why, or not). */
 static int remote_dial(struct remote *rm)
 {
 	struct timeval tv = { .tv_sec = rm->timeout_s };
 	int fd = devio_connect(&rm->addr);
 
-	if (fd < 0) {
-		devio_err("%s: cannot connect: %s", rm->uri, strerror(-fd));
+	if (fd < 0)
 		return fd;
-	}
 	/* A server that stops answering fails the request instead of
 	 * hanging its caller forever; the connection is then dropped. */
 	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
@@ -87,29 +91,83 @@ static unsigned remote_timeout(void)
 	return REMOTE_TIMEOUT_S;
 }
 
-/* A free connection (opening one if the pool is not full), marked busy. */
+/* A free slot, marked busy: an open connection if one is idle, else an
+ * unopened slot (fd -1, dialled by the caller outside the lock) while
+ * fewer than max_conns are open or being dialled, else wait. */
 static struct remote_conn *conn_get(struct remote *rm)
 {
-	struct remote_conn *c = NULL;
+	struct remote_conn *c;
 
 	pthread_mutex_lock(&rm->lock);
 	for (;;) {
-		for (unsigned i = 0; i < rm->n_conns; i++)
-			if (!rm->conns[i].busy) {
-				c = &rm->conns[i];
-				break;
-			}
-		if (c || rm->n_conns < REMOTE_MAX_CONNS)
+		struct remote_conn *spare = NULL;
+		unsigned used = 0;
+
+		c = NULL;
+		for (unsigned i = 0; i < REMOTE_MAX_CONNS; i++) {
+			struct remote_conn *k = &rm->conns[i];
+
+			used += k->fd >= 0 || k->busy;
+			if (!k->busy && k->fd >= 0 && !c)
+				c = k;
+			if (!k->busy && k->fd < 0 && !spare)
+				spare = k;
+		}
+		if (!c && spare && used < rm->max_conns)
+			c = spare;
+		if (c)
 			break;
 		pthread_cond_wait(&rm->freed, &rm->lock);
-	}
-	if (!c) {
-		c = &rm->conns[rm->n_conns++];
-		c->fd = -1; /* dialled by the caller, outside the lock */
 	}
 	c->busy = true;
 	pthread_mutex_unlock(&rm->lock);
 	return c;
+}
+
+/* Dialling slot c failed: when other connections are open the server
+ * takes no more (a one-connection server), so the pool shrinks to them and
+ * the request waits for one (true); when none is, it is an error (false).
+ * Gives the slot back either way. */
+static bool conn_shrink(struct remote *rm, struct remote_conn *c, int err)
+{
+	unsigned open = 0;
+
+	pthread_mutex_lock(&rm->lock);
+	for (unsigned i = 0; i < REMOTE_MAX_CONNS; i++)
+		open += rm->conns[i].fd >= 0;
+	if (open && open < rm->max_conns) {
+		devio_warn("%s: the server refused connection %u (%s): using the %u it accepted", rm->uri, open + 1,
+			   strerror(-err), open);
+		rm->max_conns = open;
+	}
+	c->busy = false;
+	pthread_cond_broadcast(&rm->freed);
+	pthread_mutex_unlock(&rm->lock);
+	return open > 0;
+}
+
+/* An open connection, marked busy: dialled if need be. */
+static int conn_open(struct remote *rm, struct remote_conn **out)
+{
+	for (;;) {
+		struct remote_conn *c = conn_get(rm);
+		int fd;
+
+		if (c->fd >= 0) {
+			*out = c;
+			return 0;
+		}
+		fd = remote_dial(rm);
+		if (fd >= 0) {
+			c->fd = fd;
+			*out = c;
+			return 0;
+		}
+		if (!conn_shrink(rm, c, fd)) {
+			devio_err("%s: cannot connect: %s", rm->uri, strerror(-fd));
+			return fd;
+		}
+	}
 }
 
 static void conn_put(struct remote *rm, struct remote_conn *c)
@@ -236,21 +294,21 @@ static int exchange(struct remote *rm, int fd, struct xfer *x)
 	return 0;
 }
 
-/* Run x on a pooled connection; reopen a broken connection once. */
+/* Run x on a pooled connection; after a broken connection, once more
+ * on another (or a new) one. */
 static int remote_run(struct remote *rm, struct xfer *x)
 {
-	struct remote_conn *c = conn_get(rm);
+	struct remote_conn *c;
 	int r = -ECONNRESET;
 
 	for (int attempt = 0; attempt < 2; attempt++) {
-		if (c->fd < 0 && (c->fd = remote_dial(rm)) < 0) {
-			r = c->fd;
-			c->fd = -1;
+		if ((r = conn_open(rm, &c)))
+			break;
+		r = exchange(rm, c->fd, x);
+		if (r == 0) {
+			conn_put(rm, c);
 			break;
 		}
-		r = exchange(rm, c->fd, x);
-		if (r == 0)
-			break;
 		/* A change that timed out may still be running on the server:
 		 * sent again, the late first copy could land after a newer,
 		 * acknowledged write to the same blocks.  Only reads retry then. */
@@ -259,8 +317,8 @@ static int remote_run(struct remote *rm, struct xfer *x)
 		devio_warn("%s: connection lost at offset %llu (%s)%s", rm->uri, (unsigned long long)x->off,
 			   strerror(-r), attempt ? "" : "; reconnecting");
 		conn_drop(c);
+		conn_put(rm, c);
 	}
-	conn_put(rm, c);
 	return r ? r : x->result;
 }
 
@@ -407,10 +465,11 @@ static int remote_flush(struct devio_backend *b)
 static void remote_describe(struct devio_backend *b, char *out, size_t outlen)
 {
 	struct remote *rm = b->priv;
-	unsigned n;
+	unsigned n = 0;
 
 	pthread_mutex_lock(&rm->lock); /* the pool may be growing on another thread */
-	n = rm->n_conns;
+	for (unsigned i = 0; i < REMOTE_MAX_CONNS; i++)
+		n += rm->conns[i].fd >= 0;
 	pthread_mutex_unlock(&rm->lock);
 	snprintf(out, outlen, "devio server %s (alignment %llu, flags 0x%llx, %u connection(s))", rm->uri,
 		 (unsigned long long)rm->align, (unsigned long long)rm->flags, n);
@@ -422,7 +481,7 @@ static void remote_close(struct devio_backend *b)
 	uint8_t bye[8];
 
 	devio_put_le64(bye, DEVIO_REQ_CLOSE);
-	for (unsigned i = 0; i < rm->n_conns; i++)
+	for (unsigned i = 0; i < REMOTE_MAX_CONNS; i++)
 		if (rm->conns[i].fd >= 0) {
 			if (devio_write_full(rm->conns[i].fd, bye, sizeof(bye)))
 				devio_debug("%s: CLOSE not delivered", rm->uri);
@@ -483,9 +542,10 @@ static int remote_info(struct remote *rm)
 	int r;
 
 	c->fd = remote_dial(rm);
-	if (c->fd < 0)
+	if (c->fd < 0) {
+		devio_err("%s: cannot connect: %s", rm->uri, strerror(-c->fd));
 		return c->fd;
-	rm->n_conns = 1;
+	}
 	if ((r = devio_write_full(c->fd, req, devio_proto_encode_req(&rq, req))) ||
 	    (r = devio_read_full(c->fd, resp, sizeof(resp)))) {
 		devio_err("%s: INFO failed: %s", rm->uri, strerror(-r));
@@ -576,6 +636,7 @@ int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts,
 	rmw_lock_init(&rm->rmw_lock);
 	snprintf(rm->uri, sizeof(rm->uri), "%s", uri);
 	rm->timeout_s = remote_timeout();
+	rm->max_conns = REMOTE_MAX_CONNS;
 	if (parse_uri(uri, &rm->addr)) {
 		devio_err("%s: want devio://HOST:PORT or devio+unix:///PATH", uri);
 		r = -EINVAL;
