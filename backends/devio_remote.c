@@ -7,7 +7,8 @@
  * server that refuses one more connection (ImDisk's devio serves one)
  * caps the pool at those it accepted: requests wait for them.
  * INFO at connect gives size, alignment and flags; transfers are split at
- * REMOTE_CHUNK; unaligned requests to a server that wants alignment are
+ * REMOTE_CHUNK, or at ?chunk=N (a server with a small buffer, as ImDisk's
+ * devio given a buffersize, drops a connection on a larger WRITE); unaligned requests to a server that wants alignment are
  * widened (read) or read-modify-written (write, under a lock).  A broken
  * connection is reopened once per request (not for a change that timed
  * out: it may still land).  The protocol has no flush:
@@ -47,6 +48,7 @@ struct remote {
 	uint64_t align;         /* server's req_alignment (power of two) */
 	uint64_t remote_size;
 	uint64_t flags;         /* INFO flags */
+	uint64_t chunk;         /* largest READ/WRITE sent (?chunk=, a multiple of align) */
 	unsigned timeout_s;     /* per send/receive on a connection */
 	pthread_mutex_t lock;
 	pthread_cond_t freed;
@@ -329,7 +331,7 @@ static int run_chunks(struct remote *rm, uint64_t code, void *buf, uint64_t len,
 	int r = 0;
 
 	while (len && !r) {
-		uint64_t n = len < REMOTE_CHUNK ? len : REMOTE_CHUNK;
+		uint64_t n = len < rm->chunk ? len : rm->chunk;
 		struct xfer x = { .code = code, .off = rm->base + off, .len = n, .buf = buf };
 
 		r = remote_run(rm, &x);
@@ -442,11 +444,11 @@ static int remote_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint
 		return -EOPNOTSUPP; /* the protocol cannot say whether ZERO is fast */
 	if (rm->flags & DEVIO_INFO_SUPPORTS_ZERO)
 		return remote_range(b, DEVIO_REQ_ZERO, off, len);
-	zeroes = calloc(1, REMOTE_CHUNK);
+	zeroes = calloc(1, rm->chunk);
 	if (!zeroes)
 		return -ENOMEM;
 	while (len && !r) {
-		uint64_t n = len < REMOTE_CHUNK ? len : REMOTE_CHUNK;
+		uint64_t n = len < rm->chunk ? len : rm->chunk;
 
 		r = remote_pwrite(b, zeroes, n, off, 0);
 		off += n;
@@ -507,26 +509,51 @@ static const struct devio_backend_ops remote_ops = {
 
 /* ---- opening ---- */
 
-/* devio://HOST:PORT, devio://[V6]:PORT, devio+unix:///PATH */
-static int parse_uri(const char *uri, struct devio_addr *a)
+/* The query after '?': chunk=N (512..64M). */
+static int parse_query(const char *q, struct remote *rm)
 {
-	char spec[300];
+	char buf[128], *save = NULL;
 
+	if (strlen(q) >= sizeof(buf))
+		return -EINVAL;
+	strcpy(buf, q);
+	for (char *kv = strtok_r(buf, "&", &save); kv; kv = strtok_r(NULL, "&", &save)) {
+		if (strncmp(kv, "chunk=", 6) || devio_parse_size(kv + 6, &rm->chunk) || rm->chunk < 512 ||
+		    rm->chunk > DEVIO_MAX_TRANSFER) {
+			devio_err("%s: '%s': want chunk=N (512..64M)", rm->uri, kv);
+			return -EINVAL;
+		}
+	}
+	return 0;
+}
+
+/* devio://HOST:PORT, devio://[V6]:PORT, devio+unix:///PATH, each with an
+ * optional ?chunk=N */
+static int parse_uri(const char *uri, struct remote *rm)
+{
+	struct devio_addr *a = &rm->addr;
+	const char *q = strchr(uri, '?');
+	char spec[300];
+	size_t n;
+
+	if (q && parse_query(q + 1, rm))
+		return -EINVAL;
+	n = q ? (size_t)(q - uri) : strlen(uri);
 	if (!strncmp(uri, "devio://", 8)) {
 		const char *hp = uri + 8;
-		size_t n = strcspn(hp, "/?");
+		size_t h = strcspn(hp, "/?");
 
-		if (hp[n] && strcmp(hp + n, "/"))
+		if (hp + h < uri + n && (hp[h] != '/' || hp + h + 1 != uri + n))
 			return -EINVAL;
-		if (n == 0 || n + 5 >= sizeof(spec))
+		if (h == 0 || h + 5 >= sizeof(spec))
 			return -EINVAL;
-		snprintf(spec, sizeof(spec), "tcp:%.*s", (int)n, hp);
+		snprintf(spec, sizeof(spec), "tcp:%.*s", (int)h, hp);
 		return devio_addr_parse(spec, "9000", a);
 	}
-	if (!strncmp(uri, "devio+unix://", 13) && uri[13] == '/' && uri[14]) {
-		if (strlen(uri + 13) + 6 >= sizeof(spec))
+	if (!strncmp(uri, "devio+unix://", 13) && uri[13] == '/' && n > 14) {
+		if (n - 13 + 6 >= sizeof(spec))
 			return -ENAMETOOLONG;
-		snprintf(spec, sizeof(spec), "unix:%s", uri + 13);
+		snprintf(spec, sizeof(spec), "unix:%.*s", (int)(n - 13), uri + 13);
 		return devio_addr_parse(spec, NULL, a);
 	}
 	return -EINVAL;
@@ -558,6 +585,8 @@ static int remote_info(struct remote *rm)
 	rm->remote_size = info.file_size;
 	rm->align = info.req_alignment;
 	rm->flags = info.flags;
+	/* whole blocks per chunk, so aligned transfers stay aligned */
+	rm->chunk = rm->chunk < rm->align ? rm->align : rm->chunk & ~(rm->align - 1);
 	return 0;
 }
 
@@ -637,8 +666,9 @@ int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts,
 	snprintf(rm->uri, sizeof(rm->uri), "%s", uri);
 	rm->timeout_s = remote_timeout();
 	rm->max_conns = REMOTE_MAX_CONNS;
-	if (parse_uri(uri, &rm->addr)) {
-		devio_err("%s: want devio://HOST:PORT or devio+unix:///PATH", uri);
+	rm->chunk = REMOTE_CHUNK;
+	if (parse_uri(uri, rm)) {
+		devio_err("%s: want devio://HOST:PORT or devio+unix:///PATH (?chunk=N)", uri);
 		r = -EINVAL;
 		goto out_free;
 	}

@@ -78,3 +78,59 @@ def test_attach_mkfs_fsck(scratch, one_conn):  # noqa: F811
     with open(scratch.path("attach.log")) as f:
         log = f.read()
     assert "cannot connect" not in log and "Input/output error" not in log, log
+
+
+def test_size_zero_needs_size_option(one_conn, tmp_path):
+    """ImDisk's devio on a Linux block device says size 0: every client
+    command takes --size, as serve does."""
+    img = tmp_path / "img"
+    data = os.urandom(2 * MiB)
+    img.write_bytes(data)
+    uri, _ = one_conn(str(img), "--size-zero")
+    r = subprocess.run([DEVIO, "info", uri], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "give it with --size" in r.stderr, r.stderr
+    uri, _ = one_conn(str(img), "--size-zero")
+    assert "size: 2097152" in run_ok(DEVIO, "info", "--size", "2M", uri)
+    uri, _ = one_conn(str(img), "--size-zero")
+    r = subprocess.run([DEVIO, "cat", "--size", "2M", "--offset", "1M", "--length", "4096", uri],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == data[MiB:MiB + 4096], r.stderr
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(2 * MiB))
+    uri, p = one_conn(str(img), "--size-zero")
+    run_ok(DEVIO, "copy", "--size", "2M", str(src), uri)
+    p.wait(timeout=30)
+    assert img.read_bytes() == src.read_bytes()
+
+
+def test_chunk_for_a_small_buffer(one_conn, tmp_path):
+    """A server with buffersize 64K exits on a larger WRITE (as ImDisk's
+    devio does): ?chunk=64K keeps every request within it."""
+    img, src = tmp_path / "img", tmp_path / "src"
+    img.write_bytes(bytes(2 * MiB))
+    src.write_bytes(os.urandom(2 * MiB))
+    uri, p = one_conn(str(img), "--buffersize", "65536")
+    r = subprocess.run([DEVIO, "copy", str(src), uri], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0  # 1 MiB writes: the server gave up
+    p.wait(timeout=30)
+    assert b"over the 65536-byte buffer" in p.stderr.read()
+    uri, p = one_conn(str(img), "--buffersize", "65536")
+    run_ok(DEVIO, "copy", str(src), uri + "?chunk=64K")
+    p.wait(timeout=30)
+    assert p.returncode == 0 and img.read_bytes() == src.read_bytes()
+    for bad in ("?chunk=100", "?chunk=128M", "?chunk=x", "?size=1"):
+        r = subprocess.run([DEVIO, "info", "devio://127.0.0.1:1" + bad], capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and "want chunk=N" in r.stderr, r.stderr
+
+
+def test_attach_size_zero_server(scratch, one_conn):  # noqa: F811
+    img = scratch.path("img")
+    data = os.urandom(8 * MiB)
+    with open(img, "wb") as f:
+        f.write(data)
+    uri, p = one_conn(img, "--size-zero")
+    mnt, dev = attach(scratch, uri, "--size", "8M")
+    with open(dev, "rb") as f:
+        assert f.read() == data
+    run_ok(DEVIO, "detach", mnt, timeout=60)
+    wait_for(lambda: not loop_exists(dev), 10, f"{dev} detached")
