@@ -5,6 +5,7 @@ qemu-img compare) and FUSE with a loop device (mkfs.ext4, fsck); a plugin
 that breaks the rules gets clear errors, never a crash; ImDisk's --dll
 line with an ImDisk-style dllopen procedure."""
 import glob
+import struct
 import os
 import subprocess
 
@@ -194,5 +195,17 @@ def test_imdisk_dll_line(bad, tmp_path):
                 p.kill()
                 p.wait()
     assert p.returncode == 0, err
+    # an MBR with one partition: partition 1 by default, read through the library
+    mbr = bytearray(512)
+    mbr[446 + 4] = 0x83
+    mbr[446 + 8:446 + 16] = struct.pack("<II", 16, 64)
+    mbr[510:512] = b"\x55\xaa"
+    img.write_bytes(bytes(mbr) + payload[512:])
+    r = subprocess.run([DEVIO, f"--dll={bad};imd_open", "-", str(img)], capture_output=True, timeout=60,
+                       input=devio_wire.q(devio_wire.INFO) + devio_wire.q(devio_wire.READ, 0, 512) +
+                       devio_wire.q(devio_wire.CLOSE))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout[:8] == devio_wire.q(64 * 512) and r.stdout[40:552] == payload[16 * 512:17 * 512]
+    assert b"using partition 1" in r.stderr
     r = subprocess.run([DEVIO, f"--dll={bad};imd_null", "9", str(img)], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "imd_null" in r.stderr and "failed" in r.stderr, r.stderr
