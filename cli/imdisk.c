@@ -1,7 +1,7 @@
 /* imdisk.c - ImDisk's own devio command line, as a drop-in:
  *
- *   devio [-r] tcp-port|commdev diskdev [blocks] [offset] [alignm] [buffersize]
- *   devio [-r] tcp-port|commdev diskdev [partitionnumber] [alignm] [buffersize]
+ *   devio [--dll=LIB[;PROC]] [--novhd] [-r] tcp-port|commdev diskdev [blocks] [offset] [alignm] [buffersize]
+ *   devio [--dll=LIB[;PROC]] [--novhd] [-r] tcp-port|commdev diskdev [partitionnumber] [alignm] [buffersize]
  *
  * The two forms are told apart as ImDisk's devio does (docs/devio-protocol.md,
  * "ImDisk command line"): the third word with a size suffix (K/M/G/T/B
@@ -9,15 +9,22 @@
  * number below 512 is a partition number (0 = the whole image); a larger
  * plain number counts 512-byte blocks.  Without it, partition 1 is served
  * when sector 0 holds a master boot record, else the whole image; a
- * partition number for an image without one also serves the whole image.  When a
- * partition was selected the next words are [alignm] [buffersize];
- * otherwise [offset] (512-byte blocks, or bytes with a suffix) comes first.
+ * partition number for an image without one also serves the whole image.
+ * Partitions are numbered as ImDisk numbers them
+ * (devio_partition_find_imdisk), the tables read through the opened image,
+ * which is then opened again windowed.  When a partition was selected the
+ * next words are [alignm] [buffersize]; otherwise [offset] (512-byte
+ * blocks, or bytes with a suffix) comes first.
+ *
+ * --dll=LIB;PROC: diskdev is opened by ImDisk's dllopen procedure PROC of
+ * LIB; --dll=LIB: by a devio plugin (backends/plugin.c).
  *
  * tcp-port: a bare number, listening on EVERY interface as devio does.
- * commdev: "-" for stdin/stdout, a device path, shm:NAME (not available
- * yet) or drv:NAME (this machine's equivalent of the DevIO client driver:
- * a ublk device when /dev/ublk-control exists, else a FUSE file at
- * /run/devio/NAME with a loop device).
+ * commdev: "-" for stdin (answers on fd 0 when it is open both ways), a
+ * device path, shm:NAME (not available yet) or drv:NAME (this machine's
+ * equivalent of the DevIO client driver: a ublk device when
+ * /dev/ublk-control exists, else a FUSE file at /run/devio/NAME with a
+ * loop device).
  */
 #include <errno.h>
 #include <fcntl.h>
