@@ -19,12 +19,17 @@ static int store_open(const char *source, const struct devio_open_opts *opts, st
 			devio_err("%s: --offset and --partition do not apply to a RAM disk", source);
 			return -EINVAL;
 		}
-		r = devio_parse_size(source + 4, &size);
+		const char *image = strchr(source, ','); /* ram:SIZE,image=FILE */
+		char sz[32];
+
+		snprintf(sz, sizeof(sz), "%.*s", image ? (int)(image - source - 4) : 31, source + 4);
+		r = devio_parse_size(sz, &size);
 		if (r || size == 0) {
 			devio_err("%s: bad RAM disk size (want ram:SIZE, e.g. ram:1G)", source);
 			return -EINVAL;
 		}
-		r = devio_ram_open(size, opts->ram_max, out);
+		r = image ? devio_ram_image_open(size, image + 1, opts->ram_max, out)
+			  : devio_ram_open(size, opts->ram_max, out);
 		if (!r && opts->readonly)
 			(*out)->caps |= DEVIO_CAP_READONLY;
 		return r;
