@@ -8,8 +8,9 @@
  * caps the pool at those it accepted: requests wait for them.
  * INFO at connect gives size, alignment and flags; transfers are split at
  * REMOTE_CHUNK, or at ?chunk=N (a server with a small buffer, as ImDisk's
- * devio given a buffersize, drops a connection on a larger WRITE); unaligned requests to a server that wants alignment are
- * widened (read) or read-modify-written (write, under a lock).  A broken
+ * devio given a buffersize, drops a connection on a larger WRITE);
+ * unaligned requests to a server that wants alignment are widened (read)
+ * or read-modify-written (write, under a lock).  A broken
  * connection is reopened once per request (not for a change that timed
  * out: it may still land).  The protocol has no flush:
  * flush is a no-op and no FLUSH or FUA capability is claimed.  CACHE (a

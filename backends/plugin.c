@@ -256,7 +256,7 @@ static const struct devio_backend_ops plugin_backend_ops = {
 /* ---- ImDisk's library ABI, behind the same table ---- */
 
 /* ImDisk's callbacks return a byte count or -1 with errno set. */
-static int64_t imd_result(ssize_t n)
+static int64_t plugin_imd_result(ssize_t n)
 {
 	int e = errno;
 
@@ -265,23 +265,23 @@ static int64_t imd_result(ssize_t n)
 	return n == -1 && e > 0 && e <= PLUGIN_MAX_ERRNO ? -e : n;
 }
 
-static int64_t imd_read(void *h, void *buf, uint64_t len, uint64_t off)
+static int64_t plugin_imd_read(void *h, void *buf, uint64_t len, uint64_t off)
 {
 	struct plugin *pl = h;
 
 	errno = 0;
-	return imd_result(pl->imd_read(pl->imd_handle, buf, (size_t)len, (int64_t)off));
+	return plugin_imd_result(pl->imd_read(pl->imd_handle, buf, (size_t)len, (int64_t)off));
 }
 
-static int64_t imd_write(void *h, const void *buf, uint64_t len, uint64_t off)
+static int64_t plugin_imd_write(void *h, const void *buf, uint64_t len, uint64_t off)
 {
 	struct plugin *pl = h;
 
 	errno = 0;
-	return imd_result(pl->imd_write(pl->imd_handle, (void *)buf, (size_t)len, (int64_t)off));
+	return plugin_imd_result(pl->imd_write(pl->imd_handle, (void *)buf, (size_t)len, (int64_t)off));
 }
 
-static void imd_close(void *h)
+static void plugin_imd_close(void *h)
 {
 	struct plugin *pl = h;
 
@@ -289,14 +289,14 @@ static void imd_close(void *h)
 		devio_warn("%s: the library's close failed", pl->name);
 }
 
-static int imd_size(void *h, uint64_t *bytes)
+static int plugin_imd_size(void *h, uint64_t *bytes)
 {
 	*bytes = 0; /* filled in from dllopen's answer by the caller */
 	return 0;
 }
 
 /* Call PROC as dllopen and check what it handed back. */
-static int imd_open(struct plugin *pl, const char *proc, const char *args, bool readonly, uint64_t *size)
+static int plugin_imd_open(struct plugin *pl, const char *proc, const char *args, bool readonly, uint64_t *size)
 {
 	imd_open_fn open_fn = (imd_open_fn)(uintptr_t)dlsym(pl->dl, proc);
 	int64_t sz = 0;
@@ -317,8 +317,8 @@ static int imd_open(struct plugin *pl, const char *proc, const char *args, bool 
 			  !pl->imd_read ? "read" : !pl->imd_close ? "close" : "write");
 		return -EINVAL;
 	}
-	pl->ops = (struct devio_plugin){ .name = proc, .open = NULL, .size = imd_size, .read = imd_read,
-					 .close = imd_close, .write = readonly ? NULL : imd_write };
+	pl->ops = (struct devio_plugin){ .name = "ImDisk dllopen", .size = plugin_imd_size, .read = plugin_imd_read,
+					 .close = plugin_imd_close, .write = readonly ? NULL : plugin_imd_write };
 	pl->handle = pl;
 	pl->opened = true;
 	pl->serial = true;
@@ -495,7 +495,7 @@ static int plugin_load(struct plugin *pl, const char *source, const struct devio
 		return -ENOENT;
 	}
 	if (proc && strcmp(proc, DEVIO_PLUGIN_ENTRY))
-		r = imd_open(pl, proc, args, o->readonly, size);
+		r = plugin_imd_open(pl, proc, args, o->readonly, size);
 	else
 		r = plugin_start(pl, args, o->readonly, size);
 	return r ? r : plugin_size(pl, o, size);

@@ -65,8 +65,8 @@ def test_background_write_back(serve, tmp_path):
     s.stop(sig=signal.SIGKILL)
     s, sock = start(serve, tmp_path, img, "sync-interval=3600", "sync-every=1M")
     h = nbd_handle(sock)
+    h.pwrite(b"every!!!" * 512, 0)  # dirty before the bytes that trigger the write-back
     h.pwrite(os.urandom(2 * MiB), 8 * MiB)
-    h.pwrite(b"every!!!" * 512, 0)
     wait_for(lambda: file_at(img, 0, 8) == b"every!!!", 30, "write-back after sync-every bytes")
     h.shutdown()
     s.stop(sig=signal.SIGKILL)
