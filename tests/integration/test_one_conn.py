@@ -66,7 +66,8 @@ def test_attach_mkfs_fsck(scratch, one_conn):  # noqa: F811
     mnt, dev = attach(scratch, uri)
     # many requests at once from the kernel, checked
     run_ok("fio", "--name=par", f"--filename={dev}", "--rw=randwrite", "--bs=64k", "--iodepth=16",
-           "--ioengine=libaio", "--direct=1", "--size=16M", "--verify=crc32c", "--verify_state_save=0", "--output=/dev/null", timeout=300)
+           "--ioengine=libaio", "--direct=1", "--size=16M", "--verify=crc32c", "--verify_state_save=0",
+           "--output=/dev/null", timeout=300)
     run_ok("mkfs.ext4", "-q", "-F", "-E", "nodiscard", dev, timeout=300)
     run_ok("fsck.ext4", "-n", "-f", dev, timeout=300)
     run_ok(DEVIO, "detach", mnt, timeout=60)
