@@ -3,10 +3,14 @@
  *
  * The protocol allows one request in flight per connection, so the backend
  * keeps a small pool of connections (up to REMOTE_MAX_CONNS, opened as
- * front ends ask for parallelism) and runs each request on a free one.
+ * front ends ask for parallelism) and runs each request on a free one.  A
+ * server that refuses one more connection (ImDisk's devio serves one)
+ * caps the pool at those it accepted: requests wait for them.
  * INFO at connect gives size, alignment and flags; transfers are split at
- * REMOTE_CHUNK; unaligned requests to a server that wants alignment are
- * widened (read) or read-modify-written (write, under a lock).  A broken
+ * REMOTE_CHUNK, or at ?chunk=N (a server with a small buffer, as ImDisk's
+ * devio given a buffersize, drops a connection on a larger WRITE);
+ * unaligned requests to a server that wants alignment are widened (read)
+ * or read-modify-written (write, under a lock).  A broken
  * connection is reopened once per request (not for a change that timed
  * out: it may still land).  The protocol has no flush:
  * flush is a no-op and no FLUSH or FUA capability is claimed.  CACHE (a
@@ -44,6 +48,7 @@ struct remote {
 	uint64_t align;         /* server's req_alignment (power of two) */
 	uint64_t remote_size;
 	uint64_t flags;         /* INFO flags */
+	uint64_t chunk;         /* largest READ/WRITE sent (?chunk=, a multiple of align) */
 	unsigned timeout_s;     /* per send/receive on a connection */
 	pthread_mutex_t lock;
 	pthread_cond_t freed;
@@ -54,20 +59,22 @@ struct remote {
 	 * its patch: an acknowledged write lost. */
 	pthread_rwlock_t rmw_lock;
 	struct remote_conn conns[REMOTE_MAX_CONNS];
-	unsigned n_conns;
+	/* Connections the pool opens at most: REMOTE_MAX_CONNS, lowered to
+	 * what is open when the server refuses one more (ImDisk's devio
+	 * serves one connection): requests then wait for those. */
+	unsigned max_conns;
 };
 
 /* ---- connections ---- */
 
+/* A connected socket or -errno (the caller tells why, or not). */
 static int remote_dial(struct remote *rm)
 {
 	struct timeval tv = { .tv_sec = rm->timeout_s };
 	int fd = devio_connect(&rm->addr);
 
-	if (fd < 0) {
-		devio_err("%s: cannot connect: %s", rm->uri, strerror(-fd));
+	if (fd < 0)
 		return fd;
-	}
 	/* A server that stops answering fails the request instead of
 	 * hanging its caller forever; the connection is then dropped. */
 	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
@@ -86,29 +93,83 @@ static unsigned remote_timeout(void)
 	return REMOTE_TIMEOUT_S;
 }
 
-/* A free connection (opening one if the pool is not full), marked busy. */
+/* A free slot, marked busy: an open connection if one is idle, else an
+ * unopened slot (fd -1, dialled by the caller outside the lock) while
+ * fewer than max_conns are open or being dialled, else wait. */
 static struct remote_conn *conn_get(struct remote *rm)
 {
-	struct remote_conn *c = NULL;
+	struct remote_conn *c;
 
 	pthread_mutex_lock(&rm->lock);
 	for (;;) {
-		for (unsigned i = 0; i < rm->n_conns; i++)
-			if (!rm->conns[i].busy) {
-				c = &rm->conns[i];
-				break;
-			}
-		if (c || rm->n_conns < REMOTE_MAX_CONNS)
+		struct remote_conn *spare = NULL;
+		unsigned used = 0;
+
+		c = NULL;
+		for (unsigned i = 0; i < REMOTE_MAX_CONNS; i++) {
+			struct remote_conn *k = &rm->conns[i];
+
+			used += k->fd >= 0 || k->busy;
+			if (!k->busy && k->fd >= 0 && !c)
+				c = k;
+			if (!k->busy && k->fd < 0 && !spare)
+				spare = k;
+		}
+		if (!c && spare && used < rm->max_conns)
+			c = spare;
+		if (c)
 			break;
 		pthread_cond_wait(&rm->freed, &rm->lock);
-	}
-	if (!c) {
-		c = &rm->conns[rm->n_conns++];
-		c->fd = -1; /* dialled by the caller, outside the lock */
 	}
 	c->busy = true;
 	pthread_mutex_unlock(&rm->lock);
 	return c;
+}
+
+/* Dialling slot c failed: when other connections are open the server
+ * takes no more (a one-connection server), so the pool shrinks to them and
+ * the request waits for one (true); when none is, it is an error (false).
+ * Gives the slot back either way. */
+static bool conn_shrink(struct remote *rm, struct remote_conn *c, int err)
+{
+	unsigned open = 0;
+
+	pthread_mutex_lock(&rm->lock);
+	for (unsigned i = 0; i < REMOTE_MAX_CONNS; i++)
+		open += rm->conns[i].fd >= 0;
+	if (open && open < rm->max_conns) {
+		devio_warn("%s: the server refused connection %u (%s): using the %u it accepted", rm->uri, open + 1,
+			   strerror(-err), open);
+		rm->max_conns = open;
+	}
+	c->busy = false;
+	pthread_cond_broadcast(&rm->freed);
+	pthread_mutex_unlock(&rm->lock);
+	return open > 0;
+}
+
+/* An open connection, marked busy: dialled if need be. */
+static int conn_open(struct remote *rm, struct remote_conn **out)
+{
+	for (;;) {
+		struct remote_conn *c = conn_get(rm);
+		int fd;
+
+		if (c->fd >= 0) {
+			*out = c;
+			return 0;
+		}
+		fd = remote_dial(rm);
+		if (fd >= 0) {
+			c->fd = fd;
+			*out = c;
+			return 0;
+		}
+		if (!conn_shrink(rm, c, fd)) {
+			devio_err("%s: cannot connect: %s", rm->uri, strerror(-fd));
+			return fd;
+		}
+	}
 }
 
 static void conn_put(struct remote *rm, struct remote_conn *c)
@@ -235,21 +296,21 @@ static int exchange(struct remote *rm, int fd, struct xfer *x)
 	return 0;
 }
 
-/* Run x on a pooled connection; reopen a broken connection once. */
+/* Run x on a pooled connection; after a broken connection, once more
+ * on another (or a new) one. */
 static int remote_run(struct remote *rm, struct xfer *x)
 {
-	struct remote_conn *c = conn_get(rm);
+	struct remote_conn *c;
 	int r = -ECONNRESET;
 
 	for (int attempt = 0; attempt < 2; attempt++) {
-		if (c->fd < 0 && (c->fd = remote_dial(rm)) < 0) {
-			r = c->fd;
-			c->fd = -1;
+		if ((r = conn_open(rm, &c)))
+			break;
+		r = exchange(rm, c->fd, x);
+		if (r == 0) {
+			conn_put(rm, c);
 			break;
 		}
-		r = exchange(rm, c->fd, x);
-		if (r == 0)
-			break;
 		/* A change that timed out may still be running on the server:
 		 * sent again, the late first copy could land after a newer,
 		 * acknowledged write to the same blocks.  Only reads retry then. */
@@ -258,8 +319,8 @@ static int remote_run(struct remote *rm, struct xfer *x)
 		devio_warn("%s: connection lost at offset %llu (%s)%s", rm->uri, (unsigned long long)x->off,
 			   strerror(-r), attempt ? "" : "; reconnecting");
 		conn_drop(c);
+		conn_put(rm, c);
 	}
-	conn_put(rm, c);
 	return r ? r : x->result;
 }
 
@@ -270,7 +331,7 @@ static int run_chunks(struct remote *rm, uint64_t code, void *buf, uint64_t len,
 	int r = 0;
 
 	while (len && !r) {
-		uint64_t n = len < REMOTE_CHUNK ? len : REMOTE_CHUNK;
+		uint64_t n = len < rm->chunk ? len : rm->chunk;
 		struct xfer x = { .code = code, .off = off, .len = n, .buf = buf };
 
 		r = remote_run(rm, &x);
@@ -383,11 +444,11 @@ static int remote_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint
 		return -EOPNOTSUPP; /* the protocol cannot say whether ZERO is fast */
 	if (rm->flags & DEVIO_INFO_SUPPORTS_ZERO)
 		return remote_range(b, DEVIO_REQ_ZERO, off, len);
-	zeroes = calloc(1, REMOTE_CHUNK);
+	zeroes = calloc(1, rm->chunk);
 	if (!zeroes)
 		return -ENOMEM;
 	while (len && !r) {
-		uint64_t n = len < REMOTE_CHUNK ? len : REMOTE_CHUNK;
+		uint64_t n = len < rm->chunk ? len : rm->chunk;
 
 		r = remote_pwrite(b, zeroes, n, off, 0);
 		off += n;
@@ -406,10 +467,11 @@ static int remote_flush(struct devio_backend *b)
 static void remote_describe(struct devio_backend *b, char *out, size_t outlen)
 {
 	struct remote *rm = b->priv;
-	unsigned n;
+	unsigned n = 0;
 
 	pthread_mutex_lock(&rm->lock); /* the pool may be growing on another thread */
-	n = rm->n_conns;
+	for (unsigned i = 0; i < REMOTE_MAX_CONNS; i++)
+		n += rm->conns[i].fd >= 0;
 	pthread_mutex_unlock(&rm->lock);
 	snprintf(out, outlen, "devio server %s (alignment %llu, flags 0x%llx, %u connection(s))", rm->uri,
 		 (unsigned long long)rm->align, (unsigned long long)rm->flags, n);
@@ -421,7 +483,7 @@ static void remote_close(struct devio_backend *b)
 	uint8_t bye[8];
 
 	devio_put_le64(bye, DEVIO_REQ_CLOSE);
-	for (unsigned i = 0; i < rm->n_conns; i++)
+	for (unsigned i = 0; i < REMOTE_MAX_CONNS; i++)
 		if (rm->conns[i].fd >= 0) {
 			if (devio_write_full(rm->conns[i].fd, bye, sizeof(bye)))
 				devio_debug("%s: CLOSE not delivered", rm->uri);
@@ -447,26 +509,51 @@ static const struct devio_backend_ops remote_ops = {
 
 /* ---- opening ---- */
 
-/* devio://HOST:PORT, devio://[V6]:PORT, devio+unix:///PATH */
-static int parse_uri(const char *uri, struct devio_addr *a)
+/* The query after '?': chunk=N (512..64M). */
+static int parse_query(const char *q, struct remote *rm)
 {
-	char spec[300];
+	char buf[128], *save = NULL;
 
+	if (strlen(q) >= sizeof(buf))
+		return -EINVAL;
+	strcpy(buf, q);
+	for (char *kv = strtok_r(buf, "&", &save); kv; kv = strtok_r(NULL, "&", &save)) {
+		if (strncmp(kv, "chunk=", 6) || devio_parse_size(kv + 6, &rm->chunk) || rm->chunk < 512 ||
+		    rm->chunk > DEVIO_MAX_TRANSFER) {
+			devio_err("%s: '%s': want chunk=N (512..64M)", rm->uri, kv);
+			return -EINVAL;
+		}
+	}
+	return 0;
+}
+
+/* devio://HOST:PORT, devio://[V6]:PORT, devio+unix:///PATH, each with an
+ * optional ?chunk=N */
+static int parse_uri(const char *uri, struct remote *rm)
+{
+	struct devio_addr *a = &rm->addr;
+	const char *q = strchr(uri, '?');
+	char spec[300];
+	size_t n;
+
+	if (q && parse_query(q + 1, rm))
+		return -EINVAL;
+	n = q ? (size_t)(q - uri) : strlen(uri);
 	if (!strncmp(uri, "devio://", 8)) {
 		const char *hp = uri + 8;
-		size_t n = strcspn(hp, "/?");
+		size_t h = strcspn(hp, "/?");
 
-		if (hp[n] && strcmp(hp + n, "/"))
+		if (hp + h < uri + n && (hp[h] != '/' || hp + h + 1 != uri + n))
 			return -EINVAL;
-		if (n == 0 || n + 5 >= sizeof(spec))
+		if (h == 0 || h + 5 >= sizeof(spec))
 			return -EINVAL;
-		snprintf(spec, sizeof(spec), "tcp:%.*s", (int)n, hp);
+		snprintf(spec, sizeof(spec), "tcp:%.*s", (int)h, hp);
 		return devio_addr_parse(spec, "9000", a);
 	}
-	if (!strncmp(uri, "devio+unix://", 13) && uri[13] == '/' && uri[14]) {
-		if (strlen(uri + 13) + 6 >= sizeof(spec))
+	if (!strncmp(uri, "devio+unix://", 13) && uri[13] == '/' && n > 14) {
+		if (n - 13 + 6 >= sizeof(spec))
 			return -ENAMETOOLONG;
-		snprintf(spec, sizeof(spec), "unix:%s", uri + 13);
+		snprintf(spec, sizeof(spec), "unix:%.*s", (int)(n - 13), uri + 13);
 		return devio_addr_parse(spec, NULL, a);
 	}
 	return -EINVAL;
@@ -482,9 +569,10 @@ static int remote_info(struct remote *rm)
 	int r;
 
 	c->fd = remote_dial(rm);
-	if (c->fd < 0)
+	if (c->fd < 0) {
+		devio_err("%s: cannot connect: %s", rm->uri, strerror(-c->fd));
 		return c->fd;
-	rm->n_conns = 1;
+	}
 	if ((r = devio_write_full(c->fd, req, devio_proto_encode_req(&rq, req))) ||
 	    (r = devio_read_full(c->fd, resp, sizeof(resp)))) {
 		devio_err("%s: INFO failed: %s", rm->uri, strerror(-r));
@@ -497,6 +585,8 @@ static int remote_info(struct remote *rm)
 	rm->remote_size = info.file_size;
 	rm->align = info.req_alignment;
 	rm->flags = info.flags;
+	/* whole blocks per chunk, so aligned transfers stay aligned */
+	rm->chunk = rm->chunk < rm->align ? rm->align : rm->chunk & ~(rm->align - 1);
 	return 0;
 }
 
@@ -553,8 +643,10 @@ int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts,
 	rmw_lock_init(&rm->rmw_lock);
 	snprintf(rm->uri, sizeof(rm->uri), "%s", uri);
 	rm->timeout_s = remote_timeout();
-	if (parse_uri(uri, &rm->addr)) {
-		devio_err("%s: want devio://HOST:PORT or devio+unix:///PATH", uri);
+	rm->max_conns = REMOTE_MAX_CONNS;
+	rm->chunk = REMOTE_CHUNK;
+	if (parse_uri(uri, rm)) {
+		devio_err("%s: want devio://HOST:PORT or devio+unix:///PATH (?chunk=N)", uri);
 		r = -EINVAL;
 		goto out_free;
 	}

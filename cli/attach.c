@@ -42,6 +42,7 @@ static void attach_usage(FILE *out)
 	fprintf(out,
 		"options:\n"
 		"  -r, --readonly         refuse writes\n"
+		"  --size N               the export's size where the server does not tell it\n"
 		"  -d, --daemon           return once the device is ready; the server runs on\n"
 		"  -v, --verbose\n"
 		"serving options (the core's run policy):\n");
@@ -49,12 +50,13 @@ static void attach_usage(FILE *out)
 	fprintf(out, "usage: devio detach MOUNTPOINT|/dev/loopN|/dev/nbdN\n");
 }
 
-enum { OPT_NBD_DEVICE = 256 };
+enum { OPT_NBD_DEVICE = 256, OPT_SIZE };
 
 /* attach's own options; the front end's and --threads come from feopts.c */
 static const struct option attach_options[] = {
 	{ "nbd-device", optional_argument, NULL, OPT_NBD_DEVICE },
 	{ "readonly", no_argument, NULL, 'r' },
+	{ "size", required_argument, NULL, OPT_SIZE },
 	{ "daemon", no_argument, NULL, 'd' },
 	{ "verbose", no_argument, NULL, 'v' },
 	{ "help", no_argument, NULL, 'h' },
@@ -76,9 +78,17 @@ static bool wants_nbd_device(int argc, char **argv)
 	return false;
 }
 
-static int parse_one(struct attach_args *a, int c)
+static int parse_one(struct attach_args *a, int c, const char *val)
 {
 	switch (c) {
+	case OPT_SIZE:
+		/* a server that does not tell its size (ImDisk's devio on a block device) */
+		a->open.has_size = true;
+		if (devio_parse_size(val, &a->open.size) || !a->open.size) {
+			devio_err("--size: bad size '%s'", val);
+			return -EINVAL;
+		}
+		return 0;
 	case 'r': a->open.readonly = true; return 0;
 	case 'd': a->daemon = true; return 0;
 	case 'v': devio_log_set_level(DEVIO_LOG_DEBUG); return 0;
@@ -95,7 +105,7 @@ static int parse_attach(int argc, char **argv, struct attach_args *a)
 	while ((c = getopt_long(argc, argv, "rdvh", a->fe.table, NULL)) != -1) {
 		r = c == '?' ? -EINVAL : feopts_parse(&a->fe, c, optarg);
 		if (r == 1)
-			r = parse_one(a, c);
+			r = parse_one(a, c, optarg);
 		if (r)
 			return -EINVAL;
 	}

@@ -25,9 +25,13 @@
 
 #define CLIENT_CHUNK (1u << 20)
 
+/* --size: the size of an export whose server does not tell it (ImDisk's
+ * devio serving a block device on Linux says 0), as serve's --size. */
+static uint64_t client_size;
+
 static int open_export(const char *source, bool readonly, struct devio_backend **out)
 {
-	struct devio_open_opts o = { .readonly = readonly };
+	struct devio_open_opts o = { .readonly = readonly, .has_size = client_size != 0, .size = client_size };
 
 	return devio_backend_open(source, &o, out); /* logs why it fails */
 }
@@ -285,6 +289,7 @@ int cmd_cat(int argc, char **argv)
 {
 	static const struct option opts[] = { { "offset", required_argument, NULL, 'o' },
 					      { "length", required_argument, NULL, 'l' },
+					      { "size", required_argument, NULL, 's' },
 					      { "help", no_argument, NULL, 'h' }, { 0 } };
 	uint64_t off = 0, len = 0, end;
 	bool has_len = false;
@@ -296,11 +301,13 @@ int cmd_cat(int argc, char **argv)
 	while ((c = getopt_long(argc, argv, "o:l:h", opts, NULL)) != -1) {
 		if (c == 'o' && !size_arg("cat", "--offset", optarg, &off))
 			continue;
+		if (c == 's' && !size_arg("cat", "--size", optarg, &client_size))
+			continue;
 		if (c == 'l' && !size_arg("cat", "--length", optarg, &len)) {
 			has_len = true;
 			continue;
 		}
-		fprintf(c == 'h' ? stdout : stderr, "usage: devio cat URI|IMAGE [--offset N] [--length N]\n");
+		fprintf(c == 'h' ? stdout : stderr, "usage: devio cat URI|IMAGE [--offset N] [--length N] [--size N]\n");
 		return c == 'h' ? 0 : 2;
 	}
 	if (optind != argc - 1) {
@@ -359,6 +366,7 @@ static int read_upto(int fd, char *buf, size_t n, size_t *got)
 int cmd_write(int argc, char **argv)
 {
 	static const struct option opts[] = { { "offset", required_argument, NULL, 'o' },
+					      { "size", required_argument, NULL, 's' },
 					      { "help", no_argument, NULL, 'h' }, { 0 } };
 	struct devio_backend *b;
 	uint64_t off = 0, total = 0;
@@ -369,7 +377,9 @@ int cmd_write(int argc, char **argv)
 	while ((c = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
 		if (c == 'o' && !size_arg("write", "--offset", optarg, &off))
 			continue;
-		fprintf(c == 'h' ? stdout : stderr, "usage: devio write URI|IMAGE [--offset N] < DATA\n");
+		if (c == 's' && !size_arg("write", "--size", optarg, &client_size))
+			continue;
+		fprintf(c == 'h' ? stdout : stderr, "usage: devio write URI|IMAGE [--offset N] [--size N] < DATA\n");
 		return c == 'h' ? 0 : 2;
 	}
 	if (optind != argc - 1) {
@@ -668,6 +678,7 @@ int cmd_copy(int argc, char **argv)
 {
 	static const struct option opts[] = { { "resume-from", required_argument, NULL, 'r' },
 					      { "block-size", required_argument, NULL, 'b' },
+					      { "size", required_argument, NULL, 's' },
 					      { "help", no_argument, NULL, 'h' }, { 0 } };
 	struct cli_copy j = { .cmd = "copy", .block = CLIENT_CHUNK, .progress = isatty(STDERR_FILENO) };
 	uint64_t resume = 0;
@@ -677,10 +688,12 @@ int cmd_copy(int argc, char **argv)
 	while ((c = getopt_long(argc, argv, "r:b:h", opts, NULL)) != -1) {
 		if (c == 'r' && !size_arg("copy", "--resume-from", optarg, &resume))
 			continue;
+		if (c == 's' && !size_arg("copy", "--size", optarg, &client_size))
+			continue;
 		if (c == 'b' && !size_arg("copy", "--block-size", optarg, &j.block) && j.block >= 512 &&
 		    j.block <= (64u << 20))
 			continue;
-		fprintf(c == 'h' ? stdout : stderr, "usage: devio copy SRC DST [--resume-from N] [--block-size N (512..64M)]\n"
+		fprintf(c == 'h' ? stdout : stderr, "usage: devio copy SRC DST [--resume-from N] [--block-size N (512..64M)] [--size N]\n"
 			"  DST is created (sparse) when it is a file that does not exist\n");
 		return c == 'h' ? 0 : 2;
 	}

@@ -272,16 +272,42 @@ static int do_info(struct session *s)
 	return out_writev(s->wfd, &iov, 1);
 }
 
+/* A READ longer than max_transfer, as ImDisk's devio serves it (its
+ * driver sets no maximum transfer): the answer says the whole length, the
+ * data follows in pieces through the one bounded buffer.  An error after
+ * the first piece cannot be told any more: the connection is dropped. */
+static int read_pieces(struct session *s, uint64_t off, uint64_t len)
+{
+	uint64_t done = 0;
+	int r = session_buf(s, s->max_transfer);
+
+	while (!r && done < len) {
+		uint64_t n = len - done < s->max_transfer ? len - done : s->max_transfer;
+		struct iovec iov = { s->buf, (size_t)n };
+
+		r = session_exec(s, DEVIO_OP_READ, off + done, n, s->buf);
+		if (r && done == 0)
+			return out_answer(s, r, 0, NULL);
+		if (r) {
+			devio_warn("%s: READ at %llu of %llu bytes: %s after %llu bytes; closing", s->name,
+				   (unsigned long long)off, (unsigned long long)len, strerror(-r),
+				   (unsigned long long)done);
+			return -EIO;
+		}
+		if (done == 0 && (r = out_answer(s, 0, len, NULL)))
+			return r;
+		r = out_writev(s->wfd, &iov, 1);
+		done += n;
+	}
+	return r;
+}
+
 static int do_read(struct session *s, const struct devio_proto_req *rq)
 {
 	uint64_t off = rq->offset, len = rq->length;
 	int r;
 
-	if (len > s->max_transfer) {
-		devio_warn("%s: READ at %llu of %llu bytes: over the %u-byte limit", s->name,
-			   (unsigned long long)off, (unsigned long long)len, s->max_transfer);
-		r = -E2BIG;
-	} else if ((r = check_aligned(s, "READ", off, len))) {
+	if ((r = check_aligned(s, "READ", off, len))) {
 		/* logged */
 	} else if (off > s->b->size) {
 		devio_warn("%s: READ at %llu: beyond the end (%llu)", s->name,
@@ -291,6 +317,8 @@ static int do_read(struct session *s, const struct devio_proto_req *rq)
 		/* Short read at the end of the image, as the protocol allows. */
 		if (len > s->b->size - off)
 			len = s->b->size - off;
+		if (len > s->max_transfer)
+			return read_pieces(s, off, len);
 		r = session_buf(s, len);
 		if (!r)
 			r = session_exec(s, DEVIO_OP_READ, off, len, s->buf);
@@ -615,6 +643,10 @@ static int start_single(struct stream_state *st)
 			return r;
 		}
 		wfd = rfd;
+	} else if ((fcntl(0, F_GETFL) & O_ACCMODE) == O_RDWR) {
+		/* stdin open both ways (an inetd-style socket, a tty):
+		 * answers go back on it, as ImDisk's devio sends them */
+		wfd = 0;
 	}
 	if (pipe2(st->stop_pipe, O_CLOEXEC)) {
 		r = -errno;

@@ -18,12 +18,17 @@ static int store_open(const char *source, const struct devio_open_opts *opts, st
 	int r;
 
 	if (!strncmp(source, "ram:", 4)) {
-		r = devio_parse_size(source + 4, &size);
+		const char *image = strchr(source, ','); /* ram:SIZE,image=FILE */
+		char sz[32];
+
+		snprintf(sz, sizeof(sz), "%.*s", image ? (int)(image - source - 4) : 31, source + 4);
+		r = devio_parse_size(sz, &size);
 		if (r || size == 0) {
 			devio_err("%s: bad RAM disk size (want ram:SIZE, e.g. ram:1G)", source);
 			return -EINVAL;
 		}
-		return devio_ram_open(size, opts->ram_max, out);
+		return image ? devio_ram_image_open(size, image + 1, opts->ram_max, out)
+			     : devio_ram_open(size, opts->ram_max, out);
 	}
 	if (!strncmp(source, "devio://", 8) || !strncmp(source, "devio+unix://", 13))
 		return devio_remote_devio_open(source, opts, out);
@@ -33,6 +38,8 @@ static int store_open(const char *source, const struct devio_open_opts *opts, st
 		return devio_remote_nbd_open(source, opts, out);
 	if (!strncmp(source, "rbd:", 4))
 		return devio_rbd_open(source, opts, out);
+	if (!strncmp(source, "plugin:", 7))
+		return devio_plugin_open(source, opts, out);
 	return devio_file_open(source, opts, out);
 }
 

@@ -173,6 +173,15 @@ int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts,
 int devio_remote_nbd_open(const char *uri, const struct devio_open_opts *opts, struct devio_backend **out);   /* nbd://, nbd+unix:// */
 /* A Ceph RBD image (rbd:POOL/[NAMESPACE/]IMAGE[@SNAP]); -ENOTSUP in a build without librbd. */
 int devio_rbd_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out);
+/* A backend in a shared object: plugin:LIB[;PROC][:ARGS] (backends/plugin.c, include/devio/plugin.h). */
+int devio_plugin_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out);
+
+/* ram:SIZE,image=FILE[,sync-interval=S][,sync-every=N]: a RAM disk kept in
+ * FILE (backends/ram_image.c); spec is what follows SIZE's comma. */
+int devio_ram_image_open(uint64_t size, const char *spec, uint64_t max_resident, struct devio_backend **out);
+/* Its journal: a complete one applied to image_fd and fsynced (0), an
+ * empty one (1) or an incomplete or damaged one (2) left alone; -errno. */
+int devio_ram_journal_replay(int journal_fd, int image_fd, uint64_t size);
 
 /* RAM backend introspection, for tests and `devio status`. */
 uint64_t devio_ram_resident(struct devio_backend *b);
