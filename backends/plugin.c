@@ -45,7 +45,6 @@ struct plugin {
 	struct devio_plugin ops;   /* the plugin's table; fields past its struct_size zeroed */
 	struct devio_backend_ops bops; /* the backend's, without what the plugin lacks */
 	void *handle;
-	uint64_t base;             /* --offset (a partition on ImDisk's line): added to every offset */
 	bool opened;
 	bool serial;
 	pthread_mutex_t lock;
@@ -108,10 +107,10 @@ static int plugin_xfer(struct plugin *pl, bool wr, void *buf, uint64_t len, uint
 		int64_t got;
 
 		plugin_lock(pl);
-		got = wr ? pl->ops.write(pl->handle, buf, n, pl->base + off)
-			 : pl->ops.read(pl->handle, buf, n, pl->base + off);
+		got = wr ? pl->ops.write(pl->handle, buf, n, off)
+			 : pl->ops.read(pl->handle, buf, n, off);
 		plugin_unlock(pl);
-		r = plugin_count(pl, wr ? "write" : "read", pl->base + off, n, got);
+		r = plugin_count(pl, wr ? "write" : "read", off, n, got);
 		buf = (char *)buf + n;
 		off += n;
 		len -= n;
@@ -146,9 +145,9 @@ static int plugin_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint
 	int r;
 
 	plugin_lock(pl);
-	r = pl->ops.trim(pl->handle, pl->base + off, len);
+	r = pl->ops.trim(pl->handle, off, len);
 	plugin_unlock(pl);
-	return plugin_status(pl, "trim", pl->base + off, r);
+	return plugin_status(pl, "trim", off, r);
 }
 
 static int plugin_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
@@ -159,9 +158,9 @@ static int plugin_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint
 	if (flags & DEVIO_REQ_FAST_ZERO)
 		return -EOPNOTSUPP; /* the ABI cannot say whether zero is fast */
 	plugin_lock(pl);
-	r = pl->ops.zero(pl->handle, pl->base + off, len, !(flags & DEVIO_REQ_NO_HOLE));
+	r = pl->ops.zero(pl->handle, off, len, !(flags & DEVIO_REQ_NO_HOLE));
 	plugin_unlock(pl);
-	return plugin_status(pl, "zero", pl->base + off, r);
+	return plugin_status(pl, "zero", off, r);
 }
 
 /* The walk of one extents call: what the plugin reports, checked before
@@ -192,26 +191,26 @@ static int plugin_extent(void *ctx, uint64_t off, uint64_t len, uint32_t flags)
 		len = w->end - off; /* past the range asked: clipped */
 	w->next = off + len;
 	w->any = true;
-	w->stop = w->fn(w->ctx, off - w->pl->base, len, flags);
+	w->stop = w->fn(w->ctx, off, len, flags);
 	return w->stop ? 1 : 0;
 }
 
 static int plugin_extents(struct devio_backend *b, uint64_t off, uint64_t len, devio_extent_fn fn, void *ctx)
 {
 	struct plugin *pl = b->priv;
-	struct plugin_walk w = { .pl = pl, .next = pl->base + off, .end = pl->base + off + len, .fn = fn, .ctx = ctx };
+	struct plugin_walk w = { .pl = pl, .next = off, .end = off + len, .fn = fn, .ctx = ctx };
 	int r;
 
 	plugin_lock(pl);
-	r = pl->ops.extents(pl->handle, pl->base + off, len, plugin_extent, &w);
+	r = pl->ops.extents(pl->handle, off, len, plugin_extent, &w);
 	plugin_unlock(pl);
 	if (w.bad)
 		return -EIO;
 	if (w.stop)
 		return w.stop;
-	r = plugin_status(pl, "extents", pl->base + off, r);
+	r = plugin_status(pl, "extents", off, r);
 	if (!r && !w.any) {
-		devio_err("%s: extents at offset %" PRIu64 " reported nothing", pl->name, pl->base + off);
+		devio_err("%s: extents at offset %" PRIu64 " reported nothing", pl->name, off);
 		return -EIO;
 	}
 	return r;
@@ -386,31 +385,20 @@ static int plugin_start(struct plugin *pl, const char *args, bool readonly, uint
 
 /* ---- opening ---- */
 
-/* The size to serve: the plugin's (--size where it says 0), then
- * --offset/--size as a window inside it (ImDisk's line: a partition). */
+/* The size to serve: the plugin's, or where it says 0 (it cannot tell)
+ * --offset + --size, which the window layer above then cuts out. */
 static int plugin_size(struct plugin *pl, const struct devio_open_opts *o, uint64_t *size)
 {
-	uint64_t total = *size;
+	uint64_t base = o->has_offset ? o->offset : 0;
 
-	if (total > PLUGIN_MAX_SIZE) {
-		devio_err("%s: the plugin reports %" PRIu64 " bytes, more than 2^63 - 1", pl->name, total);
+	if (*size > PLUGIN_MAX_SIZE) {
+		devio_err("%s: the plugin reports %" PRIu64 " bytes, more than 2^63 - 1", pl->name, *size);
 		return -EINVAL;
 	}
-	pl->base = o->has_offset ? o->offset : 0;
-	if (total == 0 && o->has_size && o->size && o->size <= PLUGIN_MAX_SIZE - pl->base)
-		total = pl->base + o->size;
-	if (total == 0) {
-		devio_err("%s: the plugin reports size 0; give the size with --size", pl->name);
-		return -EINVAL;
-	}
-	if (pl->base > total || (o->has_size && o->size > total - pl->base)) {
-		devio_err("%s: --offset %" PRIu64 " --size %" PRIu64 " goes beyond the end (%" PRIu64 ")", pl->name,
-			  pl->base, o->has_size ? o->size : 0, total);
-		return -EINVAL;
-	}
-	*size = o->has_size && o->size ? o->size : total - pl->base;
+	if (*size == 0 && o->has_size && o->size && base <= PLUGIN_MAX_SIZE - o->size)
+		*size = base + o->size;
 	if (*size == 0) {
-		devio_err("%s: nothing left after --offset %" PRIu64, pl->name, pl->base);
+		devio_err("%s: the plugin reports size 0; give the size with --size", pl->name);
 		return -EINVAL;
 	}
 	return 0;

@@ -356,9 +356,8 @@ static int imdisk_open(struct imdisk_args *a, const char *source, struct devio_o
 	if (!o->has_offset && !o->has_size)
 		return 0;
 	devio_backend_close(*out);
-	r = devio_backend_open(source, o, out);
-	if (!r)
-		return 0;
+	*out = NULL; /* a failed open below leaves it as it was: closed */
+	return devio_backend_open(source, o, out);
 fail:
 	devio_backend_close(*out);
 	*out = NULL;
