@@ -193,11 +193,11 @@ static void shm_finish(struct shm_slot *sl, int r, uint64_t len)
 	ring = !(s->batching && pthread_equal(pthread_self(), s->thread)) || len >= SHM_BELL_NOW_BYTES;
 	if (!ring)
 		s->bell_owed = true;
+	else /* before the count: once it is 0 the session may be freed */
+		shm_bell(s);
 	if (--s->inflight == 0)
 		pthread_cond_broadcast(&s->idle);
 	pthread_mutex_unlock(&s->lock);
-	if (ring)
-		shm_bell(s);
 }
 
 static void shm_complete(struct devio_request *req)

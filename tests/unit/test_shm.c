@@ -1,6 +1,9 @@
 /* test_shm.c - the shared-memory transport's layout helpers, socket paths
- * and the server's slot decoder (devio_shm_serve_region) on a RAM disk. */
+ * and the server's slot decoder (devio_shm_serve_region) on a RAM disk;
+ * a completion that ends the session on another thread. */
 #include <errno.h>
+#include <pthread.h>
+#include <sched.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -157,6 +160,82 @@ static void test_broken_rings(void **state)
 	devio_backend_close(b);
 }
 
+/* A backend that completes its one request on its own thread, which runs
+ * at SCHED_IDLE on the caller's CPU: the session thread it wakes runs at
+ * once, before the completing thread takes another step. */
+struct late {
+	struct devio_backend b;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	struct devio_request *req;
+	cpu_set_t cpu;
+};
+
+static int late_submit(struct devio_backend *b, struct devio_request *req)
+{
+	struct late *l = b->priv;
+
+	pthread_mutex_lock(&l->lock);
+	l->req = req;
+	pthread_cond_signal(&l->cond);
+	pthread_mutex_unlock(&l->lock);
+	return 0;
+}
+
+static const struct devio_backend_ops late_ops = { .name = "late", .submit = late_submit };
+
+static void *late_main(void *arg)
+{
+	struct late *l = arg;
+	struct sched_param sp = { 0 };
+	struct devio_request *req;
+
+	pthread_setaffinity_np(pthread_self(), sizeof(l->cpu), &l->cpu);
+	pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp);
+	pthread_mutex_lock(&l->lock);
+	while (!l->req)
+		pthread_cond_wait(&l->cond, &l->lock);
+	req = l->req;
+	pthread_mutex_unlock(&l->lock);
+	req->result = 0;
+	req->complete(req); /* the last one in flight: the session may end now */
+	return NULL;
+}
+
+/* The session is freed once its last request is done: the completion must
+ * not touch it after it said so (ASan: heap-use-after-free). */
+static void test_last_completion_elsewhere(void **state)
+{
+	struct late l = { .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER };
+	cpu_set_t saved;
+	struct region r;
+	pthread_t t;
+	int cpu = 0;
+
+	l.b.ops = &late_ops;
+	l.b.priv = &l;
+	l.b.size = 1 << 20;
+	l.b.block_size = 512;
+	l.b.caps = DEVIO_CAP_READONLY;
+	assert_int_equal(pthread_getaffinity_np(pthread_self(), sizeof(saved), &saved), 0);
+	while (!CPU_ISSET(cpu, &saved))
+		cpu++;
+	CPU_ZERO(&l.cpu);
+	CPU_SET(cpu, &l.cpu);
+	assert_int_equal(pthread_setaffinity_np(pthread_self(), sizeof(l.cpu), &l.cpu), 0);
+	region_init(&r);
+	put_words(hdr(&r, 1), 3, (uint64_t[]){ DEVIO_REQ_READ, 4096, 512 });
+	push(&r, 1);
+	assert_int_equal(pthread_create(&t, NULL, late_main, &l), 0);
+	assert_int_equal(devio_shm_serve_region(&l.b, r.m, r.size, NSLOTS, DATA), 0);
+	pthread_join(t, NULL);
+	pthread_setaffinity_np(pthread_self(), sizeof(saved), &saved);
+	assert_int_equal(cq_tail(&r), 1);
+	assert_int_equal(devio_get_le64(hdr(&r, 1)), 0);
+	assert_int_equal(devio_get_le64(hdr(&r, 1) + 8), 512);
+	free(r.m);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -164,6 +243,7 @@ int main(void)
 		cmocka_unit_test(test_socket_path),
 		cmocka_unit_test(test_serve_requests),
 		cmocka_unit_test(test_broken_rings),
+		cmocka_unit_test(test_last_completion_elsewhere),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
