@@ -223,18 +223,12 @@ static int shmc_submit(struct devio_backend *b, struct devio_request *req)
 
 /* ---- completing ---- */
 
-/* An errno from the region: 1..4095, else EIO. */
-static int shmc_errno(uint64_t e)
-{
-	return e == 0 ? 0 : e < 4096 ? -(int)e : -EIO;
-}
-
 /* The answer in tag's header, copied out once and checked. */
 static int shmc_answer(struct shmc *c, uint32_t tag, struct devio_request *req)
 {
 	uint8_t *h = shmc_hdr(c, tag);
 	uint64_t code = c->slots[tag].code;
-	int r = shmc_errno(shmc_get64(h));
+	int r = devio_proto_peer_errno(shmc_get64(h));
 	uint64_t n;
 
 	if (r || (code != DEVIO_REQ_READ && code != DEVIO_REQ_WRITE))
@@ -608,8 +602,8 @@ static int shmc_recv_hello(int sock, const char *uri, struct shmc_hello *h)
 	}
 	if (h->w[DEVIO_SHM_H_STATUS]) {
 		devio_err("%s: the server refuses the connection: %s", uri,
-			  strerror(-shmc_errno(h->w[DEVIO_SHM_H_STATUS])));
-		return shmc_errno(h->w[DEVIO_SHM_H_STATUS]);
+			  strerror(-devio_proto_peer_errno(h->w[DEVIO_SHM_H_STATUS])));
+		return devio_proto_peer_errno(h->w[DEVIO_SHM_H_STATUS]);
 	}
 	if (nfds != 3 || (msg.msg_flags & MSG_CTRUNC)) {
 		devio_err("%s: the server sent %d descriptors, not 3", uri, nfds);
@@ -812,12 +806,9 @@ int devio_remote_shm_open(const char *uri, const struct devio_open_opts *opts, s
 	b->caps = DEVIO_CAP_CACHE | DEVIO_CAP_MULTI_CONN;
 	if (c->ext & DEVIO_SHM_EXT_FLUSH)
 		b->caps |= DEVIO_CAP_FLUSH | DEVIO_CAP_FUA;
-	if (opts->readonly || (c->info[2] & DEVIO_INFO_RO))
+	if (opts->readonly)
 		b->caps |= DEVIO_CAP_READONLY;
-	if (c->info[2] & DEVIO_INFO_SUPPORTS_UNMAP)
-		b->caps |= DEVIO_CAP_TRIM;
-	if (c->info[2] & DEVIO_INFO_SUPPORTS_ZERO)
-		b->caps |= DEVIO_CAP_ZERO;
+	b->caps |= devio_proto_caps(c->info[2]);
 	*out = b;
 	return 0;
 }

@@ -223,16 +223,14 @@ static int shm_ranges(struct shm_session *s, enum devio_op op, const uint8_t *da
 	for (uint64_t i = 0; i < len; i += 8)
 		shm_put64(copy + i, shm_get64(data + i));
 	for (uint64_t i = 0; i < len && !r; i += DEVIO_RANGE_SIZE) {
-		int64_t off = (int64_t)devio_get_le64(copy + i);
-		uint64_t n = devio_get_le64(copy + i + 8);
+		uint64_t off, n;
 
-		if (off < 0 || (uint64_t)off > s->b->size || n > s->b->size - (uint64_t)off)
-			r = -EINVAL;
+		r = devio_proto_decode_range(copy + i, s->b->size, &off, &n);
 	}
 	for (uint64_t i = 0; i < len && !r; i += DEVIO_RANGE_SIZE) {
-		struct devio_request req = { .op = op, .offset = devio_get_le64(copy + i),
-					     .length = devio_get_le64(copy + i + 8) };
+		struct devio_request req = { .op = op };
 
+		devio_proto_decode_range(copy + i, s->b->size, &req.offset, &req.length);
 		if (req.length)
 			r = devio_run(s->b, &req);
 	}
@@ -243,19 +241,9 @@ static int shm_ranges(struct shm_session *s, enum devio_op op, const uint8_t *da
 /* INFO in a slot: size, alignment, flags, as the stream answers it. */
 static void shm_info_words(struct devio_backend *b, uint64_t v[3])
 {
-	uint64_t flags = 0;
-
-	if (b->caps & DEVIO_CAP_READONLY)
-		flags |= DEVIO_INFO_RO;
-	else {
-		if (b->caps & DEVIO_CAP_TRIM)
-			flags |= DEVIO_INFO_SUPPORTS_UNMAP;
-		if (b->caps & DEVIO_CAP_ZERO || b->ops->pwrite)
-			flags |= DEVIO_INFO_SUPPORTS_ZERO;
-	}
 	v[0] = b->size;
 	v[1] = b->block_size ? b->block_size : 1;
-	v[2] = flags;
+	v[2] = devio_proto_info_flags(b);
 }
 
 /* Decode a READ/WRITE header into req; 0, or the errno to answer. */
