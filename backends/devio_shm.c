@@ -64,28 +64,6 @@ struct shmc {
 	struct shmc_slot slots[];
 };
 
-/* ---- loads and stores in the shared region: each exactly once ---- */
-
-static uint64_t shmc_get64(const uint8_t *p)
-{
-	return le64toh(__atomic_load_n((const uint64_t *)(const void *)p, __ATOMIC_RELAXED));
-}
-
-static void shmc_put64(uint8_t *p, uint64_t v)
-{
-	__atomic_store_n((uint64_t *)(void *)p, htole64(v), __ATOMIC_RELAXED);
-}
-
-static uint32_t shmc_get32(const uint8_t *p, int order)
-{
-	return le32toh(__atomic_load_n((const uint32_t *)(const void *)p, order));
-}
-
-static void shmc_put32(uint8_t *p, uint32_t v, int order)
-{
-	__atomic_store_n((uint32_t *)(void *)p, htole32(v), order);
-}
-
 static uint8_t *shmc_hdr(struct shmc *c, uint32_t tag)
 {
 	return c->region + (uint64_t)tag * devio_shm_slot_size(c->data_size);
@@ -112,32 +90,29 @@ static void shmc_fill(struct shmc *c, uint32_t tag, struct devio_request *req)
 
 	c->slots[tag].code = code;
 	c->slots[tag].started_ns = devio_now_ns();
-	shmc_put64(h, code);
+	devio_shm_put64(h, code);
 	if (code == DEVIO_REQ_READ || code == DEVIO_REQ_WRITE) {
-		shmc_put64(h + 8, c->base + req->offset);
-		shmc_put64(h + 16, req->length);
+		devio_shm_put64(h + 8, c->base + req->offset);
+		devio_shm_put64(h + 16, req->length);
 		if (code == DEVIO_REQ_WRITE)
 			memcpy(h + DEVIO_SHM_HDR, req->buf, req->length);
 	} else if (code != DEVIO_SHM_REQ_FLUSH) {
-		shmc_put64(h + 8, DEVIO_RANGE_SIZE);
-		shmc_put64(h + DEVIO_SHM_HDR, c->base + req->offset);
-		shmc_put64(h + DEVIO_SHM_HDR + 8, req->length);
+		devio_shm_put64(h + 8, DEVIO_RANGE_SIZE);
+		devio_shm_put64(h + DEVIO_SHM_HDR, c->base + req->offset);
+		devio_shm_put64(h + DEVIO_SHM_HDR + 8, req->length);
 	}
 }
 
 /* Publish a filled slot; the lock is held.  Returns whether to ring. */
 static bool shmc_publish(struct shmc *c, uint32_t tag)
 {
-	uint32_t want = htole32(1);
-
-	shmc_put32(c->ctl + DEVIO_SHM_CTL_RINGS + 4u * (c->sq_tail & (c->cap - 1)), tag, __ATOMIC_RELAXED);
+	devio_shm_put32(c->ctl + DEVIO_SHM_CTL_RINGS + 4u * (c->sq_tail & (c->cap - 1)), tag, __ATOMIC_RELAXED);
 	c->sq_tail++;
-	shmc_put32(c->ctl + DEVIO_SHM_CTL_SQ_TAIL, c->sq_tail, __ATOMIC_RELEASE);
+	devio_shm_put32(c->ctl + DEVIO_SHM_CTL_SQ_TAIL, c->sq_tail, __ATOMIC_RELEASE);
 	/* our tail before its flag; it sets its flag before reading our tail.
 	 * Taking the flag (1 -> 0) makes this the one submission that rings. */
 	atomic_thread_fence(memory_order_seq_cst);
-	return __atomic_compare_exchange_n((uint32_t *)(void *)(c->ctl + DEVIO_SHM_CTL_SQ_WAKE), &want, 0, false,
-					   __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
+	return devio_shm_take_wake(c->ctl + DEVIO_SHM_CTL_SQ_WAKE);
 }
 
 static void shmc_ring(struct shmc *c)
@@ -228,12 +203,12 @@ static int shmc_answer(struct shmc *c, uint32_t tag, struct devio_request *req)
 {
 	uint8_t *h = shmc_hdr(c, tag);
 	uint64_t code = c->slots[tag].code;
-	int r = devio_proto_peer_errno(shmc_get64(h));
+	int r = devio_proto_peer_errno(devio_shm_get64(h));
 	uint64_t n;
 
 	if (r || (code != DEVIO_REQ_READ && code != DEVIO_REQ_WRITE))
 		return r;
-	n = shmc_get64(h + 8);
+	n = devio_shm_get64(h + 8);
 	if (n != req->length) {
 		devio_err("%s: %s at %llu: the server answered %llu of %llu bytes", c->uri,
 			  code == DEVIO_REQ_READ ? "read" : "write", (unsigned long long)req->offset,
@@ -302,15 +277,15 @@ static void shmc_die(struct shmc *c, int err)
 /* Take every completion published: 0, or -EPROTO for a broken ring. */
 static int shmc_reap(struct shmc *c)
 {
-	uint32_t tail = shmc_get32(c->ctl + DEVIO_SHM_CTL_CQ_TAIL, __ATOMIC_ACQUIRE);
+	uint32_t tail = devio_shm_get32(c->ctl + DEVIO_SHM_CTL_CQ_TAIL, __ATOMIC_ACQUIRE);
 
 	if (tail - c->cq_head > c->nslots) {
 		devio_err("%s: completion tail %u runs ahead of %u (%u slots)", c->uri, tail, c->cq_head, c->nslots);
 		return -EPROTO;
 	}
 	while (c->cq_head != tail) {
-		uint32_t tag = shmc_get32(c->ctl + DEVIO_SHM_CTL_RINGS + 4u * (c->cap + (c->cq_head & (c->cap - 1))),
-					  __ATOMIC_RELAXED);
+		uint32_t tag = devio_shm_get32(c->ctl + DEVIO_SHM_CTL_RINGS +
+					       4u * (c->cap + (c->cq_head & (c->cap - 1))), __ATOMIC_RELAXED);
 		bool ok;
 
 		c->cq_head++;
@@ -374,10 +349,10 @@ static void *shmc_main(void *arg)
 			if ((r = shmc_overdue(c)))
 				break;
 		}
-		shmc_put32(c->ctl + DEVIO_SHM_CTL_CQ_WAKE, 1, __ATOMIC_RELAXED);
+		devio_shm_put32(c->ctl + DEVIO_SHM_CTL_CQ_WAKE, 1, __ATOMIC_RELAXED);
 		atomic_thread_fence(memory_order_seq_cst);
-		r = shmc_get32(c->ctl + DEVIO_SHM_CTL_CQ_TAIL, __ATOMIC_ACQUIRE) == c->cq_head ? shmc_sleep(c) : 1;
-		shmc_put32(c->ctl + DEVIO_SHM_CTL_CQ_WAKE, 0, __ATOMIC_RELAXED);
+		r = devio_shm_get32(c->ctl + DEVIO_SHM_CTL_CQ_TAIL, __ATOMIC_ACQUIRE) == c->cq_head ? shmc_sleep(c) : 1;
+		devio_shm_put32(c->ctl + DEVIO_SHM_CTL_CQ_WAKE, 0, __ATOMIC_RELAXED);
 		if (r <= 0)
 			break;
 	}
