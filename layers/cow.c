@@ -353,7 +353,8 @@ static int cow_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint32_
 }
 
 /* Copy the dirty bitmap pages (clearing their marks) into a new array of
- * pages; *idx[i] is page i's number.  Returns how many, or -ENOMEM. */
+ * pages; *idx[i] is page i's number.  Returns how many, or -ENOMEM
+ * with every mark as it was. */
 static long cow_snapshot(struct cow *c, uint64_t **pages, size_t **idx)
 {
 	size_t n = 0, cap = 0;
@@ -370,8 +371,10 @@ static long cow_snapshot(struct cow *c, uint64_t **pages, size_t **idx)
 
 			if (np)
 				*pages = np;
-			if (!ni) {
+			if (!ni) { /* every page taken so far is still to be written */
 				atomic_store(&c->dirty[p], 1);
+				for (size_t i = 0; i < n; i++)
+					atomic_store(&c->dirty[(*idx)[i]], 1);
 				return -ENOMEM;
 			}
 			*idx = ni;
