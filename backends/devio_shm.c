@@ -6,9 +6,10 @@
  * sealed memfd) and two eventfd doorbells.  ops->submit takes a free slot
  * (tag), writes the ImDisk header (and a write's payload) into it and
  * publishes the tag on the submission ring; requests that find every slot
- * busy wait in a private queue and take the next slot freed.  A completion
- * thread takes tags from the completion ring, checks them (in range, in
- * flight), copies each answer out once, and completes the requests.  The
+ * busy wait in a private queue and take the next slot freed (a FUA write
+ * goes the synchronous way, then a FLUSH: the protocol has no FUA).  A
+ * completion thread takes tags from the completion ring, checks them (in
+ * range, in flight), copies each answer out once, and completes them.  The
  * region is untrusted: every field is loaded once before it is checked.
  * A server that goes away (socket hang-up), breaks the ring or keeps a
  * request longer than the timeout ends the connection: every request in
@@ -174,6 +175,8 @@ static int shmc_submit(struct devio_backend *b, struct devio_request *req)
 {
 	struct shmc *c = b->priv;
 
+	if ((req->flags & DEVIO_REQ_FUA) && req->op != DEVIO_OP_READ)
+		return -EAGAIN; /* no FUA in the protocol: the core runs it, then a FLUSH */
 	switch (req->op) {
 	case DEVIO_OP_READ:
 	case DEVIO_OP_WRITE:

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 #include "devio/backend.h"
+#include "devio/frontend.h"
 #include "devio/protocol.h"
 #include "devio/shm.h"
 
@@ -236,6 +237,93 @@ static void test_last_completion_elsewhere(void **state)
 	free(r.m);
 }
 
+/* A server backend that records what reaches it: 'W' a write ('w' with
+ * FUA), 'F' a flush. */
+struct rec {
+	struct devio_backend b;
+	pthread_mutex_t lock;
+	char seen[16];
+	unsigned n;
+};
+
+static void rec_add(struct devio_backend *b, char what)
+{
+	struct rec *r = b->priv;
+
+	pthread_mutex_lock(&r->lock);
+	if (r->n + 1 < sizeof(r->seen))
+		r->seen[r->n++] = what;
+	pthread_mutex_unlock(&r->lock);
+}
+
+static int rec_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
+{
+	rec_add(b, flags & DEVIO_REQ_FUA ? 'w' : 'W');
+	return 0;
+}
+
+static int rec_flush(struct devio_backend *b)
+{
+	rec_add(b, 'F');
+	return 0;
+}
+
+static const struct devio_backend_ops rec_ops = { .name = "rec", .pwrite = rec_pwrite, .flush = rec_flush };
+
+struct done {
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	bool done;
+};
+
+static void done_complete(struct devio_request *req)
+{
+	struct done *d = req->opaque;
+
+	pthread_mutex_lock(&d->lock);
+	d->done = true;
+	pthread_cond_signal(&d->cond);
+	pthread_mutex_unlock(&d->lock);
+}
+
+/* A FUA write through devio+shm:// is durable on the server when it is
+ * answered: the server's store sees a flush after it (the protocol's
+ * WRITE has no FUA flag of its own). */
+static void test_client_fua(void **state)
+{
+	struct rec r = { .b = { .ops = &rec_ops, .size = 1 << 20, .block_size = 512, .run = DEVIO_RUN_CPU,
+				.caps = DEVIO_CAP_FLUSH | DEVIO_CAP_FUA },
+			 .lock = PTHREAD_MUTEX_INITIALIZER };
+	struct devio_export e = { .name = "", .source = "rec", .backend = &r.b };
+	struct devio_server srv = { .exports = &e, .n_exports = 1, .opts = { .threads = 1 } };
+	struct done d = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, false };
+	static char data[4096];
+	struct devio_request req = { .op = DEVIO_OP_WRITE, .flags = DEVIO_REQ_FUA, .length = sizeof(data),
+				     .buf = data, .complete = done_complete, .opaque = &d };
+	char arg[100], uri[128];
+	struct devio_backend *c;
+	void *fe;
+
+	r.b.priv = &r;
+	snprintf(arg, sizeof(arg), "shm:/tmp/devio-shm-unit-%d.sock", (int)getpid());
+	snprintf(uri, sizeof(uri), "devio+shm://%s", arg + 4);
+	assert_int_equal(devio_frontend_shm.start(&srv, arg, NULL, &fe), 0);
+	assert_int_equal(devio_remote_shm_open(uri, NULL, &c), 0);
+	assert_true(c->caps & DEVIO_CAP_FUA);
+	devio_submit(c, &req);
+	pthread_mutex_lock(&d.lock);
+	while (!d.done)
+		pthread_cond_wait(&d.cond, &d.lock);
+	pthread_mutex_unlock(&d.lock);
+	devio_backend_close(c);
+	devio_frontend_shm.stop(fe);
+	assert_int_equal(req.result, 0);
+	pthread_mutex_lock(&r.lock);
+	r.seen[r.n] = '\0';
+	pthread_mutex_unlock(&r.lock);
+	assert_true(!strcmp(r.seen, "WF") || !strcmp(r.seen, "w"));
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -244,6 +332,7 @@ int main(void)
 		cmocka_unit_test(test_serve_requests),
 		cmocka_unit_test(test_broken_rings),
 		cmocka_unit_test(test_last_completion_elsewhere),
+		cmocka_unit_test(test_client_fua),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
