@@ -124,15 +124,22 @@ static void shmc_ring(struct shmc *c)
 		devio_debug("%s: doorbell: %s", c->uri, strerror(errno));
 }
 
-/* Fill and publish req in tag (owned by the caller, taken under the lock). */
+/* Fill and publish req in tag (owned by the caller, taken under the lock);
+ * if the connection died meanwhile, fail req here (shmc_die leaves a slot
+ * that is not published yet to us). */
 static void shmc_send(struct shmc *c, uint32_t tag, struct devio_request *req)
 {
 	bool ring;
 
 	shmc_fill(c, tag, req);
 	pthread_mutex_lock(&c->lock);
-	if (c->dead || c->slots[tag].req != req) { /* failed meanwhile by shmc_die() */
+	if (c->dead) {
+		int r = c->dead;
+
+		c->slots[tag].req = NULL; /* never reused */
 		pthread_mutex_unlock(&c->lock);
+		req->result = r;
+		req->complete(req);
 		return;
 	}
 	c->slots[tag].live = true;
@@ -256,7 +263,7 @@ static void shmc_die(struct shmc *c, int err)
 		devio_err("%s: connection to the server lost: %s", c->uri, strerror(-err));
 	c->dead = err;
 	for (uint32_t i = 0; i < c->nslots; i++)
-		if (c->slots[i].req) {
+		if (c->slots[i].req && c->slots[i].live) { /* one not published yet: shmc_send's */
 			c->slots[i].req->next = list;
 			list = c->slots[i].req;
 			c->slots[i].req = NULL; /* never reused: the server may still write it */

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdio.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -16,6 +17,7 @@
 #include "devio/frontend.h"
 #include "devio/protocol.h"
 #include "devio/shm.h"
+#include "devio/util.h"
 
 #define NSLOTS 4u
 #define DATA 4096u
@@ -324,6 +326,152 @@ static void test_client_fua(void **state)
 	assert_true(!strcmp(r.seen, "WF") || !strcmp(r.seen, "w"));
 }
 
+/* ---- the client between taking a slot and publishing it ----
+ * This test is linked with -Wl,--wrap=devio_now_ns,--wrap=devio_log: the
+ * client reads the clock as it fills a slot, so a thread can be held
+ * right there; and the client's "connection lost" line says when its
+ * completion thread has failed what it had. */
+uint64_t __real_devio_now_ns(void);
+uint64_t __wrap_devio_now_ns(void);
+void __real_devio_log(enum devio_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void __wrap_devio_log(enum devio_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static struct {
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	pthread_t thread;  /* the thread to hold at its next clock read */
+	bool armed, holding, released, lost;
+} hold = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER };
+
+uint64_t __wrap_devio_now_ns(void)
+{
+	pthread_mutex_lock(&hold.lock);
+	if (hold.armed && pthread_equal(pthread_self(), hold.thread)) {
+		hold.armed = false;
+		hold.holding = true;
+		pthread_cond_broadcast(&hold.cond);
+		while (!hold.released)
+			pthread_cond_wait(&hold.cond, &hold.lock);
+	}
+	pthread_mutex_unlock(&hold.lock);
+	return __real_devio_now_ns();
+}
+
+void __wrap_devio_log(enum devio_log_level level, const char *fmt, ...)
+{
+	char line[512];
+	va_list ap;
+
+	if (!fmt)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	if (strstr(fmt, "connection to the server lost")) {
+		pthread_mutex_lock(&hold.lock);
+		hold.lost = true;
+		pthread_cond_broadcast(&hold.cond);
+		pthread_mutex_unlock(&hold.lock);
+	}
+	__real_devio_log(level, "%s", line);
+}
+
+static void hold_wait(bool *what)
+{
+	pthread_mutex_lock(&hold.lock);
+	while (!*what)
+		pthread_cond_wait(&hold.cond, &hold.lock);
+	pthread_mutex_unlock(&hold.lock);
+}
+
+static void hold_release(void)
+{
+	pthread_mutex_lock(&hold.lock);
+	hold.released = true;
+	pthread_cond_broadcast(&hold.cond);
+	pthread_mutex_unlock(&hold.lock);
+}
+
+/* A --devio shm: server over a RAM disk in this process, and a client. */
+struct pair {
+	struct devio_backend *disk, *client;
+	struct devio_export e;
+	struct devio_server srv;
+	void *fe;
+};
+
+static void pair_start(struct pair *p)
+{
+	char arg[100], uri[128];
+
+	memset(&hold, 0, sizeof(hold));
+	pthread_mutex_init(&hold.lock, NULL);
+	pthread_cond_init(&hold.cond, NULL);
+	assert_int_equal(devio_ram_open(1 << 20, 0, &p->disk), 0);
+	p->e = (struct devio_export){ .name = "", .source = "ram", .backend = p->disk };
+	p->srv = (struct devio_server){ .exports = &p->e, .n_exports = 1, .opts = { .threads = 1 } };
+	snprintf(arg, sizeof(arg), "shm:/tmp/devio-shm-unit-%d.sock", (int)getpid());
+	snprintf(uri, sizeof(uri), "devio+shm://%s", arg + 4);
+	assert_int_equal(devio_frontend_shm.start(&p->srv, arg, NULL, &p->fe), 0);
+	assert_int_equal(devio_remote_shm_open(uri, NULL, &p->client), 0);
+}
+
+static void pair_stop(struct pair *p)
+{
+	devio_backend_close(p->client);
+	if (p->fe)
+		devio_frontend_shm.stop(p->fe);
+	devio_backend_close(p->disk);
+}
+
+/* A request whose memory goes with its completion, as a front end's does. */
+static int heap_result = 1;
+
+static void heap_complete(struct devio_request *req)
+{
+	heap_result = req->result;
+	free(req->buf);
+	free(req);
+}
+
+static void *submit_heap_write(void *arg)
+{
+	struct devio_backend *c = arg;
+	struct devio_request *req = calloc(1, sizeof(*req));
+
+	req->op = DEVIO_OP_WRITE;
+	req->length = 4096;
+	req->buf = calloc(1, 4096);
+	req->complete = heap_complete;
+	devio_submit(c, req);
+	return NULL;
+}
+
+/* The connection ends while a request sits in a slot its submitter took
+ * but has not filled yet: the request is failed once, by whoever holds
+ * it, and its memory is not read after its completion (ASan). */
+static void test_client_lost_while_filling(void **state)
+{
+	struct pair p;
+	pthread_t t;
+
+	pair_start(&p);
+	heap_result = 1;
+	pthread_mutex_lock(&hold.lock);
+	assert_int_equal(pthread_create(&t, NULL, submit_heap_write, p.client), 0);
+	hold.thread = t;
+	hold.armed = true;
+	pthread_mutex_unlock(&hold.lock);
+	hold_wait(&hold.holding);
+	devio_frontend_shm.stop(p.fe); /* the server goes: the client's thread fails what it has */
+	p.fe = NULL;
+	hold_wait(&hold.lost);
+	hold_release();
+	pthread_join(t, NULL);
+	assert_true(heap_result < 0);
+	pair_stop(&p);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -333,6 +481,7 @@ int main(void)
 		cmocka_unit_test(test_broken_rings),
 		cmocka_unit_test(test_last_completion_elsewhere),
 		cmocka_unit_test(test_client_fua),
+		cmocka_unit_test(test_client_lost_while_filling),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
