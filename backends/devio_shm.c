@@ -319,7 +319,7 @@ static int shmc_overdue(struct shmc *c)
 
 	pthread_mutex_lock(&c->lock);
 	for (uint32_t i = 0; i < c->nslots && !r; i++)
-		if (c->slots[i].req && c->slots[i].started_ns && c->slots[i].started_ns < limit)
+		if (c->slots[i].live && c->slots[i].started_ns < limit) /* published: started_ns is its own */
 			r = -ETIMEDOUT;
 	pthread_mutex_unlock(&c->lock);
 	return r;

@@ -472,6 +472,40 @@ static void test_client_lost_while_filling(void **state)
 	pair_stop(&p);
 }
 
+static void *write_one(void *arg)
+{
+	static char data[4096];
+	struct devio_request req = { .op = DEVIO_OP_WRITE, .length = sizeof(data), .buf = data };
+
+	return (void *)(intptr_t)devio_run(arg, &req);
+}
+
+/* A slot's last request started longer ago than the timeout: taking the
+ * slot for a new one does not make the client call that one overdue. */
+static void test_client_no_false_timeout(void **state)
+{
+	struct pair p;
+	pthread_t t;
+	void *r;
+
+	setenv("DEVIO_REMOTE_TIMEOUT", "1", 1);
+	pair_start(&p);
+	unsetenv("DEVIO_REMOTE_TIMEOUT");
+	assert_null(write_one(p.client)); /* the slot's first request */
+	usleep(1500 * 1000);              /* ... now older than the timeout */
+	pthread_mutex_lock(&hold.lock);
+	assert_int_equal(pthread_create(&t, NULL, write_one, p.client), 0);
+	hold.thread = t;
+	hold.armed = true;
+	pthread_mutex_unlock(&hold.lock);
+	hold_wait(&hold.holding);
+	usleep(2500 * 1000);              /* the client checks for overdue requests each second */
+	hold_release();
+	pthread_join(t, &r);
+	assert_int_equal((intptr_t)r, 0);
+	pair_stop(&p);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -482,6 +516,7 @@ int main(void)
 		cmocka_unit_test(test_last_completion_elsewhere),
 		cmocka_unit_test(test_client_fua),
 		cmocka_unit_test(test_client_lost_while_filling),
+		cmocka_unit_test(test_client_no_false_timeout),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
