@@ -384,6 +384,18 @@ static void hold_wait(bool *what)
 	pthread_mutex_unlock(&hold.lock);
 }
 
+/* Run fn(arg) on a new thread *t, held at its next clock read: returns
+ * once it is held there. */
+static void hold_start(pthread_t *t, void *(*fn)(void *), void *arg)
+{
+	pthread_mutex_lock(&hold.lock);
+	assert_int_equal(pthread_create(t, NULL, fn, arg), 0);
+	hold.thread = *t;
+	hold.armed = true;
+	pthread_mutex_unlock(&hold.lock);
+	hold_wait(&hold.holding);
+}
+
 static void hold_release(void)
 {
 	pthread_mutex_lock(&hold.lock);
@@ -457,12 +469,7 @@ static void test_client_lost_while_filling(void **state)
 
 	pair_start(&p);
 	heap_result = 1;
-	pthread_mutex_lock(&hold.lock);
-	assert_int_equal(pthread_create(&t, NULL, submit_heap_write, p.client), 0);
-	hold.thread = t;
-	hold.armed = true;
-	pthread_mutex_unlock(&hold.lock);
-	hold_wait(&hold.holding);
+	hold_start(&t, submit_heap_write, p.client);
 	devio_frontend_shm.stop(p.fe); /* the server goes: the client's thread fails what it has */
 	p.fe = NULL;
 	hold_wait(&hold.lost);
@@ -493,12 +500,7 @@ static void test_client_no_false_timeout(void **state)
 	unsetenv("DEVIO_REMOTE_TIMEOUT");
 	assert_null(write_one(p.client)); /* the slot's first request */
 	usleep(1500 * 1000);              /* ... now older than the timeout */
-	pthread_mutex_lock(&hold.lock);
-	assert_int_equal(pthread_create(&t, NULL, write_one, p.client), 0);
-	hold.thread = t;
-	hold.armed = true;
-	pthread_mutex_unlock(&hold.lock);
-	hold_wait(&hold.holding);
+	hold_start(&t, write_one, p.client);
 	usleep(2500 * 1000);              /* the client checks for overdue requests each second */
 	hold_release();
 	pthread_join(t, &r);
