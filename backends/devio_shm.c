@@ -6,9 +6,10 @@
  * sealed memfd) and two eventfd doorbells.  ops->submit takes a free slot
  * (tag), writes the ImDisk header (and a write's payload) into it and
  * publishes the tag on the submission ring; requests that find every slot
- * busy wait in a private queue and take the next slot freed.  A completion
- * thread takes tags from the completion ring, checks them (in range, in
- * flight), copies each answer out once, and completes the requests.  The
+ * busy wait in a private queue and take the next slot freed (a FUA write
+ * goes the synchronous way, then a FLUSH: the protocol has no FUA).  A
+ * completion thread takes tags from the completion ring, checks them (in
+ * range, in flight), copies each answer out once, and completes them.  The
  * region is untrusted: every field is loaded once before it is checked.
  * A server that goes away (socket hang-up), breaks the ring or keeps a
  * request longer than the timeout ends the connection: every request in
@@ -64,28 +65,6 @@ struct shmc {
 	struct shmc_slot slots[];
 };
 
-/* ---- loads and stores in the shared region: each exactly once ---- */
-
-static uint64_t shmc_get64(const uint8_t *p)
-{
-	return le64toh(__atomic_load_n((const uint64_t *)(const void *)p, __ATOMIC_RELAXED));
-}
-
-static void shmc_put64(uint8_t *p, uint64_t v)
-{
-	__atomic_store_n((uint64_t *)(void *)p, htole64(v), __ATOMIC_RELAXED);
-}
-
-static uint32_t shmc_get32(const uint8_t *p, int order)
-{
-	return le32toh(__atomic_load_n((const uint32_t *)(const void *)p, order));
-}
-
-static void shmc_put32(uint8_t *p, uint32_t v, int order)
-{
-	__atomic_store_n((uint32_t *)(void *)p, htole32(v), order);
-}
-
 static uint8_t *shmc_hdr(struct shmc *c, uint32_t tag)
 {
 	return c->region + (uint64_t)tag * devio_shm_slot_size(c->data_size);
@@ -112,32 +91,29 @@ static void shmc_fill(struct shmc *c, uint32_t tag, struct devio_request *req)
 
 	c->slots[tag].code = code;
 	c->slots[tag].started_ns = devio_now_ns();
-	shmc_put64(h, code);
+	devio_shm_put64(h, code);
 	if (code == DEVIO_REQ_READ || code == DEVIO_REQ_WRITE) {
-		shmc_put64(h + 8, c->base + req->offset);
-		shmc_put64(h + 16, req->length);
+		devio_shm_put64(h + 8, c->base + req->offset);
+		devio_shm_put64(h + 16, req->length);
 		if (code == DEVIO_REQ_WRITE)
 			memcpy(h + DEVIO_SHM_HDR, req->buf, req->length);
 	} else if (code != DEVIO_SHM_REQ_FLUSH) {
-		shmc_put64(h + 8, DEVIO_RANGE_SIZE);
-		shmc_put64(h + DEVIO_SHM_HDR, c->base + req->offset);
-		shmc_put64(h + DEVIO_SHM_HDR + 8, req->length);
+		devio_shm_put64(h + 8, DEVIO_RANGE_SIZE);
+		devio_shm_put64(h + DEVIO_SHM_HDR, c->base + req->offset);
+		devio_shm_put64(h + DEVIO_SHM_HDR + 8, req->length);
 	}
 }
 
 /* Publish a filled slot; the lock is held.  Returns whether to ring. */
 static bool shmc_publish(struct shmc *c, uint32_t tag)
 {
-	uint32_t want = htole32(1);
-
-	shmc_put32(c->ctl + DEVIO_SHM_CTL_RINGS + 4u * (c->sq_tail & (c->cap - 1)), tag, __ATOMIC_RELAXED);
+	devio_shm_put32(c->ctl + DEVIO_SHM_CTL_RINGS + 4u * (c->sq_tail & (c->cap - 1)), tag, __ATOMIC_RELAXED);
 	c->sq_tail++;
-	shmc_put32(c->ctl + DEVIO_SHM_CTL_SQ_TAIL, c->sq_tail, __ATOMIC_RELEASE);
+	devio_shm_put32(c->ctl + DEVIO_SHM_CTL_SQ_TAIL, c->sq_tail, __ATOMIC_RELEASE);
 	/* our tail before its flag; it sets its flag before reading our tail.
 	 * Taking the flag (1 -> 0) makes this the one submission that rings. */
 	atomic_thread_fence(memory_order_seq_cst);
-	return __atomic_compare_exchange_n((uint32_t *)(void *)(c->ctl + DEVIO_SHM_CTL_SQ_WAKE), &want, 0, false,
-					   __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
+	return devio_shm_take_wake(c->ctl + DEVIO_SHM_CTL_SQ_WAKE);
 }
 
 static void shmc_ring(struct shmc *c)
@@ -148,15 +124,22 @@ static void shmc_ring(struct shmc *c)
 		devio_debug("%s: doorbell: %s", c->uri, strerror(errno));
 }
 
-/* Fill and publish req in tag (owned by the caller, taken under the lock). */
+/* Fill and publish req in tag (owned by the caller, taken under the lock);
+ * if the connection died meanwhile, fail req here (shmc_die leaves a slot
+ * that is not published yet to us). */
 static void shmc_send(struct shmc *c, uint32_t tag, struct devio_request *req)
 {
 	bool ring;
 
 	shmc_fill(c, tag, req);
 	pthread_mutex_lock(&c->lock);
-	if (c->dead || c->slots[tag].req != req) { /* failed meanwhile by shmc_die() */
+	if (c->dead) {
+		int r = c->dead;
+
+		c->slots[tag].req = NULL; /* never reused */
 		pthread_mutex_unlock(&c->lock);
+		req->result = r;
+		req->complete(req);
 		return;
 	}
 	c->slots[tag].live = true;
@@ -199,6 +182,8 @@ static int shmc_submit(struct devio_backend *b, struct devio_request *req)
 {
 	struct shmc *c = b->priv;
 
+	if ((req->flags & DEVIO_REQ_FUA) && req->op != DEVIO_OP_READ)
+		return -EAGAIN; /* no FUA in the protocol: the core runs it, then a FLUSH */
 	switch (req->op) {
 	case DEVIO_OP_READ:
 	case DEVIO_OP_WRITE:
@@ -223,23 +208,17 @@ static int shmc_submit(struct devio_backend *b, struct devio_request *req)
 
 /* ---- completing ---- */
 
-/* An errno from the region: 1..4095, else EIO. */
-static int shmc_errno(uint64_t e)
-{
-	return e == 0 ? 0 : e < 4096 ? -(int)e : -EIO;
-}
-
 /* The answer in tag's header, copied out once and checked. */
 static int shmc_answer(struct shmc *c, uint32_t tag, struct devio_request *req)
 {
 	uint8_t *h = shmc_hdr(c, tag);
 	uint64_t code = c->slots[tag].code;
-	int r = shmc_errno(shmc_get64(h));
+	int r = devio_proto_peer_errno(devio_shm_get64(h));
 	uint64_t n;
 
 	if (r || (code != DEVIO_REQ_READ && code != DEVIO_REQ_WRITE))
 		return r;
-	n = shmc_get64(h + 8);
+	n = devio_shm_get64(h + 8);
 	if (n != req->length) {
 		devio_err("%s: %s at %llu: the server answered %llu of %llu bytes", c->uri,
 			  code == DEVIO_REQ_READ ? "read" : "write", (unsigned long long)req->offset,
@@ -284,7 +263,7 @@ static void shmc_die(struct shmc *c, int err)
 		devio_err("%s: connection to the server lost: %s", c->uri, strerror(-err));
 	c->dead = err;
 	for (uint32_t i = 0; i < c->nslots; i++)
-		if (c->slots[i].req) {
+		if (c->slots[i].req && c->slots[i].live) { /* one not published yet: shmc_send's */
 			c->slots[i].req->next = list;
 			list = c->slots[i].req;
 			c->slots[i].req = NULL; /* never reused: the server may still write it */
@@ -308,15 +287,15 @@ static void shmc_die(struct shmc *c, int err)
 /* Take every completion published: 0, or -EPROTO for a broken ring. */
 static int shmc_reap(struct shmc *c)
 {
-	uint32_t tail = shmc_get32(c->ctl + DEVIO_SHM_CTL_CQ_TAIL, __ATOMIC_ACQUIRE);
+	uint32_t tail = devio_shm_get32(c->ctl + DEVIO_SHM_CTL_CQ_TAIL, __ATOMIC_ACQUIRE);
 
 	if (tail - c->cq_head > c->nslots) {
 		devio_err("%s: completion tail %u runs ahead of %u (%u slots)", c->uri, tail, c->cq_head, c->nslots);
 		return -EPROTO;
 	}
 	while (c->cq_head != tail) {
-		uint32_t tag = shmc_get32(c->ctl + DEVIO_SHM_CTL_RINGS + 4u * (c->cap + (c->cq_head & (c->cap - 1))),
-					  __ATOMIC_RELAXED);
+		uint32_t tag = devio_shm_get32(c->ctl + DEVIO_SHM_CTL_RINGS +
+					       4u * (c->cap + (c->cq_head & (c->cap - 1))), __ATOMIC_RELAXED);
 		bool ok;
 
 		c->cq_head++;
@@ -340,7 +319,7 @@ static int shmc_overdue(struct shmc *c)
 
 	pthread_mutex_lock(&c->lock);
 	for (uint32_t i = 0; i < c->nslots && !r; i++)
-		if (c->slots[i].req && c->slots[i].started_ns && c->slots[i].started_ns < limit)
+		if (c->slots[i].live && c->slots[i].started_ns < limit) /* published: started_ns is its own */
 			r = -ETIMEDOUT;
 	pthread_mutex_unlock(&c->lock);
 	return r;
@@ -380,10 +359,10 @@ static void *shmc_main(void *arg)
 			if ((r = shmc_overdue(c)))
 				break;
 		}
-		shmc_put32(c->ctl + DEVIO_SHM_CTL_CQ_WAKE, 1, __ATOMIC_RELAXED);
+		devio_shm_put32(c->ctl + DEVIO_SHM_CTL_CQ_WAKE, 1, __ATOMIC_RELAXED);
 		atomic_thread_fence(memory_order_seq_cst);
-		r = shmc_get32(c->ctl + DEVIO_SHM_CTL_CQ_TAIL, __ATOMIC_ACQUIRE) == c->cq_head ? shmc_sleep(c) : 1;
-		shmc_put32(c->ctl + DEVIO_SHM_CTL_CQ_WAKE, 0, __ATOMIC_RELAXED);
+		r = devio_shm_get32(c->ctl + DEVIO_SHM_CTL_CQ_TAIL, __ATOMIC_ACQUIRE) == c->cq_head ? shmc_sleep(c) : 1;
+		devio_shm_put32(c->ctl + DEVIO_SHM_CTL_CQ_WAKE, 0, __ATOMIC_RELAXED);
 		if (r <= 0)
 			break;
 	}
@@ -608,8 +587,8 @@ static int shmc_recv_hello(int sock, const char *uri, struct shmc_hello *h)
 	}
 	if (h->w[DEVIO_SHM_H_STATUS]) {
 		devio_err("%s: the server refuses the connection: %s", uri,
-			  strerror(-shmc_errno(h->w[DEVIO_SHM_H_STATUS])));
-		return shmc_errno(h->w[DEVIO_SHM_H_STATUS]);
+			  strerror(-devio_proto_peer_errno(h->w[DEVIO_SHM_H_STATUS])));
+		return devio_proto_peer_errno(h->w[DEVIO_SHM_H_STATUS]);
 	}
 	if (nfds != 3 || (msg.msg_flags & MSG_CTRUNC)) {
 		devio_err("%s: the server sent %d descriptors, not 3", uri, nfds);
@@ -812,12 +791,9 @@ int devio_remote_shm_open(const char *uri, const struct devio_open_opts *opts, s
 	b->caps = DEVIO_CAP_CACHE | DEVIO_CAP_MULTI_CONN;
 	if (c->ext & DEVIO_SHM_EXT_FLUSH)
 		b->caps |= DEVIO_CAP_FLUSH | DEVIO_CAP_FUA;
-	if (opts->readonly || (c->info[2] & DEVIO_INFO_RO))
+	if (opts->readonly)
 		b->caps |= DEVIO_CAP_READONLY;
-	if (c->info[2] & DEVIO_INFO_SUPPORTS_UNMAP)
-		b->caps |= DEVIO_CAP_TRIM;
-	if (c->info[2] & DEVIO_INFO_SUPPORTS_ZERO)
-		b->caps |= DEVIO_CAP_ZERO;
+	b->caps |= devio_proto_caps(c->info[2]);
 	*out = b;
 	return 0;
 }

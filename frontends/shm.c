@@ -43,28 +43,6 @@
 #define SHM_BELL_NOW_BYTES (64u << 10)
 #define SHM_RUN_DIR "/run/devio"
 
-/* ---- loads and stores in the shared region: each exactly once ---- */
-
-static uint64_t shm_get64(const uint8_t *p)
-{
-	return le64toh(__atomic_load_n((const uint64_t *)(const void *)p, __ATOMIC_RELAXED));
-}
-
-static void shm_put64(uint8_t *p, uint64_t v)
-{
-	__atomic_store_n((uint64_t *)(void *)p, htole64(v), __ATOMIC_RELAXED);
-}
-
-static uint32_t shm_get32(const uint8_t *p, int order)
-{
-	return le32toh(__atomic_load_n((const uint32_t *)(const void *)p, order));
-}
-
-static void shm_put32(uint8_t *p, uint32_t v, int order)
-{
-	__atomic_store_n((uint32_t *)(void *)p, htole32(v), order);
-}
-
 /* ---- where the socket lives ---- */
 
 static int shm_mkdir(const char *path, mode_t mode)
@@ -143,19 +121,9 @@ struct shm_session {
 	struct shm_slot slots[];
 };
 
-static uint8_t *slot_hdr(struct shm_session *s, uint32_t tag)
+static uint8_t *shm_slot_hdr(struct shm_session *s, uint32_t tag)
 {
 	return s->region + (uint64_t)tag * devio_shm_slot_size(s->data_size);
-}
-
-/* Take the other side's "I sleep" flag (1 -> 0): true if we did, and so
- * owe it the doorbell.  Whoever takes the flag rings, once. */
-static bool shm_take_wake(uint8_t *flag)
-{
-	uint32_t want = htole32(1);
-
-	return __atomic_compare_exchange_n((uint32_t *)(void *)flag, &want, 0, false, __ATOMIC_SEQ_CST,
-					   __ATOMIC_RELAXED);
 }
 
 /* The answer doorbell, if the client said it sleeps.  The fence orders our
@@ -166,7 +134,7 @@ static void shm_bell(struct shm_session *s)
 	uint64_t one = 1;
 
 	atomic_thread_fence(memory_order_seq_cst);
-	if (s->resp_efd < 0 || !shm_take_wake(s->ctl + DEVIO_SHM_CTL_CQ_WAKE))
+	if (s->resp_efd < 0 || !devio_shm_take_wake(s->ctl + DEVIO_SHM_CTL_CQ_WAKE))
 		return;
 	atomic_fetch_add_explicit(&s->n_bell, 1, memory_order_relaxed);
 	if (write(s->resp_efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
@@ -177,27 +145,27 @@ static void shm_bell(struct shm_session *s)
 static void shm_finish(struct shm_slot *sl, int r, uint64_t len)
 {
 	struct shm_session *s = sl->s;
-	uint8_t *h = slot_hdr(s, sl->tag);
+	uint8_t *h = shm_slot_hdr(s, sl->tag);
 	bool ring;
 
 	if (sl->code != DEVIO_REQ_INFO) /* INFO's three words are already there */
-		shm_put64(h, r < 0 ? (uint64_t)-r : 0);
+		devio_shm_put64(h, r < 0 ? (uint64_t)-r : 0);
 	if (sl->code == DEVIO_REQ_READ || sl->code == DEVIO_REQ_WRITE)
-		shm_put64(h + 8, r ? 0 : len);
+		devio_shm_put64(h + 8, r ? 0 : len);
 	pthread_mutex_lock(&s->lock);
-	shm_put32(s->ctl + DEVIO_SHM_CTL_RINGS + 4u * (s->cap + (s->cq_tail & (s->cap - 1))), sl->tag,
-		  __ATOMIC_RELAXED);
+	devio_shm_put32(s->ctl + DEVIO_SHM_CTL_RINGS + 4u * (s->cap + (s->cq_tail & (s->cap - 1))), sl->tag,
+			__ATOMIC_RELAXED);
 	s->cq_tail++;
 	atomic_store(&sl->busy, false);
-	shm_put32(s->ctl + DEVIO_SHM_CTL_CQ_TAIL, s->cq_tail, __ATOMIC_RELEASE);
+	devio_shm_put32(s->ctl + DEVIO_SHM_CTL_CQ_TAIL, s->cq_tail, __ATOMIC_RELEASE);
 	ring = !(s->batching && pthread_equal(pthread_self(), s->thread)) || len >= SHM_BELL_NOW_BYTES;
 	if (!ring)
 		s->bell_owed = true;
+	else /* before the count: once it is 0 the session may be freed */
+		shm_bell(s);
 	if (--s->inflight == 0)
 		pthread_cond_broadcast(&s->idle);
 	pthread_mutex_unlock(&s->lock);
-	if (ring)
-		shm_bell(s);
 }
 
 static void shm_complete(struct devio_request *req)
@@ -221,18 +189,16 @@ static int shm_ranges(struct shm_session *s, enum devio_op op, const uint8_t *da
 	if (!copy)
 		return -ENOMEM;
 	for (uint64_t i = 0; i < len; i += 8)
-		shm_put64(copy + i, shm_get64(data + i));
+		devio_shm_put64(copy + i, devio_shm_get64(data + i));
 	for (uint64_t i = 0; i < len && !r; i += DEVIO_RANGE_SIZE) {
-		int64_t off = (int64_t)devio_get_le64(copy + i);
-		uint64_t n = devio_get_le64(copy + i + 8);
+		uint64_t off, n;
 
-		if (off < 0 || (uint64_t)off > s->b->size || n > s->b->size - (uint64_t)off)
-			r = -EINVAL;
+		r = devio_proto_decode_range(copy + i, s->b->size, &off, &n);
 	}
 	for (uint64_t i = 0; i < len && !r; i += DEVIO_RANGE_SIZE) {
-		struct devio_request req = { .op = op, .offset = devio_get_le64(copy + i),
-					     .length = devio_get_le64(copy + i + 8) };
+		struct devio_request req = { .op = op };
 
+		devio_proto_decode_range(copy + i, s->b->size, &req.offset, &req.length);
 		if (req.length)
 			r = devio_run(s->b, &req);
 	}
@@ -251,7 +217,7 @@ static void shm_info_words(struct devio_backend *b, uint64_t v[3])
 /* Decode a READ/WRITE header into req; 0, or the errno to answer. */
 static int shm_decode_rw(struct shm_session *s, struct shm_slot *sl, const uint8_t *h)
 {
-	uint64_t off = shm_get64(h + 8), len = shm_get64(h + 16);
+	uint64_t off = devio_shm_get64(h + 8), len = devio_shm_get64(h + 16);
 
 	sl->req.op = sl->code == DEVIO_REQ_READ ? DEVIO_OP_READ : DEVIO_OP_WRITE;
 	sl->req.offset = off;
@@ -272,7 +238,7 @@ static int shm_decode_rw(struct shm_session *s, struct shm_slot *sl, const uint8
 static int shm_decode_ranges(struct shm_session *s, struct shm_slot *sl, const uint8_t *h, bool *done)
 {
 	enum devio_op op = sl->code == DEVIO_REQ_UNMAP ? DEVIO_OP_TRIM : DEVIO_OP_ZERO;
-	uint64_t len = shm_get64(h + 8);
+	uint64_t len = devio_shm_get64(h + 8);
 	int64_t off;
 
 	if (len > s->data_size || len % DEVIO_RANGE_SIZE)
@@ -283,12 +249,12 @@ static int shm_decode_ranges(struct shm_session *s, struct shm_slot *sl, const u
 		*done = true;
 		return shm_ranges(s, op, h + DEVIO_SHM_HDR, len);
 	}
-	off = (int64_t)shm_get64(h + DEVIO_SHM_HDR);
+	off = (int64_t)devio_shm_get64(h + DEVIO_SHM_HDR);
 	if (off < 0)
 		return -EINVAL;
 	sl->req.op = op;
 	sl->req.offset = (uint64_t)off;
-	sl->req.length = shm_get64(h + DEVIO_SHM_HDR + 8);
+	sl->req.length = devio_shm_get64(h + DEVIO_SHM_HDR + 8);
 	return 0;
 }
 
@@ -296,11 +262,11 @@ static int shm_decode_ranges(struct shm_session *s, struct shm_slot *sl, const u
  * was answered here, or -ECONNRESET for CLOSE. */
 static int shm_decode(struct shm_session *s, struct shm_slot *sl, int *err)
 {
-	uint8_t *h = slot_hdr(s, sl->tag);
+	uint8_t *h = shm_slot_hdr(s, sl->tag);
 	uint64_t v[3];
 	bool done = false;
 
-	sl->code = shm_get64(h);
+	sl->code = devio_shm_get64(h);
 	sl->len = 0;
 	memset(&sl->req, 0, sizeof(sl->req));
 	*err = 0;
@@ -318,7 +284,7 @@ static int shm_decode(struct shm_session *s, struct shm_slot *sl, int *err)
 	case DEVIO_REQ_INFO:
 		shm_info_words(s->b, v);
 		for (int i = 0; i < 3; i++)
-			shm_put64(h + 8 * i, v[i]);
+			devio_shm_put64(h + 8 * i, v[i]);
 		return 0;
 	case DEVIO_REQ_CLOSE:
 		return -ECONNRESET;
@@ -366,7 +332,7 @@ static int shm_start(struct shm_session *s, uint32_t tag)
  * broken (the client is dropped), -ECONNRESET on CLOSE. */
 static int shm_take(struct shm_session *s)
 {
-	uint32_t tail = shm_get32(s->ctl + DEVIO_SHM_CTL_SQ_TAIL, __ATOMIC_ACQUIRE);
+	uint32_t tail = devio_shm_get32(s->ctl + DEVIO_SHM_CTL_SQ_TAIL, __ATOMIC_ACQUIRE);
 	uint32_t n = tail - s->sq_head;
 
 	if (n > s->nslots) {
@@ -375,8 +341,8 @@ static int shm_take(struct shm_session *s)
 		return -EPROTO;
 	}
 	while (s->sq_head != tail) {
-		uint32_t tag = shm_get32(s->ctl + DEVIO_SHM_CTL_RINGS + 4u * (s->sq_head & (s->cap - 1)),
-					 __ATOMIC_RELAXED);
+		uint32_t tag = devio_shm_get32(s->ctl + DEVIO_SHM_CTL_RINGS + 4u * (s->sq_head & (s->cap - 1)),
+					       __ATOMIC_RELAXED);
 		int r;
 
 		s->sq_head++;
@@ -540,13 +506,13 @@ static int shm_serve(struct shm_session *s)
 			return r == -ECONNRESET ? 0 : r;
 		if (atomic_load_explicit(&s->st->stopping, memory_order_relaxed))
 			return 0;
-		shm_put32(s->ctl + DEVIO_SHM_CTL_SQ_WAKE, 1, __ATOMIC_RELAXED);
+		devio_shm_put32(s->ctl + DEVIO_SHM_CTL_SQ_WAKE, 1, __ATOMIC_RELAXED);
 		atomic_thread_fence(memory_order_seq_cst);
-		if (shm_get32(s->ctl + DEVIO_SHM_CTL_SQ_TAIL, __ATOMIC_ACQUIRE) == s->sq_head)
+		if (devio_shm_get32(s->ctl + DEVIO_SHM_CTL_SQ_TAIL, __ATOMIC_ACQUIRE) == s->sq_head)
 			r = shm_sleep(s);
 		else
 			r = 1;
-		shm_put32(s->ctl + DEVIO_SHM_CTL_SQ_WAKE, 0, __ATOMIC_RELAXED);
+		devio_shm_put32(s->ctl + DEVIO_SHM_CTL_SQ_WAKE, 0, __ATOMIC_RELAXED);
 		if (r <= 0)
 			return r;
 	}
@@ -616,10 +582,10 @@ static int shm_region(struct shm_session *s, int *memfd)
 		return r;
 	}
 	s->ctl = s->region + devio_shm_ctl_offset(s->nslots, s->data_size);
-	shm_put64(s->ctl + DEVIO_SHM_CTL_MAGIC, DEVIO_SHM_MAGIC);
-	shm_put32(s->ctl + 8, DEVIO_SHM_VERSION, __ATOMIC_RELAXED);
-	shm_put32(s->ctl + 12, s->nslots, __ATOMIC_RELAXED);
-	shm_put32(s->ctl + 16, s->data_size, __ATOMIC_RELAXED);
+	devio_shm_put64(s->ctl + DEVIO_SHM_CTL_MAGIC, DEVIO_SHM_MAGIC);
+	devio_shm_put32(s->ctl + 8, DEVIO_SHM_VERSION, __ATOMIC_RELAXED);
+	devio_shm_put32(s->ctl + 12, s->nslots, __ATOMIC_RELAXED);
+	devio_shm_put32(s->ctl + 16, s->data_size, __ATOMIC_RELAXED);
 	*memfd = fd;
 	return 0;
 }

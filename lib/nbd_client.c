@@ -200,18 +200,27 @@ static int client_opt_structured(struct hs *h)
 	return 0;
 }
 
+/* The export name as options carry it (length, then the bytes) at opt;
+ * returns the name's length. */
+static uint32_t client_put_export(struct hs *h, uint8_t *opt)
+{
+	uint32_t nlen = (uint32_t)strlen(h->export);
+
+	nbd_put32(opt, nlen);
+	memcpy(opt + 4, h->export, nlen);
+	return nlen;
+}
+
 /* NBD_OPT_SET_META_CONTEXT base:allocation for the export; a server that
  * refuses it is used without. */
 static int client_opt_meta(struct hs *h)
 {
 	static const char ctx[] = "base:allocation";
-	uint32_t nlen = (uint32_t)strlen(h->export), qlen = sizeof(ctx) - 1;
 	uint8_t opt[4 + NBD_MAX_EXPORT_NAME + 4 + 4 + sizeof(ctx)];
+	uint32_t nlen = client_put_export(h, opt), qlen = sizeof(ctx) - 1;
 	struct reply rp;
 	int r;
 
-	nbd_put32(opt, nlen);
-	memcpy(opt + 4, h->export, nlen);
 	nbd_put32(opt + 4 + nlen, 1);
 	nbd_put32(opt + 8 + nlen, qlen);
 	memcpy(opt + 12 + nlen, ctx, qlen);
@@ -296,14 +305,12 @@ static int client_go_refused(struct hs *h, struct reply *rp)
 /* NBD_OPT_GO asking for the block sizes; 1 if the server does not know it. */
 static int client_opt_go(struct hs *h)
 {
-	uint32_t nlen = (uint32_t)strlen(h->export);
 	uint8_t opt[4 + NBD_MAX_EXPORT_NAME + 2 + 2];
+	uint32_t nlen = client_put_export(h, opt);
 	bool have_export = false;
 	struct reply rp;
 	int r;
 
-	nbd_put32(opt, nlen);
-	memcpy(opt + 4, h->export, nlen);
 	nbd_put16(opt + 4 + nlen, 1);
 	nbd_put16(opt + 6 + nlen, NBD_INFO_BLOCK_SIZE);
 	if ((r = client_send_option(h, NBD_OPT_GO, opt, 8 + nlen)))

@@ -20,6 +20,7 @@
 #ifndef DEVIO_SHM_H
 #define DEVIO_SHM_H
 
+#include <endian.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -93,6 +94,39 @@ static inline uint64_t devio_shm_region_size(uint32_t nslots, uint32_t data_size
 	uint64_t ctl = DEVIO_SHM_CTL_RINGS + 8ull * devio_shm_ring_cap(nslots);
 
 	return devio_shm_ctl_offset(nslots, data_size) + ((ctl + 4095) & ~4095ull);
+}
+
+/* Loads and stores of the region's little-endian fields, which the other
+ * side may change at any time: each is one atomic access, so a field is
+ * loaded once into a local and checked there, never read twice. */
+static inline uint64_t devio_shm_get64(const uint8_t *p)
+{
+	return le64toh(__atomic_load_n((const uint64_t *)(const void *)p, __ATOMIC_RELAXED));
+}
+
+static inline void devio_shm_put64(uint8_t *p, uint64_t v)
+{
+	__atomic_store_n((uint64_t *)(void *)p, htole64(v), __ATOMIC_RELAXED);
+}
+
+static inline uint32_t devio_shm_get32(const uint8_t *p, int order)
+{
+	return le32toh(__atomic_load_n((const uint32_t *)(const void *)p, order));
+}
+
+static inline void devio_shm_put32(uint8_t *p, uint32_t v, int order)
+{
+	__atomic_store_n((uint32_t *)(void *)p, htole32(v), order);
+}
+
+/* Take the other side's "I sleep" flag (1 -> 0): true if this call did,
+ * and so owes it the doorbell.  Whoever takes the flag rings, once. */
+static inline bool devio_shm_take_wake(uint8_t *flag)
+{
+	uint32_t want = htole32(1);
+
+	return __atomic_compare_exchange_n((uint32_t *)(void *)flag, &want, 0, false, __ATOMIC_SEQ_CST,
+					   __ATOMIC_RELAXED);
 }
 
 /* Is this a geometry both sides accept? */

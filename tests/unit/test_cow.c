@@ -242,6 +242,62 @@ static void test_file_overlay(void **state)
 	rmdir(dir);
 }
 
+/* realloc, made to fail for one size while fail_realloc_size says so
+ * (this test is linked with -Wl,--wrap=realloc). */
+static size_t fail_realloc_size;
+void *__real_realloc(void *p, size_t n);
+void *__wrap_realloc(void *p, size_t n);
+
+void *__wrap_realloc(void *p, size_t n)
+{
+	return fail_realloc_size && n == fail_realloc_size ? NULL : __real_realloc(p, n);
+}
+
+/* A large read-only source of zeroes that holds no memory. */
+static int zeroes_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t off)
+{
+	memset(buf, 0, len);
+	return 0;
+}
+
+static const struct devio_backend_ops zeroes_ops = { .name = "zeroes", .pread = zeroes_pread };
+
+/* A flush that runs out of memory while it collects the changed bitmap
+ * pages loses none of them: the next flush writes them all. */
+static void test_flush_out_of_memory(void **state)
+{
+	const uint64_t page_span = 4096ull * 8 * (64 * KiB); /* the blocks one bitmap page covers */
+	struct devio_backend src = { .ops = &zeroes_ops, .size = 17 * page_span + 4096, .block_size = 512,
+				     .caps = DEVIO_CAP_READONLY };
+	char dir[] = "/tmp/devio-cow-unit-XXXXXX", path[64];
+	struct devio_open_opts o = { 0 };
+	struct devio_backend *b;
+	unsigned char c;
+
+	assert_non_null(mkdtemp(dir));
+	snprintf(path, sizeof(path), "%s/o.cow", dir);
+	assert_int_equal(devio_cow_open(&src, path, &o, &b), 0);
+	for (unsigned i = 0; i < 17; i++) { /* 17 bitmap pages changed: the list grows past 16 */
+		c = (unsigned char)(i + 1);
+		assert_int_equal(devio_layer_write(b, &c, 1, i * page_span + 100, 0), 0);
+	}
+	fail_realloc_size = 32 * 4096;
+	assert_int_equal(devio_layer_flush(b), -ENOMEM);
+	fail_realloc_size = 0;
+	assert_int_equal(devio_layer_flush(b), 0);
+	b->lower = NULL; /* src is on the stack */
+	devio_backend_close(b);
+	assert_int_equal(devio_cow_open(&src, path, &o, &b), 0);
+	for (unsigned i = 0; i < 17; i++) {
+		assert_int_equal(devio_layer_read(b, &c, 1, i * page_span + 100), 0);
+		assert_int_equal(c, i + 1);
+	}
+	b->lower = NULL;
+	devio_backend_close(b);
+	unlink(path);
+	rmdir(dir);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -250,6 +306,7 @@ int main(void)
 		cmocka_unit_test(test_extents_through_the_layer),
 		cmocka_unit_test(test_concurrent_copy_up),
 		cmocka_unit_test(test_file_overlay),
+		cmocka_unit_test(test_flush_out_of_memory),
 	};
 
 	devio_log_set_level(DEVIO_LOG_ERROR);
