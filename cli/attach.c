@@ -42,10 +42,11 @@ static void attach_usage(FILE *out)
 	fprintf(out,
 		"options:\n"
 		"  -r, --readonly         refuse writes\n"
-		"  -d, --daemon           return once the device is ready; the server runs on\n"
+		"  -d, --daemon           return once the device is ready; the server runs on (--fork)\n"
 		"  -v, --verbose\n"
 		"serving options (the core's run policy):\n");
 	feopts_usage_serving(out);
+	daemon_usage(out);
 	fprintf(out, "usage: devio detach MOUNTPOINT|/dev/loopN|/dev/nbdN\n");
 }
 
@@ -63,9 +64,9 @@ static const struct option attach_options[] = {
 
 struct attach_args {
 	const char *uri;
-	bool daemon;
 	struct devio_open_opts open;
 	struct feopts fe;
+	struct daemon_opts daemon;
 };
 
 static bool wants_nbd_device(int argc, char **argv)
@@ -80,7 +81,7 @@ static int parse_one(struct attach_args *a, int c)
 {
 	switch (c) {
 	case 'r': a->open.readonly = true; return 0;
-	case 'd': a->daemon = true; return 0;
+	case 'd': a->daemon.fork = true; return 0;
 	case 'v': devio_log_set_level(DEVIO_LOG_DEBUG); return 0;
 	case 'h': attach_usage(stdout); exit(0);
 	default: return -EINVAL;
@@ -95,6 +96,8 @@ static int parse_attach(int argc, char **argv, struct attach_args *a)
 	while ((c = getopt_long(argc, argv, "rdvh", a->fe.table, NULL)) != -1) {
 		r = c == '?' ? -EINVAL : feopts_parse(&a->fe, c, optarg);
 		if (r == 1)
+			r = daemon_parse(&a->daemon, c, optarg);
+		if (r == 1)
 			r = parse_one(a, c);
 		if (r)
 			return -EINVAL;
@@ -104,6 +107,8 @@ static int parse_attach(int argc, char **argv, struct attach_args *a)
 		return -EINVAL;
 	}
 	a->uri = argv[optind];
+	if (daemon_check(&a->daemon))
+		return -EINVAL;
 	feopts_finish(&a->fe);
 	return 0;
 }
@@ -123,86 +128,28 @@ static int run_attach(struct attach_args *a)
 	return rc;
 }
 
-/* A daemon keeps stderr only when it is a log file: a pipe would keep
- * whoever started it waiting for end of file. */
-static void quiet_stdio(void)
-{
-	struct stat st;
-	int null = open("/dev/null", O_RDWR | O_CLOEXEC);
-
-	if (null < 0)
-		return;
-	dup2(null, STDIN_FILENO);
-	if (fstat(STDERR_FILENO, &st) || !S_ISREG(st.st_mode))
-		dup2(null, STDERR_FILENO);
-	close(null);
-}
-
-/* --daemon: the child serves; the parent returns once the child has
- * printed its device (or failed). */
-static int daemonize_and_run(struct attach_args *a)
-{
-	int pfd[2], status;
-	char line[PATH_MAX + 16];
-	size_t len = 0;
-	pid_t pid;
-
-	if (pipe(pfd) < 0)
-		return 1;
-	fflush(stdout);
-	pid = fork();
-	if (pid < 0)
-		return 1;
-	if (pid == 0) {
-		close(pfd[0]);
-		setsid();
-		dup2(pfd[1], STDOUT_FILENO);
-		close(pfd[1]);
-		quiet_stdio();
-		exit(run_attach(a));
-	}
-	close(pfd[1]);
-	for (;;) {
-		struct pollfd p = { .fd = pfd[0], .events = POLLIN };
-		ssize_t n;
-
-		if (poll(&p, 1, 60000) <= 0)
-			break;
-		n = read(pfd[0], line + len, sizeof(line) - 1 - len);
-		if (n <= 0)
-			break;
-		len += (size_t)n;
-		if (memchr(line, '\n', len) || len == sizeof(line) - 1)
-			break;
-	}
-	close(pfd[0]);
-	line[len] = '\0';
-	if (!strchr(line, '\n')) {
-		devio_err("attach %s: the server did not become ready", a->uri);
-		if (waitpid(pid, &status, WNOHANG) == 0)
-			kill(pid, SIGTERM);
-		return 1;
-	}
-	fputs(line, stdout);
-	return 0;
-}
-
 int cmd_attach(int argc, char **argv)
 {
-	struct attach_args a = { 0 };
+	static struct attach_args a; /* its daemon options live as long as the process */
+	struct option *own;
 	int rc;
 
 	if (wants_nbd_device(argc, argv))
 		return attach_nbd_device(argc, argv);
-	if (feopts_init(&a.fe, attach_frontends, attach_options))
+	memset(&a, 0, sizeof(a));
+	own = daemon_merge_options(attach_options);
+	if (!own || feopts_init(&a.fe, attach_frontends, own)) {
+		free(own);
 		return 1;
+	}
 	if (parse_attach(argc, argv, &a)) {
 		attach_usage(stderr);
 		rc = 2;
-	} else {
-		rc = a.daemon ? daemonize_and_run(&a) : run_attach(&a);
+	} else if (!daemon_start(&a.daemon, &rc)) {
+		rc = run_attach(&a);
 	}
 	feopts_free(&a.fe);
+	free(own);
 	return rc;
 }
 
