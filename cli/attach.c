@@ -1,26 +1,15 @@
 /* attach.c - `devio attach URI --fuse DIR [--loop]` gives this machine a
  * file (and a block device) for a remote devio or NBD server: the URI is
  * opened as a backend and served by the FUSE front end in this process,
- * the Linux counterpart of `imdisk -a -t proxy`.  `devio detach DIR|DEV`
- * finds the attach (or serve) process through its status file in
- * DEVIO_RUN_DIR, signals it and waits until the mount and device are gone.
- * --nbd-device and /dev/nbdN go to the kernel nbd client (attach_nbd.c). */
+ * the Linux counterpart of `imdisk -a -t proxy` (`devio detach` is
+ * cli/detach.c).  --nbd-device and /dev/nbdN go to the kernel nbd client (attach_nbd.c). */
 #include <errno.h>
-#include <fcntl.h>
 #include <getopt.h>
-#include <limits.h>
-#include <dirent.h>
-#include <poll.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 #include "cli.h"
-#include "devio/ublk.h"
 #include "devio/util.h"
 
 /* The front ends attach offers: a local file or device for the export. */
@@ -47,7 +36,7 @@ static void attach_usage(FILE *out)
 		"serving options (the core's run policy):\n");
 	feopts_usage_serving(out);
 	daemon_usage(out);
-	fprintf(out, "usage: devio detach MOUNTPOINT|/dev/loopN|/dev/nbdN\n");
+	fprintf(out, "usage: devio detach [--all] [--force] MOUNTPOINT|/dev/loopN|/dev/nbdN|/dev/ublkbN\n");
 }
 
 enum { OPT_NBD_DEVICE = 256 };
@@ -151,126 +140,4 @@ int cmd_attach(int argc, char **argv)
 	feopts_free(&a.fe);
 	free(own);
 	return rc;
-}
-
-/* ---- detach ---- */
-
-/* Does the status file describe target (a mount point or a loop device)? */
-static bool status_matches(const char *path, const char *target)
-{
-	char line[1024], want[PATH_MAX + 16];
-	FILE *f = fopen(path, "r");
-	bool hit = false;
-
-	if (!f)
-		return false;
-	while (!hit && fgets(line, sizeof(line), f)) {
-		line[strcspn(line, "\n")] = '\0';
-		snprintf(want, sizeof(want), "frontend --fuse %s", target);
-		if (!strcmp(line, want))
-			hit = true;
-		snprintf(want, sizeof(want), "  fuse mount %s ", target);
-		if (!strncmp(line, want, strlen(want)))
-			hit = true;
-		snprintf(want, sizeof(want), "ublk device %s ", target);
-		if (!strncmp(line, want, strlen(want)))
-			hit = true;
-		snprintf(want, sizeof(want), "  loop %s", target);
-		if (!strncmp(line, want, strlen(want)) && (line[strlen(want)] == '\0' || line[strlen(want)] == ' '))
-			hit = true;
-	}
-	fclose(f);
-	return hit;
-}
-
-static pid_t find_server(const char *target)
-{
-	DIR *d = opendir(DEVIO_RUN_DIR);
-	struct dirent *de;
-	pid_t found = 0;
-
-	while (d && !found && (de = readdir(d))) {
-		char path[512];
-		int pid = atoi(de->d_name);
-
-		const char *dot = strchr(de->d_name, '.');
-
-		if (pid <= 0 || !dot || strcmp(dot, ".status"))
-			continue;
-		snprintf(path, sizeof(path), DEVIO_RUN_DIR "/%s", de->d_name);
-		if (kill(pid, 0) && errno == ESRCH)
-			continue;
-		if (status_matches(path, target))
-			found = pid;
-	}
-	if (d)
-		closedir(d);
-	return found;
-}
-
-/* SIGTERM the server and wait (bounded) until it has unmounted, detached
- * and exited. */
-static int stop_server(const char *target, pid_t pid)
-{
-	if (kill(pid, SIGTERM) < 0) {
-		devio_err("detach %s: signal pid %d: %s", target, (int)pid, strerror(errno));
-		return 1;
-	}
-	/* bounded wait: the server unmounts and detaches before it exits */
-	for (int i = 0; i < 600; i++) {
-		struct timespec ts = { 0, 50 * 1000 * 1000 };
-
-		if (kill(pid, 0) && errno == ESRCH)
-			return 0;
-		nanosleep(&ts, NULL);
-	}
-	devio_err("detach %s: server pid %d still running after 30 s", target, (int)pid);
-	return 1;
-}
-
-/* Ask the server to stop (it deletes its device); when no server serves it
- * any more (killed), delete the device left behind ourselves. */
-static int detach_ublk(const char *dev)
-{
-	unsigned id;
-	pid_t pid = find_server(dev);
-	int r;
-
-	if (pid)
-		return stop_server(dev, pid);
-	if (devio_ublk_parse_dev(dev, &id)) {
-		devio_err("detach %s: not a ublk device name", dev);
-		return 1;
-	}
-	r = devio_ublk_delete(id);
-	if (r) {
-		devio_err("detach %s: %s", dev, strerror(-r));
-		return 1;
-	}
-	return 0;
-}
-
-int cmd_detach(int argc, char **argv)
-{
-	char target[PATH_MAX];
-	pid_t pid;
-
-	if (argc != 2 || argv[1][0] == '-') {
-		attach_usage(stderr);
-		return 2;
-	}
-	if (!strncmp(argv[1], "/dev/nbd", 8))
-		return detach_nbd_device(argv[1]);
-	if (!strncmp(argv[1], "/dev/ublkb", 10))
-		return detach_ublk(argv[1]);
-	if (!realpath(argv[1], target)) {
-		devio_err("detach %s: %s", argv[1], strerror(errno));
-		return 1;
-	}
-	pid = find_server(target);
-	if (!pid) {
-		devio_err("detach %s: no devio server serves it (see devio status)", target);
-		return 1;
-	}
-	return stop_server(target, pid);
 }
