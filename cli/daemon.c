@@ -278,6 +278,9 @@ static void daemon_detach_stdio(void)
 	dup2(null, STDOUT_FILENO);
 	dup2(err >= 0 ? err : null, STDERR_FILENO);
 	close(null);
+	if (daemon_orig_stderr >= 0) /* a pipe kept open would keep our caller waiting */
+		close(daemon_orig_stderr);
+	daemon_orig_stderr = -1;
 	if (write(daemon_ready_fd, "R", 1) != 1)
 		devio_warn("--fork: the parent is gone");
 	close(daemon_ready_fd);

@@ -131,7 +131,7 @@ static void serve_env_device(const struct serve_frontend *fe, struct serve_env *
 	for (size_t k = 0; k < 3 && !e->device[0]; k++) {
 		line = strstr(buf, keys[k]);
 		if (k == 2 && line)
-			line = strstr(line, " file ") ? strstr(line, " file ") + 5 : NULL;
+			line = strstr(line, " file ") ? strstr(line, " file ") + 6 : NULL;
 		else if (line)
 			line += strlen(keys[k]);
 		if (line)
