@@ -58,9 +58,9 @@ static int mountinfo_parse(char *line, const char *path, struct devio_mount *m)
 }
 
 /* Every mount at path, in the file's order; their number or -errno. */
-static int mountinfo_at(const char *path, struct devio_mount *out, int max)
+static int mountinfo_at(const char *file, const char *path, struct devio_mount *out, int max)
 {
-	FILE *f = fopen("/proc/self/mountinfo", "re");
+	FILE *f = fopen(file, "re");
 	char *line = NULL;
 	size_t cap = 0;
 	int n = 0;
@@ -88,10 +88,10 @@ static int mountinfo_top_index(const struct devio_mount *ms, int n)
 	return -1;
 }
 
-int devio_mount_top(const char *path, struct devio_mount *out)
+int devio_mount_top_in(const char *file, const char *path, struct devio_mount *out)
 {
 	struct devio_mount ms[MOUNTINFO_MAX];
-	int n = mountinfo_at(path, ms, MOUNTINFO_MAX), i;
+	int n = mountinfo_at(file, path, ms, MOUNTINFO_MAX), i;
 
 	if (n <= 0)
 		return n;
@@ -102,10 +102,15 @@ int devio_mount_top(const char *path, struct devio_mount *out)
 	return 1;
 }
 
+int devio_mount_top(const char *path, struct devio_mount *out)
+{
+	return devio_mount_top_in("/proc/self/mountinfo", path, out);
+}
+
 int devio_mount_by_id(const char *path, int id, struct devio_mount *out, bool *top)
 {
 	struct devio_mount ms[MOUNTINFO_MAX];
-	int n = mountinfo_at(path, ms, MOUNTINFO_MAX);
+	int n = mountinfo_at("/proc/self/mountinfo", path, ms, MOUNTINFO_MAX);
 
 	for (int i = 0; i < n; i++) {
 		if (ms[i].id != id)

@@ -23,6 +23,8 @@ struct devio_mount {
 /* The topmost mount at mount point path (absolute, no trailing slash):
  * 1 with *out filled, 0 if path is not a mount point, -errno. */
 int devio_mount_top(const char *path, struct devio_mount *out);
+/* The same from another file in mountinfo's format (tests). */
+int devio_mount_top_in(const char *mountinfo, const char *path, struct devio_mount *out);
 /* The mount with this ID: 1 and *out, 0 if gone, -errno.  *top tells
  * whether it is the topmost at path (nothing stacked on it). */
 int devio_mount_by_id(const char *path, int id, struct devio_mount *out, bool *top);
