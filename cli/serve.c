@@ -191,7 +191,7 @@ int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 		}
 	}
 	if ((r = runstate_lock()))
-		devio_warn(DEVIO_RUN_DIR ": cannot take this server's lock file: %s", strerror(-r));
+		devio_debug(DEVIO_RUN_DIR ": cannot take this server's lock file: %s", strerror(-r));
 	write_status(srv, fe, n, status_path, sizeof(status_path));
 	serve_env_build(fe, n, &env);
 	if (daemon_ready(env.env, env.n)) {
