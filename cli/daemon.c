@@ -331,8 +331,7 @@ int daemon_tick(void)
 
 	if (daemon_hup) {
 		daemon_hup = 0;
-		if (!devio_log_reopen())
-			devio_info("SIGHUP: log reopened");
+		devio_log_reopen(); /* a log file: says so in the new one */
 	}
 	if (daemon_run_pid > 0 && waitpid(daemon_run_pid, &status, WNOHANG) == daemon_run_pid) {
 		daemon_run_pid = 0;

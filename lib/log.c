@@ -109,6 +109,7 @@ int devio_log_reopen(void)
 		return fd;
 	}
 	close(fd);
+	devio_info("log %s reopened", log_path);
 	return 0;
 }
 

@@ -29,8 +29,9 @@ unsigned long devio_log_errors(void);
  * "journal" (the systemd journal's native socket) or a FILE (appended,
  * each line time-stamped).  0 or -errno (logged). */
 int devio_log_open(const char *target);
-/* Reopen the log file (after logrotate moved it; SIGHUP); 0 for other
- * targets, or -errno (logged; the old file stays in use). */
+/* Reopen the log file (after logrotate moved it; SIGHUP), saying so in
+ * the new file; 0 (nothing to do for other targets), or -errno (logged;
+ * the old file stays in use). */
 int devio_log_reopen(void);
 /* The descriptor lines are written to (stderr or the file), -1 for syslog
  * and the journal. */

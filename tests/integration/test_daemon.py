@@ -204,7 +204,7 @@ def test_log_file_is_reopened_on_sighup(tmp):
         assert "serving" in f.read()
     with open(log) as f:
         text = f.read()
-    assert "log reopened" in text and "signal 15: stopping" in text
+    assert f"log {log} reopened" in text and "signal 15: stopping" in text
 
 
 NAMESPACE_LOG = r"""
