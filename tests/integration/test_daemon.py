@@ -310,6 +310,26 @@ def test_socket_activation_named_sockets(tmp):
     assert rc == 0, out
 
 
+def test_socket_activation_with_fork(tmp):
+    """Type=forking with a socket unit: the forked child takes over the
+    sockets handed to its parent (LISTEN_PID named the parent)."""
+    d, pids = tmp
+    sock, pidfile = os.path.join(d, "act.sock"), os.path.join(d, "pid")
+    p, log = socket_activate(["-l", sock], "--nbd", "systemd", "--fork", "--pidfile", pidfile)
+    try:
+        wait_for(lambda: os.path.exists(sock) or p.poll() is not None, 10, "listening socket")
+        assert nbd_size(f"nbd+unix:///?socket={sock}") == 8 * MiB  # the first connection starts devio
+        assert p.wait(timeout=30) == 0  # the parent returned once the child was ready
+        pid = read_pid(pidfile)
+        pids.append(pid)
+        assert pid != p.pid and alive(pid)
+        assert nbd_size(f"nbd+unix:///?socket={sock}") == 8 * MiB
+        stop_pid(pid)
+    finally:
+        rc, out = stop_activated(p, log)
+    assert rc == 0, out
+
+
 def test_socket_activation_without_sockets_fails(tmp):
     d, _ = tmp
     r = devio("serve", "ram:1M", "--nbd", "systemd")
