@@ -108,7 +108,8 @@ static void serve_env_uri(const struct serve_frontend *fe, struct serve_env *e)
 	if (devio_addr_parse(arg, "10809", &a))
 		return;
 	if (a.kind == DEVIO_ADDR_TCP) {
-		const char *h = a.host[0] && strcmp(a.host, "*") ? a.host : "localhost";
+		/* where devio_listen() binds: loopback by default, 127.0.0.1 reaches "*" too */
+		const char *h = a.host[0] && strcmp(a.host, "*") ? a.host : "127.0.0.1";
 		snprintf(out, PATH_MAX + 64, "%s://%s%s%s:%s", nbd ? "nbd" : "devio", strchr(h, ':') ? "[" : "", h,
 			 strchr(h, ':') ? "]" : "", a.port);
 	} else if (a.kind == DEVIO_ADDR_UNIX) {

@@ -826,7 +826,6 @@ static int choose_transport(struct fuse_fe *fe, const char *t, bool may_enable)
 			return r;
 		c = 'Y';
 	}
-
 	if (!t || !strcmp(t, "auto")) {
 		fe->use_uring = c == 'Y';
 		return 0;
@@ -941,7 +940,8 @@ static int start(struct devio_server *srv, const char *arg, const void *opts, vo
 	fe->backend = ex->backend;
 	if (!realpath(arg, fe->mnt)) {
 		r = -errno;
-		devio_err("fuse %s: %s", arg, strerror(-r));
+		devio_err("fuse %s: %s%s", arg, strerror(-r),
+			  r == -ENOTCONN ? " (a dead FUSE mount: `devio detach` removes it)" : "");
 		free(fe);
 		return r;
 	}

@@ -144,7 +144,7 @@ def test_run_is_captive_with_the_uris(tmp):
               env=dict(os.environ, DEVIO_BIN=DEVIO))
     assert r.returncode == 3, r.stdout + r.stderr
     assert f"uri=nbd+unix:///?socket={sock}\n" in r.stdout
-    assert f"devio=devio://localhost:{port}\n" in r.stdout
+    assert f"devio=devio://127.0.0.1:{port}\n" in r.stdout
     assert f"{8 * MiB}\n" in r.stdout
     assert not os.path.exists(sock)  # stopped after the command
 
