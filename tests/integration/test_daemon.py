@@ -360,3 +360,59 @@ def test_systemd_units_verify(tmp):
     r = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True, timeout=120, cwd=d)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "devio" not in r.stderr, r.stderr  # no warning about our units
+
+
+UNIT_RUN = r"""
+import os, shlex, socket, subprocess, sys, time
+cmd, sock = sys.argv[1], sys.argv[2]
+# a private /run as systemd would give the unit (RuntimeDirectory=devio, a journal)
+subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+subprocess.run(["mount", "-t", "tmpfs", "devio-test", "/run"], check=True)
+os.makedirs("/run/systemd/journal")
+os.makedirs("/run/devio")
+j = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+j.bind("/run/systemd/journal/socket")
+r = subprocess.run(shlex.split(cmd), capture_output=True, text=True, timeout=60)
+print("exit", r.returncode, r.stderr.strip().replace("\n", " | "))
+pidfile = "/run/devio/unit-test.pid"
+pid = int(open(pidfile).read())
+size = subprocess.run(["nbdinfo", "--size", "nbd+unix:///?socket=" + sock], capture_output=True, text=True)
+print("size", size.stdout.strip())
+os.kill(pid, 15)
+for _ in range(600):
+    if not os.path.exists("/proc/%d" % pid):
+        break
+    time.sleep(0.05)
+print("gone", not os.path.exists("/proc/%d" % pid), "pidfile", os.path.exists(pidfile))
+j.settimeout(0.5)
+try:
+    while True:
+        print(j.recv(65536).decode(errors="replace").replace("\n", " "))
+except socket.timeout:
+    pass
+"""
+
+
+def test_devio_service_command_runs(tmp):
+    """What devio@.service runs (ExecStart with %i and $DEVIO_ARGS filled
+    in), in a private /run with a journal socket: it forks once ready,
+    writes the PIDFile= systemd waits for, logs to the journal, and stops
+    on SIGTERM."""
+    d, _ = tmp
+    if not shutil.which("unshare"):
+        pytest.skip("no unshare")
+    with open(os.path.join(ROOT, "systemd", "devio@.service.in")) as f:
+        unit = f.read()
+    line = [l for l in unit.splitlines() if l.startswith("ExecStart=")][0][len("ExecStart="):]
+    assert "PIDFile=/run/devio/%i.pid" in unit and "Type=forking" in unit
+    sock = os.path.join(d, "unit.sock")
+    cmd = (line.replace("@bindir@", os.path.dirname(DEVIO)).replace("%i", "unit-test")
+           .replace("$DEVIO_ARGS", f"ram:8M --nbd unix:{sock}"))
+    script = os.path.join(d, "unit.py")
+    with open(script, "w") as f:
+        f.write(UNIT_RUN)
+    out = run_ok("unshare", "--mount", sys.executable, script, cmd, sock)
+    assert out.startswith("exit 0 "), out
+    assert f"size {8 * MiB}\n" in out, out
+    assert "gone True pidfile False" in out, out
+    assert "SYSLOG_IDENTIFIER=devio" in out and "signal 15: stopping" in out, out
