@@ -747,16 +747,22 @@ static void abort_connection(struct fuse_fe *fe, unsigned conn)
 		devio_warn("fuse %s: cannot abort the connection via %s: %s", fe->mnt, path, strerror(-r));
 }
 
-/* Is our mount still the topmost at the path?  (No identity: assume so.) */
+/* Is our mount still the topmost where it is?  (No identity: assume so.)
+ * If it was moved, fe->mnt follows it. */
 static bool ours_on_top(struct fuse_fe *fe)
 {
+	char point[PATH_MAX];
 	struct devio_mount m;
 	bool top = false;
 	int r;
 
 	if (!fe->mnt_id)
 		return true;
-	r = devio_mount_by_id(fe->mnt, fe->mnt_id, &m, &top);
+	r = devio_mount_by_id(fe->mnt_id, &m, point, sizeof(point), &top);
+	if (r == 1 && strcmp(point, fe->mnt)) {
+		devio_warn("fuse %s: our mount is at %s now; unmounting it there", fe->mnt, point);
+		memcpy(fe->mnt, point, sizeof(fe->mnt));
+	}
 	if (r == 0) {
 		devio_warn("fuse %s: our mount is gone already (unmounted by someone else)", fe->mnt);
 		fe->mounted = false;

@@ -27,8 +27,9 @@ static void mountinfo_unescape(char *s)
 	*w = '\0';
 }
 
-/* Parse one line; 1 if its mount point is path. */
-static int mountinfo_parse(char *line, const char *path, struct devio_mount *m)
+/* Parse one line; 1 if its mount point is path (any, when path is NULL;
+ * then it is copied to point). */
+static int mountinfo_parse(char *line, const char *path, struct devio_mount *m, char *point, size_t pointlen)
 {
 	char *save = NULL, *f[6], *dash;
 
@@ -40,8 +41,10 @@ static int mountinfo_parse(char *line, const char *path, struct devio_mount *m)
 		if (!(f[i] = strtok_r(i ? NULL : line, " ", &save)))
 			return 0;
 	mountinfo_unescape(f[4]);
-	if (strcmp(f[4], path))
+	if (path && strcmp(f[4], path))
 		return 0;
+	if (point)
+		snprintf(point, pointlen, "%s", f[4]);
 	memset(m, 0, sizeof(*m));
 	m->id = atoi(f[0]);
 	m->parent = atoi(f[1]);
@@ -68,7 +71,7 @@ static int mountinfo_at(const char *file, const char *path, struct devio_mount *
 	if (!f)
 		return -errno;
 	while (n < max && getline(&line, &cap, f) > 0)
-		n += mountinfo_parse(line, path, &out[n]);
+		n += mountinfo_parse(line, path, &out[n], NULL, 0);
 	free(line);
 	fclose(f);
 	return n;
@@ -107,17 +110,33 @@ int devio_mount_top(const char *path, struct devio_mount *out)
 	return devio_mount_top_in("/proc/self/mountinfo", path, out);
 }
 
-int devio_mount_by_id(const char *path, int id, struct devio_mount *out, bool *top)
+/* The mount with this ID, wherever it is now: 1 and its mount point, 0, -errno. */
+static int mountinfo_find_id(int id, struct devio_mount *out, char *point, size_t pointlen)
+{
+	FILE *f = fopen("/proc/self/mountinfo", "re");
+	char *line = NULL;
+	size_t cap = 0;
+	int found = 0;
+
+	if (!f)
+		return -errno;
+	while (!found && getline(&line, &cap, f) > 0)
+		found = mountinfo_parse(line, NULL, out, point, pointlen) && out->id == id;
+	free(line);
+	fclose(f);
+	return found;
+}
+
+int devio_mount_by_id(int id, struct devio_mount *out, char *point, size_t pointlen, bool *top)
 {
 	struct devio_mount ms[MOUNTINFO_MAX];
-	int n = mountinfo_at("/proc/self/mountinfo", path, ms, MOUNTINFO_MAX);
+	int r = mountinfo_find_id(id, out, point, pointlen), n;
 
-	for (int i = 0; i < n; i++) {
-		if (ms[i].id != id)
-			continue;
-		*out = ms[i];
-		*top = mountinfo_top_index(ms, n) == i;
-		return 1;
-	}
-	return n < 0 ? n : 0;
+	if (r <= 0)
+		return r;
+	n = mountinfo_at("/proc/self/mountinfo", point, ms, MOUNTINFO_MAX);
+	for (int i = 0; i < n; i++)
+		if (ms[i].id == id)
+			*top = mountinfo_top_index(ms, n) == i;
+	return 1;
 }

@@ -25,9 +25,10 @@ struct devio_mount {
 int devio_mount_top(const char *path, struct devio_mount *out);
 /* The same from another file in mountinfo's format (tests). */
 int devio_mount_top_in(const char *mountinfo, const char *path, struct devio_mount *out);
-/* The mount with this ID: 1 and *out, 0 if gone, -errno.  *top tells
- * whether it is the topmost at path (nothing stacked on it). */
-int devio_mount_by_id(const char *path, int id, struct devio_mount *out, bool *top);
+/* The mount with this ID wherever it is now (moved, or its parent
+ * renamed): 1 with *out and its mount point, 0 if gone, -errno.  *top
+ * tells whether it is the topmost there (nothing stacked on it). */
+int devio_mount_by_id(int id, struct devio_mount *out, char *point, size_t pointlen, bool *top);
 
 #ifdef __cplusplus
 }

@@ -146,6 +146,21 @@ def test_fuse_stop_unmounts_only_its_own_mount(serve, scratch):
     assert not is_mounted(mnt)
 
 
+def test_fuse_stop_finds_its_moved_mount(serve, scratch):
+    """The mount was moved (mount --move): stop unmounts it where it is
+    now, found by its mount ID."""
+    mnt = scratch.mkdir("mnt")
+    moved = scratch.mkdir("moved")
+    s, _ = start_fuse(serve, mnt)
+    r = run("mount", "--move", mnt, moved, check=False)
+    if r.returncode != 0:
+        pytest.skip(f"mount --move refused here: {r.stderr.strip()}")
+    assert os.path.exists(os.path.join(moved, "disk"))
+    assert s.stop() == 0, s.stderr()
+    assert f"our mount is at {moved} now" in s.stderr()
+    assert not is_mounted(moved) and not is_mounted(mnt)
+
+
 # ---- enable_uring ----
 
 def test_uring_transport_never_switches_the_kernel_on_silently(serve, scratch):
