@@ -65,6 +65,8 @@ int devio_log_open(const char *target)
 		return 0;
 	}
 	if (!strcmp(target, "syslog")) {
+		if (access("/dev/log", W_OK) < 0)
+			devio_warn("--log syslog: /dev/log: %s; messages will be lost", strerror(errno));
 		openlog("devio", LOG_PID | LOG_NDELAY, LOG_DAEMON);
 		log_kind = LOG_KIND_SYSLOG;
 		return 0;
