@@ -1,26 +1,15 @@
 /* attach.c - `devio attach URI --fuse DIR [--loop]` gives this machine a
  * file (and a block device) for a remote devio or NBD server: the URI is
  * opened as a backend and served by the FUSE front end in this process,
- * the Linux counterpart of `imdisk -a -t proxy`.  `devio detach DIR|DEV`
- * finds the attach (or serve) process through its status file in
- * DEVIO_RUN_DIR, signals it and waits until the mount and device are gone.
- * --nbd-device and /dev/nbdN go to the kernel nbd client (attach_nbd.c). */
+ * the Linux counterpart of `imdisk -a -t proxy` (`devio detach` is
+ * cli/detach.c).  --nbd-device and /dev/nbdN go to the kernel nbd client (attach_nbd.c). */
 #include <errno.h>
-#include <fcntl.h>
 #include <getopt.h>
-#include <limits.h>
-#include <dirent.h>
-#include <poll.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 #include "cli.h"
-#include "devio/ublk.h"
 #include "devio/util.h"
 
 /* The front ends attach offers: a local file or device for the export. */
@@ -43,11 +32,12 @@ static void attach_usage(FILE *out)
 		"options:\n"
 		"  -r, --readonly         refuse writes\n"
 		"  --size N               the export's size where the server does not tell it\n"
-		"  -d, --daemon           return once the device is ready; the server runs on\n"
+		"  -d, --daemon           return once the device is ready; the server runs on (--fork)\n"
 		"  -v, --verbose\n"
 		"serving options (the core's run policy):\n");
 	feopts_usage_serving(out);
-	fprintf(out, "usage: devio detach MOUNTPOINT|/dev/loopN|/dev/nbdN\n");
+	daemon_usage(out);
+	fprintf(out, "usage: devio detach [--all] [--force] MOUNTPOINT|/dev/loopN|/dev/nbdN|/dev/ublkbN\n");
 }
 
 enum { OPT_NBD_DEVICE = 256, OPT_SIZE };
@@ -65,9 +55,9 @@ static const struct option attach_options[] = {
 
 struct attach_args {
 	const char *uri;
-	bool daemon;
 	struct devio_open_opts open;
 	struct feopts fe;
+	struct daemon_opts daemon;
 };
 
 static bool wants_nbd_device(int argc, char **argv)
@@ -90,7 +80,7 @@ static int parse_one(struct attach_args *a, int c, const char *val)
 		}
 		return 0;
 	case 'r': a->open.readonly = true; return 0;
-	case 'd': a->daemon = true; return 0;
+	case 'd': a->daemon.fork = true; return 0;
 	case 'v': devio_log_set_level(DEVIO_LOG_DEBUG); return 0;
 	case 'h': attach_usage(stdout); exit(0);
 	default: return -EINVAL;
@@ -105,6 +95,8 @@ static int parse_attach(int argc, char **argv, struct attach_args *a)
 	while ((c = getopt_long(argc, argv, "rdvh", a->fe.table, NULL)) != -1) {
 		r = c == '?' ? -EINVAL : feopts_parse(&a->fe, c, optarg);
 		if (r == 1)
+			r = daemon_parse(&a->daemon, c, optarg);
+		if (r == 1)
 			r = parse_one(a, c, optarg);
 		if (r)
 			return -EINVAL;
@@ -114,6 +106,8 @@ static int parse_attach(int argc, char **argv, struct attach_args *a)
 		return -EINVAL;
 	}
 	a->uri = argv[optind];
+	if (daemon_check(&a->daemon))
+		return -EINVAL;
 	feopts_finish(&a->fe);
 	return 0;
 }
@@ -133,207 +127,27 @@ static int run_attach(struct attach_args *a)
 	return rc;
 }
 
-/* A daemon keeps stderr only when it is a log file: a pipe would keep
- * whoever started it waiting for end of file. */
-static void quiet_stdio(void)
-{
-	struct stat st;
-	int null = open("/dev/null", O_RDWR | O_CLOEXEC);
-
-	if (null < 0)
-		return;
-	dup2(null, STDIN_FILENO);
-	if (fstat(STDERR_FILENO, &st) || !S_ISREG(st.st_mode))
-		dup2(null, STDERR_FILENO);
-	close(null);
-}
-
-/* --daemon: the child serves; the parent returns once the child has
- * printed its device (or failed). */
-static int daemonize_and_run(struct attach_args *a)
-{
-	int pfd[2], status;
-	char line[PATH_MAX + 16];
-	size_t len = 0;
-	pid_t pid;
-
-	if (pipe(pfd) < 0)
-		return 1;
-	fflush(stdout);
-	pid = fork();
-	if (pid < 0)
-		return 1;
-	if (pid == 0) {
-		close(pfd[0]);
-		setsid();
-		dup2(pfd[1], STDOUT_FILENO);
-		close(pfd[1]);
-		quiet_stdio();
-		exit(run_attach(a));
-	}
-	close(pfd[1]);
-	for (;;) {
-		struct pollfd p = { .fd = pfd[0], .events = POLLIN };
-		ssize_t n;
-
-		if (poll(&p, 1, 60000) <= 0)
-			break;
-		n = read(pfd[0], line + len, sizeof(line) - 1 - len);
-		if (n <= 0)
-			break;
-		len += (size_t)n;
-		if (memchr(line, '\n', len) || len == sizeof(line) - 1)
-			break;
-	}
-	close(pfd[0]);
-	line[len] = '\0';
-	if (!strchr(line, '\n')) {
-		devio_err("attach %s: the server did not become ready", a->uri);
-		if (waitpid(pid, &status, WNOHANG) == 0)
-			kill(pid, SIGTERM);
-		return 1;
-	}
-	fputs(line, stdout);
-	return 0;
-}
-
 int cmd_attach(int argc, char **argv)
 {
-	struct attach_args a = { 0 };
+	static struct attach_args a; /* its daemon options live as long as the process */
+	struct option *own;
 	int rc;
 
 	if (wants_nbd_device(argc, argv))
 		return attach_nbd_device(argc, argv);
-	if (feopts_init(&a.fe, attach_frontends, attach_options))
+	memset(&a, 0, sizeof(a));
+	own = daemon_merge_options(attach_options);
+	if (!own || feopts_init(&a.fe, attach_frontends, own)) {
+		free(own);
 		return 1;
+	}
 	if (parse_attach(argc, argv, &a)) {
 		attach_usage(stderr);
 		rc = 2;
-	} else {
-		rc = a.daemon ? daemonize_and_run(&a) : run_attach(&a);
+	} else if (!daemon_start(&a.daemon, &rc)) {
+		rc = run_attach(&a);
 	}
 	feopts_free(&a.fe);
+	free(own);
 	return rc;
-}
-
-/* ---- detach ---- */
-
-/* Does the status file describe target (a mount point or a loop device)? */
-static bool status_matches(const char *path, const char *target)
-{
-	char line[1024], want[PATH_MAX + 16];
-	FILE *f = fopen(path, "r");
-	bool hit = false;
-
-	if (!f)
-		return false;
-	while (!hit && fgets(line, sizeof(line), f)) {
-		line[strcspn(line, "\n")] = '\0';
-		snprintf(want, sizeof(want), "frontend --fuse %s", target);
-		if (!strcmp(line, want))
-			hit = true;
-		snprintf(want, sizeof(want), "  fuse mount %s ", target);
-		if (!strncmp(line, want, strlen(want)))
-			hit = true;
-		snprintf(want, sizeof(want), "ublk device %s ", target);
-		if (!strncmp(line, want, strlen(want)))
-			hit = true;
-		snprintf(want, sizeof(want), "  loop %s", target);
-		if (!strncmp(line, want, strlen(want)) && (line[strlen(want)] == '\0' || line[strlen(want)] == ' '))
-			hit = true;
-	}
-	fclose(f);
-	return hit;
-}
-
-static pid_t find_server(const char *target)
-{
-	DIR *d = opendir(DEVIO_RUN_DIR);
-	struct dirent *de;
-	pid_t found = 0;
-
-	while (d && !found && (de = readdir(d))) {
-		char path[512];
-		int pid = atoi(de->d_name);
-
-		const char *dot = strchr(de->d_name, '.');
-
-		if (pid <= 0 || !dot || strcmp(dot, ".status"))
-			continue;
-		snprintf(path, sizeof(path), DEVIO_RUN_DIR "/%s", de->d_name);
-		if (kill(pid, 0) && errno == ESRCH)
-			continue;
-		if (status_matches(path, target))
-			found = pid;
-	}
-	if (d)
-		closedir(d);
-	return found;
-}
-
-/* SIGTERM the server and wait (bounded) until it has unmounted, detached
- * and exited. */
-static int stop_server(const char *target, pid_t pid)
-{
-	if (kill(pid, SIGTERM) < 0) {
-		devio_err("detach %s: signal pid %d: %s", target, (int)pid, strerror(errno));
-		return 1;
-	}
-	/* bounded wait: the server unmounts and detaches before it exits */
-	for (int i = 0; i < 600; i++) {
-		struct timespec ts = { 0, 50 * 1000 * 1000 };
-
-		if (kill(pid, 0) && errno == ESRCH)
-			return 0;
-		nanosleep(&ts, NULL);
-	}
-	devio_err("detach %s: server pid %d still running after 30 s", target, (int)pid);
-	return 1;
-}
-
-/* Ask the server to stop (it deletes its device); when no server serves it
- * any more (killed), delete the device left behind ourselves. */
-static int detach_ublk(const char *dev)
-{
-	unsigned id;
-	pid_t pid = find_server(dev);
-	int r;
-
-	if (pid)
-		return stop_server(dev, pid);
-	if (devio_ublk_parse_dev(dev, &id)) {
-		devio_err("detach %s: not a ublk device name", dev);
-		return 1;
-	}
-	r = devio_ublk_delete(id);
-	if (r) {
-		devio_err("detach %s: %s", dev, strerror(-r));
-		return 1;
-	}
-	return 0;
-}
-
-int cmd_detach(int argc, char **argv)
-{
-	char target[PATH_MAX];
-	pid_t pid;
-
-	if (argc != 2 || argv[1][0] == '-') {
-		attach_usage(stderr);
-		return 2;
-	}
-	if (!strncmp(argv[1], "/dev/nbd", 8))
-		return detach_nbd_device(argv[1]);
-	if (!strncmp(argv[1], "/dev/ublkb", 10))
-		return detach_ublk(argv[1]);
-	if (!realpath(argv[1], target)) {
-		devio_err("detach %s: %s", argv[1], strerror(errno));
-		return 1;
-	}
-	pid = find_server(target);
-	if (!pid) {
-		devio_err("detach %s: no devio server serves it (see devio status)", target);
-		return 1;
-	}
-	return stop_server(target, pid);
 }

@@ -129,4 +129,60 @@ int cli_create_sparse(const char *cmd, const char *path, uint64_t size);
 /* Where running servers describe themselves for `devio status`. */
 #define DEVIO_RUN_DIR "/run/devio"
 
+/* ---- daemon.c: running as a service (docs/service.md) ---- */
+struct daemon_opts {
+	bool fork;              /* --fork (--foreground: false, the default) */
+	bool exit_with_parent;  /* --exit-with-parent */
+	const char *pidfile;    /* --pidfile FILE */
+	const char *run;        /* --run CMD */
+	const char *log;        /* --log stderr|syslog|journal|FILE */
+};
+/* getopt codes of daemon_options, below FEOPTS_CODE_BASE */
+#define DAEMON_CODE_BASE 0x800
+extern const struct option daemon_options[];
+/* own + daemon_options in one getopt table (free it); NULL if no memory. */
+struct option *daemon_merge_options(const struct option *own);
+/* 0 when handled, 1 when code is not a daemon option. */
+int daemon_parse(struct daemon_opts *d, int code, const char *val);
+/* Options that do not go together: -EINVAL (logged; a usage error). */
+int daemon_check(const struct daemon_opts *d);
+void daemon_usage(FILE *out);
+/* Before the exports are opened: --fork (the parent waits here for the
+ * child to be ready), --log, --exit-with-parent.  0: go on serving;
+ * 1: return *exit_status now (the --fork parent, or a bad --log). */
+int daemon_start(struct daemon_opts *d, int *exit_status);
+/* serve_run(): SIGHUP reopens the log (instead of stopping). */
+void daemon_signals(void);
+/* Every front end is ready: the pid file, --run CMD with env (NAME,
+ * VALUE pairs), the --fork parent told.  0 or -errno (logged).  Nothing
+ * without daemon_start() (the ImDisk command line). */
+int daemon_ready(const char *const env[][2], size_t n_env);
+/* While serving: handle SIGHUP; the --run command's exit status once it
+ * has exited, else -1. */
+int daemon_tick(void);
+/* Stopping: end the --run command, remove the pid file; the command's
+ * exit status or -1. */
+int daemon_stop(void);
+
+/* ---- runstate.c: which servers run, identified by more than a pid ---- */
+/* A server's entry in DEVIO_RUN_DIR: PID.status (what it serves, with its
+ * start time) and PID.lock, flock()ed by the server for its whole life. */
+struct run_server {
+	pid_t pid;
+	unsigned long long start;   /* /proc/PID/stat starttime; 0 if the file has none */
+	char status_path[64];
+	bool alive;                 /* false: a server that died (its entry is removed after fn) */
+};
+/* The server's side: take PID.lock (held until exit). 0 or -errno. */
+int runstate_lock(void);
+/* Remove this server's PID.lock and PID.status. */
+void runstate_unlock(void);
+/* /proc/PID/stat field 22 (clock ticks after boot); 0 if no such process. */
+unsigned long long runstate_start_time(pid_t pid);
+/* Call fn for every entry, live or dead (a dead one is removed after fn
+ * saw it); fn returns true to stop. */
+void runstate_each(bool (*fn)(const struct run_server *s, void *ctx), void *ctx);
+/* Is s still that very server?  (Lock held, same start time, a devio.) */
+bool runstate_alive(const struct run_server *s);
+
 #endif

@@ -1,7 +1,9 @@
 /* serve.c - `devio serve`: open one or more exports and serve them through
- * every front end named on the command line until SIGINT/SIGTERM. */
+ * every front end named on the command line until SIGINT/SIGTERM (or the
+ * --run command exits); the service conventions are cli/daemon.c's. */
 #include <errno.h>
 #include <getopt.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,6 +37,7 @@ static void serve_usage(const struct feopts *f, FILE *out)
 		"  --ceph-conf FILE --ceph-id NAME --ceph-keyring FILE --ceph-timeout SECONDS   rbd: the cluster\n"
 		"serving options (the core's run policy, every front end):\n");
 	feopts_usage_serving(out);
+	daemon_usage(out);
 	fprintf(out, "  -v, --verbose  -q, --quiet\n");
 }
 
@@ -64,7 +67,7 @@ static void write_status(struct devio_server *srv, struct serve_frontend *fe, si
 		path[0] = '\0';
 		return;
 	}
-	fprintf(f, "pid %d\n", (int)getpid());
+	fprintf(f, "pid %d\nstart %llu\n", (int)getpid(), runstate_start_time(getpid()));
 	for (size_t i = 0; i < srv->n_exports; i++) {
 		struct devio_backend *b = srv->exports[i].backend;
 		char desc[256] = "";
@@ -85,6 +88,79 @@ static void write_status(struct devio_server *srv, struct serve_frontend *fe, si
 	}
 }
 
+/* --run's environment: $nbd and $devio (URIs of the first --nbd and
+ * --devio address), $device (the loop device, ublk device or FUSE file),
+ * $uri (the first of them). */
+struct serve_env {
+	char nbd[PATH_MAX + 64], devio[PATH_MAX + 64], device[PATH_MAX];
+	const char *env[4][2];
+	size_t n;
+};
+
+static void serve_env_uri(const struct serve_frontend *fe, struct serve_env *e)
+{
+	bool nbd = !strcmp(fe->type->option, "nbd");
+	char *out = nbd ? e->nbd : e->devio, arg[PATH_MAX];
+	struct devio_addr a;
+
+	if (out[0] || !fe->arg)
+		return;
+	snprintf(arg, sizeof(arg), "%s", fe->arg);
+	arg[strcspn(arg, ",")] = '\0'; /* --devio ADDR,max-transfer=N */
+	if (devio_addr_parse(arg, "10809", &a))
+		return;
+	if (a.kind == DEVIO_ADDR_TCP) {
+		/* where devio_listen() binds: loopback by default, 127.0.0.1 reaches "*" too */
+		const char *h = a.host[0] && strcmp(a.host, "*") ? a.host : "127.0.0.1";
+		snprintf(out, PATH_MAX + 64, "%s://%s%s%s:%s", nbd ? "nbd" : "devio", strchr(h, ':') ? "[" : "", h,
+			 strchr(h, ':') ? "]" : "", a.port);
+	} else if (a.kind == DEVIO_ADDR_UNIX) {
+		snprintf(out, PATH_MAX + 64, nbd ? "nbd+unix:///?socket=%s" : "devio+unix://%s", a.path);
+	}
+}
+
+/* The device a FUSE or ublk front end made, from its status lines. */
+static void serve_env_device(const struct serve_frontend *fe, struct serve_env *e)
+{
+	static const char *const keys[] = { "  loop ", "ublk device ", "  fuse mount " };
+	char *buf = NULL, *line;
+	size_t len = 0;
+	FILE *f;
+
+	if (e->device[0] || !fe->type->status || !(f = open_memstream(&buf, &len)))
+		return;
+	fe->type->status(fe->state, f);
+	fclose(f);
+	for (size_t k = 0; k < 3 && !e->device[0]; k++) {
+		line = strstr(buf, keys[k]);
+		if (k == 2 && line)
+			line = strstr(line, " file ") ? strstr(line, " file ") + 6 : NULL;
+		else if (line)
+			line += strlen(keys[k]);
+		if (line)
+			snprintf(e->device, sizeof(e->device), "%.*s", (int)strcspn(line, " \n"), line);
+	}
+	free(buf);
+}
+
+static void serve_env_build(struct serve_frontend *fe, size_t n, struct serve_env *e)
+{
+	memset(e, 0, sizeof(*e));
+	for (size_t i = 0; i < n; i++) {
+		if (!strcmp(fe[i].type->option, "nbd") || !strcmp(fe[i].type->option, "devio"))
+			serve_env_uri(&fe[i], e);
+		else
+			serve_env_device(&fe[i], e);
+	}
+	const char *uri = e->nbd[0] ? e->nbd : e->devio[0] ? e->devio : e->device;
+	const char *vals[4][2] = { { "uri", uri }, { "nbd", e->nbd }, { "devio", e->devio }, { "device", e->device } };
+	for (size_t i = 0; i < 4; i++)
+		if (vals[i][1][0]) {
+			e->env[e->n][0] = vals[i][0];
+			e->env[e->n++][1] = vals[i][1];
+		}
+}
+
 static bool all_finished(struct serve_frontend *fe, size_t n)
 {
 	for (size_t i = 0; i < n; i++)
@@ -96,17 +172,18 @@ static bool all_finished(struct serve_frontend *fe, size_t n)
 int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 {
 	struct sigaction sa = { .sa_handler = on_signal };
+	static struct serve_env env;
 	char status_path[128];
 	size_t started = 0;
-	int rc = 0;
+	int rc = 0, run_status = -1, r;
 
 	signal(SIGPIPE, SIG_IGN);
 	sigaction(SIGINT, &sa, NULL);
 	sigaction(SIGTERM, &sa, NULL);
-	sigaction(SIGHUP, &sa, NULL);
+	daemon_signals(); /* SIGHUP reopens the log */
 	for (; started < n; started++) {
 		unsigned long errors = devio_log_errors();
-		int r = fe[started].type->start(srv, fe[started].arg, fe[started].opts, &fe[started].state);
+		r = fe[started].type->start(srv, fe[started].arg, fe[started].opts, &fe[started].state);
 
 		if (r) {
 			if (devio_log_errors() == errors) /* the front end did not say why */
@@ -116,8 +193,15 @@ int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 			goto stop;
 		}
 	}
+	if ((r = runstate_lock()))
+		devio_debug(DEVIO_RUN_DIR ": cannot take this server's lock file: %s", strerror(-r));
 	write_status(srv, fe, n, status_path, sizeof(status_path));
-	for (unsigned tick = 1; !stop_signal && !all_finished(fe, n); tick++) {
+	serve_env_build(fe, n, &env);
+	if (daemon_ready(env.env, env.n)) {
+		rc = 1;
+		goto stop_status;
+	}
+	for (unsigned tick = 1; !stop_signal && !all_finished(fe, n) && (run_status = daemon_tick()) < 0; tick++) {
 		struct timespec ts = { 0, 50 * 1000 * 1000 };
 		nanosleep(&ts, NULL);
 		if (tick % 20 == 0 && status_path[0]) /* live counters for `devio status` */
@@ -125,9 +209,12 @@ int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 	}
 	if (stop_signal)
 		devio_info("signal %d: stopping", (int)stop_signal);
+stop_status:
 	if (status_path[0])
 		unlink(status_path);
+	runstate_unlock();
 stop:
+	run_status = daemon_stop(); /* the --run command ends before its devices */
 	while (started > 0) {
 		started--;
 		fe[started].type->stop(fe[started].state);
@@ -141,7 +228,7 @@ stop:
 			rc = 1;
 		}
 	}
-	return rc;
+	return rc == 0 && run_status >= 0 ? run_status : rc;
 }
 
 /* serve's own options; the front ends' and --threads come from feopts.c */
@@ -176,6 +263,7 @@ struct serve_args {
 	const char *sources[MAX_EXPORTS], *names[MAX_EXPORTS];
 	size_t n_sources;
 	struct feopts fe;
+	struct daemon_opts daemon;
 };
 
 static int add_export(struct serve_args *a, const char *name, const char *source)
@@ -269,6 +357,8 @@ static int serve_parse(struct serve_args *a, int argc, char **argv)
 	while ((c = getopt_long(argc, argv, "rvqh", a->fe.table, NULL)) != -1) {
 		r = c == '?' ? -EINVAL : feopts_parse(&a->fe, c, optarg);
 		if (r == 1)
+			r = daemon_parse(&a->daemon, c, optarg);
+		if (r == 1)
 			r = parse_one(a, c, optarg);
 		if (r)
 			return 2;
@@ -286,6 +376,8 @@ static int serve_parse(struct serve_args *a, int argc, char **argv)
 		return 2;
 	}
 	a->sources[0] = argv[optind];
+	if (daemon_check(&a->daemon))
+		return 2;
 	feopts_finish(&a->fe);
 	return 0;
 }
@@ -294,11 +386,14 @@ int cmd_serve(int argc, char **argv)
 {
 	static struct serve_args a; /* large; one per process */
 	struct devio_server srv = { 0 };
+	struct option *own = daemon_merge_options(serve_options);
 	int rc;
 
 	memset(&a, 0, sizeof(a));
-	if (feopts_init(&a.fe, devio_frontends, serve_options))
+	if (!own || feopts_init(&a.fe, devio_frontends, own)) {
+		free(own);
 		return 1;
+	}
 	add_export(&a, "", NULL); /* slot 0: the default export, the positional SOURCE */
 	rc = serve_parse(&a, argc, argv);
 	if (rc) {
@@ -306,6 +401,8 @@ int cmd_serve(int argc, char **argv)
 		goto out;
 	}
 	srv.opts = a.fe.serve;
+	if (daemon_start(&a.daemon, &rc))
+		goto out; /* the --fork parent: the child is ready, or failed */
 	rc = 1;
 	if (open_exports(&a, &srv))
 		goto out;
@@ -313,5 +410,6 @@ int cmd_serve(int argc, char **argv)
 	close_exports(&srv);
 out:
 	feopts_free(&a.fe);
+	free(own);
 	return rc;
 }

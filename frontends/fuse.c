@@ -15,7 +15,14 @@
  *   dev   - /dev/fuse read by several threads, each on its own clone of
  *           the device (FUSE_DEV_IOC_CLONE), each running one request at a
  *           time.
- * auto uses uring when /sys/module/fuse/parameters/enable_uring is Y. */
+ * auto uses uring when /sys/module/fuse/parameters/enable_uring is Y;
+ * uring needs it on, and only --fuse-enable-uring switches it on (for the
+ * whole machine, said on stderr).
+ *
+ * The mount is ours by identity: a mount point that already is one is
+ * refused, the mount's ID and connection number are taken from
+ * /proc/self/mountinfo right after mount(), and stop unmounts the path
+ * only while our mount is the topmost there. */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -37,6 +44,7 @@
 #include "devio/frontend.h"
 #include "devio/loop.h"
 #include "devio/ring.h"
+#include "devio/mountinfo.h"
 #include "devio/util.h"
 #include "devio/workers.h"
 
@@ -82,6 +90,8 @@ struct fuse_fe {
 	char file[PATH_MAX + 256];
 	int fd;
 	bool mounted;
+	int mnt_id;              /* our mount's ID (0: unknown) */
+	unsigned conn_minor;     /* its st_dev minor: the fusectl connection number */
 	bool use_uring;
 	uint32_t payload_sz;
 	unsigned depth;
@@ -526,10 +536,38 @@ static void stop_rings(struct fuse_fe *fe)
 
 /* ---- mount, INIT, unmount ---- */
 
+/* A mount point that already is one would get our mount stacked on it. */
+static int refuse_mounted(struct fuse_fe *fe)
+{
+	struct devio_mount m;
+
+	if (devio_mount_top(fe->mnt, &m) != 1)
+		return 0;
+	devio_err("fuse %s: already a mount point (%s from %s); refusing to mount on top of it", fe->mnt, m.fstype,
+		  m.source);
+	return -EBUSY;
+}
+
+/* Our mount's identity, right after mount(): the topmost at the path. */
+static void remember_mount(struct fuse_fe *fe)
+{
+	struct devio_mount m;
+
+	if (devio_mount_top(fe->mnt, &m) == 1 && !strcmp(m.fstype, "fuse.devio")) {
+		fe->mnt_id = m.id;
+		fe->conn_minor = m.minor;
+	} else {
+		devio_warn("fuse %s: our mount is not in /proc/self/mountinfo; stop unmounts by path", fe->mnt);
+	}
+}
+
 static int do_mount(struct fuse_fe *fe)
 {
 	char opts[256];
+	int r;
 
+	if ((r = refuse_mounted(fe)))
+		return r;
 	fe->fd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
 	if (fe->fd < 0) {
 		devio_err("fuse %s: /dev/fuse: %s", fe->mnt, strerror(errno));
@@ -539,11 +577,12 @@ static int do_mount(struct fuse_fe *fe)
 		 "fd=%d,rootmode=40000,user_id=%u,group_id=%u,allow_other,default_permissions,max_read=%u",
 		 fe->fd, (unsigned)getuid(), (unsigned)getgid(), fe->fs.max_write);
 	if (mount("devio", fe->mnt, "fuse.devio", MS_NOSUID | MS_NODEV, opts) < 0) {
-		int r = -errno;
+		r = -errno;
 		devio_err("fuse %s: mount: %s", fe->mnt, strerror(-r));
 		return r;
 	}
 	fe->mounted = true;
+	remember_mount(fe);
 	return 0;
 }
 
@@ -569,11 +608,11 @@ out:
 }
 
 /* Abort the connection through fusectl (for a lazily unmounted file system). */
-static void abort_connection(struct fuse_fe *fe, dev_t dev)
+static void abort_connection(struct fuse_fe *fe, unsigned conn)
 {
 	char path[96];
 
-	snprintf(path, sizeof(path), "/sys/fs/fuse/connections/%u/abort", minor(dev));
+	snprintf(path, sizeof(path), "/sys/fs/fuse/connections/%u/abort", conn);
 	int r = write_sys(path, "1");
 
 	/* fusectl is not always mounted; as root we can mount it */
@@ -585,14 +624,47 @@ static void abort_connection(struct fuse_fe *fe, dev_t dev)
 		devio_warn("fuse %s: cannot abort the connection via %s: %s", fe->mnt, path, strerror(-r));
 }
 
+/* Is our mount still the topmost where it is?  (No identity: assume so.)
+ * If it was moved, fe->mnt follows it. */
+static bool ours_on_top(struct fuse_fe *fe)
+{
+	char point[PATH_MAX];
+	struct devio_mount m;
+	bool top = false;
+	int r;
+
+	if (!fe->mnt_id)
+		return true;
+	r = devio_mount_by_id(fe->mnt_id, &m, point, sizeof(point), &top);
+	if (r == 1 && strcmp(point, fe->mnt)) {
+		devio_warn("fuse %s: our mount is at %s now; unmounting it there", fe->mnt, point);
+		memcpy(fe->mnt, point, sizeof(fe->mnt));
+	}
+	if (r == 0) {
+		devio_warn("fuse %s: our mount is gone already (unmounted by someone else)", fe->mnt);
+		fe->mounted = false;
+		return false;
+	}
+	if (r == 1 && !top) {
+		devio_warn("fuse %s: another mount covers ours; not unmounting by path, aborting our connection "
+			   "(the dead mount stays under it)", fe->mnt);
+		abort_connection(fe, fe->conn_minor);
+		fe->mounted = false;
+		return false;
+	}
+	return true;
+}
+
 static void do_unmount(struct fuse_fe *fe)
 {
 	struct stat st;
 	bool have_dev;
 
-	if (!fe->mounted)
+	if (!fe->mounted || !ours_on_top(fe))
 		return;
-	have_dev = stat(fe->mnt, &st) == 0;
+	have_dev = fe->mnt_id ? true : stat(fe->mnt, &st) == 0;
+	if (!fe->mnt_id && have_dev)
+		fe->conn_minor = minor(st.st_dev);
 	for (int i = 0; i < 50; i++) {
 		if (umount2(fe->mnt, 0) == 0) {
 			fe->mounted = false;
@@ -607,16 +679,36 @@ static void do_unmount(struct fuse_fe *fe)
 	if (umount2(fe->mnt, MNT_DETACH) < 0)
 		devio_err("fuse %s: lazy unmount: %s", fe->mnt, strerror(errno));
 	if (have_dev)
-		abort_connection(fe, st.st_dev);
+		abort_connection(fe, fe->conn_minor);
 	fe->mounted = false;
 }
 
 /* ---- the front end ---- */
 
-static int choose_transport(struct fuse_fe *fe, const char *t)
+/* --fuse-enable-uring: the one place that changes the kernel's setting. */
+static int enable_uring(struct fuse_fe *fe)
+{
+	int r = write_sys(ENABLE_URING, "Y");
+
+	if (r < 0) {
+		devio_err("fuse %s: --fuse-enable-uring: cannot write Y to %s: %s", fe->mnt, ENABLE_URING, strerror(-r));
+		return -EOPNOTSUPP;
+	}
+	devio_warn("fuse %s: --fuse-enable-uring: set %s to Y for the whole machine; it stays on (write N to "
+		   "turn it off)", fe->mnt, ENABLE_URING);
+	return 0;
+}
+
+static int choose_transport(struct fuse_fe *fe, const char *t, bool may_enable)
 {
 	int c = read_sys_char(ENABLE_URING);
 
+	if (may_enable && c != 'Y' && (!t || strcmp(t, "dev"))) {
+		int r = enable_uring(fe);
+		if (r)
+			return r;
+		c = 'Y';
+	}
 	if (!t || !strcmp(t, "auto")) {
 		fe->use_uring = c == 'Y';
 		return 0;
@@ -625,9 +717,11 @@ static int choose_transport(struct fuse_fe *fe, const char *t)
 		fe->use_uring = false;
 		return 0;
 	}
-	/* uring, forced */
-	if (c != 'Y' && write_sys(ENABLE_URING, "Y") < 0) {
-		devio_err("fuse %s: --fuse-transport uring: cannot enable %s", fe->mnt, ENABLE_URING);
+	/* uring, asked for: never switched on behind the user's back */
+	if (c != 'Y') {
+		devio_err("fuse %s: --fuse-transport uring: the kernel has FUSE over io_uring off (%s is %s); "
+			  "--fuse-enable-uring switches it on for the whole machine", fe->mnt, ENABLE_URING,
+			  c < 0 ? "missing" : "N");
 		return -EOPNOTSUPP;
 	}
 	fe->use_uring = true;
@@ -693,6 +787,8 @@ struct fuse_opts {
 	const char *transport; /* --fuse-transport auto|uring|dev; NULL = auto */
 	unsigned depth;        /* --depth: ring entries per queue, 0 = DEFAULT_DEPTH */
 	uint32_t block_size;   /* --block-size: the loop device's, 0 = 512 */
+	bool enable_uring;     /* --fuse-enable-uring: write Y to enable_uring (machine-wide) */
+	unsigned timeout;      /* --fuse-timeout: the kernel's request timeout in seconds, 0 = none */
 };
 
 static int attach_loop(struct fuse_fe *fe, const struct fuse_opts *o)
@@ -727,7 +823,8 @@ static int start(struct devio_server *srv, const char *arg, const void *opts, vo
 	fe->backend = ex->backend;
 	if (!realpath(arg, fe->mnt)) {
 		r = -errno;
-		devio_err("fuse %s: %s", arg, strerror(-r));
+		devio_err("fuse %s: %s%s", arg, strerror(-r),
+			  r == -ENOTCONN ? " (a dead FUSE mount: `devio detach` removes it)" : "");
 		free(fe);
 		return r;
 	}
@@ -748,10 +845,16 @@ static int start(struct devio_server *srv, const char *arg, const void *opts, vo
 		fe->fs.max_write = ex->backend->max_io >= 4096 ? ex->backend->max_io & ~4095u : 4096;
 	fe->payload_sz = fe->fs.max_write > 8192 ? fe->fs.max_write : 8192; /* the kernel's minimum buffer */
 	fe->depth = o->depth ? o->depth : DEFAULT_DEPTH;
-	r = choose_transport(fe, t);
+	if (o->timeout > 65535) {
+		devio_err("--fuse-timeout: at most 65535 seconds, got %u", o->timeout);
+		r = -EINVAL;
+		goto out_free;
+	}
+	r = choose_transport(fe, t, o->enable_uring);
 	if (r)
 		goto out_free;
 	fe->fs.offer_uring = fe->use_uring;
+	fe->fs.request_timeout = (uint16_t)o->timeout;
 	r = do_mount(fe);
 	if (r)
 		goto out_free;
@@ -761,6 +864,9 @@ static int start(struct devio_server *srv, const char *arg, const void *opts, vo
 	r = start_transport(fe, &srv->opts, t && !strcmp(t, "uring"));
 	if (r)
 		goto out_free;
+	if (o->timeout && !fe->fs.timeout_granted)
+		devio_warn("fuse %s: --fuse-timeout: this kernel has no FUSE request timeout (Linux 6.14+); "
+			   "`devio detach --force` aborts a hung connection", fe->mnt);
 	if (o->loop && (r = attach_loop(fe, o)))
 		goto out_free;
 	devio_info("fuse %s: serving %s (%llu bytes) over %s", fe->mnt, fe->file,
@@ -787,6 +893,9 @@ static void status(void *state, FILE *out)
 	if (!fe)
 		return;
 	fprintf(out, "  fuse mount %s file %s\n", fe->mnt, fe->file);
+	if (fe->conn_minor)
+		fprintf(out, "  fuse connection %u%s\n", fe->conn_minor,
+			fe->fs.timeout_granted ? " request-timeout" : "");
 	if (fe->use_uring)
 		fprintf(out, "  fuse transport io_uring: %u queues x %u entries, %u KiB payload\n", fe->nqueues,
 			fe->depth, fe->payload_sz >> 10);
@@ -814,6 +923,10 @@ static const struct devio_frontend_option fuse_options[] = {
 	{ "depth", "N", "io_uring entries per queue (default 16)", devio_opt_uint, offsetof(struct fuse_opts, depth) },
 	{ "block-size", "N", "the loop device's logical block size (default 512)", devio_opt_block_size,
 	  offsetof(struct fuse_opts, block_size) },
+	{ "fuse-enable-uring", NULL, "write Y to /sys/module/fuse/parameters/enable_uring (whole machine; said on stderr)",
+	  devio_opt_flag, offsetof(struct fuse_opts, enable_uring) },
+	{ "fuse-timeout", "SECONDS", "the kernel aborts the connection when a request takes longer (Linux 6.14+)",
+	  devio_opt_uint, offsetof(struct fuse_opts, timeout) },
 	{ NULL },
 };
 

@@ -1459,8 +1459,9 @@ static int start(struct devio_server *srv, const char *arg, const void *opts, vo
 	if (st->depth > NBD_MAX_DEPTH)
 		st->depth = NBD_MAX_DEPTH;
 	r = devio_addr_parse(arg, NBD_DEFAULT_PORT, &st->addr);
-	if (r || (st->addr.kind != DEVIO_ADDR_TCP && st->addr.kind != DEVIO_ADDR_UNIX)) {
-		devio_err("--nbd %s: want tcp:[HOST:]PORT or unix:PATH", arg);
+	if (r || (st->addr.kind != DEVIO_ADDR_TCP && st->addr.kind != DEVIO_ADDR_UNIX &&
+		  st->addr.kind != DEVIO_ADDR_SYSTEMD)) {
+		devio_err("--nbd %s: want tcp:[HOST:]PORT, unix:PATH or systemd[:NAME]", arg);
 		r = -EINVAL;
 		goto out_free;
 	}
@@ -1512,7 +1513,7 @@ static const struct devio_frontend_option nbd_options[] = {
 
 const struct devio_frontend_type devio_frontend_nbd = {
 	.option = "nbd",
-	.arg_help = "tcp:[HOST:]PORT|unix:PATH",
+	.arg_help = "tcp:[HOST:]PORT|unix:PATH|systemd[:NAME]",
 	.help = "NBD, newstyle fixed (default port 10809)",
 	.options = nbd_options,
 	.opts_size = sizeof(struct nbd_opts),

@@ -607,7 +607,7 @@ static int parse_arg(struct stream_state *st, const char *arg)
 	if (opt)
 		*opt++ = '\0';
 	if (devio_addr_parse(buf, NULL, &st->addr)) {
-		devio_err("--devio %s: want tcp:[HOST:]PORT, unix:PATH, stdio or a device path", arg);
+		devio_err("--devio %s: want tcp:[HOST:]PORT, unix:PATH, systemd[:NAME], stdio or a device path", arg);
 		return -EINVAL;
 	}
 	for (opt = opt ? strtok_r(opt, ",", &save) : NULL; opt; opt = strtok_r(NULL, ",", &save)) {
@@ -796,7 +796,7 @@ static const struct devio_frontend_type *stream_variant(const char *arg)
 
 const struct devio_frontend_type devio_frontend_stream = {
 	.option = "devio",
-	.arg_help = "tcp:[HOST:]PORT|unix:PATH|stdio|DEVICE[,max-transfer=N][,align=N]|shm:NAME[,slots=N][,buffer=N]",
+	.arg_help = "tcp:[HOST:]PORT|unix:PATH|systemd[:NAME]|stdio|DEVICE[,max-transfer=N][,align=N]|shm:NAME[,slots=N][,buffer=N]",
 	.help = "devio stream protocol (ImDisk proxy)",
 	.start = start,
 	.stop = stop,

@@ -161,7 +161,11 @@ static int do_init(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 	       DEVIO_FUSE_PARALLEL_DIROPS | DEVIO_FUSE_MAX_PAGES | DEVIO_FUSE_INIT_EXT;
 	if (fs->offer_uring)
 		want |= DEVIO_FUSE_OVER_IO_URING;
+	if (fs->request_timeout) /* the kernel aborts the connection when a request takes longer */
+		want |= DEVIO_FUSE_REQUEST_TIMEOUT;
 	want &= offered;
+	if (want & DEVIO_FUSE_REQUEST_TIMEOUT)
+		out.request_timeout = fs->request_timeout;
 	out.minor = in.minor < DEVIO_FUSE_MINOR ? in.minor : DEVIO_FUSE_MINOR;
 	out.max_readahead = in.max_readahead;
 	out.flags = (uint32_t)want;
@@ -173,6 +177,7 @@ static int do_init(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 	out.max_pages = (uint16_t)(fs->max_write / 4096);
 	fs->kernel_minor = in.minor;
 	fs->uring_granted = (want & DEVIO_FUSE_OVER_IO_URING) != 0;
+	fs->timeout_granted = (want & DEVIO_FUSE_REQUEST_TIMEOUT) != 0;
 	fs->initialized = true;
 	return put_reply(msg, &out, sizeof(out));
 }

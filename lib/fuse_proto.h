@@ -60,6 +60,7 @@ enum devio_fuse_opcode {
 #define DEVIO_FUSE_MAX_PAGES        (1ull << 22)
 #define DEVIO_FUSE_INIT_EXT         (1ull << 30)
 #define DEVIO_FUSE_OVER_IO_URING    (1ull << 41)
+#define DEVIO_FUSE_REQUEST_TIMEOUT  (1ull << 42) /* Linux 6.14: init_out.request_timeout */
 
 /* open_out.open_flags */
 #define DEVIO_FOPEN_PARALLEL_DIRECT_WRITES (1u << 6)
@@ -193,8 +194,9 @@ struct devio_fuse_fs {
 	uint64_t mtime;        /* seconds, for the attributes */
 	uint32_t max_write;    /* what INIT offers (and the largest payload) */
 	bool offer_uring;      /* ask for FUSE_OVER_IO_URING in INIT */
+	uint16_t request_timeout; /* seconds, sent when the kernel offers FUSE_REQUEST_TIMEOUT; 0: none */
 	/* set by INIT */
-	bool initialized, uring_granted, destroyed;
+	bool initialized, uring_granted, destroyed, timeout_granted;
 	uint32_t kernel_minor;
 };
 

@@ -8,6 +8,12 @@
  * of connections are under one lock; a connection closes its socket
  * under that lock, so stop() never shuts down a descriptor number that
  * was already reused.
+ *
+ * Socket activation (address systemd[:NAME]): systemd or
+ * systemd-socket-activate passes listening sockets from descriptor 3 on
+ * (LISTEN_FDS, for the process LISTEN_PID, named by LISTEN_FDNAMES); each
+ * listener takes one, by name or the next one not taken, and serves it
+ * like its own (it never unlinks a socket file it did not make).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -31,6 +37,9 @@
 #define LISTENER_REAP_MS 1000
 /* stop(): after the grace, warn if connections still run after this long. */
 #define LISTENER_STUCK_S 10
+/* Socket activation: at most this many descriptors handed over. */
+#define LISTENER_MAX_ACTIVATED 64
+#define LISTENER_FIRST_FD 3 /* SD_LISTEN_FDS_START */
 
 struct listener_conn {
 	struct devio_listener *l;
@@ -49,6 +58,7 @@ struct devio_listener {
 	int stop_pipe[2];
 	pthread_t thread;
 	bool thread_started;
+	bool tcp;                 /* keepalive for its connections */
 	dev_t sock_dev;           /* the Unix socket file this listener made */
 	ino_t sock_ino;
 	pthread_mutex_t lock;
@@ -181,7 +191,7 @@ static void listener_accept_one(struct devio_listener *l)
 		return;
 	}
 	devio_socket_tune(fd);
-	if (l->addr.kind == DEVIO_ADDR_TCP)
+	if (l->tcp)
 		listener_keepalive(fd);
 	pthread_mutex_lock(&l->lock);
 	if (l->stopping || l->active >= l->conf.max_conns)
@@ -214,12 +224,107 @@ static void *listener_main(void *arg)
 	}
 }
 
+/* ---- socket activation ---- */
+
+static pthread_mutex_t listener_act_lock = PTHREAD_MUTEX_INITIALIZER;
+static bool listener_act_read;
+static unsigned listener_act_n;
+static bool listener_act_taken[LISTENER_MAX_ACTIVATED];
+static char listener_act_names[LISTENER_MAX_ACTIVATED][64];
+
+/* Take in what systemd handed over, once (lock held); the variables are
+ * removed so that a child (--run) does not take the sockets for its own. */
+static void listener_act_load_locked(void)
+{
+	const char *pid = getenv("LISTEN_PID"), *fds = getenv("LISTEN_FDS"), *names = getenv("LISTEN_FDNAMES");
+	uint64_t p = 0, n = 0;
+
+	if (listener_act_read)
+		return;
+	listener_act_read = true;
+	if (!pid || !fds || devio_parse_u64(pid, &p) || p != (uint64_t)getpid() || devio_parse_u64(fds, &n))
+		return;
+	if (n > LISTENER_MAX_ACTIVATED) {
+		devio_warn("socket activation: %llu descriptors handed over; serving the first %d",
+			   (unsigned long long)n, LISTENER_MAX_ACTIVATED);
+		n = LISTENER_MAX_ACTIVATED;
+	}
+	listener_act_n = (unsigned)n;
+	for (unsigned i = 0; i < listener_act_n; i++) {
+		size_t len = names ? strcspn(names, ":") : 0;
+
+		snprintf(listener_act_names[i], sizeof(listener_act_names[i]), "%.*s", (int)len, names ? names : "");
+		if (names)
+			names = names[len] ? names + len + 1 : NULL;
+		fcntl(LISTENER_FIRST_FD + (int)i, F_SETFD, FD_CLOEXEC);
+	}
+	unsetenv("LISTEN_PID");
+	unsetenv("LISTEN_FDS");
+	unsetenv("LISTEN_FDNAMES");
+}
+
+/* A handed-over descriptor fit to accept on: a listening stream socket. */
+static int listener_act_check(struct devio_listener *l, int fd)
+{
+	int type = 0, listening = 0;
+	socklen_t len = sizeof(type);
+
+	if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) || type != SOCK_STREAM) {
+		devio_err("%s: descriptor %d from systemd is not a stream socket", l->name, fd);
+		return -ENOTSOCK;
+	}
+	len = sizeof(listening);
+	if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) || !listening) {
+		devio_err("%s: descriptor %d from systemd is not listening (Accept=yes is not supported)", l->name,
+			  fd);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+/* The listening socket for systemd[:NAME]: by name, or the next one. */
+static int listener_act_take(struct devio_listener *l)
+{
+	const char *want = l->addr.path;
+	int fd = -ENOENT;
+
+	pthread_mutex_lock(&listener_act_lock);
+	listener_act_load_locked();
+	for (unsigned i = 0; i < listener_act_n && fd < 0; i++) {
+		if (listener_act_taken[i] || (want[0] && strcmp(listener_act_names[i], want)))
+			continue;
+		listener_act_taken[i] = true;
+		fd = LISTENER_FIRST_FD + (int)i;
+	}
+	pthread_mutex_unlock(&listener_act_lock);
+	if (fd < 0) {
+		if (want[0])
+			devio_err("%s: systemd handed over no socket named '%s' (FileDescriptorName=)", l->name, want);
+		else
+			devio_err("%s: no socket left from systemd (LISTEN_FDS/LISTEN_PID: not socket-activated?)",
+				  l->name);
+		return fd;
+	}
+	return listener_act_check(l, fd) ? -EINVAL : fd;
+}
+
 /* ---- start and stop ---- */
 
 static int listener_open(struct devio_listener *l)
 {
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof(ss);
 	struct stat st;
 
+	if (l->addr.kind == DEVIO_ADDR_SYSTEMD) {
+		l->lfd = listener_act_take(l);
+		if (l->lfd < 0)
+			return l->lfd;
+		l->tcp = getsockname(l->lfd, (struct sockaddr *)&ss, &sl) == 0 &&
+			 (ss.ss_family == AF_INET || ss.ss_family == AF_INET6);
+		return 0;
+	}
+	l->tcp = l->addr.kind == DEVIO_ADDR_TCP;
 	l->lfd = devio_listen(&l->addr, (int)(l->conf.max_conns < 128 ? 128 : l->conf.max_conns));
 	if (l->lfd < 0)
 		return l->lfd;

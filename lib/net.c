@@ -66,6 +66,10 @@ int devio_addr_parse(const char *s, const char *default_port, struct devio_addr 
 		a->kind = DEVIO_ADDR_TCP;
 		return parse_hostport(s + 4, default_port, a);
 	}
+	if (!strcmp(s, "systemd") || !strncmp(s, "systemd:", 8)) {
+		a->kind = DEVIO_ADDR_SYSTEMD;
+		return copy_str(a->path, sizeof(a->path), s + 7 + (s[7] == ':'), strlen(s + 7 + (s[7] == ':')));
+	}
 	if (!strncmp(s, "unix:", 5)) {
 		a->kind = DEVIO_ADDR_UNIX;
 		if (!s[5])
@@ -97,6 +101,9 @@ void devio_addr_format(const struct devio_addr *a, char *out, size_t outlen)
 	case DEVIO_ADDR_DEVICE:
 		snprintf(out, outlen, "%s", a->path);
 		break;
+	case DEVIO_ADDR_SYSTEMD:
+		snprintf(out, outlen, "systemd%s%s", a->path[0] ? ":" : "", a->path);
+		break;
 	}
 }
 
@@ -119,26 +126,86 @@ static int unix_sockaddr(const struct devio_addr *a, struct sockaddr_un *sun)
 	return 0;
 }
 
+/* A socket file at the path: 0 if nobody accepts on it any more (stale,
+ * ours to replace), -EADDRINUSE if a server answers (logged). */
+static int unix_check_stale(const struct devio_addr *a)
+{
+	struct sockaddr_un sun;
+	int fd, r;
+
+	if (unix_sockaddr(a, &sun))
+		return 0;
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	r = connect(fd, (struct sockaddr *)&sun, sizeof(sun)) == 0 ? 0 : -errno;
+	close(fd);
+	if (r == -ECONNREFUSED || r == -ENOENT)
+		return 0;
+	if (r == 0 || r == -EAGAIN) /* EAGAIN: a server whose backlog is full */
+		devio_err("%s: in use by another server; not replacing it", a->path);
+	else
+		devio_err("%s: cannot tell whether a server uses it (%s); not replacing it", a->path, strerror(-r));
+	return -EADDRINUSE;
+}
+
+/* Make room at the path: nothing there, or a stale socket (removed unless
+ * someone replaced it meanwhile).  0 or -errno (logged). */
+static int unix_clear_path(const struct devio_addr *a)
+{
+	struct stat st, now;
+	int r;
+
+	if (lstat(a->path, &st) < 0)
+		return 0;
+	if (!S_ISSOCK(st.st_mode)) {
+		devio_err("%s: exists and is not a socket; not replacing it", a->path);
+		return -EEXIST;
+	}
+	if ((r = unix_check_stale(a)))
+		return r;
+	if (lstat(a->path, &now) == 0 && now.st_dev == st.st_dev && now.st_ino == st.st_ino)
+		unlink(a->path);
+	return 0;
+}
+
+/* Give the listening socket at tmp the path.  link() never replaces, so
+ * of two servers starting at once one gets the path and the other finds
+ * it in use.  0 or -errno (logged). */
+static int unix_publish(const struct devio_addr *tmp, const struct devio_addr *a)
+{
+	int r;
+
+	for (int tries = 0; tries < 4; tries++) {
+		if (link(tmp->path, a->path) == 0)
+			return 0;
+		if (errno != EEXIST) {
+			r = -errno;
+			devio_err("%s: cannot listen: %s", a->path, strerror(-r));
+			return r;
+		}
+		if ((r = unix_clear_path(a)))
+			return r;
+	}
+	devio_err("%s: in use by another server; not replacing it", a->path);
+	return -EADDRINUSE;
+}
+
 /* The socket file appears at bind(), before listen(): bind under a
- * temporary name and rename it into place once it accepts connections, so
- * a client that sees the path can always connect. */
+ * temporary name and link it into place once it accepts connections, so
+ * a client that sees the path can always connect.  A live socket at the
+ * path is never replaced ("in use by another server"); a stale one is. */
 static int listen_unix(const struct devio_addr *a, int backlog)
 {
 	struct devio_addr tmp = *a;
 	struct sockaddr_un sun;
-	struct stat st;
 	int fd, r;
 
-	if (lstat(a->path, &st) == 0 && !S_ISSOCK(st.st_mode)) {
-		devio_err("%s: exists and is not a socket; not replacing it", a->path);
-		return -EEXIST;
-	}
+	if ((r = unix_clear_path(a)))
+		return r;
 	if (snprintf(tmp.path, sizeof(tmp.path), "%s.%d.tmp", a->path, (int)getpid()) >= (int)sizeof(tmp.path) ||
 	    unix_sockaddr(&tmp, &sun)) {
-		/* no room for the temporary name: bind in place (a stale
-		 * socket file goes first) */
-		tmp = *a;
-		unlink(a->path);
+		tmp = *a; /* no room for the temporary name: bind in place */
 		if ((r = unix_sockaddr(a, &sun)))
 			return r;
 	}
@@ -146,13 +213,20 @@ static int listen_unix(const struct devio_addr *a, int backlog)
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return -errno;
-	if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) || listen(fd, backlog) ||
-	    (strcmp(tmp.path, a->path) && rename(tmp.path, a->path))) {
+	if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) || listen(fd, backlog)) {
 		r = -errno;
 		devio_err("%s: cannot listen: %s", a->path, strerror(-r));
 		unlink(tmp.path);
 		close(fd);
 		return r;
+	}
+	if (strcmp(tmp.path, a->path)) {
+		r = unix_publish(&tmp, a);
+		unlink(tmp.path);
+		if (r) {
+			close(fd);
+			return r;
+		}
 	}
 	return fd;
 }

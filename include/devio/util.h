@@ -25,6 +25,19 @@ void devio_log(enum devio_log_level level, const char *fmt, ...) __attribute__((
  * prints its own line only when the callee, which knows the cause better,
  * printed none: each failure is told once. */
 unsigned long devio_log_errors(void);
+/* Where messages go: "stderr" (the default), "syslog" (LOG_DAEMON),
+ * "journal" (the systemd journal's native socket) or a FILE (appended,
+ * each line time-stamped).  0 or -errno (logged). */
+int devio_log_open(const char *target);
+/* Reopen the log file (after logrotate moved it; SIGHUP), saying so in
+ * the new file; 0 (nothing to do for other targets), or -errno (logged;
+ * the old file stays in use). */
+int devio_log_reopen(void);
+/* The descriptor lines are written to (stderr or the file), -1 for syslog
+ * and the journal. */
+int devio_log_fd(void);
+/* Also write every line to fd (-1: stop), e.g. a pipe to a parent. */
+void devio_log_tee(int fd);
 
 /* "4096", "64K", "1.5G" is refused; "1T", "512M", "0x1000".  Suffixes
  * K/M/G/T/P (powers of 1024), optional trailing "B"/"iB".  0 or -EINVAL /
@@ -33,22 +46,26 @@ int devio_parse_size(const char *s, uint64_t *out);
 /* Plain unsigned decimal or 0x hex integer; 0 or -EINVAL/-ERANGE. */
 int devio_parse_u64(const char *s, uint64_t *out);
 
-/* A transport address: tcp:[HOST:]PORT, unix:PATH, stdio, or a device path. */
-enum devio_addr_kind { DEVIO_ADDR_TCP, DEVIO_ADDR_UNIX, DEVIO_ADDR_STDIO, DEVIO_ADDR_DEVICE };
+/* A transport address: tcp:[HOST:]PORT, unix:PATH, stdio, a device path,
+ * or systemd[:NAME]: a listening socket handed over by systemd (socket
+ * activation: LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES; lib/listener.c). */
+enum devio_addr_kind { DEVIO_ADDR_TCP, DEVIO_ADDR_UNIX, DEVIO_ADDR_STDIO, DEVIO_ADDR_DEVICE, DEVIO_ADDR_SYSTEMD };
 struct devio_addr {
 	enum devio_addr_kind kind;
 	char host[256];   /* TCP: empty = loopback when listening */
 	char port[16];    /* TCP */
-	char path[256];   /* UNIX socket path or device path */
+	char path[256];   /* UNIX socket path or device path; SYSTEMD: the FileDescriptorName ("" = the next) */
 };
 
 /* Parse "tcp:[HOST:]PORT", "tcp:[::1]:PORT", "unix:PATH", "stdio"/"-",
- * or "/dev/..." (a character device).  default_port is used for "tcp:" or
+ * "/dev/..." (a character device) or "systemd[:NAME]".  default_port is used for "tcp:" or
  * "tcp:HOST:" with no port (may be NULL). */
 int devio_addr_parse(const char *s, const char *default_port, struct devio_addr *out);
 void devio_addr_format(const struct devio_addr *a, char *out, size_t outlen);
-/* Listening socket (SOCK_CLOEXEC, SO_REUSEADDR; a stale Unix socket file
- * is replaced).  Returns fd or -errno. */
+/* Listening socket (SOCK_CLOEXEC, SO_REUSEADDR).  A Unix socket file is
+ * replaced only when stale (connect() is refused); one a server still
+ * accepts on is -EADDRINUSE ("in use by another server").  Returns fd or
+ * -errno (logged). */
 int devio_listen(const struct devio_addr *a, int backlog);
 /* Connected socket with TCP_NODELAY for TCP.  Returns fd or -errno. */
 int devio_connect(const struct devio_addr *a);

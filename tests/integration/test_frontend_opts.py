@@ -45,20 +45,22 @@ def test_serve_help_lists_each_front_ends_options():
     assert groups == {
         "--devio": [],
         "--nbd": ["--depth"],
-        "--fuse": ["--loop", "--fuse-transport", "--depth", "--block-size"],
+        "--fuse": ["--loop", "--fuse-transport", "--depth", "--block-size", "--fuse-enable-uring", "--fuse-timeout"],
         "--ublk": ["--queues", "--depth", "--block-size"],
     }, r.stdout
     # every option the help listed before front ends owned them
     for opt in ("--readonly", "--offset", "--size", "--partition", "--ram-max", "--direct", "--format",
-                "--export", "--threads", "--verbose", "--quiet"):
+                "--export", "--threads", "--verbose", "--quiet",
+                "--fork", "--foreground", "--pidfile", "--exit-with-parent", "--run", "--log"):
         assert opt in r.stdout, opt
 
 
 def test_attach_help_lists_the_fuse_options():
     r = run("attach", "--help")
     assert r.returncode == 0, r.stderr
-    assert help_groups(r.stdout)["--fuse"] == ["--loop", "--fuse-transport", "--depth", "--block-size"]
-    assert "--threads" in r.stdout
+    assert help_groups(r.stdout)["--fuse"] == ["--loop", "--fuse-transport", "--depth", "--block-size",
+                                               "--fuse-enable-uring", "--fuse-timeout"]
+    assert "--threads" in r.stdout and "--fork" in r.stdout and "--log" in r.stdout
 
 
 def warnings_of(stderr):

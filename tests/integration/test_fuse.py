@@ -467,7 +467,8 @@ def test_file_reads_on_the_queue_ring(serve, scratch, transport):
 
 
 def test_forced_uring_enables_the_module_parameter(serve, scratch):
-    """--fuse-transport uring switches enable_uring on when it is off."""
+    """--fuse-enable-uring switches enable_uring on when it is off, and says
+    so on stderr (--fuse-transport uring alone refuses: test_shared_state.py)."""
     if not os.path.exists(ENABLE_URING):
         pytest.skip("kernel without FUSE over io_uring")
     with open(ENABLE_URING) as f:
@@ -475,9 +476,10 @@ def test_forced_uring_enables_the_module_parameter(serve, scratch):
     try:
         with open(ENABLE_URING, "w") as f:
             f.write("N")
-        s, disk, _ = start_fuse(serve, scratch, "ram:8M", "uring", loop=False)
+        s, disk, _ = start_fuse(serve, scratch, "ram:8M", "uring", "--fuse-enable-uring", loop=False)
         with open(ENABLE_URING) as f:
             assert f.read().strip() == "Y"
+        assert f"set {ENABLE_URING} to Y for the whole machine" in s.stderr()
         transport_in_status(s, "uring")
         with open(disk, "r+b", buffering=0) as f:
             f.write(b"ring" * 1024)

@@ -1,0 +1,182 @@
+/* runstate.c - which devio servers run on this machine, from DEVIO_RUN_DIR,
+ * identified by more than a pid (a pid is reused once its process is
+ * gone): a server holds an flock on PID.lock for its whole life and writes
+ * its start time (/proc/PID/stat) into PID.status.  An entry whose lock
+ * nobody holds is stale and removed; `devio detach` signals a pid only
+ * while its lock is held and its start time matches (cli/attach.c, through
+ * a pidfd so the check and the signal name one process).  Entries of an
+ * older devio without a lock file count while the pid is a running devio. */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include "cli.h"
+
+static int runstate_fd = -1;
+static char runstate_lock_path[64];
+
+int runstate_lock(void)
+{
+	mkdir(DEVIO_RUN_DIR, 0755);
+	snprintf(runstate_lock_path, sizeof(runstate_lock_path), DEVIO_RUN_DIR "/%d.lock", (int)getpid());
+	unlink(runstate_lock_path); /* left by an earlier process with our pid */
+	runstate_fd = open(runstate_lock_path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+	if (runstate_fd < 0)
+		return -errno;
+	if (flock(runstate_fd, LOCK_EX | LOCK_NB) < 0) {
+		int r = -errno;
+
+		close(runstate_fd);
+		runstate_fd = -1;
+		return r;
+	}
+	return 0;
+}
+
+void runstate_unlock(void)
+{
+	char path[64];
+
+	if (runstate_fd < 0)
+		return;
+	snprintf(path, sizeof(path), DEVIO_RUN_DIR "/%d.status", (int)getpid());
+	unlink(path);
+	unlink(runstate_lock_path);
+	close(runstate_fd);
+	runstate_fd = -1;
+}
+
+unsigned long long runstate_start_time(pid_t pid)
+{
+	char path[64], buf[1024], *p;
+	unsigned long long start = 0;
+	FILE *f;
+	size_t n;
+
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+	f = fopen(path, "re");
+	if (!f)
+		return 0;
+	n = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	p = strrchr(buf, ')'); /* the command name may hold spaces and parentheses */
+	/* after ")": state is field 3, starttime field 22 */
+	for (int field = 2; p && field < 22; field++)
+		p = strchr(p + 1, ' ');
+	if (p)
+		start = strtoull(p + 1, NULL, 10);
+	return start;
+}
+
+static bool runstate_is_devio(pid_t pid)
+{
+	char path[64], comm[32] = "";
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/%d/comm", (int)pid);
+	f = fopen(path, "re");
+	if (!f)
+		return false;
+	if (!fgets(comm, sizeof(comm), f))
+		comm[0] = '\0';
+	fclose(f);
+	return !strncmp(comm, "devio", 5);
+}
+
+/* 1: PID.lock is held (the server lives), 0: nobody holds it, -ENOENT: no lock file. */
+static int runstate_lock_held(pid_t pid)
+{
+	char path[64];
+	int fd, held;
+
+	snprintf(path, sizeof(path), DEVIO_RUN_DIR "/%d.lock", (int)pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	held = flock(fd, LOCK_SH | LOCK_NB) < 0 && errno == EWOULDBLOCK;
+	close(fd);
+	return held;
+}
+
+bool runstate_alive(const struct run_server *s)
+{
+	int held = runstate_lock_held(s->pid);
+
+	if (held == 0)
+		return false;
+	if (held < 0 && (kill(s->pid, 0) < 0 && errno == ESRCH))
+		return false;
+	if (s->start && runstate_start_time(s->pid) != s->start)
+		return false; /* the pid now names another process */
+	return held > 0 || runstate_is_devio(s->pid);
+}
+
+static void runstate_read_start(struct run_server *s)
+{
+	char line[256];
+	FILE *f = fopen(s->status_path, "re");
+
+	if (!f)
+		return;
+	while (fgets(line, sizeof(line), f))
+		if (!strncmp(line, "start ", 6))
+			s->start = strtoull(line + 6, NULL, 10);
+	fclose(f);
+}
+
+static void runstate_remove(pid_t pid)
+{
+	char path[64];
+
+	snprintf(path, sizeof(path), DEVIO_RUN_DIR "/%d.status", (int)pid);
+	unlink(path);
+	snprintf(path, sizeof(path), DEVIO_RUN_DIR "/%d.lock", (int)pid);
+	unlink(path);
+}
+
+/* A PID.lock without PID.status: a server that died while starting. */
+static void runstate_orphan_lock(pid_t pid)
+{
+	char path[64];
+	struct stat st;
+
+	snprintf(path, sizeof(path), DEVIO_RUN_DIR "/%d.status", (int)pid);
+	if (stat(path, &st) < 0 && errno == ENOENT && runstate_lock_held(pid) == 0)
+		runstate_remove(pid);
+}
+
+void runstate_each(bool (*fn)(const struct run_server *s, void *ctx), void *ctx)
+{
+	DIR *d = opendir(DEVIO_RUN_DIR);
+	struct dirent *de;
+	bool done = false;
+
+	while (d && !done && (de = readdir(d))) {
+		struct run_server s = { .pid = atoi(de->d_name) };
+		const char *dot = strchr(de->d_name, '.');
+
+		if (s.pid <= 0 || !dot)
+			continue;
+		if (!strcmp(dot, ".lock")) {
+			runstate_orphan_lock(s.pid);
+			continue;
+		}
+		if (strcmp(dot, ".status"))
+			continue;
+		snprintf(s.status_path, sizeof(s.status_path), DEVIO_RUN_DIR "/%d.status", (int)s.pid);
+		runstate_read_start(&s);
+		s.alive = runstate_alive(&s);
+		done = fn(&s, ctx); /* a dead one's file still tells what it left behind */
+		if (!s.alive)
+			runstate_remove(s.pid); /* left by a server that died */
+	}
+	if (d)
+		closedir(d);
+}
