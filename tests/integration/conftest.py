@@ -10,6 +10,9 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The peers' Python tools (nbdsh: python3-libnbd) are Debian's: its python3
+# first, whatever interpreter a PATH set up for development would find.
+os.environ["PATH"] = "/usr/bin:/usr/sbin:" + os.environ.get("PATH", "")
 DEVIO = os.environ.get("DEVIO", os.path.join(ROOT, "build-test", "devio"))
 
 
