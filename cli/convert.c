@@ -1,4 +1,4 @@
-/* convert.c - `devio convert [-O raw|vhd|qcow2] [-p] SRC DST`, the
+/* convert.c - `devio convert [-O raw|vhd|qcow2] [-o OPTS] [-p] SRC DST`, the
  * counterpart of `qemu-img convert`: any source (an image, ram:, devio://,
  * nbd://, a stack built with serve's export options) into a new image of
  * the given format.  The new image is sparse: ranges the source's extents
@@ -105,8 +105,8 @@ static int convert_open_raw(const char *dst, uint64_t size, struct devio_backend
 	return devio_file_open(dst, &o, out);
 }
 
-static int convert_open_dst(const char *fmt, const char *dst, uint64_t size, struct devio_backend **out,
-			    bool *fresh)
+static int convert_open_dst(const char *fmt, const char *opts, const char *dst, uint64_t size,
+			    struct devio_backend **out, bool *fresh)
 {
 	if (!strcmp(fmt, "raw"))
 		return convert_open_raw(dst, size, out, fresh);
@@ -115,7 +115,7 @@ static int convert_open_dst(const char *fmt, const char *dst, uint64_t size, str
 		return -EINVAL;
 	}
 	*fresh = true;
-	return devio_format_create(fmt, dst, size, out);
+	return devio_format_create(fmt, dst, size, opts, out);
 }
 
 static void convert_report(const struct cli_copy *c, int r)
@@ -131,14 +131,16 @@ static void convert_report(const struct cli_copy *c, int r)
 
 static int convert_usage(FILE *out, int rc)
 {
-	fprintf(out, "usage: devio convert [-O raw|vhd|qcow2] [-p] " CLI_EXPORT_USAGE " SRC DST\n"
+	fprintf(out, "usage: devio convert [-O raw|vhd|qcow2] [-o OPTIONS] [-p] " CLI_EXPORT_USAGE " SRC DST\n"
 		     "  -O FORMAT   the new image's format (default raw)\n"
+		     "  -o OPTIONS  the new image's options, as qemu-img's: vhd takes subformat=dynamic|fixed\n"
 		     "  -p          a progress line (on a terminal)\n"
 		     "  export options as for `devio serve`: a window, a partition, the source's format, an overlay\n");
 	return rc;
 }
 
-static int convert_run(const char *fmt, bool show, const struct devio_open_opts *o, const char *src, const char *dst)
+static int convert_run(const char *fmt, const char *fopts, bool show, const struct devio_open_opts *o,
+		       const char *src, const char *dst)
 {
 	struct cli_copy c = { .cmd = "convert", .src_name = src, .dst_name = dst, .block = CONVERT_BLOCK };
 	struct devio_open_opts so = *o;
@@ -152,7 +154,7 @@ static int convert_run(const char *fmt, bool show, const struct devio_open_opts 
 	so.readonly = true;
 	if (devio_backend_open(src, &so, &c.src))
 		return 1;
-	r = convert_open_dst(fmt, dst, c.src->size, &c.dst, &fresh);
+	r = convert_open_dst(fmt, fopts, dst, c.src->size, &c.dst, &fresh);
 	if (r) {
 		devio_backend_close(c.src);
 		return 1;
@@ -173,14 +175,16 @@ int cmd_convert(int argc, char **argv)
 {
 	static const struct option opts[] = { { "help", no_argument, NULL, 'h' }, CLI_EXPORT_OPTIONS, { 0 } };
 	struct devio_open_opts o = { 0 };
-	const char *fmt = "raw";
+	const char *fmt = "raw", *fopts = NULL;
 	bool show = false;
 	int c, k;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "O:ph", opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "O:o:ph", opts, NULL)) != -1) {
 		if (c == 'O')
 			fmt = optarg;
+		else if (c == 'o')
+			fopts = optarg;
 		else if (c == 'p')
 			show = true;
 		else if (c == 'h')
@@ -192,9 +196,13 @@ int cmd_convert(int argc, char **argv)
 		devio_err("convert: -O: want raw, vhd or qcow2, got '%s'", fmt);
 		return 2;
 	}
+	if (fopts && !strcmp(fmt, "raw")) {
+		devio_err("convert: -o: a raw image takes no options");
+		return 2;
+	}
 	if (optind != argc - 2) {
 		devio_err("convert: want SRC and DST");
 		return 2;
 	}
-	return convert_run(fmt, show, &o, argv[optind], argv[optind + 1]);
+	return convert_run(fmt, fopts, show, &o, argv[optind], argv[optind + 1]);
 }

@@ -3,7 +3,9 @@
  * by auto-detection never makes devio open a backing file. */
 #include <errno.h>
 #include <stdbool.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include "devio/layer.h"
 #include "devio/util.h"
 
@@ -51,15 +53,77 @@ int devio_format_open(const char *name, struct devio_backend *lower, const char 
 	return -EINVAL;
 }
 
-/* Each format adds its create function here. */
-int devio_format_create(const char *format, const char *path, uint64_t size, struct devio_backend **out)
+/* -o KEY=VALUE[,KEY=VALUE...] of a new image: each pair to fn (0, or a
+ * negative errno it logged). */
+static int format_options(const char *path, const char *options,
+			  int (*fn)(const char *path, const char *key, const char *val, void *ctx), void *ctx)
 {
-	(void)size;
-	(void)out;
-	if (!strcmp(format, "vhd") || !strcmp(format, "qcow2")) {
+	char *copy, *save = NULL, *item;
+	int r = 0;
+
+	if (!options || !*options)
+		return 0;
+	copy = strdup(options);
+	if (!copy)
+		return -ENOMEM;
+	for (item = strtok_r(copy, ",", &save); item && !r; item = strtok_r(NULL, ",", &save)) {
+		char *eq = strchr(item, '=');
+
+		if (!eq) {
+			devio_err("%s: option '%s': want KEY=VALUE", path, item);
+			r = -EINVAL;
+			break;
+		}
+		*eq = 0;
+		r = fn(path, item, eq + 1, ctx);
+	}
+	free(copy);
+	return r;
+}
+
+/* VHD's options, named as qemu-img's: subformat=dynamic|fixed. */
+static int format_vhd_option(const char *path, const char *key, const char *val, void *ctx)
+{
+	bool *fixed = ctx;
+
+	if (!strcmp(key, "subformat") && (!strcmp(val, "dynamic") || !strcmp(val, "fixed"))) {
+		*fixed = !strcmp(val, "fixed");
+		return 0;
+	}
+	devio_err("%s: VHD option %s=%s: known is subformat=dynamic|fixed", path, key, val);
+	return -EINVAL;
+}
+
+/* A new VHD, opened as any image file is: the file, then the VHD layer. */
+static int format_vhd_create(const char *path, uint64_t size, const char *options, struct devio_backend **out)
+{
+	struct devio_open_opts o = { .format = "vhd" };
+	struct devio_backend *store;
+	bool fixed = false;
+	int r = format_options(path, options, format_vhd_option, &fixed);
+
+	if (!r)
+		r = devio_vhd_create(path, size, fixed);
+	if (r)
+		return r;
+	r = devio_file_open(path, &o, &store);
+	if (!r && (r = devio_vhd_open(path, store, true, &o, out)))
+		devio_backend_close(store);
+	if (r)
+		unlink(path); /* nothing half made stays */
+	return r;
+}
+
+/* Each format adds its create function here. */
+int devio_format_create(const char *format, const char *path, uint64_t size, const char *options,
+			struct devio_backend **out)
+{
+	if (!strcmp(format, "vhd"))
+		return format_vhd_create(path, size, options, out);
+	if (!strcmp(format, "qcow2")) {
 		devio_err("%s: creating %s images is not built yet", path, format);
 		return -ENOTSUP;
 	}
-	devio_err("%s: cannot create images of format '%s' (known: raw, vhd, qcow2)", path, format);
+	devio_err("%s: cannot create images of format '%s' (known: vhd, qcow2)", path, format);
 	return -EINVAL;
 }
