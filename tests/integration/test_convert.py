@@ -321,13 +321,35 @@ def test_vhd_refusals_leave_nothing(tmp):
     assert read(out) == b"an older file"
     assert sorted(os.listdir(tmp)) == ["out.vhd", "src.raw"]  # no temporary file either
     p = devio("convert", "-O", "vhd", src, "/dev/null", check=False)
-    assert p.returncode == 1 and "not a regular file" in p.stderr
+    assert p.returncode == 1 and "makes a new image file: /dev/null is not one" in p.stderr, p.stderr
     p = devio("convert", "-O", "raw", "-o", "subformat=fixed", src, out, check=False)
     assert p.returncode == 2 and "raw image takes no options" in p.stderr
     # an existing file is replaced by the new image
     devio("convert", "-O", "vhd", src, out)
     assert qemu_info(out)["virtual-size"] == 32 * MiB
     assert sorted(os.listdir(tmp)) == ["out.vhd", "src.raw"]
+
+
+def test_failed_vhd_convert_leaves_dst_as_it_was(tmp):
+    """The source fails after 4 MiB (two blocks written): the old DST
+    stays, the half-made image is gone."""
+    out = os.path.join(tmp, "out.vhd")
+    with open(out, "wb") as f:
+        f.write(b"the old image")
+    ksock = os.path.join(tmp, "k.sock")
+    pread = ('if [ "$4" -ge 4194304 ]; then echo "EIO no" >&2; exit 1; fi; '
+             'head -c "$3" /dev/zero | tr "\\0" "\\141"')
+    k = subprocess.Popen(["nbdkit", "-f", "-U", ksock, "eval", "get_size=echo 8388608", f"pread={pread}"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: os.path.exists(ksock), 10, ksock)
+        p = devio("convert", "-O", "vhd", f"nbd+unix:///?socket={ksock}", out, check=False)
+    finally:
+        k.terminate()
+        k.wait(timeout=20)
+    assert p.returncode == 1 and "convert stopped" in p.stderr and "after 4194304 bytes" in p.stderr, p.stderr
+    assert read(out) == b"the old image"
+    assert sorted(os.listdir(tmp)) == ["k.sock", "out.vhd"]
 
 
 def test_usage_errors():
