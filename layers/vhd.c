@@ -1453,6 +1453,20 @@ static uint32_t vhd_new_chs(const char *path, uint64_t sectors)
 	return VHD_CHS(65535, 16, 255);
 }
 
+/* qemu-img's default (force_size=off): sectors rounded up to the first
+ * whole geometry that holds them, which Virtual PC sees as qemu does.
+ * Past the largest geometry, sectors themselves. */
+static uint64_t vhd_chs_round_up(uint64_t sectors)
+{
+	for (uint64_t n = sectors; n < VHD_CHS_MAX; n++) {
+		uint64_t got = vhd_chs_sectors(devio_vhd_chs(n));
+
+		if (got >= sectors)
+			return got;
+	}
+	return sectors;
+}
+
 /* A new image's footer: a fresh unique id, the time, devio as creator. */
 static int vhd_new_footer(const char *path, uint8_t *f, uint64_t size, bool fixed)
 {
@@ -1557,8 +1571,9 @@ static int vhd_new_target(const char *path)
 	return 0;
 }
 
-/* The size a new image can have: whole sectors, at most 2040 GiB. */
-static int vhd_new_size(const char *path, uint64_t *size)
+/* The size a new image can have: whole sectors (or a whole geometry),
+ * at most 2040 GiB. */
+static int vhd_new_size(const char *path, uint64_t *size, unsigned flags)
 {
 	uint64_t s = *size;
 
@@ -1571,11 +1586,14 @@ static int vhd_new_size(const char *path, uint64_t *size)
 		devio_warn("%s: a VHD holds whole 512-byte sectors: %" PRIu64 " bytes become %" PRIu64, path, s,
 			   *size);
 	}
+	if (flags & DEVIO_VHD_CHS_SIZE)
+		*size = vhd_chs_round_up(*size / VHD_SECTOR) * VHD_SECTOR;
 	return 0;
 }
 
-int devio_vhd_create(const char *path, uint64_t size, bool fixed)
+int devio_vhd_create(const char *path, uint64_t size, unsigned flags)
 {
+	bool fixed = flags & DEVIO_VHD_FIXED;
 	uint8_t f[VHD_FOOTER_SIZE];
 	mode_t mask = umask(0);
 	char *tmp = NULL;
@@ -1584,7 +1602,7 @@ int devio_vhd_create(const char *path, uint64_t size, bool fixed)
 	umask(mask);
 	r = vhd_new_target(path);
 	if (!r)
-		r = vhd_new_size(path, &size);
+		r = vhd_new_size(path, &size, flags);
 	if (!r)
 		r = vhd_new_footer(path, f, size, fixed);
 	if (r)

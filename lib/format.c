@@ -81,16 +81,27 @@ static int format_options(const char *path, const char *options,
 	return r;
 }
 
-/* VHD's options, named as qemu-img's: subformat=dynamic|fixed. */
+/* Set or clear flag by a yes/no value; false if val is neither. */
+static bool format_flag(unsigned *flags, unsigned flag, const char *val, const char *yes, const char *no)
+{
+	if (strcmp(val, yes) && strcmp(val, no))
+		return false;
+	*flags = !strcmp(val, yes) ? *flags | flag : *flags & ~flag;
+	return true;
+}
+
+/* VHD's options, named as qemu-img's: subformat=dynamic|fixed and
+ * force_size=on (the size as given: the default) or off (rounded up to a
+ * whole CHS geometry, qemu-img's default). */
 static int format_vhd_option(const char *path, const char *key, const char *val, void *ctx)
 {
-	bool *fixed = ctx;
+	unsigned *flags = ctx;
 
-	if (!strcmp(key, "subformat") && (!strcmp(val, "dynamic") || !strcmp(val, "fixed"))) {
-		*fixed = !strcmp(val, "fixed");
+	if (!strcmp(key, "subformat") && format_flag(flags, DEVIO_VHD_FIXED, val, "fixed", "dynamic"))
 		return 0;
-	}
-	devio_err("%s: VHD option %s=%s: known is subformat=dynamic|fixed", path, key, val);
+	if (!strcmp(key, "force_size") && format_flag(flags, DEVIO_VHD_CHS_SIZE, val, "off", "on"))
+		return 0;
+	devio_err("%s: VHD option %s=%s: known are subformat=dynamic|fixed, force_size=on|off", path, key, val);
 	return -EINVAL;
 }
 
@@ -99,11 +110,11 @@ static int format_vhd_create(const char *path, uint64_t size, const char *option
 {
 	struct devio_open_opts o = { .format = "vhd" };
 	struct devio_backend *store;
-	bool fixed = false;
-	int r = format_options(path, options, format_vhd_option, &fixed);
+	unsigned flags = 0;
+	int r = format_options(path, options, format_vhd_option, &flags);
 
 	if (!r)
-		r = devio_vhd_create(path, size, fixed);
+		r = devio_vhd_create(path, size, flags);
 	if (r)
 		return r;
 	r = devio_file_open(path, &o, &store);

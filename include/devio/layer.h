@@ -75,16 +75,20 @@ int devio_vhd_detect(const char *name, struct devio_backend *lower);
 int devio_vhd_open(const char *name, struct devio_backend *lower, bool named, const struct devio_open_opts *opts,
 		   struct devio_backend **out);
 /* devio_vhd_create: a new empty VHD image file at path (one there is
- * replaced), dynamic (2 MiB blocks, none allocated) or fixed (a sparse
- * file of size bytes and the footer), built under a temporary name in the
- * same folder and renamed into place: on error nothing is left and the
- * cause was logged.  Its current size is size (rounded up to a 512-byte
- * sector, at most 2040 GiB), its creator "dvio", a fresh unique id.
+ * replaced), dynamic (2 MiB blocks, none allocated) or with
+ * DEVIO_VHD_FIXED fixed (a sparse file of size bytes and the footer),
+ * built under a temporary name in the same folder and renamed into place:
+ * on error nothing is left and the cause was logged.  Its current size is
+ * size (rounded up to a 512-byte sector, at most 2040 GiB; with
+ * DEVIO_VHD_CHS_SIZE rounded up to a whole geometry, qemu-img's
+ * force_size=off), its creator "dvio", a fresh unique id.
  * devio_vhd_chs: the specification's disk geometry for a number of
  * sectors, as the footer's field holds it (C << 16 | H << 8 | S); a new
  * image gets it when it covers the size exactly, else 65535/16/255 (then
  * qemu, as Windows, reads the current size; a warning says so). */
-int devio_vhd_create(const char *path, uint64_t size, bool fixed);
+#define DEVIO_VHD_FIXED    1u
+#define DEVIO_VHD_CHS_SIZE 2u
+int devio_vhd_create(const char *path, uint64_t size, unsigned flags);
 uint32_t devio_vhd_chs(uint64_t sectors);
 
 #ifdef __cplusplus

@@ -243,6 +243,26 @@ def test_vhd_sizes_and_geometry(tmp):
     assert "1000000 bytes become 1000448" in p.stderr
 
 
+@pytest.mark.parametrize("size", [32 * MiB, 21 * MiB + 4096, 1000 * MiB])
+def test_vhd_force_size_off_matches_qemu(tmp, size):
+    """-o force_size=off rounds up to a whole geometry as qemu-img does by
+    default: the same size and geometry as qemu-img create's."""
+    q = os.path.join(tmp, "q.vhd")
+    run_ok("qemu-img", "create", "-q", "-f", "vpc", q, str(size))
+    src = os.path.join(tmp, "s.raw")
+    with open(src, "wb") as f:
+        f.truncate(size)
+        f.seek(size // 3)
+        f.write(b"\x42" * 5000)
+    out = os.path.join(tmp, "o.vhd")
+    p = devio("convert", "-O", "vhd", "-o", "subformat=dynamic,force_size=off", src, out)
+    assert "CHS geometry" not in p.stderr, p.stderr
+    assert qemu_info(out)["virtual-size"] == qemu_info(q)["virtual-size"] > size
+    assert vhd_meta(out)["chs"] == vhd_meta(q)["chs"]
+    assert json.loads(devio("info", "--json", out).stdout)["virtual_size"] == qemu_info(q)["virtual-size"]
+    run_ok("qemu-img", "compare", "-f", "vpc", out, "-F", "raw", src)  # the rest reads as zeroes
+
+
 def test_convert_to_vhd_from_nbd_and_qcow2(serve, tmp):
     src = os.path.join(tmp, "src.raw")
     expect = sparse_source(src)
@@ -311,7 +331,8 @@ def test_vhd_refusals_leave_nothing(tmp):
     out = os.path.join(tmp, "out.vhd")
     with open(out, "wb") as f:
         f.write(b"an older file")
-    for opts, why in [("subformat=sparse", "subformat=dynamic|fixed"), ("block_size=1M", "known is"),
+    for opts, why in [("subformat=sparse", "subformat=dynamic|fixed"), ("block_size=1M", "known are"),
+                      ("force_size=maybe", "force_size=on|off"),
                       ("fixed", "KEY=VALUE")]:
         p = devio("convert", "-O", "vhd", "-o", opts, src, out, check=False)
         assert p.returncode == 1 and why in p.stderr, p.stderr

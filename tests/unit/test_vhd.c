@@ -632,8 +632,8 @@ static void test_create_dynamic(void **state)
 
 	snprintf(path, sizeof(path), "%s/new.vhd", tmpdir);
 	snprintf(path2, sizeof(path2), "%s/other.vhd", tmpdir);
-	assert_int_equal(devio_vhd_create(path, size, false), 0);
-	assert_int_equal(devio_vhd_create(path2, size, false), 0);
+	assert_int_equal(devio_vhd_create(path, size, 0), 0);
+	assert_int_equal(devio_vhd_create(path2, size, 0), 0);
 	p = slurp(path, &len);
 	p2 = slurp(path2, &len2);
 	assert_int_equal(len, 512 + 1024 + bat + 512);
@@ -683,7 +683,7 @@ static void test_create_fixed(void **state)
 	struct stat st;
 
 	snprintf(path, sizeof(path), "%s/fixed.vhd", tmpdir);
-	assert_int_equal(devio_vhd_create(path, size, true), 0);
+	assert_int_equal(devio_vhd_create(path, size, DEVIO_VHD_FIXED), 0);
 	p = slurp(path, &len);
 	assert_int_equal(len, size + 512);
 	check_footer(p + size, size, 2, 65535u << 16 | 16u << 8 | 255u);
@@ -694,7 +694,7 @@ static void test_create_fixed(void **state)
 	assert_int_equal(b->size, size);
 	devio_backend_close(b);
 	/* odd sizes become whole sectors */
-	assert_int_equal(devio_vhd_create(path, 1000, true), 0);
+	assert_int_equal(devio_vhd_create(path, 1000, DEVIO_VHD_FIXED), 0);
 	b = open_image(path);
 	assert_int_equal(b->size, 1024);
 	devio_backend_close(b);
@@ -725,6 +725,11 @@ static void test_format_create(void **state)
 	assert_int_equal(back[0], 0);                      /* replaced, not merged */
 	devio_backend_close(b);
 	unlink(path);
+	/* force_size=off: rounded up to a whole geometry, as qemu-img's default */
+	assert_int_equal(devio_format_create("vhd", path, 32u << 20, "force_size=off,subformat=fixed", &b), 0);
+	assert_int_equal(b->size, 964 * 4 * 17 * 512);
+	devio_backend_close(b);
+	unlink(path);
 	/* refusals */
 	f = fopen(path, "w");
 	assert_non_null(f);
@@ -733,6 +738,7 @@ static void test_format_create(void **state)
 	assert_int_equal(devio_format_create("vhd", path, 1u << 20, "subformat=sparse", &b), -EINVAL);
 	assert_int_equal(devio_format_create("vhd", path, 1u << 20, "cluster_size=65536", &b), -EINVAL);
 	assert_int_equal(devio_format_create("vhd", path, 1u << 20, "fixed", &b), -EINVAL);
+	assert_int_equal(devio_format_create("vhd", path, 1u << 20, "force_size=yes", &b), -EINVAL);
 	assert_int_equal(devio_format_create("vhd", path, 0, NULL, &b), -EFBIG);
 	assert_int_equal(devio_format_create("vhd", path, 2041ull << 30, NULL, &b), -EFBIG);
 	assert_int_equal(devio_format_create("vmdk", path, 1u << 20, NULL, &b), -EINVAL);
