@@ -33,7 +33,10 @@
  *   3. a flush of the lower backend (a barrier: 1 and 2 are durable);
  *   4. the BAT entry.
  * A crash before 4 leaks the space (the file ends with a valid footer
- * after it; the next open appends after that footer).  In a block already
+ * after it; the next open appends after that footer).  An image
+ * devio_vhd_create_open() just made skips step 3 until its first flush:
+ * no one sees it before its maker has flushed it and renamed it into
+ * place (devio convert), so a barrier per block would buy nothing.  In a block already
  * allocated (a differencing image's, or one another tool wrote with a
  * partial bitmap), data is written and flushed before the bitmap bits that
  * make it visible; blocks devio allocates in a dynamic image have every
@@ -117,6 +120,7 @@ struct vhd {
 	pthread_mutex_t lock;     /* allocation, BAT and bitmap changes */
 	uint64_t next_alloc;      /* where the next block goes: the end footer's offset */
 	bool told_full;           /* "cannot grow" logged once */
+	bool unordered;           /* a new image no one sees yet: no barrier per block until the first flush */
 };
 
 static struct vhd *vhd_of(struct devio_backend *b)
@@ -661,7 +665,7 @@ static int vhd_fill_block(struct vhd *v, uint64_t pos, const uint8_t *bm, const 
 	if (!r) /* no sector of the block was there before: edges from below */
 		r = vhd_write_edges(v, v->parent ? VHD_BITMAP_EMPTY : VHD_BITMAP_FULL, pos + v->bitmap_size, buf,
 				    len, in, voff);
-	if (!r)
+	if (!r && !__atomic_load_n(&v->unordered, __ATOMIC_ACQUIRE))
 		r = devio_layer_flush(v->b.lower);
 	return r;
 }
@@ -775,6 +779,7 @@ static int vhd_pwrite(struct devio_backend *b, const void *buf, uint64_t len, ui
 
 static int vhd_flush(struct devio_backend *b)
 {
+	__atomic_store_n(&vhd_of(b)->unordered, false, __ATOMIC_RELEASE); /* ordered from here on */
 	return devio_layer_flush(b->lower);
 }
 
@@ -1628,4 +1633,24 @@ int devio_vhd_create(const char *path, uint64_t size, unsigned flags)
 	}
 	free(tmp);
 	return r;
+}
+
+int devio_vhd_create_open(const char *path, uint64_t size, unsigned flags, struct devio_backend **out)
+{
+	static const struct devio_open_opts o = { .format = "vhd" };
+	struct devio_backend *store;
+	struct vhd_chain chain = { 0 };
+	int r = devio_vhd_create(path, size, flags);
+
+	if (r)
+		return r;
+	r = devio_file_open(path, &o, &store);
+	if (!r && (r = vhd_open_image(path, store, true, &o, &chain, out)))
+		devio_backend_close(store);
+	if (r) {
+		unlink(path); /* nothing half made stays */
+		return r;
+	}
+	vhd_of(*out)->unordered = true;
+	return 0;
 }

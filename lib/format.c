@@ -5,7 +5,6 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 #include "devio/layer.h"
 #include "devio/util.h"
 
@@ -105,24 +104,12 @@ static int format_vhd_option(const char *path, const char *key, const char *val,
 	return -EINVAL;
 }
 
-/* A new VHD, opened as any image file is: the file, then the VHD layer. */
 static int format_vhd_create(const char *path, uint64_t size, const char *options, struct devio_backend **out)
 {
-	struct devio_open_opts o = { .format = "vhd" };
-	struct devio_backend *store;
 	unsigned flags = 0;
 	int r = format_options(path, options, format_vhd_option, &flags);
 
-	if (!r)
-		r = devio_vhd_create(path, size, flags);
-	if (r)
-		return r;
-	r = devio_file_open(path, &o, &store);
-	if (!r && (r = devio_vhd_open(path, store, true, &o, out)))
-		devio_backend_close(store);
-	if (r)
-		unlink(path); /* nothing half made stays */
-	return r;
+	return r ? r : devio_vhd_create_open(path, size, flags, out);
 }
 
 /* Each format adds its create function here. */

@@ -60,7 +60,9 @@ int devio_format_open(const char *name, struct devio_backend *lower, const char 
  * converter skips zero ranges).  options is qemu-img's -o string
  * ("subformat=fixed", KEY=VALUE pairs separated by commas) or NULL for
  * the format's defaults; a key the format does not know is an error.  The
- * caller flushes and closes it with devio_backend_close().  Raw images
+ * caller flushes and closes it with devio_backend_close(); before that
+ * flush a crash may leave it inconsistent (a new image is published only
+ * after it: devio convert renames it into place).  Raw images
  * are the caller's own business.  On error the cause was logged and no
  * file is left: -ENOTSUP for a format that cannot be created yet,
  * -EINVAL for an unknown one or a bad option. */
@@ -89,6 +91,11 @@ int devio_vhd_open(const char *name, struct devio_backend *lower, bool named, co
 #define DEVIO_VHD_FIXED    1u
 #define DEVIO_VHD_CHS_SIZE 2u
 int devio_vhd_create(const char *path, uint64_t size, unsigned flags);
+/* devio_vhd_create, then the image opened read-write (the file backend
+ * and the VHD layer) into *out; on error no file is left.  Until its
+ * first flush it skips the barrier each new block otherwise costs: the
+ * caller publishes the image only after flushing it (devio convert). */
+int devio_vhd_create_open(const char *path, uint64_t size, unsigned flags, struct devio_backend **out);
 uint32_t devio_vhd_chs(uint64_t sectors);
 
 #ifdef __cplusplus

@@ -298,6 +298,31 @@ def test_convert_to_vhd_from_nbd_and_qcow2(serve, tmp):
     run_ok("qemu-img", "compare", "-f", "vpc", out3, "-F", "qcow2", q)
 
 
+def test_vhd_convert_syncs_once_not_per_block(tmp):
+    """A new image no one sees until it is renamed into place needs no
+    barrier per block: 16 blocks of data, one data sync at the end (and
+    the creation's and the folder's fsyncs), counted by strace."""
+    if not shutil.which("strace"):
+        pytest.skip("no strace")
+    src = os.path.join(tmp, "src.raw")
+    with open(src, "wb") as f:
+        f.write(os.urandom(32 * MiB))
+    out = os.path.join(tmp, "out.vhd")
+    p = subprocess.run(["strace", "-f", "-c", "-o", os.path.join(tmp, "st"), "-e", "trace=fdatasync,fsync",
+                        DEVIO, "convert", "-O", "vhd", src, out], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, ASAN_OPTIONS="detect_leaks=0"))  # LeakSanitizer cannot run traced
+    assert p.returncode == 0, p.stderr
+    calls = {}
+    with open(os.path.join(tmp, "st")) as f:
+        for line in f:
+            fields = line.split()
+            if fields and fields[-1] in ("fdatasync", "fsync"):
+                calls[fields[-1]] = int(fields[3])
+    assert calls.get("fdatasync", 0) + calls.get("fsync", 0) <= 4, calls
+    assert sum(e != 0xFFFFFFFF for e in vhd_meta(out)["bat"]) == 16
+    run_ok("qemu-img", "compare", "-f", "vpc", out, "-F", "raw", src)
+
+
 def test_vhd_made_by_convert_served_and_written(serve, tmp):
     """The image devio made, served by devio, written through NBD (new
     blocks and allocated ones), then read by qemu's vpc driver."""
