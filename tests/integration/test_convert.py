@@ -241,6 +241,14 @@ def test_vhd_sizes_and_geometry(tmp):
         run_ok("qemu-img", "convert", "-f", "vpc", "-O", "raw", out, ref)
         assert read(ref) == read(src) + bytes(want - size)
     assert "1000000 bytes become 1000448" in p.stderr
+    # past the largest geometry (127 GiB) the algorithm itself gives 65535/16/255
+    big = os.path.join(tmp, "big.vhd")
+    p = devio("convert", "-O", "vhd", "ram:200G", big)
+    assert "CHS geometry" not in p.stderr
+    assert qemu_info(big)["virtual-size"] == 200 << 30
+    m = vhd_meta(big)
+    assert m["chs"] == (65535, 16, 255) and len(m["bat"]) == 102400 and set(m["bat"]) == {0xFFFFFFFF}
+    assert os.path.getsize(big) == 512 + 1024 + 4 * 102400 + 512
 
 
 @pytest.mark.parametrize("size", [32 * MiB, 21 * MiB + 4096, 1000 * MiB])
