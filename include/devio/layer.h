@@ -68,15 +68,7 @@ int devio_format_open(const char *name, struct devio_backend *lower, const char 
  * -EINVAL for an unknown one or a bad option. */
 int devio_format_create(const char *format, const char *path, uint64_t size, const char *options,
 			struct devio_backend **out);
-/* VHD (layers/vhd.c).  devio_vhd_detect: 1 if lower holds a VHD (a
- * "conectix" footer at its end, or at offset 0 followed by a "cxsparse"
- * header), 0 if not, or a negative errno.  devio_vhd_open: the VHD layer
- * over lower; a differencing image's parent is opened (read-only) only
- * when named is true (the user asked for --format vhd). */
-int devio_vhd_detect(const char *name, struct devio_backend *lower);
-int devio_vhd_open(const char *name, struct devio_backend *lower, bool named, const struct devio_open_opts *opts,
-		   struct devio_backend **out);
-/* devio_vhd_create: a new empty VHD image file at path (one there is
+/* VHD (layers/vhd.c), new images.  devio_vhd_create: a new empty VHD image file at path (one there is
  * replaced), dynamic (2 MiB blocks, none allocated) or with
  * DEVIO_VHD_FIXED fixed (a sparse file of size bytes and the footer),
  * built under a temporary name in the same folder and renamed into place:
@@ -96,6 +88,14 @@ int devio_vhd_create(const char *path, uint64_t size, unsigned flags);
  * first flush it skips the barrier each new block otherwise costs: the
  * caller publishes the image only after flushing it (devio convert). */
 int devio_vhd_create_open(const char *path, uint64_t size, unsigned flags, struct devio_backend **out);
+/* VHD (layers/vhd.c).  devio_vhd_detect: 1 if lower holds a VHD (a
+ * "conectix" footer at its end, or at offset 0 followed by a "cxsparse"
+ * header), 0 if not, or a negative errno.  devio_vhd_open: the VHD layer
+ * over lower; a differencing image's parent is opened (read-only) only
+ * when named is true (the user asked for --format vhd). */
+int devio_vhd_detect(const char *name, struct devio_backend *lower);
+int devio_vhd_open(const char *name, struct devio_backend *lower, bool named, const struct devio_open_opts *opts,
+		   struct devio_backend **out);
 uint32_t devio_vhd_chs(uint64_t sectors);
 
 #ifdef __cplusplus
