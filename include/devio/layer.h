@@ -68,9 +68,9 @@ int devio_format_open(const char *name, struct devio_backend *lower, const char 
  * -EINVAL for an unknown one or a bad option. */
 int devio_format_create(const char *format, const char *path, uint64_t size, const char *options,
 			struct devio_backend **out);
-/* VHD (layers/vhd.c), new images.  devio_vhd_create: a new empty VHD image file at path (one there is
- * replaced), dynamic (2 MiB blocks, none allocated) or with
- * DEVIO_VHD_FIXED fixed (a sparse file of size bytes and the footer),
+/* VHD (layers/vhd.c), new images.  devio_vhd_create: a new empty VHD
+ * image file at path (one there is replaced), dynamic (2 MiB blocks, none
+ * allocated) or with DEVIO_VHD_FIXED fixed (a sparse file of size bytes and the footer),
  * built under a temporary name in the same folder and renamed into place:
  * on error nothing is left and the cause was logged.  Its current size is
  * size (rounded up to a 512-byte sector, at most 2040 GiB; with
@@ -83,6 +83,7 @@ int devio_format_create(const char *format, const char *path, uint64_t size, con
 #define DEVIO_VHD_FIXED    1u
 #define DEVIO_VHD_CHS_SIZE 2u
 int devio_vhd_create(const char *path, uint64_t size, unsigned flags);
+uint32_t devio_vhd_chs(uint64_t sectors);
 /* devio_vhd_create, then the image opened read-write (the file backend
  * and the VHD layer) into *out; on error no file is left.  Until its
  * first flush it skips the barrier each new block otherwise costs: the
@@ -96,7 +97,6 @@ int devio_vhd_create_open(const char *path, uint64_t size, unsigned flags, struc
 int devio_vhd_detect(const char *name, struct devio_backend *lower);
 int devio_vhd_open(const char *name, struct devio_backend *lower, bool named, const struct devio_open_opts *opts,
 		   struct devio_backend **out);
-uint32_t devio_vhd_chs(uint64_t sectors);
 
 #ifdef __cplusplus
 }
