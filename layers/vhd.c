@@ -1596,22 +1596,15 @@ static int vhd_new_size(const char *path, uint64_t *size, unsigned flags)
 	return 0;
 }
 
-int devio_vhd_create(const char *path, uint64_t size, unsigned flags)
+/* The image written under a temporary name next to path, then renamed
+ * over it. */
+static int vhd_new_file(const char *path, const uint8_t *f, uint64_t size, bool fixed)
 {
-	bool fixed = flags & DEVIO_VHD_FIXED;
-	uint8_t f[VHD_FOOTER_SIZE];
 	mode_t mask = umask(0);
 	char *tmp = NULL;
 	int fd, r;
 
 	umask(mask);
-	r = vhd_new_target(path);
-	if (!r)
-		r = vhd_new_size(path, &size, flags);
-	if (!r)
-		r = vhd_new_footer(path, f, size, fixed);
-	if (r)
-		return r;
 	if (asprintf(&tmp, "%s.XXXXXX", path) < 0)
 		return -ENOMEM;
 	fd = mkstemp(tmp);
@@ -1624,14 +1617,29 @@ int devio_vhd_create(const char *path, uint64_t size, unsigned flags)
 		close(fd);
 	if (!r && rename(tmp, path))
 		r = -errno;
-	if (r) {
-		devio_err("%s: cannot create the VHD image: %s", path, strerror(-r));
-		if (fd >= 0)
-			unlink(tmp);
-	} else {
-		vhd_sync_dir(path);
-	}
+	if (r && fd >= 0)
+		unlink(tmp);
 	free(tmp);
+	return r;
+}
+
+int devio_vhd_create(const char *path, uint64_t size, unsigned flags)
+{
+	bool fixed = flags & DEVIO_VHD_FIXED;
+	uint8_t f[VHD_FOOTER_SIZE];
+	int r = vhd_new_target(path);
+
+	if (!r)
+		r = vhd_new_size(path, &size, flags);
+	if (!r)
+		r = vhd_new_footer(path, f, size, fixed);
+	if (r)
+		return r;
+	r = vhd_new_file(path, f, size, fixed);
+	if (r)
+		devio_err("%s: cannot create the VHD image: %s", path, strerror(-r));
+	else
+		vhd_sync_dir(path);
 	return r;
 }
 
