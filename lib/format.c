@@ -69,7 +69,7 @@ static int format_options(const char *path, const char *options,
 		char *eq = strchr(item, '=');
 
 		if (!eq) {
-			devio_err("%s: option '%s': want KEY=VALUE", path, item);
+			devio_err("-o %s: want KEY=VALUE (for %s)", item, path);
 			r = -EINVAL;
 			break;
 		}
@@ -100,7 +100,7 @@ static int format_vhd_option(const char *path, const char *key, const char *val,
 		return 0;
 	if (!strcmp(key, "force_size") && format_flag(flags, DEVIO_VHD_CHS_SIZE, val, "off", "on"))
 		return 0;
-	devio_err("%s: VHD option %s=%s: known are subformat=dynamic|fixed, force_size=on|off", path, key, val);
+	devio_err("-o %s=%s: a VHD (%s) takes subformat=dynamic|fixed, force_size=on|off", key, val, path);
 	return -EINVAL;
 }
 

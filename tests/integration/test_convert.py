@@ -364,7 +364,7 @@ def test_vhd_refusals_leave_nothing(tmp):
     out = os.path.join(tmp, "out.vhd")
     with open(out, "wb") as f:
         f.write(b"an older file")
-    for opts, why in [("subformat=sparse", "subformat=dynamic|fixed"), ("block_size=1M", "known are"),
+    for opts, why in [("subformat=sparse", "subformat=dynamic|fixed"), ("block_size=1M", "a VHD ("),
                       ("force_size=maybe", "force_size=on|off"),
                       ("fixed", "KEY=VALUE")]:
         p = devio("convert", "-O", "vhd", "-o", opts, src, out, check=False)
