@@ -1,13 +1,16 @@
-/* convert.c - `devio convert [-O raw|vhd|qcow2] [-p] SRC DST`, the
+/* convert.c - `devio convert [-O raw|vhd|qcow2] [-o OPTS] [-p] SRC DST`, the
  * counterpart of `qemu-img convert`: any source (an image, ram:, devio://,
  * nbd://, a stack built with serve's export options) into a new image of
  * the given format.  The new image is sparse: ranges the source's extents
  * call zero, and all-zero pieces read, are never written.  The copying is
- * client_cmds.c's copy engine.  Also what info, copy and convert share:
+ * client_cmds.c's copy engine.  A new vhd or qcow2 image is made under a
+ * temporary name next to DST and renamed over it when complete: a failed
+ * or interrupted convert leaves DST as it was.  Also what info, copy and convert share:
  * the export options, the same-file check, a new sparse file. */
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <libgen.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -105,17 +108,58 @@ static int convert_open_raw(const char *dst, uint64_t size, struct devio_backend
 	return devio_file_open(dst, &o, out);
 }
 
-static int convert_open_dst(const char *fmt, const char *dst, uint64_t size, struct devio_backend **out,
-			    bool *fresh)
+/* An image format's DST: made under a temporary name next to it (*tmp)
+ * and renamed over it only when the copy is complete (convert_commit), so
+ * a failed or interrupted convert leaves DST as it was. */
+static int convert_open_image(const char *fmt, const char *opts, const char *dst, uint64_t size,
+			      struct devio_backend **out, char **tmp)
 {
-	if (!strcmp(fmt, "raw"))
-		return convert_open_raw(dst, size, out, fresh);
-	if (cli_is_uri(dst)) {
-		devio_err("convert: -O %s wants a file name as DST, not '%s'", fmt, dst);
+	struct stat st;
+	int fd, r;
+
+	if (cli_is_uri(dst) || (!stat(dst, &st) && !S_ISREG(st.st_mode))) {
+		devio_err("convert: -O %s makes a new image file: %s is not one (-O raw writes a device or a "
+			  "server in place)", fmt, dst);
 		return -EINVAL;
 	}
-	*fresh = true;
-	return devio_format_create(fmt, dst, size, out);
+	if (asprintf(tmp, "%s.XXXXXX", dst) < 0)
+		return -ENOMEM;
+	fd = mkstemp(*tmp);
+	r = fd < 0 ? -errno : devio_format_create(fmt, *tmp, size, opts, out);
+	if (fd < 0)
+		devio_err("convert: cannot create a file next to %s: %s", dst, strerror(-r));
+	else
+		close(fd);
+	if (r) {
+		if (fd >= 0)
+			unlink(*tmp);
+		free(*tmp);
+		*tmp = NULL;
+	}
+	return r;
+}
+
+/* The finished image takes DST's name; a failed one goes. */
+static int convert_commit(const char *tmp, const char *dst, int r)
+{
+	char *dir;
+	int fd;
+
+	if (!r && rename(tmp, dst)) {
+		r = -errno;
+		devio_err("convert: cannot rename %s to %s: %s", tmp, dst, strerror(-r));
+	}
+	if (r) {
+		unlink(tmp);
+		return r;
+	}
+	dir = strdup(dst);
+	if (dir && (fd = open(dirname(dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC)) >= 0) {
+		(void)fsync(fd); /* the new name is durable too */
+		close(fd);
+	}
+	free(dir);
+	return 0;
 }
 
 static void convert_report(const struct cli_copy *c, int r)
@@ -131,18 +175,22 @@ static void convert_report(const struct cli_copy *c, int r)
 
 static int convert_usage(FILE *out, int rc)
 {
-	fprintf(out, "usage: devio convert [-O raw|vhd|qcow2] [-p] " CLI_EXPORT_USAGE " SRC DST\n"
+	fprintf(out, "usage: devio convert [-O raw|vhd|qcow2] [-o OPTIONS] [-p] " CLI_EXPORT_USAGE " SRC DST\n"
 		     "  -O FORMAT   the new image's format (default raw)\n"
+		     "  -o OPTIONS  the new image's options, as qemu-img's: vhd takes subformat=dynamic|fixed\n"
+		     "              and force_size=on|off (off: the size rounded up to a whole CHS geometry)\n"
 		     "  -p          a progress line (on a terminal)\n"
 		     "  export options as for `devio serve`: a window, a partition, the source's format, an overlay\n");
 	return rc;
 }
 
-static int convert_run(const char *fmt, bool show, const struct devio_open_opts *o, const char *src, const char *dst)
+static int convert_run(const char *fmt, const char *fopts, bool show, const struct devio_open_opts *o,
+		       const char *src, const char *dst)
 {
 	struct cli_copy c = { .cmd = "convert", .src_name = src, .dst_name = dst, .block = CONVERT_BLOCK };
 	struct devio_open_opts so = *o;
 	bool fresh = false;
+	char *tmp = NULL;
 	int r;
 
 	if (cli_same_file(src, dst) || cli_same_file(o->cow, dst)) {
@@ -152,7 +200,11 @@ static int convert_run(const char *fmt, bool show, const struct devio_open_opts 
 	so.readonly = true;
 	if (devio_backend_open(src, &so, &c.src))
 		return 1;
-	r = convert_open_dst(fmt, dst, c.src->size, &c.dst, &fresh);
+	fresh = strcmp(fmt, "raw") != 0;
+	if (fresh)
+		r = convert_open_image(fmt, fopts, dst, c.src->size, &c.dst, &tmp);
+	else
+		r = convert_open_raw(dst, c.src->size, &c.dst, &fresh);
 	if (r) {
 		devio_backend_close(c.src);
 		return 1;
@@ -163,9 +215,12 @@ static int convert_run(const char *fmt, bool show, const struct devio_open_opts 
 	r = cli_copy_run(&c);
 	devio_backend_close(c.dst);
 	devio_backend_close(c.src);
-	convert_report(&c, r);
-	if (r && fresh)
+	if (tmp)
+		r = convert_commit(tmp, dst, r);
+	else if (r && fresh)
 		unlink(dst); /* no half image left behind */
+	free(tmp);
+	convert_report(&c, r);
 	return r == -EINTR ? 130 : r ? 1 : 0;
 }
 
@@ -173,14 +228,16 @@ int cmd_convert(int argc, char **argv)
 {
 	static const struct option opts[] = { { "help", no_argument, NULL, 'h' }, CLI_EXPORT_OPTIONS, { 0 } };
 	struct devio_open_opts o = { 0 };
-	const char *fmt = "raw";
+	const char *fmt = "raw", *fopts = NULL;
 	bool show = false;
 	int c, k;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "O:ph", opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "O:o:ph", opts, NULL)) != -1) {
 		if (c == 'O')
 			fmt = optarg;
+		else if (c == 'o')
+			fopts = optarg;
 		else if (c == 'p')
 			show = true;
 		else if (c == 'h')
@@ -192,9 +249,13 @@ int cmd_convert(int argc, char **argv)
 		devio_err("convert: -O: want raw, vhd or qcow2, got '%s'", fmt);
 		return 2;
 	}
+	if (fopts && !strcmp(fmt, "raw")) {
+		devio_err("convert: -o: a raw image takes no options");
+		return 2;
+	}
 	if (optind != argc - 2) {
 		devio_err("convert: want SRC and DST");
 		return 2;
 	}
-	return convert_run(fmt, show, &o, argv[optind], argv[optind + 1]);
+	return convert_run(fmt, fopts, show, &o, argv[optind], argv[optind + 1]);
 }

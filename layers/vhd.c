@@ -33,7 +33,10 @@
  *   3. a flush of the lower backend (a barrier: 1 and 2 are durable);
  *   4. the BAT entry.
  * A crash before 4 leaks the space (the file ends with a valid footer
- * after it; the next open appends after that footer).  In a block already
+ * after it; the next open appends after that footer).  An image
+ * devio_vhd_create_open() just made skips step 3 until its first flush:
+ * no one sees it before its maker has flushed it and renamed it into
+ * place (devio convert), so a barrier per block would buy nothing.  In a block already
  * allocated (a differencing image's, or one another tool wrote with a
  * partial bitmap), data is written and flushed before the bitmap bits that
  * make it visible; blocks devio allocates in a dynamic image have every
@@ -44,15 +47,24 @@
  * reused); a partial block, or any block of a differencing image (whose
  * parent would show through), gets zeroes written instead.  An all-zero
  * write to an unallocated block of a dynamic image allocates nothing.
+ *
+ * devio_vhd_create() makes new images (`devio convert -O vhd`): dynamic
+ * with 2 MiB blocks and an empty BAT, or fixed (a sparse file and the
+ * footer), built under a temporary name and renamed into place.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
+#include <libgen.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
 #include "devio/layer.h"
 #include "devio/util.h"
 
@@ -108,6 +120,7 @@ struct vhd {
 	pthread_mutex_t lock;     /* allocation, BAT and bitmap changes */
 	uint64_t next_alloc;      /* where the next block goes: the end footer's offset */
 	bool told_full;           /* "cannot grow" logged once */
+	bool unordered;           /* a new image no one sees yet: no barrier per block until the first flush */
 };
 
 static struct vhd *vhd_of(struct devio_backend *b)
@@ -652,7 +665,7 @@ static int vhd_fill_block(struct vhd *v, uint64_t pos, const uint8_t *bm, const 
 	if (!r) /* no sector of the block was there before: edges from below */
 		r = vhd_write_edges(v, v->parent ? VHD_BITMAP_EMPTY : VHD_BITMAP_FULL, pos + v->bitmap_size, buf,
 				    len, in, voff);
-	if (!r)
+	if (!r && !__atomic_load_n(&v->unordered, __ATOMIC_ACQUIRE))
 		r = devio_layer_flush(v->b.lower);
 	return r;
 }
@@ -766,6 +779,7 @@ static int vhd_pwrite(struct devio_backend *b, const void *buf, uint64_t len, ui
 
 static int vhd_flush(struct devio_backend *b)
 {
+	__atomic_store_n(&vhd_of(b)->unordered, false, __ATOMIC_RELEASE); /* ordered from here on */
 	return devio_layer_flush(b->lower);
 }
 
@@ -1376,4 +1390,275 @@ int devio_vhd_open(const char *name, struct devio_backend *lower, bool named, co
 	struct vhd_chain chain = { 0 };
 
 	return vhd_open_image(name, lower, named, opts ? opts : &none, &chain, out);
+}
+
+/* ---- creating images ---- */
+
+#define VHD_NEW_BLOCK  (2u << 20)             /* as qemu and Windows make them */
+#define VHD_NEW_MAX    (2040ull << 30)        /* qemu's and Windows' largest VHD */
+#define VHD_EPOCH      946684800              /* 2000-01-01 00:00:00 UTC, the timestamps' zero */
+#define VHD_CHS_MAX    (65535ull * 16 * 255)  /* sectors of the largest geometry */
+#define VHD_CHS(c, h, s) ((uint32_t)(c) << 16 | (uint32_t)(h) << 8 | (uint32_t)(s))
+
+static void vhd_put_be64(uint8_t *p, uint64_t v)
+{
+	vhd_put_be32(p, (uint32_t)(v >> 32));
+	vhd_put_be32(p + 4, (uint32_t)v);
+}
+
+/* The specification's CHS calculation (its appendix), as the footer's
+ * field holds it: cylinders << 16 | heads << 8 | sectors per track. */
+uint32_t devio_vhd_chs(uint64_t sectors)
+{
+	uint64_t spt, heads, cth;
+
+	if (sectors > VHD_CHS_MAX)
+		sectors = VHD_CHS_MAX;
+	if (sectors >= 65535ull * 16 * 63)
+		return VHD_CHS(sectors / 255 / 16, 16, 255);
+	spt = 17;
+	cth = sectors / spt;
+	heads = (cth + 1023) / 1024;
+	if (heads < 4)
+		heads = 4;
+	if (cth >= heads * 1024 || heads > 16) {
+		spt = 31;
+		heads = 16;
+		cth = sectors / spt;
+	}
+	if (cth >= heads * 1024) {
+		spt = 63;
+		heads = 16;
+		cth = sectors / spt;
+	}
+	return VHD_CHS(cth / heads, heads, spt);
+}
+
+static uint64_t vhd_chs_sectors(uint32_t chs)
+{
+	return (uint64_t)(chs >> 16) * ((chs >> 8) & 0xff) * (chs & 0xff);
+}
+
+/* The geometry a new image of `sectors` gets: the specification's when it
+ * holds exactly that many sectors.  Otherwise the largest (65535/16/255),
+ * which tells qemu to take the size from the current size field (as
+ * Windows always does, and as qemu-img's force_size=on writes it); a
+ * geometry smaller than the disk would make qemu cut its end off. */
+static uint32_t vhd_new_chs(const char *path, uint64_t sectors)
+{
+	uint32_t chs = devio_vhd_chs(sectors);
+
+	if (vhd_chs_sectors(chs) == sectors || sectors >= VHD_CHS_MAX)
+		return chs;
+	devio_warn("%s: %" PRIu64 " bytes is no whole CHS geometry (the VHD specification's is %u/%u/%u, %" PRIu64
+		   " bytes): the footer says 65535/16/255, so that qemu takes the size from the current size "
+		   "field as Windows does (qemu-img's force_size=on); Virtual PC would see another size", path,
+		   sectors * VHD_SECTOR, chs >> 16, (chs >> 8) & 0xff, chs & 0xff,
+		   vhd_chs_sectors(chs) * VHD_SECTOR);
+	return VHD_CHS(65535, 16, 255);
+}
+
+/* qemu-img's default (force_size=off): sectors rounded up to the first
+ * whole geometry that holds them, which Virtual PC sees as qemu does.
+ * Past the largest geometry, sectors themselves. */
+static uint64_t vhd_chs_round_up(uint64_t sectors)
+{
+	for (uint64_t n = sectors; n < VHD_CHS_MAX; n++) {
+		uint64_t got = vhd_chs_sectors(devio_vhd_chs(n));
+
+		if (got >= sectors)
+			return got;
+	}
+	return sectors;
+}
+
+/* A new image's footer: a fresh unique id, the time, devio as creator. */
+static int vhd_new_footer(const char *path, uint8_t *f, uint64_t size, bool fixed)
+{
+	uint8_t *uid = f + 68;
+
+	memset(f, 0, VHD_FOOTER_SIZE);
+	if (getrandom(uid, 16, 0) != 16) {
+		int r = -errno;
+
+		devio_err("%s: no random bytes for the VHD's unique id: %s", path, strerror(-r));
+		return r;
+	}
+	uid[6] = (uint8_t)((uid[6] & 0x0f) | 0x40); /* a version 4 (random) UUID */
+	uid[8] = (uint8_t)((uid[8] & 0x3f) | 0x80);
+	memcpy(f, "conectix", 8);
+	vhd_put_be32(f + 8, 2);                     /* features: the reserved bit, always set */
+	vhd_put_be32(f + 12, 0x10000);              /* file format version 1.0 */
+	vhd_put_be64(f + 16, fixed ? UINT64_MAX : VHD_FOOTER_SIZE);
+	vhd_put_be32(f + 24, (uint32_t)(time(NULL) - VHD_EPOCH));
+	memcpy(f + 28, "dvio", 4);                  /* creator application */
+	vhd_put_be32(f + 32, 0x10000);              /* its version */
+	memcpy(f + 36, "Wi2k", 4);                  /* creator host OS, as qemu writes it */
+	vhd_put_be64(f + 40, size);                 /* original size */
+	vhd_put_be64(f + 48, size);                 /* current size */
+	vhd_put_be32(f + 56, vhd_new_chs(path, size / VHD_SECTOR));
+	vhd_put_be32(f + 60, fixed ? VHD_TYPE_FIXED : VHD_TYPE_DYNAMIC);
+	vhd_put_be32(f + 64, vhd_checksum(f, VHD_FOOTER_SIZE, 64));
+	return 0;
+}
+
+/* A dynamic image's metadata: footer copy, header, BAT (all unused),
+ * footer; *len its bytes.  NULL if out of memory. */
+static uint8_t *vhd_new_dynamic(const uint8_t *f, uint64_t size, size_t *len)
+{
+	uint32_t entries = (uint32_t)((size + VHD_NEW_BLOCK - 1) / VHD_NEW_BLOCK);
+	size_t bat = ((size_t)entries * 4 + VHD_SECTOR - 1) / VHD_SECTOR * VHD_SECTOR;
+	size_t bat_off = VHD_FOOTER_SIZE + VHD_HEADER_SIZE;
+	uint8_t *p, *h;
+
+	*len = bat_off + bat + VHD_FOOTER_SIZE;
+	p = calloc(1, *len);
+	if (!p)
+		return NULL;
+	h = p + VHD_FOOTER_SIZE;
+	memcpy(p, f, VHD_FOOTER_SIZE);
+	memcpy(h, "cxsparse", 8);
+	vhd_put_be64(h + 8, UINT64_MAX);            /* no further header */
+	vhd_put_be64(h + 16, bat_off);
+	vhd_put_be32(h + 24, 0x10000);              /* header version 1.0 */
+	vhd_put_be32(h + 28, entries);
+	vhd_put_be32(h + 32, VHD_NEW_BLOCK);
+	vhd_put_be32(h + 36, vhd_checksum(h, VHD_HEADER_SIZE, 36));
+	memset(p + bat_off, 0xff, bat);
+	memcpy(p + bat_off + bat, f, VHD_FOOTER_SIZE);
+	return p;
+}
+
+/* Write the image into fd (a new empty file): a fixed one is size bytes
+ * of hole then the footer; a dynamic one its metadata. */
+static int vhd_new_write(int fd, const uint8_t *f, uint64_t size, bool fixed)
+{
+	uint8_t *meta = NULL;
+	size_t len = VHD_FOOTER_SIZE;
+	int r = 0;
+
+	if (!fixed && !(meta = vhd_new_dynamic(f, size, &len)))
+		return -ENOMEM;
+	errno = 0;
+	if (fixed && ftruncate(fd, (off_t)size))
+		r = -errno;
+	else if (pwrite(fd, fixed ? f : meta, len, fixed ? (off_t)size : 0) != (ssize_t)len)
+		r = errno ? -errno : -EIO;
+	else if (fsync(fd))
+		r = -errno;
+	free(meta);
+	return r;
+}
+
+/* The folder of path made durable after a rename into it. */
+static void vhd_sync_dir(const char *path)
+{
+	char *copy = strdup(path);
+	int fd;
+
+	if (copy && (fd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC)) >= 0) {
+		(void)fsync(fd);
+		close(fd);
+	}
+	free(copy);
+}
+
+/* Is path free for a new image (missing, or a regular file to replace)? */
+static int vhd_new_target(const char *path)
+{
+	struct stat st;
+
+	if (stat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
+		devio_err("%s: not a regular file: a new VHD image is a file (a device or a server is written "
+			  "with -O raw)", path);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+/* The size a new image can have: whole sectors (or a whole geometry),
+ * at most 2040 GiB. */
+static int vhd_new_size(const char *path, uint64_t *size, unsigned flags)
+{
+	uint64_t s = *size;
+
+	if (s == 0 || s > VHD_NEW_MAX) {
+		devio_err("%s: cannot make a VHD of %" PRIu64 " bytes (1 byte to 2040 GiB)", path, s);
+		return -EFBIG;
+	}
+	if (s % VHD_SECTOR) {
+		*size = (s + VHD_SECTOR - 1) / VHD_SECTOR * VHD_SECTOR;
+		devio_warn("%s: a VHD holds whole 512-byte sectors: %" PRIu64 " bytes become %" PRIu64, path, s,
+			   *size);
+	}
+	if (flags & DEVIO_VHD_CHS_SIZE)
+		*size = vhd_chs_round_up(*size / VHD_SECTOR) * VHD_SECTOR;
+	return 0;
+}
+
+/* The image written under a temporary name next to path, then renamed
+ * over it. */
+static int vhd_new_file(const char *path, const uint8_t *f, uint64_t size, bool fixed)
+{
+	mode_t mask = umask(0);
+	char *tmp = NULL;
+	int fd, r;
+
+	umask(mask);
+	if (asprintf(&tmp, "%s.XXXXXX", path) < 0)
+		return -ENOMEM;
+	fd = mkstemp(tmp);
+	r = fd < 0 ? -errno : 0;
+	if (!r && fchmod(fd, 0666 & ~mask))
+		r = -errno;
+	if (!r)
+		r = vhd_new_write(fd, f, size, fixed);
+	if (fd >= 0)
+		close(fd);
+	if (!r && rename(tmp, path))
+		r = -errno;
+	if (r && fd >= 0)
+		unlink(tmp);
+	free(tmp);
+	return r;
+}
+
+int devio_vhd_create(const char *path, uint64_t size, unsigned flags)
+{
+	bool fixed = flags & DEVIO_VHD_FIXED;
+	uint8_t f[VHD_FOOTER_SIZE];
+	int r = vhd_new_target(path);
+
+	if (!r)
+		r = vhd_new_size(path, &size, flags);
+	if (!r)
+		r = vhd_new_footer(path, f, size, fixed);
+	if (r)
+		return r;
+	r = vhd_new_file(path, f, size, fixed);
+	if (r)
+		devio_err("%s: cannot create the VHD image: %s", path, strerror(-r));
+	else
+		vhd_sync_dir(path);
+	return r;
+}
+
+int devio_vhd_create_open(const char *path, uint64_t size, unsigned flags, struct devio_backend **out)
+{
+	static const struct devio_open_opts o = { .format = "vhd" };
+	struct devio_backend *store;
+	struct vhd_chain chain = { 0 };
+	int r = devio_vhd_create(path, size, flags);
+
+	if (r)
+		return r;
+	r = devio_file_open(path, &o, &store);
+	if (!r && (r = vhd_open_image(path, store, true, &o, &chain, out)))
+		devio_backend_close(store);
+	if (r) {
+		unlink(path); /* nothing half made stays */
+		return r;
+	}
+	vhd_of(*out)->unordered = true;
+	return 0;
 }

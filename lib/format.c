@@ -3,6 +3,7 @@
  * by auto-detection never makes devio open a backing file. */
 #include <errno.h>
 #include <stdbool.h>
+#include <stdlib.h>
 #include <string.h>
 #include "devio/layer.h"
 #include "devio/qcow2.h"
@@ -77,15 +78,76 @@ int devio_format_open(const char *name, struct devio_backend *lower, const char 
 	return -EINVAL;
 }
 
-/* Each format adds its create function here. */
-int devio_format_create(const char *format, const char *path, uint64_t size, struct devio_backend **out)
+/* -o KEY=VALUE[,KEY=VALUE...] of a new image: each pair to fn (0, or a
+ * negative errno it logged). */
+static int format_options(const char *path, const char *options,
+			  int (*fn)(const char *path, const char *key, const char *val, void *ctx), void *ctx)
 {
-	(void)size;
-	(void)out;
-	if (!strcmp(format, "vhd") || !strcmp(format, "qcow2")) {
+	char *copy, *save = NULL, *item;
+	int r = 0;
+
+	if (!options || !*options)
+		return 0;
+	copy = strdup(options);
+	if (!copy)
+		return -ENOMEM;
+	for (item = strtok_r(copy, ",", &save); item && !r; item = strtok_r(NULL, ",", &save)) {
+		char *eq = strchr(item, '=');
+
+		if (!eq) {
+			devio_err("-o %s: want KEY=VALUE (for %s)", item, path);
+			r = -EINVAL;
+			break;
+		}
+		*eq = 0;
+		r = fn(path, item, eq + 1, ctx);
+	}
+	free(copy);
+	return r;
+}
+
+/* Set or clear flag by a yes/no value; false if val is neither. */
+static bool format_flag(unsigned *flags, unsigned flag, const char *val, const char *yes, const char *no)
+{
+	if (strcmp(val, yes) && strcmp(val, no))
+		return false;
+	*flags = !strcmp(val, yes) ? *flags | flag : *flags & ~flag;
+	return true;
+}
+
+/* VHD's options, named as qemu-img's: subformat=dynamic|fixed and
+ * force_size=on (the size as given: the default) or off (rounded up to a
+ * whole CHS geometry, qemu-img's default). */
+static int format_vhd_option(const char *path, const char *key, const char *val, void *ctx)
+{
+	unsigned *flags = ctx;
+
+	if (!strcmp(key, "subformat") && format_flag(flags, DEVIO_VHD_FIXED, val, "fixed", "dynamic"))
+		return 0;
+	if (!strcmp(key, "force_size") && format_flag(flags, DEVIO_VHD_CHS_SIZE, val, "off", "on"))
+		return 0;
+	devio_err("-o %s=%s: a VHD (%s) takes subformat=dynamic|fixed, force_size=on|off", key, val, path);
+	return -EINVAL;
+}
+
+static int format_vhd_create(const char *path, uint64_t size, const char *options, struct devio_backend **out)
+{
+	unsigned flags = 0;
+	int r = format_options(path, options, format_vhd_option, &flags);
+
+	return r ? r : devio_vhd_create_open(path, size, flags, out);
+}
+
+/* Each format adds its create function here. */
+int devio_format_create(const char *format, const char *path, uint64_t size, const char *options,
+			struct devio_backend **out)
+{
+	if (!strcmp(format, "vhd"))
+		return format_vhd_create(path, size, options, out);
+	if (!strcmp(format, "qcow2")) {
 		devio_err("%s: creating %s images is not built yet", path, format);
 		return -ENOTSUP;
 	}
-	devio_err("%s: cannot create images of format '%s' (known: raw, vhd, qcow2)", path, format);
+	devio_err("%s: cannot create images of format '%s' (known: vhd, qcow2)", path, format);
 	return -EINVAL;
 }

@@ -61,11 +61,38 @@ int devio_format_open(const char *name, struct devio_backend *lower, const char 
 /* A new image of format ("vhd", "qcow2") at path (a file there is
  * replaced) with a virtual size of size bytes, for `devio convert`: *out
  * is a writable backend over it whose unwritten ranges read as zeroes (the
- * converter skips zero ranges).  The caller flushes and closes it with
- * devio_backend_close().  Raw images are the caller's own business.  On
- * error the cause was logged: -ENOTSUP for a format that cannot be
- * created yet, -EINVAL for an unknown one. */
-int devio_format_create(const char *format, const char *path, uint64_t size, struct devio_backend **out);
+ * converter skips zero ranges).  options is qemu-img's -o string
+ * ("subformat=fixed", KEY=VALUE pairs separated by commas) or NULL for
+ * the format's defaults; a key the format does not know is an error.  The
+ * caller flushes and closes it with devio_backend_close(); before that
+ * flush a crash may leave it inconsistent (a new image is published only
+ * after it: devio convert renames it into place).  Raw images
+ * are the caller's own business.  On error the cause was logged and no
+ * file is left: -ENOTSUP for a format that cannot be created yet,
+ * -EINVAL for an unknown one or a bad option. */
+int devio_format_create(const char *format, const char *path, uint64_t size, const char *options,
+			struct devio_backend **out);
+/* VHD (layers/vhd.c), new images.  devio_vhd_create: a new empty VHD
+ * image file at path (one there is replaced), dynamic (2 MiB blocks, none
+ * allocated) or with DEVIO_VHD_FIXED fixed (a sparse file of size bytes and the footer),
+ * built under a temporary name in the same folder and renamed into place:
+ * on error nothing is left and the cause was logged.  Its current size is
+ * size (rounded up to a 512-byte sector, at most 2040 GiB; with
+ * DEVIO_VHD_CHS_SIZE rounded up to a whole geometry, qemu-img's
+ * force_size=off), its creator "dvio", a fresh unique id.
+ * devio_vhd_chs: the specification's disk geometry for a number of
+ * sectors, as the footer's field holds it (C << 16 | H << 8 | S); a new
+ * image gets it when it covers the size exactly, else 65535/16/255 (then
+ * qemu, as Windows, reads the current size; a warning says so). */
+#define DEVIO_VHD_FIXED    1u
+#define DEVIO_VHD_CHS_SIZE 2u
+int devio_vhd_create(const char *path, uint64_t size, unsigned flags);
+uint32_t devio_vhd_chs(uint64_t sectors);
+/* devio_vhd_create, then the image opened read-write (the file backend
+ * and the VHD layer) into *out; on error no file is left.  Until its
+ * first flush it skips the barrier each new block otherwise costs: the
+ * caller publishes the image only after flushing it (devio convert). */
+int devio_vhd_create_open(const char *path, uint64_t size, unsigned flags, struct devio_backend **out);
 /* VHD (layers/vhd.c).  devio_vhd_detect: 1 if lower holds a VHD (a
  * "conectix" footer at its end, or at offset 0 followed by a "cxsparse"
  * header), 0 if not, or a negative errno.  devio_vhd_open: the VHD layer

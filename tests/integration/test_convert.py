@@ -2,10 +2,13 @@
 from real peers (a devio and an nbdkit NBD server), the sparseness of what
 it writes (st_blocks), windows and overlays as sources, the refusals
 (an image onto itself), the progress line as a terminal shows it (tmux),
-and `devio info --json` read back with Python's json."""
+and `devio info --json` read back with Python's json.  -O vhd: images
+read back by qemu's vpc driver (info, compare, convert), their footer,
+header and BAT parsed here, written again through devio's NBD server."""
 import json
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 import time
@@ -145,13 +148,262 @@ def test_convert_to_image_formats(tmp, fmt, qfmt):
     sparse_source(src)
     out = os.path.join(tmp, "out." + fmt)
     p = devio("convert", "-O", fmt, src, out, check=False)
-    if p.returncode and "not built yet" in p.stderr:
+    if fmt == "qcow2" and p.returncode and "not built yet" in p.stderr:
         assert not os.path.exists(out)  # nothing half made
         pytest.skip(f"creating {fmt} images is not built in this tree: {p.stderr.strip()}")
     assert p.returncode == 0, p.stderr
     if fmt == "qcow2":
         run_ok("qemu-img", "check", out)
     run_ok("qemu-img", "compare", "-f", "raw", "-F", qfmt, src, out)
+
+
+# ---- -O vhd, read back by qemu's vpc driver ----
+
+BLOCK = 2 * MiB
+
+
+def vhd_meta(path):
+    """Footer fields and the BAT of a VHD, parsed here from the spec."""
+    with open(path, "rb") as f:
+        f.seek(-512, os.SEEK_END)
+        foot = f.read(512)
+        m = {"creator": foot[28:32], "size": struct.unpack(">Q", foot[48:56])[0],
+             "chs": struct.unpack(">HBB", foot[56:60]), "type": struct.unpack(">I", foot[60:64])[0],
+             "checksum_ok": struct.unpack(">I", foot[64:68])[0] == ~sum(foot[:64] + foot[68:]) & 0xffffffff,
+             "uid": foot[68:84], "file_size": f.tell()}
+        if m["type"] == 3:
+            f.seek(0)
+            assert f.read(512) == foot  # the copy at 0
+            h = f.read(1024)
+            assert h[:8] == b"cxsparse"
+            assert struct.unpack(">I", h[36:40])[0] == ~sum(h[:36] + h[40:]) & 0xffffffff
+            table, = struct.unpack(">Q", h[16:24])
+            n, bs = struct.unpack(">II", h[28:36])
+            assert bs == BLOCK
+            f.seek(table)
+            m["bat"] = list(struct.unpack(f">{n}I", f.read(4 * n)))
+    return m
+
+
+def qemu_info(path):
+    return json.loads(run_ok("qemu-img", "info", "-f", "vpc", "--output=json", path))
+
+
+@pytest.mark.parametrize("sub", ["dynamic", "fixed"])
+def test_convert_to_vhd_read_by_qemu(tmp, sub):
+    src = os.path.join(tmp, "src.raw")
+    sparse_source(src)
+    out = os.path.join(tmp, "out.vhd")
+    p = devio("convert", "-O", "vhd", "-o", f"subformat={sub}", src, out)
+    # 32 MiB is no whole CHS geometry: said, and the largest one written
+    assert "no whole CHS geometry" in p.stderr and "963/4/17" in p.stderr
+    info = qemu_info(out)
+    assert info["format"] == "vpc" and info["virtual-size"] == 32 * MiB
+    assert "Images are identical" in run_ok("qemu-img", "compare", "-f", "vpc", out, "-F", "raw", src)
+    m = vhd_meta(out)
+    assert m["creator"] == b"dvio" and m["checksum_ok"] and m["size"] == 32 * MiB
+    assert m["chs"] == (65535, 16, 255)
+    st = os.stat(out)
+    if sub == "dynamic":
+        assert m["type"] == 3
+        # data in 3 MiB..5 MiB (blocks 1, 2) and 20 MiB+512.. (block 10) only
+        assert [i for i, e in enumerate(m["bat"]) if e != 0xFFFFFFFF] == [1, 2, 10]
+        assert st.st_size == 512 + 1024 + 512 + 3 * (512 + BLOCK) + 512
+    else:
+        assert m["type"] == 2 and st.st_size == 32 * MiB + 512
+    assert st.st_blocks * 512 <= 3 * MiB + 4 * 65536  # the data, not the zeroes
+    j = json.loads(devio("info", "--json", out).stdout)
+    assert j["format"] == "vhd" and j["virtual_size"] == 32 * MiB
+    assert j["stack"][0]["description"].startswith(f"VHD {sub}")
+    if sub == "dynamic":
+        assert "3 of 16 blocks" in j["stack"][0]["description"]
+
+
+def test_vhd_sizes_and_geometry(tmp):
+    """A whole geometry is written as the specification computes it (qemu
+    reads that size from it, no warning); other sizes keep their exact
+    size; odd sizes become whole sectors."""
+    for size, chs, warn in [(964 * 4 * 17 * 512, (964, 4, 17), False),
+                            (21 * MiB + 4096, (65535, 16, 255), True),
+                            (1000 * 1000, (65535, 16, 255), True)]:
+        src = os.path.join(tmp, "s.raw")
+        with open(src, "wb") as f:
+            f.truncate(size)
+            f.seek(size - 700)
+            f.write(b"\xd7" * 700)
+        out = os.path.join(tmp, "o.vhd")
+        p = devio("convert", "-O", "vhd", src, out)
+        assert ("CHS geometry" in p.stderr) == warn, p.stderr
+        want = (size + 511) // 512 * 512
+        assert qemu_info(out)["virtual-size"] == want
+        assert vhd_meta(out)["chs"] == chs
+        ref = os.path.join(tmp, "ref.raw")
+        run_ok("qemu-img", "convert", "-f", "vpc", "-O", "raw", out, ref)
+        assert read(ref) == read(src) + bytes(want - size)
+    assert "1000000 bytes become 1000448" in p.stderr
+    # past the largest geometry (127 GiB) the algorithm itself gives 65535/16/255
+    big = os.path.join(tmp, "big.vhd")
+    p = devio("convert", "-O", "vhd", "ram:200G", big)
+    assert "CHS geometry" not in p.stderr
+    assert qemu_info(big)["virtual-size"] == 200 << 30
+    m = vhd_meta(big)
+    assert m["chs"] == (65535, 16, 255) and len(m["bat"]) == 102400 and set(m["bat"]) == {0xFFFFFFFF}
+    assert os.path.getsize(big) == 512 + 1024 + 4 * 102400 + 512
+
+
+@pytest.mark.parametrize("size", [32 * MiB, 21 * MiB + 4096, 1000 * MiB])
+def test_vhd_force_size_off_matches_qemu(tmp, size):
+    """-o force_size=off rounds up to a whole geometry as qemu-img does by
+    default: the same size and geometry as qemu-img create's."""
+    q = os.path.join(tmp, "q.vhd")
+    run_ok("qemu-img", "create", "-q", "-f", "vpc", q, str(size))
+    src = os.path.join(tmp, "s.raw")
+    with open(src, "wb") as f:
+        f.truncate(size)
+        f.seek(size // 3)
+        f.write(b"\x42" * 5000)
+    out = os.path.join(tmp, "o.vhd")
+    p = devio("convert", "-O", "vhd", "-o", "subformat=dynamic,force_size=off", src, out)
+    assert "CHS geometry" not in p.stderr, p.stderr
+    assert qemu_info(out)["virtual-size"] == qemu_info(q)["virtual-size"] > size
+    assert vhd_meta(out)["chs"] == vhd_meta(q)["chs"]
+    assert json.loads(devio("info", "--json", out).stdout)["virtual_size"] == qemu_info(q)["virtual-size"]
+    run_ok("qemu-img", "compare", "-f", "vpc", out, "-F", "raw", src)  # the rest reads as zeroes
+
+
+def test_convert_to_vhd_from_nbd_and_qcow2(serve, tmp):
+    src = os.path.join(tmp, "src.raw")
+    expect = sparse_source(src)
+    sock = os.path.join(tmp, "d.sock")
+    serve(src, "--readonly", "--nbd", f"unix:{sock}").wait_unix(sock)
+    out = os.path.join(tmp, "nbd.vhd")
+    devio("convert", "-O", "vhd", f"nbd+unix:///?socket={sock}", out)
+    run_ok("qemu-img", "compare", "-f", "vpc", out, "-F", "raw", src)
+    assert sum(e != 0xFFFFFFFF for e in vhd_meta(out)["bat"]) == 3
+    # a qcow2 image qemu made and filled, served by qemu-nbd
+    q = os.path.join(tmp, "src.qcow2")
+    run_ok("qemu-img", "create", "-q", "-f", "qcow2", q, "24M")
+    run_ok("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 300k", "-c", "write -P 0xa5 17M 2M", q)
+    qsock = os.path.join(tmp, "q.sock")
+    k = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-r", "-k", qsock, q], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: os.path.exists(qsock), 10, qsock)
+        out2 = os.path.join(tmp, "q.vhd")
+        devio("convert", "-O", "vhd", f"nbd+unix:///?socket={qsock}", out2)
+    finally:
+        k.terminate()
+        k.wait(timeout=20)
+    assert "Images are identical" in run_ok("qemu-img", "compare", "-f", "vpc", out2, "-F", "qcow2", q)
+    # blocks 0 (1M..1.3M), 8 and 9 (17M..19M)
+    assert [i for i, e in enumerate(vhd_meta(out2)["bat"]) if e != 0xFFFFFFFF] == [0, 8, 9]
+    # the qcow2 file itself, where this tree reads qcow2
+    out3 = os.path.join(tmp, "q2.vhd")
+    p = devio("convert", "--format", "qcow2", "-O", "vhd", q, out3, check=False)
+    if p.returncode:
+        assert not os.path.exists(out3)
+        pytest.skip(f"--format qcow2 is not in this tree: {p.stderr.strip()}")
+    run_ok("qemu-img", "compare", "-f", "vpc", out3, "-F", "qcow2", q)
+
+
+def test_vhd_convert_syncs_once_not_per_block(tmp):
+    """A new image no one sees until it is renamed into place needs no
+    barrier per block: 16 blocks of data, one data sync at the end (and
+    the creation's and the folder's fsyncs), counted by strace."""
+    if not shutil.which("strace"):
+        pytest.skip("no strace")
+    src = os.path.join(tmp, "src.raw")
+    with open(src, "wb") as f:
+        f.write(os.urandom(32 * MiB))
+    out = os.path.join(tmp, "out.vhd")
+    p = subprocess.run(["strace", "-f", "-c", "-o", os.path.join(tmp, "st"), "-e", "trace=fdatasync,fsync",
+                        DEVIO, "convert", "-O", "vhd", src, out], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, ASAN_OPTIONS="detect_leaks=0"))  # LeakSanitizer cannot run traced
+    assert p.returncode == 0, p.stderr
+    calls = {}
+    with open(os.path.join(tmp, "st")) as f:
+        for line in f:
+            fields = line.split()
+            if fields and fields[-1] in ("fdatasync", "fsync"):
+                calls[fields[-1]] = int(fields[3])
+    assert calls.get("fdatasync", 0) + calls.get("fsync", 0) <= 4, calls
+    assert sum(e != 0xFFFFFFFF for e in vhd_meta(out)["bat"]) == 16
+    run_ok("qemu-img", "compare", "-f", "vpc", out, "-F", "raw", src)
+
+
+def test_vhd_made_by_convert_served_and_written(serve, tmp):
+    """The image devio made, served by devio, written through NBD (new
+    blocks and allocated ones), then read by qemu's vpc driver."""
+    src = os.path.join(tmp, "src.raw")
+    expect = bytearray(sparse_source(src))
+    out = os.path.join(tmp, "out.vhd")
+    devio("convert", "-O", "vhd", src, out)
+    uid = vhd_meta(out)["uid"]
+    sock = os.path.join(tmp, "n.sock")
+    s = serve(out, "--nbd", f"unix:{sock}")
+    s.wait_unix(sock)
+    writes = [(0x11, 0, 4096), (0x22, 4 * MiB - 512, 1024), (0x33, 13 * MiB + 7, 100000),
+              (0x44, 32 * MiB - 4096, 4096)]
+    cmds = []
+    for pat, off, ln in writes:
+        cmds += ["-c", f"write -P {pat:#x} {off} {ln}"]
+        expect[off:off + ln] = bytes([pat]) * ln
+    run_ok("qemu-io", "-f", "raw", *cmds, f"nbd+unix:///?socket={sock}")
+    assert s.stop() == 0
+    ref = os.path.join(tmp, "ref.raw")
+    run_ok("qemu-img", "convert", "-f", "vpc", "-O", "raw", out, ref)
+    assert read(ref) == bytes(expect)
+    m = vhd_meta(out)
+    assert m["uid"] == uid and m["checksum_ok"]
+    assert [i for i, e in enumerate(m["bat"]) if e != 0xFFFFFFFF] == [0, 1, 2, 6, 10, 15]
+
+
+def test_vhd_refusals_leave_nothing(tmp):
+    src = os.path.join(tmp, "src.raw")
+    sparse_source(src)
+    out = os.path.join(tmp, "out.vhd")
+    with open(out, "wb") as f:
+        f.write(b"an older file")
+    for opts, why in [("subformat=sparse", "subformat=dynamic|fixed"), ("block_size=1M", "a VHD ("),
+                      ("force_size=maybe", "force_size=on|off"),
+                      ("fixed", "KEY=VALUE")]:
+        p = devio("convert", "-O", "vhd", "-o", opts, src, out, check=False)
+        assert p.returncode == 1 and why in p.stderr, p.stderr
+    # larger than a VHD can be (a RAM disk of 3 TiB holds nothing)
+    p = devio("convert", "-O", "vhd", "ram:3T", out, check=False)
+    assert p.returncode == 1 and "2040 GiB" in p.stderr, p.stderr
+    assert read(out) == b"an older file"
+    assert sorted(os.listdir(tmp)) == ["out.vhd", "src.raw"]  # no temporary file either
+    p = devio("convert", "-O", "vhd", src, "/dev/null", check=False)
+    assert p.returncode == 1 and "makes a new image file: /dev/null is not one" in p.stderr, p.stderr
+    p = devio("convert", "-O", "raw", "-o", "subformat=fixed", src, out, check=False)
+    assert p.returncode == 2 and "raw image takes no options" in p.stderr
+    # an existing file is replaced by the new image
+    devio("convert", "-O", "vhd", src, out)
+    assert qemu_info(out)["virtual-size"] == 32 * MiB
+    assert sorted(os.listdir(tmp)) == ["out.vhd", "src.raw"]
+
+
+def test_failed_vhd_convert_leaves_dst_as_it_was(tmp):
+    """The source fails after 4 MiB (two blocks written): the old DST
+    stays, the half-made image is gone."""
+    out = os.path.join(tmp, "out.vhd")
+    with open(out, "wb") as f:
+        f.write(b"the old image")
+    ksock = os.path.join(tmp, "k.sock")
+    pread = ('if [ "$4" -ge 4194304 ]; then echo "EIO no" >&2; exit 1; fi; '
+             'head -c "$3" /dev/zero | tr "\\0" "\\141"')
+    k = subprocess.Popen(["nbdkit", "-f", "-U", ksock, "eval", "get_size=echo 8388608", f"pread={pread}"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: os.path.exists(ksock), 10, ksock)
+        p = devio("convert", "-O", "vhd", f"nbd+unix:///?socket={ksock}", out, check=False)
+    finally:
+        k.terminate()
+        k.wait(timeout=20)
+    assert p.returncode == 1 and "convert stopped" in p.stderr and "after 4194304 bytes" in p.stderr, p.stderr
+    assert read(out) == b"the old image"
+    assert sorted(os.listdir(tmp)) == ["k.sock", "out.vhd"]
 
 
 def test_usage_errors():

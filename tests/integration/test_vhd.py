@@ -315,6 +315,30 @@ def test_imdisk_command_line_serves_the_virtual_disk(imdisk, tmp):
     assert imdisk_rules_read(img) == bytes(want)  # the layout ImDisk's devio reads
 
 
+def test_image_made_by_convert_follows_imdisk_rules(imdisk, tmp):
+    """A VHD `devio convert -O vhd` makes has the layout ImDisk's devio
+    reads and writes (footer copy, header at 512, one-sector bitmaps, 2 MiB
+    blocks), and its command line serves it."""
+    src = os.path.join(tmp, "src.raw")
+    data = bytearray(12 * MiB)
+    data[MiB:MiB + 5000] = os.urandom(5000)
+    data[7 * MiB - 100:7 * MiB + 100] = b"\x5e" * 200
+    with open(src, "wb") as f:
+        f.write(data)
+    img = os.path.join(tmp, "c.vhd")
+    run_ok(DEVIO, "convert", "-O", "vhd", src, img)
+    assert imdisk_rules_read(img) == bytes(data)
+    assert [i for i, e in enumerate(bat(img)) if e != 0xFFFFFFFF] == [0, 3]
+    imdisk_rules_write(img, 9 * MiB + 1024, b"\x71" * 2048)  # a new block, ImDisk's way
+    data[9 * MiB + 1024:9 * MiB + 3072] = b"\x71" * 2048
+    assert qemu_raw(img, tmp) == bytes(data)
+    p, port = imdisk("PORT", img)
+    with w.Client(port=port) as c:
+        assert c.info()[0] == len(data)
+        assert c.read(7 * MiB - 512, 1024) == (0, bytes(data[7 * MiB - 512:7 * MiB + 512]))
+        assert c.read(9 * MiB, 4096) == (0, bytes(data[9 * MiB:9 * MiB + 4096]))
+
+
 def test_imdisk_novhd_serves_the_container(imdisk, tmp):
     img = os.path.join(tmp, "n.vhd")
     qemu_vhd(img, 16 * MiB)

@@ -5,7 +5,12 @@
  * partial bitmap's update (data, flush, bitmap), an image
  * that opens after a failure at each step, all-zero writes that allocate
  * nothing, TRIM freeing whole blocks, a store that cannot grow, many
- * threads allocating at once, and a few hostile header fields. */
+ * threads allocating at once, and a few hostile header fields.  New
+ * images (devio_vhd_create, devio_format_create): the geometry against
+ * the specification's algorithm worked by hand, the footer, header and BAT
+ * written read back field by field and by the layer's own parser, and
+ * refusals that leave no file behind. */
+#include <dirent.h>
 #include <errno.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -15,6 +20,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <cmocka.h>
 #include "devio/backend.h"
 #include "devio/layer.h"
@@ -488,6 +495,269 @@ static void test_unreadable_footer_place(void **state)
 	mem_free(m);
 }
 
+/* ---- creating images ---- */
+
+/* The specification's CHS algorithm, worked by hand for each size. */
+static void test_chs_geometry(void **state)
+{
+	static const struct { uint64_t sectors; unsigned c, h, s; } cases[] = {
+		{ 16384, 240, 4, 17 },         /* 8 MiB: 963 cyl*heads, heads 4 */
+		{ 20480, 301, 4, 17 },         /* 10 MiB */
+		{ 65536, 963, 4, 17 },         /* 32 MiB: 3855 / 4 */
+		{ 65552, 964, 4, 17 },         /* qemu's 32 MiB rounded up: exact */
+		{ 85000, 1000, 5, 17 },        /* heads (5000 + 1023) / 1024 = 5 */
+		{ 409600, 825, 16, 31 },       /* 200 MiB: 24 heads > 16, then 13212 < 16384 */
+		{ 2097152, 2080, 16, 63 },     /* 1 GiB: 67650 >= 16384 at 31 */
+		{ 8388608, 8322, 16, 63 },     /* 4 GiB */
+		{ 209715200, 51400, 16, 255 }, /* 100 GiB: >= 65535 * 16 * 63 */
+		{ 419430400, 65535, 16, 255 }, /* 200 GiB: capped */
+	};
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		uint32_t chs = devio_vhd_chs(cases[i].sectors);
+
+		assert_int_equal(chs >> 16, cases[i].c);
+		assert_int_equal((chs >> 8) & 0xff, cases[i].h);
+		assert_int_equal(chs & 0xff, cases[i].s);
+	}
+}
+
+static char tmpdir[64];
+
+static int tmp_setup(void **state)
+{
+	strcpy(tmpdir, "/var/tmp/devio-test-vhd-XXXXXX");
+	return mkdtemp(tmpdir) ? 0 : -1;
+}
+
+/* The folder holds only the names given (no temporary file left over). */
+static void dir_holds(int n, ...)
+{
+	DIR *d = opendir(tmpdir);
+	struct dirent *e;
+	int seen = 0;
+
+	assert_non_null(d);
+	while ((e = readdir(d))) {
+		va_list ap;
+		bool known = false;
+
+		if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+			continue;
+		va_start(ap, n);
+		for (int i = 0; i < n; i++)
+			known |= !strcmp(e->d_name, va_arg(ap, const char *));
+		va_end(ap);
+		if (!known)
+			fail_msg("unexpected file %s", e->d_name);
+		seen++;
+	}
+	closedir(d);
+	assert_int_equal(seen, n);
+}
+
+static int tmp_teardown(void **state)
+{
+	char cmd[128];
+
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
+	return system(cmd);
+}
+
+static uint8_t *slurp(const char *path, size_t *len)
+{
+	FILE *f = fopen(path, "rb");
+	uint8_t *p;
+	long n;
+
+	assert_non_null(f);
+	assert_int_equal(fseek(f, 0, SEEK_END), 0);
+	n = ftell(f);
+	rewind(f);
+	p = malloc((size_t)n + 1);
+	assert_non_null(p);
+	assert_int_equal(fread(p, 1, (size_t)n, f), (size_t)n);
+	fclose(f);
+	*len = (size_t)n;
+	return p;
+}
+
+static uint64_t get64(const uint8_t *p)
+{
+	return (uint64_t)get32(p) << 32 | get32(p + 4);
+}
+
+static bool sum_ok(const uint8_t *p, size_t len, size_t field)
+{
+	uint32_t s = 0;
+
+	for (size_t i = 0; i < len; i++)
+		if (i < field || i >= field + 4)
+			s += p[i];
+	return get32(p + field) == ~s;
+}
+
+static void check_footer(const uint8_t *f, uint64_t size, uint32_t type, uint32_t chs)
+{
+	assert_memory_equal(f, "conectix", 8);
+	assert_true(sum_ok(f, 512, 64));
+	assert_int_equal(get32(f + 8), 2);
+	assert_int_equal(get32(f + 12), 0x10000);
+	assert_int_equal(get64(f + 16), type == 2 ? UINT64_MAX : 512);
+	assert_memory_equal(f + 28, "dvio", 4);
+	assert_int_equal(get64(f + 40), size);
+	assert_int_equal(get64(f + 48), size);
+	assert_int_equal(get32(f + 56), chs);
+	assert_int_equal(get32(f + 60), type);
+	assert_int_equal(f[68 + 6] >> 4, 4); /* a random UUID */
+}
+
+/* Open path as an image, through the file backend and format detection. */
+static struct devio_backend *open_image(const char *path)
+{
+	struct devio_open_opts o = { 0 };
+	struct devio_backend *b = NULL;
+
+	assert_int_equal(devio_backend_open(path, &o, &b), 0);
+	assert_string_equal(b->ops->name, "vhd");
+	return b;
+}
+
+static void test_create_dynamic(void **state)
+{
+	char path[128], path2[128];
+	uint64_t size = 85000 * 512ull; /* a whole geometry: 1000/5/17 */
+	uint8_t *p, *p2, *h;
+	size_t len, len2, bat = (21 * 4 + 511) / 512 * 512;
+
+	snprintf(path, sizeof(path), "%s/new.vhd", tmpdir);
+	snprintf(path2, sizeof(path2), "%s/other.vhd", tmpdir);
+	assert_int_equal(devio_vhd_create(path, size, 0), 0);
+	assert_int_equal(devio_vhd_create(path2, size, 0), 0);
+	p = slurp(path, &len);
+	p2 = slurp(path2, &len2);
+	assert_int_equal(len, 512 + 1024 + bat + 512);
+	check_footer(p, size, 3, 1000u << 16 | 5u << 8 | 17u);
+	assert_memory_equal(p + len - 512, p, 512);       /* the footer and its copy */
+	assert_memory_not_equal(p + 68, p2 + 68, 16);     /* a fresh unique id each time */
+	h = p + 512;
+	assert_memory_equal(h, "cxsparse", 8);
+	assert_true(sum_ok(h, 1024, 36));
+	assert_int_equal(get64(h + 8), UINT64_MAX);
+	assert_int_equal(get64(h + 16), 1536);
+	assert_int_equal(get32(h + 24), 0x10000);
+	assert_int_equal(get32(h + 28), 21);              /* 43520000 bytes in 2 MiB blocks */
+	assert_int_equal(get32(h + 32), 2u << 20);
+	for (size_t i = 0; i < bat; i++)
+		assert_int_equal(p[1536 + i], 0xff);
+	free(p);
+	free(p2);
+	dir_holds(2, "new.vhd", "other.vhd");
+	/* the parser takes it: every byte reads as zero, a write lands */
+	{
+		struct devio_backend *b = open_image(path);
+		uint8_t buf[4096], back[4096], zero[4096] = { 0 };
+
+		assert_int_equal(b->size, size);
+		assert_int_equal(devio_layer_read(b, back, sizeof(back), size - sizeof(back)), 0);
+		assert_memory_equal(back, zero, sizeof(back));
+		memset(buf, 0x6b, sizeof(buf));
+		assert_int_equal(devio_layer_write(b, buf, sizeof(buf), size - sizeof(buf), 0), 0);
+		devio_backend_close(b);
+		b = open_image(path);
+		assert_int_equal(devio_layer_read(b, back, sizeof(back), size - sizeof(back)), 0);
+		assert_memory_equal(back, buf, sizeof(back));
+		devio_backend_close(b);
+	}
+	unlink(path);
+	unlink(path2);
+}
+
+static void test_create_fixed(void **state)
+{
+	char path[128];
+	uint64_t size = 32u << 20; /* no whole geometry: the largest one, the size exact */
+	struct devio_backend *b;
+	uint8_t *p;
+	size_t len;
+	struct stat st;
+
+	snprintf(path, sizeof(path), "%s/fixed.vhd", tmpdir);
+	assert_int_equal(devio_vhd_create(path, size, DEVIO_VHD_FIXED), 0);
+	p = slurp(path, &len);
+	assert_int_equal(len, size + 512);
+	check_footer(p + size, size, 2, 65535u << 16 | 16u << 8 | 255u);
+	free(p);
+	assert_int_equal(stat(path, &st), 0);
+	assert_true(st.st_blocks * 512 < 1u << 20);       /* a sparse file */
+	b = open_image(path);
+	assert_int_equal(b->size, size);
+	devio_backend_close(b);
+	/* odd sizes become whole sectors */
+	assert_int_equal(devio_vhd_create(path, 1000, DEVIO_VHD_FIXED), 0);
+	b = open_image(path);
+	assert_int_equal(b->size, 1024);
+	devio_backend_close(b);
+	unlink(path);
+}
+
+/* Through devio_format_create, with qemu-img's options; errors leave
+ * nothing, not even over a file that was there. */
+static void test_format_create(void **state)
+{
+	char path[128], dir[128];
+	struct devio_backend *b = NULL;
+	uint8_t buf[512], back[512];
+	FILE *f;
+
+	snprintf(path, sizeof(path), "%s/c.vhd", tmpdir);
+	assert_int_equal(devio_format_create("vhd", path, 4u << 20, "subformat=fixed", &b), 0);
+	assert_string_equal(b->ops->name, "vhd");
+	memset(buf, 0x3e, sizeof(buf));
+	assert_int_equal(devio_layer_write(b, buf, sizeof(buf), 3u << 20, 0), 0);
+	devio_backend_close(b);
+	b = open_image(path);
+	assert_int_equal(devio_layer_read(b, back, sizeof(back), 3u << 20), 0);
+	assert_memory_equal(back, buf, sizeof(back));
+	devio_backend_close(b);
+	assert_int_equal(devio_format_create("vhd", path, 4u << 20, "subformat=dynamic", &b), 0);
+	assert_int_equal(devio_layer_read(b, back, sizeof(back), 3u << 20), 0);
+	assert_int_equal(back[0], 0);                      /* replaced, not merged */
+	devio_backend_close(b);
+	unlink(path);
+	/* force_size=off: rounded up to a whole geometry, as qemu-img's default */
+	assert_int_equal(devio_format_create("vhd", path, 32u << 20, "force_size=off,subformat=fixed", &b), 0);
+	assert_int_equal(b->size, 964 * 4 * 17 * 512);
+	devio_backend_close(b);
+	unlink(path);
+	/* refusals */
+	f = fopen(path, "w");
+	assert_non_null(f);
+	fputs("keep me", f);
+	fclose(f);
+	assert_int_equal(devio_format_create("vhd", path, 1u << 20, "subformat=sparse", &b), -EINVAL);
+	assert_int_equal(devio_format_create("vhd", path, 1u << 20, "cluster_size=65536", &b), -EINVAL);
+	assert_int_equal(devio_format_create("vhd", path, 1u << 20, "fixed", &b), -EINVAL);
+	assert_int_equal(devio_format_create("vhd", path, 1u << 20, "force_size=yes", &b), -EINVAL);
+	assert_int_equal(devio_format_create("vhd", path, 0, NULL, &b), -EFBIG);
+	assert_int_equal(devio_format_create("vhd", path, 2041ull << 30, NULL, &b), -EFBIG);
+	assert_int_equal(devio_format_create("vmdk", path, 1u << 20, NULL, &b), -EINVAL);
+	dir_holds(1, "c.vhd");
+	{
+		size_t len;
+		uint8_t *p = slurp(path, &len);
+
+		assert_int_equal(len, 7);
+		assert_memory_equal(p, "keep me", 7);
+		free(p);
+	}
+	unlink(path);
+	assert_int_equal(devio_format_create("vhd", tmpdir, 1u << 20, NULL, &b), -EINVAL); /* a folder */
+	snprintf(dir, sizeof(dir), "%s/missing/c.vhd", tmpdir);
+	assert_int_equal(devio_format_create("vhd", dir, 1u << 20, NULL, &b), -ENOENT);
+	dir_holds(0);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -499,6 +769,10 @@ int main(void)
 		cmocka_unit_test(test_threads_allocate_at_once),
 		cmocka_unit_test(test_hostile_fields),
 		cmocka_unit_test(test_unreadable_footer_place),
+		cmocka_unit_test(test_chs_geometry),
+		cmocka_unit_test_setup_teardown(test_create_dynamic, tmp_setup, tmp_teardown),
+		cmocka_unit_test_setup_teardown(test_create_fixed, tmp_setup, tmp_teardown),
+		cmocka_unit_test_setup_teardown(test_format_create, tmp_setup, tmp_teardown),
 	};
 
 	devio_log_set_level(DEVIO_LOG_ERROR);
