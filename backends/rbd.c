@@ -5,7 +5,8 @@
  * default search: $CEPH_CONF, /etc/ceph/ceph.conf), the client name through
  * --ceph-id (default admin) and its key through --ceph-keyring (else the
  * conf's).  `submit` starts rbd_aio_* requests, many in flight, and librbd
- * completes them on its own threads; FUA is a flush after the write.  librbd's
+ * completes them on its own threads; FUA is a flush after the change (the
+ * core adds it on the synchronous path).  librbd's
  * cache is off: a write is acknowledged once the OSDs hold it.  A
  * writable image with the exclusive-lock feature is locked explicitly at
  * open, so librbd never hands the lock to another client: a second writer
@@ -50,7 +51,8 @@ static void rbd_report(struct rbd_store *st, const char *what, uint64_t len, uin
 			  strerror(-err), n == 8 ? " (further errors: every 1000th is told)" : "");
 }
 
-/* req->priv[0] while in flight: a FUA write that still needs its flush. */
+/* req->priv[0] while in flight: a FUA change (WRITE, TRIM, ZERO) done,
+ * its flush next. */
 #define RBD_STAGE_FLUSH_AFTER 1u
 
 /* ---- the asynchronous path ---- */
@@ -64,15 +66,18 @@ static int rbd_aio_start(struct rbd_store *st, struct devio_request *req)
 
 	if (r < 0)
 		return r;
+	if (req->priv[0] == RBD_STAGE_FLUSH_AFTER) { /* the change is done: its FUA flush */
+		r = rbd_aio_flush(st->img, c);
+		if (r < 0)
+			rbd_aio_release(c);
+		return r;
+	}
 	switch (req->op) {
 	case DEVIO_OP_READ:
 		r = rbd_aio_read(st->img, req->offset, req->length, req->buf, c);
 		break;
 	case DEVIO_OP_WRITE:
-		if (req->priv[0] == RBD_STAGE_FLUSH_AFTER) /* the write is done: its flush */
-			r = rbd_aio_flush(st->img, c);
-		else
-			r = rbd_aio_write(st->img, req->offset, req->length, req->buf, c);
+		r = rbd_aio_write(st->img, req->offset, req->length, req->buf, c);
 		break;
 	case DEVIO_OP_FLUSH:
 		r = rbd_aio_flush(st->img, c);
@@ -103,7 +108,8 @@ static void rbd_aio_done(rbd_completion_t c, void *arg)
 	rbd_aio_release(c);
 	if (!r && req->op == DEVIO_OP_READ && (uint64_t)ret != req->length)
 		r = -EIO; /* inside the image (checked): a short read is the cluster's fault */
-	if (!r && req->op == DEVIO_OP_WRITE && (req->flags & DEVIO_REQ_FUA) && req->priv[0] != RBD_STAGE_FLUSH_AFTER) {
+	if (!r && req->op != DEVIO_OP_READ && req->op != DEVIO_OP_FLUSH && (req->flags & DEVIO_REQ_FUA) &&
+	    req->priv[0] != RBD_STAGE_FLUSH_AFTER) {
 		req->priv[0] = RBD_STAGE_FLUSH_AFTER;
 		r = rbd_aio_start(st, req);
 		if (!r)
@@ -161,9 +167,8 @@ static int rbd_flush_image(struct devio_backend *b)
 static int rbd_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
 {
 	struct rbd_store *st = b->priv;
-	int r = rbd_sync_result(st, "WRITE", rbd_write(st->img, off, len, buf), len, off);
 
-	return r || !(flags & DEVIO_REQ_FUA) ? r : rbd_flush_image(b);
+	return rbd_sync_result(st, "WRITE", rbd_write(st->img, off, len, buf), len, off); /* FUA: the core's flush */
 }
 
 static int rbd_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
@@ -171,9 +176,7 @@ static int rbd_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32_
 	struct rbd_store *st = b->priv;
 	int r = rbd_discard(st->img, off, len);
 
-	if (r < 0)
-		return rbd_sync_result(st, "TRIM", r, len, off);
-	return flags & DEVIO_REQ_FUA ? rbd_flush_image(b) : 0;
+	return r < 0 ? rbd_sync_result(st, "TRIM", r, len, off) : 0;
 }
 
 static int rbd_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
@@ -185,9 +188,7 @@ static int rbd_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint32_
 		return -ENOTSUP;
 	r = rbd_write_zeroes(st->img, off, len,
 			     flags & DEVIO_REQ_NO_HOLE ? RBD_WRITE_ZEROES_FLAG_THICK_PROVISION : 0, 0);
-	if (r < 0 || (uint64_t)r != len)
-		return rbd_sync_result(st, "ZERO", r, len, off);
-	return flags & DEVIO_REQ_FUA ? rbd_flush_image(b) : 0;
+	return r < 0 || (uint64_t)r != len ? rbd_sync_result(st, "ZERO", r, len, off) : 0;
 }
 
 /* ---- extents: rbd_diff_iterate2 names the allocated ranges; gaps are holes ---- */

@@ -286,8 +286,8 @@ static int cow_clear(struct cow *c, uint64_t blk)
 {
 	uint64_t at = c->h.data_offset + (blk << c->shift);
 
-	if (c->store->caps & DEVIO_CAP_TRIM)
-		return devio_layer_trim(c->store, at, c->h.block_size, 0);
+	/* ZERO, not TRIM: a discarded block of a device need not read back as
+	 * zeroes; ZERO still punches a hole where the store can */
 	return devio_layer_zero(c->store, at, c->h.block_size, 0);
 }
 
