@@ -46,7 +46,7 @@ static void attach_usage(FILE *out)
 		"  -v, --verbose\n"
 		"serving options (the core's run policy):\n");
 	feopts_usage_serving(out);
-	fprintf(out, "usage: devio detach MOUNTPOINT|/dev/loopN|/dev/nbdN\n");
+	fprintf(out, "usage: devio detach MOUNTPOINT|/dev/loopN|/dev/nbdN|[--force] /dev/ublkbN\n");
 }
 
 enum { OPT_NBD_DEVICE = 256 };
@@ -282,19 +282,27 @@ static int stop_server(const char *target, pid_t pid)
 }
 
 /* Ask the server to stop (it deletes its device); when no server serves it
- * any more (killed), delete the device left behind ourselves. */
-static int detach_ublk(const char *dev)
+ * any more (killed), delete the device left behind ourselves.  Refused
+ * while the device is open (mounted, held, open in a process) unless
+ * forced: its users would see I/O errors. */
+static int detach_ublk(const char *dev, bool force)
 {
 	unsigned id;
-	pid_t pid = find_server(dev);
+	pid_t pid;
+	char why[128];
 	int r;
 
-	if (pid)
-		return stop_server(dev, pid);
 	if (devio_ublk_parse_dev(dev, &id)) {
 		devio_err("detach %s: not a ublk device name", dev);
 		return 1;
 	}
+	if (!force && devio_ublk_in_use(id, why, sizeof(why)) > 0) {
+		devio_err("detach %s: in use (%s); unmount or close it first, or --force", dev, why);
+		return 1;
+	}
+	pid = find_server(dev);
+	if (pid)
+		return stop_server(dev, pid);
 	r = devio_ublk_delete(id);
 	if (r) {
 		devio_err("detach %s: %s", dev, strerror(-r));
@@ -308,6 +316,8 @@ int cmd_detach(int argc, char **argv)
 	char target[PATH_MAX];
 	pid_t pid;
 
+	if (argc == 3 && !strcmp(argv[1], "--force") && !strncmp(argv[2], "/dev/ublkb", 10))
+		return detach_ublk(argv[2], true);
 	if (argc != 2 || argv[1][0] == '-') {
 		attach_usage(stderr);
 		return 2;
@@ -315,7 +325,7 @@ int cmd_detach(int argc, char **argv)
 	if (!strncmp(argv[1], "/dev/nbd", 8))
 		return detach_nbd_device(argv[1]);
 	if (!strncmp(argv[1], "/dev/ublkb", 10))
-		return detach_ublk(argv[1]);
+		return detach_ublk(argv[1], false);
 	if (!realpath(argv[1], target)) {
 		devio_err("detach %s: %s", argv[1], strerror(errno));
 		return 1;
