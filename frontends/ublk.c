@@ -878,7 +878,7 @@ static int setup_geometry(struct ublk_dev *d, const struct ublk_opts *o)
 static void teardown(struct ublk_dev *d);
 
 /* Once per server: what the driver offers and the data path taken. */
-static void log_features(const struct ublk_dev *d)
+static void ublk_log_features(const struct ublk_dev *d)
 {
 	char names[512];
 	const char *unused = "";
@@ -905,7 +905,7 @@ static int ublk_create(struct ublk_dev *d, uint32_t want_id, int copy, int recov
 	r = ublk_recovery_flags(d, recovery);
 	if (r)
 		return r;
-	log_features(d);
+	ublk_log_features(d);
 	r = add_dev(d, want_id);
 	if (!r)
 		r = set_params(d);
@@ -998,7 +998,7 @@ static int ublk_recover(struct ublk_dev *d, uint32_t id)
 
 	if (r)
 		return r;
-	log_features(d);
+	ublk_log_features(d);
 	r = ublk_start_recovery(d);
 	if (!r)
 		r = open_cdev(d);

@@ -279,6 +279,7 @@ if start_ublk /tmp/rc.log /tmp/rc.img --ublk --queues 2 --recovery && mkfs.ext4 
   elif [ $busy -eq 0 ]; then fail $t "detach did not refuse a mounted device"
   elif [ $fsck -ne 0 ]; then cat /tmp/rc.fsck; fail $t "fsck"
   elif [ $drc -ne 0 ]; then cat /tmp/rcd.log; fail $t "detach after umount failed"
+  elif [ "$SRV_RC" != 0 ]; then fail $t "server exit $SRV_RC after detach"; show_log /tmp/rc.log.$((RN - 1))
   elif [ -e /sys/block/ublkb$id ]; then fail $t "ublkb$id left behind"
   else pass $t; fi
   sed 's/^/INFO detach: /' /tmp/rcd.log
@@ -360,6 +361,7 @@ if wait_for 30 grep -q 'ublk: /dev/ublkb[0-9]*: \|no UBLK_F_USER_RECOVERY_FAIL_I
       elif [ $still -ne 0 ]; then fail $t "device gone with its server"
       elif [ $dead_rc -eq 0 ]; then fail $t "read succeeded with no server"
       elif [ $same -ne 0 ]; then fail $t "data differs after takeover"
+      elif [ "$SRV_RC" != 0 ]; then fail $t "server exit $SRV_RC"
       else pass $t; fi
     else
       fail $t "takeover failed"; show_log /tmp/fi2.log; vmtool ublk-del "$DEV"
