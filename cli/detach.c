@@ -52,7 +52,8 @@ static void detach_usage(FILE *out)
 {
 	fprintf(out, "usage: devio detach [--all] [--force] MOUNTPOINT|/dev/loopN|/dev/nbdN|/dev/ublkbN\n"
 		     "  --all    the server serves more front ends: stop all of it\n"
-		     "  --force  abort a hung FUSE connection (fusectl) and kill the server if it does not stop\n");
+		     "  --force  abort a hung FUSE connection (fusectl) and kill the server if it does not stop;\n"
+		     "           detach a ublk device even while it is open\n");
 }
 
 /* ---- the server's status file ---- */
@@ -377,17 +378,25 @@ static int detach_abspath(const char *arg, char *out)
 	return 0;
 }
 
+/* Stop the server (it deletes its device), or delete a device whose
+ * server was killed.  Refused while the device is open (mounted, held,
+ * open in a process) unless --force: its users would see I/O errors. */
 static int detach_ublk(struct detach *d)
 {
+	char why[128];
 	unsigned id;
 	int r;
 
-	if (d->srv.pid && !d->dead)
-		return detach_live(d);
 	if (devio_ublk_parse_dev(d->target, &id)) {
 		devio_err("detach %s: not a ublk device name", d->target);
 		return 1;
 	}
+	if (!d->force && devio_ublk_in_use(id, why, sizeof(why)) > 0) {
+		devio_err("detach %s: in use (%s); unmount or close it first, or --force", d->target, why);
+		return 1;
+	}
+	if (d->srv.pid && !d->dead)
+		return detach_live(d);
 	r = devio_ublk_delete(id);
 	if (r) {
 		devio_err("detach %s: %s", d->target, strerror(-r));

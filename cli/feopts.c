@@ -78,7 +78,7 @@ static int feopts_append(struct feopts *f, size_t *n, struct option o)
 static int feopts_add_name(struct feopts *f, size_t *n, const struct devio_frontend_option *o)
 {
 	const struct option *seen = feopts_find(f->table, *n, o->name);
-	int has_arg = o->arg ? required_argument : no_argument;
+	int has_arg = !o->arg ? no_argument : o->arg_optional ? optional_argument : required_argument;
 
 	if (seen && seen->val >= FEOPTS_NAME_CODE && seen->val < FEOPTS_SERVING_CODE) {
 		if (seen->has_arg == has_arg)
@@ -277,7 +277,8 @@ void feopts_usage_frontends(const struct feopts *f, FILE *out)
 
 		feopts_line(out, 2, t->option, t->arg_help, t->arg_optional, t->help);
 		for (size_t k = 0; t->options && t->options[k].name; k++)
-			feopts_line(out, 4, t->options[k].name, t->options[k].arg, false, t->options[k].help);
+			feopts_line(out, 4, t->options[k].name, t->options[k].arg, t->options[k].arg_optional,
+				    t->options[k].help);
 	}
 }
 

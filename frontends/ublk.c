@@ -18,6 +18,7 @@
  * request's data with pread/pwrite on /dev/ublkcN at the tag's offset;
  * otherwise the driver copies into the buffer named in FETCH/COMMIT.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -82,11 +83,13 @@ struct ublk_dev {
 	bool ctrl_ring_ok;
 	bool ioctl_encode;
 	bool user_copy;
+	enum devio_ublk_copy copy;
 	uint64_t features;
 	struct devio_ublk_dev_info info;
 	unsigned nr_queues, depth;
 	uint32_t max_io, lbs;
 	uint64_t dev_sectors;
+	uint64_t recovery_flags;       /* UBLK_F_USER_RECOVERY and its variant, or 0 */
 	bool added, started;
 	atomic_bool stopping;
 	_Atomic uint64_t stop_deadline;
@@ -151,6 +154,54 @@ int devio_ublk_parse_dev(const char *s, unsigned *dev_id)
 		return -EINVAL;
 	*dev_id = (unsigned)v;
 	return 0;
+}
+
+/* ---- features and the data path (unit-tested) ---- */
+
+static const char *const ublk_feature_name[] = {
+	"zero-copy", "comp-in-task", "need-get-data", "user-recovery", "recovery-reissue",
+	"unprivileged", "ioctl-encode", "user-copy", "zoned", "recovery-fail-io", "update-size",
+	"auto-buf-reg", "quiesce", "per-io-daemon", "buf-reg-off-daemon", "batch-io", "integrity",
+	"safe-stop", "no-auto-part-scan", "shmem-zc",
+};
+
+const char *devio_ublk_feature_names(uint64_t features, char *buf, size_t len)
+{
+	size_t n = 0;
+
+	if (len)
+		buf[0] = '\0';
+	for (unsigned i = 0; i < 64 && n < len; i++) {
+		const size_t known = sizeof(ublk_feature_name) / sizeof(ublk_feature_name[0]);
+		int w;
+
+		if (!(features & (1ull << i)))
+			continue;
+		w = i < known ? snprintf(buf + n, len - n, "%s%s", n ? " " : "", ublk_feature_name[i])
+			      : snprintf(buf + n, len - n, "%sbit-%u", n ? " " : "", i);
+		if (w < 0)
+			break;
+		n += (size_t)w;
+	}
+	return buf;
+}
+
+int devio_ublk_pick_copy(uint64_t features, int want, enum devio_ublk_copy *out)
+{
+	bool user = features & DEVIO_UBLK_F_USER_COPY;
+
+	if (want == DEVIO_UBLK_COPY_USER && !user)
+		return -EOPNOTSUPP;
+	if (want >= 0)
+		*out = (enum devio_ublk_copy)want;
+	else
+		*out = user ? DEVIO_UBLK_COPY_USER : DEVIO_UBLK_COPY_KERNEL;
+	return 0;
+}
+
+const char *devio_ublk_copy_name(enum devio_ublk_copy c)
+{
+	return c == DEVIO_UBLK_COPY_USER ? "user copy" : "kernel copy";
 }
 
 /* ---- control commands ---- */
@@ -271,6 +322,64 @@ out:
 	return r < 0 ? r : 0;
 }
 
+/* Does anyone hold /dev/ublkbN open?  The kernel tells for a mount, a
+ * device-mapper or RAID holder and any exclusive claim (an O_EXCL open
+ * fails with EBUSY); plain openers are found among /proc/PID/fd.  1 with
+ * who in why, 0 if nobody, or -errno when the device cannot be looked at. */
+int devio_ublk_in_use(unsigned dev_id, char *why, size_t len)
+{
+	char path[64], link[PATH_MAX];
+	DIR *dir;
+	struct dirent *de;
+	int fd, busy = 0;
+
+	snprintf(path, sizeof(path), "/sys/block/ublkb%u/holders", dev_id);
+	dir = opendir(path);
+	while (dir && (de = readdir(dir)))
+		if (de->d_name[0] != '.') {
+			snprintf(why, len, "held by %s", de->d_name);
+			busy = 1;
+		}
+	if (dir)
+		closedir(dir);
+	snprintf(path, sizeof(path), "/dev/ublkb%u", dev_id);
+	fd = busy ? -1 : open(path, O_RDONLY | O_EXCL | O_CLOEXEC | O_NONBLOCK);
+	if (fd >= 0)
+		close(fd);
+	else if (!busy && errno == EBUSY) {
+		snprintf(why, len, "mounted or claimed exclusively");
+		busy = 1;
+	} else if (!busy && errno == ENOENT)
+		return 0; /* no disk (any more) */
+	dir = busy ? NULL : opendir("/proc");
+	while (dir && !busy && (de = readdir(dir))) {
+		char fdpath[300];
+		DIR *fds;
+		struct dirent *fe;
+
+		if (de->d_name[0] < '1' || de->d_name[0] > '9')
+			continue;
+		snprintf(fdpath, sizeof(fdpath), "/proc/%s/fd", de->d_name);
+		fds = opendir(fdpath);
+		while (fds && !busy && (fe = readdir(fds))) {
+			char one[600];
+			ssize_t n;
+
+			snprintf(one, sizeof(one), "%s/%s", fdpath, fe->d_name);
+			n = readlink(one, link, sizeof(link) - 1);
+			if (n > 0 && (link[n] = '\0', !strcmp(link, path))) {
+				snprintf(why, len, "open in pid %s", de->d_name);
+				busy = 1;
+			}
+		}
+		if (fds)
+			closedir(fds);
+	}
+	if (dir)
+		closedir(dir);
+	return busy;
+}
+
 /* ---- device setup ---- */
 
 static unsigned ilog2u(uint32_t v)
@@ -295,6 +404,7 @@ static int add_dev(struct ublk_dev *d, uint32_t want_id)
 	d->info.flags = d->user_copy ? DEVIO_UBLK_F_USER_COPY : 0;
 	if (d->ioctl_encode)
 		d->info.flags |= DEVIO_UBLK_F_CMD_IOCTL_ENCODE;
+	d->info.flags |= d->recovery_flags;
 	cmd.addr = (uintptr_t)&d->info;
 	cmd.len = sizeof(d->info);
 	r = ctrl_cmd(d, DEVIO_UBLK_CMD_ADD_DEV, &cmd);
@@ -674,7 +784,63 @@ struct ublk_opts {
 	unsigned queues;     /* --queues: 0 = one per CPU */
 	unsigned depth;      /* --depth: tags per queue, 0 = DEFAULT_DEPTH */
 	uint32_t block_size; /* --block-size: logical block size, 0 = 512 */
+	int recovery;        /* --recovery[=reissue|fail-io]: enum ublk_recovery */
+	bool recover;        /* --recover: take over device ID from a server that died */
 };
+
+/* What the driver does with I/O while no server serves a device. */
+enum ublk_recovery {
+	UBLK_RECOVERY_OFF,     /* the device goes away with its server */
+	UBLK_RECOVERY_REISSUE, /* queued, in-flight I/O reissued to the next server */
+	UBLK_RECOVERY_FAIL_IO, /* the device stays, I/O fails until a server is back */
+};
+
+static int ublk_opt_recovery(const char *name, const char *val, void *field)
+{
+	int *mode = field;
+
+	if (!val || !strcmp(val, "reissue"))
+		*mode = UBLK_RECOVERY_REISSUE;
+	else if (!strcmp(val, "fail-io"))
+		*mode = UBLK_RECOVERY_FAIL_IO;
+	else {
+		devio_err("--%s: want reissue or fail-io, got '%s'", name, val);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+/* The ADD_DEV flags for --recovery, if this driver has them. */
+static int ublk_recovery_flags(struct ublk_dev *d, int mode)
+{
+	uint64_t f = d->features;
+
+	d->recovery_flags = 0;
+	if (mode == UBLK_RECOVERY_OFF)
+		return 0;
+	/* no GET_FEATURES (pre-6.5): recovery with reissue exists since 6.0, ADD_DEV tells */
+	if (f && !(f & DEVIO_UBLK_F_USER_RECOVERY)) {
+		devio_err("ublk: --recovery: this kernel has no UBLK_F_USER_RECOVERY");
+		return -EOPNOTSUPP;
+	}
+	if (mode == UBLK_RECOVERY_FAIL_IO && !(f & DEVIO_UBLK_F_USER_RECOVERY_FAIL_IO)) {
+		devio_err("ublk: --recovery=fail-io: this kernel has no UBLK_F_USER_RECOVERY_FAIL_IO (6.13+)");
+		return -EOPNOTSUPP;
+	}
+	d->recovery_flags = DEVIO_UBLK_F_USER_RECOVERY | (mode == UBLK_RECOVERY_FAIL_IO
+							  ? DEVIO_UBLK_F_USER_RECOVERY_FAIL_IO
+							  : DEVIO_UBLK_F_USER_RECOVERY_REISSUE);
+	return 0;
+}
+
+static const char *ublk_recovery_name(uint64_t flags)
+{
+	if (!(flags & DEVIO_UBLK_F_USER_RECOVERY))
+		return "off";
+	if (flags & DEVIO_UBLK_F_USER_RECOVERY_FAIL_IO)
+		return "fail-io";
+	return flags & DEVIO_UBLK_F_USER_RECOVERY_REISSUE ? "reissue" : "fail-inflight";
+}
 
 static int setup_geometry(struct ublk_dev *d, const struct ublk_opts *o)
 {
@@ -711,9 +877,148 @@ static int setup_geometry(struct ublk_dev *d, const struct ublk_opts *o)
 
 static void teardown(struct ublk_dev *d);
 
+/* Once per server: what the driver offers and the data path taken. */
+static void ublk_log_features(const struct ublk_dev *d)
+{
+	char names[512];
+	const char *unused = "";
+
+	if (d->features & (DEVIO_UBLK_F_AUTO_BUF_REG | DEVIO_UBLK_F_SUPPORT_ZERO_COPY))
+		unused = "; zero copy offered, not used (the backends take plain buffers)";
+	devio_info("ublk: driver features 0x%llx (%s); data path: %s%s",
+		   (unsigned long long)d->features,
+		   d->features ? devio_ublk_feature_names(d->features, names, sizeof(names))
+			       : "no GET_FEATURES: a pre-6.5 driver",
+		   devio_ublk_copy_name(d->copy), unused);
+}
+
+/* A new device: ADD_DEV, SET_PARAMS, the queues, START_DEV. */
+static int ublk_create(struct ublk_dev *d, uint32_t want_id, int copy, int recovery)
+{
+	int r = devio_ublk_pick_copy(d->features, copy, &d->copy);
+
+	if (r) {
+		devio_err("ublk: this kernel has no UBLK_F_USER_COPY");
+		return r;
+	}
+	d->user_copy = d->copy == DEVIO_UBLK_COPY_USER;
+	r = ublk_recovery_flags(d, recovery);
+	if (r)
+		return r;
+	ublk_log_features(d);
+	r = add_dev(d, want_id);
+	if (!r)
+		r = set_params(d);
+	if (!r)
+		r = open_cdev(d);
+	if (!r)
+		r = start_queues(d);
+	if (r)
+		return r;
+	r = simple_cmd(d, DEVIO_UBLK_CMD_START_DEV, (uint64_t)getpid());
+	if (r < 0)
+		devio_err("ublk: %s: START_DEV: %s", d->bdev, strerror(-r));
+	return r < 0 ? r : 0;
+}
+
+/* The device as the driver keeps it (GET_DEV_INFO, GET_PARAMS): the
+ * geometry a server taking it over must serve. */
+static int ublk_adopt(struct ublk_dev *d, uint32_t id)
+{
+	struct devio_ublk_ctrl_cmd cmd = { .dev_id = id, .queue_id = 0xffff };
+	struct devio_ublk_params p = { .len = sizeof(p) };
+	int r;
+
+	cmd.addr = (uintptr_t)&d->info;
+	cmd.len = sizeof(d->info);
+	r = ctrl_cmd(d, DEVIO_UBLK_CMD_GET_DEV_INFO, &cmd);
+	if (r >= 0) {
+		cmd.addr = (uintptr_t)&p;
+		cmd.len = sizeof(p);
+		r = ctrl_cmd(d, DEVIO_UBLK_CMD_GET_PARAMS, &cmd);
+	}
+	if (r < 0) {
+		devio_err("ublk: device %u: %s", id, strerror(-r));
+		return r;
+	}
+	snprintf(d->bdev, sizeof(d->bdev), "/dev/ublkb%u", id);
+	snprintf(d->cdev, sizeof(d->cdev), "/dev/ublkc%u", id);
+	d->nr_queues = d->info.nr_hw_queues;
+	d->depth = d->info.queue_depth;
+	d->max_io = d->info.max_io_buf_bytes;
+	d->dev_sectors = p.basic.dev_sectors;
+	d->lbs = 1u << (p.basic.logical_bs_shift & 31);
+	d->recovery_flags = d->info.flags & (DEVIO_UBLK_F_USER_RECOVERY | DEVIO_UBLK_F_USER_RECOVERY_REISSUE |
+					     DEVIO_UBLK_F_USER_RECOVERY_FAIL_IO);
+	d->ioctl_encode = d->info.flags & DEVIO_UBLK_F_CMD_IOCTL_ENCODE;
+	d->user_copy = d->info.flags & DEVIO_UBLK_F_USER_COPY;
+	d->copy = d->user_copy ? DEVIO_UBLK_COPY_USER : DEVIO_UBLK_COPY_KERNEL;
+	if (!(d->recovery_flags & DEVIO_UBLK_F_USER_RECOVERY)) {
+		devio_err("ublk: %s was made without --recovery: no server can take it over", d->bdev);
+		return -EINVAL;
+	}
+	if (!d->nr_queues || d->nr_queues > 64 || !d->depth || d->depth > DEVIO_UBLK_MAX_QUEUE_DEPTH ||
+	    d->max_io < 4096 || d->max_io > (1u << DEVIO_UBLK_IO_BUF_BITS) || (d->b->max_io && d->b->max_io < d->max_io)) {
+		devio_err("ublk: %s: %u queues of depth %u with %u-byte requests: not what this server can serve",
+			  d->bdev, d->nr_queues, d->depth, d->max_io);
+		return -EINVAL;
+	}
+	if (!d->dev_sectors || d->dev_sectors > d->b->size >> 9) {
+		devio_err("ublk: %s has %llu sectors, the export only %llu bytes", d->bdev,
+			  (unsigned long long)d->dev_sectors, (unsigned long long)d->b->size);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+/* START_USER_RECOVERY: busy until the dead server's /dev/ublkcN is
+ * released and the driver has quiesced the device; wait for that. */
+static int ublk_start_recovery(struct ublk_dev *d)
+{
+	uint64_t deadline = devio_now_ns() + 30ull * 1000 * 1000 * 1000;
+	int r;
+
+	while ((r = simple_cmd(d, DEVIO_UBLK_CMD_START_USER_RECOVERY, 0)) == -EBUSY && devio_now_ns() < deadline) {
+		struct timespec ts = { 0, 50 * 1000 * 1000 };
+
+		nanosleep(&ts, NULL);
+	}
+	if (r < 0)
+		devio_err("ublk: %s: START_USER_RECOVERY: %s%s", d->bdev, strerror(-r),
+			  r == -EBUSY ? " (is its server still running?)" : "");
+	return r < 0 ? r : 0;
+}
+
+/* Take over device id from a server that died: its geometry, fresh
+ * queues fetching every tag, END_USER_RECOVERY (the driver then reissues
+ * or fails what the old server left, per the device's recovery flags). */
+static int ublk_recover(struct ublk_dev *d, uint32_t id)
+{
+	int r = ublk_adopt(d, id);
+
+	if (r)
+		return r;
+	ublk_log_features(d);
+	r = ublk_start_recovery(d);
+	if (!r)
+		r = open_cdev(d);
+	if (!r)
+		r = start_queues(d);
+	if (r)
+		return r;
+	r = simple_cmd(d, DEVIO_UBLK_CMD_END_USER_RECOVERY, (uint64_t)getpid());
+	if (r < 0) {
+		devio_err("ublk: %s: END_USER_RECOVERY: %s", d->bdev, strerror(-r));
+		return r;
+	}
+	d->added = true; /* ours now: SIGTERM stops and deletes it */
+	return 0;
+}
+
 static int start(struct devio_server *srv, const char *arg, const void *opts, void **state)
 {
 	static const struct ublk_opts defaults;
+	const struct ublk_opts *o = opts ? opts : &defaults;
 	struct ublk_dev *d = calloc(1, sizeof(*d));
 	uint32_t want_id;
 	bool legacy;
@@ -728,7 +1033,12 @@ static int start(struct devio_server *srv, const char *arg, const void *opts, vo
 		devio_err("ublk: bad argument '%s' (want [ID][,user-copy|,kernel-copy][,legacy-opcodes])", arg);
 		goto fail;
 	}
-	r = setup_geometry(d, opts ? opts : &defaults);
+	if (o->recover && (want_id == NO_DEV_ID || copy >= 0 || o->recovery)) {
+		devio_err("ublk: --recover takes over an existing device: --ublk=ID, its copy mode and recovery stay as they were made");
+		r = -EINVAL;
+		goto fail;
+	}
+	r = o->recover ? 0 : setup_geometry(d, o);
 	if (r)
 		goto fail;
 	if (devio_wants_pool(d->b, srv->opts.threads) &&
@@ -743,33 +1053,14 @@ static int start(struct devio_server *srv, const char *arg, const void *opts, vo
 	get_features(d);
 	if (legacy)
 		d->ioctl_encode = false; /* what a pre-6.5 driver gets; for testing the fallback */
-	if (copy == 1 && !(d->features & DEVIO_UBLK_F_USER_COPY)) {
-		devio_err("ublk: this kernel has no UBLK_F_USER_COPY");
-		r = -EOPNOTSUPP;
-		goto fail;
-	}
-	d->user_copy = copy < 0 ? (d->features & DEVIO_UBLK_F_USER_COPY) != 0 : copy == 1;
-	r = add_dev(d, want_id);
+	r = o->recover ? ublk_recover(d, want_id) : ublk_create(d, want_id, copy, o->recovery);
 	if (r)
 		goto fail;
-	r = set_params(d);
-	if (r)
-		goto fail;
-	r = open_cdev(d);
-	if (r)
-		goto fail;
-	r = start_queues(d);
-	if (r)
-		goto fail;
-	r = simple_cmd(d, DEVIO_UBLK_CMD_START_DEV, (uint64_t)getpid());
-	if (r < 0) {
-		devio_err("ublk: %s: START_DEV: %s", d->bdev, strerror(-r));
-		goto fail;
-	}
 	d->started = true;
-	devio_info("ublk: %s: %llu bytes, %u queues, depth %u, %u-byte requests, %s copy, %s opcodes (driver features 0x%llx)",
+	devio_info("ublk: %s: %llu bytes, %u queues, depth %u, %u-byte requests, %s copy, %s opcodes, recovery %s%s (driver features 0x%llx)",
 		   d->bdev, (unsigned long long)d->dev_sectors << 9, d->nr_queues, d->depth, d->max_io,
 		   d->user_copy ? "user" : "kernel", d->ioctl_encode ? "ioctl-encoded" : "legacy",
+		   ublk_recovery_name(d->recovery_flags), o->recover ? ", taken over" : "",
 		   (unsigned long long)d->features);
 	*state = d;
 	return 0;
@@ -863,9 +1154,15 @@ static void status(void *state, FILE *out)
 {
 	struct ublk_dev *d = state;
 
+	char names[512];
+
 	fprintf(out, "ublk device %s queues %u depth %u max_io %u copy %s opcodes %s\n", d->bdev,
 		d->nr_queues, d->depth, d->max_io, d->user_copy ? "user" : "kernel",
 		d->ioctl_encode ? "ioctl" : "legacy");
+	fprintf(out, "ublk %s recovery %s\n", d->bdev, ublk_recovery_name(d->recovery_flags));
+	fprintf(out, "ublk %s data path: %s; driver features 0x%llx (%s)\n", d->bdev,
+		devio_ublk_copy_name(d->copy), (unsigned long long)d->features,
+		devio_ublk_feature_names(d->features, names, sizeof(names)));
 	print_counters(d, out);
 }
 
@@ -876,6 +1173,10 @@ static const struct devio_frontend_option ublk_options[] = {
 	  offsetof(struct ublk_opts, depth) },
 	{ "block-size", "N", "logical block size (default 512, at most 4096)", devio_opt_block_size,
 	  offsetof(struct ublk_opts, block_size) },
+	{ "recovery", "reissue|fail-io", "the device outlives its server (I/O waits for --recover, or fails)",
+	  ublk_opt_recovery, offsetof(struct ublk_opts, recovery), true },
+	{ "recover", NULL, "take over /dev/ublkbID (--ublk=ID) whose --recovery server died", devio_opt_flag,
+	  offsetof(struct ublk_opts, recover) },
 	{ NULL },
 };
 

@@ -19,7 +19,10 @@
 #define DEVIO_UBLK_CMD_STOP_DEV           0x07
 #define DEVIO_UBLK_CMD_SET_PARAMS         0x08
 #define DEVIO_UBLK_CMD_GET_PARAMS         0x09
+#define DEVIO_UBLK_CMD_START_USER_RECOVERY 0x10
+#define DEVIO_UBLK_CMD_END_USER_RECOVERY  0x11
 #define DEVIO_UBLK_CMD_GET_FEATURES       0x13 /* only ever ioctl-encoded */
+#define DEVIO_UBLK_CMD_TRY_STOP_DEV       0x17 /* ioctl-encoded, UBLK_F_SAFE_STOP_DEV */
 
 /* Legacy I/O commands. */
 #define DEVIO_UBLK_IO_FETCH_REQ            0x20
@@ -68,17 +71,32 @@ struct devio_ublk_dev_info {
 };
 
 /* Device feature flags (ADD_DEV dev_info.flags, GET_FEATURES). */
-#define DEVIO_UBLK_F_SUPPORT_ZERO_COPY  (1ULL << 0)
+#define DEVIO_UBLK_F_SUPPORT_ZERO_COPY  (1ULL << 0)  /* 6.15: REGISTER_IO_BUF */
+#define DEVIO_UBLK_F_URING_CMD_COMP_IN_TASK (1ULL << 1)
 #define DEVIO_UBLK_F_NEED_GET_DATA      (1ULL << 2)
-#define DEVIO_UBLK_F_USER_RECOVERY      (1ULL << 3)
+#define DEVIO_UBLK_F_USER_RECOVERY      (1ULL << 3)  /* 6.0 */
+#define DEVIO_UBLK_F_USER_RECOVERY_REISSUE (1ULL << 4)
 #define DEVIO_UBLK_F_UNPRIVILEGED_DEV   (1ULL << 5)
 #define DEVIO_UBLK_F_CMD_IOCTL_ENCODE   (1ULL << 6)
-#define DEVIO_UBLK_F_USER_COPY          (1ULL << 7)
-#define DEVIO_UBLK_F_AUTO_BUF_REG       (1ULL << 11)
+#define DEVIO_UBLK_F_USER_COPY          (1ULL << 7)  /* 6.5 */
+#define DEVIO_UBLK_F_ZONED              (1ULL << 8)
+#define DEVIO_UBLK_F_USER_RECOVERY_FAIL_IO (1ULL << 9) /* 6.13 */
+#define DEVIO_UBLK_F_UPDATE_SIZE        (1ULL << 10)
+#define DEVIO_UBLK_F_AUTO_BUF_REG       (1ULL << 11) /* 6.16 */
+#define DEVIO_UBLK_F_QUIESCE            (1ULL << 12)
+#define DEVIO_UBLK_F_PER_IO_DAEMON      (1ULL << 13)
+#define DEVIO_UBLK_F_BUF_REG_OFF_DAEMON (1ULL << 14)
+#define DEVIO_UBLK_F_BATCH_IO           (1ULL << 15)
+#define DEVIO_UBLK_F_INTEGRITY          (1ULL << 16)
+#define DEVIO_UBLK_F_SAFE_STOP_DEV      (1ULL << 17) /* TRY_STOP_DEV */
+#define DEVIO_UBLK_F_NO_AUTO_PART_SCAN  (1ULL << 18)
+#define DEVIO_UBLK_F_SHMEM_ZC           (1ULL << 19)
 
 /* Device states. */
 #define DEVIO_UBLK_S_DEV_DEAD 0
 #define DEVIO_UBLK_S_DEV_LIVE 1
+#define DEVIO_UBLK_S_DEV_QUIESCED 2
+#define DEVIO_UBLK_S_DEV_FAIL_IO 3
 
 /* Completion results of FETCH/COMMIT_AND_FETCH. */
 #define DEVIO_UBLK_IO_RES_OK            0

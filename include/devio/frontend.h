@@ -52,6 +52,7 @@ struct devio_frontend_option {
 	const char *help;     /* one line */
 	int (*parse)(const char *name, const char *val, void *field);
 	size_t offset;        /* of the field in the options struct */
+	bool arg_optional;    /* --NAME or --NAME=ARG (parse() gets NULL for the first) */
 };
 
 struct devio_frontend_type {

@@ -5,6 +5,7 @@
 #ifndef DEVIO_UBLK_H
 #define DEVIO_UBLK_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include "request.h"
 
@@ -25,6 +26,26 @@ int devio_ublk_decode(uint32_t op_flags, uint32_t nr_sectors, uint64_t start_sec
  * through /dev/ublk-control, e.g. after its server was killed.  0 or
  * -errno (logged). */
 int devio_ublk_delete(unsigned dev_id);
+
+/* The feature bits of GET_FEATURES by name ("user-copy auto-buf-reg ..."),
+ * unknown bits as "bit-N", into buf (always terminated); returns buf. */
+const char *devio_ublk_feature_names(uint64_t features, char *buf, size_t len);
+
+/* How a request's data moves between the driver and the backend. */
+enum devio_ublk_copy {
+	DEVIO_UBLK_COPY_KERNEL, /* the driver copies into our buffer (classic) */
+	DEVIO_UBLK_COPY_USER,   /* pread/pwrite on /dev/ublkcN (UBLK_F_USER_COPY) */
+};
+
+/* The data path for a driver with these features: want < 0 picks the best
+ * one offered, else that one.  0, or -EOPNOTSUPP when the driver lacks
+ * the one wanted. */
+int devio_ublk_pick_copy(uint64_t features, int want, enum devio_ublk_copy *out);
+const char *devio_ublk_copy_name(enum devio_ublk_copy c);
+
+/* Is /dev/ublkbN open (mounted, held, claimed, or open in a process)?
+ * 1 with the reason in why, 0 if not (or no such disk), -errno. */
+int devio_ublk_in_use(unsigned dev_id, char *why, size_t len);
 
 /* Parse "/dev/ublkbN", "/dev/ublkcN", "ublkbN" or "N" into N; 0 or -EINVAL. */
 int devio_ublk_parse_dev(const char *s, unsigned *dev_id);

@@ -34,7 +34,7 @@ def help_groups(text):
             current = line.split()[0].split("[")[0]
             groups[current] = []
         elif line.startswith("    --") and current:
-            groups[current].append(line.split()[0])
+            groups[current].append(line.split()[0].split("[")[0])
     return groups
 
 
@@ -46,7 +46,7 @@ def test_serve_help_lists_each_front_ends_options():
         "--devio": [],
         "--nbd": ["--depth"],
         "--fuse": ["--loop", "--fuse-transport", "--depth", "--block-size", "--fuse-enable-uring", "--fuse-timeout"],
-        "--ublk": ["--queues", "--depth", "--block-size"],
+        "--ublk": ["--queues", "--depth", "--block-size", "--recovery", "--recover"],
     }, r.stdout
     # every option the help listed before front ends owned them
     for opt in ("--readonly", "--offset", "--size", "--partition", "--ram-max", "--direct", "--format",

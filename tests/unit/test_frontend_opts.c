@@ -144,6 +144,39 @@ static void test_getopt_starts_front_ends(void **state)
 	feopts_free(&f);
 }
 
+/* An option whose argument is optional (--recovery[=reissue|fail-io]):
+ * bare, it does not take the next word; with =ARG it gets ARG. */
+static int run_recovery(const char *opt, int *mode, int *next)
+{
+	char *argv[] = { "serve", "--ublk", (char *)opt, "img", NULL };
+	struct feopts f;
+	int c, r = 0;
+
+	assert_int_equal(feopts_init(&f, devio_frontends, NULL), 0);
+	optind = 1;
+	while ((c = getopt_long(4, argv, "", f.table, NULL)) != -1)
+		if (r == 0)
+			r = feopts_parse(&f, c, optarg);
+	*mode = *(const int *)field(&f, &devio_frontend_ublk, "recovery");
+	*next = optind;
+	feopts_free(&f);
+	return r;
+}
+
+static void test_optional_argument(void **state)
+{
+	int mode, next;
+
+	assert_int_equal(run_recovery("--recovery", &mode, &next), 0);
+	assert_int_equal(mode, 1); /* reissue */
+	assert_int_equal(next, 3); /* "img" stays the source */
+	assert_int_equal(run_recovery("--recovery=fail-io", &mode, &next), 0);
+	assert_int_equal(mode, 2);
+	assert_int_equal(run_recovery("--recovery=reissue", &mode, &next), 0);
+	assert_int_equal(mode, 1);
+	assert_int_equal(run_recovery("--recovery=later", &mode, &next), -EINVAL);
+}
+
 static void test_clash_with_own_option_is_refused(void **state)
 {
 	static const struct option own[] = { { "depth", required_argument, NULL, 'd' }, { NULL, 0, NULL, 0 } };
@@ -228,6 +261,7 @@ int main(void)
 		cmocka_unit_test(test_value_parsers),
 		cmocka_unit_test(test_shared_option_reaches_each),
 		cmocka_unit_test(test_getopt_starts_front_ends),
+		cmocka_unit_test(test_optional_argument),
 		cmocka_unit_test(test_clash_with_own_option_is_refused),
 		cmocka_unit_test(test_only_offered_front_ends),
 		cmocka_unit_test(test_a_new_front_end_is_a_table),

@@ -6,6 +6,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include <cmocka.h>
 #include "devio/request.h"
 #include "devio/ublk.h"
@@ -93,6 +94,36 @@ static void test_parse_dev(void **state)
 	assert_int_equal(devio_ublk_parse_dev("4294967295", &id), -EINVAL);
 }
 
+/* The data path picked from GET_FEATURES: user copy where offered (6.5+),
+ * kernel copy on older drivers, and a forced mode only where it exists. */
+static void test_pick_copy(void **state)
+{
+	enum devio_ublk_copy c;
+
+	assert_int_equal(devio_ublk_pick_copy(0x1fffff, -1, &c), 0);
+	assert_int_equal(c, DEVIO_UBLK_COPY_USER);
+	assert_int_equal(devio_ublk_pick_copy(0, -1, &c), 0); /* pre-6.5: no GET_FEATURES */
+	assert_int_equal(c, DEVIO_UBLK_COPY_KERNEL);
+	assert_int_equal(devio_ublk_pick_copy(0x1fffff, DEVIO_UBLK_COPY_KERNEL, &c), 0);
+	assert_int_equal(c, DEVIO_UBLK_COPY_KERNEL);
+	assert_int_equal(devio_ublk_pick_copy(DEVIO_UBLK_F_CMD_IOCTL_ENCODE, DEVIO_UBLK_COPY_USER, &c),
+			 -EOPNOTSUPP);
+}
+
+static void test_feature_names(void **state)
+{
+	char buf[512], tiny[12];
+
+	assert_string_equal(devio_ublk_feature_names(DEVIO_UBLK_F_USER_COPY | DEVIO_UBLK_F_USER_RECOVERY,
+						     buf, sizeof(buf)), "user-recovery user-copy");
+	assert_string_equal(devio_ublk_feature_names(DEVIO_UBLK_F_AUTO_BUF_REG | (1ull << 40), buf,
+						     sizeof(buf)), "auto-buf-reg bit-40");
+	assert_string_equal(devio_ublk_feature_names(0, buf, sizeof(buf)), "");
+	/* a short buffer is cut, never overrun */
+	devio_ublk_feature_names(~0ull, tiny, sizeof(tiny));
+	assert_true(strlen(tiny) < sizeof(tiny));
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -101,6 +132,8 @@ int main(void)
 		cmocka_unit_test(test_unknown_ops),
 		cmocka_unit_test(test_bad_ranges),
 		cmocka_unit_test(test_parse_dev),
+		cmocka_unit_test(test_pick_copy),
+		cmocka_unit_test(test_feature_names),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

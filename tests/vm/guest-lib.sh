@@ -75,3 +75,29 @@ vm_rss_kb() { awk '/^VmRSS:/{print $2}' /proc/"$1"/status; }
 
 # counter LOG QUEUE: requests queue QUEUE served, from the exit summary.
 counter() { sed -n "s/.*queue $2 served \([0-9]*\) .*/\1/p" "$1" | tail -n 1; }
+
+# _grew FILE N: FILE has more than N lines.
+_grew() { [ "$(wc -l <"$1")" -gt "$2" ]; }
+
+# recover_cycles N LOG SOURCE ID PROGRESS: N times, once the workload has
+# made progress (PROGRESS, a file it appends a line to per acknowledged
+# step, grew), kill -9 the server $SRV and take /dev/ublkbID over with
+# `devio serve SOURCE --ublk=ID --recover` (log LOG.i).  Sets SRV; 0 when
+# every takeover came up, else 1 with the reason in RECOVER_ERR.  (Its
+# variables have names of their own: busybox sh has no locals, and
+# wait_for/start_ublk use _n and _log.)
+recover_cycles() {
+  _rc_n=$1 _rc_rlog=$2 _rc_src=$3 _rc_id=$4 _rc_prog=$5 _rc_i=0
+  while [ $_rc_i -lt "$_rc_n" ]; do
+    _rc_before=$(wc -l <"$_rc_prog")
+    if ! wait_for 60 _grew "$_rc_prog" "$_rc_before"; then
+      RECOVER_ERR="no progress before kill $_rc_i"; return 1
+    fi
+    kill -KILL "$SRV"; wait "$SRV" 2>/dev/null
+    if ! start_ublk "$_rc_rlog.$_rc_i" "$_rc_src" --ublk="$_rc_id" --recover; then
+      RECOVER_ERR="takeover $_rc_i failed"; show_log "$_rc_rlog.$_rc_i"; return 1
+    fi
+    _rc_i=$((_rc_i + 1))
+  done
+  return 0
+}
