@@ -178,7 +178,8 @@ static int convert_usage(FILE *out, int rc)
 	fprintf(out, "usage: devio convert [-O raw|vhd|qcow2] [-o OPTIONS] [-p] " CLI_EXPORT_USAGE " SRC DST\n"
 		     "  -O FORMAT   the new image's format (default raw)\n"
 		     "  -o OPTIONS  the new image's options, as qemu-img's: vhd takes subformat=dynamic|fixed\n"
-		     "              and force_size=on|off (off: the size rounded up to a whole CHS geometry)\n"
+		     "              and force_size=on|off (off: the size rounded up to a whole CHS geometry),\n"
+		     "              qcow2 compat=0.10|1.1 (default 1.1) and cluster_size=512..2M (default 64k)\n"
 		     "  -p          a progress line (on a terminal)\n"
 		     "  export options as for `devio serve`: a window, a partition, the source's format, an overlay\n");
 	return rc;

@@ -24,9 +24,16 @@
  *     stale reader or writer.
  * Every header field, table entry and offset is untrusted: checked
  * against the format's rules and the file's size before use.
+ *
+ * devio_qcow2_create() makes new, empty images (`devio convert -O
+ * qcow2`): header, refcount table, the refcount blocks that count every
+ * metadata cluster, an empty L1 table; built under a temporary name and
+ * renamed into place.
  */
 #include <endian.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <pthread.h>
@@ -35,6 +42,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <zlib.h>
 #include "devio/layer.h"
 #include "devio/qcow2.h"
@@ -1896,4 +1904,183 @@ int devio_qcow2_open(const char *name, struct devio_backend *lower, bool explici
 		q->b.caps |= DEVIO_CAP_FLUSH | DEVIO_CAP_FUA | DEVIO_CAP_TRIM | DEVIO_CAP_ZERO;
 	*out = &q->b;
 	return 0;
+}
+
+/* ---- new images ---- */
+
+/* A new image's layout, in clusters from the start: the header, the
+ * refcount table (rt), the refcount blocks (rb, counting all n metadata
+ * clusters), the L1 table (l1c; none for an empty disk, as qemu). */
+struct qc_new {
+	uint32_t version, cb;
+	uint64_t size, cs, l1_n, rt, rb, l1c, n;
+};
+
+static void put32(uint8_t *p, uint32_t v)
+{
+	v = htobe32(v);
+	memcpy(p, &v, 4);
+}
+
+/* The options checked, the size rounded to 512 bytes, the layout worked
+ * out (the refcount blocks count themselves: grown until they fit). */
+static int qc_new_layout(const char *path, const struct devio_qcow2_new *o, struct qc_new *g)
+{
+	uint64_t cs = o && o->cluster_size ? o->cluster_size : 65536, per_l1, n, rb, rt;
+
+	g->version = o && o->version ? o->version : 3;
+	if (g->version != 2 && g->version != 3) {
+		devio_err("%s: qcow2 version %u does not exist (2: compat=0.10, 3: compat=1.1)", path, g->version);
+		return -EINVAL;
+	}
+	if (cs < 512 || cs > (2u << 20) || (cs & (cs - 1))) {
+		devio_err("%s: cluster_size %" PRIu64 ": want a power of two from 512 to 2M", path, cs);
+		return -EINVAL;
+	}
+	if (g->size > (1ull << 62)) {
+		devio_err("%s: cannot make a qcow2 image of %" PRIu64 " bytes (at most 2^62)", path, g->size);
+		return -EFBIG;
+	}
+	if (g->size % 512) {
+		devio_warn("%s: a qcow2 image holds whole 512-byte sectors: %" PRIu64 " bytes become %" PRIu64,
+			   path, g->size, round_up(g->size, 512));
+		g->size = round_up(g->size, 512);
+	}
+	g->cs = cs;
+	g->cb = (uint32_t)__builtin_ctzll(cs);
+	per_l1 = (cs / 8) * cs;
+	g->l1_n = g->size / per_l1 + (g->size % per_l1 != 0);
+	if (g->l1_n * 8 > QC_MAX_L1_BYTES) {
+		devio_err("%s: %" PRIu64 " bytes need an L1 table over 32 MiB with %" PRIu64 "-byte clusters: "
+			  "take larger clusters (-o cluster_size=)", path, g->size, cs);
+		return -EFBIG;
+	}
+	g->l1c = round_up(g->l1_n * 8, cs) / cs;
+	g->rt = g->rb = 1;
+	for (;;) {
+		n = 1 + g->rt + g->rb + g->l1c;
+		rb = (n + cs / 2 - 1) / (cs / 2);
+		rt = round_up(rb * 8, cs) / cs;
+		if (rb == g->rb && rt == g->rt)
+			break;
+		g->rb = rb;
+		g->rt = rt;
+	}
+	g->n = n;
+	return 0;
+}
+
+/* The image's bytes (g->n clusters); NULL if out of memory. */
+static uint8_t *qc_new_image(const struct qc_new *g)
+{
+	uint64_t rb_off = (1 + g->rt) * g->cs, l1_off = rb_off + g->rb * g->cs;
+	uint8_t *p = calloc(g->n, g->cs);
+
+	if (!p)
+		return NULL;
+	put32(p, QC_MAGIC);
+	put32(p + 4, g->version);
+	put32(p + 20, g->cb);
+	put64(p + 24, g->size);
+	put32(p + 36, (uint32_t)g->l1_n);
+	put64(p + 40, g->l1c ? l1_off : 0);
+	put64(p + 48, g->cs);              /* the refcount table: cluster 1 */
+	put32(p + 56, (uint32_t)g->rt);
+	if (g->version == 3) {             /* no feature bits */
+		put32(p + 96, 4);          /* refcount_order: 16 bits */
+		put32(p + 100, QC_V3_HEADER);
+	}                                  /* the extensions' end: 8 zero bytes after the header */
+	for (uint64_t i = 0; i < g->rb; i++)
+		put64(p + g->cs + i * 8, rb_off + i * g->cs);
+	for (uint64_t cl = 0; cl < g->n; cl++)  /* contiguous blocks: one array of 16-bit counts */
+		p[rb_off + cl * 2 + 1] = 1;
+	return p;
+}
+
+/* The image written into fd (a new empty file) and made durable. */
+static int qc_new_write(int fd, const struct qc_new *g)
+{
+	uint8_t *p = qc_new_image(g);
+	uint64_t len = g->n * g->cs;
+	int r = 0;
+
+	if (!p)
+		return -ENOMEM;
+	errno = 0;
+	if (pwrite(fd, p, len, 0) != (ssize_t)len)
+		r = errno ? -errno : -EIO;
+	else if (fsync(fd))
+		r = -errno;
+	free(p);
+	return r;
+}
+
+/* Under a temporary name next to path, then renamed over it (and the
+ * folder synced). */
+static int qc_new_file(const char *path, const struct qc_new *g)
+{
+	mode_t mask = umask(0);
+	char *tmp = NULL, *dir;
+	int fd, r;
+
+	umask(mask);
+	if (asprintf(&tmp, "%s.XXXXXX", path) < 0)
+		return -ENOMEM;
+	fd = mkstemp(tmp);
+	r = fd < 0 ? -errno : 0;
+	if (!r && fchmod(fd, 0666 & ~mask))
+		r = -errno;
+	if (!r)
+		r = qc_new_write(fd, g);
+	if (fd >= 0)
+		close(fd);
+	if (!r && rename(tmp, path))
+		r = -errno;
+	if (r && fd >= 0)
+		unlink(tmp);
+	if (!r && (dir = strdup(path))) {
+		if ((fd = open(dirname(dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC)) >= 0) {
+			(void)fsync(fd);
+			close(fd);
+		}
+		free(dir);
+	}
+	free(tmp);
+	return r;
+}
+
+/* Open what qc_new_file made: the file backend and the qcow2 layer. */
+static int qc_new_open(const char *path, struct devio_backend **out)
+{
+	static const struct devio_open_opts o = { .format = "qcow2" };
+	struct devio_backend *store;
+	int r = devio_file_open(path, &o, &store);
+
+	if (!r && (r = devio_qcow2_open(path, store, true, &o, out)))
+		devio_backend_close(store);
+	return r;
+}
+
+int devio_qcow2_create(const char *path, uint64_t size, const struct devio_qcow2_new *o,
+		       struct devio_backend **out)
+{
+	struct qc_new g = { .size = size };
+	struct stat st;
+	int r;
+
+	if (stat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
+		devio_err("%s: not a regular file: a new qcow2 image is a file", path);
+		return -EINVAL;
+	}
+	r = qc_new_layout(path, o, &g);
+	if (r)
+		return r;
+	r = qc_new_file(path, &g);
+	if (r) {
+		devio_err("%s: cannot create the qcow2 image: %s", path, strerror(-r));
+		return r;
+	}
+	if (out && (r = qc_new_open(path, out)))
+		unlink(path); /* nothing half made stays */
+	return r;
 }

@@ -3,6 +3,7 @@
  * by auto-detection never makes devio open a backing file. */
 #include <errno.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include "devio/layer.h"
@@ -138,16 +139,57 @@ static int format_vhd_create(const char *path, uint64_t size, const char *option
 	return r ? r : devio_vhd_create_open(path, size, flags, out);
 }
 
+/* qcow2's options, named as qemu-img's: compat=0.10|1.1 (or v2|v3) and
+ * cluster_size=N (bytes, or with a k/M suffix). */
+static int format_qcow2_option(const char *path, const char *key, const char *val, void *ctx)
+{
+	struct devio_qcow2_new *o = ctx;
+	char *end = NULL;
+	unsigned long long n;
+	unsigned shift = 0;
+
+	if (!strcmp(key, "compat") && (!strcmp(val, "0.10") || !strcmp(val, "v2"))) {
+		o->version = 2;
+		return 0;
+	}
+	if (!strcmp(key, "compat") && (!strcmp(val, "1.1") || !strcmp(val, "v3"))) {
+		o->version = 3;
+		return 0;
+	}
+	if (!strcmp(key, "cluster_size") && *val >= '0' && *val <= '9') {
+		errno = 0;
+		n = strtoull(val, &end, 10);
+		if (*end == 'k' || *end == 'K')
+			shift = 10;
+		else if (*end == 'M')
+			shift = 20;
+		end += shift != 0;
+		if (!errno && !*end && n <= (UINT32_MAX >> shift)) {
+			o->cluster_size = (uint32_t)(n << shift); /* devio_qcow2_create checks the range */
+			return 0;
+		}
+	}
+	devio_err("-o %s=%s: a qcow2 image (%s) takes compat=0.10|1.1, cluster_size=512..2M (a power of two)",
+		  key, val, path);
+	return -EINVAL;
+}
+
+static int format_qcow2_create(const char *path, uint64_t size, const char *options, struct devio_backend **out)
+{
+	struct devio_qcow2_new o = { 0 };
+	int r = format_options(path, options, format_qcow2_option, &o);
+
+	return r ? r : devio_qcow2_create(path, size, &o, out);
+}
+
 /* Each format adds its create function here. */
 int devio_format_create(const char *format, const char *path, uint64_t size, const char *options,
 			struct devio_backend **out)
 {
 	if (!strcmp(format, "vhd"))
 		return format_vhd_create(path, size, options, out);
-	if (!strcmp(format, "qcow2")) {
-		devio_err("%s: creating %s images is not built yet", path, format);
-		return -ENOTSUP;
-	}
+	if (!strcmp(format, "qcow2"))
+		return format_qcow2_create(path, size, options, out);
 	devio_err("%s: cannot create images of format '%s' (known: vhd, qcow2)", path, format);
 	return -EINVAL;
 }

@@ -22,6 +22,21 @@ bool devio_qcow2_probe(struct devio_backend *lower);
 int devio_qcow2_open(const char *name, struct devio_backend *lower, bool explicit,
 		     const struct devio_open_opts *opts, struct devio_backend **out);
 
+/* A new, empty qcow2 image at path (one there is replaced) of size bytes
+ * (rounded up to 512), built under a temporary name in the same folder,
+ * synced and renamed into place: refcount_order 4, no backing file, no
+ * feature bits.  o may be NULL: version 3 (compat 1.1) and 64 KiB
+ * clusters.  With out, the image is then opened read-write (the file
+ * backend and the qcow2 layer) into *out.  On error nothing is left and
+ * the cause was logged (-EINVAL for a bad option, -EFBIG for a size too
+ * large for the cluster size's 32 MiB L1 table). */
+struct devio_qcow2_new {
+	unsigned version;      /* 2 or 3; 0: 3 */
+	uint32_t cluster_size; /* a power of two, 512 .. 2 MiB; 0: 64 KiB */
+};
+int devio_qcow2_create(const char *path, uint64_t size, const struct devio_qcow2_new *o,
+		       struct devio_backend **out);
+
 /* Memory for each of an image's two metadata caches (L2 tables, refcount
  * blocks), for images opened afterwards; 0 = the default, 32 MiB.  At
  * least 16 tables are cached whatever the size.  For tests and tuning. */

@@ -7,7 +7,8 @@
  * and none of the others since that flush): the crash consistency of the
  * metadata write order and of its syncs at every possible cut.  Plus
  * data read back against a reference, a reopen after FLUSH, no leaks after
- * a clean close, writers on several threads, and the backing-file rule. */
+ * a clean close, writers on several threads, and the backing-file rule.
+ * And the images devio_qcow2_create makes: parsed back, checked, written. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -15,8 +16,10 @@
 #include <endian.h>
 #include <errno.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include "devio/layer.h"
 #include "devio/qcow2.h"
 #include "devio/util.h"
@@ -88,6 +91,8 @@ static uint32_t img_refcount(const struct img *im, uint64_t cl)
 
 static void img_ref(struct img *im, uint64_t off, uint64_t len)
 {
+	if (!len)
+		return; /* an empty L1 table (a 0-byte disk) */
 	for (uint64_t cl = off / im->cs; cl <= (off + len - 1) / im->cs && cl < im->nclusters; cl++)
 		im->refs[cl]++;
 }
@@ -523,6 +528,115 @@ static void test_bad_header_fields(void **state)
 	}
 }
 
+/* A new image from devio_qcow2_create, read into m; its path in dir. */
+static void load_new(struct mem *m, char *dir, const char *name, uint64_t size, const struct devio_qcow2_new *o)
+{
+	char path[512];
+	FILE *f;
+
+	snprintf(path, sizeof(path), "%s/%s", dir, name);
+	assert_int_equal(devio_qcow2_create(path, size, o, NULL), 0);
+	f = fopen(path, "rb");
+	assert_non_null(f);
+	m->len = fread(m->p, 1, MEM_CAP, f);
+	assert_true(feof(f) && m->len > 0);
+	fclose(f);
+	unlink(path);
+	m->b.size = m->len;
+	memcpy(m->durable, m->p, m->len);
+}
+
+/* Every cluster of a new image is metadata, counted once; the header as
+ * asked; our parser opens it; written through the layer it stays clean. */
+static void check_created(unsigned cb, uint32_t version, uint64_t vsize)
+{
+	char dir[] = "/tmp/test_qcow2.XXXXXX";
+	struct devio_qcow2_new o = { .version = version, .cluster_size = 1u << cb };
+	struct mem *m = mem_new();
+	struct devio_backend *q;
+	uint64_t cs = 1ull << cb, n;
+	uint8_t buf[4096], got[4096];
+	unsigned leaks = 1;
+
+	assert_non_null(mkdtemp(dir));
+	load_new(m, dir, "new.qcow2", vsize, &o);
+	assert_int_equal(rmdir(dir), 0);
+	assert_int_equal(rd32(m->p), 0x514649fb);
+	assert_int_equal(rd32(m->p + 4), version);
+	assert_int_equal(rd32(m->p + 20), cb);
+	assert_true(rd64(m->p + 24) == vsize);
+	assert_int_equal(rd64(m->p + 8), 0);            /* no backing file */
+	if (version == 3) {
+		assert_int_equal(rd64(m->p + 72), 0);   /* no feature bits */
+		assert_int_equal(rd32(m->p + 96), 4);   /* 16-bit refcounts */
+		assert_int_equal(rd32(m->p + 100), 104);
+	}
+	assert_int_equal(rd64(m->p + (version == 3 ? 104 : 72)), 0); /* the extensions' end */
+	assert_int_equal(m->len % cs, 0);
+	n = m->len / cs;
+	assert_int_equal(img_check(m->p, m->len, &leaks), 0);
+	assert_int_equal(leaks, 0);
+	for (uint64_t cl = 0; cl < n; cl++) {
+		struct img im = { .p = m->p, .len = m->len, .cs = cs, .cb = cb };
+
+		assert_int_equal(img_refcount(&im, cl), 1);
+	}
+	assert_int_equal(devio_qcow2_open("mem.qcow2", &m->b, false, NULL, &q), 0);
+	assert_true(q->size == vsize);
+	if (vsize >= sizeof(buf)) {
+		m->check = true;
+		memset(buf, 0x5c, sizeof(buf));
+		assert_int_equal(req(q, DEVIO_OP_WRITE, buf, vsize - sizeof(buf), sizeof(buf), 0), 0);
+		assert_int_equal(req(q, DEVIO_OP_FLUSH, NULL, 0, 0, 0), 0);
+		assert_int_equal(req(q, DEVIO_OP_READ, got, vsize - sizeof(buf), sizeof(got), 0), 0);
+		assert_memory_equal(got, buf, sizeof(buf));
+		assert_int_equal(m->bad + m->bad_cut, 0);
+		m->check = false;
+	}
+	devio_backend_close(q);
+	assert_int_equal(img_check(m->p, m->len, &leaks), 0);
+	assert_int_equal(leaks, 0);
+	mem_free(m);
+}
+
+static void test_create_v3_64k(void **state)
+{
+	check_created(16, 3, 32u << 20);
+}
+
+static void test_create_v2_512_many_blocks(void **state)
+{
+	check_created(9, 2, 1u << 30); /* a 256 KiB L1: refcount blocks of 128 KiB each */
+}
+
+static void test_create_v3_2m_and_empty(void **state)
+{
+	check_created(21, 3, 0);
+	check_created(12, 3, 5u << 20);
+}
+
+static void test_create_refusals(void **state)
+{
+	char dir[] = "/tmp/test_qcow2.XXXXXX", path[512];
+	static const struct devio_qcow2_new bad[] = {
+		{ .version = 1 }, { .version = 4 }, { .cluster_size = 256 }, { .cluster_size = 1000 },
+		{ .cluster_size = 4u << 20 },
+	};
+	struct devio_backend *q = NULL;
+
+	assert_non_null(mkdtemp(dir));
+	snprintf(path, sizeof(path), "%s/x.qcow2", dir);
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+		assert_int_equal(devio_qcow2_create(path, 1u << 20, &bad[i], &q), -EINVAL);
+	{
+		struct devio_qcow2_new o = { .cluster_size = 512 };
+
+		assert_int_equal(devio_qcow2_create(path, 1ull << 40, &o, &q), -EFBIG);
+	}
+	assert_null(q);
+	assert_int_equal(rmdir(dir), 0); /* nothing left in it */
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -535,6 +649,10 @@ int main(void)
 		cmocka_unit_test(test_extended_l2),
 		cmocka_unit_test(test_backing_refused_on_detection),
 		cmocka_unit_test(test_bad_header_fields),
+		cmocka_unit_test(test_create_v3_64k),
+		cmocka_unit_test(test_create_v2_512_many_blocks),
+		cmocka_unit_test(test_create_v3_2m_and_empty),
+		cmocka_unit_test(test_create_refusals),
 	};
 
 	devio_log_set_level(DEVIO_LOG_ERROR);
