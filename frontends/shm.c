@@ -143,7 +143,7 @@ struct shm_session {
 	struct shm_slot slots[];
 };
 
-static uint8_t *slot_hdr(struct shm_session *s, uint32_t tag)
+static uint8_t *shm_slot_hdr(struct shm_session *s, uint32_t tag)
 {
 	return s->region + (uint64_t)tag * devio_shm_slot_size(s->data_size);
 }
@@ -177,7 +177,7 @@ static void shm_bell(struct shm_session *s)
 static void shm_finish(struct shm_slot *sl, int r, uint64_t len)
 {
 	struct shm_session *s = sl->s;
-	uint8_t *h = slot_hdr(s, sl->tag);
+	uint8_t *h = shm_slot_hdr(s, sl->tag);
 	bool ring;
 
 	if (sl->code != DEVIO_REQ_INFO) /* INFO's three words are already there */
@@ -296,7 +296,7 @@ static int shm_decode_ranges(struct shm_session *s, struct shm_slot *sl, const u
  * was answered here, or -ECONNRESET for CLOSE. */
 static int shm_decode(struct shm_session *s, struct shm_slot *sl, int *err)
 {
-	uint8_t *h = slot_hdr(s, sl->tag);
+	uint8_t *h = shm_slot_hdr(s, sl->tag);
 	uint64_t v[3];
 	bool done = false;
 

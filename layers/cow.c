@@ -61,7 +61,7 @@ struct cow {
 	pthread_mutex_t flush_lock;
 };
 
-static struct cow *to_cow(struct devio_backend *b)
+static struct cow *cow_of(struct devio_backend *b)
 {
 	return b->priv;
 }
@@ -235,7 +235,7 @@ static uint64_t cow_run(struct cow *c, uint64_t off, uint64_t len, bool *in)
 
 static int cow_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t off)
 {
-	struct cow *c = to_cow(b);
+	struct cow *c = cow_of(b);
 	char *out = buf;
 
 	while (len) {
@@ -342,14 +342,14 @@ static int cow_each_block(struct cow *c, const char *buf, uint64_t len, uint64_t
 
 static int cow_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
 {
-	return cow_each_block(to_cow(b), buf, len, off);
+	return cow_each_block(cow_of(b), buf, len, off);
 }
 
 /* TRIM and ZERO alike: the range reads back as zeroes from the overlay
  * (TRIM must not uncover the source's bytes). */
 static int cow_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
 {
-	return cow_each_block(to_cow(b), NULL, len, off);
+	return cow_each_block(cow_of(b), NULL, len, off);
 }
 
 /* Copy the dirty bitmap pages (clearing their marks) into a new array of
@@ -411,7 +411,7 @@ static int cow_flush_bitmap(struct cow *c)
 
 static int cow_flush(struct devio_backend *b)
 {
-	struct cow *c = to_cow(b);
+	struct cow *c = cow_of(b);
 	int r;
 
 	if (!c->persistent || (b->caps & DEVIO_CAP_READONLY))
@@ -441,7 +441,7 @@ static int cow_walk_extent(void *ctx, uint64_t off, uint64_t len, uint32_t flags
 
 static int cow_extents(struct devio_backend *b, uint64_t off, uint64_t len, devio_extent_fn fn, void *ctx)
 {
-	struct cow *c = to_cow(b);
+	struct cow *c = cow_of(b);
 	uint64_t end = off + len;
 
 	while (off < end) {
@@ -462,7 +462,7 @@ static int cow_extents(struct devio_backend *b, uint64_t off, uint64_t len, devi
 
 static void cow_describe(struct devio_backend *b, char *out, size_t outlen)
 {
-	struct cow *c = to_cow(b);
+	struct cow *c = cow_of(b);
 
 	snprintf(out, outlen, "copy-on-write overlay %s: %" PRIu64 " of %" PRIu64 " blocks of %u bytes written%s",
 		 c->persistent ? c->name : "in RAM", (uint64_t)atomic_load(&c->present), c->h.nblocks,
@@ -488,7 +488,7 @@ static void cow_free(struct cow *c)
 /* The layer's own state only: the source is closed by the core after. */
 static void cow_close(struct devio_backend *b)
 {
-	struct cow *c = to_cow(b);
+	struct cow *c = cow_of(b);
 
 	cow_flush(b); /* the bitmap reaches the file; a failure was logged */
 	cow_free(c);
