@@ -13,8 +13,8 @@
  * "corks" the queue, so a burst of requests is answered with few syscalls.
  *
  * This file: the registration, start/stop/status, a connection's life
- * (negotiation, setup, the reader loop, teardown) and the slot pool; the
- * rest is split by concern (nbd_int.h lists the files).
+ * (negotiation, setup, the reader loop, teardown); the rest is split by
+ * concern (nbd_int.h lists the files).
  *
  * Ordering: a FLUSH covers every write whose reply was sent before the
  * FLUSH arrived; replies are only sent after the backend completed the
@@ -37,8 +37,6 @@
 #define NBD_MAX_CONNS 128                  /* clients served at once; more are closed at once */
 #define NBD_STOP_GRACE_MS 2000             /* stop: time to answer what is in flight */
 #define NBD_MAX_DEPTH 1024
-#define NBD_KEEP_BUF (1u << 20)          /* slot buffers up to this size are kept */
-#define NBD_MAX_BYTES_IN_FLIGHT (256u << 20) /* 4 requests of NBD_MAX_PAYLOAD */
 
 /* ---- negotiation I/O on the socket ---- */
 
@@ -50,62 +48,6 @@ static int nbd_sock_read(void *ctx, void *buf, size_t len)
 static int nbd_sock_write(void *ctx, const void *buf, size_t len)
 {
 	return devio_write_full(*(int *)ctx, buf, len);
-}
-
-/* ---- slots ---- */
-
-void nbd_slot_release_locked(struct nbd_conn *c, struct nbd_slot *sl)
-{
-	if (sl->cap > NBD_KEEP_BUF) {
-		free(sl->buf);
-		sl->buf = NULL;
-		sl->cap = 0;
-	}
-	c->bytes -= sl->held;
-	sl->held = 0;
-	sl->next = c->free_slots;
-	c->free_slots = sl;
-	c->inflight--;
-	pthread_cond_broadcast(&c->cond);
-}
-
-struct nbd_slot *nbd_slot_get(struct nbd_conn *c, size_t bytes)
-{
-	struct nbd_slot *sl;
-
-	pthread_mutex_lock(&c->lock);
-	while (!c->free_slots || (c->inflight && c->bytes + bytes > NBD_MAX_BYTES_IN_FLIGHT)) {
-		c->corked = false;
-		nbd_tx_flush_locked(c, true);
-		if (c->free_slots && !(c->inflight && c->bytes + bytes > NBD_MAX_BYTES_IN_FLIGHT))
-			break;
-		pthread_cond_wait(&c->cond, &c->lock);
-	}
-	sl = c->free_slots;
-	c->free_slots = sl->next;
-	c->inflight++;
-	c->bytes += bytes;
-	sl->held = bytes;
-	pthread_mutex_unlock(&c->lock);
-	sl->next = NULL;
-	sl->error = 0;
-	sl->npieces = 0;
-	return sl;
-}
-
-int nbd_slot_reserve(struct nbd_slot *sl, size_t len)
-{
-	uint8_t *p;
-
-	if (sl->cap >= len)
-		return 0;
-	p = malloc(len);
-	if (!p)
-		return -ENOMEM;
-	free(sl->buf);
-	sl->buf = p;
-	sl->cap = len;
-	return 0;
 }
 
 /* ---- connections ---- */

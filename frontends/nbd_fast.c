@@ -77,6 +77,54 @@ bool nbd_read_spliced(struct nbd_conn *c, const struct devio_nbd_request *nr)
 	return true;
 }
 
+/* Receive up to len payload bytes into the pieces: what the rx buffer
+ * holds, then whatever the socket delivers without making us sleep.
+ * Returns the bytes received or a negative errno. */
+static int64_t nbd_fast_rx_into(struct nbd_conn *c, const struct iovec *v, int n, uint64_t len)
+{
+	uint64_t done = 0;
+	bool uncorked = false;
+	int64_t r = 0;
+
+	if (c->rx_end - c->rx_start < len) {
+		nbd_tx_uncork(c); /* the replies go out while the payload comes in */
+		uncorked = true;
+	}
+	for (int i = 0; i < n && done < len; i++) {
+		uint8_t *p = v[i].iov_base;
+		size_t want = v[i].iov_len, got = c->rx_end - c->rx_start;
+
+		if (got > want)
+			got = want;
+		memcpy(p, c->rx + c->rx_start, got);
+		c->rx_start += got;
+		while (got < want) {
+			ssize_t k = recv(c->fd, p + got, want - got, MSG_DONTWAIT);
+
+			if (k > 0) {
+				got += (size_t)k;
+				continue;
+			}
+			if (k == 0) {
+				r = -ECONNRESET;
+			} else if (errno == EINTR) {
+				continue;
+			} else if (errno != EAGAIN && errno != EWOULDBLOCK) {
+				r = -errno;
+			} else if (nbd_rx_ready_soon(c)) {
+				continue;
+			}
+			break;
+		}
+		done += got;
+		if (r || got < want)
+			break;
+	}
+	if (uncorked)
+		nbd_tx_cork(c);
+	return r ? r : (int64_t)done;
+}
+
 /* Answer a WRITE the reader carried out itself (r: its result, FUA
  * included).  Returns 1: the reply is queued. */
 static int nbd_fast_reply_written(struct nbd_conn *c, const struct devio_nbd_request *nr, int r)
@@ -111,7 +159,7 @@ int nbd_write_in_place(struct nbd_conn *c, struct devio_nbd_request *nr)
 
 	if (!c->in_place_writes || !(c->b->caps & DEVIO_CAP_MAP) || devio_run(c->b, &req))
 		return 0; /* the usual path reports ENOSPC and the like */
-	done = nbd_rx_into(c, v, req.iovcnt, nr->length);
+	done = nbd_fast_rx_into(c, v, req.iovcnt, nr->length);
 	if (done < 0 || (uint64_t)done < nr->length)
 		req.flags &= ~DEVIO_REQ_FUA; /* the rest goes the usual way, FUA with it */
 	r = devio_map_end(&req);

@@ -1,9 +1,10 @@
 /* nbd_int.h - private to the --nbd front end (frontends/nbd*.c): the
  * connection and its slots, shared by the files that serve one:
- *   nbd.c        registration, start/stop/status, a connection's life, slots
+ *   nbd.c        registration, start/stop/status, a connection's life
  *   nbd_rx.c     the reader: requests and payloads from the socket, the
  *                poll before sleeping, held reply batches, starting requests
- *   nbd_tx.c     the sender: the reply queue, cork/uncork, completions
+ *   nbd_tx.c     the slot pool and the sender: the reply queue, cork/uncork,
+ *                completions
  *   nbd_reply.c  reply encoders (simple, structured, read chunks, block
  *                status, errors) into a slot's header and iovec
  *   nbd_fast.c   zero copy: in-place RAM reads/writes, spliced file I/O
@@ -94,12 +95,9 @@ struct nbd_state {
 	struct devio_workers *workers;
 };
 
-/* nbd.c: slots */
-void nbd_slot_release_locked(struct nbd_conn *c, struct nbd_slot *sl);
+/* nbd_tx.c: the slot pool and the sender */
 struct nbd_slot *nbd_slot_get(struct nbd_conn *c, size_t bytes);
 int nbd_slot_reserve(struct nbd_slot *sl, size_t len);
-
-/* nbd_tx.c: the sender */
 void nbd_tx_flush_locked(struct nbd_conn *c, bool by_reader);
 void nbd_tx_queue(struct nbd_conn *c, struct nbd_slot *sl);
 void *nbd_sender_main(void *arg);
@@ -115,7 +113,6 @@ void nbd_encode_read_header(struct nbd_slot *sl);
 
 /* nbd_rx.c: the reader */
 bool nbd_rx_ready_soon(struct nbd_conn *c);
-int64_t nbd_rx_into(struct nbd_conn *c, const struct iovec *v, int n, uint64_t len);
 int nbd_handle_one(struct nbd_conn *c);
 
 /* nbd_fast.c: zero-copy paths */

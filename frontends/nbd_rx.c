@@ -326,54 +326,6 @@ static void nbd_rx_reply_error(struct nbd_conn *c, struct nbd_slot *sl, uint32_t
 	nbd_tx_queue(c, sl);
 }
 
-/* Receive up to len payload bytes into the pieces: what the rx buffer
- * holds, then whatever the socket delivers without making us sleep.
- * Returns the bytes received or a negative errno. */
-int64_t nbd_rx_into(struct nbd_conn *c, const struct iovec *v, int n, uint64_t len)
-{
-	uint64_t done = 0;
-	bool uncorked = false;
-	int64_t r = 0;
-
-	if (c->rx_end - c->rx_start < len) {
-		nbd_tx_uncork(c); /* the replies go out while the payload comes in */
-		uncorked = true;
-	}
-	for (int i = 0; i < n && done < len; i++) {
-		uint8_t *p = v[i].iov_base;
-		size_t want = v[i].iov_len, got = c->rx_end - c->rx_start;
-
-		if (got > want)
-			got = want;
-		memcpy(p, c->rx + c->rx_start, got);
-		c->rx_start += got;
-		while (got < want) {
-			ssize_t k = recv(c->fd, p + got, want - got, MSG_DONTWAIT);
-
-			if (k > 0) {
-				got += (size_t)k;
-				continue;
-			}
-			if (k == 0) {
-				r = -ECONNRESET;
-			} else if (errno == EINTR) {
-				continue;
-			} else if (errno != EAGAIN && errno != EWOULDBLOCK) {
-				r = -errno;
-			} else if (nbd_rx_ready_soon(c)) {
-				continue;
-			}
-			break;
-		}
-		done += got;
-		if (r || got < want)
-			break;
-	}
-	if (uncorked)
-		nbd_tx_cork(c);
-	return r ? r : (int64_t)done;
-}
-
 /* Say once, here where the rule is known, why a request was refused: the
  * command, its range, the export and the rule (the client gets the rule
  * too).  outcome: " with EINVAL" and the like, or "" when the connection

@@ -1,19 +1,82 @@
-/* nbd_tx.c - the --nbd front end's sender: replies are queued on the
- * connection and sent in batches with one sendmsg; the reader "corks" the
- * queue while it has more requests to process and uncorks it before it
- * sleeps; completions on other threads hand their replies to the
+/* nbd_tx.c - the --nbd front end's slot pool and sender.  The reader
+ * takes a slot per request (waiting, after sending what is queued, while
+ * all are in use).  Replies are queued on the connection and sent in
+ * batches with one sendmsg, which gives their slots back; the reader
+ * "corks" the queue while it has more requests to process and uncorks it
+ * before it sleeps; completions on other threads hand their replies to the
  * connection's sender thread.  Also a spliced read's reply (header, then
  * the pipe) sent alone on the socket, and a request's completion.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include "devio/util.h"
 #include "nbd_int.h"
 
 #define NBD_TX_IOV 256
+#define NBD_KEEP_BUF (1u << 20)          /* slot buffers up to this size are kept */
+#define NBD_MAX_BYTES_IN_FLIGHT (256u << 20) /* 4 requests of NBD_MAX_PAYLOAD */
+
+/* ---- the slot pool: the reader takes, the sender gives back ---- */
+
+static void nbd_tx_slot_release_locked(struct nbd_conn *c, struct nbd_slot *sl)
+{
+	if (sl->cap > NBD_KEEP_BUF) {
+		free(sl->buf);
+		sl->buf = NULL;
+		sl->cap = 0;
+	}
+	c->bytes -= sl->held;
+	sl->held = 0;
+	sl->next = c->free_slots;
+	c->free_slots = sl;
+	c->inflight--;
+	pthread_cond_broadcast(&c->cond);
+}
+
+struct nbd_slot *nbd_slot_get(struct nbd_conn *c, size_t bytes)
+{
+	struct nbd_slot *sl;
+
+	pthread_mutex_lock(&c->lock);
+	while (!c->free_slots || (c->inflight && c->bytes + bytes > NBD_MAX_BYTES_IN_FLIGHT)) {
+		c->corked = false;
+		nbd_tx_flush_locked(c, true);
+		if (c->free_slots && !(c->inflight && c->bytes + bytes > NBD_MAX_BYTES_IN_FLIGHT))
+			break;
+		pthread_cond_wait(&c->cond, &c->lock);
+	}
+	sl = c->free_slots;
+	c->free_slots = sl->next;
+	c->inflight++;
+	c->bytes += bytes;
+	sl->held = bytes;
+	pthread_mutex_unlock(&c->lock);
+	sl->next = NULL;
+	sl->error = 0;
+	sl->npieces = 0;
+	return sl;
+}
+
+int nbd_slot_reserve(struct nbd_slot *sl, size_t len)
+{
+	uint8_t *p;
+
+	if (sl->cap >= len)
+		return 0;
+	p = malloc(len);
+	if (!p)
+		return -ENOMEM;
+	free(sl->buf);
+	sl->buf = p;
+	sl->cap = len;
+	return 0;
+}
+
+/* ---- sending replies ---- */
 
 static int nbd_tx_send_iov(int fd, struct iovec *iov, int n, int flags)
 {
@@ -74,7 +137,7 @@ void nbd_tx_flush_locked(struct nbd_conn *c, bool by_reader)
 		}
 		while (batch) {
 			sl = batch->next;
-			nbd_slot_release_locked(c, batch);
+			nbd_tx_slot_release_locked(c, batch);
 			batch = sl;
 		}
 	}
@@ -174,7 +237,7 @@ void nbd_tx_spliced(struct nbd_conn *c, struct nbd_slot *sl, size_t len)
 		c->broken = true;
 	}
 	c->sending = false;
-	nbd_slot_release_locked(c, sl);
+	nbd_tx_slot_release_locked(c, sl);
 	nbd_tx_flush_locked(c, true); /* what came in meanwhile */
 	pthread_mutex_unlock(&c->lock);
 	nbd_tx_cork(c);
