@@ -69,12 +69,12 @@ static int file_uring_submit(struct devio_file *f, struct devio_request *req);
 static int file_ring_submit(struct devio_backend *b, struct devio_request *req, struct devio_ring *ring);
 static void file_ring_cqe(struct devio_backend *b, struct devio_request *req, int res);
 
-static struct devio_file *to_file(struct devio_backend *b)
+static struct devio_file *file_of(struct devio_backend *b)
 {
 	return (struct devio_file *)b->priv;
 }
 
-static bool is_aligned(const struct devio_file *f, const void *buf, uint64_t len, uint64_t off)
+static bool file_is_aligned(const struct devio_file *f, const void *buf, uint64_t len, uint64_t off)
 {
 	uint64_t a = f->align;
 
@@ -83,7 +83,7 @@ static bool is_aligned(const struct devio_file *f, const void *buf, uint64_t len
 
 /* pread at an absolute offset, all of it: short reads continue, EOF is an
  * error (the range was checked to lie inside the file). */
-static int raw_pread(struct devio_file *f, int fd, void *buf, uint64_t len, uint64_t off)
+static int file_raw_pread(struct devio_file *f, int fd, void *buf, uint64_t len, uint64_t off)
 {
 	unsigned char *p = buf;
 
@@ -111,7 +111,7 @@ static int raw_pread(struct devio_file *f, int fd, void *buf, uint64_t len, uint
 	return 0;
 }
 
-static int raw_pwrite(struct devio_file *f, int fd, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
+static int file_raw_pwrite(struct devio_file *f, int fd, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
 {
 	const unsigned char *p = buf;
 
@@ -139,7 +139,7 @@ static int raw_pwrite(struct devio_file *f, int fd, const void *buf, uint64_t le
 	return 0;
 }
 
-static void *bounce_alloc(const struct devio_file *f, size_t len)
+static void *file_bounce_alloc(const struct devio_file *f, size_t len)
 {
 	void *p = NULL;
 
@@ -150,9 +150,9 @@ static void *bounce_alloc(const struct devio_file *f, size_t len)
 
 /* Read any range of whole blocks' bytes with O_DIRECT: through an aligned
  * bounce buffer. */
-static int bounce_pread(struct devio_file *f, void *buf, uint64_t len, uint64_t off)
+static int file_bounce_pread(struct devio_file *f, void *buf, uint64_t len, uint64_t off)
 {
-	unsigned char *out = buf, *bb = bounce_alloc(f, FILE_BOUNCE_MAX);
+	unsigned char *out = buf, *bb = file_bounce_alloc(f, FILE_BOUNCE_MAX);
 	int r = 0;
 
 	if (!bb)
@@ -163,7 +163,7 @@ static int bounce_pread(struct devio_file *f, void *buf, uint64_t len, uint64_t 
 		uint64_t n = FILE_BOUNCE_MAX - skip < len ? FILE_BOUNCE_MAX - skip : len;
 		uint64_t span = (skip + n + f->align - 1) / f->align * f->align;
 
-		r = raw_pread(f, f->fd, bb, span, start);
+		r = file_raw_pread(f, f->fd, bb, span, start);
 		if (!r)
 			memcpy(out, bb + skip, n);
 		out += n;
@@ -177,10 +177,10 @@ static int bounce_pread(struct devio_file *f, void *buf, uint64_t len, uint64_t 
 /* Write any range of whole blocks' bytes with O_DIRECT: partial blocks are
  * read, patched and written back.  The caller holds the blocks
  * exclusively (file_hold). */
-static int rmw_pwrite(struct devio_file *f, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
+static int file_rmw_pwrite(struct devio_file *f, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
 {
 	const unsigned char *in = buf;
-	unsigned char *bb = bounce_alloc(f, FILE_BOUNCE_MAX);
+	unsigned char *bb = file_bounce_alloc(f, FILE_BOUNCE_MAX);
 	int r = 0;
 
 	if (!bb)
@@ -192,10 +192,10 @@ static int rmw_pwrite(struct devio_file *f, const void *buf, uint64_t len, uint6
 		uint64_t span = (skip + n + f->align - 1) / f->align * f->align;
 
 		if (skip || n % f->align)
-			r = raw_pread(f, f->fd, bb, span, start); /* only head and tail matter; simple and rare */
+			r = file_raw_pread(f, f->fd, bb, span, start); /* only head and tail matter; simple and rare */
 		if (!r) {
 			memcpy(bb + skip, in, n);
-			r = raw_pwrite(f, f->fd, bb, span, start, flags);
+			r = file_raw_pwrite(f, f->fd, bb, span, start, flags);
 		}
 		in += n;
 		off += n;
@@ -207,7 +207,7 @@ static int rmw_pwrite(struct devio_file *f, const void *buf, uint64_t len, uint6
 
 /* How many of the len bytes at off lie before dio_end (O_DIRECT can move
  * them); the rest go through tail_fd. */
-static uint64_t dio_part(const struct devio_file *f, uint64_t len, uint64_t off)
+static uint64_t file_dio_part(const struct devio_file *f, uint64_t len, uint64_t off)
 {
 	if (off >= f->dio_end)
 		return 0;
@@ -215,30 +215,30 @@ static uint64_t dio_part(const struct devio_file *f, uint64_t len, uint64_t off)
 }
 
 /* Read any range at an absolute offset with O_DIRECT. */
-static int dio_pread(struct devio_file *f, void *buf, uint64_t len, uint64_t off)
+static int file_dio_pread(struct devio_file *f, void *buf, uint64_t len, uint64_t off)
 {
-	uint64_t n = dio_part(f, len, off);
+	uint64_t n = file_dio_part(f, len, off);
 	int r = 0;
 
 	if (n)
-		r = is_aligned(f, buf, n, off) ? raw_pread(f, f->fd, buf, n, off) : bounce_pread(f, buf, n, off);
+		r = file_is_aligned(f, buf, n, off) ? file_raw_pread(f, f->fd, buf, n, off) : file_bounce_pread(f, buf, n, off);
 	if (!r && len > n)
-		r = raw_pread(f, f->tail_fd, (unsigned char *)buf + n, len - n, off + n);
+		r = file_raw_pread(f, f->tail_fd, (unsigned char *)buf + n, len - n, off + n);
 	return r;
 }
 
 /* Write any range at an absolute offset with O_DIRECT; the caller holds
  * its blocks (file_hold). */
-static int dio_pwrite(struct devio_file *f, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
+static int file_dio_pwrite(struct devio_file *f, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
 {
-	uint64_t n = dio_part(f, len, off);
+	uint64_t n = file_dio_part(f, len, off);
 	int r = 0;
 
 	if (n)
-		r = is_aligned(f, buf, n, off) ? raw_pwrite(f, f->fd, buf, n, off, flags)
-					       : rmw_pwrite(f, buf, n, off, flags);
+		r = file_is_aligned(f, buf, n, off) ? file_raw_pwrite(f, f->fd, buf, n, off, flags)
+					       : file_rmw_pwrite(f, buf, n, off, flags);
 	if (!r && len > n)
-		r = raw_pwrite(f, f->tail_fd, (const unsigned char *)buf + n, len - n, off + n, flags);
+		r = file_raw_pwrite(f, f->tail_fd, (const unsigned char *)buf + n, len - n, off + n, flags);
 	return r;
 }
 
@@ -262,30 +262,30 @@ static void file_unhold(struct devio_file *f, struct devio_range *held)
 /* Read at off. */
 static int file_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t off)
 {
-	struct devio_file *f = to_file(b);
+	struct devio_file *f = file_of(b);
 
 	if (f->direct)
-		return dio_pread(f, buf, len, off);
-	return raw_pread(f, f->fd, buf, len, off);
+		return file_dio_pread(f, buf, len, off);
+	return file_raw_pread(f, f->fd, buf, len, off);
 }
 
 static int file_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
 {
-	struct devio_file *f = to_file(b);
+	struct devio_file *f = file_of(b);
 	struct devio_range held;
 	int r;
 
 	if (!f->direct)
-		return raw_pwrite(f, f->fd, buf, len, off, flags);
+		return file_raw_pwrite(f, f->fd, buf, len, off, flags);
 	file_hold(f, &held, off, len);
-	r = dio_pwrite(f, buf, len, off, flags);
+	r = file_dio_pwrite(f, buf, len, off, flags);
 	file_unhold(f, &held);
 	return r;
 }
 
 static int file_flush(struct devio_backend *b)
 {
-	struct devio_file *f = to_file(b);
+	struct devio_file *f = file_of(b);
 
 	if (fdatasync(f->fd) < 0) {
 		int r = -errno;
@@ -300,7 +300,7 @@ static int file_flush(struct devio_backend *b)
  * the file or out of it.  Returns 0, -EAGAIN when the pipe is empty (into
  * the file) or full (out of it) and the pipe's end is non-blocking, or
  * another negative errno (-EIO at the end of the pipe or of the file). */
-static int splice_file(struct devio_file *f, int pipe_fd, loff_t *pos, uint64_t len, bool into_file)
+static int file_splice_loop(struct devio_file *f, int pipe_fd, loff_t *pos, uint64_t len, bool into_file)
 {
 	while (len) {
 		size_t want = len > (1u << 30) ? (1u << 30) : (size_t)len;
@@ -324,7 +324,7 @@ static int splice_file(struct devio_file *f, int pipe_fd, loff_t *pos, uint64_t 
 static int file_splice_write(struct devio_file *f, int pipe_fd, uint64_t len, uint64_t off)
 {
 	loff_t pos = (loff_t)off;
-	int r = splice_file(f, pipe_fd, &pos, len, true);
+	int r = file_splice_loop(f, pipe_fd, &pos, len, true);
 
 	if (r) {
 		devio_err("%s: write of %" PRIu64 " bytes at offset %" PRIu64 " from a pipe: %s", f->path, len,
@@ -347,7 +347,7 @@ static int file_splice_read(struct devio_file *f, int pipe_fd, uint64_t len, uin
 	 * as holes. */
 	if (!f->is_blk && (fstat(f->fd, &st) || (uint64_t)st.st_blocks * 512 < (uint64_t)st.st_size))
 		return -EAGAIN;
-	r = splice_file(f, pipe_fd, &pos, len, false);
+	r = file_splice_loop(f, pipe_fd, &pos, len, false);
 	if (r && r != -EAGAIN) /* -EAGAIN: the pipe is full, the caller copies instead */
 		devio_err("%s: read of %" PRIu64 " bytes at offset %" PRIu64 " into a pipe: %s", f->path, len,
 			  off, r == -EIO ? "unexpected end of file" : strerror(-r));
@@ -357,7 +357,7 @@ static int file_splice_read(struct devio_file *f, int pipe_fd, uint64_t len, uin
 /* READ and WRITE with a pipe for a buffer (DEVIO_BUF_PIPE). */
 static int file_splice(struct devio_backend *b, struct devio_request *req)
 {
-	struct devio_file *f = to_file(b);
+	struct devio_file *f = file_of(b);
 
 	if (req->op == DEVIO_OP_WRITE)
 		return file_splice_write(f, req->pipe_fd, req->length, req->offset);
@@ -366,7 +366,7 @@ static int file_splice(struct devio_backend *b, struct devio_request *req)
 
 /* Write zeroes at an absolute offset, the slow way (with O_DIRECT the
  * caller holds the blocks). */
-static int write_zeroes(struct devio_file *f, uint64_t off, uint64_t len)
+static int file_write_zeroes(struct devio_file *f, uint64_t off, uint64_t len)
 {
 	uint64_t n = len < FILE_BOUNCE_MAX ? len : FILE_BOUNCE_MAX;
 	unsigned char *z;
@@ -374,14 +374,14 @@ static int write_zeroes(struct devio_file *f, uint64_t off, uint64_t len)
 
 	if (f->direct)
 		n = (n + f->align - 1) / f->align * f->align;
-	z = bounce_alloc(f, (size_t)n);
+	z = file_bounce_alloc(f, (size_t)n);
 	if (!z)
 		return -ENOMEM;
 	memset(z, 0, (size_t)n);
 	while (len && !r) {
 		uint64_t m = len < n ? len : n;
 
-		r = f->direct ? dio_pwrite(f, z, m, off, 0) : raw_pwrite(f, f->fd, z, m, off, 0);
+		r = f->direct ? file_dio_pwrite(f, z, m, off, 0) : file_raw_pwrite(f, f->fd, z, m, off, 0);
 		off += m;
 		len -= m;
 	}
@@ -389,7 +389,7 @@ static int write_zeroes(struct devio_file *f, uint64_t off, uint64_t len)
 	return r;
 }
 
-static int try_fallocate(struct devio_file *f, int mode, uint64_t off, uint64_t len)
+static int file_try_fallocate(struct devio_file *f, int mode, uint64_t off, uint64_t len)
 {
 	while (fallocate(f->fd, mode, (off_t)off, (off_t)len) < 0) {
 		if (errno != EINTR)
@@ -401,29 +401,29 @@ static int try_fallocate(struct devio_file *f, int mode, uint64_t off, uint64_t 
 /* Block devices: the ioctls take 512-byte aligned ranges; the unaligned
  * head and tail are written as zeroes.  op is BLKDISCARD or BLKZEROOUT, or
  * 0 to use fallocate(mode) on the device. */
-static int blk_range(struct devio_file *f, unsigned long op, int mode, uint64_t off, uint64_t len)
+static int file_blk_range(struct devio_file *f, unsigned long op, int mode, uint64_t off, uint64_t len)
 {
 	uint64_t a = f->lbs, start = (off + a - 1) / a * a, end = (off + len) / a * a;
 	int r;
 
 	if (start >= end)
-		return write_zeroes(f, off, len);
+		return file_write_zeroes(f, off, len);
 	if (op) {
 		uint64_t range[2] = { start, end - start };
 
 		r = ioctl(f->fd, op, range) < 0 ? -errno : 0;
 	} else {
-		r = try_fallocate(f, mode, start, end - start);
+		r = file_try_fallocate(f, mode, start, end - start);
 	}
 	if (r)
 		return r;
-	r = write_zeroes(f, off, start - off);
+	r = file_write_zeroes(f, off, start - off);
 	if (!r)
-		r = write_zeroes(f, end, off + len - end);
+		r = file_write_zeroes(f, end, off + len - end);
 	return r;
 }
 
-static bool not_supported(int r)
+static bool file_not_supported(int r)
 {
 	return r == -EOPNOTSUPP || r == -ENOSYS || r == -EINVAL || r == -ENOTTY;
 }
@@ -432,19 +432,19 @@ static bool not_supported(int r)
  * device cannot, write zeroes so that the range still reads back zero. */
 static int file_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
 {
-	struct devio_file *f = to_file(b);
+	struct devio_file *f = file_of(b);
 	struct devio_range held;
 	int r;
 
 	file_hold(f, &held, off, len);
 	if (f->is_blk) {
-		r = blk_range(f, BLKDISCARD, 0, off, len);
-		if (not_supported(r))
-			r = blk_range(f, BLKZEROOUT, 0, off, len);
+		r = file_blk_range(f, BLKDISCARD, 0, off, len);
+		if (file_not_supported(r))
+			r = file_blk_range(f, BLKZEROOUT, 0, off, len);
 	} else {
-		r = try_fallocate(f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len);
-		if (not_supported(r))
-			r = write_zeroes(f, off, len);
+		r = file_try_fallocate(f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len);
+		if (file_not_supported(r))
+			r = file_write_zeroes(f, off, len);
 	}
 	file_unhold(f, &held);
 	if (r)
@@ -457,18 +457,18 @@ static int file_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32
  * for FAST_ZERO) zeroes written. */
 static int file_zero_reg(struct devio_file *f, uint64_t abs, uint64_t len, uint32_t flags)
 {
-	int r = try_fallocate(f, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, abs, len);
+	int r = file_try_fallocate(f, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, abs, len);
 
-	if (!not_supported(r))
+	if (!file_not_supported(r))
 		return r;
 	if (!(flags & DEVIO_REQ_NO_HOLE)) {
-		r = try_fallocate(f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, abs, len);
-		if (!not_supported(r))
+		r = file_try_fallocate(f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, abs, len);
+		if (!file_not_supported(r))
 			return r;
 	}
 	if (flags & DEVIO_REQ_FAST_ZERO)
 		return -ENOTSUP;
-	return write_zeroes(f, abs, len);
+	return file_write_zeroes(f, abs, len);
 }
 
 /* ZERO on a block device: fallocate(PUNCH_HOLE) on a device never falls
@@ -478,18 +478,18 @@ static int file_zero_blk(struct devio_file *f, uint64_t abs, uint64_t len, uint3
 	int r;
 
 	if (flags & DEVIO_REQ_FAST_ZERO) {
-		r = blk_range(f, 0, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, abs, len);
-		return not_supported(r) ? -ENOTSUP : r;
+		r = file_blk_range(f, 0, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, abs, len);
+		return file_not_supported(r) ? -ENOTSUP : r;
 	}
-	r = blk_range(f, BLKZEROOUT, 0, abs, len);
-	if (not_supported(r))
-		r = write_zeroes(f, abs, len);
+	r = file_blk_range(f, BLKZEROOUT, 0, abs, len);
+	if (file_not_supported(r))
+		r = file_write_zeroes(f, abs, len);
 	return r;
 }
 
 static int file_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
 {
-	struct devio_file *f = to_file(b);
+	struct devio_file *f = file_of(b);
 	struct devio_range held;
 	int r;
 
@@ -506,7 +506,7 @@ static int file_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint32
  * and filesystems without holes report everything as data. */
 static int file_extents(struct devio_backend *b, uint64_t off, uint64_t len, devio_extent_fn fn, void *ctx)
 {
-	struct devio_file *f = to_file(b);
+	struct devio_file *f = file_of(b);
 	uint64_t pos = off, end = off + len;
 
 	if (f->is_blk)
@@ -541,7 +541,7 @@ static int file_extents(struct devio_backend *b, uint64_t off, uint64_t len, dev
 	return 0;
 }
 
-static int open_tail_fd(struct devio_file *f, uint64_t image_size);
+static int file_open_tail_fd(struct devio_file *f, uint64_t image_size);
 
 /* Let writes reach size bytes: for an image format that appends blocks
  * (VHD, qcow2).  The file itself grows as those writes land; with O_DIRECT
@@ -549,7 +549,7 @@ static int open_tail_fd(struct devio_file *f, uint64_t image_size);
  * descriptor, as the tail of the file did. */
 static int file_grow(struct devio_backend *b, uint64_t size)
 {
-	struct devio_file *f = to_file(b);
+	struct devio_file *f = file_of(b);
 	int r;
 
 	if (!f->whole || f->readonly)
@@ -559,7 +559,7 @@ static int file_grow(struct devio_backend *b, uint64_t size)
 	if (size > (uint64_t)INT64_MAX)
 		return -EFBIG;
 	if (f->direct && f->tail_fd < 0) {
-		r = open_tail_fd(f, size);
+		r = file_open_tail_fd(f, size);
 		if (r)
 			return r;
 	}
@@ -569,7 +569,7 @@ static int file_grow(struct devio_backend *b, uint64_t size)
 
 static void file_describe(struct devio_backend *b, char *out, size_t outlen)
 {
-	struct devio_file *f = to_file(b);
+	struct devio_file *f = file_of(b);
 	const char *uring = !f->uring ? "" :
 			    f->direct ? ", io_uring for all I/O" :
 			    f->uring_reads && f->uring_writes ? ", io_uring for reads and writes" :
@@ -583,7 +583,7 @@ static void file_describe(struct devio_backend *b, char *out, size_t outlen)
 
 static void file_close(struct devio_backend *b)
 {
-	struct devio_file *f = to_file(b);
+	struct devio_file *f = file_of(b);
 
 	file_uring_stop(f);
 	close(f->fd);
@@ -626,7 +626,7 @@ static bool file_read_cached(struct devio_file *f, struct devio_request *req)
  * synchronous callbacks. */
 static int file_submit(struct devio_backend *b, struct devio_request *req)
 {
-	struct devio_file *f = to_file(b);
+	struct devio_file *f = file_of(b);
 
 	if (req->op == DEVIO_OP_CACHE) {
 		posix_fadvise(f->fd, (off_t)(req->offset), (off_t)req->length, POSIX_FADV_WILLNEED);
@@ -656,7 +656,7 @@ static const struct devio_backend_ops file_ops = {
 	.ring_cqe = file_ring_cqe,
 };
 
-static int open_fd(struct devio_file *f, const struct devio_open_opts *opts)
+static int file_open_fd(struct devio_file *f, const struct devio_open_opts *opts)
 {
 	int flags = (opts->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC | (opts->direct ? O_DIRECT : 0);
 
@@ -680,7 +680,7 @@ static int open_fd(struct devio_file *f, const struct devio_open_opts *opts)
  * (FMODE_BUF_WASYNC: XFS, btrfs).  Elsewhere io_uring punts each request
  * to a worker thread (and serialises writes to one file on one worker);
  * measured, a plain pread/pwrite in the submitting thread is faster. */
-static void probe_uring_paths(struct devio_file *f, uint64_t size)
+static void file_probe_uring_paths(struct devio_file *f, uint64_t size)
 {
 	unsigned char byte;
 	struct iovec iov = { &byte, 1 };
@@ -698,7 +698,7 @@ static void probe_uring_paths(struct devio_file *f, uint64_t size)
 /* O_DIRECT on a file whose size is not a multiple of the alignment: a
  * descriptor of the same open file (not the path again, which may name
  * another file by now) without O_DIRECT, for the bytes past dio_end. */
-static int open_tail_fd(struct devio_file *f, uint64_t image_size)
+static int file_open_tail_fd(struct devio_file *f, uint64_t image_size)
 {
 	char self[64];
 	int flags = fcntl(f->fd, F_GETFL), err;
@@ -723,7 +723,7 @@ static int open_tail_fd(struct devio_file *f, uint64_t image_size)
 }
 
 /* Size, kind and alignment of the open file. */
-static int probe_file(struct devio_file *f, uint64_t *image_size)
+static int file_probe(struct devio_file *f, uint64_t *image_size)
 {
 	struct stat st;
 
@@ -752,17 +752,17 @@ static int probe_file(struct devio_file *f, uint64_t *image_size)
 	f->lbs = 512;
 	f->align = f->direct ? 4096 : 1;
 	f->dio_end = *image_size / f->align * f->align;
-	return f->dio_end < *image_size ? open_tail_fd(f, *image_size) : 0;
+	return f->dio_end < *image_size ? file_open_tail_fd(f, *image_size) : 0;
 }
 
 /* Can this filesystem punch holes?  Punching past the end changes nothing. */
-static bool probe_punch(struct devio_file *f, uint64_t image_size)
+static bool file_probe_punch(struct devio_file *f, uint64_t image_size)
 {
 	uint64_t past = (image_size + 65535) / 65536 * 65536 + 65536;
 
 	if (f->is_blk || f->readonly)
 		return f->is_blk;
-	return try_fallocate(f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, past, 4096) == 0;
+	return file_try_fallocate(f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, past, 4096) == 0;
 }
 
 int devio_file_open(const char *path, const struct devio_open_opts *opts, struct devio_backend **out)
@@ -786,10 +786,10 @@ int devio_file_open(const char *path, const struct devio_open_opts *opts, struct
 	f->tail_fd = -1;
 	f->readonly = opts->readonly;
 	f->direct = opts->direct;
-	r = open_fd(f, opts);
+	r = file_open_fd(f, opts);
 	if (r)
 		goto out_free;
-	r = probe_file(f, &size);
+	r = file_probe(f, &size);
 	if (r)
 		goto out_close;
 	f->b.ops = &file_ops;
@@ -801,9 +801,9 @@ int devio_file_open(const char *path, const struct devio_open_opts *opts, struct
 		    DEVIO_CAP_MULTI_CONN | DEVIO_CAP_CACHE | DEVIO_CAP_PWRITE_FUA /* RWF_DSYNC */;
 	if (f->readonly)
 		f->b.caps |= DEVIO_CAP_READONLY;
-	else if (probe_punch(f, size))
+	else if (file_probe_punch(f, size))
 		f->b.caps |= DEVIO_CAP_TRIM | DEVIO_CAP_FAST_ZERO;
-	probe_uring_paths(f, size);
+	file_probe_uring_paths(f, size);
 	/* Spliced reads and writes run synchronously: offered where plain ones
 	 * do too (not where io_uring reads the page cache or writes it
 	 * asynchronously) and not for O_DIRECT, which wants aligned memory a
@@ -886,7 +886,7 @@ struct file_dio {
 static __thread struct file_ring *ring_reaping;
 
 /* Fill sqe with (the rest of) req. */
-static void ring_prep(struct devio_file *f, struct devio_request *req, struct io_uring_sqe *sqe, bool fixed)
+static void file_ring_prep(struct devio_file *f, struct devio_request *req, struct io_uring_sqe *sqe, bool fixed)
 {
 	int fd = fixed ? 0 : f->fd;
 	uint64_t done = req->priv[0], left = req->length - done;
@@ -908,7 +908,7 @@ static void ring_prep(struct devio_file *f, struct devio_request *req, struct io
 }
 
 /* Submit every SQE the kernel has not taken yet (token held). */
-static void ring_push(struct devio_file *f)
+static void file_ring_push(struct devio_file *f)
 {
 	struct file_ring *fr = f->uring;
 	unsigned failures = 0;
@@ -930,7 +930,7 @@ static void ring_push(struct devio_file *f)
 }
 
 /* Move the queued requests into SQEs, oldest first (token held). */
-static void ring_fill(struct devio_file *f)
+static void file_ring_fill(struct devio_file *f)
 {
 	struct file_ring *fr = f->uring;
 	struct devio_request *req = atomic_exchange(&fr->pending, NULL), *fifo = NULL;
@@ -946,11 +946,11 @@ static void ring_fill(struct devio_file *f)
 		struct io_uring_sqe *sqe;
 
 		while (!(sqe = io_uring_get_sqe(&fr->ring))) {
-			ring_push(f);
+			file_ring_push(f);
 			if (io_uring_sq_space_left(&fr->ring) == 0)
 				sched_yield();
 		}
-		ring_prep(f, req, sqe, fr->fixed_file);
+		file_ring_prep(f, req, sqe, fr->fixed_file);
 		io_uring_sqe_set_data(sqe, req);
 	}
 }
@@ -958,13 +958,13 @@ static void ring_fill(struct devio_file *f)
 /* Take the submitter token unless another thread holds it, and submit
  * what is queued until nothing is left; a request queued by a thread that
  * found the token taken is seen by the holder's last look at the list. */
-static void ring_kick(struct devio_file *f)
+static void file_ring_kick(struct devio_file *f)
 {
 	struct file_ring *fr = f->uring;
 
 	while (!atomic_exchange(&fr->submitting, true)) {
-		ring_fill(f);
-		ring_push(f);
+		file_ring_fill(f);
+		file_ring_push(f);
 		atomic_store(&fr->submitting, false);
 		if (!atomic_load(&fr->pending))
 			break;
@@ -972,7 +972,7 @@ static void ring_kick(struct devio_file *f)
 }
 
 /* Queue (the rest of) req on the backend's own ring. */
-static void ring_queue(struct devio_file *f, struct devio_request *req)
+static void file_ring_queue(struct devio_file *f, struct devio_request *req)
 {
 	struct file_ring *fr = f->uring;
 	struct devio_request *old = atomic_load(&fr->pending);
@@ -981,16 +981,16 @@ static void ring_queue(struct devio_file *f, struct devio_request *req)
 		req->next = old;
 	while (!atomic_compare_exchange_weak(&fr->pending, &old, req));
 	if (ring_reaping != fr) /* the reaper submits once per batch of CQEs */
-		ring_kick(f);
+		file_ring_kick(f);
 }
 
 /* Queue the rest of req where it runs: the caller's ring or our own. */
-static void ring_requeue(struct devio_file *f, struct devio_request *req, struct devio_ring *on)
+static void file_ring_requeue(struct devio_file *f, struct devio_request *req, struct devio_ring *on)
 {
 	struct io_uring_sqe *sqe;
 
 	if (!on) {
-		ring_queue(f, req);
+		file_ring_queue(f, req);
 		return;
 	}
 	sqe = devio_ring_get_sqe(on);
@@ -1001,14 +1001,14 @@ static void ring_requeue(struct devio_file *f, struct devio_request *req, struct
 		req->complete(req);
 		return;
 	}
-	ring_prep(f, req, sqe, false);
+	file_ring_prep(f, req, sqe, false);
 	devio_ring_sqe_request(sqe, req);
 }
 
 /* Set up req->priv[1] for an O_DIRECT read or write of an aligned range. */
-static int ring_dio_start(struct devio_file *f, struct devio_request *req)
+static int file_ring_dio_start(struct devio_file *f, struct devio_request *req)
 {
-	bool bounce = !is_aligned(f, req->buf, 0, 0);
+	bool bounce = !file_is_aligned(f, req->buf, 0, 0);
 	struct file_dio *d;
 
 	req->priv[1] = 0;
@@ -1017,7 +1017,7 @@ static int ring_dio_start(struct devio_file *f, struct devio_request *req)
 	if (bounce && req->length > FILE_BOUNCE_MAX)
 		return -E2BIG;
 	d = calloc(1, sizeof(*d));
-	if (!d || (bounce && !(d->bounce = bounce_alloc(f, req->length)))) {
+	if (!d || (bounce && !(d->bounce = file_bounce_alloc(f, req->length)))) {
 		free(d);
 		return -ENOMEM;
 	}
@@ -1029,7 +1029,7 @@ static int ring_dio_start(struct devio_file *f, struct devio_request *req)
 	return 0;
 }
 
-static void ring_dio_end(struct devio_file *f, struct devio_request *req, int r)
+static void file_ring_dio_end(struct devio_file *f, struct devio_request *req, int r)
 {
 	struct file_dio *d = (struct file_dio *)(uintptr_t)req->priv[1];
 
@@ -1046,9 +1046,9 @@ static void ring_dio_end(struct devio_file *f, struct devio_request *req, int r)
 
 /* The blocks are let go before complete(): what the callback starts next
  * may want them. */
-static void ring_finish(struct devio_file *f, struct devio_request *req, int r, struct devio_ring *on)
+static void file_ring_finish(struct devio_file *f, struct devio_request *req, int r, struct devio_ring *on)
 {
-	ring_dio_end(f, req, r);
+	file_ring_dio_end(f, req, r);
 	req->result = r;
 	req->complete(req);
 	if (!on)
@@ -1057,41 +1057,41 @@ static void ring_finish(struct devio_file *f, struct devio_request *req, int r, 
 
 /* One CQE for req (on our ring, or on the caller's ring `on`): done,
  * continue a short transfer, retry, or fail. */
-static void ring_handle(struct devio_file *f, struct devio_request *req, int res, struct devio_ring *on)
+static void file_ring_handle(struct devio_file *f, struct devio_request *req, int res, struct devio_ring *on)
 {
 	bool retry = res == -EAGAIN || res == -EINTR || (res == -ECANCELED && !on && !f->uring->closing);
 
 	if (retry) {
-		ring_requeue(f, req, on);
+		file_ring_requeue(f, req, on);
 		return;
 	}
 	if (res < 0) {
 		devio_err("%s: %s of %" PRIu64 " bytes at offset %" PRIu64 ": %s", f->path, devio_op_name(req->op),
 			  req->length, req->offset, strerror(-res));
-		ring_finish(f, req, res, on);
+		file_ring_finish(f, req, res, on);
 		return;
 	}
 	if (req->op == DEVIO_OP_FLUSH) {
-		ring_finish(f, req, 0, on);
+		file_ring_finish(f, req, 0, on);
 		return;
 	}
 	if (res == 0) {
 		devio_err("%s: %s at offset %" PRIu64 ": unexpected end of file (did it shrink?)", f->path,
 			  devio_op_name(req->op), req->offset + req->priv[0]);
-		ring_finish(f, req, -EIO, on);
+		file_ring_finish(f, req, -EIO, on);
 		return;
 	}
 	req->priv[0] += (uint64_t)res;
 	if (req->priv[0] < req->length)
-		ring_requeue(f, req, on); /* short transfer: the rest */
+		file_ring_requeue(f, req, on); /* short transfer: the rest */
 	else
-		ring_finish(f, req, 0, on);
+		file_ring_finish(f, req, 0, on);
 }
 
 /* Sleep until a completion.  The timeout is a safety net: SQEs the kernel
  * did not take are pushed again after it.  Touches only the completion
  * side, so a submitter may run meanwhile. */
-static int ring_wait(struct file_ring *fr)
+static int file_ring_wait(struct file_ring *fr)
 {
 	struct __kernel_timespec ts = { .tv_sec = 1 };
 	struct io_uring_cqe *cqe;
@@ -1103,7 +1103,7 @@ static int ring_wait(struct file_ring *fr)
 
 /* The completion thread: reap, handle, until closed and drained.  What the
  * completion callbacks queue is submitted after each batch. */
-static void *ring_reaper(void *arg)
+static void *file_ring_reaper(void *arg)
 {
 	struct devio_file *f = arg;
 	struct file_ring *fr = f->uring;
@@ -1121,31 +1121,31 @@ static void *ring_reaper(void *arg)
 				break;
 		}
 		if (n == 0) {
-			int r = ring_wait(fr);
+			int r = file_ring_wait(fr);
 
 			if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY && r != -ETIME) {
 				devio_err("%s: io_uring_enter: %s; completion thread stops", f->path, strerror(-r));
 				break;
 			}
 			if (r == -ETIME)
-				ring_kick(f);
+				file_ring_kick(f);
 			continue;
 		}
 		io_uring_cq_advance(&fr->ring, n);
 		ring_reaping = fr;
 		for (unsigned i = 0; i < n; i++) {
 			if (got[i].req)
-				ring_handle(f, got[i].req, got[i].res, NULL);
+				file_ring_handle(f, got[i].req, got[i].res, NULL);
 			else
 				stop_seen = true;
 		}
 		ring_reaping = NULL;
-		ring_kick(f);
+		file_ring_kick(f);
 	}
 	return NULL;
 }
 
-static int ring_setup(struct file_ring *fr)
+static int file_ring_setup(struct file_ring *fr)
 {
 	struct io_uring_params p;
 	int r;
@@ -1177,7 +1177,7 @@ static void file_uring_start(struct devio_file *f)
 
 	if (!fr)
 		return;
-	r = ring_setup(fr);
+	r = file_ring_setup(fr);
 	if (r) {
 		devio_info("%s: io_uring unavailable (%s): synchronous I/O only", f->path, strerror(-r));
 		free(fr);
@@ -1185,7 +1185,7 @@ static void file_uring_start(struct devio_file *f)
 	}
 	fr->fixed_file = io_uring_register_files(&fr->ring, &f->fd, 1) == 0;
 	f->uring = fr;
-	if (pthread_create(&fr->reaper, NULL, ring_reaper, f)) {
+	if (pthread_create(&fr->reaper, NULL, file_ring_reaper, f)) {
 		devio_info("%s: cannot start the io_uring completion thread: synchronous I/O only", f->path);
 		f->uring = NULL;
 		io_uring_queue_exit(&fr->ring);
@@ -1205,12 +1205,12 @@ static void file_uring_stop(struct devio_file *f)
 	fr->closing = true;
 	while (atomic_exchange(&fr->submitting, true))
 		sched_yield();
-	ring_fill(f);
+	file_ring_fill(f);
 	while (!(sqe = io_uring_get_sqe(&fr->ring)))
-		ring_push(f);
+		file_ring_push(f);
 	io_uring_prep_nop(sqe);
 	io_uring_sqe_set_data(sqe, NULL);
-	ring_push(f);
+	file_ring_push(f);
 	atomic_store(&fr->submitting, false);
 	pthread_join(fr->reaper, NULL);
 	io_uring_queue_exit(&fr->ring);
@@ -1219,12 +1219,12 @@ static void file_uring_stop(struct devio_file *f)
 }
 
 /* What any io_uring path takes (the own ring adds its in-flight cap). */
-static bool ring_takes(const struct devio_file *f, const struct devio_request *req)
+static bool file_ring_takes(const struct devio_file *f, const struct devio_request *req)
 {
 	if (req->op != DEVIO_OP_READ && req->op != DEVIO_OP_WRITE && req->op != DEVIO_OP_FLUSH)
 		return false;
 	if (req->op != DEVIO_OP_FLUSH && (req->length == 0 ||
-	    (f->direct && !is_aligned(f, NULL, req->length, req->offset))))
+	    (f->direct && !file_is_aligned(f, NULL, req->length, req->offset))))
 		return false; /* unaligned O_DIRECT ranges: read-modify-write in file_submit */
 	if (req->op == DEVIO_OP_READ && !f->uring_reads)
 		return false; /* a page-cache copy: cheaper here than through an io-wq worker */
@@ -1237,7 +1237,7 @@ static int file_uring_submit(struct devio_file *f, struct devio_request *req)
 {
 	struct file_ring *fr = f->uring;
 
-	if (!fr || fr->closing || !ring_takes(f, req))
+	if (!fr || fr->closing || !file_ring_takes(f, req))
 		return -EAGAIN;
 	if (atomic_fetch_add(&fr->inflight, 1) >= RING_MAX_INFLIGHT) {
 		atomic_fetch_sub(&fr->inflight, 1);
@@ -1245,11 +1245,11 @@ static int file_uring_submit(struct devio_file *f, struct devio_request *req)
 	}
 	/* priv[0]: bytes a cached read already copied (0 for the rest) */
 	req->priv[1] = 0;
-	if (f->direct && req->op != DEVIO_OP_FLUSH && ring_dio_start(f, req)) {
+	if (f->direct && req->op != DEVIO_OP_FLUSH && file_ring_dio_start(f, req)) {
 		atomic_fetch_sub(&fr->inflight, 1);
 		return -EAGAIN; /* run synchronously: bounced in pieces */
 	}
-	ring_queue(f, req);
+	file_ring_queue(f, req);
 	return 0;
 }
 
@@ -1258,12 +1258,12 @@ static int file_uring_submit(struct devio_file *f, struct devio_request *req)
  * and where the own ring would decline too. */
 static int file_ring_submit(struct devio_backend *b, struct devio_request *req, struct devio_ring *ring)
 {
-	struct devio_file *f = to_file(b);
+	struct devio_file *f = file_of(b);
 	struct io_uring_sqe *sqe;
 
-	if (!f->uring || !ring_takes(f, req))
+	if (!f->uring || !file_ring_takes(f, req))
 		return -EAGAIN;
-	if (f->direct && (req->op == DEVIO_OP_WRITE || !is_aligned(f, req->buf, 0, 0)))
+	if (f->direct && (req->op == DEVIO_OP_WRITE || !file_is_aligned(f, req->buf, 0, 0)))
 		return -EAGAIN;
 	if (file_read_cached(f, req))
 		return 0;
@@ -1271,12 +1271,12 @@ static int file_ring_submit(struct devio_backend *b, struct devio_request *req, 
 	if (!sqe)
 		return -EAGAIN;
 	req->priv[1] = 0;
-	ring_prep(f, req, sqe, false);
+	file_ring_prep(f, req, sqe, false);
 	devio_ring_sqe_request(sqe, req);
 	return 0;
 }
 
 static void file_ring_cqe(struct devio_backend *b, struct devio_request *req, int res)
 {
-	ring_handle(to_file(b), req, res, req->ring);
+	file_ring_handle(file_of(b), req, res, req->ring);
 }

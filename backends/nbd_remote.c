@@ -66,7 +66,7 @@ struct bs_query {
 /* ---- transmission ---- */
 
 /* Fail everything in flight (the connection is gone). */
-static void fail_all(struct remote *rm)
+static void nr_fail_all(struct remote *rm)
 {
 	struct devio_request *done[REMOTE_SLOTS];
 	unsigned n = 0;
@@ -93,7 +93,7 @@ static void fail_all(struct remote *rm)
 }
 
 /* Free slot i (lock held). */
-static void release_slot_locked(struct remote *rm, unsigned i)
+static void nr_release_slot_locked(struct remote *rm, unsigned i)
 {
 	rm->slot[i] = NULL;
 	rm->answered[i] = false;
@@ -101,11 +101,11 @@ static void release_slot_locked(struct remote *rm, unsigned i)
 	pthread_cond_signal(&rm->cond);
 }
 
-/* The answer for the request in slot i, which find_slot() returned to the
+/* The answer for the request in slot i, which nr_find_slot() returned to the
  * reader: complete it now, or leave that to its sender if it is still
  * being sent.  Only the reader answers, and a sender frees only answered
  * slots, so the slot is still there. */
-static void answer_slot(struct remote *rm, uint64_t cookie, int result)
+static void nr_answer_slot(struct remote *rm, uint64_t cookie, int result)
 {
 	unsigned i = (uint32_t)cookie;
 	struct devio_request *req;
@@ -121,7 +121,7 @@ static void answer_slot(struct remote *rm, uint64_t cookie, int result)
 		rm->answered[i] = true;
 		req = NULL;
 	} else {
-		release_slot_locked(rm, i);
+		nr_release_slot_locked(rm, i);
 	}
 	pthread_mutex_unlock(&rm->lock);
 	if (req)
@@ -130,7 +130,7 @@ static void answer_slot(struct remote *rm, uint64_t cookie, int result)
 
 /* The sender of slot i is done: complete the request if it was answered
  * meanwhile. */
-static void sent_slot(struct remote *rm, unsigned i)
+static void nr_sent_slot(struct remote *rm, unsigned i)
 {
 	struct devio_request *req = NULL;
 
@@ -138,7 +138,7 @@ static void sent_slot(struct remote *rm, unsigned i)
 	rm->sending[i] = false;
 	if (rm->answered[i]) {
 		req = rm->slot[i];
-		release_slot_locked(rm, i);
+		nr_release_slot_locked(rm, i);
 	}
 	pthread_mutex_unlock(&rm->lock);
 	if (req)
@@ -147,7 +147,7 @@ static void sent_slot(struct remote *rm, unsigned i)
 
 /* The request for a cookie, left in its slot (structured replies may
  * come in several chunks); NULL if no such request is in flight. */
-static struct devio_request *find_slot(struct remote *rm, uint64_t cookie)
+static struct devio_request *nr_find_slot(struct remote *rm, uint64_t cookie)
 {
 	uint32_t i = (uint32_t)cookie, gen = (uint32_t)(cookie >> 32);
 	struct devio_request *req = NULL;
@@ -160,7 +160,7 @@ static struct devio_request *find_slot(struct remote *rm, uint64_t cookie)
 }
 
 /* One simple reply (after its 4-byte magic).  0, or -errno to close. */
-static int simple_reply(struct remote *rm)
+static int nr_simple_reply(struct remote *rm)
 {
 	uint8_t hdr[NBD_SIMPLE_REPLY_SIZE - 4];
 	struct devio_request *req;
@@ -169,7 +169,7 @@ static int simple_reply(struct remote *rm)
 
 	if ((r = devio_read_full(rm->fd, hdr, sizeof(hdr))))
 		return r;
-	req = find_slot(rm, nbd_get64(hdr + 4));
+	req = nr_find_slot(rm, nbd_get64(hdr + 4));
 	if (!req) {
 		devio_err("%s: reply for a request never sent; closing", rm->name);
 		return -EPROTO;
@@ -185,17 +185,17 @@ static int simple_reply(struct remote *rm)
 	if (err)
 		devio_debug("%s: %s at offset %llu: server error %u", rm->name, devio_op_name(req->op),
 			    (unsigned long long)req->offset, err);
-	answer_slot(rm, nbd_get64(hdr + 4), r ? -EIO : err ? devio_nbd_to_errno(err) : 0);
+	nr_answer_slot(rm, nbd_get64(hdr + 4), r ? -EIO : err ? devio_nbd_to_errno(err) : 0);
 	return r;
 }
 
 /* Is [off, off+len) inside the request? */
-static bool in_request(const struct devio_request *req, uint64_t off, uint64_t len)
+static bool nr_in_request(const struct devio_request *req, uint64_t off, uint64_t len)
 {
 	return off >= req->offset && len <= req->length && off - req->offset <= req->length - len;
 }
 
-static int chunk_data(struct remote *rm, struct devio_request *req, uint16_t type, uint32_t len)
+static int nr_chunk_data(struct remote *rm, struct devio_request *req, uint16_t type, uint32_t len)
 {
 	uint8_t hdr[12];
 	uint64_t off;
@@ -207,7 +207,7 @@ static int chunk_data(struct remote *rm, struct devio_request *req, uint16_t typ
 		if (len != 12 || (r = devio_read_full(rm->fd, hdr, 12)))
 			return len != 12 ? -EPROTO : r;
 		off = nbd_get64(hdr);
-		if (!nbd_get32(hdr + 8) || !in_request(req, off, nbd_get32(hdr + 8)))
+		if (!nbd_get32(hdr + 8) || !nr_in_request(req, off, nbd_get32(hdr + 8)))
 			return -EPROTO;
 		memset((uint8_t *)req->buf + (off - req->offset), 0, nbd_get32(hdr + 8));
 		return 0;
@@ -215,12 +215,12 @@ static int chunk_data(struct remote *rm, struct devio_request *req, uint16_t typ
 	if (len < 9 || (r = devio_read_full(rm->fd, hdr, 8)))
 		return len < 9 ? -EPROTO : r;
 	off = nbd_get64(hdr);
-	if (!in_request(req, off, len - 8))
+	if (!nr_in_request(req, off, len - 8))
 		return -EPROTO;
 	return devio_read_full(rm->fd, (uint8_t *)req->buf + (off - req->offset), len - 8);
 }
 
-static int chunk_block_status(struct remote *rm, struct devio_request *req, uint32_t len)
+static int nr_chunk_block_status(struct remote *rm, struct devio_request *req, uint32_t len)
 {
 	struct bs_query *q = (struct bs_query *)req;
 	uint8_t id[4];
@@ -242,7 +242,7 @@ static int chunk_block_status(struct remote *rm, struct devio_request *req, uint
 	return 0;
 }
 
-static int chunk_error(struct remote *rm, struct devio_request *req, uint32_t len)
+static int nr_chunk_error(struct remote *rm, struct devio_request *req, uint32_t len)
 {
 	uint8_t e[6];
 	int r;
@@ -258,7 +258,7 @@ static int chunk_error(struct remote *rm, struct devio_request *req, uint32_t le
 }
 
 /* One structured reply chunk (after its magic).  0, or -errno to close. */
-static int structured_chunk(struct remote *rm)
+static int nr_structured_chunk(struct remote *rm)
 {
 	uint8_t hdr[NBD_CHUNK_HEADER_SIZE - 4];
 	struct devio_request *req;
@@ -271,7 +271,7 @@ static int structured_chunk(struct remote *rm)
 	flags = nbd_get16(hdr);
 	type = nbd_get16(hdr + 2);
 	len = nbd_get32(hdr + 12);
-	req = rm->structured ? find_slot(rm, nbd_get64(hdr + 4)) : NULL;
+	req = rm->structured ? nr_find_slot(rm, nbd_get64(hdr + 4)) : NULL;
 	if (!req) {
 		devio_err("%s: structured reply for a request never sent; closing", rm->name);
 		return -EPROTO;
@@ -279,11 +279,11 @@ static int structured_chunk(struct remote *rm)
 	if (type == NBD_REPLY_TYPE_NONE)
 		r = len ? -EPROTO : 0;
 	else if (type == NBD_REPLY_TYPE_OFFSET_DATA || type == NBD_REPLY_TYPE_OFFSET_HOLE)
-		r = chunk_data(rm, req, type, len);
+		r = nr_chunk_data(rm, req, type, len);
 	else if (type == NBD_REPLY_TYPE_BLOCK_STATUS)
-		r = chunk_block_status(rm, req, len);
+		r = nr_chunk_block_status(rm, req, len);
 	else if (type & (1u << 15))
-		r = chunk_error(rm, req, len);
+		r = nr_chunk_error(rm, req, len);
 	else
 		r = -EPROTO;
 	if (r) {
@@ -292,11 +292,11 @@ static int structured_chunk(struct remote *rm)
 		return r;
 	}
 	if (flags & NBD_REPLY_FLAG_DONE)
-		answer_slot(rm, nbd_get64(hdr + 4), (int)(int64_t)req->priv[0]);
+		nr_answer_slot(rm, nbd_get64(hdr + 4), (int)(int64_t)req->priv[0]);
 	return 0;
 }
 
-static void *reader_main(void *arg)
+static void *nr_reader_main(void *arg)
 {
 	struct remote *rm = arg;
 
@@ -307,9 +307,9 @@ static void *reader_main(void *arg)
 		if ((r = devio_read_full(rm->fd, magic, sizeof(magic))))
 			break;
 		if (nbd_get32(magic) == NBD_SIMPLE_REPLY_MAGIC)
-			r = simple_reply(rm);
+			r = nr_simple_reply(rm);
 		else if (nbd_get32(magic) == NBD_STRUCTURED_REPLY_MAGIC)
-			r = structured_chunk(rm);
+			r = nr_structured_chunk(rm);
 		else
 			r = -EPROTO;
 		if (r == -EPROTO && nbd_get32(magic) != NBD_SIMPLE_REPLY_MAGIC &&
@@ -318,11 +318,11 @@ static void *reader_main(void *arg)
 		if (r)
 			break;
 	}
-	fail_all(rm);
+	nr_fail_all(rm);
 	return NULL;
 }
 
-static uint16_t command_of(const struct devio_request *req, uint16_t *flags)
+static uint16_t nr_command_of(const struct devio_request *req, uint16_t *flags)
 {
 	if (req->priv[1] == REQ_KIND_BS) {
 		*flags = 0;
@@ -346,12 +346,12 @@ static uint16_t command_of(const struct devio_request *req, uint16_t *flags)
 
 /* Put one request on the wire (it fits the server's limits and flags);
  * the reader thread completes it.  0, or -EIO when the connection is gone. */
-static int send_request(struct remote *rm, struct devio_request *req)
+static int nr_send_request(struct remote *rm, struct devio_request *req)
 {
 	uint8_t hdr[NBD_REQUEST_SIZE];
 	struct devio_nbd_request nr;
 	struct iovec iov[2];
-	uint16_t flags, type = command_of(req, &flags);
+	uint16_t flags, type = nr_command_of(req, &flags);
 	unsigned i;
 	int r;
 
@@ -402,7 +402,7 @@ static int send_request(struct remote *rm, struct devio_request *req)
 		devio_err("%s: sending a request: %s", rm->name, strerror(-r));
 		shutdown(rm->fd, SHUT_RDWR);
 	}
-	sent_slot(rm, i);
+	nr_sent_slot(rm, i);
 	return 0;
 }
 
@@ -414,7 +414,7 @@ struct waiter {
 	bool done;
 };
 
-static void wake(struct devio_request *req)
+static void nr_wake(struct devio_request *req)
 {
 	struct waiter *w = req->opaque;
 
@@ -424,14 +424,14 @@ static void wake(struct devio_request *req)
 	pthread_mutex_unlock(&w->lock);
 }
 
-static int run_piece(struct devio_backend *b, enum devio_op op, void *buf, uint64_t len, uint64_t off, uint32_t flags)
+static int nr_run_piece(struct devio_backend *b, enum devio_op op, void *buf, uint64_t len, uint64_t off, uint32_t flags)
 {
 	struct waiter w = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, false };
 	struct devio_request req = { .op = op, .flags = flags, .offset = off, .length = len, .buf = buf,
-				     .complete = wake, .opaque = &w, .backend = b };
+				     .complete = nr_wake, .opaque = &w, .backend = b };
 	int r;
 
-	r = send_request(b->priv, &req);
+	r = nr_send_request(b->priv, &req);
 	if (r)
 		return r;
 	pthread_mutex_lock(&w.lock);
@@ -441,7 +441,7 @@ static int run_piece(struct devio_backend *b, enum devio_op op, void *buf, uint6
 	return req.result;
 }
 
-static int run_split(struct devio_backend *b, enum devio_op op, void *buf, uint64_t len, uint64_t off, uint32_t flags)
+static int nr_run_split(struct devio_backend *b, enum devio_op op, void *buf, uint64_t len, uint64_t off, uint32_t flags)
 {
 	struct remote *rm = b->priv;
 	uint64_t piece = op == DEVIO_OP_READ || op == DEVIO_OP_WRITE ? rm->max_payload : REMOTE_MAX_RANGE;
@@ -452,7 +452,7 @@ static int run_split(struct devio_backend *b, enum devio_op op, void *buf, uint6
 	while (len && !r) {
 		uint64_t n = len < piece ? len : piece;
 
-		r = run_piece(b, op, buf, n, off, flags);
+		r = nr_run_piece(b, op, buf, n, off, flags);
 		if (buf)
 			buf = (uint8_t *)buf + n;
 		off += n;
@@ -461,35 +461,35 @@ static int run_split(struct devio_backend *b, enum devio_op op, void *buf, uint6
 	return r;
 }
 
-static int remote_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t off)
+static int nr_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t off)
 {
-	return run_split(b, DEVIO_OP_READ, buf, len, off, 0);
+	return nr_run_split(b, DEVIO_OP_READ, buf, len, off, 0);
 }
 
-static int remote_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
+static int nr_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
 {
-	return run_split(b, DEVIO_OP_WRITE, (void *)buf, len, off, flags);
+	return nr_run_split(b, DEVIO_OP_WRITE, (void *)buf, len, off, flags);
 }
 
-static int remote_flush(struct devio_backend *b)
+static int nr_flush(struct devio_backend *b)
 {
 	struct remote *rm = b->priv;
 
 	if (!(rm->tflags & NBD_FLAG_SEND_FLUSH))
 		return 0;
-	return run_piece(b, DEVIO_OP_FLUSH, NULL, 0, 0, 0);
+	return nr_run_piece(b, DEVIO_OP_FLUSH, NULL, 0, 0, 0);
 }
 
-static int remote_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
+static int nr_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
 {
 	struct remote *rm = b->priv;
 
 	if (!(rm->tflags & NBD_FLAG_SEND_TRIM))
 		return 0; /* a hint the server does not take */
-	return run_split(b, DEVIO_OP_TRIM, NULL, len, off, flags & DEVIO_REQ_FUA);
+	return nr_run_split(b, DEVIO_OP_TRIM, NULL, len, off, flags & DEVIO_REQ_FUA);
 }
 
-static int remote_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
+static int nr_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
 {
 	static const uint8_t zeroes[1 << 20];
 	struct remote *rm = b->priv;
@@ -498,14 +498,14 @@ static int remote_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint
 	if (rm->tflags & NBD_FLAG_SEND_WRITE_ZEROES) {
 		if ((flags & DEVIO_REQ_FAST_ZERO) && !(rm->tflags & NBD_FLAG_SEND_FAST_ZERO))
 			return -EOPNOTSUPP;
-		return run_split(b, DEVIO_OP_ZERO, NULL, len, off, flags);
+		return nr_run_split(b, DEVIO_OP_ZERO, NULL, len, off, flags);
 	}
 	if (flags & DEVIO_REQ_FAST_ZERO)
 		return -EOPNOTSUPP;
 	while (len && !r) {
 		uint64_t n = len < sizeof(zeroes) ? len : sizeof(zeroes);
 
-		r = run_split(b, DEVIO_OP_WRITE, (void *)zeroes, n, off, flags & DEVIO_REQ_FUA);
+		r = nr_run_split(b, DEVIO_OP_WRITE, (void *)zeroes, n, off, flags & DEVIO_REQ_FUA);
 		off += n;
 		len -= n;
 	}
@@ -516,7 +516,7 @@ static int remote_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint
  * maximum, FUA the server lacks, CACHE it does not offer) go back to the
  * core, which runs them on the calling thread with the synchronous
  * callbacks (in pieces; FUA as a flush after). */
-static bool needs_sync(const struct remote *rm, const struct devio_request *req)
+static bool nr_needs_sync(const struct remote *rm, const struct devio_request *req)
 {
 	if ((req->op == DEVIO_OP_READ || req->op == DEVIO_OP_WRITE) && req->length > rm->max_payload)
 		return true;
@@ -534,18 +534,18 @@ static bool needs_sync(const struct remote *rm, const struct devio_request *req)
 	return (req->flags & DEVIO_REQ_FUA) && !(rm->tflags & NBD_FLAG_SEND_FUA) && req->op != DEVIO_OP_READ;
 }
 
-static int remote_submit(struct devio_backend *b, struct devio_request *req)
+static int nr_submit(struct devio_backend *b, struct devio_request *req)
 {
 	struct remote *rm = b->priv;
 
 	req->priv[1] = 0; /* an ordinary request */
-	if (needs_sync(rm, req))
+	if (nr_needs_sync(rm, req))
 		return -EAGAIN; /* the core runs it with the synchronous callbacks */
-	return send_request(rm, req);
+	return nr_send_request(rm, req);
 }
 
 /* base:allocation of [off, off+len), one BLOCK_STATUS query per 1 GiB. */
-static int remote_extents(struct devio_backend *b, uint64_t off, uint64_t len, devio_extent_fn fn, void *ctx)
+static int nr_extents(struct devio_backend *b, uint64_t off, uint64_t len, devio_extent_fn fn, void *ctx)
 {
 	struct remote *rm = b->priv;
 	struct bs_query *q;
@@ -564,12 +564,12 @@ static int remote_extents(struct devio_backend *b, uint64_t off, uint64_t len, d
 		q->req.op = DEVIO_OP_CACHE;
 		q->req.offset = off;
 		q->req.length = piece;
-		q->req.complete = wake;
+		q->req.complete = nr_wake;
 		q->req.opaque = &w;
 		q->req.backend = b;
 		q->req.priv[1] = REQ_KIND_BS;
 		q->ndesc = 0;
-		if ((r = send_request(rm, &q->req)))
+		if ((r = nr_send_request(rm, &q->req)))
 			break;
 		pthread_mutex_lock(&w.lock);
 		while (!w.done)
@@ -599,14 +599,14 @@ static int remote_extents(struct devio_backend *b, uint64_t off, uint64_t len, d
 	return r;
 }
 
-static void remote_describe(struct devio_backend *b, char *out, size_t outlen)
+static void nr_describe(struct devio_backend *b, char *out, size_t outlen)
 {
 	struct remote *rm = b->priv;
 
 	snprintf(out, outlen, "nbd client of %s, %u requests in flight at most", rm->name, REMOTE_SLOTS);
 }
 
-static void remote_close(struct devio_backend *b)
+static void nr_close(struct devio_backend *b)
 {
 	struct remote *rm = b->priv;
 	struct devio_nbd_request nr = { .type = NBD_CMD_DISC };
@@ -632,22 +632,22 @@ static void remote_close(struct devio_backend *b)
 
 static const struct devio_backend_ops remote_ops = {
 	.name = "nbd",
-	.pread = remote_pread,
-	.pwrite = remote_pwrite,
-	.flush = remote_flush,
-	.trim = remote_trim,
-	.zero = remote_zero,
-	.extents = remote_extents,
-	.submit = remote_submit,
-	.describe = remote_describe,
-	.close = remote_close,
+	.pread = nr_pread,
+	.pwrite = nr_pwrite,
+	.flush = nr_flush,
+	.trim = nr_trim,
+	.zero = nr_zero,
+	.extents = nr_extents,
+	.submit = nr_submit,
+	.describe = nr_describe,
+	.close = nr_close,
 };
 
 /* What the server offers, plus what this end gives for free: CACHE (a
  * hint, a no-op where the server has none) and MULTI_CONN (every front-end
  * connection shares the one connection to the server, so a flush on it
  * covers every write completed before, whichever client sent it). */
-static uint32_t caps_of(uint16_t f)
+static uint32_t nr_caps_of(uint16_t f)
 {
 	uint32_t caps = DEVIO_CAP_CACHE | DEVIO_CAP_MULTI_CONN;
 
@@ -668,7 +668,7 @@ static uint32_t caps_of(uint16_t f)
 
 /* DEVIO_REMOTE_TIMEOUT=SECONDS bounds the handshake, as it bounds each
  * exchange of a devio:// client; NBD_CLIENT_TIMEOUT_S otherwise. */
-static unsigned handshake_timeout(void)
+static unsigned nr_handshake_timeout(void)
 {
 	const char *e = getenv("DEVIO_REMOTE_TIMEOUT");
 	uint64_t v;
@@ -679,7 +679,7 @@ static unsigned handshake_timeout(void)
 }
 
 /* Take what the handshake agreed. */
-static void remote_agreed(struct remote *rm, const struct devio_nbd_client_info *info)
+static void nr_agreed(struct remote *rm, const struct devio_nbd_client_info *info)
 {
 	rm->tflags = info->tflags;
 	rm->structured = info->structured;
@@ -694,7 +694,7 @@ static void remote_agreed(struct remote *rm, const struct devio_nbd_client_info 
 int devio_remote_nbd_open(const char *uri, const struct devio_open_opts *opts, struct devio_backend **out)
 {
 	struct devio_nbd_client_opts co = { .name = uri, .structured = true, .base_allocation = true,
-					    .timeout_s = handshake_timeout() };
+					    .timeout_s = nr_handshake_timeout() };
 	struct devio_nbd_client_info info;
 	struct devio_backend *b = NULL;
 	struct devio_nbd_uri *u;
@@ -719,18 +719,18 @@ int devio_remote_nbd_open(const char *uri, const struct devio_open_opts *opts, s
 		r = rm->fd;
 		goto out_free;
 	}
-	remote_agreed(rm, &info);
+	nr_agreed(rm, &info);
 	pthread_mutex_init(&rm->lock, NULL);
 	pthread_mutex_init(&rm->send_lock, NULL);
 	pthread_cond_init(&rm->cond, NULL);
-	if (pthread_create(&rm->reader, NULL, reader_main, rm)) {
+	if (pthread_create(&rm->reader, NULL, nr_reader_main, rm)) {
 		r = -EAGAIN;
 		goto out_close;
 	}
 	b->ops = &remote_ops;
 	b->size = info.size;
 	b->block_size = rm->min_block;
-	b->caps = caps_of(rm->tflags) | (rm->have_meta ? DEVIO_CAP_EXTENTS : 0);
+	b->caps = nr_caps_of(rm->tflags) | (rm->have_meta ? DEVIO_CAP_EXTENTS : 0);
 	b->max_io = rm->max_payload;
 	b->priv = rm;
 	free(u);

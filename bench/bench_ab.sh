@@ -4,7 +4,9 @@
 # QD32, RAM disk and a file on tmpfs) and the file backend alone with
 # O_DIRECT (bench/backend_bench.c, QD32); and a window (--offset) of the
 # file, 4 KiB reads and 1 MiB (spliced) writes.  For refactors: prints each
-# build's runs and the ratio of medians new/old.
+# build's runs and the ratio of medians new/old; for the NBD rows also the
+# server's CPU time per request (utime + stime over the job / requests, a
+# steadier figure than IOPS on a shared machine) and its ratio new/old.
 #   bench/bench_ab.sh OLD_REV [REPEAT] [SECONDS]
 # OLD_REV (e.g. the last landed commit) is built in a temporary worktree;
 # the new build is the working tree.  Release builds, removed at the end.
@@ -37,28 +39,40 @@ truncate -s 512M "$SHM/f.img"
 dd if=/dev/urandom of="$T/direct.img" bs=1M count=512 status=none
 
 nbd_iops() { # BUILD SOURCE RW [BS [SERVE-OPTIONS...]]
-  local sock="$SHM/s.sock" p b="$1" src="$2" rw="$3" bs="${4:-4k}"
+  local sock="$SHM/s.sock" p t0 t1 b="$1" src="$2" rw="$3" bs="${4:-4k}"
   shift 3; [ $# -gt 0 ] && shift
   rm -f "$sock"
   "$b/devio" serve "$src" "$@" --nbd "unix:$sock" >/dev/null 2>&1 &
   p=$!
   for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
+  t0=$(cpu_ticks "$p")
   fio --name=ab --ioengine=nbd --uri="nbd+unix:///?socket=$sock" --rw="$rw" --bs="$bs" --iodepth=32 \
       --size=256M --time_based --runtime="$SECS" --output-format=terse --terse-version=3 2>/dev/null |
-    awk -F';' 'NF > 50 { print int(($8 > 0 ? $8 : 0) + ($49 > 0 ? $49 : 0)) }'
+    awk -F';' 'NF > 50 { print int(($8 > 0 ? $8 : 0) + ($49 > 0 ? $49 : 0)) }' > "$T/iops"
+  t1=$(cpu_ticks "$p")
   kill "$p"; wait "$p" 2>/dev/null || true
+  cat "$T/iops"
+  awk -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v s="$SECS" '{ printf "%.2f\n", $1 ? t / hz * 1e6 / ($1 * s) : 0 }' \
+    "$T/iops" >> "$T/cpu.$(basename "$b")"
 }
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 direct_iops() { # BUILD RW
   "$1/backend_bench" "$T/direct.img" "$2" 4096 32 1 "$SECS" async direct | awk '{ printf "%d\n", $1 }'
 }
 median() { tr ' ' '\n' | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 row() { # LABEL CMD-WITH-@ (@ = the build)
-  local o=() n=() mo mn
+  local o=() n=() mo mn co cn
+  rm -f "$T/cpu.old" "$T/cpu.new"
   for _ in $(seq "$REPEAT"); do
     o+=("$(eval "${2//@/$T/old}")"); n+=("$(eval "${2//@/$T/new}")")
   done
   mo=$(echo "${o[*]}" | median); mn=$(echo "${n[*]}" | median)
   printf '%-34s old %-24s new %-24s %5.2f\n' "$1" "${o[*]}" "${n[*]}" "$(echo "$mn / $mo" | bc -l)"
+  if [ -f "$T/cpu.old" ] && [ -f "$T/cpu.new" ]; then
+    co=$(median < "$T/cpu.old"); cn=$(median < "$T/cpu.new")
+    printf '%-34s old %-24s new %-24s %5.2f\n' "  server CPU us/request" "$(echo $(cat "$T/cpu.old"))" \
+      "$(echo $(cat "$T/cpu.new"))" "$(echo "$cn / $co" | bc -l)"
+  fi
 }
 echo "A/B: $OLD (old) vs the working tree (new), ${REPEAT} interleaved runs of ${SECS}s; last column new/old of medians"
 row "nbd unix ram 4K randread QD32" 'nbd_iops @ ram:512M randread'

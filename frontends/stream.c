@@ -31,9 +31,9 @@
 
 #define STREAM_MAX_CONNS 64
 #define STREAM_RDBUF 65536
-/* How long stop() waits for a stdio/device session to end. */
+/* How long stream_stop() waits for a stdio/device session to end. */
 #define STREAM_STOP_SECONDS 10
-/* How long stop() lets socket sessions finish the request they are in. */
+/* How long stream_stop() lets socket sessions finish the request they are in. */
 #define STREAM_STOP_GRACE_MS 2000
 /* A connection keeps a data buffer up to this size between requests. */
 #define STREAM_KEEP_BUF (4u << 20)
@@ -47,7 +47,7 @@ struct stream_in {
 	char buf[STREAM_RDBUF];
 };
 
-static int in_wait(struct stream_in *in)
+static int stream_in_wait(struct stream_in *in)
 {
 	struct pollfd p[2] = { { .fd = in->fd, .events = POLLIN }, { .fd = in->stop_fd, .events = POLLIN } };
 
@@ -65,11 +65,11 @@ static int in_wait(struct stream_in *in)
 	}
 }
 
-static ssize_t in_raw(struct stream_in *in, void *dst, size_t n)
+static ssize_t stream_in_raw(struct stream_in *in, void *dst, size_t n)
 {
 	for (;;) {
 		ssize_t r;
-		int w = in_wait(in);
+		int w = stream_in_wait(in);
 
 		if (w)
 			return w;
@@ -84,7 +84,7 @@ static ssize_t in_raw(struct stream_in *in, void *dst, size_t n)
 
 /* Exactly n bytes; -ECONNRESET on EOF.  *got tells how many arrived
  * before an error, so a clean EOF between requests can be told apart. */
-static int in_read(struct stream_in *in, void *dst, size_t n, size_t *got)
+static int stream_in_read(struct stream_in *in, void *dst, size_t n, size_t *got)
 {
 	char *d = dst;
 	size_t done = 0;
@@ -100,9 +100,9 @@ static int in_read(struct stream_in *in, void *dst, size_t n, size_t *got)
 			continue;
 		}
 		if (n - done >= sizeof(in->buf))
-			r = in_raw(in, d + done, n - done); /* large payload: straight in */
+			r = stream_in_raw(in, d + done, n - done); /* large payload: straight in */
 		else
-			r = in_raw(in, in->buf, sizeof(in->buf));
+			r = stream_in_raw(in, in->buf, sizeof(in->buf));
 		if (r <= 0) {
 			if (got)
 				*got = done;
@@ -120,13 +120,13 @@ static int in_read(struct stream_in *in, void *dst, size_t n, size_t *got)
 	return 0;
 }
 
-static int in_discard(struct stream_in *in, uint64_t n)
+static int stream_in_discard(struct stream_in *in, uint64_t n)
 {
 	char scratch[4096];
 
 	while (n) {
 		size_t k = n < sizeof(scratch) ? (size_t)n : sizeof(scratch);
-		int r = in_read(in, scratch, k, NULL);
+		int r = stream_in_read(in, scratch, k, NULL);
 		if (r)
 			return r;
 		n -= k;
@@ -136,7 +136,7 @@ static int in_discard(struct stream_in *in, uint64_t n)
 
 /* ---- output: header and data in one writev() ---- */
 
-static int out_writev(int fd, struct iovec *iov, int cnt)
+static int stream_out_writev(int fd, struct iovec *iov, int cnt)
 {
 	struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)cnt };
 
@@ -164,14 +164,14 @@ static int out_writev(int fd, struct iovec *iov, int cnt)
 }
 
 /* Send n 64-bit little-endian values. */
-static int out_words(int fd, const uint64_t *v, int n)
+static int stream_out_words(int fd, const uint64_t *v, int n)
 {
 	uint8_t hdr[8 * 8];
 	struct iovec iov = { hdr, (size_t)n * 8 };
 
 	for (int i = 0; i < n; i++)
 		devio_put_le64(hdr + 8 * i, v[i]);
-	return out_writev(fd, &iov, 1);
+	return stream_out_writev(fd, &iov, 1);
 }
 
 /* ---- one session ---- */
@@ -189,7 +189,7 @@ struct session {
 };
 
 /* Grow the data buffer to at least n bytes (n is already bounded). */
-static int session_buf(struct session *s, size_t n)
+static int stream_session_buf(struct session *s, size_t n)
 {
 	size_t want = 65536;
 	void *p;
@@ -207,7 +207,7 @@ static int session_buf(struct session *s, size_t n)
 }
 
 /* Run op on [off, off+len), split at the backend's max_io. */
-static int session_exec(struct session *s, enum devio_op op, uint64_t off, uint64_t len, void *buf)
+static int stream_session_exec(struct session *s, enum devio_op op, uint64_t off, uint64_t len, void *buf)
 {
 	uint64_t step = s->b->max_io ? s->b->max_io : len;
 	int r = 0;
@@ -235,7 +235,7 @@ static int session_exec(struct session *s, enum devio_op op, uint64_t off, uint6
 /* With align= given, offsets and lengths must be multiples of it (INFO
  * reports it).  Otherwise INFO reports the backend's block size as a
  * preference and any request the backend accepts is served. */
-static int check_aligned(struct session *s, const char *what, uint64_t off, uint64_t len)
+static int stream_check_aligned(struct session *s, const char *what, uint64_t off, uint64_t len)
 {
 	if (!s->enforce_alignment || (off % s->alignment == 0 && len % s->alignment == 0))
 		return 0;
@@ -245,23 +245,23 @@ static int check_aligned(struct session *s, const char *what, uint64_t off, uint
 }
 
 /* An answer of error + length (READ data, if any, in the same call). */
-static int out_answer(struct session *s, int result, uint64_t length, const void *data)
+static int stream_out_answer(struct session *s, int result, uint64_t length, const void *data)
 {
 	uint8_t hdr[DEVIO_ANSWER_SIZE];
 	struct iovec iov[2] = { { hdr, sizeof(hdr) }, { (void *)data, (size_t)length } };
 
 	devio_proto_encode_answer(hdr, result, length);
-	return out_writev(s->wfd, iov, data && length ? 2 : 1);
+	return stream_out_writev(s->wfd, iov, data && length ? 2 : 1);
 }
 
-static int out_errno(struct session *s, int result)
+static int stream_out_errno(struct session *s, int result)
 {
 	uint64_t v = devio_proto_wire_errno(result);
 
-	return out_words(s->wfd, &v, 1);
+	return stream_out_words(s->wfd, &v, 1);
 }
 
-static int do_info(struct session *s)
+static int stream_do_info(struct session *s)
 {
 	struct devio_info i = { .file_size = s->b->size, .req_alignment = s->alignment,
 				.flags = devio_proto_info_flags(s->b) };
@@ -269,45 +269,45 @@ static int do_info(struct session *s)
 	struct iovec iov = { out, sizeof(out) };
 
 	devio_proto_encode_info(out, &i);
-	return out_writev(s->wfd, &iov, 1);
+	return stream_out_writev(s->wfd, &iov, 1);
 }
 
 /* A READ longer than max_transfer, as ImDisk's devio serves it (its
  * driver sets no maximum transfer): the answer says the whole length, the
  * data follows in pieces through the one bounded buffer.  An error after
  * the first piece cannot be told any more: the connection is dropped. */
-static int read_pieces(struct session *s, uint64_t off, uint64_t len)
+static int stream_read_pieces(struct session *s, uint64_t off, uint64_t len)
 {
 	uint64_t done = 0;
-	int r = session_buf(s, s->max_transfer);
+	int r = stream_session_buf(s, s->max_transfer);
 
 	while (!r && done < len) {
 		uint64_t n = len - done < s->max_transfer ? len - done : s->max_transfer;
 		struct iovec iov = { s->buf, (size_t)n };
 
-		r = session_exec(s, DEVIO_OP_READ, off + done, n, s->buf);
+		r = stream_session_exec(s, DEVIO_OP_READ, off + done, n, s->buf);
 		if (r && done == 0)
-			return out_answer(s, r, 0, NULL);
+			return stream_out_answer(s, r, 0, NULL);
 		if (r) {
 			devio_warn("%s: READ at %llu of %llu bytes: %s after %llu bytes; closing", s->name,
 				   (unsigned long long)off, (unsigned long long)len, strerror(-r),
 				   (unsigned long long)done);
 			return -EIO;
 		}
-		if (done == 0 && (r = out_answer(s, 0, len, NULL)))
+		if (done == 0 && (r = stream_out_answer(s, 0, len, NULL)))
 			return r;
-		r = out_writev(s->wfd, &iov, 1);
+		r = stream_out_writev(s->wfd, &iov, 1);
 		done += n;
 	}
 	return r;
 }
 
-static int do_read(struct session *s, const struct devio_proto_req *rq)
+static int stream_do_read(struct session *s, const struct devio_proto_req *rq)
 {
 	uint64_t off = rq->offset, len = rq->length;
 	int r;
 
-	if ((r = check_aligned(s, "READ", off, len))) {
+	if ((r = stream_check_aligned(s, "READ", off, len))) {
 		/* logged */
 	} else if (off > s->b->size) {
 		devio_warn("%s: READ at %llu: beyond the end (%llu)", s->name,
@@ -318,18 +318,18 @@ static int do_read(struct session *s, const struct devio_proto_req *rq)
 		if (len > s->b->size - off)
 			len = s->b->size - off;
 		if (len > s->max_transfer)
-			return read_pieces(s, off, len);
-		r = session_buf(s, len);
+			return stream_read_pieces(s, off, len);
+		r = stream_session_buf(s, len);
 		if (!r)
-			r = session_exec(s, DEVIO_OP_READ, off, len, s->buf);
+			r = stream_session_exec(s, DEVIO_OP_READ, off, len, s->buf);
 		if (r)
 			devio_warn("%s: READ at %llu of %llu bytes: %s", s->name, (unsigned long long)off,
 				   (unsigned long long)len, strerror(-r));
 	}
-	return out_answer(s, r, r ? 0 : len, s->buf);
+	return stream_out_answer(s, r, r ? 0 : len, s->buf);
 }
 
-static int do_write(struct session *s, const struct devio_proto_req *rq)
+static int stream_do_write(struct session *s, const struct devio_proto_req *rq)
 {
 	uint64_t off = rq->offset, len = rq->length;
 	int r, err;
@@ -339,27 +339,27 @@ static int do_write(struct session *s, const struct devio_proto_req *rq)
 		 * answer, then drop the connection (the stream is lost). */
 		devio_warn("%s: WRITE at %llu of %llu bytes: over the %u-byte limit; closing",
 			   s->name, (unsigned long long)off, (unsigned long long)len, s->max_transfer);
-		out_answer(s, -E2BIG, 0, NULL);
+		stream_out_answer(s, -E2BIG, 0, NULL);
 		return -EPROTO;
 	}
-	if ((err = check_aligned(s, "WRITE", off, len)) || (err = session_buf(s, len))) {
+	if ((err = stream_check_aligned(s, "WRITE", off, len)) || (err = stream_session_buf(s, len))) {
 		/* Misaligned, or no memory: still consume, keep the stream. */
-		if ((r = in_discard(s->in, len)))
+		if ((r = stream_in_discard(s->in, len)))
 			return r;
 		r = err;
 	} else {
-		if ((r = in_read(s->in, s->buf, len, NULL)))
+		if ((r = stream_in_read(s->in, s->buf, len, NULL)))
 			return r;
-		r = session_exec(s, DEVIO_OP_WRITE, off, len, s->buf);
+		r = stream_session_exec(s, DEVIO_OP_WRITE, off, len, s->buf);
 	}
 	if (r && r != -EINVAL)
 		devio_warn("%s: WRITE at %llu of %llu bytes: %s", s->name, (unsigned long long)off,
 			   (unsigned long long)len, strerror(-r));
-	return out_answer(s, r, r ? 0 : len, NULL);
+	return stream_out_answer(s, r, r ? 0 : len, NULL);
 }
 
 /* Check every range before running any; 0 or -errno (logged). */
-static int ranges_check(struct session *s, const char *what, uint64_t len)
+static int stream_ranges_check(struct session *s, const char *what, uint64_t len)
 {
 	uint64_t off, n;
 
@@ -381,7 +381,7 @@ static int ranges_check(struct session *s, const char *what, uint64_t len)
 	return 0;
 }
 
-static int do_ranges(struct session *s, const struct devio_proto_req *rq)
+static int stream_do_ranges(struct session *s, const struct devio_proto_req *rq)
 {
 	enum devio_op op = rq->code == DEVIO_REQ_UNMAP ? DEVIO_OP_TRIM : DEVIO_OP_ZERO;
 	const char *what = rq->code == DEVIO_REQ_UNMAP ? "UNMAP" : "ZERO";
@@ -391,31 +391,31 @@ static int do_ranges(struct session *s, const struct devio_proto_req *rq)
 	if (len > DEVIO_MAX_RANGES_BYTES) {
 		devio_warn("%s: %s with %llu bytes of ranges: over the %u-byte limit; closing", s->name,
 			   what, (unsigned long long)len, DEVIO_MAX_RANGES_BYTES);
-		out_errno(s, -E2BIG);
+		stream_out_errno(s, -E2BIG);
 		return -EPROTO;
 	}
-	if ((r = session_buf(s, len))) {
+	if ((r = stream_session_buf(s, len))) {
 		/* no memory for the ranges: consume them, answer, keep the stream */
-		if ((r = in_discard(s->in, len)))
+		if ((r = stream_in_discard(s->in, len)))
 			return r;
-		return out_errno(s, -ENOMEM);
+		return stream_out_errno(s, -ENOMEM);
 	}
-	if ((r = in_read(s->in, s->buf, len, NULL)))
+	if ((r = stream_in_read(s->in, s->buf, len, NULL)))
 		return r;
-	r = ranges_check(s, what, len);
+	r = stream_ranges_check(s, what, len);
 	for (uint64_t i = 0; !r && i < len; i += DEVIO_RANGE_SIZE) {
 		devio_proto_decode_range((uint8_t *)s->buf + i, s->b->size, &off, &n);
-		if (n && (r = session_exec(s, op, off, n, NULL)))
+		if (n && (r = stream_session_exec(s, op, off, n, NULL)))
 			devio_warn("%s: %s at %llu of %llu bytes: %s", s->name, what,
 				   (unsigned long long)off, (unsigned long long)n, strerror(-r));
 	}
-	return out_errno(s, r);
+	return stream_out_errno(s, r);
 }
 
 /* CONNECT and SCSI carry data this server consumes and refuses (a
  * connection elsewhere is not ours to open; SCSI is not offered: no
  * SUPPORTS_SCSI flag); more than limit bytes of it close the connection. */
-static int do_refuse_data(struct session *s, const struct devio_proto_req *rq, uint64_t limit, int err)
+static int stream_do_refuse_data(struct session *s, const struct devio_proto_req *rq, uint64_t limit, int err)
 {
 	const char *what = rq->code == DEVIO_REQ_CONNECT ? "CONNECT" : "SCSI";
 	int r;
@@ -423,46 +423,46 @@ static int do_refuse_data(struct session *s, const struct devio_proto_req *rq, u
 	if (rq->length > limit) {
 		devio_warn("%s: %s with %llu bytes of data: over the limit; closing", s->name, what,
 			   (unsigned long long)rq->length);
-		out_answer(s, err, 0, NULL);
+		stream_out_answer(s, err, 0, NULL);
 		return -EPROTO;
 	}
-	if ((r = in_discard(s->in, rq->length)))
+	if ((r = stream_in_discard(s->in, rq->length)))
 		return r;
 	devio_debug("%s: %s refused (this server only serves its own export)", s->name, what);
-	return out_answer(s, err, 0, NULL);
+	return stream_out_answer(s, err, 0, NULL);
 }
 
 /* SHARED reservations are not offered: errno, no unique id, no keys. */
-static int do_shared(struct session *s)
+static int stream_do_shared(struct session *s)
 {
 	uint8_t resp[DEVIO_SHARED_ANSWER_SIZE] = { 0 };
 	struct iovec iov = { resp, sizeof(resp) };
 
 	devio_put_le64(resp, ENODEV);
-	return out_writev(s->wfd, &iov, 1);
+	return stream_out_writev(s->wfd, &iov, 1);
 }
 
-static int session_request(struct session *s, uint64_t code)
+static int stream_session_request(struct session *s, uint64_t code)
 {
 	uint8_t hdr[DEVIO_MAX_REQ_HDR];
 	struct devio_proto_req rq;
 	int r;
 
-	if ((r = in_read(s->in, hdr, devio_proto_req_hdr_size(code), NULL)))
+	if ((r = stream_in_read(s->in, hdr, devio_proto_req_hdr_size(code), NULL)))
 		return r;
 	devio_proto_decode_req(code, hdr, &rq);
 	switch (code) {
-	case DEVIO_REQ_INFO: return do_info(s);
-	case DEVIO_REQ_READ: return do_read(s, &rq);
-	case DEVIO_REQ_WRITE: return do_write(s, &rq);
-	case DEVIO_REQ_CONNECT: return do_refuse_data(s, &rq, DEVIO_MAX_CONNECT_BYTES, -EOPNOTSUPP);
+	case DEVIO_REQ_INFO: return stream_do_info(s);
+	case DEVIO_REQ_READ: return stream_do_read(s, &rq);
+	case DEVIO_REQ_WRITE: return stream_do_write(s, &rq);
+	case DEVIO_REQ_CONNECT: return stream_do_refuse_data(s, &rq, DEVIO_MAX_CONNECT_BYTES, -EOPNOTSUPP);
 	case DEVIO_REQ_UNMAP:
-	case DEVIO_REQ_ZERO: return do_ranges(s, &rq);
-	case DEVIO_REQ_SCSI: return do_refuse_data(s, &rq, DEVIO_MAX_SCSI_BYTES, -ENODEV);
-	case DEVIO_REQ_SHARED: return do_shared(s);
+	case DEVIO_REQ_ZERO: return stream_do_ranges(s, &rq);
+	case DEVIO_REQ_SCSI: return stream_do_refuse_data(s, &rq, DEVIO_MAX_SCSI_BYTES, -ENODEV);
+	case DEVIO_REQ_SHARED: return stream_do_shared(s);
 	default:
 		devio_debug("%s: unknown request code %llu: answered ENODEV", s->name, (unsigned long long)code);
-		return out_errno(s, -ENODEV);
+		return stream_out_errno(s, -ENODEV);
 	}
 }
 
@@ -486,7 +486,7 @@ int devio_stream_session(struct devio_backend *b, int rfd, int wfd, const struct
 		size_t got = 0;
 		uint64_t code;
 
-		r = in_read(s.in, word, sizeof(word), &got);
+		r = stream_in_read(s.in, word, sizeof(word), &got);
 		if (r == -ECONNRESET && got == 0) {
 			r = 0; /* EOF between requests: the peer is done */
 			break;
@@ -496,7 +496,7 @@ int devio_stream_session(struct devio_backend *b, int rfd, int wfd, const struct
 		code = devio_get_le64(word);
 		if (code == DEVIO_REQ_CLOSE)
 			break;
-		if ((r = session_request(&s, code)))
+		if ((r = stream_session_request(&s, code)))
 			break;
 		if (s.buflen > STREAM_KEEP_BUF) {
 			/* rare huge transfers: do not keep 64 MiB per idle client */
@@ -574,7 +574,7 @@ static void *stream_single_main(void *arg)
 }
 
 /* Raw mode for a serial line: bytes pass unchanged. */
-static int device_raw(int fd, const char *path)
+static int stream_device_raw(int fd, const char *path)
 {
 	struct termios t;
 
@@ -595,7 +595,7 @@ static int device_raw(int fd, const char *path)
 }
 
 /* "ADDR[,max-transfer=N][,align=N]" */
-static int parse_arg(struct stream_state *st, const char *arg)
+static int stream_parse_arg(struct stream_state *st, const char *arg)
 {
 	char buf[512], *opt, *save = NULL;
 	uint64_t v;
@@ -624,7 +624,7 @@ static int parse_arg(struct stream_state *st, const char *arg)
 	return 0;
 }
 
-static int start_single(struct stream_state *st)
+static int stream_start_single(struct stream_state *st)
 {
 	pthread_attr_t attr;
 	pthread_t t;
@@ -638,7 +638,7 @@ static int start_single(struct stream_state *st)
 			devio_err("--devio %s: cannot open: %s", st->addr.path, strerror(-r));
 			return r;
 		}
-		if ((r = device_raw(rfd, st->addr.path))) {
+		if ((r = stream_device_raw(rfd, st->addr.path))) {
 			close(rfd);
 			return r;
 		}
@@ -668,7 +668,7 @@ out_close:
 	return r;
 }
 
-static int start_listener(struct stream_state *st)
+static int stream_start_listener(struct stream_state *st)
 {
 	struct devio_listener_conf conf = { .name = st->name, .max_conns = STREAM_MAX_CONNS,
 					    .grace_ms = STREAM_STOP_GRACE_MS, .serve = stream_serve, .ctx = st };
@@ -678,7 +678,7 @@ static int start_listener(struct stream_state *st)
 	return devio_listener_start(&st->addr, &conf, &st->listener);
 }
 
-static void state_free(struct stream_state *st)
+static void stream_state_free(struct stream_state *st)
 {
 	if (st->stop_pipe[0] >= 0) {
 		close(st->stop_pipe[0]);
@@ -689,7 +689,7 @@ static void state_free(struct stream_state *st)
 	free(st);
 }
 
-static int start(struct devio_server *srv, const char *arg, const void *opts, void **state)
+static int stream_start(struct devio_server *srv, const char *arg, const void *opts, void **state)
 {
 	/* exports[0] is the default export (frontend.h); looked up directly so
 	 * the library does not need the command line's devio_server_export(). */
@@ -706,7 +706,7 @@ static int start(struct devio_server *srv, const char *arg, const void *opts, vo
 	st->stop_pipe[0] = st->stop_pipe[1] = -1;
 	pthread_mutex_init(&st->lock, NULL);
 	pthread_cond_init(&st->idle, NULL);
-	if ((r = parse_arg(st, arg)))
+	if ((r = stream_parse_arg(st, arg)))
 		goto out_free;
 	devio_addr_format(&st->addr, st->where, sizeof(st->where));
 	snprintf(st->name, sizeof(st->name), "--devio %s", st->where);
@@ -714,15 +714,15 @@ static int start(struct devio_server *srv, const char *arg, const void *opts, vo
 		devio_warn("--devio %s: %s needs %u-byte alignment; ImDisk clients refuse more than 512",
 			   st->where, e->source, st->b->block_size);
 	if (st->addr.kind == DEVIO_ADDR_STDIO || st->addr.kind == DEVIO_ADDR_DEVICE)
-		r = start_single(st);
+		r = stream_start_single(st);
 	else
-		r = start_listener(st);
+		r = stream_start_listener(st);
 	if (r)
 		goto out_free;
 	*state = st;
 	return 0;
 out_free:
-	state_free(st);
+	stream_state_free(st);
 	return r;
 }
 
@@ -746,10 +746,10 @@ static void stream_stop_single(struct stream_state *st)
 		}
 	}
 	pthread_mutex_unlock(&st->lock);
-	state_free(st);
+	stream_state_free(st);
 }
 
-static void stop(void *state)
+static void stream_stop(void *state)
 {
 	struct stream_state *st = state;
 
@@ -760,10 +760,10 @@ static void stop(void *state)
 		return;
 	}
 	devio_listener_stop(st->listener);
-	state_free(st);
+	stream_state_free(st);
 }
 
-static void status(void *state, FILE *out)
+static void stream_status(void *state, FILE *out)
 {
 	struct stream_state *st = state;
 	struct devio_listener_stats ls = { 0 };
@@ -781,7 +781,7 @@ static void status(void *state, FILE *out)
 		(unsigned long long)atomic_load(&st->failed));
 }
 
-static bool finished(void *state)
+static bool stream_finished(void *state)
 {
 	struct stream_state *st = state;
 
@@ -798,9 +798,9 @@ const struct devio_frontend_type devio_frontend_stream = {
 	.option = "devio",
 	.arg_help = "tcp:[HOST:]PORT|unix:PATH|systemd[:NAME]|stdio|DEVICE[,max-transfer=N][,align=N]|shm:NAME[,slots=N][,buffer=N]",
 	.help = "devio stream protocol (ImDisk proxy)",
-	.start = start,
-	.stop = stop,
-	.status = status,
-	.finished = finished,
+	.start = stream_start,
+	.stop = stream_stop,
+	.status = stream_status,
+	.finished = stream_finished,
 	.variant = stream_variant,
 };

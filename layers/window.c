@@ -27,7 +27,7 @@ struct window {
 	uint64_t part_base;
 };
 
-static struct window *to_window(struct devio_backend *b)
+static struct window *window_of(struct devio_backend *b)
 {
 	return b->priv;
 }
@@ -35,7 +35,7 @@ static struct window *to_window(struct devio_backend *b)
 static void window_remap(struct devio_backend *b, struct devio_request *req)
 {
 	if (req->op != DEVIO_OP_FLUSH)
-		req->offset += to_window(b)->base;
+		req->offset += window_of(b)->base;
 }
 
 struct window_walk {
@@ -62,7 +62,7 @@ static int window_extent(void *ctx, uint64_t off, uint64_t len, uint32_t flags)
 
 static int window_extents(struct devio_backend *b, uint64_t off, uint64_t len, devio_extent_fn fn, void *ctx)
 {
-	struct window *w = to_window(b);
+	struct window *w = window_of(b);
 	struct window_walk walk = { fn, ctx, w->base, w->base + b->size };
 
 	return devio_extents(b->lower, w->base + off, len, window_extent, &walk);
@@ -70,7 +70,7 @@ static int window_extents(struct devio_backend *b, uint64_t off, uint64_t len, d
 
 static void window_describe(struct devio_backend *b, char *out, size_t outlen)
 {
-	struct window *w = to_window(b);
+	struct window *w = window_of(b);
 	char lower[200] = "";
 	char part[64] = "";
 
@@ -85,7 +85,7 @@ static void window_describe(struct devio_backend *b, char *out, size_t outlen)
 
 static void window_close(struct devio_backend *b)
 {
-	free(to_window(b));
+	free(window_of(b));
 }
 
 static const struct devio_backend_ops window_ops = {
