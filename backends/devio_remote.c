@@ -68,7 +68,7 @@ struct remote {
 /* ---- connections ---- */
 
 /* A connected socket or -errno (the caller tells why, or not). */
-static int remote_dial(struct remote *rm)
+static int dr_dial(struct remote *rm)
 {
 	struct timeval tv = { .tv_sec = rm->timeout_s };
 	int fd = devio_connect(&rm->addr);
@@ -83,7 +83,7 @@ static int remote_dial(struct remote *rm)
 }
 
 /* DEVIO_REMOTE_TIMEOUT=SECONDS overrides the default of 120 s. */
-static unsigned remote_timeout(void)
+static unsigned dr_timeout(void)
 {
 	const char *e = getenv("DEVIO_REMOTE_TIMEOUT");
 	uint64_t v;
@@ -96,7 +96,7 @@ static unsigned remote_timeout(void)
 /* A free slot, marked busy: an open connection if one is idle, else an
  * unopened slot (fd -1, dialled by the caller outside the lock) while
  * fewer than max_conns are open or being dialled, else wait. */
-static struct remote_conn *conn_get(struct remote *rm)
+static struct remote_conn *dr_conn_get(struct remote *rm)
 {
 	struct remote_conn *c;
 
@@ -130,7 +130,7 @@ static struct remote_conn *conn_get(struct remote *rm)
  * takes no more (a one-connection server), so the pool shrinks to them and
  * the request waits for one (true); when none is, it is an error (false).
  * Gives the slot back either way. */
-static bool conn_shrink(struct remote *rm, struct remote_conn *c, int err)
+static bool dr_conn_shrink(struct remote *rm, struct remote_conn *c, int err)
 {
 	unsigned open = 0;
 
@@ -149,30 +149,30 @@ static bool conn_shrink(struct remote *rm, struct remote_conn *c, int err)
 }
 
 /* An open connection, marked busy: dialled if need be. */
-static int conn_open(struct remote *rm, struct remote_conn **out)
+static int dr_conn_open(struct remote *rm, struct remote_conn **out)
 {
 	for (;;) {
-		struct remote_conn *c = conn_get(rm);
+		struct remote_conn *c = dr_conn_get(rm);
 		int fd;
 
 		if (c->fd >= 0) {
 			*out = c;
 			return 0;
 		}
-		fd = remote_dial(rm);
+		fd = dr_dial(rm);
 		if (fd >= 0) {
 			c->fd = fd;
 			*out = c;
 			return 0;
 		}
-		if (!conn_shrink(rm, c, fd)) {
+		if (!dr_conn_shrink(rm, c, fd)) {
 			devio_err("%s: cannot connect: %s", rm->uri, strerror(-fd));
 			return fd;
 		}
 	}
 }
 
-static void conn_put(struct remote *rm, struct remote_conn *c)
+static void dr_conn_put(struct remote *rm, struct remote_conn *c)
 {
 	pthread_mutex_lock(&rm->lock);
 	c->busy = false;
@@ -180,7 +180,7 @@ static void conn_put(struct remote *rm, struct remote_conn *c)
 	pthread_mutex_unlock(&rm->lock);
 }
 
-static void conn_drop(struct remote_conn *c)
+static void dr_conn_drop(struct remote_conn *c)
 {
 	if (c->fd >= 0)
 		close(c->fd);
@@ -190,20 +190,20 @@ static void conn_drop(struct remote_conn *c)
 /* SO_RCVTIMEO/SO_SNDTIMEO bound each call; a server that trickles a
  * byte now and then would still hold a request forever, so a whole
  * exchange also has a deadline, checked between calls. */
-static int past(uint64_t deadline_ns)
+static int dr_past(uint64_t deadline_ns)
 {
 	return devio_now_ns() > deadline_ns ? -ETIMEDOUT : 0;
 }
 
 /* sendmsg with MSG_NOSIGNAL: a dead server must not kill a client
  * process that has not ignored SIGPIPE (devio cat, copy). */
-static int send_all(int fd, struct iovec *iov, int cnt, uint64_t deadline_ns)
+static int dr_send_all(int fd, struct iovec *iov, int cnt, uint64_t deadline_ns)
 {
 	while (cnt) {
 		struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)cnt };
 		ssize_t n;
 
-		if (past(deadline_ns))
+		if (dr_past(deadline_ns))
 			return -ETIMEDOUT;
 		n = sendmsg(fd, &msg, MSG_NOSIGNAL);
 
@@ -224,14 +224,14 @@ static int send_all(int fd, struct iovec *iov, int cnt, uint64_t deadline_ns)
 	return 0;
 }
 
-static int recv_all(int fd, void *buf, size_t len, uint64_t deadline_ns)
+static int dr_recv_all(int fd, void *buf, size_t len, uint64_t deadline_ns)
 {
 	char *p = buf;
 
 	while (len) {
 		ssize_t n;
 
-		if (past(deadline_ns))
+		if (dr_past(deadline_ns))
 			return -ETIMEDOUT;
 		n = read(fd, p, len);
 		if (n < 0 && errno == EINTR)
@@ -257,7 +257,7 @@ struct xfer {
 /* Send one request and read its answer.  Returns 0 when the exchange
  * happened (the server's verdict is in x->result) or -errno when the
  * connection broke or the server broke the protocol. */
-static int exchange(struct remote *rm, int fd, struct xfer *x)
+static int dr_exchange(struct remote *rm, int fd, struct xfer *x)
 {
 	struct devio_proto_req rq = { .code = x->code, .offset = x->off, .length = x->len };
 	uint8_t hdr[DEVIO_MAX_REQ_HDR], resp[DEVIO_ANSWER_SIZE];
@@ -271,15 +271,15 @@ static int exchange(struct remote *rm, int fd, struct xfer *x)
 		iov[1].iov_len = x->len;
 		cnt = 2;
 	}
-	if ((r = send_all(fd, iov, cnt, deadline)))
+	if ((r = dr_send_all(fd, iov, cnt, deadline)))
 		return r;
 	if (x->code == DEVIO_REQ_UNMAP || x->code == DEVIO_REQ_ZERO) {
-		if ((r = recv_all(fd, resp, DEVIO_ERRNO_SIZE, deadline)))
+		if ((r = dr_recv_all(fd, resp, DEVIO_ERRNO_SIZE, deadline)))
 			return r;
 		x->result = devio_proto_peer_errno(devio_get_le64(resp));
 		return 0;
 	}
-	if ((r = recv_all(fd, resp, DEVIO_ANSWER_SIZE, deadline)))
+	if ((r = dr_recv_all(fd, resp, DEVIO_ANSWER_SIZE, deadline)))
 		return r;
 	if (devio_proto_decode_answer(resp, x->len, &x->result, &n)) {
 		devio_err("%s: server answered %llu bytes for %llu at %llu", rm->uri,
@@ -287,7 +287,7 @@ static int exchange(struct remote *rm, int fd, struct xfer *x)
 			  (unsigned long long)x->off);
 		return -EPROTO;
 	}
-	if (x->code == DEVIO_REQ_READ && (r = recv_all(fd, x->buf, n, deadline)))
+	if (x->code == DEVIO_REQ_READ && (r = dr_recv_all(fd, x->buf, n, deadline)))
 		return r;
 	if (!devio_get_le64(resp) && n != x->len)
 		devio_err("%s: short %s at %llu: %llu of %llu bytes", rm->uri,
@@ -298,17 +298,17 @@ static int exchange(struct remote *rm, int fd, struct xfer *x)
 
 /* Run x on a pooled connection; after a broken connection, once more
  * on another (or a new) one. */
-static int remote_run(struct remote *rm, struct xfer *x)
+static int dr_run(struct remote *rm, struct xfer *x)
 {
 	struct remote_conn *c;
 	int r = -ECONNRESET;
 
 	for (int attempt = 0; attempt < 2; attempt++) {
-		if ((r = conn_open(rm, &c)))
+		if ((r = dr_conn_open(rm, &c)))
 			break;
-		r = exchange(rm, c->fd, x);
+		r = dr_exchange(rm, c->fd, x);
 		if (r == 0) {
-			conn_put(rm, c);
+			dr_conn_put(rm, c);
 			break;
 		}
 		/* A change that timed out may still be running on the server:
@@ -318,15 +318,15 @@ static int remote_run(struct remote *rm, struct xfer *x)
 			attempt = 1;
 		devio_warn("%s: connection lost at offset %llu (%s)%s", rm->uri, (unsigned long long)x->off,
 			   strerror(-r), attempt ? "" : "; reconnecting");
-		conn_drop(c);
-		conn_put(rm, c);
+		dr_conn_drop(c);
+		dr_conn_put(rm, c);
 	}
 	return r ? r : x->result;
 }
 
 /* ---- aligned transfers, split into chunks ---- */
 
-static int run_chunks(struct remote *rm, uint64_t code, void *buf, uint64_t len, uint64_t off)
+static int dr_run_chunks(struct remote *rm, uint64_t code, void *buf, uint64_t len, uint64_t off)
 {
 	int r = 0;
 
@@ -334,7 +334,7 @@ static int run_chunks(struct remote *rm, uint64_t code, void *buf, uint64_t len,
 		uint64_t n = len < rm->chunk ? len : rm->chunk;
 		struct xfer x = { .code = code, .off = off, .len = n, .buf = buf };
 
-		r = remote_run(rm, &x);
+		r = dr_run(rm, &x);
 		if (r)
 			devio_err("%s: %s at %llu of %llu bytes: %s", rm->uri,
 				  code == DEVIO_REQ_READ ? "read" : "write", (unsigned long long)off,
@@ -346,26 +346,26 @@ static int run_chunks(struct remote *rm, uint64_t code, void *buf, uint64_t len,
 	return r;
 }
 
-static bool aligned(const struct remote *rm, uint64_t off, uint64_t len)
+static bool dr_aligned(const struct remote *rm, uint64_t off, uint64_t len)
 {
 	return ((off | len) & (rm->align - 1)) == 0;
 }
 
-static int remote_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t off)
+static int dr_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t off)
 {
 	struct remote *rm = b->priv;
 	uint64_t start, end;
 	char *bounce;
 	int r;
 
-	if (aligned(rm, off, len))
-		return run_chunks(rm, DEVIO_REQ_READ, buf, len, off);
+	if (dr_aligned(rm, off, len))
+		return dr_run_chunks(rm, DEVIO_REQ_READ, buf, len, off);
 	start = off & ~(rm->align - 1);
 	end = (off + len + rm->align - 1) & ~(rm->align - 1);
 	bounce = malloc(end - start);
 	if (!bounce)
 		return -ENOMEM;
-	r = run_chunks(rm, DEVIO_REQ_READ, bounce, end - start, start);
+	r = dr_run_chunks(rm, DEVIO_REQ_READ, bounce, end - start, start);
 	if (!r)
 		memcpy(buf, bounce + (off - start), len);
 	free(bounce);
@@ -373,7 +373,7 @@ static int remote_pread(struct devio_backend *b, void *buf, uint64_t len, uint64
 }
 
 /* Unaligned write: read the partial blocks at both ends, patch, write. */
-static int remote_pwrite_rmw(struct remote *rm, const void *buf, uint64_t len, uint64_t off)
+static int dr_pwrite_rmw(struct remote *rm, const void *buf, uint64_t len, uint64_t off)
 {
 	uint64_t start = off & ~(rm->align - 1);
 	uint64_t end = (off + len + rm->align - 1) & ~(rm->align - 1);
@@ -384,39 +384,39 @@ static int remote_pwrite_rmw(struct remote *rm, const void *buf, uint64_t len, u
 		return -ENOMEM;
 	pthread_rwlock_wrlock(&rm->rmw_lock);
 	if (start < off)
-		r = run_chunks(rm, DEVIO_REQ_READ, bounce, rm->align, start);
+		r = dr_run_chunks(rm, DEVIO_REQ_READ, bounce, rm->align, start);
 	if (!r && off + len < end && end - rm->align >= start + (start < off ? rm->align : 0))
-		r = run_chunks(rm, DEVIO_REQ_READ, bounce + (end - rm->align - start), rm->align, end - rm->align);
+		r = dr_run_chunks(rm, DEVIO_REQ_READ, bounce + (end - rm->align - start), rm->align, end - rm->align);
 	if (!r) {
 		memcpy(bounce + (off - start), buf, len);
-		r = run_chunks(rm, DEVIO_REQ_WRITE, bounce, end - start, start);
+		r = dr_run_chunks(rm, DEVIO_REQ_WRITE, bounce, end - start, start);
 	}
 	pthread_rwlock_unlock(&rm->rmw_lock);
 	free(bounce);
 	return r;
 }
 
-static int remote_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
+static int dr_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
 {
 	struct remote *rm = b->priv;
 	int r;
 
-	if (!aligned(rm, off, len))
-		return remote_pwrite_rmw(rm, buf, len, off);
+	if (!dr_aligned(rm, off, len))
+		return dr_pwrite_rmw(rm, buf, len, off);
 	pthread_rwlock_rdlock(&rm->rmw_lock);
-	r = run_chunks(rm, DEVIO_REQ_WRITE, (void *)buf, len, off);
+	r = dr_run_chunks(rm, DEVIO_REQ_WRITE, (void *)buf, len, off);
 	pthread_rwlock_unlock(&rm->rmw_lock);
 	return r;
 }
 
-static int remote_range(struct devio_backend *b, uint64_t code, uint64_t off, uint64_t len)
+static int dr_range(struct devio_backend *b, uint64_t code, uint64_t off, uint64_t len)
 {
 	struct remote *rm = b->priv;
 	struct xfer x = { .code = code, .off = off, .len = len };
 	int r;
 
 	pthread_rwlock_rdlock(&rm->rmw_lock);
-	r = remote_run(rm, &x);
+	r = dr_run(rm, &x);
 	pthread_rwlock_unlock(&rm->rmw_lock);
 	if (r)
 		devio_err("%s: %s at %llu of %llu bytes: %s", rm->uri, code == DEVIO_REQ_UNMAP ? "unmap" : "zero",
@@ -424,17 +424,17 @@ static int remote_range(struct devio_backend *b, uint64_t code, uint64_t off, ui
 	return r;
 }
 
-static int remote_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
+static int dr_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
 {
 	struct remote *rm = b->priv;
 
 	if (!(rm->flags & DEVIO_INFO_SUPPORTS_UNMAP))
 		return -EOPNOTSUPP;
-	return remote_range(b, DEVIO_REQ_UNMAP, off, len);
+	return dr_range(b, DEVIO_REQ_UNMAP, off, len);
 }
 
 /* ZERO where the server offers it, else zeroes written in chunks. */
-static int remote_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
+static int dr_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
 {
 	struct remote *rm = b->priv;
 	char *zeroes;
@@ -443,14 +443,14 @@ static int remote_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint
 	if (flags & DEVIO_REQ_FAST_ZERO)
 		return -EOPNOTSUPP; /* the protocol cannot say whether ZERO is fast */
 	if (rm->flags & DEVIO_INFO_SUPPORTS_ZERO)
-		return remote_range(b, DEVIO_REQ_ZERO, off, len);
+		return dr_range(b, DEVIO_REQ_ZERO, off, len);
 	zeroes = calloc(1, rm->chunk);
 	if (!zeroes)
 		return -ENOMEM;
 	while (len && !r) {
 		uint64_t n = len < rm->chunk ? len : rm->chunk;
 
-		r = remote_pwrite(b, zeroes, n, off, 0);
+		r = dr_pwrite(b, zeroes, n, off, 0);
 		off += n;
 		len -= n;
 	}
@@ -459,12 +459,12 @@ static int remote_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint
 }
 
 /* The protocol has no flush: the server decides when data is durable. */
-static int remote_flush(struct devio_backend *b)
+static int dr_flush(struct devio_backend *b)
 {
 	return 0;
 }
 
-static void remote_describe(struct devio_backend *b, char *out, size_t outlen)
+static void dr_describe(struct devio_backend *b, char *out, size_t outlen)
 {
 	struct remote *rm = b->priv;
 	unsigned n = 0;
@@ -477,7 +477,7 @@ static void remote_describe(struct devio_backend *b, char *out, size_t outlen)
 		 (unsigned long long)rm->align, (unsigned long long)rm->flags, n);
 }
 
-static void remote_close(struct devio_backend *b)
+static void dr_close(struct devio_backend *b)
 {
 	struct remote *rm = b->priv;
 	uint8_t bye[8];
@@ -487,7 +487,7 @@ static void remote_close(struct devio_backend *b)
 		if (rm->conns[i].fd >= 0) {
 			if (devio_write_full(rm->conns[i].fd, bye, sizeof(bye)))
 				devio_debug("%s: CLOSE not delivered", rm->uri);
-			conn_drop(&rm->conns[i]);
+			dr_conn_drop(&rm->conns[i]);
 		}
 	pthread_cond_destroy(&rm->freed);
 	pthread_mutex_destroy(&rm->lock);
@@ -498,19 +498,19 @@ static void remote_close(struct devio_backend *b)
 
 static const struct devio_backend_ops remote_ops = {
 	.name = "devio-remote",
-	.pread = remote_pread,
-	.pwrite = remote_pwrite,
-	.flush = remote_flush,
-	.trim = remote_trim,
-	.zero = remote_zero,
-	.describe = remote_describe,
-	.close = remote_close,
+	.pread = dr_pread,
+	.pwrite = dr_pwrite,
+	.flush = dr_flush,
+	.trim = dr_trim,
+	.zero = dr_zero,
+	.describe = dr_describe,
+	.close = dr_close,
 };
 
 /* ---- opening ---- */
 
 /* The query after '?': chunk=N (512..64M). */
-static int parse_query(const char *q, struct remote *rm)
+static int dr_parse_query(const char *q, struct remote *rm)
 {
 	char buf[128], *save = NULL;
 
@@ -529,14 +529,14 @@ static int parse_query(const char *q, struct remote *rm)
 
 /* devio://HOST:PORT, devio://[V6]:PORT, devio+unix:///PATH, each with an
  * optional ?chunk=N */
-static int parse_uri(const char *uri, struct remote *rm)
+static int dr_parse_uri(const char *uri, struct remote *rm)
 {
 	struct devio_addr *a = &rm->addr;
 	const char *q = strchr(uri, '?');
 	char spec[300];
 	size_t n;
 
-	if (q && parse_query(q + 1, rm))
+	if (q && dr_parse_query(q + 1, rm))
 		return -EINVAL;
 	n = q ? (size_t)(q - uri) : strlen(uri);
 	if (!strncmp(uri, "devio://", 8)) {
@@ -559,7 +559,7 @@ static int parse_uri(const char *uri, struct remote *rm)
 	return -EINVAL;
 }
 
-static int remote_info(struct remote *rm)
+static int dr_info(struct remote *rm)
 {
 	struct remote_conn *c = &rm->conns[0];
 	struct devio_proto_req rq = { .code = DEVIO_REQ_INFO };
@@ -568,7 +568,7 @@ static int remote_info(struct remote *rm)
 	char why[160];
 	int r;
 
-	c->fd = remote_dial(rm);
+	c->fd = dr_dial(rm);
 	if (c->fd < 0) {
 		devio_err("%s: cannot connect: %s", rm->uri, strerror(-c->fd));
 		return c->fd;
@@ -593,7 +593,7 @@ static int remote_info(struct remote *rm)
 /* The export's size: the server's, or --offset + --size when it says 0
  * (an ImDisk server of a device it cannot size); the window layer then
  * cuts --offset/--size out of it, as out of any source. */
-static int remote_export_size(struct remote *rm, const struct devio_open_opts *o, uint64_t *size)
+static int dr_export_size(struct remote *rm, const struct devio_open_opts *o, uint64_t *size)
 {
 	if (rm->remote_size) {
 		*size = rm->remote_size;
@@ -613,7 +613,7 @@ static int remote_export_size(struct remote *rm, const struct devio_open_opts *o
 
 /* Writers first: a steady stream of aligned writes must not starve an
  * unaligned one waiting for the exclusive lock. */
-static void rmw_lock_init(pthread_rwlock_t *l)
+static void dr_rmw_lock_init(pthread_rwlock_t *l)
 {
 	pthread_rwlockattr_t a;
 
@@ -640,17 +640,17 @@ int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts,
 		rm->conns[i].fd = -1;
 	pthread_mutex_init(&rm->lock, NULL);
 	pthread_cond_init(&rm->freed, NULL);
-	rmw_lock_init(&rm->rmw_lock);
+	dr_rmw_lock_init(&rm->rmw_lock);
 	snprintf(rm->uri, sizeof(rm->uri), "%s", uri);
-	rm->timeout_s = remote_timeout();
+	rm->timeout_s = dr_timeout();
 	rm->max_conns = REMOTE_MAX_CONNS;
 	rm->chunk = REMOTE_CHUNK;
-	if (parse_uri(uri, rm)) {
+	if (dr_parse_uri(uri, rm)) {
 		devio_err("%s: want devio://HOST:PORT or devio+unix:///PATH (?chunk=N)", uri);
 		r = -EINVAL;
 		goto out_free;
 	}
-	if ((r = remote_info(rm)) || (r = remote_export_size(rm, opts, &size)))
+	if ((r = dr_info(rm)) || (r = dr_export_size(rm, opts, &size)))
 		goto out_free;
 	b = calloc(1, sizeof(*b));
 	if (!b) {
@@ -668,7 +668,7 @@ out_free:
 	b = calloc(1, sizeof(*b));
 	if (b) {
 		b->priv = rm;
-		remote_close(b);
+		dr_close(b);
 	} else {
 		free(rm);
 	}

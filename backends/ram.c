@@ -56,7 +56,7 @@ struct ram_disk {
 	long page_size;
 };
 
-static struct ram_disk *to_ram(struct devio_backend *b)
+static struct ram_disk *ram_of(struct devio_backend *b)
 {
 	return (struct ram_disk *)b->priv;
 }
@@ -205,7 +205,7 @@ static uint64_t ram_missing(struct ram_disk *rd, uint64_t off, uint64_t len)
 /* Read: allocated chunks are copied, the others read as zeroes. */
 static int ram_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t off)
 {
-	struct ram_disk *rd = to_ram(b);
+	struct ram_disk *rd = ram_of(b);
 	unsigned char *out = buf;
 
 	while (len) {
@@ -288,7 +288,7 @@ static int ram_map_write(struct ram_disk *rd, uint64_t off, uint64_t len, struct
  * req->iovcnt. */
 static int ram_map(struct devio_backend *b, struct devio_request *req)
 {
-	struct ram_disk *rd = to_ram(b);
+	struct ram_disk *rd = ram_of(b);
 	int n = req->op == DEVIO_OP_WRITE ? ram_map_write(rd, req->offset, req->length, req->iov, req->iovcnt)
 					   : ram_map_read(rd, req->offset, req->length, req->iov, req->iovcnt);
 
@@ -301,13 +301,13 @@ static int ram_map(struct devio_backend *b, struct devio_request *req)
 /* The end of a WRITE in place: its chunks' writers leave. */
 static void ram_unmap(struct devio_backend *b, struct devio_request *req)
 {
-	ram_leave_range(to_ram(b), req->offset, req->length);
+	ram_leave_range(ram_of(b), req->offset, req->length);
 }
 
 /* Write: each chunk touched is allocated (or -ENOSPC past the cap). */
 static int ram_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
 {
-	struct ram_disk *rd = to_ram(b);
+	struct ram_disk *rd = ram_of(b);
 	const unsigned char *in = buf;
 
 	while (len) {
@@ -336,7 +336,7 @@ static int ram_pwrite(struct devio_backend *b, const void *buf, uint64_t len, ui
  * zeroed (their whole pages freed). */
 static int ram_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
 {
-	struct ram_disk *rd = to_ram(b);
+	struct ram_disk *rd = ram_of(b);
 
 	while (len) {
 		uint64_t in_chunk = off & (RAM_CHUNK_SIZE - 1);
@@ -362,7 +362,7 @@ static int ram_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32_
  * the one that did not fit are zeroed). */
 static int ram_zero(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t flags)
 {
-	struct ram_disk *rd = to_ram(b);
+	struct ram_disk *rd = ram_of(b);
 
 	if (!(flags & DEVIO_REQ_NO_HOLE))
 		return ram_trim(b, off, len, flags);
@@ -397,7 +397,7 @@ static int ram_flush(struct devio_backend *b)
 /* Allocated chunks are data, the others holes that read as zeroes. */
 static int ram_extents(struct devio_backend *b, uint64_t off, uint64_t len, devio_extent_fn fn, void *ctx)
 {
-	struct ram_disk *rd = to_ram(b);
+	struct ram_disk *rd = ram_of(b);
 	uint64_t end = off + len;
 
 	while (off < end) {
@@ -419,7 +419,7 @@ static int ram_extents(struct devio_backend *b, uint64_t off, uint64_t len, devi
 
 static void ram_describe(struct devio_backend *b, char *out, size_t outlen)
 {
-	struct ram_disk *rd = to_ram(b);
+	struct ram_disk *rd = ram_of(b);
 
 	snprintf(out, outlen, "ram: %" PRIu64 " bytes, %" PRIu64 " resident%s", b->size,
 		 (uint64_t)atomic_load(&rd->resident), rd->max_resident ? " (capped)" : "");
@@ -427,7 +427,7 @@ static void ram_describe(struct devio_backend *b, char *out, size_t outlen)
 
 static void ram_close(struct devio_backend *b)
 {
-	struct ram_disk *rd = to_ram(b);
+	struct ram_disk *rd = ram_of(b);
 
 	munmap(rd->mem, rd->map_len);
 	free((void *)rd->state);
@@ -452,7 +452,7 @@ uint64_t devio_ram_resident(struct devio_backend *b)
 {
 	if (!b || b->ops != &ram_ops)
 		return 0;
-	return atomic_load(&to_ram(b)->resident);
+	return atomic_load(&ram_of(b)->resident);
 }
 
 int devio_ram_open(uint64_t size, uint64_t max_resident, struct devio_backend **out)

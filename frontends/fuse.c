@@ -111,7 +111,7 @@ struct fuse_fe {
 
 /* Page-aligned and not touched: a big payload buffer costs memory only
  * once the kernel or a backend writes to it. */
-static void *alloc_aligned(size_t len)
+static void *fuse_alloc_aligned(size_t len)
 {
 	void *p = NULL;
 
@@ -120,7 +120,7 @@ static void *alloc_aligned(size_t len)
 	return p;
 }
 
-static int read_sys_char(const char *path)
+static int fuse_read_sys_char(const char *path)
 {
 	char c = 0;
 	int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -133,7 +133,7 @@ static int read_sys_char(const char *path)
 	return c;
 }
 
-static int write_sys(const char *path, const char *val)
+static int fuse_write_sys(const char *path, const char *val)
 {
 	int fd = open(path, O_WRONLY | O_CLOEXEC), r = 0;
 
@@ -146,7 +146,7 @@ static int write_sys(const char *path, const char *val)
 }
 
 /* The number of possible CPUs: the kernel keeps one FUSE queue for each. */
-static unsigned possible_cpus(void)
+static unsigned fuse_possible_cpus(void)
 {
 	char buf[256] = "";
 	unsigned max = 0;
@@ -174,7 +174,7 @@ static unsigned possible_cpus(void)
 }
 
 /* Send a reply on /dev/fuse; the request may have been interrupted (ENOENT). */
-static void dev_reply(struct fuse_fe *fe, int fd, struct devio_fuse_msg *msg)
+static void fuse_dev_reply(struct fuse_fe *fe, int fd, struct devio_fuse_msg *msg)
 {
 	struct fuse_out_header oh = { .error = msg->error, .unique = msg->in.unique };
 	struct iovec iov[2] = { { &oh, sizeof(oh) }, { msg->reply, msg->reply_len } };
@@ -194,7 +194,7 @@ static void dev_reply(struct fuse_fe *fe, int fd, struct devio_fuse_msg *msg)
 /* A /dev/fuse thread blocks on its request anyway: call the backend's
  * synchronous callbacks directly rather than hand the request to the
  * backend's own thread and wait for it to come back. */
-static void run_sync_io(struct fuse_fe *fe, struct devio_fuse_msg *msg)
+static void fuse_run_sync_io(struct fuse_fe *fe, struct devio_fuse_msg *msg)
 {
 	struct devio_request *req = &msg->req;
 
@@ -206,7 +206,7 @@ static void run_sync_io(struct fuse_fe *fe, struct devio_fuse_msg *msg)
 
 /* Read one request from fd into buf and answer it.  Returns 0, or -ENODEV
  * when the connection is gone. */
-static int dev_serve_one(struct fuse_fe *fe, int fd, uint8_t *base, uint8_t *reply)
+static int fuse_dev_serve_one(struct fuse_fe *fe, int fd, uint8_t *base, uint8_t *reply)
 {
 	/* a WRITE's data (after 80 bytes of headers) lands page-aligned */
 	uint8_t *buf = base + HDR_ROOM - sizeof(struct fuse_in_header) - sizeof(struct fuse_rw_in);
@@ -233,24 +233,24 @@ static int dev_serve_one(struct fuse_fe *fe, int fd, uint8_t *base, uint8_t *rep
 	} else {
 		atomic_fetch_add_explicit(&fe->dev_requests, 1, memory_order_relaxed);
 		devio_fuse_handle(&fe->fs, &msg);
-		run_sync_io(fe, &msg);
+		fuse_run_sync_io(fe, &msg);
 	}
-	dev_reply(fe, fd, &msg);
+	fuse_dev_reply(fe, fd, &msg);
 	return 0;
 }
 
-static void *dev_thread_main(void *arg)
+static void *fuse_dev_thread_main(void *arg)
 {
 	struct dev_thread *t = arg;
 	struct fuse_fe *fe = t->fe;
-	uint8_t *base = alloc_aligned(HDR_ROOM + fe->payload_sz);
-	uint8_t *reply = alloc_aligned(fe->payload_sz);
+	uint8_t *base = fuse_alloc_aligned(HDR_ROOM + fe->payload_sz);
+	uint8_t *reply = fuse_alloc_aligned(fe->payload_sz);
 
 	if (!base || !reply) {
 		devio_err("fuse %s: out of memory for a request buffer", fe->mnt);
 		goto out;
 	}
-	while (dev_serve_one(fe, t->fd, base, reply) == 0)
+	while (fuse_dev_serve_one(fe, t->fd, base, reply) == 0)
 		;
 out:
 	free(base);
@@ -258,7 +258,7 @@ out:
 	return NULL;
 }
 
-static int clone_fd(struct fuse_fe *fe)
+static int fuse_clone_fd(struct fuse_fe *fe)
 {
 	uint32_t master = (uint32_t)fe->fd;
 	int fd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
@@ -273,7 +273,7 @@ static int clone_fd(struct fuse_fe *fe)
 	return fd;
 }
 
-static int start_dev_threads(struct fuse_fe *fe, unsigned n)
+static int fuse_start_dev_threads(struct fuse_fe *fe, unsigned n)
 {
 	fe->devs = calloc(n, sizeof(*fe->devs));
 	if (!fe->devs)
@@ -282,12 +282,12 @@ static int start_dev_threads(struct fuse_fe *fe, unsigned n)
 		struct dev_thread *t = &fe->devs[i];
 
 		t->fe = fe;
-		t->fd = i == 0 ? fe->fd : clone_fd(fe);
+		t->fd = i == 0 ? fe->fd : fuse_clone_fd(fe);
 		if (t->fd < 0) {
 			devio_warn("fuse %s: FUSE_DEV_IOC_CLONE: %s; %u threads", fe->mnt, strerror(-t->fd), i);
 			break;
 		}
-		if (pthread_create(&t->thread, NULL, dev_thread_main, t)) {
+		if (pthread_create(&t->thread, NULL, fuse_dev_thread_main, t)) {
 			if (i)
 				close(t->fd);
 			break;
@@ -303,7 +303,7 @@ static int start_dev_threads(struct fuse_fe *fe, unsigned n)
  * here are the FUSE commands: REGISTER for each entry, then for each
  * request COMMIT_AND_FETCH with the answer. */
 
-static int prep_cmd(struct ring_queue *q, struct ring_ent *e, uint32_t cmd_op)
+static int fuse_prep_cmd(struct ring_queue *q, struct ring_ent *e, uint32_t cmd_op)
 {
 	struct io_uring_sqe *sqe = devio_ring_get_sqe(q->ring);
 	struct fuse_uring_cmd_req *cmd;
@@ -324,29 +324,29 @@ static int prep_cmd(struct ring_queue *q, struct ring_ent *e, uint32_t cmd_op)
 }
 
 /* Answer the entry's request and take the next one. */
-static void commit(struct ring_queue *q, struct ring_ent *e)
+static void fuse_commit(struct ring_queue *q, struct ring_ent *e)
 {
 	struct fuse_out_header oh = { .error = e->msg.error, .unique = e->msg.in.unique };
 
 	oh.len = (uint32_t)(sizeof(oh) + e->msg.reply_len);
 	memcpy(e->hdr->in_out, &oh, sizeof(oh));
 	e->hdr->ring_ent_in_out.payload_sz = (uint32_t)e->msg.reply_len;
-	if (prep_cmd(q, e, DEVIO_FUSE_URING_CMD_COMMIT_AND_FETCH))
+	if (fuse_prep_cmd(q, e, DEVIO_FUSE_URING_CMD_COMMIT_AND_FETCH))
 		devio_err("fuse %s: queue %u: no submission slot to answer a request", q->fe->mnt, q->qid);
 }
 
 /* The backend finished an entry's request (owner->done). */
-static void ring_io_done(struct devio_ring *r, void *ctx, struct devio_request *req)
+static void fuse_ring_io_done(struct devio_ring *r, void *ctx, struct devio_request *req)
 {
 	struct ring_queue *q = ctx;
 	struct ring_ent *e = req->opaque;
 
 	devio_fuse_finish(&q->fe->fs, &e->msg);
-	commit(q, e);
+	fuse_commit(q, e);
 }
 
 /* A request has arrived in entry e. */
-static void ring_request(struct ring_queue *q, struct ring_ent *e)
+static void fuse_ring_request(struct ring_queue *q, struct ring_ent *e)
 {
 	struct fuse_fe *fe = q->fe;
 	struct devio_fuse_msg *msg = &e->msg;
@@ -364,7 +364,7 @@ static void ring_request(struct ring_queue *q, struct ring_ent *e)
 	atomic_fetch_add_explicit(&fe->ring_requests, 1, memory_order_relaxed);
 	devio_fuse_handle(&fe->fs, msg);
 	if (!msg->has_io) {
-		commit(q, e);
+		fuse_commit(q, e);
 		return;
 	}
 	msg->req.opaque = e;
@@ -372,7 +372,7 @@ static void ring_request(struct ring_queue *q, struct ring_ent *e)
 }
 
 /* The CQE of an entry's REGISTER or COMMIT_AND_FETCH (owner->cqe). */
-static void ring_ent_cqe(struct devio_ring *r, void *ctx, void *data, int res)
+static void fuse_ring_ent_cqe(struct devio_ring *r, void *ctx, void *data, int res)
 {
 	struct ring_queue *q = ctx;
 	struct ring_ent *e = data;
@@ -386,13 +386,13 @@ static void ring_ent_cqe(struct devio_ring *r, void *ctx, void *data, int res)
 		}
 		return;
 	}
-	ring_request(q, e);
+	fuse_ring_request(q, e);
 }
 
 /* Done when stopping or when the kernel has ended every entry; the ring
  * module waits for the requests still with the backend (they use our
  * buffers). */
-static bool ring_finished(struct devio_ring *r, void *ctx)
+static bool fuse_ring_finished(struct devio_ring *r, void *ctx)
 {
 	struct ring_queue *q = ctx;
 
@@ -400,7 +400,7 @@ static bool ring_finished(struct devio_ring *r, void *ctx)
 }
 
 /* On the queue thread: the entries' buffers, one REGISTER each. */
-static int ring_setup(struct devio_ring *r, void *ctx)
+static int fuse_ring_setup(struct devio_ring *r, void *ctx)
 {
 	struct ring_queue *q = ctx;
 	struct fuse_fe *fe = q->fe;
@@ -412,14 +412,14 @@ static int ring_setup(struct devio_ring *r, void *ctx)
 		struct ring_ent *e = &q->ents[i];
 
 		e->q = q;
-		e->hdr = alloc_aligned(sizeof(*e->hdr));
-		e->payload = alloc_aligned(fe->payload_sz);
+		e->hdr = fuse_alloc_aligned(sizeof(*e->hdr));
+		e->payload = fuse_alloc_aligned(fe->payload_sz);
 		if (!e->hdr || !e->payload)
 			return -ENOMEM;
 		memset(e->hdr, 0, sizeof(*e->hdr));
 		e->iov[0] = (struct iovec){ e->hdr, sizeof(*e->hdr) };
 		e->iov[1] = (struct iovec){ e->payload, fe->payload_sz };
-		res = prep_cmd(q, e, DEVIO_FUSE_URING_CMD_REGISTER);
+		res = fuse_prep_cmd(q, e, DEVIO_FUSE_URING_CMD_REGISTER);
 		if (res)
 			return res;
 		q->live++;
@@ -434,15 +434,15 @@ static int ring_setup(struct devio_ring *r, void *ctx)
 }
 
 static const struct devio_ring_owner ring_owner = {
-	.setup = ring_setup,
-	.cqe = ring_ent_cqe,
-	.done = ring_io_done,
-	.finished = ring_finished,
+	.setup = fuse_ring_setup,
+	.cqe = fuse_ring_ent_cqe,
+	.done = fuse_ring_io_done,
+	.finished = fuse_ring_finished,
 };
 
 /* Is cpu online?  Requests come from the CPU of the issuing task, so only
  * online CPUs' queues need more than one entry.  Parses "0-3,8". */
-static bool cpu_usable(unsigned cpu)
+static bool fuse_cpu_usable(unsigned cpu)
 {
 	char buf[512] = "";
 	int fd = open("/sys/devices/system/cpu/online", O_RDONLY | O_CLOEXEC);
@@ -468,7 +468,7 @@ static bool cpu_usable(unsigned cpu)
 	return false;
 }
 
-static int start_queue(struct fuse_fe *fe, struct ring_queue *q, unsigned qid)
+static int fuse_start_queue(struct fuse_fe *fe, struct ring_queue *q, unsigned qid)
 {
 	char name[PATH_MAX + 32];
 	cpu_set_t cpu;
@@ -484,7 +484,7 @@ static int start_queue(struct fuse_fe *fe, struct ring_queue *q, unsigned qid)
 
 	q->fe = fe;
 	q->qid = qid;
-	q->nents = cpu_usable(qid) ? fe->depth : 1; /* the kernel wants an entry on every queue */
+	q->nents = fuse_cpu_usable(qid) ? fe->depth : 1; /* the kernel wants an entry on every queue */
 	q->ents = calloc(q->nents, sizeof(*q->ents));
 	if (!q->ents)
 		return -ENOMEM;
@@ -495,16 +495,16 @@ static int start_queue(struct fuse_fe *fe, struct ring_queue *q, unsigned qid)
 	return devio_ring_start(&p, &q->ring);
 }
 
-static int start_rings(struct fuse_fe *fe)
+static int fuse_start_rings(struct fuse_fe *fe)
 {
 	int r;
 
-	fe->nqueues = possible_cpus();
+	fe->nqueues = fuse_possible_cpus();
 	fe->queues = calloc(fe->nqueues, sizeof(*fe->queues));
 	if (!fe->queues)
 		return -ENOMEM;
 	for (unsigned i = 0; i < fe->nqueues; i++) {
-		r = start_queue(fe, &fe->queues[i], i);
+		r = fuse_start_queue(fe, &fe->queues[i], i);
 		if (r) {
 			devio_err("fuse %s: queue %u: cannot register ring entries: %s", fe->mnt, i, strerror(-r));
 			return r;
@@ -514,7 +514,7 @@ static int start_rings(struct fuse_fe *fe)
 }
 
 /* Stop every queue first (they end together), then release them. */
-static void stop_rings(struct fuse_fe *fe)
+static void fuse_stop_rings(struct fuse_fe *fe)
 {
 	for (unsigned i = 0; fe->queues && i < fe->nqueues; i++)
 		devio_ring_stop(fe->queues[i].ring);
@@ -537,7 +537,7 @@ static void stop_rings(struct fuse_fe *fe)
 /* ---- mount, INIT, unmount ---- */
 
 /* A mount point that already is one would get our mount stacked on it. */
-static int refuse_mounted(struct fuse_fe *fe)
+static int fuse_refuse_mounted(struct fuse_fe *fe)
 {
 	struct devio_mount m;
 
@@ -549,7 +549,7 @@ static int refuse_mounted(struct fuse_fe *fe)
 }
 
 /* Our mount's identity, right after mount(): the topmost at the path. */
-static void remember_mount(struct fuse_fe *fe)
+static void fuse_remember_mount(struct fuse_fe *fe)
 {
 	struct devio_mount m;
 
@@ -561,12 +561,12 @@ static void remember_mount(struct fuse_fe *fe)
 	}
 }
 
-static int do_mount(struct fuse_fe *fe)
+static int fuse_do_mount(struct fuse_fe *fe)
 {
 	char opts[256];
 	int r;
 
-	if ((r = refuse_mounted(fe)))
+	if ((r = fuse_refuse_mounted(fe)))
 		return r;
 	fe->fd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
 	if (fe->fd < 0) {
@@ -582,15 +582,15 @@ static int do_mount(struct fuse_fe *fe)
 		return r;
 	}
 	fe->mounted = true;
-	remember_mount(fe);
+	fuse_remember_mount(fe);
 	return 0;
 }
 
 /* The kernel sends INIT first; answer it here, before any thread runs. */
-static int do_init_handshake(struct fuse_fe *fe)
+static int fuse_do_init_handshake(struct fuse_fe *fe)
 {
-	uint8_t *base = alloc_aligned(HDR_ROOM + fe->payload_sz);
-	uint8_t *reply = alloc_aligned(fe->payload_sz);
+	uint8_t *base = fuse_alloc_aligned(HDR_ROOM + fe->payload_sz);
+	uint8_t *reply = fuse_alloc_aligned(fe->payload_sz);
 	int r = 0;
 
 	if (!base || !reply) {
@@ -598,7 +598,7 @@ static int do_init_handshake(struct fuse_fe *fe)
 		goto out;
 	}
 	while (!fe->fs.initialized && r == 0)
-		r = dev_serve_one(fe, fe->fd, base, reply);
+		r = fuse_dev_serve_one(fe, fe->fd, base, reply);
 	if (r)
 		devio_err("fuse %s: the kernel closed the connection during INIT", fe->mnt);
 out:
@@ -608,17 +608,17 @@ out:
 }
 
 /* Abort the connection through fusectl (for a lazily unmounted file system). */
-static void abort_connection(struct fuse_fe *fe, unsigned conn)
+static void fuse_abort_connection(struct fuse_fe *fe, unsigned conn)
 {
 	char path[96];
 
 	snprintf(path, sizeof(path), "/sys/fs/fuse/connections/%u/abort", conn);
-	int r = write_sys(path, "1");
+	int r = fuse_write_sys(path, "1");
 
 	/* fusectl is not always mounted; as root we can mount it */
 	if (r == -ENOENT && mount("fusectl", "/sys/fs/fuse/connections", "fusectl", 0, NULL) == 0) {
 		devio_info("fuse %s: mounted fusectl on /sys/fs/fuse/connections", fe->mnt);
-		r = write_sys(path, "1");
+		r = fuse_write_sys(path, "1");
 	}
 	if (r < 0)
 		devio_warn("fuse %s: cannot abort the connection via %s: %s", fe->mnt, path, strerror(-r));
@@ -626,7 +626,7 @@ static void abort_connection(struct fuse_fe *fe, unsigned conn)
 
 /* Is our mount still the topmost where it is?  (No identity: assume so.)
  * If it was moved, fe->mnt follows it. */
-static bool ours_on_top(struct fuse_fe *fe)
+static bool fuse_ours_on_top(struct fuse_fe *fe)
 {
 	char point[PATH_MAX];
 	struct devio_mount m;
@@ -648,19 +648,19 @@ static bool ours_on_top(struct fuse_fe *fe)
 	if (r == 1 && !top) {
 		devio_warn("fuse %s: another mount covers ours; not unmounting by path, aborting our connection "
 			   "(the dead mount stays under it)", fe->mnt);
-		abort_connection(fe, fe->conn_minor);
+		fuse_abort_connection(fe, fe->conn_minor);
 		fe->mounted = false;
 		return false;
 	}
 	return true;
 }
 
-static void do_unmount(struct fuse_fe *fe)
+static void fuse_do_unmount(struct fuse_fe *fe)
 {
 	struct stat st;
 	bool have_dev;
 
-	if (!fe->mounted || !ours_on_top(fe))
+	if (!fe->mounted || !fuse_ours_on_top(fe))
 		return;
 	have_dev = fe->mnt_id ? true : stat(fe->mnt, &st) == 0;
 	if (!fe->mnt_id && have_dev)
@@ -679,16 +679,16 @@ static void do_unmount(struct fuse_fe *fe)
 	if (umount2(fe->mnt, MNT_DETACH) < 0)
 		devio_err("fuse %s: lazy unmount: %s", fe->mnt, strerror(errno));
 	if (have_dev)
-		abort_connection(fe, fe->conn_minor);
+		fuse_abort_connection(fe, fe->conn_minor);
 	fe->mounted = false;
 }
 
 /* ---- the front end ---- */
 
 /* --fuse-enable-uring: the one place that changes the kernel's setting. */
-static int enable_uring(struct fuse_fe *fe)
+static int fuse_enable_uring(struct fuse_fe *fe)
 {
-	int r = write_sys(ENABLE_URING, "Y");
+	int r = fuse_write_sys(ENABLE_URING, "Y");
 
 	if (r < 0) {
 		devio_err("fuse %s: --fuse-enable-uring: cannot write Y to %s: %s", fe->mnt, ENABLE_URING, strerror(-r));
@@ -699,12 +699,12 @@ static int enable_uring(struct fuse_fe *fe)
 	return 0;
 }
 
-static int choose_transport(struct fuse_fe *fe, const char *t, bool may_enable)
+static int fuse_choose_transport(struct fuse_fe *fe, const char *t, bool may_enable)
 {
-	int c = read_sys_char(ENABLE_URING);
+	int c = fuse_read_sys_char(ENABLE_URING);
 
 	if (may_enable && c != 'Y' && (!t || strcmp(t, "dev"))) {
-		int r = enable_uring(fe);
+		int r = fuse_enable_uring(fe);
 		if (r)
 			return r;
 		c = 'Y';
@@ -728,14 +728,14 @@ static int choose_transport(struct fuse_fe *fe, const char *t, bool may_enable)
 	return 0;
 }
 
-static void fe_free(struct fuse_fe *fe)
+static void fuse_fe_free(struct fuse_fe *fe)
 {
 	if (fe->has_loop)
 		devio_loop_detach(&fe->loop);
 	fe->has_loop = false;
-	do_unmount(fe);
+	fuse_do_unmount(fe);
 	atomic_store(&fe->stopping, true);
-	stop_rings(fe);
+	fuse_stop_rings(fe);
 	for (unsigned i = 0; i < fe->ndevs; i++) {
 		pthread_join(fe->devs[i].thread, NULL);
 		if (i)
@@ -752,7 +752,7 @@ static void fe_free(struct fuse_fe *fe)
 	free(fe);
 }
 
-static int start_transport(struct fuse_fe *fe, const struct devio_serve_opts *o, bool forced)
+static int fuse_start_transport(struct fuse_fe *fe, const struct devio_serve_opts *o, bool forced)
 {
 	unsigned ncpu = (unsigned)sysconf(_SC_NPROCESSORS_ONLN);
 	int r;
@@ -766,7 +766,7 @@ static int start_transport(struct fuse_fe *fe, const struct devio_serve_opts *o,
 		fe->use_uring = false;
 	}
 	if (!fe->use_uring)
-		return start_dev_threads(fe, o->threads ? o->threads : (ncpu * 4 > 16 ? 16 : ncpu * 4));
+		return fuse_start_dev_threads(fe, o->threads ? o->threads : (ncpu * 4 > 16 ? 16 : ncpu * 4));
 	/* The core's policy: backends that wait (remote servers) get a pool so
 	 * that many requests are in flight; the RAM disk only copies memory,
 	 * which the ring thread of each CPU does faster itself. */
@@ -775,10 +775,10 @@ static int start_transport(struct fuse_fe *fe, const struct devio_serve_opts *o,
 		if (!fe->workers)
 			return -ENOMEM;
 	}
-	r = start_dev_threads(fe, 1);
+	r = fuse_start_dev_threads(fe, 1);
 	if (r)
 		return r;
-	return start_rings(fe);
+	return fuse_start_rings(fe);
 }
 
 /* The --fuse front end's options (fuse_options below). */
@@ -787,11 +787,11 @@ struct fuse_opts {
 	const char *transport; /* --fuse-transport auto|uring|dev; NULL = auto */
 	unsigned depth;        /* --depth: ring entries per queue, 0 = DEFAULT_DEPTH */
 	uint32_t block_size;   /* --block-size: the loop device's, 0 = 512 */
-	bool enable_uring;     /* --fuse-enable-uring: write Y to enable_uring (machine-wide) */
+	bool enable_uring;     /* --fuse-enable-uring: write Y to fuse_enable_uring (machine-wide) */
 	unsigned timeout;      /* --fuse-timeout: the kernel's request timeout in seconds, 0 = none */
 };
 
-static int attach_loop(struct fuse_fe *fe, const struct fuse_opts *o)
+static int fuse_attach_loop(struct fuse_fe *fe, const struct fuse_opts *o)
 {
 	int r = devio_loop_attach(fe->file, fe->fs.readonly, o->block_size ? o->block_size : 512, &fe->loop);
 
@@ -803,7 +803,7 @@ static int attach_loop(struct fuse_fe *fe, const struct fuse_opts *o)
 	return 0;
 }
 
-static int start(struct devio_server *srv, const char *arg, const void *opts, void **state)
+static int fuse_start(struct devio_server *srv, const char *arg, const void *opts, void **state)
 {
 	static const struct fuse_opts defaults;
 	const struct fuse_opts *o = opts ? opts : &defaults;
@@ -850,24 +850,24 @@ static int start(struct devio_server *srv, const char *arg, const void *opts, vo
 		r = -EINVAL;
 		goto out_free;
 	}
-	r = choose_transport(fe, t, o->enable_uring);
+	r = fuse_choose_transport(fe, t, o->enable_uring);
 	if (r)
 		goto out_free;
 	fe->fs.offer_uring = fe->use_uring;
 	fe->fs.request_timeout = (uint16_t)o->timeout;
-	r = do_mount(fe);
+	r = fuse_do_mount(fe);
 	if (r)
 		goto out_free;
-	r = do_init_handshake(fe);
+	r = fuse_do_init_handshake(fe);
 	if (r)
 		goto out_free;
-	r = start_transport(fe, &srv->opts, t && !strcmp(t, "uring"));
+	r = fuse_start_transport(fe, &srv->opts, t && !strcmp(t, "uring"));
 	if (r)
 		goto out_free;
 	if (o->timeout && !fe->fs.timeout_granted)
 		devio_warn("fuse %s: --fuse-timeout: this kernel has no FUSE request timeout (Linux 6.14+); "
 			   "`devio detach --force` aborts a hung connection", fe->mnt);
-	if (o->loop && (r = attach_loop(fe, o)))
+	if (o->loop && (r = fuse_attach_loop(fe, o)))
 		goto out_free;
 	devio_info("fuse %s: serving %s (%llu bytes) over %s", fe->mnt, fe->file,
 		   (unsigned long long)fe->fs.size, fe->use_uring ? "io_uring" : "/dev/fuse");
@@ -876,17 +876,17 @@ static int start(struct devio_server *srv, const char *arg, const void *opts, vo
 	*state = fe;
 	return 0;
 out_free:
-	fe_free(fe);
+	fuse_fe_free(fe);
 	return r;
 }
 
-static void stop(void *state)
+static void fuse_stop(void *state)
 {
 	if (state)
-		fe_free(state);
+		fuse_fe_free(state);
 }
 
-static void status(void *state, FILE *out)
+static void fuse_status(void *state, FILE *out)
 {
 	struct fuse_fe *fe = state;
 
@@ -923,7 +923,7 @@ static const struct devio_frontend_option fuse_options[] = {
 	{ "depth", "N", "io_uring entries per queue (default 16)", devio_opt_uint, offsetof(struct fuse_opts, depth) },
 	{ "block-size", "N", "the loop device's logical block size (default 512)", devio_opt_block_size,
 	  offsetof(struct fuse_opts, block_size) },
-	{ "fuse-enable-uring", NULL, "write Y to /sys/module/fuse/parameters/enable_uring (whole machine; said on stderr)",
+	{ "fuse-enable-uring", NULL, "write Y to /sys/module/fuse/parameters/fuse_enable_uring (whole machine; said on stderr)",
 	  devio_opt_flag, offsetof(struct fuse_opts, enable_uring) },
 	{ "fuse-timeout", "SECONDS", "the kernel aborts the connection when a request takes longer (Linux 6.14+)",
 	  devio_opt_uint, offsetof(struct fuse_opts, timeout) },
@@ -936,7 +936,7 @@ const struct devio_frontend_type devio_frontend_fuse = {
 	.help = "the export as one file, MOUNTPOINT/disk",
 	.options = fuse_options,
 	.opts_size = sizeof(struct fuse_opts),
-	.start = start,
-	.stop = stop,
-	.status = status,
+	.start = fuse_start,
+	.stop = fuse_stop,
+	.status = fuse_status,
 };

@@ -70,7 +70,7 @@ struct ublk_queue {
 	size_t descs_len;
 	struct ublk_tag *tags;
 	unsigned cmds_out;     /* FETCH/COMMIT commands the kernel holds */
-	/* counters, read by status() and printed at exit */
+	/* counters, read by ublk_status() and printed at exit */
 	_Atomic uint64_t served, copies, errors;
 };
 
@@ -206,7 +206,7 @@ const char *devio_ublk_copy_name(enum devio_ublk_copy c)
 
 /* ---- control commands ---- */
 
-static void prep_uring_cmd(struct io_uring_sqe *sqe, int fd, uint32_t op, const void *cmd, size_t len)
+static void ublk_prep_uring_cmd(struct io_uring_sqe *sqe, int fd, uint32_t op, const void *cmd, size_t len)
 {
 	memset(sqe, 0, 128);
 	sqe->opcode = IORING_OP_URING_CMD;
@@ -217,7 +217,7 @@ static void prep_uring_cmd(struct io_uring_sqe *sqe, int fd, uint32_t op, const 
 
 /* The opcode for control command nr: ioctl-encoded when the driver knows
  * them (and always for commands that only exist that way). */
-static uint32_t ctrl_op(const struct ublk_dev *d, unsigned nr)
+static uint32_t ublk_ctrl_op(const struct ublk_dev *d, unsigned nr)
 {
 	bool reads = nr == DEVIO_UBLK_CMD_GET_QUEUE_AFFINITY || nr == DEVIO_UBLK_CMD_GET_DEV_INFO ||
 		     nr == DEVIO_UBLK_CMD_GET_PARAMS || nr == DEVIO_UBLK_CMD_GET_FEATURES;
@@ -228,7 +228,7 @@ static uint32_t ctrl_op(const struct ublk_dev *d, unsigned nr)
 }
 
 /* Run one control command and wait for its result. */
-static int ctrl_cmd(struct ublk_dev *d, unsigned nr, struct devio_ublk_ctrl_cmd *cmd)
+static int ublk_ctrl_cmd(struct ublk_dev *d, unsigned nr, struct devio_ublk_ctrl_cmd *cmd)
 {
 	struct io_uring_sqe *sqe = io_uring_get_sqe(&d->ctrl_ring);
 	struct io_uring_cqe *cqe;
@@ -236,7 +236,7 @@ static int ctrl_cmd(struct ublk_dev *d, unsigned nr, struct devio_ublk_ctrl_cmd 
 
 	if (!sqe)
 		return -EBUSY;
-	prep_uring_cmd(sqe, d->ctrl_fd, ctrl_op(d, nr), cmd, sizeof(*cmd));
+	ublk_prep_uring_cmd(sqe, d->ctrl_fd, ublk_ctrl_op(d, nr), cmd, sizeof(*cmd));
 	r = io_uring_submit(&d->ctrl_ring);
 	if (r < 0)
 		return r;
@@ -250,7 +250,7 @@ static int ctrl_cmd(struct ublk_dev *d, unsigned nr, struct devio_ublk_ctrl_cmd 
 	return r;
 }
 
-static int ctrl_open(struct ublk_dev *d)
+static int ublk_ctrl_open(struct ublk_dev *d)
 {
 	int r;
 
@@ -269,7 +269,7 @@ static int ctrl_open(struct ublk_dev *d)
 	return 0;
 }
 
-static void ctrl_close(struct ublk_dev *d)
+static void ublk_ctrl_close(struct ublk_dev *d)
 {
 	if (d->ctrl_ring_ok)
 		io_uring_queue_exit(&d->ctrl_ring);
@@ -280,25 +280,25 @@ static void ctrl_close(struct ublk_dev *d)
 }
 
 /* GET_FEATURES (6.5+); older drivers know only the legacy opcodes. */
-static void get_features(struct ublk_dev *d)
+static void ublk_get_features(struct ublk_dev *d)
 {
 	struct devio_ublk_ctrl_cmd cmd = { .dev_id = NO_DEV_ID, .queue_id = 0xffff };
 	uint64_t features = 0;
 
 	cmd.addr = (uintptr_t)&features;
 	cmd.len = sizeof(features);
-	if (ctrl_cmd(d, DEVIO_UBLK_CMD_GET_FEATURES, &cmd) < 0)
+	if (ublk_ctrl_cmd(d, DEVIO_UBLK_CMD_GET_FEATURES, &cmd) < 0)
 		features = 0;
 	d->features = features;
 	d->ioctl_encode = features & DEVIO_UBLK_F_CMD_IOCTL_ENCODE;
 }
 
-static int simple_cmd(struct ublk_dev *d, unsigned nr, uint64_t data)
+static int ublk_simple_cmd(struct ublk_dev *d, unsigned nr, uint64_t data)
 {
 	struct devio_ublk_ctrl_cmd cmd = { .dev_id = d->info.dev_id, .queue_id = 0xffff };
 
 	cmd.data[0] = data;
-	return ctrl_cmd(d, nr, &cmd);
+	return ublk_ctrl_cmd(d, nr, &cmd);
 }
 
 int devio_ublk_delete(unsigned dev_id)
@@ -306,19 +306,19 @@ int devio_ublk_delete(unsigned dev_id)
 	struct ublk_dev d = { .ctrl_fd = -1 };
 	int r;
 
-	r = ctrl_open(&d);
+	r = ublk_ctrl_open(&d);
 	if (r)
 		goto out;
-	get_features(&d);
+	ublk_get_features(&d);
 	d.info.dev_id = dev_id;
-	r = simple_cmd(&d, DEVIO_UBLK_CMD_STOP_DEV, 0);
+	r = ublk_simple_cmd(&d, DEVIO_UBLK_CMD_STOP_DEV, 0);
 	if (r < 0 && r != -ENODEV)
 		devio_warn("ublk: device %u: STOP_DEV: %s", dev_id, strerror(-r));
-	r = simple_cmd(&d, DEVIO_UBLK_CMD_DEL_DEV, 0);
+	r = ublk_simple_cmd(&d, DEVIO_UBLK_CMD_DEL_DEV, 0);
 	if (r < 0)
 		devio_err("ublk: device %u: DEL_DEV: %s", dev_id, strerror(-r));
 out:
-	ctrl_close(&d);
+	ublk_ctrl_close(&d);
 	return r < 0 ? r : 0;
 }
 
@@ -382,7 +382,7 @@ int devio_ublk_in_use(unsigned dev_id, char *why, size_t len)
 
 /* ---- device setup ---- */
 
-static unsigned ilog2u(uint32_t v)
+static unsigned ublk_ilog2u(uint32_t v)
 {
 	unsigned s = 0;
 
@@ -391,7 +391,7 @@ static unsigned ilog2u(uint32_t v)
 	return s;
 }
 
-static int add_dev(struct ublk_dev *d, uint32_t want_id)
+static int ublk_add_dev(struct ublk_dev *d, uint32_t want_id)
 {
 	struct devio_ublk_ctrl_cmd cmd = { .dev_id = want_id, .queue_id = 0xffff };
 	int r;
@@ -407,7 +407,7 @@ static int add_dev(struct ublk_dev *d, uint32_t want_id)
 	d->info.flags |= d->recovery_flags;
 	cmd.addr = (uintptr_t)&d->info;
 	cmd.len = sizeof(d->info);
-	r = ctrl_cmd(d, DEVIO_UBLK_CMD_ADD_DEV, &cmd);
+	r = ublk_ctrl_cmd(d, DEVIO_UBLK_CMD_ADD_DEV, &cmd);
 	if (r < 0) {
 		devio_err("ublk: ADD_DEV (id %s, %u queues, depth %u, %u-byte buffers): %s",
 			  want_id == NO_DEV_ID ? "auto" : "given", d->nr_queues, d->depth, d->max_io,
@@ -420,7 +420,7 @@ static int add_dev(struct ublk_dev *d, uint32_t want_id)
 	return 0;
 }
 
-static int set_params(struct ublk_dev *d)
+static int ublk_set_params(struct ublk_dev *d)
 {
 	struct devio_ublk_ctrl_cmd cmd = { .dev_id = d->info.dev_id, .queue_id = 0xffff };
 	struct devio_ublk_params p = { .len = sizeof(p), .types = DEVIO_UBLK_PARAM_TYPE_BASIC };
@@ -429,8 +429,8 @@ static int set_params(struct ublk_dev *d)
 	uint32_t caps = d->b->caps;
 	int r;
 
-	p.basic.logical_bs_shift = (uint8_t)ilog2u(d->lbs);
-	p.basic.physical_bs_shift = (uint8_t)ilog2u(pbs);
+	p.basic.logical_bs_shift = (uint8_t)ublk_ilog2u(d->lbs);
+	p.basic.physical_bs_shift = (uint8_t)ublk_ilog2u(pbs);
 	p.basic.io_min_shift = p.basic.physical_bs_shift;
 	p.basic.io_opt_shift = p.basic.physical_bs_shift;
 	p.basic.max_sectors = d->max_io >> 9;
@@ -453,7 +453,7 @@ static int set_params(struct ublk_dev *d)
 	}
 	cmd.addr = (uintptr_t)&p;
 	cmd.len = sizeof(p);
-	r = ctrl_cmd(d, DEVIO_UBLK_CMD_SET_PARAMS, &cmd);
+	r = ublk_ctrl_cmd(d, DEVIO_UBLK_CMD_SET_PARAMS, &cmd);
 	if (r < 0)
 		devio_err("ublk: %s: SET_PARAMS (%llu sectors, block %u/%u): %s", d->bdev,
 			  (unsigned long long)d->dev_sectors, d->lbs, pbs, strerror(-r));
@@ -461,7 +461,7 @@ static int set_params(struct ublk_dev *d)
 }
 
 /* /dev/ublkcN appears through devtmpfs/udev shortly after ADD_DEV. */
-static int open_cdev(struct ublk_dev *d)
+static int ublk_open_cdev(struct ublk_dev *d)
 {
 	for (int i = 0; i < 200; i++) {
 		struct timespec ts = { 0, 10 * 1000 * 1000 };
@@ -479,19 +479,19 @@ static int open_cdev(struct ublk_dev *d)
 
 /* ---- the queue threads ---- */
 
-static uint64_t user_copy_off(const struct ublk_queue *q, uint16_t tag)
+static uint64_t ublk_user_copy_off(const struct ublk_queue *q, uint16_t tag)
 {
 	return DEVIO_UBLKSRV_IO_BUF_OFFSET + ((uint64_t)q->qid << DEVIO_UBLK_QID_OFF) +
 	       ((uint64_t)tag << DEVIO_UBLK_TAG_OFF);
 }
 
-static uint32_t io_op(const struct ublk_dev *d, unsigned nr)
+static uint32_t ublk_io_op(const struct ublk_dev *d, unsigned nr)
 {
 	return d->ioctl_encode ? DEVIO_UBLK_U_IO(nr) : nr;
 }
 
 /* Queue FETCH_REQ (first time) or COMMIT_AND_FETCH_REQ with result. */
-static int queue_io_cmd(struct ublk_queue *q, struct ublk_tag *t, unsigned nr, int result)
+static int ublk_queue_io_cmd(struct ublk_queue *q, struct ublk_tag *t, unsigned nr, int result)
 {
 	struct devio_ublk_io_cmd cmd = { .q_id = (uint16_t)q->qid, .tag = t->tag, .result = result };
 	struct io_uring_sqe *sqe = devio_ring_get_sqe(q->ring);
@@ -500,7 +500,7 @@ static int queue_io_cmd(struct ublk_queue *q, struct ublk_tag *t, unsigned nr, i
 		return -EBUSY;
 	if (!q->dev->user_copy)
 		cmd.addr = (uintptr_t)t->buf;
-	prep_uring_cmd(sqe, 0, io_op(q->dev, nr), &cmd, sizeof(cmd));
+	ublk_prep_uring_cmd(sqe, 0, ublk_io_op(q->dev, nr), &cmd, sizeof(cmd));
 	sqe->flags |= IOSQE_FIXED_FILE;
 	devio_ring_sqe_owner(sqe, t);
 	q->cmds_out++;
@@ -508,7 +508,7 @@ static int queue_io_cmd(struct ublk_queue *q, struct ublk_tag *t, unsigned nr, i
 }
 
 /* Commit one finished request and fetch the tag's next one. */
-static void commit_tag(struct ublk_queue *q, struct ublk_tag *t)
+static void ublk_commit_tag(struct ublk_queue *q, struct ublk_tag *t)
 {
 	struct devio_request *req = &t->req;
 	int res = req->result;
@@ -516,7 +516,7 @@ static void commit_tag(struct ublk_queue *q, struct ublk_tag *t)
 	if (res == 0 && (req->op == DEVIO_OP_READ || req->op == DEVIO_OP_WRITE))
 		res = (int)req->length;
 	if (res > 0 && req->op == DEVIO_OP_READ && q->dev->user_copy) {
-		ssize_t n = pwrite(q->dev->cdev_fd, t->buf, req->length, (off_t)user_copy_off(q, t->tag));
+		ssize_t n = pwrite(q->dev->cdev_fd, t->buf, req->length, (off_t)ublk_user_copy_off(q, t->tag));
 
 		atomic_fetch_add_explicit(&q->copies, 1, memory_order_relaxed);
 		if (n != (ssize_t)req->length) {
@@ -536,18 +536,18 @@ static void commit_tag(struct ublk_queue *q, struct ublk_tag *t)
 			  (unsigned long long)req->length, strerror(-res));
 	}
 	atomic_fetch_add_explicit(&q->served, 1, memory_order_relaxed);
-	if (queue_io_cmd(q, t, DEVIO_UBLK_IO_COMMIT_AND_FETCH_REQ, res))
+	if (ublk_queue_io_cmd(q, t, DEVIO_UBLK_IO_COMMIT_AND_FETCH_REQ, res))
 		devio_err("ublk: %s: queue %u tag %u: no SQE for the commit", q->dev->bdev, q->qid, t->tag);
 }
 
 /* A request the backend finished (owner->done). */
-static void queue_done(struct devio_ring *r, void *ctx, struct devio_request *req)
+static void ublk_queue_done(struct devio_ring *r, void *ctx, struct devio_request *req)
 {
-	commit_tag(ctx, req->opaque);
+	ublk_commit_tag(ctx, req->opaque);
 }
 
 /* A fetched request: check the descriptor and start it. */
-static void start_request(struct ublk_queue *q, struct ublk_tag *t)
+static void ublk_start_request(struct ublk_queue *q, struct ublk_tag *t)
 {
 	struct ublk_dev *d = q->dev;
 	struct devio_ublk_io_desc desc;
@@ -566,7 +566,7 @@ static void start_request(struct ublk_queue *q, struct ublk_tag *t)
 		goto fail;
 	}
 	if (req->op == DEVIO_OP_WRITE && d->user_copy) {
-		ssize_t n = pread(d->cdev_fd, t->buf, req->length, (off_t)user_copy_off(q, t->tag));
+		ssize_t n = pread(d->cdev_fd, t->buf, req->length, (off_t)ublk_user_copy_off(q, t->tag));
 
 		atomic_fetch_add_explicit(&q->copies, 1, memory_order_relaxed);
 		if (n != (ssize_t)req->length) {
@@ -580,18 +580,18 @@ static void start_request(struct ublk_queue *q, struct ublk_tag *t)
 	return;
 fail:
 	req->result = r;
-	commit_tag(q, t);
+	ublk_commit_tag(q, t);
 }
 
 /* The CQE of a tag's FETCH or COMMIT_AND_FETCH (owner->cqe). */
-static void queue_cqe(struct devio_ring *r, void *ctx, void *data, int res)
+static void ublk_queue_cqe(struct devio_ring *r, void *ctx, void *data, int res)
 {
 	struct ublk_queue *q = ctx;
 	struct ublk_tag *t = data;
 
 	q->cmds_out--;
 	if (res == DEVIO_UBLK_IO_RES_OK) {
-		start_request(q, t);
+		ublk_start_request(q, t);
 		return;
 	}
 	t->dead = true;
@@ -603,7 +603,7 @@ static void queue_cqe(struct devio_ring *r, void *ctx, void *data, int res)
 /* Done when the driver holds no command of ours, or, stopping, once the
  * grace after STOP_DEV is over (closing the ring cancels the rest); the
  * ring module waits for the requests still with the backend. */
-static bool queue_finished(struct devio_ring *r, void *ctx)
+static bool ublk_queue_finished(struct devio_ring *r, void *ctx)
 {
 	struct ublk_queue *q = ctx;
 
@@ -612,25 +612,25 @@ static bool queue_finished(struct devio_ring *r, void *ctx)
 	return atomic_load(&q->dev->stopping) && devio_now_ns() >= atomic_load(&q->dev->stop_deadline);
 }
 
-static size_t round_up_sz(size_t v, size_t align)
+static size_t ublk_round_up_sz(size_t v, size_t align)
 {
 	return (v + align - 1) / align * align;
 }
 
 /* On the queue thread: the descriptors, /dev/ublkcN as fixed file 0, a
  * FETCH_REQ for every tag. */
-static int queue_setup(struct devio_ring *ring, void *ctx)
+static int ublk_queue_setup(struct devio_ring *ring, void *ctx)
 {
 	struct ublk_queue *q = ctx;
 	struct ublk_dev *d = q->dev;
 	size_t page = (size_t)sysconf(_SC_PAGESIZE);
 	/* each queue's array starts at qid * the size of the largest one */
-	size_t max_len = round_up_sz(DEVIO_UBLK_MAX_QUEUE_DEPTH * sizeof(struct devio_ublk_io_desc), page);
+	size_t max_len = ublk_round_up_sz(DEVIO_UBLK_MAX_QUEUE_DEPTH * sizeof(struct devio_ublk_io_desc), page);
 	void *p;
 	int r;
 
 	q->ring = ring;
-	q->descs_len = round_up_sz(d->depth * sizeof(struct devio_ublk_io_desc), page);
+	q->descs_len = ublk_round_up_sz(d->depth * sizeof(struct devio_ublk_io_desc), page);
 	p = mmap(NULL, q->descs_len, PROT_READ, MAP_SHARED | MAP_POPULATE, d->cdev_fd,
 		 (off_t)(DEVIO_UBLKSRV_CMD_BUF_OFFSET + q->qid * max_len));
 	if (p == MAP_FAILED) {
@@ -645,7 +645,7 @@ static int queue_setup(struct devio_ring *ring, void *ctx)
 		return r;
 	}
 	for (unsigned i = 0; i < d->depth; i++) {
-		r = queue_io_cmd(q, &q->tags[i], DEVIO_UBLK_IO_FETCH_REQ, 0);
+		r = ublk_queue_io_cmd(q, &q->tags[i], DEVIO_UBLK_IO_FETCH_REQ, 0);
 		if (r)
 			return r;
 	}
@@ -654,13 +654,13 @@ static int queue_setup(struct devio_ring *ring, void *ctx)
 }
 
 static const struct devio_ring_owner queue_owner = {
-	.setup = queue_setup,
-	.cqe = queue_cqe,
-	.done = queue_done,
-	.finished = queue_finished,
+	.setup = ublk_queue_setup,
+	.cqe = ublk_queue_cqe,
+	.done = ublk_queue_done,
+	.finished = ublk_queue_finished,
 };
 
-static int queue_alloc(struct ublk_queue *q)
+static int ublk_queue_alloc(struct ublk_queue *q)
 {
 	struct ublk_dev *d = q->dev;
 
@@ -680,7 +680,7 @@ static int queue_alloc(struct ublk_queue *q)
 }
 
 /* After the ring is gone (its thread joined, its commands cancelled). */
-static void queue_free(struct ublk_queue *q)
+static void ublk_queue_free(struct ublk_queue *q)
 {
 	if (q->descs)
 		munmap((void *)q->descs, q->descs_len);
@@ -692,7 +692,7 @@ static void queue_free(struct ublk_queue *q)
 
 /* The CPUs whose requests the driver sends to queue q, for its thread;
  * false if the driver does not say. */
-static bool queue_affinity(struct ublk_dev *d, struct ublk_queue *q, cpu_set_t *set)
+static bool ublk_queue_affinity(struct ublk_dev *d, struct ublk_queue *q, cpu_set_t *set)
 {
 	struct devio_ublk_ctrl_cmd cmd = { .dev_id = d->info.dev_id, .queue_id = (uint16_t)q->qid };
 	int r;
@@ -700,7 +700,7 @@ static bool queue_affinity(struct ublk_dev *d, struct ublk_queue *q, cpu_set_t *
 	CPU_ZERO(set);
 	cmd.addr = (uintptr_t)set;
 	cmd.len = sizeof(*set);
-	r = ctrl_cmd(d, DEVIO_UBLK_CMD_GET_QUEUE_AFFINITY, &cmd);
+	r = ublk_ctrl_cmd(d, DEVIO_UBLK_CMD_GET_QUEUE_AFFINITY, &cmd);
 	if (r < 0 || CPU_COUNT(set) == 0) {
 		devio_debug("ublk: %s: queue %u: no affinity: %s", d->bdev, q->qid, strerror(r < 0 ? -r : 0));
 		return false;
@@ -708,7 +708,7 @@ static bool queue_affinity(struct ublk_dev *d, struct ublk_queue *q, cpu_set_t *
 	return true;
 }
 
-static int start_queue(struct ublk_dev *d, struct ublk_queue *q)
+static int ublk_start_queue(struct ublk_dev *d, struct ublk_queue *q)
 {
 	char name[64];
 	cpu_set_t cpus;
@@ -720,17 +720,17 @@ static int start_queue(struct ublk_dev *d, struct ublk_queue *q)
 		.owner = &queue_owner,
 		.ctx = q,
 	};
-	int r = queue_alloc(q);
+	int r = ublk_queue_alloc(q);
 
 	if (r)
 		return r;
 	snprintf(name, sizeof(name), "ublk: %s: queue %u", d->bdev, q->qid);
-	if (queue_affinity(d, q, &cpus))
+	if (ublk_queue_affinity(d, q, &cpus))
 		p.cpus = &cpus;
 	return devio_ring_start(&p, &q->ring);
 }
 
-static int start_queues(struct ublk_dev *d)
+static int ublk_start_queues(struct ublk_dev *d)
 {
 	d->queues = calloc(d->nr_queues, sizeof(*d->queues));
 	if (!d->queues)
@@ -740,7 +740,7 @@ static int start_queues(struct ublk_dev *d)
 		d->queues[i].qid = i;
 	}
 	for (unsigned i = 0; i < d->nr_queues; i++) {
-		int r = start_queue(d, &d->queues[i]);
+		int r = ublk_start_queue(d, &d->queues[i]);
 
 		if (r)
 			return r;
@@ -750,7 +750,7 @@ static int start_queues(struct ublk_dev *d)
 
 /* ---- the front end ---- */
 
-static int parse_arg(struct ublk_dev *d, const char *arg, uint32_t *want_id, int *copy, bool *legacy)
+static int ublk_parse_arg(struct ublk_dev *d, const char *arg, uint32_t *want_id, int *copy, bool *legacy)
 {
 	char buf[64], *tok, *save;
 
@@ -842,7 +842,7 @@ static const char *ublk_recovery_name(uint64_t flags)
 	return flags & DEVIO_UBLK_F_USER_RECOVERY_REISSUE ? "reissue" : "fail-inflight";
 }
 
-static int setup_geometry(struct ublk_dev *d, const struct ublk_opts *o)
+static int ublk_setup_geometry(struct ublk_dev *d, const struct ublk_opts *o)
 {
 	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
 
@@ -875,7 +875,7 @@ static int setup_geometry(struct ublk_dev *d, const struct ublk_opts *o)
 	return 0;
 }
 
-static void teardown(struct ublk_dev *d);
+static void ublk_teardown(struct ublk_dev *d);
 
 /* Once per server: what the driver offers and the data path taken. */
 static void ublk_log_features(const struct ublk_dev *d)
@@ -906,16 +906,16 @@ static int ublk_create(struct ublk_dev *d, uint32_t want_id, int copy, int recov
 	if (r)
 		return r;
 	ublk_log_features(d);
-	r = add_dev(d, want_id);
+	r = ublk_add_dev(d, want_id);
 	if (!r)
-		r = set_params(d);
+		r = ublk_set_params(d);
 	if (!r)
-		r = open_cdev(d);
+		r = ublk_open_cdev(d);
 	if (!r)
-		r = start_queues(d);
+		r = ublk_start_queues(d);
 	if (r)
 		return r;
-	r = simple_cmd(d, DEVIO_UBLK_CMD_START_DEV, (uint64_t)getpid());
+	r = ublk_simple_cmd(d, DEVIO_UBLK_CMD_START_DEV, (uint64_t)getpid());
 	if (r < 0)
 		devio_err("ublk: %s: START_DEV: %s", d->bdev, strerror(-r));
 	return r < 0 ? r : 0;
@@ -931,11 +931,11 @@ static int ublk_adopt(struct ublk_dev *d, uint32_t id)
 
 	cmd.addr = (uintptr_t)&d->info;
 	cmd.len = sizeof(d->info);
-	r = ctrl_cmd(d, DEVIO_UBLK_CMD_GET_DEV_INFO, &cmd);
+	r = ublk_ctrl_cmd(d, DEVIO_UBLK_CMD_GET_DEV_INFO, &cmd);
 	if (r >= 0) {
 		cmd.addr = (uintptr_t)&p;
 		cmd.len = sizeof(p);
-		r = ctrl_cmd(d, DEVIO_UBLK_CMD_GET_PARAMS, &cmd);
+		r = ublk_ctrl_cmd(d, DEVIO_UBLK_CMD_GET_PARAMS, &cmd);
 	}
 	if (r < 0) {
 		devio_err("ublk: device %u: %s", id, strerror(-r));
@@ -978,7 +978,7 @@ static int ublk_start_recovery(struct ublk_dev *d)
 	uint64_t deadline = devio_now_ns() + 30ull * 1000 * 1000 * 1000;
 	int r;
 
-	while ((r = simple_cmd(d, DEVIO_UBLK_CMD_START_USER_RECOVERY, 0)) == -EBUSY && devio_now_ns() < deadline) {
+	while ((r = ublk_simple_cmd(d, DEVIO_UBLK_CMD_START_USER_RECOVERY, 0)) == -EBUSY && devio_now_ns() < deadline) {
 		struct timespec ts = { 0, 50 * 1000 * 1000 };
 
 		nanosleep(&ts, NULL);
@@ -1001,12 +1001,12 @@ static int ublk_recover(struct ublk_dev *d, uint32_t id)
 	ublk_log_features(d);
 	r = ublk_start_recovery(d);
 	if (!r)
-		r = open_cdev(d);
+		r = ublk_open_cdev(d);
 	if (!r)
-		r = start_queues(d);
+		r = ublk_start_queues(d);
 	if (r)
 		return r;
-	r = simple_cmd(d, DEVIO_UBLK_CMD_END_USER_RECOVERY, (uint64_t)getpid());
+	r = ublk_simple_cmd(d, DEVIO_UBLK_CMD_END_USER_RECOVERY, (uint64_t)getpid());
 	if (r < 0) {
 		devio_err("ublk: %s: END_USER_RECOVERY: %s", d->bdev, strerror(-r));
 		return r;
@@ -1015,7 +1015,7 @@ static int ublk_recover(struct ublk_dev *d, uint32_t id)
 	return 0;
 }
 
-static int start(struct devio_server *srv, const char *arg, const void *opts, void **state)
+static int ublk_start(struct devio_server *srv, const char *arg, const void *opts, void **state)
 {
 	static const struct ublk_opts defaults;
 	const struct ublk_opts *o = opts ? opts : &defaults;
@@ -1028,7 +1028,7 @@ static int start(struct devio_server *srv, const char *arg, const void *opts, vo
 		return -ENOMEM;
 	d->ctrl_fd = d->cdev_fd = -1;
 	d->b = srv->exports[0].backend;
-	r = parse_arg(d, arg, &want_id, &copy, &legacy);
+	r = ublk_parse_arg(d, arg, &want_id, &copy, &legacy);
 	if (r) {
 		devio_err("ublk: bad argument '%s' (want [ID][,user-copy|,kernel-copy][,legacy-opcodes])", arg);
 		goto fail;
@@ -1038,7 +1038,7 @@ static int start(struct devio_server *srv, const char *arg, const void *opts, vo
 		r = -EINVAL;
 		goto fail;
 	}
-	r = o->recover ? 0 : setup_geometry(d, o);
+	r = o->recover ? 0 : ublk_setup_geometry(d, o);
 	if (r)
 		goto fail;
 	if (devio_wants_pool(d->b, srv->opts.threads) &&
@@ -1047,10 +1047,10 @@ static int start(struct devio_server *srv, const char *arg, const void *opts, vo
 		r = -ENOMEM;
 		goto fail;
 	}
-	r = ctrl_open(d);
+	r = ublk_ctrl_open(d);
 	if (r)
 		goto fail;
-	get_features(d);
+	ublk_get_features(d);
 	if (legacy)
 		d->ioctl_encode = false; /* what a pre-6.5 driver gets; for testing the fallback */
 	r = o->recover ? ublk_recover(d, want_id) : ublk_create(d, want_id, copy, o->recovery);
@@ -1065,11 +1065,11 @@ static int start(struct devio_server *srv, const char *arg, const void *opts, vo
 	*state = d;
 	return 0;
 fail:
-	teardown(d);
+	ublk_teardown(d);
 	return r < 0 ? r : -EIO;
 }
 
-static void print_counters(struct ublk_dev *d, FILE *out)
+static void ublk_print_counters(struct ublk_dev *d, FILE *out)
 {
 	for (unsigned i = 0; d->queues && i < d->nr_queues; i++) {
 		struct ublk_queue *q = &d->queues[i];
@@ -1086,7 +1086,7 @@ static void print_counters(struct ublk_dev *d, FILE *out)
 
 /* Stop the device (the driver aborts our fetches), join the queue threads,
  * release the character device, then delete the device. */
-static void teardown(struct ublk_dev *d)
+static void ublk_teardown(struct ublk_dev *d)
 {
 	int r = 0;
 	/* While STOP_DEV waits for the disk's last requests the queue threads
@@ -1100,7 +1100,7 @@ static void teardown(struct ublk_dev *d)
 	for (unsigned i = 0; d->queues && i < d->nr_queues; i++)
 		devio_ring_stop(d->queues[i].ring);
 	if (d->added && d->ctrl_ring_ok) {
-		r = simple_cmd(d, DEVIO_UBLK_CMD_STOP_DEV, 0);
+		r = ublk_simple_cmd(d, DEVIO_UBLK_CMD_STOP_DEV, 0);
 		if (r < 0 && d->started)
 			devio_warn("ublk: %s: STOP_DEV: %s", d->bdev, strerror(-r));
 		devio_debug("ublk: %s: STOP_DEV took %llu ms", d->bdev,
@@ -1124,33 +1124,33 @@ static void teardown(struct ublk_dev *d)
 
 		mem = open_memstream(&text, &len);
 		if (mem) {
-			print_counters(d, mem);
+			ublk_print_counters(d, mem);
 			fclose(mem);
 			devio_info("ublk: %s: stopped\n%.*s", d->bdev, len ? (int)len - 1 : 0, text ? text : "");
 			free(text);
 		}
 	}
 	for (unsigned i = 0; d->queues && i < d->nr_queues; i++)
-		queue_free(&d->queues[i]);
+		ublk_queue_free(&d->queues[i]);
 	free(d->queues);
 	if (d->cdev_fd >= 0)
 		close(d->cdev_fd);
 	if (d->added && d->ctrl_ring_ok) {
-		r = simple_cmd(d, DEVIO_UBLK_CMD_DEL_DEV, 0);
+		r = ublk_simple_cmd(d, DEVIO_UBLK_CMD_DEL_DEV, 0);
 		if (r < 0)
 			devio_err("ublk: %s: DEL_DEV: %s", d->bdev, strerror(-r));
 	}
-	ctrl_close(d);
+	ublk_ctrl_close(d);
 	free(d);
 }
 
-static void stop(void *state)
+static void ublk_stop(void *state)
 {
 	if (state)
-		teardown(state);
+		ublk_teardown(state);
 }
 
-static void status(void *state, FILE *out)
+static void ublk_status(void *state, FILE *out)
 {
 	struct ublk_dev *d = state;
 
@@ -1163,7 +1163,7 @@ static void status(void *state, FILE *out)
 	fprintf(out, "ublk %s data path: %s; driver features 0x%llx (%s)\n", d->bdev,
 		devio_ublk_copy_name(d->copy), (unsigned long long)d->features,
 		devio_ublk_feature_names(d->features, names, sizeof(names)));
-	print_counters(d, out);
+	ublk_print_counters(d, out);
 }
 
 static const struct devio_frontend_option ublk_options[] = {
@@ -1187,7 +1187,7 @@ const struct devio_frontend_type devio_frontend_ublk = {
 	.help = "a /dev/ublkbN block device",
 	.options = ublk_options,
 	.opts_size = sizeof(struct ublk_opts),
-	.start = start,
-	.stop = stop,
-	.status = status,
+	.start = ublk_start,
+	.stop = ublk_stop,
+	.status = ublk_status,
 };
