@@ -74,7 +74,7 @@ if ninja -C build-fuzz >/dev/null; then
     name=$(basename "$f")
     corpus="fuzz/corpus/${name#fuzz_}"
     mkdir -p "build-fuzz/corpus-$name"
-    if "$f" -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 -print_final_stats=0 \
+    if "$f" -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 -print_final_stats=0 -artifact_prefix="build-fuzz/$name-" \
         "build-fuzz/corpus-$name" $( [ -d "$corpus" ] && echo "$corpus" ) >"build-fuzz/$name.log" 2>&1; then
       echo "$name: ok"; count "fuzz:$name" pass
     else
