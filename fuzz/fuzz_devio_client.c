@@ -6,7 +6,6 @@
  * and a zero.  The server stops listening after its one connection, so the
  * client's single reconnect fails at once instead of waiting. */
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,31 +16,7 @@
 #include "devio/backend.h"
 #include "devio/util.h"
 
-/* Every hostile answer the client refuses is logged as an error: about
- * 12 MB of lines per 20-second run, which buries libFuzzer's own output.
- * The target links the static library, so these definitions stand in
- * for all of lib/log.c's (which is then never pulled in): messages are dropped
- * unless FUZZ_VERBOSE is set in the environment. */
-static enum devio_log_level fuzz_log_level = DEVIO_LOG_ERROR;
-static int fuzz_verbose = -1;
-
-void devio_log_set_level(enum devio_log_level level) { fuzz_log_level = level; }
-enum devio_log_level devio_log_get_level(void) { return fuzz_log_level; }
-unsigned long devio_log_errors(void) { return 0; } /* nothing is counted: nothing is shown */
-
-void devio_log(enum devio_log_level level, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (fuzz_verbose < 0)
-		fuzz_verbose = getenv("FUZZ_VERBOSE") != NULL;
-	if (!fuzz_verbose || level > fuzz_log_level)
-		return;
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-}
+/* Logging: the quiet stand-in of fuzz_log.c (linked in by meson). */
 
 struct fake_server {
 	int lfd;

@@ -9,7 +9,6 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,28 +26,7 @@
 #define NSLOTS 2u
 #define DATA 4096u
 
-/* Hostile answers are logged as errors: quiet unless FUZZ_VERBOSE is set
- * (these stand in for lib/log.c, as in fuzz_devio_client.c). */
-static enum devio_log_level fuzz_log_level = DEVIO_LOG_ERROR;
-static int fuzz_verbose = -1;
-
-void devio_log_set_level(enum devio_log_level level) { fuzz_log_level = level; }
-enum devio_log_level devio_log_get_level(void) { return fuzz_log_level; }
-unsigned long devio_log_errors(void) { return 0; }
-
-void devio_log(enum devio_log_level level, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (fuzz_verbose < 0)
-		fuzz_verbose = getenv("FUZZ_VERBOSE") != NULL;
-	if (!fuzz_verbose || level > fuzz_log_level)
-		return;
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-}
+/* Logging: the quiet stand-in of fuzz_log.c (linked in by meson). */
 
 struct fake {
 	int lfd;
