@@ -447,6 +447,11 @@ else
 fi
 rm -f /tmp/pattern
 
+# More scenarios, one file per area (tests/vm/scenarios/*.sh), in name order.
+for f in /scenarios/*.sh; do
+  [ -f "$f" ] && . "$f"
+done
+
 # No server log from the scenarios above holds a sanitizer report (with a
 # sanitized build; a plain build trivially passes).
 t=sanitizer-reports

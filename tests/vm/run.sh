@@ -106,6 +106,7 @@ for m in $MODS; do [ -f "$R/modules/$m.ko" ] && echo "$m"; done >"$R/modules/ord
 cp "$SCRIPT" "$R/scenario.sh"
 for kv in ${VM_ENV:-}; do echo "export $kv"; done >"$R/env.sh"
 cp tests/vm/guest-lib.sh "$R/guest-lib.sh"
+mkdir -p "$R/scenarios" && cp tests/vm/scenarios/*.sh "$R/scenarios/" 2>/dev/null
 
 cat >"$R/init" <<'INIT'
 #!/bin/busybox sh
