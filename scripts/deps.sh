@@ -6,6 +6,10 @@ PKGS=(
   # build
   build-essential meson ninja-build pkg-config liburing-dev libcmocka-dev zlib1g-dev clang libclang-rt-14-dev
   libjansson-dev
+  # man pages (scdoc sources in docs/man), rendered in tests/integration/test_docs.py
+  scdoc man-db
+  # the Debian package (debian/, tests/integration/test_package.py) and bash completion
+  debhelper dpkg-dev lintian bash-completion
   # test peers and tools
   python3 python3-pytest qemu-utils libnbd-bin python3-libnbd nbdkit nbd-server fio fuse3
   e2fsprogs xfsprogs fdisk util-linux kmod procps psmisc iproute2
