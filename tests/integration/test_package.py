@@ -112,7 +112,8 @@ def test_installed_files(installed_debs):
     files = set(run_ok("dpkg", "-L", "devio").split())
     pages = [f[:-len(".scd")] for f in os.listdir(os.path.join(ROOT, "docs", "man")) if f.endswith(".scd")]
     want = {"/usr/bin/devio", "/usr/lib/systemd/system/devio@.service",
-            "/usr/lib/systemd/system/devio@.socket", "/usr/lib/systemd/system/devio-ublk-recover@.service"}
+            "/usr/lib/systemd/system/devio@.socket", "/usr/lib/systemd/system/devio-ublk-recover@.service",
+            "/usr/share/bash-completion/completions/devio"}
     want |= {f"/usr/share/man/man1/{p}.gz" for p in pages}
     assert want <= files, f"not in the devio package: {sorted(want - files)}"
     assert run_ok("/usr/bin/devio", "--version").strip() == "devio " + \
