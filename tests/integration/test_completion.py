@@ -5,6 +5,7 @@ it prints must be offered; argument choices, file names and the URIs of a
 running server are completed too."""
 import os
 import re
+import shlex
 import subprocess
 
 import pytest
@@ -16,16 +17,26 @@ BASH_COMPLETION = "/usr/share/bash-completion/bash_completion"
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*(?![\w])")
 
 
-def complete(*words, cwd=None, library=False):
-    """What _devio offers for `devio WORDS...`, the last word being the one
-    completed; library: with bash-completion's own functions loaded."""
-    script = ('[ -n "$LIB" ] && source "$LIB"; source "$COMPLETION"; '
-              'COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); _devio; printf "%s\\n" "${COMPREPLY[@]}"')
+def complete_all(queries, cwd=None, library=False, prog=DEVIO):
+    """What _devio offers for each `devio WORDS...` in queries (the last word
+    being the one completed), in one bash as a user's shell runs them one
+    after the other; library: with bash-completion's own functions loaded."""
+    lines = ['[ -n "$LIB" ] && source "$LIB"', 'source "$COMPLETION"']
+    for words in queries:
+        lines.append("COMP_WORDS=(" + " ".join(shlex.quote(w) for w in (prog, *words)) + ")")
+        lines.append(f"COMP_CWORD={len(words)}; COMPREPLY=(); _devio; "
+                     "printf '%s\\n' \"${COMPREPLY[@]}\"; printf '\\036\\n'")
     env = dict(os.environ, COMPLETION=COMPLETION, LIB=BASH_COMPLETION if library else "")
-    r = subprocess.run(["bash", "-c", script, "bash", DEVIO, *words], capture_output=True, text=True,
-                       cwd=cwd, env=env, timeout=60)
+    r = subprocess.run(["bash", "-c", "\n".join(lines)], capture_output=True, text=True, cwd=cwd, env=env,
+                       timeout=120)
     assert r.returncode == 0, r.stderr
-    return [w for w in r.stdout.splitlines() if w]
+    answers = r.stdout.split("\036\n")[:-1]
+    assert len(answers) == len(queries), r.stdout
+    return [[w for w in a.splitlines() if w] for a in answers]
+
+
+def complete(*words, cwd=None, library=False):
+    return complete_all([words], cwd=cwd, library=library)[0]
 
 
 def usage(*args):
@@ -52,31 +63,37 @@ def test_every_option_of_the_help_is_offered(cmd):
 
 
 def test_option_prefix_and_choices():
-    assert sorted(complete("serve", "--fuse-t")) == ["--fuse-timeout", "--fuse-transport"]
-    assert complete("serve", "x", "--fuse-transport", "") == ["auto", "uring", "dev"]
-    assert complete("serve", "x", "--format=q") == ["qcow2"]
-    assert complete("convert", "-O", "") == ["raw", "vhd", "qcow2"]
-    assert complete("serve", "x", "--nbd", "") == ["tcp:", "unix:", "systemd"]
+    q = [("serve", "--fuse-t"), ("serve", "x", "--fuse-transport", ""), ("serve", "x", "--format=q"),
+         ("convert", "-O", ""), ("serve", "x", "--nbd", ""), ("serve", "x", "--depth", ""),
+         ("serve", "x", "--loop", "--")]
+    fuse_t, transport, fmt, out_fmt, nbd, depth, after_flag = complete_all(q)
+    assert sorted(fuse_t) == ["--fuse-timeout", "--fuse-transport"]
+    assert transport == ["auto", "uring", "dev"]
+    assert fmt == ["qcow2"]
+    assert out_fmt == ["raw", "vhd", "qcow2"]
+    assert nbd == ["tcp:", "unix:", "systemd"]
     # an option that takes a number offers nothing; one without an argument
     # does not swallow the next word
-    assert complete("serve", "x", "--depth", "") == []
-    assert "--nbd" in complete("serve", "x", "--loop", "--")
+    assert depth == []
+    assert "--nbd" in after_flag
 
 
 def test_file_arguments(tmp_path):
     (tmp_path / "disk.img").write_bytes(b"")
     (tmp_path / "dir").mkdir()
-    assert complete("serve", "dis", cwd=tmp_path) == ["disk.img"]
-    assert "disk.img" in complete("serve", "x", "--log", "", cwd=tmp_path)
-    assert "journal" in complete("serve", "x", "--log", "", cwd=tmp_path)
-    assert sorted(complete("serve", "x", "--nbd", "unix:di", cwd=tmp_path)) == ["unix:dir", "unix:disk.img"]
-    assert complete("serve", "x", "--export", "b=dis", cwd=tmp_path) == ["b=disk.img"]
-    assert complete("serve", "x", "--fuse", "", cwd=tmp_path) == ["dir"]
+    q = [("serve", "dis"), ("serve", "x", "--log", ""), ("serve", "x", "--nbd", "unix:di"),
+         ("serve", "x", "--export", "b=dis"), ("serve", "x", "--fuse", "")]
+    source, log, unix, export, fuse = complete_all(q, cwd=tmp_path)
+    assert source == ["disk.img"]
+    assert {"disk.img", "dir", "stderr", "syslog", "journal"} <= set(log)
+    assert sorted(unix) == ["unix:dir", "unix:disk.img"]
+    assert export == ["b=disk.img"]
+    assert fuse == ["dir"]
     # with bash-completion's _filedir as a user's shell has it
-    assert complete("serve", "x", "--fuse", "", cwd=tmp_path, library=True) == ["dir"]
+    fuse, dst = complete_all([("serve", "x", "--fuse", ""), ("copy", "disk.img", "d")], cwd=tmp_path, library=True)
+    assert fuse == ["dir"]
     # a SRC or DST: files and the URI schemes
-    got = complete("copy", "disk.img", "d", cwd=tmp_path, library=True)
-    assert {"dir", "disk.img", "devio://", "devio+unix://", "devio+shm://"} == set(got), got
+    assert {"dir", "disk.img", "devio://", "devio+unix://", "devio+shm://"} == set(dst), dst
 
 
 def test_running_servers_uris(serve, tmp_path):
@@ -85,5 +102,18 @@ def test_running_servers_uris(serve, tmp_path):
     img.write_bytes(b"\0" * 65536)
     s = serve(str(img), "--nbd", f"unix:{sock}")
     s.wait_unix(sock)
-    assert f"nbd+unix:///?socket={sock}" in complete("attach", "")
-    assert f"nbd+unix:///?socket={sock}" in complete("info", "nbd+")
+    attach, info = complete_all([("attach", ""), ("info", "nbd+")])
+    assert f"nbd+unix:///?socket={sock}" in attach
+    assert f"nbd+unix:///?socket={sock}" in info
+
+
+def test_help_is_read_once_per_shell(tmp_path):
+    """A shell asks devio for its usage once, not at every TAB."""
+    log = tmp_path / "calls"
+    wrapper = tmp_path / "devio"
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >>{log}\nexec {DEVIO} "$@"\n')
+    wrapper.chmod(0o755)
+    answers = complete_all([("se",), ("serve", "--d"), ("serve", "--n"), ("serve", "x", "--fuse-transport", "")],
+                           prog=str(wrapper))
+    assert answers[0] == ["serve"] and "--depth" in answers[1] and "--nbd" in answers[2]
+    assert log.read_text().splitlines() == ["--help", "serve --help"]

@@ -3,6 +3,7 @@
 page, and every long option a command's help prints is in that command's
 page, so the pages stay true as options are added.  A missing tool (scdoc,
 man) is a failure: scripts/deps.sh installs them."""
+import functools
 import os
 import re
 import shutil
@@ -30,9 +31,10 @@ def help_text(*args):
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def subcommands():
     """The commands `devio --help` lists ("  devio NAME ...")."""
-    return re.findall(r"^  devio ([a-z][a-z-]*)\b", help_text("--help"), re.M)
+    return tuple(re.findall(r"^  devio ([a-z][a-z-]*)\b", help_text("--help"), re.M))
 
 
 def help_sources(page):
