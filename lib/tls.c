@@ -49,6 +49,7 @@ struct devio_tls {
 	struct devio_tls_creds *cr;
 	int fd;
 	bool nonblock;     /* pull: do not wait (reader thread only) */
+	bool owns_cr;      /* free cr with the session */
 	bool ktls;
 	uint64_t deadline; /* pull/push during the handshake */
 	char peer[64];
@@ -703,10 +704,17 @@ void devio_tls_bye(struct devio_tls *t)
 	devio_tls_free(t);
 }
 
+void devio_tls_adopt_creds(struct devio_tls *t, struct devio_tls_creds *cr)
+{
+	t->owns_cr = t->cr == cr;
+}
+
 void devio_tls_free(struct devio_tls *t)
 {
 	if (!t)
 		return;
 	gnutls_deinit(t->s);
+	if (t->owns_cr)
+		devio_tls_creds_free(t->cr);
 	free(t);
 }

@@ -63,6 +63,8 @@ int devio_tls_handshake(struct devio_tls_creds *cr, int fd, bool server, const c
 
 /* "kernel TLS off (...)": for the log. */
 const char *devio_tls_ktls_state(void);
+/* The session frees cr (the credentials it was made with) when freed. */
+void devio_tls_adopt_creds(struct devio_tls *t, struct devio_tls_creds *cr);
 /* Is the kernel doing the record layer (KTLS) in both directions? */
 bool devio_tls_ktls(const struct devio_tls *t);
 /* Decrypted bytes waiting in the session (no syscall needed to read). */
