@@ -137,7 +137,9 @@ static int nbd_rx_fill(struct nbd_conn *c, size_t need)
 		if (n == 0)
 			return -ECONNRESET;
 		c->rx_end += (size_t)n;
-		c->rx_drained = (size_t)n < space;
+		/* A TLS receive gives one record at a time: only an empty
+		 * non-blocking receive says the socket is drained. */
+		c->rx_drained = !c->tls && (size_t)n < space;
 	}
 	return 0;
 }

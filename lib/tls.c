@@ -30,7 +30,7 @@
 #include "devio/util.h"
 
 #define TLS_PSK_PRIORITY ":+ECDHE-PSK:+DHE-PSK:+PSK"
-#define TLS_SMALL_PIECE 4096u /* pieces below this are gathered into one record */
+#define TLS_SMALL_PIECE 16384u /* pieces below a record are gathered (copied) into full records */
 
 struct devio_tls_creds {
 	bool server, psk;
@@ -665,8 +665,10 @@ static int tls_uncork(struct devio_tls *t)
 	return n == GNUTLS_E_AGAIN ? -ETIMEDOUT : n < 0 ? (int)tls_gnutls_errno(t, n) : 0;
 }
 
-/* Small pieces (headers, short replies) are gathered into one record by
- * GnuTLS's cork; large ones are encrypted straight from where they are,
+/* Pieces smaller than a record (headers, short replies, 4 KiB reads) are
+ * gathered by GnuTLS's cork into full records: one record and one send
+ * for a batch instead of one or two per reply (the copy is cheaper than
+ * the records).  Larger ones are encrypted straight from where they are,
  * a record at a time, with no copy of ours. */
 int devio_tls_writev(struct devio_tls *t, struct iovec *iov, int n)
 {
