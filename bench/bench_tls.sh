@@ -65,7 +65,9 @@ start_server() {
     devio-tls)   URI[$name]="nbds://localhost:$port/"
                  "$DEVIO" serve "$img" -q --nbd "tcp:127.0.0.1:$port" --tls require --tls-certificates "$CERTS" & ;;
     nbdkit-tls)  URI[$name]="nbds://localhost:$port/"
-                 nbdkit -f -i 127.0.0.1 -p "$port" --tls=require --tls-certificates="$CERTS" file "$img" & ;;
+                 # its complaint about each fio exit without close_notify goes to a log
+                 nbdkit -f -i 127.0.0.1 -p "$port" --tls=require --tls-certificates="$CERTS" file "$img" \
+                   2>>"$WORK/nbdkit.log" & ;;
     devio-plain) URI[$name]="nbd://127.0.0.1:$port/"
                  "$DEVIO" serve "$img" -q --nbd "tcp:127.0.0.1:$port" & ;;
   esac
