@@ -8,6 +8,7 @@ and our server, refusing a server certificate for another name.
 
 Certificates are made here with certtool into a temporary directory (one
 PKI for the module), PSK files with psktool."""
+import json
 import os
 import shutil
 import socket
@@ -385,3 +386,40 @@ def test_devio_protocol_on_a_network_address_is_warned_about(tmp_path):
         out = srv.communicate(timeout=20)[0]
     assert "not loopback" not in out
 
+
+
+@pytest.mark.parametrize("source,listen", [("ram:64M", "unix"), ("file", "tcp")])
+def test_fio_verify_through_tls_two_connections_qd32(serve, pki, tmp_path, source, listen):
+    """Data integrity through TLS with the reader and the sender on one
+    session at once: the RAM disk (requests run on the reader, in-place
+    writes over a Unix socket) and a file (io_uring completions, the
+    sender thread), 1 MiB and 4 KiB writes at QD32 on two connections,
+    every block read back and checked.  fio's nbd engine (libnbd) takes
+    the CA from $HOME/.pki/libnbd (it refuses tls-certificates= in a URI)."""
+    home = tmp_path / "home"
+    os.makedirs(home / ".pki")
+    shutil.copytree(pki["good"], home / ".pki" / "libnbd")
+    if source == "file":
+        source = str(tmp_path / "disk.img")
+        with open(source, "wb") as f:
+            f.truncate(64 * MiB)
+    if listen == "unix":
+        sock = str(tmp_path / "tls.sock")
+        srv = serve(source, "--nbd", f"unix:{sock}", "--tls", "require", "--tls-certificates", pki["good"])
+        srv.wait_unix(sock)
+        u = f"nbds+unix:///?socket={sock}"
+    else:
+        srv, port = start(serve, source, "--tls", "require", "--tls-certificates", pki["good"])
+        u = f"nbds://localhost:{port}/"
+    env = dict(os.environ, HOME=str(home))
+    for bs, size in (("4k", "8M"), ("1m", "24M")):
+        r = subprocess.run(["fio", "--name=verify", "--ioengine=nbd", f"--uri={u}", "--rw=randwrite", f"--bs={bs}",
+                            f"--size={size}", "--iodepth=32", "--numjobs=2", "--offset_increment=32M",
+                            "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--group_reporting",
+                            "--verify_state_save=0", "--output-format=json"],
+                           capture_output=True, text=True, timeout=300, cwd=str(tmp_path), env=env)
+        assert r.returncode == 0, r.stderr
+        job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+        want = 2 * int(size[:-1]) * MiB
+        assert job["error"] == 0 and job["write"]["io_bytes"] == want and job["read"]["io_bytes"] == want
+    assert srv.proc.poll() is None
