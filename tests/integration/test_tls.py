@@ -287,6 +287,37 @@ def test_downgrade_options_before_starttls_get_tls_reqd(serve, pki, image):
     assert "with TLS" in run_ok("nbdinfo", x509_uri(port, good))
 
 
+def test_garbage_after_starttls_and_a_vanishing_client(serve, pki, image):
+    """After the ACK: bytes that are no ClientHello, a client that hangs
+    up mid-handshake, one that hangs up after TLS without close_notify:
+    each ends only its own connection."""
+    srv, port = start(serve, image, "--tls", "require", "--tls-certificates", pki["good"])
+    r = Raw(port)
+    r.option(OPT_STARTTLS)
+    assert r.reply()[:2] == (OPT_STARTTLS, REP_ACK)
+    r.s.sendall(b"GET / HTTP/1.0\r\n\r\n" * 20)
+    with pytest.raises((EOFError, ConnectionResetError)):
+        while True:
+            r.recv(1)
+    r.s.close()
+    r = Raw(port)
+    r.option(OPT_STARTTLS)
+    assert r.reply()[:2] == (OPT_STARTTLS, REP_ACK)
+    r.s.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, then nothing
+    r.s.close()
+    r = Raw(port)
+    r.option(OPT_STARTTLS)
+    assert r.reply()[:2] == (OPT_STARTTLS, REP_ACK)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(f"{pki['good']}/ca-cert.pem")
+    t = ctx.wrap_socket(r.s, server_hostname="localhost")
+    t.sendall(struct.pack(">QII", IHAVEOPT, OPT_GO, 6) + go_data())
+    t.close()
+    assert "with TLS" in run_ok("nbdinfo", x509_uri(port, pki["good"]))
+    assert srv.proc.poll() is None
+    assert "handshake failed" in srv.stderr()
+
+
 def test_tls_on_serves_both(serve, pki, image):
     srv, port = start(serve, image, "--tls", "on", "--tls-certificates", pki["good"])
     assert "without TLS" in run_ok("nbdinfo", f"nbd://127.0.0.1:{port}/")
