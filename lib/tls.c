@@ -30,6 +30,7 @@
 #include "devio/util.h"
 
 #define TLS_PSK_PRIORITY ":+ECDHE-PSK:+DHE-PSK:+PSK"
+#define TLS_READ_AHEAD 65536u  /* bytes one receive may take from the socket */
 #define TLS_SMALL_PIECE 16384u /* pieces below a record are gathered (copied) into full records */
 
 struct devio_tls_creds {
@@ -53,6 +54,11 @@ struct devio_tls {
 	bool ktls;
 	uint64_t deadline; /* pull/push during the handshake */
 	char peer[64];
+	/* Read-ahead: GnuTLS asks for a record's header, then its body; one
+	 * receive of whatever the socket holds serves many such asks (several
+	 * small requests' records in one syscall instead of two each). */
+	size_t ra_start, ra_end;
+	uint8_t ra[TLS_READ_AHEAD];
 };
 
 static int tls_err(const char *what, const char *where, int gr)
@@ -397,14 +403,28 @@ const char *devio_tls_creds_kind(const struct devio_tls_creds *cr)
 static ssize_t tls_pull(gnutls_transport_ptr_t p, void *buf, size_t len)
 {
 	struct devio_tls *t = p;
+	bool direct;
 	ssize_t n;
 
+	if (t->ra_end > t->ra_start) {
+		n = (ssize_t)(t->ra_end - t->ra_start < len ? t->ra_end - t->ra_start : len);
+		memcpy(buf, t->ra + t->ra_start, (size_t)n);
+		t->ra_start += (size_t)n;
+		return n;
+	}
+	direct = len >= sizeof(t->ra); /* nothing to gain: no copy of ours */
 	do
-		n = recv(t->fd, buf, len, t->nonblock ? MSG_DONTWAIT : 0);
+		n = recv(t->fd, direct ? buf : t->ra, direct ? len : sizeof(t->ra), t->nonblock ? MSG_DONTWAIT : 0);
 	while (n < 0 && errno == EINTR);
-	if (n < 0)
+	if (n < 0) {
 		gnutls_transport_set_errno(t->s, errno == EWOULDBLOCK ? EAGAIN : errno);
-	return n;
+		return n;
+	}
+	if (direct || n == 0)
+		return n;
+	t->ra_start = 0;
+	t->ra_end = (size_t)n;
+	return tls_pull(p, buf, len);
 }
 
 /* Wait up to ms for bytes (the handshake's deadline). */
@@ -414,6 +434,8 @@ static int tls_pull_timeout(gnutls_transport_ptr_t p, unsigned ms)
 	struct pollfd pfd = { .fd = t->fd, .events = POLLIN };
 	int n;
 
+	if (t->ra_end > t->ra_start)
+		return 1;
 	do
 		n = poll(&pfd, 1, ms == GNUTLS_INDEFINITE_TIMEOUT ? -1 : (int)ms);
 	while (n < 0 && errno == EINTR);
@@ -564,7 +586,7 @@ bool devio_tls_ktls(const struct devio_tls *t)
 
 bool devio_tls_pending(struct devio_tls *t)
 {
-	return gnutls_record_check_pending(t->s) > 0;
+	return gnutls_record_check_pending(t->s) > 0 || t->ra_end > t->ra_start;
 }
 
 /* ---- records ---- */

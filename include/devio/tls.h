@@ -67,7 +67,8 @@ const char *devio_tls_ktls_state(void);
 void devio_tls_adopt_creds(struct devio_tls *t, struct devio_tls_creds *cr);
 /* Is the kernel doing the record layer (KTLS) in both directions? */
 bool devio_tls_ktls(const struct devio_tls *t);
-/* Decrypted bytes waiting in the session (no syscall needed to read). */
+/* Bytes waiting in the session, decrypted or read ahead from the socket:
+ * poll() on the socket would not see them. */
 bool devio_tls_pending(struct devio_tls *t);
 
 /* Receive up to len bytes: > 0, 0 at the end of the stream, -EAGAIN when
