@@ -315,8 +315,10 @@ static int tls_creds_psk(struct devio_tls_creds *cr, const struct devio_tls_conf
 	}
 	if ((n = tls_psk_check(conf->psk_file, cr->psk_text, cr->psk_len, user, key)) < 0)
 		return n;
-	if ((gr = gnutls_psk_allocate_client_credentials(&cr->psk_client)) < 0)
+	if ((gr = gnutls_psk_allocate_client_credentials(&cr->psk_client)) < 0) {
+		explicit_bzero(key, sizeof(key));
 		return tls_err("allocating PSK credentials", NULL, gr);
+	}
 	k.data = key;
 	k.size = (unsigned)n;
 	gr = gnutls_psk_set_client_credentials(cr->psk_client, user, &k, GNUTLS_PSK_KEY_RAW);
@@ -500,21 +502,20 @@ static int tls_session_new(struct devio_tls_creds *cr, int fd, bool server, cons
 
 /* A client checks the server's certificate against hostname (a name or
  * an address); a server with verify_peer asks for and checks the client's. */
-static int tls_session_verify(struct devio_tls *t, bool server, const char *hostname)
+static void tls_session_verify(struct devio_tls *t, bool server, const char *hostname)
 {
 	if (t->cr->psk)
-		return 0;
+		return;
 	if (server) {
 		if (t->cr->verify_peer) {
 			gnutls_certificate_server_set_request(t->s, GNUTLS_CERT_REQUIRE);
 			gnutls_session_set_verify_cert(t->s, NULL, 0);
 		}
-		return 0;
+		return;
 	}
 	if (hostname && *hostname && !strchr(hostname, ':') && strspn(hostname, "0123456789.") != strlen(hostname))
 		gnutls_server_name_set(t->s, GNUTLS_NAME_DNS, hostname, strlen(hostname));
 	gnutls_session_set_verify_cert(t->s, hostname && *hostname ? hostname : "localhost", 0);
-	return 0;
 }
 
 static int tls_handshake_err(struct devio_tls *t, int gr)
