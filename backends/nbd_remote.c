@@ -33,6 +33,7 @@
 struct remote {
 	char name[300];
 	int fd;
+	struct devio_tls *tls;       /* nbds://: every byte goes through it */
 	uint16_t tflags;
 	uint32_t max_payload;
 	uint32_t min_block;           /* the server's minimum block size, 1 if none */
@@ -60,6 +61,44 @@ struct bs_query {
 	uint8_t desc[8 * REMOTE_MAX_DESC];
 	uint32_t ndesc;
 };
+
+/* ---- the connection: the socket or, for nbds://, its TLS session ---- */
+
+static int nr_read_full(struct remote *rm, void *buf, size_t len)
+{
+	return rm->tls ? devio_tls_read_full(rm->tls, buf, len) : devio_read_full(rm->fd, buf, len);
+}
+
+static int nr_discard_full(struct remote *rm, uint64_t len)
+{
+	return rm->tls ? devio_tls_discard_full(rm->tls, len) : devio_discard_full(rm->fd, len);
+}
+
+/* Send iov[0..n) whole; called under send_lock. */
+static int nr_sendv(struct remote *rm, struct iovec *iov, int n)
+{
+	int r = 0;
+
+	if (rm->tls)
+		return devio_tls_writev(rm->tls, iov, n);
+	for (int k = 0; k < n && !r;) {
+		struct msghdr mh = { .msg_iov = iov + k, .msg_iovlen = (size_t)(n - k) };
+		ssize_t w = sendmsg(rm->fd, &mh, MSG_NOSIGNAL);
+
+		if (w < 0) {
+			if (errno != EINTR)
+				r = -errno;
+			continue;
+		}
+		while (k < n && (size_t)w >= iov[k].iov_len)
+			w -= (ssize_t)iov[k++].iov_len;
+		if (k < n) {
+			iov[k].iov_base = (uint8_t *)iov[k].iov_base + w;
+			iov[k].iov_len -= (size_t)w;
+		}
+	}
+	return r;
+}
 
 #define REQ_KIND_BS 1
 
@@ -167,7 +206,7 @@ static int nr_simple_reply(struct remote *rm)
 	uint32_t err;
 	int r;
 
-	if ((r = devio_read_full(rm->fd, hdr, sizeof(hdr))))
+	if ((r = nr_read_full(rm, hdr, sizeof(hdr))))
 		return r;
 	req = nr_find_slot(rm, nbd_get64(hdr + 4));
 	if (!req) {
@@ -180,7 +219,7 @@ static int nr_simple_reply(struct remote *rm)
 		devio_err("%s: simple reply with data to a read; closing", rm->name);
 		r = -EPROTO;
 	} else if (!err && req->op == DEVIO_OP_READ && req->length) {
-		r = devio_read_full(rm->fd, req->buf, req->length);
+		r = nr_read_full(rm, req->buf, req->length);
 	}
 	if (err)
 		devio_debug("%s: %s at offset %llu: server error %u", rm->name, devio_op_name(req->op),
@@ -204,7 +243,7 @@ static int nr_chunk_data(struct remote *rm, struct devio_request *req, uint16_t 
 	if (req->op != DEVIO_OP_READ || req->priv[1] == REQ_KIND_BS)
 		return -EPROTO;
 	if (type == NBD_REPLY_TYPE_OFFSET_HOLE) {
-		if (len != 12 || (r = devio_read_full(rm->fd, hdr, 12)))
+		if (len != 12 || (r = nr_read_full(rm, hdr, 12)))
 			return len != 12 ? -EPROTO : r;
 		off = nbd_get64(hdr);
 		if (!nbd_get32(hdr + 8) || !nr_in_request(req, off, nbd_get32(hdr + 8)))
@@ -212,12 +251,12 @@ static int nr_chunk_data(struct remote *rm, struct devio_request *req, uint16_t 
 		memset((uint8_t *)req->buf + (off - req->offset), 0, nbd_get32(hdr + 8));
 		return 0;
 	}
-	if (len < 9 || (r = devio_read_full(rm->fd, hdr, 8)))
+	if (len < 9 || (r = nr_read_full(rm, hdr, 8)))
 		return len < 9 ? -EPROTO : r;
 	off = nbd_get64(hdr);
 	if (!nr_in_request(req, off, len - 8))
 		return -EPROTO;
-	return devio_read_full(rm->fd, (uint8_t *)req->buf + (off - req->offset), len - 8);
+	return nr_read_full(rm, (uint8_t *)req->buf + (off - req->offset), len - 8);
 }
 
 static int nr_chunk_block_status(struct remote *rm, struct devio_request *req, uint32_t len)
@@ -229,13 +268,13 @@ static int nr_chunk_block_status(struct remote *rm, struct devio_request *req, u
 
 	if (req->priv[1] != REQ_KIND_BS || len < 12 || (len - 4) % 8)
 		return -EPROTO;
-	if ((r = devio_read_full(rm->fd, id, 4)))
+	if ((r = nr_read_full(rm, id, 4)))
 		return r;
 	len -= 4;
 	keep = len < sizeof(q->desc) ? len : (uint32_t)sizeof(q->desc);
 	if (nbd_get32(id) != rm->meta_id)
 		keep = 0; /* a context we did not ask for */
-	if ((r = devio_read_full(rm->fd, q->desc, keep)) || (r = devio_discard_full(rm->fd, len - keep)))
+	if ((r = nr_read_full(rm, q->desc, keep)) || (r = nr_discard_full(rm, len - keep)))
 		return r;
 	if (keep)
 		q->ndesc = keep / 8;
@@ -249,7 +288,7 @@ static int nr_chunk_error(struct remote *rm, struct devio_request *req, uint32_t
 
 	if (len < 6 || len > REMOTE_MAX_CHUNK_SKIP)
 		return -EPROTO;
-	if ((r = devio_read_full(rm->fd, e, 6)) || (r = devio_discard_full(rm->fd, len - 6)))
+	if ((r = nr_read_full(rm, e, 6)) || (r = nr_discard_full(rm, len - 6)))
 		return r;
 	req->priv[0] = (uint64_t)(int64_t)devio_nbd_to_errno(nbd_get32(e) ? nbd_get32(e) : NBD_EIO);
 	devio_debug("%s: %s at offset %llu: server error %u", rm->name, devio_op_name(req->op),
@@ -266,7 +305,7 @@ static int nr_structured_chunk(struct remote *rm)
 	uint32_t len;
 	int r;
 
-	if ((r = devio_read_full(rm->fd, hdr, sizeof(hdr))))
+	if ((r = nr_read_full(rm, hdr, sizeof(hdr))))
 		return r;
 	flags = nbd_get16(hdr);
 	type = nbd_get16(hdr + 2);
@@ -304,7 +343,7 @@ static void *nr_reader_main(void *arg)
 		uint8_t magic[4];
 		int r;
 
-		if ((r = devio_read_full(rm->fd, magic, sizeof(magic))))
+		if ((r = nr_read_full(rm, magic, sizeof(magic))))
 			break;
 		if (nbd_get32(magic) == NBD_SIMPLE_REPLY_MAGIC)
 			r = nr_simple_reply(rm);
@@ -379,23 +418,7 @@ static int nr_send_request(struct remote *rm, struct devio_request *req)
 	iov[0] = (struct iovec){ hdr, sizeof(hdr) };
 	iov[1] = (struct iovec){ req->buf, req->op == DEVIO_OP_WRITE ? req->length : 0 };
 	pthread_mutex_lock(&rm->send_lock);
-	r = 0;
-	for (int n = iov[1].iov_len ? 2 : 1, k = 0; k < n && !r;) {
-		struct msghdr mh = { .msg_iov = iov + k, .msg_iovlen = (size_t)(n - k) };
-		ssize_t w = sendmsg(rm->fd, &mh, MSG_NOSIGNAL);
-
-		if (w < 0) {
-			if (errno != EINTR)
-				r = -errno;
-			continue;
-		}
-		while (k < n && (size_t)w >= iov[k].iov_len)
-			w -= (ssize_t)iov[k++].iov_len;
-		if (k < n) {
-			iov[k].iov_base = (uint8_t *)iov[k].iov_base + w;
-			iov[k].iov_len -= (size_t)w;
-		}
-	}
+	r = nr_sendv(rm, iov, iov[1].iov_len ? 2 : 1);
 	pthread_mutex_unlock(&rm->send_lock);
 	if (r) {
 		/* The reader sees the broken connection and fails the slot. */
@@ -618,10 +641,11 @@ static void nr_close(struct devio_backend *b)
 	pthread_mutex_unlock(&rm->lock);
 	devio_nbd_encode_request(disc, &nr);
 	pthread_mutex_lock(&rm->send_lock);
-	devio_write_full(rm->fd, disc, sizeof(disc));
+	nr_sendv(rm, &(struct iovec){ disc, sizeof(disc) }, 1);
 	pthread_mutex_unlock(&rm->send_lock);
 	shutdown(rm->fd, SHUT_RDWR);
 	pthread_join(rm->reader, NULL);
+	devio_tls_free(rm->tls);
 	close(rm->fd);
 	pthread_cond_destroy(&rm->cond);
 	pthread_mutex_destroy(&rm->lock);
@@ -714,6 +738,7 @@ int devio_remote_nbd_open(const char *uri, const struct devio_open_opts *opts, s
 		goto out_free;
 	}
 	snprintf(rm->name, sizeof(rm->name), "%s", uri);
+	co.tls_out = &rm->tls;
 	rm->fd = devio_nbd_client_connect(u, &co, &info);
 	if (rm->fd < 0) {
 		r = rm->fd;
@@ -737,6 +762,7 @@ int devio_remote_nbd_open(const char *uri, const struct devio_open_opts *opts, s
 	*out = b;
 	return 0;
 out_close:
+	devio_tls_free(rm->tls);
 	close(rm->fd);
 out_free:
 	free(u);

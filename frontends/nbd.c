@@ -16,6 +16,11 @@
  * (negotiation, setup, the reader loop, teardown); the rest is split by
  * concern (nbd_int.h lists the files).
  *
+ * TLS (--tls on|require, lib/tls.c): NBD_OPT_STARTTLS during the
+ * negotiation (lib/nbd_codec.c) starts a session on the connection, and
+ * from then on the negotiation, the reader and the sender go through it
+ * (nbd_rx_recv, nbd_tx_send_iov); the spliced paths are off on it.
+ *
  * Ordering: a FLUSH covers every write whose reply was sent before the
  * FLUSH arrived; replies are only sent after the backend completed the
  * write, so submitting the flush when it arrives is enough.  FUA is the
@@ -38,16 +43,27 @@
 #define NBD_STOP_GRACE_MS 2000             /* stop: time to answer what is in flight */
 #define NBD_MAX_DEPTH 1024
 
-/* ---- negotiation I/O on the socket ---- */
+/* ---- negotiation I/O on the socket or, after STARTTLS, the session ---- */
 
 static int nbd_sock_read(void *ctx, void *buf, size_t len)
 {
-	return devio_read_full(*(int *)ctx, buf, len);
+	struct nbd_conn *c = ctx;
+
+	return c->tls ? devio_tls_read_full(c->tls, buf, len) : devio_read_full(c->fd, buf, len);
 }
 
 static int nbd_sock_write(void *ctx, const void *buf, size_t len)
 {
-	return devio_write_full(*(int *)ctx, buf, len);
+	struct nbd_conn *c = ctx;
+
+	return c->tls ? devio_tls_write_full(c->tls, buf, len) : devio_write_full(c->fd, buf, len);
+}
+
+static int nbd_starttls(void *ctx)
+{
+	struct nbd_conn *c = ctx;
+
+	return devio_tls_handshake(c->st->tls_creds, c->fd, true, NULL, c->peer, 0, &c->tls);
 }
 
 /* ---- connections ---- */
@@ -102,7 +118,7 @@ static int nbd_conn_setup(struct nbd_conn *c)
 
 static void nbd_conn_serve(struct nbd_conn *c)
 {
-	struct devio_nbd_io io = { nbd_sock_read, nbd_sock_write, &c->fd, c->peer };
+	struct devio_nbd_io io = { nbd_sock_read, nbd_sock_write, c, c->peer, c->st->tls_mode, nbd_starttls };
 	struct timeval tv = { 30, 0 }, none = { 0, 0 };
 	int r;
 
@@ -139,6 +155,10 @@ static void nbd_conn_serve(struct nbd_conn *c)
 
 static void nbd_conn_free(struct nbd_conn *c)
 {
+	if (c->broken)
+		devio_tls_free(c->tls);
+	else
+		devio_tls_bye(c->tls);
 	if (c->slots)
 		for (unsigned i = 0; i < c->st->depth; i++)
 			free(c->slots[i].buf);
@@ -202,13 +222,54 @@ static unsigned nbd_worker_count(const struct devio_server *srv)
 static void nbd_state_free(struct nbd_state *st)
 {
 	devio_workers_free(st->workers);
+	devio_tls_creds_free(st->tls_creds);
 	free(st);
 }
 
 /* The --nbd front end's options (nbd_options below). */
 struct nbd_opts {
 	unsigned depth; /* --depth: requests in flight per connection, 0 = NBD_DEFAULT_DEPTH */
+	unsigned tls;   /* --tls: 0 not given, else 1 + enum devio_tls_mode */
+	struct devio_tls_conf tls_conf; /* --tls-certificates, --tls-psk, --tls-verify-peer, --tls-priority */
 };
+
+static int nbd_opt_tls(const char *name, const char *val, void *field)
+{
+	static const char *const modes[] = { "off", "on", "require" };
+
+	for (unsigned i = 0; val && i < 3; i++)
+		if (!strcmp(val, modes[i])) {
+			*(unsigned *)field = 1 + i;
+			return 0;
+		}
+	devio_err("--%s: want off, on or require, got '%s'", name, val ? val : "");
+	return -EINVAL;
+}
+
+/* --tls and the credentials: credentials alone mean require (as
+ * qemu-nbd's --tls-creds); on/require without credentials is an error. */
+static int nbd_tls_setup(struct nbd_state *st, const struct nbd_opts *o)
+{
+	bool creds = o && (o->tls_conf.certificates || o->tls_conf.psk_file);
+	int r;
+
+	st->tls_mode = !o || !o->tls ? (creds ? DEVIO_TLS_REQUIRE : DEVIO_TLS_OFF) : (int)o->tls - 1;
+	if (st->tls_mode == DEVIO_TLS_OFF) {
+		if (creds)
+			devio_warn("nbd: --tls off: the TLS credentials given are not used");
+		return 0;
+	}
+	if (!creds) {
+		devio_err("--tls %s: give --tls-certificates DIR or --tls-psk FILE",
+			  st->tls_mode == DEVIO_TLS_ON ? "on" : "require");
+		return -EINVAL;
+	}
+	if ((r = devio_tls_creds_new(&o->tls_conf, true, &st->tls_creds)))
+		return r;
+	if (o->tls_conf.verify_peer && o->tls_conf.psk_file)
+		devio_info("nbd: --tls-verify-peer: with PSK every client proves its key anyway");
+	return 0;
+}
 
 static int nbd_listen(struct nbd_state *st)
 {
@@ -241,6 +302,8 @@ static int nbd_start(struct devio_server *srv, const char *arg, const void *opts
 		goto out_free;
 	}
 	devio_addr_format(&st->addr, st->name, sizeof(st->name));
+	if ((r = nbd_tls_setup(st, o)))
+		goto out_free;
 	if (nbd_worker_count(srv)) {
 		st->workers = devio_workers_new(nbd_worker_count(srv));
 		if (!st->workers) {
@@ -250,7 +313,10 @@ static int nbd_start(struct devio_server *srv, const char *arg, const void *opts
 	}
 	if ((r = nbd_listen(st)))
 		goto out_free;
-	devio_info("nbd: serving %zu export%s on %s", srv->n_exports, srv->n_exports == 1 ? "" : "s", st->name);
+	devio_info("nbd: serving %zu export%s on %s%s%s%s%s", srv->n_exports, srv->n_exports == 1 ? "" : "s", st->name,
+		   st->tls_creds ? (st->tls_mode == DEVIO_TLS_REQUIRE ? ", TLS required, " : ", TLS offered, ") : "",
+		   st->tls_creds ? devio_tls_creds_kind(st->tls_creds) : "", st->tls_creds ? ", " : "",
+		   st->tls_creds ? devio_tls_ktls_state() : "");
 	*state = st;
 	return 0;
 out_free:
@@ -283,6 +349,16 @@ static void nbd_status(void *state, FILE *out)
 static const struct devio_frontend_option nbd_options[] = {
 	{ "depth", "N", "requests in flight per connection (default 64, at most 1024)", devio_opt_uint,
 	  offsetof(struct nbd_opts, depth) },
+	{ "tls", "off|on|require", "NBD STARTTLS: require (the default with credentials) refuses clients without TLS",
+	  nbd_opt_tls, offsetof(struct nbd_opts, tls) },
+	{ "tls-certificates", "DIR", "X.509: DIR/server-cert.pem, server-key.pem, ca-cert.pem (docs/nbd.md)",
+	  devio_opt_string, offsetof(struct nbd_opts, tls_conf.certificates) },
+	{ "tls-psk", "FILE", "pre-shared keys: USERNAME:HEXKEY lines (psktool's format)", devio_opt_string,
+	  offsetof(struct nbd_opts, tls_conf.psk_file) },
+	{ "tls-verify-peer", NULL, "X.509: clients need a certificate from ca-cert.pem's CA", devio_opt_flag,
+	  offsetof(struct nbd_opts, tls_conf.verify_peer) },
+	{ "tls-priority", "STRING", "GnuTLS priority string (default: TLS 1.3, then 1.2)", devio_opt_string,
+	  offsetof(struct nbd_opts, tls_conf.priority) },
 	{ NULL },
 };
 

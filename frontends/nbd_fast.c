@@ -99,7 +99,7 @@ static int64_t nbd_fast_rx_into(struct nbd_conn *c, const struct iovec *v, int n
 		memcpy(p, c->rx + c->rx_start, got);
 		c->rx_start += got;
 		while (got < want) {
-			ssize_t k = recv(c->fd, p + got, want - got, MSG_DONTWAIT);
+			ssize_t k = nbd_rx_recv(c, p + got, want - got, true);
 
 			if (k > 0) {
 				got += (size_t)k;
@@ -107,10 +107,8 @@ static int64_t nbd_fast_rx_into(struct nbd_conn *c, const struct iovec *v, int n
 			}
 			if (k == 0) {
 				r = -ECONNRESET;
-			} else if (errno == EINTR) {
-				continue;
-			} else if (errno != EAGAIN && errno != EWOULDBLOCK) {
-				r = -errno;
+			} else if (k != -EAGAIN) {
+				r = k;
 			} else if (nbd_rx_ready_soon(c)) {
 				continue;
 			}
@@ -266,7 +264,7 @@ void nbd_pipe_setup(struct nbd_conn *c)
 	bool reads = (c->b->caps & DEVIO_CAP_SPLICE_READ) != 0;
 	int size;
 
-	if (!writes && !reads)
+	if ((!writes && !reads) || c->tls) /* splice would bypass TLS */
 		return;
 	/* Only the read end is non-blocking (emptying it after a failure):
 	 * splice() would take a non-blocking write end as SPLICE_F_NONBLOCK

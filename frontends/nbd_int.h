@@ -19,6 +19,7 @@
 #include <sys/uio.h>
 #include "devio/backend.h"
 #include "devio/frontend.h"
+#include "devio/tls.h"
 #include "devio/util.h"
 #include "../lib/nbd_proto.h"
 
@@ -52,6 +53,7 @@ struct nbd_state;
 struct nbd_conn {
 	struct nbd_state *st;
 	int fd;
+	struct devio_tls *tls;    /* after STARTTLS: every byte goes through it */
 	char peer[64];
 	struct devio_nbd_session s;
 	struct devio_backend *b;
@@ -93,6 +95,8 @@ struct nbd_state {
 	struct devio_listener *listener; /* lib/listener.c: accept, cap, stop grace */
 	unsigned depth;
 	struct devio_workers *workers;
+	int tls_mode;                    /* enum devio_tls_mode */
+	struct devio_tls_creds *tls_creds;
 };
 
 /* nbd_tx.c: the slot pool and the sender */
@@ -113,6 +117,7 @@ void nbd_encode_read_header(struct nbd_slot *sl);
 
 /* nbd_rx.c: the reader */
 bool nbd_rx_ready_soon(struct nbd_conn *c);
+ssize_t nbd_rx_recv(struct nbd_conn *c, void *buf, size_t len, bool nonblock);
 int nbd_handle_one(struct nbd_conn *c);
 
 /* nbd_fast.c: zero-copy paths */

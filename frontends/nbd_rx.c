@@ -28,6 +28,8 @@ static bool nbd_rx_arrives_within(struct nbd_conn *c, uint64_t ns, bool yield)
 	struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
 	uint64_t until = devio_now_ns() + ns;
 
+	if (c->tls && devio_tls_pending(c->tls))
+		return true;
 	do {
 		if (poll(&pfd, 1, 0) != 0)
 			return true;
@@ -51,11 +53,26 @@ bool nbd_rx_ready_soon(struct nbd_conn *c)
 	return nbd_rx_arrives_within(c, NBD_SPIN_NS, true);
 }
 
+/* Receive up to len bytes from the socket or, after STARTTLS, the TLS
+ * session: > 0, 0 at the end, -EAGAIN (nonblock, nothing there) or
+ * -errno. */
+ssize_t nbd_rx_recv(struct nbd_conn *c, void *buf, size_t len, bool nonblock)
+{
+	ssize_t n;
+
+	if (c->tls)
+		return devio_tls_recv(c->tls, buf, len, nonblock);
+	do
+		n = recv(c->fd, buf, len, nonblock ? MSG_DONTWAIT : 0);
+	while (n < 0 && errno == EINTR);
+	return n < 0 ? (errno == EWOULDBLOCK ? -EAGAIN : -errno) : n;
+}
+
 /* Receive into buf, sleeping only after a short look. */
 static ssize_t nbd_rx_recv_wait(struct nbd_conn *c, void *buf, size_t len)
 {
 	nbd_rx_ready_soon(c);
-	return recv(c->fd, buf, len, 0);
+	return nbd_rx_recv(c, buf, len, false);
 }
 
 /* Hold a small batch of replies for a moment while more requests come:
@@ -109,21 +126,20 @@ static int nbd_rx_fill(struct nbd_conn *c, size_t need)
 			n = nbd_rx_recv_wait(c, c->rx + c->rx_end, space);
 			nbd_tx_cork(c);
 		} else {
-			n = recv(c->fd, c->rx + c->rx_end, space, MSG_DONTWAIT);
-			if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+			n = nbd_rx_recv(c, c->rx + c->rx_end, space, true);
+			if (n == -EAGAIN) {
 				c->rx_drained = true;
 				continue;
 			}
 		}
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
+		if (n < 0)
+			return (int)n;
 		if (n == 0)
 			return -ECONNRESET;
 		c->rx_end += (size_t)n;
-		c->rx_drained = (size_t)n < space;
+		/* A TLS receive gives one record at a time: only an empty
+		 * non-blocking receive says the socket is drained. */
+		c->rx_drained = !c->tls && (size_t)n < space;
 	}
 	return 0;
 }
@@ -155,8 +171,8 @@ static int nbd_rx_payload(struct nbd_conn *c, uint8_t *dst, uint64_t len)
 		size_t want = dst || len < sizeof(scratch) ? (size_t)len : sizeof(scratch);
 		ssize_t got = nbd_rx_recv_wait(c, p, want);
 
-		if (got < 0 && errno != EINTR)
-			r = -errno;
+		if (got < 0)
+			r = (int)got;
 		else if (got == 0)
 			r = -ECONNRESET;
 		else if (got > 0) {

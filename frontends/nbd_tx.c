@@ -78,8 +78,12 @@ int nbd_slot_reserve(struct nbd_slot *sl, size_t len)
 
 /* ---- sending replies ---- */
 
-static int nbd_tx_send_iov(int fd, struct iovec *iov, int n, int flags)
+static int nbd_tx_send_iov(struct nbd_conn *c, struct iovec *iov, int n, int flags)
 {
+	int fd = c->fd;
+
+	if (c->tls)
+		return devio_tls_writev(c->tls, iov, n);
 	while (n > 0) {
 		struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)n };
 		ssize_t w = sendmsg(fd, &mh, MSG_NOSIGNAL | flags);
@@ -128,7 +132,7 @@ void nbd_tx_flush_locked(struct nbd_conn *c, bool by_reader)
 		last->next = NULL;
 		pthread_mutex_unlock(&c->lock);
 		if (!c->broken)
-			r = nbd_tx_send_iov(c->fd, iov, n, 0);
+			r = nbd_tx_send_iov(c, iov, n, 0);
 		pthread_mutex_lock(&c->lock);
 		if (r) {
 			if (!c->broken)
@@ -218,7 +222,7 @@ void nbd_tx_spliced(struct nbd_conn *c, struct nbd_slot *sl, size_t len)
 	c->sending = true;
 	pthread_mutex_unlock(&c->lock);
 	if (!c->broken)
-		r = nbd_tx_send_iov(c->fd, sl->iov, sl->niov, MSG_MORE);
+		r = nbd_tx_send_iov(c, sl->iov, sl->niov, MSG_MORE);
 	while (!r && !c->broken && len) {
 		ssize_t w = splice(c->pipe[0], NULL, c->fd, NULL, len, SPLICE_F_MOVE);
 

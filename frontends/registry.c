@@ -27,6 +27,16 @@ int devio_opt_flag(const char *name, const char *val, void *field)
 	return 0;
 }
 
+int devio_opt_string(const char *name, const char *val, void *field)
+{
+	if (!val || !*val) {
+		devio_err("--%s: wants an argument", name);
+		return -EINVAL;
+	}
+	*(const char **)field = val;
+	return 0;
+}
+
 int devio_opt_uint(const char *name, const char *val, void *field)
 {
 	uint64_t v;

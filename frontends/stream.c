@@ -668,6 +668,12 @@ out_close:
 	return r;
 }
 
+/* Is a listening host loopback only ("" is: the default)? */
+static bool stream_loopback_host(const char *h)
+{
+	return !h[0] || !strcmp(h, "localhost") || !strncmp(h, "127.", 4) || !strcmp(h, "::1");
+}
+
 static int stream_start_listener(struct stream_state *st)
 {
 	struct devio_listener_conf conf = { .name = st->name, .max_conns = STREAM_MAX_CONNS,
@@ -675,6 +681,11 @@ static int stream_start_listener(struct stream_state *st)
 
 	if (st->addr.kind == DEVIO_ADDR_TCP && !strcmp(st->addr.host, "*"))
 		devio_info("--devio %s: listening on every interface", st->where);
+	/* ImDisk's clients cannot speak TLS: say what a network address means. */
+	if (st->addr.kind == DEVIO_ADDR_TCP && !stream_loopback_host(st->addr.host))
+		devio_warn("--devio %s: not loopback: the devio protocol has no encryption and no authentication, "
+			   "anyone who reaches this address reads and writes the disk (NBD with --tls protects it)",
+			   st->where);
 	return devio_listener_start(&st->addr, &conf, &st->listener);
 }
 

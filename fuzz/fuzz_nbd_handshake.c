@@ -3,19 +3,29 @@
  * client's half of the handshake (flags, then options); the server's
  * answers are thrown away.  Two exports on a tiny in-memory backend of its
  * own.  Catches over-reads of option payloads, unbounded allocations and
- * loops that never end. */
+ * loops that never end.  The last byte picks the --tls mode (off, on,
+ * require; STARTTLS "succeeds" without a handshake): under require no
+ * export may be chosen before STARTTLS. */
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
 #include "devio/backend.h"
 #include "devio/frontend.h"
+#include "devio/tls.h"
 #include "devio/util.h"
 #include "../lib/nbd_proto.h"
 
 struct input {
 	const uint8_t *data;
 	size_t size, pos;
+	bool tls;
 };
+
+static int in_starttls(void *ctx)
+{
+	((struct input *)ctx)->tls = true;
+	return 0;
+}
 
 static int in_read(void *ctx, void *buf, size_t len)
 {
@@ -57,12 +67,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 					   .caps = DEVIO_CAP_EXTENTS | DEVIO_CAP_MULTI_CONN };
 	static struct devio_export exports[] = { { "", "zero", &b1 }, { "disk", "zero", &b2 } };
 	struct devio_server srv = { .exports = exports, .n_exports = 2 };
-	struct input in = { data, size, 0 };
-	struct devio_nbd_io io = { in_read, out_write, &in, "fuzz" };
+	struct input in = { data, size, 0, false };
+	struct devio_nbd_io io = { in_read, out_write, &in, "fuzz", size ? data[size - 1] % 3 : 0, in_starttls };
 	struct devio_nbd_session s;
+	int r;
 
 	devio_log_set_level(DEVIO_LOG_ERROR);
-	if (devio_nbd_negotiate(&io, &srv, &s) == 0 && !s.export)
+	r = devio_nbd_negotiate(&io, &srv, &s);
+	if (r == 0 && !s.export)
 		__builtin_trap(); /* success must name an export */
+	if (r == 0 && io.tls_mode == DEVIO_TLS_REQUIRE && !in.tls)
+		__builtin_trap(); /* an export reached without TLS */
 	return 0;
 }

@@ -30,6 +30,7 @@
 
 struct hs {
 	int fd;
+	struct devio_tls *tls;   /* after STARTTLS */
 	uint64_t deadline;       /* devio_now_ns() bound for the whole handshake */
 	unsigned timeout_s;
 	const char *name;
@@ -58,10 +59,35 @@ static int client_wait(struct hs *h, short events)
 	}
 }
 
+/* Through TLS: what the session holds, else wait for the socket; a
+ * partial record says -EAGAIN and we wait again. */
+static int client_tls_read(struct hs *h, char *p, size_t len)
+{
+	while (len) {
+		ssize_t n;
+		int r = devio_tls_pending(h->tls) ? 0 : client_wait(h, POLLIN);
+
+		if (r)
+			return r;
+		n = devio_tls_recv(h->tls, p, len, true);
+		if (n == -EAGAIN)
+			continue;
+		if (n < 0)
+			return (int)n;
+		if (n == 0)
+			return -ECONNRESET;
+		p += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
 static int client_read(struct hs *h, void *buf, size_t len)
 {
 	char *p = buf;
 
+	if (h->tls)
+		return client_tls_read(h, p, len);
 	while (len) {
 		ssize_t n;
 		int r = client_wait(h, POLLIN);
@@ -85,6 +111,8 @@ static int client_write(struct hs *h, const void *buf, size_t len)
 {
 	const char *p = buf;
 
+	if (h->tls) /* small writes; the socket's SO_SNDTIMEO bounds them */
+		return devio_tls_write_full(h->tls, buf, len);
 	while (len) {
 		ssize_t n;
 		int r = client_wait(h, POLLOUT);
@@ -294,7 +322,8 @@ static int client_go_refused(struct hs *h, struct reply *rp)
 	char msg[NBD_CLIENT_REPLY_KEEP + 1];
 
 	if (rp->type == NBD_REP_ERR_TLS_REQD) {
-		devio_err("%s: the server requires TLS: unsupported (no TLS in this build)", h->name);
+		devio_err("%s: the server requires TLS: connect with nbds:// (or nbds+unix://) and "
+			  "tls-certificates= or tls-psk-file=", h->name);
 		return -EPROTONOSUPPORT;
 	}
 	devio_err("%s: the server refused the export '%s' (NBD_OPT_GO error 0x%x%s%s)", h->name, h->export, rp->type,
@@ -386,12 +415,43 @@ static int client_greet(struct hs *h, uint16_t *hflags)
 	return client_write(h, cf, sizeof(cf));
 }
 
+/* NBD_OPT_STARTTLS, then the TLS handshake in what is left of the time. */
+static int client_starttls(struct hs *h, const struct devio_nbd_client_opts *o, uint16_t hflags)
+{
+	struct timeval tv = { h->timeout_s, 0 };
+	uint64_t now = devio_now_ns();
+	struct reply rp;
+	char text[160];
+	int r;
+
+	if (!(hflags & NBD_FLAG_FIXED_NEWSTYLE)) {
+		devio_err("%s: the server is not fixed newstyle: no TLS there", h->name);
+		return -EPROTONOSUPPORT;
+	}
+	if ((r = client_send_option(h, NBD_OPT_STARTTLS, NULL, 0)) || (r = client_read_reply(h, NBD_OPT_STARTTLS, &rp)))
+		return r;
+	if (rp.type != NBD_REP_ACK) {
+		devio_err("%s: the server refused TLS (NBD_OPT_STARTTLS): %s", h->name,
+			  client_reply_text(&rp, text, sizeof(text)));
+		return -EPROTONOSUPPORT;
+	}
+	if (now >= h->deadline)
+		return -ETIMEDOUT;
+	/* Record writes block on the socket: bound them by the deadline too. */
+	setsockopt(h->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+	r = devio_tls_handshake(o->tls, h->fd, false, o->tls_hostname, h->name,
+				(unsigned)((h->deadline - now) / 1000000u) + 1, &h->tls);
+	return r == -ETIMEDOUT || r == -ECONNRESET ? r : r ? -EACCES : 0;
+}
+
 static int client_handshake(struct hs *h, const struct devio_nbd_client_opts *o)
 {
 	uint16_t hflags = 0;
 	int r;
 
 	if ((r = client_greet(h, &hflags)))
+		return r;
+	if (o->tls && (r = client_starttls(h, o, hflags)))
 		return r;
 	if (!(hflags & NBD_FLAG_FIXED_NEWSTYLE)) /* options other than EXPORT_NAME would end it */
 		return client_opt_export_name(h, hflags & NBD_FLAG_NO_ZEROES);
@@ -419,6 +479,15 @@ int devio_nbd_client_handshake(int fd, const struct devio_nbd_client_opts *o, st
 		return -ENAMETOOLONG;
 	}
 	r = client_handshake(&h, o);
+	if (h.tls) {
+		struct timeval none = { 0, 0 };
+
+		setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &none, sizeof(none));
+		if (r || !o->tls_out)
+			devio_tls_free(h.tls);
+		else
+			*o->tls_out = h.tls;
+	}
 	if (r == -ETIMEDOUT)
 		devio_err("%s: NBD handshake: the server stalled (no answer within %u s)", h.name, h.timeout_s);
 	else if (r == -ECONNRESET && devio_log_errors() == errors)
@@ -432,21 +501,52 @@ int devio_nbd_client_handshake(int fd, const struct devio_nbd_client_opts *o, st
 	return r;
 }
 
+/* The credentials an nbds:// URI names; its host is the name the
+ * server's certificate must carry ("localhost" over a Unix socket). */
+static int client_tls_creds(const struct devio_nbd_uri *u, struct devio_nbd_client_opts *o,
+			    struct devio_tls_creds **cr)
+{
+	struct devio_tls_conf conf = {
+		.certificates = u->tls_certificates[0] ? u->tls_certificates : NULL,
+		.psk_file = u->tls_psk_file[0] ? u->tls_psk_file : NULL,
+		.username = u->tls_username[0] ? u->tls_username : NULL,
+	};
+
+	if (!o->tls_out) {
+		devio_err("%s: TLS is not possible here (the kernel's nbd client speaks no TLS)",
+			  o->name ? o->name : "nbd client");
+		return -EPROTONOSUPPORT;
+	}
+	o->tls_hostname = u->addr.kind == DEVIO_ADDR_TCP && u->addr.host[0] ? u->addr.host : "localhost";
+	if (devio_tls_creds_new(&conf, false, cr))
+		return -EINVAL;
+	o->tls = *cr;
+	return 0;
+}
+
 int devio_nbd_client_connect(const struct devio_nbd_uri *u, const struct devio_nbd_client_opts *opts,
 			     struct devio_nbd_client_info *info)
 {
 	struct devio_nbd_client_opts o = *opts;
-	int fd = devio_connect(&u->addr), r;
+	struct devio_tls_creds *cr = NULL;
+	int fd, r;
 
+	if (u->tls && (r = client_tls_creds(u, &o, &cr)))
+		return r;
+	fd = devio_connect(&u->addr);
 	if (fd < 0) {
 		devio_err("%s: cannot connect: %s", o.name ? o.name : "nbd client", strerror(-fd));
+		devio_tls_creds_free(cr);
 		return fd;
 	}
 	if (!o.export)
 		o.export = u->export;
 	if ((r = devio_nbd_client_handshake(fd, &o, info))) {
+		devio_tls_creds_free(cr);
 		close(fd);
 		return r;
 	}
+	if (cr)
+		devio_tls_adopt_creds(*o.tls_out, cr);
 	return fd;
 }

@@ -11,6 +11,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include "devio/tls.h"
 #include "devio/util.h"
 
 /* Longest export name sent (the protocol's limit is 4096 bytes). */
@@ -20,21 +21,27 @@
 
 /* ---- URIs ---- */
 
-/* What an NBD URI names: where to connect and which export. */
+/* What an NBD URI names: where to connect, which export, and for
+ * nbds:// the TLS credentials (empty strings: not given). */
 struct devio_nbd_uri {
 	struct devio_addr addr;                 /* DEVIO_ADDR_TCP or DEVIO_ADDR_UNIX */
 	char export[NBD_MAX_EXPORT_NAME + 1];
+	bool tls;                               /* nbds:// or nbds+unix:// */
+	char tls_certificates[4096];            /* tls-certificates=DIR */
+	char tls_psk_file[4096];                /* tls-psk-file=FILE */
+	char tls_username[256];                 /* tls-username=NAME or USER@ */
 };
 
 /* Does s start with an NBD scheme (nbd, nbds, nbd+X, nbds+X) and "://"?
  * Such a string is never a file name: it is an NBD URI, good or bad. */
 bool devio_nbd_uri_is_nbd(const char *s);
 
-/* Parse nbd://HOST[:PORT][/EXPORT] or nbd+unix:///EXPORT?socket=PATH
- * (IPv6 hosts in brackets, percent-encoding anywhere).  Returns 0,
- * -EPROTONOSUPPORT for a scheme this build cannot serve (nbds, nbds+unix,
- * nbd+vsock: no TLS, no vsock), -ENAMETOOLONG, or -EINVAL; on an error
- * why (if not NULL) says what is wrong, for a human. */
+/* Parse nbd[s]://[USER@]HOST[:PORT][/EXPORT] or
+ * nbd[s]+unix:///EXPORT?socket=PATH (IPv6 hosts in brackets,
+ * percent-encoding anywhere; tls-* parameters on nbds only).  Returns 0,
+ * -EPROTONOSUPPORT for a scheme this build cannot serve (vsock),
+ * -ENAMETOOLONG, or -EINVAL; on an error why (if not NULL) says what is
+ * wrong, for a human. */
 int devio_nbd_uri_parse(const char *uri, struct devio_nbd_uri *out, char *why, size_t whylen);
 
 /* ---- handshake ---- */
@@ -45,6 +52,13 @@ struct devio_nbd_client_opts {
 	bool structured;        /* ask for structured replies ... */
 	bool base_allocation;   /* ... and the base:allocation context */
 	unsigned timeout_s;     /* bound on the whole handshake; 0 = NBD_CLIENT_TIMEOUT_S */
+	/* TLS: with tls set, NBD_OPT_STARTTLS first (a server without it is
+	 * refused), the server's certificate checked against tls_hostname;
+	 * the session goes to *tls_out.  devio_nbd_client_connect sets these
+	 * from an nbds:// URI when tls_out is given, and refuses one if not. */
+	struct devio_tls_creds *tls;
+	const char *tls_hostname;
+	struct devio_tls **tls_out;
 };
 
 /* What the server said about the export. */
@@ -73,7 +87,9 @@ int devio_nbd_client_handshake(int fd, const struct devio_nbd_client_opts *opts,
 
 /* Connect to u and run the handshake (opts->export is u->export if NULL).
  * Returns the socket, blocking and without timeouts, or a negative
- * errno after logging why. */
+ * errno after logging why.  For an nbds:// URI the credentials come from
+ * it and the session, which owns them, goes to *opts->tls_out: every
+ * byte of the transmission phase goes through it. */
 int devio_nbd_client_connect(const struct devio_nbd_uri *u, const struct devio_nbd_client_opts *opts,
 			     struct devio_nbd_client_info *info);
 

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "devio/backend.h"
+#include "devio/tls.h"
 #include "devio/util.h"
 #include "nbd_proto.h"
 
@@ -28,6 +29,7 @@ struct negotiation {
 	bool no_zeroes;
 	char meta_export[4097]; /* export that SET_META_CONTEXT was for */
 	bool meta_set;
+	bool tls;               /* STARTTLS succeeded */
 	uint8_t *data;          /* option payload, NBD_MAX_OPTION_LEN + 1 bytes */
 	uint32_t len;           /* bytes of data */
 	uint64_t skip_until;    /* deadline for skipped option data; 0 = none yet */
@@ -307,13 +309,50 @@ static int opt_meta_context(struct negotiation *n, uint32_t opt)
 	return send_rep(n, opt, NBD_REP_ACK, NULL, 0);
 }
 
-/* Options this server carries out (STARTTLS is answered, not done). */
+/* NBD_OPT_STARTTLS: ACK, then the handshake; a failed one ends the
+ * connection.  Nothing negotiated in the clear carries over. */
+static int opt_starttls(struct negotiation *n)
+{
+	int r;
+
+	if (n->io->tls_mode == DEVIO_TLS_OFF || !n->io->starttls)
+		return send_err(n, NBD_OPT_STARTTLS, NBD_REP_ERR_UNSUP, "this server does not offer TLS");
+	if (n->tls)
+		return send_err(n, NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID, "TLS is already on");
+	if (n->len)
+		return send_err(n, NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+	if ((r = send_rep(n, NBD_OPT_STARTTLS, NBD_REP_ACK, NULL, 0)))
+		return r;
+	if ((r = n->io->starttls(n->io->ctx)))
+		return r;
+	n->tls = true;
+	n->s->structured = false;
+	n->meta_set = false;
+	return 0;
+}
+
+/* Under --tls require, before STARTTLS: 1 when opt may run, else 0
+ * after refusing it with ERR_TLS_REQD (an EXPORT_NAME cannot be refused:
+ * the connection ends) or -errno. */
+static int tls_allows(struct negotiation *n, uint32_t opt)
+{
+	if (n->io->tls_mode != DEVIO_TLS_REQUIRE || n->tls || opt == NBD_OPT_STARTTLS || opt == NBD_OPT_ABORT)
+		return 1;
+	if (opt == NBD_OPT_EXPORT_NAME) {
+		devio_warn("nbd %s: NBD_OPT_EXPORT_NAME before TLS (--tls require); closing", n->io->peer);
+		return -EACCES;
+	}
+	return send_err(n, opt, NBD_REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first");
+}
+
+/* Options this server carries out. */
 static bool option_implemented(uint32_t opt)
 {
 	switch (opt) {
 	case NBD_OPT_EXPORT_NAME:
 	case NBD_OPT_ABORT:
 	case NBD_OPT_LIST:
+	case NBD_OPT_STARTTLS:
 	case NBD_OPT_INFO:
 	case NBD_OPT_GO:
 	case NBD_OPT_STRUCTURED_REPLY:
@@ -393,7 +432,7 @@ static int do_option(struct negotiation *n, uint32_t opt)
 	case NBD_OPT_LIST:
 		return opt_list(n);
 	case NBD_OPT_STARTTLS:
-		return send_err(n, opt, NBD_REP_ERR_UNSUP, "this server does not support TLS");
+		return opt_starttls(n);
 	case NBD_OPT_INFO:
 	case NBD_OPT_GO:
 		return opt_info_go(n, opt);
@@ -413,6 +452,17 @@ static int refuse_skipped(struct negotiation *n, uint32_t opt)
 	if (option_implemented(opt))
 		return send_err(n, opt, NBD_REP_ERR_TOO_BIG, "option data too large");
 	return do_option(n, opt); /* ERR_UNSUP; n->len is 0 */
+}
+
+/* Run or refuse one option read_option() read (skipped: its data was
+ * thrown away).  1 once the client chose an export, 0 to go on. */
+static int run_option(struct negotiation *n, uint32_t opt, bool skipped)
+{
+	int r = tls_allows(n, opt);
+
+	if (r != 1)
+		return r; /* 0: refused with a reply */
+	return skipped ? refuse_skipped(n, opt) : do_option(n, opt);
 }
 
 static int greet(struct negotiation *n)
@@ -464,10 +514,8 @@ int devio_nbd_negotiate(struct devio_nbd_io *io, struct devio_server *srv, struc
 		 * (malformed, too big, unknown export, no structured replies). */
 		if (r >= 0 && opt == NBD_OPT_SET_META_CONTEXT)
 			n->meta_set = false;
-		if (r == 1)
-			r = refuse_skipped(n, opt);
-		else if (r == 0)
-			r = do_option(n, opt);
+		if (r >= 0)
+			r = run_option(n, opt, r == 1);
 		if (r)
 			goto out_free;
 	}

@@ -181,6 +181,12 @@ struct devio_nbd_io {
 	int (*write)(void *ctx, const void *buf, size_t len);
 	void *ctx;
 	const char *peer; /* for messages */
+	/* TLS (enum devio_tls_mode): off answers STARTTLS with ERR_UNSUP;
+	 * on offers it; require answers every option but STARTTLS and ABORT
+	 * with ERR_TLS_REQD until TLS is up.  starttls runs the handshake
+	 * after the ACK and switches read and write to the session. */
+	int tls_mode;
+	int (*starttls)(void *ctx);
 };
 
 /* What the negotiation agreed for one connection. */

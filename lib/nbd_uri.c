@@ -1,11 +1,13 @@
 /* nbd_uri.c - NBD URIs as NetworkBlockDevice/nbd doc/uri.md defines them:
- * nbd://HOST[:PORT][/EXPORT] and nbd+unix:///EXPORT?socket=PATH, for the
- * nbd:// backend and `devio attach --nbd-device` alike.
+ * nbd://HOST[:PORT][/EXPORT] and nbd+unix:///EXPORT?socket=PATH, and
+ * their TLS forms nbds:// and nbds+unix:// with tls-certificates=DIR,
+ * tls-psk-file=FILE, tls-username=NAME (or USER@HOST), for the nbd://
+ * backend and `devio attach --nbd-device` alike.
  *
  * Strict on purpose: a URI is untrusted text typed by a human, and a typo
  * must be an error that says what is wrong, never a file name and never
  * silently ignored.  Unknown schemes and query parameters are errors; the
- * schemes this build cannot serve (TLS, vsock) say so; percent-encoding is
+ * scheme this build cannot serve (vsock) says so; percent-encoding is
  * decoded everywhere and a %00 (NUL) is refused.
  */
 #include <errno.h>
@@ -40,7 +42,7 @@ static int __attribute__((format(printf, 3, 4))) uri_fail(struct uri_err *e, int
 
 /* ---- schemes ---- */
 
-enum uri_kind { URI_TCP, URI_UNIX, URI_TLS, URI_VSOCK, URI_UNKNOWN };
+enum uri_kind { URI_TCP, URI_UNIX, URI_VSOCK, URI_UNKNOWN };
 
 /* Length of the scheme at s (RFC 3986: ALPHA *( ALPHA / DIGIT / + - . ))
  * if "://" follows it, else 0. */
@@ -65,13 +67,11 @@ static bool uri_scheme_is(const char *s, size_t n, const char *name)
 
 static enum uri_kind uri_scheme_kind(const char *s, size_t n)
 {
-	if (uri_scheme_is(s, n, "nbd"))
+	if (uri_scheme_is(s, n, "nbd") || uri_scheme_is(s, n, "nbds"))
 		return URI_TCP;
-	if (uri_scheme_is(s, n, "nbd+unix"))
+	if (uri_scheme_is(s, n, "nbd+unix") || uri_scheme_is(s, n, "nbds+unix"))
 		return URI_UNIX;
-	if (uri_scheme_is(s, n, "nbds") || uri_scheme_is(s, n, "nbds+unix") || uri_scheme_is(s, n, "nbds+vsock"))
-		return URI_TLS;
-	if (uri_scheme_is(s, n, "nbd+vsock"))
+	if (uri_scheme_is(s, n, "nbd+vsock") || uri_scheme_is(s, n, "nbds+vsock"))
 		return URI_VSOCK;
 	return URI_UNKNOWN;
 }
@@ -170,15 +170,33 @@ static bool uri_ipv6_chars(const char *p, const char *end)
 	return true;
 }
 
-/* HOST[:PORT] or [IPV6][:PORT]; an empty host is this machine. */
-static int uri_authority(struct uri_err *e, const char *s, size_t n, struct devio_addr *a)
+/* USER@ before the host: the TLS PSK user name (nbds:// only). */
+static int uri_user(struct uri_err *e, const char **s, size_t *n, struct devio_nbd_uri *u)
 {
+	const char *at = memchr(*s, '@', *n);
+	int r;
+
+	if (!at)
+		return 0;
+	if (!u->tls)
+		return uri_fail(e, -EINVAL, "a user name (USER@HOST) is for TLS: use nbds://");
+	if ((r = uri_decode(e, "user name", *s, (size_t)(at - *s), u->tls_username, sizeof(u->tls_username))))
+		return r;
+	*n -= (size_t)(at + 1 - *s);
+	*s = at + 1;
+	return 0;
+}
+
+/* [USER@]HOST[:PORT] or [USER@][IPV6][:PORT]; an empty host is this machine. */
+static int uri_authority(struct uri_err *e, const char *s, size_t n, struct devio_nbd_uri *u)
+{
+	struct devio_addr *a = &u->addr;
 	const char *end = s + n, *colon;
 	int r;
 
 	a->kind = DEVIO_ADDR_TCP;
-	if (memchr(s, '@', n))
-		return uri_fail(e, -EPROTONOSUPPORT, "a user name (USER@HOST) is for TLS: unsupported (no TLS in this build)");
+	if ((r = uri_user(e, &s, &n, u)))
+		return r;
 	if (n && s[0] == '[') {
 		const char *close = memchr(s, ']', n);
 
@@ -204,6 +222,28 @@ static int uri_authority(struct uri_err *e, const char *s, size_t n, struct devi
 
 /* ---- query ---- */
 
+/* tls-certificates=DIR, tls-psk-file=FILE, tls-username=NAME: once each,
+ * on nbds:// URIs only. */
+static int uri_tls_param(struct uri_err *e, const char *key, const char *val, size_t n, struct devio_nbd_uri *u)
+{
+	static const char *const keys[] = { "tls-certificates", "tls-psk-file", "tls-username" };
+	char *const fields[] = { u->tls_certificates, u->tls_psk_file, u->tls_username };
+	const size_t lens[] = { sizeof(u->tls_certificates), sizeof(u->tls_psk_file), sizeof(u->tls_username) };
+
+	for (size_t i = 0; i < 3; i++) {
+		if (strcmp(key, keys[i]))
+			continue;
+		if (!u->tls)
+			return uri_fail(e, -EINVAL, "%s= belongs to nbds:// and nbds+unix:// URIs", key);
+		if (fields[i][0])
+			return uri_fail(e, -EINVAL, "%s given twice (or with USER@)", key);
+		if (!val || n == 0)
+			return uri_fail(e, -EINVAL, "%s= without a value", key);
+		return uri_decode(e, key, val, n, fields[i], lens[i]);
+	}
+	return uri_fail(e, -EINVAL, "unknown query parameter '%s'", key);
+}
+
 /* One "KEY=VALUE" of the query; *have_socket counts socket= seen. */
 static int uri_query_param(struct uri_err *e, enum uri_kind kind, const char *s, size_t n, struct devio_nbd_uri *u,
 		       bool *have_socket)
@@ -217,7 +257,7 @@ static int uri_query_param(struct uri_err *e, enum uri_kind kind, const char *s,
 	if ((r = uri_decode(e, "query parameter name", s, eq ? (size_t)(eq - s) : n, key, sizeof(key))))
 		return r;
 	if (!strncmp(key, "tls-", 4))
-		return uri_fail(e, -EPROTONOSUPPORT, "query parameter '%s': unsupported (no TLS in this build)", key);
+		return uri_tls_param(e, key, eq ? eq + 1 : NULL, eq ? (size_t)(s + n - eq - 1) : 0, u);
 	if (strcmp(key, "socket"))
 		return uri_fail(e, -EINVAL, "unknown query parameter '%s'", key);
 	if (kind != URI_UNIX)
@@ -251,6 +291,8 @@ static int uri_query(struct uri_err *e, enum uri_kind kind, const char *s, size_
 	}
 	if (kind == URI_UNIX && !have_socket)
 		return uri_fail(e, -EINVAL, "nbd+unix:// needs ?socket=PATH");
+	if (u->tls_certificates[0] && u->tls_psk_file[0])
+		return uri_fail(e, -EINVAL, "tls-certificates= and tls-psk-file= exclude each other");
 	return 0;
 }
 
@@ -259,13 +301,11 @@ static int uri_query(struct uri_err *e, enum uri_kind kind, const char *s, size_
 static int uri_check_scheme(struct uri_err *e, const char *uri, size_t n, enum uri_kind kind)
 {
 	if (n == 0)
-		return uri_fail(e, -EINVAL, "want nbd://HOST[:PORT][/EXPORT] or nbd+unix:///EXPORT?socket=PATH");
-	if (kind == URI_TLS)
-		return uri_fail(e, -EPROTONOSUPPORT, "%.*s://: unsupported (no TLS in this build)", (int)n, uri);
+		return uri_fail(e, -EINVAL, "want nbd://HOST[:PORT][/EXPORT] or nbd+unix:///EXPORT?socket=PATH (nbds://, nbds+unix://: TLS)");
 	if (kind == URI_VSOCK)
 		return uri_fail(e, -EPROTONOSUPPORT, "%.*s://: unsupported (no vsock in this build)", (int)n, uri);
 	if (kind == URI_UNKNOWN)
-		return uri_fail(e, -EINVAL, "unknown scheme '%.*s' (want nbd:// or nbd+unix://)",
+		return uri_fail(e, -EINVAL, "unknown scheme '%.*s' (want nbd://, nbds://, nbd+unix:// or nbds+unix://)",
 				(int)(n > 32 ? 32 : n), uri);
 	return 0;
 }
@@ -284,6 +324,7 @@ int devio_nbd_uri_parse(const char *uri, struct devio_nbd_uri *u, char *why, siz
 		why[0] = '\0';
 	if ((r = uri_check_scheme(&e, uri ? uri : "", n, kind)))
 		return r;
+	u->tls = (uri[3] | 32) == 's';
 	auth = uri + n + 3;
 	if (strchr(auth, '#'))
 		return uri_fail(&e, -EINVAL, "a fragment (#...) means nothing in an NBD URI");
@@ -292,9 +333,9 @@ int devio_nbd_uri_parse(const char *uri, struct devio_nbd_uri *u, char *why, siz
 	plen = strcspn(path, "?");
 	query = path[plen] == '?' ? path + plen + 1 : NULL;
 	if (kind == URI_UNIX && alen)
-		return uri_fail(&e, -EINVAL, "nbd+unix:// takes no host ('%.*s'): want nbd+unix:///EXPORT?socket=PATH",
+		return uri_fail(&e, -EINVAL, "nbd[s]+unix:// takes no host ('%.*s'): want nbd+unix:///EXPORT?socket=PATH",
 				(int)(alen > 64 ? 64 : alen), auth);
-	if (kind == URI_TCP && (r = uri_authority(&e, auth, alen, &u->addr)))
+	if (kind == URI_TCP && (r = uri_authority(&e, auth, alen, u)))
 		return r;
 	/* The export name is the path without its leading '/'. */
 	if (plen && (r = uri_decode(&e, "export name", path + 1, plen - 1, u->export, sizeof(u->export))))

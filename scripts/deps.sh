@@ -5,7 +5,7 @@ set -euo pipefail
 PKGS=(
   # build
   build-essential meson ninja-build pkg-config liburing-dev libcmocka-dev zlib1g-dev clang libclang-rt-14-dev
-  libjansson-dev
+  libjansson-dev libgnutls28-dev
   # man pages (scdoc sources in docs/man), rendered in tests/integration/test_docs.py
   scdoc man-db
   # the Debian package (debian/, tests/integration/test_package.py) and bash completion
@@ -15,6 +15,8 @@ PKGS=(
   e2fsprogs xfsprogs fdisk util-linux kmod procps psmisc iproute2
   # service tests: systemd-socket-activate and systemd-analyze (tests/integration/test_daemon.py)
   systemd
+  # NBD over TLS tests: certtool, psktool (tests/integration/test_tls.py)
+  gnutls-bin
   # Ceph RBD: the library to build against, and a one-node cluster for the tests
   librbd-dev ceph-mon ceph-osd ceph-common qemu-block-extra
   # guest-kernel harness (ublk, kernel nbd)

@@ -90,8 +90,10 @@ const struct devio_frontend_type *devio_frontend_find(const char *option);
 
 /* parse() callbacks for struct devio_frontend_option: a flag (bool), a
  * count 0..1048576 (unsigned, 0 = the default), a block size (uint32_t, a
- * power of two from 512 to 64K). */
+ * power of two from 512 to 64K), a string (const char *, pointing at the
+ * argument: the command line outlives the server). */
 int devio_opt_flag(const char *name, const char *val, void *field);
+int devio_opt_string(const char *name, const char *val, void *field);
 int devio_opt_uint(const char *name, const char *val, void *field);
 int devio_opt_block_size(const char *name, const char *val, void *field);
 

@@ -44,7 +44,7 @@ def test_serve_help_lists_each_front_ends_options():
     groups = help_groups(r.stdout)
     assert groups == {
         "--devio": [],
-        "--nbd": ["--depth"],
+        "--nbd": ["--depth", "--tls", "--tls-certificates", "--tls-psk", "--tls-verify-peer", "--tls-priority"],
         "--fuse": ["--loop", "--fuse-transport", "--depth", "--block-size", "--fuse-enable-uring", "--fuse-timeout"],
         "--ublk": ["--queues", "--depth", "--block-size", "--recovery", "--recover"],
     }, r.stdout

@@ -222,8 +222,9 @@ def test_reply_before_the_payload_is_sent(serve, tmp):
 
 
 @pytest.mark.parametrize("uri,message", [
-    ("nbds://127.0.0.1/", "unsupported (no TLS in this build)"),
-    ("nbds+unix:///?socket=/nonexistent", "unsupported (no TLS in this build)"),
+    ("nbds://127.0.0.1/?tls-type=x509", "unknown query parameter 'tls-type'"),
+    ("nbds+unix:///?socket=/nonexistent&tls-psk-file=", "tls-psk-file= without a value"),
+    ("nbd://127.0.0.1/?tls-certificates=/tmp", "belongs to nbds://"),
     ("nbd+vsock://2:10809/", "unsupported (no vsock in this build)"),
     ("nbd+foo:///x", "unknown scheme"),
     ("nbd://127.0.0.1/?socket=/tmp/s", "socket= belongs to nbd+unix"),

@@ -1,7 +1,7 @@
 /* test_nbd_uri.c - lib/nbd_uri.c against the examples of the NBD URI
  * specification (NetworkBlockDevice/nbd doc/uri.md) and the URIs it must
  * refuse: unknown schemes and parameters, bad percent-encoding, %00, the
- * TLS and vsock schemes this build cannot serve. */
+ * vsock schemes this build cannot serve, TLS parameters outside nbds://. */
 #include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -72,14 +72,41 @@ static void test_unix(void **state)
 	assert_string_equal(u.export, "e\xc3\xa9");
 }
 
+static void test_tls(void **state)
+{
+	assert_int_equal(parse("nbds://h:10810/e?tls-certificates=/etc/pki/x%20y"), 0);
+	assert_true(u.tls);
+	assert_string_equal(u.addr.host, "h");
+	assert_string_equal(u.tls_certificates, "/etc/pki/x y");
+	assert_string_equal(u.tls_psk_file, "");
+	assert_int_equal(parse("NBDS://alice@[::1]/?tls-psk-file=/k.psk"), 0);
+	assert_true(u.tls);
+	assert_string_equal(u.tls_username, "alice");
+	assert_string_equal(u.addr.host, "::1");
+	assert_string_equal(u.tls_psk_file, "/k.psk");
+	assert_int_equal(parse("nbds+unix:///d?socket=/s&tls-psk-file=k&tls-username=b%40c"), 0);
+	assert_true(u.tls);
+	assert_int_equal(u.addr.kind, DEVIO_ADDR_UNIX);
+	assert_string_equal(u.tls_username, "b@c");
+	assert_int_equal(parse("nbds://h"), 0); /* the system's CAs */
+	assert_int_equal(parse("nbd://h"), 0);
+	assert_false(u.tls);
+}
+
 static void test_refused(void **state)
 {
 	static const struct { const char *uri; int err; const char *says; } cases[] = {
-		{ "nbds://h/e", -EPROTONOSUPPORT, "no TLS" },
-		{ "nbds+unix:///?socket=s", -EPROTONOSUPPORT, "no TLS" },
+		{ "nbds+vsock://2:10809/", -EPROTONOSUPPORT, "no vsock" },
 		{ "nbd+vsock://2:10809/", -EPROTONOSUPPORT, "no vsock" },
-		{ "nbd://h/?tls-type=x509", -EPROTONOSUPPORT, "no TLS" },
-		{ "nbd://user@h/", -EPROTONOSUPPORT, "no TLS" },
+		{ "nbds://h/?tls-type=x509", -EINVAL, "unknown query parameter 'tls-type'" },
+		{ "nbd://h/?tls-certificates=/d", -EINVAL, "belongs to nbds://" },
+		{ "nbd+unix:///?socket=s&tls-psk-file=k", -EINVAL, "belongs to nbds://" },
+		{ "nbd://user@h/", -EINVAL, "use nbds://" },
+		{ "nbds://h/?tls-psk-file=a&tls-psk-file=b", -EINVAL, "twice" },
+		{ "nbds://u@h/?tls-username=v", -EINVAL, "twice" },
+		{ "nbds://h/?tls-psk-file=", -EINVAL, "without a value" },
+		{ "nbds://h/?tls-certificates=d&tls-psk-file=k", -EINVAL, "exclude each other" },
+		{ "nbds://h/?tls-psk-file=%00", -EINVAL, "%00" },
 		{ "nbd+foo:///x", -EINVAL, "unknown scheme" },
 		{ "http://h/", -EINVAL, "unknown scheme" },
 		{ "disk.img", -EINVAL, "not an NBD URI: want nbd://" },
@@ -155,6 +182,7 @@ int main(void)
 		cmocka_unit_test(test_spec_export_names),
 		cmocka_unit_test(test_tcp),
 		cmocka_unit_test(test_unix),
+		cmocka_unit_test(test_tls),
 		cmocka_unit_test(test_refused),
 		cmocka_unit_test(test_limits),
 		cmocka_unit_test(test_is_nbd),
