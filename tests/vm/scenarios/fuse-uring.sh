@@ -28,7 +28,7 @@ fu_serve() {
 # exit summary, and fsck of the image.  Prints PASS/FAIL NAME.
 fu_check() {
   _t=$1 _log=$2 _tr=$3 _why=
-  devio status >/tmp/fu.status 2>&1
+  wait_for 10 sh -c 'devio status >/tmp/fu.status 2>&1 && grep -q "fuse transport" /tmp/fu.status' # written once serving
   dd if=/dev/urandom of=/tmp/fu.pat bs=1M count=16 2>/dev/null
   /usr/bin/dd if=/tmp/fu.pat of="$LOOP" bs=1M seek=8 oflag=direct conv=fsync 2>/dev/null || _why="direct write failed"
   echo 3 >/proc/sys/vm/drop_caches
