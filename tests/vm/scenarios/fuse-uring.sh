@@ -16,6 +16,7 @@ FU_PARAM=/sys/module/fuse/parameters/enable_uring
 fu_serve() {
   LOOP=
   mkdir -p /tmp/fu
+  rm -f /tmp/fu.out # never the previous server's line (the redirect truncates it in the child)
   devio serve "$2" --fuse /tmp/fu --loop >/tmp/fu.out 2>"$1" &
   SRV=$!
   wait_for 60 grep -q '^/dev/loop' /tmp/fu.out || { show_log "$1"; return 1; }
