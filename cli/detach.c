@@ -14,6 +14,9 @@
  *   FUSE request; the connection is aborted through fusectl first (the
  *   loop device's I/O then fails at once), the server is woken, told to
  *   stop, and killed if it has not exited in time.
+ * - --handover /dev/ublkbN: SIGUSR2 instead of SIGTERM; a --recovery
+ *   server quiesces the device and exits leaving it to the next server
+ *   (`devio serve SOURCE --ublk=N --recover`); its users see no error.
  * /dev/nbdN goes to the kernel nbd client (attach_nbd.c). */
 #include <errno.h>
 #include <fcntl.h>
@@ -40,7 +43,7 @@
 
 struct detach {
 	const char *target;        /* absolute */
-	bool all, force;
+	bool all, force, handover;
 	struct run_server srv;     /* the server found (srv.pid 0: none) */
 	bool dead;                 /* ... only a dead one's entry */
 	unsigned n_frontends;
@@ -51,9 +54,12 @@ struct detach {
 static void detach_usage(FILE *out)
 {
 	fprintf(out, "usage: devio detach [--all] [--force] MOUNTPOINT|/dev/loopN|/dev/nbdN|/dev/ublkbN\n"
+		     "       devio detach --handover /dev/ublkbN\n"
 		     "  --all    the server serves more front ends: stop all of it\n"
 		     "  --force  abort a hung FUSE connection (fusectl) and kill the server if it does not stop;\n"
-		     "           detach a ublk device even while it is open\n");
+		     "           detach a ublk device even while it is open\n"
+		     "  --handover  the server of a --recovery ublk device quiesces it and exits, leaving the device\n"
+		     "           (in use or not) to `devio serve SOURCE --ublk=N --recover`\n");
 }
 
 /* ---- the server's status file ---- */
@@ -296,7 +302,8 @@ static int detach_signal(int pidfd, int sig)
 	return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0);
 }
 
-/* SIGTERM (--force: and SIGCONT, then SIGKILL if it hangs on) and wait. */
+/* SIGTERM (--force: and SIGCONT, then SIGKILL if it hangs on; --handover:
+ * SIGUSR2) and wait. */
 static int detach_stop_server(struct detach *d)
 {
 	int pidfd = detach_pidfd(d->srv.pid), r = 1;
@@ -309,7 +316,7 @@ static int detach_stop_server(struct detach *d)
 			close(pidfd);
 		return 1;
 	}
-	if (detach_signal(pidfd, SIGTERM) < 0) {
+	if (detach_signal(pidfd, d->handover ? SIGUSR2 : SIGTERM) < 0) {
 		devio_err("detach %s: signal pid %d: %s", d->target, (int)d->srv.pid, strerror(errno));
 		goto out;
 	}
@@ -317,6 +324,11 @@ static int detach_stop_server(struct detach *d)
 		detach_signal(pidfd, SIGCONT);
 	if (poll(&p, 1, DETACH_WAIT_MS) == 1) {
 		r = 0;
+		goto out;
+	}
+	if (d->handover) {
+		devio_err("detach %s: server pid %d did not hand over within %d s (it logs why; it still serves)",
+			  d->target, (int)d->srv.pid, DETACH_WAIT_MS / 1000);
 		goto out;
 	}
 	if (!d->force) {
@@ -391,6 +403,13 @@ static int detach_ublk(struct detach *d)
 		devio_err("detach %s: not a ublk device name", d->target);
 		return 1;
 	}
+	if (d->handover) { /* for devices in use: that is the point */
+		if (d->srv.pid && !d->dead)
+			return detach_stop_server(d);
+		devio_err("detach --handover %s: no devio server serves it%s", d->target,
+			  d->dead ? " any more (devio serve SOURCE --ublk=N --recover takes it over)" : "");
+		return 1;
+	}
 	if (!d->force && devio_ublk_in_use(id, why, sizeof(why)) > 0) {
 		devio_err("detach %s: in use (%s); unmount or close it first, or --force", d->target, why);
 		return 1;
@@ -410,6 +429,7 @@ static int detach_parse(int argc, char **argv, struct detach *d)
 	static const struct option opts[] = {
 		{ "all", no_argument, NULL, 'a' },
 		{ "force", no_argument, NULL, 'f' },
+		{ "handover", no_argument, NULL, 'H' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -421,6 +441,8 @@ static int detach_parse(int argc, char **argv, struct detach *d)
 			d->all = true;
 		else if (c == 'f')
 			d->force = true;
+		else if (c == 'H')
+			d->handover = true;
 		else if (c == 'h')
 			return 1;
 		else
@@ -450,6 +472,10 @@ int cmd_detach(int argc, char **argv)
 		return 1;
 	}
 	d.target = target;
+	if (d.handover && strncmp(target, "/dev/ublkb", 10)) {
+		devio_err("detach --handover %s: only a ublk device (/dev/ublkbN) can be handed over", target);
+		return 1;
+	}
 	runstate_each(detach_find_one, &d);
 	if (!strncmp(target, "/dev/ublkb", 10))
 		return detach_ublk(&d);

@@ -50,9 +50,29 @@ static int parse_size_opt(const char *opt, const char *val, uint64_t *out)
 	return 0;
 }
 
-static volatile sig_atomic_t stop_signal;
+static volatile sig_atomic_t stop_signal, handover_signal;
 
 static void on_signal(int sig) { stop_signal = sig; }
+
+static void on_handover(int sig) { handover_signal = sig; }
+
+/* SIGUSR2: hand every front end over (frontend.h handover); true when
+ * all of them are ready to stop for a successor, false to serve on. */
+static bool serve_handover(struct serve_frontend *fe, size_t n)
+{
+	handover_signal = 0;
+	for (size_t i = 0; i < n; i++)
+		if (!fe[i].type->handover) {
+			devio_err("SIGUSR2: --%s cannot hand over to another server; serving on (SIGTERM stops)",
+				  fe[i].type->option);
+			return false;
+		}
+	for (size_t i = 0; i < n; i++)
+		if (fe[i].type->handover(fe[i].state))
+			return false;
+	devio_info("SIGUSR2: handed over; stopping");
+	return n > 0;
+}
 
 static void write_status(struct devio_server *srv, struct serve_frontend *fe, size_t n, char *path, size_t pathlen)
 {
@@ -171,7 +191,7 @@ static bool all_finished(struct serve_frontend *fe, size_t n)
 
 int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 {
-	struct sigaction sa = { .sa_handler = on_signal };
+	struct sigaction sa = { .sa_handler = on_signal }, sh = { .sa_handler = on_handover };
 	static struct serve_env env;
 	char status_path[128];
 	size_t started = 0;
@@ -180,6 +200,7 @@ int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 	signal(SIGPIPE, SIG_IGN);
 	sigaction(SIGINT, &sa, NULL);
 	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGUSR2, &sh, NULL);
 	daemon_signals(); /* SIGHUP reopens the log */
 	for (; started < n; started++) {
 		unsigned long errors = devio_log_errors();
@@ -204,6 +225,8 @@ int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 	for (unsigned tick = 1; !stop_signal && !all_finished(fe, n) && (run_status = daemon_tick()) < 0; tick++) {
 		struct timespec ts = { 0, 50 * 1000 * 1000 };
 		nanosleep(&ts, NULL);
+		if (handover_signal && serve_handover(fe, n))
+			break;
 		if (tick % 20 == 0 && status_path[0]) /* live counters for `devio status` */
 			write_status(srv, fe, n, status_path, sizeof(status_path));
 	}

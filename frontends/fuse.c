@@ -75,6 +75,7 @@ struct ring_queue {
 	struct devio_ring *ring;
 	struct ring_ent *ents;
 	unsigned nents, live;    /* live: entries the kernel has not ended */
+	_Atomic uint64_t served; /* requests taken from this queue (stop log) */
 };
 
 struct dev_thread {
@@ -362,6 +363,7 @@ static void fuse_ring_request(struct ring_queue *q, struct ring_ent *e)
 	msg->reply = e->payload;
 	msg->reply_cap = fe->payload_sz;
 	atomic_fetch_add_explicit(&fe->ring_requests, 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(&q->served, 1, memory_order_relaxed);
 	devio_fuse_handle(&fe->fs, msg);
 	if (!msg->has_io) {
 		fuse_commit(q, e);
@@ -524,6 +526,9 @@ static void fuse_stop_rings(struct fuse_fe *fe)
 
 		devio_ring_free(q->ring, &st); /* cancels entries still registered */
 		fe->ring_ios += st.ring_ios;
+		if (atomic_load(&q->served)) /* which CPUs' queues the kernel used */
+			devio_info("fuse %s: queue %u served %llu requests, %llu io_uring_enter", fe->mnt, i,
+				   (unsigned long long)atomic_load(&q->served), (unsigned long long)st.enters);
 		for (unsigned j = 0; q->ents && j < q->nents; j++) {
 			free(q->ents[j].hdr);
 			free(q->ents[j].payload);

@@ -17,6 +17,11 @@
  * Data copy: with UBLK_F_USER_COPY (kernel 6.5+) the thread moves a
  * request's data with pread/pwrite on /dev/ublkcN at the tag's offset;
  * otherwise the driver copies into the buffer named in FETCH/COMMIT.
+ *
+ * Recovery (--recovery, --recover) and the hand-over (SIGUSR2): the device
+ * outlives its server; a hand-over quiesces it (QUIESCE_DEV, where the
+ * driver has UBLK_F_QUIESCE) and the server exits without deleting it, so
+ * that `devio serve ... --recover` takes it over.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -45,6 +50,7 @@
 #define DEFAULT_MAX_IO (512u * 1024)
 #define NO_DEV_ID UINT32_MAX
 #define STOP_GRACE_NS (3ull * 1000 * 1000 * 1000)
+#define UBLK_QUIESCE_TIMEOUT_MS 30000 /* for a fetch of every queue to be idle */
 
 struct ublk_queue;
 
@@ -91,6 +97,7 @@ struct ublk_dev {
 	uint64_t dev_sectors;
 	uint64_t recovery_flags;       /* UBLK_F_USER_RECOVERY and its variant, or 0 */
 	bool added, started;
+	atomic_bool handover;          /* handed over: stop leaves the device to a successor */
 	atomic_bool stopping;
 	_Atomic uint64_t stop_deadline;
 	struct ublk_queue *queues;
@@ -222,7 +229,7 @@ static uint32_t ublk_ctrl_op(const struct ublk_dev *d, unsigned nr)
 	bool reads = nr == DEVIO_UBLK_CMD_GET_QUEUE_AFFINITY || nr == DEVIO_UBLK_CMD_GET_DEV_INFO ||
 		     nr == DEVIO_UBLK_CMD_GET_PARAMS || nr == DEVIO_UBLK_CMD_GET_FEATURES;
 
-	if (!d->ioctl_encode && nr != DEVIO_UBLK_CMD_GET_FEATURES)
+	if (!d->ioctl_encode && nr != DEVIO_UBLK_CMD_GET_FEATURES && nr != DEVIO_UBLK_CMD_QUIESCE_DEV)
 		return nr;
 	return reads ? DEVIO_UBLK_U_CMDR(nr) : DEVIO_UBLK_U_CMD(nr);
 }
@@ -609,6 +616,8 @@ static bool ublk_queue_finished(struct devio_ring *r, void *ctx)
 
 	if (!q->cmds_out)
 		return true;
+	if (atomic_load(&q->dev->handover) && io_uring_sq_ready(devio_ring_uring(r)))
+		return false; /* handing over: answers still queued go to the kernel before the ring closes */
 	return atomic_load(&q->dev->stopping) && devio_now_ns() >= atomic_load(&q->dev->stop_deadline);
 }
 
@@ -830,6 +839,9 @@ static int ublk_recovery_flags(struct ublk_dev *d, int mode)
 	d->recovery_flags = DEVIO_UBLK_F_USER_RECOVERY | (mode == UBLK_RECOVERY_FAIL_IO
 							  ? DEVIO_UBLK_F_USER_RECOVERY_FAIL_IO
 							  : DEVIO_UBLK_F_USER_RECOVERY_REISSUE);
+	/* a graceful hand-over (ublk_handover) where the driver can quiesce */
+	if (mode == UBLK_RECOVERY_REISSUE && (f & DEVIO_UBLK_F_QUIESCE))
+		d->recovery_flags |= DEVIO_UBLK_F_QUIESCE;
 	return 0;
 }
 
@@ -949,7 +961,7 @@ static int ublk_adopt(struct ublk_dev *d, uint32_t id)
 	d->dev_sectors = p.basic.dev_sectors;
 	d->lbs = 1u << (p.basic.logical_bs_shift & 31);
 	d->recovery_flags = d->info.flags & (DEVIO_UBLK_F_USER_RECOVERY | DEVIO_UBLK_F_USER_RECOVERY_REISSUE |
-					     DEVIO_UBLK_F_USER_RECOVERY_FAIL_IO);
+					     DEVIO_UBLK_F_USER_RECOVERY_FAIL_IO | DEVIO_UBLK_F_QUIESCE);
 	d->ioctl_encode = d->info.flags & DEVIO_UBLK_F_CMD_IOCTL_ENCODE;
 	d->user_copy = d->info.flags & DEVIO_UBLK_F_USER_COPY;
 	d->copy = d->user_copy ? DEVIO_UBLK_COPY_USER : DEVIO_UBLK_COPY_KERNEL;
@@ -1095,11 +1107,13 @@ static void ublk_teardown(struct ublk_dev *d)
 	 * ring cancels them. */
 	uint64_t t0 = devio_now_ns();
 
+	bool keep = atomic_load(&d->handover); /* for the next server: no STOP_DEV, no DEL_DEV */
+
 	atomic_store(&d->stop_deadline, UINT64_MAX);
 	atomic_store(&d->stopping, true);
 	for (unsigned i = 0; d->queues && i < d->nr_queues; i++)
 		devio_ring_stop(d->queues[i].ring);
-	if (d->added && d->ctrl_ring_ok) {
+	if (d->added && d->ctrl_ring_ok && !keep) {
 		r = ublk_simple_cmd(d, DEVIO_UBLK_CMD_STOP_DEV, 0);
 		if (r < 0 && d->started)
 			devio_warn("ublk: %s: STOP_DEV: %s", d->bdev, strerror(-r));
@@ -1126,7 +1140,8 @@ static void ublk_teardown(struct ublk_dev *d)
 		if (mem) {
 			ublk_print_counters(d, mem);
 			fclose(mem);
-			devio_info("ublk: %s: stopped\n%.*s", d->bdev, len ? (int)len - 1 : 0, text ? text : "");
+			devio_info("ublk: %s: %s\n%.*s", d->bdev, keep ? "handed over (the device stays for --recover)"
+				   : "stopped", len ? (int)len - 1 : 0, text ? text : "");
 			free(text);
 		}
 	}
@@ -1135,13 +1150,61 @@ static void ublk_teardown(struct ublk_dev *d)
 	free(d->queues);
 	if (d->cdev_fd >= 0)
 		close(d->cdev_fd);
-	if (d->added && d->ctrl_ring_ok) {
+	if (d->added && d->ctrl_ring_ok && !keep) {
 		r = ublk_simple_cmd(d, DEVIO_UBLK_CMD_DEL_DEV, 0);
 		if (r < 0)
 			devio_err("ublk: %s: DEL_DEV: %s", d->bdev, strerror(-r));
 	}
 	ublk_ctrl_close(d);
 	free(d);
+}
+
+/* QUIESCE_DEV: the driver holds new requests back (requeued for the next
+ * server), waits until each queue has a fetch of ours idle and then ends
+ * our fetches (UBLK_IO_RES_ABORT); requests already with us are finished
+ * and committed as usual.  0, or -errno (the hand-over then goes on the
+ * kill-and-recover way: what is in flight is reissued to the next server). */
+static int ublk_quiesce(struct ublk_dev *d)
+{
+	uint64_t t0 = devio_now_ns();
+	int r;
+
+	if (!(d->recovery_flags & DEVIO_UBLK_F_QUIESCE)) {
+		devio_info("ublk: %s: hand-over without quiesce (%s): the queues close and the driver reissues what "
+			   "was in flight to the next server", d->bdev,
+			   d->features & DEVIO_UBLK_F_QUIESCE ? "the device was made without UBLK_F_QUIESCE"
+							      : "this kernel has no UBLK_F_QUIESCE");
+		return -EOPNOTSUPP;
+	}
+	r = ublk_simple_cmd(d, DEVIO_UBLK_CMD_QUIESCE_DEV, UBLK_QUIESCE_TIMEOUT_MS);
+	if (r < 0) {
+		devio_warn("ublk: %s: QUIESCE_DEV: %s; handing over anyway (what is in flight is reissued to the next "
+			   "server)", d->bdev, strerror(-r));
+		return r;
+	}
+	devio_info("ublk: %s: quiesced in %llu ms; handing over", d->bdev,
+		   (unsigned long long)(devio_now_ns() - t0) / 1000000);
+	return 0;
+}
+
+/* SIGUSR2 (frontend.h handover): quiesce a --recovery device and let
+ * ublk_stop() leave it for `devio serve ... --ublk=ID --recover`. */
+static int ublk_handover(void *state)
+{
+	struct ublk_dev *d = state;
+
+	if (!(d->recovery_flags & DEVIO_UBLK_F_USER_RECOVERY)) {
+		devio_err("ublk: %s: hand-over refused: made without --recovery, no server could take it over", d->bdev);
+		return -EOPNOTSUPP;
+	}
+	if (d->recovery_flags & DEVIO_UBLK_F_USER_RECOVERY_FAIL_IO) {
+		devio_err("ublk: %s: hand-over refused: with --recovery=fail-io its users would see errors until the "
+			  "next server is up", d->bdev);
+		return -EOPNOTSUPP;
+	}
+	ublk_quiesce(d);
+	atomic_store(&d->handover, true);
+	return 0;
 }
 
 static void ublk_stop(void *state)
@@ -1159,7 +1222,9 @@ static void ublk_status(void *state, FILE *out)
 	fprintf(out, "ublk device %s queues %u depth %u max_io %u copy %s opcodes %s\n", d->bdev,
 		d->nr_queues, d->depth, d->max_io, d->user_copy ? "user" : "kernel",
 		d->ioctl_encode ? "ioctl" : "legacy");
-	fprintf(out, "ublk %s recovery %s\n", d->bdev, ublk_recovery_name(d->recovery_flags));
+	fprintf(out, "ublk %s recovery %s%s\n", d->bdev, ublk_recovery_name(d->recovery_flags),
+		!(d->recovery_flags & DEVIO_UBLK_F_USER_RECOVERY) || (d->recovery_flags & DEVIO_UBLK_F_USER_RECOVERY_FAIL_IO)
+		? "" : d->recovery_flags & DEVIO_UBLK_F_QUIESCE ? " hand-over quiesce" : " hand-over kill-and-recover");
 	fprintf(out, "ublk %s data path: %s; driver features 0x%llx (%s)\n", d->bdev,
 		devio_ublk_copy_name(d->copy), (unsigned long long)d->features,
 		devio_ublk_feature_names(d->features, names, sizeof(names)));
@@ -1190,4 +1255,5 @@ const struct devio_frontend_type devio_frontend_ublk = {
 	.start = ublk_start,
 	.stop = ublk_stop,
 	.status = ublk_status,
+	.handover = ublk_handover,
 };

@@ -282,6 +282,7 @@ static void *ring_main(void *arg)
 	sigaddset(&block, SIGINT);
 	sigaddset(&block, SIGTERM);
 	sigaddset(&block, SIGHUP);
+	sigaddset(&block, SIGUSR2); /* serve's hand-over */
 	pthread_sigmask(SIG_BLOCK, &block, NULL);
 	r->self = pthread_self();
 	if (r->pin) /* best effort: a CPU may be offline */

@@ -22,6 +22,7 @@
 #define DEVIO_UBLK_CMD_START_USER_RECOVERY 0x10
 #define DEVIO_UBLK_CMD_END_USER_RECOVERY  0x11
 #define DEVIO_UBLK_CMD_GET_FEATURES       0x13 /* only ever ioctl-encoded */
+#define DEVIO_UBLK_CMD_QUIESCE_DEV        0x16 /* ioctl-encoded, UBLK_F_QUIESCE */
 #define DEVIO_UBLK_CMD_TRY_STOP_DEV       0x17 /* ioctl-encoded, UBLK_F_SAFE_STOP_DEV */
 
 /* Legacy I/O commands. */

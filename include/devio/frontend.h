@@ -79,6 +79,13 @@ struct devio_frontend_type {
 	 * another one shares it (--devio shm:NAME is the shm front end's);
 	 * that one then starts with no options of its own. */
 	const struct devio_frontend_type *(*variant)(const char *arg);
+	/* Optional: a hand-over (SIGUSR2, `devio detach --handover`): make
+	 * ready to stop so that a new server can take the kernel object over
+	 * with no error seen by its users (ublk --recovery: quiesce the device;
+	 * stop() then leaves it in place).  0: stop() follows; -errno: refused
+	 * (logged), serving goes on.  A server hands over only when every
+	 * front end it runs has this. */
+	int (*handover)(void *state);
 };
 
 /* Every front end, in the order of the usage; NULL-terminated.  Adding a

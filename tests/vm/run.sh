@@ -13,7 +13,8 @@
 # inside its modules folder, as scripts/guest-kernels.sh caches 7.x), VM_BUILD
 # (default $DEVIO_BUILD, else build-vm), VM_BUILDTYPE (debugoptimized, for a new VM_BUILD),
 # VM_MEM (1G), VM_SMP (2), VM_LOG (serial log path), VM_ENV (words
-# exported in the guest, e.g. "BENCH_MB=64").
+# exported in the guest, e.g. "BENCH_MB=64"), VM_EXTRA_BINS (more host
+# programs for the guest's /usr/bin, e.g. "fio").
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -82,13 +83,17 @@ for b in mke2fs e2fsck blkdiscard losetup dd; do
   p=$(command -v $b) || fail "$b missing"
   copy_bin "$p"
 done
+for b in ${VM_EXTRA_BINS:-}; do # e.g. fio for bench/bench_fuse_vm.sh (its libraries are large: opt-in)
+  p=$(command -v "$b") || fail "$b missing"
+  copy_bin "$p"
+done
 ln -s mke2fs "$R/usr/bin/mkfs.ext4"
 ln -s ../bin/busybox "$R/sbin/init"
 # ld.so also lives at /lib64 on x86-64
 [ -e "$R/lib64/ld-linux-x86-64.so.2" ] || cp -L /lib64/ld-linux-x86-64.so.2 "$R/lib64/"
 
 # Modules in load order (dependencies first), decompressed for busybox insmod.
-MODS="crc32c_generic crc16 mbcache jbd2 ext4 loop nbd ublk_drv"
+MODS="crc32c_generic crc16 mbcache jbd2 ext4 loop nbd ublk_drv fuse" # fuse: built in on both Debian kernels
 for m in $MODS; do
   f=$(find "$MODDIR/kernel" -name "$m.ko*" | head -n 1)
   if [ -z "$f" ]; then # built in, in this kernel's configuration (7.x: crc32c_generic)
