@@ -12,6 +12,7 @@
 /* Subcommands: argv[0] is the subcommand's name.  Return the exit status. */
 int cmd_serve(int argc, char **argv);
 int cmd_status(int argc, char **argv);
+int cmd_list(int argc, char **argv);    /* cli/list.c */
 int cmd_info(int argc, char **argv);    /* cli/client_cmds.c */
 int cmd_cat(int argc, char **argv);
 int cmd_write(int argc, char **argv);
@@ -25,6 +26,24 @@ int attach_nbd_device(int argc, char **argv);
 int detach_nbd_device(const char *dev);
 /* ImDisk's own command line: devio [-r] tcp-port|commdev diskdev ... */
 int cmd_imdisk(int argc, char **argv);  /* cli/imdisk.c; argv[0] is "devio" */
+
+/* ---- usage.c: the conventions of every subcommand (docs/cli.md) ---- */
+#define CLI_EXIT_USAGE 2  /* 0: done, 1: it failed, 2: a usage error */
+/* In every getopt_long table (with "hV" among the short options). */
+#define CLI_STD_OPTIONS { "help", no_argument, NULL, 'h' }, { "version", no_argument, NULL, 'V' }
+/* getopt_long() with the conventions: -h/--help (usage(stdout), exit 0),
+ * -V/--version (exit 0), an unknown option or a missing argument (one
+ * line naming it and the hint, exit 2).  Returns any other code, or -1. */
+int cli_getopt(const char *cmd, int argc, char **argv, const char *shortopts, const struct option *longopts,
+	       void (*usage)(FILE *out));
+/* "devio: error: CMD: <message>" and the hint; returns CLI_EXIT_USAGE. */
+int cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* The hint alone ("try 'devio CMD --help'"), after the problem was
+ * logged; returns CLI_EXIT_USAGE. */
+int cli_usage_hint(const char *cmd);
+void cli_version(void);
+/* "OPT: bad size 'VAL'" or "... is too large" for devio_parse_size()'s r. */
+void cli_size_error(const char *cmd, const char *opt, const char *val, int r);
 
 /* One front end to start: a type, its argument and its options. */
 struct serve_frontend {
@@ -125,6 +144,20 @@ bool cli_is_uri(const char *s);
 /* path created (or truncated) as a sparse file of size bytes: 0 or the
  * error, logged. */
 int cli_create_sparse(const char *cmd, const char *path, uint64_t size);
+
+/* ---- describe.c: JSON and text for what the commands find ---- */
+typedef struct json_t json_t;
+/* obj[key] = s as JSON text; bytes that are not UTF-8 become U+FFFD
+ * there, and then obj[key + "_hex"] holds the exact bytes in hex. */
+void cli_json_set_text(json_t *obj, const char *key, const char *s);
+/* s for a terminal: control bytes, backslash and what is not UTF-8 as
+ * \n, \\ and \xNN. */
+const char *cli_text_escape(const char *s, char *out, size_t outlen);
+/* Each layer from the top: {layer, size, description}. */
+json_t *cli_json_stack(struct devio_backend *b);
+/* "qcow2", "cow over raw": the layers from the top, then raw when no
+ * format layer reads the store. */
+void cli_format_name(struct devio_backend *b, char *out, size_t outlen);
 
 /* Where running servers describe themselves for `devio status`. */
 #define DEVIO_RUN_DIR "/run/devio"

@@ -43,8 +43,10 @@ static void serve_usage(const struct feopts *f, FILE *out)
 
 static int parse_size_opt(const char *opt, const char *val, uint64_t *out)
 {
-	if (devio_parse_size(val, out)) {
-		devio_err("%s: bad size '%s'", opt, val);
+	int r = devio_parse_size(val, out);
+
+	if (r) {
+		cli_size_error(NULL, opt, val, r);
 		return -EINVAL;
 	}
 	return 0;
@@ -254,7 +256,7 @@ static const struct option serve_options[] = {
 	{ "export", required_argument, NULL, OPT_EXPORT },
 	{ "verbose", no_argument, NULL, 'v' },
 	{ "quiet", no_argument, NULL, 'q' },
-	{ "help", no_argument, NULL, 'h' },
+	CLI_STD_OPTIONS,
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -315,7 +317,6 @@ static int parse_one(struct serve_args *a, int c, char *val)
 	case OPT_CEPH_TIMEOUT: return devio_opt_uint("ceph-timeout", val, &a->open.ceph_timeout);
 	case OPT_COW: a->open.cow = val; return 0;
 	case OPT_EXPORT: return parse_export_opt(a, val);
-	case 'h': serve_usage(&a->fe, stdout); exit(0);
 	default: return -EINVAL;
 	}
 }
@@ -348,36 +349,43 @@ static int open_exports(struct serve_args *a, struct devio_server *srv)
 	return 0;
 }
 
+static const struct feopts *serve_help_fe; /* for serve_help() */
+
+static void serve_help(FILE *out)
+{
+	serve_usage(serve_help_fe, out);
+}
+
 /* Options in any order; 0, or an exit status for a usage error. */
 static int serve_parse(struct serve_args *a, int argc, char **argv)
 {
 	int c, r;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "rvqh", a->fe.table, NULL)) != -1) {
-		r = c == '?' ? -EINVAL : feopts_parse(&a->fe, c, optarg);
+	serve_help_fe = &a->fe;
+	while ((c = cli_getopt("serve", argc, argv, "rvqhV", a->fe.table, serve_help)) != -1) {
+		r = feopts_parse(&a->fe, c, optarg);
 		if (r == 1)
 			r = daemon_parse(&a->daemon, c, optarg);
 		if (r == 1)
 			r = parse_one(a, c, optarg);
-		if (r)
-			return 2;
+		if (r) /* the option said what is wrong */
+			return cli_usage_hint("serve");
 	}
 	if (optind != argc - 1 || a->fe.n_fe == 0) {
 		char all[256];
 
 		feopts_list(&a->fe, NULL, all, sizeof(all));
 		if (optind == argc)
-			devio_err("no SOURCE given");
-		else if (optind < argc - 1)
-			devio_err("more than one SOURCE given (use --export NAME=SOURCE)");
-		else
-			devio_err("no front end given (%s)", all);
-		return 2;
+			return cli_usage_error("serve", "no SOURCE given");
+		if (optind < argc - 1)
+			return cli_usage_error("serve", "more than one SOURCE given: '%s' and '%s' (use --export NAME=SOURCE)",
+					       argv[optind], argv[optind + 1]);
+		return cli_usage_error("serve", "no front end given (%s)", all);
 	}
 	a->sources[0] = argv[optind];
 	if (daemon_check(&a->daemon))
-		return 2;
+		return cli_usage_hint("serve");
 	feopts_finish(&a->fe);
 	return 0;
 }
@@ -396,10 +404,8 @@ int cmd_serve(int argc, char **argv)
 	}
 	add_export(&a, "", NULL); /* slot 0: the default export, the positional SOURCE */
 	rc = serve_parse(&a, argc, argv);
-	if (rc) {
-		serve_usage(&a.fe, stderr);
+	if (rc)
 		goto out;
-	}
 	srv.opts = a.fe.serve;
 	if (daemon_start(&a.daemon, &rc))
 		goto out; /* the --fork parent: the child is ready, or failed */

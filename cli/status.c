@@ -23,15 +23,23 @@ static bool status_print(const struct run_server *s, void *ctx)
 	return false;
 }
 
+static void status_usage(FILE *out)
+{
+	fprintf(out, "usage: devio status\n");
+}
+
 int cmd_status(int argc, char **argv)
 {
 	int found = 0;
 
-	(void)argv;
-	if (argc > 1) {
-		fprintf(stderr, "usage: devio status\n");
-		return 2;
-	}
+	static const struct option opts[] = { CLI_STD_OPTIONS, { 0 } };
+	int c;
+
+	optind = 1;
+	while ((c = cli_getopt("status", argc, argv, "hV", opts, status_usage)) != -1)
+		;
+	if (optind != argc)
+		return cli_usage_error("status", "unexpected argument '%s'", argv[optind]);
 	runstate_each(status_print, &found);
 	if (!found)
 		printf("no devio server running\n");

@@ -236,7 +236,10 @@ static int nbd_start(struct devio_server *srv, const char *arg, const void *opts
 	r = devio_addr_parse(arg, NBD_DEFAULT_PORT, &st->addr);
 	if (r || (st->addr.kind != DEVIO_ADDR_TCP && st->addr.kind != DEVIO_ADDR_UNIX &&
 		  st->addr.kind != DEVIO_ADDR_SYSTEMD)) {
-		devio_err("--nbd %s: want tcp:[HOST:]PORT, unix:PATH or systemd[:NAME]", arg);
+		if (r == -ERANGE)
+			devio_err("--nbd %s: port out of range (want 0..65535; 0: any free port)", arg);
+		else
+			devio_err("--nbd %s: want tcp:[HOST:]PORT, unix:PATH or systemd[:NAME]", arg);
 		r = -EINVAL;
 		goto out_free;
 	}

@@ -599,6 +599,7 @@ static int stream_parse_arg(struct stream_state *st, const char *arg)
 {
 	char buf[512], *opt, *save = NULL;
 	uint64_t v;
+	int r;
 
 	if (!arg || strlen(arg) >= sizeof(buf))
 		return -EINVAL;
@@ -606,8 +607,12 @@ static int stream_parse_arg(struct stream_state *st, const char *arg)
 	opt = strchr(buf, ',');
 	if (opt)
 		*opt++ = '\0';
-	if (devio_addr_parse(buf, NULL, &st->addr)) {
-		devio_err("--devio %s: want tcp:[HOST:]PORT, unix:PATH, systemd[:NAME], stdio or a device path", arg);
+	if ((r = devio_addr_parse(buf, NULL, &st->addr))) {
+		if (r == -ERANGE)
+			devio_err("--devio %s: port out of range (want 0..65535; 0: any free port)", arg);
+		else
+			devio_err("--devio %s: want tcp:[HOST:]PORT, unix:PATH, systemd[:NAME], stdio or a device path",
+				  arg);
 		return -EINVAL;
 	}
 	for (opt = opt ? strtok_r(opt, ",", &save) : NULL; opt; opt = strtok_r(NULL, ",", &save)) {
