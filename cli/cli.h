@@ -6,6 +6,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdio.h>
+#include <time.h>
 #include "devio/backend.h"
 #include "devio/frontend.h"
 
@@ -150,6 +151,8 @@ typedef struct json_t json_t;
 /* obj[key] = s as JSON text; bytes that are not UTF-8 become U+FFFD
  * there, and then obj[key + "_hex"] holds the exact bytes in hex. */
 void cli_json_set_text(json_t *obj, const char *key, const char *s);
+/* s as JSON text, what is not UTF-8 as U+FFFD. */
+json_t *cli_json_text(const char *s);
 /* s for a terminal: control bytes, backslash and what is not UTF-8 as
  * \n, \\ and \xNN. */
 const char *cli_text_escape(const char *s, char *out, size_t outlen);
@@ -161,6 +164,18 @@ void cli_format_name(struct devio_backend *b, char *out, size_t outlen);
 
 /* Where running servers describe themselves for `devio status`. */
 #define DEVIO_RUN_DIR "/run/devio"
+
+/* ---- status.c: what a server publishes for `devio status` ---- */
+/* Write DEVIO_RUN_DIR/PID.json: pid, uid, start time, each export with
+ * its stack, each front end with its address, connections and devices. */
+void cli_status_publish(struct devio_server *srv, struct serve_frontend *fe, size_t n, time_t started);
+/* Every live server's document, as `devio status --json` lists them. */
+json_t *cli_status_servers(void);
+/* The server (a new reference, or NULL) with a front end at uri
+ * (nbd://, nbd+unix://, devio://, devio+unix://): for `devio info`. */
+json_t *cli_status_find_uri(const char *uri);
+/* A server's document as `devio status` prints it. */
+void cli_status_print(json_t *server);
 
 /* ---- daemon.c: running as a service (docs/service.md) ---- */
 struct daemon_opts {

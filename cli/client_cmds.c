@@ -104,7 +104,8 @@ static void info_describe(struct devio_backend *b, char *out, size_t outlen)
 		b->ops->describe(b, out, outlen);
 }
 
-static int info_json(const char *source, struct devio_backend *b, const char *format, int ar, uint64_t allocated)
+static int info_json(const char *source, struct devio_backend *b, const char *format, int ar, uint64_t allocated,
+		     json_t *server)
 {
 	json_t *root = json_object(), *caps = json_array();
 	int r;
@@ -121,6 +122,8 @@ static int info_json(const char *source, struct devio_backend *b, const char *fo
 			json_array_append_new(caps, json_string(cap_names[i].name));
 	json_object_set_new(root, "caps", caps);
 	json_object_set_new(root, "stack", cli_json_stack(b));
+	if (server) /* a running devio server on this machine: what `devio status` says of it */
+		json_object_set_new(root, "server", json_incref(server));
 	r = json_dumpf(root, stdout, JSON_INDENT(2)) || fputc('\n', stdout) == EOF ? -EIO : 0;
 	json_decref(root);
 	return r;
@@ -159,6 +162,7 @@ int cmd_info(int argc, char **argv)
 					      CLI_EXPORT_OPTIONS, { 0 } };
 	struct devio_open_opts o = { 0 };
 	struct devio_backend *b;
+	json_t *server;
 	char format[256];
 	uint64_t allocated = 0;
 	bool json = false;
@@ -183,10 +187,17 @@ int cmd_info(int argc, char **argv)
 		return 1;
 	cli_format_name(b, format, sizeof(format));
 	ar = info_allocated(b, &allocated);
-	if (json)
-		rc = info_json(argv[optind], b, format, ar, allocated) ? 1 : 0;
-	else
+	server = cli_is_uri(argv[optind]) ? cli_status_find_uri(argv[optind]) : NULL;
+	if (json) {
+		rc = info_json(argv[optind], b, format, ar, allocated, server) ? 1 : 0;
+	} else {
 		info_text(argv[optind], b, format, ar, allocated);
+		if (server) {
+			printf("server (devio status):\n");
+			cli_status_print(server);
+		}
+	}
+	json_decref(server);
 	devio_backend_close(b);
 	return rc;
 }

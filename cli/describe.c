@@ -92,6 +92,13 @@ void cli_format_name(struct devio_backend *b, char *out, size_t outlen)
 }
 
 
+json_t *cli_json_text(const char *s)
+{
+	bool exact;
+
+	return describe_json_text(s, &exact);
+}
+
 void cli_json_set_text(json_t *obj, const char *key, const char *s)
 {
 	bool exact;

@@ -47,6 +47,8 @@ void runstate_unlock(void)
 		return;
 	snprintf(path, sizeof(path), DEVIO_RUN_DIR "/%d.status", (int)getpid());
 	unlink(path);
+	snprintf(path, sizeof(path), DEVIO_RUN_DIR "/%d.json", (int)getpid());
+	unlink(path);
 	unlink(runstate_lock_path);
 	close(runstate_fd);
 	runstate_fd = -1;
@@ -136,6 +138,8 @@ static void runstate_remove(pid_t pid)
 	char path[64];
 
 	snprintf(path, sizeof(path), DEVIO_RUN_DIR "/%d.status", (int)pid);
+	unlink(path);
+	snprintf(path, sizeof(path), DEVIO_RUN_DIR "/%d.json", (int)pid);
 	unlink(path);
 	snprintf(path, sizeof(path), DEVIO_RUN_DIR "/%d.lock", (int)pid);
 	unlink(path);

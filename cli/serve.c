@@ -56,12 +56,15 @@ static volatile sig_atomic_t stop_signal;
 
 static void on_signal(int sig) { stop_signal = sig; }
 
+static time_t serve_started;
+
 static void write_status(struct devio_server *srv, struct serve_frontend *fe, size_t n, char *path, size_t pathlen)
 {
 	char tmp[160];
 	FILE *f;
 
 	mkdir(DEVIO_RUN_DIR, 0755);
+	cli_status_publish(srv, fe, n, serve_started);
 	snprintf(path, pathlen, DEVIO_RUN_DIR "/%d.status", (int)getpid());
 	snprintf(tmp, sizeof(tmp), "%s.tmp", path); /* readers never see half a file */
 	f = fopen(tmp, "w");
@@ -179,6 +182,7 @@ int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 	size_t started = 0;
 	int rc = 0, run_status = -1, r;
 
+	serve_started = time(NULL);
 	signal(SIGPIPE, SIG_IGN);
 	sigaction(SIGINT, &sa, NULL);
 	sigaction(SIGTERM, &sa, NULL);
@@ -214,6 +218,8 @@ int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 stop_status:
 	if (status_path[0])
 		unlink(status_path);
+	snprintf(status_path, sizeof(status_path), DEVIO_RUN_DIR "/%d.json", (int)getpid());
+	unlink(status_path);
 	runstate_unlock();
 stop:
 	run_status = daemon_stop(); /* the --run command ends before its devices */
@@ -263,6 +269,7 @@ static const struct option serve_options[] = {
 struct serve_args {
 	struct devio_open_opts open;
 	const char *sources[MAX_EXPORTS], *names[MAX_EXPORTS];
+	char *absolute[MAX_EXPORTS + 1]; /* sources and the overlay made absolute (freed at exit) */
 	size_t n_sources;
 	struct feopts fe;
 	struct daemon_opts daemon;
@@ -356,6 +363,49 @@ static void serve_help(FILE *out)
 	serve_usage(serve_help_fe, out);
 }
 
+/* A relative file name as an absolute one (what `devio status` shows
+ * stays true whatever the reader's directory); URIs, ram: and the rest
+ * as they are.  *keep: the new string, freed by the caller. */
+static const char *serve_absolute(const char *path, char **keep)
+{
+	char cwd[PATH_MAX];
+
+	if (!path || path[0] == '/' || cli_is_uri(path) || !strcmp(path, "ram") || strchr(path, ':') ||
+	    !getcwd(cwd, sizeof(cwd)) || asprintf(keep, "%s/%s", cwd, path) < 0)
+		return path;
+	return *keep;
+}
+
+static void serve_absolutize(struct serve_args *a)
+{
+	for (size_t i = 0; i < a->n_sources; i++)
+		a->sources[i] = serve_absolute(a->sources[i], &a->absolute[i]);
+	a->open.cow = serve_absolute(a->open.cow, &a->absolute[MAX_EXPORTS]);
+}
+
+/* Export options that would change nothing are said, not silently
+ * ignored. */
+static void serve_warn_unused(const struct serve_args *a, bool ram_max)
+{
+	bool nbd = false, ram = false;
+
+	for (size_t i = 0; i < a->fe.n_fe; i++)
+		nbd |= !strcmp(a->fe.fe[i].type->option, "nbd");
+	for (size_t i = 0; i < a->n_sources; i++)
+		ram |= !strncmp(a->sources[i], "ram:", 4);
+	for (size_t i = 1; i < a->n_sources; i++) {
+		for (size_t k = 1; k < i; k++)
+			if (!strcmp(a->names[i], a->names[k]))
+				devio_warn("--export %s: the name is given twice; clients reach only the first (%s)",
+					   a->names[i], a->sources[k]);
+		if (!nbd)
+			devio_warn("--export %s has no effect without --nbd (the other front ends serve the default "
+				   "export, SOURCE)", a->names[i]);
+	}
+	if (ram_max && !ram)
+		devio_warn("--ram-max has no effect: no source is a RAM disk (ram:SIZE)");
+}
+
 /* Options in any order; 0, or an exit status for a usage error. */
 static int serve_parse(struct serve_args *a, int argc, char **argv)
 {
@@ -387,6 +437,7 @@ static int serve_parse(struct serve_args *a, int argc, char **argv)
 	if (daemon_check(&a->daemon))
 		return cli_usage_hint("serve");
 	feopts_finish(&a->fe);
+	serve_warn_unused(a, a->open.ram_max != 0);
 	return 0;
 }
 
@@ -407,6 +458,7 @@ int cmd_serve(int argc, char **argv)
 	if (rc)
 		goto out;
 	srv.opts = a.fe.serve;
+	serve_absolutize(&a);
 	if (daemon_start(&a.daemon, &rc))
 		goto out; /* the --fork parent: the child is ready, or failed */
 	rc = 1;
@@ -415,6 +467,8 @@ int cmd_serve(int argc, char **argv)
 	rc = serve_run(&srv, a.fe.fe, a.fe.n_fe);
 	close_exports(&srv);
 out:
+	for (size_t i = 0; i <= MAX_EXPORTS; i++)
+		free(a.absolute[i]);
 	feopts_free(&a.fe);
 	free(own);
 	return rc;

@@ -283,6 +283,17 @@ static void nbd_status(void *state, FILE *out)
 		ls.active == 1 ? "" : "s", (unsigned long long)ls.served, (unsigned long long)ls.refused);
 }
 
+static void nbd_info(void *state, struct devio_frontend_info *info)
+{
+	struct nbd_state *st = state;
+	struct devio_listener_stats ls;
+
+	devio_listener_stats(st->listener, &ls);
+	snprintf(info->address, sizeof(info->address), "%s", st->name);
+	info->connections = ls.active;
+	info->served = ls.served;
+}
+
 static const struct devio_frontend_option nbd_options[] = {
 	{ "depth", "N", "requests in flight per connection (default 64, at most 1024)", devio_opt_uint,
 	  offsetof(struct nbd_opts, depth) },
@@ -298,4 +309,5 @@ const struct devio_frontend_type devio_frontend_nbd = {
 	.start = nbd_start,
 	.stop = nbd_stop,
 	.status = nbd_status,
+	.info = nbd_info,
 };

@@ -786,6 +786,24 @@ static void stream_status(void *state, FILE *out)
 		(unsigned long long)atomic_load(&st->failed));
 }
 
+static void stream_info(void *state, struct devio_frontend_info *info)
+{
+	struct stream_state *st = state;
+	struct devio_listener_stats ls = { 0 };
+
+	if (st->listener) {
+		devio_listener_stats(st->listener, &ls);
+	} else {
+		pthread_mutex_lock(&st->lock);
+		ls.active = st->single_active;
+		ls.served = 1;
+		pthread_mutex_unlock(&st->lock);
+	}
+	snprintf(info->address, sizeof(info->address), "%s", st->where);
+	info->connections = ls.active;
+	info->served = ls.served;
+}
+
 static bool stream_finished(void *state)
 {
 	struct stream_state *st = state;
@@ -806,6 +824,7 @@ const struct devio_frontend_type devio_frontend_stream = {
 	.start = stream_start,
 	.stop = stream_stop,
 	.status = stream_status,
+	.info = stream_info,
 	.finished = stream_finished,
 	.variant = stream_variant,
 };
