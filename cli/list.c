@@ -31,7 +31,8 @@ static int list_one(void *ctx, const char *name, const char *desc)
 	struct list_out *l = ctx;
 	char n[3 * 4096 + 16], d[3 * 4096 + 16];
 
-	l->n++;
+	if (!l->n++ && !l->exports)
+		printf("%s:\n", l->uri); /* once the server answered */
 	if (l->exports) {
 		json_t *e = json_object();
 
@@ -114,9 +115,9 @@ int cmd_list(int argc, char **argv)
 				       l.uri);
 	if (json)
 		l.exports = json_array();
-	if (!devio && !json)
-		printf("%s:\n", l.uri);
 	r = devio ? list_devio(l.uri, &l) : list_nbd(l.uri, &l);
+	if (!r && !json && !devio && !l.n)
+		printf("%s: no exports listed\n", l.uri);
 	if (!r && json) {
 		json_t *root = json_object();
 

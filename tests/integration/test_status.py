@@ -199,7 +199,7 @@ def test_list_shows_descriptions_of_other_servers(scratch):
     if not shutil.which("nbdkit"):
         pytest.skip("no nbdkit")
     ksock = os.path.join(scratch, "k.sock")
-    for mode in ("explicit", "error"):
+    for mode in ("explicit", "error", "empty"):
         ksock = os.path.join(scratch, f"{mode}.sock")
         k = subprocess.Popen(["nbdkit", "-f", "-U", ksock, "--filter=exportname", "memory", "1M",
                               f"exportname-list={mode}", "exportname=alpha", "exportname=beta",
@@ -211,6 +211,10 @@ def test_list_shows_descriptions_of_other_servers(scratch):
                 r = devio("list", uri, check=False)
                 assert r.returncode == 1 and b"does not list its exports" in r.stderr, r.stderr
                 assert r.stderr.count(b"error:") == 1, r.stderr
+                continue
+            if mode == "empty":
+                assert devio("list", uri).stdout.decode() == f"{uri}: no exports listed\n"
+                assert json.loads(devio("list", "--json", uri).stdout)["exports"] == []
                 continue
             j = json.loads(devio("list", "--json", uri).stdout)
             assert [e["name"] for e in j["exports"]] == ["alpha", "beta"]
