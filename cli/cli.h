@@ -218,9 +218,13 @@ int daemon_stop(void);
 struct run_server {
 	pid_t pid;
 	unsigned long long start;   /* /proc/PID/stat starttime; 0 if the file has none */
-	char status_path[64];
+	char dir[4096];             /* the directory of its entry */
+	char status_path[4096 + 32];
 	bool alive;                 /* false: a server that died (its entry is removed after fn) */
 };
+/* Where this process publishes its entry: DEVIO_RUN_DIR for root (and
+ * whoever may write it), else $XDG_RUNTIME_DIR/devio. */
+const char *runstate_dir(void);
 /* The server's side: take PID.lock (held until exit). 0 or -errno. */
 int runstate_lock(void);
 /* Remove this server's PID.lock and PID.status. */

@@ -60,12 +60,11 @@ static time_t serve_started;
 
 static void write_status(struct devio_server *srv, struct serve_frontend *fe, size_t n, char *path, size_t pathlen)
 {
-	char tmp[160];
+	char tmp[PATH_MAX + 64];
 	FILE *f;
 
-	mkdir(DEVIO_RUN_DIR, 0755);
 	cli_status_publish(srv, fe, n, serve_started);
-	snprintf(path, pathlen, DEVIO_RUN_DIR "/%d.status", (int)getpid());
+	snprintf(path, pathlen, "%s/%d.status", runstate_dir(), (int)getpid());
 	snprintf(tmp, sizeof(tmp), "%s.tmp", path); /* readers never see half a file */
 	f = fopen(tmp, "w");
 	if (!f) {
@@ -178,7 +177,7 @@ int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 {
 	struct sigaction sa = { .sa_handler = on_signal };
 	static struct serve_env env;
-	char status_path[128];
+	char status_path[PATH_MAX + 32];
 	size_t started = 0;
 	int rc = 0, run_status = -1, r;
 
@@ -200,7 +199,7 @@ int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 		}
 	}
 	if ((r = runstate_lock()))
-		devio_debug(DEVIO_RUN_DIR ": cannot take this server's lock file: %s", strerror(-r));
+		devio_debug("%s: cannot take this server's lock file: %s", runstate_dir(), strerror(-r));
 	write_status(srv, fe, n, status_path, sizeof(status_path));
 	serve_env_build(fe, n, &env);
 	if (daemon_ready(env.env, env.n)) {
@@ -218,7 +217,7 @@ int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 stop_status:
 	if (status_path[0])
 		unlink(status_path);
-	snprintf(status_path, sizeof(status_path), DEVIO_RUN_DIR "/%d.json", (int)getpid());
+	snprintf(status_path, sizeof(status_path), "%s/%d.json", runstate_dir(), (int)getpid());
 	unlink(status_path);
 	runstate_unlock();
 stop:

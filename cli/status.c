@@ -2,7 +2,7 @@
  * user (of every user for root): its exports with absolute source paths
  * and their stacks, each front end with its address, connections and the
  * devices it made, pid and uptime.  Both sides are here: a server
- * publishes DEVIO_RUN_DIR/PID.json (status_publish(), written whole and
+ * publishes PID.json in its run directory (runstate_dir()) (status_publish(), written whole and
  * renamed into place), `devio status` reads every live one (entries of
  * servers that died are removed, cli/runstate.c) and prints it as text or
  * as one JSON document.  PID.status, the text file, stays for `devio
@@ -83,7 +83,7 @@ static json_t *status_frontend(const struct serve_frontend *fe)
 void cli_status_publish(struct devio_server *srv, struct serve_frontend *fe, size_t n, time_t started)
 {
 	json_t *root = json_object(), *exports = json_array(), *fes = json_array();
-	char path[64], tmp[80];
+	char path[PATH_MAX + 32], tmp[PATH_MAX + 64];
 
 	json_object_set_new(root, "pid", json_integer(getpid()));
 	json_object_set_new(root, "uid", json_integer(getuid()));
@@ -95,7 +95,7 @@ void cli_status_publish(struct devio_server *srv, struct serve_frontend *fe, siz
 		json_array_append_new(fes, status_frontend(&fe[i]));
 	json_object_set_new(root, "exports", exports);
 	json_object_set_new(root, "frontends", fes);
-	snprintf(path, sizeof(path), DEVIO_RUN_DIR "/%d.json", (int)getpid());
+	snprintf(path, sizeof(path), "%s/%d.json", runstate_dir(), (int)getpid());
 	snprintf(tmp, sizeof(tmp), "%s.tmp", path); /* readers never see half a file */
 	if (json_dump_file(root, tmp, JSON_INDENT(1)) || rename(tmp, path))
 		unlink(tmp);
@@ -210,12 +210,12 @@ static void status_legacy(const struct run_server *s)
 static bool status_one(const struct run_server *s, void *ctx)
 {
 	struct status_ctx *c = ctx;
-	char path[64];
+	char path[PATH_MAX + 32];
 	json_t *j;
 
 	if (!s->alive)
 		return false;
-	snprintf(path, sizeof(path), DEVIO_RUN_DIR "/%d.json", (int)s->pid);
+	snprintf(path, sizeof(path), "%s/%d.json", s->dir, (int)s->pid);
 	j = json_load_file(path, 0, NULL);
 	if (j && getuid() != 0 && json_integer_value(json_object_get(j, "uid")) != (json_int_t)getuid()) {
 		json_decref(j); /* another user's */

@@ -156,6 +156,43 @@ def test_status_of_another_user_is_not_shown(serve, scratch):
     assert server_of(s.proc.pid)  # root sees it
 
 
+def test_a_users_server_is_in_its_runtime_dir(scratch):
+    """A server of another user than root publishes in $XDG_RUNTIME_DIR/devio:
+    its user sees it, root sees it too (every /run/user/UID/devio)."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv")
+    uid = 65534
+    xdg = f"/run/user/{uid}"
+    if os.path.exists(xdg):
+        pytest.skip(f"{xdg} exists already: not ours to use")
+    os.chown(scratch, uid, uid)
+    sock = os.path.join(scratch, "s.sock")
+    as_user = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    env = dict(os.environ, XDG_RUNTIME_DIR=xdg)
+    os.makedirs(xdg, mode=0o700)
+    proc = None
+    try:
+        os.chown(xdg, uid, uid)
+        proc = subprocess.Popen(as_user + [DEVIO, "serve", "ram:1M", "--nbd", f"unix:{sock}"], env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+        def listed_for_user():
+            r = subprocess.run(as_user + [DEVIO, "status", "--json"], env=env, capture_output=True, text=True,
+                               timeout=60)
+            return [s for s in json.loads(r.stdout)["servers"] if s["pid"] == proc.pid]
+
+        wait_for(lambda: proc.poll() is not None or listed_for_user(), 20, "the user's server in its status")
+        assert proc.poll() is None, proc.stderr.read()
+        assert listed_for_user()[0]["uid"] == uid
+        assert os.path.exists(f"{xdg}/devio/{proc.pid}.json")
+        assert server_of(proc.pid)["uid"] == uid  # root sees every user's
+    finally:
+        if proc:
+            proc.terminate()
+            proc.wait(timeout=20)
+        shutil.rmtree(xdg, ignore_errors=True)
+
+
 def test_info_of_a_running_server(serve, scratch):
     sock = os.path.join(scratch, "s.sock")
     port = free_port()
