@@ -386,12 +386,21 @@ static void serve_absolutize(struct serve_args *a)
  * ignored. */
 static void serve_warn_unused(const struct serve_args *a, bool ram_max)
 {
-	bool nbd = false, ram = false;
+	bool nbd = false, ram = false, rbd = false, file = false;
+	const struct devio_open_opts *o = &a->open;
 
 	for (size_t i = 0; i < a->fe.n_fe; i++)
 		nbd |= !strcmp(a->fe.fe[i].type->option, "nbd");
-	for (size_t i = 0; i < a->n_sources; i++)
+	for (size_t i = 0; i < a->n_sources; i++) {
 		ram |= !strncmp(a->sources[i], "ram:", 4);
+		rbd |= !strncmp(a->sources[i], "rbd:", 4);
+		file |= !cli_is_uri(a->sources[i]) && strncmp(a->sources[i], "rbd:", 4) &&
+			strncmp(a->sources[i], "plugin:", 7); /* an image file or block device */
+	}
+	if (o->direct && !file)
+		devio_warn("--direct has no effect: no source is an image file or block device");
+	if ((o->ceph_conf || o->ceph_id || o->ceph_keyring || o->ceph_timeout) && !rbd)
+		devio_warn("--ceph-* options have no effect: no source is an rbd: image");
 	for (size_t i = 1; i < a->n_sources; i++) {
 		for (size_t k = 1; k < i; k++)
 			if (!strcmp(a->names[i], a->names[k]))

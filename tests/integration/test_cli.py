@@ -250,6 +250,8 @@ def warnings_of(r):
     (["--loop"], "ram:1M", "--loop has no effect without --fuse"),
     (["--ram-max", "1M"], "FILE", "--ram-max has no effect: no source is a RAM disk"),
     (["--export", "b=ram:1M"], "ram:1M", "--export b has no effect without --nbd"),
+    (["--direct"], "ram:1M", "--direct has no effect: no source is an image file"),
+    (["--ceph-id", "admin"], "ram:1M", "--ceph-* options have no effect"),
 ])
 def test_options_without_effect_warn(scratch, extra, source, want):
     if source == "FILE":
