@@ -287,9 +287,12 @@ static void nbd_info(void *state, struct devio_frontend_info *info)
 {
 	struct nbd_state *st = state;
 	struct devio_listener_stats ls;
+	struct devio_addr a = st->addr;
 
 	devio_listener_stats(st->listener, &ls);
-	snprintf(info->address, sizeof(info->address), "%s", st->name);
+	if (a.kind == DEVIO_ADDR_TCP && ls.port) /* tcp:0: the port picked */
+		snprintf(a.port, sizeof(a.port), "%u", ls.port);
+	devio_addr_format(&a, info->address, sizeof(info->address));
 	info->connections = ls.active;
 	info->served = ls.served;
 }

@@ -790,6 +790,7 @@ static void stream_info(void *state, struct devio_frontend_info *info)
 {
 	struct stream_state *st = state;
 	struct devio_listener_stats ls = { 0 };
+	struct devio_addr a = st->addr;
 
 	if (st->listener) {
 		devio_listener_stats(st->listener, &ls);
@@ -799,7 +800,9 @@ static void stream_info(void *state, struct devio_frontend_info *info)
 		ls.served = 1;
 		pthread_mutex_unlock(&st->lock);
 	}
-	snprintf(info->address, sizeof(info->address), "%s", st->where);
+	if (a.kind == DEVIO_ADDR_TCP && ls.port) /* tcp:0: the port picked */
+		snprintf(a.port, sizeof(a.port), "%u", ls.port);
+	devio_addr_format(&a, info->address, sizeof(info->address));
 	info->connections = ls.active;
 	info->served = ls.served;
 }

@@ -215,6 +215,17 @@ def test_info_of_a_running_server(serve, scratch):
             k.wait(timeout=20)
 
 
+@pytest.mark.parametrize("fe,scheme", [("--nbd", "nbd"), ("--devio", "devio")])
+def test_port_zero_shows_the_port_picked(serve, scratch, fe, scheme):
+    s = start(serve, "ram:1M", fe, "tcp:127.0.0.1:0", cwd=scratch)
+    addr = server_of(s.proc.pid)["frontends"][0]["address"]
+    host, port = addr.rsplit(":", 1)
+    assert host == "tcp:127.0.0.1" and 0 < int(port) < 65536, addr
+    # the port works, and info finds this server behind it
+    j = json.loads(devio("info", "--json", f"{scheme}://127.0.0.1:{port}").stdout)
+    assert j["server"]["pid"] == s.proc.pid
+
+
 def test_list_matches_nbdinfo(serve, scratch):
     sock = os.path.join(scratch, "s.sock")
     start(serve, "ram:1M", "--export", "disk2=ram:2M", "--export", "third=ram:1M", "--nbd", f"unix:{sock}",
