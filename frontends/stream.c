@@ -629,6 +629,15 @@ static int stream_parse_arg(struct stream_state *st, const char *arg)
 	return 0;
 }
 
+static int stream_check(const char *arg)
+{
+	struct stream_state *st = calloc(1, sizeof(*st));
+	int r = st ? stream_parse_arg(st, arg) : 0;
+
+	free(st);
+	return r;
+}
+
 static int stream_start_single(struct stream_state *st)
 {
 	pthread_attr_t attr;
@@ -828,6 +837,7 @@ const struct devio_frontend_type devio_frontend_stream = {
 	.stop = stream_stop,
 	.status = stream_status,
 	.info = stream_info,
+	.check = stream_check,
 	.finished = stream_finished,
 	.variant = stream_variant,
 };

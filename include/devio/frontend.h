@@ -74,6 +74,10 @@ struct devio_frontend_type {
 	void (*stop)(void *state);
 	/* Lines for `devio status` (transport in use, clients, devices). */
 	void (*status)(void *state, FILE *out);
+	/* Optional: check arg as start() would, with no side effect, while the
+	 * command line is read (a bad one is a usage error); 0 or -EINVAL
+	 * (logged). */
+	int (*check)(const char *arg);
 	/* Optional: what `devio status --json` shows of it (info comes zeroed,
 	 * connections -1). */
 	void (*info)(void *state, struct devio_frontend_info *info);

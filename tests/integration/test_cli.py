@@ -228,8 +228,16 @@ def test_bad_sizes_are_named(spec, problem):
 
 @pytest.mark.parametrize("fe", ["--nbd", "--devio"])
 def test_port_out_of_range_is_named(fe):
-    r = run("serve", "ram:1M", fe, "tcp:localhost:99999")
-    one_error(r, "port out of range", "99999")
+    usage_error(run("serve", "ram:1M", fe, "tcp:localhost:99999"), "serve", "port out of range")
+    usage_error(run("serve", "ram:1M", fe, "tcp:localhost:65536"), "serve", "port out of range")
+
+
+@pytest.mark.parametrize("args,problem", [
+    (("--nbd", "stdio"), "--nbd stdio: want tcp:[HOST:]PORT, unix:PATH or systemd[:NAME]"),
+    (("--devio", "tcp:9000,max-transfer=1"), "bad option 'max-transfer=1'"),
+])
+def test_bad_front_end_argument_is_a_usage_error(args, problem):
+    usage_error(run("serve", "ram:1M", *args), "serve", problem)
 
 
 @pytest.mark.parametrize("cmd", [("info",), ("cat",), ("serve", "--nbd", "tcp:0")])
