@@ -138,7 +138,9 @@ enum { CLI_OPT_OFFSET = 0x200, CLI_OPT_SIZE, CLI_OPT_PARTITION, CLI_OPT_FORMAT, 
 #define CLI_EXPORT_USAGE "[--offset N] [--size N] [--partition N] [--format F] [--cow FILE]"
 int cli_export_option(const char *cmd, int c, const char *val, struct devio_open_opts *o);
 
-/* a and b (a may be NULL) name the same file: same device and inode. */
+/* a and b (a may be NULL) name the same file: same device and inode,
+ * also where one is the URI of a devio server on this machine serving
+ * that file (what `devio status` says). */
 bool cli_same_file(const char *a, const char *b);
 /* s is a server URI or ram:, not a path. */
 bool cli_is_uri(const char *s);
@@ -174,6 +176,9 @@ json_t *cli_status_servers(void);
 /* The server (a new reference, or NULL) with a front end at uri
  * (nbd://, nbd+unix://, devio://, devio+unix://): for `devio info`. */
 json_t *cli_status_find_uri(const char *uri);
+/* The local file a running devio server serves at uri (malloc'd), or
+ * NULL (no such server, not a file, or under an overlay). */
+char *cli_status_local_file(const char *uri);
 /* A server's document as `devio status` prints it. */
 void cli_status_print(json_t *server);
 

@@ -57,11 +57,28 @@ int cli_export_option(const char *cmd, int c, const char *val, struct devio_open
 	}
 }
 
-bool cli_same_file(const char *a, const char *b)
+static bool convert_same_inode(const char *a, const char *b)
 {
 	struct stat sa, sb;
 
-	return a && !stat(a, &sa) && !stat(b, &sb) && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+	return a && b && !stat(a, &sa) && !stat(b, &sb) && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+bool cli_same_file(const char *a, const char *b)
+{
+	char *fa, *fb;
+	bool same;
+
+	if (!a || !b)
+		return false;
+	if (!cli_is_uri(a) && !cli_is_uri(b))
+		return convert_same_inode(a, b);
+	fa = cli_is_uri(a) ? cli_status_local_file(a) : NULL; /* a server here, serving a file */
+	fb = cli_is_uri(b) ? cli_status_local_file(b) : NULL;
+	same = convert_same_inode(fa ? fa : a, fb ? fb : b);
+	free(fa);
+	free(fb);
+	return same;
 }
 
 bool cli_is_uri(const char *s)

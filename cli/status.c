@@ -328,6 +328,54 @@ json_t *cli_status_find_uri(const char *uri)
 	return found;
 }
 
+/* The export's source as bytes (exact: from source_hex when there is
+ * one); NULL if it is not a local file (a URI, ram:) or sits under an
+ * overlay (writes to it never reach the file). */
+static char *status_export_file(json_t *e)
+{
+	const char *s = json_string_value(json_object_get(e, "source"));
+	const char *hex = json_string_value(json_object_get(e, "source_hex"));
+	const char *fmt = json_string_value(json_object_get(e, "format"));
+	char *out;
+
+	if (!s || (fmt && strstr(fmt, "cow")) || s[0] != '/')
+		return NULL;
+	if (!hex)
+		return strdup(s);
+	if (!(out = calloc(1, strlen(hex) / 2 + 1)))
+		return NULL;
+	for (size_t i = 0; i < strlen(hex) / 2; i++) {
+		unsigned v = 0;
+
+		sscanf(hex + 2 * i, "%2x", &v);
+		out[i] = (char)v;
+	}
+	return out;
+}
+
+char *cli_status_local_file(const char *uri)
+{
+	json_t *srv = cli_status_find_uri(uri), *e;
+	struct devio_nbd_uri *u = NULL;
+	const char *want = "";
+	char *file = NULL;
+	size_t i;
+
+	if (!srv)
+		return NULL;
+	if (devio_nbd_uri_is_nbd(uri) && (u = calloc(1, sizeof(*u))) && !devio_nbd_uri_parse(uri, u, NULL, 0))
+		want = u->export;
+	json_array_foreach(json_object_get(srv, "exports"), i, e) {
+		const char *name = json_string_value(json_object_get(e, "name"));
+
+		if (!file && name && !strcmp(name, want))
+			file = status_export_file(e);
+	}
+	free(u);
+	json_decref(srv);
+	return file;
+}
+
 static void status_usage(FILE *out)
 {
 	fprintf(out, "usage: devio status [--json]\n"

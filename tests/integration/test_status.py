@@ -325,3 +325,29 @@ def test_handshake_times_out_on_a_mute_server(scratch, cmd):
         assert b"stalled (no answer within 1 s)" in r.stderr, r.stderr
     finally:
         m.close()
+
+
+def test_copy_onto_itself_through_a_server_is_refused(serve, scratch):
+    """`devio status` knows which file a local server serves: copying that
+    file into the server (or back out of it onto the file) is refused."""
+    img = os.path.join(scratch, "img.raw")
+    other = os.path.join(scratch, "other.raw")
+    for path, byte in ((img, b"A"), (other, b"B")):
+        with open(path, "wb") as f:
+            f.write(byte * (1 << 20))
+    alias = os.path.join(scratch, "alias.raw")
+    os.symlink(img, alias)
+    nsock, dsock = os.path.join(scratch, "n.sock"), os.path.join(scratch, "d.sock")
+    start(serve, "img.raw", "--export", "o=other.raw", "--nbd", f"unix:{nsock}", "--devio", f"unix:{dsock}",
+          cwd=scratch)
+    for cmd, src, dst in (("copy", alias, f"nbd+unix:///?socket={nsock}"),
+                          ("copy", f"devio+unix://{dsock}", img),
+                          ("convert", f"nbd+unix:///o?socket={nsock}", other)):
+        r = devio(cmd, src, dst, check=False)
+        assert r.returncode == 1 and b"same file" in r.stderr, (cmd, src, dst, r.stderr)
+    with open(img, "rb") as f:
+        assert f.read() == b"A" * (1 << 20)
+    # another export of the same server is another file: copied
+    devio("copy", f"nbd+unix:///o?socket={nsock}", f"nbd+unix:///?socket={nsock}")
+    with open(img, "rb") as f:
+        assert f.read() == b"B" * (1 << 20)
