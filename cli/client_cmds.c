@@ -131,9 +131,12 @@ static int info_json(const char *source, struct devio_backend *b, const char *fo
 
 static void info_text(const char *source, struct devio_backend *b, const char *format, int ar, uint64_t allocated)
 {
+	static char esc[4 * 4096 + 16];
 	char desc[512];
 
-	printf("source: %s\nformat: %s\nsize: %llu\n", source, format, (unsigned long long)b->size);
+	/* escaped as devio status escapes: one line each, whatever the bytes */
+	printf("source: %s\nformat: %s\nsize: %llu\n", cli_text_escape(source, esc, sizeof(esc)), format,
+	       (unsigned long long)b->size);
 	if (ar)
 		printf("allocated: unknown (%s)\n", strerror(-ar));
 	else
@@ -145,7 +148,8 @@ static void info_text(const char *source, struct devio_backend *b, const char *f
 	printf("\nstack:\n");
 	for (struct devio_backend *l = b; l; l = l->lower) {
 		info_describe(l, desc, sizeof(desc));
-		printf("  %s: %s\n", l->ops->name ? l->ops->name : "layer", desc[0] ? desc : "-");
+		printf("  %s: %s\n", l->ops->name ? l->ops->name : "layer",
+		       desc[0] ? cli_text_escape(desc, esc, sizeof(esc)) : "-");
 	}
 }
 

@@ -98,6 +98,10 @@ def test_status_lists_everything(serve, scratch):
     assert b"export 'two' " + os.fsencode(scratch) + b"/odd\\xff\\nname.img\n" in block, block
     assert b"address unix:" + os.fsencode(sock) in block
     assert b"uptime " in block
+    # devio info escapes the same way; its JSON has the exact bytes
+    out = devio("info", odd).stdout
+    assert b"source: " + os.fsencode(scratch) + b"/odd\\xff\\nname.img\n" in out, out
+    assert bytes.fromhex(json.loads(devio("info", "--json", odd).stdout)["source_hex"]) == odd
     s.stop()
     wait_for(lambda: server_of(s.proc.pid) is None, 10, "the entry to go")
 
