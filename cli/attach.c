@@ -49,7 +49,7 @@ static const struct option attach_options[] = {
 	{ "size", required_argument, NULL, OPT_SIZE },
 	{ "daemon", no_argument, NULL, 'd' },
 	{ "verbose", no_argument, NULL, 'v' },
-	{ "help", no_argument, NULL, 'h' },
+	CLI_STD_OPTIONS,
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -75,39 +75,38 @@ static int parse_one(struct attach_args *a, int c, const char *val)
 		/* a server that does not tell its size (ImDisk's devio on a block device) */
 		a->open.has_size = true;
 		if (devio_parse_size(val, &a->open.size) || !a->open.size) {
-			devio_err("--size: bad size '%s'", val);
+			cli_size_error(NULL, "--size", val, devio_parse_size(val, &a->open.size));
 			return -EINVAL;
 		}
 		return 0;
 	case 'r': a->open.readonly = true; return 0;
 	case 'd': a->daemon.fork = true; return 0;
 	case 'v': devio_log_set_level(DEVIO_LOG_DEBUG); return 0;
-	case 'h': attach_usage(stdout); exit(0);
 	default: return -EINVAL;
 	}
 }
 
+/* 0, or the exit status of a usage error. */
 static int parse_attach(int argc, char **argv, struct attach_args *a)
 {
 	int c, r;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "rdvh", a->fe.table, NULL)) != -1) {
-		r = c == '?' ? -EINVAL : feopts_parse(&a->fe, c, optarg);
+	while ((c = cli_getopt("attach", argc, argv, "rdvhV", a->fe.table, attach_usage)) != -1) {
+		r = feopts_parse(&a->fe, c, optarg);
 		if (r == 1)
 			r = daemon_parse(&a->daemon, c, optarg);
 		if (r == 1)
 			r = parse_one(a, c, optarg);
-		if (r)
-			return -EINVAL;
+		if (r) /* the option said what is wrong */
+			return cli_usage_hint("attach");
 	}
-	if (optind != argc - 1 || !a->fe.n_fe) {
-		devio_err(optind != argc - 1 ? "want exactly one URI" : "want --fuse MOUNTPOINT (or --nbd-device)");
-		return -EINVAL;
-	}
+	if (optind != argc - 1 || !a->fe.n_fe)
+		return cli_usage_error("attach", optind != argc - 1 ? "want exactly one URI"
+								     : "want --fuse MOUNTPOINT (or --nbd-device)");
 	a->uri = argv[optind];
 	if (daemon_check(&a->daemon))
-		return -EINVAL;
+		return cli_usage_hint("attach");
 	feopts_finish(&a->fe);
 	return 0;
 }
@@ -141,12 +140,9 @@ int cmd_attach(int argc, char **argv)
 		free(own);
 		return 1;
 	}
-	if (parse_attach(argc, argv, &a)) {
-		attach_usage(stderr);
-		rc = 2;
-	} else if (!daemon_start(&a.daemon, &rc)) {
+	rc = parse_attach(argc, argv, &a);
+	if (rc == 0 && !daemon_start(&a.daemon, &rc))
 		rc = run_attach(&a);
-	}
 	feopts_free(&a.fe);
 	free(own);
 	return rc;

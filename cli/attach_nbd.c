@@ -242,9 +242,9 @@ static int nbd_genl_connect(int nl, uint16_t family, int index, const struct dev
 
 /* ---- the commands ---- */
 
-static void attach_usage(void)
+static void attach_usage(FILE *out)
 {
-	fprintf(stderr, "usage: devio attach nbd://HOST[:PORT][/EXPORT]|nbd+unix:///EXPORT?socket=PATH\n"
+	fprintf(out, "usage: devio attach nbd://HOST[:PORT][/EXPORT]|nbd+unix:///EXPORT?socket=PATH\n"
 			"         --nbd-device [/dev/nbdN] [--connections N] [--timeout SECONDS]\n"
 			"  --timeout bounds the handshake (default 30 s) and is the kernel's request timeout\n");
 }
@@ -303,10 +303,16 @@ static int parse_attach_args(int argc, char **argv, struct attach_args *a)
 				return -EINVAL;
 			}
 			a->timeout = (uint32_t)v;
+		} else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
+			attach_usage(stdout);
+			exit(0);
+		} else if (!strcmp(argv[i], "-V") || !strcmp(argv[i], "--version")) {
+			cli_version();
+			exit(0);
 		} else if (argv[i][0] != '-' && !a->uri) {
 			a->uri = argv[i];
 		} else {
-			devio_err("attach: unexpected argument '%s'", argv[i]);
+			devio_err("attach: %s '%s'", argv[i][0] == '-' ? "unknown option" : "unexpected argument", argv[i]);
 			return -EINVAL;
 		}
 	}
@@ -375,8 +381,7 @@ int attach_nbd_device(int argc, char **argv)
 	if (!t)
 		return 1;
 	if (parse_attach_args(argc, argv, &a)) {
-		attach_usage();
-		rc = 2;
+		rc = cli_usage_hint("attach");
 		goto out;
 	}
 	if ((r = devio_nbd_uri_parse(a.uri, &t->u, why, sizeof(why)))) {

@@ -6,12 +6,14 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdio.h>
+#include <time.h>
 #include "devio/backend.h"
 #include "devio/frontend.h"
 
 /* Subcommands: argv[0] is the subcommand's name.  Return the exit status. */
 int cmd_serve(int argc, char **argv);
 int cmd_status(int argc, char **argv);
+int cmd_list(int argc, char **argv);    /* cli/list.c */
 int cmd_info(int argc, char **argv);    /* cli/client_cmds.c */
 int cmd_cat(int argc, char **argv);
 int cmd_write(int argc, char **argv);
@@ -25,6 +27,24 @@ int attach_nbd_device(int argc, char **argv);
 int detach_nbd_device(const char *dev);
 /* ImDisk's own command line: devio [-r] tcp-port|commdev diskdev ... */
 int cmd_imdisk(int argc, char **argv);  /* cli/imdisk.c; argv[0] is "devio" */
+
+/* ---- usage.c: the conventions of every subcommand (docs/cli.md) ---- */
+#define CLI_EXIT_USAGE 2  /* 0: done, 1: it failed, 2: a usage error */
+/* In every getopt_long table (with "hV" among the short options). */
+#define CLI_STD_OPTIONS { "help", no_argument, NULL, 'h' }, { "version", no_argument, NULL, 'V' }
+/* getopt_long() with the conventions: -h/--help (usage(stdout), exit 0),
+ * -V/--version (exit 0), an unknown option or a missing argument (one
+ * line naming it and the hint, exit 2).  Returns any other code, or -1. */
+int cli_getopt(const char *cmd, int argc, char **argv, const char *shortopts, const struct option *longopts,
+	       void (*usage)(FILE *out));
+/* "devio: error: CMD: <message>" and the hint; returns CLI_EXIT_USAGE. */
+int cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* The hint alone ("try 'devio CMD --help'"), after the problem was
+ * logged; returns CLI_EXIT_USAGE. */
+int cli_usage_hint(const char *cmd);
+void cli_version(void);
+/* "OPT: bad size 'VAL'" or "... is too large" for devio_parse_size()'s r. */
+void cli_size_error(const char *cmd, const char *opt, const char *val, int r);
 
 /* One front end to start: a type, its argument and its options. */
 struct serve_frontend {
@@ -118,7 +138,9 @@ enum { CLI_OPT_OFFSET = 0x200, CLI_OPT_SIZE, CLI_OPT_PARTITION, CLI_OPT_FORMAT, 
 #define CLI_EXPORT_USAGE "[--offset N] [--size N] [--partition N] [--format F] [--cow FILE]"
 int cli_export_option(const char *cmd, int c, const char *val, struct devio_open_opts *o);
 
-/* a and b (a may be NULL) name the same file: same device and inode. */
+/* a and b (a may be NULL) name the same file: same device and inode,
+ * also where one is the URI of a devio server on this machine serving
+ * that file (what `devio status` says). */
 bool cli_same_file(const char *a, const char *b);
 /* s is a server URI or ram:, not a path. */
 bool cli_is_uri(const char *s);
@@ -126,8 +148,39 @@ bool cli_is_uri(const char *s);
  * error, logged. */
 int cli_create_sparse(const char *cmd, const char *path, uint64_t size);
 
+/* ---- describe.c: JSON and text for what the commands find ---- */
+typedef struct json_t json_t;
+/* obj[key] = s as JSON text; bytes that are not UTF-8 become U+FFFD
+ * there, and then obj[key + "_hex"] holds the exact bytes in hex. */
+void cli_json_set_text(json_t *obj, const char *key, const char *s);
+/* s as JSON text, what is not UTF-8 as U+FFFD. */
+json_t *cli_json_text(const char *s);
+/* s for a terminal: control bytes, backslash and what is not UTF-8 as
+ * \n, \\ and \xNN. */
+const char *cli_text_escape(const char *s, char *out, size_t outlen);
+/* Each layer from the top: {layer, size, description}. */
+json_t *cli_json_stack(struct devio_backend *b);
+/* "qcow2", "cow over raw": the layers from the top, then raw when no
+ * format layer reads the store. */
+void cli_format_name(struct devio_backend *b, char *out, size_t outlen);
+
 /* Where running servers describe themselves for `devio status`. */
 #define DEVIO_RUN_DIR "/run/devio"
+
+/* ---- status.c: what a server publishes for `devio status` ---- */
+/* Write DEVIO_RUN_DIR/PID.json: pid, uid, start time, each export with
+ * its stack, each front end with its address, connections and devices. */
+void cli_status_publish(struct devio_server *srv, struct serve_frontend *fe, size_t n, time_t started);
+/* Every live server's document, as `devio status --json` lists them. */
+json_t *cli_status_servers(void);
+/* The server (a new reference, or NULL) with a front end at uri
+ * (nbd://, nbd+unix://, devio://, devio+unix://): for `devio info`. */
+json_t *cli_status_find_uri(const char *uri);
+/* The local file a running devio server serves at uri (malloc'd), or
+ * NULL (no such server, not a file, or under an overlay). */
+char *cli_status_local_file(const char *uri);
+/* A server's document as `devio status` prints it. */
+void cli_status_print(json_t *server);
 
 /* ---- daemon.c: running as a service (docs/service.md) ---- */
 struct daemon_opts {
@@ -170,9 +223,13 @@ int daemon_stop(void);
 struct run_server {
 	pid_t pid;
 	unsigned long long start;   /* /proc/PID/stat starttime; 0 if the file has none */
-	char status_path[64];
+	char dir[4096];             /* the directory of its entry */
+	char status_path[4096 + 32];
 	bool alive;                 /* false: a server that died (its entry is removed after fn) */
 };
+/* Where this process publishes its entry: DEVIO_RUN_DIR for root (and
+ * whoever may write it), else $XDG_RUNTIME_DIR/devio. */
+const char *runstate_dir(void);
 /* The server's side: take PID.lock (held until exit). 0 or -errno. */
 int runstate_lock(void);
 /* Remove this server's PID.lock and PID.status. */

@@ -45,13 +45,15 @@ static int run(struct devio_backend *b, enum devio_op op, void *buf, uint64_t le
 	return devio_run(b, &req);
 }
 
-static int size_arg(const char *cmd, const char *opt, const char *val, uint64_t *out)
+/* A size option's value; a bad one is a usage error (said, and exit 2). */
+static void size_arg(const char *cmd, const char *opt, const char *val, uint64_t *out)
 {
-	if (devio_parse_size(val, out)) {
-		devio_err("%s: %s: bad size '%s'", cmd, opt, val);
-		return -EINVAL;
+	int r = devio_parse_size(val, out);
+
+	if (r) {
+		cli_size_error(cmd, opt, val, r);
+		exit(cli_usage_hint(cmd));
 	}
-	return 0;
 }
 
 /* ---- info ---- */
@@ -61,72 +63,6 @@ static const struct { uint32_t bit; const char *name; } cap_names[] = {
 	{ DEVIO_CAP_TRIM, "trim" }, { DEVIO_CAP_ZERO, "zero" }, { DEVIO_CAP_FAST_ZERO, "fast_zero" },
 	{ DEVIO_CAP_EXTENTS, "extents" }, { DEVIO_CAP_MULTI_CONN, "multi_conn" }, { DEVIO_CAP_CACHE, "cache" },
 };
-
-/* The length of the valid UTF-8 sequence at s, 0 if there is none. */
-static size_t info_utf8_len(const unsigned char *s)
-{
-	size_t n = s[0] < 0x80 ? 1 : s[0] >= 0xc2 && s[0] < 0xe0 ? 2 : s[0] >= 0xe0 && s[0] < 0xf0 ? 3 :
-		   s[0] >= 0xf0 && s[0] < 0xf5 ? 4 : 0;
-	uint32_t cp = n == 1 ? s[0] : n == 2 ? s[0] & 0x1f : n == 3 ? s[0] & 0x0f : s[0] & 0x07;
-
-	for (size_t i = 1; i < n; i++) {
-		if ((s[i] & 0xc0) != 0x80)
-			return 0;
-		cp = cp << 6 | (s[i] & 0x3f);
-	}
-	if ((n == 3 && (cp < 0x800 || (cp >= 0xd800 && cp < 0xe000))) || (n == 4 && (cp < 0x10000 || cp > 0x10ffff)))
-		return 0;
-	return n;
-}
-
-/* A JSON string for any bytes (a path may be no UTF-8 at all): what is
- * not valid UTF-8 becomes U+FFFD; *exact says whether nothing was. */
-static json_t *info_json_text(const char *s, bool *exact)
-{
-	size_t len = strlen(s), o = 0;
-	char *copy;
-	json_t *j;
-
-	*exact = true;
-	if ((j = json_string(s)))
-		return j;
-	copy = malloc(len * 3 + 1);
-	if (!copy)
-		return NULL;
-	for (const unsigned char *p = (const unsigned char *)s; *p;) {
-		size_t n = info_utf8_len(p);
-
-		if (n) {
-			memcpy(copy + o, p, n);
-			o += n;
-			p += n;
-			continue;
-		}
-		memcpy(copy + o, "\xef\xbf\xbd", 3);
-		o += 3;
-		p++;
-		*exact = false;
-	}
-	j = json_stringn(copy, o);
-	free(copy);
-	return j;
-}
-
-/* The bytes of s in hex, for a name that JSON text cannot hold exactly. */
-static json_t *info_json_hex(const char *s)
-{
-	size_t len = strlen(s);
-	char *hex = malloc(len * 2 + 1);
-	json_t *j;
-
-	if (!hex)
-		return NULL;
-	for (size_t i = 0; i < len; i++)
-		snprintf(hex + 2 * i, 3, "%02x", (unsigned char)s[i]);
-	j = json_string(hex);
-	free(hex);
-	return j;
-}
 
 struct info_walk {
 	uint64_t pos;       /* end of the last extent seen */
@@ -161,22 +97,6 @@ static int info_allocated(struct devio_backend *b, uint64_t *out)
 	return 0;
 }
 
-/* "qcow2", "cow over raw", "cow over vhd": the layers from the top, then
- * raw when no format layer reads the store. */
-static void info_format(struct devio_backend *b, char *out, size_t outlen)
-{
-	const char *last = NULL;
-	size_t o = 0;
-
-	out[0] = '\0';
-	for (; b->lower && o < outlen; b = b->lower) {
-		last = b->ops->name ? b->ops->name : "layer";
-		o += (size_t)snprintf(out + o, outlen - o, "%s%s", o ? " over " : "", last);
-	}
-	if (o < outlen && (!last || (strcmp(last, "vhd") && strcmp(last, "qcow2"))))
-		snprintf(out + o, outlen - o, "%sraw", o ? " over " : "");
-}
-
 static void info_describe(struct devio_backend *b, char *out, size_t outlen)
 {
 	out[0] = '\0';
@@ -184,16 +104,13 @@ static void info_describe(struct devio_backend *b, char *out, size_t outlen)
 		b->ops->describe(b, out, outlen);
 }
 
-static int info_json(const char *source, struct devio_backend *b, const char *format, int ar, uint64_t allocated)
+static int info_json(const char *source, struct devio_backend *b, const char *format, int ar, uint64_t allocated,
+		     json_t *server)
 {
-	json_t *root = json_object(), *caps = json_array(), *stack = json_array();
-	char desc[512];
-	bool exact;
+	json_t *root = json_object(), *caps = json_array();
 	int r;
 
-	json_object_set_new(root, "source", info_json_text(source, &exact));
-	if (!exact)
-		json_object_set_new(root, "source_hex", info_json_hex(source));
+	cli_json_set_text(root, "source", source);
 	json_object_set_new(root, "format", json_string(format));
 	json_object_set_new(root, "size", json_integer((json_int_t)b->size));
 	json_object_set_new(root, "virtual_size", json_integer((json_int_t)b->size));
@@ -204,16 +121,9 @@ static int info_json(const char *source, struct devio_backend *b, const char *fo
 		if (b->caps & cap_names[i].bit)
 			json_array_append_new(caps, json_string(cap_names[i].name));
 	json_object_set_new(root, "caps", caps);
-	for (struct devio_backend *l = b; l; l = l->lower) {
-		json_t *e = json_object();
-
-		info_describe(l, desc, sizeof(desc));
-		json_object_set_new(e, "layer", json_string(l->ops->name ? l->ops->name : "layer"));
-		json_object_set_new(e, "size", json_integer((json_int_t)l->size));
-		json_object_set_new(e, "description", info_json_text(desc, &exact));
-		json_array_append_new(stack, e);
-	}
-	json_object_set_new(root, "stack", stack);
+	json_object_set_new(root, "stack", cli_json_stack(b));
+	if (server) /* a running devio server on this machine: what `devio status` says of it */
+		json_object_set_new(root, "server", json_incref(server));
 	r = json_dumpf(root, stdout, JSON_INDENT(2)) || fputc('\n', stdout) == EOF ? -EIO : 0;
 	json_decref(root);
 	return r;
@@ -221,9 +131,12 @@ static int info_json(const char *source, struct devio_backend *b, const char *fo
 
 static void info_text(const char *source, struct devio_backend *b, const char *format, int ar, uint64_t allocated)
 {
+	static char esc[4 * 4096 + 16];
 	char desc[512];
 
-	printf("source: %s\nformat: %s\nsize: %llu\n", source, format, (unsigned long long)b->size);
+	/* escaped as devio status escapes: one line each, whatever the bytes */
+	printf("source: %s\nformat: %s\nsize: %llu\n", cli_text_escape(source, esc, sizeof(esc)), format,
+	       (unsigned long long)b->size);
 	if (ar)
 		printf("allocated: unknown (%s)\n", strerror(-ar));
 	else
@@ -235,36 +148,39 @@ static void info_text(const char *source, struct devio_backend *b, const char *f
 	printf("\nstack:\n");
 	for (struct devio_backend *l = b; l; l = l->lower) {
 		info_describe(l, desc, sizeof(desc));
-		printf("  %s: %s\n", l->ops->name ? l->ops->name : "layer", desc[0] ? desc : "-");
+		printf("  %s: %s\n", l->ops->name ? l->ops->name : "layer",
+		       desc[0] ? cli_text_escape(desc, esc, sizeof(esc)) : "-");
 	}
+}
+
+static void info_usage(FILE *out)
+{
+	fprintf(out, "usage: devio info URI|IMAGE [--json] " CLI_EXPORT_USAGE "\n"
+		     "  format, size, allocation, flags and layers of an export; for the URI of a running\n"
+		     "  devio server also what `devio status` says of that server\n");
 }
 
 int cmd_info(int argc, char **argv)
 {
-	static const struct option opts[] = { { "json", no_argument, NULL, 'j' }, { "help", no_argument, NULL, 'h' },
+	static const struct option opts[] = { { "json", no_argument, NULL, 'j' }, CLI_STD_OPTIONS,
 					      CLI_EXPORT_OPTIONS, { 0 } };
 	struct devio_open_opts o = { 0 };
 	struct devio_backend *b;
+	json_t *server;
 	char format[256];
 	uint64_t allocated = 0;
 	bool json = false;
 	int c, ar, rc = 0;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "jh", opts, NULL)) != -1) {
+	while ((c = cli_getopt("info", argc, argv, "jhV", opts, info_usage)) != -1) {
 		if (c == 'j')
 			json = true;
-		else if ((ar = cli_export_option("info", c, optarg, &o)) < 0)
-			return 2;
-		else if (ar == 0) {
-			fprintf(c == 'h' ? stdout : stderr, "usage: devio info URI|IMAGE [--json] " CLI_EXPORT_USAGE "\n");
-			return c == 'h' ? 0 : 2;
-		}
+		else if (cli_export_option("info", c, optarg, &o) < 0)
+			return cli_usage_hint("info");
 	}
-	if (optind != argc - 1) {
-		devio_err("info: want one URI or IMAGE");
-		return 2;
-	}
+	if (optind != argc - 1)
+		return cli_usage_error("info", "want one URI or IMAGE");
 	/* Open read-write where allowed so the flags are the export's own, not
 	 * those of a read-only open; read-only an image file we may not write
 	 * (a URI is no file here: access() fails with ENOENT), and with an
@@ -273,24 +189,36 @@ int cmd_info(int argc, char **argv)
 	o.readonly = o.cow || (access(argv[optind], W_OK) < 0 && (errno == EACCES || errno == EROFS || errno == EPERM));
 	if (devio_backend_open(argv[optind], &o, &b))
 		return 1;
-	info_format(b, format, sizeof(format));
+	cli_format_name(b, format, sizeof(format));
 	ar = info_allocated(b, &allocated);
-	if (json)
-		rc = info_json(argv[optind], b, format, ar, allocated) ? 1 : 0;
-	else
+	server = cli_is_uri(argv[optind]) ? cli_status_find_uri(argv[optind]) : NULL;
+	if (json) {
+		rc = info_json(argv[optind], b, format, ar, allocated, server) ? 1 : 0;
+	} else {
 		info_text(argv[optind], b, format, ar, allocated);
+		if (server) {
+			printf("server (devio status):\n");
+			cli_status_print(server);
+		}
+	}
+	json_decref(server);
 	devio_backend_close(b);
 	return rc;
 }
 
 /* ---- cat ---- */
 
+static void cat_usage(FILE *out)
+{
+	fprintf(out, "usage: devio cat URI|IMAGE [--offset N] [--length N] [--size N]\n");
+}
+
 int cmd_cat(int argc, char **argv)
 {
 	static const struct option opts[] = { { "offset", required_argument, NULL, 'o' },
 					      { "length", required_argument, NULL, 'l' },
 					      { "size", required_argument, NULL, 's' },
-					      { "help", no_argument, NULL, 'h' }, { 0 } };
+					      CLI_STD_OPTIONS, { 0 } };
 	uint64_t off = 0, len = 0, end;
 	bool has_len = false;
 	struct devio_backend *b;
@@ -298,22 +226,18 @@ int cmd_cat(int argc, char **argv)
 	int c, r = 0;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "o:l:h", opts, NULL)) != -1) {
-		if (c == 'o' && !size_arg("cat", "--offset", optarg, &off))
-			continue;
-		if (c == 's' && !size_arg("cat", "--size", optarg, &client_size))
-			continue;
-		if (c == 'l' && !size_arg("cat", "--length", optarg, &len)) {
+	while ((c = cli_getopt("cat", argc, argv, "o:l:hV", opts, cat_usage)) != -1) {
+		if (c == 'o')
+			size_arg("cat", "--offset", optarg, &off);
+		else if (c == 's')
+			size_arg("cat", "--size", optarg, &client_size);
+		else if (c == 'l') {
+			size_arg("cat", "--length", optarg, &len);
 			has_len = true;
-			continue;
 		}
-		fprintf(c == 'h' ? stdout : stderr, "usage: devio cat URI|IMAGE [--offset N] [--length N] [--size N]\n");
-		return c == 'h' ? 0 : 2;
 	}
-	if (optind != argc - 1) {
-		devio_err("cat: want one URI or IMAGE");
-		return 2;
-	}
+	if (optind != argc - 1)
+		return cli_usage_error("cat", "want one URI or IMAGE");
 	if (open_export(argv[optind], true, &b))
 		return 1;
 	if (off > b->size || (has_len && len > b->size - off)) {
@@ -363,29 +287,30 @@ static int read_upto(int fd, char *buf, size_t n, size_t *got)
 	return 0;
 }
 
+static void write_usage(FILE *out)
+{
+	fprintf(out, "usage: devio write URI|IMAGE [--offset N] [--size N] < DATA\n");
+}
+
 int cmd_write(int argc, char **argv)
 {
 	static const struct option opts[] = { { "offset", required_argument, NULL, 'o' },
 					      { "size", required_argument, NULL, 's' },
-					      { "help", no_argument, NULL, 'h' }, { 0 } };
+					      CLI_STD_OPTIONS, { 0 } };
 	struct devio_backend *b;
 	uint64_t off = 0, total = 0;
 	char *buf;
 	int c, r = 0;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
-		if (c == 'o' && !size_arg("write", "--offset", optarg, &off))
-			continue;
-		if (c == 's' && !size_arg("write", "--size", optarg, &client_size))
-			continue;
-		fprintf(c == 'h' ? stdout : stderr, "usage: devio write URI|IMAGE [--offset N] [--size N] < DATA\n");
-		return c == 'h' ? 0 : 2;
+	while ((c = cli_getopt("write", argc, argv, "o:hV", opts, write_usage)) != -1) {
+		if (c == 'o')
+			size_arg("write", "--offset", optarg, &off);
+		else if (c == 's')
+			size_arg("write", "--size", optarg, &client_size);
 	}
-	if (optind != argc - 1) {
-		devio_err("write: want one URI or IMAGE");
-		return 2;
-	}
+	if (optind != argc - 1)
+		return cli_usage_error("write", "want one URI or IMAGE");
 	if (open_export(argv[optind], false, &b))
 		return 1;
 	buf = malloc(CLIENT_CHUNK);
@@ -674,33 +599,36 @@ int cli_copy_run(struct cli_copy *c)
 
 /* ---- copy ---- */
 
+static void copy_usage(FILE *out)
+{
+	fprintf(out, "usage: devio copy SRC DST [--resume-from N] [--block-size N (512..64M)] [--size N]\n"
+		     "  DST is created (sparse) when it is a file that does not exist; SRC and DST must\n"
+		     "  not be the same file; a progress line with the time left on a terminal\n");
+}
+
 int cmd_copy(int argc, char **argv)
 {
 	static const struct option opts[] = { { "resume-from", required_argument, NULL, 'r' },
 					      { "block-size", required_argument, NULL, 'b' },
 					      { "size", required_argument, NULL, 's' },
-					      { "help", no_argument, NULL, 'h' }, { 0 } };
+					      CLI_STD_OPTIONS, { 0 } };
 	struct cli_copy j = { .cmd = "copy", .block = CLIENT_CHUNK, .progress = isatty(STDERR_FILENO) };
 	uint64_t resume = 0;
 	int c, r, rc = 1;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "r:b:h", opts, NULL)) != -1) {
-		if (c == 'r' && !size_arg("copy", "--resume-from", optarg, &resume))
-			continue;
-		if (c == 's' && !size_arg("copy", "--size", optarg, &client_size))
-			continue;
-		if (c == 'b' && !size_arg("copy", "--block-size", optarg, &j.block) && j.block >= 512 &&
-		    j.block <= (64u << 20))
-			continue;
-		fprintf(c == 'h' ? stdout : stderr, "usage: devio copy SRC DST [--resume-from N] [--block-size N (512..64M)] [--size N]\n"
-			"  DST is created (sparse) when it is a file that does not exist\n");
-		return c == 'h' ? 0 : 2;
+	while ((c = cli_getopt("copy", argc, argv, "r:b:hV", opts, copy_usage)) != -1) {
+		if (c == 'r')
+			size_arg("copy", "--resume-from", optarg, &resume);
+		else if (c == 's')
+			size_arg("copy", "--size", optarg, &client_size);
+		else if (c == 'b')
+			size_arg("copy", "--block-size", optarg, &j.block);
+		if (c == 'b' && (j.block < 512 || j.block > (64u << 20)))
+			return cli_usage_error("copy", "--block-size: want 512..64M, got '%s'", optarg);
 	}
-	if (optind != argc - 2) {
-		devio_err("copy: want SRC and DST");
-		return 2;
-	}
+	if (optind != argc - 2)
+		return cli_usage_error("copy", "want SRC and DST");
 	j.src_name = argv[optind];
 	j.dst_name = argv[optind + 1];
 	if (cli_same_file(j.src_name, j.dst_name)) {

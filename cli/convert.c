@@ -31,7 +31,7 @@ int cli_export_option(const char *cmd, int c, const char *val, struct devio_open
 	case CLI_OPT_OFFSET:
 	case CLI_OPT_SIZE:
 		if (devio_parse_size(val, &v)) {
-			devio_err("%s: %s: bad size '%s'", cmd, c == CLI_OPT_OFFSET ? "--offset" : "--size", val);
+			cli_size_error(cmd, c == CLI_OPT_OFFSET ? "--offset" : "--size", val, devio_parse_size(val, &v));
 			return -EINVAL;
 		}
 		if (c == CLI_OPT_OFFSET)
@@ -57,11 +57,28 @@ int cli_export_option(const char *cmd, int c, const char *val, struct devio_open
 	}
 }
 
-bool cli_same_file(const char *a, const char *b)
+static bool convert_same_inode(const char *a, const char *b)
 {
 	struct stat sa, sb;
 
-	return a && !stat(a, &sa) && !stat(b, &sb) && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+	return a && b && !stat(a, &sa) && !stat(b, &sb) && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+bool cli_same_file(const char *a, const char *b)
+{
+	char *fa, *fb;
+	bool same;
+
+	if (!a || !b)
+		return false;
+	if (!cli_is_uri(a) && !cli_is_uri(b))
+		return convert_same_inode(a, b);
+	fa = cli_is_uri(a) ? cli_status_local_file(a) : NULL; /* a server here, serving a file */
+	fb = cli_is_uri(b) ? cli_status_local_file(b) : NULL;
+	same = convert_same_inode(fa ? fa : a, fb ? fb : b);
+	free(fa);
+	free(fb);
+	return same;
 }
 
 bool cli_is_uri(const char *s)
@@ -173,7 +190,7 @@ static void convert_report(const struct cli_copy *c, int r)
 			(unsigned long long)c->zeroed, (unsigned long long)c->skipped);
 }
 
-static int convert_usage(FILE *out, int rc)
+static void convert_usage(FILE *out)
 {
 	fprintf(out, "usage: devio convert [-O raw|vhd|qcow2] [-o OPTIONS] [-p] " CLI_EXPORT_USAGE " SRC DST\n"
 		     "  -O FORMAT   the new image's format (default raw)\n"
@@ -182,7 +199,6 @@ static int convert_usage(FILE *out, int rc)
 		     "              qcow2 compat=0.10|1.1 (default 1.1) and cluster_size=512..2M (default 64k)\n"
 		     "  -p          a progress line (on a terminal)\n"
 		     "  export options as for `devio serve`: a window, a partition, the source's format, an overlay\n");
-	return rc;
 }
 
 static int convert_run(const char *fmt, const char *fopts, bool show, const struct devio_open_opts *o,
@@ -227,36 +243,28 @@ static int convert_run(const char *fmt, const char *fopts, bool show, const stru
 
 int cmd_convert(int argc, char **argv)
 {
-	static const struct option opts[] = { { "help", no_argument, NULL, 'h' }, CLI_EXPORT_OPTIONS, { 0 } };
+	static const struct option opts[] = { CLI_STD_OPTIONS, CLI_EXPORT_OPTIONS, { 0 } };
 	struct devio_open_opts o = { 0 };
 	const char *fmt = "raw", *fopts = NULL;
 	bool show = false;
 	int c, k;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "O:o:ph", opts, NULL)) != -1) {
+	while ((c = cli_getopt("convert", argc, argv, "O:o:phV", opts, convert_usage)) != -1) {
 		if (c == 'O')
 			fmt = optarg;
 		else if (c == 'o')
 			fopts = optarg;
 		else if (c == 'p')
 			show = true;
-		else if (c == 'h')
-			return convert_usage(stdout, 0);
-		else if ((k = cli_export_option("convert", c, optarg, &o)) <= 0)
-			return k < 0 ? 2 : convert_usage(stderr, 2);
+		else if ((k = cli_export_option("convert", c, optarg, &o)) < 0)
+			return cli_usage_hint("convert");
 	}
-	if (strcmp(fmt, "raw") && strcmp(fmt, "vhd") && strcmp(fmt, "qcow2")) {
-		devio_err("convert: -O: want raw, vhd or qcow2, got '%s'", fmt);
-		return 2;
-	}
-	if (fopts && !strcmp(fmt, "raw")) {
-		devio_err("convert: -o: a raw image takes no options");
-		return 2;
-	}
-	if (optind != argc - 2) {
-		devio_err("convert: want SRC and DST");
-		return 2;
-	}
+	if (strcmp(fmt, "raw") && strcmp(fmt, "vhd") && strcmp(fmt, "qcow2"))
+		return cli_usage_error("convert", "-O: want raw, vhd or qcow2, got '%s'", fmt);
+	if (fopts && !strcmp(fmt, "raw"))
+		return cli_usage_error("convert", "-o: a raw image takes no options");
+	if (optind != argc - 2)
+		return cli_usage_error("convert", "want SRC and DST");
 	return convert_run(fmt, fopts, show, &o, argv[optind], argv[optind + 1]);
 }

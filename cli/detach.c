@@ -430,28 +430,22 @@ static int detach_parse(int argc, char **argv, struct detach *d)
 		{ "all", no_argument, NULL, 'a' },
 		{ "force", no_argument, NULL, 'f' },
 		{ "handover", no_argument, NULL, 'H' },
-		{ "help", no_argument, NULL, 'h' },
+		CLI_STD_OPTIONS,
 		{ NULL, 0, NULL, 0 },
 	};
 	int c;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "afh", opts, NULL)) != -1) {
+	while ((c = cli_getopt("detach", argc, argv, "afhV", opts, detach_usage)) != -1) {
 		if (c == 'a')
 			d->all = true;
 		else if (c == 'f')
 			d->force = true;
 		else if (c == 'H')
 			d->handover = true;
-		else if (c == 'h')
-			return 1;
-		else
-			return -EINVAL;
 	}
-	if (optind != argc - 1) {
-		devio_err("want one MOUNTPOINT or device");
-		return -EINVAL;
-	}
+	if (optind != argc - 1)
+		return cli_usage_error("detach", "want one MOUNTPOINT or device");
 	return 0;
 }
 
@@ -461,10 +455,8 @@ int cmd_detach(int argc, char **argv)
 	struct detach d = { 0 };
 	int r = detach_parse(argc, argv, &d);
 
-	if (r) {
-		detach_usage(r > 0 ? stdout : stderr);
-		return r > 0 ? 0 : 2;
-	}
+	if (r)
+		return r;
 	if (!strncmp(argv[optind], "/dev/nbd", 8))
 		return detach_nbd_device(argv[optind]);
 	if ((r = detach_abspath(argv[optind], target))) {

@@ -191,6 +191,8 @@ int feopts_add(struct feopts *f, const struct devio_frontend_type *type, const c
 		}
 		const struct devio_frontend_type *v = type->variant ? type->variant(arg) : NULL;
 
+		if ((v ? v : type)->check && (v ? v : type)->check(arg))
+			return -EINVAL; /* said why: a usage error */
 		f->named[i] = true;
 		f->fe[f->n_fe++] = (struct serve_frontend){ .type = v ? v : type, .arg = arg, .opts = v ? NULL : f->opts[i] };
 		return 0;

@@ -65,7 +65,10 @@ static void imdisk_usage(void)
 }
 
 /* ImDisk's number: digits with an optional one-letter suffix.  *bytes is
- * set when a suffix made it a byte count. */
+ * set when a suffix made it a byte count.  Base 0 (0x hex, a leading 0
+ * octal) on purpose: ImDisk's devio reads its numbers so, and this
+ * command line stays ImDisk's; devio's own commands are decimal
+ * (devio_parse_size, docs/cli.md). */
 static int imdisk_number(const char *s, uint64_t *v, bool *bytes)
 {
 	char *end;

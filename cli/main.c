@@ -1,5 +1,6 @@
 /* main.c - the `devio` command: dispatches to subcommands, and falls back
  * to ImDisk's devio command line when the first word is not one. */
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 #include "cli.h"
@@ -18,7 +19,8 @@ static const struct {
 	{ "convert", cmd_convert, "convert [-O raw|vhd|qcow2] [-p] SRC DST   a new sparse image from any source" },
 	{ "attach", cmd_attach, "attach URI --fuse DIR [--loop] | --nbd-device   a local device for a server" },
 	{ "detach", cmd_detach, "detach DIR|/dev/loopN|/dev/nbdN" },
-	{ "status", cmd_status, "status                   running servers and their transports" },
+	{ "status", cmd_status, "status [--json]          every running server: sources, stack, front ends, devices" },
+	{ "list", cmd_list, "list URI                 a server's exports (NBD_OPT_LIST)" },
 };
 
 static void usage(FILE *out)
@@ -34,25 +36,36 @@ static void usage(FILE *out)
 		     "  devio [-r] tcp-port|commdev diskdev [partitionnumber] [alignm] [buffersize]\n"
 		     "\nSOURCE: an image file or block device, or ram:SIZE (e.g. ram:4G)\n"
 		     "URI: devio://HOST:PORT, devio+unix:///PATH, nbd://HOST[:PORT][/EXPORT],\n"
-		     "     nbd+unix:///EXPORT?socket=PATH\n");
+		     "     nbd+unix:///EXPORT?socket=PATH\n"
+		     "\nEvery command takes -h/--help and -V/--version.  Exit status: 0 done, 1 failed,\n"
+		     "2 usage error (docs/cli.md).\n");
+}
+
+/* One word that is no command: ImDisk's command line needs two words,
+ * so this is no ImDisk one either (unless it looks like ImDisk's port or
+ * device, then ImDisk's usage answers it). */
+static bool main_unknown_command(int argc, char **argv)
+{
+	return argc == 2 && argv[1][0] != '-' && !strpbrk(argv[1], "/:") &&
+	       strspn(argv[1], "0123456789") != strlen(argv[1]);
 }
 
 int main(int argc, char **argv)
 {
-	if (argc < 2) {
-		usage(stderr);
-		return 2;
-	}
+	if (argc < 2)
+		return cli_usage_error(NULL, "no command given");
 	if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "help")) {
 		usage(stdout);
 		return 0;
 	}
-	if (!strcmp(argv[1], "--version") || !strcmp(argv[1], "version")) {
-		printf("devio %s\n", DEVIO_VERSION);
+	if (!strcmp(argv[1], "-V") || !strcmp(argv[1], "--version") || !strcmp(argv[1], "version")) {
+		cli_version();
 		return 0;
 	}
 	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
 		if (!strcmp(argv[1], commands[i].name))
 			return commands[i].fn(argc - 1, argv + 1);
+	if (main_unknown_command(argc, argv))
+		return cli_usage_error(NULL, "unknown command '%s'", argv[1]);
 	return cmd_imdisk(argc, argv);
 }

@@ -5,10 +5,14 @@
  * nobody holds is stale and removed; `devio detach` signals a pid only
  * while its lock is held and its start time matches (cli/attach.c, through
  * a pidfd so the check and the signal name one process).  Entries of an
- * older devio without a lock file count while the pid is a running devio. */
+ * older devio without a lock file count while the pid is a running devio.
+ * Root and whoever may write DEVIO_RUN_DIR publish there; another user's
+ * server in $XDG_RUNTIME_DIR/devio.  Readers look in DEVIO_RUN_DIR, their
+ * own runtime directory, and (root) every /run/user/UID/devio. */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,12 +23,27 @@
 #include "cli.h"
 
 static int runstate_fd = -1;
-static char runstate_lock_path[64];
+static char runstate_lock_path[PATH_MAX + 32];
+
+const char *runstate_dir(void)
+{
+	static char dir[PATH_MAX];
+	const char *xdg = getenv("XDG_RUNTIME_DIR");
+
+	if (dir[0])
+		return dir;
+	mkdir(DEVIO_RUN_DIR, 0755);
+	if (geteuid() == 0 || !access(DEVIO_RUN_DIR, W_OK) || !xdg || xdg[0] != '/' ||
+	    strlen(xdg) + sizeof("/devio") > sizeof(dir))
+		return strcpy(dir, DEVIO_RUN_DIR);
+	snprintf(dir, sizeof(dir), "%s/devio", xdg);
+	mkdir(dir, 0700);
+	return dir;
+}
 
 int runstate_lock(void)
 {
-	mkdir(DEVIO_RUN_DIR, 0755);
-	snprintf(runstate_lock_path, sizeof(runstate_lock_path), DEVIO_RUN_DIR "/%d.lock", (int)getpid());
+	snprintf(runstate_lock_path, sizeof(runstate_lock_path), "%s/%d.lock", runstate_dir(), (int)getpid());
 	unlink(runstate_lock_path); /* left by an earlier process with our pid */
 	runstate_fd = open(runstate_lock_path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
 	if (runstate_fd < 0)
@@ -41,11 +60,13 @@ int runstate_lock(void)
 
 void runstate_unlock(void)
 {
-	char path[64];
+	char path[PATH_MAX + 32];
 
 	if (runstate_fd < 0)
 		return;
-	snprintf(path, sizeof(path), DEVIO_RUN_DIR "/%d.status", (int)getpid());
+	snprintf(path, sizeof(path), "%s/%d.status", runstate_dir(), (int)getpid());
+	unlink(path);
+	snprintf(path, sizeof(path), "%s/%d.json", runstate_dir(), (int)getpid());
 	unlink(path);
 	unlink(runstate_lock_path);
 	close(runstate_fd);
@@ -91,12 +112,12 @@ static bool runstate_is_devio(pid_t pid)
 }
 
 /* 1: PID.lock is held (the server lives), 0: nobody holds it, -ENOENT: no lock file. */
-static int runstate_lock_held(pid_t pid)
+static int runstate_lock_held(const char *dir, pid_t pid)
 {
-	char path[64];
+	char path[PATH_MAX + 32];
 	int fd, held;
 
-	snprintf(path, sizeof(path), DEVIO_RUN_DIR "/%d.lock", (int)pid);
+	snprintf(path, sizeof(path), "%s/%d.lock", dir, (int)pid);
 	fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return -errno;
@@ -107,7 +128,7 @@ static int runstate_lock_held(pid_t pid)
 
 bool runstate_alive(const struct run_server *s)
 {
-	int held = runstate_lock_held(s->pid);
+	int held = runstate_lock_held(s->dir, s->pid);
 
 	if (held == 0)
 		return false;
@@ -131,30 +152,32 @@ static void runstate_read_start(struct run_server *s)
 	fclose(f);
 }
 
-static void runstate_remove(pid_t pid)
+static void runstate_remove(const char *dir, pid_t pid)
 {
-	char path[64];
+	static const char *const ext[] = { "status", "json", "lock" };
+	char path[PATH_MAX + 32];
 
-	snprintf(path, sizeof(path), DEVIO_RUN_DIR "/%d.status", (int)pid);
-	unlink(path);
-	snprintf(path, sizeof(path), DEVIO_RUN_DIR "/%d.lock", (int)pid);
-	unlink(path);
+	for (size_t i = 0; i < 3; i++) {
+		snprintf(path, sizeof(path), "%s/%d.%s", dir, (int)pid, ext[i]);
+		unlink(path);
+	}
 }
 
 /* A PID.lock without PID.status: a server that died while starting. */
-static void runstate_orphan_lock(pid_t pid)
+static void runstate_orphan_lock(const char *dir, pid_t pid)
 {
-	char path[64];
+	char path[PATH_MAX + 32];
 	struct stat st;
 
-	snprintf(path, sizeof(path), DEVIO_RUN_DIR "/%d.status", (int)pid);
-	if (stat(path, &st) < 0 && errno == ENOENT && runstate_lock_held(pid) == 0)
-		runstate_remove(pid);
+	snprintf(path, sizeof(path), "%s/%d.status", dir, (int)pid);
+	if (stat(path, &st) < 0 && errno == ENOENT && runstate_lock_held(dir, pid) == 0)
+		runstate_remove(dir, pid);
 }
 
-void runstate_each(bool (*fn)(const struct run_server *s, void *ctx), void *ctx)
+/* The entries of one directory; true once fn asked to stop. */
+static bool runstate_each_in(const char *dir, bool (*fn)(const struct run_server *s, void *ctx), void *ctx)
 {
-	DIR *d = opendir(DEVIO_RUN_DIR);
+	DIR *d = opendir(dir);
 	struct dirent *de;
 	bool done = false;
 
@@ -165,18 +188,39 @@ void runstate_each(bool (*fn)(const struct run_server *s, void *ctx), void *ctx)
 		if (s.pid <= 0 || !dot)
 			continue;
 		if (!strcmp(dot, ".lock")) {
-			runstate_orphan_lock(s.pid);
+			runstate_orphan_lock(dir, s.pid);
 			continue;
 		}
 		if (strcmp(dot, ".status"))
 			continue;
-		snprintf(s.status_path, sizeof(s.status_path), DEVIO_RUN_DIR "/%d.status", (int)s.pid);
+		snprintf(s.dir, sizeof(s.dir), "%s", dir);
+		snprintf(s.status_path, sizeof(s.status_path), "%s/%d.status", dir, (int)s.pid);
 		runstate_read_start(&s);
 		s.alive = runstate_alive(&s);
 		done = fn(&s, ctx); /* a dead one's file still tells what it left behind */
 		if (!s.alive)
-			runstate_remove(s.pid); /* left by a server that died */
+			runstate_remove(dir, s.pid); /* left by a server that died */
 	}
 	if (d)
 		closedir(d);
+	return done;
+}
+
+void runstate_each(bool (*fn)(const struct run_server *s, void *ctx), void *ctx)
+{
+	char dir[PATH_MAX];
+	struct dirent *de;
+	DIR *users;
+
+	if (runstate_each_in(DEVIO_RUN_DIR, fn, ctx))
+		return;
+	if (strcmp(runstate_dir(), DEVIO_RUN_DIR) && runstate_each_in(runstate_dir(), fn, ctx))
+		return;
+	if (geteuid() != 0 || !(users = opendir("/run/user")))
+		return;
+	while ((de = readdir(users)))
+		if (atoi(de->d_name) > 0 && snprintf(dir, sizeof(dir), "/run/user/%s/devio", de->d_name) < (int)sizeof(dir) &&
+		    runstate_each_in(dir, fn, ctx))
+			break;
+	closedir(users);
 }

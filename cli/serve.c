@@ -43,8 +43,10 @@ static void serve_usage(const struct feopts *f, FILE *out)
 
 static int parse_size_opt(const char *opt, const char *val, uint64_t *out)
 {
-	if (devio_parse_size(val, out)) {
-		devio_err("%s: bad size '%s'", opt, val);
+	int r = devio_parse_size(val, out);
+
+	if (r) {
+		cli_size_error(NULL, opt, val, r);
 		return -EINVAL;
 	}
 	return 0;
@@ -74,13 +76,15 @@ static bool serve_handover(struct serve_frontend *fe, size_t n)
 	return n > 0;
 }
 
+static time_t serve_started;
+
 static void write_status(struct devio_server *srv, struct serve_frontend *fe, size_t n, char *path, size_t pathlen)
 {
-	char tmp[160];
+	char tmp[PATH_MAX + 64];
 	FILE *f;
 
-	mkdir(DEVIO_RUN_DIR, 0755);
-	snprintf(path, pathlen, DEVIO_RUN_DIR "/%d.status", (int)getpid());
+	cli_status_publish(srv, fe, n, serve_started);
+	snprintf(path, pathlen, "%s/%d.status", runstate_dir(), (int)getpid());
 	snprintf(tmp, sizeof(tmp), "%s.tmp", path); /* readers never see half a file */
 	f = fopen(tmp, "w");
 	if (!f) {
@@ -193,10 +197,11 @@ int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 {
 	struct sigaction sa = { .sa_handler = on_signal }, sh = { .sa_handler = on_handover };
 	static struct serve_env env;
-	char status_path[128];
+	char status_path[PATH_MAX + 32];
 	size_t started = 0;
 	int rc = 0, run_status = -1, r;
 
+	serve_started = time(NULL);
 	signal(SIGPIPE, SIG_IGN);
 	sigaction(SIGINT, &sa, NULL);
 	sigaction(SIGTERM, &sa, NULL);
@@ -215,7 +220,7 @@ int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 		}
 	}
 	if ((r = runstate_lock()))
-		devio_debug(DEVIO_RUN_DIR ": cannot take this server's lock file: %s", strerror(-r));
+		devio_debug("%s: cannot take this server's lock file: %s", runstate_dir(), strerror(-r));
 	write_status(srv, fe, n, status_path, sizeof(status_path));
 	serve_env_build(fe, n, &env);
 	if (daemon_ready(env.env, env.n)) {
@@ -235,6 +240,8 @@ int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 stop_status:
 	if (status_path[0])
 		unlink(status_path);
+	snprintf(status_path, sizeof(status_path), "%s/%d.json", runstate_dir(), (int)getpid());
+	unlink(status_path);
 	runstate_unlock();
 stop:
 	run_status = daemon_stop(); /* the --run command ends before its devices */
@@ -277,13 +284,14 @@ static const struct option serve_options[] = {
 	{ "export", required_argument, NULL, OPT_EXPORT },
 	{ "verbose", no_argument, NULL, 'v' },
 	{ "quiet", no_argument, NULL, 'q' },
-	{ "help", no_argument, NULL, 'h' },
+	CLI_STD_OPTIONS,
 	{ NULL, 0, NULL, 0 },
 };
 
 struct serve_args {
 	struct devio_open_opts open;
 	const char *sources[MAX_EXPORTS], *names[MAX_EXPORTS];
+	char *absolute[MAX_EXPORTS + 1]; /* sources and the overlay made absolute (freed at exit) */
 	size_t n_sources;
 	struct feopts fe;
 	struct daemon_opts daemon;
@@ -338,7 +346,6 @@ static int parse_one(struct serve_args *a, int c, char *val)
 	case OPT_CEPH_TIMEOUT: return devio_opt_uint("ceph-timeout", val, &a->open.ceph_timeout);
 	case OPT_COW: a->open.cow = val; return 0;
 	case OPT_EXPORT: return parse_export_opt(a, val);
-	case 'h': serve_usage(&a->fe, stdout); exit(0);
 	default: return -EINVAL;
 	}
 }
@@ -371,37 +378,97 @@ static int open_exports(struct serve_args *a, struct devio_server *srv)
 	return 0;
 }
 
+static const struct feopts *serve_help_fe; /* for serve_help() */
+
+static void serve_help(FILE *out)
+{
+	serve_usage(serve_help_fe, out);
+}
+
+/* A relative file name as an absolute one (what `devio status` shows
+ * stays true whatever the reader's directory); URIs, ram: and the rest
+ * as they are.  *keep: the new string, freed by the caller. */
+static const char *serve_absolute(const char *path, char **keep)
+{
+	char cwd[PATH_MAX];
+
+	if (!path || path[0] == '/' || cli_is_uri(path) || !strcmp(path, "ram") || strchr(path, ':') ||
+	    !getcwd(cwd, sizeof(cwd)) || asprintf(keep, "%s/%s", cwd, path) < 0)
+		return path;
+	return *keep;
+}
+
+static void serve_absolutize(struct serve_args *a)
+{
+	for (size_t i = 0; i < a->n_sources; i++)
+		a->sources[i] = serve_absolute(a->sources[i], &a->absolute[i]);
+	a->open.cow = serve_absolute(a->open.cow, &a->absolute[MAX_EXPORTS]);
+}
+
+/* Export options that would change nothing are said, not silently
+ * ignored. */
+static void serve_warn_unused(const struct serve_args *a, bool ram_max)
+{
+	bool nbd = false, ram = false, rbd = false, file = false;
+	const struct devio_open_opts *o = &a->open;
+
+	for (size_t i = 0; i < a->fe.n_fe; i++)
+		nbd |= !strcmp(a->fe.fe[i].type->option, "nbd");
+	for (size_t i = 0; i < a->n_sources; i++) {
+		ram |= !strncmp(a->sources[i], "ram:", 4);
+		rbd |= !strncmp(a->sources[i], "rbd:", 4);
+		file |= !cli_is_uri(a->sources[i]) && strncmp(a->sources[i], "rbd:", 4) &&
+			strncmp(a->sources[i], "plugin:", 7); /* an image file or block device */
+	}
+	if (o->direct && !file)
+		devio_warn("--direct has no effect: no source is an image file or block device");
+	if ((o->ceph_conf || o->ceph_id || o->ceph_keyring || o->ceph_timeout) && !rbd)
+		devio_warn("--ceph-* options have no effect: no source is an rbd: image");
+	for (size_t i = 1; i < a->n_sources; i++) {
+		for (size_t k = 1; k < i; k++)
+			if (!strcmp(a->names[i], a->names[k]))
+				devio_warn("--export %s: the name is given twice; clients reach only the first (%s)",
+					   a->names[i], a->sources[k]);
+		if (!nbd)
+			devio_warn("--export %s has no effect without --nbd (the other front ends serve the default "
+				   "export, SOURCE)", a->names[i]);
+	}
+	if (ram_max && !ram)
+		devio_warn("--ram-max has no effect: no source is a RAM disk (ram:SIZE)");
+}
+
 /* Options in any order; 0, or an exit status for a usage error. */
 static int serve_parse(struct serve_args *a, int argc, char **argv)
 {
 	int c, r;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "rvqh", a->fe.table, NULL)) != -1) {
-		r = c == '?' ? -EINVAL : feopts_parse(&a->fe, c, optarg);
+	serve_help_fe = &a->fe;
+	while ((c = cli_getopt("serve", argc, argv, "rvqhV", a->fe.table, serve_help)) != -1) {
+		r = feopts_parse(&a->fe, c, optarg);
 		if (r == 1)
 			r = daemon_parse(&a->daemon, c, optarg);
 		if (r == 1)
 			r = parse_one(a, c, optarg);
-		if (r)
-			return 2;
+		if (r) /* the option said what is wrong */
+			return cli_usage_hint("serve");
 	}
 	if (optind != argc - 1 || a->fe.n_fe == 0) {
 		char all[256];
 
 		feopts_list(&a->fe, NULL, all, sizeof(all));
 		if (optind == argc)
-			devio_err("no SOURCE given");
-		else if (optind < argc - 1)
-			devio_err("more than one SOURCE given (use --export NAME=SOURCE)");
-		else
-			devio_err("no front end given (%s)", all);
-		return 2;
+			return cli_usage_error("serve", "no SOURCE given");
+		if (optind < argc - 1)
+			return cli_usage_error("serve", "more than one SOURCE given: '%s' and '%s' (use --export NAME=SOURCE)",
+					       argv[optind], argv[optind + 1]);
+		return cli_usage_error("serve", "no front end given (%s)", all);
 	}
 	a->sources[0] = argv[optind];
 	if (daemon_check(&a->daemon))
-		return 2;
+		return cli_usage_hint("serve");
 	feopts_finish(&a->fe);
+	serve_warn_unused(a, a->open.ram_max != 0);
 	return 0;
 }
 
@@ -419,11 +486,10 @@ int cmd_serve(int argc, char **argv)
 	}
 	add_export(&a, "", NULL); /* slot 0: the default export, the positional SOURCE */
 	rc = serve_parse(&a, argc, argv);
-	if (rc) {
-		serve_usage(&a.fe, stderr);
+	if (rc)
 		goto out;
-	}
 	srv.opts = a.fe.serve;
+	serve_absolutize(&a);
 	if (daemon_start(&a.daemon, &rc))
 		goto out; /* the --fork parent: the child is ready, or failed */
 	rc = 1;
@@ -432,6 +498,8 @@ int cmd_serve(int argc, char **argv)
 	rc = serve_run(&srv, a.fe.fe, a.fe.n_fe);
 	close_exports(&srv);
 out:
+	for (size_t i = 0; i <= MAX_EXPORTS; i++)
+		free(a.absolute[i]);
 	feopts_free(&a.fe);
 	free(own);
 	return rc;

@@ -910,6 +910,16 @@ static void fuse_status(void *state, FILE *out)
 		fprintf(out, "  loop %s%s\n", fe->loop.path, fe->loop.direct_io ? " direct-io" : "");
 }
 
+static void fuse_info(void *state, struct devio_frontend_info *info)
+{
+	struct fuse_fe *fe = state;
+
+	if (!fe)
+		return;
+	snprintf(info->mount, sizeof(info->mount), "%s", fe->mnt);
+	snprintf(info->device, sizeof(info->device), "%s", fe->has_loop ? fe->loop.path : fe->file);
+}
+
 static int fuse_parse_transport(const char *name, const char *val, void *field)
 {
 	if (!val || (strcmp(val, "auto") && strcmp(val, "uring") && strcmp(val, "dev"))) {
@@ -944,4 +954,5 @@ const struct devio_frontend_type devio_frontend_fuse = {
 	.start = fuse_start,
 	.stop = fuse_stop,
 	.status = fuse_status,
+	.info = fuse_info,
 };

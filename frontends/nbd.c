@@ -281,6 +281,21 @@ static int nbd_listen(struct nbd_state *st)
 	return devio_listener_start(&st->addr, &conf, &st->listener);
 }
 
+/* --nbd's argument: 0 or -EINVAL (said why). */
+static int nbd_parse_addr(const char *arg, struct devio_addr *a)
+{
+	int r = devio_addr_parse(arg, NBD_DEFAULT_PORT, a);
+
+	if (r || (a->kind != DEVIO_ADDR_TCP && a->kind != DEVIO_ADDR_UNIX && a->kind != DEVIO_ADDR_SYSTEMD)) {
+		if (r == -ERANGE)
+			devio_err("--nbd %s: port out of range (want 0..65535; 0: any free port)", arg);
+		else
+			devio_err("--nbd %s: want tcp:[HOST:]PORT, unix:PATH or systemd[:NAME]", arg);
+		return -EINVAL;
+	}
+	return 0;
+}
+
 static int nbd_start(struct devio_server *srv, const char *arg, const void *opts, void **state)
 {
 	const struct nbd_opts *o = opts;
@@ -294,13 +309,9 @@ static int nbd_start(struct devio_server *srv, const char *arg, const void *opts
 	st->depth = o && o->depth ? o->depth : NBD_DEFAULT_DEPTH;
 	if (st->depth > NBD_MAX_DEPTH)
 		st->depth = NBD_MAX_DEPTH;
-	r = devio_addr_parse(arg, NBD_DEFAULT_PORT, &st->addr);
-	if (r || (st->addr.kind != DEVIO_ADDR_TCP && st->addr.kind != DEVIO_ADDR_UNIX &&
-		  st->addr.kind != DEVIO_ADDR_SYSTEMD)) {
-		devio_err("--nbd %s: want tcp:[HOST:]PORT, unix:PATH or systemd[:NAME]", arg);
-		r = -EINVAL;
+	r = nbd_parse_addr(arg, &st->addr);
+	if (r)
 		goto out_free;
-	}
 	devio_addr_format(&st->addr, st->name, sizeof(st->name));
 	if ((r = nbd_tls_setup(st, o)))
 		goto out_free;
@@ -346,6 +357,27 @@ static void nbd_status(void *state, FILE *out)
 		ls.active == 1 ? "" : "s", (unsigned long long)ls.served, (unsigned long long)ls.refused);
 }
 
+static int nbd_check(const char *arg)
+{
+	struct devio_addr a;
+
+	return nbd_parse_addr(arg, &a);
+}
+
+static void nbd_info(void *state, struct devio_frontend_info *info)
+{
+	struct nbd_state *st = state;
+	struct devio_listener_stats ls;
+	struct devio_addr a = st->addr;
+
+	devio_listener_stats(st->listener, &ls);
+	if (a.kind == DEVIO_ADDR_TCP && ls.port) /* tcp:0: the port picked */
+		snprintf(a.port, sizeof(a.port), "%u", ls.port);
+	devio_addr_format(&a, info->address, sizeof(info->address));
+	info->connections = ls.active;
+	info->served = ls.served;
+}
+
 static const struct devio_frontend_option nbd_options[] = {
 	{ "depth", "N", "requests in flight per connection (default 64, at most 1024)", devio_opt_uint,
 	  offsetof(struct nbd_opts, depth) },
@@ -371,4 +403,6 @@ const struct devio_frontend_type devio_frontend_nbd = {
 	.start = nbd_start,
 	.stop = nbd_stop,
 	.status = nbd_status,
+	.info = nbd_info,
+	.check = nbd_check,
 };

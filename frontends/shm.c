@@ -924,10 +924,22 @@ static void shm_fe_status(void *state, FILE *out)
 	pthread_mutex_unlock(&st->lock);
 }
 
+static void shm_fe_info(void *state, struct devio_frontend_info *info)
+{
+	struct shm_state *st = state;
+
+	pthread_mutex_lock(&st->lock);
+	snprintf(info->address, sizeof(info->address), "shm:%s", st->path);
+	info->connections = st->active;
+	info->served = st->served;
+	pthread_mutex_unlock(&st->lock);
+}
+
 const struct devio_frontend_type devio_frontend_shm = {
 	.option = "devio",
 	.arg_help = "shm:NAME[,slots=N][,buffer=N]",
 	.start = shm_fe_start,
 	.stop = shm_fe_stop,
 	.status = shm_fe_status,
+	.info = shm_fe_info,
 };

@@ -599,6 +599,7 @@ static int stream_parse_arg(struct stream_state *st, const char *arg)
 {
 	char buf[512], *opt, *save = NULL;
 	uint64_t v;
+	int r;
 
 	if (!arg || strlen(arg) >= sizeof(buf))
 		return -EINVAL;
@@ -606,8 +607,12 @@ static int stream_parse_arg(struct stream_state *st, const char *arg)
 	opt = strchr(buf, ',');
 	if (opt)
 		*opt++ = '\0';
-	if (devio_addr_parse(buf, NULL, &st->addr)) {
-		devio_err("--devio %s: want tcp:[HOST:]PORT, unix:PATH, systemd[:NAME], stdio or a device path", arg);
+	if ((r = devio_addr_parse(buf, NULL, &st->addr))) {
+		if (r == -ERANGE)
+			devio_err("--devio %s: port out of range (want 0..65535; 0: any free port)", arg);
+		else
+			devio_err("--devio %s: want tcp:[HOST:]PORT, unix:PATH, systemd[:NAME], stdio or a device path",
+				  arg);
 		return -EINVAL;
 	}
 	for (opt = opt ? strtok_r(opt, ",", &save) : NULL; opt; opt = strtok_r(NULL, ",", &save)) {
@@ -622,6 +627,15 @@ static int stream_parse_arg(struct stream_state *st, const char *arg)
 		}
 	}
 	return 0;
+}
+
+static int stream_check(const char *arg)
+{
+	struct stream_state *st = calloc(1, sizeof(*st));
+	int r = st ? stream_parse_arg(st, arg) : 0;
+
+	free(st);
+	return r;
 }
 
 static int stream_start_single(struct stream_state *st)
@@ -792,6 +806,27 @@ static void stream_status(void *state, FILE *out)
 		(unsigned long long)atomic_load(&st->failed));
 }
 
+static void stream_info(void *state, struct devio_frontend_info *info)
+{
+	struct stream_state *st = state;
+	struct devio_listener_stats ls = { 0 };
+	struct devio_addr a = st->addr;
+
+	if (st->listener) {
+		devio_listener_stats(st->listener, &ls);
+	} else {
+		pthread_mutex_lock(&st->lock);
+		ls.active = st->single_active;
+		ls.served = 1;
+		pthread_mutex_unlock(&st->lock);
+	}
+	if (a.kind == DEVIO_ADDR_TCP && ls.port) /* tcp:0: the port picked */
+		snprintf(a.port, sizeof(a.port), "%u", ls.port);
+	devio_addr_format(&a, info->address, sizeof(info->address));
+	info->connections = ls.active;
+	info->served = ls.served;
+}
+
 static bool stream_finished(void *state)
 {
 	struct stream_state *st = state;
@@ -812,6 +847,8 @@ const struct devio_frontend_type devio_frontend_stream = {
 	.start = stream_start,
 	.stop = stream_stop,
 	.status = stream_status,
+	.info = stream_info,
+	.check = stream_check,
 	.finished = stream_finished,
 	.variant = stream_variant,
 };

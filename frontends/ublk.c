@@ -1231,6 +1231,13 @@ static void ublk_status(void *state, FILE *out)
 	ublk_print_counters(d, out);
 }
 
+static void ublk_info(void *state, struct devio_frontend_info *info)
+{
+	struct ublk_dev *d = state;
+
+	snprintf(info->device, sizeof(info->device), "%s", d->bdev);
+}
+
 static const struct devio_frontend_option ublk_options[] = {
 	{ "queues", "N", "queues, a thread each (default one per CPU, at most 64)", devio_opt_uint,
 	  offsetof(struct ublk_opts, queues) },
@@ -1256,4 +1263,5 @@ const struct devio_frontend_type devio_frontend_ublk = {
 	.stop = ublk_stop,
 	.status = ublk_status,
 	.handover = ublk_handover,
+	.info = ublk_info,
 };

@@ -1,8 +1,10 @@
 /* backend.c - opens the stack of backends a SOURCE and its options name
  * (store, image format, window), closes stacks, and finds a server's
  * export by name. */
+#include <ctype.h>
 #include <errno.h>
 #include <string.h>
+#include <sys/stat.h>
 #include "devio/backend.h"
 #include "devio/cow.h"
 #include "devio/frontend.h"
@@ -11,6 +13,20 @@
 #include "devio/util.h"
 #include "nbd_client.h"
 
+
+/* SCHEME://... that is no file: an unsupported URI (said so), never "No
+ * such file or directory". */
+static bool backend_unknown_scheme(const char *source)
+{
+	size_t n = strspn(source, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-");
+	struct stat st;
+
+	if (n == 0 || !isalpha((unsigned char)source[0]) || strncmp(source + n, "://", 3) || !stat(source, &st))
+		return false;
+	devio_err("%s: unsupported URI scheme '%.*s' (devio://, devio+unix://, devio+shm://, nbd://, "
+		  "nbd+unix://, or a file)", source, (int)n, source);
+	return true;
+}
 
 static int store_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out)
 {
@@ -24,7 +40,8 @@ static int store_open(const char *source, const struct devio_open_opts *opts, st
 		snprintf(sz, sizeof(sz), "%.*s", image ? (int)(image - source - 4) : 31, source + 4);
 		r = devio_parse_size(sz, &size);
 		if (r || size == 0) {
-			devio_err("%s: bad RAM disk size (want ram:SIZE, e.g. ram:1G)", source);
+			devio_err("%s: %s RAM disk size (want ram:SIZE, e.g. ram:1G)", source,
+				  r == -ERANGE ? "too large a" : "bad");
 			return -EINVAL;
 		}
 		return image ? devio_ram_image_open(size, image + 1, opts->ram_max, out)
@@ -40,6 +57,8 @@ static int store_open(const char *source, const struct devio_open_opts *opts, st
 		return devio_rbd_open(source, opts, out);
 	if (!strncmp(source, "plugin:", 7))
 		return devio_plugin_open(source, opts, out);
+	if (backend_unknown_scheme(source))
+		return -EPROTONOSUPPORT;
 	return devio_file_open(source, opts, out);
 }
 

@@ -461,4 +461,13 @@ void devio_listener_stats(struct devio_listener *l, struct devio_listener_stats 
 	out->served = l->served;
 	out->refused = l->refused;
 	pthread_mutex_unlock(&l->lock);
+	out->port = 0;
+	if (l->tcp && l->lfd >= 0) {
+		struct sockaddr_storage ss;
+		socklen_t sl = sizeof(ss);
+
+		if (!getsockname(l->lfd, (struct sockaddr *)&ss, &sl))
+			out->port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+								 : ((struct sockaddr_in *)&ss)->sin_port);
+	}
 }

@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -522,6 +523,94 @@ static int client_tls_creds(const struct devio_nbd_uri *u, struct devio_nbd_clie
 		return -EINVAL;
 	o->tls = *cr;
 	return 0;
+}
+
+/* ---- NBD_OPT_LIST ---- */
+
+/* Replies to NBD_OPT_LIST taken before the server is taken as broken. */
+#define NBD_CLIENT_MAX_EXPORTS 65536
+
+/* One NBD_REP_SERVER payload: u32 name length, name, description. */
+static int client_list_entry(struct hs *h, const uint8_t *d, uint32_t len,
+			     int (*fn)(void *ctx, const char *name, const char *desc), void *ctx)
+{
+	uint32_t nlen = len >= 4 ? nbd_get32(d) : UINT32_MAX;
+	char *name, *desc;
+	int r;
+
+	if (nlen > len - 4 || nlen > NBD_MAX_EXPORT_NAME || memchr(d + 4, 0, len - 4)) {
+		devio_err("%s: bad NBD_REP_SERVER reply (%u bytes, name of %u)", h->name, len, nlen);
+		return -EPROTO;
+	}
+	name = strndup((const char *)d + 4, nlen);
+	desc = strndup((const char *)d + 4 + nlen, len - 4 - nlen);
+	r = name && desc ? fn(ctx, name, desc) : -ENOMEM;
+	free(name);
+	free(desc);
+	return r;
+}
+
+/* Read replies to NBD_OPT_LIST up to the ACK. */
+static int client_list_replies(struct hs *h, int (*fn)(void *ctx, const char *name, const char *desc), void *ctx)
+{
+	uint8_t hdr[NBD_OPTION_REPLY_HEADER_SIZE], *d = malloc(NBD_MAX_OPTION_LEN);
+	uint32_t type, len;
+	int r = d ? 0 : -ENOMEM;
+
+	for (unsigned n = 0; !r; n++) {
+		if ((r = client_read(h, hdr, sizeof(hdr))))
+			break;
+		if (devio_nbd_decode_option_reply(hdr, NBD_OPT_LIST, &type, &len) || len > NBD_MAX_OPTION_LEN) {
+			devio_err("%s: bad reply to NBD_OPT_LIST", h->name);
+			r = -EPROTO;
+		} else if (!(r = client_read(h, d, len))) {
+			if (type == NBD_REP_ACK)
+				break;
+			if (client_is_error(type)) {
+				struct reply rp = { .type = type, .len = len < NBD_CLIENT_REPLY_KEEP ? len : NBD_CLIENT_REPLY_KEEP };
+				char why[NBD_CLIENT_REPLY_KEEP + 1];
+
+				memcpy(rp.data, d, rp.len);
+				devio_err("%s: the server does not list its exports (error 0x%x%s%s)", h->name, type,
+					  len ? ": " : "", client_reply_text(&rp, why, sizeof(why)));
+				r = type == NBD_REP_ERR_UNSUP || type == NBD_REP_ERR_POLICY ? -ENOTSUP : -EPROTO;
+			} else if (type != NBD_REP_SERVER || n >= NBD_CLIENT_MAX_EXPORTS) {
+				r = client_unexpected(h, "NBD_OPT_LIST", &(struct reply){ .type = type });
+			} else {
+				r = client_list_entry(h, d, len, fn, ctx);
+			}
+		}
+	}
+	free(d);
+	return r;
+}
+
+int devio_nbd_client_list(int fd, const char *name, unsigned timeout_s,
+			  int (*fn)(void *ctx, const char *name, const char *desc), void *ctx)
+{
+	struct devio_nbd_client_info info;
+	struct hs h = { .fd = fd, .info = &info, .name = name ? name : "nbd client", .export = "" };
+	uint16_t hflags = 0;
+	int r;
+
+	h.timeout_s = timeout_s ? timeout_s : NBD_CLIENT_TIMEOUT_S;
+	h.deadline = devio_now_ns() + (uint64_t)h.timeout_s * 1000000000ull;
+	r = client_greet(&h, &hflags);
+	if (!r && !(hflags & NBD_FLAG_FIXED_NEWSTYLE)) {
+		devio_err("%s: the server does not list its exports (not fixed newstyle)", h.name);
+		return -ENOTSUP;
+	}
+	if (!r)
+		r = client_send_option(&h, NBD_OPT_LIST, NULL, 0);
+	if (!r)
+		r = client_list_replies(&h, fn, ctx);
+	if (r == -ETIMEDOUT)
+		devio_err("%s: NBD handshake: the server stalled (no answer within %u s)", h.name, h.timeout_s);
+	else if (r == -ECONNRESET)
+		devio_err("%s: NBD handshake: the server closed the connection", h.name);
+	if (!r || r == -ENOTSUP) /* a polite goodbye; its reply is not waited for */
+		client_send_option(&h, NBD_OPT_ABORT, NULL, 0);
+	return r;
 }
 
 int devio_nbd_client_connect(const struct devio_nbd_uri *u, const struct devio_nbd_client_opts *opts,

@@ -93,4 +93,12 @@ int devio_nbd_client_handshake(int fd, const struct devio_nbd_client_opts *opts,
 int devio_nbd_client_connect(const struct devio_nbd_uri *u, const struct devio_nbd_client_opts *opts,
 			     struct devio_nbd_client_info *info);
 
+/* NBD_OPT_LIST on a connected socket: fn(ctx, name, description) for
+ * each export the server names (fn returns 0 to go on), then
+ * NBD_OPT_ABORT.  Every reply is checked and bounded; the whole exchange
+ * gets timeout_s (0 = NBD_CLIENT_TIMEOUT_S).  0, -ENOTSUP (the server
+ * does not list: said why), or another negative errno after logging why. */
+int devio_nbd_client_list(int fd, const char *name, unsigned timeout_s,
+			  int (*fn)(void *ctx, const char *name, const char *desc), void *ctx);
+
 #endif

@@ -19,6 +19,8 @@
 extern "C" {
 #endif
 
+struct devio_frontend_info;
+
 struct devio_export {
 	const char *name;             /* "" for the default export */
 	const char *source;           /* as given on the command line */
@@ -72,6 +74,13 @@ struct devio_frontend_type {
 	void (*stop)(void *state);
 	/* Lines for `devio status` (transport in use, clients, devices). */
 	void (*status)(void *state, FILE *out);
+	/* Optional: check arg as start() would, with no side effect, while the
+	 * command line is read (a bad one is a usage error); 0 or -EINVAL
+	 * (logged). */
+	int (*check)(const char *arg);
+	/* Optional: what `devio status --json` shows of it (info comes zeroed,
+	 * connections -1). */
+	void (*info)(void *state, struct devio_frontend_info *info);
 	/* Optional: returns true once the front end has nothing left to serve
 	 * (e.g. a stdio stream whose peer sent CLOSE); serve then exits. */
 	bool (*finished)(void *state);
@@ -86,6 +95,16 @@ struct devio_frontend_type {
 	 * (logged), serving goes on.  A server hands over only when every
 	 * front end it runs has this. */
 	int (*handover)(void *state);
+};
+
+/* A running front end for `devio status`: where clients reach it and
+ * what it made on this machine; "" where it has none. */
+struct devio_frontend_info {
+	char address[320];        /* "tcp:127.0.0.1:10809", "unix:/run/x.sock", "shm:/NAME" */
+	char device[4400];        /* /dev/loopN, /dev/ublkbN, the FUSE file */
+	char mount[4096];         /* a FUSE mount point */
+	long connections;         /* clients connected now; -1: not a server of clients */
+	unsigned long long served; /* connections served so far */
 };
 
 /* Every front end, in the order of the usage; NULL-terminated.  Adding a

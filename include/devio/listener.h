@@ -35,6 +35,7 @@ struct devio_listener_stats {
 	unsigned active;      /* connections being served now */
 	uint64_t served;      /* connections accepted and served so far */
 	uint64_t refused;     /* connections closed at once: over the cap or stopping */
+	uint16_t port;        /* TCP: the port it listens on (the one picked for port 0); else 0 */
 };
 
 /* Listen on a (TCP or Unix; a Unix socket appears at its path only once

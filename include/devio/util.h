@@ -39,11 +39,14 @@ int devio_log_fd(void);
 /* Also write every line to fd (-1: stop), e.g. a pipe to a parent. */
 void devio_log_tee(int fd);
 
-/* "4096", "64K", "1.5G" is refused; "1T", "512M", "0x1000".  Suffixes
- * K/M/G/T/P (powers of 1024), optional trailing "B"/"iB".  0 or -EINVAL /
- * -ERANGE. */
+/* "4096", "64K", "1.5G", "1T", "512MiB", "0x1000".  Decimal ("010" is
+ * ten, never octal) or 0x hex; suffixes K/M/G/T/P/E (powers of 1024),
+ * optional trailing "B"/"iB"; a decimal fraction with a suffix as long as
+ * the result is whole bytes (as qemu-img takes them).  0, -EINVAL, or
+ * -ERANGE when it does not fit in 64 bits. */
 int devio_parse_size(const char *s, uint64_t *out);
-/* Plain unsigned decimal or 0x hex integer; 0 or -EINVAL/-ERANGE. */
+/* Plain unsigned decimal ("010" is ten) or 0x hex integer; 0 or
+ * -EINVAL/-ERANGE. */
 int devio_parse_u64(const char *s, uint64_t *out);
 
 /* A transport address: tcp:[HOST:]PORT, unix:PATH, stdio, a device path,

@@ -524,7 +524,10 @@ def tmux(sock, *args):
     return subprocess.run(["tmux", "-L", sock] + list(args), capture_output=True, text=True, timeout=30)
 
 
-def test_progress_bar_in_a_terminal(tmp):
+@pytest.mark.parametrize("cmd,done", [("convert -p", "converted"), ("copy", "copied")])
+def test_progress_bar_in_a_terminal(tmp, cmd, done):
+    """The bar with its rate and time left while it runs, and gone after
+    (copy draws it whenever stderr is a terminal, convert with -p)."""
     if not shutil.which("tmux"):
         pytest.skip("no tmux")
     ksock = os.path.join(tmp, "k.sock")
@@ -535,8 +538,8 @@ def test_progress_bar_in_a_terminal(tmp):
     out = os.path.join(tmp, "out.raw")
     try:
         wait_for(lambda: os.path.exists(ksock), 10, ksock)
-        cmd = f"{DEVIO} convert -p 'nbd+unix:///?socket={ksock}' {out}; echo EXIT=$?; sleep 60"
-        assert tmux(tsock, "new-session", "-d", "-x", "150", "-y", "10", cmd).returncode == 0
+        line = f"{DEVIO} {cmd} 'nbd+unix:///?socket={ksock}' {out}; echo EXIT=$?; sleep 60"
+        assert tmux(tsock, "new-session", "-d", "-x", "150", "-y", "10", line).returncode == 0
         seen = {}
 
         def pane_has(word):
@@ -545,19 +548,19 @@ def test_progress_bar_in_a_terminal(tmp):
 
         wait_for(lambda: pane_has("ETA"), 60, "the progress line")
         assert "%" in seen["pane"] and "MiB/s" in seen["pane"] and "[#" in seen["pane"] + "[#", seen["pane"]
-        wait_for(lambda: pane_has("EXIT="), 120, "convert to finish")
+        wait_for(lambda: pane_has("EXIT="), 120, f"{cmd} to finish")
         pane = seen["pane"]
         assert "EXIT=0" in pane, pane
-        assert "converted 25165824 bytes" in pane
+        assert f"{done} 25165824 bytes" in pane
         assert "ETA" not in pane and "MiB/s" not in pane, pane  # the line cleared itself
     finally:
         tmux(tsock, "kill-server")
         k.terminate()
         k.wait(timeout=20)
     assert os.path.getsize(out) == 24 * MiB
-    # without a terminal, -p draws nothing
+    # without a terminal, nothing is drawn
     out2 = os.path.join(tmp, "out2.raw")
-    p = devio("convert", "-p", out, out2)
+    p = devio(*cmd.split(), out, out2)
     assert "ETA" not in p.stderr and "\r" not in p.stderr
 
 

@@ -98,17 +98,18 @@ def test_bad_value_of_an_unused_option_is_still_an_error():
     assert "--depth: bad number 'lots'" in r.stderr
 
 
-@pytest.mark.parametrize("args", [
-    ("serve", "ram:1M", "--devio", "stdio", "--no-such-option"),
-    ("serve", "ram:1M", "--nbd", "tcp:0", "--loop=yes"),        # a flag given a value
-    ("serve", "ram:1M", "--fuse"),                              # a front end without its argument
-    ("attach", "devio://127.0.0.1:1", "--fuse", "/tmp", "--queues", "2"),  # ublk's, not attach's
-    ("attach", "devio://127.0.0.1:1", "--no-such-option"),
+@pytest.mark.parametrize("args,problem", [
+    (("serve", "ram:1M", "--devio", "stdio", "--no-such-option"), "unknown option --no-such-option"),
+    (("serve", "ram:1M", "--nbd", "tcp:0", "--loop=yes"), "option --loop takes no argument"),
+    (("serve", "ram:1M", "--fuse"), "option --fuse needs an argument"),
+    (("attach", "devio://127.0.0.1:1", "--fuse", "/tmp", "--queues", "2"), "unknown option --queues"),
+    (("attach", "devio://127.0.0.1:1", "--no-such-option"), "unknown option --no-such-option"),
 ])
-def test_unknown_option_is_a_usage_error(args):
+def test_unknown_option_is_a_usage_error(args, problem):
+    """One line naming the problem, one pointing at the command's help."""
     r = run(*args)
     assert r.returncode == 2, r.stderr
-    assert "usage: devio" in r.stderr
+    assert r.stderr.splitlines() == [f"devio: error: {args[0]}: {problem}", f"try 'devio {args[0]} --help'"]
 
 
 def test_attach_option_of_its_front_end_is_parsed(scratch):

@@ -26,7 +26,21 @@ static void test_parse_size(void **state)
 	assert_int_equal(devio_parse_size("", &v), -EINVAL);
 	assert_int_equal(devio_parse_size("-1", &v), -EINVAL);
 	assert_int_equal(devio_parse_size("12Q", &v), -EINVAL);
-	assert_int_equal(devio_parse_size("1.5G", &v), -EINVAL);
+	assert_int_equal(devio_parse_size("1.5G", &v), 0);
+	assert_int_equal(v, 3ull << 29);
+	assert_int_equal(devio_parse_size("010M", &v), 0); /* decimal, not octal */
+	assert_int_equal(v, 10ull << 20);
+	assert_int_equal(devio_parse_size("0.5K", &v), 0);
+	assert_int_equal(v, 512);
+	assert_int_equal(devio_parse_size("1.5", &v), -EINVAL);
+	assert_int_equal(devio_parse_size("0.0001K", &v), -EINVAL);
+	assert_int_equal(devio_parse_size("1.", &v), -EINVAL);
+	assert_int_equal(devio_parse_size(" 1", &v), -EINVAL);
+	assert_int_equal(devio_parse_size("16E", &v), -ERANGE);
+	assert_int_equal(devio_parse_u64("010", &v), 0);
+	assert_int_equal(v, 10);
+	assert_int_equal(devio_parse_u64("18446744073709551616", &v), -ERANGE);
+	assert_int_equal(devio_parse_u64("0x", &v), -EINVAL);
 	assert_int_equal(devio_parse_size("16E", &v), -ERANGE);
 	assert_int_equal(devio_parse_size("99999999999999999999", &v), -ERANGE);
 }
