@@ -76,3 +76,32 @@ else
   show_log /tmp/rc-far.log; fail $t "far server did not start"
 fi
 rm -f /tmp/rc.img
+
+# The kernel's nbd client: attach stays as the monitor (--reconnect), the
+# kernel waits dead_conn_timeout for new sockets, which the monitor gives
+# with NBD_CMD_RECONFIGURE after each NBD_CMD_LINK_DEAD.  Two connections
+# (the file backend allows multi-conn), both lost at each kill.
+t=reconnect-nbd-device
+truncate -s 64M /tmp/rc.img
+if rc_far_start; then
+  devio attach "nbd+unix:///?socket=/tmp/rc.sock" --nbd-device /dev/nbd1 --reconnect --timeout 60 \
+    >/tmp/rc-nbd.out 2>/tmp/rc-nbd.log &
+  MON=$!
+  if wait_for 30 grep -q '^/dev/nbd1$' /tmp/rc-nbd.out && wait_for 10 test "$(cat /sys/block/nbd1/size)" -gt 0; then
+    rc_rounds /dev/nbd1; r=$?
+    back=$(grep -c 'reconnected after' /tmp/rc-nbd.log)
+    devio detach /dev/nbd1 >>/tmp/rc-nbd.log 2>&1
+    wait_for 20 dead $MON; gone=$?
+    info "$t: $back reconnections by the monitor"
+    if [ $r -ne 0 ]; then show_log /tmp/rc-nbd.log; fail $t "I/O failed or data differs"
+    elif [ "$back" -lt 1 ]; then show_log /tmp/rc-nbd.log; fail $t "no reconnection logged"
+    elif [ $gone -ne 0 ]; then fail $t "the monitor did not end after detach"; kill -KILL $MON
+    else pass $t; fi
+  else
+    show_log /tmp/rc-nbd.log; fail $t "attach --nbd-device --reconnect failed"; kill -KILL $MON 2>/dev/null
+  fi
+  rc_far_kill
+else
+  show_log /tmp/rc-far.log; fail $t "far server did not start"
+fi
+rm -f /tmp/rc.img
