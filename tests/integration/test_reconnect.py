@@ -245,3 +245,128 @@ def test_server_back_with_another_size_is_refused(scratch, kind):
         os.close(fd)
     text = read_log(log)
     assert "giving up" in text and str(2 * SIZE) in text and str(SIZE) in text, text
+
+
+class OrderingServer:
+    """A hand-written NBD server on a Unix socket (simple replies only):
+    its first transmission connection takes one request and closes without
+    answering it (a lost connection); on the next, it notes the order of
+    the requests and whether a second one arrived before it answered the
+    first, then answers everything."""
+
+    def __init__(self, path, size):
+        import socket
+        self.size = size
+        self.ls = socket.socket(socket.AF_UNIX)
+        self.ls.bind(path)
+        self.ls.listen(4)
+        self.ls.settimeout(30)
+        self.got_first = threading.Event()
+        self.second_conn = []     # (type, offset, first payload byte) in arrival order
+        self.early = None         # did a request arrive before the first was answered?
+        self.error = None
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def handshake(self, c):
+        import struct
+        c.sendall(b"NBDMAGIC" + b"IHAVEOPT" + struct.pack(">H", 3))
+        self.recv(c, 4)
+        while True:
+            _, opt, ln = struct.unpack(">QII", self.recv(c, 16))
+            self.recv(c, ln)
+            if opt == 7:  # GO
+                c.sendall(struct.pack(">QIII", 0x3e889045565a9, opt, 3, 12) +
+                          struct.pack(">HQH", 0, self.size, 1 | 4 | 8))  # HAS_FLAGS|FLUSH|FUA
+                c.sendall(struct.pack(">QIII", 0x3e889045565a9, opt, 1, 0))
+                return
+            c.sendall(struct.pack(">QIII", 0x3e889045565a9, opt, 0x80000001, 0))
+
+    @staticmethod
+    def recv(c, n):
+        b = b""
+        while len(b) < n:
+            got = c.recv(n - len(b))
+            if not got:
+                raise EOFError
+            b += got
+        return b
+
+    def request(self, c):
+        import struct
+        _, _, typ, cookie, off, ln = struct.unpack(">IHHQQI", self.recv(c, 28))
+        data = self.recv(c, ln) if typ == 1 else b""
+        return typ, cookie, off, ln, data
+
+    def answer(self, c, typ, cookie, ln):
+        import struct
+        c.sendall(struct.pack(">IIQ", 0x67446698, 0, cookie) + (bytes(ln) if typ == 0 else b""))
+
+    def run(self):
+        import select
+        try:
+            c, _ = self.ls.accept()  # the near server's open
+            self.handshake(c)
+            self.request(c)          # the first write: never answered
+            self.got_first.set()
+            time.sleep(0.3)          # the second write is submitted meanwhile
+            c.close()
+            c, _ = self.ls.accept()  # the reconnection
+            self.handshake(c)
+            typ, cookie, off, ln, data = self.request(c)
+            self.second_conn.append((typ, off, data[:1]))
+            self.early = bool(select.select([c], [], [], 0.5)[0])
+            self.answer(c, typ, cookie, ln)
+            while True:
+                typ, cookie, off, ln, data = self.request(c)
+                if typ == 2:
+                    break
+                self.second_conn.append((typ, off, data[:1]))
+                self.answer(c, typ, cookie, ln)
+        except EOFError:
+            pass
+        except Exception as e:  # reported by the test
+            self.error = e
+
+    def close(self):
+        self.ls.close()
+        self.t.join(30)
+
+
+def test_reissued_write_goes_before_a_newer_overlapping_one(serve, scratch):
+    """A write in flight when the connection is lost is sent again, and a
+    newer write to the same bytes (submitted while the first was in flight)
+    is sent only after the reissued one is answered: it cannot be
+    overtaken.  Through `devio serve nbd+unix://... --remote-timeout`."""
+    import nbd
+    far_sock, near_sock = scratch.path("far.sock"), scratch.path("near.sock")
+    far = OrderingServer(far_sock, SIZE)
+    scratch.cleanups.append(far.close)
+    near = serve(f"nbd+unix:///?socket={far_sock}", "--nbd", f"unix:{near_sock}", "--remote-timeout", "30")
+    near.wait_unix(near_sock)
+    results = {}
+
+    def write(name, byte):
+        h = nbd.NBD()
+        try:
+            h.connect_unix(near_sock)
+            h.pwrite(bytes([byte]) * BLOCK, 0)
+            results[name] = "ok"
+            h.shutdown()
+        except Exception as e:
+            results[name] = repr(e)
+
+    older = threading.Thread(target=write, args=("older", 0xAA))
+    older.start()
+    assert far.got_first.wait(20)
+    newer = threading.Thread(target=write, args=("newer", 0xBB))
+    newer.start()
+    older.join(60)
+    newer.join(60)
+    assert far.error is None, far.error
+    assert results == {"older": "ok", "newer": "ok"}, results
+    writes = [(off, b) for typ, off, b in far.second_conn if typ == 1]
+    assert writes[:2] == [(0, b"\xaa"), (0, b"\xbb")], far.second_conn
+    assert far.early is False  # the newer write waited for the reissued one's answer
+    near.stop()
+    assert "reconnected after" in near.stderr()
