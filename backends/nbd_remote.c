@@ -10,6 +10,14 @@
  * synchronous callbacks are submit-and-wait, split at the server's
  * maximum block size.  Every reply is checked: an unknown cookie or a bad
  * magic ends the connection and fails what is in flight with EIO.
+ *
+ * With a reconnection timeout (`attach --timeout`) a connection that
+ * breaks is not the end: a manager thread dials again with backoff (the
+ * same handshake, called again), checks that the export is the same, and
+ * sends what was not answered again, oldest first, before new requests;
+ * changes hold their byte range until answered, so overlapping changes are
+ * never in flight together and a reissued write cannot land after a newer
+ * acknowledged one (docs/backends.md).
  */
 #include <errno.h>
 #include <pthread.h>

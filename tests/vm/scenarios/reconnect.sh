@@ -18,6 +18,11 @@ rc_far_start() {
   wait_for 30 test -S /tmp/rc.sock
 }
 
+# rc_sanitizer LOG...: 0 (and the lines shown) when a log holds a sanitizer report.
+rc_sanitizer() {
+  grep -h -m 5 -E 'AddressSanitizer|LeakSanitizer|runtime error:' "$@" 2>/dev/null | sed 's/^/INFO   | /' | grep .
+}
+
 rc_far_kill() {
   kill -KILL "$FAR" 2>/dev/null
   wait "$FAR" 2>/dev/null
@@ -65,6 +70,7 @@ if rc_far_start; then
     stop_server TERM
     info "$t: $lost losses, $back reconnections seen by the attach process"
     if [ $r -ne 0 ]; then show_log /tmp/rc-ublk.log; fail $t "I/O failed or data differs"
+    elif rc_sanitizer /tmp/rc-ublk.log /tmp/rc-far.log; then fail $t "sanitizer report"
     elif [ "$SRV_RC" != 0 ]; then show_log /tmp/rc-ublk.log; fail $t "attach exit $SRV_RC"
     elif [ "$lost" -lt 1 ] || [ "$back" != "$lost" ]; then show_log /tmp/rc-ublk.log; fail $t "losses/reconnections"
     else pass $t; fi
@@ -94,11 +100,46 @@ if rc_far_start; then
     wait_for 20 dead $MON; gone=$?
     info "$t: $back reconnections by the monitor"
     if [ $r -ne 0 ]; then show_log /tmp/rc-nbd.log; fail $t "I/O failed or data differs"
+    elif rc_sanitizer /tmp/rc-nbd.log /tmp/rc-far.log; then fail $t "sanitizer report"
     elif [ "$back" -lt 1 ]; then show_log /tmp/rc-nbd.log; fail $t "no reconnection logged"
     elif [ $gone -ne 0 ]; then fail $t "the monitor did not end after detach"; kill -KILL $MON
     else pass $t; fi
   else
     show_log /tmp/rc-nbd.log; fail $t "attach --nbd-device --reconnect failed"; kill -KILL $MON 2>/dev/null
+  fi
+  rc_far_kill
+else
+  show_log /tmp/rc-far.log; fail $t "far server did not start"
+fi
+rm -f /tmp/rc.img
+
+# Past the timeout: with the far server gone for longer than --timeout 3,
+# a write to /dev/nbd2 fails (EIO, not a hang), the monitor says so and
+# keeps trying; once the server is back the device reads again.
+t=reconnect-nbd-device-timeout
+truncate -s 64M /tmp/rc.img
+if rc_far_start; then
+  devio attach "nbd+unix:///?socket=/tmp/rc.sock" --nbd-device /dev/nbd2 --reconnect --timeout 3 \
+    >/tmp/rc-nbt.out 2>/tmp/rc-nbt.log &
+  MON=$!
+  if wait_for 30 grep -q '^/dev/nbd2$' /tmp/rc-nbt.out && wait_for 10 test "$(cat /sys/block/nbd2/size)" -gt 0; then
+    dd if=/dev/urandom of=/dev/nbd2 bs=64k count=1 oflag=direct 2>/dev/null; w0=$?
+    rc_far_kill
+    timeout 90 dd if=/dev/urandom of=/dev/nbd2 bs=64k count=1 seek=10 oflag=direct 2>/tmp/rc-dd.log; w1=$?
+    rc_far_start
+    wait_for 60 dd if=/dev/nbd2 of=/dev/null bs=4k count=1 skip=20 iflag=direct; back=$?
+    devio detach /dev/nbd2 >>/tmp/rc-nbt.log 2>&1
+    wait_for 20 dead $MON; gone=$?
+    info "$t: write with no server: exit $w1 ($(head -c 120 /tmp/rc-dd.log | tr '\n' ' '))"
+    if [ $w0 -ne 0 ]; then fail $t "the first write failed"
+    elif [ $w1 -eq 0 ] || [ $w1 -ge 124 ]; then fail $t "want an I/O error, got exit $w1"
+    elif ! grep -q 'no server for 3 s' /tmp/rc-nbt.log; then show_log /tmp/rc-nbt.log; fail $t "expiry not logged"
+    elif [ $back -ne 0 ]; then show_log /tmp/rc-nbt.log; fail $t "the device did not come back"
+    elif [ $gone -ne 0 ]; then fail $t "the monitor did not end after detach"; kill -KILL $MON
+    elif rc_sanitizer /tmp/rc-nbt.log /tmp/rc-far.log; then fail $t "sanitizer report"
+    else pass $t; fi
+  else
+    show_log /tmp/rc-nbt.log; fail $t "attach --nbd-device --reconnect failed"; kill -KILL $MON 2>/dev/null
   fi
   rc_far_kill
 else
