@@ -164,6 +164,17 @@ static void dr_conn_put(struct remote *rm, struct remote_conn *c)
 	pthread_mutex_unlock(&rm->lock);
 }
 
+/* Has the server come back with another export (for good)? */
+static bool dr_dead(struct remote *rm)
+{
+	bool dead;
+
+	pthread_mutex_lock(&rm->lock);
+	dead = rm->dead;
+	pthread_mutex_unlock(&rm->lock);
+	return dead;
+}
+
 /* Is the server lost right now (a loss seen and no exchange since)? */
 static bool dr_outage(struct remote *rm)
 {
@@ -432,7 +443,7 @@ static int dr_run_reconnecting(struct remote *rm, struct xfer *x)
 	for (;;) {
 		struct remote_conn *c;
 
-		if (rm->dead)
+		if (dr_dead(rm))
 			return -EIO;
 		if (!(r = dr_conn_open(rm, &c))) {
 			r = dr_exchange(rm, c->fd, x);

@@ -801,6 +801,7 @@ static void nr_close(struct devio_backend *b)
 		pthread_cond_wait(&rm->cond, &rm->lock);
 	rm->closing = true;
 	pthread_cond_broadcast(&rm->mgr_cond);
+	pthread_cond_broadcast(&rm->cond);
 	pthread_mutex_unlock(&rm->lock);
 	if (rm->manager_live)
 		pthread_join(rm->manager, NULL);
