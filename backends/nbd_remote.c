@@ -69,7 +69,7 @@ struct remote {
 	 * payload is still going out, and completing it would free that
 	 * payload: its sender completes it once done. */
 	bool answered[REMOTE_SLOTS]; /* while claimed: req->result is set */
-	/* Changes (WRITE, ZERO, TRIM) hold their range exclusively from before
+	/* With reconnection, changes (WRITE, ZERO, TRIM) hold their range exclusively from before
 	 * they are sent until answered: two overlapping changes are never on
 	 * the wire together, so one that must be reissued after a lost
 	 * connection can never land after a newer acknowledged one. */
@@ -565,7 +565,7 @@ static int nr_send_request(struct remote *rm, struct devio_request *req)
 	req->priv[0] = 0; /* error reported by a chunk */
 	if ((r = nr_claim(rm, req, &i)))
 		return r;
-	if (nr_is_change(req)) {
+	if (rm->timeout_s && nr_is_change(req)) {
 		/* after every older overlapping change is answered */
 		devio_range_acquire(&rm->ranges, &rm->range[i], req->offset, req->offset + req->length, true);
 		pthread_mutex_lock(&rm->lock);
