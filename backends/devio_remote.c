@@ -31,6 +31,7 @@
 #include <unistd.h>
 #include "devio/backend.h"
 #include "devio/protocol.h"
+#include "devio/range_lock.h"
 #include "devio/util.h"
 
 #define REMOTE_MAX_CONNS 4
@@ -63,6 +64,13 @@ struct remote {
 	 * what is open when the server refuses one more (ImDisk's devio
 	 * serves one connection): requests then wait for those. */
 	unsigned max_conns;
+	/* Reconnection (reconnect_s > 0): changes hold their bytes from first
+	 * send to answer; the outage's start (0: connected), said once. */
+	unsigned reconnect_s;
+	struct devio_range_lock ranges;
+	uint64_t down_since;
+	bool told_expired;
+	bool dead;              /* the server now offers another export: every request fails */
 };
 
 /* ---- connections ---- */
@@ -148,7 +156,69 @@ static bool dr_conn_shrink(struct remote *rm, struct remote_conn *c, int err)
 	return open > 0;
 }
 
-/* An open connection, marked busy: dialled if need be. */
+static void dr_conn_put(struct remote *rm, struct remote_conn *c)
+{
+	pthread_mutex_lock(&rm->lock);
+	c->busy = false;
+	pthread_cond_signal(&rm->freed);
+	pthread_mutex_unlock(&rm->lock);
+}
+
+/* Has the server come back with another export (for good)? */
+static bool dr_dead(struct remote *rm)
+{
+	bool dead;
+
+	pthread_mutex_lock(&rm->lock);
+	dead = rm->dead;
+	pthread_mutex_unlock(&rm->lock);
+	return dead;
+}
+
+/* Is the server lost right now (a loss seen and no exchange since)? */
+static bool dr_outage(struct remote *rm)
+{
+	bool lost;
+
+	pthread_mutex_lock(&rm->lock);
+	lost = rm->down_since != 0;
+	pthread_mutex_unlock(&rm->lock);
+	return lost;
+}
+
+/* A connection dialled after a loss must reach the same export: INFO
+ * says the same size, alignment and flags.  0, -ESTALE (another export:
+ * logged, and the backend is dead from now on) or -errno (try again). */
+static int dr_check_export(struct remote *rm, int fd)
+{
+	struct devio_proto_req rq = { .code = DEVIO_REQ_INFO };
+	uint8_t req[DEVIO_MAX_REQ_HDR], resp[DEVIO_INFO_SIZE];
+	struct devio_info info;
+	char why[160];
+	int r;
+
+	if ((r = devio_write_full(fd, req, devio_proto_encode_req(&rq, req))) ||
+	    (r = devio_read_full(fd, resp, sizeof(resp))))
+		return r;
+	if (devio_proto_decode_info(resp, &info, why, sizeof(why)) || info.file_size != rm->remote_size ||
+	    info.req_alignment != rm->align || info.flags != rm->flags) {
+		pthread_mutex_lock(&rm->lock);
+		if (!rm->dead)
+			devio_err("%s: reconnecting: the server now offers %llu bytes (alignment %llu, flags 0x%llx), "
+				  "not %llu (%llu, 0x%llx); giving up (detach and attach again)", rm->uri,
+				  (unsigned long long)info.file_size, (unsigned long long)info.req_alignment,
+				  (unsigned long long)info.flags, (unsigned long long)rm->remote_size,
+				  (unsigned long long)rm->align, (unsigned long long)rm->flags);
+		rm->dead = true;
+		pthread_mutex_unlock(&rm->lock);
+		return -ESTALE;
+	}
+	return 0;
+}
+
+/* An open connection, marked busy: dialled if need be.  With
+ * reconnection, a failed dial during a loss is the caller's to wait for
+ * (no pool shrinking: the other connections are as dead). */
 static int dr_conn_open(struct remote *rm, struct remote_conn **out)
 {
 	for (;;) {
@@ -160,24 +230,28 @@ static int dr_conn_open(struct remote *rm, struct remote_conn **out)
 			return 0;
 		}
 		fd = dr_dial(rm);
+		if (fd >= 0 && rm->reconnect_s) {
+			int r = dr_check_export(rm, fd);
+
+			if (r) {
+				close(fd);
+				fd = r;
+			}
+		}
 		if (fd >= 0) {
 			c->fd = fd;
 			*out = c;
 			return 0;
+		}
+		if (rm->reconnect_s && (fd == -ESTALE || dr_outage(rm))) {
+			dr_conn_put(rm, c);
+			return fd;
 		}
 		if (!dr_conn_shrink(rm, c, fd)) {
 			devio_err("%s: cannot connect: %s", rm->uri, strerror(-fd));
 			return fd;
 		}
 	}
-}
-
-static void dr_conn_put(struct remote *rm, struct remote_conn *c)
-{
-	pthread_mutex_lock(&rm->lock);
-	c->busy = false;
-	pthread_cond_signal(&rm->freed);
-	pthread_mutex_unlock(&rm->lock);
 }
 
 static void dr_conn_drop(struct remote_conn *c)
@@ -298,7 +372,7 @@ static int dr_exchange(struct remote *rm, int fd, struct xfer *x)
 
 /* Run x on a pooled connection; after a broken connection, once more
  * on another (or a new) one. */
-static int dr_run(struct remote *rm, struct xfer *x)
+static int dr_run_once_more(struct remote *rm, struct xfer *x)
 {
 	struct remote_conn *c;
 	int r = -ECONNRESET;
@@ -324,6 +398,80 @@ static int dr_run(struct remote *rm, struct xfer *x)
 	return r ? r : x->result;
 }
 
+/* A loss seen by one request (r): the first says so; false once the
+ * server has been gone past the timeout (said once). */
+static bool dr_lost(struct remote *rm, int r)
+{
+	uint64_t now = devio_now_ns();
+	bool wait = true;
+
+	pthread_mutex_lock(&rm->lock);
+	if (!rm->down_since) {
+		rm->down_since = now;
+		rm->told_expired = false;
+		devio_warn("%s: connection lost (%s); requests wait up to %u s for the server to come back", rm->uri,
+			   strerror(-r), rm->reconnect_s);
+	} else if (now - rm->down_since >= (uint64_t)rm->reconnect_s * 1000000000ull) {
+		if (!rm->told_expired)
+			devio_err("%s: no server for %u s (%s): requests fail with EIO until it is back", rm->uri,
+				  rm->reconnect_s, strerror(-r));
+		rm->told_expired = true;
+		wait = false;
+	}
+	pthread_mutex_unlock(&rm->lock);
+	return wait;
+}
+
+/* An exchange went through: the end of a loss, if there was one. */
+static void dr_back(struct remote *rm)
+{
+	pthread_mutex_lock(&rm->lock);
+	if (rm->down_since)
+		devio_info("%s: reconnected after %.1f s", rm->uri, (double)(devio_now_ns() - rm->down_since) / 1e9);
+	rm->down_since = 0;
+	pthread_mutex_unlock(&rm->lock);
+}
+
+/* With reconnection: run x until answered, reconnecting with backoff
+ * while the server is away (up to reconnect_s from the loss).  A change
+ * that timed out is not sent again (it may still land late). */
+static int dr_run_reconnecting(struct remote *rm, struct xfer *x)
+{
+	uint64_t backoff_us = 50000;
+	int r;
+
+	for (;;) {
+		struct remote_conn *c;
+
+		if (dr_dead(rm))
+			return -EIO;
+		if (!(r = dr_conn_open(rm, &c))) {
+			r = dr_exchange(rm, c->fd, x);
+			if (r == 0) {
+				dr_conn_put(rm, c);
+				dr_back(rm);
+				return x->result;
+			}
+			dr_conn_drop(c);
+			dr_conn_put(rm, c);
+			if ((r == -ETIMEDOUT || r == -EAGAIN) && x->code != DEVIO_REQ_READ) {
+				devio_err("%s: no answer at offset %llu within %u s", rm->uri, (unsigned long long)x->off,
+					  rm->timeout_s);
+				return r;
+			}
+		}
+		if (r == -ESTALE || !dr_lost(rm, r))
+			return -EIO;
+		usleep((useconds_t)backoff_us);
+		backoff_us = backoff_us * 2 > 1000000 ? 1000000 : backoff_us * 2;
+	}
+}
+
+static int dr_run(struct remote *rm, struct xfer *x)
+{
+	return rm->reconnect_s ? dr_run_reconnecting(rm, x) : dr_run_once_more(rm, x);
+}
+
 /* ---- aligned transfers, split into chunks ---- */
 
 static int dr_run_chunks(struct remote *rm, uint64_t code, void *buf, uint64_t len, uint64_t off)
@@ -344,6 +492,21 @@ static int dr_run_chunks(struct remote *rm, uint64_t code, void *buf, uint64_t l
 		len -= n;
 	}
 	return r;
+}
+
+/* With reconnection, a change holds its bytes from first send to answer
+ * (every piece, every reissue): an overlapping change waits, so it never
+ * overtakes one that is sent again. */
+static void dr_range_hold(struct remote *rm, struct devio_range *rg, uint64_t off, uint64_t len)
+{
+	if (rm->reconnect_s)
+		devio_range_acquire(&rm->ranges, rg, off, off + len, true);
+}
+
+static void dr_range_let_go(struct remote *rm, struct devio_range *rg)
+{
+	if (rm->reconnect_s)
+		devio_range_release(&rm->ranges, rg);
 }
 
 static bool dr_aligned(const struct remote *rm, uint64_t off, uint64_t len)
@@ -401,10 +564,14 @@ static int dr_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uin
 	struct remote *rm = b->priv;
 	int r;
 
+	struct devio_range rg;
+
 	if (!dr_aligned(rm, off, len))
 		return dr_pwrite_rmw(rm, buf, len, off);
 	pthread_rwlock_rdlock(&rm->rmw_lock);
+	dr_range_hold(rm, &rg, off, len);
 	r = dr_run_chunks(rm, DEVIO_REQ_WRITE, (void *)buf, len, off);
+	dr_range_let_go(rm, &rg);
 	pthread_rwlock_unlock(&rm->rmw_lock);
 	return r;
 }
@@ -413,10 +580,13 @@ static int dr_range(struct devio_backend *b, uint64_t code, uint64_t off, uint64
 {
 	struct remote *rm = b->priv;
 	struct xfer x = { .code = code, .off = off, .len = len };
+	struct devio_range rg;
 	int r;
 
 	pthread_rwlock_rdlock(&rm->rmw_lock);
+	dr_range_hold(rm, &rg, off, len);
 	r = dr_run(rm, &x);
+	dr_range_let_go(rm, &rg);
 	pthread_rwlock_unlock(&rm->rmw_lock);
 	if (r)
 		devio_err("%s: %s at %llu of %llu bytes: %s", rm->uri, code == DEVIO_REQ_UNMAP ? "unmap" : "zero",
@@ -492,6 +662,7 @@ static void dr_close(struct devio_backend *b)
 	pthread_cond_destroy(&rm->freed);
 	pthread_mutex_destroy(&rm->lock);
 	pthread_rwlock_destroy(&rm->rmw_lock);
+	devio_range_lock_destroy(&rm->ranges);
 	free(rm);
 	free(b);
 }
@@ -641,6 +812,8 @@ int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts,
 	pthread_mutex_init(&rm->lock, NULL);
 	pthread_cond_init(&rm->freed, NULL);
 	dr_rmw_lock_init(&rm->rmw_lock);
+	devio_range_lock_init(&rm->ranges);
+	rm->reconnect_s = opts->remote_timeout;
 	snprintf(rm->uri, sizeof(rm->uri), "%s", uri);
 	rm->timeout_s = dr_timeout();
 	rm->max_conns = REMOTE_MAX_CONNS;

@@ -10,6 +10,14 @@
  * synchronous callbacks are submit-and-wait, split at the server's
  * maximum block size.  Every reply is checked: an unknown cookie or a bad
  * magic ends the connection and fails what is in flight with EIO.
+ *
+ * With a reconnection timeout (`attach --timeout`) a connection that
+ * breaks is not the end: a manager thread dials again with backoff (the
+ * same handshake, called again), checks that the export is the same, and
+ * sends what was not answered again, oldest first, before new requests;
+ * changes hold their byte range until answered, so overlapping changes are
+ * never in flight together and a reissued write cannot land after a newer
+ * acknowledged one (docs/backends.md).
  */
 #include <errno.h>
 #include <pthread.h>
@@ -18,8 +26,10 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 #include "devio/backend.h"
+#include "devio/range_lock.h"
 #include "devio/util.h"
 #include "../lib/nbd_client.h"
 #include "../lib/nbd_proto.h"
@@ -30,29 +40,62 @@
 #define REMOTE_MAX_DESC 512         /* block status descriptors kept per query */
 #define REMOTE_MAX_CHUNK_SKIP (16u << 20)
 
+/* Where a slot's request is (rm->lock). */
+enum nr_slot_state {
+	SLOT_FREE = 0,
+	SLOT_CLAIMED,  /* a thread (its submitter, or the manager replaying it) is sending it */
+	SLOT_INFLIGHT, /* on the wire of connection slot_conn, not yet answered */
+	SLOT_QUEUED,   /* waits for a connection: the manager (re)sends it, oldest first */
+};
+
 struct remote {
 	char name[300];
-	int fd;
-	struct devio_tls *tls;       /* nbds://: every byte goes through it */
+	int fd;                      /* the current connection; changed only under send_lock */
+	struct devio_tls *tls;       /* nbds://: every byte goes through it (changed with fd) */
 	uint16_t tflags;
 	uint32_t max_payload;
 	uint32_t min_block;           /* the server's minimum block size, 1 if none */
+	uint64_t size;
 	pthread_t reader;
+	bool reader_live;            /* a reader thread runs (or exited unjoined) on fd */
 	pthread_mutex_t send_lock;
-	pthread_mutex_t lock;        /* slots, dead */
-	pthread_cond_t cond;         /* a slot was freed */
+	pthread_mutex_t lock;        /* slots, connection state */
+	pthread_cond_t cond;         /* a slot was freed or answered; the connection came back */
 	struct devio_request *slot[REMOTE_SLOTS];
 	uint32_t gen[REMOTE_SLOTS];
-	/* A request is completed only once it is answered and no longer being
-	 * sent: a reply (or a dead connection) can come while its payload is
-	 * still going out, and completing it would free that payload. */
-	bool sending[REMOTE_SLOTS];
-	bool answered[REMOTE_SLOTS]; /* while sending: req->result is set */
+	uint8_t state[REMOTE_SLOTS];
+	uint64_t seq[REMOTE_SLOTS];  /* submission order: replayed oldest first */
+	uint32_t slot_conn[REMOTE_SLOTS];
+	/* A reply (or a dead connection) can come while a claimed request's
+	 * payload is still going out, and completing it would free that
+	 * payload: its sender completes it once done. */
+	bool answered[REMOTE_SLOTS]; /* while claimed: req->result is set */
+	/* With reconnection, changes (WRITE, ZERO, TRIM) hold their range exclusively from before
+	 * they are sent until answered: two overlapping changes are never on
+	 * the wire together, so one that must be reissued after a lost
+	 * connection can never land after a newer acknowledged one. */
+	struct devio_range_lock ranges;
+	struct devio_range range[REMOTE_SLOTS];
+	bool ranged[REMOTE_SLOTS];
 	unsigned used;
-	bool dead;
+	uint64_t seq_next;
 	bool structured;             /* structured replies negotiated */
 	bool have_meta;              /* base:allocation selected */
 	uint32_t meta_id;
+	/* ---- the connection's life (rm->lock) ---- */
+	bool dead;                   /* for good: every request fails with EIO */
+	bool conn_ok;                /* the current connection is alive */
+	bool up;                     /* connected, nothing left to replay: senders send */
+	bool lost;                   /* the reader saw the connection end: the manager takes over */
+	bool closing;
+	uint32_t conn;               /* connection number, counted from 1 */
+	uint64_t down_since;         /* devio_now_ns() of the loss; requests wait until + timeout */
+	unsigned timeout_s;          /* 0: no reconnection (dead at the first loss) */
+	pthread_t manager;           /* reconnects and replays (only with timeout_s) */
+	bool manager_live;
+	pthread_cond_t mgr_cond;     /* lost or closing; monotonic clock */
+	struct devio_nbd_uri *uri;
+	struct devio_nbd_client_opts co;
 };
 
 /* A block-status query in flight: the reader fills desc. */
@@ -102,42 +145,77 @@ static int nr_sendv(struct remote *rm, struct iovec *iov, int n)
 
 #define REQ_KIND_BS 1
 
-/* ---- transmission ---- */
+/* ---- slots ---- */
 
-/* Fail everything in flight (the connection is gone). */
+/* Free slot i (lock held): its range goes, its request is the caller's
+ * to complete. */
+static struct devio_request *nr_release_slot_locked(struct remote *rm, unsigned i)
+{
+	struct devio_request *req = rm->slot[i];
+
+	if (rm->ranged[i])
+		devio_range_release(&rm->ranges, &rm->range[i]);
+	rm->ranged[i] = false;
+	rm->slot[i] = NULL;
+	rm->state[i] = SLOT_FREE;
+	rm->answered[i] = false;
+	rm->used--;
+	pthread_cond_broadcast(&rm->cond);
+	return req;
+}
+
+/* Settle slot i with result (lock held): a claimed one is completed by
+ * its sender, any other is released and returned for the caller to
+ * complete after unlocking. */
+static struct devio_request *nr_settle_locked(struct remote *rm, unsigned i, int result)
+{
+	rm->slot[i]->result = result;
+	if (rm->state[i] == SLOT_CLAIMED) {
+		rm->answered[i] = true;
+		return NULL;
+	}
+	return nr_release_slot_locked(rm, i);
+}
+
+/* Fail (with EIO) every request not being sent, or only the queued ones;
+ * lock held, the failed requests are completed after unlocking. */
+static unsigned nr_fail_locked(struct remote *rm, bool queued_only, struct devio_request **done)
+{
+	unsigned n = 0;
+
+	for (unsigned i = 0; i < REMOTE_SLOTS; i++) {
+		struct devio_request *req;
+
+		if (!rm->slot[i] || rm->state[i] == SLOT_FREE || (queued_only && rm->state[i] != SLOT_QUEUED))
+			continue;
+		if (rm->state[i] == SLOT_CLAIMED && rm->answered[i])
+			continue; /* its real answer stands */
+		if ((req = nr_settle_locked(rm, i, -EIO)))
+			done[n++] = req;
+	}
+	return n;
+}
+
+static void nr_complete_all(struct devio_request **done, unsigned n)
+{
+	for (unsigned i = 0; i < n; i++)
+		done[i]->complete(done[i]);
+}
+
+/* The connection is gone for good: fail everything in flight. */
 static void nr_fail_all(struct remote *rm)
 {
 	struct devio_request *done[REMOTE_SLOTS];
-	unsigned n = 0;
+	unsigned n;
 
 	pthread_mutex_lock(&rm->lock);
 	rm->dead = true;
-	for (unsigned i = 0; i < REMOTE_SLOTS; i++) {
-		if (rm->slot[i] && rm->sending[i]) {
-			if (!rm->answered[i]) /* else its real answer stands */
-				rm->slot[i]->result = -EIO;
-			rm->answered[i] = true; /* its sender completes it */
-		} else if (rm->slot[i]) {
-			done[n++] = rm->slot[i];
-			rm->slot[i] = NULL;
-			rm->used--;
-		}
-	}
+	rm->up = false;
+	rm->conn_ok = false;
+	n = nr_fail_locked(rm, false, done);
 	pthread_cond_broadcast(&rm->cond);
 	pthread_mutex_unlock(&rm->lock);
-	for (unsigned i = 0; i < n; i++) {
-		done[i]->result = -EIO;
-		done[i]->complete(done[i]);
-	}
-}
-
-/* Free slot i (lock held). */
-static void nr_release_slot_locked(struct remote *rm, unsigned i)
-{
-	rm->slot[i] = NULL;
-	rm->answered[i] = false;
-	rm->used--;
-	pthread_cond_signal(&rm->cond);
+	nr_complete_all(done, n);
 }
 
 /* The answer for the request in slot i, which nr_find_slot() returned to the
@@ -147,38 +225,11 @@ static void nr_release_slot_locked(struct remote *rm, unsigned i)
 static void nr_answer_slot(struct remote *rm, uint64_t cookie, int result)
 {
 	unsigned i = (uint32_t)cookie;
-	struct devio_request *req;
-
-	pthread_mutex_lock(&rm->lock);
-	req = rm->slot[i];
-	if (!req) { /* cannot happen (see above); never a NULL dereference */
-		pthread_mutex_unlock(&rm->lock);
-		return;
-	}
-	req->result = result;
-	if (rm->sending[i]) {
-		rm->answered[i] = true;
-		req = NULL;
-	} else {
-		nr_release_slot_locked(rm, i);
-	}
-	pthread_mutex_unlock(&rm->lock);
-	if (req)
-		req->complete(req);
-}
-
-/* The sender of slot i is done: complete the request if it was answered
- * meanwhile. */
-static void nr_sent_slot(struct remote *rm, unsigned i)
-{
 	struct devio_request *req = NULL;
 
 	pthread_mutex_lock(&rm->lock);
-	rm->sending[i] = false;
-	if (rm->answered[i]) {
-		req = rm->slot[i];
-		nr_release_slot_locked(rm, i);
-	}
+	if (rm->slot[i]) /* cannot be NULL (see above); never a NULL dereference */
+		req = nr_settle_locked(rm, i, result);
 	pthread_mutex_unlock(&rm->lock);
 	if (req)
 		req->complete(req);
@@ -192,8 +243,9 @@ static struct devio_request *nr_find_slot(struct remote *rm, uint64_t cookie)
 	struct devio_request *req = NULL;
 
 	pthread_mutex_lock(&rm->lock);
-	if (i < REMOTE_SLOTS && rm->slot[i] && rm->gen[i] == gen && !rm->answered[i])
-		req = rm->slot[i]; /* an answered one is no longer in flight */
+	if (i < REMOTE_SLOTS && rm->slot[i] && rm->gen[i] == gen && !rm->answered[i] &&
+	    rm->state[i] != SLOT_QUEUED)
+		req = rm->slot[i]; /* an answered or queued one is not in flight here */
 	pthread_mutex_unlock(&rm->lock);
 	return req;
 }
@@ -335,13 +387,43 @@ static int nr_structured_chunk(struct remote *rm)
 	return 0;
 }
 
+/* The reader saw its connection end with r.  Without reconnection, after
+ * a broken protocol or at close, everything in flight fails; else what was
+ * on the wire waits for the manager to reconnect and send it again. */
+static void nr_conn_lost(struct remote *rm, int r)
+{
+	unsigned n = 0;
+
+	pthread_mutex_lock(&rm->lock);
+	if (!rm->timeout_s || rm->closing || r == -EPROTO || rm->dead) {
+		pthread_mutex_unlock(&rm->lock);
+		nr_fail_all(rm);
+		pthread_mutex_lock(&rm->lock);
+	} else {
+		rm->up = false;
+		rm->conn_ok = false;
+		rm->down_since = devio_now_ns();
+		for (unsigned i = 0; i < REMOTE_SLOTS; i++) {
+			if (rm->state[i] == SLOT_INFLIGHT && rm->slot_conn[i] == rm->conn)
+				rm->state[i] = SLOT_QUEUED;
+			n += rm->state[i] != SLOT_FREE;
+		}
+		devio_warn("%s: connection lost (%s) with %u request(s) in flight; they wait up to %u s for the server",
+			   rm->name, r == -ECONNRESET ? "closed by the server" : strerror(-r), n, rm->timeout_s);
+	}
+	rm->lost = true;
+	pthread_cond_broadcast(&rm->mgr_cond);
+	pthread_cond_broadcast(&rm->cond); /* a replay waiting for answers */
+	pthread_mutex_unlock(&rm->lock);
+}
+
 static void *nr_reader_main(void *arg)
 {
 	struct remote *rm = arg;
+	int r;
 
 	for (;;) {
 		uint8_t magic[4];
-		int r;
 
 		if ((r = nr_read_full(rm, magic, sizeof(magic))))
 			break;
@@ -357,7 +439,7 @@ static void *nr_reader_main(void *arg)
 		if (r)
 			break;
 	}
-	nr_fail_all(rm);
+	nr_conn_lost(rm, r);
 	return NULL;
 }
 
@@ -383,33 +465,33 @@ static uint16_t nr_command_of(const struct devio_request *req, uint16_t *flags)
 	}
 }
 
-/* Put one request on the wire (it fits the server's limits and flags);
- * the reader thread completes it.  0, or -EIO when the connection is gone. */
-static int nr_send_request(struct remote *rm, struct devio_request *req)
+/* A change of bytes: holds its range while in flight. */
+static bool nr_is_change(const struct devio_request *req)
 {
+	return req->priv[1] != REQ_KIND_BS &&
+	       (req->op == DEVIO_OP_WRITE || req->op == DEVIO_OP_ZERO || req->op == DEVIO_OP_TRIM);
+}
+
+/* Has the server been gone longer than the timeout (lock held)? */
+static bool nr_expired_locked(const struct remote *rm)
+{
+	return !rm->up && rm->down_since &&
+	       devio_now_ns() - rm->down_since >= (uint64_t)rm->timeout_s * 1000000000ull;
+}
+
+/* Write the request of claimed slot i on rm->fd (send_lock held).  A
+ * broken connection is shut down: its reader sees it and reports the
+ * loss.  0 or -errno. */
+static int nr_write_request(struct remote *rm, unsigned i)
+{
+	struct devio_request *req = rm->slot[i]; /* stable: the slot is ours */
 	uint8_t hdr[NBD_REQUEST_SIZE];
 	struct devio_nbd_request nr;
 	struct iovec iov[2];
 	uint16_t flags, type = nr_command_of(req, &flags);
-	unsigned i;
 	int r;
 
-	req->priv[0] = 0; /* error reported by a chunk */
-	pthread_mutex_lock(&rm->lock);
-	while (!rm->dead && rm->used == REMOTE_SLOTS)
-		pthread_cond_wait(&rm->cond, &rm->lock);
-	if (rm->dead) {
-		pthread_mutex_unlock(&rm->lock);
-		return -EIO;
-	}
-	for (i = 0; rm->slot[i]; i++)
-		;
-	rm->slot[i] = req;
-	rm->sending[i] = true;
-	rm->gen[i]++;
-	rm->used++;
 	nr.cookie = (uint64_t)rm->gen[i] << 32 | i;
-	pthread_mutex_unlock(&rm->lock);
 	nr.flags = flags;
 	nr.type = type;
 	nr.offset = req->op == DEVIO_OP_FLUSH ? 0 : req->offset;
@@ -417,15 +499,103 @@ static int nr_send_request(struct remote *rm, struct devio_request *req)
 	devio_nbd_encode_request(hdr, &nr);
 	iov[0] = (struct iovec){ hdr, sizeof(hdr) };
 	iov[1] = (struct iovec){ req->buf, req->op == DEVIO_OP_WRITE ? req->length : 0 };
-	pthread_mutex_lock(&rm->send_lock);
 	r = nr_sendv(rm, iov, iov[1].iov_len ? 2 : 1);
-	pthread_mutex_unlock(&rm->send_lock);
 	if (r) {
-		/* The reader sees the broken connection and fails the slot. */
-		devio_err("%s: sending a request: %s", rm->name, strerror(-r));
+		/* The reader sees the broken connection and says so. */
+		devio_log(rm->timeout_s ? DEVIO_LOG_DEBUG : DEVIO_LOG_ERROR, "%s: sending a request: %s", rm->name,
+			  strerror(-r));
 		shutdown(rm->fd, SHUT_RDWR);
 	}
-	nr_sent_slot(rm, i);
+	return r;
+}
+
+/* Send claimed slot i: by its submitter while the connection is up, by
+ * the manager (replay) while a new connection is being caught up.  Sent
+ * again when the connection it went out on was lost and a new one is up
+ * already; queued for the manager while there is none; failed with EIO
+ * once the server has been gone past the timeout.  Completes the request
+ * if it was answered meanwhile. */
+static void nr_transmit(struct remote *rm, unsigned i, bool replay)
+{
+	struct devio_request *req = NULL;
+
+	for (;;) {
+		pthread_mutex_lock(&rm->send_lock);
+		pthread_mutex_lock(&rm->lock);
+		if (rm->answered[i] || rm->dead || !(replay ? rm->conn_ok : rm->up)) {
+			pthread_mutex_unlock(&rm->send_lock);
+			break;
+		}
+		rm->slot_conn[i] = rm->conn;
+		pthread_mutex_unlock(&rm->lock);
+		nr_write_request(rm, i);
+		pthread_mutex_unlock(&rm->send_lock);
+		pthread_mutex_lock(&rm->lock);
+		if (rm->answered[i] || rm->dead || !rm->up || (rm->slot_conn[i] == rm->conn && rm->conn_ok))
+			break;
+		pthread_mutex_unlock(&rm->lock); /* lost, and a new connection is up: again */
+	}
+	if (rm->answered[i]) {
+		req = nr_release_slot_locked(rm, i);
+	} else if (rm->dead || (!rm->conn_ok && nr_expired_locked(rm))) {
+		rm->slot[i]->result = -EIO;
+		req = nr_release_slot_locked(rm, i);
+	} else if (rm->conn_ok && rm->slot_conn[i] == rm->conn && (rm->up || replay)) {
+		rm->state[i] = SLOT_INFLIGHT;
+	} else {
+		rm->state[i] = SLOT_QUEUED; /* the manager sends it on the next connection */
+	}
+	pthread_mutex_unlock(&rm->lock);
+	if (req)
+		req->complete(req);
+}
+
+/* A free slot for req, claimed: -EIO when the server is gone for good or
+ * past the timeout. */
+static int nr_claim(struct remote *rm, struct devio_request *req, unsigned *slot)
+{
+	unsigned i;
+
+	pthread_mutex_lock(&rm->lock);
+	while (!rm->dead && !nr_expired_locked(rm) && rm->used == REMOTE_SLOTS)
+		pthread_cond_wait(&rm->cond, &rm->lock);
+	if (rm->dead || nr_expired_locked(rm)) {
+		pthread_mutex_unlock(&rm->lock);
+		return -EIO;
+	}
+	for (i = 0; rm->slot[i]; i++)
+		;
+	rm->slot[i] = req;
+	rm->state[i] = SLOT_CLAIMED;
+	rm->answered[i] = false;
+	rm->slot_conn[i] = 0; /* not sent yet */
+	rm->gen[i]++;
+	rm->seq[i] = rm->seq_next++;
+	rm->used++;
+	pthread_mutex_unlock(&rm->lock);
+	*slot = i;
+	return 0;
+}
+
+/* Put one request on the wire (it fits the server's limits and flags);
+ * the reader thread completes it.  0, or -EIO when the connection is gone
+ * (for good, or past the timeout). */
+static int nr_send_request(struct remote *rm, struct devio_request *req)
+{
+	unsigned i;
+	int r;
+
+	req->priv[0] = 0; /* error reported by a chunk */
+	if ((r = nr_claim(rm, req, &i)))
+		return r;
+	if (rm->timeout_s && nr_is_change(req)) {
+		/* after every older overlapping change is answered */
+		devio_range_acquire(&rm->ranges, &rm->range[i], req->offset, req->offset + req->length, true);
+		pthread_mutex_lock(&rm->lock);
+		rm->ranged[i] = true;
+		pthread_mutex_unlock(&rm->lock);
+	}
+	nr_transmit(rm, i, false);
 	return 0;
 }
 
@@ -629,6 +799,20 @@ static void nr_describe(struct devio_backend *b, char *out, size_t outlen)
 	snprintf(out, outlen, "nbd client of %s, %u requests in flight at most", rm->name, REMOTE_SLOTS);
 }
 
+/* Free rm, its locks and the URI it reconnects to. */
+static void nr_free(struct remote *rm)
+{
+	devio_range_lock_destroy(&rm->ranges);
+	pthread_cond_destroy(&rm->mgr_cond);
+	pthread_cond_destroy(&rm->cond);
+	pthread_mutex_destroy(&rm->lock);
+	pthread_mutex_destroy(&rm->send_lock);
+	free(rm->uri);
+	free(rm);
+}
+
+/* After every request is answered (or failed: the server gone past the
+ * timeout), stop the manager, say goodbye and stop the reader. */
 static void nr_close(struct devio_backend *b)
 {
 	struct remote *rm = b->priv;
@@ -638,19 +822,26 @@ static void nr_close(struct devio_backend *b)
 	pthread_mutex_lock(&rm->lock);
 	while (rm->used && !rm->dead)
 		pthread_cond_wait(&rm->cond, &rm->lock);
+	rm->closing = true;
+	pthread_cond_broadcast(&rm->mgr_cond);
+	pthread_cond_broadcast(&rm->cond);
 	pthread_mutex_unlock(&rm->lock);
+	if (rm->manager_live)
+		pthread_join(rm->manager, NULL);
 	devio_nbd_encode_request(disc, &nr);
 	pthread_mutex_lock(&rm->send_lock);
-	nr_sendv(rm, &(struct iovec){ disc, sizeof(disc) }, 1);
+	if (rm->fd >= 0) {
+		if (rm->up)
+			nr_sendv(rm, &(struct iovec){ disc, sizeof(disc) }, 1);
+		shutdown(rm->fd, SHUT_RDWR);
+	}
 	pthread_mutex_unlock(&rm->send_lock);
-	shutdown(rm->fd, SHUT_RDWR);
-	pthread_join(rm->reader, NULL);
+	if (rm->reader_live)
+		pthread_join(rm->reader, NULL);
 	devio_tls_free(rm->tls);
-	close(rm->fd);
-	pthread_cond_destroy(&rm->cond);
-	pthread_mutex_destroy(&rm->lock);
-	pthread_mutex_destroy(&rm->send_lock);
-	free(rm);
+	if (rm->fd >= 0)
+		close(rm->fd);
+	nr_free(rm);
 	free(b);
 }
 
@@ -715,58 +906,313 @@ static void nr_agreed(struct remote *rm, const struct devio_nbd_client_info *inf
 		rm->max_payload = info->max_block;
 }
 
+/* ---- reconnection: the manager thread ---- */
+
+/* Sleep ns or until closing (lock held). */
+static void nr_nap_locked(struct remote *rm, uint64_t ns)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	ns += (uint64_t)ts.tv_nsec;
+	ts.tv_sec += (time_t)(ns / 1000000000u);
+	ts.tv_nsec = (long)(ns % 1000000000u);
+	if (!rm->closing)
+		pthread_cond_timedwait(&rm->mgr_cond, &rm->lock, &ts);
+}
+
+/* Is a new connection's export the one the front ends were told about?
+ * The same size, and every flag and limit they rely on. */
+static int nr_same_export(const struct remote *rm, const struct devio_nbd_client_info *info, char *why, size_t len)
+{
+	uint32_t max = info->max_block >= 512 && info->max_block < REMOTE_DEFAULT_MAX ? info->max_block
+										       : REMOTE_DEFAULT_MAX;
+
+	if (info->size != rm->size)
+		snprintf(why, len, "the server now offers %llu bytes, not %llu", (unsigned long long)info->size,
+			 (unsigned long long)rm->size);
+	else if (nr_caps_of(rm->tflags) & ~nr_caps_of(info->tflags) ||
+		 ((info->tflags & NBD_FLAG_READ_ONLY) && !(rm->tflags & NBD_FLAG_READ_ONLY)))
+		snprintf(why, len, "the server now offers flags 0x%x, not 0x%x", info->tflags, rm->tflags);
+	else if (max < rm->max_payload || info->min_block > rm->min_block)
+		snprintf(why, len, "the server now takes blocks of %u..%u bytes, not %u..%u", info->min_block, max,
+			 rm->min_block, rm->max_payload);
+	else
+		return 0;
+	return -ESTALE;
+}
+
+/* One attempt: a connection to the same export (by name: the server
+ * refuses another), checked.  The socket, -EAGAIN to try again (why says
+ * what failed), or -ESTALE: the export is not the same now, give up. */
+static int nr_dial(struct remote *rm, struct devio_nbd_client_info *info, struct devio_tls **tls, char *why,
+		   size_t len)
+{
+	struct devio_nbd_client_opts co = rm->co;
+	int fd;
+
+	*tls = NULL;
+	co.tls_out = tls;
+	devio_log_quiet(true); /* the loop says once what failed, not every attempt */
+	fd = devio_nbd_client_connect(rm->uri, &co, info);
+	devio_log_quiet(false);
+	if (fd < 0) {
+		/* -ENOENT may be no export of that name, or no socket file yet
+		 * (a server starting): tried again until the timeout either way. */
+		snprintf(why, len, "%s", strerror(-fd));
+		return -EAGAIN;
+	}
+	if (nr_same_export(rm, info, why, len)) {
+		devio_tls_free(*tls);
+		*tls = NULL;
+		close(fd);
+		return -ESTALE;
+	}
+	return fd;
+}
+
+/* Join the lost connection's reader and close it. */
+static void nr_drop_connection(struct remote *rm)
+{
+	if (rm->reader_live)
+		pthread_join(rm->reader, NULL);
+	rm->reader_live = false;
+	pthread_mutex_lock(&rm->send_lock);
+	devio_tls_free(rm->tls);
+	rm->tls = NULL;
+	if (rm->fd >= 0)
+		close(rm->fd);
+	rm->fd = -1;
+	pthread_mutex_unlock(&rm->send_lock);
+}
+
+/* Fail what waits once the server has been gone past the timeout (lock
+ * held; dropped while completing).  Told once per loss. */
+static void nr_expire_locked(struct remote *rm, const char *why, bool *told)
+{
+	struct devio_request *done[REMOTE_SLOTS];
+	unsigned n;
+
+	if (!nr_expired_locked(rm))
+		return;
+	n = nr_fail_locked(rm, true, done);
+	if (!*told)
+		devio_err("%s: no server for %u s (%s): waiting requests fail with EIO, and new ones at once, "
+			  "until it is back; still trying", rm->name, rm->timeout_s, why);
+	*told = true;
+	pthread_mutex_unlock(&rm->lock);
+	nr_complete_all(done, n);
+	pthread_mutex_lock(&rm->lock);
+}
+
+/* Send what waits, oldest first (lock held).  A FLUSH goes out only once
+ * every older request sent again on this connection is answered.  Up
+ * when nothing is left; stops early if this connection is lost too. */
+static unsigned nr_replay_locked(struct remote *rm)
+{
+	unsigned sent = 0;
+
+	while (rm->conn_ok && !rm->closing) {
+		int best = -1;
+		bool older = false;
+
+		for (unsigned i = 0; i < REMOTE_SLOTS; i++)
+			if (rm->state[i] == SLOT_QUEUED && (best < 0 || rm->seq[i] < rm->seq[best]))
+				best = (int)i;
+		if (best < 0) {
+			rm->up = true;
+			rm->down_since = 0;
+			pthread_cond_broadcast(&rm->cond);
+			break;
+		}
+		for (unsigned i = 0; i < REMOTE_SLOTS && rm->slot[best]->op == DEVIO_OP_FLUSH; i++)
+			older |= rm->state[i] == SLOT_INFLIGHT && rm->seq[i] < rm->seq[best];
+		if (older) {
+			pthread_cond_wait(&rm->cond, &rm->lock);
+			continue;
+		}
+		rm->state[best] = SLOT_CLAIMED;
+		pthread_mutex_unlock(&rm->lock);
+		nr_transmit(rm, (unsigned)best, true);
+		pthread_mutex_lock(&rm->lock);
+		sent++;
+	}
+	return sent;
+}
+
+/* Take a new connection (lock held): its reader, then the replay. */
+static void nr_take_connection_locked(struct remote *rm, int fd, struct devio_tls *tls,
+				      const struct devio_nbd_client_info *info)
+{
+	uint64_t t0 = rm->down_since;
+	unsigned n;
+
+	pthread_mutex_unlock(&rm->lock);
+	pthread_mutex_lock(&rm->send_lock);
+	rm->fd = fd;
+	rm->tls = tls;
+	pthread_mutex_unlock(&rm->send_lock);
+	pthread_mutex_lock(&rm->lock);
+	rm->structured = info->structured;
+	rm->have_meta = info->base_allocation;
+	rm->meta_id = info->meta_id;
+	rm->conn++;
+	rm->conn_ok = true;
+	rm->lost = false;
+	if (pthread_create(&rm->reader, NULL, nr_reader_main, rm)) {
+		devio_err("%s: no thread for the new connection", rm->name);
+		rm->conn_ok = false;
+		rm->lost = true; /* the manager closes it and tries again */
+		return;
+	}
+	rm->reader_live = true;
+	n = nr_replay_locked(rm);
+	devio_info("%s: reconnected after %.1f s; %u request(s) sent again (in flight at the loss or held since)", rm->name,
+		   (double)(devio_now_ns() - t0) / 1e9, n);
+}
+
+/* Reconnect with backoff (lock held, as on return): up again, dead
+ * (another export, said why), or closing. */
+static void nr_reconnect_locked(struct remote *rm)
+{
+	uint64_t backoff = 50000000u; /* 50 ms, doubling up to 2 s */
+	char why[256] = "not tried yet";
+	bool told = false;
+
+	while (!rm->closing) {
+		struct devio_nbd_client_info info;
+		struct devio_tls *tls;
+		int fd;
+
+		nr_expire_locked(rm, why, &told);
+		pthread_mutex_unlock(&rm->lock);
+		fd = nr_dial(rm, &info, &tls, why, sizeof(why));
+		pthread_mutex_lock(&rm->lock);
+		if (fd >= 0 && rm->closing) {
+			devio_tls_free(tls);
+			close(fd);
+		} else if (fd >= 0) {
+			nr_take_connection_locked(rm, fd, tls, &info);
+			return;
+		} else if (fd == -ESTALE) {
+			devio_err("%s: reconnecting: %s; giving up (detach and attach again)", rm->name, why);
+			pthread_mutex_unlock(&rm->lock);
+			nr_fail_all(rm);
+			pthread_mutex_lock(&rm->lock);
+			return;
+		} else {
+			nr_nap_locked(rm, backoff);
+			backoff = backoff * 2 > 2000000000u ? 2000000000u : backoff * 2;
+		}
+	}
+}
+
+/* Waits for a lost connection, reconnects and replays, until close. */
+static void *nr_manager_main(void *arg)
+{
+	struct remote *rm = arg;
+
+	pthread_mutex_lock(&rm->lock);
+	for (;;) {
+		while (!rm->lost && !rm->closing)
+			pthread_cond_wait(&rm->mgr_cond, &rm->lock);
+		if (rm->closing)
+			break;
+		pthread_mutex_unlock(&rm->lock);
+		nr_drop_connection(rm);
+		pthread_mutex_lock(&rm->lock);
+		rm->lost = false;
+		if (!rm->dead)
+			nr_reconnect_locked(rm);
+	}
+	pthread_mutex_unlock(&rm->lock);
+	return NULL;
+}
+
+static void nr_cond_init_monotonic(pthread_cond_t *c)
+{
+	pthread_condattr_t a;
+
+	pthread_condattr_init(&a);
+	pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+	pthread_cond_init(c, &a);
+	pthread_condattr_destroy(&a);
+}
+
+/* The reader, and the manager where the connection is to be kept. */
+static int nr_start_threads(struct remote *rm)
+{
+	if (pthread_create(&rm->reader, NULL, nr_reader_main, rm))
+		return -EAGAIN;
+	rm->reader_live = true;
+	if (rm->timeout_s && pthread_create(&rm->manager, NULL, nr_manager_main, rm)) {
+		pthread_mutex_lock(&rm->lock);
+		rm->closing = true;
+		pthread_mutex_unlock(&rm->lock);
+		shutdown(rm->fd, SHUT_RDWR);
+		pthread_join(rm->reader, NULL);
+		rm->reader_live = false;
+		return -EAGAIN;
+	}
+	rm->manager_live = rm->timeout_s != 0;
+	return 0;
+}
+
 int devio_remote_nbd_open(const char *uri, const struct devio_open_opts *opts, struct devio_backend **out)
 {
-	struct devio_nbd_client_opts co = { .name = uri, .structured = true, .base_allocation = true,
-					    .timeout_s = nr_handshake_timeout() };
+	struct devio_nbd_client_opts co;
 	struct devio_nbd_client_info info;
-	struct devio_backend *b = NULL;
-	struct devio_nbd_uri *u;
+	struct devio_backend *b;
 	struct remote *rm;
 	char why[256];
 	int r;
 
-	u = malloc(sizeof(*u));
 	rm = calloc(1, sizeof(*rm));
 	b = calloc(1, sizeof(*b));
-	if (!u || !rm || !b) {
-		r = -ENOMEM;
-		goto out_free;
+	if (!rm || !b || !(rm->uri = malloc(sizeof(*rm->uri)))) {
+		free(rm);
+		free(b);
+		return -ENOMEM;
 	}
-	if ((r = devio_nbd_uri_parse(uri, u, why, sizeof(why)))) {
+	pthread_mutex_init(&rm->lock, NULL);
+	pthread_mutex_init(&rm->send_lock, NULL);
+	pthread_cond_init(&rm->cond, NULL);
+	nr_cond_init_monotonic(&rm->mgr_cond);
+	devio_range_lock_init(&rm->ranges);
+	snprintf(rm->name, sizeof(rm->name), "%s", uri);
+	rm->co = (struct devio_nbd_client_opts){ .name = rm->name, .structured = true, .base_allocation = true,
+						 .timeout_s = nr_handshake_timeout() };
+	rm->timeout_s = opts ? opts->remote_timeout : 0;
+	if ((r = devio_nbd_uri_parse(uri, rm->uri, why, sizeof(why)))) {
 		devio_err("%s: %s", uri, why);
 		goto out_free;
 	}
-	snprintf(rm->name, sizeof(rm->name), "%s", uri);
+	co = rm->co;
 	co.tls_out = &rm->tls;
-	rm->fd = devio_nbd_client_connect(u, &co, &info);
+	rm->fd = devio_nbd_client_connect(rm->uri, &co, &info);
 	if (rm->fd < 0) {
 		r = rm->fd;
 		goto out_free;
 	}
 	nr_agreed(rm, &info);
-	pthread_mutex_init(&rm->lock, NULL);
-	pthread_mutex_init(&rm->send_lock, NULL);
-	pthread_cond_init(&rm->cond, NULL);
-	if (pthread_create(&rm->reader, NULL, nr_reader_main, rm)) {
-		r = -EAGAIN;
-		goto out_close;
-	}
+	rm->size = info.size;
+	rm->conn = 1;
+	rm->conn_ok = rm->up = true;
+	if ((r = nr_start_threads(rm)))
+		goto out_free;
 	b->ops = &remote_ops;
 	b->size = info.size;
 	b->block_size = rm->min_block;
 	b->caps = nr_caps_of(rm->tflags) | (rm->have_meta ? DEVIO_CAP_EXTENTS : 0);
 	b->max_io = rm->max_payload;
 	b->priv = rm;
-	free(u);
 	*out = b;
 	return 0;
-out_close:
-	devio_tls_free(rm->tls);
-	close(rm->fd);
 out_free:
-	free(u);
-	free(rm);
+	devio_tls_free(rm->tls);
+	if (rm->fd >= 0)
+		close(rm->fd);
+	nr_free(rm);
 	free(b);
 	return r;
 }

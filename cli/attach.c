@@ -1,8 +1,9 @@
-/* attach.c - `devio attach URI --fuse DIR [--loop]` gives this machine a
- * file (and a block device) for a remote devio or NBD server: the URI is
- * opened as a backend and served by the FUSE front end in this process,
- * the Linux counterpart of `imdisk -a -t proxy` (`devio detach` is
- * cli/detach.c).  --nbd-device and /dev/nbdN go to the kernel nbd client (attach_nbd.c). */
+/* attach.c - `devio attach URI --fuse DIR [--loop]` (or `--ublk`) gives
+ * this machine a file (and a block device) for a remote devio or NBD
+ * server: the URI is opened as a backend, kept connected across restarts
+ * of the server (--timeout), and served by the FUSE or ublk front end in
+ * this process, the Linux counterpart of `imdisk -a -t proxy` (`devio
+ * detach` is cli/detach.c).  --nbd-device and /dev/nbdN go to the kernel nbd client (attach_nbd.c). */
 #include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -13,14 +14,18 @@
 #include "devio/util.h"
 
 /* The front ends attach offers: a local file or device for the export. */
-static const struct devio_frontend_type *const attach_frontends[] = { &devio_frontend_fuse, NULL };
+static const struct devio_frontend_type *const attach_frontends[] = { &devio_frontend_fuse, &devio_frontend_ublk,
+								      NULL };
+
+#define ATTACH_TIMEOUT_S 60
 
 static void attach_usage(FILE *out)
 {
 	struct feopts f;
 
 	fprintf(out,
-		"usage: devio attach URI --fuse MOUNTPOINT [--loop] [-r] [-d]\n"
+		"usage: devio attach URI --fuse MOUNTPOINT [--loop] [-r] [-d] [--timeout SECONDS]\n"
+		"       devio attach URI --ublk [-r] [-d] [--timeout SECONDS]\n"
 		"       devio attach URI --nbd-device [...]\n"
 		"URI: devio://HOST:PORT, devio+unix:///PATH, nbd://HOST[:PORT][/EXPORT], nbd+unix:///EXPORT?socket=PATH\n"
 		"front end and its options:\n");
@@ -32,6 +37,8 @@ static void attach_usage(FILE *out)
 		"options:\n"
 		"  -r, --readonly         refuse writes\n"
 		"  --size N               the export's size where the server does not tell it\n"
+		"  --timeout SECONDS      how long requests wait for a lost server to come back (default 60;\n"
+		"                         reconnected and resent in order, then EIO; 0: fail at once)\n"
 		"  -d, --daemon           return once the device is ready; the server runs on (--fork)\n"
 		"  -v, --verbose\n"
 		"serving options (the core's run policy):\n");
@@ -40,13 +47,14 @@ static void attach_usage(FILE *out)
 	fprintf(out, "usage: devio detach [--all] [--force] MOUNTPOINT|/dev/loopN|/dev/nbdN|/dev/ublkbN\n");
 }
 
-enum { OPT_NBD_DEVICE = 256, OPT_SIZE };
+enum { OPT_NBD_DEVICE = 256, OPT_SIZE, OPT_TIMEOUT };
 
 /* attach's own options; the front end's and --threads come from feopts.c */
 static const struct option attach_options[] = {
 	{ "nbd-device", optional_argument, NULL, OPT_NBD_DEVICE },
 	{ "readonly", no_argument, NULL, 'r' },
 	{ "size", required_argument, NULL, OPT_SIZE },
+	{ "timeout", required_argument, NULL, OPT_TIMEOUT },
 	{ "daemon", no_argument, NULL, 'd' },
 	{ "verbose", no_argument, NULL, 'v' },
 	CLI_STD_OPTIONS,
@@ -79,6 +87,8 @@ static int parse_one(struct attach_args *a, int c, const char *val)
 			return -EINVAL;
 		}
 		return 0;
+	case OPT_TIMEOUT:
+		return devio_opt_uint("timeout", val, &a->open.remote_timeout);
 	case 'r': a->open.readonly = true; return 0;
 	case 'd': a->daemon.fork = true; return 0;
 	case 'v': devio_log_set_level(DEVIO_LOG_DEBUG); return 0;
@@ -103,7 +113,7 @@ static int parse_attach(int argc, char **argv, struct attach_args *a)
 	}
 	if (optind != argc - 1 || !a->fe.n_fe)
 		return cli_usage_error("attach", optind != argc - 1 ? "want exactly one URI"
-								     : "want --fuse MOUNTPOINT (or --nbd-device)");
+								     : "want --fuse MOUNTPOINT, --ublk or --nbd-device");
 	a->uri = argv[optind];
 	if (daemon_check(&a->daemon))
 		return cli_usage_hint("attach");
@@ -111,7 +121,7 @@ static int parse_attach(int argc, char **argv, struct attach_args *a)
 	return 0;
 }
 
-/* Open the URI and serve it through the FUSE front end until signalled. */
+/* Open the URI and serve it through the front end until signalled. */
 static int run_attach(struct attach_args *a)
 {
 	struct devio_export ex = { .name = "", .source = a->uri };
@@ -135,6 +145,7 @@ int cmd_attach(int argc, char **argv)
 	if (wants_nbd_device(argc, argv))
 		return attach_nbd_device(argc, argv);
 	memset(&a, 0, sizeof(a));
+	a.open.remote_timeout = ATTACH_TIMEOUT_S;
 	own = daemon_merge_options(attach_options);
 	if (!own || feopts_init(&a.fe, attach_frontends, own)) {
 		free(own);

@@ -11,10 +11,18 @@
  * NBD_CMD_CONNECT message of the generic netlink family "nbd", written by
  * hand on a raw NETLINK_GENERIC socket.  Several connections are used when
  * the server advertises CAN_MULTI_CONN (or --connections says so).  The
- * kernel keeps the sockets; this process exits.
+ * kernel keeps the sockets; this process exits, or with --reconnect stays
+ * as the device's monitor: the kernel is given a dead-connection timeout
+ * (requests wait that long for a new socket instead of failing), and on
+ * each NBD_CMD_LINK_DEAD notification (the family's multicast group) the
+ * monitor dials again, checks the export is the same and hands the new
+ * socket over with NBD_CMD_RECONFIGURE; it ends when the device is
+ * detached.
  */
 #include <errno.h>
 #include <limits.h>
+#include <poll.h>
+#include <signal.h>
 #include <linux/genetlink.h>
 #include <linux/nbd-netlink.h>
 #include <linux/netlink.h>
@@ -22,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include "cli.h"
 #include "devio/util.h"
@@ -29,6 +38,8 @@
 #include "../lib/nbd_proto.h"
 
 #define MAX_CONNECTIONS    16
+#define RECONNECT_TIMEOUT_S 60          /* --reconnect: dead_conn_timeout unless --timeout */
+#define RECONNECT_REQUEST_TIMEOUT_S 5   /* --reconnect: a request unanswered this long is requeued */
 #define NL_BUF             8192
 
 struct nbd_target {
@@ -153,18 +164,70 @@ static int nl_talk(int fd, struct nl_msg *m, void (*on_reply)(const struct nlmsg
 	}
 }
 
+struct family_ids {
+	uint16_t family;
+	uint32_t mcast;  /* the "nbd_mc_group" multicast group, 0 if none */
+};
+
+/* The nested attributes inside a, one by one: *p starts at 0. */
+static const struct nlattr *nl_next_nested(const struct nlattr *a, size_t *p)
+{
+	const char *base = (const char *)a + NLA_HDRLEN;
+	size_t len = a->nla_len - NLA_HDRLEN;
+	const struct nlattr *n;
+
+	if (*p + NLA_HDRLEN > len)
+		return NULL;
+	n = (const struct nlattr *)(base + *p);
+	if (n->nla_len < NLA_HDRLEN || *p + n->nla_len > len)
+		return NULL;
+	*p += NLA_ALIGN(n->nla_len);
+	return n;
+}
+
+/* CTRL_ATTR_MCAST_GROUPS: the id of the group named NBD_GENL_MCAST_GROUP_NAME. */
+static uint32_t mcast_group_id(const struct nlattr *groups)
+{
+	const struct nlattr *g, *f;
+	size_t p = 0, q;
+
+	while ((g = nl_next_nested(groups, &p))) {
+		const char *name = NULL;
+		uint32_t id = 0;
+
+		for (q = 0; (f = nl_next_nested(g, &q));) {
+			size_t n = f->nla_len - NLA_HDRLEN;
+			const char *v = (const char *)f + NLA_HDRLEN;
+
+			if ((f->nla_type & NLA_TYPE_MASK) == CTRL_ATTR_MCAST_GRP_NAME && n && v[n - 1] == 0)
+				name = v;
+			if ((f->nla_type & NLA_TYPE_MASK) == CTRL_ATTR_MCAST_GRP_ID && n >= 4)
+				memcpy(&id, v, 4);
+		}
+		if (name && !strcmp(name, NBD_GENL_MCAST_GROUP_NAME))
+			return id;
+	}
+	return 0;
+}
+
 static void family_reply(const struct nlmsghdr *h, void *ctx)
 {
+	struct family_ids *ids = ctx;
 	const struct nlattr *a = nl_find(h, CTRL_ATTR_FAMILY_ID);
 
 	if (a && a->nla_len >= NLA_HDRLEN + 2)
-		memcpy(ctx, (const char *)a + NLA_HDRLEN, 2);
+		memcpy(&ids->family, (const char *)a + NLA_HDRLEN, 2);
+	a = nl_find(h, CTRL_ATTR_MCAST_GROUPS);
+	if (a)
+		ids->mcast = mcast_group_id(a);
 }
 
-/* Open a generic netlink socket and resolve the "nbd" family. */
-static int nbd_genl_open(uint16_t *family)
+/* Open a generic netlink socket and resolve the "nbd" family (and its
+ * multicast group, if mcast is not NULL). */
+static int nbd_genl_open_ids(uint16_t *family, uint32_t *mcast)
 {
 	struct nl_msg *m = malloc(sizeof(*m));
+	struct family_ids ids = { 0, 0 };
 	int fd, r;
 
 	if (!m)
@@ -174,13 +237,15 @@ static int nbd_genl_open(uint16_t *family)
 		r = -errno;
 		goto out;
 	}
-	*family = 0;
 	nl_init(m, GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1);
 	r = nl_put(m, CTRL_ATTR_FAMILY_NAME, NBD_GENL_FAMILY_NAME, sizeof(NBD_GENL_FAMILY_NAME));
 	if (!r)
-		r = nl_talk(fd, m, family_reply, family);
-	if (!r && !*family)
+		r = nl_talk(fd, m, family_reply, &ids);
+	if (!r && !ids.family)
 		r = -ENOENT;
+	*family = ids.family;
+	if (mcast)
+		*mcast = ids.mcast;
 	if (r) {
 		devio_err("netlink family \"nbd\": %s (is the nbd module loaded? modprobe nbd)", strerror(-r));
 		close(fd);
@@ -190,6 +255,11 @@ static int nbd_genl_open(uint16_t *family)
 out:
 	free(m);
 	return r;
+}
+
+static int nbd_genl_open(uint16_t *family)
+{
+	return nbd_genl_open_ids(family, NULL);
 }
 
 static void index_reply(const struct nlmsghdr *h, void *ctx)
@@ -210,8 +280,15 @@ static uint64_t pick_block_size(const struct devio_nbd_client_info *info)
 	return bs;
 }
 
+/* The kernel's timeouts: per request (0: the kernel's default), and how
+ * long requests wait for a new socket once every connection is dead (0:
+ * they fail at once). */
+struct nbd_timeouts {
+	uint32_t request, dead_conn;
+};
+
 static int nbd_genl_connect(int nl, uint16_t family, int index, const struct devio_nbd_client_info *info,
-			    const int *fds, int nfds, uint32_t timeout, uint32_t *got_index)
+			    const int *fds, int nfds, const struct nbd_timeouts *to, uint32_t *got_index)
 {
 	struct nl_msg *m = malloc(sizeof(*m));
 	int r = 0;
@@ -224,8 +301,10 @@ static int nbd_genl_connect(int nl, uint16_t family, int index, const struct dev
 	r |= nl_put_u64(m, NBD_ATTR_SIZE_BYTES, info->size);
 	r |= nl_put_u64(m, NBD_ATTR_BLOCK_SIZE_BYTES, pick_block_size(info));
 	r |= nl_put_u64(m, NBD_ATTR_SERVER_FLAGS, info->tflags);
-	if (timeout)
-		r |= nl_put_u64(m, NBD_ATTR_TIMEOUT, timeout);
+	if (to->request)
+		r |= nl_put_u64(m, NBD_ATTR_TIMEOUT, to->request);
+	if (to->dead_conn)
+		r |= nl_put_u64(m, NBD_ATTR_DEAD_CONN_TIMEOUT, to->dead_conn);
 	r |= nl_nest_start(m, NBD_ATTR_SOCKETS);
 	for (int i = 0; i < nfds && !r; i++) {
 		r |= nl_nest_start(m, NBD_SOCK_ITEM);
@@ -240,13 +319,207 @@ static int nbd_genl_connect(int nl, uint16_t family, int index, const struct dev
 	return r;
 }
 
+/* ---- --reconnect: the device's monitor ---- */
+
+static volatile sig_atomic_t mon_stop;
+
+static void mon_on_signal(int sig)
+{
+	(void)sig;
+	mon_stop = 1;
+}
+
+/* Is /dev/nbdN attached?  The kernel shows its pid file while it is. */
+static bool mon_attached(uint32_t index)
+{
+	char path[64];
+	struct stat st;
+
+	snprintf(path, sizeof(path), "/sys/block/nbd%u/pid", index);
+	return stat(path, &st) == 0;
+}
+
+/* A netlink socket in the "nbd" family's multicast group. */
+static int mon_subscribe(uint32_t group)
+{
+	struct sockaddr_nl sa = { .nl_family = AF_NETLINK };
+	int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_GENERIC), r;
+
+	if (fd < 0)
+		return -errno;
+	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
+	    setsockopt(fd, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, &group, sizeof(group)) < 0) {
+		r = -errno;
+		close(fd);
+		return r;
+	}
+	return fd;
+}
+
+/* How many NBD_CMD_LINK_DEAD notifications for /dev/nbdN are queued (the
+ * kernel sends one per connection that dies); reads them all.  A lost
+ * notification (ENOBUFS) counts as one. */
+static unsigned mon_link_dead(int fd, uint16_t family, uint32_t index)
+{
+	char buf[NL_BUF] __attribute__((aligned(8)));
+	unsigned dead = 0;
+
+	for (;;) {
+		struct sockaddr_nl from;
+		socklen_t fromlen = sizeof(from);
+		ssize_t n = recvfrom(fd, buf, sizeof(buf), MSG_DONTWAIT, (struct sockaddr *)&from, &fromlen);
+		const struct nlmsghdr *h;
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return dead + (errno == ENOBUFS);
+		if (fromlen < sizeof(from) || from.nl_pid != 0)
+			continue; /* only the kernel tells */
+		for (h = (const struct nlmsghdr *)buf; NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n)) {
+			const struct genlmsghdr *g = NLMSG_DATA(h);
+			const struct nlattr *a;
+			uint32_t i;
+
+			if (h->nlmsg_type != family || h->nlmsg_len < NLMSG_LENGTH(GENL_HDRLEN) ||
+			    g->cmd != NBD_CMD_LINK_DEAD)
+				continue;
+			a = nl_find(h, NBD_ATTR_INDEX);
+			if (a && a->nla_len >= NLA_HDRLEN + 4) {
+				memcpy(&i, (const char *)a + NLA_HDRLEN, 4);
+				dead += i == index;
+			}
+		}
+	}
+}
+
+/* Hand one connected socket to the kernel in place of a dead one. */
+static int nbd_genl_reconfigure(int nl, uint16_t family, uint32_t index, int fd)
+{
+	struct nl_msg *m = malloc(sizeof(*m));
+	int r = 0;
+
+	if (!m)
+		return -ENOMEM;
+	nl_init(m, family, NBD_CMD_RECONFIGURE, NBD_GENL_VERSION);
+	r |= nl_put_u32(m, NBD_ATTR_INDEX, index);
+	r |= nl_nest_start(m, NBD_ATTR_SOCKETS);
+	r |= nl_nest_start(m, NBD_SOCK_ITEM);
+	r |= nl_put_u32(m, NBD_SOCK_FD, (uint32_t)fd);
+	nl_nest_end(m);
+	nl_nest_end(m);
+	if (!r)
+		r = nl_talk(nl, m, NULL, NULL);
+	free(m);
+	return r;
+}
+
+struct monitor {
+	int nl, mon;            /* commands; notifications */
+	uint16_t family;
+	uint32_t index;
+	uint32_t dead_conn;     /* the kernel's wait for a new socket, s */
+	const struct nbd_target *t;
+	const struct devio_nbd_client_info *info;
+};
+
+/* One new socket for the export the device was attached to: the socket,
+ * -EAGAIN (why says why; try again) or -ESTALE (another export now). */
+static int mon_dial(const struct monitor *m, char *why, size_t len)
+{
+	struct devio_nbd_client_info now = { 0 };
+	int fd;
+
+	devio_log_quiet(true); /* one line per loss, not per attempt */
+	fd = nbd_connect_one(m->t, &now);
+	devio_log_quiet(false);
+	if (fd < 0) {
+		snprintf(why, len, "%s", strerror(-fd));
+		return -EAGAIN;
+	}
+	if (now.size != m->info->size || now.tflags != m->info->tflags) {
+		devio_err("%s: /dev/nbd%u: the server now offers %llu bytes (flags 0x%x), not %llu (0x%x); "
+			  "not reconnecting", m->t->hs.name, m->index, (unsigned long long)now.size, now.tflags,
+			  (unsigned long long)m->info->size, m->info->tflags);
+		close(fd);
+		return -ESTALE;
+	}
+	return fd;
+}
+
+/* Replace dead connections (more may die meanwhile) with backoff until
+ * none is left.  0, or -ESTALE. */
+static int mon_reconnect(const struct monitor *m, unsigned dead)
+{
+	uint64_t t0 = devio_now_ns(), backoff_us = 50000;
+	unsigned given = 0;
+	bool told = false;
+	char why[160] = "";
+
+	while (given < dead && !mon_stop && mon_attached(m->index)) {
+		int fd = mon_dial(m, why, sizeof(why)), r;
+
+		if (fd == -ESTALE)
+			return fd;
+		if (fd >= 0) {
+			r = nbd_genl_reconfigure(m->nl, m->family, m->index, fd);
+			close(fd); /* the kernel holds its own reference */
+			if (!r) {
+				given++;
+				dead += mon_link_dead(m->mon, m->family, m->index);
+				continue;
+			}
+			snprintf(why, sizeof(why), "NBD_CMD_RECONFIGURE: %s", strerror(-r));
+		}
+		if (!told && devio_now_ns() - t0 >= (uint64_t)m->dead_conn * 1000000000ull) {
+			devio_err("%s: /dev/nbd%u: no server for %u s (%s): the kernel fails I/O until it is back; "
+				  "still trying", m->t->hs.name, m->index, m->dead_conn, why);
+			told = true;
+		}
+		usleep((useconds_t)backoff_us);
+		backoff_us = backoff_us * 2 > 2000000 ? 2000000 : backoff_us * 2;
+		dead += mon_link_dead(m->mon, m->family, m->index);
+	}
+	if (given)
+		devio_info("%s: /dev/nbd%u: connection lost; reconnected after %.1f s (%u socket(s) given)",
+			   m->t->hs.name, m->index, (double)(devio_now_ns() - t0) / 1e9, given);
+	return 0;
+}
+
+/* Watch /dev/nbdN until it is detached (or SIGTERM/SIGINT: the device
+ * stays).  0, or 1 when the server came back with another export. */
+static int mon_run(const struct monitor *m)
+{
+	struct sigaction sa = { .sa_handler = mon_on_signal }; /* no SA_RESTART: poll returns */
+
+	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGINT, &sa, NULL);
+	devio_info("%s: /dev/nbd%u: reconnecting when the server goes away (requests wait %u s)", m->t->hs.name,
+		   m->index, m->dead_conn);
+	while (!mon_stop && mon_attached(m->index)) {
+		struct pollfd p = { .fd = m->mon, .events = POLLIN };
+		unsigned dead;
+
+		if (poll(&p, 1, 1000) <= 0)
+			continue;
+		dead = mon_link_dead(m->mon, m->family, m->index);
+		if (dead && mon_reconnect(m, dead) == -ESTALE)
+			return 1;
+	}
+	return 0;
+}
+
 /* ---- the commands ---- */
 
 static void attach_usage(FILE *out)
 {
 	fprintf(out, "usage: devio attach nbd://HOST[:PORT][/EXPORT]|nbd+unix:///EXPORT?socket=PATH\n"
-			"         --nbd-device [/dev/nbdN] [--connections N] [--timeout SECONDS]\n"
-			"  --timeout bounds the handshake (default 30 s) and is the kernel's request timeout\n");
+			"         --nbd-device [/dev/nbdN] [--connections N] [--timeout SECONDS] [--reconnect]\n"
+			"  --timeout bounds the handshake (default 30 s) and is the kernel's request timeout\n"
+			"  --reconnect: stay as the device's monitor and give the kernel a new socket when the\n"
+			"      server comes back; requests wait --timeout seconds (default 60) for it, and one\n"
+			"      in flight at the loss is sent again after %u s (the kernel's request timeout)\n",
+		RECONNECT_REQUEST_TIMEOUT_S);
 }
 
 static int parse_nbd_index(const char *dev, int *index)
@@ -266,6 +539,7 @@ struct attach_args {
 	int index;           /* -1: any free device */
 	unsigned connections; /* 0: decide from CAN_MULTI_CONN */
 	uint32_t timeout;
+	bool reconnect;      /* stay as the monitor */
 };
 
 static int parse_attach_args(int argc, char **argv, struct attach_args *a)
@@ -276,6 +550,7 @@ static int parse_attach_args(int argc, char **argv, struct attach_args *a)
 	a->index = -1;
 	a->connections = 0;
 	a->timeout = 0;
+	a->reconnect = false;
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--nbd-device")) {
 			if (i + 1 < argc && (!strncmp(argv[i + 1], "/dev/nbd", 8) ||
@@ -309,6 +584,8 @@ static int parse_attach_args(int argc, char **argv, struct attach_args *a)
 		} else if (!strcmp(argv[i], "-V") || !strcmp(argv[i], "--version")) {
 			cli_version();
 			exit(0);
+		} else if (!strcmp(argv[i], "--reconnect")) {
+			a->reconnect = true;
 		} else if (argv[i][0] != '-' && !a->uri) {
 			a->uri = argv[i];
 		} else {
@@ -373,9 +650,10 @@ int attach_nbd_device(int argc, char **argv)
 	struct nbd_target *t = calloc(1, sizeof(*t));
 	struct devio_nbd_client_info info = { 0 };
 	struct attach_args a;
-	int fds[MAX_CONNECTIONS], nfds = 0, nl = -1, rc = 1, r;
+	int fds[MAX_CONNECTIONS], nfds = 0, nl = -1, mon = -1, rc = 1, r;
+	struct nbd_timeouts to;
+	uint32_t index, group = 0;
 	uint16_t family;
-	uint32_t index;
 	char why[256];
 
 	if (!t)
@@ -398,10 +676,21 @@ int attach_nbd_device(int argc, char **argv)
 	nfds = r;
 	devio_info("%s: export of %llu bytes, flags 0x%x, %d connection%s negotiated", a.uri,
 		   (unsigned long long)info.size, info.tflags, nfds, nfds == 1 ? "" : "s");
-	nl = nbd_genl_open(&family);
+	nl = nbd_genl_open_ids(&family, &group);
 	if (nl < 0)
 		goto out_close;
-	r = nbd_genl_connect(nl, family, a.index, &info, fds, nfds, a.timeout, &index);
+	to = (struct nbd_timeouts){ .request = a.timeout };
+	if (a.reconnect) {
+		/* listening before CONNECT: no notification is missed */
+		mon = group ? mon_subscribe(group) : -ENOENT;
+		if (mon < 0) {
+			devio_err("%s: --reconnect: the nbd family's notifications: %s", a.uri, strerror(-mon));
+			goto out_close;
+		}
+		to.request = RECONNECT_REQUEST_TIMEOUT_S;
+		to.dead_conn = a.timeout ? a.timeout : RECONNECT_TIMEOUT_S;
+	}
+	r = nbd_genl_connect(nl, family, a.index, &info, fds, nfds, &to, &index);
 	if (r) {
 		devio_err("%s: NBD_CMD_CONNECT%s: %s", a.uri, a.index >= 0 ? " (device busy?)" : "", strerror(-r));
 		goto out_close;
@@ -418,6 +707,14 @@ out_close:
 	/* the kernel holds its own references to the sockets */
 	for (int i = 0; i < nfds; i++)
 		close(fds[i]);
+	if (!rc && mon >= 0) {
+		struct monitor m = { .nl = nl, .mon = mon, .family = family, .index = index,
+				     .dead_conn = to.dead_conn, .t = t, .info = &info };
+
+		rc = mon_run(&m);
+	}
+	if (mon >= 0)
+		close(mon);
 	if (nl >= 0)
 		close(nl);
 out:

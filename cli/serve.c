@@ -35,6 +35,8 @@ static void serve_usage(const struct feopts *f, FILE *out)
 		"  --cow FILE|ram         writes go to an overlay FILE (created if missing) or RAM; SOURCE is never written\n"
 		"  --export NAME=SOURCE   a further named export (NBD), repeatable\n"
 		"  --ceph-conf FILE --ceph-id NAME --ceph-keyring FILE --ceph-timeout SECONDS   rbd: the cluster\n"
+		"  --remote-timeout SECONDS  devio://, nbd:// sources: requests wait this long for a lost server,\n"
+		"                         reconnected and resent in order (default 0: fail at once; attach: --timeout)\n"
 		"serving options (the core's run policy, every front end):\n");
 	feopts_usage_serving(out);
 	daemon_usage(out);
@@ -264,7 +266,7 @@ stop:
 /* serve's own options; the front ends' and --threads come from feopts.c */
 enum {
 	OPT_OFFSET = 256, OPT_SIZE, OPT_PARTITION, OPT_RAM_MAX, OPT_DIRECT, OPT_EXPORT, OPT_FORMAT,
-	OPT_CEPH_CONF, OPT_CEPH_ID, OPT_CEPH_KEYRING, OPT_CEPH_TIMEOUT,
+	OPT_CEPH_CONF, OPT_CEPH_ID, OPT_CEPH_KEYRING, OPT_CEPH_TIMEOUT, OPT_REMOTE_TIMEOUT,
 	OPT_COW,
 };
 
@@ -280,6 +282,7 @@ static const struct option serve_options[] = {
 	{ "ceph-id", required_argument, NULL, OPT_CEPH_ID },
 	{ "ceph-keyring", required_argument, NULL, OPT_CEPH_KEYRING },
 	{ "ceph-timeout", required_argument, NULL, OPT_CEPH_TIMEOUT },
+	{ "remote-timeout", required_argument, NULL, OPT_REMOTE_TIMEOUT },
 	{ "cow", required_argument, NULL, OPT_COW },
 	{ "export", required_argument, NULL, OPT_EXPORT },
 	{ "verbose", no_argument, NULL, 'v' },
@@ -344,6 +347,7 @@ static int parse_one(struct serve_args *a, int c, char *val)
 	case OPT_CEPH_ID: a->open.ceph_id = val; return 0;
 	case OPT_CEPH_KEYRING: a->open.ceph_keyring = val; return 0;
 	case OPT_CEPH_TIMEOUT: return devio_opt_uint("ceph-timeout", val, &a->open.ceph_timeout);
+	case OPT_REMOTE_TIMEOUT: return devio_opt_uint("remote-timeout", val, &a->open.remote_timeout);
 	case OPT_COW: a->open.cow = val; return 0;
 	case OPT_EXPORT: return parse_export_opt(a, val);
 	default: return -EINVAL;

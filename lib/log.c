@@ -23,12 +23,14 @@ enum log_kind { LOG_KIND_STDERR, LOG_KIND_FILE, LOG_KIND_SYSLOG, LOG_KIND_JOURNA
 
 static enum devio_log_level log_level = DEVIO_LOG_INFO;
 static __thread unsigned long log_errors;
+static __thread bool log_quiet; /* this thread's errors and warnings as debug lines */
 static enum log_kind log_kind = LOG_KIND_STDERR;
 static int log_fd = STDERR_FILENO;  /* file or journal socket; replaced with dup2 on reopen */
 static int log_tee = -1;
 static char log_path[4096];
 
 unsigned long devio_log_errors(void) { return log_errors; }
+void devio_log_quiet(bool on) { log_quiet = on; }
 
 void devio_log_set_level(enum devio_log_level level) { log_level = level; }
 enum devio_log_level devio_log_get_level(void) { return log_level; }
@@ -173,10 +175,12 @@ void devio_log(enum devio_log_level level, const char *fmt, ...)
 	va_list ap;
 	int n;
 
-	if (level > log_level)
-		return;
 	if (level == DEVIO_LOG_ERROR)
 		log_errors++;
+	if (log_quiet && level < DEVIO_LOG_INFO)
+		level = DEVIO_LOG_DEBUG;
+	if (level > log_level)
+		return;
 	n = snprintf(line, sizeof(line), "devio: %s", prefix[level]);
 	va_start(ap, fmt);
 	n += vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);

@@ -150,6 +150,10 @@ struct devio_open_opts {
 	const char *ceph_id;      /* rbd: client name without "client." (NULL: admin) */
 	const char *ceph_keyring; /* rbd: keyring file (NULL: the conf's) */
 	unsigned ceph_timeout;    /* rbd: seconds before a cluster operation fails (0: 60) */
+	/* devio://, nbd://: seconds a request waits for the server to come
+	 * back after the connection breaks (reconnecting, then reissuing what
+	 * was not acknowledged); 0: no reconnection, fail at once. */
+	unsigned remote_timeout;
 	const char *format; /* NULL or "auto": detect; "raw"; "vhd", "qcow2" (layer.h) */
 	const char *cow;    /* NULL, or a copy-on-write overlay on top: FILE or "ram" (cow.h) */
 };

@@ -25,6 +25,9 @@ void devio_log(enum devio_log_level level, const char *fmt, ...) __attribute__((
  * prints its own line only when the callee, which knows the cause better,
  * printed none: each failure is told once. */
 unsigned long devio_log_errors(void);
+/* Log this thread's errors and warnings as debug lines (still counted)
+ * while on: a loop that retries (a reconnection) says once what failed. */
+void devio_log_quiet(bool on);
 /* Where messages go: "stderr" (the default), "syslog" (LOG_DAEMON),
  * "journal" (the systemd journal's native socket) or a FILE (appended,
  * each line time-stamped).  0 or -errno (logged). */

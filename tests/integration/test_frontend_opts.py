@@ -61,6 +61,8 @@ def test_attach_help_lists_the_fuse_options():
     assert help_groups(r.stdout)["--fuse"] == ["--loop", "--fuse-transport", "--depth", "--block-size",
                                                "--fuse-enable-uring", "--fuse-timeout"]
     assert "--threads" in r.stdout and "--fork" in r.stdout and "--log" in r.stdout
+    assert "--queues" in help_groups(r.stdout)["--ublk"]  # attach --ublk: the ublk front end's options
+    assert "--timeout SECONDS" in r.stdout
 
 
 def warnings_of(stderr):
@@ -102,7 +104,7 @@ def test_bad_value_of_an_unused_option_is_still_an_error():
     (("serve", "ram:1M", "--devio", "stdio", "--no-such-option"), "unknown option --no-such-option"),
     (("serve", "ram:1M", "--nbd", "tcp:0", "--loop=yes"), "option --loop takes no argument"),
     (("serve", "ram:1M", "--fuse"), "option --fuse needs an argument"),
-    (("attach", "devio://127.0.0.1:1", "--fuse", "/tmp", "--queues", "2"), "unknown option --queues"),
+    (("attach", "devio://127.0.0.1:1", "--fuse", "/tmp", "--nbd", "tcp:0"), "unknown option --nbd"),
     (("attach", "devio://127.0.0.1:1", "--no-such-option"), "unknown option --no-such-option"),
 ])
 def test_unknown_option_is_a_usage_error(args, problem):
