@@ -92,6 +92,9 @@ static int parse_one(struct attach_args *a, int c, const char *val)
 	case 'r': a->open.readonly = true; return 0;
 	case 'd': a->daemon.fork = true; return 0;
 	case 'v': devio_log_set_level(DEVIO_LOG_DEBUG); return 0;
+	case OPT_NBD_DEVICE: /* also what getopt makes of an abbreviation such as --nbd */
+		devio_err("attach: --nbd-device (the kernel's nbd client) does not go with --fuse or --ublk");
+		return -EINVAL;
 	default: return -EINVAL;
 	}
 }

@@ -104,7 +104,7 @@ def test_bad_value_of_an_unused_option_is_still_an_error():
     (("serve", "ram:1M", "--devio", "stdio", "--no-such-option"), "unknown option --no-such-option"),
     (("serve", "ram:1M", "--nbd", "tcp:0", "--loop=yes"), "option --loop takes no argument"),
     (("serve", "ram:1M", "--fuse"), "option --fuse needs an argument"),
-    (("attach", "devio://127.0.0.1:1", "--fuse", "/tmp", "--nbd", "tcp:0"), "unknown option --nbd"),
+    (("attach", "devio://127.0.0.1:1", "--fuse", "/tmp", "--devio", "tcp:0"), "unknown option --devio"),
     (("attach", "devio://127.0.0.1:1", "--no-such-option"), "unknown option --no-such-option"),
 ])
 def test_unknown_option_is_a_usage_error(args, problem):
