@@ -2,6 +2,7 @@
  * every front end named on the command line until SIGINT/SIGTERM (or the
  * --run command exits); the service conventions are cli/daemon.c's. */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
 #include <signal.h>
@@ -57,13 +58,19 @@ static void on_signal(int sig) { stop_signal = sig; }
 static void write_status(struct devio_server *srv, struct serve_frontend *fe, size_t n, char *path, size_t pathlen)
 {
 	char tmp[160];
-	FILE *f;
+	FILE *f = NULL;
+	int fd;
 
 	mkdir(DEVIO_RUN_DIR, 0755);
 	snprintf(path, pathlen, DEVIO_RUN_DIR "/%d.status", (int)getpid());
 	snprintf(tmp, sizeof(tmp), "%s.tmp", path); /* readers never see half a file */
-	f = fopen(tmp, "w");
+	/* 0600 whatever the umask: it names the images and where they are served */
+	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+	if (fd >= 0 && fchmod(fd, 0600) == 0)
+		f = fdopen(fd, "w");
 	if (!f) {
+		if (fd >= 0)
+			close(fd);
 		path[0] = '\0';
 		return;
 	}
@@ -181,6 +188,8 @@ int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 	sigaction(SIGINT, &sa, NULL);
 	sigaction(SIGTERM, &sa, NULL);
 	daemon_signals(); /* SIGHUP reopens the log */
+	if (daemon_check_frontends(fe, n))
+		return 1;
 	for (; started < n; started++) {
 		unsigned long errors = devio_log_errors();
 		r = fe[started].type->start(srv, fe[started].arg, fe[started].opts, &fe[started].state);

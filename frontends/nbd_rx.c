@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include "devio/layer.h"
+#include "devio/listener.h"
 #include "devio/util.h"
 #include "devio/workers.h"
 #include "nbd_int.h"
@@ -88,7 +89,7 @@ static bool nbd_rx_hold_replies(struct nbd_conn *c)
  * While the last recv filled the buffer more requests may be waiting, so
  * look without blocking; once the socket is drained, send the replies the
  * batch produced and only then sleep in recv. */
-static int nbd_rx_fill(struct nbd_conn *c, size_t need)
+static int nbd_rx_fill(struct nbd_conn *c, size_t need, bool header)
 {
 	while (c->rx_end - c->rx_start < need) {
 		size_t space;
@@ -118,6 +119,10 @@ static int nbd_rx_fill(struct nbd_conn *c, size_t need)
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
+			/* the socket's receive timeout (a listener's --idle/--stall-timeout) */
+			if ((errno == EAGAIN || errno == EWOULDBLOCK) &&
+			    devio_listener_conn_wait_more(header && c->rx_end == c->rx_start))
+				continue;
 			return -errno;
 		}
 		if (n == 0)
@@ -139,7 +144,7 @@ static int nbd_rx_payload(struct nbd_conn *c, uint8_t *dst, uint64_t len)
 	int r = 0;
 
 	if (len > have && len <= NBD_RX_PAYLOAD) {
-		if ((r = nbd_rx_fill(c, (size_t)len)))
+		if ((r = nbd_rx_fill(c, (size_t)len, false)))
 			return r;
 		n = (size_t)len;
 	}
@@ -382,7 +387,7 @@ int nbd_handle_one(struct nbd_conn *c)
 	size_t bytes;
 	int r;
 
-	if ((r = nbd_rx_fill(c, NBD_REQUEST_SIZE)))
+	if ((r = nbd_rx_fill(c, NBD_REQUEST_SIZE, true)))
 		return r;
 	if (devio_nbd_decode_request(c->rx + c->rx_start, &nr)) {
 		devio_warn("nbd %s: bad request magic; closing", c->peer);
