@@ -386,3 +386,44 @@ def test_memory_bounded_under_a_client_that_never_reads(serve, tmp):
     hog.close()
     assert nbdinfo_size(f"nbd://127.0.0.1:{port}") == 64 * MiB
     assert srv.stop() == 0
+
+
+def test_out_of_descriptors_spares_served_clients_and_other_front_ends(serve, tmp):
+    import resource
+    nsock, dsock = os.path.join(tmp, "n.sock"), os.path.join(tmp, "d.sock")
+    srv = serve("ram:1M", "--nbd", f"unix:{nsock}", "--devio", f"unix:{dsock}")
+    srv.wait_unix(nsock)
+    srv.wait_unix(dsock)
+    pid = srv.proc.pid
+    served = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    served.settimeout(10)
+    served.connect(nsock)
+    assert nbd_negotiate(served) == MiB
+    time.sleep(0.5)
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")), hard))
+    waiting = []
+    try:
+        for path in (dsock, nsock, dsock, nsock):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            waiting.append(s)
+            s.connect(path)  # queued in the backlog: accept() fails with EMFILE
+        wait_for(lambda: srv.stderr().count("Too many open files") >= 2, 20, "EMFILE logged")
+        time.sleep(1)
+        assert srv.stderr().count("accept:") < 12  # paused, not spinning
+        served.sendall(nbd_read_req(5, 0, 4096))  # the client being served goes on
+        got = b""
+        while len(got) < 16 + 4096:
+            b = served.recv(65536)
+            assert b
+            got += b
+        assert struct.unpack(">IIQ", got[:16]) == (0x67446698, 0, 5)
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        for s in waiting:
+            s.close()
+        served.close()
+    assert nbdinfo_size(f"nbd+unix:///?socket={nsock}") == MiB  # both front ends accept again
+    with w.Client(path=dsock) as c:
+        assert c.info()[0] == MiB
+    assert srv.proc.poll() is None and srv.stop() == 0
