@@ -160,7 +160,9 @@ static int nbd_rx_payload(struct nbd_conn *c, uint8_t *dst, uint64_t len)
 		size_t want = dst || len < sizeof(scratch) ? (size_t)len : sizeof(scratch);
 		ssize_t got = nbd_rx_recv_wait(c, p, want);
 
-		if (got < 0 && errno != EINTR)
+		if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+			r = devio_listener_conn_wait_more(false) ? 0 : -ETIMEDOUT; /* logs the stall */
+		else if (got < 0 && errno != EINTR)
 			r = -errno;
 		else if (got == 0)
 			r = -ECONNRESET;
