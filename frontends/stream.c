@@ -10,6 +10,7 @@
  * accept loop lib/listener.c.  The wire format and the choices for bad
  * input are in docs/devio-protocol.md.
  */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -678,6 +679,19 @@ out_close:
 	return r;
 }
 
+/* A TCP host that only this machine reaches ("" binds loopback). */
+static bool stream_loopback(const char *host)
+{
+	struct in_addr a4;
+	struct in6_addr a6;
+
+	if (!host[0] || !strcmp(host, "localhost"))
+		return true;
+	if (inet_pton(AF_INET, host, &a4) == 1)
+		return (ntohl(a4.s_addr) >> 24) == 127;
+	return inet_pton(AF_INET6, host, &a6) == 1 && IN6_IS_ADDR_LOOPBACK(&a6);
+}
+
 /* The --devio front end's options (stream_options below). */
 struct stream_fe_opts {
 	struct devio_listen_opts listen; /* --allow, --socket-mode, timeouts: lib/listener.c */
@@ -691,6 +705,10 @@ static int stream_start_listener(struct stream_state *st, const struct stream_fe
 
 	if (st->addr.kind == DEVIO_ADDR_TCP && !strcmp(st->addr.host, "*"))
 		devio_info("--devio %s: listening on every interface", st->where);
+	if (st->addr.kind == DEVIO_ADDR_TCP && !stream_loopback(st->addr.host))
+		devio_warn("--devio %s: the devio protocol has no encryption and no authentication: whoever reaches "
+			   "this address reads and writes the disk%s (docs/security.md)", st->where,
+			   o && o->listen.n_allow ? "" : "; --allow narrows who");
 	return devio_listener_start(&st->addr, &conf, &st->listener);
 }
 
