@@ -382,7 +382,11 @@ def test_memory_bounded_under_a_client_that_never_reads(serve, tmp):
     # not taking its replies: dropped by --stall-timeout (reading them here
     # would make it a client again), and `devio status` counts it gone
     status = f"/run/devio/{pid}.status"
-    wait_for(lambda: os.path.exists(status) and " 0 connections," in open(status).read(), 30, "hog dropped")
+
+    def conns(n):
+        return os.path.exists(status) and f" {n} connection{'' if n == 1 else 's'}," in open(status).read()
+    wait_for(lambda: conns(1), 30, "the hog alone connected")
+    wait_for(lambda: conns(0), 30, "hog dropped")
     hog.close()
     assert nbdinfo_size(f"nbd://127.0.0.1:{port}") == 64 * MiB
     assert srv.stop() == 0
