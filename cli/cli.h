@@ -181,6 +181,20 @@ json_t *cli_status_find_uri(const char *uri);
 char *cli_status_local_file(const char *uri);
 /* A server's document as `devio status` prints it. */
 void cli_status_print(json_t *server);
+/* ---- privdrop.c: --user USER[:GROUP] (docs/security.md) ---- */
+struct privdrop {
+	bool set;
+	bool only_group;        /* USER:GROUP: that group alone; USER: the user's groups */
+	char name[256];
+	uid_t uid;
+	gid_t gid;
+};
+/* Resolve USER[:GROUP] now (before anything is opened); -EINVAL, logged. */
+int privdrop_parse(const char *val, struct privdrop *p);
+/* Refuse front ends whose teardown needs root (--fuse, --ublk); logged. */
+int privdrop_check_frontends(const struct privdrop *p, const struct serve_frontend *fe, size_t n);
+/* Drop to the user for good and check it; 0 or -errno (logged). */
+int privdrop_apply(const struct privdrop *p);
 
 /* ---- daemon.c: running as a service (docs/service.md) ---- */
 struct daemon_opts {
@@ -189,6 +203,8 @@ struct daemon_opts {
 	const char *pidfile;    /* --pidfile FILE */
 	const char *run;        /* --run CMD */
 	const char *log;        /* --log stderr|syslog|journal|FILE */
+	const char *user;       /* --user USER[:GROUP] */
+	struct privdrop priv;   /* user, resolved by daemon_check() */
 };
 /* getopt codes of daemon_options, below FEOPTS_CODE_BASE */
 #define DAEMON_CODE_BASE 0x800
@@ -198,7 +214,7 @@ struct option *daemon_merge_options(const struct option *own);
 /* 0 when handled, 1 when code is not a daemon option. */
 int daemon_parse(struct daemon_opts *d, int code, const char *val);
 /* Options that do not go together: -EINVAL (logged; a usage error). */
-int daemon_check(const struct daemon_opts *d);
+int daemon_check(struct daemon_opts *d);
 void daemon_usage(FILE *out);
 /* Before the exports are opened: --fork (the parent waits here for the
  * child to be ready), --log, --exit-with-parent.  0: go on serving;
@@ -210,6 +226,8 @@ void daemon_signals(void);
  * VALUE pairs), the --fork parent told.  0 or -errno (logged).  Nothing
  * without daemon_start() (the ImDisk command line). */
 int daemon_ready(const char *const env[][2], size_t n_env);
+/* Before any front end starts: refuse what --user cannot serve. */
+int daemon_check_frontends(const struct serve_frontend *fe, size_t n);
 /* While serving: handle SIGHUP; the --run command's exit status once it
  * has exited, else -1. */
 int daemon_tick(void);

@@ -24,7 +24,7 @@
 #include "cli.h"
 #include "devio/util.h"
 
-enum { OPT_FORK = DAEMON_CODE_BASE, OPT_FOREGROUND, OPT_PIDFILE, OPT_EXIT_WITH_PARENT, OPT_RUN, OPT_LOG };
+enum { OPT_FORK = DAEMON_CODE_BASE, OPT_FOREGROUND, OPT_PIDFILE, OPT_EXIT_WITH_PARENT, OPT_RUN, OPT_LOG, OPT_USER };
 
 const struct option daemon_options[] = {
 	{ "fork", no_argument, NULL, OPT_FORK },
@@ -33,6 +33,7 @@ const struct option daemon_options[] = {
 	{ "exit-with-parent", no_argument, NULL, OPT_EXIT_WITH_PARENT },
 	{ "run", required_argument, NULL, OPT_RUN },
 	{ "log", required_argument, NULL, OPT_LOG },
+	{ "user", required_argument, NULL, OPT_USER },
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -54,7 +55,9 @@ void daemon_usage(FILE *out)
 		"  --exit-with-parent     stop when the process that started devio exits\n"
 		"  --run CMD              run CMD (/bin/sh -c) once ready, with $uri $nbd $devio $device set;\n"
 		"                         stop when it exits and exit with its status\n"
-		"  --log stderr|syslog|journal|FILE   where messages go (SIGHUP reopens FILE)\n");
+		"  --log stderr|syslog|journal|FILE   where messages go (SIGHUP reopens FILE)\n"
+		"  --user USER[:GROUP]    once images, sockets and devices are open, drop root for this user\n"
+		"                         (not with --fuse or --ublk; docs/security.md)\n");
 }
 
 int daemon_parse(struct daemon_opts *d, int code, const char *val)
@@ -66,11 +69,12 @@ int daemon_parse(struct daemon_opts *d, int code, const char *val)
 	case OPT_EXIT_WITH_PARENT: d->exit_with_parent = true; return 0;
 	case OPT_RUN: d->run = val; return 0;
 	case OPT_LOG: d->log = val; return 0;
+	case OPT_USER: d->user = val; return 0;
 	default: return 1;
 	}
 }
 
-int daemon_check(const struct daemon_opts *d)
+int daemon_check(struct daemon_opts *d)
 {
 	if (d->fork && d->run) {
 		devio_err("--run keeps devio in the foreground: not with --fork");
@@ -84,7 +88,14 @@ int daemon_check(const struct daemon_opts *d)
 		devio_err("--log: want stderr, syslog, journal or a file name");
 		return -EINVAL;
 	}
+	if (d->user && privdrop_parse(d->user, &d->priv))
+		return -EINVAL;
 	return 0;
+}
+
+int daemon_check_frontends(const struct serve_frontend *fe, size_t n)
+{
+	return daemon_cur ? privdrop_check_frontends(&daemon_cur->priv, fe, n) : 0;
 }
 
 struct option *daemon_merge_options(const struct option *own)
@@ -295,6 +306,8 @@ int daemon_ready(const char *const env[][2], size_t n_env)
 		return 0;
 	if (d->pidfile && daemon_write_pidfile(d->pidfile))
 		return -EIO;
+	if (privdrop_apply(&d->priv))
+		return -EPERM;
 	if (d->run) {
 		fflush(stdout);
 		daemon_run_pid = fork();

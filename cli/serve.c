@@ -2,6 +2,7 @@
  * every front end named on the command line until SIGINT/SIGTERM (or the
  * --run command exits); the service conventions are cli/daemon.c's. */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
 #include <signal.h>
@@ -83,13 +84,19 @@ static time_t serve_started;
 static void write_status(struct devio_server *srv, struct serve_frontend *fe, size_t n, char *path, size_t pathlen)
 {
 	char tmp[PATH_MAX + 64];
-	FILE *f;
+	FILE *f = NULL;
+	int fd;
 
 	cli_status_publish(srv, fe, n, serve_started);
 	snprintf(path, pathlen, "%s/%d.status", runstate_dir(), (int)getpid());
 	snprintf(tmp, sizeof(tmp), "%s.tmp", path); /* readers never see half a file */
-	f = fopen(tmp, "w");
+	/* 0600 whatever the umask: it names the images and where they are served */
+	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+	if (fd >= 0 && fchmod(fd, 0600) == 0)
+		f = fdopen(fd, "w");
 	if (!f) {
+		if (fd >= 0)
+			close(fd);
 		path[0] = '\0';
 		return;
 	}
@@ -209,6 +216,8 @@ int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 	sigaction(SIGTERM, &sa, NULL);
 	sigaction(SIGUSR2, &sh, NULL);
 	daemon_signals(); /* SIGHUP reopens the log */
+	if (daemon_check_frontends(fe, n))
+		return 1;
 	for (; started < n; started++) {
 		unsigned long errors = devio_log_errors();
 		r = fe[started].type->start(srv, fe[started].arg, fe[started].opts, &fe[started].state);

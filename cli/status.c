@@ -8,6 +8,7 @@
  * as one JSON document.  PID.status, the text file, stays for `devio
  * detach` and for servers of an older devio (printed as it is). */
 #include <errno.h>
+#include <fcntl.h>
 #include <jansson.h>
 #include <limits.h>
 #include <stdio.h>
@@ -80,6 +81,20 @@ static json_t *status_frontend(const struct serve_frontend *fe)
 	return o;
 }
 
+/* Write root to a new file of mode 0600 whatever the umask: it names
+ * the images and where they are served (docs/security.md). */
+static int status_dump_private(json_t *root, const char *path)
+{
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600), r;
+
+	if (fd < 0)
+		return -errno;
+	r = fchmod(fd, 0600) || json_dumpfd(root, fd, JSON_INDENT(1)) ? -EIO : 0;
+	if (close(fd) && !r)
+		r = -EIO;
+	return r;
+}
+
 void cli_status_publish(struct devio_server *srv, struct serve_frontend *fe, size_t n, time_t started)
 {
 	json_t *root = json_object(), *exports = json_array(), *fes = json_array();
@@ -97,7 +112,7 @@ void cli_status_publish(struct devio_server *srv, struct serve_frontend *fe, siz
 	json_object_set_new(root, "frontends", fes);
 	snprintf(path, sizeof(path), "%s/%d.json", runstate_dir(), (int)getpid());
 	snprintf(tmp, sizeof(tmp), "%s.tmp", path); /* readers never see half a file */
-	if (json_dump_file(root, tmp, JSON_INDENT(1)) || rename(tmp, path))
+	if (status_dump_private(root, tmp) || rename(tmp, path))
 		unlink(tmp);
 	json_decref(root);
 }

@@ -91,6 +91,7 @@ struct fuse_fe {
 	char file[PATH_MAX + 256];
 	int fd;
 	bool mounted;
+	bool allow_other;         /* --allow-other: mounted with allow_other */
 	int mnt_id;              /* our mount's ID (0: unknown) */
 	unsigned conn_minor;     /* its st_dev minor: the fusectl connection number */
 	bool use_uring;
@@ -578,9 +579,12 @@ static int fuse_do_mount(struct fuse_fe *fe)
 		devio_err("fuse %s: /dev/fuse: %s", fe->mnt, strerror(errno));
 		return -errno;
 	}
+	/* default_permissions: the kernel checks the file's owner and mode;
+	 * without allow_other only this user (root) passes the mount at all */
 	snprintf(opts, sizeof(opts),
-		 "fd=%d,rootmode=40000,user_id=%u,group_id=%u,allow_other,default_permissions,max_read=%u",
-		 fe->fd, (unsigned)getuid(), (unsigned)getgid(), fe->fs.max_write);
+		 "fd=%d,rootmode=40000,user_id=%u,group_id=%u,%sdefault_permissions,max_read=%u",
+		 fe->fd, (unsigned)getuid(), (unsigned)getgid(), fe->allow_other ? "allow_other," : "",
+		 fe->fs.max_write);
 	if (mount("devio", fe->mnt, "fuse.devio", MS_NOSUID | MS_NODEV, opts) < 0) {
 		r = -errno;
 		devio_err("fuse %s: mount: %s", fe->mnt, strerror(-r));
@@ -794,7 +798,42 @@ struct fuse_opts {
 	uint32_t block_size;   /* --block-size: the loop device's, 0 = 512 */
 	bool enable_uring;     /* --fuse-enable-uring: write Y to fuse_enable_uring (machine-wide) */
 	unsigned timeout;      /* --fuse-timeout: the kernel's request timeout in seconds, 0 = none */
+	unsigned mode;         /* --fuse-mode: the file's mode, 0 = the image's own (0600 if none) */
+	bool allow_other;      /* --allow-other: users other than the server's may pass the mount */
 };
+
+/* Who may open the file: the image's own owner and mode when the source
+ * is a file or device (a 0600 image stays 0600), else root and 0600;
+ * --fuse-mode sets the mode. */
+static void fuse_owner(struct fuse_fe *fe, const char *source, const struct fuse_opts *o)
+{
+	struct stat st;
+
+	fe->fs.uid = (uint32_t)getuid();
+	fe->fs.gid = (uint32_t)getgid();
+	fe->fs.mode = 0600;
+	if (source && stat(source, &st) == 0 && (S_ISREG(st.st_mode) || S_ISBLK(st.st_mode))) {
+		fe->fs.uid = st.st_uid;
+		fe->fs.gid = st.st_gid;
+		fe->fs.mode = st.st_mode & 0777;
+	}
+	if (o->mode)
+		fe->fs.mode = o->mode;
+	fe->allow_other = o->allow_other;
+}
+
+static int fuse_parse_mode(const char *name, const char *val, void *field)
+{
+	char *end;
+	unsigned long m = val ? strtoul(val, &end, 8) : 0;
+
+	if (!val || !*val || *end || m == 0 || m > 0777) {
+		devio_err("--%s: want an octal mode from 1 to 0777 (e.g. 0640), got '%s'", name, val ? val : "");
+		return -EINVAL;
+	}
+	*(unsigned *)field = (unsigned)m;
+	return 0;
+}
 
 static int fuse_attach_loop(struct fuse_fe *fe, const struct fuse_opts *o)
 {
@@ -841,8 +880,7 @@ static int fuse_start(struct devio_server *srv, const char *arg, const void *opt
 	fe->fs.backend = ex->backend;
 	fe->fs.size = ex->backend->size;
 	fe->fs.readonly = (ex->backend->caps & DEVIO_CAP_READONLY) != 0;
-	fe->fs.uid = (uint32_t)getuid();
-	fe->fs.gid = (uint32_t)getgid();
+	fuse_owner(fe, ex->source, o);
 	fe->fs.mtime = (uint64_t)time(NULL);
 	fe->fs.max_write = FUSE_MAX_WRITE;
 	/* the kernel never sends more than max_write (and max_read = max_write) */
@@ -942,6 +980,10 @@ static const struct devio_frontend_option fuse_options[] = {
 	  devio_opt_flag, offsetof(struct fuse_opts, enable_uring) },
 	{ "fuse-timeout", "SECONDS", "the kernel aborts the connection when a request takes longer (Linux 6.14+)",
 	  devio_opt_uint, offsetof(struct fuse_opts, timeout) },
+	{ "fuse-mode", "MODE", "the file's mode, octal (default: the image's own; 0600 for other sources)",
+	  fuse_parse_mode, offsetof(struct fuse_opts, mode) },
+	{ "allow-other", NULL, "let users other than the server's pass the mount (the file's mode still applies)",
+	  devio_opt_flag, offsetof(struct fuse_opts, allow_other) },
 	{ NULL },
 };
 

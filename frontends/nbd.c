@@ -123,10 +123,13 @@ static void nbd_conn_serve(struct nbd_conn *c)
 	int r;
 
 	c->reader_tid = pthread_self();
-	/* A client gets 30 s per read during the handshake. */
+	/* A client gets 30 s per read during the handshake (and a listener's
+	 * connection --handshake-timeout for all of it). */
 	setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 	r = devio_nbd_negotiate(&io, c->st->srv, &c->s);
 	setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof(none));
+	if (!r)
+		devio_listener_conn_ready(); /* a listener's: its idle and stall timeouts from now on */
 	if (r) {
 		devio_debug("nbd %s: negotiation ended: %s", c->peer, strerror(-r));
 		return;
@@ -137,9 +140,11 @@ static void nbd_conn_serve(struct nbd_conn *c)
 	}
 	devio_debug("nbd %s: export '%s' structured=%d", c->peer, c->s.export->name, c->s.structured);
 	nbd_tx_cork(c);
+	/* A client whose replies cannot be sent any more (--stall-timeout,
+	 * a reset) is not read on: its requests would only be run for nobody. */
 	do
 		r = nbd_handle_one(c);
-	while (r == 0);
+	while (r == 0 && !__atomic_load_n(&c->broken, __ATOMIC_RELAXED));
 	if (r < 0 && r != -ECONNRESET)
 		devio_debug("nbd %s: connection ends: %s", c->peer, strerror(-r));
 	if (c->refused > NBD_LOG_REFUSED)
@@ -229,6 +234,7 @@ static void nbd_state_free(struct nbd_state *st)
 /* The --nbd front end's options (nbd_options below). */
 struct nbd_opts {
 	unsigned depth; /* --depth: requests in flight per connection, 0 = NBD_DEFAULT_DEPTH */
+	struct devio_listen_opts listen; /* --allow, --socket-mode, timeouts: lib/listener.c */
 	unsigned tls;   /* --tls: 0 not given, else 1 + enum devio_tls_mode */
 	struct devio_tls_conf tls_conf; /* --tls-certificates, --tls-psk, --tls-verify-peer, --tls-priority */
 };
@@ -271,11 +277,11 @@ static int nbd_tls_setup(struct nbd_state *st, const struct nbd_opts *o)
 	return 0;
 }
 
-static int nbd_listen(struct nbd_state *st)
+static int nbd_listen(struct nbd_state *st, const struct nbd_opts *o)
 {
 	char name[320];
 	struct devio_listener_conf conf = { .name = name, .max_conns = NBD_MAX_CONNS, .grace_ms = NBD_STOP_GRACE_MS,
-					    .serve = nbd_serve_conn, .ctx = st };
+					    .opts = o ? &o->listen : NULL, .serve = nbd_serve_conn, .ctx = st };
 
 	snprintf(name, sizeof(name), "nbd %s", st->name);
 	return devio_listener_start(&st->addr, &conf, &st->listener);
@@ -322,7 +328,7 @@ static int nbd_start(struct devio_server *srv, const char *arg, const void *opts
 			goto out_free;
 		}
 	}
-	if ((r = nbd_listen(st)))
+	if ((r = nbd_listen(st, o)))
 		goto out_free;
 	devio_info("nbd: serving %zu export%s on %s%s%s%s%s", srv->n_exports, srv->n_exports == 1 ? "" : "s", st->name,
 		   st->tls_creds ? (st->tls_mode == DEVIO_TLS_REQUIRE ? ", TLS required, " : ", TLS offered, ") : "",
@@ -353,8 +359,9 @@ static void nbd_status(void *state, FILE *out)
 	struct devio_listener_stats ls;
 
 	devio_listener_stats(st->listener, &ls);
-	fprintf(out, "  nbd %s: %u connection%s, %llu served, %llu refused\n", st->name, ls.active,
-		ls.active == 1 ? "" : "s", (unsigned long long)ls.served, (unsigned long long)ls.refused);
+	fprintf(out, "  nbd %s: %u connection%s, %llu served, %llu refused, %llu dropped by timeouts\n", st->name,
+		ls.active, ls.active == 1 ? "" : "s", (unsigned long long)ls.served, (unsigned long long)ls.refused,
+		(unsigned long long)ls.timed_out);
 }
 
 static int nbd_check(const char *arg)
@@ -391,6 +398,7 @@ static const struct devio_frontend_option nbd_options[] = {
 	  offsetof(struct nbd_opts, tls_conf.verify_peer) },
 	{ "tls-priority", "STRING", "GnuTLS priority string (default: TLS 1.3, then 1.2)", devio_opt_string,
 	  offsetof(struct nbd_opts, tls_conf.priority) },
+	DEVIO_LISTEN_OPTIONS(offsetof(struct nbd_opts, listen)),
 	{ NULL },
 };
 

@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include "devio/layer.h"
+#include "devio/listener.h"
 #include "devio/util.h"
 #include "devio/workers.h"
 #include "nbd_int.h"
@@ -105,7 +106,7 @@ static bool nbd_rx_hold_replies(struct nbd_conn *c)
  * While the last recv filled the buffer more requests may be waiting, so
  * look without blocking; once the socket is drained, send the replies the
  * batch produced and only then sleep in recv. */
-static int nbd_rx_fill(struct nbd_conn *c, size_t need)
+static int nbd_rx_fill(struct nbd_conn *c, size_t need, bool header)
 {
 	while (c->rx_end - c->rx_start < need) {
 		size_t space;
@@ -132,6 +133,12 @@ static int nbd_rx_fill(struct nbd_conn *c, size_t need)
 				continue;
 			}
 		}
+		if (n == -EAGAIN || n == -ETIMEDOUT) {
+			/* the socket's receive timeout (a listener's --idle/--stall-timeout) */
+			if (devio_listener_conn_wait_more(header && c->rx_end == c->rx_start))
+				continue;
+			return -ETIMEDOUT;
+		}
 		if (n < 0)
 			return (int)n;
 		if (n == 0)
@@ -155,7 +162,7 @@ static int nbd_rx_payload(struct nbd_conn *c, uint8_t *dst, uint64_t len)
 	int r = 0;
 
 	if (len > have && len <= NBD_RX_PAYLOAD) {
-		if ((r = nbd_rx_fill(c, (size_t)len)))
+		if ((r = nbd_rx_fill(c, (size_t)len, false)))
 			return r;
 		n = (size_t)len;
 	}
@@ -171,7 +178,9 @@ static int nbd_rx_payload(struct nbd_conn *c, uint8_t *dst, uint64_t len)
 		size_t want = dst || len < sizeof(scratch) ? (size_t)len : sizeof(scratch);
 		ssize_t got = nbd_rx_recv_wait(c, p, want);
 
-		if (got < 0)
+		if (got == -EAGAIN || got == -ETIMEDOUT) /* the socket's receive timeout */
+			r = devio_listener_conn_wait_more(false) ? 0 : -ETIMEDOUT; /* logs the stall */
+		else if (got < 0)
 			r = (int)got;
 		else if (got == 0)
 			r = -ECONNRESET;
@@ -398,7 +407,7 @@ int nbd_handle_one(struct nbd_conn *c)
 	size_t bytes;
 	int r;
 
-	if ((r = nbd_rx_fill(c, NBD_REQUEST_SIZE)))
+	if ((r = nbd_rx_fill(c, NBD_REQUEST_SIZE, true)))
 		return r;
 	if (devio_nbd_decode_request(c->rx + c->rx_start, &nr)) {
 		devio_warn("nbd %s: bad request magic; closing", c->peer);

@@ -18,7 +18,10 @@
 
 #define NBD_TX_IOV 256
 #define NBD_KEEP_BUF (1u << 20)          /* slot buffers up to this size are kept */
-#define NBD_MAX_BYTES_IN_FLIGHT (256u << 20) /* 4 requests of NBD_MAX_PAYLOAD */
+/* Payload bytes held per connection (requests read, replies not yet sent):
+ * one NBD_MAX_PAYLOAD request at a time when they are that large, so that
+ * a client that never reads its replies pins at most this much. */
+#define NBD_MAX_BYTES_IN_FLIGHT (64u << 20)
 
 /* ---- the slot pool: the reader takes, the sender gives back ---- */
 

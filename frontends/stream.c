@@ -10,6 +10,7 @@
  * accept loop lib/listener.c.  The wire format and the choices for bad
  * input are in docs/devio-protocol.md.
  */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -43,6 +44,7 @@
 struct stream_in {
 	int fd;
 	int stop_fd;
+	bool between;     /* reading the next request's code: an idle client may wait */
 	size_t pos, len;
 	char buf[STREAM_RDBUF];
 };
@@ -76,6 +78,9 @@ static ssize_t stream_in_raw(struct stream_in *in, void *dst, size_t n)
 		r = read(in->fd, dst, n);
 		if (r < 0 && errno == EINTR)
 			continue;
+		/* the socket's receive timeout (a listener's --idle/--stall-timeout) */
+		if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && devio_listener_conn_wait_more(in->between))
+			continue;
 		if (r < 0)
 			return -errno;
 		return r;
@@ -92,6 +97,8 @@ static int stream_in_read(struct stream_in *in, void *dst, size_t n, size_t *got
 	while (done < n) {
 		ssize_t r;
 
+		if (done)
+			in->between = false;
 		if (in->pos < in->len) {
 			size_t k = in->len - in->pos < n - done ? in->len - in->pos : n - done;
 			memcpy(d + done, in->buf + in->pos, k);
@@ -482,11 +489,13 @@ int devio_stream_session(struct devio_backend *b, int rfd, int wfd, const struct
 				 ? opts->max_transfer : DEVIO_MAX_TRANSFER;
 	s.alignment = opts && opts->alignment ? opts->alignment : (b->block_size ? b->block_size : 1);
 	s.enforce_alignment = opts && opts->alignment > 1;
-	for (;;) {
+	for (bool first = true;; first = false) {
 		size_t got = 0;
 		uint64_t code;
 
+		s.in->between = true;
 		r = stream_in_read(s.in, word, sizeof(word), &got);
+		s.in->between = false;
 		if (r == -ECONNRESET && got == 0) {
 			r = 0; /* EOF between requests: the peer is done */
 			break;
@@ -498,6 +507,8 @@ int devio_stream_session(struct devio_backend *b, int rfd, int wfd, const struct
 			break;
 		if ((r = stream_session_request(&s, code)))
 			break;
+		if (first) /* a listener's connection: the handshake deadline ends */
+			devio_listener_conn_ready();
 		if (s.buflen > STREAM_KEEP_BUF) {
 			/* rare huge transfers: do not keep 64 MiB per idle client */
 			free(s.buf);
@@ -682,24 +693,36 @@ out_close:
 	return r;
 }
 
-/* Is a listening host loopback only ("" is: the default)? */
-static bool stream_loopback_host(const char *h)
+/* A TCP host that only this machine reaches ("" binds loopback). */
+static bool stream_loopback(const char *host)
 {
-	return !h[0] || !strcmp(h, "localhost") || !strncmp(h, "127.", 4) || !strcmp(h, "::1");
+	struct in_addr a4;
+	struct in6_addr a6;
+
+	if (!host[0] || !strcmp(host, "localhost"))
+		return true;
+	if (inet_pton(AF_INET, host, &a4) == 1)
+		return (ntohl(a4.s_addr) >> 24) == 127;
+	return inet_pton(AF_INET6, host, &a6) == 1 && IN6_IS_ADDR_LOOPBACK(&a6);
 }
 
-static int stream_start_listener(struct stream_state *st)
+/* The --devio front end's options (stream_options below). */
+struct stream_fe_opts {
+	struct devio_listen_opts listen; /* --allow, --socket-mode, timeouts: lib/listener.c */
+};
+
+static int stream_start_listener(struct stream_state *st, const struct stream_fe_opts *o)
 {
 	struct devio_listener_conf conf = { .name = st->name, .max_conns = STREAM_MAX_CONNS,
-					    .grace_ms = STREAM_STOP_GRACE_MS, .serve = stream_serve, .ctx = st };
+					    .grace_ms = STREAM_STOP_GRACE_MS, .opts = o ? &o->listen : NULL,
+					    .serve = stream_serve, .ctx = st };
 
 	if (st->addr.kind == DEVIO_ADDR_TCP && !strcmp(st->addr.host, "*"))
 		devio_info("--devio %s: listening on every interface", st->where);
-	/* ImDisk's clients cannot speak TLS: say what a network address means. */
-	if (st->addr.kind == DEVIO_ADDR_TCP && !stream_loopback_host(st->addr.host))
-		devio_warn("--devio %s: not loopback: the devio protocol has no encryption and no authentication, "
-			   "anyone who reaches this address reads and writes the disk (NBD with --tls protects it)",
-			   st->where);
+	if (st->addr.kind == DEVIO_ADDR_TCP && !stream_loopback(st->addr.host))
+		devio_warn("--devio %s: the devio protocol has no encryption and no authentication: whoever reaches "
+			   "this address reads and writes the disk%s (docs/security.md)", st->where,
+			   o && o->listen.n_allow ? "" : "; --allow narrows who");
 	return devio_listener_start(&st->addr, &conf, &st->listener);
 }
 
@@ -741,7 +764,7 @@ static int stream_start(struct devio_server *srv, const char *arg, const void *o
 	if (st->addr.kind == DEVIO_ADDR_STDIO || st->addr.kind == DEVIO_ADDR_DEVICE)
 		r = stream_start_single(st);
 	else
-		r = stream_start_listener(st);
+		r = stream_start_listener(st, opts);
 	if (r)
 		goto out_free;
 	*state = st;
@@ -801,9 +824,9 @@ static void stream_status(void *state, FILE *out)
 		ls.served = 1;
 		pthread_mutex_unlock(&st->lock);
 	}
-	fprintf(out, "  devio stream on %s: %u client(s) connected, %llu served, %llu refused, %llu dropped on error\n",
-		st->where, ls.active, (unsigned long long)ls.served, (unsigned long long)ls.refused,
-		(unsigned long long)atomic_load(&st->failed));
+	fprintf(out, "  devio stream on %s: %u client(s) connected, %llu served, %llu refused, %llu dropped on error, "
+		"%llu by timeouts\n", st->where, ls.active, (unsigned long long)ls.served, (unsigned long long)ls.refused,
+		(unsigned long long)atomic_load(&st->failed), (unsigned long long)ls.timed_out);
 }
 
 static void stream_info(void *state, struct devio_frontend_info *info)
@@ -840,10 +863,17 @@ static const struct devio_frontend_type *stream_variant(const char *arg)
 	return arg && !strncmp(arg, "shm:", 4) ? &devio_frontend_shm : NULL;
 }
 
+static const struct devio_frontend_option stream_options[] = {
+	DEVIO_LISTEN_OPTIONS(offsetof(struct stream_fe_opts, listen)),
+	{ NULL },
+};
+
 const struct devio_frontend_type devio_frontend_stream = {
 	.option = "devio",
 	.arg_help = "tcp:[HOST:]PORT|unix:PATH|systemd[:NAME]|stdio|DEVICE[,max-transfer=N][,align=N]|shm:NAME[,slots=N][,buffer=N]",
 	.help = "devio stream protocol (ImDisk proxy)",
+	.options = stream_options,
+	.opts_size = sizeof(struct stream_fe_opts),
 	.start = stream_start,
 	.stop = stream_stop,
 	.status = stream_status,

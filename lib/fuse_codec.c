@@ -123,7 +123,7 @@ static void fill_attr(const struct devio_fuse_fs *fs, uint64_t ino, struct fuse_
 		a->nlink = 2;
 		return;
 	}
-	a->mode = S_IFREG | (fs->readonly ? 0444 : 0644);
+	a->mode = S_IFREG | ((fs->mode ? fs->mode & 07777 : 0600) & (fs->readonly ? ~0222u : ~0u));
 	a->nlink = 1;
 	a->size = fs->size;
 	a->blocks = (fs->size + 511) / 512;

@@ -191,6 +191,7 @@ struct devio_fuse_fs {
 	uint64_t size;
 	bool readonly;
 	uint32_t uid, gid;
+	uint32_t mode;         /* the file's permission bits (0: 0600); read-only: no write bits */
 	uint64_t mtime;        /* seconds, for the attributes */
 	uint32_t max_write;    /* what INIT offers (and the largest payload) */
 	bool offer_uring;      /* ask for FUSE_OVER_IO_URING in INIT */

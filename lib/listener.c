@@ -9,14 +9,25 @@
  * under that lock, so stop() never shuts down a descriptor number that
  * was already reused.
  *
+ * Access and limits (docs/security.md): the peer address is checked
+ * against --allow right after accept, before a byte is read; a Unix
+ * socket is created 0600 (--socket-mode, --socket-group) whatever the
+ * umask; each connection has a handshake deadline, enforced by the
+ * accept thread (it wakes every LISTENER_REAP_MS and shuts the socket of
+ * a connection past it), and once the front end says the handshake is
+ * over (devio_listener_conn_ready, on the connection's own thread) the
+ * socket's SO_RCVTIMEO/SO_SNDTIMEO carry the idle and stall timeouts.
+ *
  * Socket activation (address systemd[:NAME]): systemd or
  * systemd-socket-activate passes listening sockets from descriptor 3 on
  * (LISTEN_FDS, for the process LISTEN_PID, named by LISTEN_FDNAMES); each
  * listener takes one, by name or the next one not taken, and serves it
  * like its own (it never unlinks a socket file it did not make).
  */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -28,6 +39,7 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#include "devio/frontend.h"
 #include "devio/listener.h"
 #include "devio/util.h"
 
@@ -45,6 +57,9 @@ struct listener_conn {
 	struct devio_listener *l;
 	int fd;                   /* -1 once closed (l->lock) */
 	uint64_t id;
+	uint64_t deadline_ms;     /* handshake deadline (monotonic), 0 = none (l->lock) */
+	/* the connection's own thread only: idle time across receive timeouts */
+	uint64_t silent_since_ms, last_timeout_ms;
 	pthread_t thread;
 	bool finished;            /* serve() returned; joinable */
 	struct listener_conn *next;
@@ -52,6 +67,8 @@ struct listener_conn {
 
 struct devio_listener {
 	struct devio_listener_conf conf;
+	struct devio_listen_opts opts; /* conf.opts, copied */
+	unsigned handshake_s, idle_s, stall_s; /* in effect */
 	char name[300];
 	struct devio_addr addr;
 	int lfd;
@@ -65,7 +82,7 @@ struct devio_listener {
 	pthread_cond_t changed;   /* a connection ended */
 	struct listener_conn *conns;
 	unsigned active;
-	uint64_t served, refused, accept_errors;
+	uint64_t served, refused, accept_errors, disallowed, timed_out;
 	bool stopping;
 };
 
@@ -75,14 +92,24 @@ static bool listener_tell(uint64_t n)
 	return n && (n & (n - 1)) == 0;
 }
 
+static uint64_t listener_now_ms(void)
+{
+	return devio_now_ns() / 1000000;
+}
+
 /* ---- connections ---- */
+
+/* The connection this thread serves (listener_conn_main), else NULL. */
+static __thread struct listener_conn *listener_self;
 
 static void *listener_conn_main(void *arg)
 {
 	struct listener_conn *c = arg;
 	struct devio_listener *l = c->l;
 
+	listener_self = c;
 	l->conf.serve(l->conf.ctx, c->fd, c->id);
+	listener_self = NULL;
 	pthread_mutex_lock(&l->lock);
 	close(c->fd);
 	c->fd = -1;
@@ -137,7 +164,7 @@ static void listener_refuse_locked(struct devio_listener *l, int fd)
 	close(fd);
 	if (listener_tell(n))
 		devio_warn("%s: refusing a client: %u connections already served at once (%llu refused so far)",
-			   l->name, l->conf.max_conns, (unsigned long long)n);
+			   l->name, l->opts.max_conns, (unsigned long long)n);
 }
 
 /* Serve fd on a new thread (lock held). */
@@ -153,6 +180,8 @@ static void listener_conn_start_locked(struct devio_listener *l, int fd)
 	c->l = l;
 	c->fd = fd;
 	c->id = l->served + 1;
+	if (l->handshake_s)
+		c->deadline_ms = listener_now_ms() + l->handshake_s * 1000ull;
 	if (pthread_create(&c->thread, NULL, listener_conn_main, c)) {
 		devio_warn("%s: cannot start a connection thread", l->name);
 		close(fd);
@@ -182,24 +211,70 @@ static void listener_accept_failed(struct devio_listener *l, int e)
 		poll(&p, 1, LISTENER_PAUSE_MS);
 }
 
+/* A TCP peer outside every --allow prefix: closed before a byte is read. */
+static bool listener_disallowed(struct devio_listener *l, int fd, const struct sockaddr_storage *ss, socklen_t len)
+{
+	char host[INET6_ADDRSTRLEN] = "?";
+	uint64_t n;
+
+	if (!l->tcp || !l->opts.n_allow || devio_allow_match(l->opts.allow, l->opts.n_allow,
+							     (const struct sockaddr *)ss, len))
+		return false;
+	close(fd);
+	pthread_mutex_lock(&l->lock);
+	n = ++l->disallowed;
+	l->refused++;
+	pthread_mutex_unlock(&l->lock);
+	if (listener_tell(n)) {
+		if (ss->ss_family == AF_INET)
+			inet_ntop(AF_INET, &((const struct sockaddr_in *)ss)->sin_addr, host, sizeof(host));
+		else if (ss->ss_family == AF_INET6)
+			inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)ss)->sin6_addr, host, sizeof(host));
+		devio_warn("%s: refusing %s: not in --allow (%llu refused so far)", l->name, host,
+			   (unsigned long long)n);
+	}
+	return true;
+}
+
 static void listener_accept_one(struct devio_listener *l)
 {
-	int fd = accept4(l->lfd, NULL, NULL, SOCK_CLOEXEC);
+	struct sockaddr_storage ss;
+	socklen_t len = sizeof(ss);
+	int fd = accept4(l->lfd, (struct sockaddr *)&ss, &len, SOCK_CLOEXEC);
 
 	if (fd < 0) {
 		listener_accept_failed(l, errno);
 		return;
 	}
+	if (listener_disallowed(l, fd, &ss, len))
+		return;
 	devio_socket_tune(fd);
 	if (l->tcp)
 		listener_keepalive(fd);
 	pthread_mutex_lock(&l->lock);
-	if (l->stopping || l->active >= l->conf.max_conns)
+	if (l->stopping || l->active >= l->opts.max_conns)
 		listener_refuse_locked(l, fd);
 	else
 		listener_conn_start_locked(l, fd);
 	listener_reap_locked(l, false);
 	pthread_mutex_unlock(&l->lock);
+}
+
+/* Shut the socket of every connection past its handshake deadline (lock
+ * held); its thread then sees EOF and ends as usual. */
+static void listener_expire_locked(struct devio_listener *l)
+{
+	uint64_t now = listener_now_ms();
+
+	for (struct listener_conn *c = l->conns; c; c = c->next) {
+		if (!c->deadline_ms || now < c->deadline_ms || c->fd < 0)
+			continue;
+		c->deadline_ms = 0;
+		shutdown(c->fd, SHUT_RDWR);
+		if (listener_tell(++l->timed_out))
+			devio_warn("%s: dropping client %llu: no handshake within %u s (%llu dropped by timeouts so far)",
+				   l->name, (unsigned long long)c->id, l->handshake_s, (unsigned long long)l->timed_out);
+	}
 }
 
 static void *listener_main(void *arg)
@@ -219,9 +294,74 @@ static void *listener_main(void *arg)
 		if (n > 0 && p[0].revents)
 			listener_accept_one(l);
 		pthread_mutex_lock(&l->lock);
+		listener_expire_locked(l);
 		listener_reap_locked(l, false);
 		pthread_mutex_unlock(&l->lock);
 	}
+}
+
+/* ---- timeouts on the connection's own thread ---- */
+
+/* The receive timeout: the shorter of the idle and stall timeouts. */
+static unsigned listener_rcv_s(const struct devio_listener *l)
+{
+	if (!l->idle_s || (l->stall_s && l->stall_s < l->idle_s))
+		return l->stall_s;
+	return l->idle_s;
+}
+
+void devio_listener_conn_ready(void)
+{
+	struct listener_conn *c = listener_self;
+	struct timeval rcv = { 0, 0 }, snd = { 0, 0 };
+
+	if (!c)
+		return;
+	pthread_mutex_lock(&c->l->lock);
+	c->deadline_ms = 0;
+	pthread_mutex_unlock(&c->l->lock);
+	rcv.tv_sec = listener_rcv_s(c->l);
+	snd.tv_sec = c->l->stall_s;
+	setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &rcv, sizeof(rcv));
+	setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &snd, sizeof(snd));
+}
+
+static bool listener_conn_drop(struct listener_conn *c, const char *why, unsigned s)
+{
+	struct devio_listener *l = c->l;
+	uint64_t n;
+
+	pthread_mutex_lock(&l->lock);
+	n = ++l->timed_out;
+	pthread_mutex_unlock(&l->lock);
+	if (listener_tell(n))
+		devio_warn("%s: dropping client %llu: %s for %u s (%llu dropped by timeouts so far)", l->name,
+			   (unsigned long long)c->id, why, s, (unsigned long long)n);
+	return false;
+}
+
+bool devio_listener_conn_wait_more(bool between)
+{
+	struct listener_conn *c = listener_self;
+	struct devio_listener *l;
+	uint64_t now, rcv_ms;
+
+	if (!c || !listener_rcv_s(c->l))
+		return false; /* not ours: some other timeout */
+	l = c->l;
+	if (!between)
+		return listener_conn_drop(c, "stuck in the middle of a request", listener_rcv_s(l));
+	if (!l->idle_s)
+		return true; /* an idle client is a client */
+	/* Timeouts back to back (no byte came in between) add up. */
+	now = listener_now_ms();
+	rcv_ms = listener_rcv_s(l) * 1000ull;
+	if (!c->last_timeout_ms || now - c->last_timeout_ms > rcv_ms + 1000)
+		c->silent_since_ms = now - rcv_ms;
+	c->last_timeout_ms = now;
+	if (now - c->silent_since_ms + 500 < l->idle_s * 1000ull)
+		return true;
+	return listener_conn_drop(c, "idle", l->idle_s);
 }
 
 /* ---- socket activation ---- */
@@ -325,7 +465,9 @@ static int listener_open(struct devio_listener *l)
 		return 0;
 	}
 	l->tcp = l->addr.kind == DEVIO_ADDR_TCP;
-	l->lfd = devio_listen(&l->addr, (int)(l->conf.max_conns < 128 ? 128 : l->conf.max_conns));
+	l->lfd = devio_listen_mode(&l->addr, (int)(l->opts.max_conns < 128 ? 128 : l->opts.max_conns),
+				   l->opts.socket_mode ? l->opts.socket_mode : 0600,
+				   l->opts.has_group ? (long)l->opts.group : -1);
 	if (l->lfd < 0)
 		return l->lfd;
 	if (l->addr.kind == DEVIO_ADDR_UNIX && lstat(l->addr.path, &st) == 0) {
@@ -333,8 +475,21 @@ static int listener_open(struct devio_listener *l)
 		l->sock_ino = st.st_ino;
 	}
 	if (l->addr.kind == DEVIO_ADDR_TCP && !strcmp(l->addr.host, "*"))
-		devio_info("%s: listening on every interface", l->name);
+		devio_info("%s: listening on every interface%s", l->name,
+			   l->opts.n_allow ? "" : " (no --allow: any peer that reaches the port is served)");
 	return 0;
+}
+
+/* The timeouts in effect: explicit ones, else the defaults for TCP/Unix. */
+static void listener_timeouts(struct devio_listener *l)
+{
+	const struct devio_listen_opts *o = &l->opts;
+
+	l->handshake_s = o->handshake_set ? o->handshake_timeout : DEVIO_LISTEN_HANDSHAKE_S;
+	l->idle_s = o->idle_timeout;
+	l->stall_s = o->stall_set ? o->stall_timeout : l->tcp ? DEVIO_LISTEN_STALL_TCP_S : 0;
+	if (!l->tcp && o->n_allow)
+		devio_debug("%s: --allow applies to TCP peers; this socket admits whoever may open it", l->name);
 }
 
 /* Remove the Unix socket file, unless another server replaced it since. */
@@ -371,6 +526,11 @@ int devio_listener_start(const struct devio_addr *a, const struct devio_listener
 	if (!l)
 		return -ENOMEM;
 	l->conf = *conf;
+	if (conf->opts)
+		l->opts = *conf->opts;
+	l->conf.opts = NULL;
+	if (!l->opts.max_conns)
+		l->opts.max_conns = conf->max_conns;
 	l->addr = *a;
 	l->lfd = l->stop_pipe[0] = l->stop_pipe[1] = -1;
 	snprintf(l->name, sizeof(l->name), "%s", conf->name ? conf->name : "listener");
@@ -385,6 +545,7 @@ int devio_listener_start(const struct devio_addr *a, const struct devio_listener
 	}
 	if ((r = listener_open(l)))
 		goto out_free;
+	listener_timeouts(l);
 	if ((r = -pthread_create(&l->thread, NULL, listener_main, l))) {
 		listener_unlink(l);
 		goto out_free;
@@ -460,6 +621,7 @@ void devio_listener_stats(struct devio_listener *l, struct devio_listener_stats 
 	out->active = l->active;
 	out->served = l->served;
 	out->refused = l->refused;
+	out->timed_out = l->timed_out;
 	pthread_mutex_unlock(&l->lock);
 	out->port = 0;
 	if (l->tcp && l->lfd >= 0) {
@@ -470,4 +632,91 @@ void devio_listener_stats(struct devio_listener *l, struct devio_listener_stats 
 			out->port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
 								 : ((struct sockaddr_in *)&ss)->sin_port);
 	}
+}
+
+/* ---- the listener options (DEVIO_LISTEN_OPTIONS) ---- */
+
+#define LISTENER_MAX_TIMEOUT_S 86400
+
+static int listener_opt_seconds(const char *name, const char *val, unsigned *out, bool *set)
+{
+	uint64_t v;
+
+	if (devio_parse_u64(val, &v) || v > LISTENER_MAX_TIMEOUT_S) {
+		devio_err("--%s: want seconds from 0 to %d, got '%s'", name, LISTENER_MAX_TIMEOUT_S, val);
+		return -EINVAL;
+	}
+	*out = (unsigned)v;
+	if (set)
+		*set = true;
+	return 0;
+}
+
+static int listener_opt_allow(struct devio_listen_opts *o, const char *val)
+{
+	if (o->n_allow == DEVIO_ALLOW_MAX) {
+		devio_err("--allow: at most %d entries", DEVIO_ALLOW_MAX);
+		return -EINVAL;
+	}
+	if (devio_allow_parse(val, &o->allow[o->n_allow])) {
+		devio_err("--allow: want an IPv4 or IPv6 address with an optional /PREFIX and no host bits past it, "
+			  "got '%s'", val);
+		return -EINVAL;
+	}
+	o->n_allow++;
+	return 0;
+}
+
+static int listener_opt_mode(struct devio_listen_opts *o, const char *val)
+{
+	char *end;
+	unsigned long m = strtoul(val, &end, 8);
+
+	if (!*val || *end || m == 0 || m > 0777) {
+		devio_err("--socket-mode: want an octal mode from 1 to 0777 (e.g. 0660), got '%s'", val);
+		return -EINVAL;
+	}
+	o->socket_mode = (unsigned)m;
+	return 0;
+}
+
+static int listener_opt_group(struct devio_listen_opts *o, const char *val)
+{
+	struct group *g = getgrnam(val);
+	uint64_t v;
+
+	if (g)
+		o->group = g->gr_gid;
+	else if (!devio_parse_u64(val, &v) && v < (gid_t)-1)
+		o->group = (gid_t)v;
+	else {
+		devio_err("--socket-group: no group '%s'", val);
+		return -EINVAL;
+	}
+	o->has_group = true;
+	return 0;
+}
+
+int devio_listen_opt(const char *name, const char *val, void *field)
+{
+	struct devio_listen_opts *o = field;
+
+	if (!val)
+		return -EINVAL;
+	if (!strcmp(name, "allow"))
+		return listener_opt_allow(o, val);
+	if (!strcmp(name, "socket-mode"))
+		return listener_opt_mode(o, val);
+	if (!strcmp(name, "socket-group"))
+		return listener_opt_group(o, val);
+	if (!strcmp(name, "max-connections"))
+		return devio_opt_uint(name, val, &o->max_conns);
+	if (!strcmp(name, "handshake-timeout"))
+		return listener_opt_seconds(name, val, &o->handshake_timeout, &o->handshake_set);
+	if (!strcmp(name, "idle-timeout"))
+		return listener_opt_seconds(name, val, &o->idle_timeout, NULL);
+	if (!strcmp(name, "stall-timeout"))
+		return listener_opt_seconds(name, val, &o->stall_timeout, &o->stall_set);
+	devio_err("--%s: not a listener option", name);
+	return -EINVAL;
 }

@@ -191,11 +191,35 @@ static int unix_publish(const struct devio_addr *tmp, const struct devio_addr *a
 	return -EADDRINUSE;
 }
 
+/* The socket file's mode and group, exactly, whatever the umask: bind()
+ * gives the file the socket inode's mode less the umask, so the inode is
+ * made mode first (nobody can open the file wider than that, even for a
+ * moment), then the file is set to the mode and group (before it is
+ * linked to its real path).  0 or -errno. */
+static int unix_set_mode(int fd, unsigned mode)
+{
+	return fchmod(fd, mode) ? -errno : 0;
+}
+
+static int unix_fix_file(const struct devio_addr *real, const char *path, unsigned mode, long gid)
+{
+	int r = 0;
+
+	if (gid >= 0 && chown(path, (uid_t)-1, (gid_t)gid))
+		r = -errno;
+	if (!r && chmod(path, mode))
+		r = -errno;
+	if (r)
+		devio_err("%s: cannot set the socket's %s: %s", real->path, gid >= 0 ? "group and mode" : "mode",
+			  strerror(-r));
+	return r;
+}
+
 /* The socket file appears at bind(), before listen(): bind under a
  * temporary name and link it into place once it accepts connections, so
  * a client that sees the path can always connect.  A live socket at the
  * path is never replaced ("in use by another server"); a stale one is. */
-static int listen_unix(const struct devio_addr *a, int backlog)
+static int listen_unix(const struct devio_addr *a, int backlog, unsigned mode, long gid)
 {
 	struct devio_addr tmp = *a;
 	struct sockaddr_un sun;
@@ -213,9 +237,18 @@ static int listen_unix(const struct devio_addr *a, int backlog)
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return -errno;
+	if ((r = unix_set_mode(fd, mode))) {
+		close(fd);
+		return r;
+	}
 	if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) || listen(fd, backlog)) {
 		r = -errno;
 		devio_err("%s: cannot listen: %s", a->path, strerror(-r));
+		unlink(tmp.path);
+		close(fd);
+		return r;
+	}
+	if ((r = unix_fix_file(a, tmp.path, mode, gid))) {
 		unlink(tmp.path);
 		close(fd);
 		return r;
@@ -270,11 +303,16 @@ static int listen_tcp(const struct devio_addr *a, int backlog)
 
 int devio_listen(const struct devio_addr *a, int backlog)
 {
+	return devio_listen_mode(a, backlog, 0600, -1);
+}
+
+int devio_listen_mode(const struct devio_addr *a, int backlog, unsigned mode, long gid)
+{
 	switch (a->kind) {
 	case DEVIO_ADDR_TCP:
 		return listen_tcp(a, backlog);
 	case DEVIO_ADDR_UNIX:
-		return listen_unix(a, backlog);
+		return listen_unix(a, backlog, mode, gid);
 	default:
 		return -EINVAL;
 	}

@@ -73,6 +73,9 @@ void devio_addr_format(const struct devio_addr *a, char *out, size_t outlen);
  * accepts on is -EADDRINUSE ("in use by another server").  Returns fd or
  * -errno (logged). */
 int devio_listen(const struct devio_addr *a, int backlog);
+/* The same; a Unix socket file gets exactly mode (devio_listen: 0600) and,
+ * if gid >= 0, that group, whatever the umask. */
+int devio_listen_mode(const struct devio_addr *a, int backlog, unsigned mode, long gid);
 /* Connected socket with TCP_NODELAY for TCP.  Returns fd or -errno. */
 int devio_connect(const struct devio_addr *a);
 /* Tune a connected stream socket for block I/O (TCP_NODELAY, buffers). */

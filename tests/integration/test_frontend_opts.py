@@ -42,16 +42,19 @@ def test_serve_help_lists_each_front_ends_options():
     r = run("serve", "--help")
     assert r.returncode == 0, r.stderr
     groups = help_groups(r.stdout)
+    listen = ["--allow", "--socket-mode", "--socket-group", "--max-connections", "--handshake-timeout",
+              "--idle-timeout", "--stall-timeout"]  # lib/listener.c's, declared by both socket front ends
     assert groups == {
-        "--devio": [],
-        "--nbd": ["--depth", "--tls", "--tls-certificates", "--tls-psk", "--tls-verify-peer", "--tls-priority"],
-        "--fuse": ["--loop", "--fuse-transport", "--depth", "--block-size", "--fuse-enable-uring", "--fuse-timeout"],
+        "--devio": listen,
+        "--nbd": ["--depth", "--tls", "--tls-certificates", "--tls-psk", "--tls-verify-peer", "--tls-priority"] + listen,
+        "--fuse": ["--loop", "--fuse-transport", "--depth", "--block-size", "--fuse-enable-uring", "--fuse-timeout",
+                   "--fuse-mode", "--allow-other"],
         "--ublk": ["--queues", "--depth", "--block-size", "--recovery", "--recover"],
     }, r.stdout
     # every option the help listed before front ends owned them
     for opt in ("--readonly", "--offset", "--size", "--partition", "--ram-max", "--direct", "--format",
                 "--export", "--threads", "--verbose", "--quiet",
-                "--fork", "--foreground", "--pidfile", "--exit-with-parent", "--run", "--log"):
+                "--fork", "--foreground", "--pidfile", "--exit-with-parent", "--run", "--log", "--user"):
         assert opt in r.stdout, opt
 
 
@@ -59,7 +62,8 @@ def test_attach_help_lists_the_fuse_options():
     r = run("attach", "--help")
     assert r.returncode == 0, r.stderr
     assert help_groups(r.stdout)["--fuse"] == ["--loop", "--fuse-transport", "--depth", "--block-size",
-                                               "--fuse-enable-uring", "--fuse-timeout"]
+                                               "--fuse-enable-uring", "--fuse-timeout", "--fuse-mode",
+                                               "--allow-other"]
     assert "--threads" in r.stdout and "--fork" in r.stdout and "--log" in r.stdout
     assert "--queues" in help_groups(r.stdout)["--ublk"]  # attach --ublk: the ublk front end's options
     assert "--timeout SECONDS" in r.stdout

@@ -48,7 +48,8 @@ def refusals_logged(srv):
 
 def test_nbd_connection_cap_and_rate_limited_refusals(serve, tmp):
     sock = os.path.join(tmp, "nbd.sock")
-    srv = serve("ram:1M", "--nbd", f"unix:{sock}")
+    # held clients never negotiate: no handshake deadline here (test_security.py has it)
+    srv = serve("ram:1M", "--nbd", f"unix:{sock}", "--handshake-timeout", "0")
     srv.wait_unix(sock)
     held = []
     try:
