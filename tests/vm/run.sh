@@ -13,7 +13,8 @@
 # inside its modules folder, as scripts/guest-kernels.sh caches 7.x), VM_BUILD
 # (default $DEVIO_BUILD, else build-vm), VM_BUILDTYPE (debugoptimized, for a new VM_BUILD),
 # VM_MEM (1G), VM_SMP (2), VM_LOG (serial log path), VM_ENV (words
-# exported in the guest, e.g. "BENCH_MB=64").
+# exported in the guest, e.g. "BENCH_MB=64"), VM_EXTRA_BINS (more host tools to
+# pack, e.g. "fio").
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -83,6 +84,12 @@ for b in mke2fs e2fsck blkdiscard losetup dd; do
   copy_bin "$p"
 done
 ln -s mke2fs "$R/usr/bin/mkfs.ext4"
+# VM_EXTRA_BINS: more host tools for a --script that wants them (the
+# benchmark's fio: large, so not in every guest)
+for b in ${VM_EXTRA_BINS:-}; do
+  p=$(command -v "$b") || fail "$b missing (VM_EXTRA_BINS)"
+  copy_bin "$p"
+done
 ln -s ../bin/busybox "$R/sbin/init"
 # ld.so also lives at /lib64 on x86-64
 [ -e "$R/lib64/ld-linux-x86-64.so.2" ] || cp -L /lib64/ld-linux-x86-64.so.2 "$R/lib64/"
