@@ -14,9 +14,14 @@
  * its ring and the inbox for completions from other threads are
  * lib/ring.c's; the file backend puts its I/O on the same ring.
  *
- * Data copy: with UBLK_F_USER_COPY (kernel 6.5+) the thread moves a
- * request's data with pread/pwrite on /dev/ublkcN at the tag's offset;
- * otherwise the driver copies into the buffer named in FETCH/COMMIT.
+ * Data copy, chosen once per device: over a backend that takes
+ * registered pages (a plain file) none at all, the request's own pages
+ * being fixed buffer `tag` of the queue's ring, registered by the driver
+ * (UBLK_F_AUTO_BUF_REG) or by us (UBLK_F_SUPPORT_ZERO_COPY), and read or
+ * written by the backend's I/O on that ring; else with UBLK_F_USER_COPY
+ * (kernel 6.5+) the thread moves a request's data with pread/pwrite on
+ * /dev/ublkcN at the tag's offset; otherwise the driver copies into the
+ * buffer named in FETCH/COMMIT.
  */
 #include <dirent.h>
 #include <errno.h>
