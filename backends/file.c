@@ -8,7 +8,10 @@
  * code at the end of this file): ops->submit queues them on one ring and a
  * completion thread calls req->complete(); submit runs everything else
  * synchronously before it returns.  ops->ring_submit puts them on the
- * caller's ring instead (a FUSE or ublk queue thread, ring.h).
+ * caller's ring instead (a FUSE or ublk queue thread, ring.h); there a
+ * READ or WRITE may also name pages registered on that ring
+ * (DEVIO_BUF_FIXED: a ublk request's own, zero copy), moved with
+ * READ_FIXED/WRITE_FIXED.
  *
  * With O_DIRECT (--direct) offsets, lengths and buffers must be aligned to
  * the device's logical block size (4096 for regular files, which every
@@ -813,6 +816,8 @@ int devio_file_open(const char *path, const struct devio_open_opts *opts, struct
 	if (!f->direct && !f->uring_reads)
 		f->b.caps |= DEVIO_CAP_SPLICE_READ;
 	file_uring_start(f);
+	if (!f->direct && f->uring) /* io_uring works here: pages registered on a caller's ring too */
+		f->b.caps |= DEVIO_CAP_FIXED;
 	*out = &f->b;
 	return 0;
 
@@ -894,7 +899,17 @@ static void file_ring_prep(struct devio_file *f, struct devio_request *req, stru
 	struct file_dio *d = (struct file_dio *)(uintptr_t)req->priv[1];
 	char *buf = d && d->bounce ? (char *)d->bounce : (char *)req->buf;
 
-	if (req->op == DEVIO_OP_READ) {
+	if (req->kind == DEVIO_BUF_FIXED) {
+		/* the caller's registered pages: the address is an offset into them */
+		if (req->op == DEVIO_OP_READ)
+			io_uring_prep_read_fixed(sqe, fd, (void *)(uintptr_t)done, n, req->offset + done,
+						 (int)req->buf_index);
+		else
+			io_uring_prep_write_fixed(sqe, fd, (void *)(uintptr_t)done, n, req->offset + done,
+						  (int)req->buf_index);
+		if (req->op == DEVIO_OP_WRITE && (req->flags & DEVIO_REQ_FUA))
+			sqe->rw_flags = RWF_DSYNC;
+	} else if (req->op == DEVIO_OP_READ) {
 		io_uring_prep_read(sqe, fd, buf + done, n, req->offset + done);
 	} else if (req->op == DEVIO_OP_WRITE) {
 		io_uring_prep_write(sqe, fd, buf + done, n, req->offset + done);
@@ -1253,6 +1268,27 @@ static int file_uring_submit(struct devio_file *f, struct devio_request *req)
 	return 0;
 }
 
+/* A READ or WRITE of pages registered on the caller's ring (zero copy):
+ * the ring is the only way to them, wherever the page cache would be
+ * cheaper to copy on this thread. */
+static int file_ring_fixed(struct devio_file *f, struct devio_request *req, struct devio_ring *ring)
+{
+	struct io_uring_sqe *sqe;
+
+	if (f->direct)
+		return -EOPNOTSUPP; /* not offered (no DEVIO_CAP_FIXED) */
+	sqe = devio_ring_get_sqe(ring);
+	if (!sqe) {
+		devio_err("%s: %s at offset %" PRIu64 ": no submission slot on the queue's ring", f->path,
+			  devio_op_name(req->op), req->offset);
+		return -EBUSY;
+	}
+	req->priv[0] = req->priv[1] = 0;
+	file_ring_prep(f, req, sqe, false);
+	devio_ring_sqe_request(sqe, req);
+	return 0;
+}
+
 /* ring_submit: req on the caller's ring.  Declined where something would
  * be held until completion (an O_DIRECT write's blocks, a bounce buffer)
  * and where the own ring would decline too. */
@@ -1261,6 +1297,8 @@ static int file_ring_submit(struct devio_backend *b, struct devio_request *req, 
 	struct devio_file *f = file_of(b);
 	struct io_uring_sqe *sqe;
 
+	if (req->kind == DEVIO_BUF_FIXED)
+		return file_ring_fixed(f, req, ring);
 	if (!f->uring || !file_ring_takes(f, req))
 		return -EAGAIN;
 	if (f->direct && (req->op == DEVIO_OP_WRITE || !file_is_aligned(f, req->buf, 0, 0)))

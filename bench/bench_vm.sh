@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # bench_vm.sh - ublk and kernel-nbd throughput inside a guest kernel,
-# relative to a loop device on a tmpfs file in the same guest, plus the
-# ublk server's io_uring_enter calls per request.  Boots Debian's 6.12
-# kernel under qemu TCG through tests/vm/run.sh with a release build;
-# TCG makes absolute numbers small, the ratios are what to compare.
+# relative to a loop device on the same tmpfs file in the same guest, plus
+# the ublk server's io_uring_enter calls per request, and ublk zero copy
+# against user copy.  Boots the guest through tests/vm/run.sh with a
+# release build and fio packed; TCG makes absolute numbers small, the
+# ratios within one boot are what to compare.  Zero copy needs the 7.x
+# kernel:
 #
-#   bench/bench_vm.sh [MiB per sequential run, default 128] [repetitions, default 3]
+#   VM_KERNEL=$(scripts/guest-kernels.sh) bench/bench_vm.sh [MiB per sequential run, default 128] [repetitions, default 3]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MB=${1:-128}
 REPS=${2:-3}
 OUT=$(mktemp /tmp/devio-bench-vm.XXXXXX)
 trap 'rm -f "$OUT"' EXIT
-VM_BUILD=${VM_BUILD:-$PWD/build-release-vm} VM_BUILDTYPE=release VM_ENV="BENCH_MB=$MB BENCH_REPS=$REPS" \
+VM_BUILD=${VM_BUILD:-$PWD/build-release-vm} VM_BUILDTYPE=release VM_ENV="BENCH_MB=$MB BENCH_REPS=$REPS" VM_EXTRA_BINS=fio \
   tests/vm/run.sh --script bench/vm_guest_bench.sh --timeout 900 >"$OUT" 2>&1
 /usr/bin/python3 - "$OUT" <<'PY'
 import sys
@@ -41,6 +43,13 @@ for dev, r in rows.items():
         cells.append(f"{v:9.1f} ({v / base:5.2f}x)" if v is not None and base else f"{'-':>17}")
     print(f"{dev:<24}" + "".join(f"{c:>22}" for c in cells))
 print()
+zc, uc = rows.get("ublk-file-zero"), rows.get("ublk-file-user")
+if zc and uc:
+    print("ublk zero copy against user copy and loop, same file, same boot:")
+    for w in order:
+        if w in zc and uc.get(w) and rows["loop"].get(w):
+            print(f"  {w:<20} zero/user {zc[w] / uc[w]:5.2f}x   zero/loop {zc[w] / rows['loop'][w]:5.2f}x")
+    print()
 print("ublk server system calls (io_uring_enter; user copy adds one pread/pwrite per read/write):")
 for s in sysc:
     print("  " + s)

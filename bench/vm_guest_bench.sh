@@ -1,10 +1,13 @@
 # vm_guest_bench.sh - runs inside the guest (bench/bench_vm.sh boots it via
-# tests/vm/run.sh): the same dd workloads on a loop device over a tmpfs
-# file, ublk over the file and RAM backends (user and kernel copy) and the
-# kernel nbd client on devio's NBD server, and the ublk server's
-# io_uring_enter calls per request.  Each figure is the best of
-# BENCH_REPS (3) runs.  Prints "BENCH DEVICE WORKLOAD MiB/s"
-# and "BENCH-SYSCALLS ..." lines for the host to tabulate.
+# tests/vm/run.sh): the same workloads on a loop device over a tmpfs
+# file, ublk over that same file (zero copy where the kernel has it, user
+# copy, kernel copy) and over the RAM backend, and the kernel nbd client
+# on devio's NBD server of that file; plus the ublk server's io_uring_enter
+# calls per request.  Sequential 1 MiB and 4 KiB QD1 with coreutils dd,
+# 4 KiB random QD32 with fio (io_uring, direct) when it was packed
+# (VM_EXTRA_BINS=fio).  Each figure is the best of BENCH_REPS (3) runs.
+# Prints "BENCH DEVICE WORKLOAD MiB/s" and "BENCH-SYSCALLS ..." lines for
+# the host to tabulate.
 . /guest-lib.sh
 DD=/usr/bin/dd        # coreutils dd: iflag/oflag=direct and a timing line
 MB=${BENCH_MB:-128}
@@ -43,38 +46,52 @@ best() {
   echo "$_b"
 }
 
+# fio_rate RW BS QD DEV: MiB/s of one fio run (direct, io_uring), 5 s.
+fio_rate() {
+  fio --name=b --filename="$4" --rw="$1" --bs="$2" --iodepth="$3" --ioengine=io_uring --direct=1 \
+    --size=${MB}M --runtime=5 --time_based --group_reporting --output-format=terse --terse-version=3 2>/dev/null |
+    awk -F';' 'NF > 50 { r = $7 + $48; printf "%.1f\n", r / 1024 }' # read + write KiB/s
+}
+
 run_workloads() { # run_workloads NAME DEV
   echo "BENCH $1 seq-write-1M $(best dd_rate if=/dev/zero of="$2" bs=1M count=$MB oflag=direct)"
   echo "BENCH $1 seq-read-1M $(best dd_rate if="$2" of=/dev/null bs=1M count=$MB iflag=direct)"
   echo "BENCH $1 read-4k-qd1 $(best dd_rate if="$2" of=/dev/null bs=4k count=4096 iflag=direct)"
   echo "BENCH $1 read-4k-4jobs $(best par_read "$2")"
+  if command -v fio >/dev/null; then
+    echo "BENCH $1 randread-4k-qd32 $(best fio_rate randread 4k 32 "$2")"
+    echo "BENCH $1 randwrite-4k-qd32 $(best fio_rate randwrite 4k 32 "$2")"
+  fi
 }
 
 syscalls() { # syscalls NAME LOG: io_uring_enter per request from the exit summary
   awk -v name="$1" '/queue [0-9]+ served/ { for (i = 1; i <= NF; i++) {
       if ($i == "served") s += $(i + 1); if ($i == "io_uring_enter") e += $(i + 1);
-      if ($i == "copy_syscalls") c += $(i + 1);
+      if ($i == "copy_syscalls") c += $(i + 1); if ($i == "zero_copy") z += $(i + 1);
       if ($i == "max_batch" && $(i + 1) > m) m = $(i + 1) } }
-    END { if (s) printf "BENCH-SYSCALLS %s requests %d io_uring_enter %d (%.3f per request) copy pread/pwrite %d (%.3f per request) max-batch %d\n", name, s, e, e / s, c, c / s, m }' "$2"
+    END { if (s) printf "BENCH-SYSCALLS %s requests %d io_uring_enter %d (%.3f per request) copy pread/pwrite %d (%.3f per request) zero-copy %d max-batch %d\n", name, s, e, e / s, c, c / s, z, m }' "$2"
 }
 
-# loop device over a tmpfs file: the in-kernel reference
-truncate -s ${MB}M /tmp/l.img
-LOOP=$(/usr/bin/losetup -f --show /tmp/l.img)
+# One tmpfs file, written through once so that reads find pages, behind
+# every device below.
+IMG=/tmp/bench.img
+dd if=/dev/urandom of=$IMG bs=1M count=$MB 2>/dev/null
+
+# loop device over the file: the in-kernel reference
+LOOP=$(/usr/bin/losetup -f --show $IMG)
 run_workloads loop "$LOOP"
 /usr/bin/losetup -d "$LOOP"
-rm -f /tmp/l.img
 
-for mode in user-copy kernel-copy; do
-  truncate -s ${MB}M /tmp/u.img
-  if start_ublk /tmp/u.log /tmp/u.img --ublk=$mode --queues 2; then
+# ublk over the same file: zero copy (the best mode this kernel has for a
+# plain file: auto-buf-reg on 7.x), user copy, kernel copy
+for mode in zero user kernel; do
+  if start_ublk /tmp/u.log $IMG --ublk --ublk-copy $mode --queues 2; then
     run_workloads ublk-file-$mode "$DEV"
     stop_server TERM
     syscalls ublk-file-$mode /tmp/u.log
   else
-    echo "BENCH ublk-file-$mode failed"
+    echo "BENCH ublk-file-$mode failed: $(grep error /tmp/u.log | head -n 1)"
   fi
-  rm -f /tmp/u.img
 done
 
 if start_ublk /tmp/r.log ram:${MB}M --ublk --queues 2; then
@@ -83,8 +100,7 @@ if start_ublk /tmp/r.log ram:${MB}M --ublk --queues 2; then
   syscalls ublk-ram /tmp/r.log
 fi
 
-truncate -s ${MB}M /tmp/n.img
-devio serve /tmp/n.img --nbd unix:/tmp/b.sock >/tmp/n.log 2>&1 &
+devio serve $IMG --nbd unix:/tmp/b.sock >/tmp/n.log 2>&1 &
 SRV=$!
 if wait_for 30 test -S /tmp/b.sock &&
    devio attach "nbd+unix:///?socket=/tmp/b.sock" --nbd-device /dev/nbd0 --connections 2 >/tmp/a.log 2>&1; then
@@ -94,4 +110,4 @@ else
   echo "BENCH kernel-nbd failed"
 fi
 stop_server TERM
-rm -f /tmp/n.img
+rm -f $IMG

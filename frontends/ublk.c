@@ -14,9 +14,14 @@
  * its ring and the inbox for completions from other threads are
  * lib/ring.c's; the file backend puts its I/O on the same ring.
  *
- * Data copy: with UBLK_F_USER_COPY (kernel 6.5+) the thread moves a
- * request's data with pread/pwrite on /dev/ublkcN at the tag's offset;
- * otherwise the driver copies into the buffer named in FETCH/COMMIT.
+ * Data copy, chosen once per device: over a backend that takes
+ * registered pages (a plain file) none at all, the request's own pages
+ * being fixed buffer `tag` of the queue's ring, registered by the driver
+ * (UBLK_F_AUTO_BUF_REG) or by us (UBLK_F_SUPPORT_ZERO_COPY), and read or
+ * written by the backend's I/O on that ring; else with UBLK_F_USER_COPY
+ * (kernel 6.5+) the thread moves a request's data with pread/pwrite on
+ * /dev/ublkcN at the tag's offset; otherwise the driver copies into the
+ * buffer named in FETCH/COMMIT.
  *
  * Recovery (--recovery, --recover) and the hand-over (SIGUSR2): the device
  * outlives its server; a hand-over quiesces it (QUIESCE_DEV, where the
@@ -62,6 +67,7 @@ struct ublk_tag {
 	uint16_t tag;
 	uint8_t op;        /* the ublk op being served */
 	bool dead;         /* aborted by the driver: no more commands */
+	bool registered;   /* zero copy: the pages are fixed buffer `tag` of the ring */
 };
 
 struct ublk_dev;
@@ -76,8 +82,9 @@ struct ublk_queue {
 	size_t descs_len;
 	struct ublk_tag *tags;
 	unsigned cmds_out;     /* FETCH/COMMIT commands the kernel holds */
+	uint64_t buf_cmd;      /* its address tags (UN)REGISTER_IO_BUF SQEs: their CQEs only on failure */
 	/* counters, read by ublk_status() and printed at exit */
-	_Atomic uint64_t served, copies, errors;
+	_Atomic uint64_t served, copies, zero_copies, errors;
 };
 
 struct ublk_dev {
@@ -193,22 +200,69 @@ const char *devio_ublk_feature_names(uint64_t features, char *buf, size_t len)
 	return buf;
 }
 
-int devio_ublk_pick_copy(uint64_t features, int want, enum devio_ublk_copy *out)
+static bool ublk_copy_fixed(enum devio_ublk_copy c)
 {
-	bool user = features & DEVIO_UBLK_F_USER_COPY;
+	return c == DEVIO_UBLK_COPY_ZERO || c == DEVIO_UBLK_COPY_AUTO_BUF_REG;
+}
 
-	if (want == DEVIO_UBLK_COPY_USER && !user)
-		return -EOPNOTSUPP;
-	if (want >= 0)
+/* Is mode c offered by a driver with these features? */
+static bool ublk_copy_offered(uint64_t features, enum devio_ublk_copy c)
+{
+	switch (c) {
+	case DEVIO_UBLK_COPY_KERNEL:
+		return true;
+	case DEVIO_UBLK_COPY_USER:
+		return features & DEVIO_UBLK_F_USER_COPY;
+	case DEVIO_UBLK_COPY_ZERO:
+		return features & DEVIO_UBLK_F_SUPPORT_ZERO_COPY;
+	case DEVIO_UBLK_COPY_AUTO_BUF_REG:
+		return features & DEVIO_UBLK_F_AUTO_BUF_REG;
+	}
+	return false;
+}
+
+int devio_ublk_pick_copy(uint64_t features, int want, bool fixed_ok, enum devio_ublk_copy *out)
+{
+	static const enum devio_ublk_copy order[] = {
+		DEVIO_UBLK_COPY_AUTO_BUF_REG, DEVIO_UBLK_COPY_ZERO, DEVIO_UBLK_COPY_USER, DEVIO_UBLK_COPY_KERNEL,
+	};
+
+	if (want >= 0) {
+		if (want > DEVIO_UBLK_COPY_AUTO_BUF_REG || !ublk_copy_offered(features, (enum devio_ublk_copy)want))
+			return -EOPNOTSUPP;
+		if (ublk_copy_fixed((enum devio_ublk_copy)want) && !fixed_ok)
+			return -EINVAL;
 		*out = (enum devio_ublk_copy)want;
-	else
-		*out = user ? DEVIO_UBLK_COPY_USER : DEVIO_UBLK_COPY_KERNEL;
-	return 0;
+		return 0;
+	}
+	for (size_t i = 0; i < sizeof(order) / sizeof(order[0]); i++) {
+		bool fixed = ublk_copy_fixed(order[i]);
+
+		if (want == DEVIO_UBLK_WANT_ZERO && !fixed)
+			break;
+		if (!ublk_copy_offered(features, order[i]) || (fixed && !fixed_ok))
+			continue;
+		*out = order[i];
+		return 0;
+	}
+	/* only a zero-copy mode was wanted: say which side lacks it */
+	return ublk_copy_offered(features, DEVIO_UBLK_COPY_ZERO) ||
+	       ublk_copy_offered(features, DEVIO_UBLK_COPY_AUTO_BUF_REG) ? -EINVAL : -EOPNOTSUPP;
 }
 
 const char *devio_ublk_copy_name(enum devio_ublk_copy c)
 {
-	return c == DEVIO_UBLK_COPY_USER ? "user copy" : "kernel copy";
+	static const char *const names[] = { "kernel copy", "user copy", "zero copy (REGISTER_IO_BUF)",
+					     "zero copy (auto buffer registration)" };
+
+	return (unsigned)c < sizeof(names) / sizeof(names[0]) ? names[c] : "?";
+}
+
+const char *devio_ublk_copy_mode(enum devio_ublk_copy c)
+{
+	static const char *const modes[] = { "kernel-copy", "user-copy", "zero-copy", "auto-buf-reg" };
+
+	return (unsigned)c < sizeof(modes) / sizeof(modes[0]) ? modes[c] : "?";
 }
 
 /* ---- control commands ---- */
@@ -398,6 +452,15 @@ static unsigned ublk_ilog2u(uint32_t v)
 	return s;
 }
 
+/* The ADD_DEV flag of a data path (0 for kernel copy). */
+static uint64_t ublk_copy_flag(enum devio_ublk_copy c)
+{
+	static const uint64_t flag[] = { 0, DEVIO_UBLK_F_USER_COPY, DEVIO_UBLK_F_SUPPORT_ZERO_COPY,
+					 DEVIO_UBLK_F_AUTO_BUF_REG };
+
+	return flag[c];
+}
+
 static int ublk_add_dev(struct ublk_dev *d, uint32_t want_id)
 {
 	struct devio_ublk_ctrl_cmd cmd = { .dev_id = want_id, .queue_id = 0xffff };
@@ -408,7 +471,7 @@ static int ublk_add_dev(struct ublk_dev *d, uint32_t want_id)
 	d->info.max_io_buf_bytes = d->max_io;
 	d->info.dev_id = want_id;
 	d->info.ublksrv_pid = (int32_t)getpid();
-	d->info.flags = d->user_copy ? DEVIO_UBLK_F_USER_COPY : 0;
+	d->info.flags = ublk_copy_flag(d->copy);
 	if (d->ioctl_encode)
 		d->info.flags |= DEVIO_UBLK_F_CMD_IOCTL_ENCODE;
 	d->info.flags |= d->recovery_flags;
@@ -424,6 +487,10 @@ static int ublk_add_dev(struct ublk_dev *d, uint32_t want_id)
 	d->added = true;
 	snprintf(d->bdev, sizeof(d->bdev), "/dev/ublkb%u", d->info.dev_id);
 	snprintf(d->cdev, sizeof(d->cdev), "/dev/ublkc%u", d->info.dev_id);
+	if (ublk_copy_flag(d->copy) && !(d->info.flags & ublk_copy_flag(d->copy))) { /* the driver answers what it took */
+		devio_err("ublk: %s: the driver did not take %s", d->bdev, devio_ublk_copy_name(d->copy));
+		return -EOPNOTSUPP;
+	}
 	return 0;
 }
 
@@ -505,12 +572,33 @@ static int ublk_queue_io_cmd(struct ublk_queue *q, struct ublk_tag *t, unsigned 
 
 	if (!sqe)
 		return -EBUSY;
-	if (!q->dev->user_copy)
+	if (q->dev->copy == DEVIO_UBLK_COPY_KERNEL)
 		cmd.addr = (uintptr_t)t->buf;
 	ublk_prep_uring_cmd(sqe, 0, ublk_io_op(q->dev, nr), &cmd, sizeof(cmd));
+	if (q->dev->copy == DEVIO_UBLK_COPY_AUTO_BUF_REG) /* the next request's pages: fixed buffer `tag` */
+		sqe->addr = DEVIO_UBLK_AUTO_BUF_REG(t->tag, 0);
 	sqe->flags |= IOSQE_FIXED_FILE;
 	devio_ring_sqe_owner(sqe, t);
 	q->cmds_out++;
+	return 0;
+}
+
+/* Zero copy (UBLK_F_SUPPORT_ZERO_COPY): (un)register the tag's request
+ * pages as fixed buffer `tag` of the queue's ring.  SQEs run in order,
+ * and these complete when issued: the backend's I/O queued after a
+ * REGISTER finds the buffer, a COMMIT queued after an UNREGISTER finds it
+ * gone.  Only a failure posts a CQE. */
+static int ublk_queue_buf_cmd(struct ublk_queue *q, struct ublk_tag *t, unsigned nr)
+{
+	struct devio_ublk_io_cmd cmd = { .q_id = (uint16_t)q->qid, .tag = t->tag, .addr = t->tag };
+	struct io_uring_sqe *sqe = devio_ring_get_sqe(q->ring);
+
+	if (!sqe)
+		return -EBUSY;
+	ublk_prep_uring_cmd(sqe, 0, DEVIO_UBLK_U_IO(nr), &cmd, sizeof(cmd));
+	sqe->flags |= IOSQE_FIXED_FILE | IOSQE_CQE_SKIP_SUCCESS;
+	devio_ring_sqe_owner(sqe, &q->buf_cmd);
+	t->registered = nr == DEVIO_UBLK_IO_REGISTER_IO_BUF;
 	return 0;
 }
 
@@ -543,6 +631,8 @@ static void ublk_commit_tag(struct ublk_queue *q, struct ublk_tag *t)
 			  (unsigned long long)req->length, strerror(-res));
 	}
 	atomic_fetch_add_explicit(&q->served, 1, memory_order_relaxed);
+	if (t->registered && ublk_queue_buf_cmd(q, t, DEVIO_UBLK_IO_UNREGISTER_IO_BUF))
+		devio_err("ublk: %s: queue %u tag %u: no SQE to unregister the buffer", q->dev->bdev, q->qid, t->tag);
 	if (ublk_queue_io_cmd(q, t, DEVIO_UBLK_IO_COMMIT_AND_FETCH_REQ, res))
 		devio_err("ublk: %s: queue %u tag %u: no SQE for the commit", q->dev->bdev, q->qid, t->tag);
 }
@@ -564,6 +654,7 @@ static void ublk_start_request(struct ublk_queue *q, struct ublk_tag *t)
 	memcpy(&desc, (const void *)&q->descs[t->tag], sizeof(desc)); /* read once */
 	req->result = 0;
 	req->buf = t->buf;
+	req->kind = DEVIO_BUF_MEM;
 	r = devio_ublk_decode(desc.op_flags, desc.nr_sectors, desc.start_sector, d->dev_sectors,
 			      d->max_io, req);
 	if (r) {
@@ -571,6 +662,16 @@ static void ublk_start_request(struct ublk_queue *q, struct ublk_tag *t)
 			   d->bdev, q->qid, t->tag, desc.op_flags & 0xff,
 			   (unsigned long long)desc.start_sector, desc.nr_sectors, strerror(-r));
 		goto fail;
+	}
+	if ((req->op == DEVIO_OP_READ || req->op == DEVIO_OP_WRITE) && ublk_copy_fixed(d->copy)) {
+		/* zero copy: the backend's I/O on this ring moves the pages */
+		req->kind = DEVIO_BUF_FIXED;
+		req->buf_index = t->tag;
+		if (d->copy == DEVIO_UBLK_COPY_ZERO && ublk_queue_buf_cmd(q, t, DEVIO_UBLK_IO_REGISTER_IO_BUF)) {
+			r = -EBUSY;
+			goto fail;
+		}
+		atomic_fetch_add_explicit(&q->zero_copies, 1, memory_order_relaxed);
 	}
 	if (req->op == DEVIO_OP_WRITE && d->user_copy) {
 		ssize_t n = pread(d->cdev_fd, t->buf, req->length, (off_t)ublk_user_copy_off(q, t->tag));
@@ -596,6 +697,11 @@ static void ublk_queue_cqe(struct devio_ring *r, void *ctx, void *data, int res)
 	struct ublk_queue *q = ctx;
 	struct ublk_tag *t = data;
 
+	if (data == &q->buf_cmd) { /* a failed (UN)REGISTER_IO_BUF: the I/O after it fails too */
+		devio_err("ublk: %s: queue %u: registering a request's buffer: %s", q->dev->bdev, q->qid,
+			  strerror(-res));
+		return;
+	}
 	q->cmds_out--;
 	if (res == DEVIO_UBLK_IO_RES_OK) {
 		ublk_start_request(q, t);
@@ -653,6 +759,12 @@ static int ublk_queue_setup(struct devio_ring *ring, void *ctx)
 		devio_err("ublk: queue %u: registering %s: %s", q->qid, d->cdev, strerror(-r));
 		return r;
 	}
+	/* zero copy: an empty fixed-buffer table, one slot per tag */
+	r = ublk_copy_fixed(d->copy) ? io_uring_register_buffers_sparse(devio_ring_uring(ring), d->depth) : 0;
+	if (r < 0) {
+		devio_err("ublk: queue %u: a table of %u fixed buffers: %s", q->qid, d->depth, strerror(-r));
+		return r;
+	}
 	for (unsigned i = 0; i < d->depth; i++) {
 		r = ublk_queue_io_cmd(q, &q->tags[i], DEVIO_UBLK_IO_FETCH_REQ, 0);
 		if (r)
@@ -679,7 +791,8 @@ static int ublk_queue_alloc(struct ublk_queue *q)
 	for (unsigned i = 0; i < d->depth; i++) {
 		struct ublk_tag *t = &q->tags[i];
 
-		if (posix_memalign(&t->buf, 4096, d->max_io))
+		/* zero copy moves the request's own pages: no buffer of ours */
+		if (!ublk_copy_fixed(d->copy) && posix_memalign(&t->buf, 4096, d->max_io))
 			return -ENOMEM;
 		t->q = q;
 		t->tag = (uint16_t)i;
@@ -723,7 +836,8 @@ static int ublk_start_queue(struct ublk_dev *d, struct ublk_queue *q)
 	cpu_set_t cpus;
 	struct devio_ring_params p = {
 		.name = name,
-		.entries = d->depth * 2 + 2, /* commands, the backend's I/O, the inbox */
+		/* commands, the backend's I/O, zero copy's (UN)REGISTER, the inbox */
+		.entries = d->depth * (d->copy == DEVIO_UBLK_COPY_ZERO ? 4 : 2) + 2,
 		.flags = IORING_SETUP_SQE128,
 		.workers = d->workers,
 		.owner = &queue_owner,
@@ -764,7 +878,7 @@ static int ublk_parse_arg(struct ublk_dev *d, const char *arg, uint32_t *want_id
 	char buf[64], *tok, *save;
 
 	*want_id = NO_DEV_ID;
-	*copy = -1; /* auto */
+	*copy = DEVIO_UBLK_WANT_BEST;
 	*legacy = false;
 	if (!arg || !*arg)
 		return 0;
@@ -775,9 +889,15 @@ static int ublk_parse_arg(struct ublk_dev *d, const char *arg, uint32_t *want_id
 		uint64_t v;
 
 		if (!strcmp(tok, "user-copy"))
-			*copy = 1;
+			*copy = DEVIO_UBLK_COPY_USER;
 		else if (!strcmp(tok, "kernel-copy"))
-			*copy = 0;
+			*copy = DEVIO_UBLK_COPY_KERNEL;
+		else if (!strcmp(tok, "zero-copy"))
+			*copy = DEVIO_UBLK_WANT_ZERO;
+		else if (!strcmp(tok, "auto-buf-reg"))
+			*copy = DEVIO_UBLK_COPY_AUTO_BUF_REG;
+		else if (!strcmp(tok, "register-buf"))
+			*copy = DEVIO_UBLK_COPY_ZERO;
 		else if (!strcmp(tok, "legacy-opcodes"))
 			*legacy = true;
 		else if (!devio_parse_u64(tok, &v) && v < NO_DEV_ID)
@@ -795,7 +915,31 @@ struct ublk_opts {
 	uint32_t block_size; /* --block-size: logical block size, 0 = 512 */
 	int recovery;        /* --recovery[=reissue|fail-io]: enum ublk_recovery */
 	bool recover;        /* --recover: take over device ID from a server that died */
+	int copy;            /* --ublk-copy: 0 = not given, else UBLK_OPT_COPY(want) */
 };
+
+/* --ublk-copy's value in ublk_opts.copy: want (DEVIO_UBLK_WANT_*, or a
+ * mode) shifted so that 0 means not given. */
+#define UBLK_OPT_COPY(want) ((want) + 3)
+
+static int ublk_opt_copy(const char *name, const char *val, void *field)
+{
+	static const struct { const char *name; int want; } words[] = {
+		{ "auto", DEVIO_UBLK_WANT_BEST }, { "zero", DEVIO_UBLK_WANT_ZERO },
+		{ "user", DEVIO_UBLK_COPY_USER }, { "kernel", DEVIO_UBLK_COPY_KERNEL },
+		{ "auto-buf-reg", DEVIO_UBLK_COPY_AUTO_BUF_REG }, { "register-buf", DEVIO_UBLK_COPY_ZERO },
+	};
+	int *copy = field;
+
+	for (size_t i = 0; val && i < sizeof(words) / sizeof(words[0]); i++)
+		if (!strcmp(val, words[i].name)) {
+			*copy = UBLK_OPT_COPY(words[i].want);
+			return 0;
+		}
+	devio_err("--%s: want auto, zero, user, kernel, auto-buf-reg or register-buf, got '%s'", name,
+		  val ? val : "");
+	return -EINVAL;
+}
 
 /* What the driver does with I/O while no server serves a device. */
 enum ublk_recovery {
@@ -889,28 +1033,41 @@ static int ublk_setup_geometry(struct ublk_dev *d, const struct ublk_opts *o)
 
 static void ublk_teardown(struct ublk_dev *d);
 
-/* Once per server: what the driver offers and the data path taken. */
+/* Once per server: what the driver offers and the data path taken, with
+ * why a better one in the order auto-buf-reg, zero copy, user copy, kernel
+ * copy was passed over. */
 static void ublk_log_features(const struct ublk_dev *d)
 {
 	char names[512];
-	const char *unused = "";
+	const char *why = "";
+	bool zc = d->features & (DEVIO_UBLK_F_AUTO_BUF_REG | DEVIO_UBLK_F_SUPPORT_ZERO_COPY);
 
-	if (d->features & (DEVIO_UBLK_F_AUTO_BUF_REG | DEVIO_UBLK_F_SUPPORT_ZERO_COPY))
-		unused = "; zero copy offered, not used (the backends take plain buffers)";
-	devio_info("ublk: driver features 0x%llx (%s); data path: %s%s",
+	if (!ublk_copy_fixed(d->copy) && zc)
+		why = devio_backend_takes_fixed(d->b) ? "; zero copy offered, not chosen"
+						      : "; zero copy offered, but the backend takes no registered buffers (only a plain file does)";
+	else if (!zc && d->copy != DEVIO_UBLK_COPY_KERNEL)
+		why = "; no zero copy in this driver (6.15+)";
+	devio_info("ublk: driver features 0x%llx (%s); data path: %s%s (order: auto-buf-reg, zero-copy, user-copy, kernel-copy)",
 		   (unsigned long long)d->features,
 		   d->features ? devio_ublk_feature_names(d->features, names, sizeof(names))
 			       : "no GET_FEATURES: a pre-6.5 driver",
-		   devio_ublk_copy_name(d->copy), unused);
+		   devio_ublk_copy_name(d->copy), why);
 }
 
 /* A new device: ADD_DEV, SET_PARAMS, the queues, START_DEV. */
 static int ublk_create(struct ublk_dev *d, uint32_t want_id, int copy, int recovery)
 {
-	int r = devio_ublk_pick_copy(d->features, copy, &d->copy);
+	int r = devio_ublk_pick_copy(d->features, copy, devio_backend_takes_fixed(d->b), &d->copy);
 
 	if (r) {
-		devio_err("ublk: this kernel has no UBLK_F_USER_COPY");
+		const char *what = copy == DEVIO_UBLK_WANT_ZERO ? "zero copy"
+				   : devio_ublk_copy_name((enum devio_ublk_copy)copy);
+
+		if (r == -EINVAL)
+			devio_err("ublk: %s: the backend takes no registered buffers (only a plain file, not O_DIRECT, does)", what);
+		else
+			devio_err("ublk: this kernel's ublk driver has no %s (features 0x%llx)", what,
+				  (unsigned long long)d->features);
 		return r;
 	}
 	d->user_copy = d->copy == DEVIO_UBLK_COPY_USER;
@@ -964,7 +1121,14 @@ static int ublk_adopt(struct ublk_dev *d, uint32_t id)
 					     DEVIO_UBLK_F_USER_RECOVERY_FAIL_IO | DEVIO_UBLK_F_QUIESCE);
 	d->ioctl_encode = d->info.flags & DEVIO_UBLK_F_CMD_IOCTL_ENCODE;
 	d->user_copy = d->info.flags & DEVIO_UBLK_F_USER_COPY;
-	d->copy = d->user_copy ? DEVIO_UBLK_COPY_USER : DEVIO_UBLK_COPY_KERNEL;
+	d->copy = d->info.flags & DEVIO_UBLK_F_AUTO_BUF_REG ? DEVIO_UBLK_COPY_AUTO_BUF_REG
+		  : d->info.flags & DEVIO_UBLK_F_SUPPORT_ZERO_COPY ? DEVIO_UBLK_COPY_ZERO
+		  : d->user_copy ? DEVIO_UBLK_COPY_USER : DEVIO_UBLK_COPY_KERNEL;
+	if (ublk_copy_fixed(d->copy) && !devio_backend_takes_fixed(d->b)) {
+		devio_err("ublk: %s was made with %s: this backend takes no registered buffers", d->bdev,
+			  devio_ublk_copy_name(d->copy));
+		return -EINVAL;
+	}
 	if (!(d->recovery_flags & DEVIO_UBLK_F_USER_RECOVERY)) {
 		devio_err("ublk: %s was made without --recovery: no server can take it over", d->bdev);
 		return -EINVAL;
@@ -1042,10 +1206,12 @@ static int ublk_start(struct devio_server *srv, const char *arg, const void *opt
 	d->b = srv->exports[0].backend;
 	r = ublk_parse_arg(d, arg, &want_id, &copy, &legacy);
 	if (r) {
-		devio_err("ublk: bad argument '%s' (want [ID][,user-copy|,kernel-copy][,legacy-opcodes])", arg);
+		devio_err("ublk: bad argument '%s' (want [ID][,user-copy|,kernel-copy|,zero-copy][,legacy-opcodes])", arg);
 		goto fail;
 	}
-	if (o->recover && (want_id == NO_DEV_ID || copy >= 0 || o->recovery)) {
+	if (o->copy)
+		copy = o->copy - UBLK_OPT_COPY(0); /* --ublk-copy */
+	if (o->recover && (want_id == NO_DEV_ID || copy != DEVIO_UBLK_WANT_BEST || o->recovery)) {
 		devio_err("ublk: --recover takes over an existing device: --ublk=ID, its copy mode and recovery stay as they were made");
 		r = -EINVAL;
 		goto fail;
@@ -1069,9 +1235,9 @@ static int ublk_start(struct devio_server *srv, const char *arg, const void *opt
 	if (r)
 		goto fail;
 	d->started = true;
-	devio_info("ublk: %s: %llu bytes, %u queues, depth %u, %u-byte requests, %s copy, %s opcodes, recovery %s%s (driver features 0x%llx)",
+	devio_info("ublk: %s: %llu bytes, %u queues, depth %u, %u-byte requests, %s, %s opcodes, recovery %s%s (driver features 0x%llx)",
 		   d->bdev, (unsigned long long)d->dev_sectors << 9, d->nr_queues, d->depth, d->max_io,
-		   d->user_copy ? "user" : "kernel", d->ioctl_encode ? "ioctl-encoded" : "legacy",
+		   devio_ublk_copy_name(d->copy), d->ioctl_encode ? "ioctl-encoded" : "legacy",
 		   ublk_recovery_name(d->recovery_flags), o->recover ? ", taken over" : "",
 		   (unsigned long long)d->features);
 	*state = d;
@@ -1089,10 +1255,11 @@ static void ublk_print_counters(struct ublk_dev *d, FILE *out)
 
 		if (q->ring)
 			devio_ring_get_stats(q->ring, &st);
-		fprintf(out, "ublk %s queue %u served %llu io_uring_enter %llu copy_syscalls %llu max_batch %llu errors %llu backend_ios_on_ring %llu\n",
+		fprintf(out, "ublk %s queue %u served %llu io_uring_enter %llu copy_syscalls %llu zero_copy %llu max_batch %llu errors %llu backend_ios_on_ring %llu mode %s\n",
 			d->bdev, i, (unsigned long long)atomic_load(&q->served), (unsigned long long)st.enters,
-			(unsigned long long)atomic_load(&q->copies), (unsigned long long)st.max_batch,
-			(unsigned long long)atomic_load(&q->errors), (unsigned long long)st.ring_ios);
+			(unsigned long long)atomic_load(&q->copies), (unsigned long long)atomic_load(&q->zero_copies),
+			(unsigned long long)st.max_batch, (unsigned long long)atomic_load(&q->errors),
+			(unsigned long long)st.ring_ios, devio_ublk_copy_mode(d->copy));
 	}
 }
 
@@ -1219,8 +1386,8 @@ static void ublk_status(void *state, FILE *out)
 
 	char names[512];
 
-	fprintf(out, "ublk device %s queues %u depth %u max_io %u copy %s opcodes %s\n", d->bdev,
-		d->nr_queues, d->depth, d->max_io, d->user_copy ? "user" : "kernel",
+	fprintf(out, "ublk device %s queues %u depth %u max_io %u mode %s opcodes %s\n", d->bdev,
+		d->nr_queues, d->depth, d->max_io, devio_ublk_copy_mode(d->copy),
 		d->ioctl_encode ? "ioctl" : "legacy");
 	fprintf(out, "ublk %s recovery %s%s\n", d->bdev, ublk_recovery_name(d->recovery_flags),
 		!(d->recovery_flags & DEVIO_UBLK_F_USER_RECOVERY) || (d->recovery_flags & DEVIO_UBLK_F_USER_RECOVERY_FAIL_IO)
@@ -1249,12 +1416,14 @@ static const struct devio_frontend_option ublk_options[] = {
 	  ublk_opt_recovery, offsetof(struct ublk_opts, recovery), true },
 	{ "recover", NULL, "take over /dev/ublkbID (--ublk=ID) whose --recovery server died", devio_opt_flag,
 	  offsetof(struct ublk_opts, recover) },
+	{ "ublk-copy", "auto|zero|user|kernel", "the data path: best offered (default), zero copy (a plain file only), user or kernel copy",
+	  ublk_opt_copy, offsetof(struct ublk_opts, copy) },
 	{ NULL },
 };
 
 const struct devio_frontend_type devio_frontend_ublk = {
 	.option = "ublk",
-	.arg_help = "[ID][,user-copy|,kernel-copy][,legacy-opcodes]",
+	.arg_help = "[ID][,user-copy|,kernel-copy|,zero-copy][,legacy-opcodes]",
 	.arg_optional = true,
 	.help = "a /dev/ublkbN block device",
 	.options = ublk_options,

@@ -16,12 +16,14 @@ void devio_layer_init(struct devio_backend *b, const struct devio_backend_ops *o
 	b->max_io = lower->max_io;
 	b->caps = lower->caps & keep;
 	b->priv = priv;
-	/* Buffers in place or in a pipe reach a layer with data callbacks
+	/* Buffers in place, in a pipe or registered on a ring reach a layer with data callbacks
 	 * only if it takes them itself; a layer that remaps passes them on. */
 	if (!ops->remap && !ops->map)
 		b->caps &= ~DEVIO_CAP_MAP;
 	if (!ops->remap && !ops->splice)
 		b->caps &= ~(DEVIO_CAP_SPLICE_READ | DEVIO_CAP_SPLICE_WRITE);
+	if (!ops->remap && !ops->ring_submit) /* registered pages: only the store's ring I/O moves them */
+		b->caps &= ~DEVIO_CAP_FIXED;
 }
 
 static int layer_request(struct devio_backend *lower, enum devio_op op, void *buf, uint64_t len,

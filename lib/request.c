@@ -40,6 +40,17 @@ bool devio_backend_async(const struct devio_backend *b)
 	return store_of(b)->ops->submit != NULL;
 }
 
+/* A fixed buffer is moved only by I/O on the caller's ring. */
+static bool store_takes_fixed(const struct devio_backend *s)
+{
+	return (s->caps & DEVIO_CAP_FIXED) && s->ops->ring_submit && s->ops->ring_cqe;
+}
+
+bool devio_backend_takes_fixed(const struct devio_backend *b)
+{
+	return store_takes_fixed(store_of(b));
+}
+
 /* The buffer: memory for every op that has bytes, or a kind the store
  * takes for this op. */
 static int check_buffer(const struct devio_backend *s, const struct devio_request *req)
@@ -60,6 +71,15 @@ static int check_buffer(const struct devio_backend *s, const struct devio_reques
 		if (!rw)
 			return -EINVAL;
 		return (s->caps & cap) && s->ops->splice ? 0 : -EOPNOTSUPP;
+	case DEVIO_BUF_FIXED:
+		if (!rw)
+			return -EINVAL;
+		if (!store_takes_fixed(s))
+			return -EOPNOTSUPP;
+		/* FUA must ride on the write itself: no flush after from the ring */
+		if (req->op == DEVIO_OP_WRITE && (req->flags & DEVIO_REQ_FUA) && !(s->caps & DEVIO_CAP_PWRITE_FUA))
+			return -EOPNOTSUPP;
+		return req->ring ? 0 : -EINVAL;
 	}
 	return -EINVAL;
 }
@@ -210,6 +230,20 @@ static int submit_async(struct devio_backend *b, struct devio_request *req)
 	return r == -EOPNOTSUPP ? -EAGAIN : r;
 }
 
+/* A fixed buffer's only way: the store's I/O on the caller's ring, from
+ * that ring's thread.  0 if queued, else the error to complete it with. */
+static int submit_fixed(struct devio_backend *b, struct devio_request *req)
+{
+	int r;
+
+	if (req->length == 0)
+		return -EAGAIN; /* nothing to move: done */
+	if (!devio_ring_is_current(req->ring))
+		return -EINVAL;
+	r = b->ops->ring_submit(b, req, req->ring);
+	return r == -EAGAIN ? -EBUSY : r;
+}
+
 void devio_submit(struct devio_backend *b, struct devio_request *req)
 {
 	int r;
@@ -218,6 +252,13 @@ void devio_submit(struct devio_backend *b, struct devio_request *req)
 	r = devio_request_check(b, req);
 	if (!r)
 		b = descend(b, req); /* through the layers that only remap, to the store */
+	if (!r && req->kind == DEVIO_BUF_FIXED) {
+		r = submit_fixed(b, req);
+		if (r == 0)
+			return;
+		r = r == -EAGAIN ? 0 : r;
+		goto done;
+	}
 	if (!r && req->kind == DEVIO_BUF_MEM) {
 		r = submit_async(b, req);
 		if (r == 0)
@@ -236,6 +277,8 @@ done:
 int devio_run(struct devio_backend *b, struct devio_request *req)
 {
 	req->backend = b;
+	if (req->kind == DEVIO_BUF_FIXED)
+		return req->result = -EOPNOTSUPP; /* only the ring's I/O reaches those pages */
 	req->result = devio_request_check(b, req);
 	if (req->result == 0)
 		req->result = run_sync(descend(b, req), req);

@@ -28,6 +28,10 @@
 /* Legacy I/O commands. */
 #define DEVIO_UBLK_IO_FETCH_REQ            0x20
 #define DEVIO_UBLK_IO_COMMIT_AND_FETCH_REQ 0x21
+/* Only ever ioctl-encoded (UBLK_F_SUPPORT_ZERO_COPY): the request's pages
+ * as fixed buffer `addr` of the ring that carries the command, and back. */
+#define DEVIO_UBLK_IO_REGISTER_IO_BUF      0x23
+#define DEVIO_UBLK_IO_UNREGISTER_IO_BUF    0x24
 
 /* The control command, carried in the 80-byte cmd area of a 128-byte SQE. */
 struct devio_ublk_ctrl_cmd {
@@ -46,8 +50,15 @@ struct devio_ublk_io_cmd {
 	uint16_t q_id;
 	uint16_t tag;
 	int32_t result;     /* COMMIT: bytes done or -errno */
-	uint64_t addr;      /* classic copy: the tag's buffer; user copy: 0 */
+	uint64_t addr;      /* classic copy: the tag's buffer; else 0;
+			     * (UN)REGISTER_IO_BUF: the buffer index */
 };
+
+/* UBLK_F_AUTO_BUF_REG: FETCH and COMMIT_AND_FETCH carry in the SQE's own
+ * addr field (not the command's) the fixed buffer index (bits 0-15) at
+ * which the driver registers the next request's pages, flags in bits
+ * 16-23, the rest zero. */
+#define DEVIO_UBLK_AUTO_BUF_REG(index, flags) ((uint64_t)(uint16_t)(index) | (uint64_t)(uint8_t)(flags) << 16)
 
 /* The ioctl encodings (feature UBLK_F_CMD_IOCTL_ENCODE). */
 #define DEVIO_UBLK_U_CMD(nr)  _IOWR('u', (nr), struct devio_ublk_ctrl_cmd)

@@ -94,7 +94,7 @@ run_vm() {
       PASS) count "$label:$name" pass ;;
       FAIL) count "$label:$name" fail ;;
     esac
-  done < <(VM_KERNEL="$kernel" DEVIO_BUILD="$ROOT/build-test" VM_LOG="$serial" tests/vm/run.sh 2>&1 \
+  done < <(VM_KERNEL="$kernel" DEVIO_BUILD="$ROOT/build-test" VM_LOG="$serial" tests/vm/run.sh --timeout 900 2>&1 \
              | tee "$log" | grep -E '^(PASS|FAIL) ')
   if grep -q '^FAIL' "$log"; then
     echo "-- guest serial console ($serial), last 80 lines:"

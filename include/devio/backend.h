@@ -45,6 +45,7 @@ extern "C" {
 #define DEVIO_CAP_SPLICE_READ  (1u << 10) /* READ into DEVIO_BUF_PIPE */
 #define DEVIO_CAP_PWRITE_FUA   (1u << 11) /* pwrite honours DEVIO_REQ_FUA itself: the core adds no flush */
 #define DEVIO_CAP_MAP          (1u << 12) /* READ and WRITE as DEVIO_BUF_MAP */
+#define DEVIO_CAP_FIXED        (1u << 13) /* READ and WRITE as DEVIO_BUF_FIXED, through ring_submit */
 
 /* Extent flags, as NBD's base:allocation defines them. */
 #define DEVIO_EXTENT_HOLE (1u << 0) /* not allocated */
@@ -110,7 +111,9 @@ struct devio_backend_ops {
 	 * the ring's thread only, for READ and WRITE of at least one byte
 	 * (FUA only with DEVIO_CAP_PWRITE_FUA) and FLUSH.  Returns 0 if it
 	 * finished or queued req, -EAGAIN to decline (the core goes on with
-	 * submit), or another negative errno to fail it. */
+	 * submit), or another negative errno to fail it.  A DEVIO_BUF_FIXED
+	 * READ or WRITE (DEVIO_CAP_FIXED) has no other way: declining it
+	 * fails it. */
 	int (*ring_submit)(struct devio_backend *b, struct devio_request *req, struct devio_ring *ring);
 	/* With ring_submit: the CQE of one of its SQEs, on the ring's thread
 	 * (req->ring): complete req, or queue the rest on req->ring. */
@@ -168,6 +171,11 @@ void devio_backend_close(struct devio_backend *b);
  * submitted them (its store has an asynchronous path): a front end then
  * needs somewhere to send replies from. */
 bool devio_backend_async(const struct devio_backend *b);
+
+/* Whether READ and WRITE on b may carry DEVIO_BUF_FIXED buffers: its
+ * store (past the layers that only remap) takes them.  For a front end
+ * choosing its data path once per device (ublk zero copy). */
+bool devio_backend_takes_fixed(const struct devio_backend *b);
 
 /* Individual backends (backends/NAME.c). */
 int devio_file_open(const char *path, const struct devio_open_opts *opts, struct devio_backend **out);

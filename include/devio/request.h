@@ -69,6 +69,14 @@ enum devio_buf_kind {
 	 * takes them from pipe_fd (its read end), which holds at least length
 	 * bytes.  On error the pipe may hold a part: the caller empties it. */
 	DEVIO_BUF_PIPE,
+	/* Pages the caller registered at index buf_index of the fixed-buffer
+	 * table of its queue ring req->ring (a ublk request's own pages:
+	 * zero copy).  Nobody can address them but the kernel: only a store
+	 * with DEVIO_CAP_FIXED moves them, by I/O on that ring (backend.h
+	 * ring_submit), started on the ring's thread with devio_submit();
+	 * devio_run() and devio_execute() refuse it (-EOPNOTSUPP).  Offsets
+	 * into the buffer count from 0. */
+	DEVIO_BUF_FIXED,
 };
 
 struct devio_request {
@@ -81,6 +89,7 @@ struct devio_request {
 	struct iovec *iov;      /* DEVIO_BUF_MAP: the pieces */
 	int iovcnt;             /* DEVIO_BUF_MAP: room in iov before, pieces filled after */
 	int pipe_fd;            /* DEVIO_BUF_PIPE */
+	unsigned buf_index;     /* DEVIO_BUF_FIXED: the index in req->ring's buffer table */
 	int result;             /* 0 or a negative errno, set before complete() */
 	void (*complete)(struct devio_request *req);
 	void *opaque;           /* the front end's own pointer */

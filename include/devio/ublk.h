@@ -5,6 +5,7 @@
 #ifndef DEVIO_UBLK_H
 #define DEVIO_UBLK_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include "request.h"
@@ -35,13 +36,31 @@ const char *devio_ublk_feature_names(uint64_t features, char *buf, size_t len);
 enum devio_ublk_copy {
 	DEVIO_UBLK_COPY_KERNEL, /* the driver copies into our buffer (classic) */
 	DEVIO_UBLK_COPY_USER,   /* pread/pwrite on /dev/ublkcN (UBLK_F_USER_COPY) */
+	/* Zero copy: the request's pages are a fixed buffer of the queue's
+	 * ring and the backend's I/O on that ring reads or writes them
+	 * (DEVIO_BUF_FIXED).  ZERO registers them with REGISTER_IO_BUF and
+	 * unregisters them before the commit (UBLK_F_SUPPORT_ZERO_COPY,
+	 * 6.15+); AUTO_BUF_REG has the driver register them before it hands
+	 * the request over and unregister them on the commit
+	 * (UBLK_F_AUTO_BUF_REG, 6.16+): no extra command. */
+	DEVIO_UBLK_COPY_ZERO,
+	DEVIO_UBLK_COPY_AUTO_BUF_REG,
 };
 
-/* The data path for a driver with these features: want < 0 picks the best
- * one offered, else that one.  0, or -EOPNOTSUPP when the driver lacks
- * the one wanted. */
-int devio_ublk_pick_copy(uint64_t features, int want, enum devio_ublk_copy *out);
+/* devio_ublk_pick_copy's want besides a mode: */
+#define DEVIO_UBLK_WANT_BEST (-1) /* the best the driver and the backend allow */
+#define DEVIO_UBLK_WANT_ZERO (-2) /* the best zero-copy mode */
+
+/* The data path for a driver with these features and a backend stack that
+ * takes fixed buffers or not (devio_backend_takes_fixed), in the order
+ * auto-buf-reg, zero copy, user copy, kernel copy; or the one wanted.
+ * 0, -EOPNOTSUPP when the driver lacks the one wanted, -EINVAL when it
+ * is a zero-copy mode and the backend cannot take it. */
+int devio_ublk_pick_copy(uint64_t features, int want, bool fixed_ok, enum devio_ublk_copy *out);
+/* "user copy", ... for messages; the mode as a word: "user-copy",
+ * "kernel-copy", "zero-copy", "auto-buf-reg". */
 const char *devio_ublk_copy_name(enum devio_ublk_copy c);
+const char *devio_ublk_copy_mode(enum devio_ublk_copy c);
 
 /* Is /dev/ublkbN open (mounted, held, claimed, or open in a process)?
  * 1 with the reason in why, 0 if not (or no such disk), -errno. */

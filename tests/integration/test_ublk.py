@@ -16,8 +16,8 @@ def serve(*args, timeout=30):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["ram:1M", "--ublk=fast"], "want [ID][,user-copy|,kernel-copy][,legacy-opcodes]"),
-    (["ram:1M", "--ublk=1,2x"], "want [ID][,user-copy|,kernel-copy][,legacy-opcodes]"),
+    (["ram:1M", "--ublk=fast"], "want [ID][,user-copy|,kernel-copy|,zero-copy][,legacy-opcodes]"),
+    (["ram:1M", "--ublk=1,2x"], "want [ID][,user-copy|,kernel-copy|,zero-copy][,legacy-opcodes]"),
     (["ram:1M", "--ublk", "--block-size", "8192"], "at most 4096"),
     (["ram:1M", "--ublk", "--depth", "5000"], "--depth"),
     (["ram:1K", "--ublk", "--block-size", "4096"], "smaller than one 4096-byte block"),
@@ -28,6 +28,12 @@ def test_bad_arguments_are_refused(args, message):
     assert message in r.stderr
     errors = [l for l in r.stderr.splitlines() if l.startswith("devio: error:")]
     assert len(errors) == 1, r.stderr  # told once, by the part that knows why
+
+
+def test_unknown_copy_mode_is_refused():
+    r = serve("ram:1M", "--ublk", "--ublk-copy", "none")
+    assert r.returncode == 2  # a usage error, told before anything starts
+    assert "--ublk-copy: want auto, zero, user, kernel" in r.stderr
 
 
 @pytest.mark.skipif(os.path.exists("/dev/ublk-control"), reason="ublk_drv is loaded here")

@@ -5,7 +5,7 @@
  * declines (-EAGAIN) run synchronously, and the three ways to run a
  * request (devio_submit, devio_execute, devio_run) agreeing, and the one
  * policy of which backends a front end hands to a worker pool; the buffer
- * kinds (in place, pipe) under the same checks and FUA rule; a layer that
+ * kinds (in place, pipe, registered pages) under the same checks and FUA rule; a layer that
  * remaps requests forwarding every kind to the store's own paths. */
 #include <errno.h>
 #include <setjmp.h>
@@ -359,6 +359,56 @@ static void test_buffer_kinds(void **state)
 	assert_int_equal(f.maps, 2);
 }
 
+static int fake_ring_submit(struct devio_backend *b, struct devio_request *req, struct devio_ring *ring)
+{
+	to_fake(b)->submits++;
+	return -EAGAIN;
+}
+
+static void fake_ring_cqe(struct devio_backend *b, struct devio_request *req, int res)
+{
+}
+
+/* Registered pages (DEVIO_BUF_FIXED): only a store that says so takes
+ * them, only on a ring, never run synchronously; a READ or WRITE only. */
+static void test_fixed_buffers_refused(void **state)
+{
+	struct devio_request req;
+	struct fake f;
+
+	fake_init(&f, true, true);
+	assert_false(devio_backend_takes_fixed(&f.b));
+	assert_int_equal(run_kind(&f.b, DEVIO_OP_READ, DEVIO_BUF_FIXED, 0, 16, 0, &req), -EOPNOTSUPP);
+	fake_ops.ring_submit = fake_ring_submit;
+	fake_ops.ring_cqe = fake_ring_cqe;
+	f.b.caps |= DEVIO_CAP_FIXED;
+	assert_true(devio_backend_takes_fixed(&f.b));
+	/* the pages are out of reach of every synchronous path */
+	req = (struct devio_request){ .op = DEVIO_OP_READ, .length = 16, .kind = DEVIO_BUF_FIXED };
+	assert_int_equal(devio_run(&f.b, &req), -EOPNOTSUPP);
+	assert_int_equal(devio_execute(&f.b, &req), -EOPNOTSUPP);
+	/* devio_submit: no ring to name them in, or not a READ/WRITE */
+	req = (struct devio_request){ .op = DEVIO_OP_WRITE, .length = 16, .kind = DEVIO_BUF_FIXED,
+				      .complete = on_complete };
+	completions = 0;
+	devio_submit(&f.b, &req);
+	assert_int_equal(completions, 1);
+	assert_int_equal(last_result, -EINVAL);
+	req = (struct devio_request){ .op = DEVIO_OP_TRIM, .length = 16, .kind = DEVIO_BUF_FIXED,
+				      .complete = on_complete };
+	devio_submit(&f.b, &req);
+	assert_int_equal(last_result, -EINVAL);
+	assert_int_equal(f.submits + f.writes, 0);
+	/* FUA must ride on the write: refused where pwrite cannot do it */
+	req = (struct devio_request){ .op = DEVIO_OP_WRITE, .length = 16, .kind = DEVIO_BUF_FIXED,
+				      .flags = DEVIO_REQ_FUA };
+	assert_int_equal(devio_request_check(&f.b, &req), -EOPNOTSUPP);
+	f.b.caps |= DEVIO_CAP_READONLY;
+	assert_int_equal(devio_request_check(&f.b, &req), -EROFS);
+	fake_ops.ring_submit = NULL;
+	assert_false(devio_backend_takes_fixed(&f.b));
+}
+
 /* A layer that moves requests by 1000 bytes and shows 4096 of them. */
 struct shift {
 	struct devio_backend b;
@@ -464,6 +514,7 @@ int main(void)
 		cmocka_unit_test(test_execute_and_run_agree),
 		cmocka_unit_test(test_pool_policy),
 		cmocka_unit_test(test_buffer_kinds),
+		cmocka_unit_test(test_fixed_buffers_refused),
 		cmocka_unit_test(test_layer_forwarding),
 	};
 

@@ -94,20 +94,44 @@ static void test_parse_dev(void **state)
 	assert_int_equal(devio_ublk_parse_dev("4294967295", &id), -EINVAL);
 }
 
-/* The data path picked from GET_FEATURES: user copy where offered (6.5+),
- * kernel copy on older drivers, and a forced mode only where it exists. */
+/* The data path picked from GET_FEATURES and what the backend takes, in
+ * the order auto-buf-reg, zero copy, user copy, kernel copy; a forced mode
+ * only where both sides have it. */
 static void test_pick_copy(void **state)
 {
 	enum devio_ublk_copy c;
+	const uint64_t f612 = 0x1fe, f7 = 0x1fffff;
+	const uint64_t f615 = f612 | DEVIO_UBLK_F_SUPPORT_ZERO_COPY; /* zero copy, no auto-buf-reg */
 
-	assert_int_equal(devio_ublk_pick_copy(0x1fffff, -1, &c), 0);
+	assert_int_equal(devio_ublk_pick_copy(f7, DEVIO_UBLK_WANT_BEST, true, &c), 0);
+	assert_int_equal(c, DEVIO_UBLK_COPY_AUTO_BUF_REG);
+	assert_int_equal(devio_ublk_pick_copy(f615, DEVIO_UBLK_WANT_BEST, true, &c), 0);
+	assert_int_equal(c, DEVIO_UBLK_COPY_ZERO);
+	assert_int_equal(devio_ublk_pick_copy(f612, DEVIO_UBLK_WANT_BEST, true, &c), 0);
 	assert_int_equal(c, DEVIO_UBLK_COPY_USER);
-	assert_int_equal(devio_ublk_pick_copy(0, -1, &c), 0); /* pre-6.5: no GET_FEATURES */
+	/* a backend without fixed buffers (RAM, remote, formats) keeps user copy */
+	assert_int_equal(devio_ublk_pick_copy(f7, DEVIO_UBLK_WANT_BEST, false, &c), 0);
+	assert_int_equal(c, DEVIO_UBLK_COPY_USER);
+	assert_int_equal(devio_ublk_pick_copy(0, DEVIO_UBLK_WANT_BEST, true, &c), 0); /* pre-6.5: no GET_FEATURES */
 	assert_int_equal(c, DEVIO_UBLK_COPY_KERNEL);
-	assert_int_equal(devio_ublk_pick_copy(0x1fffff, DEVIO_UBLK_COPY_KERNEL, &c), 0);
+	/* --ublk-copy zero: the best zero-copy mode, or why not */
+	assert_int_equal(devio_ublk_pick_copy(f615, DEVIO_UBLK_WANT_ZERO, true, &c), 0);
+	assert_int_equal(c, DEVIO_UBLK_COPY_ZERO);
+	assert_int_equal(devio_ublk_pick_copy(f612, DEVIO_UBLK_WANT_ZERO, true, &c), -EOPNOTSUPP);
+	assert_int_equal(devio_ublk_pick_copy(f7, DEVIO_UBLK_WANT_ZERO, false, &c), -EINVAL);
+	/* one mode by name */
+	assert_int_equal(devio_ublk_pick_copy(f7, DEVIO_UBLK_COPY_KERNEL, true, &c), 0);
 	assert_int_equal(c, DEVIO_UBLK_COPY_KERNEL);
-	assert_int_equal(devio_ublk_pick_copy(DEVIO_UBLK_F_CMD_IOCTL_ENCODE, DEVIO_UBLK_COPY_USER, &c),
+	assert_int_equal(devio_ublk_pick_copy(f7, DEVIO_UBLK_COPY_ZERO, true, &c), 0);
+	assert_int_equal(c, DEVIO_UBLK_COPY_ZERO);
+	assert_int_equal(devio_ublk_pick_copy(DEVIO_UBLK_F_CMD_IOCTL_ENCODE, DEVIO_UBLK_COPY_USER, true, &c),
 			 -EOPNOTSUPP);
+	assert_int_equal(devio_ublk_pick_copy(f615, DEVIO_UBLK_COPY_AUTO_BUF_REG, true, &c), -EOPNOTSUPP);
+	assert_int_equal(devio_ublk_pick_copy(f7, DEVIO_UBLK_COPY_AUTO_BUF_REG, false, &c), -EINVAL);
+	assert_int_equal(devio_ublk_pick_copy(f7, 9, true, &c), -EOPNOTSUPP);
+	assert_string_equal(devio_ublk_copy_mode(DEVIO_UBLK_COPY_AUTO_BUF_REG), "auto-buf-reg");
+	assert_string_equal(devio_ublk_copy_mode(DEVIO_UBLK_COPY_ZERO), "zero-copy");
+	assert_string_equal(devio_ublk_copy_mode(DEVIO_UBLK_COPY_USER), "user-copy");
 }
 
 static void test_feature_names(void **state)

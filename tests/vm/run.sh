@@ -83,11 +83,13 @@ for b in mke2fs e2fsck blkdiscard losetup dd; do
   p=$(command -v $b) || fail "$b missing"
   copy_bin "$p"
 done
-for b in ${VM_EXTRA_BINS:-}; do # e.g. fio for bench/bench_fuse_vm.sh (its libraries are large: opt-in)
-  p=$(command -v "$b") || fail "$b missing"
+ln -s mke2fs "$R/usr/bin/mkfs.ext4"
+# VM_EXTRA_BINS: more host tools for a --script that wants them (the
+# benchmarks' fio: large, so not in every guest)
+for b in ${VM_EXTRA_BINS:-}; do
+  p=$(command -v "$b") || fail "$b missing (VM_EXTRA_BINS)"
   copy_bin "$p"
 done
-ln -s mke2fs "$R/usr/bin/mkfs.ext4"
 ln -s ../bin/busybox "$R/sbin/init"
 # ld.so also lives at /lib64 on x86-64
 [ -e "$R/lib64/ld-linux-x86-64.so.2" ] || cp -L /lib64/ld-linux-x86-64.so.2 "$R/lib64/"
