@@ -2045,7 +2045,9 @@ int devio_qcow2_open(const char *name, struct devio_backend *lower, bool explici
 	}
 	devio_layer_init(&q->b, &qc_ops, lower, DEVIO_CAP_FLUSH | DEVIO_CAP_FUA | DEVIO_CAP_MULTI_CONN | DEVIO_CAP_CACHE, q);
 	q->b.size = q->vsize; /* devio_layer_init copied the file's */
-	q->b.caps |= DEVIO_CAP_EXTENTS;
+	/* READs into a pipe: spliced from the file where try_remap moves
+	 * them, else -EAGAIN (the front end reads into memory instead) */
+	q->b.caps |= DEVIO_CAP_EXTENTS | (lower->caps & DEVIO_CAP_SPLICE_READ);
 	if (q->readonly)
 		q->b.caps = (q->b.caps & ~(DEVIO_CAP_FLUSH | DEVIO_CAP_FUA)) | DEVIO_CAP_READONLY;
 	else

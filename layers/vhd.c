@@ -1374,6 +1374,7 @@ static void vhd_init_layer(struct vhd *v, struct devio_backend *lower)
 	devio_layer_init(&v->b, fixed ? &vhd_fixed_ops : &vhd_dynamic_ops, lower, fixed ? fixed_keep : dyn_keep, v);
 	if (!fixed)
 		v->b.caps |= DEVIO_CAP_ZERO | DEVIO_CAP_EXTENTS;
+	v->b.caps |= lower->caps & DEVIO_CAP_SPLICE_READ; /* where try_remap moves them (backend.h) */
 	/* TRIM reads back as zeroes here (FUSE's punch relies on it): in a
 	 * differencing image that means writing them, which a client that
 	 * discards a whole disk (mkfs) should not be invited to do */

@@ -94,7 +94,11 @@ int devio_request_check(const struct devio_backend *b, const struct devio_reques
 		return req->op == DEVIO_OP_WRITE || req->op == DEVIO_OP_ZERO ? -ENOSPC : -EINVAL;
 	s = store_of(b);
 	ops = s->ops;
-	if ((r = check_buffer(s, req)))
+	/* a READ into a pipe a format layer offers (SPLICE_READ) is the
+	 * store's under it to take, or -EAGAIN where the layer keeps it */
+	if ((r = check_buffer(req->kind == DEVIO_BUF_PIPE && req->op == DEVIO_OP_READ &&
+					      (s->caps & DEVIO_CAP_SPLICE_READ) ? bottom_of(s) : s,
+			      req)))
 		return r;
 	if (req->op == DEVIO_OP_WRITE && !ops->pwrite)
 		return -EROFS;
@@ -112,6 +116,8 @@ int devio_request_check(const struct devio_backend *b, const struct devio_reques
  * and none moved by such a layer already. */
 static bool remap_offered(const struct devio_request *req)
 {
+	if (req->kind == DEVIO_BUF_PIPE)
+		return req->op == DEVIO_OP_READ && req->length && !req->remapper;
 	return (req->op == DEVIO_OP_READ || (req->op == DEVIO_OP_WRITE && !(req->flags & DEVIO_REQ_FUA))) &&
 	       req->kind == DEVIO_BUF_MEM && req->length && !req->remapper;
 }
@@ -206,8 +212,9 @@ static int run_sync(struct devio_backend *b, struct devio_request *req)
 		return ops->map(b, req); /* a WRITE's FUA: devio_map_end() */
 	switch (req->op) {
 	case DEVIO_OP_READ:
-		return req->kind == DEVIO_BUF_PIPE ? ops->splice(b, req)
-						   : ops->pread(b, req->buf, req->length, req->offset);
+		if (req->kind == DEVIO_BUF_PIPE) /* a format layer that did not move it: into memory instead */
+			return ops->splice ? ops->splice(b, req) : -EAGAIN;
+		return ops->pread(b, req->buf, req->length, req->offset);
 	case DEVIO_OP_WRITE:
 		r = req->kind == DEVIO_BUF_PIPE ? ops->splice(b, req)
 						: ops->pwrite(b, req->buf, req->length, req->offset, req->flags);

@@ -565,6 +565,17 @@ static void test_format_layer_fast_path(void **state)
 	devio_workers_free(w); /* runs what is queued */
 	assert_int_equal(__atomic_load_n(&pooled_done, __ATOMIC_ACQUIRE), 1);
 	assert_int_equal(l.slow, 3);
+	/* READs into a pipe, where the layer offers them: spliced by the
+	 * store when moved, else -EAGAIN (into memory instead); never WRITEs */
+	f.b.caps |= DEVIO_CAP_SPLICE_READ | DEVIO_CAP_SPLICE_WRITE;
+	l.b.caps |= DEVIO_CAP_SPLICE_READ;
+	assert_int_equal(run_kind(&l.b, DEVIO_OP_READ, DEVIO_BUF_PIPE, 50, 16, 0, &req), 0);
+	assert_int_equal(f.splices, 1);
+	assert_int_equal(f.last_off, 150);
+	assert_int_equal(run_kind(&l.b, DEVIO_OP_READ, DEVIO_BUF_PIPE, 3000, 16, 0, &req), -EAGAIN);
+	assert_int_equal(run_kind(&l.b, DEVIO_OP_WRITE, DEVIO_BUF_PIPE, 50, 16, 0, &req), -EOPNOTSUPP);
+	assert_int_equal(f.splices, 1);
+	assert_int_equal(l.slow, 3);
 	assert_int_equal(l.remaps, l.dones);
 }
 
