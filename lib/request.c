@@ -447,6 +447,33 @@ static bool has_try_remap(const struct devio_backend *b)
 	return false;
 }
 
+/* Largest moved request the pool's entry runs on the front end's thread
+ * when the store's asynchronous path declines it (the file on tmpfs
+ * writes synchronously): a 1 MiB copy into the page cache there held up
+ * the next requests (1 MiB writes at QD8 ran at a third of the pool's
+ * rate, bench/bench_formats.sh); a small one costs less than the hop. */
+#define POOL_INLINE_MAX 65536u
+
+/* Start a moved request on b's asynchronous paths from the pool's entry,
+ * or run it here if it is small: true if it started or ran. */
+static bool pool_entry_async(struct devio_backend *b, struct devio_request *req)
+{
+	int r;
+
+	if (req->kind != DEVIO_BUF_MEM || (!b->ops->submit && !ring_eligible(b, req)))
+		return false;
+	r = submit_async(b, req);
+	if (r == 0)
+		return true;
+	if (r == -EAGAIN && req->length > POOL_INLINE_MAX)
+		return false; /* to the pool, which runs it synchronously */
+	if (r == -EAGAIN)
+		r = run_sync(b, req);
+	req->result = r;
+	req->complete(req);
+	return true;
+}
+
 /* The pool's entry: a request that a format layer moves onto an
  * asynchronous store (an allocated qcow2 cluster in an image file) starts
  * right here, on the front end's thread, as a raw file's would; the rest
@@ -458,10 +485,8 @@ void devio_workers_submit(struct devio_workers *w, struct devio_backend *b, stru
 	if (has_try_remap(b) && devio_request_check(b, req) == 0) {
 		b = descend(b, req);
 		remap_hook(req);
-		if (req->remapper && (b->ops->submit || ring_eligible(b, req))) {
-			run_at(b, req, 0);
+		if (req->remapper && pool_entry_async(b, req))
 			return;
-		}
 	}
 	req->next = NULL;
 	pthread_mutex_lock(&w->lock);
