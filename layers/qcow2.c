@@ -128,6 +128,15 @@ struct qcow2 {
 	size_t nbusy, busy_cap;
 	struct qc_range *frees; /* references gone, refcounts not yet decremented */
 	size_t nfrees, frees_cap;
+	/* Requests moved to the image file (qc_try_remap) run without the
+	 * reuse lock: each counts itself in inflight[gen & 1] until it ends.
+	 * Freed ranges wait in `waiting` for the slot of the generation they
+	 * were cleared in to drain (qc_drain, at FLUSH). */
+	_Atomic uint64_t gen;
+	_Atomic uint32_t inflight[2];
+	pthread_mutex_t drain_lock;
+	struct qc_range *waiting, *fresh; /* cleared before the last flip; after it */
+	size_t nwaiting, nfresh;
 	char backing_name[QC_MAX_BACKING_NAME + 1];
 	char backing_fmt[32];
 };
@@ -1321,13 +1330,140 @@ static int qc_trim(struct devio_backend *b, uint64_t off, uint64_t len, uint32_t
 	return qc_each_piece(to_qc(b), off, len, NULL, qc_trim_fn, flags);
 }
 
+/* ---- the fast path: requests moved to the image file ---- */
+
+/* Count a moved request in the current generation's slot (the slot of
+ * the generation it read is the one it counts in: rechecked). */
+static unsigned qc_remap_enter(struct qcow2 *q)
+{
+	for (;;) {
+		uint64_t g = atomic_load(&q->gen);
+		unsigned slot = (unsigned)(g & 1);
+
+		atomic_fetch_add(&q->inflight[slot], 1);
+		if (atomic_load(&q->gen) == g)
+			return slot;
+		atomic_fetch_sub(&q->inflight[slot], 1);
+	}
+}
+
+static void qc_remap_leave(struct qcow2 *q, unsigned slot)
+{
+	atomic_fetch_sub(&q->inflight[slot], 1);
+}
+
+/* Can guest [off, off+len) go straight to the image file, and where?  A
+ * READ or WRITE wholly inside one run of allocated data clusters (for a
+ * WRITE: ours alone, COPIED), found in the cached tables with the lock
+ * shared; anything else (unallocated, zero, compressed, a table not
+ * cached, a write that must allocate) is the data callbacks' work. */
+static bool qc_remap_at(struct devio_backend *b, bool write, uint64_t off, uint64_t len, uint64_t *host)
+{
+	struct qcow2 *q = to_qc(b);
+	struct qc_map m;
+	uint64_t n;
+	int r;
+
+	pthread_rwlock_rdlock(&q->meta);
+	r = qc_map_run(q, off, len, true, &m, &n);
+	pthread_rwlock_unlock(&q->meta);
+	if (r || n < len || m.kind != QC_DATA || (write && !(m.entry & QC_COPIED)))
+		return false;
+	*host = m.host + (off & ((1ull << q->unit_bits) - 1));
+	return *host <= q->lower->size && len <= q->lower->size - *host; /* else the data callbacks say why */
+}
+
+/* backend.h try_remap: counted in its generation before the lookup, so
+ * that a cluster this request may use is not freed until it has ended
+ * (qc_drain). */
+static bool qc_try_remap(struct devio_backend *b, struct devio_request *req)
+{
+	struct qcow2 *q = to_qc(b);
+	bool write = req->op == DEVIO_OP_WRITE;
+	unsigned slot = qc_remap_enter(q);
+	uint64_t host;
+
+	if (!qc_remap_at(b, write, req->offset, req->length, &host)) {
+		qc_remap_leave(q, slot);
+		return false;
+	}
+	if (write)
+		atomic_store(&q->unsynced, true);
+	req->offset = host;
+	req->remap_tag = slot;
+	return true;
+}
+
+static void qc_remap_done(struct devio_backend *b, struct devio_request *req)
+{
+	qc_remap_leave(to_qc(b), (unsigned)req->remap_tag);
+}
+
+static int qc_ranges_append(struct qc_range **to, size_t *nto, struct qc_range *from, size_t n)
+{
+	struct qc_range *t;
+
+	if (!n)
+		return 0;
+	t = realloc(*to, (*nto + n) * sizeof(*t));
+	if (!t)
+		return -ENOMEM; /* a leak, never a corruption */
+	memcpy(t + *nto, from, n * sizeof(*t));
+	*to = t;
+	*nto += n;
+	return 0;
+}
+
+/* Frees (n ranges, cleared and durable) join `fresh`; returns in *out
+ * the ranges no moved request can still use.  A range cleared in
+ * generation G may be in use by requests counted in G or before; the
+ * flip to G+1 happens only once the slot of G-1 is empty, so once the
+ * slot of G is empty too, nothing uses it.  Never waits (the request
+ * being waited for could be queued behind this one on a ring): what is
+ * not free yet stays for the next FLUSH or the close. */
+static int qc_drain(struct qcow2 *q, struct qc_range *frees, size_t n, struct qc_range **out, size_t *nout)
+{
+	int r;
+
+	*out = NULL;
+	*nout = 0;
+	pthread_mutex_lock(&q->drain_lock);
+	r = qc_ranges_append(&q->fresh, &q->nfresh, frees, n);
+	for (int i = 0; i < 2; i++) {
+		unsigned old = (unsigned)(atomic_load(&q->gen) & 1) ^ 1;
+
+		if (atomic_load(&q->inflight[old]))
+			break;
+		if (q->nwaiting) {
+			if (*out) { /* the second round: both lists */
+				qc_ranges_append(out, nout, q->waiting, q->nwaiting);
+				free(q->waiting);
+			} else {
+				*out = q->waiting;
+				*nout = q->nwaiting;
+			}
+		}
+		q->waiting = NULL;
+		q->nwaiting = 0;
+		if (!q->nfresh)
+			break;
+		q->waiting = q->fresh;
+		q->nwaiting = q->nfresh;
+		q->fresh = NULL;
+		q->nfresh = 0;
+		atomic_fetch_add(&q->gen, 1);
+	}
+	pthread_mutex_unlock(&q->drain_lock);
+	return r;
+}
+
 /* ---- FLUSH ---- */
 
 static int qc_flush(struct devio_backend *b)
 {
 	struct qcow2 *q = to_qc(b);
-	struct qc_range *frees;
-	size_t n;
+	struct qc_range *frees, *ready;
+	size_t n, nready;
 	int r;
 
 	if (q->readonly)
@@ -1341,16 +1477,22 @@ static int qc_flush(struct devio_backend *b)
 		q->nfrees = q->frees_cap = 0;
 	}
 	pthread_rwlock_unlock(&q->meta);
-	if (!n)
+	if (r)
 		return r;
 	/* The cleared entries are durable: give their clusters back once no
-	 * request can still be using the old mappings. */
+	 * request can still be using the old mappings (moved ones: qc_drain;
+	 * the data callbacks' own: the reuse lock). */
+	r = qc_drain(q, frees, n, &ready, &nready);
+	free(frees);
+	if (!nready)
+		return r;
 	pthread_rwlock_wrlock(&q->reuse);
 	pthread_rwlock_wrlock(&q->meta);
-	r = qc_free_apply(q, frees, n);
+	if (!r)
+		r = qc_free_apply(q, ready, nready);
 	pthread_rwlock_unlock(&q->meta);
 	pthread_rwlock_unlock(&q->reuse);
-	free(frees);
+	free(ready);
 	return r;
 }
 
@@ -1401,6 +1543,9 @@ static void qc_free(struct qcow2 *q)
 	pthread_mutex_destroy(&q->busy_lock);
 	pthread_cond_destroy(&q->busy_cond);
 	pthread_rwlock_destroy(&q->reuse);
+	pthread_mutex_destroy(&q->drain_lock);
+	free(q->waiting);
+	free(q->fresh);
 	free(q->l1);
 	free(q->rt);
 	free(q->busy);
@@ -1423,6 +1568,8 @@ static const struct devio_backend_ops qc_ops = {
 	.name = "qcow2",
 	.pread = qc_pread,
 	.pwrite = qc_pwrite,
+	.try_remap = qc_try_remap,
+	.remap_done = qc_remap_done,
 	.flush = qc_flush,
 	.trim = qc_trim,
 	.zero = qc_zero,
@@ -1875,6 +2022,7 @@ int devio_qcow2_open(const char *name, struct devio_backend *lower, bool explici
 	q->lower = lower;
 	pthread_mutex_init(&q->busy_lock, NULL);
 	pthread_cond_init(&q->busy_cond, NULL);
+	pthread_mutex_init(&q->drain_lock, NULL);
 	pthread_rwlockattr_init(&ra);
 	pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
 	pthread_rwlock_init(&q->reuse, &ra);
@@ -1897,7 +2045,9 @@ int devio_qcow2_open(const char *name, struct devio_backend *lower, bool explici
 	}
 	devio_layer_init(&q->b, &qc_ops, lower, DEVIO_CAP_FLUSH | DEVIO_CAP_FUA | DEVIO_CAP_MULTI_CONN | DEVIO_CAP_CACHE, q);
 	q->b.size = q->vsize; /* devio_layer_init copied the file's */
-	q->b.caps |= DEVIO_CAP_EXTENTS;
+	/* READs into a pipe: spliced from the file where try_remap moves
+	 * them, else -EAGAIN (the front end reads into memory instead) */
+	q->b.caps |= DEVIO_CAP_EXTENTS | (lower->caps & DEVIO_CAP_SPLICE_READ);
 	if (q->readonly)
 		q->b.caps = (q->b.caps & ~(DEVIO_CAP_FLUSH | DEVIO_CAP_FUA)) | DEVIO_CAP_READONLY;
 	else

@@ -540,6 +540,42 @@ static int vhd_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t 
 	return vhd_each_block(vhd_of(b), buf, len, off, 0, vhd_read_piece);
 }
 
+/* ---- the fast path: requests moved to the image file ---- */
+
+/* backend.h try_remap: a READ or WRITE inside one allocated block whose
+ * bitmap is loaded and has every sector it touches present goes straight
+ * to the block's bytes in the file.  No count of such requests is kept:
+ * a freed block's bytes are never reused (new blocks always go at the
+ * end), so a request racing with the TRIM that frees its block can only
+ * read or write a hole nothing refers to. */
+static bool vhd_try_remap(struct devio_backend *b, struct devio_request *req)
+{
+	struct vhd *v = vhd_of(b);
+	uint32_t blk = (uint32_t)(req->offset >> v->block_shift);
+	uint64_t in = req->offset & (v->block_size - 1), host;
+	uint32_t e = vhd_bat_get(v, blk);
+	const uint8_t *bm;
+
+	if (in + req->length > v->block_size || e == VHD_BAT_UNUSED)
+		return false;
+	bm = __atomic_load_n(&v->bitmaps[blk], __ATOMIC_ACQUIRE);
+	if (!bm || !vhd_bits_all(bm, (uint32_t)(in / VHD_SECTOR), (uint32_t)((in + req->length - 1) / VHD_SECTOR)))
+		return false;
+	host = (uint64_t)e * VHD_SECTOR + v->bitmap_size + in;
+	if (host > b->lower->size || req->length > b->lower->size - host)
+		return false;
+	req->offset = host;
+	return true;
+}
+
+/* A fixed image's bytes are the file's, at the same offsets. */
+static bool vhd_fixed_try_remap(struct devio_backend *b, struct devio_request *req)
+{
+	(void)b;
+	(void)req;
+	return true;
+}
+
 /* ---- writes ---- */
 
 static int vhd_bat_put(struct vhd *v, uint32_t blk, uint32_t e)
@@ -1026,6 +1062,7 @@ static const struct devio_backend_ops vhd_fixed_ops = {
 	.name = "vhd",
 	.pread = vhd_fixed_pread,
 	.pwrite = vhd_fixed_pwrite,
+	.try_remap = vhd_fixed_try_remap,
 	.flush = vhd_flush,
 	.trim = vhd_fixed_trim,
 	.zero = vhd_fixed_zero,
@@ -1038,6 +1075,7 @@ static const struct devio_backend_ops vhd_dynamic_ops = {
 	.name = "vhd",
 	.pread = vhd_pread,
 	.pwrite = vhd_pwrite,
+	.try_remap = vhd_try_remap,
 	.flush = vhd_flush,
 	.trim = vhd_trim,
 	.zero = vhd_zero,
@@ -1336,6 +1374,7 @@ static void vhd_init_layer(struct vhd *v, struct devio_backend *lower)
 	devio_layer_init(&v->b, fixed ? &vhd_fixed_ops : &vhd_dynamic_ops, lower, fixed ? fixed_keep : dyn_keep, v);
 	if (!fixed)
 		v->b.caps |= DEVIO_CAP_ZERO | DEVIO_CAP_EXTENTS;
+	v->b.caps |= lower->caps & DEVIO_CAP_SPLICE_READ; /* where try_remap moves them (backend.h) */
 	/* TRIM reads back as zeroes here (FUSE's punch relies on it): in a
 	 * differencing image that means writing them, which a client that
 	 * discards a whole disk (mkfs) should not be invited to do */

@@ -1,9 +1,11 @@
 /* request.c - the request core: checks a request against its backend,
- * moves it through the layers that remap it (windows) to the store, and
+ * moves it through the layers that remap it (windows, and image formats
+ * for what maps to one place of their file: try_remap) to the store, and
  * runs it there, asynchronously where the store can (io_uring),
  * synchronously otherwise, whatever kind of buffer it carries.  Also a
  * small worker pool for front ends that want several synchronous requests
- * running at once on a multi-core machine. */
+ * running at once on a multi-core machine; requests an image format moves
+ * to an asynchronous store start on the submitting thread instead. */
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -35,9 +37,18 @@ static struct devio_backend *store_of(const struct devio_backend *b)
 	return (struct devio_backend *)b;
 }
 
+/* The store at the bottom of b's stack, past the format layers that
+ * move most requests too (try_remap). */
+static const struct devio_backend *bottom_of(const struct devio_backend *b)
+{
+	while (b->ops->remap || b->ops->try_remap)
+		b = b->lower;
+	return b;
+}
+
 bool devio_backend_async(const struct devio_backend *b)
 {
-	return store_of(b)->ops->submit != NULL;
+	return bottom_of(b)->ops->submit != NULL;
 }
 
 /* A fixed buffer is moved only by I/O on the caller's ring. */
@@ -103,7 +114,11 @@ int devio_request_check(const struct devio_backend *b, const struct devio_reques
 		return req->op == DEVIO_OP_WRITE || req->op == DEVIO_OP_ZERO ? -ENOSPC : -EINVAL;
 	s = store_of(b);
 	ops = s->ops;
-	if ((r = check_buffer(s, req)))
+	/* a READ into a pipe a format layer offers (SPLICE_READ) is the
+	 * store's under it to take, or -EAGAIN where the layer keeps it */
+	if ((r = check_buffer(req->kind == DEVIO_BUF_PIPE && req->op == DEVIO_OP_READ &&
+					      (s->caps & DEVIO_CAP_SPLICE_READ) ? bottom_of(s) : s,
+			      req)))
 		return r;
 	if (req->op == DEVIO_OP_WRITE && !ops->pwrite)
 		return -EROFS;
@@ -116,16 +131,59 @@ int devio_request_check(const struct devio_backend *b, const struct devio_reques
 	return 0;
 }
 
-/* Move a checked request through the layers that remap it, into the
- * store's coordinates; req->backend becomes the store. */
+/* What a format layer's try_remap is offered: a READ or WRITE of some
+ * bytes in memory, no FUA (the layer's metadata may not be durable yet),
+ * and none moved by such a layer already. */
+static bool remap_offered(const struct devio_request *req)
+{
+	if (req->kind == DEVIO_BUF_PIPE)
+		return req->op == DEVIO_OP_READ && req->length && !req->remapper;
+	return (req->op == DEVIO_OP_READ || (req->op == DEVIO_OP_WRITE && !(req->flags & DEVIO_REQ_FUA))) &&
+	       req->kind == DEVIO_BUF_MEM && req->length && !req->remapper;
+}
+
+/* Move a checked request through the layers that remap it (and a format
+ * layer that takes it: try_remap), into the coordinates of the backend
+ * that runs it; req->backend becomes that backend. */
 static struct devio_backend *descend(struct devio_backend *b, struct devio_request *req)
 {
-	while (b->ops->remap) {
-		b->ops->remap(b, req);
+	for (;;) {
+		if (b->ops->remap)
+			b->ops->remap(b, req);
+		else if (b->ops->try_remap && remap_offered(req) && b->ops->try_remap(b, req))
+			req->remapper = b;
+		else
+			break;
 		b = b->lower;
 	}
 	req->backend = b;
 	return b;
+}
+
+/* The end of a request a format layer moved: its remap_done. */
+static void remap_finish(struct devio_request *req)
+{
+	struct devio_backend *l = req->remapper;
+
+	req->remapper = NULL;
+	if (l->ops->remap_done)
+		l->ops->remap_done(l, req);
+}
+
+static void remap_complete(struct devio_request *req)
+{
+	req->complete = req->remap_complete;
+	remap_finish(req);
+	req->complete(req);
+}
+
+/* A moved request tells its layer when it is done, whoever completes it. */
+static void remap_hook(struct devio_request *req)
+{
+	if (req->remapper && req->complete != remap_complete) {
+		req->remap_complete = req->complete;
+		req->complete = remap_complete;
+	}
 }
 
 /* FUA asks for a flush after a change, unless the store's pwrite honoured
@@ -174,8 +232,9 @@ static int run_sync(struct devio_backend *b, struct devio_request *req)
 		return ops->map(b, req); /* a WRITE's FUA: devio_map_end() */
 	switch (req->op) {
 	case DEVIO_OP_READ:
-		return req->kind == DEVIO_BUF_PIPE ? ops->splice(b, req)
-						   : ops->pread(b, req->buf, req->length, req->offset);
+		if (req->kind == DEVIO_BUF_PIPE) /* a format layer that did not move it: into memory instead */
+			return ops->splice ? ops->splice(b, req) : -EAGAIN;
+		return ops->pread(b, req->buf, req->length, req->offset);
 	case DEVIO_OP_WRITE:
 		r = req->kind == DEVIO_BUF_PIPE ? ops->splice(b, req)
 						: ops->pwrite(b, req->buf, req->length, req->offset, req->flags);
@@ -244,14 +303,10 @@ static int submit_fixed(struct devio_backend *b, struct devio_request *req)
 	return r == -EAGAIN ? -EBUSY : r;
 }
 
-void devio_submit(struct devio_backend *b, struct devio_request *req)
+/* Run a checked (r == 0) request on b, the backend descend() reached:
+ * its asynchronous paths, else synchronously; or complete it with r. */
+static void run_at(struct devio_backend *b, struct devio_request *req, int r)
 {
-	int r;
-
-	req->backend = b;
-	r = devio_request_check(b, req);
-	if (!r)
-		b = descend(b, req); /* through the layers that only remap, to the store */
 	if (!r && req->kind == DEVIO_BUF_FIXED) {
 		r = submit_fixed(b, req);
 		if (r == 0)
@@ -274,14 +329,38 @@ done:
 	req->complete(req);
 }
 
+/* devio_submit() of a request that may have been moved by a format layer
+ * already (a worker of the pool runs it where descend() stopped). */
+static void submit_from(struct devio_backend *b, struct devio_request *req)
+{
+	int r;
+
+	req->backend = b;
+	r = devio_request_check(b, req);
+	if (!r)
+		b = descend(b, req); /* through the layers that remap, to the store */
+	remap_hook(req);
+	run_at(b, req, r);
+}
+
+void devio_submit(struct devio_backend *b, struct devio_request *req)
+{
+	req->remapper = NULL;
+	submit_from(b, req);
+}
+
 int devio_run(struct devio_backend *b, struct devio_request *req)
 {
 	req->backend = b;
 	if (req->kind == DEVIO_BUF_FIXED)
 		return req->result = -EOPNOTSUPP; /* only the ring's I/O reaches those pages */
+	req->remapper = NULL;
 	req->result = devio_request_check(b, req);
-	if (req->result == 0)
+	if (req->result == 0) {
 		req->result = run_sync(descend(b, req), req);
+		if (req->remapper)
+			remap_finish(req);
+	}
 	return req->result;
 }
 
@@ -333,9 +412,12 @@ int devio_execute(struct devio_backend *b, struct devio_request *req)
 
 #define DEVIO_POOL_DEFAULT 8u /* enough to overlap a remote server's round trips */
 
+/* A format layer that moves most requests (try_remap) over an
+ * asynchronous store still wants the pool for the rest: the pool is
+ * decided by the first backend with data callbacks. */
 bool devio_wants_pool(const struct devio_backend *b, unsigned threads)
 {
-	if (devio_backend_async(b) || threads == 1)
+	if (store_of(b)->ops->submit || threads == 1)
 		return false;
 	return threads > 1 || b->run != DEVIO_RUN_CPU;
 }
@@ -374,7 +456,7 @@ static void *worker_main(void *arg)
 			w->tail = NULL;
 		pthread_mutex_unlock(&w->lock);
 		req->next = NULL;
-		devio_submit(req->backend, req);
+		submit_from(req->backend, req);
 	}
 }
 
@@ -399,9 +481,56 @@ struct devio_workers *devio_workers_new(unsigned nthreads)
 	return w;
 }
 
+/* Does a format layer in b's stack move requests (try_remap)? */
+static bool has_try_remap(const struct devio_backend *b)
+{
+	for (; b->ops->remap || b->ops->try_remap; b = b->lower)
+		if (b->ops->try_remap)
+			return true;
+	return false;
+}
+
+/* Largest moved request the pool's entry runs on the front end's thread
+ * when the store's asynchronous path declines it (the file on tmpfs
+ * writes synchronously): a 1 MiB copy into the page cache there held up
+ * the next requests (1 MiB writes at QD8 ran at a third of the pool's
+ * rate, bench/bench_formats.sh); a small one costs less than the hop. */
+#define POOL_INLINE_MAX 65536u
+
+/* Start a moved request on b's asynchronous paths from the pool's entry,
+ * or run it here if it is small: true if it started or ran. */
+static bool pool_entry_async(struct devio_backend *b, struct devio_request *req)
+{
+	int r;
+
+	if (req->kind != DEVIO_BUF_MEM || (!b->ops->submit && !ring_eligible(b, req)))
+		return false;
+	r = submit_async(b, req);
+	if (r == 0)
+		return true;
+	if (r == -EAGAIN && req->length > POOL_INLINE_MAX)
+		return false; /* to the pool, which runs it synchronously */
+	if (r == -EAGAIN)
+		r = run_sync(b, req);
+	req->result = r;
+	req->complete(req);
+	return true;
+}
+
+/* The pool's entry: a request that a format layer moves onto an
+ * asynchronous store (an allocated qcow2 cluster in an image file) starts
+ * right here, on the front end's thread, as a raw file's would; the rest
+ * of that layer's requests go to the pool from where descend() stopped. */
 void devio_workers_submit(struct devio_workers *w, struct devio_backend *b, struct devio_request *req)
 {
 	req->backend = b;
+	req->remapper = NULL;
+	if (has_try_remap(b) && devio_request_check(b, req) == 0) {
+		b = descend(b, req);
+		remap_hook(req);
+		if (req->remapper && pool_entry_async(b, req))
+			return;
+	}
 	req->next = NULL;
 	pthread_mutex_lock(&w->lock);
 	if (w->tail)

@@ -93,6 +93,21 @@ struct devio_backend_ops {
 	 * on the fast paths.  Requests never reach this layer's other data
 	 * callbacks; extents, describe and close are still its own. */
 	void (*remap)(struct devio_backend *b, struct devio_request *req);
+	/* A format layer (qcow2, VHD) with data callbacks may also move most
+	 * requests as remap does: the core offers try_remap each checked READ
+	 * or WRITE of some bytes in memory (no FUA) that reaches it.  true:
+	 * the layer moved req in place into lower's coordinates (the whole
+	 * range lies in one run of lower: an allocated cluster run), and
+	 * the core runs it on lower's own path (io_uring, the caller's ring)
+	 * on the submitting thread, with no hop to the worker pool; it may
+	 * keep a word in req->remap_tag.  false: the layer's data callbacks
+	 * run it (on the pool where the core's policy puts them).  At most
+	 * one such layer moves a request; once the moved request has
+	 * finished, before complete(), the core calls remap_done (if set),
+	 * e.g. so that the layer may reuse space the old mapping used.
+	 * Called concurrently from any thread; must not wait for I/O. */
+	bool (*try_remap)(struct devio_backend *b, struct devio_request *req);
+	void (*remap_done)(struct devio_backend *b, struct devio_request *req);
 	/* Optional, for stores that can get longer (a whole image file): let
 	 * writes reach up to size bytes from now on (b->size becomes size; the
 	 * store grows as those writes land, so write its new end first).

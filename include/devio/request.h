@@ -101,6 +101,13 @@ struct devio_request {
 	 * A layer forwards it by copying it into its request to the lower
 	 * backend, or declines by leaving that NULL. */
 	struct devio_ring *ring;
+	/* The core's, while a format layer's try_remap has moved the request
+	 * to its lower backend (backend.h): that layer, a word the layer
+	 * keeps with the request until its remap_done, and complete()
+	 * meanwhile. */
+	struct devio_backend *remapper;
+	uint64_t remap_tag;
+	void (*remap_complete)(struct devio_request *req);
 };
 
 /* Check the request against the backend (op supported, read-only,

@@ -637,6 +637,133 @@ static void test_create_refusals(void **state)
 	assert_int_equal(rmdir(dir), 0); /* nothing left in it */
 }
 
+/* ---- the fast path: requests moved to the image file (try_remap) ---- */
+
+/* Offer one request to the layer's try_remap as the core would; on true
+ * *host is where it went (and the request is ended again at once). */
+static bool remap(struct devio_backend *q, enum devio_op op, uint64_t off, uint64_t len, uint64_t *host)
+{
+	struct devio_request r = { .op = op, .offset = off, .length = len };
+	bool moved = q->ops->try_remap(q, &r);
+
+	if (moved) {
+		*host = r.offset;
+		q->ops->remap_done(q, &r);
+	} else {
+		assert_int_equal(r.offset, off); /* left as it was */
+	}
+	return moved;
+}
+
+/* Image with 64 KiB clusters whose one L2 table maps guest clusters:
+ * 0, 1 -> host clusters 5, 6 (ours, contiguous); 2 unallocated; 3 the
+ * zero flag; 4 -> 8 shared (no COPIED flag); 5 -> 9 ours; 6 compressed. */
+static void mk_mapped(struct mem *m)
+{
+	const uint64_t cs = 65536;
+	uint8_t *l2 = m->p + 4 * cs;
+
+	mk_image(m, 16, 16u << 20, 3, NULL);
+	wr64(m->p + 3 * cs, 4 * cs | (1ull << 63));
+	wr64(l2 + 0, 5 * cs | (1ull << 63));
+	wr64(l2 + 8, 6 * cs | (1ull << 63));
+	wr64(l2 + 24, 1);
+	wr64(l2 + 32, 8 * cs);
+	wr64(l2 + 40, 9 * cs | (1ull << 63));
+	wr64(l2 + 48, (1ull << 62) | 7 * cs); /* one sector of deflate data */
+	for (unsigned cl = 4; cl < 10; cl++) {
+		m->p[2 * cs + cl * 2 + 1] = cl == 8 ? 2 : 1;
+		if (cl > 4) /* the L2 table stays */
+			memset(m->p + cl * cs, 0x40 + cl, cs);
+	}
+	m->len = 10 * cs;
+	m->b.size = m->len;
+	memcpy(m->durable, m->p, m->len);
+}
+
+static void test_remap_decisions(void **state)
+{
+	const uint64_t cs = 65536;
+	struct mem *m = mem_new();
+	struct devio_backend *q;
+	uint64_t host = 0;
+	uint8_t buf[8192];
+
+	mk_mapped(m);
+	assert_int_equal(devio_qcow2_open("mem.qcow2", &m->b, false, NULL, &q), 0);
+	assert_non_null(q->ops->try_remap);
+	/* the L2 table is not cached yet: loading it is the pool's work */
+	assert_false(remap(q, DEVIO_OP_READ, 100, 4096, &host));
+	assert_int_equal(req(q, DEVIO_OP_READ, buf, 0, 512, 0), 0);
+	/* inside one allocated cluster, and across two contiguous ones */
+	assert_true(remap(q, DEVIO_OP_READ, 100, 4096, &host));
+	assert_int_equal(host, 5 * cs + 100);
+	assert_true(remap(q, DEVIO_OP_WRITE, cs - 512, 4096, &host));
+	assert_int_equal(host, 6 * cs - 512);
+	assert_true(remap(q, DEVIO_OP_READ, 0, 2 * cs, &host));
+	assert_int_equal(host, 5 * cs);
+	/* into an unallocated cluster, a zero cluster, a compressed one */
+	assert_false(remap(q, DEVIO_OP_READ, 2 * cs - 512, 1024, &host));
+	assert_false(remap(q, DEVIO_OP_READ, 2 * cs, 512, &host));
+	assert_false(remap(q, DEVIO_OP_WRITE, 2 * cs, 512, &host));
+	assert_false(remap(q, DEVIO_OP_READ, 3 * cs + 4096, 512, &host));
+	assert_false(remap(q, DEVIO_OP_READ, 6 * cs, 512, &host));
+	/* a shared cluster: read in place, written only by copying it */
+	assert_true(remap(q, DEVIO_OP_READ, 4 * cs + 512, 512, &host));
+	assert_int_equal(host, 8 * cs + 512);
+	assert_false(remap(q, DEVIO_OP_WRITE, 4 * cs + 512, 512, &host));
+	assert_true(remap(q, DEVIO_OP_WRITE, 5 * cs, cs, &host));
+	assert_int_equal(host, 9 * cs);
+	/* adjacent in the file but not both ours: two runs, not one */
+	assert_false(remap(q, DEVIO_OP_READ, 5 * cs - 512, 1024, &host));
+	/* through the core: moved requests read the clusters' bytes */
+	assert_int_equal(req(q, DEVIO_OP_READ, buf, cs - 4096, sizeof(buf), 0), 0);
+	assert_int_equal(buf[0], 0x45);
+	assert_int_equal(buf[sizeof(buf) - 1], 0x46);
+	devio_backend_close(q);
+	mem_free(m);
+}
+
+/* A TRIM frees a cluster while a request moved to it is still running:
+ * the cluster is not given back (so not reused by an allocation) until
+ * that request has ended; then the next FLUSH gives it back. */
+static void test_remap_holds_freed_cluster(void **state)
+{
+	struct mem *m = mem_new();
+	struct devio_backend *q;
+	uint8_t buf[4096];
+	uint64_t host_a, host_b, host_c;
+	struct devio_request inflight = { .op = DEVIO_OP_READ, .offset = 0, .length = 4096 };
+	unsigned leaks;
+
+	mk_image(m, 12, 16u << 20, 3, NULL);
+	assert_int_equal(devio_qcow2_open("mem.qcow2", &m->b, false, NULL, &q), 0);
+	memset(buf, 1, sizeof(buf));
+	assert_int_equal(req(q, DEVIO_OP_WRITE, buf, 0, 4096, 0), 0);
+	assert_int_equal(req(q, DEVIO_OP_FLUSH, NULL, 0, 0, 0), 0);
+	assert_true(q->ops->try_remap(q, &inflight)); /* a read of guest cluster 0, still running */
+	host_a = inflight.offset;
+	assert_int_equal(req(q, DEVIO_OP_TRIM, NULL, 0, 4096, 0), 0);
+	assert_false(remap(q, DEVIO_OP_READ, 0, 4096, &host_b)); /* unallocated now */
+	assert_int_equal(req(q, DEVIO_OP_FLUSH, NULL, 0, 0, 0), 0);
+	assert_int_equal(req(q, DEVIO_OP_WRITE, buf, 8192, 4096, 0), 0); /* allocates */
+	assert_true(remap(q, DEVIO_OP_READ, 8192, 4096, &host_b));
+	assert_int_not_equal(host_b, host_a);
+	assert_int_equal(req(q, DEVIO_OP_FLUSH, NULL, 0, 0, 0), 0);
+	assert_int_equal(req(q, DEVIO_OP_WRITE, buf, 16384, 4096, 0), 0);
+	assert_true(remap(q, DEVIO_OP_READ, 16384, 4096, &host_c));
+	assert_int_not_equal(host_c, host_a); /* two flushes later: still held */
+	q->ops->remap_done(q, &inflight);
+	assert_int_equal(req(q, DEVIO_OP_FLUSH, NULL, 0, 0, 0), 0); /* given back now */
+	assert_int_equal(req(q, DEVIO_OP_WRITE, buf, 32768, 4096, 0), 0);
+	assert_true(remap(q, DEVIO_OP_READ, 32768, 4096, &host_c));
+	assert_int_equal(host_c, host_a); /* reused: the first free cluster */
+	devio_backend_close(q);
+	assert_int_equal(img_check(m->p, m->len, &leaks), 0);
+	assert_int_equal(leaks, 0);
+	mem_free(m);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -653,6 +780,8 @@ int main(void)
 		cmocka_unit_test(test_create_v2_512_many_blocks),
 		cmocka_unit_test(test_create_v3_2m_and_empty),
 		cmocka_unit_test(test_create_refusals),
+		cmocka_unit_test(test_remap_decisions),
+		cmocka_unit_test(test_remap_holds_freed_cluster),
 	};
 
 	devio_log_set_level(DEVIO_LOG_ERROR);

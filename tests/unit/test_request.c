@@ -6,7 +6,8 @@
  * request (devio_submit, devio_execute, devio_run) agreeing, and the one
  * policy of which backends a front end hands to a worker pool; the buffer
  * kinds (in place, pipe, registered pages) under the same checks and FUA rule; a layer that
- * remaps requests forwarding every kind to the store's own paths. */
+ * remaps requests forwarding every kind to the store's own paths; a
+ * format layer's fast path (try_remap) and its accounting. */
 #include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -504,6 +505,130 @@ static void test_layer_forwarding(void **state)
 	assert_true(devio_wants_pool(&l.b, 0));
 }
 
+/* A format layer over the fake (qcow2's shape): data callbacks of its
+ * own, and try_remap moving requests below 2048 by 100 bytes. */
+struct fmt {
+	struct devio_backend b;
+	int offers, remaps, dones, slow;
+};
+
+static int fmt_pread(struct devio_backend *b, void *buf, uint64_t len, uint64_t off)
+{
+	((struct fmt *)b)->slow++;
+	memset(buf, 0, len);
+	return 0;
+}
+
+static int fmt_pwrite(struct devio_backend *b, const void *buf, uint64_t len, uint64_t off, uint32_t flags)
+{
+	((struct fmt *)b)->slow++;
+	return 0;
+}
+
+static bool fmt_try_remap(struct devio_backend *b, struct devio_request *req)
+{
+	struct fmt *l = (struct fmt *)b;
+
+	l->offers++;
+	if (req->offset + req->length > 2048)
+		return false;
+	l->remaps++;
+	req->offset += 100;
+	req->remap_tag = 7;
+	return true;
+}
+
+static void fmt_remap_done(struct devio_backend *b, struct devio_request *req)
+{
+	assert_int_equal(req->remap_tag, 7);
+	((struct fmt *)b)->dones++;
+}
+
+static const struct devio_backend_ops fmt_ops = { .name = "fmt", .pread = fmt_pread, .pwrite = fmt_pwrite,
+						  .try_remap = fmt_try_remap, .remap_done = fmt_remap_done };
+
+static int pooled_done;
+
+static void on_pooled(struct devio_request *req)
+{
+	__atomic_store_n(&pooled_done, 1, __ATOMIC_RELEASE);
+}
+
+/* Moved requests run on the store's asynchronous path, on the submitting
+ * thread even through the pool's entry; the layer hears of each one's end
+ * exactly once; the rest (declined, FUA, TRIM) run the layer's callbacks,
+ * on the pool where the policy says. */
+static void test_format_layer_fast_path(void **state)
+{
+	struct devio_request req;
+	struct devio_workers *w;
+	struct fmt l;
+	struct fake f;
+	char buf[16] = "sixteen bytes!!";
+
+	fake_init(&f, true, true);
+	memset(&l, 0, sizeof(l));
+	devio_layer_init(&l.b, &fmt_ops, &f.b, ~0u, NULL);
+	l.b.size = 4096;
+	assert_true(devio_backend_async(&l.b));   /* completions may come from the store's thread */
+	assert_true(devio_wants_pool(&l.b, 0));   /* the layer's own callbacks block */
+	assert_int_equal(submit_to(&l.b, DEVIO_OP_READ, 10, 16, 0, buf), 0);
+	assert_int_equal(f.submits, 1);
+	assert_int_equal(f.last_off, 110);
+	assert_int_equal(l.dones, 1);
+	assert_int_equal(l.slow, 0);
+	assert_int_equal(submit_to(&l.b, DEVIO_OP_READ, 3000, 16, 0, buf), 0); /* declined */
+	assert_int_equal(l.slow, 1);
+	assert_int_equal(f.submits, 1);
+	assert_int_equal(l.dones, 1);
+	assert_int_equal(submit_to(&l.b, DEVIO_OP_WRITE, 10, 16, DEVIO_REQ_FUA, buf), 0); /* never offered */
+	assert_int_equal(submit_to(&l.b, DEVIO_OP_TRIM, 10, 16, 0, NULL), -EOPNOTSUPP);
+	assert_int_equal(l.offers, 2);
+	assert_int_equal(l.slow, 2);
+	/* the store declines its async path: synchronously, still ended once */
+	f.submit_result = -EAGAIN;
+	assert_int_equal(submit_to(&l.b, DEVIO_OP_WRITE, 20, 16, 0, buf), 0);
+	assert_memory_equal(f.data + 120, buf, 16);
+	assert_int_equal(l.dones, 2);
+	f.submit_result = 0;
+	/* devio_run: on the store, ended before it returns */
+	req = (struct devio_request){ .op = DEVIO_OP_READ, .offset = 30, .length = 16, .buf = buf };
+	assert_int_equal(devio_run(&l.b, &req), 0);
+	assert_ptr_equal(req.backend, &f.b);
+	assert_null(req.remapper);
+	assert_int_equal(l.dones, 3);
+	/* the pool's entry: a moved request starts (here: ends) before it returns */
+	w = devio_workers_new(1);
+	assert_non_null(w);
+	completions = 0;
+	req = (struct devio_request){ .op = DEVIO_OP_READ, .offset = 40, .length = 16, .buf = buf,
+				      .complete = on_complete };
+	devio_workers_submit(w, &l.b, &req);
+	assert_int_equal(completions, 1);
+	assert_int_equal(f.submits, 3);
+	assert_int_equal(l.dones, 4);
+	/* a declined one goes to a worker, from where the layer stopped */
+	pooled_done = 0;
+	req = (struct devio_request){ .op = DEVIO_OP_READ, .offset = 3000, .length = 16, .buf = buf,
+				      .complete = on_pooled };
+	devio_workers_submit(w, &l.b, &req);
+	devio_workers_free(w); /* runs what is queued */
+	assert_int_equal(__atomic_load_n(&pooled_done, __ATOMIC_ACQUIRE), 1);
+	assert_int_equal(l.slow, 3);
+	/* READs into a pipe, where the layer offers them: spliced by the
+	 * store when moved, else -EAGAIN (into memory instead); never WRITEs */
+	f.b.caps |= DEVIO_CAP_SPLICE_READ | DEVIO_CAP_SPLICE_WRITE;
+	l.b.caps |= DEVIO_CAP_SPLICE_READ;
+	assert_int_equal(run_kind(&l.b, DEVIO_OP_READ, DEVIO_BUF_PIPE, 50, 16, 0, &req), 0);
+	assert_int_equal(f.splices, 1);
+	assert_int_equal(f.last_off, 150);
+	assert_int_equal(run_kind(&l.b, DEVIO_OP_READ, DEVIO_BUF_PIPE, 3000, 16, 0, &req), -EAGAIN);
+	assert_int_equal(run_kind(&l.b, DEVIO_OP_WRITE, DEVIO_BUF_PIPE, 50, 16, 0, &req), -EOPNOTSUPP);
+	assert_int_equal(f.splices, 1);
+	assert_int_equal(l.slow, 3);
+	assert_int_equal(l.remaps, l.dones);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -516,6 +641,7 @@ int main(void)
 		cmocka_unit_test(test_buffer_kinds),
 		cmocka_unit_test(test_fixed_buffers_refused),
 		cmocka_unit_test(test_layer_forwarding),
+		cmocka_unit_test(test_format_layer_fast_path),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

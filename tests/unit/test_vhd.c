@@ -5,7 +5,8 @@
  * partial bitmap's update (data, flush, bitmap), an image
  * that opens after a failure at each step, all-zero writes that allocate
  * nothing, TRIM freeing whole blocks, a store that cannot grow, many
- * threads allocating at once, and a few hostile header fields.  New
+ * threads allocating at once, a few hostile header fields, and which
+ * requests go straight to the file (try_remap).  New
  * images (devio_vhd_create, devio_format_create): the geometry against
  * the specification's algorithm worked by hand, the footer, header and BAT
  * written read back field by field and by the layer's own parser, and
@@ -758,6 +759,60 @@ static void test_format_create(void **state)
 	dir_holds(0);
 }
 
+/* Offer a request to the layer's try_remap as the core would: true and
+ * *host where it went, or false and the request left as it was. */
+static bool remap(struct devio_backend *v, enum devio_op op, uint64_t off, uint64_t len, uint64_t *host)
+{
+	struct devio_request r = { .op = op, .offset = off, .length = len };
+	bool moved = v->ops->try_remap(v, &r);
+
+	if (moved)
+		*host = r.offset;
+	else
+		assert_int_equal(r.offset, off);
+	return moved;
+}
+
+/* The fast path: a request inside one allocated block whose loaded
+ * bitmap has every sector it touches goes straight to the block's bytes;
+ * a freed block's bytes are never handed out again (requests moved there
+ * before the TRIM can only touch a hole). */
+static void test_remap_decisions(void **state)
+{
+	struct mem *m = mem_image(true);
+	struct devio_backend *v;
+	uint8_t buf[BS], back[512];
+	uint64_t host = 0, blk3;
+
+	put32(m->p + BAT_AT + 4, DATA_AT / 512);  /* block 1 at the old footer's place, sector 0 only */
+	memset(m->p + DATA_AT, 0, 512);
+	m->p[DATA_AT] = 0x80;
+	memcpy(m->p + DATA_AT + 512 + BS, m->p, 512);
+	m->len = DATA_AT + 512 + BS + 512;
+	v = vhd_over(m);
+	assert_non_null(v->ops->try_remap);
+	assert_false(remap(v, DEVIO_OP_READ, BS, 512, &host)); /* its bitmap is not loaded yet */
+	assert_int_equal(devio_layer_read(v, back, 512, BS), 0);
+	assert_true(remap(v, DEVIO_OP_READ, BS + 10, 500, &host));
+	assert_int_equal(host, DATA_AT + 512 + 10);
+	assert_false(remap(v, DEVIO_OP_READ, BS + 10, 600, &host));  /* sector 1 is not there */
+	assert_false(remap(v, DEVIO_OP_WRITE, BS + 512, 512, &host));
+	memset(buf, 0x33, sizeof(buf));
+	assert_int_equal(devio_layer_write(v, buf, BS, 3 * BS, 0), 0); /* allocates: every bit set */
+	blk3 = (uint64_t)bat_entry(m, 3) * 512 + 512;
+	assert_true(remap(v, DEVIO_OP_WRITE, 3 * BS + 1, BS - 1, &host));
+	assert_int_equal(host, blk3 + 1);
+	assert_false(remap(v, DEVIO_OP_READ, 3 * BS + 512, BS, &host)); /* into block 4 */
+	assert_false(remap(v, DEVIO_OP_READ, 5 * BS, 512, &host));      /* unallocated */
+	assert_int_equal(devio_layer_trim(v, 3 * BS, BS, 0), 0);
+	assert_false(remap(v, DEVIO_OP_READ, 3 * BS, 512, &host));
+	assert_int_equal(devio_layer_write(v, buf, BS, 3 * BS, 0), 0);
+	assert_true(remap(v, DEVIO_OP_READ, 3 * BS, 512, &host));
+	assert_true(host > blk3); /* at the end, not in the freed block's place */
+	vhd_done(v);
+	mem_free(m);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -773,6 +828,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_create_dynamic, tmp_setup, tmp_teardown),
 		cmocka_unit_test_setup_teardown(test_create_fixed, tmp_setup, tmp_teardown),
 		cmocka_unit_test_setup_teardown(test_format_create, tmp_setup, tmp_teardown),
+		cmocka_unit_test(test_remap_decisions),
 	};
 
 	devio_log_set_level(DEVIO_LOG_ERROR);
