@@ -98,8 +98,8 @@ def nbd_read_req(handle, offset, length):
 
 
 def test_allow_refuses_peers_outside_the_prefix(serve):
-    port = free_port()
-    srv = serve("ram:1M", "--nbd", f"tcp:127.0.0.1:{port}", "--devio", f"tcp:127.0.0.1:{port + 1}",
+    port, port2 = free_port(), free_port()  # port + 1 may be taken
+    srv = serve("ram:1M", "--nbd", f"tcp:127.0.0.1:{port}", "--devio", f"tcp:127.0.0.1:{port2}",
                 "--allow", "127.0.0.1/32")
     srv.wait_tcp(port)
     assert nbdinfo_size(f"nbd://127.0.0.1:{port}") == MiB
@@ -107,9 +107,9 @@ def test_allow_refuses_peers_outside_the_prefix(serve):
     assert not greeted(s)  # closed before a byte was read or sent
     s.close()
     # the devio stream front end: same listener, same check
-    with w.Client(sock=tcp_from("127.0.0.1", port + 1)) as c:
+    with w.Client(sock=tcp_from("127.0.0.1", port2)) as c:
         assert c.info()[0] == MiB
-    with w.Client(sock=tcp_from("127.0.0.2", port + 1)) as c:
+    with w.Client(sock=tcp_from("127.0.0.2", port2)) as c:
         assert c.at_eof()
     wait_for(lambda: srv.stderr().count("refusing 127.0.0.2: not in --allow") == 2, 10, "refusals logged")
     assert srv.stop() == 0
@@ -275,19 +275,19 @@ def test_user_refuses_fuse(serve, tmp):
 
 
 def test_handshake_never_and_slowloris_are_dropped(serve):
-    port = free_port()
-    srv = serve("ram:1M", "--nbd", f"tcp:127.0.0.1:{port}", "--devio", f"tcp:127.0.0.1:{port + 1}",
+    port, port2 = free_port(), free_port()
+    srv = serve("ram:1M", "--nbd", f"tcp:127.0.0.1:{port}", "--devio", f"tcp:127.0.0.1:{port2}",
                 "--handshake-timeout", "1", "--stall-timeout", "2")
     srv.wait_tcp(port)
     never = tcp_from("127.0.0.1", port)
     assert greeted(never)
-    never_devio = tcp_from("127.0.0.1", port + 1)
+    never_devio = tcp_from("127.0.0.1", port2)
     slow = tcp_from("127.0.0.1", port)
     assert nbd_negotiate(slow) == MiB
     slow.sendall(nbd_read_req(1, 0, 4096)[:14])  # half a request header, then nothing
     idle = tcp_from("127.0.0.1", port)
     assert nbd_negotiate(idle) == MiB  # negotiated and idle: a client, kept
-    slow_devio = w.Client(sock=tcp_from("127.0.0.1", port + 1))
+    slow_devio = w.Client(sock=tcp_from("127.0.0.1", port2))
     assert slow_devio.info()[0] == MiB
     slow_devio.send(b"\x02\x00\x00")  # a third of a request code
     assert at_eof(never, 15) and at_eof(never_devio, 15)
