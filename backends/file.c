@@ -339,7 +339,7 @@ static int file_splice_write(struct devio_file *f, int pipe_fd, uint64_t len, ui
 
 /* A read into a pipe: the pipe takes references to the page cache's
  * pages (no copy) for the front end to splice into a socket. */
-static int file_splice_read(struct devio_file *f, int pipe_fd, uint64_t len, uint64_t off)
+static int file_splice_read(struct devio_file *f, int pipe_fd, uint64_t len, uint64_t off, bool moved)
 {
 	loff_t pos = (loff_t)off;
 	struct stat st;
@@ -347,8 +347,10 @@ static int file_splice_read(struct devio_file *f, int pipe_fd, uint64_t len, uin
 
 	/* Only a file without holes: finding them per read (SEEK_HOLE) walks
 	 * the page cache to the next hole, and the copying path sends holes
-	 * as holes. */
-	if (!f->is_blk && (fstat(f->fd, &st) || (uint64_t)st.st_blocks * 512 < (uint64_t)st.st_size))
+	 * as holes.  A read a format layer moved here (an allocated qcow2
+	 * cluster run, a VHD block) is data whatever the image file's holes:
+	 * the layer, not the file, tells the disk's holes. */
+	if (!f->is_blk && !moved && (fstat(f->fd, &st) || (uint64_t)st.st_blocks * 512 < (uint64_t)st.st_size))
 		return -EAGAIN;
 	r = file_splice_loop(f, pipe_fd, &pos, len, false);
 	if (r && r != -EAGAIN) /* -EAGAIN: the pipe is full, the caller copies instead */
@@ -364,7 +366,7 @@ static int file_splice(struct devio_backend *b, struct devio_request *req)
 
 	if (req->op == DEVIO_OP_WRITE)
 		return file_splice_write(f, req->pipe_fd, req->length, req->offset);
-	return file_splice_read(f, req->pipe_fd, req->length, req->offset);
+	return file_splice_read(f, req->pipe_fd, req->length, req->offset, req->remapper != NULL);
 }
 
 /* Write zeroes at an absolute offset, the slow way (with O_DIRECT the
