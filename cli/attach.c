@@ -26,8 +26,9 @@ static void attach_usage(FILE *out)
 	fprintf(out,
 		"usage: devio attach URI --fuse MOUNTPOINT [--loop] [-r] [-d] [--timeout SECONDS]\n"
 		"       devio attach URI --ublk [-r] [-d] [--timeout SECONDS]\n"
-		"       devio attach URI --nbd-device [...]\n"
-		"URI: devio://HOST:PORT, devio+unix:///PATH, nbd://HOST[:PORT][/EXPORT], nbd+unix:///EXPORT?socket=PATH\n"
+		"       devio attach URI --nbd-device [...]   (devio attach --nbd-device --help)\n"
+		"URI: devio://HOST:PORT, devio+unix:///PATH, nbd://HOST[:PORT][/EXPORT], nbd+unix:///EXPORT?socket=PATH,\n"
+		"     over TLS nbds://, nbds+unix:// (man devio)\n"
 		"front end and its options:\n");
 	if (!feopts_init(&f, attach_frontends, NULL)) {
 		feopts_usage_frontends(&f, out);
@@ -44,7 +45,7 @@ static void attach_usage(FILE *out)
 		"serving options (the core's run policy):\n");
 	feopts_usage_serving(out);
 	daemon_usage(out);
-	fprintf(out, "usage: devio detach [--all] [--force] MOUNTPOINT|/dev/loopN|/dev/nbdN|/dev/ublkbN\n");
+	fprintf(out, "to stop it: devio detach MOUNTPOINT|/dev/loopN|/dev/ublkbN|/dev/nbdN (devio detach --help)\n");
 }
 
 enum { OPT_NBD_DEVICE = 256, OPT_SIZE, OPT_TIMEOUT };

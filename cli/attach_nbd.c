@@ -658,13 +658,14 @@ int attach_nbd_device(int argc, char **argv)
 
 	if (!t)
 		return 1;
+	/* usage errors point at this form's own help (docs/cli.md) */
 	if (parse_attach_args(argc, argv, &a)) {
-		rc = cli_usage_hint("attach");
+		rc = cli_usage_hint("attach --nbd-device");
 		goto out;
 	}
 	if ((r = devio_nbd_uri_parse(a.uri, &t->u, why, sizeof(why)))) {
 		devio_err("%s: %s", a.uri, why);
-		rc = 2;
+		rc = cli_usage_hint("attach --nbd-device");
 		goto out;
 	}
 	t->hs.name = a.uri;

@@ -6,6 +6,9 @@ PKGS=(
   # build
   build-essential meson ninja-build pkg-config liburing-dev libcmocka-dev zlib1g-dev clang libclang-rt-14-dev
   libjansson-dev libgnutls28-dev
+  # a static link against libdevio.a (pkg-config --static devio: gnutls.pc's
+  # Libs.private name -lunistring, which libgnutls28-dev does not pull in)
+  libunistring-dev
   # man pages (scdoc sources in docs/man), rendered in tests/integration/test_docs.py
   scdoc man-db
   # the Debian package (debian/, tests/integration/test_package.py) and bash completion

@@ -44,7 +44,9 @@ def help_sources(page):
         # a line it cannot take: a port without an image)
         return [("--help",), ("9000",)]
     cmd = page[len("devio-"):]
-    extra = {"attach": [("attach", "--nbd-device")]}  # the kernel nbd form's usage
+    # the kernel nbd form has its own usage (`devio attach --help` points at it;
+    # its usage errors say "try 'devio attach --nbd-device --help'")
+    extra = {"attach": [("attach", "--nbd-device", "--help")]}
     return [(cmd, "--help")] + extra.get(cmd, [])
 
 

@@ -26,6 +26,11 @@ NOT_RUN = {
         "needs a Ceph cluster (tests/integration/test_rbd.py starts one)",
     "devio serve disk.img --ublk": "needs the ublk_drv module (tests/vm guest scenarios)",
     "devio attach nbd://127.0.0.1 --nbd-device": "needs the nbd kernel module (tests/vm guest scenarios)",
+    "devio attach nbd://10.0.0.5/disk --ublk --timeout 120":
+        "needs the ublk_drv module (tests/vm/scenarios/reconnect.sh, reconnect-ublk; "
+        "test_reconnect.py runs the same reconnection through --fuse)",
+    "devio detach --handover /dev/ublkb0":
+        "needs the ublk_drv module (tests/vm guest scenarios ublk-handover-ext4, ublk-handover-verify)",
     "systemctl start devio@vm1":
         "starts a unit of the machine's systemd (test_daemon.py runs the unit's command in a private /run)",
 }
@@ -50,7 +55,10 @@ SUBST = [
     ("127.0.0.1:9000", "127.0.0.1:{devio_port}"),
     ("tcp:9000", "tcp:{devio_port}"),
     ("tcp:10809", "tcp:{nbd_port}"),
-    ("nbd://127.0.0.1/", "nbd://127.0.0.1:{nbd_port}/"),
+    ("nbd://127.0.0.1", "nbd://127.0.0.1:{nbd_port}"),
+    ("tcp:0.0.0.0:10809", "tcp:127.0.0.1:{nbd_port}"),  # loopback only
+    ("keys.psk", "{t}/keys.psk"),
+    ("@server/", "@127.0.0.1:{nbd_port}/"),
     ("shm:disk", "shm:{shm}"),
     ("shm://disk", "shm://{shm}"),
     ("plugin:./libx.so:ARGS", "plugin:{plugin}:16M"),
@@ -339,6 +347,52 @@ def ex_plugin(c):
     assert nbd_size(f"nbd://127.0.0.1:{c.nbd_port}") == 16 * MiB
 
 
+def ex_list(c):
+    s = c.server_for(c.image, "--nbd", f"tcp:{c.nbd_port}", "--export", f"second={c.image}")
+    s.wait_tcp(c.nbd_port)
+    out = c.run("devio list nbd://127.0.0.1").stdout
+    listed = re.findall(r"^export '([^']*)'", out, re.M)
+    theirs = json.loads(run_ok("nbdinfo", "--list", "--json", f"nbd://127.0.0.1:{c.nbd_port}"))
+    assert sorted(listed) == sorted(e["export-name"] for e in theirs["exports"]) == ["", "second"], out
+
+
+def ex_tls_psk(c):
+    """The PSK file as the comment makes it, the server on loopback, its
+    client by the README's URI; a client without TLS is refused."""
+    run_ok("psktool", "-u", "alice", "-p", f"{c.t}/keys.psk")
+    s = c.serve("devio serve disk.img --nbd tcp:0.0.0.0:10809 --tls-psk keys.psk")
+    s.wait_tcp(c.nbd_port)
+    out = c.run("devio info 'nbds://alice@server/?tls-psk-file=keys.psk'").stdout
+    assert re.search(rf"^size: {64 * MiB}$", out, re.M), out
+    plain = subprocess.run(["nbdinfo", "--size", f"nbd://127.0.0.1:{c.nbd_port}"], capture_output=True,
+                           text=True, timeout=30)
+    assert plain.returncode != 0, plain.stdout
+
+
+def ex_allow_user(c):
+    """tcp:* listens on every interface: run it in a private network
+    namespace that has only loopback.  The server drops root for a user
+    (nobody: the README's devio user need not exist here) once it listens,
+    and refuses 127.0.0.1, which is not in --allow, before the greeting.
+    Port 10809 as written: the namespace has nothing else."""
+    argv = c.argv("devio serve disk.img --nbd tcp:*:10809 --allow 10.0.5.0/24 --user devio")
+    assert argv[-2:] == ["--user", "devio"]
+    argv[-1] = "nobody"
+    script = ('ip link set lo up; "$@" >"$OUT" 2>&1 & pid=$!; '
+              r'for i in $(seq 200); do grep -q "^Uid:\s*65534\s" /proc/$pid/status 2>/dev/null && break; '
+              'sleep 0.05; done; grep "^Uid:" /proc/$pid/status; '
+              'nbdinfo --size "nbd://127.0.0.1:$PORT" && echo "ADMITTED"; '
+              'kill $pid; wait $pid; echo "exit $?"')
+    env = dict(os.environ, OUT=f"{c.t}/allow.log", PORT="10809")  # the namespace's own port
+    r = subprocess.run(["unshare", "-n", "sh", "-c", script, "sh", *argv], capture_output=True, text=True,
+                       timeout=60, env=env)
+    log = open(f"{c.t}/allow.log").read()
+    assert re.search(r"^Uid:\s+65534\s+65534\s+65534\s+65534$", r.stdout, re.M), r.stdout + r.stderr + log
+    assert "ADMITTED" not in r.stdout and "exit 0" in r.stdout, r.stdout + r.stderr + log
+    assert "refusing 127.0.0.1: not in --allow" in log, log
+    assert not sanitizer_report(log), log
+
+
 RUN = {
     "devio serve disk.img --devio tcp:9000": ex_serve_devio_tcp,
     "devio serve ram:1T --nbd unix:/run/disk.sock": ex_ram_1t,
@@ -360,6 +414,10 @@ RUN = {
     "devio serve disk.img --devio shm:disk": ex_shm,
     "devio attach devio+shm://disk --fuse /mnt/s --loop -d": ex_shm,
     "devio serve plugin:./libx.so:ARGS --nbd tcp:10809": ex_plugin,
+    "devio list nbd://127.0.0.1": ex_list,
+    "devio serve disk.img --nbd tcp:0.0.0.0:10809 --tls-psk keys.psk": ex_tls_psk,
+    "devio info 'nbds://alice@server/?tls-psk-file=keys.psk'": ex_tls_psk,
+    "devio serve disk.img --nbd tcp:*:10809 --allow 10.0.5.0/24 --user devio": ex_allow_user,
 }
 
 
