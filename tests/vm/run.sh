@@ -59,7 +59,7 @@ ninja -C "$BUILD" >/dev/null || fail "build in $BUILD failed"
 SAN=
 grep -q __asan_init "$BUILD/devio" && SAN=-fsanitize=address,undefined # VM_BUILD may be a sanitized build
 cc -O2 -Wall $SAN -D_GNU_SOURCE -DDEVIO_VERSION='"vmtool"' -I include -I cli -o "$BUILD/vmtool" tests/vm/vmtool.c \
-  cli/attach_nbd.c cli/usage.c "$BUILD/libdevio.a" -luring -lpthread || fail "building tests/vm/vmtool.c"
+  cli/attach_nbd.c cli/usage.c "$BUILD/libdevio.a" -luring -lgnutls -lz -lpthread || fail "building tests/vm/vmtool.c"
 
 WORK=$(mktemp -d /tmp/devio-vm.XXXXXX)
 cleanup() { [ "$KEEP" = 1 ] && echo "kept $WORK" >&2 || rm -rf "$WORK"; }
