@@ -272,12 +272,7 @@ void nbd_pipe_setup(struct nbd_conn *c)
 	if (pipe2(c->pipe, O_CLOEXEC))
 		return;
 	fcntl(c->pipe[0], F_SETFL, O_NONBLOCK);
-	/* Twice the largest read: a format layer may move a 1 MiB read to a
-	 * file offset that is not page aligned (a VHD block's data follows
-	 * its 512-byte bitmap), and 257 pages do not fit 256 slots.  Past
-	 * pipe-max-size (unprivileged) one of 1 MiB; a smaller one still works. */
-	if (fcntl(c->pipe[1], F_SETPIPE_SZ, (int)(2 * NBD_SPLICE_PIPE)) < 0)
-		fcntl(c->pipe[1], F_SETPIPE_SZ, (int)NBD_SPLICE_PIPE);
+	fcntl(c->pipe[1], F_SETPIPE_SZ, (int)NBD_SPLICE_PIPE); /* a smaller one still works */
 	size = fcntl(c->pipe[1], F_GETPIPE_SZ);
 	c->pipe_size = size > 0 ? (size_t)size : 65536;
 	c->splice_writes = writes;
