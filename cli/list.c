@@ -60,7 +60,7 @@ static int list_nbd(const char *uri, struct list_out *l)
 {
 	struct devio_nbd_uri *u = calloc(1, sizeof(*u));
 	char why[256];
-	int fd, r;
+	int r;
 
 	if (!u)
 		return -ENOMEM;
@@ -69,14 +69,8 @@ static int list_nbd(const char *uri, struct list_out *l)
 		free(u);
 		return r;
 	}
-	fd = devio_connect(&u->addr);
+	r = devio_nbd_client_list_uri(u, uri, list_timeout(), list_one, l);
 	free(u);
-	if (fd < 0) {
-		devio_err("list: %s: cannot connect: %s", uri, strerror(-fd));
-		return fd;
-	}
-	r = devio_nbd_client_list(fd, uri, list_timeout(), list_one, l);
-	close(fd);
 	return r;
 }
 

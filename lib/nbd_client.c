@@ -585,31 +585,69 @@ static int client_list_replies(struct hs *h, int (*fn)(void *ctx, const char *na
 	return r;
 }
 
+/* NBD_OPT_LIST on h's connection, after STARTTLS when o->tls is set. */
+static int client_list(struct hs *h, const struct devio_nbd_client_opts *o,
+		       int (*fn)(void *ctx, const char *name, const char *desc), void *ctx)
+{
+	uint16_t hflags = 0;
+	int r;
+
+	r = client_greet(h, &hflags);
+	if (!r && !(hflags & NBD_FLAG_FIXED_NEWSTYLE)) {
+		devio_err("%s: the server does not list its exports (not fixed newstyle)", h->name);
+		return -ENOTSUP;
+	}
+	if (!r && o && o->tls)
+		r = client_starttls(h, o, hflags);
+	if (!r)
+		r = client_send_option(h, NBD_OPT_LIST, NULL, 0);
+	if (!r)
+		r = client_list_replies(h, fn, ctx);
+	if (r == -ETIMEDOUT)
+		devio_err("%s: NBD handshake: the server stalled (no answer within %u s)", h->name, h->timeout_s);
+	else if (r == -ECONNRESET)
+		devio_err("%s: NBD handshake: the server closed the connection", h->name);
+	if (!r || r == -ENOTSUP) /* a polite goodbye; its reply is not waited for */
+		client_send_option(h, NBD_OPT_ABORT, NULL, 0);
+	return r;
+}
+
 int devio_nbd_client_list(int fd, const char *name, unsigned timeout_s,
 			  int (*fn)(void *ctx, const char *name, const char *desc), void *ctx)
 {
 	struct devio_nbd_client_info info;
 	struct hs h = { .fd = fd, .info = &info, .name = name ? name : "nbd client", .export = "" };
-	uint16_t hflags = 0;
-	int r;
 
 	h.timeout_s = timeout_s ? timeout_s : NBD_CLIENT_TIMEOUT_S;
 	h.deadline = devio_now_ns() + (uint64_t)h.timeout_s * 1000000000ull;
-	r = client_greet(&h, &hflags);
-	if (!r && !(hflags & NBD_FLAG_FIXED_NEWSTYLE)) {
-		devio_err("%s: the server does not list its exports (not fixed newstyle)", h.name);
-		return -ENOTSUP;
+	return client_list(&h, NULL, fn, ctx);
+}
+
+int devio_nbd_client_list_uri(const struct devio_nbd_uri *u, const char *name, unsigned timeout_s,
+			      int (*fn)(void *ctx, const char *name, const char *desc), void *ctx)
+{
+	struct devio_nbd_client_info info;
+	struct hs h = { .info = &info, .name = name ? name : "nbd client", .export = "" };
+	struct devio_nbd_client_opts o = { .name = h.name };
+	struct devio_tls_creds *cr = NULL;
+	struct devio_tls *unused = NULL;
+	int r;
+
+	o.tls_out = &unused; /* only to say TLS is possible here */
+	if (u->tls && (r = client_tls_creds(u, &o, &cr)))
+		return r;
+	h.fd = devio_connect(&u->addr);
+	if (h.fd < 0) {
+		devio_err("%s: cannot connect: %s", h.name, strerror(-h.fd));
+		devio_tls_creds_free(cr);
+		return h.fd;
 	}
-	if (!r)
-		r = client_send_option(&h, NBD_OPT_LIST, NULL, 0);
-	if (!r)
-		r = client_list_replies(&h, fn, ctx);
-	if (r == -ETIMEDOUT)
-		devio_err("%s: NBD handshake: the server stalled (no answer within %u s)", h.name, h.timeout_s);
-	else if (r == -ECONNRESET)
-		devio_err("%s: NBD handshake: the server closed the connection", h.name);
-	if (!r || r == -ENOTSUP) /* a polite goodbye; its reply is not waited for */
-		client_send_option(&h, NBD_OPT_ABORT, NULL, 0);
+	h.timeout_s = timeout_s ? timeout_s : NBD_CLIENT_TIMEOUT_S;
+	h.deadline = devio_now_ns() + (uint64_t)h.timeout_s * 1000000000ull;
+	r = client_list(&h, &o, fn, ctx);
+	devio_tls_free(h.tls);
+	devio_tls_creds_free(cr);
+	close(h.fd);
 	return r;
 }
 

@@ -100,5 +100,9 @@ int devio_nbd_client_connect(const struct devio_nbd_uri *u, const struct devio_n
  * does not list: said why), or another negative errno after logging why. */
 int devio_nbd_client_list(int fd, const char *name, unsigned timeout_s,
 			  int (*fn)(void *ctx, const char *name, const char *desc), void *ctx);
+/* The same for a URI: connects, and for nbds:// lists after STARTTLS
+ * with the URI's credentials (the server's certificate checked). */
+int devio_nbd_client_list_uri(const struct devio_nbd_uri *u, const char *name, unsigned timeout_s,
+			      int (*fn)(void *ctx, const char *name, const char *desc), void *ctx);
 
 #endif

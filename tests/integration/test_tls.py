@@ -454,3 +454,18 @@ def test_fio_verify_through_tls_two_connections_qd32(serve, pki, tmp_path, sourc
         want = 2 * int(size[:-1]) * MiB
         assert job["error"] == 0 and job["write"]["io_bytes"] == want and job["read"]["io_bytes"] == want
     assert srv.proc.poll() is None
+
+
+def test_list_over_tls_as_nbdinfo_lists(serve, pki, image):
+    """devio list nbds://: STARTTLS first (the server requires it), then
+    NBD_OPT_LIST: the same names as nbdinfo --list; a wrong key is refused."""
+    port = free_port()
+    srv = serve(image, "--export", f"two={image}", "--nbd", f"tcp:127.0.0.1:{port}",
+                "--tls", "require", "--tls-psk", pki["psk"])
+    srv.wait_tcp(port)
+    ours = json.loads(run_ok(DEVIO, "list", "--json", psk_uri(port, pki["psk"])))
+    theirs = json.loads(run_ok("nbdinfo", "--list", "--json", psk_uri(port, pki["psk"])))
+    names = sorted(e["name"] for e in ours["exports"])
+    assert names == ["", "two"] == sorted(e["export-name"] for e in theirs["exports"])
+    fails(DEVIO, "list", psk_uri(port, pki["badpsk"]))
+    assert srv.proc.poll() is None
