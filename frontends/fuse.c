@@ -803,7 +803,7 @@ struct fuse_opts {
 };
 
 /* Who may open the file: the image's own owner and mode when the source
- * is a file or device (a 0600 image stays 0600), else root and 0600;
+ * is a file or device (a 0600 image stays 0600), else the server's own user and 0600;
  * --fuse-mode sets the mode. */
 static void fuse_owner(struct fuse_fe *fe, const char *source, const struct fuse_opts *o)
 {
