@@ -6,6 +6,8 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -52,24 +54,92 @@ bool nbd_read_in_place(struct nbd_conn *c, const struct devio_nbd_request *nr)
 	return true;
 }
 
+/* Splice [off, off + len) of the disk into the empty pipe: 0, or -EAGAIN
+ * (declined, or the pipe could not take it) or an error, the pipe empty. */
+static int nbd_splice_piece(struct nbd_conn *c, uint64_t off, uint64_t len)
+{
+	struct devio_request req = { .op = DEVIO_OP_READ, .offset = off, .length = len,
+				     .kind = DEVIO_BUF_PIPE, .pipe_fd = c->pipe[1] };
+	int r = devio_run(c->b, &req);
+
+	if (r)
+		nbd_pipe_empty(c);
+	return r;
+}
+
+/* One more piece of a reply whose header is out: spliced, else read into
+ * memory and sent.  A read that fails now cannot be answered any more:
+ * the connection ends (the client sees it closed, not wrong data). */
+static void nbd_reply_piece(struct nbd_conn *c, uint64_t off, uint64_t len)
+{
+	struct devio_request req = { .op = DEVIO_OP_READ, .offset = off, .length = len };
+	int r = nbd_splice_piece(c, off, len);
+
+	if (!r) {
+		nbd_tx_spliced_more(c, len);
+		return;
+	}
+	req.buf = r == -EAGAIN ? malloc(len) : NULL;
+	if (req.buf && !devio_run(c->b, &req)) {
+		nbd_tx_copied_more(c, req.buf, len);
+	} else {
+		devio_err("nbd %s: read of %" PRIu64 " bytes at %" PRIu64 " failed after its reply began: closing",
+			  c->peer, len, off);
+		pthread_mutex_lock(&c->lock);
+		c->broken = true;
+		pthread_mutex_unlock(&c->lock);
+		shutdown(c->fd, SHUT_RDWR);
+	}
+	free(req.buf);
+}
+
+/* A read the pipe cannot take whole (a format layer moved it off page
+ * alignment: a VHD block's data follows its 512-byte bitmap, so 1 MiB
+ * spans 257 pages): in pieces that fit whatever their alignment.  False
+ * if the first piece is declined (nothing sent yet). */
+static bool nbd_read_spliced_pieces(struct nbd_conn *c, const struct devio_nbd_request *nr)
+{
+	uint64_t room = c->pipe_size - 4096, n = (nr->length + room - 1) / room;
+	uint64_t piece = (nr->length / n + 4095) & ~(uint64_t)4095, done;
+	struct nbd_slot *sl;
+
+	if (nbd_splice_piece(c, nr->offset, piece))
+		return false;
+	sl = nbd_slot_get(c, 0);
+	sl->nr = *nr;
+	nbd_encode_read_header(sl);
+	nbd_tx_spliced_begin(c, sl);
+	nbd_tx_spliced_more(c, piece);
+	for (done = piece; done < nr->length && !c->broken; done += piece) {
+		if (piece > nr->length - done)
+			piece = nr->length - done;
+		nbd_reply_piece(c, nr->offset + done, piece);
+	}
+	nbd_tx_spliced_end(c, sl);
+	return true;
+}
+
 /* A READ of a file too large for the usual batch: splice it from the page
  * cache into the pipe and from there into the socket, so that this side
  * copies nothing (pread and send copied every byte twice on the reader).
  * What the backend declines (a file with holes: the usual path sends them
- * as hole chunks) and reads the pipe cannot take whole run as usual. */
+ * as hole chunks) runs as usual; what the pipe cannot take whole goes in
+ * pieces. */
 bool nbd_read_spliced(struct nbd_conn *c, const struct devio_nbd_request *nr)
 {
 	uint64_t pages = (nr->offset % 4096 + nr->length + 4095) / 4096;
-	struct devio_request req = { .op = DEVIO_OP_READ, .offset = nr->offset, .length = nr->length,
-				     .kind = DEVIO_BUF_PIPE, .pipe_fd = c->pipe[1] };
 	struct nbd_slot *sl;
+	int r;
 
 	if (!c->splice_reads || nr->length <= NBD_RX_PAYLOAD || pages > c->pipe_size / 4096)
 		return false;
-	if (devio_run(c->b, &req)) {
-		nbd_pipe_empty(c);
+	if (c->splice_in_pieces && nr->length > c->pipe_size - 4096)
+		return nbd_read_spliced_pieces(c, nr);
+	r = nbd_splice_piece(c, nr->offset, nr->length);
+	if (r == -EAGAIN && nr->length > c->pipe_size - 4096)
+		return (c->splice_in_pieces = nbd_read_spliced_pieces(c, nr));
+	if (r)
 		return false;
-	}
 	sl = nbd_slot_get(c, 0);
 	sl->nr = *nr;
 	nbd_encode_read_header(sl);

@@ -63,6 +63,7 @@ struct nbd_conn {
 	bool splice_reads;        /* large reads too */
 	int pipe[2];
 	size_t pipe_size;
+	bool splice_in_pieces; /* large reads went in pieces (moved off page alignment): try that first */
 
 	uint8_t *rx;
 	size_t rx_start, rx_end;
@@ -108,6 +109,13 @@ void *nbd_sender_main(void *arg);
 void nbd_tx_uncork(struct nbd_conn *c);
 void nbd_tx_cork(struct nbd_conn *c);
 void nbd_tx_spliced(struct nbd_conn *c, struct nbd_slot *sl, size_t len);
+/* The same in pieces: the header (taking the sender's turn), then pieces
+ * from the pipe or from memory, then the end (giving the turn back).  A
+ * failed send marks the connection broken; the rest are then no-ops. */
+void nbd_tx_spliced_begin(struct nbd_conn *c, struct nbd_slot *sl);
+void nbd_tx_spliced_more(struct nbd_conn *c, size_t len);
+void nbd_tx_copied_more(struct nbd_conn *c, void *buf, size_t len);
+void nbd_tx_spliced_end(struct nbd_conn *c, struct nbd_slot *sl);
 void nbd_slot_complete(struct devio_request *req);
 
 /* nbd_reply.c: reply encoders */

@@ -211,21 +211,11 @@ void nbd_tx_cork(struct nbd_conn *c)
 	pthread_mutex_unlock(&c->lock);
 }
 
-/* Send sl's header, then len bytes from the connection's pipe, alone on
- * the socket: what is queued goes first, nobody sends while we do.  The
- * reader calls this (corked) and is corked again after it. */
-void nbd_tx_spliced(struct nbd_conn *c, struct nbd_slot *sl, size_t len)
+/* Move len bytes from the pipe to the socket (the sender's turn held). */
+static int nbd_tx_from_pipe(struct nbd_conn *c, size_t len)
 {
 	int r = 0;
 
-	nbd_tx_uncork(c); /* what is queued goes first */
-	pthread_mutex_lock(&c->lock);
-	while (c->sending)
-		pthread_cond_wait(&c->cond, &c->lock);
-	c->sending = true;
-	pthread_mutex_unlock(&c->lock);
-	if (!c->broken)
-		r = nbd_tx_send_iov(c, sl->iov, sl->niov, MSG_MORE);
 	while (!r && !c->broken && len) {
 		ssize_t w = splice(c->pipe[0], NULL, c->fd, NULL, len, SPLICE_F_MOVE);
 
@@ -238,16 +228,68 @@ void nbd_tx_spliced(struct nbd_conn *c, struct nbd_slot *sl, size_t len)
 	}
 	if (len)
 		nbd_pipe_empty(c);
+	return r;
+}
+
+/* A failed send ends the connection (said once, at debug level). */
+static void nbd_tx_fail(struct nbd_conn *c, int r)
+{
 	pthread_mutex_lock(&c->lock);
 	if (r && !c->broken) {
 		devio_debug("nbd %s: sending a read reply: %s", c->peer, strerror(-r));
 		c->broken = true;
 	}
+	pthread_mutex_unlock(&c->lock);
+}
+
+void nbd_tx_spliced_begin(struct nbd_conn *c, struct nbd_slot *sl)
+{
+	int r = 0;
+
+	nbd_tx_uncork(c); /* what is queued goes first */
+	pthread_mutex_lock(&c->lock);
+	while (c->sending)
+		pthread_cond_wait(&c->cond, &c->lock);
+	c->sending = true;
+	pthread_mutex_unlock(&c->lock);
+	if (!c->broken)
+		r = nbd_tx_send_iov(c, sl->iov, sl->niov, MSG_MORE);
+	nbd_tx_fail(c, r);
+}
+
+void nbd_tx_spliced_more(struct nbd_conn *c, size_t len)
+{
+	if (c->broken)
+		nbd_pipe_empty(c);
+	else
+		nbd_tx_fail(c, nbd_tx_from_pipe(c, len));
+}
+
+void nbd_tx_copied_more(struct nbd_conn *c, void *buf, size_t len)
+{
+	struct iovec iov = { buf, len };
+
+	nbd_tx_fail(c, c->broken ? 0 : nbd_tx_send_iov(c, &iov, 1, MSG_MORE));
+}
+
+void nbd_tx_spliced_end(struct nbd_conn *c, struct nbd_slot *sl)
+{
+	pthread_mutex_lock(&c->lock);
 	c->sending = false;
 	nbd_tx_slot_release_locked(c, sl);
 	nbd_tx_flush_locked(c, true); /* what came in meanwhile */
 	pthread_mutex_unlock(&c->lock);
 	nbd_tx_cork(c);
+}
+
+/* Send sl's header, then len bytes from the connection's pipe, alone on
+ * the socket: what is queued goes first, nobody sends while we do.  The
+ * reader calls this (corked) and is corked again after it. */
+void nbd_tx_spliced(struct nbd_conn *c, struct nbd_slot *sl, size_t len)
+{
+	nbd_tx_spliced_begin(c, sl);
+	nbd_tx_spliced_more(c, len);
+	nbd_tx_spliced_end(c, sl);
 }
 
 void nbd_slot_complete(struct devio_request *req)

@@ -164,6 +164,31 @@ def test_nbdcopy_and_qemu_io_through_nbd(serve, tmp):
         assert f.read(8) == b"conectix"
 
 
+def test_large_reads_spliced_in_pieces_from_tmpfs(serve):
+    """On tmpfs the file splices reads; a VHD block's data starts 512 bytes
+    into a page, so a 1 MiB read moved to it needs one page more than the
+    1 MiB pipe holds and goes in pieces (frontends/nbd_fast.c); a piece the
+    layer declines (its sectors absent from the bitmap) is read into memory
+    in the middle of the same reply.  Byte-exact against qemu's vpc driver."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    d = tempfile.mkdtemp(prefix="devio-vhd-", dir="/dev/shm")
+    try:
+        img = os.path.join(d, "d.vhd")
+        qemu_vhd(img, 8 * MiB)
+        # block 0: only its first 512 KiB present; block 1: whole
+        qemu_write(img, (0x5A, 0, 512 << 10), (0x33, BLOCK, BLOCK))
+        ref = qemu_raw(img, d)
+        _, sock = serve_nbd(serve, d, img)
+        for reqs in ("1", "4"):
+            out = os.path.join(d, "got.raw")
+            run_ok("nbdcopy", "--request-size=1048576", "-R", reqs, uri(sock), out)
+            with open(out, "rb") as f:
+                assert f.read() == ref
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def test_all_zero_write_does_not_grow_the_file(serve, tmp):
     img = os.path.join(tmp, "z.vhd")
     qemu_vhd(img, 16 * MiB)
@@ -463,6 +488,34 @@ def chain(tmp):
     want[BLOCK:BLOCK + 4096] = b"\xc1" * 4096
     want[3 * BLOCK:4 * BLOCK] = b"\xc3" * BLOCK
     return parent, child, bytes(want)
+
+
+def test_piece_declined_mid_reply_is_read_into_memory(serve):
+    """A differencing child on tmpfs whose block 1 holds its first 1.5 MiB:
+    the 1 MiB read at 3 MiB goes in pieces, the first moved to the child's
+    file and spliced, the second (absent there: the parent's bytes) read
+    into memory in the same reply.  Byte-exact, whole disk, 1 MiB reads."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    d = tempfile.mkdtemp(prefix="devio-vhd-", dir="/dev/shm")
+    try:
+        parent = os.path.join(d, "parent.vhd")
+        size = qemu_vhd(parent, 8 * MiB)
+        qemu_write(parent, (0xB0, 0, 8 * MiB))
+        want = bytearray(qemu_raw(parent, d, "parent.raw"))
+        child = os.path.join(d, "child.vhd")
+        present = 3 * MiB // 2
+        bitmap = bytes([0xFF]) * (present // 512 // 8) + bytes(512 - present // 512 // 8)
+        write_child(child, size, parent_uid(parent), [(b"W2ru", "parent.vhd".encode("utf-16-le"))],
+                    {1: (bitmap, b"\xc1" * present + bytes(BLOCK - present))})
+        want[BLOCK:BLOCK + present] = b"\xc1" * present
+        _, sock = serve_nbd(serve, d, child, "--format", "vhd")
+        out = os.path.join(d, "got.raw")
+        run_ok("nbdcopy", "--request-size=1048576", "-R", "1", uri(sock), out)
+        with open(out, "rb") as f:
+            assert f.read() == bytes(want)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_differencing_needs_format_named(serve, tmp, chain):
