@@ -70,7 +70,7 @@ static int nbd_splice_piece(struct nbd_conn *c, uint64_t off, uint64_t len)
 /* One more piece of a reply whose header is out: spliced, else read into
  * memory and sent.  A read that fails now cannot be answered any more:
  * the connection ends (the client sees it closed, not wrong data). */
-static void nbd_reply_piece(struct nbd_conn *c, uint64_t off, uint64_t len)
+static void nbd_reply_piece(struct nbd_conn *c, uint64_t off, uint64_t len, bool last)
 {
 	struct devio_request req = { .op = DEVIO_OP_READ, .offset = off, .length = len };
 	int r = nbd_splice_piece(c, off, len);
@@ -81,7 +81,7 @@ static void nbd_reply_piece(struct nbd_conn *c, uint64_t off, uint64_t len)
 	}
 	req.buf = r == -EAGAIN ? malloc(len) : NULL;
 	if (req.buf && !devio_run(c->b, &req)) {
-		nbd_tx_copied_more(c, req.buf, len);
+		nbd_tx_copied_more(c, req.buf, len, last);
 	} else {
 		devio_err("nbd %s: read of %" PRIu64 " bytes at %" PRIu64 " failed after its reply began: closing",
 			  c->peer, len, off);
@@ -113,7 +113,7 @@ static bool nbd_read_spliced_pieces(struct nbd_conn *c, const struct devio_nbd_r
 	for (done = piece; done < nr->length && !c->broken; done += piece) {
 		if (piece > nr->length - done)
 			piece = nr->length - done;
-		nbd_reply_piece(c, nr->offset + done, piece);
+		nbd_reply_piece(c, nr->offset + done, piece, done + piece == nr->length);
 	}
 	nbd_tx_spliced_end(c, sl);
 	return true;

@@ -114,7 +114,7 @@ void nbd_tx_spliced(struct nbd_conn *c, struct nbd_slot *sl, size_t len);
  * failed send marks the connection broken; the rest are then no-ops. */
 void nbd_tx_spliced_begin(struct nbd_conn *c, struct nbd_slot *sl);
 void nbd_tx_spliced_more(struct nbd_conn *c, size_t len);
-void nbd_tx_copied_more(struct nbd_conn *c, void *buf, size_t len);
+void nbd_tx_copied_more(struct nbd_conn *c, void *buf, size_t len, bool last);
 void nbd_tx_spliced_end(struct nbd_conn *c, struct nbd_slot *sl);
 void nbd_slot_complete(struct devio_request *req);
 

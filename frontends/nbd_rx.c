@@ -135,7 +135,9 @@ static int nbd_rx_fill(struct nbd_conn *c, size_t need, bool header)
 		}
 		if (n == -EAGAIN || n == -ETIMEDOUT) {
 			/* the socket's receive timeout (a listener's --idle/--stall-timeout) */
-			if (devio_listener_conn_wait_more(header && c->rx_end == c->rx_start))
+			/* between requests: nothing buffered here, nor TLS bytes read ahead or decrypted */
+			if (devio_listener_conn_wait_more(header && c->rx_end == c->rx_start &&
+							  !(c->tls && devio_tls_pending(c->tls))))
 				continue;
 			return -ETIMEDOUT;
 		}

@@ -265,11 +265,12 @@ void nbd_tx_spliced_more(struct nbd_conn *c, size_t len)
 		nbd_tx_fail(c, nbd_tx_from_pipe(c, len));
 }
 
-void nbd_tx_copied_more(struct nbd_conn *c, void *buf, size_t len)
+void nbd_tx_copied_more(struct nbd_conn *c, void *buf, size_t len, bool last)
 {
 	struct iovec iov = { buf, len };
 
-	nbd_tx_fail(c, c->broken ? 0 : nbd_tx_send_iov(c, &iov, 1, MSG_MORE));
+	/* the reply's last bytes go without MSG_MORE: nothing may follow soon */
+	nbd_tx_fail(c, c->broken ? 0 : nbd_tx_send_iov(c, &iov, 1, last ? 0 : MSG_MORE));
 }
 
 void nbd_tx_spliced_end(struct nbd_conn *c, struct nbd_slot *sl)
