@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include "devio/listener.h"
 #include "devio/util.h"
 #include "nbd_int.h"
 
@@ -258,7 +259,13 @@ static ssize_t nbd_fast_splice_in(struct nbd_conn *c, uint64_t want)
 			return -ECONNRESET;
 		if (errno == EINTR)
 			continue;
-		if (errno != EAGAIN || !(flags & SPLICE_F_NONBLOCK))
+		if (errno == EAGAIN && !(flags & SPLICE_F_NONBLOCK)) {
+			/* the socket's receive timeout, mid-payload (--stall-timeout) */
+			if (devio_listener_conn_wait_more(false))
+				continue;
+			return -ETIMEDOUT;
+		}
+		if (errno != EAGAIN)
 			return -errno;
 		if (!nbd_rx_ready_soon(c))
 			flags &= ~SPLICE_F_NONBLOCK; /* nothing came: sleep in splice */
