@@ -42,6 +42,12 @@ zc_data() {
 # zc_run NAME WANT-MODE FS SERVE-ARGS...: one device over /tmp/zc.img in
 # WANT-MODE ("best": whatever zc_expect says this kernel gives); FS=fs
 # adds the ext4 round trip.
+# zc_total FIELD LINE: FIELD summed over every queue of an exit summary
+# (the kernel may send every request to one queue).
+zc_total() {
+  echo "$2" | awk -v f="$1" '{ for (i = 1; i < NF; i++) if ($i == f) n += $(i + 1) } END { print n + 0 }'
+}
+
 zc_run() {
   _t=$1; _want=$2; _fs=$3; shift 3
   rm -f /tmp/zc.img; truncate -s 64M /tmp/zc.img
@@ -61,8 +67,8 @@ zc_run() {
   elif [ "$SRV_RC" != 0 ]; then show_log /tmp/zc-$_t.log; fail $_t "server exited $SRV_RC"
   elif ! grep -q "ublk device $DEV .* mode $_want " /tmp/zc-st.out; then cat /tmp/zc-st.out; fail $_t "devio status does not say mode $_want"
   elif ! echo "$_sum" | grep -q " mode $_want\$"; then fail $_t "exit summary does not say mode $_want"
-  elif [ "$_want" != user-copy ] && echo "$_sum" | grep -q ' zero_copy 0 '; then fail $_t "no request went zero copy"
-  elif [ "$_want" != user-copy ] && ! echo "$_sum" | grep -q ' copy_syscalls 0 '; then fail $_t "copies made in $_want"
+  elif [ "$_want" != user-copy ] && [ "$(zc_total zero_copy "$_sum")" = 0 ]; then fail $_t "no request went zero copy"
+  elif [ "$_want" != user-copy ] && [ "$(zc_total copy_syscalls "$_sum")" != 0 ]; then fail $_t "copies made in $_want"
   else pass $_t; fi
 }
 
