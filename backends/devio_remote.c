@@ -1,5 +1,10 @@
 /* devio_remote.c - a remote devio server (ImDisk's devio, or `devio serve
- * --devio`) as a backend: devio://HOST:PORT and devio+unix:///PATH.
+ * --devio`) as a backend: devio://HOST:PORT and devio+unix:///PATH, and
+ * (a devio extension: `devio serve --devio tls:HOST:PORT`) devio+tls://
+ * [USER@]HOST[:PORT] with the nbds:// URI's tls-certificates=DIR,
+ * tls-psk-file=FILE and tls-username=NAME: every connection of the pool,
+ * reconnections included, runs a TLS handshake (lib/tls.c; the server's
+ * certificate checked against HOST) before its first request.
  *
  * The protocol allows one request in flight per connection, so the backend
  * keeps a small pool of connections (up to REMOTE_MAX_CONNS, opened as
@@ -32,20 +37,31 @@
 #include "devio/backend.h"
 #include "devio/protocol.h"
 #include "devio/range_lock.h"
+#include "devio/tls.h"
 #include "devio/util.h"
+#include "../lib/nbd_client.h"
 
 #define REMOTE_MAX_CONNS 4
 #define REMOTE_CHUNK (1u << 20)
 #define REMOTE_TIMEOUT_S 120
 
-struct remote_conn {
+/* One connection: a socket, and its TLS session for devio+tls://. */
+struct dr_link {
 	int fd;
+	struct devio_tls *tls;
+};
+
+struct remote_conn {
+	struct dr_link l;
 	bool busy;
 };
 
 struct remote {
 	char uri[300];
 	struct devio_addr addr;
+	struct devio_tls_conf tls_conf; /* devio+tls://: its parameters (below) */
+	char tls_certificates[4096], tls_psk_file[4096], tls_username[256];
+	struct devio_tls_creds *tls_creds; /* devio+tls://, loaded once */
 	uint64_t align;         /* server's req_alignment (power of two) */
 	uint64_t remote_size;
 	uint64_t flags;         /* INFO flags */
@@ -75,19 +91,49 @@ struct remote {
 
 /* ---- connections ---- */
 
-/* A connected socket or -errno (the caller tells why, or not). */
-static int dr_dial(struct remote *rm)
+/* A connected socket (through TLS for devio+tls://) in *l, or -errno (the
+ * caller tells why, or not; a refused handshake is logged by lib/tls.c). */
+static int dr_dial(struct remote *rm, struct dr_link *l)
 {
 	struct timeval tv = { .tv_sec = rm->timeout_s };
-	int fd = devio_connect(&rm->addr);
+	int fd = devio_connect(&rm->addr), r;
 
+	l->fd = -1;
+	l->tls = NULL;
 	if (fd < 0)
 		return fd;
 	/* A server that stops answering fails the request instead of
 	 * hanging its caller forever; the connection is then dropped. */
 	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-	return fd;
+	if (rm->tls_creds && (r = devio_tls_handshake(rm->tls_creds, fd, false, rm->addr.host, rm->uri,
+						       rm->timeout_s * 1000u, &l->tls))) {
+		close(fd);
+		return r;
+	}
+	l->fd = fd;
+	return 0;
+}
+
+static int dr_write(struct dr_link *l, const void *buf, size_t len)
+{
+	return l->tls ? devio_tls_write_full(l->tls, buf, len) : devio_write_full(l->fd, buf, len);
+}
+
+static int dr_read(struct dr_link *l, void *buf, size_t len)
+{
+	return l->tls ? devio_tls_read_full(l->tls, buf, len) : devio_read_full(l->fd, buf, len);
+}
+
+/* Close a connection (a TLS session says close_notify first). */
+static void dr_hangup(struct dr_link *l)
+{
+	if (l->tls)
+		devio_tls_bye(l->tls);
+	l->tls = NULL;
+	if (l->fd >= 0)
+		close(l->fd);
+	l->fd = -1;
 }
 
 /* DEVIO_REMOTE_TIMEOUT=SECONDS overrides the default of 120 s. */
@@ -117,10 +163,10 @@ static struct remote_conn *dr_conn_get(struct remote *rm)
 		for (unsigned i = 0; i < REMOTE_MAX_CONNS; i++) {
 			struct remote_conn *k = &rm->conns[i];
 
-			used += k->fd >= 0 || k->busy;
-			if (!k->busy && k->fd >= 0 && !c)
+			used += k->l.fd >= 0 || k->busy;
+			if (!k->busy && k->l.fd >= 0 && !c)
 				c = k;
-			if (!k->busy && k->fd < 0 && !spare)
+			if (!k->busy && k->l.fd < 0 && !spare)
 				spare = k;
 		}
 		if (!c && spare && used < rm->max_conns)
@@ -144,7 +190,7 @@ static bool dr_conn_shrink(struct remote *rm, struct remote_conn *c, int err)
 
 	pthread_mutex_lock(&rm->lock);
 	for (unsigned i = 0; i < REMOTE_MAX_CONNS; i++)
-		open += rm->conns[i].fd >= 0;
+		open += rm->conns[i].l.fd >= 0;
 	if (open && open < rm->max_conns) {
 		devio_warn("%s: the server refused connection %u (%s): using the %u it accepted", rm->uri, open + 1,
 			   strerror(-err), open);
@@ -189,7 +235,7 @@ static bool dr_outage(struct remote *rm)
 /* A connection dialled after a loss must reach the same export: INFO
  * says the same size, alignment and flags.  0, -ESTALE (another export:
  * logged, and the backend is dead from now on) or -errno (try again). */
-static int dr_check_export(struct remote *rm, int fd)
+static int dr_check_export(struct remote *rm, struct dr_link *l)
 {
 	struct devio_proto_req rq = { .code = DEVIO_REQ_INFO };
 	uint8_t req[DEVIO_MAX_REQ_HDR], resp[DEVIO_INFO_SIZE];
@@ -197,8 +243,7 @@ static int dr_check_export(struct remote *rm, int fd)
 	char why[160];
 	int r;
 
-	if ((r = devio_write_full(fd, req, devio_proto_encode_req(&rq, req))) ||
-	    (r = devio_read_full(fd, resp, sizeof(resp))))
+	if ((r = dr_write(l, req, devio_proto_encode_req(&rq, req))) || (r = dr_read(l, resp, sizeof(resp))))
 		return r;
 	if (devio_proto_decode_info(resp, &info, why, sizeof(why)) || info.file_size != rm->remote_size ||
 	    info.req_alignment != rm->align || info.flags != rm->flags) {
@@ -223,42 +268,35 @@ static int dr_conn_open(struct remote *rm, struct remote_conn **out)
 {
 	for (;;) {
 		struct remote_conn *c = dr_conn_get(rm);
-		int fd;
+		struct dr_link l;
+		int r;
 
-		if (c->fd >= 0) {
+		if (c->l.fd >= 0) {
 			*out = c;
 			return 0;
 		}
-		fd = dr_dial(rm);
-		if (fd >= 0 && rm->reconnect_s) {
-			int r = dr_check_export(rm, fd);
-
-			if (r) {
-				close(fd);
-				fd = r;
-			}
-		}
-		if (fd >= 0) {
-			c->fd = fd;
+		r = dr_dial(rm, &l);
+		if (r == 0 && rm->reconnect_s && (r = dr_check_export(rm, &l)))
+			dr_hangup(&l);
+		if (r == 0) {
+			c->l = l;
 			*out = c;
 			return 0;
 		}
-		if (rm->reconnect_s && (fd == -ESTALE || dr_outage(rm))) {
+		if (rm->reconnect_s && (r == -ESTALE || dr_outage(rm))) {
 			dr_conn_put(rm, c);
-			return fd;
+			return r;
 		}
-		if (!dr_conn_shrink(rm, c, fd)) {
-			devio_err("%s: cannot connect: %s", rm->uri, strerror(-fd));
-			return fd;
+		if (!dr_conn_shrink(rm, c, r)) {
+			devio_err("%s: cannot connect: %s", rm->uri, strerror(-r));
+			return r;
 		}
 	}
 }
 
 static void dr_conn_drop(struct remote_conn *c)
 {
-	if (c->fd >= 0)
-		close(c->fd);
-	c->fd = -1;
+	dr_hangup(&c->l);
 }
 
 /* SO_RCVTIMEO/SO_SNDTIMEO bound each call; a server that trickles a
@@ -271,8 +309,12 @@ static int dr_past(uint64_t deadline_ns)
 
 /* sendmsg with MSG_NOSIGNAL: a dead server must not kill a client
  * process that has not ignored SIGPIPE (devio cat, copy). */
-static int dr_send_all(int fd, struct iovec *iov, int cnt, uint64_t deadline_ns)
+static int dr_send_all(struct dr_link *l, struct iovec *iov, int cnt, uint64_t deadline_ns)
 {
+	int fd = l->fd;
+
+	if (l->tls) /* each record's send bounded by SO_SNDTIMEO */
+		return dr_past(deadline_ns) ? -ETIMEDOUT : devio_tls_writev(l->tls, iov, cnt);
 	while (cnt) {
 		struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)cnt };
 		ssize_t n;
@@ -298,7 +340,7 @@ static int dr_send_all(int fd, struct iovec *iov, int cnt, uint64_t deadline_ns)
 	return 0;
 }
 
-static int dr_recv_all(int fd, void *buf, size_t len, uint64_t deadline_ns)
+static int dr_recv_all(struct dr_link *l, void *buf, size_t len, uint64_t deadline_ns)
 {
 	char *p = buf;
 
@@ -307,7 +349,13 @@ static int dr_recv_all(int fd, void *buf, size_t len, uint64_t deadline_ns)
 
 		if (dr_past(deadline_ns))
 			return -ETIMEDOUT;
-		n = read(fd, p, len);
+		if (l->tls) {
+			n = devio_tls_recv(l->tls, p, len, false);
+			if (n < 0)
+				return (int)n;
+		} else {
+			n = read(l->fd, p, len);
+		}
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0)
@@ -331,7 +379,7 @@ struct xfer {
 /* Send one request and read its answer.  Returns 0 when the exchange
  * happened (the server's verdict is in x->result) or -errno when the
  * connection broke or the server broke the protocol. */
-static int dr_exchange(struct remote *rm, int fd, struct xfer *x)
+static int dr_exchange(struct remote *rm, struct dr_link *l, struct xfer *x)
 {
 	struct devio_proto_req rq = { .code = x->code, .offset = x->off, .length = x->len };
 	uint8_t hdr[DEVIO_MAX_REQ_HDR], resp[DEVIO_ANSWER_SIZE];
@@ -345,15 +393,15 @@ static int dr_exchange(struct remote *rm, int fd, struct xfer *x)
 		iov[1].iov_len = x->len;
 		cnt = 2;
 	}
-	if ((r = dr_send_all(fd, iov, cnt, deadline)))
+	if ((r = dr_send_all(l, iov, cnt, deadline)))
 		return r;
 	if (x->code == DEVIO_REQ_UNMAP || x->code == DEVIO_REQ_ZERO) {
-		if ((r = dr_recv_all(fd, resp, DEVIO_ERRNO_SIZE, deadline)))
+		if ((r = dr_recv_all(l, resp, DEVIO_ERRNO_SIZE, deadline)))
 			return r;
 		x->result = devio_proto_peer_errno(devio_get_le64(resp));
 		return 0;
 	}
-	if ((r = dr_recv_all(fd, resp, DEVIO_ANSWER_SIZE, deadline)))
+	if ((r = dr_recv_all(l, resp, DEVIO_ANSWER_SIZE, deadline)))
 		return r;
 	if (devio_proto_decode_answer(resp, x->len, &x->result, &n)) {
 		devio_err("%s: server answered %llu bytes for %llu at %llu", rm->uri,
@@ -361,7 +409,7 @@ static int dr_exchange(struct remote *rm, int fd, struct xfer *x)
 			  (unsigned long long)x->off);
 		return -EPROTO;
 	}
-	if (x->code == DEVIO_REQ_READ && (r = dr_recv_all(fd, x->buf, n, deadline)))
+	if (x->code == DEVIO_REQ_READ && (r = dr_recv_all(l, x->buf, n, deadline)))
 		return r;
 	if (!devio_get_le64(resp) && n != x->len)
 		devio_err("%s: short %s at %llu: %llu of %llu bytes", rm->uri,
@@ -380,7 +428,7 @@ static int dr_run_once_more(struct remote *rm, struct xfer *x)
 	for (int attempt = 0; attempt < 2; attempt++) {
 		if ((r = dr_conn_open(rm, &c)))
 			break;
-		r = dr_exchange(rm, c->fd, x);
+		r = dr_exchange(rm, &c->l, x);
 		if (r == 0) {
 			dr_conn_put(rm, c);
 			break;
@@ -446,7 +494,7 @@ static int dr_run_reconnecting(struct remote *rm, struct xfer *x)
 		if (dr_dead(rm))
 			return -EIO;
 		if (!(r = dr_conn_open(rm, &c))) {
-			r = dr_exchange(rm, c->fd, x);
+			r = dr_exchange(rm, &c->l, x);
 			if (r == 0) {
 				dr_conn_put(rm, c);
 				dr_back(rm);
@@ -641,10 +689,11 @@ static void dr_describe(struct devio_backend *b, char *out, size_t outlen)
 
 	pthread_mutex_lock(&rm->lock); /* the pool may be growing on another thread */
 	for (unsigned i = 0; i < REMOTE_MAX_CONNS; i++)
-		n += rm->conns[i].fd >= 0;
+		n += rm->conns[i].l.fd >= 0;
 	pthread_mutex_unlock(&rm->lock);
-	snprintf(out, outlen, "devio server %s (alignment %llu, flags 0x%llx, %u connection(s))", rm->uri,
-		 (unsigned long long)rm->align, (unsigned long long)rm->flags, n);
+	snprintf(out, outlen, "devio server %s (alignment %llu, flags 0x%llx, %u connection(s)%s%s)", rm->uri,
+		 (unsigned long long)rm->align, (unsigned long long)rm->flags, n, rm->tls_creds ? ", TLS " : "",
+		 rm->tls_creds ? devio_tls_creds_kind(rm->tls_creds) : "");
 }
 
 static void dr_close(struct devio_backend *b)
@@ -654,11 +703,12 @@ static void dr_close(struct devio_backend *b)
 
 	devio_put_le64(bye, DEVIO_REQ_CLOSE);
 	for (unsigned i = 0; i < REMOTE_MAX_CONNS; i++)
-		if (rm->conns[i].fd >= 0) {
-			if (devio_write_full(rm->conns[i].fd, bye, sizeof(bye)))
+		if (rm->conns[i].l.fd >= 0) {
+			if (dr_write(&rm->conns[i].l, bye, sizeof(bye)))
 				devio_debug("%s: CLOSE not delivered", rm->uri);
 			dr_conn_drop(&rm->conns[i]);
 		}
+	devio_tls_creds_free(rm->tls_creds);
 	pthread_cond_destroy(&rm->freed);
 	pthread_mutex_destroy(&rm->lock);
 	pthread_rwlock_destroy(&rm->rmw_lock);
@@ -680,15 +730,51 @@ static const struct devio_backend_ops remote_ops = {
 
 /* ---- opening ---- */
 
-/* The query after '?': chunk=N (512..64M). */
+/* One tls-* parameter of a devio+tls:// URI (percent-decoded), once each. */
+static int dr_tls_param(struct remote *rm, const char *key, const char *val)
+{
+	static const char *const keys[] = { "tls-certificates=", "tls-psk-file=", "tls-username=" };
+	char *const fields[] = { rm->tls_certificates, rm->tls_psk_file, rm->tls_username };
+	const size_t lens[] = { sizeof(rm->tls_certificates), sizeof(rm->tls_psk_file), sizeof(rm->tls_username) };
+	char why[200];
+
+	for (size_t i = 0; i < 3; i++) {
+		if (strncmp(key, keys[i], strlen(keys[i])))
+			continue;
+		if (strncmp(rm->uri, "devio+tls://", 12)) {
+			devio_err("%s: %.*s belongs to devio+tls:// URIs", rm->uri, (int)strlen(keys[i]) - 1, keys[i]);
+			return -EINVAL;
+		}
+		if (fields[i][0] || !val[0]) {
+			devio_err("%s: %s given twice, or without a value", rm->uri, keys[i]);
+			return -EINVAL;
+		}
+		if (devio_uri_decode(keys[i], val, strlen(val), fields[i], lens[i], why, sizeof(why))) {
+			devio_err("%s: %s", rm->uri, why);
+			return -EINVAL;
+		}
+		return 0;
+	}
+	devio_err("%s: unknown query parameter '%s' (chunk=N; devio+tls://: tls-certificates=DIR, "
+		  "tls-psk-file=FILE, tls-username=NAME)", rm->uri, key);
+	return -EINVAL;
+}
+
+/* The query after '?': chunk=N (512..64M), and the tls-* parameters. */
 static int dr_parse_query(const char *q, struct remote *rm)
 {
-	char buf[128], *save = NULL;
+	char buf[8192], *save = NULL;
+	int r;
 
 	if (strlen(q) >= sizeof(buf))
 		return -EINVAL;
 	strcpy(buf, q);
 	for (char *kv = strtok_r(buf, "&", &save); kv; kv = strtok_r(NULL, "&", &save)) {
+		if (!strncmp(kv, "tls-", 4)) {
+			if ((r = dr_tls_param(rm, kv, strchr(kv, '=') ? strchr(kv, '=') + 1 : "")))
+				return r;
+			continue;
+		}
 		if (strncmp(kv, "chunk=", 6) || devio_parse_size(kv + 6, &rm->chunk) || rm->chunk < 512 ||
 		    rm->chunk > DEVIO_MAX_TRANSFER) {
 			devio_err("%s: '%s': want chunk=N (512..64M)", rm->uri, kv);
@@ -698,8 +784,48 @@ static int dr_parse_query(const char *q, struct remote *rm)
 	return 0;
 }
 
-/* devio://HOST:PORT, devio://[V6]:PORT, devio+unix:///PATH, each with an
- * optional ?chunk=N */
+/* USER@ before a devio+tls:// host: the PSK user name (as nbds://). */
+static int dr_parse_user(struct remote *rm, const char **hp, size_t *h)
+{
+	const char *at = memchr(*hp, '@', *h);
+	char why[200];
+
+	if (!at)
+		return 0;
+	if (strncmp(rm->uri, "devio+tls://", 12)) {
+		devio_err("%s: a user name (USER@HOST) is for TLS: use devio+tls://", rm->uri);
+		return -EINVAL;
+	}
+	if (devio_uri_decode("user name", *hp, (size_t)(at - *hp), rm->tls_username, sizeof(rm->tls_username), why,
+			     sizeof(why))) {
+		devio_err("%s: %s", rm->uri, why);
+		return -EINVAL;
+	}
+	*h -= (size_t)(at + 1 - *hp);
+	*hp = at + 1;
+	return 0;
+}
+
+/* devio[+tls]://[USER@]HOST[:PORT][/] (IPv6 in brackets): the tcp: address. */
+static int dr_parse_tcp(struct remote *rm, const char *hp, size_t n)
+{
+	size_t h = strcspn(hp, "/?");
+	char spec[300];
+	int r;
+
+	if (h > n || (h < n && (hp[h] != '/' || h + 1 != n)))
+		return -EINVAL;
+	if ((r = dr_parse_user(rm, &hp, &h)))
+		return r;
+	if (h == 0 || h + 5 >= sizeof(spec))
+		return -EINVAL;
+	snprintf(spec, sizeof(spec), "tcp:%.*s", (int)h, hp);
+	return devio_addr_parse(spec, "9000", &rm->addr);
+}
+
+/* devio://HOST:PORT, devio://[V6]:PORT, devio+tls://[USER@]HOST:PORT,
+ * devio+unix:///PATH, each with an optional ?chunk=N (devio+tls://: and
+ * the tls-* parameters) */
 static int dr_parse_uri(const char *uri, struct remote *rm)
 {
 	struct devio_addr *a = &rm->addr;
@@ -710,17 +836,10 @@ static int dr_parse_uri(const char *uri, struct remote *rm)
 	if (q && dr_parse_query(q + 1, rm))
 		return -EINVAL;
 	n = q ? (size_t)(q - uri) : strlen(uri);
-	if (!strncmp(uri, "devio://", 8)) {
-		const char *hp = uri + 8;
-		size_t h = strcspn(hp, "/?");
-
-		if (hp + h < uri + n && (hp[h] != '/' || hp + h + 1 != uri + n))
-			return -EINVAL;
-		if (h == 0 || h + 5 >= sizeof(spec))
-			return -EINVAL;
-		snprintf(spec, sizeof(spec), "tcp:%.*s", (int)h, hp);
-		return devio_addr_parse(spec, "9000", a);
-	}
+	if (!strncmp(uri, "devio://", 8))
+		return dr_parse_tcp(rm, uri + 8, n - 8);
+	if (!strncmp(uri, "devio+tls://", 12))
+		return dr_parse_tcp(rm, uri + 12, n - 12);
 	if (!strncmp(uri, "devio+unix://", 13) && uri[13] == '/' && n > 14) {
 		if (n - 13 + 6 >= sizeof(spec))
 			return -ENAMETOOLONG;
@@ -728,6 +847,21 @@ static int dr_parse_uri(const char *uri, struct remote *rm)
 		return devio_addr_parse(spec, NULL, a);
 	}
 	return -EINVAL;
+}
+
+/* devio+tls://: the client credentials, once for every connection. */
+static int dr_tls_setup(struct remote *rm)
+{
+	if (strncmp(rm->uri, "devio+tls://", 12))
+		return 0;
+	if (rm->tls_certificates[0] && rm->tls_psk_file[0]) {
+		devio_err("%s: tls-certificates= and tls-psk-file= exclude each other", rm->uri);
+		return -EINVAL;
+	}
+	rm->tls_conf.certificates = rm->tls_certificates[0] ? rm->tls_certificates : NULL;
+	rm->tls_conf.psk_file = rm->tls_psk_file[0] ? rm->tls_psk_file : NULL;
+	rm->tls_conf.username = rm->tls_username[0] ? rm->tls_username : NULL;
+	return devio_tls_creds_new(&rm->tls_conf, false, &rm->tls_creds);
 }
 
 static int dr_info(struct remote *rm)
@@ -739,13 +873,11 @@ static int dr_info(struct remote *rm)
 	char why[160];
 	int r;
 
-	c->fd = dr_dial(rm);
-	if (c->fd < 0) {
-		devio_err("%s: cannot connect: %s", rm->uri, strerror(-c->fd));
-		return c->fd;
+	if ((r = dr_dial(rm, &c->l))) {
+		devio_err("%s: cannot connect: %s", rm->uri, strerror(-r));
+		return r;
 	}
-	if ((r = devio_write_full(c->fd, req, devio_proto_encode_req(&rq, req))) ||
-	    (r = devio_read_full(c->fd, resp, sizeof(resp)))) {
+	if ((r = dr_write(&c->l, req, devio_proto_encode_req(&rq, req))) || (r = dr_read(&c->l, resp, sizeof(resp)))) {
 		devio_err("%s: INFO failed: %s", rm->uri, strerror(-r));
 		return r;
 	}
@@ -808,7 +940,7 @@ int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts,
 	if (!rm)
 		return -ENOMEM;
 	for (unsigned i = 0; i < REMOTE_MAX_CONNS; i++)
-		rm->conns[i].fd = -1;
+		rm->conns[i].l.fd = -1;
 	pthread_mutex_init(&rm->lock, NULL);
 	pthread_cond_init(&rm->freed, NULL);
 	dr_rmw_lock_init(&rm->rmw_lock);
@@ -819,11 +951,12 @@ int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts,
 	rm->max_conns = REMOTE_MAX_CONNS;
 	rm->chunk = REMOTE_CHUNK;
 	if (dr_parse_uri(uri, rm)) {
-		devio_err("%s: want devio://HOST:PORT or devio+unix:///PATH (?chunk=N)", uri);
+		devio_err("%s: want devio://HOST:PORT, devio+tls://[USER@]HOST:PORT or devio+unix:///PATH (?chunk=N; "
+			  "devio+tls://: ?tls-certificates=DIR or ?tls-psk-file=FILE[&tls-username=NAME])", uri);
 		r = -EINVAL;
 		goto out_free;
 	}
-	if ((r = dr_info(rm)) || (r = dr_export_size(rm, opts, &size)))
+	if ((r = dr_tls_setup(rm)) || (r = dr_info(rm)) || (r = dr_export_size(rm, opts, &size)))
 		goto out_free;
 	b = calloc(1, sizeof(*b));
 	if (!b) {

@@ -1,5 +1,9 @@
 /* stream.c - the --devio front end: ImDisk's devio stream protocol over
- * TCP, a Unix socket, standard input/output or a serial/character device.
+ * TCP, a Unix socket, standard input/output or a serial/character device,
+ * and (a devio extension, never offered to ImDisk clients, which cannot
+ * speak it) over TLS: --devio tls:HOST:PORT runs a TLS handshake with the
+ * NBD front end's credentials (--tls-certificates, --tls-psk, lib/tls.c)
+ * before the first request, and every byte after it goes through TLS.
  *
  * One thread per connection (at most STREAM_MAX_CONNS; extras are accepted
  * and closed at once), one request outstanding per connection as the
@@ -28,6 +32,7 @@
 #include "devio/listener.h"
 #include "devio/protocol.h"
 #include "devio/stream.h"
+#include "devio/tls.h"
 #include "devio/util.h"
 
 #define STREAM_MAX_CONNS 64
@@ -44,6 +49,7 @@
 struct stream_in {
 	int fd;
 	int stop_fd;
+	struct devio_tls *tls; /* tls: every byte comes through it */
 	bool between;     /* reading the next request's code: an idle client may wait */
 	size_t pos, len;
 	char buf[STREAM_RDBUF];
@@ -75,6 +81,13 @@ static ssize_t stream_in_raw(struct stream_in *in, void *dst, size_t n)
 
 		if (w)
 			return w;
+		if (in->tls) {
+			r = devio_tls_recv(in->tls, dst, n, false);
+			/* -ETIMEDOUT: SO_RCVTIMEO, as EAGAIN below */
+			if (r == -ETIMEDOUT && devio_listener_conn_wait_more(in->between))
+				continue;
+			return r == -ECONNRESET ? 0 : r; /* no close_notify: EOF all the same */
+		}
 		r = read(in->fd, dst, n);
 		if (r < 0 && errno == EINTR)
 			continue;
@@ -143,9 +156,18 @@ static int stream_in_discard(struct stream_in *in, uint64_t n)
 
 /* ---- output: header and data in one writev() ---- */
 
-static int stream_out_writev(int fd, struct iovec *iov, int cnt)
+struct stream_out {
+	int fd;
+	struct devio_tls *tls; /* tls: every byte goes through it */
+};
+
+static int stream_out_writev(const struct stream_out *out, struct iovec *iov, int cnt)
 {
+	int fd = out->fd;
 	struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)cnt };
+
+	if (out->tls)
+		return devio_tls_writev(out->tls, iov, cnt);
 
 	while (msg.msg_iovlen) {
 		ssize_t n = sendmsg(fd, &msg, MSG_NOSIGNAL);
@@ -171,14 +193,14 @@ static int stream_out_writev(int fd, struct iovec *iov, int cnt)
 }
 
 /* Send n 64-bit little-endian values. */
-static int stream_out_words(int fd, const uint64_t *v, int n)
+static int stream_out_words(const struct stream_out *out, const uint64_t *v, int n)
 {
 	uint8_t hdr[8 * 8];
 	struct iovec iov = { hdr, (size_t)n * 8 };
 
 	for (int i = 0; i < n; i++)
 		devio_put_le64(hdr + 8 * i, v[i]);
-	return stream_out_writev(fd, &iov, 1);
+	return stream_out_writev(out, &iov, 1);
 }
 
 /* ---- one session ---- */
@@ -186,7 +208,7 @@ static int stream_out_words(int fd, const uint64_t *v, int n)
 struct session {
 	struct devio_backend *b;
 	struct stream_in *in;
-	int wfd;
+	struct stream_out out;
 	uint32_t max_transfer;
 	uint32_t alignment;
 	bool enforce_alignment;
@@ -258,14 +280,14 @@ static int stream_out_answer(struct session *s, int result, uint64_t length, con
 	struct iovec iov[2] = { { hdr, sizeof(hdr) }, { (void *)data, (size_t)length } };
 
 	devio_proto_encode_answer(hdr, result, length);
-	return stream_out_writev(s->wfd, iov, data && length ? 2 : 1);
+	return stream_out_writev(&s->out, iov, data && length ? 2 : 1);
 }
 
 static int stream_out_errno(struct session *s, int result)
 {
 	uint64_t v = devio_proto_wire_errno(result);
 
-	return stream_out_words(s->wfd, &v, 1);
+	return stream_out_words(&s->out, &v, 1);
 }
 
 static int stream_do_info(struct session *s)
@@ -276,7 +298,7 @@ static int stream_do_info(struct session *s)
 	struct iovec iov = { out, sizeof(out) };
 
 	devio_proto_encode_info(out, &i);
-	return stream_out_writev(s->wfd, &iov, 1);
+	return stream_out_writev(&s->out, &iov, 1);
 }
 
 /* A READ longer than max_transfer, as ImDisk's devio serves it (its
@@ -303,7 +325,7 @@ static int stream_read_pieces(struct session *s, uint64_t off, uint64_t len)
 		}
 		if (done == 0 && (r = stream_out_answer(s, 0, len, NULL)))
 			return r;
-		r = stream_out_writev(s->wfd, &iov, 1);
+		r = stream_out_writev(&s->out, &iov, 1);
 		done += n;
 	}
 	return r;
@@ -446,7 +468,7 @@ static int stream_do_shared(struct session *s)
 	struct iovec iov = { resp, sizeof(resp) };
 
 	devio_put_le64(resp, ENODEV);
-	return stream_out_writev(s->wfd, &iov, 1);
+	return stream_out_writev(&s->out, &iov, 1);
 }
 
 static int stream_session_request(struct session *s, uint64_t code)
@@ -475,7 +497,8 @@ static int stream_session_request(struct session *s, uint64_t code)
 
 int devio_stream_session(struct devio_backend *b, int rfd, int wfd, const struct devio_stream_opts *opts)
 {
-	struct session s = { .b = b, .wfd = wfd, .name = opts && opts->name ? opts->name : "devio" };
+	struct session s = { .b = b, .out = { wfd, opts ? opts->tls : NULL },
+			     .name = opts && opts->name ? opts->name : "devio" };
 	uint8_t word[8];
 	int r;
 
@@ -484,6 +507,7 @@ int devio_stream_session(struct devio_backend *b, int rfd, int wfd, const struct
 		return -ENOMEM;
 	s.in->fd = rfd;
 	s.in->stop_fd = opts ? opts->stop_fd : -1;
+	s.in->tls = opts ? opts->tls : NULL;
 	s.in->pos = s.in->len = 0;
 	s.max_transfer = opts && opts->max_transfer && opts->max_transfer < DEVIO_MAX_TRANSFER
 				 ? opts->max_transfer : DEVIO_MAX_TRANSFER;
@@ -530,6 +554,8 @@ struct stream_state {
 	char name[320];             /* "--devio WHERE" */
 	struct devio_stream_opts opts;
 	struct devio_listener *listener; /* TCP, Unix: lib/listener.c */
+	bool tls;                        /* tls:HOST:PORT (addr is its tcp:) */
+	struct devio_tls_creds *tls_creds;
 	atomic_uint_fast64_t failed;     /* sessions dropped on an error */
 	/* stdio or a device: one session on its own (detached) thread */
 	bool single;
@@ -542,13 +568,15 @@ struct stream_state {
 };
 
 /* One session, logged at its start and end. */
-static void stream_run(struct stream_state *st, int rfd, int wfd, const char *name, int stop_fd)
+static void stream_run(struct stream_state *st, int rfd, int wfd, const char *name, int stop_fd,
+		       struct devio_tls *tls)
 {
 	struct devio_stream_opts o = st->opts;
 	int r;
 
 	o.name = name;
 	o.stop_fd = stop_fd;
+	o.tls = tls;
 	devio_info("%s: client connected", name);
 	r = devio_stream_session(st->b, rfd, wfd, &o);
 	if (r && r != -ECANCELED) {
@@ -559,6 +587,23 @@ static void stream_run(struct stream_state *st, int rfd, int wfd, const char *na
 	}
 }
 
+/* tls:: the handshake first (within the listener's handshake deadline,
+ * which also covers the first request), then the session through it.  A
+ * refused handshake (a plaintext client, a wrong key or certificate) is
+ * logged by lib/tls.c and counted as a session dropped on an error. */
+static void stream_serve_tls(struct stream_state *st, int fd, const char *name)
+{
+	struct devio_tls *t;
+	int r = devio_tls_handshake(st->tls_creds, fd, true, NULL, name, 0, &t);
+
+	if (r) {
+		atomic_fetch_add(&st->failed, 1); /* lib/tls.c said why */
+		return;
+	}
+	stream_run(st, fd, fd, name, -1, t);
+	devio_tls_bye(t);
+}
+
 /* A socket connection, on the listener's thread for it. */
 static void stream_serve(void *ctx, int fd, uint64_t id)
 {
@@ -566,14 +611,18 @@ static void stream_serve(void *ctx, int fd, uint64_t id)
 	char name[400];
 
 	snprintf(name, sizeof(name), "%s client %llu", st->name, (unsigned long long)id);
-	stream_run(st, fd, fd, name, -1);
+	if (st->tls) {
+		stream_serve_tls(st, fd, name);
+		return;
+	}
+	stream_run(st, fd, fd, name, -1, NULL);
 }
 
 static void *stream_single_main(void *arg)
 {
 	struct stream_state *st = arg;
 
-	stream_run(st, st->single_rfd, st->single_wfd, st->where, st->stop_pipe[0]);
+	stream_run(st, st->single_rfd, st->single_wfd, st->where, st->stop_pipe[0], NULL);
 	pthread_mutex_lock(&st->lock);
 	if (st->addr.kind == DEVIO_ADDR_DEVICE)
 		close(st->single_rfd);
@@ -605,7 +654,7 @@ static int stream_device_raw(int fd, const char *path)
 	return 0;
 }
 
-/* "ADDR[,max-transfer=N][,align=N]" */
+/* "ADDR[,max-transfer=N][,align=N]"; tls:[HOST:]PORT is parsed as its tcp: */
 static int stream_parse_arg(struct stream_state *st, const char *arg)
 {
 	char buf[512], *opt, *save = NULL;
@@ -618,12 +667,15 @@ static int stream_parse_arg(struct stream_state *st, const char *arg)
 	opt = strchr(buf, ',');
 	if (opt)
 		*opt++ = '\0';
+	st->tls = !strncmp(buf, "tls:", 4);
+	if (st->tls)
+		memcpy(buf, "tcp:", 4);
 	if ((r = devio_addr_parse(buf, NULL, &st->addr))) {
 		if (r == -ERANGE)
 			devio_err("--devio %s: port out of range (want 0..65535; 0: any free port)", arg);
 		else
-			devio_err("--devio %s: want tcp:[HOST:]PORT, unix:PATH, systemd[:NAME], stdio or a device path",
-				  arg);
+			devio_err("--devio %s: want tcp:[HOST:]PORT, tls:[HOST:]PORT, unix:PATH, systemd[:NAME], stdio "
+				  "or a device path", arg);
 		return -EINVAL;
 	}
 	for (opt = opt ? strtok_r(opt, ",", &save) : NULL; opt; opt = strtok_r(NULL, ",", &save)) {
@@ -706,28 +758,62 @@ static bool stream_loopback(const char *host)
 	return inet_pton(AF_INET6, host, &a6) == 1 && IN6_IS_ADDR_LOOPBACK(&a6);
 }
 
-/* The --devio front end's options (stream_options below). */
+/* The --devio front end's options (stream_options below).  listen comes
+ * first: the shm: variant reads it (frontends/shm.c). */
 struct stream_fe_opts {
 	struct devio_listen_opts listen; /* --allow, --socket-mode, timeouts: lib/listener.c */
+	struct devio_tls_conf tls_conf;  /* tls:: --tls-certificates, --tls-psk, ... (the NBD front end's too) */
 };
+
+/* tls:: the credentials, loaded before the port opens.  0 or -errno (logged). */
+static int stream_tls_setup(struct stream_state *st, const struct stream_fe_opts *o)
+{
+	static const struct devio_tls_conf none;
+	int r;
+
+	if (!st->tls)
+		return 0;
+	if ((r = devio_tls_creds_new(o ? &o->tls_conf : &none, true, &st->tls_creds))) {
+		devio_err("--devio %s: TLS needs --tls-certificates DIR or --tls-psk FILE (docs/security.md)",
+			  st->where);
+		return r;
+	}
+	devio_info("--devio %s: TLS required before the first request (%s, %s): a devio extension for devio's own "
+		   "client (devio+tls://); ImDisk clients cannot connect", st->where,
+		   devio_tls_creds_kind(st->tls_creds), devio_tls_ktls_state());
+	return 0;
+}
 
 static int stream_start_listener(struct stream_state *st, const struct stream_fe_opts *o)
 {
 	struct devio_listener_conf conf = { .name = st->name, .max_conns = STREAM_MAX_CONNS,
 					    .grace_ms = STREAM_STOP_GRACE_MS, .opts = o ? &o->listen : NULL,
 					    .serve = stream_serve, .ctx = st };
+	int r;
 
+	if ((r = stream_tls_setup(st, o)))
+		return r;
 	if (st->addr.kind == DEVIO_ADDR_TCP && !strcmp(st->addr.host, "*"))
 		devio_info("--devio %s: listening on every interface", st->where);
-	if (st->addr.kind == DEVIO_ADDR_TCP && !stream_loopback(st->addr.host))
-		devio_warn("--devio %s: the devio protocol has no encryption and no authentication: whoever reaches "
-			   "this address reads and writes the disk%s (docs/security.md)", st->where,
-			   o && o->listen.n_allow ? "" : "; --allow narrows who");
+	if (st->addr.kind == DEVIO_ADDR_TCP && !st->tls && !stream_loopback(st->addr.host))
+		devio_warn("--devio %s: the devio protocol has no encryption and no authentication, and ImDisk "
+			   "clients cannot speak TLS: the disk is reachable unencrypted and whoever reaches this "
+			   "address reads and writes it%s (--devio tls: serves devio+tls:// clients encrypted; "
+			   "docs/security.md)", st->where, o && o->listen.n_allow ? "" : "; --allow narrows who");
 	return devio_listener_start(&st->addr, &conf, &st->listener);
+}
+
+/* The address as given: tls: for a TLS listener's tcp: address. */
+static void stream_format_addr(const struct stream_state *st, const struct devio_addr *a, char *out, size_t outlen)
+{
+	devio_addr_format(a, out, outlen);
+	if (st->tls && outlen > 4 && !strncmp(out, "tcp:", 4))
+		memcpy(out, "tls:", 4);
 }
 
 static void stream_state_free(struct stream_state *st)
 {
+	devio_tls_creds_free(st->tls_creds);
 	if (st->stop_pipe[0] >= 0) {
 		close(st->stop_pipe[0]);
 		close(st->stop_pipe[1]);
@@ -756,7 +842,7 @@ static int stream_start(struct devio_server *srv, const char *arg, const void *o
 	pthread_cond_init(&st->idle, NULL);
 	if ((r = stream_parse_arg(st, arg)))
 		goto out_free;
-	devio_addr_format(&st->addr, st->where, sizeof(st->where));
+	stream_format_addr(st, &st->addr, st->where, sizeof(st->where));
 	snprintf(st->name, sizeof(st->name), "--devio %s", st->where);
 	if (st->b->block_size > 512 && !st->opts.alignment)
 		devio_warn("--devio %s: %s needs %u-byte alignment; ImDisk clients refuse more than 512",
@@ -845,7 +931,7 @@ static void stream_info(void *state, struct devio_frontend_info *info)
 	}
 	if (a.kind == DEVIO_ADDR_TCP && ls.port) /* tcp:0: the port picked */
 		snprintf(a.port, sizeof(a.port), "%u", ls.port);
-	devio_addr_format(&a, info->address, sizeof(info->address));
+	stream_format_addr(st, &a, info->address, sizeof(info->address));
 	info->connections = ls.active;
 	info->served = ls.served;
 }
@@ -865,12 +951,20 @@ static const struct devio_frontend_type *stream_variant(const char *arg)
 
 static const struct devio_frontend_option stream_options[] = {
 	DEVIO_LISTEN_OPTIONS(offsetof(struct stream_fe_opts, listen)),
+	{ "tls-certificates", "DIR", "tls:: X.509, DIR/server-cert.pem, server-key.pem, ca-cert.pem (as --nbd)",
+	  devio_opt_string, offsetof(struct stream_fe_opts, tls_conf.certificates) },
+	{ "tls-psk", "FILE", "tls:: pre-shared keys, USERNAME:HEXKEY lines (psktool's format)", devio_opt_string,
+	  offsetof(struct stream_fe_opts, tls_conf.psk_file) },
+	{ "tls-verify-peer", NULL, "tls:: X.509, clients need a certificate from ca-cert.pem's CA", devio_opt_flag,
+	  offsetof(struct stream_fe_opts, tls_conf.verify_peer) },
+	{ "tls-priority", "STRING", "tls:: GnuTLS priority string (default: TLS 1.3, then 1.2)", devio_opt_string,
+	  offsetof(struct stream_fe_opts, tls_conf.priority) },
 	{ NULL },
 };
 
 const struct devio_frontend_type devio_frontend_stream = {
 	.option = "devio",
-	.arg_help = "tcp:[HOST:]PORT|unix:PATH|systemd[:NAME]|stdio|DEVICE[,max-transfer=N][,align=N]|shm:NAME[,slots=N][,buffer=N]",
+	.arg_help = "tcp:[HOST:]PORT|tls:[HOST:]PORT|unix:PATH|systemd[:NAME]|stdio|DEVICE[,max-transfer=N][,align=N]|shm:NAME[,slots=N][,buffer=N]",
 	.help = "devio stream protocol (ImDisk proxy)",
 	.options = stream_options,
 	.opts_size = sizeof(struct stream_fe_opts),

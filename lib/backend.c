@@ -47,7 +47,7 @@ static int store_open(const char *source, const struct devio_open_opts *opts, st
 		return image ? devio_ram_image_open(size, image + 1, opts->ram_max, out)
 			     : devio_ram_open(size, opts->ram_max, out);
 	}
-	if (!strncmp(source, "devio://", 8) || !strncmp(source, "devio+unix://", 13))
+	if (!strncmp(source, "devio://", 8) || !strncmp(source, "devio+unix://", 13) || !strncmp(source, "devio+tls://", 12))
 		return devio_remote_devio_open(source, opts, out);
 	if (!strncmp(source, "devio+shm://", 12))
 		return devio_remote_shm_open(source, opts, out);

@@ -36,6 +36,12 @@ struct devio_nbd_uri {
  * Such a string is never a file name: it is an NBD URI, good or bad. */
 bool devio_nbd_uri_is_nbd(const char *s);
 
+/* Percent-decode [s, s+n), the part of a URI called what, into out (NUL-
+ * terminated; a %00 and bytes that must be encoded are refused): 0, or
+ * -EINVAL/-ENAMETOOLONG with why saying what is wrong.  devio+tls://
+ * (backends/devio_remote.c) decodes its parameters with it too. */
+int devio_uri_decode(const char *what, const char *s, size_t n, char *out, size_t outlen, char *why, size_t whylen);
+
 /* Parse nbd[s]://[USER@]HOST[:PORT][/EXPORT] or
  * nbd[s]+unix:///EXPORT?socket=PATH (IPv6 hosts in brackets,
  * percent-encoding anywhere; tls-* parameters on nbds only).  Returns 0,

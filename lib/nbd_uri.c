@@ -132,6 +132,15 @@ static int uri_decode(struct uri_err *e, const char *what, const char *s, size_t
 	return 0;
 }
 
+int devio_uri_decode(const char *what, const char *s, size_t n, char *out, size_t outlen, char *why, size_t whylen)
+{
+	struct uri_err e = { why, whylen };
+
+	if (why && whylen)
+		why[0] = '\0';
+	return uri_decode(&e, what, s, n, out, outlen);
+}
+
 /* ---- authority ---- */
 
 /* "PORT" or "" (the default); digits only, 1..65535. */

@@ -14,11 +14,14 @@
 extern "C" {
 #endif
 
+struct devio_tls;
+
 struct devio_stream_opts {
 	uint32_t max_transfer;  /* largest READ/WRITE served; 0 = DEVIO_MAX_TRANSFER */
 	uint32_t alignment;     /* req_alignment reported and enforced; 0 = report the backend's block size, enforce none */
 	int stop_fd;            /* readable = stop the session (-1: none; sockets use shutdown()) */
 	const char *name;       /* peer name for log messages */
+	struct devio_tls *tls;  /* set (rfd == wfd, handshake done): every byte through TLS (lib/tls.c) */
 };
 
 /* Serve requests read from rfd, answering on wfd, until CLOSE, EOF or a
