@@ -1,5 +1,6 @@
 /* net.c - transport addresses (tcp:, unix:, stdio, devices), listening and
  * connecting sockets, and full-length reads and writes. */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netdb.h>
@@ -264,6 +265,30 @@ static int listen_unix(const struct devio_addr *a, int backlog, unsigned mode, l
 	return fd;
 }
 
+/* Every interface ("*", "::"): the IPv6 wildcard with IPV6_V6ONLY off, so
+ * one socket takes IPv4 clients too (as v4-mapped ::ffff:a.b.c.d, which
+ * --allow's IPv4 entries match: lib/access.c).  -EAFNOSUPPORT where the
+ * machine has no IPv6 (the caller then binds 0.0.0.0). */
+static int listen_tcp_dual(const struct devio_addr *a, int backlog)
+{
+	struct sockaddr_in6 sin6 = { .sin6_family = AF_INET6, .sin6_addr = IN6ADDR_ANY_INIT,
+				     .sin6_port = htons((uint16_t)strtoul(a->port, NULL, 10)) };
+	int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0), zero = 0, one = 1, r;
+
+	if (fd < 0)
+		return -errno;
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero)) ||
+	    bind(fd, (struct sockaddr *)&sin6, sizeof(sin6)) || listen(fd, backlog)) {
+		r = -errno;
+		close(fd);
+		if (r != -EAFNOSUPPORT && r != -EADDRNOTAVAIL)
+			devio_err("tcp:[::]:%s: cannot listen: %s", a->port, strerror(-r));
+		return r;
+	}
+	return fd;
+}
+
 static int listen_tcp(const struct devio_addr *a, int backlog)
 {
 	struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE | AI_NUMERICSERV };
@@ -271,15 +296,18 @@ static int listen_tcp(const struct devio_addr *a, int backlog)
 	const char *host = a->host[0] ? a->host : "127.0.0.1";
 	int fd = -1, r, one = 1;
 
-	if (!strcmp(host, "*") || !strcmp(host, "0.0.0.0") || !strcmp(host, "::"))
-		host = NULL; /* every interface */
+	if (!strcmp(host, "*") || !strcmp(host, "::")) {
+		fd = listen_tcp_dual(a, backlog);
+		if (fd >= 0 || (fd != -EAFNOSUPPORT && fd != -EADDRNOTAVAIL))
+			return fd;
+		host = "0.0.0.0"; /* no IPv6 here: every IPv4 interface */
+	}
 	r = getaddrinfo(host, a->port, &hints, &res);
 	if (r) {
 		devio_err("tcp:%s:%s: %s", a->host, a->port, gai_strerror(r));
 		return -EINVAL;
 	}
 	r = -EADDRNOTAVAIL;
-	/* Prefer IPv6 wildcard (dual stack) when listening everywhere. */
 	for (ai = res; ai; ai = ai->ai_next) {
 		fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
 		if (fd < 0) {
@@ -295,7 +323,7 @@ static int listen_tcp(const struct devio_addr *a, int backlog)
 	}
 	freeaddrinfo(res);
 	if (fd < 0) {
-		devio_err("tcp:%s:%s: cannot listen: %s", host ? host : "*", a->port, strerror(-r));
+		devio_err("tcp:%s:%s: cannot listen: %s", host, a->port, strerror(-r));
 		return r;
 	}
 	return fd;
