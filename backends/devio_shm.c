@@ -756,6 +756,29 @@ fail:
 	return r;
 }
 
+/* A first request at once (a read of the first block): the server drops a
+ * client that submits none within its handshake timeout (frontends/shm.c).
+ * Its answer does not matter, only that the ring works. */
+static int shmc_first_request(struct shmc *c, uint64_t size)
+{
+	uint64_t len = c->info[1] > 1 ? c->info[1] : 512;
+	void *buf;
+	int r;
+
+	if (len > size)
+		len = size;
+	if (!(buf = malloc(len)))
+		return -ENOMEM;
+	r = shmc_sync(c, DEVIO_OP_READ, buf, len, 0);
+	free(buf);
+	pthread_mutex_lock(&c->lock);
+	if (c->dead)
+		devio_err("%s: the first request failed: %s", c->uri, strerror(-(r ? r : c->dead)));
+	r = c->dead;
+	pthread_mutex_unlock(&c->lock);
+	return r;
+}
+
 int devio_remote_shm_open(const char *uri, const struct devio_open_opts *opts, struct devio_backend **out)
 {
 	static const struct devio_open_opts none;
@@ -779,6 +802,8 @@ int devio_remote_shm_open(const char *uri, const struct devio_open_opts *opts, s
 	} else {
 		r = shmc_window(c, opts, &size);
 	}
+	if (!r)
+		r = shmc_first_request(c, size);
 	b = r ? NULL : calloc(1, sizeof(*b));
 	if (!b) {
 		shmc_free(c);

@@ -194,7 +194,8 @@ int feopts_add(struct feopts *f, const struct devio_frontend_type *type, const c
 		if ((v ? v : type)->check && (v ? v : type)->check(arg))
 			return -EINVAL; /* said why: a usage error */
 		f->named[i] = true;
-		f->fe[f->n_fe++] = (struct serve_frontend){ .type = v ? v : type, .arg = arg, .opts = v ? NULL : f->opts[i] };
+		/* a variant gets the options struct of the type it varies */
+		f->fe[f->n_fe++] = (struct serve_frontend){ .type = v ? v : type, .arg = arg, .opts = f->opts[i] };
 		return 0;
 	}
 	devio_err("--%s: not a front end of this command", type->option);

@@ -14,6 +14,15 @@
  * breaks the ring (a tag out of range or already in flight, a tail that
  * runs ahead) is dropped; a socket EOF or hang-up ends its session, and
  * the region is freed once the requests it had in flight have finished.
+ *
+ * Limits (the --devio listener options, docs/shm.md): --max-connections
+ * (default 16; more get an EBUSY hello); --handshake-timeout (default
+ * 10 s): a client that has not submitted a first request by then is
+ * dropped (devio+shm:// submits one at once); --idle-timeout: one that
+ * submits nothing that long while nothing of its is in flight.  There is
+ * no stall timeout: the server never waits for a client (answers go into
+ * the region), so a client that stops taking them holds only its own
+ * slots.
  */
 #include <endian.h>
 #include <errno.h>
@@ -31,6 +40,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 #include "devio/frontend.h"
+#include "devio/listener.h"
 #include "devio/protocol.h"
 #include "devio/shm.h"
 #include "devio/util.h"
@@ -116,6 +126,7 @@ struct shm_session {
 	uint32_t cq_tail;
 	unsigned inflight;
 	uint64_t n_req, n_wake;         /* requests taken, request doorbells heard (session thread) */
+	uint64_t start_ns, last_req_ns; /* connected, last request taken (session thread) */
 	atomic_uint_fast64_t n_bell;    /* answer doorbells rung */
 	struct shm_session *next;
 	struct shm_slot slots[];
@@ -347,6 +358,7 @@ static int shm_take(struct shm_session *s)
 
 		s->sq_head++;
 		s->n_req++;
+		s->last_req_ns = devio_now_ns();
 		if (tag >= s->nslots) {
 			devio_warn("%s: tag %u out of range (%u slots); dropping the client", s->name, tag,
 				   s->nslots);
@@ -461,8 +473,38 @@ struct shm_state {
 	pthread_cond_t idle;
 	struct shm_session *sessions;
 	unsigned active;
-	uint64_t served, refused, dropped;
+	uint64_t served, refused, dropped, timed_out;
+	unsigned max_clients, handshake_s, idle_s; /* the listener options in effect */
 };
+
+/* How long the sleeping session may wait (ms, -1: for ever), or 0 when
+ * the handshake or idle timeout has run out (said, rate-limited). */
+static int shm_sleep_ms(struct shm_session *s)
+{
+	struct shm_state *st = s->st;
+	bool first = s->n_req == 0;
+	unsigned limit_s = !st ? 0 : first ? st->handshake_s : st->idle_s;
+	uint64_t since = first ? s->start_ns : s->last_req_ns, now = devio_now_ns(), end, n;
+	unsigned inflight;
+
+	if (!limit_s)
+		return -1;
+	end = since + limit_s * 1000000000ull;
+	if (now < end)
+		return (int)((end - now) / 1000000 + 1);
+	pthread_mutex_lock(&s->lock);
+	inflight = s->inflight;
+	pthread_mutex_unlock(&s->lock);
+	if (inflight) /* its requests still run: not idle */
+		return (int)(limit_s * 1000u);
+	pthread_mutex_lock(&st->lock);
+	n = ++st->timed_out;
+	pthread_mutex_unlock(&st->lock);
+	if ((n & (n - 1)) == 0)
+		devio_warn("%s: dropping the client: %s %u s (%llu dropped by timeouts so far)", s->name,
+			   first ? "no request within" : "idle for", limit_s, (unsigned long long)n);
+	return 0;
+}
 
 /* Client, stop, or doorbell: wait for one of them.  Returns 1 to go on,
  * 0 when the session ends (EOF, hang-up, stop), -EPROTO on bytes sent. */
@@ -472,9 +514,15 @@ static int shm_sleep(struct shm_session *s)
 			       { .fd = s->st->stop_efd, .events = POLLIN } };
 	uint64_t v;
 	char c;
+	int ms = shm_sleep_ms(s), ready;
 
-	if (poll(p, 3, -1) < 0)
+	if (ms == 0)
+		return -ETIMEDOUT;
+	ready = poll(p, 3, ms);
+	if (ready < 0)
 		return errno == EINTR ? 1 : -errno;
+	if (ready == 0)
+		return 1; /* shm_sleep_ms() decides on the next round */
 	if (p[2].revents)
 		return 0;
 	if (p[1].revents) {
@@ -537,6 +585,7 @@ static void *shm_session_main(void *arg)
 	s->thread = pthread_self(); /* shm_finish() tells this thread's completions apart */
 	pthread_mutex_unlock(&s->lock);
 	devio_info("%s: client connected (%u slots of %u bytes)", s->name, s->nslots, s->data_size);
+	s->start_ns = devio_now_ns();
 	r = shm_serve(s);
 	/* Requests still running write into the region: it stays mapped
 	 * until they are done, then goes with the client's last reference. */
@@ -702,13 +751,13 @@ static void shm_accept_one(struct shm_state *st)
 		return;
 	}
 	pthread_mutex_lock(&st->lock);
-	if (st->active >= SHM_MAX_CLIENTS) {
+	if (st->active >= st->max_clients) {
 		uint64_t n = ++st->refused;
 
 		pthread_mutex_unlock(&st->lock);
 		if ((n & (n - 1)) == 0)
-			devio_warn("--devio %s: refusing a client: %d clients already have a region (%llu refused so far)",
-				   st->arg, SHM_MAX_CLIENTS, (unsigned long long)n);
+			devio_warn("--devio %s: refusing a client: %u clients already have a region (%llu refused so far)",
+				   st->arg, st->max_clients, (unsigned long long)n);
 		shm_send_hello(st, fd, EBUSY, NULL);
 		close(fd);
 		return;
@@ -789,7 +838,7 @@ static int shm_listen(struct shm_state *st)
 		return -errno;
 	unlink(sun.sun_path);
 	if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) || chmod(sun.sun_path, 0600) ||
-	    listen(fd, SHM_MAX_CLIENTS) || rename(sun.sun_path, st->path)) {
+	    listen(fd, (int)st->max_clients) || rename(sun.sun_path, st->path)) {
 		r = -errno;
 		devio_err("--devio %s: cannot listen on %s: %s", st->arg, st->path, strerror(-r));
 		unlink(sun.sun_path);
@@ -850,6 +899,20 @@ static void shm_state_free(struct shm_state *st)
 	free(st);
 }
 
+/* The --devio listener options that apply (opts: the --devio front end's
+ * options struct, which starts with them; NULL: the defaults).  --allow
+ * and --socket-mode/--socket-group do not: the socket is a Unix one,
+ * always 0600 in a 0700 directory. */
+static void shm_limits(struct shm_state *st, const struct devio_listen_opts *lo)
+{
+	st->max_clients = lo && lo->max_conns ? lo->max_conns : SHM_MAX_CLIENTS;
+	st->handshake_s = lo && lo->handshake_set ? lo->handshake_timeout : DEVIO_LISTEN_HANDSHAKE_S;
+	st->idle_s = lo ? lo->idle_timeout : 0;
+	if (lo && (lo->n_allow || lo->socket_mode || lo->has_group))
+		devio_warn("--devio %s: --allow, --socket-mode and --socket-group do not apply (a 0600 Unix socket)",
+			   st->arg);
+}
+
 static int shm_fe_start(struct devio_server *srv, const char *arg, const void *opts, void **state)
 {
 	struct shm_state *st;
@@ -866,6 +929,7 @@ static int shm_fe_start(struct devio_server *srv, const char *arg, const void *o
 	pthread_cond_init(&st->idle, NULL);
 	if ((r = shm_parse(st, arg)))
 		goto out;
+	shm_limits(st, opts);
 	if (devio_wants_pool(st->b, srv->opts.threads) &&
 	    !(st->workers = devio_workers_new(devio_pool_size(srv->opts.threads)))) {
 		r = -ENOMEM;
@@ -883,8 +947,8 @@ static int shm_fe_start(struct devio_server *srv, const char *arg, const void *o
 	if ((r = -pthread_create(&st->accept_thread, NULL, shm_accept_main, st)))
 		goto out;
 	st->accepting = true;
-	devio_info("--devio %s: listening on %s (%u slots of %u bytes per client)", st->arg, st->path, st->nslots,
-		   st->data_size);
+	devio_info("--devio %s: listening on %s (%u slots of %u bytes per client, up to %u clients)", st->arg, st->path,
+		   st->nslots, st->data_size, st->max_clients);
 	*state = st;
 	return 0;
 out:
@@ -918,9 +982,9 @@ static void shm_fe_status(void *state, FILE *out)
 	struct shm_state *st = state;
 
 	pthread_mutex_lock(&st->lock);
-	fprintf(out, "  devio shared memory on %s: %u slots of %u bytes per client, %u client(s), %llu served, %llu refused, %llu dropped\n",
+	fprintf(out, "  devio shared memory on %s: %u slots of %u bytes per client, %u client(s), %llu served, %llu refused, %llu dropped, %llu by timeouts\n",
 		st->path, st->nslots, st->data_size, st->active, (unsigned long long)st->served,
-		(unsigned long long)st->refused, (unsigned long long)st->dropped);
+		(unsigned long long)st->refused, (unsigned long long)st->dropped, (unsigned long long)st->timed_out);
 	pthread_mutex_unlock(&st->lock);
 }
 

@@ -765,6 +765,8 @@ struct stream_fe_opts {
 	struct devio_tls_conf tls_conf;  /* tls:: --tls-certificates, --tls-psk, ... (the NBD front end's too) */
 };
 
+_Static_assert(offsetof(struct stream_fe_opts, listen) == 0, "frontends/shm.c reads the listen options at offset 0");
+
 /* tls:: the credentials, loaded before the port opens.  0 or -errno (logged). */
 static int stream_tls_setup(struct stream_state *st, const struct stream_fe_opts *o)
 {

@@ -86,7 +86,8 @@ struct devio_frontend_type {
 	bool (*finished)(void *state);
 	/* Optional: the front end that serves this argument of the option, when
 	 * another one shares it (--devio shm:NAME is the shm front end's);
-	 * that one then starts with no options of its own. */
+	 * that one then starts with this type's options struct (the shm front
+	 * end reads the --devio listener options at its start). */
 	const struct devio_frontend_type *(*variant)(const char *arg);
 	/* Optional: a hand-over (SIGUSR2, `devio detach --handover`): make
 	 * ready to stop so that a new server can take the kernel object over
