@@ -1,0 +1,298 @@
+"""test_devio_tls.py - the devio protocol on a network (docs/security.md,
+docs/devio-protocol.md "TLS"): `devio serve --devio tls:HOST:PORT` with
+X.509 and PSK against our client (devio+tls:// for info, cat, copy, the
+devio+tls:// backend re-exported over NBD to nbdinfo, qemu-img and fio,
+its reconnection), the refusals (a plaintext client, a wrong PSK, an
+unknown user, a client certificate from another CA, a server certificate
+for another name) with the server still serving; the dual-stack tcp:[::]
+listener and --allow with v4-mapped peers; the shm control socket's
+limits (a silent client dropped at the handshake deadline, an idle one
+at --idle-timeout, --max-connections).
+
+The PKI is test_tls.py's (certtool, psktool)."""
+import hashlib
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+
+import pytest
+
+from conftest import DEVIO, free_port, run_ok, wait_for
+from test_tls import pki, digest, fails  # noqa: F401  (pki: the module's certificates)
+from test_shm import PyClient, shm_path, shm_name
+
+pytestmark = pytest.mark.skipif(not shutil.which("certtool") or not shutil.which("psktool"),
+                                reason="certtool/psktool (gnutls-bin) not installed")
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = str(tmp_path / "disk.img")
+    with open(path, "wb") as f:
+        f.write(os.urandom(4 * MiB))
+    return path
+
+
+def start_tls(serve, source, *tls, port=None):
+    port = port or free_port()
+    srv = serve(source, "--devio", f"tls:127.0.0.1:{port}", *tls)
+    srv.wait_tcp(port)
+    return srv, port
+
+
+def x509(port, d, host="localhost"):
+    return f"devio+tls://{host}:{port}/?tls-certificates={d}"
+
+
+def psk(port, f, user="alice"):
+    return f"devio+tls://{user}@localhost:{port}?tls-psk-file={f}"
+
+
+def cat(uri):
+    r = subprocess.run([DEVIO, "cat", uri], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+    return r.stdout
+
+
+def reexport(serve, tmp_path, uri, *extra):
+    sock = str(tmp_path / "re.sock")
+    near = serve(uri, "--nbd", f"unix:{sock}", *extra)
+    near.wait_unix(sock)
+    return near, f"nbd+unix:///?socket={sock}"
+
+
+# ---- round trips ----
+
+def test_x509_info_cat_copy_and_reexport(serve, pki, image, tmp_path):
+    good = pki["good"]
+    srv, port = start_tls(serve, image, "--tls-certificates", good, "--tls-verify-peer")
+    u = x509(port, good)
+    out = run_ok(DEVIO, "info", u)
+    assert "size: 4194304" in out and "TLS X.509" in out
+    assert digest(cat(u)) == digest(image)
+    new = os.urandom(4 * MiB)
+    src = tmp_path / "new.img"
+    src.write_bytes(new)
+    run_ok(DEVIO, "copy", str(src), u)            # a write through TLS
+    assert digest(image) == digest(new)
+    back = str(tmp_path / "back.img")
+    run_ok(DEVIO, "copy", u, back)               # read back through TLS
+    assert digest(back) == digest(new)
+    # the devio+tls:// backend, re-exported to independent NBD clients
+    near, nu = reexport(serve, tmp_path, u)
+    assert "export-size: 4194304" in run_ok("nbdinfo", nu)
+    assert "identical" in run_ok("qemu-img", "compare", "-f", "raw", "-F", "raw", nu, str(src))
+    assert srv.proc.poll() is None and near.proc.poll() is None
+    log = srv.stderr()
+    assert "TLS required before the first request (X.509" in log and "ImDisk clients cannot connect" in log
+
+
+def test_psk_info_cat_copy_and_reexport(serve, pki, image, tmp_path):
+    srv, port = start_tls(serve, image, "--tls-psk", pki["psk"])
+    u = psk(port, pki["psk"])
+    assert "TLS PSK" in run_ok(DEVIO, "info", u)
+    assert digest(cat(u)) == digest(image)
+    # the user name as a parameter instead of USER@
+    assert "size: 4194304" in run_ok(DEVIO, "info", f"devio+tls://localhost:{port}?tls-psk-file={pki['psk']}"
+                                                    "&tls-username=alice")
+    near, nu = reexport(serve, tmp_path, u)
+    copy = str(tmp_path / "copy.img")
+    run_ok("qemu-img", "convert", "-f", "raw", "-O", "raw", nu, copy)
+    assert digest(copy) == digest(image)
+    assert srv.proc.poll() is None
+
+
+def test_large_copy_and_fio_verify_through_tls(serve, pki, tmp_path):
+    """64 MiB both ways through TLS, then fio verify through the devio+tls://
+    backend (its pool of connections, requests in parallel) re-exported
+    over NBD."""
+    disk = str(tmp_path / "big.img")
+    with open(disk, "wb") as f:
+        f.truncate(64 * MiB)
+    srv, port = start_tls(serve, disk, "--tls-psk", pki["psk"])
+    u = psk(port, pki["psk"])
+    data = str(tmp_path / "data.img")
+    with open(data, "wb") as f:
+        f.write(os.urandom(64 * MiB))
+    run_ok(DEVIO, "copy", data, u, timeout=300)
+    assert digest(disk) == digest(data)
+    out = str(tmp_path / "out.img")
+    run_ok(DEVIO, "copy", u, out, timeout=300)
+    assert digest(out) == digest(data)
+    near, nu = reexport(serve, tmp_path, u)
+    r = subprocess.run(["fio", "--name=verify", "--ioengine=nbd", f"--uri={nu}", "--rw=randwrite", "--bs=64k",
+                        "--size=16M", "--iodepth=16", "--numjobs=2", "--offset_increment=32M",
+                        "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--group_reporting",
+                        "--verify_state_save=0", "--output-format=json"],
+                       capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+    assert job["error"] == 0 and job["read"]["io_bytes"] == 32 * MiB
+    assert srv.proc.poll() is None and near.proc.poll() is None
+
+
+def test_reexport_rides_out_a_tls_server_restart(serve, pki, image, tmp_path):
+    """The devio+tls:// backend's reconnect path: every new connection
+    runs the handshake again."""
+    port = free_port()
+    srv, _ = start_tls(serve, image, "--tls-psk", pki["psk"], port=port)
+    near, nu = reexport(serve, tmp_path, psk(port, pki["psk"]), "--remote-timeout", "30")
+    assert "export-size: 4194304" in run_ok("nbdinfo", nu)
+    srv.stop()
+    srv2, _ = start_tls(serve, image, "--tls-psk", pki["psk"], port=port)
+    copy = str(tmp_path / "copy.img")
+    run_ok("nbdcopy", nu, copy)
+    assert digest(copy) == digest(image)
+    assert near.proc.poll() is None
+    assert "reconnected after" in near.stderr() and "client connected" in srv2.stderr()
+
+
+# ---- refusals, the server serving on ----
+
+def test_refusals_leave_the_server_serving(serve, pki, image):
+    good = pki["good"]
+    srv, port = start_tls(serve, image, "--tls-certificates", good, "--tls-verify-peer")
+    fails(DEVIO, "info", f"devio://127.0.0.1:{port}")                 # plaintext devio client
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # raw INFO request, no TLS
+        s.sendall(struct.pack("<Q", 1))
+        back = s.recv(64)
+        assert back == b"" or back[0] == 0x15, back  # a TLS alert or nothing, never INFO's answer
+    fails(DEVIO, "info", x509(port, pki["other"]))                     # client cert from another CA
+    fails(DEVIO, "info", x509(port, pki["expired"]))                   # expired client cert
+    assert "size: 4194304" in run_ok(DEVIO, "info", x509(port, good))
+    assert srv.proc.poll() is None
+    # our client refuses a server certificate for another name
+    wsrv, wport = start_tls(serve, image, "--tls-certificates", pki["wrongname"])
+    err = fails(DEVIO, "info", x509(wport, good))
+    assert "handshake failed" in err
+    # PSK: a wrong key, an unknown user, then the right one
+    psrv, pport = start_tls(serve, image, "--tls-psk", pki["psk"])
+    fails(DEVIO, "info", psk(pport, pki["badpsk"]))
+    fails(DEVIO, "info", psk(pport, pki["psk"], user="mallory"), says="no key for user")
+    fails(DEVIO, "info", f"devio://127.0.0.1:{pport}")
+    assert digest(cat(psk(pport, pki["psk"]))) == digest(image)
+    assert psrv.proc.poll() is None
+    assert "handshake failed" in psrv.stderr()
+
+
+def test_bad_uris_and_missing_credentials(serve, pki, image, tmp_path):
+    port = free_port()
+    fails(DEVIO, "info", f"devio://127.0.0.1:{port}?tls-psk-file={pki['psk']}", says="belongs to devio+tls://")
+    fails(DEVIO, "info", f"devio://alice@127.0.0.1:{port}", says="use devio+tls://")
+    fails(DEVIO, "info", f"devio+tls://127.0.0.1:{port}?tls-psk-file=a&tls-certificates=b", says="exclude")
+    fails(DEVIO, "info", f"devio+tls://127.0.0.1:{port}?tls-psk-file=%00", says="%00")
+    fails(DEVIO, "info", f"devio+tls://127.0.0.1:{port}?tls-bogus=1", says="unknown query parameter")
+    r = subprocess.run([DEVIO, "serve", image, "--devio", f"tls:127.0.0.1:{port}"], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode != 0 and "--tls-certificates DIR or --tls-psk FILE" in r.stderr
+
+
+def test_imdisk_command_line_never_offers_tls(image, pki):
+    """ImDisk's own command line has no TLS: its options are refused there,
+    and a tls: word is no TCP port (it would name a device)."""
+    r = subprocess.run([DEVIO, "--tls-psk", pki["psk"], "9000", image], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode != 0
+    r = subprocess.run([DEVIO, "tls:9000", image], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "TLS required" not in r.stderr
+
+
+# ---- the plaintext warning, dual stack ----
+
+def test_non_loopback_tcp_says_imdisk_cannot_speak_tls(tmp_path, pki):
+    """192.0.2.1 (TEST-NET-1) is on no interface: the bind fails after the
+    warning, nothing is exposed.  A tls: listener there gets no such warning."""
+    img = tmp_path / "d.img"
+    img.write_bytes(b"\0" * 4096)
+    r = subprocess.run([DEVIO, "serve", str(img), "--devio", f"tcp:192.0.2.1:{free_port()}"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert "ImDisk clients cannot speak TLS" in r.stderr and "unencrypted" in r.stderr
+    r = subprocess.run([DEVIO, "serve", str(img), "--devio", f"tls:192.0.2.1:{free_port()}", "--tls-psk",
+                        pki["psk"]], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert "unencrypted" not in r.stderr and "TLS required" in r.stderr
+
+
+def have_ipv6():
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not have_ipv6(), reason="no IPv6 loopback")
+def test_dual_stack_wildcard_and_allow_with_v4_mapped_peers(serve, image):
+    """tcp:[::]:PORT takes IPv4 and IPv6 clients on one socket; --allow
+    127.0.0.1 admits the v4 client (seen as ::ffff:127.0.0.1) and not ::1.
+    The test binds the wildcard but only ever connects over loopback."""
+    port = free_port()
+    srv = serve(image, "--devio", f"tcp:[::]:{port}")
+    srv.wait_tcp(port)
+    assert "size: 4194304" in run_ok(DEVIO, "info", f"devio://127.0.0.1:{port}")
+    assert "size: 4194304" in run_ok(DEVIO, "info", f"devio://[::1]:{port}")
+    srv.stop()
+    port = free_port()
+    srv = serve(image, "--devio", f"tcp:[::]:{port}", "--allow", "127.0.0.1")
+    srv.wait_tcp(port)
+    assert "size: 4194304" in run_ok(DEVIO, "info", f"devio://127.0.0.1:{port}")
+    fails(DEVIO, "info", f"devio://[::1]:{port}")
+    assert "refusing ::1: not in --allow" in srv.stderr()
+    srv.stop()
+    # NBD on the same listener code, an independent client over both families
+    port = free_port()
+    srv = serve(image, "--nbd", f"tcp:*:{port}", "--allow", "::1", "--allow", "127.0.0.0/8")
+    srv.wait_tcp(port)
+    assert "export-size: 4194304" in run_ok("nbdinfo", f"nbd://127.0.0.1:{port}")
+    assert "export-size: 4194304" in run_ok("nbdinfo", f"nbd://[::1]:{port}")
+    srv.stop()
+    port = free_port()
+    srv = serve(image, "--nbd", f"tcp:*:{port}", "--allow", "::1")
+    srv.wait_tcp(port)
+    fails("nbdinfo", f"nbd://127.0.0.1:{port}")
+    assert "refusing ::ffff:127.0.0.1: not in --allow" in srv.stderr()
+
+
+# ---- the shm control socket's limits ----
+
+def test_shm_silent_client_dropped_at_the_handshake_deadline(serve, tmp_path):
+    sock = str(tmp_path / "s.sock")
+    srv = serve("ram:1M", "--devio", f"shm:{sock}", "--handshake-timeout", "1")
+    srv.wait_unix(sock)
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)
+    try:
+        s.connect(sock)
+        assert len(s.recv(4096)) == 128          # the hello, then nothing from us
+        assert s.recv(16) == b""                 # dropped: EOF
+    finally:
+        s.close()
+    assert "no request within 1 s" in srv.stderr()
+    assert "size: 1048576" in run_ok(DEVIO, "info", f"devio+shm://{sock}")  # ours sends one at once
+    assert srv.proc.poll() is None
+
+
+def test_shm_idle_timeout_and_max_connections(serve):
+    name = shm_name()
+    path = shm_path(name)
+    srv = serve("ram:1M", "--devio", f"shm:{name},slots=1,buffer=4K", "--idle-timeout", "1",
+                "--max-connections", "1")
+    srv.wait_unix(path)
+    c = PyClient(path)
+    try:
+        assert c.request(0, 2, 0, 8) == (0, 8)   # a first request, then idle
+        r = subprocess.run([DEVIO, "info", "devio+shm://" + name], capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0 and "refuses" in r.stderr, r.stderr   # the one connection is taken
+        wait_for(lambda: "idle for 1 s" in srv.stderr(), 30, "the idle client dropped")
+    finally:
+        c.close()
+    wait_for(lambda: subprocess.run([DEVIO, "info", "devio+shm://" + name], capture_output=True,
+                                    timeout=30).returncode == 0, 10, "a free region")
+    assert srv.proc.poll() is None
