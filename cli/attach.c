@@ -28,7 +28,7 @@ static void attach_usage(FILE *out)
 		"       devio attach URI --ublk [-r] [-d] [--timeout SECONDS]\n"
 		"       devio attach URI --nbd-device [...]   (devio attach --nbd-device --help)\n"
 		"URI: devio://HOST:PORT, devio+unix:///PATH, nbd://HOST[:PORT][/EXPORT], nbd+unix:///EXPORT?socket=PATH,\n"
-		"     over TLS nbds://, nbds+unix:// (man devio)\n"
+		"     over TLS nbds://, nbds+unix://, devio+tls:// (man devio)\n"
 		"front end and its options:\n");
 	if (!feopts_init(&f, attach_frontends, NULL)) {
 		feopts_usage_frontends(&f, out);

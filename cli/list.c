@@ -105,7 +105,7 @@ int cmd_list(int argc, char **argv)
 	l.uri = argv[optind];
 	devio = !strncmp(l.uri, "devio://", 8) || !strncmp(l.uri, "devio+", 6);
 	if (!devio && !devio_nbd_uri_is_nbd(l.uri))
-		return cli_usage_error("list", "'%s' is no server URI (nbd://, nbd+unix://, devio://, devio+unix://)",
+		return cli_usage_error("list", "'%s' is no server URI (nbd://, nbd+unix://, devio://, devio+tls://, devio+unix://)",
 				       l.uri);
 	if (json)
 		l.exports = json_array();

@@ -36,7 +36,7 @@ static void usage(FILE *out)
 		     "  devio [-r] tcp-port|commdev diskdev [partitionnumber] [alignm] [buffersize]\n"
 		     "\nSOURCE: an image file or block device, or ram:SIZE (e.g. ram:4G)\n"
 		     "URI: devio://HOST:PORT, devio+unix:///PATH, nbd://HOST[:PORT][/EXPORT],\n"
-		     "     nbd+unix:///EXPORT?socket=PATH; over TLS nbds://, nbds+unix:// (man devio)\n"
+		     "     nbd+unix:///EXPORT?socket=PATH; over TLS nbds://, nbds+unix://, devio+tls:// (man devio)\n"
 		     "\nEvery command takes -h/--help and -V/--version.  Exit status: 0 done, 1 failed,\n"
 		     "2 usage error (docs/cli.md).\n");
 }

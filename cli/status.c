@@ -278,8 +278,12 @@ static int status_uri_addr(const char *uri, struct devio_addr *a, const char **t
 	int r;
 
 	*type = "devio";
-	if (!strncmp(uri, "devio://", 8)) {
-		snprintf(spec, sizeof(spec), "tcp:%.*s", (int)strcspn(uri + 8, "/?"), uri + 8);
+	if (!strncmp(uri, "devio://", 8) || !strncmp(uri, "devio+tls://", 12)) {
+		const char *hp = uri + (uri[5] == '+' ? 12 : 8);
+		const char *at = memchr(hp, '@', strcspn(hp, "/?"));
+
+		hp = at ? at + 1 : hp; /* devio+tls://USER@HOST */
+		snprintf(spec, sizeof(spec), "tcp:%.*s", (int)strcspn(hp, "/?"), hp);
 		return devio_addr_parse(spec, "9000", a);
 	}
 	if (!strncmp(uri, "devio+unix://", 13)) {
@@ -308,7 +312,12 @@ static bool status_addr_match(const char *address, const struct devio_addr *want
 {
 	struct devio_addr have;
 	struct stat sa, sb;
+	char tcp[sizeof(((struct devio_frontend_info *)0)->address)];
 
+	if (!strncmp(address, "tls:", 4)) { /* --devio tls: is a TCP address */
+		snprintf(tcp, sizeof(tcp), "tcp:%s", address + 4);
+		address = tcp;
+	}
 	if (devio_addr_parse(address, NULL, &have) || have.kind != want->kind)
 		return false;
 	if (have.kind == DEVIO_ADDR_UNIX)
@@ -316,7 +325,7 @@ static bool status_addr_match(const char *address, const struct devio_addr *want
 		       (!stat(have.path, &sa) && !stat(want->path, &sb) && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino);
 	if (have.kind != DEVIO_ADDR_TCP || strcmp(have.port, want->port))
 		return false;
-	return !strcmp(have.host, want->host) || !strcmp(have.host, "*") ||
+	return !strcmp(have.host, want->host) || !strcmp(have.host, "*") || !strcmp(have.host, "::") ||
 	       (status_loopback(have.host) && status_loopback(want->host));
 }
 
