@@ -212,6 +212,16 @@ static void listener_accept_failed(struct devio_listener *l, int e)
 }
 
 /* A TCP peer outside every --allow prefix: closed before a byte is read. */
+/* An IPv6 peer's address for the log; an IPv4 client of a dual-stack
+ * socket (v4-mapped, ::ffff:a.b.c.d) as the IPv4 address it is. */
+static void listener_v6_name(const struct in6_addr *a, char *out, socklen_t len)
+{
+	if (IN6_IS_ADDR_V4MAPPED(a))
+		inet_ntop(AF_INET, a->s6_addr + 12, out, len);
+	else
+		inet_ntop(AF_INET6, a, out, len);
+}
+
 static bool listener_disallowed(struct devio_listener *l, int fd, const struct sockaddr_storage *ss, socklen_t len)
 {
 	char host[INET6_ADDRSTRLEN] = "?";
@@ -229,7 +239,7 @@ static bool listener_disallowed(struct devio_listener *l, int fd, const struct s
 		if (ss->ss_family == AF_INET)
 			inet_ntop(AF_INET, &((const struct sockaddr_in *)ss)->sin_addr, host, sizeof(host));
 		else if (ss->ss_family == AF_INET6)
-			inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)ss)->sin6_addr, host, sizeof(host));
+			listener_v6_name(&((const struct sockaddr_in6 *)ss)->sin6_addr, host, sizeof(host));
 		devio_warn("%s: refusing %s: not in --allow (%llu refused so far)", l->name, host,
 			   (unsigned long long)n);
 	}

@@ -45,7 +45,7 @@ def test_serve_help_lists_each_front_ends_options():
     listen = ["--allow", "--socket-mode", "--socket-group", "--max-connections", "--handshake-timeout",
               "--idle-timeout", "--stall-timeout"]  # lib/listener.c's, declared by both socket front ends
     assert groups == {
-        "--devio": listen,
+        "--devio": listen + ["--tls-certificates", "--tls-psk", "--tls-verify-peer", "--tls-priority"],
         "--nbd": ["--depth", "--tls", "--tls-certificates", "--tls-psk", "--tls-verify-peer", "--tls-priority"] + listen,
         "--fuse": ["--loop", "--fuse-transport", "--depth", "--block-size", "--fuse-enable-uring", "--fuse-timeout",
                    "--fuse-mode", "--allow-other"],

@@ -57,8 +57,10 @@ SUBST = [
     ("tcp:10809", "tcp:{nbd_port}"),
     ("nbd://127.0.0.1", "nbd://127.0.0.1:{nbd_port}"),
     ("tcp:0.0.0.0:10809", "tcp:127.0.0.1:{nbd_port}"),  # loopback only
+    ("tls:0.0.0.0:9000", "tls:127.0.0.1:{devio_port}"),  # loopback only
     ("keys.psk", "{t}/keys.psk"),
     ("@server/", "@127.0.0.1:{nbd_port}/"),
+    ("@server:9000", "@127.0.0.1:{devio_port}"),
     ("shm:disk", "shm:{shm}"),
     ("shm://disk", "shm://{shm}"),
     ("plugin:./libx.so:ARGS", "plugin:{plugin}:16M"),
@@ -369,6 +371,20 @@ def ex_tls_psk(c):
     assert plain.returncode != 0, plain.stdout
 
 
+def ex_devio_tls(c):
+    """The devio protocol over TLS with the README's PSK file: the copy
+    through devio+tls:// is the image; a plaintext devio:// client is
+    refused."""
+    run_ok("psktool", "-u", "alice", "-p", f"{c.t}/keys.psk")
+    s = c.serve("devio serve disk.img --devio tls:0.0.0.0:9000 --tls-psk keys.psk")
+    s.wait_tcp(c.devio_port)
+    c.run("devio copy 'devio+tls://alice@server:9000?tls-psk-file=keys.psk' copy.img")
+    assert digest(f"{c.t}/copy.img") == digest(c.image)
+    plain = subprocess.run([DEVIO, "info", f"devio://127.0.0.1:{c.devio_port}"], capture_output=True, text=True,
+                           timeout=30)
+    assert plain.returncode != 0, plain.stdout
+
+
 def ex_allow_user(c):
     """tcp:* listens on every interface: run it in a private network
     namespace that has only loopback.  The server drops root for a user
@@ -418,6 +434,8 @@ RUN = {
     "devio serve disk.img --nbd tcp:0.0.0.0:10809 --tls-psk keys.psk": ex_tls_psk,
     "devio info 'nbds://alice@server/?tls-psk-file=keys.psk'": ex_tls_psk,
     "devio serve disk.img --nbd tcp:*:10809 --allow 10.0.5.0/24 --user devio": ex_allow_user,
+    "devio serve disk.img --devio tls:0.0.0.0:9000 --tls-psk keys.psk": ex_devio_tls,
+    "devio copy 'devio+tls://alice@server:9000?tls-psk-file=keys.psk' copy.img": ex_devio_tls,
 }
 
 
