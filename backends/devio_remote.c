@@ -849,15 +849,29 @@ static int dr_parse_uri(const char *uri, struct remote *rm)
 	return -EINVAL;
 }
 
+int devio_remote_devio_check_uri(const char *uri)
+{
+	struct remote *rm = calloc(1, sizeof(*rm));
+	int r;
+
+	if (!rm)
+		return -ENOMEM;
+	snprintf(rm->uri, sizeof(rm->uri), "%s", uri);
+	r = dr_parse_uri(uri, rm);
+	if (r)
+		devio_err("%s: want devio://HOST:PORT, devio+tls://[USER@]HOST:PORT or devio+unix:///PATH (?chunk=N; "
+			  "devio+tls://: ?tls-certificates=DIR or ?tls-psk-file=FILE[&tls-username=NAME])", uri);
+	else if (rm->tls_certificates[0] && rm->tls_psk_file[0] && (r = -EINVAL))
+		devio_err("%s: tls-certificates= and tls-psk-file= exclude each other", uri);
+	free(rm);
+	return r;
+}
+
 /* devio+tls://: the client credentials, once for every connection. */
 static int dr_tls_setup(struct remote *rm)
 {
 	if (strncmp(rm->uri, "devio+tls://", 12))
 		return 0;
-	if (rm->tls_certificates[0] && rm->tls_psk_file[0]) {
-		devio_err("%s: tls-certificates= and tls-psk-file= exclude each other", rm->uri);
-		return -EINVAL;
-	}
 	rm->tls_conf.certificates = rm->tls_certificates[0] ? rm->tls_certificates : NULL;
 	rm->tls_conf.psk_file = rm->tls_psk_file[0] ? rm->tls_psk_file : NULL;
 	rm->tls_conf.username = rm->tls_username[0] ? rm->tls_username : NULL;
@@ -950,13 +964,8 @@ int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts,
 	rm->timeout_s = dr_timeout();
 	rm->max_conns = REMOTE_MAX_CONNS;
 	rm->chunk = REMOTE_CHUNK;
-	if (dr_parse_uri(uri, rm)) {
-		devio_err("%s: want devio://HOST:PORT, devio+tls://[USER@]HOST:PORT or devio+unix:///PATH (?chunk=N; "
-			  "devio+tls://: ?tls-certificates=DIR or ?tls-psk-file=FILE[&tls-username=NAME])", uri);
-		r = -EINVAL;
-		goto out_free;
-	}
-	if ((r = dr_tls_setup(rm)) || (r = dr_info(rm)) || (r = dr_export_size(rm, opts, &size)))
+	if ((r = devio_remote_devio_check_uri(uri)) || (r = dr_parse_uri(uri, rm)) || (r = dr_tls_setup(rm)) ||
+	    (r = dr_info(rm)) || (r = dr_export_size(rm, opts, &size)))
 		goto out_free;
 	b = calloc(1, sizeof(*b));
 	if (!b) {

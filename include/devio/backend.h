@@ -196,7 +196,11 @@ bool devio_backend_takes_fixed(const struct devio_backend *b);
 int devio_file_open(const char *path, const struct devio_open_opts *opts, struct devio_backend **out);
 int devio_ram_open(uint64_t size, uint64_t max_resident, struct devio_backend **out);
 /* Remote servers as backends: the client ends of the two protocols. */
-int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts, struct devio_backend **out); /* devio://, devio+unix:// */
+int devio_remote_devio_open(const char *uri, const struct devio_open_opts *opts, struct devio_backend **out); /* devio://, devio+tls://, devio+unix:// */
+/* Parse a devio://, devio+tls:// or devio+unix:// URI as the open would,
+ * with no connection and no file opened: 0, or -EINVAL/-ENAMETOOLONG
+ * after saying why (fuzz/fuzz_devio_uri.c). */
+int devio_remote_devio_check_uri(const char *uri);
 int devio_remote_nbd_open(const char *uri, const struct devio_open_opts *opts, struct devio_backend **out);   /* nbd://, nbd+unix:// */
 /* A Ceph RBD image (rbd:POOL/[NAMESPACE/]IMAGE[@SNAP]); -ENOTSUP in a build without librbd. */
 int devio_rbd_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out);
