@@ -2,7 +2,7 @@
 docs/devio-protocol.md "TLS"): `devio serve --devio tls:HOST:PORT` with
 X.509 and PSK against our client (devio+tls:// for info, cat, copy, the
 devio+tls:// backend re-exported over NBD to nbdinfo, qemu-img and fio,
-its reconnection), the refusals (a plaintext client, a wrong PSK, an
+its reconnection, `devio attach --fuse --loop`), the refusals (a plaintext client, a wrong PSK, an
 unknown user, a client certificate from another CA, a server certificate
 for another name) with the server still serving; the dual-stack tcp:[::]
 listener and --allow with v4-mapped peers; the shm control socket's
@@ -21,7 +21,8 @@ import pytest
 
 from conftest import DEVIO, free_port, run_ok, wait_for
 from test_tls import pki, image, digest, fails  # noqa: F401  (pki, image: test_tls.py's fixtures)
-from test_shm import PyClient, shm_path, shm_name
+from test_shm import PyClient, shm_path, shm_name, scratch  # noqa: F401  (scratch: a fixture)
+from test_attach import write_read_detach
 
 pytestmark = pytest.mark.skipif(not shutil.which("certtool") or not shutil.which("psktool"),
                                 reason="certtool/psktool (gnutls-bin) not installed")
@@ -141,6 +142,19 @@ def test_reexport_rides_out_a_tls_server_restart(serve, pki, image, tmp_path):
     assert digest(copy) == digest(image)
     assert near.proc.poll() is None
     assert "reconnected after" in near.stderr() and "client connected" in srv2.stderr()
+
+
+def test_attach_fuse_loop_over_tls(serve, pki, scratch, tmp_path):
+    """devio attach devio+tls:// --fuse --loop: 8 MiB written through the
+    loop device and read back, then detached; the bytes are in the image."""
+    disk = str(tmp_path / "att.img")
+    with open(disk, "wb") as f:
+        f.truncate(16 * MiB)
+    srv, port = start_tls(serve, disk, "--tls-psk", pki["psk"])
+    write_read_detach(scratch, psk(port, pki["psk"]))
+    with open(disk, "rb") as f:
+        assert f.read(8 * MiB) != bytes(8 * MiB)
+    assert srv.proc.poll() is None
 
 
 # ---- refusals, the server serving on ----
