@@ -117,7 +117,7 @@ def test_file_arguments(tmp_path):
     # a SRC or DST: files and the URI schemes (and the URIs of servers that
     # happen to run on this machine, `devio status`'s, which are not ours)
     ours = {w for w in dst if not re.match(r"devio(\+\w+)?://.", w)}
-    assert {"dir", "disk.img", "devio://", "devio+unix://", "devio+shm://"} == ours, dst
+    assert {"dir", "disk.img", "devio://", "devio+tls://", "devio+unix://", "devio+shm://"} == ours, dst
 
 
 def test_running_servers_uris(serve, tmp_path):
