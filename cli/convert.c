@@ -10,7 +10,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
-#include <libgen.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -125,9 +124,10 @@ static int convert_open_raw(const char *dst, uint64_t size, struct devio_backend
 	return devio_file_open(dst, &o, out);
 }
 
-/* An image format's DST: made under a temporary name next to it (*tmp)
- * and renamed over it only when the copy is complete (convert_commit), so
- * a failed or interrupted convert leaves DST as it was. */
+/* An image format's DST: made under a temporary name next to it (*tmp,
+ * devio_file_replace_begin) and renamed over it only when the copy is
+ * complete (convert_commit), so a failed or interrupted convert leaves
+ * DST as it was. */
 static int convert_open_image(const char *fmt, const char *opts, const char *dst, uint64_t size,
 			      struct devio_backend **out, char **tmp)
 {
@@ -139,44 +139,30 @@ static int convert_open_image(const char *fmt, const char *opts, const char *dst
 			  "server in place)", fmt, dst);
 		return -EINVAL;
 	}
-	if (asprintf(tmp, "%s.XXXXXX", dst) < 0)
-		return -ENOMEM;
-	fd = mkstemp(*tmp);
-	r = fd < 0 ? -errno : devio_format_create(fmt, *tmp, size, opts, out);
-	if (fd < 0)
-		devio_err("convert: cannot create a file next to %s: %s", dst, strerror(-r));
-	else
-		close(fd);
+	fd = devio_file_replace_begin(dst, 0666, tmp);
+	if (fd < 0) {
+		devio_err("convert: cannot create a file next to %s: %s", dst, strerror(-fd));
+		return fd;
+	}
+	close(fd);
+	r = devio_format_create(fmt, *tmp, size, opts, out);
 	if (r) {
-		if (fd >= 0)
-			unlink(*tmp);
+		unlink(*tmp);
 		free(*tmp);
 		*tmp = NULL;
 	}
 	return r;
 }
 
-/* The finished image takes DST's name; a failed one goes. */
+/* The finished image (flushed by the copy) takes DST's name; a failed one
+ * goes. */
 static int convert_commit(const char *tmp, const char *dst, int r)
 {
-	char *dir;
-	int fd;
+	int rr = devio_file_replace_end(tmp, dst, r);
 
-	if (!r && rename(tmp, dst)) {
-		r = -errno;
-		devio_err("convert: cannot rename %s to %s: %s", tmp, dst, strerror(-r));
-	}
-	if (r) {
-		unlink(tmp);
-		return r;
-	}
-	dir = strdup(dst);
-	if (dir && (fd = open(dirname(dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC)) >= 0) {
-		(void)fsync(fd); /* the new name is durable too */
-		close(fd);
-	}
-	free(dir);
-	return 0;
+	if (rr && !r)
+		devio_err("convert: cannot rename %s to %s: %s", tmp, dst, strerror(-rr));
+	return rr;
 }
 
 static void convert_report(const struct cli_copy *c, int r)
