@@ -7,6 +7,7 @@
  * temporary name next to DST and renamed over it when complete: a failed
  * or interrupted convert leaves DST as it was.  Also what info, copy and convert share:
  * the export options, the same-file check, a new sparse file. */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -78,6 +79,27 @@ bool cli_same_file(const char *a, const char *b)
 	free(fa);
 	free(fb);
 	return same;
+}
+
+/* Does this process hold path open: a file the source just opened is made
+ * of (a differencing VHD's parents at any depth, an overlay, the image
+ * under a partition)?  Found among /proc/self/fd by device and inode. */
+static bool convert_held_open(const char *path)
+{
+	struct stat want, st;
+	struct dirent *e;
+	char fdp[32 + sizeof(e->d_name)];
+	bool held = false;
+	DIR *d;
+
+	if (cli_is_uri(path) || stat(path, &want) || !(d = opendir("/proc/self/fd")))
+		return false;
+	while (!held && (e = readdir(d))) {
+		snprintf(fdp, sizeof(fdp), "/proc/self/fd/%s", e->d_name);
+		held = e->d_name[0] != '.' && !stat(fdp, &st) && st.st_dev == want.st_dev && st.st_ino == want.st_ino;
+	}
+	closedir(d);
+	return held;
 }
 
 bool cli_is_uri(const char *s)
@@ -203,6 +225,12 @@ static int convert_run(const char *fmt, const char *fopts, bool show, const stru
 	so.readonly = true;
 	if (devio_backend_open(src, &so, &c.src))
 		return 1;
+	if (convert_held_open(dst)) {
+		devio_err("convert: %s reads %s (a differencing image's parent, an overlay): refusing to write "
+			  "over a file the source is made of", src, dst);
+		devio_backend_close(c.src);
+		return 1;
+	}
 	fresh = strcmp(fmt, "raw") != 0;
 	if (fresh)
 		r = convert_open_image(fmt, fopts, dst, c.src->size, &c.dst, &tmp);

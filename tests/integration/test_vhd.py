@@ -542,6 +542,30 @@ def test_differencing_needs_format_named(serve, tmp, chain):
     assert nbd_read(sock, tmp, "got3.raw") == bytes(expect)
 
 
+@pytest.mark.parametrize("fmt", ["raw", "vhd", "qcow2"])
+def test_convert_onto_the_parent_of_its_source_is_refused(tmp, chain, fmt):
+    """A differencing child converted onto its own parent (by name or
+    through a symlink) would replace the bytes the child reads through:
+    refused before anything is written, the parent as it was and no
+    temporary file beside it; onto another file the same convert works."""
+    parent, child, want = chain
+    with open(parent, "rb") as f:
+        before = f.read()
+    link = os.path.join(tmp, "link.vhd")
+    os.symlink(parent, link)
+    for dst in (parent, link):
+        err = devio_fails("convert", "-O", fmt, "--format", "vhd", child, dst)
+        assert "refusing to write over a file the source is made of" in err and "parent" in err, err
+        with open(parent, "rb") as f:
+            assert f.read() == before
+    assert sorted(os.listdir(tmp)) == ["link.vhd", "parent.raw", "parent.vhd", "sub"]
+    out, raw = os.path.join(tmp, "out.img"), os.path.join(tmp, "out.raw")
+    run_ok(DEVIO, "convert", "-O", fmt, "--format", "vhd", child, out)
+    run_ok("qemu-img", "convert", "-f", {"vhd": "vpc"}.get(fmt, fmt), "-O", "raw", out, raw)
+    with open(raw, "rb") as f:
+        assert f.read() == want
+
+
 def test_differencing_parent_refused_when_wrong(tmp, chain):
     parent, child, _ = chain
     # a parent with another unique id
