@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 import devio_wire as w
-from conftest import DEVIO, free_port, port_open, run_ok, wait_for
+from conftest import DEVIO, run_ok, wait_for
 
 MiB = 1 << 20
 BLOCK = 2 * MiB
@@ -218,33 +218,6 @@ def test_trim_of_whole_blocks_frees_them(serve, tmp):
 
 
 # ---- ImDisk's command line ----
-
-@pytest.fixture
-def imdisk():
-    procs = []
-
-    def start(*args):
-        port = free_port()
-        argv = [DEVIO] + [str(port) if a == "PORT" else a for a in args]
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, start_new_session=True)
-        procs.append(p)
-        wait_for(lambda: port_open(port) or p.poll() is not None, 30, f"port {port}")
-        assert p.poll() is None, p.stderr.read()
-        return p, port
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        err = p.stderr.read()
-        p.stderr.close()
-        assert b"AddressSanitizer" not in err and b"runtime error:" not in err, err
 
 
 def imdisk_rules_read(path):
