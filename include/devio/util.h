@@ -104,6 +104,10 @@ int devio_file_replace(const char *path, unsigned mode, int (*write_fn)(int fd, 
 int devio_file_replace_begin(const char *path, unsigned mode, char **tmp);
 int devio_file_replace_end(const char *tmp, const char *path, int r);
 
+/* Write val in one write to a control file (sysfs, fusectl, a module
+ * parameter); 0 or -errno, not logged. */
+int devio_write_ctl(const char *path, const char *val);
+
 /* Monotonic time in nanoseconds. */
 uint64_t devio_now_ns(void);
 
