@@ -83,7 +83,9 @@ bool cli_same_file(const char *a, const char *b)
 
 /* Does this process hold path open: a file the source just opened is made
  * of (a differencing VHD's parents at any depth, an overlay, the image
- * under a partition)?  Found among /proc/self/fd by device and inode. */
+ * under a partition)?  Found among /proc/self/fd by device and inode; a
+ * file or a block device only, and not on stdin, stdout or stderr (the
+ * caller's: /dev/null, a terminal). */
 static bool convert_held_open(const char *path)
 {
 	struct stat want, st;
@@ -92,11 +94,14 @@ static bool convert_held_open(const char *path)
 	bool held = false;
 	DIR *d;
 
-	if (cli_is_uri(path) || stat(path, &want) || !(d = opendir("/proc/self/fd")))
+	if (cli_is_uri(path) || stat(path, &want) || !(S_ISREG(want.st_mode) || S_ISBLK(want.st_mode)) ||
+	    !(d = opendir("/proc/self/fd")))
 		return false;
 	while (!held && (e = readdir(d))) {
+		if (e->d_name[0] == '.' || atoi(e->d_name) <= STDERR_FILENO)
+			continue;
 		snprintf(fdp, sizeof(fdp), "/proc/self/fd/%s", e->d_name);
-		held = e->d_name[0] != '.' && !stat(fdp, &st) && st.st_dev == want.st_dev && st.st_ino == want.st_ino;
+		held = !stat(fdp, &st) && st.st_dev == want.st_dev && st.st_ino == want.st_ino;
 	}
 	closedir(d);
 	return held;
