@@ -112,6 +112,16 @@ def serve():
             pytest.fail(f"sanitizer report from {s.args}:\n{out}")
 
 
+def stop_process(p, timeout=20):
+    """SIGTERM, and SIGKILL when p has not gone within timeout seconds."""
+    p.terminate()
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
 @pytest.fixture
 def imdisk():
     """imdisk(args...) starts `devio ARGS` listening on a fresh TCP port."""
@@ -130,12 +140,7 @@ def imdisk():
     yield start
     for p in procs:
         if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            stop_process(p)
         err = p.stderr.read()
         p.stderr.close()
         assert b"AddressSanitizer" not in err and b"runtime error:" not in err, err

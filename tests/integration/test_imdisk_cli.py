@@ -9,7 +9,7 @@ import tempfile
 import pytest
 
 import devio_wire as w
-from conftest import DEVIO, wait_for
+from conftest import DEVIO, stop_process, wait_for
 
 MiB = 1 << 20
 
@@ -148,12 +148,7 @@ def test_drv_maps_to_a_kernel_device(image):
             f.seek(2 * MiB)
             assert f.read(4096) == data[2 * MiB:2 * MiB + 4096]
     finally:
-        p.terminate()
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop_process(p, 30)
         p.stdout.close()
         p.stderr.close()
         if os.path.ismount(mnt):
