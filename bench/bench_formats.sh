@@ -23,20 +23,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+BENCH=bench_formats
 RUNTIME=${RUNTIME:-4}
 SIZE=${SIZE:-512M}
 BUILD=${BUILD:-build-release-formats}
 REPEAT=${REPEAT:-1}
-PY=/usr/bin/python3
+. bench/lib.sh
 
-for tool in fio qemu-nbd qemu-img nbdinfo nbdkit; do
-  command -v $tool >/dev/null || { echo "bench_formats: $tool is missing (scripts/deps.sh installs it)"; exit 1; }
-done
-if [ ! -f "$BUILD/build.ninja" ]; then
-  meson setup "$BUILD" --buildtype=release >/dev/null
-fi
-ninja -C "$BUILD" >/dev/null
-DEVIO="$ROOT/$BUILD/devio"
+bench_need fio qemu-nbd qemu-img nbdinfo nbdkit
+bench_build "$BUILD"
 
 WORK=$(mktemp -d /dev/shm/devio-bench-formats.XXXXXX)
 OLD_SRC=""
@@ -104,28 +99,9 @@ start_server() {
   return 1
 }
 
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-
+# run_job SERVER JOB RW BS IODEPTH: a row "JOB SERVER IOPS MiB/s CPU" (lib.sh)
 run_job() {
-  local name=$1 job=$2 t0 t1
-  t0=$(cpu_ticks "${PID[$name]}")
-  fio --name="$job" --ioengine=nbd --uri="${URI[$name]}" --rw="$3" --bs="$4" --iodepth="$5" \
-    --size="$SIZE" --time_based --runtime="$RUNTIME" --ramp_time=1 --randrepeat=0 --norandommap \
-    --output-format=json >"$WORK/fio.json" 2>"$WORK/fio.err" ||
-    { echo "bench_formats: fio $job against $name failed: $(tail -3 "$WORK/fio.err")" >&2; return 0; }
-  t1=$(cpu_ticks "${PID[$name]}")
-  $PY - "$WORK/fio.json" "$job" "$name" $((t1 - t0)) "$(getconf CLK_TCK)" >>"$RESULTS" <<'PY'
-import json, sys
-path, job, server, ticks, hz = sys.argv[1:]
-text = open(path).read()
-j = json.loads(text[text.index("{"):])["jobs"][0]
-io = j["read"] if j["read"]["io_bytes"] else j["write"]
-# CPU over the whole fio run (ramp included) per request of the measured part, scaled by the ramp
-secs = (j["job_runtime"] / 1000.0) or 1
-reqs = io["iops"] * (secs + 1)
-cpu_us = int(ticks) / int(hz) * 1e6 / reqs if reqs else 0
-print(f"{job}\t{server}\t{io['iops']:.0f}\t{io['bw'] / 1024:.1f}\t{cpu_us:.2f}")
-PY
+  fio_nbd_row "$2"$'\t'"$1" "${PID[$1]}" "${URI[$1]}" "$2" "$3" "$4" "$5"
 }
 
 echo "bench_formats: $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), ${RUNTIME}s per job, best of $REPEAT, size $SIZE, $(fio --version), $(qemu-nbd --version | head -1)"

@@ -22,16 +22,11 @@ TRANSPORTS=${TRANSPORTS:-"unix tcp"}
 BACKENDS=${BACKENDS:-"ram file"}
 BUILD=${BUILD:-build-release-nbd}
 REPEAT=${REPEAT:-1}
-PY=/usr/bin/python3
+BENCH=bench_nbd
+. bench/lib.sh
 
-for tool in fio nbdkit qemu-nbd nbdinfo; do
-  command -v $tool >/dev/null || { echo "bench_nbd: $tool is missing (scripts/deps.sh installs it)"; exit 1; }
-done
-if [ ! -f "$BUILD/build.ninja" ]; then
-  meson setup "$BUILD" --buildtype=release >/dev/null
-fi
-ninja -C "$BUILD" >/dev/null
-DEVIO="$ROOT/$BUILD/devio"
+bench_need fio nbdkit qemu-nbd nbdinfo
+bench_build "$BUILD"
 
 WORK=$(mktemp -d /dev/shm/devio-bench-nbd.XXXXXX)
 RESULTS="$WORK/results.tsv"
@@ -45,8 +40,6 @@ JOBS=(
   "1m-read-qd8 read 1m 8"
   "1m-write-qd8 write 1m 8"
 )
-
-free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 declare -A URI PID
 # start_server NAME BACKEND TRANSPORT: every server has its own socket and
@@ -106,29 +99,11 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-# run_job NAME BACKEND TRANSPORT JOB RW BS IODEPTH [CONNECTIONS]: appends a
-# row to $RESULTS (with several connections, their sum)
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-
+# run_job NAME BACKEND TRANSPORT JOB RW BS IODEPTH [CONNECTIONS]: a row
+# "BACKEND TRANSPORT JOB NAME IOPS MiB/s CPU" (lib.sh; with several
+# connections, their sum)
 run_job() {
-  local name=$1 backend=$2 transport=$3 job=$4 t0 t1
-  t0=$(cpu_ticks "${PID[$name]}")
-  fio --name="$job" --ioengine=nbd --uri="${URI[$name]}" --rw="$5" --bs="$6" --iodepth="$7" \
-    --size="$SIZE" --time_based --runtime="$RUNTIME" --ramp_time=1 --numjobs="${8:-1}" --group_reporting \
-    --randrepeat=0 --norandommap --output-format=json >"$WORK/fio.json" 2>"$WORK/fio.err" ||
-    { echo "bench_nbd: fio $job against $name failed: $(tail -3 "$WORK/fio.err")" >&2; return 0; }
-  t1=$(cpu_ticks "${PID[$name]}")
-  $PY - "$WORK/fio.json" "$backend" "$transport" "$job" "$name" "$((t1 - t0))" "$(getconf CLK_TCK)" \
-      "$((RUNTIME + 1))" >>"$RESULTS" <<'PY'
-import json, sys
-path, backend, transport, job, server, ticks, hz, secs = sys.argv[1:]
-text = open(path).read()
-j = json.loads(text[text.index("{"):])["jobs"][0]
-io = j["read"] if j["read"]["io_bytes"] else j["write"]
-reqs = io["iops"] * float(secs)
-cpu_us = int(ticks) / int(hz) * 1e6 / reqs if reqs else 0
-print(f"{backend}\t{transport}\t{job}\t{server}\t{io['iops']:.0f}\t{io['bw'] / 1024:.1f}\t{cpu_us:.2f}")
-PY
+  fio_nbd_row "$2"$'\t'"$3"$'\t'"$4"$'\t'"$1" "${PID[$1]}" "${URI[$1]}" "${@:4}"
 }
 
 echo "bench_nbd: $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), ${RUNTIME}s per job, best of $REPEAT, size $SIZE, $(fio --version)"

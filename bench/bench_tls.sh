@@ -18,14 +18,10 @@ SIZE=${SIZE:-256M}
 BUILD=${BUILD:-build-release-tls}
 PY=/usr/bin/python3
 
-for tool in fio nbdkit nbdinfo certtool; do
-  command -v $tool >/dev/null || { echo "bench_tls: $tool is missing (scripts/deps.sh installs it)"; exit 1; }
-done
-if [ ! -f "$BUILD/build.ninja" ]; then
-  meson setup "$BUILD" --buildtype=release >/dev/null
-fi
-ninja -C "$BUILD" >/dev/null
-DEVIO="$ROOT/$BUILD/devio"
+BENCH=bench_tls
+. bench/lib.sh
+bench_need fio nbdkit nbdinfo certtool
+bench_build "$BUILD"
 
 WORK=$(mktemp -d /dev/shm/devio-bench-tls.XXXXXX)
 RESULTS="$WORK/results.tsv"
@@ -53,8 +49,6 @@ make_certs() {
   certtool --generate-certificate --load-ca-certificate "$CERTS/ca-cert.pem" --load-ca-privkey "$CERTS/ca-key.pem" \
     --load-privkey "$CERTS/server-key.pem" --template "$WORK/server.info" --outfile "$CERTS/server-cert.pem" 2>/dev/null
 }
-
-free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 declare -A URI PID
 start_server() {
@@ -89,26 +83,9 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-
+# run_job SERVER JOB RW BS IODEPTH: a row "JOB SERVER IOPS MiB/s CPU" (lib.sh)
 run_job() {
-  local name=$1 job=$2 t0 t1
-  t0=$(cpu_ticks "${PID[$name]}")
-  HOME=$WORK fio --name="$job" --ioengine=nbd --uri="${URI[$name]}" --rw="$3" --bs="$4" --iodepth="$5" \
-    --size="$SIZE" --time_based --runtime="$RUNTIME" --ramp_time=1 --randrepeat=0 --norandommap \
-    --output-format=json >"$WORK/fio.json" 2>"$WORK/fio.err" ||
-    { echo "bench_tls: fio $job against $name failed: $(tail -3 "$WORK/fio.err")" >&2; return 0; }
-  t1=$(cpu_ticks "${PID[$name]}")
-  $PY - "$WORK/fio.json" "$job" "$name" "$((t1 - t0))" "$(getconf CLK_TCK)" "$((RUNTIME + 1))" >>"$RESULTS" <<'PY'
-import json, sys
-path, job, server, ticks, hz, secs = sys.argv[1:]
-text = open(path).read()
-j = json.loads(text[text.index("{"):])["jobs"][0]
-io = j["read"] if j["read"]["io_bytes"] else j["write"]
-reqs = io["iops"] * float(secs)
-cpu_us = int(ticks) / int(hz) * 1e6 / reqs if reqs else 0
-print(f"{job}\t{server}\t{io['iops']:.0f}\t{io['bw'] / 1024:.1f}\t{cpu_us:.2f}")
-PY
+  HOME=$WORK fio_nbd_row "$2"$'\t'"$1" "${PID[$1]}" "${URI[$1]}" "$2" "$3" "$4" "$5"
 }
 
 make_certs

@@ -7,10 +7,10 @@
  * temporary name next to DST and renamed over it when complete: a failed
  * or interrupted convert leaves DST as it was.  Also what info, copy and convert share:
  * the export options, the same-file check, a new sparse file. */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
-#include <libgen.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -81,6 +81,32 @@ bool cli_same_file(const char *a, const char *b)
 	return same;
 }
 
+/* Does this process hold path open: a file the source just opened is made
+ * of (a differencing VHD's parents at any depth, an overlay, the image
+ * under a partition)?  Found among /proc/self/fd by device and inode; a
+ * file or a block device only, and not on stdin, stdout or stderr (the
+ * caller's: /dev/null, a terminal). */
+static bool convert_held_open(const char *path)
+{
+	struct stat want, st;
+	struct dirent *e;
+	char fdp[32 + sizeof(e->d_name)];
+	bool held = false;
+	DIR *d;
+
+	if (cli_is_uri(path) || stat(path, &want) || !(S_ISREG(want.st_mode) || S_ISBLK(want.st_mode)) ||
+	    !(d = opendir("/proc/self/fd")))
+		return false;
+	while (!held && (e = readdir(d))) {
+		if (e->d_name[0] == '.' || atoi(e->d_name) <= STDERR_FILENO)
+			continue;
+		snprintf(fdp, sizeof(fdp), "/proc/self/fd/%s", e->d_name);
+		held = !stat(fdp, &st) && st.st_dev == want.st_dev && st.st_ino == want.st_ino;
+	}
+	closedir(d);
+	return held;
+}
+
 bool cli_is_uri(const char *s)
 {
 	return strstr(s, "://") || !strncmp(s, "ram:", 4);
@@ -125,9 +151,10 @@ static int convert_open_raw(const char *dst, uint64_t size, struct devio_backend
 	return devio_file_open(dst, &o, out);
 }
 
-/* An image format's DST: made under a temporary name next to it (*tmp)
- * and renamed over it only when the copy is complete (convert_commit), so
- * a failed or interrupted convert leaves DST as it was. */
+/* An image format's DST: made under a temporary name next to it (*tmp,
+ * devio_file_replace_begin) and renamed over it only when the copy is
+ * complete (convert_commit), so a failed or interrupted convert leaves
+ * DST as it was. */
 static int convert_open_image(const char *fmt, const char *opts, const char *dst, uint64_t size,
 			      struct devio_backend **out, char **tmp)
 {
@@ -139,44 +166,30 @@ static int convert_open_image(const char *fmt, const char *opts, const char *dst
 			  "server in place)", fmt, dst);
 		return -EINVAL;
 	}
-	if (asprintf(tmp, "%s.XXXXXX", dst) < 0)
-		return -ENOMEM;
-	fd = mkstemp(*tmp);
-	r = fd < 0 ? -errno : devio_format_create(fmt, *tmp, size, opts, out);
-	if (fd < 0)
-		devio_err("convert: cannot create a file next to %s: %s", dst, strerror(-r));
-	else
-		close(fd);
+	fd = devio_file_replace_begin(dst, 0666, tmp);
+	if (fd < 0) {
+		devio_err("convert: cannot create a file next to %s: %s", dst, strerror(-fd));
+		return fd;
+	}
+	close(fd);
+	r = devio_format_create(fmt, *tmp, size, opts, out);
 	if (r) {
-		if (fd >= 0)
-			unlink(*tmp);
+		unlink(*tmp);
 		free(*tmp);
 		*tmp = NULL;
 	}
 	return r;
 }
 
-/* The finished image takes DST's name; a failed one goes. */
+/* The finished image (flushed by the copy) takes DST's name; a failed one
+ * goes. */
 static int convert_commit(const char *tmp, const char *dst, int r)
 {
-	char *dir;
-	int fd;
+	int rr = devio_file_replace_end(tmp, dst, r);
 
-	if (!r && rename(tmp, dst)) {
-		r = -errno;
-		devio_err("convert: cannot rename %s to %s: %s", tmp, dst, strerror(-r));
-	}
-	if (r) {
-		unlink(tmp);
-		return r;
-	}
-	dir = strdup(dst);
-	if (dir && (fd = open(dirname(dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC)) >= 0) {
-		(void)fsync(fd); /* the new name is durable too */
-		close(fd);
-	}
-	free(dir);
-	return 0;
+	if (rr && !r)
+		devio_err("convert: cannot rename %s to %s: %s", tmp, dst, strerror(-rr));
+	return rr;
 }
 
 static void convert_report(const struct cli_copy *c, int r)
@@ -217,6 +230,12 @@ static int convert_run(const char *fmt, const char *fopts, bool show, const stru
 	so.readonly = true;
 	if (devio_backend_open(src, &so, &c.src))
 		return 1;
+	if (convert_held_open(dst)) {
+		devio_err("convert: %s reads %s (a differencing image's parent, an overlay): refusing to write "
+			  "over a file the source is made of", src, dst);
+		devio_backend_close(c.src);
+		return 1;
+	}
 	fresh = strcmp(fmt, "raw") != 0;
 	if (fresh)
 		r = convert_open_image(fmt, fopts, dst, c.src->size, &c.dst, &tmp);

@@ -143,18 +143,6 @@ static bool detach_find_one(const struct run_server *s, void *ctx)
 
 /* ---- cleaning what a dead or hung server left ---- */
 
-static int detach_write(const char *path, const char *val)
-{
-	int fd = open(path, O_WRONLY | O_CLOEXEC), r = 0;
-
-	if (fd < 0)
-		return -errno;
-	if (write(fd, val, strlen(val)) < 0)
-		r = -errno;
-	close(fd);
-	return r;
-}
-
 /* Abort FUSE connection conn (fusectl, mounted if it is not). */
 static int detach_abort_conn(unsigned conn)
 {
@@ -162,9 +150,9 @@ static int detach_abort_conn(unsigned conn)
 	int r;
 
 	snprintf(path, sizeof(path), FUSECTL "/%u/abort", conn);
-	r = detach_write(path, "1");
+	r = devio_write_ctl(path, "1");
 	if (r == -ENOENT && mount("fusectl", FUSECTL, "fusectl", 0, NULL) == 0)
-		r = detach_write(path, "1");
+		r = devio_write_ctl(path, "1");
 	return r == -ENOENT ? 0 : r; /* no such connection: it is gone already */
 }
 

@@ -135,18 +135,6 @@ static int fuse_read_sys_char(const char *path)
 	return c;
 }
 
-static int fuse_write_sys(const char *path, const char *val)
-{
-	int fd = open(path, O_WRONLY | O_CLOEXEC), r = 0;
-
-	if (fd < 0)
-		return -errno;
-	if (write(fd, val, strlen(val)) < 0)
-		r = -errno;
-	close(fd);
-	return r;
-}
-
 /* The number of possible CPUs: the kernel keeps one FUSE queue for each. */
 static unsigned fuse_possible_cpus(void)
 {
@@ -622,12 +610,12 @@ static void fuse_abort_connection(struct fuse_fe *fe, unsigned conn)
 	char path[96];
 
 	snprintf(path, sizeof(path), "/sys/fs/fuse/connections/%u/abort", conn);
-	int r = fuse_write_sys(path, "1");
+	int r = devio_write_ctl(path, "1");
 
 	/* fusectl is not always mounted; as root we can mount it */
 	if (r == -ENOENT && mount("fusectl", "/sys/fs/fuse/connections", "fusectl", 0, NULL) == 0) {
 		devio_info("fuse %s: mounted fusectl on /sys/fs/fuse/connections", fe->mnt);
-		r = fuse_write_sys(path, "1");
+		r = devio_write_ctl(path, "1");
 	}
 	if (r < 0)
 		devio_warn("fuse %s: cannot abort the connection via %s: %s", fe->mnt, path, strerror(-r));
@@ -697,7 +685,7 @@ static void fuse_do_unmount(struct fuse_fe *fe)
 /* --fuse-enable-uring: the one place that changes the kernel's setting. */
 static int fuse_enable_uring(struct fuse_fe *fe)
 {
-	int r = fuse_write_sys(ENABLE_URING, "Y");
+	int r = devio_write_ctl(ENABLE_URING, "Y");
 
 	if (r < 0) {
 		devio_err("fuse %s: --fuse-enable-uring: cannot write Y to %s: %s", fe->mnt, ENABLE_URING, strerror(-r));

@@ -899,19 +899,26 @@ static void stream_stop(void *state)
 	stream_state_free(st);
 }
 
+/* The listener's counters; a single connection (stdio, a device) has no
+ * listener: one client, served or being served. */
+static void stream_listener_stats(struct stream_state *st, struct devio_listener_stats *ls)
+{
+	if (st->listener) {
+		devio_listener_stats(st->listener, ls);
+		return;
+	}
+	pthread_mutex_lock(&st->lock);
+	ls->active = st->single_active;
+	ls->served = 1;
+	pthread_mutex_unlock(&st->lock);
+}
+
 static void stream_status(void *state, FILE *out)
 {
 	struct stream_state *st = state;
 	struct devio_listener_stats ls = { 0 };
 
-	if (st->listener) {
-		devio_listener_stats(st->listener, &ls);
-	} else {
-		pthread_mutex_lock(&st->lock);
-		ls.active = st->single_active;
-		ls.served = 1;
-		pthread_mutex_unlock(&st->lock);
-	}
+	stream_listener_stats(st, &ls);
 	fprintf(out, "  devio stream on %s: %u client(s) connected, %llu served, %llu refused, %llu dropped on error, "
 		"%llu by timeouts\n", st->where, ls.active, (unsigned long long)ls.served, (unsigned long long)ls.refused,
 		(unsigned long long)atomic_load(&st->failed), (unsigned long long)ls.timed_out);
@@ -923,14 +930,7 @@ static void stream_info(void *state, struct devio_frontend_info *info)
 	struct devio_listener_stats ls = { 0 };
 	struct devio_addr a = st->addr;
 
-	if (st->listener) {
-		devio_listener_stats(st->listener, &ls);
-	} else {
-		pthread_mutex_lock(&st->lock);
-		ls.active = st->single_active;
-		ls.served = 1;
-		pthread_mutex_unlock(&st->lock);
-	}
+	stream_listener_stats(st, &ls);
 	if (a.kind == DEVIO_ADDR_TCP && ls.port) /* tcp:0: the port picked */
 		snprintf(a.port, sizeof(a.port), "%u", ls.port);
 	stream_format_addr(st, &a, info->address, sizeof(info->address));

@@ -33,7 +33,6 @@
 #include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <libgen.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <pthread.h>
@@ -2147,9 +2146,11 @@ static uint8_t *qc_new_image(const struct qc_new *g)
 	return p;
 }
 
-/* The image written into fd (a new empty file) and made durable. */
-static int qc_new_write(int fd, const struct qc_new *g)
+/* The image written into fd (a new empty file; devio_file_replace's
+ * write_fn). */
+static int qc_new_write(int fd, void *ctx)
 {
+	const struct qc_new *g = ctx;
 	uint8_t *p = qc_new_image(g);
 	uint64_t len = g->n * g->cs;
 	int r = 0;
@@ -2159,47 +2160,11 @@ static int qc_new_write(int fd, const struct qc_new *g)
 	errno = 0;
 	if (pwrite(fd, p, len, 0) != (ssize_t)len)
 		r = errno ? -errno : -EIO;
-	else if (fsync(fd))
-		r = -errno;
 	free(p);
 	return r;
 }
 
-/* Under a temporary name next to path, then renamed over it (and the
- * folder synced). */
-static int qc_new_file(const char *path, const struct qc_new *g)
-{
-	mode_t mask = umask(0);
-	char *tmp = NULL, *dir;
-	int fd, r;
-
-	umask(mask);
-	if (asprintf(&tmp, "%s.XXXXXX", path) < 0)
-		return -ENOMEM;
-	fd = mkstemp(tmp);
-	r = fd < 0 ? -errno : 0;
-	if (!r && fchmod(fd, 0666 & ~mask))
-		r = -errno;
-	if (!r)
-		r = qc_new_write(fd, g);
-	if (fd >= 0)
-		close(fd);
-	if (!r && rename(tmp, path))
-		r = -errno;
-	if (r && fd >= 0)
-		unlink(tmp);
-	if (!r && (dir = strdup(path))) {
-		if ((fd = open(dirname(dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC)) >= 0) {
-			(void)fsync(fd);
-			close(fd);
-		}
-		free(dir);
-	}
-	free(tmp);
-	return r;
-}
-
-/* Open what qc_new_file made: the file backend and the qcow2 layer. */
+/* Open what devio_file_replace made: the file backend and the qcow2 layer. */
 static int qc_new_open(const char *path, struct devio_backend **out)
 {
 	static const struct devio_open_opts o = { .format = "qcow2" };
@@ -2225,7 +2190,7 @@ int devio_qcow2_create(const char *path, uint64_t size, const struct devio_qcow2
 	r = qc_new_layout(path, o, &g);
 	if (r)
 		return r;
-	r = qc_new_file(path, &g);
+	r = devio_file_replace(path, 0666, qc_new_write, &g);
 	if (r) {
 		devio_err("%s: cannot create the qcow2 image: %s", path, strerror(-r));
 		return r;

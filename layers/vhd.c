@@ -55,7 +55,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <libgen.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -1568,38 +1567,31 @@ static uint8_t *vhd_new_dynamic(const uint8_t *f, uint64_t size, size_t *len)
 	return p;
 }
 
-/* Write the image into fd (a new empty file): a fixed one is size bytes
- * of hole then the footer; a dynamic one its metadata. */
-static int vhd_new_write(int fd, const uint8_t *f, uint64_t size, bool fixed)
+struct vhd_new_src {
+	const uint8_t *f;
+	uint64_t size;
+	bool fixed;
+};
+
+/* Write the image into fd (a new empty file; devio_file_replace's
+ * write_fn): a fixed one is size bytes of hole then the footer; a dynamic
+ * one its metadata. */
+static int vhd_new_write(int fd, void *ctx)
 {
+	const struct vhd_new_src *n = ctx;
 	uint8_t *meta = NULL;
 	size_t len = VHD_FOOTER_SIZE;
 	int r = 0;
 
-	if (!fixed && !(meta = vhd_new_dynamic(f, size, &len)))
+	if (!n->fixed && !(meta = vhd_new_dynamic(n->f, n->size, &len)))
 		return -ENOMEM;
 	errno = 0;
-	if (fixed && ftruncate(fd, (off_t)size))
+	if (n->fixed && ftruncate(fd, (off_t)n->size))
 		r = -errno;
-	else if (pwrite(fd, fixed ? f : meta, len, fixed ? (off_t)size : 0) != (ssize_t)len)
+	else if (pwrite(fd, n->fixed ? n->f : meta, len, n->fixed ? (off_t)n->size : 0) != (ssize_t)len)
 		r = errno ? -errno : -EIO;
-	else if (fsync(fd))
-		r = -errno;
 	free(meta);
 	return r;
-}
-
-/* The folder of path made durable after a rename into it. */
-static void vhd_sync_dir(const char *path)
-{
-	char *copy = strdup(path);
-	int fd;
-
-	if (copy && (fd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC)) >= 0) {
-		(void)fsync(fd);
-		close(fd);
-	}
-	free(copy);
 }
 
 /* Is path free for a new image (missing, or a regular file to replace)? */
@@ -1635,33 +1627,6 @@ static int vhd_new_size(const char *path, uint64_t *size, unsigned flags)
 	return 0;
 }
 
-/* The image written under a temporary name next to path, then renamed
- * over it. */
-static int vhd_new_file(const char *path, const uint8_t *f, uint64_t size, bool fixed)
-{
-	mode_t mask = umask(0);
-	char *tmp = NULL;
-	int fd, r;
-
-	umask(mask);
-	if (asprintf(&tmp, "%s.XXXXXX", path) < 0)
-		return -ENOMEM;
-	fd = mkstemp(tmp);
-	r = fd < 0 ? -errno : 0;
-	if (!r && fchmod(fd, 0666 & ~mask))
-		r = -errno;
-	if (!r)
-		r = vhd_new_write(fd, f, size, fixed);
-	if (fd >= 0)
-		close(fd);
-	if (!r && rename(tmp, path))
-		r = -errno;
-	if (r && fd >= 0)
-		unlink(tmp);
-	free(tmp);
-	return r;
-}
-
 int devio_vhd_create(const char *path, uint64_t size, unsigned flags)
 {
 	bool fixed = flags & DEVIO_VHD_FIXED;
@@ -1674,11 +1639,9 @@ int devio_vhd_create(const char *path, uint64_t size, unsigned flags)
 		r = vhd_new_footer(path, f, size, fixed);
 	if (r)
 		return r;
-	r = vhd_new_file(path, f, size, fixed);
+	r = devio_file_replace(path, 0666, vhd_new_write, &(struct vhd_new_src){ f, size, fixed });
 	if (r)
 		devio_err("%s: cannot create the VHD image: %s", path, strerror(-r));
-	else
-		vhd_sync_dir(path);
 	return r;
 }
 

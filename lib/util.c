@@ -1,10 +1,12 @@
-/* util.c - size parsing and clocks. */
+/* util.c - size parsing, clocks and writing a control file. */
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <time.h>
+#include <unistd.h>
 #include "devio/util.h"
 
 /* Digits of base 10 (or 16 after "0x"): a leading zero is no octal
@@ -105,4 +107,16 @@ uint64_t devio_now_ns(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+int devio_write_ctl(const char *path, const char *val)
+{
+	int fd = open(path, O_WRONLY | O_CLOEXEC), r = 0;
+
+	if (fd < 0)
+		return -errno;
+	if (write(fd, val, strlen(val)) < 0)
+		r = -errno;
+	close(fd);
+	return r;
 }

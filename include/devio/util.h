@@ -1,5 +1,6 @@
-/* util.h - logging, size parsing, addresses and full-length socket I/O
- * shared by the library, the front ends and the command line. */
+/* util.h - logging, size parsing, addresses, full-length socket I/O and
+ * replacing a file whole, shared by the library, the front ends and the
+ * command line. */
 #ifndef DEVIO_UTIL_H
 #define DEVIO_UTIL_H
 
@@ -87,6 +88,25 @@ int devio_read_full(int fd, void *buf, size_t len);
 int devio_write_full(int fd, const void *buf, size_t len);
 /* Read and throw away len bytes. */
 int devio_discard_full(int fd, uint64_t len);
+
+/* A file replaced whole (lib/filereplace.c): write_fn(fd, ctx) writes
+ * the new bytes into an empty file under a temporary name next to path
+ * (mode: as open()'s, less the umask), which is synced and renamed over
+ * path, and path's folder synced.  0, or write_fn's -errno or another
+ * one; on failure path is as it was and no temporary file stays.  Nothing
+ * is logged. */
+int devio_file_replace(const char *path, unsigned mode, int (*write_fn)(int fd, void *ctx), void *ctx);
+/* The same in two steps, for a writer that opens the file by name:
+ * _begin makes the temporary file (*tmp, malloc'd; freed by the caller)
+ * and returns its descriptor or -errno; _end with r == 0 renames it over
+ * path and syncs the folder (the writer synced the bytes), with r != 0 or
+ * when the rename fails removes it.  Returns r or the rename's -errno. */
+int devio_file_replace_begin(const char *path, unsigned mode, char **tmp);
+int devio_file_replace_end(const char *tmp, const char *path, int r);
+
+/* Write val in one write to a control file (sysfs, fusectl, a module
+ * parameter); 0 or -errno, not logged. */
+int devio_write_ctl(const char *path, const char *val);
 
 /* Monotonic time in nanoseconds. */
 uint64_t devio_now_ns(void);

@@ -1,5 +1,6 @@
 """conftest.py - fixtures shared by the integration tests: the devio binary,
-a server process that is always stopped, free ports, scratch directories."""
+a server process that is always stopped, ImDisk's devio command line on a
+free port, free ports, scratch directories."""
 import os
 import signal
 import socket
@@ -109,3 +110,37 @@ def serve():
         out = s.stderr()
         if "AddressSanitizer" in out or "runtime error:" in out:
             pytest.fail(f"sanitizer report from {s.args}:\n{out}")
+
+
+def stop_process(p, timeout=20):
+    """SIGTERM, and SIGKILL when p has not gone within timeout seconds."""
+    p.terminate()
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture
+def imdisk():
+    """imdisk(args...) starts `devio ARGS` listening on a fresh TCP port."""
+    procs = []
+
+    def start(*args):
+        port = free_port()
+        argv = [DEVIO] + [str(port) if a == "PORT" else a for a in args]
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, start_new_session=True)
+        procs.append(p)
+        wait_for(lambda: port_open(port) or p.poll() is not None, 30, f"port {port}")
+        assert p.poll() is None, p.stderr.read()
+        return p, port
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            stop_process(p)
+        err = p.stderr.read()
+        p.stderr.close()
+        assert b"AddressSanitizer" not in err and b"runtime error:" not in err, err

@@ -9,7 +9,7 @@ import tempfile
 import pytest
 
 import devio_wire as w
-from conftest import DEVIO, free_port, port_open, wait_for
+from conftest import DEVIO, stop_process, wait_for
 
 MiB = 1 << 20
 
@@ -25,35 +25,6 @@ def image():
         f.write(data)
     yield path, data
     shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def imdisk():
-    """imdisk(args...) starts `devio ARGS` listening on a fresh TCP port."""
-    procs = []
-
-    def start(*args):
-        port = free_port()
-        argv = [DEVIO] + [str(port) if a == "PORT" else a for a in args]
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, start_new_session=True)
-        procs.append(p)
-        wait_for(lambda: port_open(port) or p.poll() is not None, 30, f"port {port}")
-        assert p.poll() is None, p.stderr.read()
-        return p, port
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        err = p.stderr.read()
-        p.stderr.close()
-        assert b"AddressSanitizer" not in err and b"runtime error:" not in err, err
 
 
 def stdio(args, requests):
@@ -177,12 +148,7 @@ def test_drv_maps_to_a_kernel_device(image):
             f.seek(2 * MiB)
             assert f.read(4096) == data[2 * MiB:2 * MiB + 4096]
     finally:
-        p.terminate()
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop_process(p, 30)
         p.stdout.close()
         p.stderr.close()
         if os.path.ismount(mnt):

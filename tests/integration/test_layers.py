@@ -17,7 +17,7 @@ import tempfile
 
 import pytest
 
-from conftest import DEVIO, free_port, run_ok as run, wait_for
+from conftest import DEVIO, run_ok as run, stop_process, wait_for
 
 SECTOR = 512
 MiB = 1 << 20
@@ -177,15 +177,6 @@ def nbdkit(args, d, name):
     return p, sock
 
 
-def stop(p):
-    p.terminate()
-    try:
-        p.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-
-
 def test_partition_over_nbd_remote(serve, mbr_disk):
     img, parts, d = mbr_disk
     if not shutil.which("nbdkit"):
@@ -203,7 +194,7 @@ def test_partition_over_nbd_remote(serve, mbr_disk):
                            capture_output=True, text=True, timeout=30)
         assert r.returncode != 0 and "no partition 2" in r.stderr, r.stderr
     finally:
-        stop(p)
+        stop_process(p)
 
 
 def test_window_over_ram(serve):
@@ -255,5 +246,5 @@ def test_window_over_nbd_remote(serve):
         assert run("nbdsh", "-u", nbd_uri(ro), "-c", "print(h.pread(1, 0) == b'A')").strip() == "True"
     finally:
         if p:
-            stop(p)
+            stop_process(p)
         shutil.rmtree(d, ignore_errors=True)

@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 import devio_wire as w
-from conftest import DEVIO, free_port, port_open, run_ok, wait_for
+from conftest import DEVIO, run_ok, wait_for
 
 MiB = 1 << 20
 BLOCK = 2 * MiB
@@ -218,33 +218,6 @@ def test_trim_of_whole_blocks_frees_them(serve, tmp):
 
 
 # ---- ImDisk's command line ----
-
-@pytest.fixture
-def imdisk():
-    procs = []
-
-    def start(*args):
-        port = free_port()
-        argv = [DEVIO] + [str(port) if a == "PORT" else a for a in args]
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, start_new_session=True)
-        procs.append(p)
-        wait_for(lambda: port_open(port) or p.poll() is not None, 30, f"port {port}")
-        assert p.poll() is None, p.stderr.read()
-        return p, port
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        err = p.stderr.read()
-        p.stderr.close()
-        assert b"AddressSanitizer" not in err and b"runtime error:" not in err, err
 
 
 def imdisk_rules_read(path):
@@ -540,6 +513,30 @@ def test_differencing_needs_format_named(serve, tmp, chain):
         assert hashlib.sha256(f.read()).digest() == before  # the parent is never written
     s, sock = serve_nbd(serve, tmp, child, "--format", "vhd")
     assert nbd_read(sock, tmp, "got3.raw") == bytes(expect)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "vhd", "qcow2"])
+def test_convert_onto_the_parent_of_its_source_is_refused(tmp, chain, fmt):
+    """A differencing child converted onto its own parent (by name or
+    through a symlink) would replace the bytes the child reads through:
+    refused before anything is written, the parent as it was and no
+    temporary file beside it; onto another file the same convert works."""
+    parent, child, want = chain
+    with open(parent, "rb") as f:
+        before = f.read()
+    link = os.path.join(tmp, "link.vhd")
+    os.symlink(parent, link)
+    for dst in (parent, link):
+        err = devio_fails("convert", "-O", fmt, "--format", "vhd", child, dst)
+        assert "refusing to write over a file the source is made of" in err and "parent" in err, err
+        with open(parent, "rb") as f:
+            assert f.read() == before
+    assert sorted(os.listdir(tmp)) == ["link.vhd", "parent.raw", "parent.vhd", "sub"]
+    out, raw = os.path.join(tmp, "out.img"), os.path.join(tmp, "out.raw")
+    run_ok(DEVIO, "convert", "-O", fmt, "--format", "vhd", child, out)
+    run_ok("qemu-img", "convert", "-f", {"vhd": "vpc"}.get(fmt, fmt), "-O", "raw", out, raw)
+    with open(raw, "rb") as f:
+        assert f.read() == want
 
 
 def test_differencing_parent_refused_when_wrong(tmp, chain):

@@ -1,11 +1,18 @@
-/* test_util.c - size parsing, address parsing and the request checks. */
+/* test_util.c - size parsing, address parsing, the request checks and
+ * replacing a file whole (lib/filereplace.c). */
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include "devio/backend.h"
 #include "devio/util.h"
 
@@ -90,12 +97,113 @@ static void test_request_check(void **state)
 	assert_int_equal(devio_request_check(&b, &r), -EINVAL);
 }
 
+/* Entries in dir besides . and .. */
+static int util_entries(const char *dir)
+{
+	DIR *d = opendir(dir);
+	struct dirent *e;
+	int n = 0;
+
+	assert_non_null(d);
+	while ((e = readdir(d)))
+		n += strcmp(e->d_name, ".") && strcmp(e->d_name, "..");
+	closedir(d);
+	return n;
+}
+
+static void util_put(const char *path, const char *text)
+{
+	FILE *f = fopen(path, "w");
+
+	assert_non_null(f);
+	fputs(text, f);
+	fclose(f);
+}
+
+static void util_expect(const char *path, const char *text)
+{
+	char buf[64] = { 0 };
+	FILE *f = fopen(path, "r");
+
+	assert_non_null(f);
+	assert_true(fread(buf, 1, sizeof(buf) - 1, f) <= strlen(text));
+	fclose(f);
+	assert_string_equal(buf, text);
+}
+
+/* write_fn: ctx's text, then the failure -EIO when the text says so. */
+static int util_write(int fd, void *ctx)
+{
+	const char *text = ctx;
+
+	if (write(fd, text, strlen(text)) != (ssize_t)strlen(text))
+		return -errno;
+	return strstr(text, "fail") ? -EIO : 0;
+}
+
+static void test_file_replace(void **state)
+{
+	char dir[] = "/tmp/devio-replace-XXXXXX", path[64], sub[80];
+	mode_t mask = umask(022);
+	struct stat st;
+	char *tmp;
+	int fd;
+
+	(void)state;
+	assert_non_null(mkdtemp(dir));
+	snprintf(path, sizeof(path), "%s/img", dir);
+	/* new, then replaced: the new bytes, the mode less the umask, no
+	 * temporary file */
+	assert_int_equal(devio_file_replace(path, 0666, util_write, "first"), 0);
+	util_expect(path, "first");
+	assert_int_equal(stat(path, &st), 0);
+	assert_int_equal(st.st_mode & 07777, 0644);
+	assert_int_equal(devio_file_replace(path, 0600, util_write, "second"), 0);
+	util_expect(path, "second");
+	assert_int_equal(stat(path, &st), 0);
+	assert_int_equal(st.st_mode & 07777, 0600);
+	assert_int_equal(util_entries(dir), 1);
+	/* write_fn fails after writing: the old file untouched, nothing else */
+	assert_int_equal(devio_file_replace(path, 0666, util_write, "half then fail"), -EIO);
+	util_expect(path, "second");
+	assert_int_equal(util_entries(dir), 1);
+	/* the rename fails (a non-empty folder is in the way): it stays */
+	snprintf(sub, sizeof(sub), "%s/d", dir);
+	assert_int_equal(mkdir(sub, 0700), 0);
+	snprintf(sub, sizeof(sub), "%s/d/x", dir);
+	util_put(sub, "x");
+	snprintf(sub, sizeof(sub), "%s/d", dir);
+	assert_true(devio_file_replace(sub, 0666, util_write, "new") < 0);
+	util_expect(path, "second");
+	assert_int_equal(util_entries(dir), 2);
+	/* no folder: the error, nothing made */
+	snprintf(sub, sizeof(sub), "%s/none/img", dir);
+	assert_int_equal(devio_file_replace(sub, 0666, util_write, "new"), -ENOENT);
+	/* two steps, failed: the temporary file goes, the old one stays */
+	fd = devio_file_replace_begin(path, 0666, &tmp);
+	assert_true(fd >= 0);
+	assert_int_equal(util_entries(dir), 3);
+	close(fd);
+	assert_int_equal(devio_file_replace_end(tmp, path, -EINTR), -EINTR);
+	free(tmp);
+	util_expect(path, "second");
+	assert_int_equal(util_entries(dir), 2);
+	snprintf(sub, sizeof(sub), "%s/d/x", dir);
+	unlink(sub);
+	snprintf(sub, sizeof(sub), "%s/d", dir);
+	rmdir(sub);
+	unlink(path);
+	rmdir(dir);
+	umask(mask);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_parse_size),
 		cmocka_unit_test(test_addr_parse),
 		cmocka_unit_test(test_request_check),
+		cmocka_unit_test(test_file_replace),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

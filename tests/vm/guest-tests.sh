@@ -247,26 +247,14 @@ RN=${RECOVER_N:-5}
 for v in 0 1 2 3; do dd if=/dev/urandom of=/tmp/pat$v bs=64k count=8 2>/dev/null; done
 t=ublk-recover-ext4
 truncate -s 128M /tmp/rc.img
-rm -f /tmp/rc.stop /tmp/rc.prog
 if start_ublk /tmp/rc.log /tmp/rc.img --ublk --queues 2 --recovery && mkfs.ext4 -q -F "$DEV" >/dev/null 2>&1 &&
    mount -t ext4 "$DEV" /mnt; then
   id=${DEV#/dev/ublkb}
-  : >/tmp/rc.prog
-  ( i=0
-    while [ ! -e /tmp/rc.stop ]; do
-      /usr/bin/dd if=/tmp/pat$((i % 4)) of=/mnt/f$((i % 61)) bs=64k conv=fsync 2>/tmp/rc.dd || { echo "ERR $i" >>/tmp/rc.prog; exit 1; }
-      echo $i >>/tmp/rc.prog; i=$((i + 1))
-    done ) &
-  writer=$!
+  fsync_writer /tmp/rc /tmp/pat
   recover_cycles "$RN" /tmp/rc.log /tmp/rc.img "$id" /tmp/rc.prog; rr=$?
-  touch /tmp/rc.stop
-  wait_for 120 dead $writer || kill -KILL $writer
-  wait $writer; wrc=$?
+  stop_writer /tmp/rc; wrc=$WRITER_RC
   sync; echo 3 >/proc/sys/vm/drop_caches
-  bad=0
-  for kv in $(awk '/^[0-9]/{p[$1 % 61] = $1 % 4} END {for (k in p) print k ":" p[k]}' /tmp/rc.prog); do
-    cmp -s /mnt/f${kv%:*} /tmp/pat${kv#*:} || bad=$((bad + 1))
-  done
+  bad=$(files_wrong /tmp/rc /tmp/pat)
   devio detach "$DEV" >/tmp/rcd.log 2>&1; busy=$?
   umount /mnt
   e2fsck -fn "$DEV" >/tmp/rc.fsck 2>&1; fsck=$?
@@ -295,32 +283,13 @@ rm -f /tmp/rc.img /tmp/rc.log.*
 # against its last acknowledged write.
 t=ublk-recover-verify
 truncate -s 32M /tmp/rv.img
-rm -f /tmp/rv.stop /tmp/rv.prog
 for v in 0 1 2 3; do dd if=/dev/urandom of=/tmp/big$v bs=64k count=127 2>/dev/null; done
 if start_ublk /tmp/rv.log /tmp/rv.img --ublk --recovery; then
   id=${DEV#/dev/ublkb}
-  : >/tmp/rv.prog
-  ( i=0
-    while [ ! -e /tmp/rv.stop ]; do
-      b=$((i % 127)); v=$((i % 4))
-      dd if=/tmp/big$v of=/tmp/rv.exp bs=64k skip=$b count=1 2>/dev/null
-      /usr/bin/dd if=/tmp/rv.exp of="$DEV" bs=64k seek=$b count=1 oflag=direct conv=notrunc 2>/dev/null || { echo "ERR write $i" >>/tmp/rv.prog; exit 1; }
-      /usr/bin/dd if="$DEV" of=/tmp/rv.got bs=64k skip=$b count=1 iflag=direct 2>/dev/null || { echo "ERR read $i" >>/tmp/rv.prog; exit 1; }
-      cmp -s /tmp/rv.exp /tmp/rv.got || { echo "ERR verify $i" >>/tmp/rv.prog; exit 1; }
-      echo $i >>/tmp/rv.prog; i=$((i + 1))
-    done ) &
-  writer=$!
+  direct_writer /tmp/rv /tmp/big "$DEV"
   recover_cycles "$RN" /tmp/rv.log /tmp/rv.img "$id" /tmp/rv.prog; rr=$?
-  touch /tmp/rv.stop
-  wait_for 120 dead $writer || kill -KILL $writer
-  wait $writer; wrc=$?
-  bad=0; n=0
-  for kv in $(awk '/^[0-9]/{p[$1 % 127] = $1 % 4} END {for (k in p) print k ":" p[k]}' /tmp/rv.prog); do
-    b=${kv%:*}; n=$((n + 1))
-    dd if=/tmp/big${kv#*:} of=/tmp/rv.exp bs=64k skip=$b count=1 2>/dev/null
-    /usr/bin/dd if="$DEV" of=/tmp/rv.got bs=64k skip=$b count=1 iflag=direct 2>/dev/null
-    cmp -s /tmp/rv.exp /tmp/rv.got || bad=$((bad + 1))
-  done
+  stop_writer /tmp/rv; wrc=$WRITER_RC
+  blocks_wrong /tmp/rv /tmp/big "$DEV"; bad=$BLOCKS_BAD n=$BLOCKS_N
   stop_server TERM
   info "$t: $RN takeovers, $(grep -c '^[0-9]' /tmp/rv.prog) blocks written and read back, $n blocks verified at the end, $bad wrong"
   if [ $rr -ne 0 ]; then fail $t "$RECOVER_ERR"

@@ -14,62 +14,48 @@ cd /tmp
 
 HN=${HANDOVER_N:-5}
 
-# handover_cycles N LOG SOURCE ID PROGRESS: like recover_cycles (guest-lib.sh)
-# but each takeover follows `devio detach --handover`, whose server must
-# exit 0 having said how it handed over (quiesce when the driver offers it).
-# Sets SRV; 0, or 1 with the reason in HANDOVER_ERR.
+# handover_cycles N LOG SOURCE ID PROGRESS: restart_cycles (guest-lib.sh)
+# whose action is `devio detach --handover`, whose server must exit 0
+# having said how it handed over (quiesce when the driver offers it), and
+# a takeover with --recover (log LOG.I).  Sets SRV and HANDOVER_HOW; 0, or
+# 1 with the reason in HANDOVER_ERR.
 handover_cycles() {
-  _ho_n=$1 _ho_log=$2 _ho_src=$3 _ho_id=$4 _ho_prog=$5 _ho_i=0 _ho_cur=$2
-  while [ $_ho_i -lt "$_ho_n" ]; do
-    _ho_before=$(wc -l <"$_ho_prog")
-    if ! wait_for 60 _grew "$_ho_prog" "$_ho_before"; then
-      HANDOVER_ERR="no progress before hand-over $_ho_i"; return 1
-    fi
-    if ! devio detach --handover "/dev/ublkb$_ho_id" >/tmp/ho.detach 2>&1; then
-      HANDOVER_ERR="detach --handover $_ho_i failed: $(cat /tmp/ho.detach)"; show_log "$_ho_cur"; return 1
-    fi
-    wait_for 30 dead "$SRV"; wait "$SRV"; _ho_rc=$?
-    if [ $_ho_rc -ne 0 ]; then HANDOVER_ERR="server $_ho_i exit $_ho_rc after the hand-over"; show_log "$_ho_cur"; return 1; fi
-    if grep -q 'driver features.* quiesce' "$_ho_log"; then _ho_how='quiesced in'; else _ho_how='hand-over without quiesce'; fi
-    if ! grep -q "$_ho_how" "$_ho_cur"; then HANDOVER_ERR="server $_ho_i did not log '$_ho_how'"; show_log "$_ho_cur"; return 1; fi
-    grep -q 'handed over (the device stays' "$_ho_cur" || { HANDOVER_ERR="server $_ho_i: no hand-over at exit"; show_log "$_ho_cur"; return 1; }
-    HANDOVER_HOW=$(grep -o 'quiesced in [0-9]* ms\|hand-over without quiesce ([^)]*)' "$_ho_cur" | head -n 1)
-    _ho_cur=$_ho_log.$_ho_i
-    if ! start_ublk "$_ho_cur" "$_ho_src" --ublk="$_ho_id" --recover; then
-      HANDOVER_ERR="takeover $_ho_i failed"; show_log "$_ho_cur"; return 1
-    fi
-    _ho_i=$((_ho_i + 1))
-  done
-  return 0
+  _ho_log=$2 _ho_src=$3 _ho_id=$4 _ho_cur=$2
+  restart_cycles "$1" "$5" _handover_one; _ho_r=$?
+  HANDOVER_ERR=$CYCLE_ERR
+  return $_ho_r
+}
+
+_handover_one() {
+  if ! devio detach --handover "/dev/ublkb$_ho_id" >/tmp/ho.detach 2>&1; then
+    CYCLE_ERR="detach --handover $1 failed: $(cat /tmp/ho.detach)"; show_log "$_ho_cur"; return 1
+  fi
+  wait_for 30 dead "$SRV"; wait "$SRV"; _ho_rc=$?
+  if [ $_ho_rc -ne 0 ]; then CYCLE_ERR="server $1 exit $_ho_rc after the hand-over"; show_log "$_ho_cur"; return 1; fi
+  if grep -q 'driver features.* quiesce' "$_ho_log"; then _ho_how='quiesced in'; else _ho_how='hand-over without quiesce'; fi
+  if ! grep -q "$_ho_how" "$_ho_cur"; then CYCLE_ERR="server $1 did not log '$_ho_how'"; show_log "$_ho_cur"; return 1; fi
+  grep -q 'handed over (the device stays' "$_ho_cur" || { CYCLE_ERR="server $1: no hand-over at exit"; show_log "$_ho_cur"; return 1; }
+  HANDOVER_HOW=$(grep -o 'quiesced in [0-9]* ms\|hand-over without quiesce ([^)]*)' "$_ho_cur" | head -n 1)
+  _ho_cur=$_ho_log.$1
+  start_ublk "$_ho_cur" "$_ho_src" --ublk="$_ho_id" --recover && return 0
+  CYCLE_ERR="takeover $1 failed"; show_log "$_ho_cur"; return 1
 }
 
 # A mounted ext4, files rewritten with 4 known patterns, each write fsync'd.
 t=ublk-handover-ext4
 for v in 0 1 2 3; do dd if=/dev/urandom of=/tmp/hp$v bs=64k count=8 2>/dev/null; done
 truncate -s 128M /tmp/ho.img
-rm -f /tmp/ho.stop /tmp/ho.prog
 if start_ublk /tmp/ho.log /tmp/ho.img --ublk --queues 2 --recovery && mkfs.ext4 -q -F "$DEV" >/dev/null 2>&1 &&
    mount -t ext4 "$DEV" /mnt; then
   id=${DEV#/dev/ublkb}
   devio status >/tmp/ho.status 2>&1
-  : >/tmp/ho.prog
-  ( i=0
-    while [ ! -e /tmp/ho.stop ]; do
-      /usr/bin/dd if=/tmp/hp$((i % 4)) of=/mnt/f$((i % 61)) bs=64k conv=fsync 2>/tmp/ho.dd || { echo "ERR $i" >>/tmp/ho.prog; exit 1; }
-      echo $i >>/tmp/ho.prog; i=$((i + 1))
-    done ) &
-  writer=$!
+  fsync_writer /tmp/ho /tmp/hp
   handover_cycles "$HN" /tmp/ho.log /tmp/ho.img "$id" /tmp/ho.prog; hr=$?
-  touch /tmp/ho.stop
-  wait_for 120 dead $writer || kill -KILL $writer
-  wait $writer; wrc=$?
+  stop_writer /tmp/ho; wrc=$WRITER_RC
   rw=$(awk '$2 == "/mnt" {print substr($4, 1, 2)}' /proc/mounts)
   echo after >/mnt/after && sync; after=$?
   sync; echo 3 >/proc/sys/vm/drop_caches
-  bad=0
-  for kv in $(awk '/^[0-9]/{p[$1 % 61] = $1 % 4} END {for (k in p) print k ":" p[k]}' /tmp/ho.prog); do
-    cmp -s /mnt/f${kv%:*} /tmp/hp${kv#*:} || bad=$((bad + 1))
-  done
+  bad=$(files_wrong /tmp/ho /tmp/hp)
   umount /mnt
   e2fsck -fn "$DEV" >/tmp/ho.fsck 2>&1; fsck=$?
   stop_server TERM
@@ -92,32 +78,13 @@ rm -f /tmp/ho.img /tmp/ho.log.* /tmp/hp?
 # rotating offsets and read back at once; every block checked at the end.
 t=ublk-handover-verify
 truncate -s 32M /tmp/hv.img
-rm -f /tmp/hv.stop /tmp/hv.prog
 for v in 0 1 2 3; do dd if=/dev/urandom of=/tmp/hb$v bs=64k count=127 2>/dev/null; done
 if start_ublk /tmp/hv.log /tmp/hv.img --ublk --recovery; then
   id=${DEV#/dev/ublkb}
-  : >/tmp/hv.prog
-  ( i=0
-    while [ ! -e /tmp/hv.stop ]; do
-      b=$((i % 127)); v=$((i % 4))
-      dd if=/tmp/hb$v of=/tmp/hv.exp bs=64k skip=$b count=1 2>/dev/null
-      /usr/bin/dd if=/tmp/hv.exp of="$DEV" bs=64k seek=$b count=1 oflag=direct conv=notrunc 2>/dev/null || { echo "ERR write $i" >>/tmp/hv.prog; exit 1; }
-      /usr/bin/dd if="$DEV" of=/tmp/hv.got bs=64k skip=$b count=1 iflag=direct 2>/dev/null || { echo "ERR read $i" >>/tmp/hv.prog; exit 1; }
-      cmp -s /tmp/hv.exp /tmp/hv.got || { echo "ERR verify $i" >>/tmp/hv.prog; exit 1; }
-      echo $i >>/tmp/hv.prog; i=$((i + 1))
-    done ) &
-  writer=$!
+  direct_writer /tmp/hv /tmp/hb "$DEV"
   handover_cycles "$HN" /tmp/hv.log /tmp/hv.img "$id" /tmp/hv.prog; hr=$?
-  touch /tmp/hv.stop
-  wait_for 120 dead $writer || kill -KILL $writer
-  wait $writer; wrc=$?
-  bad=0; n=0
-  for kv in $(awk '/^[0-9]/{p[$1 % 127] = $1 % 4} END {for (k in p) print k ":" p[k]}' /tmp/hv.prog); do
-    b=${kv%:*}; n=$((n + 1))
-    dd if=/tmp/hb${kv#*:} of=/tmp/hv.exp bs=64k skip=$b count=1 2>/dev/null
-    /usr/bin/dd if="$DEV" of=/tmp/hv.got bs=64k skip=$b count=1 iflag=direct 2>/dev/null
-    cmp -s /tmp/hv.exp /tmp/hv.got || bad=$((bad + 1))
-  done
+  stop_writer /tmp/hv; wrc=$WRITER_RC
+  blocks_wrong /tmp/hv /tmp/hb "$DEV"; bad=$BLOCKS_BAD n=$BLOCKS_N
   stop_server TERM
   info "$t: $HN hand-overs (last: ${HANDOVER_HOW:-?}), $(grep -c '^[0-9]' /tmp/hv.prog) blocks written and read back, $n verified at the end, $bad wrong"
   if [ $hr -ne 0 ]; then fail $t "$HANDOVER_ERR"

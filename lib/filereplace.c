@@ -1,0 +1,78 @@
+/* filereplace.c - a file replaced whole: its new bytes go to a temporary
+ * name next to it (same folder, so the rename is atomic), are synced,
+ * and the file is renamed over the old name, then the folder is synced
+ * so the new name is durable too.  A failure at any step leaves the old
+ * file (or no file) as it was and no temporary file behind.  Used by the
+ * image formats that make a new image (qcow2, vhd) and by `devio
+ * convert`.  Nothing is logged here: the caller, who knows what the file
+ * is, says what failed. */
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include "devio/util.h"
+
+int devio_file_replace_begin(const char *path, unsigned mode, char **tmp)
+{
+	mode_t mask = umask(0);
+	int fd;
+
+	umask(mask);
+	if (asprintf(tmp, "%s.XXXXXX", path) < 0) {
+		*tmp = NULL;
+		return -ENOMEM;
+	}
+	fd = mkstemp(*tmp);
+	if (fd >= 0 && fchmod(fd, (mode_t)mode & 07777 & ~mask) == 0)
+		return fd;
+	fd = fd < 0 ? -errno : (close(fd), unlink(*tmp), -errno);
+	free(*tmp);
+	*tmp = NULL;
+	return fd;
+}
+
+/* The folder that holds path, synced after a rename into it. */
+static void filereplace_sync_dir(const char *path)
+{
+	char *copy = strdup(path);
+	int fd;
+
+	if (copy && (fd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC)) >= 0) {
+		(void)fsync(fd);
+		close(fd);
+	}
+	free(copy);
+}
+
+int devio_file_replace_end(const char *tmp, const char *path, int r)
+{
+	if (!r && rename(tmp, path))
+		r = -errno;
+	if (r) {
+		unlink(tmp);
+		return r;
+	}
+	filereplace_sync_dir(path);
+	return 0;
+}
+
+int devio_file_replace(const char *path, unsigned mode, int (*write_fn)(int fd, void *ctx), void *ctx)
+{
+	char *tmp;
+	int fd = devio_file_replace_begin(path, mode, &tmp), r;
+
+	if (fd < 0)
+		return fd;
+	r = write_fn(fd, ctx);
+	if (!r && fsync(fd))
+		r = -errno;
+	if (close(fd) && !r)
+		r = -errno;
+	r = devio_file_replace_end(tmp, path, r);
+	free(tmp);
+	return r;
+}
