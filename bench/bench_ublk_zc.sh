@@ -41,7 +41,7 @@ if not runs:
     print("no results"); print(open(sys.argv[1]).read()[-3000:]); sys.exit(1)
 devs = list(dict.fromkeys(d for d, _ in runs))
 wls = list(dict.fromkeys(w for _, w in runs))
-print("\nMiB/s, median of the rounds [min-max]; context switches per MiB (median)")
+print("\nMiB/s, median of the rounds [min-max]; guest context switches (median) per MiB (dd) or per run (fio)")
 for w in wls:
     print(f"  {w}")
     for d in devs:
@@ -49,7 +49,7 @@ for w in wls:
         if v:
             c = ctxt.get((d, w), {})
             print(f"    {d:<10} {st.median(v.values()):8.1f} [{min(v.values()):.1f}-{max(v.values()):.1f}]"
-                  f"  ctxt/MiB {st.median(c.values()) if c else 0:.0f}")
+                  f"  ctxt {st.median(c.values()) if c else 0:.0f}")
 def ratio(a, b, w):
     x, y = runs.get((a, w), {}), runs.get((b, w), {})
     rs = [x[r] / y[r] for r in x if r in y and y[r] > 0]

@@ -7,7 +7,8 @@
 # limit, whether loop uses direct I/O, how the file backend uses io_uring
 # on tmpfs, io_uring worker threads and io_uring_enter calls per request,
 # and context switches per MiB.  Prints "RUN ROUND DEVICE WORKLOAD MiB/s",
-# "CTXT ROUND DEVICE WORKLOAD switches-per-MiB" and "DIAG ..." lines.
+# "CTXT ROUND DEVICE WORKLOAD N" (the guest's context switches per MiB for
+# the dd workloads, per 3 s run for fio's) and "DIAG ..." lines.
 . /guest-lib.sh
 DD=/usr/bin/dd
 MB=${BENCH_MB:-64}
@@ -27,7 +28,7 @@ fio_rate() { # fio_rate RW DEV: MiB/s of 3 s of 4 KiB at QD32 (io_uring, direct)
 }
 
 # measure ROUND NAME WORKLOAD MIB CMD...: one run, its MiB/s and the
-# guest's context switches per MiB moved
+# guest's context switches divided by MIB (1: per run)
 measure() {
   _mr=$1 _md=$2 _mw=$3 _mm=$4; shift 4
   _mc0=$(ctxt); _mv=$("$@"); _mc1=$(ctxt)
