@@ -66,7 +66,8 @@ ublk_round() {
   start_ublk /tmp/$_un.log $IMG --ublk --queues 2 "$@"; _uok=$?
   PATH=$_upath
   if [ $_uok != 0 ]; then
-    echo "DIAG $_un failed to start: $(tail -n 2 /tmp/$_un.log)"; return
+    sed "s|^|DIAG $_un round $_ur failed to start: |" /tmp/$_un.log
+    stop_server TERM; return
   fi
   workloads "$_ur" "$_un" "$DEV"
   [ "$_ur" = 1 ] && diag_ublk "$_un"
