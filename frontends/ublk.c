@@ -52,7 +52,8 @@
 
 #define UBLK_CONTROL "/dev/ublk-control"
 #define DEFAULT_DEPTH 64
-#define DEFAULT_MAX_IO (512u * 1024)
+#define DEFAULT_MAX_IO (512u * 1024)        /* copy modes: a buffer this large per tag */
+#define DEFAULT_MAX_IO_FIXED (1024u * 1024) /* zero copy: no buffer; a 1 MiB request stays whole */
 #define NO_DEV_ID UINT32_MAX
 #define STOP_GRACE_NS (3ull * 1000 * 1000 * 1000)
 #define UBLK_QUIESCE_TIMEOUT_MS 30000 /* for a fetch of every queue to be idle */
@@ -839,6 +840,10 @@ static int ublk_start_queue(struct ublk_dev *d, struct ublk_queue *q)
 		/* commands, the backend's I/O, zero copy's (UN)REGISTER, the inbox */
 		.entries = d->depth * (d->copy == DEVIO_UBLK_COPY_ZERO ? 4 : 2) + 2,
 		.flags = IORING_SETUP_SQE128,
+		/* only this thread submits, and it always waits in io_uring_enter:
+		 * the driver's and the file I/O's completions run there, no
+		 * task-work interrupt each */
+		.try_flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
 		.workers = d->workers,
 		.owner = &queue_owner,
 		.ctx = q,
@@ -916,6 +921,7 @@ struct ublk_opts {
 	int recovery;        /* --recovery[=reissue|fail-io]: enum ublk_recovery */
 	bool recover;        /* --recover: take over device ID from a server that died */
 	int copy;            /* --ublk-copy: 0 = not given, else UBLK_OPT_COPY(want) */
+	uint32_t max_io;     /* --max-io: largest request in bytes, 0 = by data path */
 };
 
 /* --ublk-copy's value in ublk_opts.copy: want (DEVIO_UBLK_WANT_*, or a
@@ -939,6 +945,21 @@ static int ublk_opt_copy(const char *name, const char *val, void *field)
 	devio_err("--%s: want auto, zero, user, kernel, auto-buf-reg or register-buf, got '%s'", name,
 		  val ? val : "");
 	return -EINVAL;
+}
+
+/* --max-io BYTES: a multiple of 4096, at most what the user-copy offsets
+ * leave a tag (32 MiB). */
+static int ublk_opt_max_io(const char *name, const char *val, void *field)
+{
+	uint64_t v;
+
+	if (!val || devio_parse_size(val, &v) || v < 4096 || v % 4096 || v > (1u << DEVIO_UBLK_IO_BUF_BITS)) {
+		devio_err("--%s: want a multiple of 4096 from 4096 to %u, got '%s'", name,
+			  1u << DEVIO_UBLK_IO_BUF_BITS, val ? val : "");
+		return -EINVAL;
+	}
+	*(uint32_t *)field = (uint32_t)v;
+	return 0;
 }
 
 /* What the driver does with I/O while no server serves a device. */
@@ -1015,17 +1036,28 @@ static int ublk_setup_geometry(struct ublk_dev *d, const struct ublk_opts *o)
 		devio_err("ublk: --depth %u: at most %d", d->depth, DEVIO_UBLK_MAX_QUEUE_DEPTH);
 		return -EINVAL;
 	}
-	d->max_io = DEFAULT_MAX_IO;
-	if (d->b->max_io && d->b->max_io < d->max_io)
-		d->max_io = d->b->max_io & ~4095u;
-	if (d->max_io < 4096 || d->max_io < d->lbs) {
-		devio_err("ublk: backend transfers of %u bytes are too small", d->b->max_io);
-		return -EINVAL;
-	}
+	d->max_io = o->max_io; /* 0: by data path, ublk_set_max_io() */
 	d->dev_sectors = d->b->size / d->lbs * d->lbs >> 9;
 	if (!d->dev_sectors) {
 		devio_err("ublk: export of %llu bytes is smaller than one %u-byte block",
 			  (unsigned long long)d->b->size, d->lbs);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+/* The largest request, once the data path is known: --max-io, else 1 MiB
+ * with zero copy (no buffer of ours; dd's and the page cache's 1 MiB
+ * requests then reach the backend whole, as on the loop device) and 512
+ * KiB with a buffer per tag; never more than the backend takes. */
+static int ublk_set_max_io(struct ublk_dev *d)
+{
+	if (!d->max_io)
+		d->max_io = ublk_copy_fixed(d->copy) ? DEFAULT_MAX_IO_FIXED : DEFAULT_MAX_IO;
+	if (d->b->max_io && d->b->max_io < d->max_io)
+		d->max_io = d->b->max_io & ~4095u;
+	if (d->max_io < 4096 || d->max_io < d->lbs) {
+		devio_err("ublk: backend transfers of %u bytes are too small", d->b->max_io);
 		return -EINVAL;
 	}
 	return 0;
@@ -1071,7 +1103,9 @@ static int ublk_create(struct ublk_dev *d, uint32_t want_id, int copy, int recov
 		return r;
 	}
 	d->user_copy = d->copy == DEVIO_UBLK_COPY_USER;
-	r = ublk_recovery_flags(d, recovery);
+	r = ublk_set_max_io(d);
+	if (!r)
+		r = ublk_recovery_flags(d, recovery);
 	if (r)
 		return r;
 	ublk_log_features(d);
@@ -1211,8 +1245,8 @@ static int ublk_start(struct devio_server *srv, const char *arg, const void *opt
 	}
 	if (o->copy)
 		copy = o->copy - UBLK_OPT_COPY(0); /* --ublk-copy */
-	if (o->recover && (want_id == NO_DEV_ID || copy != DEVIO_UBLK_WANT_BEST || o->recovery)) {
-		devio_err("ublk: --recover takes over an existing device: --ublk=ID, its copy mode and recovery stay as they were made");
+	if (o->recover && (want_id == NO_DEV_ID || copy != DEVIO_UBLK_WANT_BEST || o->recovery || o->max_io)) {
+		devio_err("ublk: --recover takes over an existing device: --ublk=ID, its copy mode, request size and recovery stay as they were made");
 		r = -EINVAL;
 		goto fail;
 	}
@@ -1416,6 +1450,8 @@ static const struct devio_frontend_option ublk_options[] = {
 	  ublk_opt_recovery, offsetof(struct ublk_opts, recovery), true },
 	{ "recover", NULL, "take over /dev/ublkbID (--ublk=ID) whose --recovery server died", devio_opt_flag,
 	  offsetof(struct ublk_opts, recover) },
+	{ "max-io", "BYTES", "largest request (default 1 MiB with zero copy, else 512 KiB)", ublk_opt_max_io,
+	  offsetof(struct ublk_opts, max_io) },
 	{ "ublk-copy", "auto|zero|user|kernel", "the data path: best offered (default), zero copy (a plain file only), user or kernel copy",
 	  ublk_opt_copy, offsetof(struct ublk_opts, copy) },
 	{ NULL },

@@ -21,6 +21,8 @@ def serve(*args, timeout=30):
     (["ram:1M", "--ublk", "--block-size", "8192"], "at most 4096"),
     (["ram:1M", "--ublk", "--depth", "5000"], "--depth"),
     (["ram:1K", "--ublk", "--block-size", "4096"], "smaller than one 4096-byte block"),
+    # --recover serves the device as it was made, its request size included
+    (["ram:1M", "--ublk=0", "--recover", "--max-io", "1M"], "request size"),
 ])
 def test_bad_arguments_are_refused(args, message):
     r = serve(*args)
@@ -34,6 +36,13 @@ def test_unknown_copy_mode_is_refused():
     r = serve("ram:1M", "--ublk", "--ublk-copy", "none")
     assert r.returncode == 2  # a usage error, told before anything starts
     assert "--ublk-copy: want auto, zero, user, kernel" in r.stderr
+
+
+@pytest.mark.parametrize("size", ["1000", "4097", "64M", "0", "lots"])
+def test_bad_max_io_is_refused(size):
+    r = serve("ram:1M", "--ublk", "--max-io", size)
+    assert r.returncode == 2  # a usage error, told before anything starts
+    assert "--max-io: want a multiple of 4096 from 4096 to 33554432" in r.stderr
 
 
 @pytest.mark.skipif(os.path.exists("/dev/ublk-control"), reason="ublk_drv is loaded here")
