@@ -71,7 +71,6 @@ struct nbd_conn {
 	unsigned corked_replies;  /* replies the reader queued since it last sent */
 	unsigned hold_skip;       /* batches to send without holding */
 	unsigned hold_backoff;    /* the next hold_skip after a failed hold */
-	unsigned spin_skip;       /* waits to sleep at once: the CPU was busy */
 	unsigned refused;         /* requests refused by the checks (reader only) */
 
 	pthread_mutex_t lock;

@@ -18,29 +18,12 @@
 
 #define NBD_MAX_WRITE_DISCARD (256u << 20) /* larger refused writes: close */
 #define NBD_MAX_EXTENTS 1024
-#define NBD_SPIN_NS 30000               /* look for the next request before sleeping ... */
-#define NBD_YIELD_BUSY_NS 50000         /* ... unless a sched_yield() took this long: */
-#define NBD_SPIN_SKIP 64                /* then not for this many waits */
+#define NBD_SPIN_NS 30000               /* look for the next request before sleeping */
 #define NBD_HOLD_NS 5000                /* hold a small batch of replies ... */
 #define NBD_HOLD_MAX 16                 /* ... of fewer than this many ... */
 #define NBD_HOLD_SKIP 64                /* ... unless the last holds saw nothing */
 
-/* sched_yield() let another task run: the CPU is wanted by others, and
- * a spin would take it from them (on a loaded machine, from our own
- * client too).  Then stop, and skip the spin for the next few waits. */
-static bool nbd_rx_yield_was_busy(struct nbd_conn *c)
-{
-	uint64_t t0 = devio_now_ns();
-
-	sched_yield();
-	if (devio_now_ns() - t0 < NBD_YIELD_BUSY_NS)
-		return false;
-	c->spin_skip = NBD_SPIN_SKIP;
-	return true;
-}
-
-/* True as soon as the client has sent more bytes, false after ns (or,
- * with yield, as soon as the CPU turns out to be busy). */
+/* True as soon as the client has sent more bytes, false after ns. */
 static bool nbd_rx_arrives_within(struct nbd_conn *c, uint64_t ns, bool yield)
 {
 	struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
@@ -51,8 +34,8 @@ static bool nbd_rx_arrives_within(struct nbd_conn *c, uint64_t ns, bool yield)
 	do {
 		if (poll(&pfd, 1, 0) != 0)
 			return true;
-		if (yield && nbd_rx_yield_was_busy(c))
-			return false;
+		if (yield)
+			sched_yield();
 	} while (devio_now_ns() < until);
 	return false;
 }
@@ -65,17 +48,9 @@ static bool nbd_rx_arrives_within(struct nbd_conn *c, uint64_t ns, bool yield)
  * time, which is what limits a loopback benchmark.  poll() looks without
  * the socket lock that recv takes, so the look does not contend with the
  * client's sends delivering to us; sched_yield() keeps it from starving a
- * client that shares this CPU, and when it shows that other tasks want
- * the CPU (a loaded machine) the spin stops: there a spinning reader
- * only takes the CPU from the client and the wake-ups it meant to save
- * come late anyway (4 KiB QD32 over TLS with the machine loaded: fewer
- * IOPS spinning than sleeping at once). */
+ * client that shares this CPU. */
 bool nbd_rx_ready_soon(struct nbd_conn *c)
 {
-	if (c->spin_skip) {
-		c->spin_skip--;
-		return nbd_rx_arrives_within(c, 0, false);
-	}
 	return nbd_rx_arrives_within(c, NBD_SPIN_NS, true);
 }
 
