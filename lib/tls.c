@@ -61,8 +61,8 @@ struct devio_tls {
 	uint8_t ra[TLS_READ_AHEAD];
 	/* Small pieces of a writev (reply headers, 4 KiB reads) are copied
 	 * here until they fill a record.  out_left: plaintext bytes of the
-	 * writev not sent yet; push_more: more records follow this one
-	 * (MSG_MORE, so that the kernel sends the batch as one). */
+	 * writev not sent yet; push_more: more packed records follow this
+	 * one (MSG_MORE, so that the kernel sends the batch as one). */
 	size_t out_len, out_left;
 	bool push_more;
 	uint8_t out[TLS_RECORD];
@@ -676,8 +676,11 @@ static size_t tls_record_size(struct devio_tls *t)
 }
 
 /* Send len bytes of the writev as records, one per gnutls_record_send
- * and sendmsg, each but the writev's last with MSG_MORE. */
-static int tls_send_all(struct devio_tls *t, const uint8_t *p, size_t len)
+ * and sendmsg.  packed: records of gathered small pieces, sent with
+ * MSG_MORE unless they are the writev's last (a batch of small replies
+ * goes out as one); the records of a large piece go without it (with
+ * MSG_MORE 1 MiB reads lost 20%: the client waited for larger chunks). */
+static int tls_send_all(struct devio_tls *t, const uint8_t *p, size_t len, bool packed)
 {
 	size_t rec = tls_record_size(t);
 
@@ -685,7 +688,7 @@ static int tls_send_all(struct devio_tls *t, const uint8_t *p, size_t len)
 		size_t k = len < rec ? len : rec;
 		ssize_t n;
 
-		t->push_more = t->out_left > k;
+		t->push_more = packed && t->out_left > k;
 		n = gnutls_record_send(t->s, p, k);
 		if (n < 0) {
 			n = tls_gnutls_errno(t, n);
@@ -706,7 +709,7 @@ static int tls_out_flush(struct devio_tls *t)
 	size_t n = t->out_len;
 
 	t->out_len = 0;
-	return n ? tls_send_all(t, t->out, n) : 0;
+	return n ? tls_send_all(t, t->out, n, true) : 0;
 }
 
 /* One piece: whole records straight from the caller's memory while the
@@ -720,7 +723,7 @@ static int tls_write_piece(struct devio_tls *t, const uint8_t *p, size_t len, si
 
 		if (!t->out_len && len >= rec) {
 			k = len - len % rec;
-			r = tls_send_all(t, p, k);
+			r = tls_send_all(t, p, k, false);
 		} else {
 			k = rec - t->out_len < len ? rec - t->out_len : len;
 			memcpy(t->out + t->out_len, p, k);
@@ -737,8 +740,9 @@ static int tls_write_piece(struct devio_tls *t, const uint8_t *p, size_t len, si
 /* Pieces are packed into full records (headers, short replies and 4 KiB
  * reads copied together; large pieces encrypted from where they are, no
  * copy of ours): one record and one sendmsg per 16 KiB instead of one or
- * two per reply, the batch's sendmsgs with MSG_MORE but the last, so the
- * peer is woken for the batch once.  writev does not change iov. */
+ * two per reply; a batch of small replies' sendmsgs with MSG_MORE but the
+ * last, so the peer is woken for the batch once.  writev does not change
+ * iov. */
 int devio_tls_writev(struct devio_tls *t, struct iovec *iov, int n)
 {
 	size_t rec = tls_record_size(t);
