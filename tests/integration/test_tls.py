@@ -425,6 +425,8 @@ def test_fio_verify_through_tls_two_connections_qd32(serve, pki, tmp_path, sourc
     session at once: the RAM disk (requests run on the reader, in-place
     writes over a Unix socket) and a file (io_uring completions, the
     sender thread), 1 MiB and 4 KiB writes at QD32 on two connections,
+    then sizes from 512 bytes to 72 KiB in steps of 512 (replies packed
+    into 16 KiB records end mid-reply, and large ones start mid-record),
     every block read back and checked.  fio's nbd engine (libnbd) takes
     the CA from $HOME/.pki/libnbd (it refuses tls-certificates= in a URI)."""
     home = tmp_path / "home"
@@ -443,8 +445,8 @@ def test_fio_verify_through_tls_two_connections_qd32(serve, pki, tmp_path, sourc
         srv, port = start(serve, source, "--tls", "require", "--tls-certificates", pki["good"])
         u = f"nbds://localhost:{port}/"
     env = dict(os.environ, HOME=str(home))
-    for bs, size in (("4k", "8M"), ("1m", "24M")):
-        r = subprocess.run(["fio", "--name=verify", "--ioengine=nbd", f"--uri={u}", "--rw=randwrite", f"--bs={bs}",
+    for bs, size in (("4k-4k", "8M"), ("1m-1m", "24M"), ("512-72k", "8M")):
+        r = subprocess.run(["fio", "--name=verify", "--ioengine=nbd", f"--uri={u}", "--rw=randwrite", f"--bsrange={bs}",
                             f"--size={size}", "--iodepth=32", "--numjobs=2", "--offset_increment=32M",
                             "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--group_reporting",
                             "--verify_state_save=0", "--output-format=json"],
@@ -452,7 +454,7 @@ def test_fio_verify_through_tls_two_connections_qd32(serve, pki, tmp_path, sourc
         assert r.returncode == 0, r.stderr
         job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
         want = 2 * int(size[:-1]) * MiB
-        assert job["error"] == 0 and job["write"]["io_bytes"] == want and job["read"]["io_bytes"] == want
+        assert job["error"] == 0 and job["write"]["io_bytes"] == want and job["read"]["io_bytes"] == want, bs
     assert srv.proc.poll() is None
 
 
