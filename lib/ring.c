@@ -48,7 +48,13 @@ struct devio_ring {
 	bool started;
 	int start_result;
 	_Atomic uint64_t enters, ring_ios, max_batch;
+	unsigned cqe_flags; /* of the CQE being handed to owner->cqe */
 };
+
+unsigned devio_ring_cqe_flags(const struct devio_ring *r)
+{
+	return r->cqe_flags;
+}
 
 bool devio_ring_stopping(const struct devio_ring *r)
 {
@@ -207,6 +213,7 @@ static void ring_cqe(struct devio_ring *r, const struct io_uring_cqe *cqe)
 		break;
 	}
 	default:
+		r->cqe_flags = cqe->flags;
 		r->owner->cqe(r, r->ctx, p, cqe->res);
 	}
 }
@@ -231,7 +238,11 @@ static void ring_loop(struct devio_ring *r)
 	while (r->requests || !r->owner->finished(r, r->ctx)) {
 		struct io_uring_cqe *cqe;
 		unsigned head, n = 0;
-		int res = ring_wait(r);
+		int res;
+
+		if (r->owner->flush)
+			r->owner->flush(r, r->ctx);
+		res = ring_wait(r);
 
 		if (res < 0 && res != -EINTR && res != -ETIME && res != -EAGAIN && res != -EBUSY) {
 			if (failures++ == 0)

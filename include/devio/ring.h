@@ -49,6 +49,9 @@ struct devio_ring_owner {
 	 * wait for.  The thread ends once this is true and no request it
 	 * submitted is still out. */
 	bool (*finished)(struct devio_ring *r, void *ctx);
+	/* Optional, before every wait: queue what was gathered in the pass
+	 * (e.g. one command answering many requests). */
+	void (*flush)(struct devio_ring *r, void *ctx);
 };
 
 struct devio_ring_params {
@@ -104,6 +107,10 @@ void devio_ring_sqe_request(struct io_uring_sqe *sqe, struct devio_request *req)
 void devio_ring_submit(struct devio_ring *r, struct devio_backend *b, struct devio_request *req);
 /* Requests submitted and not yet given to owner->done(). */
 unsigned devio_ring_requests(const struct devio_ring *r);
+
+/* Inside owner->cqe: the flags of that CQE (IORING_CQE_F_MORE,
+ * IORING_CQE_F_BUFFER and its buffer id). */
+unsigned devio_ring_cqe_flags(const struct devio_ring *r);
 
 /* The counters, from any thread. */
 void devio_ring_get_stats(const struct devio_ring *r, struct devio_ring_stats *out);

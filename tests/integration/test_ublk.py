@@ -36,6 +36,12 @@ def test_unknown_copy_mode_is_refused():
     assert "--ublk-copy: want auto, zero, user, kernel" in r.stderr
 
 
+def test_unknown_batch_mode_is_refused():
+    r = serve("ram:1M", "--ublk", "--ublk-batch", "maybe")
+    assert r.returncode == 2  # a usage error, told before anything starts
+    assert "--ublk-batch: want auto, on or off, got 'maybe'" in r.stderr
+
+
 @pytest.mark.skipif(os.path.exists("/dev/ublk-control"), reason="ublk_drv is loaded here")
 def test_missing_driver_fails_cleanly():
     r = serve("ram:1M", "--ublk")
