@@ -1064,7 +1064,7 @@ static bool ublk_queue_finished(struct devio_ring *r, void *ctx)
 
 	if (!q->cmds_out && !q->n_stage)
 		return true;
-	if (atomic_load(&q->dev->handover) && io_uring_sq_ready(devio_ring_uring(r)))
+	if (atomic_load(&q->dev->handover) && (io_uring_sq_ready(devio_ring_uring(r)) || q->n_stage))
 		return false; /* handing over: answers still queued go to the kernel before the ring closes */
 	return atomic_load(&q->dev->stopping) && devio_now_ns() >= atomic_load(&q->dev->stop_deadline);
 }
@@ -1343,8 +1343,11 @@ static int ublk_recovery_flags(struct ublk_dev *d, int mode)
 	d->recovery_flags = DEVIO_UBLK_F_USER_RECOVERY | (mode == UBLK_RECOVERY_FAIL_IO
 							  ? DEVIO_UBLK_F_USER_RECOVERY_FAIL_IO
 							  : DEVIO_UBLK_F_USER_RECOVERY_REISSUE);
-	/* a graceful hand-over (ublk_handover) where the driver can quiesce */
-	if (mode == UBLK_RECOVERY_REISSUE && (f & DEVIO_UBLK_F_QUIESCE))
+	/* a graceful hand-over (ublk_handover) where the driver can quiesce;
+	 * not with batched commands: the driver's QUIESCE_DEV cancels their
+	 * fetches with force_abort set, and fails (EIO) the requests that
+	 * come while the next server starts instead of requeueing them */
+	if (mode == UBLK_RECOVERY_REISSUE && (f & DEVIO_UBLK_F_QUIESCE) && !d->batch)
 		d->recovery_flags |= DEVIO_UBLK_F_QUIESCE;
 	return 0;
 }
@@ -1460,9 +1463,9 @@ static int ublk_create(struct ublk_dev *d, uint32_t want_id, int copy, int recov
 		return r;
 	}
 	d->user_copy = d->copy == DEVIO_UBLK_COPY_USER;
-	r = ublk_recovery_flags(d, recovery);
+	r = ublk_pick_batch(d, batch);
 	if (!r)
-		r = ublk_pick_batch(d, batch);
+		r = ublk_recovery_flags(d, recovery);
 	if (r)
 		return r;
 	ublk_log_features(d);
@@ -1732,11 +1735,12 @@ static int ublk_quiesce(struct ublk_dev *d)
 	uint64_t t0 = devio_now_ns();
 	int r;
 
-	if (!(d->recovery_flags & DEVIO_UBLK_F_QUIESCE)) {
+	if (!(d->recovery_flags & DEVIO_UBLK_F_QUIESCE) || d->batch) {
 		devio_info("ublk: %s: hand-over without quiesce (%s): the queues close and the driver reissues what "
 			   "was in flight to the next server", d->bdev,
-			   d->features & DEVIO_UBLK_F_QUIESCE ? "the device was made without UBLK_F_QUIESCE"
-							      : "this kernel has no UBLK_F_QUIESCE");
+			   !(d->features & DEVIO_UBLK_F_QUIESCE) ? "this kernel has no UBLK_F_QUIESCE"
+			   : d->batch ? "batched commands: QUIESCE_DEV would fail new I/O"
+				      : "the device was made without UBLK_F_QUIESCE");
 		return -EOPNOTSUPP;
 	}
 	r = ublk_simple_cmd(d, DEVIO_UBLK_CMD_QUIESCE_DEV, UBLK_QUIESCE_TIMEOUT_MS);
@@ -1787,7 +1791,7 @@ static void ublk_status(void *state, FILE *out)
 		d->ioctl_encode ? "ioctl" : "legacy", ublk_batch_word(d));
 	fprintf(out, "ublk %s recovery %s%s\n", d->bdev, ublk_recovery_name(d->recovery_flags),
 		!(d->recovery_flags & DEVIO_UBLK_F_USER_RECOVERY) || (d->recovery_flags & DEVIO_UBLK_F_USER_RECOVERY_FAIL_IO)
-		? "" : d->recovery_flags & DEVIO_UBLK_F_QUIESCE ? " hand-over quiesce" : " hand-over kill-and-recover");
+		? "" : (d->recovery_flags & DEVIO_UBLK_F_QUIESCE) && !d->batch ? " hand-over quiesce" : " hand-over kill-and-recover");
 	fprintf(out, "ublk %s data path: %s; driver features 0x%llx (%s)\n", d->bdev,
 		devio_ublk_copy_name(d->copy), (unsigned long long)d->features,
 		devio_ublk_feature_names(d->features, names, sizeof(names)));
