@@ -6,6 +6,9 @@
 # with fio verify where fio is packed (VM_EXTRA_BINS=fio), else with dd
 # and sha256; each data path (auto-buf-reg, REGISTER_IO_BUF, user copy,
 # kernel copy) is run over batch; kill -9 + --recover cycles keep batch.
+# Alone: tests/vm/run.sh --script THIS_FILE (VM_EXTRA_BINS=fio for fio).
+. /guest-lib.sh
+cd /tmp
 
 # bt_offered LOG: 1 if the driver features the server logged have
 # UBLK_F_BATCH_IO (bit 15).
