@@ -77,14 +77,15 @@ syscalls() { # syscalls NAME LOG: io_uring_enter per request from the exit summa
 }
 
 # ublk_row NAME LOG SOURCE ARGS...: one ublk device's workloads and calls.
+# (its own variable names: the workload helpers use _n and friends)
 ublk_row() {
-  _n=$1 _l=$2; shift 2
-  if start_ublk "$_l" "$@" --ublk --queues 2; then
-    run_workloads "$_n" "$DEV"
+  _ur_name=$1 _ur_log=$2; shift 2
+  if start_ublk "$_ur_log" "$@" --ublk --queues 2; then
+    run_workloads "$_ur_name" "$DEV"
     stop_server TERM
-    syscalls "$_n" "$_l"
+    syscalls "$_ur_name" "$_ur_log"
   else
-    echo "BENCH $_n failed: $(grep error "$_l" | head -n 1)"
+    echo "BENCH $_ur_name failed: $(grep error "$_ur_log" | head -n 1)"
   fi
 }
 
