@@ -48,8 +48,8 @@ bt_verify() {
 # bt_run NAME WANT FS SOURCE SERVE-ARGS...: serve SOURCE with --queues 2,
 # verify the data (FS=fs: also the ext4 round trip), check that the log,
 # `devio status` and the exit summary say commands WANT (batch|per-tag)
-# and, for batch, that commits were gathered (fewer COMMIT_IO_CMDS than
-# requests over the whole run).
+# and, for batch with fio's QD32 (dd alone may keep one request in
+# flight), that commits were gathered (fewer COMMIT_IO_CMDS than requests).
 bt_run() {
   _t=$1; _want=$2; _fs=$3; _src=$4; shift 4
   if ! start_ublk /tmp/bt-$_t.log "$_src" --ublk --queues 2 "$@"; then
@@ -68,7 +68,8 @@ bt_run() {
   elif ! grep -q "ublk device $DEV .* commands $_want\$" /tmp/bt-st.out; then cat /tmp/bt-st.out; fail $_t "devio status does not say commands $_want"
   elif ! echo "$_sum" | grep -q " commands $_want mode "; then fail $_t "exit summary does not say commands $_want"
   elif [ "$_want" = batch ] && ! grep -q 'ublk: commands: batch' /tmp/bt-$_t.log; then fail $_t "batch not logged"
-  elif [ "$_want" = batch ] && [ "$_cmds" -ge "$_served" ]; then fail $_t "no commits gathered ($_cmds commands for $_served requests)"
+  elif [ "$_want" = batch ] && command -v fio >/dev/null 2>&1 && [ "$_cmds" -ge "$_served" ]; then
+    fail $_t "no commits gathered at QD32 ($_cmds commands for $_served requests)"
   else pass $_t; fi
 }
 
