@@ -754,20 +754,24 @@ static void ublk_batch_send(struct ublk_queue *q)
 	atomic_fetch_add_explicit(&q->commit_cmds, 1, memory_order_relaxed);
 }
 
-/* owner->flush: the pass's results in one command (stage and sent swap). */
-static void ublk_batch_flush(struct devio_ring *r, void *ctx)
+/* owner->flush: the pass's results in one command (stage and sent swap).
+ * The driver answers COMMIT_IO_CMDS when it is submitted: 1 such CQE
+ * (0 when none was queued), so the same io_uring_enter waits on for the
+ * next requests. */
+static unsigned ublk_batch_flush(struct devio_ring *r, void *ctx)
 {
 	struct ublk_queue *q = ctx;
 	unsigned char *p = q->sent;
 
 	if (!q->dev->batch || q->commit_busy || !q->n_stage)
-		return;
+		return 0;
 	q->sent = q->stage;
 	q->stage = p;
 	q->n_sent = q->n_stage;
 	q->n_stage = 0;
 	q->sent_off = 0;
 	ublk_batch_send(q);
+	return q->commit_busy ? 1 : 0;
 }
 
 /* COMMIT_IO_CMDS's CQE: bytes of elements taken; the rest goes again.

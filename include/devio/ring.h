@@ -50,8 +50,12 @@ struct devio_ring_owner {
 	 * submitted is still out. */
 	bool (*finished)(struct devio_ring *r, void *ctx);
 	/* Optional, before every wait: queue what was gathered in the pass
-	 * (e.g. one command answering many requests). */
-	void (*flush)(struct devio_ring *r, void *ctx);
+	 * (e.g. one command answering many requests).  Returns how many of
+	 * the SQEs queued complete at submission (their CQEs are no reason
+	 * to wake): the wait is then for that many more CQEs, at most
+	 * RING_FLUSH_WAIT_NS, so that one io_uring_enter submits them and
+	 * still waits for the next work. */
+	unsigned (*flush)(struct devio_ring *r, void *ctx);
 };
 
 struct devio_ring_params {
