@@ -4,8 +4,9 @@
 # the ublk server's io_uring_enter calls per request, and ublk zero copy
 # against user copy.  Boots the guest through tests/vm/run.sh with a
 # release build and fio packed; TCG makes absolute numbers small, the
-# ratios within one boot are what to compare.  Zero copy needs the 7.x
-# kernel:
+# ratios within one boot are what to compare.  Zero copy and batched
+# commands (against the per-tag ones) need the 7.x kernel; BENCH_SET=batch
+# runs only the loop device and the batch/per-tag rows:
 #
 #   VM_KERNEL=$(scripts/guest-kernels.sh) bench/bench_vm.sh [MiB per sequential run, default 128] [repetitions, default 3]
 set -uo pipefail
@@ -14,7 +15,7 @@ MB=${1:-128}
 REPS=${2:-3}
 OUT=$(mktemp /tmp/devio-bench-vm.XXXXXX)
 trap 'rm -f "$OUT"' EXIT
-VM_BUILD=${VM_BUILD:-$PWD/build-release-vm} VM_BUILDTYPE=release VM_ENV="BENCH_MB=$MB BENCH_REPS=$REPS" VM_EXTRA_BINS=fio \
+VM_BUILD=${VM_BUILD:-$PWD/build-release-vm} VM_BUILDTYPE=release VM_ENV="BENCH_MB=$MB BENCH_REPS=$REPS BENCH_SET=${BENCH_SET:-all}" VM_EXTRA_BINS=fio \
   tests/vm/run.sh --script bench/vm_guest_bench.sh --timeout 900 >"$OUT" 2>&1
 /usr/bin/python3 - "$OUT" <<'PY'
 import sys
@@ -49,6 +50,13 @@ if zc and uc:
     for w in order:
         if w in zc and uc.get(w) and rows["loop"].get(w):
             print(f"  {w:<20} zero/user {zc[w] / uc[w]:5.2f}x   zero/loop {zc[w] / rows['loop'][w]:5.2f}x")
+    print()
+pairs = [(b, b + "-pertag") for b in ("ublk-file-zero", "ublk-ram") if b + "-pertag" in rows]
+if pairs:
+    print("ublk batched commands (UBLK_F_BATCH_IO) against per-tag FETCH/COMMIT_AND_FETCH, same boot:")
+    for b, p in pairs:
+        cells = [f"{w} {rows[b][w] / rows[p][w]:5.2f}x" for w in order if rows[b].get(w) and rows[p].get(w)]
+        print(f"  {b:<16} batch/per-tag: " + ", ".join(cells))
     print()
 print("ublk server system calls (io_uring_enter; user copy adds one pread/pwrite per read/write):")
 for s in sysc:

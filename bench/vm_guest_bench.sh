@@ -3,7 +3,10 @@
 # file, ublk over that same file (zero copy where the kernel has it, user
 # copy, kernel copy) and over the RAM backend, and the kernel nbd client
 # on devio's NBD server of that file; plus the ublk server's io_uring_enter
-# calls per request.  Sequential 1 MiB and 4 KiB QD1 with coreutils dd,
+# calls per request, and (where the kernel offers UBLK_F_BATCH_IO) the
+# batched commands against the per-tag ones (--ublk-batch off) for the
+# zero-copy file and the RAM disk.  BENCH_SET=batch runs only the loop
+# device and those four.  Sequential 1 MiB and 4 KiB QD1 with coreutils dd,
 # 4 KiB random QD32 with fio (io_uring, direct) when it was packed
 # (VM_EXTRA_BINS=fio).  Each figure is the best of BENCH_REPS (3) runs.
 # Prints "BENCH DEVICE WORKLOAD MiB/s" and "BENCH-SYSCALLS ..." lines for
@@ -68,8 +71,22 @@ syscalls() { # syscalls NAME LOG: io_uring_enter per request from the exit summa
   awk -v name="$1" '/queue [0-9]+ served/ { for (i = 1; i <= NF; i++) {
       if ($i == "served") s += $(i + 1); if ($i == "io_uring_enter") e += $(i + 1);
       if ($i == "copy_syscalls") c += $(i + 1); if ($i == "zero_copy") z += $(i + 1);
+      if ($i == "commit_cmds") k += $(i + 1);
       if ($i == "max_batch" && $(i + 1) > m) m = $(i + 1) } }
-    END { if (s) printf "BENCH-SYSCALLS %s requests %d io_uring_enter %d (%.3f per request) copy pread/pwrite %d (%.3f per request) zero-copy %d max-batch %d\n", name, s, e, e / s, c, c / s, z, m }' "$2"
+    END { if (s) printf "BENCH-SYSCALLS %s requests %d io_uring_enter %d (%.3f per request) copy pread/pwrite %d (%.3f per request) zero-copy %d commit commands %d (%.3f per request) max-batch %d\n", name, s, e, e / s, c, c / s, z, k, k / s, m }' "$2"
+}
+
+# ublk_row NAME LOG SOURCE ARGS...: one ublk device's workloads and calls.
+# (its own variable names: the workload helpers use _n and friends)
+ublk_row() {
+  _ur_name=$1 _ur_log=$2; shift 2
+  if start_ublk "$_ur_log" "$@" --ublk --queues 2; then
+    run_workloads "$_ur_name" "$DEV"
+    stop_server TERM
+    syscalls "$_ur_name" "$_ur_log"
+  else
+    echo "BENCH $_ur_name failed: $(grep error "$_ur_log" | head -n 1)"
+  fi
 }
 
 # One tmpfs file, written through once so that reads find pages, behind
@@ -83,22 +100,20 @@ run_workloads loop "$LOOP"
 /usr/bin/losetup -d "$LOOP"
 
 # ublk over the same file: zero copy (the best mode this kernel has for a
-# plain file: auto-buf-reg on 7.x), user copy, kernel copy
-for mode in zero user kernel; do
-  if start_ublk /tmp/u.log $IMG --ublk --ublk-copy $mode --queues 2; then
-    run_workloads ublk-file-$mode "$DEV"
-    stop_server TERM
-    syscalls ublk-file-$mode /tmp/u.log
-  else
-    echo "BENCH ublk-file-$mode failed: $(grep error /tmp/u.log | head -n 1)"
-  fi
-done
-
-if start_ublk /tmp/r.log ram:${MB}M --ublk --queues 2; then
-  run_workloads ublk-ram "$DEV"
-  stop_server TERM
-  syscalls ublk-ram /tmp/r.log
+# plain file: auto-buf-reg on 7.x), user copy, kernel copy; the default
+# commands (batch where offered), and the per-tag ones for comparison
+SET=${BENCH_SET:-all}
+ublk_row ublk-file-zero /tmp/u.log $IMG --ublk-copy zero
+BATCH=0
+grep -q 'ublk: commands: batch' /tmp/u.log && BATCH=1
+[ $BATCH = 1 ] && ublk_row ublk-file-zero-pertag /tmp/u.log $IMG --ublk-copy zero --ublk-batch off
+if [ "$SET" = all ]; then
+  ublk_row ublk-file-user /tmp/u.log $IMG --ublk-copy user
+  ublk_row ublk-file-kernel /tmp/u.log $IMG --ublk-copy kernel
 fi
+ublk_row ublk-ram /tmp/r.log ram:${MB}M
+[ $BATCH = 1 ] && ublk_row ublk-ram-pertag /tmp/r.log ram:${MB}M --ublk-batch off
+[ "$SET" = all ] || { rm -f $IMG; exit 0; }
 
 devio serve $IMG --nbd unix:/tmp/b.sock >/tmp/n.log 2>&1 &
 SRV=$!

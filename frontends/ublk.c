@@ -14,6 +14,13 @@
  * its ring and the inbox for completions from other threads are
  * lib/ring.c's; the file backend puts its I/O on the same ring.
  *
+ * Batched commands (UBLK_F_BATCH_IO, 7.x; ublk_batch_*): where offered
+ * the per-tag commands give way to PREP_IO_CMDS (every tag at once), a
+ * multishot FETCH_IO_CMDS that writes the tags of ready requests into
+ * buffers of a provided-buffer ring, and one COMMIT_IO_CMDS per pass with
+ * every result gathered in it (what the driver did not take is sent
+ * again).
+ *
  * Data copy, chosen once per device: over a backend that takes
  * registered pages (a plain file) none at all, the request's own pages
  * being fixed buffer `tag` of the queue's ring, registered by the driver
@@ -69,6 +76,7 @@ struct ublk_tag {
 	uint8_t op;        /* the ublk op being served */
 	bool dead;         /* aborted by the driver: no more commands */
 	bool registered;   /* zero copy: the pages are fixed buffer `tag` of the ring */
+	bool held;         /* batch: fetched and not yet staged for a commit */
 };
 
 struct ublk_dev;
@@ -84,8 +92,21 @@ struct ublk_queue {
 	struct ublk_tag *tags;
 	unsigned cmds_out;     /* FETCH/COMMIT commands the kernel holds */
 	uint64_t buf_cmd;      /* its address tags (UN)REGISTER_IO_BUF SQEs: their CQEs only on failure */
+	/* UBLK_F_BATCH_IO (ublk_batch_*): results wait in stage until the
+	 * pass ends, then go in one COMMIT_IO_CMDS from sent (one such
+	 * command in flight per queue); the FETCH_IO_CMDS writes tags into
+	 * fbufs, handed to the driver through the buffer ring br. */
+	unsigned char *stage, *sent;
+	unsigned n_stage, n_sent, sent_off; /* elements; sent_off: accepted so far */
+	bool commit_busy, fetch_dead;
+	struct io_uring_buf_ring *br;
+	size_t br_len;
+	unsigned char *fbufs;
+	unsigned nfbufs, fbuf_len;
+	uint16_t *tagv;                     /* scratch for one fetch CQE's tags */
+	uint64_t prep_cmd, fetch_cmd, commit_cmd; /* their addresses tag the batch SQEs */
 	/* counters, read by ublk_status() and printed at exit */
-	_Atomic uint64_t served, copies, zero_copies, errors;
+	_Atomic uint64_t served, copies, zero_copies, errors, commit_cmds, partial_commits;
 };
 
 struct ublk_dev {
@@ -98,6 +119,8 @@ struct ublk_dev {
 	bool ioctl_encode;
 	bool user_copy;
 	enum devio_ublk_copy copy;
+	bool batch;                    /* UBLK_F_BATCH_IO commands, else per tag */
+	const char *batch_why;         /* why not, for the log */
 	uint64_t features;
 	struct devio_ublk_dev_info info;
 	unsigned nr_queues, depth;
@@ -154,6 +177,34 @@ int devio_ublk_decode(uint32_t op_flags, uint32_t nr_sectors, uint64_t start_sec
 		return -EINVAL;
 	req->offset = start_sector << 9;
 	req->length = (uint64_t)nr_sectors << 9;
+	return 0;
+}
+
+unsigned devio_ublk_batch_tags(const void *buf, size_t len, unsigned depth, uint16_t *out, unsigned *bad)
+{
+	const unsigned char *p = buf;
+	unsigned n = 0;
+
+	*bad = len & 1;
+	for (size_t i = 0; i + 2 <= len; i += 2) {
+		uint16_t tag;
+
+		memcpy(&tag, p + i, sizeof(tag));
+		if (tag < depth)
+			out[n++] = tag;
+		else if (tag != DEVIO_UBLK_BATCH_UNUSED_TAG)
+			(*bad)++;
+	}
+	return n;
+}
+
+int devio_ublk_pick_batch(uint64_t features, bool ioctl_encode, int want, bool *out)
+{
+	bool offered = (features & DEVIO_UBLK_F_BATCH_IO) && ioctl_encode;
+
+	if (want == DEVIO_UBLK_BATCH_ON && !offered)
+		return -EOPNOTSUPP;
+	*out = want != DEVIO_UBLK_BATCH_OFF && offered;
 	return 0;
 }
 
@@ -476,6 +527,8 @@ static int ublk_add_dev(struct ublk_dev *d, uint32_t want_id)
 	if (d->ioctl_encode)
 		d->info.flags |= DEVIO_UBLK_F_CMD_IOCTL_ENCODE;
 	d->info.flags |= d->recovery_flags;
+	if (d->batch)
+		d->info.flags |= DEVIO_UBLK_F_BATCH_IO;
 	cmd.addr = (uintptr_t)&d->info;
 	cmd.len = sizeof(d->info);
 	r = ublk_ctrl_cmd(d, DEVIO_UBLK_CMD_ADD_DEV, &cmd);
@@ -490,6 +543,10 @@ static int ublk_add_dev(struct ublk_dev *d, uint32_t want_id)
 	snprintf(d->cdev, sizeof(d->cdev), "/dev/ublkc%u", d->info.dev_id);
 	if (ublk_copy_flag(d->copy) && !(d->info.flags & ublk_copy_flag(d->copy))) { /* the driver answers what it took */
 		devio_err("ublk: %s: the driver did not take %s", d->bdev, devio_ublk_copy_name(d->copy));
+		return -EOPNOTSUPP;
+	}
+	if (d->batch && !(d->info.flags & DEVIO_UBLK_F_BATCH_IO)) {
+		devio_err("ublk: %s: the driver did not take batched commands (UBLK_F_BATCH_IO)", d->bdev);
 		return -EOPNOTSUPP;
 	}
 	return 0;
@@ -581,6 +638,8 @@ static int ublk_queue_io_cmd(struct ublk_queue *q, struct ublk_tag *t, unsigned 
 	sqe->flags |= IOSQE_FIXED_FILE;
 	devio_ring_sqe_owner(sqe, t);
 	q->cmds_out++;
+	if (nr == DEVIO_UBLK_IO_COMMIT_AND_FETCH_REQ)
+		atomic_fetch_add_explicit(&q->commit_cmds, 1, memory_order_relaxed);
 	return 0;
 }
 
@@ -601,6 +660,283 @@ static int ublk_queue_buf_cmd(struct ublk_queue *q, struct ublk_tag *t, unsigned
 	devio_ring_sqe_owner(sqe, &q->buf_cmd);
 	t->registered = nr == DEVIO_UBLK_IO_REGISTER_IO_BUF;
 	return 0;
+}
+
+/* ---- batched commands (UBLK_F_BATCH_IO) ---- */
+
+static void ublk_start_request(struct ublk_queue *q, struct ublk_tag *t);
+
+/* Kernel copy names each tag's buffer in its elements. */
+static unsigned ublk_batch_elem_bytes(const struct ublk_dev *d)
+{
+	return d->copy == DEVIO_UBLK_COPY_KERNEL ? 16 : 8;
+}
+
+/* Tag t's element of PREP/COMMIT (result res) at p. */
+static void ublk_batch_elem(const struct ublk_queue *q, const struct ublk_tag *t, int res, unsigned char *p)
+{
+	struct devio_ublk_elem e = { .tag = t->tag, .result = res };
+
+	if (q->dev->copy == DEVIO_UBLK_COPY_AUTO_BUF_REG)
+		e.buf_index = t->tag; /* the next request's pages: fixed buffer `tag` */
+	memcpy(p, &e, sizeof(e));
+	if (q->dev->copy == DEVIO_UBLK_COPY_KERNEL) {
+		uint64_t addr = (uintptr_t)t->buf;
+
+		memcpy(p + sizeof(e), &addr, sizeof(addr));
+	}
+}
+
+/* Queue PREP_IO_CMDS or COMMIT_IO_CMDS for the n elements at elems (which
+ * stay untouched until the CQE). */
+static int ublk_batch_cmd(struct ublk_queue *q, unsigned nr, const unsigned char *elems, unsigned n, void *owner)
+{
+	struct ublk_dev *d = q->dev;
+	struct devio_ublk_batch_io cmd = { .q_id = (uint16_t)q->qid, .nr_elem = (uint16_t)n,
+					   .elem_bytes = (uint8_t)ublk_batch_elem_bytes(d) };
+	struct io_uring_sqe *sqe = devio_ring_get_sqe(q->ring);
+
+	if (!sqe)
+		return -EBUSY;
+	if (d->copy == DEVIO_UBLK_COPY_KERNEL)
+		cmd.flags = DEVIO_UBLK_BATCH_F_HAS_BUF_ADDR;
+	ublk_prep_uring_cmd(sqe, 0, DEVIO_UBLK_U_BATCH(nr), &cmd, sizeof(cmd));
+	sqe->addr = (uintptr_t)elems;
+	sqe->len = n * cmd.elem_bytes;
+	sqe->flags |= IOSQE_FIXED_FILE;
+	devio_ring_sqe_owner(sqe, owner);
+	q->cmds_out++;
+	return 0;
+}
+
+/* The multishot FETCH_IO_CMDS: tags of ready requests into buffer group 0. */
+static int ublk_batch_fetch(struct ublk_queue *q)
+{
+	struct devio_ublk_batch_io cmd = { .q_id = (uint16_t)q->qid, .nr_elem = (uint16_t)(q->fbuf_len / 2),
+					   .elem_bytes = 2 };
+	struct io_uring_sqe *sqe = devio_ring_get_sqe(q->ring);
+
+	if (!sqe)
+		return -EBUSY;
+	ublk_prep_uring_cmd(sqe, 0, DEVIO_UBLK_U_BATCH(DEVIO_UBLK_IO_FETCH_IO_CMDS), &cmd, sizeof(cmd));
+	sqe->uring_cmd_flags = DEVIO_IORING_URING_CMD_MULTISHOT;
+	sqe->flags |= IOSQE_FIXED_FILE | IOSQE_BUFFER_SELECT;
+	sqe->buf_group = 0;
+	devio_ring_sqe_owner(sqe, &q->fetch_cmd);
+	q->cmds_out++;
+	return 0;
+}
+
+/* A finished request's result waits for the end of the pass. */
+static void ublk_batch_stage(struct ublk_queue *q, struct ublk_tag *t, int res)
+{
+	if (q->n_stage >= q->dev->depth) { /* each tag at most once: cannot happen */
+		devio_err("ublk: %s: queue %u tag %u: no room for its result", q->dev->bdev, q->qid, t->tag);
+		return;
+	}
+	ublk_batch_elem(q, t, res, q->stage + (size_t)q->n_stage * ublk_batch_elem_bytes(q->dev));
+	q->n_stage++;
+	t->held = false;
+}
+
+/* COMMIT_IO_CMDS for what of sent the driver has not taken yet. */
+static void ublk_batch_send(struct ublk_queue *q)
+{
+	unsigned eb = ublk_batch_elem_bytes(q->dev);
+
+	if (ublk_batch_cmd(q, DEVIO_UBLK_IO_COMMIT_IO_CMDS, q->sent + (size_t)q->sent_off * eb,
+			   q->n_sent - q->sent_off, &q->commit_cmd)) {
+		devio_err("ublk: %s: queue %u: no SQE for the commit of %u results", q->dev->bdev, q->qid,
+			  q->n_sent - q->sent_off);
+		q->commit_busy = false;
+		return;
+	}
+	q->commit_busy = true;
+	atomic_fetch_add_explicit(&q->commit_cmds, 1, memory_order_relaxed);
+}
+
+/* owner->flush: the pass's results in one command (stage and sent swap).
+ * The driver answers COMMIT_IO_CMDS when it is submitted: 1 such CQE
+ * (0 when none was queued), so the same io_uring_enter waits on for the
+ * next requests. */
+static unsigned ublk_batch_flush(struct devio_ring *r, void *ctx)
+{
+	struct ublk_queue *q = ctx;
+	unsigned char *p = q->sent;
+
+	if (!q->dev->batch || q->commit_busy || !q->n_stage)
+		return 0;
+	q->sent = q->stage;
+	q->stage = p;
+	q->n_sent = q->n_stage;
+	q->n_stage = 0;
+	q->sent_off = 0;
+	ublk_batch_send(q);
+	return q->commit_busy ? 1 : 0;
+}
+
+/* COMMIT_IO_CMDS's CQE: bytes of elements taken; the rest goes again.
+ * Nothing taken (-errno): the first is dropped (all on -ENODEV, the
+ * device going away), so that no result loops forever. */
+static void ublk_batch_commit_cqe(struct ublk_queue *q, int res)
+{
+	unsigned left = q->n_sent - q->sent_off;
+	unsigned took = res > 0 ? (unsigned)res / ublk_batch_elem_bytes(q->dev) : 0;
+
+	q->cmds_out--;
+	if (took > left)
+		took = left;
+	if (!took) {
+		struct devio_ublk_elem e;
+
+		memcpy(&e, q->sent + (size_t)q->sent_off * ublk_batch_elem_bytes(q->dev), sizeof(e));
+		took = res == -ENODEV ? left : 1;
+		if (res != -ENODEV || !atomic_load(&q->dev->stopping))
+			devio_err("ublk: %s: queue %u: COMMIT_IO_CMDS of %u results: %s; %u dropped from tag %u on",
+				  q->dev->bdev, q->qid, left, strerror(res < 0 ? -res : EIO), took, e.tag);
+	} else if (took < left) {
+		atomic_fetch_add_explicit(&q->partial_commits, 1, memory_order_relaxed);
+	}
+	q->sent_off += took;
+	if (q->sent_off < q->n_sent)
+		ublk_batch_send(q);
+	else
+		q->commit_busy = false;
+}
+
+/* The tags a fetch wrote into buffer bid (len bytes): checked, the buffer
+ * handed back to the driver, each request started. */
+static void ublk_batch_tags_in(struct ublk_queue *q, unsigned bid, unsigned len)
+{
+	unsigned char *buf;
+	unsigned n, bad;
+
+	if (bid >= q->nfbufs) {
+		devio_err("ublk: %s: queue %u: fetch into buffer %u of %u", q->dev->bdev, q->qid, bid, q->nfbufs);
+		return;
+	}
+	buf = q->fbufs + (size_t)bid * q->fbuf_len;
+	n = devio_ublk_batch_tags(buf, len < q->fbuf_len ? len : q->fbuf_len, q->dev->depth, q->tagv, &bad);
+	io_uring_buf_ring_add(q->br, buf, q->fbuf_len, (unsigned short)bid, io_uring_buf_ring_mask(q->nfbufs), 0);
+	io_uring_buf_ring_advance(q->br, 1);
+	if (bad || len > q->fbuf_len)
+		devio_warn("ublk: %s: queue %u: fetch of %u bytes with %u tags out of range", q->dev->bdev, q->qid, len, bad);
+	for (unsigned i = 0; i < n; i++) {
+		struct ublk_tag *t = &q->tags[q->tagv[i]];
+
+		if (t->held) {
+			devio_warn("ublk: %s: queue %u: tag %u fetched while being served; ignored", q->dev->bdev, q->qid,
+				   t->tag);
+			continue;
+		}
+		t->held = true;
+		ublk_start_request(q, t);
+	}
+}
+
+/* A FETCH_IO_CMDS CQE: tags, and while it says more, nothing else.  Once
+ * it ended it is queued again, unless the driver aborted it (stopping,
+ * quiesced: UBLK_IO_RES_ABORT) or it failed. */
+static void ublk_batch_fetch_cqe(struct ublk_queue *q, int res)
+{
+	unsigned flags = devio_ring_cqe_flags(q->ring);
+
+	if (res >= 0 && (flags & IORING_CQE_F_BUFFER))
+		ublk_batch_tags_in(q, flags >> IORING_CQE_BUFFER_SHIFT, (unsigned)res);
+	if (flags & IORING_CQE_F_MORE)
+		return;
+	q->cmds_out--;
+	if ((res >= 0 || res == -ENOBUFS) && !atomic_load(&q->dev->stopping) && !atomic_load(&q->dev->handover)) {
+		if (ublk_batch_fetch(q))
+			devio_err("ublk: %s: queue %u: no SQE to fetch again", q->dev->bdev, q->qid);
+		return;
+	}
+	if (res < 0 && res != -ENODEV && res != -ECANCELED)
+		devio_err("ublk: %s: queue %u: FETCH_IO_CMDS: %s", q->dev->bdev, q->qid, strerror(-res));
+}
+
+/* PREP_IO_CMDS for every tag, waited for here (the only CQE that can come
+ * now: the inbox read waits for other threads, none of which has a
+ * request yet), so that a refusal stops the start with its reason. */
+static int ublk_batch_prep(struct ublk_queue *q)
+{
+	struct io_uring *u = devio_ring_uring(q->ring);
+	struct io_uring_cqe *cqe;
+	int r;
+
+	for (unsigned i = 0; i < q->dev->depth; i++)
+		ublk_batch_elem(q, &q->tags[i], 0, q->sent + (size_t)i * ublk_batch_elem_bytes(q->dev));
+	r = ublk_batch_cmd(q, DEVIO_UBLK_IO_PREP_IO_CMDS, q->sent, q->dev->depth, &q->prep_cmd);
+	if (!r)
+		r = io_uring_submit_and_wait(u, 1);
+	if (r >= 0)
+		r = io_uring_peek_cqe(u, &cqe);
+	if (!r && io_uring_cqe_get_data(cqe) != &q->prep_cmd)
+		r = -EPROTO;
+	if (!r) {
+		r = cqe->res;
+		io_uring_cqe_seen(u, cqe);
+		q->cmds_out--;
+	}
+	if (r < 0)
+		devio_err("ublk: %s: queue %u: PREP_IO_CMDS for %u tags: %s", q->dev->bdev, q->qid, q->dev->depth,
+			  strerror(-r));
+	return r < 0 ? r : 0;
+}
+
+/* On the queue thread: the fetch buffers as buffer group 0 of the ring,
+ * every tag prepared, the multishot fetch queued. */
+static int ublk_batch_setup(struct ublk_queue *q)
+{
+	struct io_uring_buf_reg reg = { .ring_addr = (uintptr_t)q->br, .ring_entries = q->nfbufs, .bgid = 0 };
+	int r = io_uring_register_buf_ring(devio_ring_uring(q->ring), &reg, 0);
+
+	if (r < 0) {
+		devio_err("ublk: %s: queue %u: a ring of %u fetch buffers: %s", q->dev->bdev, q->qid, q->nfbufs,
+			  strerror(-r));
+		return r;
+	}
+	io_uring_buf_ring_init(q->br);
+	for (unsigned i = 0; i < q->nfbufs; i++)
+		io_uring_buf_ring_add(q->br, q->fbufs + (size_t)i * q->fbuf_len, q->fbuf_len, (unsigned short)i,
+				      io_uring_buf_ring_mask(q->nfbufs), (int)i);
+	io_uring_buf_ring_advance(q->br, (int)q->nfbufs);
+	r = ublk_batch_prep(q);
+	return r ? r : ublk_batch_fetch(q);
+}
+
+/* The batch buffers: two element arrays of depth, one fetch buffer (up to
+ * 128 tags, what the driver writes per CQE) per tag, since each CQE uses
+ * one and each carries a tag not yet answered. */
+static int ublk_batch_alloc(struct ublk_queue *q)
+{
+	unsigned depth = q->dev->depth, eb = ublk_batch_elem_bytes(q->dev);
+	size_t page = (size_t)sysconf(_SC_PAGESIZE);
+
+	q->nfbufs = 1;
+	while (q->nfbufs < depth)
+		q->nfbufs <<= 1;
+	q->fbuf_len = (depth < 128 ? depth : 128) * 2;
+	q->fbuf_len = (q->fbuf_len + 7) & ~7u;
+	q->stage = calloc(depth, eb);
+	q->sent = calloc(depth, eb);
+	q->tagv = calloc(q->fbuf_len / 2, sizeof(*q->tagv));
+	q->fbufs = calloc(q->nfbufs, q->fbuf_len);
+	q->br_len = (q->nfbufs * sizeof(struct io_uring_buf) + page - 1) / page * page;
+	q->br = mmap(NULL, q->br_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (q->br == MAP_FAILED)
+		q->br = NULL;
+	return q->stage && q->sent && q->tagv && q->fbufs && q->br ? 0 : -ENOMEM;
+}
+
+static void ublk_batch_free(struct ublk_queue *q)
+{
+	if (q->br)
+		munmap(q->br, q->br_len);
+	free(q->stage);
+	free(q->sent);
+	free(q->tagv);
+	free(q->fbufs);
 }
 
 /* Commit one finished request and fetch the tag's next one. */
@@ -634,7 +970,9 @@ static void ublk_commit_tag(struct ublk_queue *q, struct ublk_tag *t)
 	atomic_fetch_add_explicit(&q->served, 1, memory_order_relaxed);
 	if (t->registered && ublk_queue_buf_cmd(q, t, DEVIO_UBLK_IO_UNREGISTER_IO_BUF))
 		devio_err("ublk: %s: queue %u tag %u: no SQE to unregister the buffer", q->dev->bdev, q->qid, t->tag);
-	if (ublk_queue_io_cmd(q, t, DEVIO_UBLK_IO_COMMIT_AND_FETCH_REQ, res))
+	if (q->dev->batch)
+		ublk_batch_stage(q, t, res); /* sent at the end of the pass (ublk_batch_flush) */
+	else if (ublk_queue_io_cmd(q, t, DEVIO_UBLK_IO_COMMIT_AND_FETCH_REQ, res))
 		devio_err("ublk: %s: queue %u tag %u: no SQE for the commit", q->dev->bdev, q->qid, t->tag);
 }
 
@@ -703,6 +1041,14 @@ static void ublk_queue_cqe(struct devio_ring *r, void *ctx, void *data, int res)
 			  strerror(-res));
 		return;
 	}
+	if (data == &q->fetch_cmd) {
+		ublk_batch_fetch_cqe(q, res);
+		return;
+	}
+	if (data == &q->commit_cmd) {
+		ublk_batch_commit_cqe(q, res);
+		return;
+	}
 	q->cmds_out--;
 	if (res == DEVIO_UBLK_IO_RES_OK) {
 		ublk_start_request(q, t);
@@ -721,9 +1067,9 @@ static bool ublk_queue_finished(struct devio_ring *r, void *ctx)
 {
 	struct ublk_queue *q = ctx;
 
-	if (!q->cmds_out)
+	if (!q->cmds_out && !q->n_stage)
 		return true;
-	if (atomic_load(&q->dev->handover) && io_uring_sq_ready(devio_ring_uring(r)))
+	if (atomic_load(&q->dev->handover) && (io_uring_sq_ready(devio_ring_uring(r)) || q->n_stage))
 		return false; /* handing over: answers still queued go to the kernel before the ring closes */
 	return atomic_load(&q->dev->stopping) && devio_now_ns() >= atomic_load(&q->dev->stop_deadline);
 }
@@ -734,7 +1080,7 @@ static size_t ublk_round_up_sz(size_t v, size_t align)
 }
 
 /* On the queue thread: the descriptors, /dev/ublkcN as fixed file 0, a
- * FETCH_REQ for every tag. */
+ * FETCH_REQ for every tag (batch: PREP_IO_CMDS and one FETCH_IO_CMDS). */
 static int ublk_queue_setup(struct devio_ring *ring, void *ctx)
 {
 	struct ublk_queue *q = ctx;
@@ -766,11 +1112,12 @@ static int ublk_queue_setup(struct devio_ring *ring, void *ctx)
 		devio_err("ublk: queue %u: a table of %u fixed buffers: %s", q->qid, d->depth, strerror(-r));
 		return r;
 	}
-	for (unsigned i = 0; i < d->depth; i++) {
+	if (d->batch)
+		r = ublk_batch_setup(q);
+	for (unsigned i = 0; !d->batch && i < d->depth && !r; i++)
 		r = ublk_queue_io_cmd(q, &q->tags[i], DEVIO_UBLK_IO_FETCH_REQ, 0);
-		if (r)
-			return r;
-	}
+	if (r)
+		return r;
 	r = io_uring_submit(devio_ring_uring(ring));
 	return r < 0 ? r : 0;
 }
@@ -780,6 +1127,7 @@ static const struct devio_ring_owner queue_owner = {
 	.cqe = ublk_queue_cqe,
 	.done = ublk_queue_done,
 	.finished = ublk_queue_finished,
+	.flush = ublk_batch_flush,
 };
 
 static int ublk_queue_alloc(struct ublk_queue *q)
@@ -799,7 +1147,7 @@ static int ublk_queue_alloc(struct ublk_queue *q)
 		t->tag = (uint16_t)i;
 		t->req.opaque = t;
 	}
-	return 0;
+	return d->batch ? ublk_batch_alloc(q) : 0;
 }
 
 /* After the ring is gone (its thread joined, its commands cancelled). */
@@ -811,6 +1159,7 @@ static void ublk_queue_free(struct ublk_queue *q)
 		for (unsigned i = 0; i < q->dev->depth; i++)
 			free(q->tags[i].buf);
 	free(q->tags);
+	ublk_batch_free(q);
 }
 
 /* The CPUs whose requests the driver sends to queue q, for its thread;
@@ -922,7 +1271,22 @@ struct ublk_opts {
 	bool recover;        /* --recover: take over device ID from a server that died */
 	int copy;            /* --ublk-copy: 0 = not given, else UBLK_OPT_COPY(want) */
 	uint32_t max_io;     /* --max-io: largest request in bytes, 0 = by data path */
+	int batch;           /* --ublk-batch: 0 = not given, else 1 + DEVIO_UBLK_BATCH_* */
 };
+
+static int ublk_opt_batch(const char *name, const char *val, void *field)
+{
+	static const char *const words[] = { "auto", "on", "off" };
+	int *batch = field;
+
+	for (int i = 0; val && i < 3; i++)
+		if (!strcmp(val, words[i])) {
+			*batch = 1 + i; /* DEVIO_UBLK_BATCH_AUTO, _ON, _OFF */
+			return 0;
+		}
+	devio_err("--%s: want auto, on or off, got '%s'", name, val ? val : "");
+	return -EINVAL;
+}
 
 /* --ublk-copy's value in ublk_opts.copy: want (DEVIO_UBLK_WANT_*, or a
  * mode) shifted so that 0 means not given. */
@@ -1004,8 +1368,11 @@ static int ublk_recovery_flags(struct ublk_dev *d, int mode)
 	d->recovery_flags = DEVIO_UBLK_F_USER_RECOVERY | (mode == UBLK_RECOVERY_FAIL_IO
 							  ? DEVIO_UBLK_F_USER_RECOVERY_FAIL_IO
 							  : DEVIO_UBLK_F_USER_RECOVERY_REISSUE);
-	/* a graceful hand-over (ublk_handover) where the driver can quiesce */
-	if (mode == UBLK_RECOVERY_REISSUE && (f & DEVIO_UBLK_F_QUIESCE))
+	/* a graceful hand-over (ublk_handover) where the driver can quiesce;
+	 * not with batched commands: the driver's QUIESCE_DEV cancels their
+	 * fetches with force_abort set, and fails (EIO) the requests that
+	 * come while the next server starts instead of requeueing them */
+	if (mode == UBLK_RECOVERY_REISSUE && (f & DEVIO_UBLK_F_QUIESCE) && !d->batch)
 		d->recovery_flags |= DEVIO_UBLK_F_QUIESCE;
 	return 0;
 }
@@ -1086,8 +1453,37 @@ static void ublk_log_features(const struct ublk_dev *d)
 		   devio_ublk_copy_name(d->copy), why);
 }
 
+static const char *ublk_batch_word(const struct ublk_dev *d)
+{
+	return d->batch ? "batch" : "per-tag";
+}
+
+/* Once per server: batched or per-tag commands, and why not batched. */
+static void ublk_log_batch(const struct ublk_dev *d)
+{
+	if (d->batch)
+		devio_info("ublk: commands: batch (UBLK_F_BATCH_IO: PREP_IO_CMDS, multishot FETCH_IO_CMDS, COMMIT_IO_CMDS)");
+	else
+		devio_info("ublk: commands: per tag (FETCH_REQ, COMMIT_AND_FETCH_REQ); batch %s", d->batch_why);
+}
+
+/* Batched commands where wanted (want: DEVIO_UBLK_BATCH_*) and offered. */
+static int ublk_pick_batch(struct ublk_dev *d, int want)
+{
+	if (devio_ublk_pick_batch(d->features, d->ioctl_encode, want, &d->batch)) {
+		devio_err("ublk: --ublk-batch on: %s", d->features & DEVIO_UBLK_F_BATCH_IO
+			  ? "batched commands need ioctl-encoded opcodes" : "this kernel's ublk driver has no UBLK_F_BATCH_IO (7.x)");
+		return -EOPNOTSUPP;
+	}
+	d->batch_why = d->batch ? "" : want == DEVIO_UBLK_BATCH_OFF ? "off (--ublk-batch off)"
+		       : !(d->features & DEVIO_UBLK_F_BATCH_IO) ? "not offered by this driver (UBLK_F_BATCH_IO, 7.x)"
+		       : "not with legacy opcodes";
+	ublk_log_batch(d);
+	return 0;
+}
+
 /* A new device: ADD_DEV, SET_PARAMS, the queues, START_DEV. */
-static int ublk_create(struct ublk_dev *d, uint32_t want_id, int copy, int recovery)
+static int ublk_create(struct ublk_dev *d, uint32_t want_id, int copy, int recovery, int batch)
 {
 	int r = devio_ublk_pick_copy(d->features, copy, devio_backend_takes_fixed(d->b), &d->copy);
 
@@ -1104,6 +1500,8 @@ static int ublk_create(struct ublk_dev *d, uint32_t want_id, int copy, int recov
 	}
 	d->user_copy = d->copy == DEVIO_UBLK_COPY_USER;
 	r = ublk_set_max_io(d);
+	if (!r)
+		r = ublk_pick_batch(d, batch);
 	if (!r)
 		r = ublk_recovery_flags(d, recovery);
 	if (r)
@@ -1155,6 +1553,8 @@ static int ublk_adopt(struct ublk_dev *d, uint32_t id)
 					     DEVIO_UBLK_F_USER_RECOVERY_FAIL_IO | DEVIO_UBLK_F_QUIESCE);
 	d->ioctl_encode = d->info.flags & DEVIO_UBLK_F_CMD_IOCTL_ENCODE;
 	d->user_copy = d->info.flags & DEVIO_UBLK_F_USER_COPY;
+	d->batch = d->info.flags & DEVIO_UBLK_F_BATCH_IO; /* its /dev/ublkcN takes only the one kind */
+	d->batch_why = "off (the device was made without UBLK_F_BATCH_IO)";
 	d->copy = d->info.flags & DEVIO_UBLK_F_AUTO_BUF_REG ? DEVIO_UBLK_COPY_AUTO_BUF_REG
 		  : d->info.flags & DEVIO_UBLK_F_SUPPORT_ZERO_COPY ? DEVIO_UBLK_COPY_ZERO
 		  : d->user_copy ? DEVIO_UBLK_COPY_USER : DEVIO_UBLK_COPY_KERNEL;
@@ -1209,6 +1609,7 @@ static int ublk_recover(struct ublk_dev *d, uint32_t id)
 	if (r)
 		return r;
 	ublk_log_features(d);
+	ublk_log_batch(d);
 	r = ublk_start_recovery(d);
 	if (!r)
 		r = ublk_open_cdev(d);
@@ -1245,8 +1646,8 @@ static int ublk_start(struct devio_server *srv, const char *arg, const void *opt
 	}
 	if (o->copy)
 		copy = o->copy - UBLK_OPT_COPY(0); /* --ublk-copy */
-	if (o->recover && (want_id == NO_DEV_ID || copy != DEVIO_UBLK_WANT_BEST || o->recovery || o->max_io)) {
-		devio_err("ublk: --recover takes over an existing device: --ublk=ID, its copy mode, request size and recovery stay as they were made");
+	if (o->recover && (want_id == NO_DEV_ID || copy != DEVIO_UBLK_WANT_BEST || o->recovery || o->max_io || o->batch)) {
+		devio_err("ublk: --recover takes over an existing device: --ublk=ID, its copy mode, request size, commands and recovery stay as they were made");
 		r = -EINVAL;
 		goto fail;
 	}
@@ -1265,13 +1666,14 @@ static int ublk_start(struct devio_server *srv, const char *arg, const void *opt
 	ublk_get_features(d);
 	if (legacy)
 		d->ioctl_encode = false; /* what a pre-6.5 driver gets; for testing the fallback */
-	r = o->recover ? ublk_recover(d, want_id) : ublk_create(d, want_id, copy, o->recovery);
+	r = o->recover ? ublk_recover(d, want_id)
+		       : ublk_create(d, want_id, copy, o->recovery, o->batch ? o->batch - 1 : DEVIO_UBLK_BATCH_AUTO);
 	if (r)
 		goto fail;
 	d->started = true;
-	devio_info("ublk: %s: %llu bytes, %u queues, depth %u, %u-byte requests, %s, %s opcodes, recovery %s%s (driver features 0x%llx)",
+	devio_info("ublk: %s: %llu bytes, %u queues, depth %u, %u-byte requests, %s, %s opcodes, %s commands, recovery %s%s (driver features 0x%llx)",
 		   d->bdev, (unsigned long long)d->dev_sectors << 9, d->nr_queues, d->depth, d->max_io,
-		   devio_ublk_copy_name(d->copy), d->ioctl_encode ? "ioctl-encoded" : "legacy",
+		   devio_ublk_copy_name(d->copy), d->ioctl_encode ? "ioctl-encoded" : "legacy", ublk_batch_word(d),
 		   ublk_recovery_name(d->recovery_flags), o->recover ? ", taken over" : "",
 		   (unsigned long long)d->features);
 	*state = d;
@@ -1289,11 +1691,12 @@ static void ublk_print_counters(struct ublk_dev *d, FILE *out)
 
 		if (q->ring)
 			devio_ring_get_stats(q->ring, &st);
-		fprintf(out, "ublk %s queue %u served %llu io_uring_enter %llu copy_syscalls %llu zero_copy %llu max_batch %llu errors %llu backend_ios_on_ring %llu mode %s\n",
+		fprintf(out, "ublk %s queue %u served %llu io_uring_enter %llu copy_syscalls %llu zero_copy %llu max_batch %llu errors %llu backend_ios_on_ring %llu commit_cmds %llu partial_commits %llu commands %s mode %s\n",
 			d->bdev, i, (unsigned long long)atomic_load(&q->served), (unsigned long long)st.enters,
 			(unsigned long long)atomic_load(&q->copies), (unsigned long long)atomic_load(&q->zero_copies),
 			(unsigned long long)st.max_batch, (unsigned long long)atomic_load(&q->errors),
-			(unsigned long long)st.ring_ios, devio_ublk_copy_mode(d->copy));
+			(unsigned long long)st.ring_ios, (unsigned long long)atomic_load(&q->commit_cmds),
+			(unsigned long long)atomic_load(&q->partial_commits), ublk_batch_word(d), devio_ublk_copy_mode(d->copy));
 	}
 }
 
@@ -1370,11 +1773,12 @@ static int ublk_quiesce(struct ublk_dev *d)
 	uint64_t t0 = devio_now_ns();
 	int r;
 
-	if (!(d->recovery_flags & DEVIO_UBLK_F_QUIESCE)) {
+	if (!(d->recovery_flags & DEVIO_UBLK_F_QUIESCE) || d->batch) {
 		devio_info("ublk: %s: hand-over without quiesce (%s): the queues close and the driver reissues what "
 			   "was in flight to the next server", d->bdev,
-			   d->features & DEVIO_UBLK_F_QUIESCE ? "the device was made without UBLK_F_QUIESCE"
-							      : "this kernel has no UBLK_F_QUIESCE");
+			   !(d->features & DEVIO_UBLK_F_QUIESCE) ? "this kernel has no UBLK_F_QUIESCE"
+			   : d->batch ? "batched commands: QUIESCE_DEV would fail new I/O"
+				      : "the device was made without UBLK_F_QUIESCE");
 		return -EOPNOTSUPP;
 	}
 	r = ublk_simple_cmd(d, DEVIO_UBLK_CMD_QUIESCE_DEV, UBLK_QUIESCE_TIMEOUT_MS);
@@ -1420,12 +1824,12 @@ static void ublk_status(void *state, FILE *out)
 
 	char names[512];
 
-	fprintf(out, "ublk device %s queues %u depth %u max_io %u mode %s opcodes %s\n", d->bdev,
+	fprintf(out, "ublk device %s queues %u depth %u max_io %u mode %s opcodes %s commands %s\n", d->bdev,
 		d->nr_queues, d->depth, d->max_io, devio_ublk_copy_mode(d->copy),
-		d->ioctl_encode ? "ioctl" : "legacy");
+		d->ioctl_encode ? "ioctl" : "legacy", ublk_batch_word(d));
 	fprintf(out, "ublk %s recovery %s%s\n", d->bdev, ublk_recovery_name(d->recovery_flags),
 		!(d->recovery_flags & DEVIO_UBLK_F_USER_RECOVERY) || (d->recovery_flags & DEVIO_UBLK_F_USER_RECOVERY_FAIL_IO)
-		? "" : d->recovery_flags & DEVIO_UBLK_F_QUIESCE ? " hand-over quiesce" : " hand-over kill-and-recover");
+		? "" : (d->recovery_flags & DEVIO_UBLK_F_QUIESCE) && !d->batch ? " hand-over quiesce" : " hand-over kill-and-recover");
 	fprintf(out, "ublk %s data path: %s; driver features 0x%llx (%s)\n", d->bdev,
 		devio_ublk_copy_name(d->copy), (unsigned long long)d->features,
 		devio_ublk_feature_names(d->features, names, sizeof(names)));
@@ -1454,6 +1858,8 @@ static const struct devio_frontend_option ublk_options[] = {
 	  offsetof(struct ublk_opts, max_io) },
 	{ "ublk-copy", "auto|zero|user|kernel", "the data path: best offered (default), zero copy (a plain file only), user or kernel copy",
 	  ublk_opt_copy, offsetof(struct ublk_opts, copy) },
+	{ "ublk-batch", "auto|on|off", "batched commands (UBLK_F_BATCH_IO): where offered (default), required, or per-tag commands",
+	  ublk_opt_batch, offsetof(struct ublk_opts, batch) },
 	{ NULL },
 };
 

@@ -23,6 +23,7 @@
 #define RING_KIND_REQUEST 1ull /* a backend's I/O for a request: ops->ring_cqe */
 #define RING_KIND_INBOX 2ull   /* the eventfd read: requests finished elsewhere */
 #define RING_STOP_WAIT_NS (100 * 1000 * 1000)
+#define RING_FLUSH_WAIT_NS (1000 * 1000) /* owner->flush's own CQEs are seen within 1 ms */
 #define RING_MAX_ENTER_FAILURES 1000
 
 struct devio_ring {
@@ -48,7 +49,13 @@ struct devio_ring {
 	bool started;
 	int start_result;
 	_Atomic uint64_t enters, ring_ios, max_batch;
+	unsigned cqe_flags; /* of the CQE being handed to owner->cqe */
 };
+
+unsigned devio_ring_cqe_flags(const struct devio_ring *r)
+{
+	return r->cqe_flags;
+}
 
 bool devio_ring_stopping(const struct devio_ring *r)
 {
@@ -207,13 +214,15 @@ static void ring_cqe(struct devio_ring *r, const struct io_uring_cqe *cqe)
 		break;
 	}
 	default:
+		r->cqe_flags = cqe->flags;
 		r->owner->cqe(r, r->ctx, p, cqe->res);
 	}
 }
 
 /* Submit what is queued and wait for a completion, in one io_uring_enter;
- * while stopping, with a timeout so that the owner's deadline is seen. */
-static int ring_wait(struct devio_ring *r)
+ * while stopping, with a timeout so that the owner's deadline is seen;
+ * with `inline` CQEs expected at submission, for one more than those. */
+static int ring_wait(struct devio_ring *r, unsigned inline_cqes)
 {
 	struct __kernel_timespec ts = { 0, RING_STOP_WAIT_NS };
 	struct io_uring_cqe *cqe;
@@ -221,6 +230,10 @@ static int ring_wait(struct devio_ring *r)
 	ring_count(&r->enters);
 	if (atomic_load(&r->stopping))
 		return io_uring_submit_and_wait_timeout(&r->ring, &cqe, 1, &ts, NULL);
+	if (inline_cqes) {
+		ts.tv_nsec = RING_FLUSH_WAIT_NS;
+		return io_uring_submit_and_wait_timeout(&r->ring, &cqe, 1 + inline_cqes, &ts, NULL);
+	}
 	return io_uring_submit_and_wait(&r->ring, 1);
 }
 
@@ -231,7 +244,7 @@ static void ring_loop(struct devio_ring *r)
 	while (r->requests || !r->owner->finished(r, r->ctx)) {
 		struct io_uring_cqe *cqe;
 		unsigned head, n = 0;
-		int res = ring_wait(r);
+		int res = ring_wait(r, r->owner->flush ? r->owner->flush(r, r->ctx) : 0);
 
 		if (res < 0 && res != -EINTR && res != -ETIME && res != -EAGAIN && res != -EBUSY) {
 			if (failures++ == 0)

@@ -33,6 +33,46 @@
 #define DEVIO_UBLK_IO_REGISTER_IO_BUF      0x23
 #define DEVIO_UBLK_IO_UNREGISTER_IO_BUF    0x24
 
+/* UBLK_F_BATCH_IO (7.x): per-queue commands that replace FETCH_REQ and
+ * COMMIT_AND_FETCH_REQ (which such a device refuses), ioctl-encoded with
+ * struct devio_ublk_batch_io.  PREP_IO_CMDS hands the driver tags (an
+ * array of elements at the SQE's addr, len bytes), CQE 0 or -errno;
+ * COMMIT_IO_CMDS commits results (elements likewise), CQE = bytes of
+ * elements taken (the rest was not committed: send it again) or -errno
+ * when none was; FETCH_IO_CMDS is multishot (IORING_URING_CMD_MULTISHOT,
+ * IOSQE_BUFFER_SELECT from buffer group sqe->buf_group): each CQE carries
+ * res bytes of u16 tags of ready requests in a provided buffer,
+ * UBLK_IO_RES_ABORT (-ENODEV) when the queue is stopping or quiesced. */
+#define DEVIO_UBLK_IO_PREP_IO_CMDS   0x25
+#define DEVIO_UBLK_IO_COMMIT_IO_CMDS 0x26
+#define DEVIO_UBLK_IO_FETCH_IO_CMDS  0x27
+
+struct devio_ublk_batch_io {
+	uint16_t q_id;
+#define DEVIO_UBLK_BATCH_F_HAS_ZONE_LBA  (1 << 0)
+#define DEVIO_UBLK_BATCH_F_HAS_BUF_ADDR  (1 << 1) /* kernel copy: elements carry buf_addr */
+#define DEVIO_UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK (1 << 2)
+	uint16_t flags;
+	uint16_t nr_elem;
+	uint8_t elem_bytes;     /* 8, +8 with HAS_BUF_ADDR, +8 with HAS_ZONE_LBA */
+	uint8_t reserved;
+	uint64_t reserved2;
+};
+
+/* One element of PREP/COMMIT; with HAS_BUF_ADDR followed by the 64-bit
+ * address of the tag's buffer. */
+struct devio_ublk_elem {
+	uint16_t tag;
+	uint16_t buf_index;     /* UBLK_F_AUTO_BUF_REG: where the next request's pages go */
+	int32_t result;         /* COMMIT: bytes done or -errno */
+};
+
+/* A tag in a FETCH buffer that stands for nothing: skip it. */
+#define DEVIO_UBLK_BATCH_UNUSED_TAG 0xffff
+
+/* io_uring bits liburing 2.3 (Debian 12) does not name yet. */
+#define DEVIO_IORING_URING_CMD_MULTISHOT (1U << 1)
+
 /* The control command, carried in the 80-byte cmd area of a 128-byte SQE. */
 struct devio_ublk_ctrl_cmd {
 	uint32_t dev_id;
@@ -64,6 +104,7 @@ struct devio_ublk_io_cmd {
 #define DEVIO_UBLK_U_CMD(nr)  _IOWR('u', (nr), struct devio_ublk_ctrl_cmd)
 #define DEVIO_UBLK_U_CMDR(nr) _IOR('u', (nr), struct devio_ublk_ctrl_cmd)
 #define DEVIO_UBLK_U_IO(nr)   _IOWR('u', (nr), struct devio_ublk_io_cmd)
+#define DEVIO_UBLK_U_BATCH(nr) _IOWR('u', (nr), struct devio_ublk_batch_io)
 
 struct devio_ublk_dev_info {
 	uint16_t nr_hw_queues;
@@ -192,6 +233,8 @@ struct devio_ublk_params {
 
 _Static_assert(sizeof(struct devio_ublk_ctrl_cmd) == 32, "ublksrv_ctrl_cmd layout");
 _Static_assert(sizeof(struct devio_ublk_io_cmd) == 16, "ublksrv_io_cmd layout");
+_Static_assert(sizeof(struct devio_ublk_batch_io) == 16, "ublk_batch_io layout");
+_Static_assert(sizeof(struct devio_ublk_elem) == 8, "ublk_elem_header layout");
 _Static_assert(sizeof(struct devio_ublk_io_desc) == 24, "ublksrv_io_desc layout");
 _Static_assert(sizeof(struct devio_ublk_dev_info) == 64, "ublksrv_ctrl_dev_info layout");
 _Static_assert(sizeof(struct devio_ublk_param_basic) == 32, "ublk_param_basic layout");

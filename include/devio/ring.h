@@ -49,6 +49,13 @@ struct devio_ring_owner {
 	 * wait for.  The thread ends once this is true and no request it
 	 * submitted is still out. */
 	bool (*finished)(struct devio_ring *r, void *ctx);
+	/* Optional, before every wait: queue what was gathered in the pass
+	 * (e.g. one command answering many requests).  Returns how many of
+	 * the SQEs queued complete at submission (their CQEs are no reason
+	 * to wake): the wait is then for that many more CQEs, at most
+	 * RING_FLUSH_WAIT_NS, so that one io_uring_enter submits them and
+	 * still waits for the next work. */
+	unsigned (*flush)(struct devio_ring *r, void *ctx);
 };
 
 struct devio_ring_params {
@@ -104,6 +111,10 @@ void devio_ring_sqe_request(struct io_uring_sqe *sqe, struct devio_request *req)
 void devio_ring_submit(struct devio_ring *r, struct devio_backend *b, struct devio_request *req);
 /* Requests submitted and not yet given to owner->done(). */
 unsigned devio_ring_requests(const struct devio_ring *r);
+
+/* Inside owner->cqe: the flags of that CQE (IORING_CQE_F_MORE,
+ * IORING_CQE_F_BUFFER and its buffer id). */
+unsigned devio_ring_cqe_flags(const struct devio_ring *r);
 
 /* The counters, from any thread. */
 void devio_ring_get_stats(const struct devio_ring *r, struct devio_ring_stats *out);

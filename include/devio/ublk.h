@@ -62,6 +62,19 @@ int devio_ublk_pick_copy(uint64_t features, int want, bool fixed_ok, enum devio_
 const char *devio_ublk_copy_name(enum devio_ublk_copy c);
 const char *devio_ublk_copy_mode(enum devio_ublk_copy c);
 
+/* Batched commands (UBLK_F_BATCH_IO): want DEVIO_UBLK_BATCH_AUTO (where
+ * the driver offers them and the opcodes are ioctl-encoded, which they
+ * only exist as), _ON (-EOPNOTSUPP where not) or _OFF (per-tag
+ * FETCH_REQ/COMMIT_AND_FETCH_REQ).  0 and *out, or -EOPNOTSUPP. */
+enum { DEVIO_UBLK_BATCH_AUTO, DEVIO_UBLK_BATCH_ON, DEVIO_UBLK_BATCH_OFF };
+int devio_ublk_pick_batch(uint64_t features, bool ioctl_encode, int want, bool *out);
+
+/* The tags a FETCH_IO_CMDS completion wrote: len bytes of 16-bit tags at
+ * buf (untrusted).  Copies those below depth to out (room for len / 2),
+ * skips the driver's "unused" marker, counts anything else (and an odd
+ * trailing byte) in *bad; returns how many went to out. */
+unsigned devio_ublk_batch_tags(const void *buf, size_t len, unsigned depth, uint16_t *out, unsigned *bad);
+
 /* Is /dev/ublkbN open (mounted, held, claimed, or open in a process)?
  * 1 with the reason in why, 0 if not (or no such disk), -errno. */
 int devio_ublk_in_use(unsigned dev_id, char *why, size_t len);

@@ -49,7 +49,7 @@ def test_serve_help_lists_each_front_ends_options():
         "--nbd": ["--depth", "--tls", "--tls-certificates", "--tls-psk", "--tls-verify-peer", "--tls-priority"] + listen,
         "--fuse": ["--loop", "--fuse-transport", "--depth", "--block-size", "--fuse-enable-uring", "--fuse-timeout",
                    "--fuse-mode", "--allow-other"],
-        "--ublk": ["--queues", "--depth", "--block-size", "--recovery", "--recover", "--max-io", "--ublk-copy"],
+        "--ublk": ["--queues", "--depth", "--block-size", "--recovery", "--recover", "--max-io", "--ublk-copy", "--ublk-batch"],
     }, r.stdout
     # every option the help listed before front ends owned them
     for opt in ("--readonly", "--offset", "--size", "--partition", "--ram-max", "--direct", "--format",

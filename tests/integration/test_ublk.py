@@ -45,6 +45,12 @@ def test_bad_max_io_is_refused(size):
     assert "--max-io: want a multiple of 4096 from 4096 to 33554432" in r.stderr
 
 
+def test_unknown_batch_mode_is_refused():
+    r = serve("ram:1M", "--ublk", "--ublk-batch", "maybe")
+    assert r.returncode == 2  # a usage error, told before anything starts
+    assert "--ublk-batch: want auto, on or off, got 'maybe'" in r.stderr
+
+
 @pytest.mark.skipif(os.path.exists("/dev/ublk-control"), reason="ublk_drv is loaded here")
 def test_missing_driver_fails_cleanly():
     r = serve("ram:1M", "--ublk")

@@ -1,9 +1,11 @@
 /* test_ublk.c - the ublk front end's descriptor check on crafted
  * descriptors (ops, flags, ranges at and past the end, overflow, oversize
- * transfers) and its device-name parser. */
+ * transfers), its device-name parser, the data-path and batch choices and
+ * the check of the tags a batched fetch wrote. */
 #include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -134,6 +136,57 @@ static void test_pick_copy(void **state)
 	assert_string_equal(devio_ublk_copy_mode(DEVIO_UBLK_COPY_USER), "user-copy");
 }
 
+/* Batched commands: where offered with ioctl-encoded opcodes (auto), by
+ * force only there, never when turned off. */
+static void test_pick_batch(void **state)
+{
+	const uint64_t f612 = 0x1fe, f7 = 0x1fffff;
+	bool b = true;
+
+	assert_int_equal(devio_ublk_pick_batch(f7, true, DEVIO_UBLK_BATCH_AUTO, &b), 0);
+	assert_true(b);
+	assert_int_equal(devio_ublk_pick_batch(f612, true, DEVIO_UBLK_BATCH_AUTO, &b), 0);
+	assert_false(b);
+	assert_int_equal(devio_ublk_pick_batch(f7, false, DEVIO_UBLK_BATCH_AUTO, &b), 0); /* legacy opcodes */
+	assert_false(b);
+	assert_int_equal(devio_ublk_pick_batch(f7, true, DEVIO_UBLK_BATCH_OFF, &b), 0);
+	assert_false(b);
+	assert_int_equal(devio_ublk_pick_batch(f7, true, DEVIO_UBLK_BATCH_ON, &b), 0);
+	assert_true(b);
+	assert_int_equal(devio_ublk_pick_batch(f612, true, DEVIO_UBLK_BATCH_ON, &b), -EOPNOTSUPP);
+	assert_int_equal(devio_ublk_pick_batch(f7, false, DEVIO_UBLK_BATCH_ON, &b), -EOPNOTSUPP);
+	assert_int_equal(devio_ublk_pick_batch(0, true, DEVIO_UBLK_BATCH_ON, &b), -EOPNOTSUPP);
+}
+
+/* A fetch buffer as the driver may write it, and as it must not: tags past
+ * the depth and odd bytes are counted, the unused marker skipped. */
+static void test_batch_tags(void **state)
+{
+	const uint16_t in[] = { 0, 63, 64, 0xffff, 5, 0xfffe, 7 };
+	unsigned char raw[sizeof(in) + 1];
+	uint16_t out[8];
+	unsigned bad, n;
+
+	memcpy(raw + 1, in, sizeof(in)); /* unaligned on purpose */
+	n = devio_ublk_batch_tags(raw + 1, sizeof(in), 64, out, &bad);
+	assert_int_equal(n, 4);
+	assert_int_equal(out[0], 0);
+	assert_int_equal(out[1], 63);
+	assert_int_equal(out[2], 5);
+	assert_int_equal(out[3], 7);
+	assert_int_equal(bad, 2); /* 64 and 0xfffe */
+	n = devio_ublk_batch_tags(raw + 1, 3, 64, out, &bad); /* a tag and half of one */
+	assert_int_equal(n, 1);
+	assert_int_equal(bad, 1);
+	assert_int_equal(devio_ublk_batch_tags(raw, 0, 64, out, &bad), 0);
+	assert_int_equal(bad, 0);
+	/* depth 0 (nothing valid) and a marker-only buffer */
+	assert_int_equal(devio_ublk_batch_tags(raw + 1, sizeof(in), 0, out, &bad), 0);
+	assert_int_equal(bad, 6);
+	assert_int_equal(sizeof(struct devio_ublk_batch_io), 16);
+	assert_int_equal(DEVIO_UBLK_U_BATCH(DEVIO_UBLK_IO_COMMIT_IO_CMDS), 0xc0107526u);
+}
+
 static void test_feature_names(void **state)
 {
 	char buf[512], tiny[12];
@@ -158,6 +211,8 @@ int main(void)
 		cmocka_unit_test(test_parse_dev),
 		cmocka_unit_test(test_pick_copy),
 		cmocka_unit_test(test_feature_names),
+		cmocka_unit_test(test_pick_batch),
+		cmocka_unit_test(test_batch_tags),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
