@@ -98,7 +98,8 @@ struct ublk_queue {
 	 * fbufs, handed to the driver through the buffer ring br. */
 	unsigned char *stage, *sent;
 	unsigned n_stage, n_sent, sent_off; /* elements; sent_off: accepted so far */
-	bool commit_busy, fetch_dead;
+	bool commit_busy;
+	bool fetch_again;  /* the fetch found no SQE when it ended: flush queues it */
 	struct io_uring_buf_ring *br;
 	size_t br_len;
 	unsigned char *fbufs;
@@ -755,7 +756,8 @@ static void ublk_batch_send(struct ublk_queue *q)
 	atomic_fetch_add_explicit(&q->commit_cmds, 1, memory_order_relaxed);
 }
 
-/* owner->flush: the pass's results in one command (stage and sent swap).
+/* owner->flush: the pass's results in one command (stage and sent swap);
+ * first a fetch or the rest of a commit that found no SQE earlier.
  * The driver answers COMMIT_IO_CMDS when it is submitted: 1 such CQE
  * (0 when none was queued), so the same io_uring_enter waits on for the
  * next requests. */
@@ -764,7 +766,17 @@ static unsigned ublk_batch_flush(struct devio_ring *r, void *ctx)
 	struct ublk_queue *q = ctx;
 	unsigned char *p = q->sent;
 
-	if (!q->dev->batch || q->commit_busy || !q->n_stage)
+	if (!q->dev->batch)
+		return 0;
+	if (q->fetch_again && (atomic_load(&q->dev->stopping) || atomic_load(&q->dev->handover) || !ublk_batch_fetch(q)))
+		q->fetch_again = false;
+	if (q->commit_busy)
+		return 0;
+	if (q->sent_off < q->n_sent) { /* a commit that found no SQE: its rest first */
+		ublk_batch_send(q);
+		return q->commit_busy ? 1 : 0;
+	}
+	if (!q->n_stage)
 		return 0;
 	q->sent = q->stage;
 	q->stage = p;
@@ -847,8 +859,10 @@ static void ublk_batch_fetch_cqe(struct ublk_queue *q, int res)
 		return;
 	q->cmds_out--;
 	if ((res >= 0 || res == -ENOBUFS) && !atomic_load(&q->dev->stopping) && !atomic_load(&q->dev->handover)) {
-		if (ublk_batch_fetch(q))
-			devio_err("ublk: %s: queue %u: no SQE to fetch again", q->dev->bdev, q->qid);
+		if (ublk_batch_fetch(q)) { /* no SQE now: the pass's flush tries again */
+			devio_warn("ublk: %s: queue %u: no SQE to fetch again; retried", q->dev->bdev, q->qid);
+			q->fetch_again = true;
+		}
 		return;
 	}
 	if (res < 0 && res != -ENODEV && res != -ECANCELED)
@@ -1067,7 +1081,7 @@ static bool ublk_queue_finished(struct devio_ring *r, void *ctx)
 {
 	struct ublk_queue *q = ctx;
 
-	if (!q->cmds_out && !q->n_stage)
+	if (!q->cmds_out && !q->n_stage && q->sent_off >= q->n_sent && !q->fetch_again)
 		return true;
 	if (atomic_load(&q->dev->handover) && (io_uring_sq_ready(devio_ring_uring(r)) || q->n_stage))
 		return false; /* handing over: answers still queued go to the kernel before the ring closes */

@@ -12,24 +12,46 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include "devio/util.h"
 
+/* A new file PATH.XXXXXX (six random letters or digits, as mkstemp's) made
+ * with O_EXCL and MODE, so the kernel applies the umask: no umask() call,
+ * which would change it for every thread of a running server, and no
+ * mkstemp, whose descriptor a concurrently exec'd child would inherit. */
+static int filereplace_open_tmp(const char *path, unsigned mode, char *tmp)
+{
+	static const char set[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+	char *x = tmp + strlen(path) + 1;
+
+	for (int tries = 0; tries < 100; tries++) {
+		unsigned char rnd[6];
+		int fd;
+
+		if (getrandom(rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd))
+			return -EIO;
+		for (size_t i = 0; i < sizeof(rnd); i++)
+			x[i] = set[rnd[i] % (sizeof(set) - 1)];
+		fd = open(tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, (mode_t)mode & 07777);
+		if (fd >= 0 || errno != EEXIST)
+			return fd >= 0 ? fd : -errno;
+	}
+	return -EEXIST;
+}
+
 int devio_file_replace_begin(const char *path, unsigned mode, char **tmp)
 {
-	mode_t mask = umask(0);
 	int fd;
 
-	umask(mask);
 	if (asprintf(tmp, "%s.XXXXXX", path) < 0) {
 		*tmp = NULL;
 		return -ENOMEM;
 	}
-	fd = mkstemp(*tmp);
-	if (fd >= 0 && fchmod(fd, (mode_t)mode & 07777 & ~mask) == 0)
+	fd = filereplace_open_tmp(path, mode, *tmp);
+	if (fd >= 0)
 		return fd;
-	fd = fd < 0 ? -errno : (close(fd), unlink(*tmp), -errno);
 	free(*tmp);
 	*tmp = NULL;
 	return fd;
