@@ -57,25 +57,30 @@
 
 struct fuse_fe;
 
-/* One ring entry: the header and payload buffers the kernel fills. */
+/* One ring entry: the header and payload buffers the kernel fills.  It
+ * belongs to the kernel's queue q; its command may sit on any queue
+ * thread's ring (the thread that last answered it). */
 struct ring_ent {
 	struct fuse_uring_req_header *hdr;
 	uint8_t *payload;
 	struct iovec iov[2];
 	struct ring_queue *q;
+	struct devio_ring_msg post; /* handed to another queue's thread (devio_ring_share) */
 	struct devio_fuse_msg msg;
 	uint64_t commit_id;
 	bool dead;
 };
 
-/* One FUSE queue: a ring thread (lib/ring.c) and its entries. */
+/* One FUSE queue: a ring thread (lib/ring.c) and the entries it
+ * registered for the kernel's queue qid. */
 struct ring_queue {
 	struct fuse_fe *fe;
 	unsigned qid;
 	struct devio_ring *ring;
 	struct ring_ent *ents;
-	unsigned nents, live;    /* live: entries the kernel has not ended */
-	_Atomic uint64_t served; /* requests taken from this queue (stop log) */
+	unsigned nents;
+	_Atomic uint64_t served;  /* requests this thread ran (stop log) */
+	_Atomic uint64_t shared;  /* of them, handed over by another queue's thread */
 };
 
 struct dev_thread {
@@ -99,6 +104,9 @@ struct fuse_fe {
 	unsigned depth;
 	struct ring_queue *queues;
 	unsigned nqueues;
+	atomic_uint live;         /* ring entries the kernel has not ended */
+	struct devio_ring **peers; /* every queue's ring, for devio_ring_share */
+	atomic_uint npeers;       /* set once every queue has started */
 	struct dev_thread *devs;
 	unsigned ndevs;
 	struct devio_workers *workers;
@@ -293,6 +301,7 @@ static int fuse_start_dev_threads(struct fuse_fe *fe, unsigned n)
  * here are the FUSE commands: REGISTER for each entry, then for each
  * request COMMIT_AND_FETCH with the answer. */
 
+/* An entry's command on thread q's ring, for the entry's own kernel queue. */
 static int fuse_prep_cmd(struct ring_queue *q, struct ring_ent *e, uint32_t cmd_op)
 {
 	struct io_uring_sqe *sqe = devio_ring_get_sqe(q->ring);
@@ -308,7 +317,7 @@ static int fuse_prep_cmd(struct ring_queue *q, struct ring_ent *e, uint32_t cmd_
 	sqe->len = 2;
 	devio_ring_sqe_owner(sqe, e);
 	cmd = (struct fuse_uring_cmd_req *)sqe->cmd;
-	cmd->qid = (uint16_t)q->qid;
+	cmd->qid = (uint16_t)e->q->qid;
 	cmd->commit_id = e->commit_id;
 	return 0;
 }
@@ -362,6 +371,17 @@ static void fuse_ring_request(struct ring_queue *q, struct ring_ent *e)
 	devio_ring_submit(q->ring, fe->backend, &msg->req);
 }
 
+/* Bytes a request moves: a READ's size, a WRITE's payload. */
+static uint32_t fuse_ring_req_bytes(const struct ring_ent *e)
+{
+	const struct fuse_in_header *in = (const struct fuse_in_header *)e->hdr->in_out;
+	const struct fuse_rw_in *rw = (const struct fuse_rw_in *)e->hdr->op_in;
+
+	if (in->opcode == DEVIO_FUSE_READ)
+		return rw->size;
+	return in->opcode == DEVIO_FUSE_WRITE ? e->hdr->ring_ent_in_out.payload_sz : 0;
+}
+
 /* The CQE of an entry's REGISTER or COMMIT_AND_FETCH (owner->cqe). */
 static void fuse_ring_ent_cqe(struct devio_ring *r, void *ctx, void *data, int res)
 {
@@ -370,13 +390,27 @@ static void fuse_ring_ent_cqe(struct devio_ring *r, void *ctx, void *data, int r
 
 	if (res < 0) {
 		if (res != -ENOTCONN && res != -ECANCELED && res != -ECONNABORTED)
-			devio_warn("fuse %s: queue %u: ring entry failed: %s", q->fe->mnt, q->qid, strerror(-res));
+			devio_warn("fuse %s: queue %u: ring entry failed: %s", q->fe->mnt, e->q->qid, strerror(-res));
 		if (!e->dead) {
 			e->dead = true;
-			q->live--;
+			atomic_fetch_sub(&q->fe->live, 1);
 		}
 		return;
 	}
+	/* the kernel picked the queue by the issuing CPU: a burst from one CPU
+	 * may go to an idle queue's thread, which answers on its own ring (the
+	 * kernel takes an entry's answer from any ring) */
+	if (!devio_ring_share(r, q->fe->peers, atomic_load(&q->fe->npeers), q->qid, fuse_ring_req_bytes(e), &e->post))
+		fuse_ring_request(q, e);
+}
+
+/* A request another queue's thread handed over (owner->post). */
+static void fuse_ring_post(struct devio_ring *r, void *ctx, struct devio_ring_msg *m)
+{
+	struct ring_queue *q = ctx;
+	struct ring_ent *e = (struct ring_ent *)((char *)m - offsetof(struct ring_ent, post));
+
+	atomic_fetch_add_explicit(&q->shared, 1, memory_order_relaxed);
 	fuse_ring_request(q, e);
 }
 
@@ -387,7 +421,7 @@ static bool fuse_ring_finished(struct devio_ring *r, void *ctx)
 {
 	struct ring_queue *q = ctx;
 
-	return q->live == 0 || atomic_load(&q->fe->stopping);
+	return atomic_load(&q->fe->live) == 0 || atomic_load(&q->fe->stopping);
 }
 
 /* On the queue thread: the entries' buffers, one REGISTER each. */
@@ -413,7 +447,7 @@ static int fuse_ring_setup(struct devio_ring *r, void *ctx)
 		res = fuse_prep_cmd(q, e, DEVIO_FUSE_URING_CMD_REGISTER);
 		if (res)
 			return res;
-		q->live++;
+		atomic_fetch_add(&fe->live, 1);
 	}
 	res = io_uring_submit(devio_ring_uring(r));
 	if (res < 0)
@@ -429,6 +463,7 @@ static const struct devio_ring_owner ring_owner = {
 	.cqe = fuse_ring_ent_cqe,
 	.done = fuse_ring_io_done,
 	.finished = fuse_ring_finished,
+	.post = fuse_ring_post,
 };
 
 /* Is cpu online?  Requests come from the CPU of the issuing task, so only
@@ -501,14 +536,24 @@ static int fuse_start_rings(struct fuse_fe *fe)
 			return r;
 		}
 	}
+	fe->peers = calloc(fe->nqueues, sizeof(*fe->peers));
+	for (unsigned i = 0; fe->peers && i < fe->nqueues; i++)
+		fe->peers[i] = fe->queues[i].ring;
+	if (fe->peers) /* else no sharing */
+		atomic_store(&fe->npeers, fe->nqueues);
 	return 0;
 }
 
-/* Stop every queue first (they end together), then release them. */
+/* Stop every queue first (they end together) and wait for every thread
+ * (one may still hand a request to another's ring), then release them; the
+ * entries' buffers last: an entry's command may sit on any queue's ring. */
 static void fuse_stop_rings(struct fuse_fe *fe)
 {
+	atomic_store(&fe->npeers, 0);
 	for (unsigned i = 0; fe->queues && i < fe->nqueues; i++)
 		devio_ring_stop(fe->queues[i].ring);
+	for (unsigned i = 0; fe->queues && i < fe->nqueues; i++)
+		devio_ring_join(fe->queues[i].ring);
 	for (unsigned i = 0; fe->queues && i < fe->nqueues; i++) {
 		struct ring_queue *q = &fe->queues[i];
 		struct devio_ring_stats st = { 0 };
@@ -516,8 +561,13 @@ static void fuse_stop_rings(struct fuse_fe *fe)
 		devio_ring_free(q->ring, &st); /* cancels entries still registered */
 		fe->ring_ios += st.ring_ios;
 		if (atomic_load(&q->served)) /* which CPUs' queues the kernel used */
-			devio_info("fuse %s: queue %u served %llu requests, %llu io_uring_enter", fe->mnt, i,
-				   (unsigned long long)atomic_load(&q->served), (unsigned long long)st.enters);
+			devio_info("fuse %s: queue %u served %llu requests (%llu handed over by another queue), "
+				   "%llu io_uring_enter", fe->mnt, i, (unsigned long long)atomic_load(&q->served),
+				   (unsigned long long)atomic_load(&q->shared), (unsigned long long)st.enters);
+	}
+	for (unsigned i = 0; fe->queues && i < fe->nqueues; i++) {
+		struct ring_queue *q = &fe->queues[i];
+
 		for (unsigned j = 0; q->ents && j < q->nents; j++) {
 			free(q->ents[j].hdr);
 			free(q->ents[j].payload);
@@ -526,6 +576,8 @@ static void fuse_stop_rings(struct fuse_fe *fe)
 	}
 	free(fe->queues);
 	fe->queues = NULL;
+	free(fe->peers);
+	fe->peers = NULL;
 }
 
 /* ---- mount, INIT, unmount ---- */

@@ -41,12 +41,15 @@ struct devio_ring {
 	int evfd;
 	uint64_t evval;                          /* the armed read's target */
 	_Atomic(struct devio_request *) inbox;   /* finished on other threads */
+	_Atomic(struct devio_ring_msg *) posts;  /* work from other threads (owner->post) */
+	atomic_bool idle;                        /* waiting, nothing to do, not claimed */
 	struct devio_request *local;             /* finished on this thread */
 	unsigned requests;                       /* submitted, not yet done (this thread) */
+	unsigned pass_started;                   /* submitted in this pass */
 	atomic_bool stopping;
 	pthread_mutex_t lock;                    /* start-up handshake */
 	pthread_cond_t cond;
-	bool started;
+	bool started, joined;
 	int start_result;
 	_Atomic uint64_t enters, ring_ios, max_batch;
 	unsigned cqe_flags; /* of the CQE being handed to owner->cqe */
@@ -163,10 +166,67 @@ void devio_ring_submit(struct devio_ring *r, struct devio_backend *b, struct dev
 	req->ring = r;
 	req->complete = ring_req_complete;
 	r->requests++;
+	r->pass_started++;
 	if (r->workers)
 		devio_workers_submit(r->workers, b, req);
 	else
 		devio_submit(b, req);
+}
+
+/* Reserve r's thread if it waits with nothing to do (until it has waited
+ * again, no other claim succeeds). */
+static bool ring_claim_idle(struct devio_ring *r)
+{
+	bool idle = true;
+
+	return atomic_load_explicit(&r->idle, memory_order_relaxed) &&
+	       atomic_compare_exchange_strong(&r->idle, &idle, false);
+}
+
+/* owner->post(m) on r's thread in its next pass; woken if it waits. */
+static void ring_post(struct devio_ring *r, struct devio_ring_msg *m)
+{
+	struct devio_ring_msg *old = atomic_load_explicit(&r->posts, memory_order_relaxed);
+
+	do
+		m->next = old;
+	while (!atomic_compare_exchange_weak_explicit(&r->posts, &old, m, memory_order_release, memory_order_relaxed));
+	if (!old) /* else a wake-up is already on its way */
+		devio_ring_wake(r);
+}
+
+bool devio_ring_share(struct devio_ring *r, struct devio_ring *const *peers, unsigned n, unsigned from,
+		      uint64_t bytes, struct devio_ring_msg *m)
+{
+	if (!r->pass_started || bytes < DEVIO_RING_SHARE_MIN)
+		return false;
+	for (unsigned i = 1; i <= n; i++) {
+		struct devio_ring *p = peers[(from + i) % n];
+
+		if (p && p != r && p->owner->post && ring_claim_idle(p)) {
+			ring_post(p, m);
+			return true;
+		}
+	}
+	return false;
+}
+
+/* The posted work, oldest first. */
+static void ring_run_posts(struct devio_ring *r)
+{
+	struct devio_ring_msg *m = atomic_exchange_explicit(&r->posts, NULL, memory_order_acquire), *fifo = NULL;
+
+	while (m) {
+		struct devio_ring_msg *next = m->next;
+
+		m->next = fifo;
+		fifo = m;
+		m = next;
+	}
+	for (struct devio_ring_msg *next; fifo; fifo = next) {
+		next = fifo->next;
+		r->owner->post(r, r->ctx, fifo);
+	}
 }
 
 static unsigned ring_done_list(struct devio_ring *r, struct devio_request *req)
@@ -184,7 +244,11 @@ static unsigned ring_done_list(struct devio_ring *r, struct devio_request *req)
 /* Hand every finished request to the owner. */
 static void ring_drain(struct devio_ring *r)
 {
-	unsigned n = ring_done_list(r, atomic_exchange_explicit(&r->inbox, NULL, memory_order_acquire));
+	unsigned n;
+
+	if (r->owner->post)
+		ring_run_posts(r);
+	n = ring_done_list(r, atomic_exchange_explicit(&r->inbox, NULL, memory_order_acquire));
 
 	while (r->local) {
 		struct devio_request *list = r->local;
@@ -244,7 +308,14 @@ static void ring_loop(struct devio_ring *r)
 	while (r->requests || !r->owner->finished(r, r->ctx)) {
 		struct io_uring_cqe *cqe;
 		unsigned head, n = 0;
-		int res = ring_wait(r, r->owner->flush ? r->owner->flush(r, r->ctx) : 0);
+		unsigned inline_cqes = r->owner->flush ? r->owner->flush(r, r->ctx) : 0;
+		int res;
+
+		r->pass_started = 0;
+		/* claimable only while nothing is queued for this thread */
+		atomic_store(&r->idle, !atomic_load(&r->posts) && !atomic_load(&r->inbox) && !r->local);
+		res = ring_wait(r, inline_cqes);
+		atomic_store(&r->idle, false);
 
 		if (res < 0 && res != -EINTR && res != -ETIME && res != -EAGAIN && res != -EBUSY) {
 			if (failures++ == 0)
@@ -387,11 +458,19 @@ void devio_ring_stop(struct devio_ring *r)
 	devio_ring_wake(r);
 }
 
+void devio_ring_join(struct devio_ring *r)
+{
+	if (r && !r->joined) {
+		pthread_join(r->thread, NULL);
+		r->joined = true;
+	}
+}
+
 void devio_ring_free(struct devio_ring *r, struct devio_ring_stats *last)
 {
 	if (!r)
 		return;
-	pthread_join(r->thread, NULL);
+	devio_ring_join(r);
 	if (last)
 		devio_ring_get_stats(r, last);
 	ring_release(r);

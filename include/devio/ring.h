@@ -16,8 +16,14 @@
  * wake-up: its CQE comes back to this thread, which completes the request
  * and answers the kernel in the same pass.
  *
- * Everything but devio_ring_start/stop/free and the counters runs on the
- * ring's own thread. */
+ * Peer rings (one per CPU, as FUSE's queues, where the kernel picks the
+ * queue by the CPU that issued a request) share big work: a thread that
+ * has already begun a request in this pass hands the next big one to a
+ * peer whose thread waits idle (devio_ring_share), so that a burst issued
+ * from one CPU does not wait behind one thread while another CPU idles.
+ *
+ * Everything but devio_ring_start/stop/join/free and the counters runs on
+ * the ring's own thread. */
 #ifndef DEVIO_RING_H
 #define DEVIO_RING_H
 
@@ -33,6 +39,12 @@ extern "C" {
 
 struct devio_ring;
 struct devio_backend;
+
+/* Work posted to a ring's thread from another thread (devio_ring_post);
+ * embedded in the owner's own structure. */
+struct devio_ring_msg {
+	struct devio_ring_msg *next;
+};
 struct devio_workers;
 
 /* The owner's protocol.  Every callback runs on the ring's thread. */
@@ -56,6 +68,9 @@ struct devio_ring_owner {
 	 * RING_FLUSH_WAIT_NS, so that one io_uring_enter submits them and
 	 * still waits for the next work. */
 	unsigned (*flush)(struct devio_ring *r, void *ctx);
+	/* Optional: work a peer handed over with devio_ring_share(), run on
+	 * this thread before the pass's finished requests go to done(). */
+	void (*post)(struct devio_ring *r, void *ctx, struct devio_ring_msg *m);
 };
 
 struct devio_ring_params {
@@ -86,6 +101,8 @@ int devio_ring_start(const struct devio_ring_params *p, struct devio_ring **out)
 void devio_ring_stop(struct devio_ring *r);
 /* Wake the thread for another pass (e.g. after changing a deadline). */
 void devio_ring_wake(struct devio_ring *r);
+/* Wait for the thread to end (after devio_ring_stop); NULL is fine. */
+void devio_ring_join(struct devio_ring *r);
 /* Join the thread, close the ring (cancelling commands still queued in
  * the kernel) and free; the final counters go to *last if not NULL.
  * NULL is fine. */
@@ -109,6 +126,19 @@ void devio_ring_sqe_request(struct io_uring_sqe *sqe, struct devio_request *req)
  * given, else with devio_submit(), which may put the I/O on this ring.
  * owner->done() follows, exactly once. */
 void devio_ring_submit(struct devio_ring *r, struct devio_backend *b, struct devio_request *req);
+/* Work that moves at least this many bytes may go to an idle peer; less
+ * costs less than the peer's wake-up. */
+#define DEVIO_RING_SHARE_MIN (64u << 10)
+/* On r's thread, for work m moving `bytes`: if this thread has already
+ * begun a request in this pass (devio_ring_submit) and the work is big,
+ * hand m to the first peer (of n, r itself skipped, starting after
+ * `from`) whose thread waits with nothing to do; its owner->post(m) then
+ * runs there, woken at once.  True if handed over.  m stays valid until
+ * then (work still queued when a peer's thread ends is dropped: stop all
+ * peers, then devio_ring_join them all before freeing any). */
+bool devio_ring_share(struct devio_ring *r, struct devio_ring *const *peers, unsigned n, unsigned from,
+		      uint64_t bytes, struct devio_ring_msg *m);
+
 /* Requests submitted and not yet given to owner->done(). */
 unsigned devio_ring_requests(const struct devio_ring *r);
 

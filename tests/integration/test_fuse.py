@@ -251,6 +251,36 @@ def test_fio_verify(serve, scratch, transport):
     stop_and_check_gone(s, scratch, dev, transport)
 
 
+def test_ring_hands_big_requests_to_an_idle_queue(serve, scratch):
+    """The kernel queues a FUSE request on the issuing CPU's ring queue: with
+    fio pinned to CPU 0, every 1 MiB request lands on queue 0, and the
+    thread of queue 0 hands those it cannot start at once to the idle
+    thread of another queue, which answers them on its own ring.  Written
+    and read back verified (crc32c); the exit log counts the hand-overs."""
+    if not shutil.which("fio"):
+        pytest.skip("no fio")
+    if len(os.sched_getaffinity(0)) < 2 or not os.path.exists(ENABLE_URING):
+        pytest.skip("needs two CPUs and FUSE over io_uring")
+    with open(ENABLE_URING) as f:
+        old = f.read().strip()
+    with open(ENABLE_URING, "w") as f:
+        f.write("Y")
+    try:
+        s, disk, _ = start_fuse(serve, scratch, "ram:128M", "uring", loop=False)
+        cpu = min(os.sched_getaffinity(0))
+        r = run("fio", "--name=v", f"--filename={disk}", "--ioengine=libaio", "--direct=1", "--rw=write",
+                "--bs=1M", "--iodepth=16", "--size=128M", f"--cpus_allowed={cpu}", "--verify=crc32c",
+                "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0", "--output-format=terse",
+                timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        stop_and_check_gone(s, scratch, None, "uring")
+    finally:
+        with open(ENABLE_URING, "w") as f:
+            f.write(old)
+    handed = [int(n) for n in re.findall(r"served \d+ requests \((\d+) handed over by another queue\)", s.stderr())]
+    assert len(handed) >= 2 and sum(handed) > 0, s.stderr()
+
+
 def test_discard_reaches_ram(serve, scratch, transport):
     """blkdiscard on the loop device frees the RAM disk's memory."""
     s, _, dev = start_fuse(serve, scratch, "ram:256M", transport)

@@ -6,10 +6,14 @@
  * range, or started on a worker thread); every request reaches the owner's
  * done() exactly once, on the ring's thread, including those finished on
  * the worker pool (the inbox); more SQEs queued from a CQE (a short
- * transfer) work; the thread does not end while a request is out. */
+ * transfer) work; the thread does not end while a request is out; big
+ * work goes to an idle peer ring's thread (devio_ring_share), small work
+ * and work from a thread that has begun nothing in its pass does not. */
 #include <errno.h>
 #include <pthread.h>
 #include <setjmp.h>
+#include <stdatomic.h>
+#include <time.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -268,12 +272,96 @@ static void test_failed_setup(void **state)
 	assert_null(r);
 }
 
+/* Two peer rings: A begins a request, then offers work to B. */
+struct peers {
+	struct devio_ring *rings[2];
+	struct devio_request req;
+	unsigned char buf[4096];
+	struct devio_ring_msg msg;
+	atomic_bool stop;
+	atomic_int posted, posted_on_b, shared, small_shared, idle_shared;
+};
+
+static struct peers pe;
+
+static int peer_setup(struct devio_ring *r, void *ctx)
+{
+	if (ctx == &pe.rings[0]) { /* A: nothing begun yet in this pass, so nothing to share */
+		pe.rings[0] = r;
+		pe.idle_shared = devio_ring_share(r, pe.rings, 2, 0, 1u << 20, &pe.msg);
+		req_set(&pe.req, DEVIO_OP_READ, 0, 0, 4096);
+		pe.req.buf = pe.buf;
+		devio_ring_submit(r, &fk.b, &pe.req);
+	}
+	return 0;
+}
+
+/* A's request is done: begin it again, then offer B a small and a big piece. */
+static void peer_done(struct devio_ring *r, void *ctx, struct devio_request *req)
+{
+	struct timespec pause = { 0, 10 * 1000 * 1000 };
+
+	if (ctx != &pe.rings[0] || pe.shared)
+		return;
+	devio_ring_submit(r, &fk.b, req);
+	pe.small_shared = devio_ring_share(r, pe.rings, 2, 0, DEVIO_RING_SHARE_MIN - 1, &pe.msg);
+	for (int i = 0; i < 500 && !pe.shared; i++) { /* until B waits */
+		pe.shared = devio_ring_share(r, pe.rings, 2, 0, DEVIO_RING_SHARE_MIN, &pe.msg);
+		if (!pe.shared)
+			nanosleep(&pause, NULL);
+	}
+}
+
+static void peer_post(struct devio_ring *r, void *ctx, struct devio_ring_msg *m)
+{
+	assert_ptr_equal(m, &pe.msg);
+	pe.posted++;
+	if (ctx == &pe.rings[1] && devio_ring_is_current(pe.rings[1]))
+		pe.posted_on_b++;
+}
+
+static bool peer_finished(struct devio_ring *r, void *ctx)
+{
+	return atomic_load(&pe.stop);
+}
+
+static void test_big_work_goes_to_an_idle_peer(void **state)
+{
+	static const struct devio_ring_owner owner = {
+		.setup = peer_setup, .cqe = scene_cqe, .done = peer_done, .finished = peer_finished, .post = peer_post,
+	};
+	struct devio_ring_params p = { .name = "peer", .entries = 8, .owner = &owner };
+	struct timespec pause = { 0, 10 * 1000 * 1000 };
+
+	fake_init();
+	memset(&pe, 0, sizeof(pe));
+	p.ctx = &pe.rings[1]; /* B first: A offers work as soon as it runs */
+	assert_int_equal(devio_ring_start(&p, &pe.rings[1]), 0);
+	p.ctx = &pe.rings[0];
+	assert_int_equal(devio_ring_start(&p, &pe.rings[0]), 0);
+	for (int i = 0; i < 500 && !pe.posted; i++)
+		nanosleep(&pause, NULL);
+	atomic_store(&pe.stop, true);
+	devio_ring_stop(pe.rings[0]);
+	devio_ring_stop(pe.rings[1]);
+	devio_ring_join(pe.rings[0]);
+	devio_ring_join(pe.rings[1]);
+	devio_ring_free(pe.rings[0], NULL);
+	devio_ring_free(pe.rings[1], NULL);
+	assert_false(pe.idle_shared);
+	assert_false(pe.small_shared);
+	assert_true(pe.shared);
+	assert_int_equal(pe.posted, 1);
+	assert_int_equal(pe.posted_on_b, 1);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_core_puts_io_on_the_callers_ring),
 		cmocka_unit_test(test_pool_completions_come_back_through_the_inbox),
 		cmocka_unit_test(test_failed_setup),
+		cmocka_unit_test(test_big_work_goes_to_an_idle_peer),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
