@@ -953,14 +953,7 @@ static const struct devio_frontend_type *stream_variant(const char *arg)
 
 static const struct devio_frontend_option stream_options[] = {
 	DEVIO_LISTEN_OPTIONS(offsetof(struct stream_fe_opts, listen)),
-	{ "tls-certificates", "DIR", "tls:: X.509, DIR/server-cert.pem, server-key.pem, ca-cert.pem (as --nbd)",
-	  devio_opt_string, offsetof(struct stream_fe_opts, tls_conf.certificates) },
-	{ "tls-psk", "FILE", "tls:: pre-shared keys, USERNAME:HEXKEY lines (psktool's format)", devio_opt_string,
-	  offsetof(struct stream_fe_opts, tls_conf.psk_file) },
-	{ "tls-verify-peer", NULL, "tls:: X.509, clients need a certificate from ca-cert.pem's CA", devio_opt_flag,
-	  offsetof(struct stream_fe_opts, tls_conf.verify_peer) },
-	{ "tls-priority", "STRING", "tls:: GnuTLS priority string (default: TLS 1.3, then 1.2)", devio_opt_string,
-	  offsetof(struct stream_fe_opts, tls_conf.priority) },
+	DEVIO_TLS_OPTIONS(offsetof(struct stream_fe_opts, tls_conf), "tls:: "),
 	{ NULL },
 };
 
