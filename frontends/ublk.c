@@ -783,7 +783,7 @@ static unsigned ublk_batch_flush(struct devio_ring *r, void *ctx)
 
 	if (!q->dev->batch)
 		return 0;
-	if (q->fetch_again && (atomic_load(&q->dev->stopping) || atomic_load(&q->dev->handover) || !ublk_batch_fetch(q)))
+	if (q->fetch_again && (atomic_load(&q->dev->handover) || !ublk_batch_fetch(q)))
 		q->fetch_again = false;
 	if (q->commit_busy)
 		return 0;
@@ -873,8 +873,12 @@ static void ublk_batch_tags_in(struct ublk_queue *q, unsigned bid, unsigned len)
 }
 
 /* A FETCH_IO_CMDS CQE: tags, and while it says more, nothing else.  Once
- * it ended it is queued again, unless the driver aborted it (stopping,
- * quiesced: UBLK_IO_RES_ABORT) or it failed. */
+ * it ended it is queued again, unless the driver aborted it (stopped,
+ * quiesced: UBLK_IO_RES_ABORT), it failed, or the server is handing the
+ * device over.  Stopping is no reason: STOP_DEV waits for the disk's last
+ * requests (its dirty pages among them), which only a fetch brings in; a
+ * fetch queued once the driver has stopped ends with its abort, or when
+ * the ring closes (ublk_teardown). */
 static void ublk_batch_fetch_cqe(struct ublk_queue *q, int res)
 {
 	unsigned flags = devio_ring_cqe_flags(q->ring);
@@ -884,7 +888,7 @@ static void ublk_batch_fetch_cqe(struct ublk_queue *q, int res)
 	if (flags & IORING_CQE_F_MORE)
 		return;
 	q->cmds_out--;
-	if ((res >= 0 || res == -ENOBUFS) && !atomic_load(&q->dev->stopping) && !atomic_load(&q->dev->handover)) {
+	if ((res >= 0 || res == -ENOBUFS) && !atomic_load(&q->dev->handover)) {
 		if (ublk_batch_fetch(q)) { /* no SQE now: the pass's flush tries again */
 			devio_warn("ublk: %s: queue %u: no SQE to fetch again; retried", q->dev->bdev, q->qid);
 			q->fetch_again = true;
