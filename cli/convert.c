@@ -57,11 +57,20 @@ int cli_export_option(const char *cmd, int c, const char *val, struct devio_open
 	}
 }
 
+/* One file or device: block devices by the device they are (two nodes of
+ * one disk are one), anything else by device and inode. */
+static bool convert_same_node(const struct stat *a, const struct stat *b)
+{
+	if (S_ISBLK(a->st_mode) || S_ISBLK(b->st_mode))
+		return S_ISBLK(a->st_mode) && S_ISBLK(b->st_mode) && a->st_rdev == b->st_rdev;
+	return a->st_dev == b->st_dev && a->st_ino == b->st_ino;
+}
+
 static bool convert_same_inode(const char *a, const char *b)
 {
 	struct stat sa, sb;
 
-	return a && b && !stat(a, &sa) && !stat(b, &sb) && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+	return a && b && !stat(a, &sa) && !stat(b, &sb) && convert_same_node(&sa, &sb);
 }
 
 bool cli_same_file(const char *a, const char *b)
@@ -81,30 +90,32 @@ bool cli_same_file(const char *a, const char *b)
 	return same;
 }
 
-/* Does this process hold path open: a file the source just opened is made
- * of (a differencing VHD's parents at any depth, an overlay, the image
- * under a partition)?  Found among /proc/self/fd by device and inode; a
- * file or a block device only, and not on stdin, stdout or stderr (the
- * caller's: /dev/null, a terminal). */
-static bool convert_held_open(const char *path)
+/* How many of this process's descriptors are open on path (a file or a
+ * block device; convert_same_node), or 0.  Counted before the source is
+ * opened and again after it: more the second time is a file the source is
+ * made of (a differencing VHD's parents at any depth, an overlay, a
+ * backing file, the image under a partition), on whatever descriptor it
+ * got (0-2 too, where the caller closed those), while what the caller
+ * itself holds (a redirection) counts the same both times. */
+static int convert_fds_on(const char *path)
 {
 	struct stat want, st;
 	struct dirent *e;
 	char fdp[32 + sizeof(e->d_name)];
-	bool held = false;
+	int n = 0;
 	DIR *d;
 
 	if (cli_is_uri(path) || stat(path, &want) || !(S_ISREG(want.st_mode) || S_ISBLK(want.st_mode)) ||
 	    !(d = opendir("/proc/self/fd")))
-		return false;
-	while (!held && (e = readdir(d))) {
-		if (e->d_name[0] == '.' || atoi(e->d_name) <= STDERR_FILENO)
+		return 0;
+	while ((e = readdir(d))) {
+		if (e->d_name[0] == '.' || atoi(e->d_name) == dirfd(d))
 			continue;
 		snprintf(fdp, sizeof(fdp), "/proc/self/fd/%s", e->d_name);
-		held = !stat(fdp, &st) && st.st_dev == want.st_dev && st.st_ino == want.st_ino;
+		n += !stat(fdp, &st) && convert_same_node(&st, &want);
 	}
 	closedir(d);
-	return held;
+	return n;
 }
 
 bool cli_is_uri(const char *s)
@@ -221,17 +232,18 @@ static int convert_run(const char *fmt, const char *fopts, bool show, const stru
 	struct devio_open_opts so = *o;
 	bool fresh = false;
 	char *tmp = NULL;
-	int r;
+	int held, r;
 
 	if (cli_same_file(src, dst) || cli_same_file(o->cow, dst)) {
 		devio_err("convert: %s and %s are the same file: refusing to copy an image onto itself", src, dst);
 		return 1;
 	}
 	so.readonly = true;
+	held = convert_fds_on(dst);
 	if (devio_backend_open(src, &so, &c.src))
 		return 1;
-	if (convert_held_open(dst)) {
-		devio_err("convert: %s reads %s (a differencing image's parent, an overlay): refusing to write "
+	if (convert_fds_on(dst) > held) {
+		devio_err("convert: %s reads %s (a differencing image's parent, a backing file, an overlay): refusing to write "
 			  "over a file the source is made of", src, dst);
 		devio_backend_close(c.src);
 		return 1;
