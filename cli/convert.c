@@ -165,9 +165,13 @@ static int convert_open_raw(const char *dst, uint64_t size, struct devio_backend
 /* An image format's DST: made under a temporary name next to it (*tmp,
  * devio_file_replace_begin) and renamed over it only when the copy is
  * complete (convert_commit), so a failed or interrupted convert leaves
- * DST as it was. */
+ * DST as it was.  *keep: a descriptor on the new image, opened for
+ * writing before anything is copied into it, whose close at the end
+ * reports what the writer's close would (devio_backend_close returns
+ * nothing): a write-back error since it was opened, where the file system
+ * says so at close (NFS, FUSE), whatever descriptor wrote. */
 static int convert_open_image(const char *fmt, const char *opts, const char *dst, uint64_t size,
-			      struct devio_backend **out, char **tmp)
+			      struct devio_backend **out, char **tmp, int *keep)
 {
 	struct stat st;
 	int fd, r;
@@ -183,7 +187,12 @@ static int convert_open_image(const char *fmt, const char *opts, const char *dst
 		return fd;
 	}
 	close(fd);
-	r = devio_format_create(fmt, *tmp, size, opts, out);
+	r = devio_format_create(fmt, *tmp, size, opts, out); /* a new file, replacing this one */
+	if (!r && (*keep = open(*tmp, O_WRONLY | O_CLOEXEC)) < 0) {
+		r = -errno;
+		devio_err("convert: %s: cannot open the new image: %s", *tmp, strerror(-r));
+		devio_backend_close(*out);
+	}
 	if (r) {
 		unlink(*tmp);
 		free(*tmp);
@@ -192,12 +201,18 @@ static int convert_open_image(const char *fmt, const char *opts, const char *dst
 	return r;
 }
 
-/* The finished image (flushed by the copy) takes DST's name; a failed one
- * goes. */
-static int convert_commit(const char *tmp, const char *dst, int r)
+/* The finished image (flushed by the copy, closed by its backend) takes
+ * DST's name once keep, a descriptor on it, closes without an error; a
+ * failed one goes. */
+static int convert_commit(const char *tmp, const char *dst, int keep, int r)
 {
-	int rr = devio_file_replace_end(tmp, dst, r);
+	int rr;
 
+	if (close(keep) && !r) {
+		r = -errno;
+		devio_err("convert: %s: closing the new image: %s", tmp, strerror(-r));
+	}
+	rr = devio_file_replace_end(tmp, dst, r);
 	if (rr && !r)
 		devio_err("convert: cannot rename %s to %s: %s", tmp, dst, strerror(-rr));
 	return rr;
@@ -232,7 +247,7 @@ static int convert_run(const char *fmt, const char *fopts, bool show, const stru
 	struct devio_open_opts so = *o;
 	bool fresh = false;
 	char *tmp = NULL;
-	int held, r;
+	int held, keep = -1, r;
 
 	if (cli_same_file(src, dst) || cli_same_file(o->cow, dst)) {
 		devio_err("convert: %s and %s are the same file: refusing to copy an image onto itself", src, dst);
@@ -250,7 +265,7 @@ static int convert_run(const char *fmt, const char *fopts, bool show, const stru
 	}
 	fresh = strcmp(fmt, "raw") != 0;
 	if (fresh)
-		r = convert_open_image(fmt, fopts, dst, c.src->size, &c.dst, &tmp);
+		r = convert_open_image(fmt, fopts, dst, c.src->size, &c.dst, &tmp, &keep);
 	else
 		r = convert_open_raw(dst, c.src->size, &c.dst, &fresh);
 	if (r) {
@@ -264,7 +279,7 @@ static int convert_run(const char *fmt, const char *fopts, bool show, const stru
 	devio_backend_close(c.dst);
 	devio_backend_close(c.src);
 	if (tmp)
-		r = convert_commit(tmp, dst, r);
+		r = convert_commit(tmp, dst, keep, r);
 	else if (r && fresh)
 		unlink(dst); /* no half image left behind */
 	free(tmp);
