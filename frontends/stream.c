@@ -951,6 +951,12 @@ static const struct devio_frontend_type *stream_variant(const char *arg)
 	return arg && !strncmp(arg, "shm:", 4) ? &devio_frontend_shm : NULL;
 }
 
+/* The TLS credential options serve tls: addresses only. */
+static bool stream_uses(const char *arg, const char *name)
+{
+	return strncmp(name, "tls-", 4) || (arg && !strncmp(arg, "tls:", 4));
+}
+
 static const struct devio_frontend_option stream_options[] = {
 	DEVIO_LISTEN_OPTIONS(offsetof(struct stream_fe_opts, listen)),
 	DEVIO_TLS_OPTIONS(offsetof(struct stream_fe_opts, tls_conf), "tls:: "),
@@ -970,4 +976,5 @@ const struct devio_frontend_type devio_frontend_stream = {
 	.check = stream_check,
 	.finished = stream_finished,
 	.variant = stream_variant,
+	.uses = stream_uses,
 };

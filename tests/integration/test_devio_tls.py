@@ -5,7 +5,8 @@ devio+tls:// backend re-exported over NBD to nbdinfo, qemu-img and fio,
 its reconnection, `devio attach --fuse --loop`), the refusals (a plaintext client, a wrong PSK, an
 unknown user, a client certificate from another CA, a server certificate
 for another name) with the server still serving; the warning for
-plaintext off loopback (not for tls: or loopback); the dual-stack tcp:[::]
+plaintext off loopback (not for tls: or loopback), and for TLS credentials
+nothing uses (--devio tcp: alone); the dual-stack tcp:[::]
 listener and --allow with v4-mapped peers; the shm control socket's
 limits (a silent client dropped at the handshake deadline, an idle one
 at --idle-timeout, --max-connections).
@@ -236,6 +237,26 @@ def test_plaintext_off_loopback_is_warned_about(serve, tmp_path, pki, scheme, ho
     for words in ("no encryption", "no authentication", "ImDisk clients cannot speak TLS", "unencrypted"):
         assert (words in out) == warned, out
     assert ("TLS required" in out) == (scheme == "tls"), out
+
+
+@pytest.mark.parametrize("devio_addr,nbd,warned", [
+    ("tcp", False, True),    # nothing uses the credentials
+    ("tcp", True, False),    # --nbd does
+    ("tls", False, False),   # --devio tls: does
+])
+def test_tls_credentials_nothing_uses_are_warned_about(serve, tmp_path, pki, devio_addr, nbd, warned):
+    """--tls-psk with --devio tcp: alone has no effect: one warning line
+    that says so; none where --nbd or a tls: address takes it."""
+    port = free_port()
+    sock = str(tmp_path / "nbd.sock")
+    srv = serve("ram:1M", "--devio", f"{devio_addr}:127.0.0.1:{port}", "--tls-psk", pki["psk"],
+                *(["--nbd", f"unix:{sock}"] if nbd else []))
+    srv.wait_tcp(port)
+    assert srv.stop() == 0
+    warnings = [l for l in srv.stderr().splitlines() if "has no effect" in l]
+    expect = [f"devio: warning: --tls-psk has no effect on --devio tcp:127.0.0.1:{port}, and no other front end "
+              "here uses it"]
+    assert warnings == (expect if warned else []), srv.stderr()
 
 
 def have_ipv6():
