@@ -57,10 +57,7 @@ SERVERS=${SERVERS:-"devio-qcow2 qemu-nbd-qcow2 devio-vhd qemu-nbd-vhd devio-raw 
 
 declare -A URI PID
 cleanup() {
-  for name in "${!PID[@]}"; do
-    kill "${PID[$name]}" 2>/dev/null || true
-    wait "${PID[$name]}" 2>/dev/null || true
-  done
+  bench_stop "${PID[@]}"
   rm -rf "$WORK"
   if [ -n "$OLD_SRC" ]; then
     git worktree remove --force "$OLD_SRC/src" 2>/dev/null || true
@@ -91,12 +88,7 @@ start_server() {
     *) echo "bench_formats: unknown server $name" >&2; return 1 ;;
   esac
   PID[$name]=$!
-  for _ in $(seq 100); do
-    nbdinfo --size "${URI[$name]}" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "bench_formats: $name did not come up" >&2
-  return 1
+  bench_wait_nbd "${URI[$name]}"
 }
 
 # run_job SERVER JOB RW BS IODEPTH: a row "JOB SERVER IOPS MiB/s CPU" (lib.sh)

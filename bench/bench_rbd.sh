@@ -5,7 +5,8 @@
 # images of the same size and content (devio holds its image's exclusive
 # lock for good, so the two servers cannot share one), the same fio jobs
 # (fio's nbd engine over a Unix socket) against each server in turn.
-# Prints IOPS and MiB/s per job and each server's ratio to qemu-nbd as it
+# Prints IOPS, MiB/s and the server process's CPU time per request (the
+# OSD's not counted) per job and each server's ratio to qemu-nbd as it
 # runs by default (write-back cache) and with --cache=none.
 #
 #   bench/bench_rbd.sh                  # release build in build-release-rbd
@@ -17,14 +18,10 @@ RUNTIME=${RUNTIME:-4}
 SIZE=${SIZE:-256M}
 REPEAT=${REPEAT:-1}
 BUILD=${BUILD:-build-release-rbd}
-PY=/usr/bin/python3
-
-for tool in fio qemu-nbd nbdinfo rbd ceph-mon ceph-osd; do
-  command -v $tool >/dev/null || { echo "bench_rbd: $tool is missing (scripts/deps.sh installs it)"; exit 1; }
-done
-[ -f "$BUILD/build.ninja" ] || meson setup "$BUILD" --buildtype=release >/dev/null
-ninja -C "$BUILD" >/dev/null
-DEVIO="$ROOT/$BUILD/devio"
+BENCH=bench_rbd
+. bench/lib.sh
+bench_need fio qemu-nbd nbdinfo rbd ceph-mon ceph-osd
+bench_build "$BUILD"
 
 WORK=$(mktemp -d /tmp/devio-bench-rbd.XXXXXX)
 RESULTS="$WORK/results.tsv"
@@ -32,8 +29,7 @@ declare -A URI PID
 CLUSTER_PID=
 
 cleanup() {
-  for name in "${!PID[@]}"; do kill "${PID[$name]}" 2>/dev/null || true; wait "${PID[$name]}" 2>/dev/null || true; done
-  if [ -n "$CLUSTER_PID" ]; then kill "$CLUSTER_PID" 2>/dev/null || true; wait "$CLUSTER_PID" 2>/dev/null || true; fi
+  bench_stop "${PID[@]}" ${CLUSTER_PID:+"$CLUSTER_PID"}
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
@@ -64,12 +60,7 @@ start() { # start NAME
     qemu-nbd-none) qemu-nbd -t -e 8 -f raw -x '' --cache=none -k "$sock" "rbd:rbd/qemu-none:conf=$CONF" & ;;
   esac
   PID[$1]=$!
-  for _ in $(seq 300); do
-    nbdinfo --size "${URI[$1]}" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "bench_rbd: $1 did not come up" >&2
-  return 1
+  bench_wait_nbd "${URI[$1]}" 300
 }
 
 # name rw bs iodepth
@@ -80,18 +71,10 @@ JOBS=(
   "1m-write-qd8 write 1m 8"
 )
 
-run_job() { # run_job SERVER JOB RW BS IODEPTH
-  fio --name="$2" --ioengine=nbd --uri="${URI[$1]}" --rw="$3" --bs="$4" --iodepth="$5" --size="$SIZE" \
-    --time_based --runtime="$RUNTIME" --ramp_time=1 --randrepeat=0 --norandommap --output-format=json \
-    >"$WORK/fio.json" 2>"$WORK/fio.err" || { echo "bench_rbd: fio $2 against $1 failed: $(tail -3 "$WORK/fio.err")" >&2; return 0; }
-  $PY - "$WORK/fio.json" "$2" "$1" >>"$RESULTS" <<'PY'
-import json, sys
-path, job, server = sys.argv[1:]
-text = open(path).read()
-j = json.loads(text[text.index("{"):])["jobs"][0]
-io = j["read"] if j["read"]["io_bytes"] else j["write"]
-print(f"{job}\t{server}\t{io['iops']:.0f}\t{io['bw'] / 1024:.1f}")
-PY
+# run_job SERVER JOB RW BS IODEPTH: a row "JOB SERVER IOPS MiB/s CPU" (lib.sh;
+# the CPU time of the server process alone, not of the OSD)
+run_job() {
+  fio_nbd_row "$2"$'\t'"$1" "${PID[$1]}" "${URI[$1]}" "$2" "$3" "$4" "$5"
 }
 
 echo "bench_rbd: $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), ${RUNTIME}s per job, best of $REPEAT, size $SIZE, $(ceph-osd --version | cut -d' ' -f1-3), memstore OSD"
@@ -107,16 +90,16 @@ $PY - "$RESULTS" <<'PY'
 import sys
 best = {}
 for line in open(sys.argv[1]):
-    job, server, iops, mibs = line.split("\t")
+    job, server, iops, mibs, cpu = line.split("\t")
     cur = best.setdefault(job, {}).get(server)
     if not cur or float(iops) > cur[0]:
-        best[job][server] = (float(iops), float(mibs))
+        best[job][server] = (float(iops), float(mibs), float(cpu))
 print()
-print(f"{'job':18} {'server':13} {'IOPS':>9} {'MiB/s':>8} {'vs qemu-nbd':>11} {'vs --cache=none':>15}")
+print(f"{'job':18} {'server':13} {'IOPS':>9} {'MiB/s':>8} {'CPU us/req':>10} {'vs qemu-nbd':>11} {'vs --cache=none':>15}")
 for job, servers in best.items():
-    q = servers.get("qemu-nbd", (0, 0))[0]
-    qn = servers.get("qemu-nbd-none", (0, 0))[0]
-    for s, (iops, mibs) in servers.items():
-        print(f"{job:18} {s:13} {iops:9.0f} {mibs:8.1f} {(f'{iops / q:.2f}x' if q else '-'):>11}"
+    q = servers.get("qemu-nbd", (0, 0, 0))[0]
+    qn = servers.get("qemu-nbd-none", (0, 0, 0))[0]
+    for s, (iops, mibs, cpu) in servers.items():
+        print(f"{job:18} {s:13} {iops:9.0f} {mibs:8.1f} {cpu:10.2f} {(f'{iops / q:.2f}x' if q else '-'):>11}"
               f" {(f'{iops / qn:.2f}x' if qn else '-'):>15}")
 PY

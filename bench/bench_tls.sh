@@ -85,19 +85,11 @@ start_server() {
                  "$OLD_TREE/build/devio" serve "$img" -q --nbd "tcp:127.0.0.1:$port" & ;;
   esac
   PID[$name]=$!
-  for _ in $(seq 100); do
-    HOME=$WORK nbdinfo --size "${URI[$name]}" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "bench_tls: $name did not come up on ${URI[$name]}" >&2
-  return 1
+  HOME=$WORK bench_wait_nbd "${URI[$name]}"
 }
 
 cleanup() {
-  for name in "${!PID[@]}"; do
-    kill "${PID[$name]}" 2>/dev/null || true
-    wait "${PID[$name]}" 2>/dev/null || true
-  done
+  bench_stop "${PID[@]}"
   rm -rf "$WORK"
   if [ -n "$OLD_TREE" ]; then
     git worktree remove --force "$OLD_TREE/src" 2>/dev/null || true

@@ -57,11 +57,20 @@ int cli_export_option(const char *cmd, int c, const char *val, struct devio_open
 	}
 }
 
+/* One file or device: block devices by the device they are (two nodes of
+ * one disk are one), anything else by device and inode. */
+static bool convert_same_node(const struct stat *a, const struct stat *b)
+{
+	if (S_ISBLK(a->st_mode) || S_ISBLK(b->st_mode))
+		return S_ISBLK(a->st_mode) && S_ISBLK(b->st_mode) && a->st_rdev == b->st_rdev;
+	return a->st_dev == b->st_dev && a->st_ino == b->st_ino;
+}
+
 static bool convert_same_inode(const char *a, const char *b)
 {
 	struct stat sa, sb;
 
-	return a && b && !stat(a, &sa) && !stat(b, &sb) && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+	return a && b && !stat(a, &sa) && !stat(b, &sb) && convert_same_node(&sa, &sb);
 }
 
 bool cli_same_file(const char *a, const char *b)
@@ -81,30 +90,32 @@ bool cli_same_file(const char *a, const char *b)
 	return same;
 }
 
-/* Does this process hold path open: a file the source just opened is made
- * of (a differencing VHD's parents at any depth, an overlay, the image
- * under a partition)?  Found among /proc/self/fd by device and inode; a
- * file or a block device only, and not on stdin, stdout or stderr (the
- * caller's: /dev/null, a terminal). */
-static bool convert_held_open(const char *path)
+/* How many of this process's descriptors are open on path (a file or a
+ * block device; convert_same_node), or 0.  Counted before the source is
+ * opened and again after it: more the second time is a file the source is
+ * made of (a differencing VHD's parents at any depth, an overlay, a
+ * backing file, the image under a partition), on whatever descriptor it
+ * got (0-2 too, where the caller closed those), while what the caller
+ * itself holds (a redirection) counts the same both times. */
+static int convert_fds_on(const char *path)
 {
 	struct stat want, st;
 	struct dirent *e;
 	char fdp[32 + sizeof(e->d_name)];
-	bool held = false;
+	int n = 0;
 	DIR *d;
 
 	if (cli_is_uri(path) || stat(path, &want) || !(S_ISREG(want.st_mode) || S_ISBLK(want.st_mode)) ||
 	    !(d = opendir("/proc/self/fd")))
-		return false;
-	while (!held && (e = readdir(d))) {
-		if (e->d_name[0] == '.' || atoi(e->d_name) <= STDERR_FILENO)
+		return 0;
+	while ((e = readdir(d))) {
+		if (e->d_name[0] == '.' || atoi(e->d_name) == dirfd(d))
 			continue;
 		snprintf(fdp, sizeof(fdp), "/proc/self/fd/%s", e->d_name);
-		held = !stat(fdp, &st) && st.st_dev == want.st_dev && st.st_ino == want.st_ino;
+		n += !stat(fdp, &st) && convert_same_node(&st, &want);
 	}
 	closedir(d);
-	return held;
+	return n;
 }
 
 bool cli_is_uri(const char *s)
@@ -154,9 +165,13 @@ static int convert_open_raw(const char *dst, uint64_t size, struct devio_backend
 /* An image format's DST: made under a temporary name next to it (*tmp,
  * devio_file_replace_begin) and renamed over it only when the copy is
  * complete (convert_commit), so a failed or interrupted convert leaves
- * DST as it was. */
+ * DST as it was.  *keep: a descriptor on the new image, opened for
+ * writing before anything is copied into it, whose close at the end
+ * reports what the writer's close would (devio_backend_close returns
+ * nothing): a write-back error since it was opened, where the file system
+ * says so at close (NFS, FUSE), whatever descriptor wrote. */
 static int convert_open_image(const char *fmt, const char *opts, const char *dst, uint64_t size,
-			      struct devio_backend **out, char **tmp)
+			      struct devio_backend **out, char **tmp, int *keep)
 {
 	struct stat st;
 	int fd, r;
@@ -172,7 +187,12 @@ static int convert_open_image(const char *fmt, const char *opts, const char *dst
 		return fd;
 	}
 	close(fd);
-	r = devio_format_create(fmt, *tmp, size, opts, out);
+	r = devio_format_create(fmt, *tmp, size, opts, out); /* a new file, replacing this one */
+	if (!r && (*keep = open(*tmp, O_WRONLY | O_CLOEXEC)) < 0) {
+		r = -errno;
+		devio_err("convert: %s: cannot open the new image: %s", *tmp, strerror(-r));
+		devio_backend_close(*out);
+	}
 	if (r) {
 		unlink(*tmp);
 		free(*tmp);
@@ -181,12 +201,18 @@ static int convert_open_image(const char *fmt, const char *opts, const char *dst
 	return r;
 }
 
-/* The finished image (flushed by the copy) takes DST's name; a failed one
- * goes. */
-static int convert_commit(const char *tmp, const char *dst, int r)
+/* The finished image (flushed by the copy, closed by its backend) takes
+ * DST's name once keep, a descriptor on it, closes without an error; a
+ * failed one goes. */
+static int convert_commit(const char *tmp, const char *dst, int keep, int r)
 {
-	int rr = devio_file_replace_end(tmp, dst, r);
+	int rr;
 
+	if (close(keep) && !r) {
+		r = -errno;
+		devio_err("convert: %s: closing the new image: %s", tmp, strerror(-r));
+	}
+	rr = devio_file_replace_end(tmp, dst, r);
 	if (rr && !r)
 		devio_err("convert: cannot rename %s to %s: %s", tmp, dst, strerror(-rr));
 	return rr;
@@ -221,24 +247,25 @@ static int convert_run(const char *fmt, const char *fopts, bool show, const stru
 	struct devio_open_opts so = *o;
 	bool fresh = false;
 	char *tmp = NULL;
-	int r;
+	int held, keep = -1, r;
 
 	if (cli_same_file(src, dst) || cli_same_file(o->cow, dst)) {
 		devio_err("convert: %s and %s are the same file: refusing to copy an image onto itself", src, dst);
 		return 1;
 	}
 	so.readonly = true;
+	held = convert_fds_on(dst);
 	if (devio_backend_open(src, &so, &c.src))
 		return 1;
-	if (convert_held_open(dst)) {
-		devio_err("convert: %s reads %s (a differencing image's parent, an overlay): refusing to write "
+	if (convert_fds_on(dst) > held) {
+		devio_err("convert: %s reads %s (a differencing image's parent, a backing file, an overlay): refusing to write "
 			  "over a file the source is made of", src, dst);
 		devio_backend_close(c.src);
 		return 1;
 	}
 	fresh = strcmp(fmt, "raw") != 0;
 	if (fresh)
-		r = convert_open_image(fmt, fopts, dst, c.src->size, &c.dst, &tmp);
+		r = convert_open_image(fmt, fopts, dst, c.src->size, &c.dst, &tmp, &keep);
 	else
 		r = convert_open_raw(dst, c.src->size, &c.dst, &fresh);
 	if (r) {
@@ -252,7 +279,7 @@ static int convert_run(const char *fmt, const char *fopts, bool show, const stru
 	devio_backend_close(c.dst);
 	devio_backend_close(c.src);
 	if (tmp)
-		r = convert_commit(tmp, dst, r);
+		r = convert_commit(tmp, dst, keep, r);
 	else if (r && fresh)
 		unlink(dst); /* no half image left behind */
 	free(tmp);

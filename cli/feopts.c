@@ -244,16 +244,47 @@ void feopts_list(const struct feopts *f, const char *name, char *out, size_t out
 	}
 }
 
+/* Does a front end named on the command line use option name: its type
+ * declares it and takes it on that argument (type->uses)?  If not, *idle
+ * is one named with it declared but not used there (or left NULL), and
+ * *idle_type its type. */
+static bool feopts_used(const struct feopts *f, const char *name, const struct serve_frontend **idle,
+			const struct devio_frontend_type **idle_type)
+{
+	*idle = NULL;
+	for (size_t i = 0; i < f->n_types; i++) {
+		const struct devio_frontend_type *t = f->types[i];
+
+		if (!f->named[i] || !feopts_declares(t, name))
+			continue;
+		if (!t->uses)
+			return true;
+		for (size_t k = 0; k < f->n_fe; k++) { /* its front ends have its options struct */
+			if (f->fe[k].opts != f->opts[i])
+				continue;
+			if (t->uses(f->fe[k].arg, name))
+				return true;
+			if (!*idle)
+				*idle = &f->fe[k], *idle_type = t;
+		}
+	}
+	return false;
+}
+
 void feopts_finish(struct feopts *f)
 {
 	for (size_t j = 0; j < f->n_names; j++) {
-		bool used = false;
+		const struct devio_frontend_type *t = NULL;
+		const struct serve_frontend *idle;
 		char who[256];
 
-		for (size_t i = 0; i < f->n_types && !used; i++)
-			used = f->named[i] && feopts_declares(f->types[i], f->names[j]);
-		if (!f->given[j] || used)
+		if (!f->given[j] || feopts_used(f, f->names[j], &idle, &t))
 			continue;
+		if (idle) {
+			devio_warn("--%s has no effect on --%s %s, and no other front end here uses it", f->names[j],
+				   t->option, idle->arg ? idle->arg : "");
+			continue;
+		}
 		feopts_list(f, f->names[j], who, sizeof(who));
 		devio_warn("--%s has no effect without %s", f->names[j], who);
 	}

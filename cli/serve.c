@@ -122,8 +122,8 @@ static void write_status(struct devio_server *srv, struct serve_frontend *fe, si
 }
 
 /* --run's environment: $nbd and $devio (URIs of the first --nbd and
- * --devio address), $device (the loop device, ublk device or FUSE file),
- * $uri (the first of them). */
+ * --devio address; devio+tls:// for tls:, without credentials), $device
+ * (the loop device, ublk device or FUSE file), $uri (the first of them). */
 struct serve_env {
 	char nbd[PATH_MAX + 64], devio[PATH_MAX + 64], device[PATH_MAX];
 	const char *env[4][2];
@@ -135,18 +135,20 @@ static void serve_env_uri(const struct serve_frontend *fe, struct serve_env *e)
 	bool nbd = !strcmp(fe->type->option, "nbd");
 	char *out = nbd ? e->nbd : e->devio, arg[PATH_MAX];
 	struct devio_addr a;
+	bool tls;
 
 	if (out[0] || !fe->arg)
 		return;
-	snprintf(arg, sizeof(arg), "%s", fe->arg);
+	tls = !nbd && !strncmp(fe->arg, "tls:", 4); /* --devio tls:[HOST:]PORT: a tcp: address */
+	snprintf(arg, sizeof(arg), "%s%s", tls ? "tcp:" : "", fe->arg + (tls ? 4 : 0));
 	arg[strcspn(arg, ",")] = '\0'; /* --devio ADDR,max-transfer=N */
 	if (devio_addr_parse(arg, "10809", &a))
 		return;
 	if (a.kind == DEVIO_ADDR_TCP) {
 		/* where devio_listen() binds: loopback by default, 127.0.0.1 reaches "*" too */
 		const char *h = a.host[0] && strcmp(a.host, "*") ? a.host : "127.0.0.1";
-		snprintf(out, PATH_MAX + 64, "%s://%s%s%s:%s", nbd ? "nbd" : "devio", strchr(h, ':') ? "[" : "", h,
-			 strchr(h, ':') ? "]" : "", a.port);
+		snprintf(out, PATH_MAX + 64, "%s://%s%s%s:%s", nbd ? "nbd" : tls ? "devio+tls" : "devio",
+			 strchr(h, ':') ? "[" : "", h, strchr(h, ':') ? "]" : "", a.port);
 	} else if (a.kind == DEVIO_ADDR_UNIX) {
 		snprintf(out, PATH_MAX + 64, nbd ? "nbd+unix:///?socket=%s" : "devio+unix://%s", a.path);
 	}

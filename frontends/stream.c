@@ -951,16 +951,15 @@ static const struct devio_frontend_type *stream_variant(const char *arg)
 	return arg && !strncmp(arg, "shm:", 4) ? &devio_frontend_shm : NULL;
 }
 
+/* The TLS credential options serve tls: addresses only. */
+static bool stream_uses(const char *arg, const char *name)
+{
+	return strncmp(name, "tls-", 4) || (arg && !strncmp(arg, "tls:", 4));
+}
+
 static const struct devio_frontend_option stream_options[] = {
 	DEVIO_LISTEN_OPTIONS(offsetof(struct stream_fe_opts, listen)),
-	{ "tls-certificates", "DIR", "tls:: X.509, DIR/server-cert.pem, server-key.pem, ca-cert.pem (as --nbd)",
-	  devio_opt_string, offsetof(struct stream_fe_opts, tls_conf.certificates) },
-	{ "tls-psk", "FILE", "tls:: pre-shared keys, USERNAME:HEXKEY lines (psktool's format)", devio_opt_string,
-	  offsetof(struct stream_fe_opts, tls_conf.psk_file) },
-	{ "tls-verify-peer", NULL, "tls:: X.509, clients need a certificate from ca-cert.pem's CA", devio_opt_flag,
-	  offsetof(struct stream_fe_opts, tls_conf.verify_peer) },
-	{ "tls-priority", "STRING", "tls:: GnuTLS priority string (default: TLS 1.3, then 1.2)", devio_opt_string,
-	  offsetof(struct stream_fe_opts, tls_conf.priority) },
+	DEVIO_TLS_OPTIONS(offsetof(struct stream_fe_opts, tls_conf), "tls:: "),
 	{ NULL },
 };
 
@@ -977,4 +976,5 @@ const struct devio_frontend_type devio_frontend_stream = {
 	.check = stream_check,
 	.finished = stream_finished,
 	.variant = stream_variant,
+	.uses = stream_uses,
 };

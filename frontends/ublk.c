@@ -199,6 +199,21 @@ unsigned devio_ublk_batch_tags(const void *buf, size_t len, unsigned depth, uint
 	return n;
 }
 
+unsigned devio_ublk_commit_outcome(int res, unsigned left, unsigned elem_bytes, int first_result, bool *as_eio)
+{
+	unsigned took = res > 0 && elem_bytes ? (unsigned)res / elem_bytes : 0;
+
+	*as_eio = false;
+	if (took)
+		return took < left ? took : left;
+	if (res == -ENODEV)
+		return left;
+	if (res == -EBUSY || first_result == -EIO || !left)
+		return left ? 1 : 0;
+	*as_eio = true;
+	return 0;
+}
+
 int devio_ublk_pick_batch(uint64_t features, bool ioctl_encode, int want, bool *out)
 {
 	bool offered = (features & DEVIO_UBLK_F_BATCH_IO) && ioctl_encode;
@@ -768,7 +783,7 @@ static unsigned ublk_batch_flush(struct devio_ring *r, void *ctx)
 
 	if (!q->dev->batch)
 		return 0;
-	if (q->fetch_again && (atomic_load(&q->dev->stopping) || atomic_load(&q->dev->handover) || !ublk_batch_fetch(q)))
+	if (q->fetch_again && (atomic_load(&q->dev->handover) || !ublk_batch_fetch(q)))
 		q->fetch_again = false;
 	if (q->commit_busy)
 		return 0;
@@ -788,28 +803,39 @@ static unsigned ublk_batch_flush(struct devio_ring *r, void *ctx)
 }
 
 /* COMMIT_IO_CMDS's CQE: bytes of elements taken; the rest goes again.
- * Nothing taken (-errno): the first is dropped (all on -ENODEV, the
- * device going away), so that no result loops forever. */
+ * Nothing taken (-errno): the first element the driver refused goes again
+ * as -EIO, and is dropped when it was -EIO already or cannot be answered
+ * (devio_ublk_commit_outcome; all on -ENODEV, the device going away), so
+ * that no result loops forever and none is given up while a resend may
+ * still end its request. */
 static void ublk_batch_commit_cqe(struct ublk_queue *q, int res)
 {
-	unsigned left = q->n_sent - q->sent_off;
-	unsigned took = res > 0 ? (unsigned)res / ublk_batch_elem_bytes(q->dev) : 0;
+	unsigned eb = ublk_batch_elem_bytes(q->dev), left = q->n_sent - q->sent_off;
+	unsigned char *first = q->sent + (size_t)q->sent_off * eb;
+	struct devio_ublk_elem e;
+	bool as_eio;
+	unsigned done;
 
 	q->cmds_out--;
-	if (took > left)
-		took = left;
-	if (!took) {
-		struct devio_ublk_elem e;
-
-		memcpy(&e, q->sent + (size_t)q->sent_off * ublk_batch_elem_bytes(q->dev), sizeof(e));
-		took = res == -ENODEV ? left : 1;
-		if (res != -ENODEV || !atomic_load(&q->dev->stopping))
-			devio_err("ublk: %s: queue %u: COMMIT_IO_CMDS of %u results: %s; %u dropped from tag %u on",
-				  q->dev->bdev, q->qid, left, strerror(res < 0 ? -res : EIO), took, e.tag);
-	} else if (took < left) {
-		atomic_fetch_add_explicit(&q->partial_commits, 1, memory_order_relaxed);
+	if (!left) { /* cannot happen: a commit is only sent with results in it */
+		q->commit_busy = false;
+		return;
 	}
-	q->sent_off += took;
+	memcpy(&e, first, sizeof(e));
+	done = devio_ublk_commit_outcome(res, left, eb, e.result, &as_eio);
+	if (res >= (int)eb) {
+		if (done < left)
+			atomic_fetch_add_explicit(&q->partial_commits, 1, memory_order_relaxed);
+	} else if (res != -ENODEV || !atomic_load(&q->dev->stopping)) {
+		devio_err("ublk: %s: queue %u: COMMIT_IO_CMDS of %u results: %s; %u %s from tag %u on", q->dev->bdev,
+			  q->qid, left, strerror(res < 0 ? -res : EIO), as_eio ? 1 : done,
+			  as_eio ? "sent again as -EIO" : "dropped", e.tag);
+	}
+	if (as_eio) {
+		e.result = -EIO;
+		memcpy(first, &e, sizeof(e));
+	}
+	q->sent_off += done;
 	if (q->sent_off < q->n_sent)
 		ublk_batch_send(q);
 	else
@@ -847,8 +873,12 @@ static void ublk_batch_tags_in(struct ublk_queue *q, unsigned bid, unsigned len)
 }
 
 /* A FETCH_IO_CMDS CQE: tags, and while it says more, nothing else.  Once
- * it ended it is queued again, unless the driver aborted it (stopping,
- * quiesced: UBLK_IO_RES_ABORT) or it failed. */
+ * it ended it is queued again, unless the driver aborted it (stopped,
+ * quiesced: UBLK_IO_RES_ABORT), it failed, or the server is handing the
+ * device over.  Stopping is no reason: STOP_DEV waits for the disk's last
+ * requests (its dirty pages among them), which only a fetch brings in; a
+ * fetch queued once the driver has stopped ends with its abort, or when
+ * the ring closes (ublk_teardown). */
 static void ublk_batch_fetch_cqe(struct ublk_queue *q, int res)
 {
 	unsigned flags = devio_ring_cqe_flags(q->ring);
@@ -858,7 +888,7 @@ static void ublk_batch_fetch_cqe(struct ublk_queue *q, int res)
 	if (flags & IORING_CQE_F_MORE)
 		return;
 	q->cmds_out--;
-	if ((res >= 0 || res == -ENOBUFS) && !atomic_load(&q->dev->stopping) && !atomic_load(&q->dev->handover)) {
+	if ((res >= 0 || res == -ENOBUFS) && !atomic_load(&q->dev->handover)) {
 		if (ublk_batch_fetch(q)) { /* no SQE now: the pass's flush tries again */
 			devio_warn("ublk: %s: queue %u: no SQE to fetch again; retried", q->dev->bdev, q->qid);
 			q->fetch_again = true;

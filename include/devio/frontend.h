@@ -89,6 +89,12 @@ struct devio_frontend_type {
 	 * that one then starts with this type's options struct (the shm front
 	 * end reads the --devio listener options at its start). */
 	const struct devio_frontend_type *(*variant)(const char *arg);
+	/* Optional: whether this argument of the option makes use of name,
+	 * one of the options the type declares (--devio takes the TLS
+	 * options, and only its tls: addresses use them).  Without it every
+	 * option it declares is used.  An option that no front end on the
+	 * command line uses is warned about as having no effect. */
+	bool (*uses)(const char *arg, const char *name);
 	/* Optional: a hand-over (SIGUSR2, `devio detach --handover`): make
 	 * ready to stop so that a new server can take the kernel object over
 	 * with no error seen by its users (ublk --recovery: quiesce the device;

@@ -40,6 +40,22 @@ struct devio_tls_conf {
 	bool verify_peer;
 };
 
+/* The server's credential options (--tls-certificates, --tls-psk,
+ * --tls-verify-peer, --tls-priority) as entries of a front end's options
+ * table (include/devio/frontend.h), parsed into the struct devio_tls_conf
+ * at offset off in its options struct; every help text opens with prefix
+ * ("" or, for a front end that uses them only on some addresses, "tls:: "):
+ *   DEVIO_TLS_OPTIONS(offsetof(struct nbd_opts, tls_conf), ""), */
+#define DEVIO_TLS_OPTIONS(off, prefix) \
+	{ "tls-certificates", "DIR", prefix "X.509, DIR/server-cert.pem, server-key.pem, ca-cert.pem " \
+	  "(docs/security.md)", devio_opt_string, (off) + offsetof(struct devio_tls_conf, certificates) }, \
+	{ "tls-psk", "FILE", prefix "pre-shared keys, USERNAME:HEXKEY lines (psktool's format)", \
+	  devio_opt_string, (off) + offsetof(struct devio_tls_conf, psk_file) }, \
+	{ "tls-verify-peer", NULL, prefix "X.509, clients need a certificate from ca-cert.pem's CA", \
+	  devio_opt_flag, (off) + offsetof(struct devio_tls_conf, verify_peer) }, \
+	{ "tls-priority", "STRING", prefix "GnuTLS priority string (default: TLS 1.3, then 1.2)", \
+	  devio_opt_string, (off) + offsetof(struct devio_tls_conf, priority) }
+
 /* TLS 1.3 preferred, 1.2 accepted, nothing older; PSK key exchanges are
  * appended when a PSK file is in use. */
 #define DEVIO_TLS_PRIORITY "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"

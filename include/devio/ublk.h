@@ -75,6 +75,18 @@ int devio_ublk_pick_batch(uint64_t features, bool ioctl_encode, int want, bool *
  * trailing byte) in *bad; returns how many went to out. */
 unsigned devio_ublk_batch_tags(const void *buf, size_t len, unsigned depth, uint16_t *out, unsigned *bad);
 
+/* What a COMMIT_IO_CMDS completion means for the left elements of
+ * elem_bytes it carried, the first of which has result first_result: res
+ * is the bytes of whole elements the driver took, or -errno when it took
+ * none (it stops at the first element it refuses).  Returns how many
+ * elements, from the first, are done with: those taken; else, the first
+ * being refused, 0 with *as_eio set when it should go again answered
+ * -EIO (a request is never left unanswered while a resend may still end
+ * it), 1 when a resend cannot change the answer (-EBUSY: the driver holds
+ * no request of ours on that tag; or it went as -EIO already), every one
+ * on -ENODEV (the device is gone). */
+unsigned devio_ublk_commit_outcome(int res, unsigned left, unsigned elem_bytes, int first_result, bool *as_eio);
+
 /* Is /dev/ublkbN open (mounted, held, claimed, or open in a process)?
  * 1 with the reason in why, 0 if not (or no such disk), -errno. */
 int devio_ublk_in_use(unsigned dev_id, char *why, size_t len);

@@ -145,6 +145,66 @@ def test_self_copy_refused(tmp):
     assert read(src) == expect
 
 
+def convert_closing(fds, *args):
+    """devio convert with the descriptors fds closed, as a caller may
+    leave them: the files the source opens take the lowest numbers."""
+    return subprocess.run([DEVIO, "convert", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, timeout=120, preexec_fn=lambda: [os.close(fd) for fd in fds])
+
+
+def test_backing_file_refused_as_dst_on_any_descriptor(tmp):
+    """A qcow2 child converted onto its own backing file is refused, also
+    when the caller closed descriptors 0-2 so that the files the source
+    opens take those numbers (the refusal then only in the exit status:
+    there is no stderr); a DST the caller holds open itself (a
+    redirection) is no reason to refuse."""
+    base, child = os.path.join(tmp, "base.raw"), os.path.join(tmp, "child.qcow2")
+    with open(base, "wb") as f:
+        f.write(os.urandom(4 * MiB))
+    before = read(base)
+    run_ok("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", child)
+    for fds in ((), (0, 1, 2)):
+        p = convert_closing(fds, "--format", "qcow2", child, base)
+        assert p.returncode == 1, p.stderr
+        assert fds or "refusing to write over a file the source is made of" in p.stderr, p.stderr
+        assert read(base) == before
+    out = os.path.join(tmp, "out.raw")
+    with open(out, "wb") as held:
+        p = subprocess.run([DEVIO, "convert", "--format", "qcow2", child, out], capture_output=True, text=True,
+                           timeout=120, pass_fds=(held.fileno(),))
+    assert p.returncode == 0, p.stderr
+    assert read(out) == before
+
+
+def test_block_devices_compared_by_device_not_node(tmp):
+    """Two nodes of one loop device are one disk: converting the device
+    onto a second node of it is the same-file refusal, and a qcow2 child
+    whose backing file is the device converted onto that second node is
+    refused as a file the source is made of; the device is never written."""
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("needs root and losetup")
+    base = os.path.join(tmp, "base.raw")
+    with open(base, "wb") as f:
+        f.write(os.urandom(4 * MiB))
+    before = read(base)
+    r = subprocess.run(["losetup", "-f", "--show", base], capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"no loop device: {r.stderr.strip()}")
+    loop = r.stdout.strip()
+    try:
+        node = os.path.join(tmp, "node")
+        os.mknod(node, 0o600 | 0o060000, os.stat(loop).st_rdev)  # S_IFBLK
+        child = os.path.join(tmp, "child.qcow2")
+        run_ok("qemu-img", "create", "-q", "-f", "qcow2", "-b", loop, "-F", "raw", child)
+        p = devio("convert", loop, node, check=False)
+        assert p.returncode == 1 and "same file" in p.stderr, p.stderr
+        p = devio("convert", "--format", "qcow2", child, node, check=False)
+        assert p.returncode == 1 and "the source is made of" in p.stderr, p.stderr
+        assert read(base) == before
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True, timeout=30)
+
+
 @pytest.mark.parametrize("fmt,qfmt", [("qcow2", "qcow2"), ("vhd", "vpc")])
 def test_convert_to_image_formats(tmp, fmt, qfmt):
     src = os.path.join(tmp, "src.raw")

@@ -149,6 +149,22 @@ def test_run_is_captive_with_the_uris(tmp):
     assert not os.path.exists(sock)  # stopped after the command
 
 
+@pytest.mark.skipif(not shutil.which("psktool"), reason="psktool (gnutls-bin) not installed")
+def test_run_gets_a_tls_devio_uri(tmp):
+    """--devio tls: gives $devio as devio+tls:// (credentials are the
+    command's to add): a client reaches the server through it."""
+    d, _ = tmp
+    psk = os.path.join(d, "keys.psk")
+    run_ok("psktool", "-u", "alice", "-p", psk)
+    port = free_port()
+    cmd = 'echo "devio=$devio"; "$DEVIO_BIN" info "$devio?tls-psk-file=$PSK&tls-username=alice" || exit 9'
+    r = devio("serve", "ram:8M", "--devio", f"tls:127.0.0.1:{port}", "--tls-psk", psk, "--run", cmd,
+              env=dict(os.environ, DEVIO_BIN=DEVIO, PSK=psk))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"devio=devio+tls://127.0.0.1:{port}\n" in r.stdout
+    assert str(8 * MiB) in r.stdout
+
+
 def test_run_gets_the_fuse_device(tmp):
     if not os.path.exists("/dev/fuse"):
         pytest.skip("no /dev/fuse")

@@ -4,7 +4,9 @@ X.509 and PSK against our client (devio+tls:// for info, cat, copy, the
 devio+tls:// backend re-exported over NBD to nbdinfo, qemu-img and fio,
 its reconnection, `devio attach --fuse --loop`), the refusals (a plaintext client, a wrong PSK, an
 unknown user, a client certificate from another CA, a server certificate
-for another name) with the server still serving; the dual-stack tcp:[::]
+for another name) with the server still serving; the warning for
+plaintext off loopback (not for tls: or loopback), and for TLS credentials
+nothing uses (--devio tcp: alone); the dual-stack tcp:[::]
 listener and --allow with v4-mapped peers; the shm control socket's
 limits (a silent client dropped at the handshake deadline, an idle one
 at --idle-timeout, --max-connections).
@@ -209,19 +211,52 @@ def test_imdisk_command_line_never_offers_tls(image, pki):
 
 # ---- the plaintext warning, dual stack ----
 
-def test_non_loopback_tcp_says_imdisk_cannot_speak_tls(tmp_path, pki):
-    """192.0.2.1 (TEST-NET-1) is on no interface: the bind fails after the
-    warning, nothing is exposed.  A tls: listener there gets no such warning."""
+@pytest.mark.parametrize("scheme,host,warned", [
+    ("tcp", "192.0.2.1", True),    # plaintext on a network address
+    ("tls", "192.0.2.1", False),   # encrypted there
+    ("tcp", "127.0.0.1", False),   # plaintext on loopback
+])
+def test_plaintext_off_loopback_is_warned_about(serve, tmp_path, pki, scheme, host, warned):
+    """--devio tcp: on anything but loopback says the protocol is open
+    to whoever reaches it, unencrypted, and that ImDisk clients cannot
+    speak TLS; a tls: listener and a loopback one get no such warning.
+    192.0.2.1 (TEST-NET-1) is on no interface, so the bind fails after
+    the warning: nothing is exposed by the test."""
     img = tmp_path / "d.img"
     img.write_bytes(b"\0" * 4096)
-    r = subprocess.run([DEVIO, "serve", str(img), "--devio", f"tcp:192.0.2.1:{free_port()}"],
-                       capture_output=True, text=True, timeout=30)
-    assert r.returncode != 0
-    assert "ImDisk clients cannot speak TLS" in r.stderr and "unencrypted" in r.stderr
-    r = subprocess.run([DEVIO, "serve", str(img), "--devio", f"tls:192.0.2.1:{free_port()}", "--tls-psk",
-                        pki["psk"]], capture_output=True, text=True, timeout=30)
-    assert r.returncode != 0
-    assert "unencrypted" not in r.stderr and "TLS required" in r.stderr
+    port = free_port()
+    tls = ["--tls-psk", pki["psk"]] if scheme == "tls" else []
+    srv = serve(str(img), "--devio", f"{scheme}:{host}:{port}", *tls)
+    if host == "127.0.0.1":
+        srv.wait_tcp(port)
+        assert srv.stop() == 0
+    else:
+        wait_for(lambda: srv.proc.poll() is not None, 30, "the bind to fail")
+        assert srv.proc.returncode != 0
+    out = srv.stderr()
+    for words in ("no encryption", "no authentication", "ImDisk clients cannot speak TLS", "unencrypted"):
+        assert (words in out) == warned, out
+    assert ("TLS required" in out) == (scheme == "tls"), out
+
+
+@pytest.mark.parametrize("devio_addr,nbd,warned", [
+    ("tcp", False, True),    # nothing uses the credentials
+    ("tcp", True, False),    # --nbd does
+    ("tls", False, False),   # --devio tls: does
+])
+def test_tls_credentials_nothing_uses_are_warned_about(serve, tmp_path, pki, devio_addr, nbd, warned):
+    """--tls-psk with --devio tcp: alone has no effect: one warning line
+    that says so; none where --nbd or a tls: address takes it."""
+    port = free_port()
+    sock = str(tmp_path / "nbd.sock")
+    srv = serve("ram:1M", "--devio", f"{devio_addr}:127.0.0.1:{port}", "--tls-psk", pki["psk"],
+                *(["--nbd", f"unix:{sock}"] if nbd else []))
+    srv.wait_tcp(port)
+    assert srv.stop() == 0
+    warnings = [l for l in srv.stderr().splitlines() if "has no effect" in l]
+    expect = [f"devio: warning: --tls-psk has no effect on --devio tcp:127.0.0.1:{port}, and no other front end "
+              "here uses it"]
+    assert warnings == (expect if warned else []), srv.stderr()
 
 
 def have_ipv6():

@@ -397,28 +397,6 @@ def test_serve_an_nbds_source_over_unix(serve, pki, image, tmp_path):
     assert digest(copy) == digest(image)
 
 
-def test_devio_protocol_on_a_network_address_is_warned_about(tmp_path):
-    """--devio tcp: on anything but loopback says the protocol is open to
-    whoever reaches it.  192.0.2.1 (TEST-NET-1) is on no interface, so the
-    bind fails after the warning: nothing is exposed by the test."""
-    img = tmp_path / "d.img"
-    img.write_bytes(b"\0" * 4096)
-    r = subprocess.run([DEVIO, "serve", str(img), "--devio", f"tcp:192.0.2.1:{free_port()}"],
-                       capture_output=True, text=True, timeout=30)
-    assert r.returncode != 0
-    assert "no encryption" in r.stderr and "no authentication" in r.stderr
-    port = free_port()
-    srv = subprocess.Popen([DEVIO, "serve", str(img), "--devio", f"tcp:127.0.0.1:{port}"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for(lambda: port_open(port) or srv.poll() is not None, 10, f"port {port}")
-    finally:
-        srv.terminate()
-        out = srv.communicate(timeout=20)[0]
-    assert "not loopback" not in out
-
-
-
 @pytest.mark.parametrize("source,listen", [("ram:64M", "unix"), ("file", "tcp")])
 def test_fio_verify_through_tls_two_connections_qd32(serve, pki, tmp_path, source, listen):
     """Data integrity through TLS with the reader and the sender on one

@@ -187,6 +187,35 @@ static void test_batch_tags(void **state)
 	assert_int_equal(DEVIO_UBLK_U_BATCH(DEVIO_UBLK_IO_COMMIT_IO_CMDS), 0xc0107526u);
 }
 
+/* A COMMIT_IO_CMDS completion: what was taken is done; a refused first
+ * element goes again as -EIO once, is dropped when it cannot be answered
+ * (-EBUSY) or was -EIO already, and -ENODEV ends them all. */
+static void test_commit_outcome(void **state)
+{
+	bool eio = true;
+
+	assert_int_equal(devio_ublk_commit_outcome(5 * 16, 5, 16, 4096, &eio), 5); /* all taken */
+	assert_false(eio);
+	assert_int_equal(devio_ublk_commit_outcome(2 * 8, 5, 8, 4096, &eio), 2); /* partial: the rest again */
+	assert_false(eio);
+	assert_int_equal(devio_ublk_commit_outcome(9 * 8, 5, 8, 0, &eio), 5); /* more than sent: capped */
+	assert_int_equal(devio_ublk_commit_outcome(-EINVAL, 5, 8, 4096, &eio), 0); /* refused: again as -EIO */
+	assert_true(eio);
+	assert_int_equal(devio_ublk_commit_outcome(-EINVAL, 5, 8, -EIO, &eio), 1); /* refused as -EIO: dropped */
+	assert_false(eio);
+	assert_int_equal(devio_ublk_commit_outcome(-EFAULT, 1, 16, -ENOSPC, &eio), 0);
+	assert_true(eio);
+	assert_int_equal(devio_ublk_commit_outcome(-EBUSY, 5, 8, 4096, &eio), 1); /* not ours: dropped */
+	assert_false(eio);
+	assert_int_equal(devio_ublk_commit_outcome(-ENODEV, 5, 8, 4096, &eio), 5); /* device gone */
+	assert_false(eio);
+	assert_int_equal(devio_ublk_commit_outcome(4, 5, 8, 4096, &eio), 0); /* less than one element */
+	assert_true(eio);
+	assert_int_equal(devio_ublk_commit_outcome(0, 5, 8, -EIO, &eio), 1);
+	assert_int_equal(devio_ublk_commit_outcome(-EINVAL, 0, 8, 0, &eio), 0); /* nothing was sent */
+	assert_false(eio);
+}
+
 static void test_feature_names(void **state)
 {
 	char buf[512], tiny[12];
@@ -213,6 +242,7 @@ int main(void)
 		cmocka_unit_test(test_feature_names),
 		cmocka_unit_test(test_pick_batch),
 		cmocka_unit_test(test_batch_tags),
+		cmocka_unit_test(test_commit_outcome),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
