@@ -5,10 +5,12 @@
  * file (or no file) as it was and no temporary file behind.  Used by the
  * image formats that make a new image (qcow2, vhd) and by `devio
  * convert`.  Nothing is logged here: the caller, who knows what the file
- * is, says what failed. */
+ * is, says what failed.  A symbolic link at the name is followed, as
+ * open(O_CREAT) would: its target is replaced and the link stays. */
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,15 +43,64 @@ static int filereplace_open_tmp(const char *path, unsigned mode, char *tmp)
 	return -EEXIST;
 }
 
+/* The next name on a link's way: its text, relative to the link's folder. */
+static char *filereplace_link_step(const char *link)
+{
+	char text[PATH_MAX], *dir, *next = NULL;
+	ssize_t n = readlink(link, text, sizeof(text) - 1);
+
+	if (n < 0)
+		return NULL;
+	text[n] = '\0';
+	if (text[0] == '/')
+		return strdup(text);
+	dir = strdup(link);
+	if (dir && asprintf(&next, "%s/%s", dirname(dir), text) < 0)
+		next = NULL;
+	free(dir);
+	return next;
+}
+
+/* The file to replace for path (malloc'd): path itself, or where the
+ * symbolic links there lead, even to a name not made yet; NULL with
+ * errno set (ELOOP for a link that goes round). */
+static char *filereplace_target(const char *path)
+{
+	char *cur = strdup(path);
+	struct stat st;
+
+	for (int hops = 0; cur; hops++) {
+		char *next;
+
+		if (lstat(cur, &st) || !S_ISLNK(st.st_mode))
+			return cur;
+		if (hops == 40) {
+			free(cur);
+			errno = ELOOP;
+			return NULL;
+		}
+		next = filereplace_link_step(cur);
+		free(cur);
+		cur = next;
+	}
+	return NULL;
+}
+
 int devio_file_replace_begin(const char *path, unsigned mode, char **tmp)
 {
+	char *target = filereplace_target(path);
 	int fd;
 
-	if (asprintf(tmp, "%s.XXXXXX", path) < 0) {
+	*tmp = NULL;
+	if (!target)
+		return errno ? -errno : -ENOMEM;
+	if (asprintf(tmp, "%s.XXXXXX", target) < 0) {
 		*tmp = NULL;
+		free(target);
 		return -ENOMEM;
 	}
-	fd = filereplace_open_tmp(path, mode, *tmp);
+	fd = filereplace_open_tmp(target, mode, *tmp);
+	free(target);
 	if (fd >= 0)
 		return fd;
 	free(*tmp);
@@ -72,13 +123,19 @@ static void filereplace_sync_dir(const char *path)
 
 int devio_file_replace_end(const char *tmp, const char *path, int r)
 {
-	if (!r && rename(tmp, path))
+	char *target = r ? NULL : filereplace_target(path);
+
+	if (!r && !target)
+		r = errno ? -errno : -ENOMEM;
+	if (!r && rename(tmp, target))
 		r = -errno;
 	if (r) {
 		unlink(tmp);
+		free(target);
 		return r;
 	}
-	filereplace_sync_dir(path);
+	filereplace_sync_dir(target);
+	free(target);
 	return 0;
 }
 

@@ -94,7 +94,8 @@ int devio_discard_full(int fd, uint64_t len);
  * (mode: as open()'s, less the umask), which is synced and renamed over
  * path, and path's folder synced.  0, or write_fn's -errno or another
  * one; on failure path is as it was and no temporary file stays.  Nothing
- * is logged. */
+ * is logged.  A symbolic link at path is followed (as open(O_CREAT)
+ * would): its target is replaced, the link stays. */
 int devio_file_replace(const char *path, unsigned mode, int (*write_fn)(int fd, void *ctx), void *ctx);
 /* The same in two steps, for a writer that opens the file by name:
  * _begin makes the temporary file (*tmp, malloc'd; freed by the caller)

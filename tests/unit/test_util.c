@@ -141,6 +141,36 @@ static int util_write(int fd, void *ctx)
 	return strstr(text, "fail") ? -EIO : 0;
 }
 
+/* Through symbolic links: the target replaced, the link kept, also for a
+ * relative link to a file not made yet; a loop of links refused. */
+static void util_file_replace_links(const char *dir, const char *path)
+{
+	char link[80], dangling[80], target[80], loop[80];
+	struct stat st;
+
+	snprintf(link, sizeof(link), "%s/link", dir);
+	assert_int_equal(symlink(path, link), 0);
+	assert_int_equal(devio_file_replace(link, 0666, util_write, "via link"), 0);
+	assert_int_equal(lstat(link, &st), 0);
+	assert_true(S_ISLNK(st.st_mode));
+	util_expect(path, "via link");
+	snprintf(dangling, sizeof(dangling), "%s/dangling", dir);
+	snprintf(target, sizeof(target), "%s/later", dir);
+	assert_int_equal(symlink("later", dangling), 0);
+	assert_int_equal(devio_file_replace(dangling, 0666, util_write, "made"), 0);
+	util_expect(target, "made");
+	assert_int_equal(lstat(dangling, &st), 0);
+	assert_true(S_ISLNK(st.st_mode));
+	snprintf(loop, sizeof(loop), "%s/loop", dir);
+	assert_int_equal(symlink("loop", loop), 0);
+	assert_int_equal(devio_file_replace(loop, 0666, util_write, "never"), -ELOOP);
+	assert_int_equal(util_entries(dir), 5); /* img, link, dangling, later, loop */
+	unlink(link);
+	unlink(dangling);
+	unlink(target);
+	unlink(loop);
+}
+
 static void test_file_replace(void **state)
 {
 	char dir[] = "/tmp/devio-replace-XXXXXX", path[64], sub[80];
@@ -192,6 +222,7 @@ static void test_file_replace(void **state)
 	unlink(sub);
 	snprintf(sub, sizeof(sub), "%s/d", dir);
 	rmdir(sub);
+	util_file_replace_links(dir, path);
 	unlink(path);
 	rmdir(dir);
 	umask(mask);
