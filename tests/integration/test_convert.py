@@ -462,6 +462,26 @@ def test_convert_to_qcow2_read_by_qemu(tmp, opts, compat, cs):
     assert [f for f in os.listdir(tmp) if f.startswith("out.qcow2.")] == []  # no temporary left
 
 
+def test_convert_through_a_symlink_replaces_its_target(tmp):
+    """A symbolic link at DST (here into another folder) is followed, as
+    qemu-img follows it: the image it leads to is replaced by the new one,
+    made next to itself, and the link stays a link."""
+    src = os.path.join(tmp, "src.raw")
+    sparse_source(src)
+    os.mkdir(os.path.join(tmp, "images"))
+    target = os.path.join(tmp, "images", "disk.qcow2")
+    with open(target, "wb") as f:
+        f.write(b"old image")
+    link = os.path.join(tmp, "disk.qcow2")
+    os.symlink("images/disk.qcow2", link)
+    devio("convert", "-O", "qcow2", src, link)
+    assert os.path.islink(link) and os.readlink(link) == "images/disk.qcow2"
+    qcow2_check(target)
+    assert "Images are identical" in run_ok("qemu-img", "compare", "-f", "qcow2", target, "-F", "raw", src)
+    assert sorted(os.listdir(os.path.join(tmp, "images"))) == ["disk.qcow2"]  # no temporary left
+    assert sorted(os.listdir(tmp)) == ["disk.qcow2", "images", "src.raw"]
+
+
 def test_qcow2_empty_and_odd_sizes(tmp):
     """A 0-byte source (no L1 table, as qemu makes it) and a size that is
     no whole sector (rounded up, said)."""
