@@ -52,6 +52,7 @@ struct devio_tls {
 	bool nonblock;     /* pull: do not wait (reader thread only) */
 	bool owns_cr;      /* free cr with the session */
 	bool ktls;
+	bool broken;       /* a fatal error or a send timeout: no goodbye */
 	uint64_t deadline; /* pull/push during the handshake */
 	char peer[64];
 	/* Read-ahead: GnuTLS asks for a record's header, then its body; one
@@ -609,8 +610,10 @@ static ssize_t tls_gnutls_errno(struct devio_tls *t, ssize_t gr)
 	case GNUTLS_E_PREMATURE_TERMINATION:
 	case GNUTLS_E_PUSH_ERROR:
 	case GNUTLS_E_PULL_ERROR:
+		t->broken = true;
 		return -ECONNRESET;
 	default:
+		t->broken = t->broken || gnutls_error_is_fatal((int)gr);
 		devio_debug("tls %s: %s", t->peer, gnutls_strerror((int)gr));
 		return -EPROTO;
 	}
@@ -694,7 +697,11 @@ static int tls_send_all(struct devio_tls *t, const uint8_t *p, size_t len, bool 
 			n = tls_gnutls_errno(t, n);
 			if (n == -EINTR)
 				continue;
-			return n == -EAGAIN ? -ETIMEDOUT : (int)n; /* SO_SNDTIMEO ran out */
+			if (n == -EAGAIN) { /* SO_SNDTIMEO ran out: the peer reads nothing */
+				t->broken = true;
+				return -ETIMEDOUT;
+			}
+			return (int)n;
 		}
 		p += n;
 		len -= (size_t)n;
@@ -775,9 +782,12 @@ void devio_tls_bye(struct devio_tls *t)
 	if (!t)
 		return;
 	/* Do not wait for the peer's close_notify: it may never come; nor
-	 * for long on a peer that reads nothing. */
-	setsockopt(t->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-	gnutls_bye(t->s, GNUTLS_SHUT_WR);
+	 * for long on a peer that reads nothing, and not at all after the
+	 * session failed or a send timed out (the alert cannot go out). */
+	if (!t->broken) {
+		setsockopt(t->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+		gnutls_bye(t->s, GNUTLS_SHUT_WR);
+	}
 	devio_tls_free(t);
 }
 
