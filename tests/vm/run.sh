@@ -14,7 +14,8 @@
 # (default $DEVIO_BUILD, else build-vm), VM_BUILDTYPE (debugoptimized, for a new VM_BUILD),
 # VM_MEM (1G), VM_SMP (2), VM_LOG (serial log path), VM_ENV (words
 # exported in the guest, e.g. "BENCH_MB=64"), VM_EXTRA_BINS (more host
-# programs for the guest's /usr/bin, e.g. "fio").
+# programs for the guest's /usr/bin, e.g. "fio"), VM_CMDLINE (more kernel
+# command line words, e.g. "trace_event=sched:sched_switch").
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -142,7 +143,7 @@ boot() {
   timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -m "${VM_MEM:-1G}" \
     -smp "${VM_SMP:-2}" -nographic -no-reboot -nic none -cpu max \
     -kernel "$KERNEL" -initrd "$WORK/initrd.gz" \
-    -append "console=ttyS0 panic=-1 oops=panic loglevel=4 rdinit=/init" </dev/null >"$LOG" 2>&1
+    -append "console=ttyS0 panic=-1 oops=panic loglevel=4 rdinit=/init ${VM_CMDLINE:-}" </dev/null >"$LOG" 2>&1
 }
 # A kernel that panics while it boots, before /init printed a line (seen
 # once with 7.3.4 under multi-threaded TCG: an int3 oops while patching
