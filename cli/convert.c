@@ -281,7 +281,7 @@ static int convert_run(const char *fmt, const char *fopts, bool show, const stru
 	if (tmp)
 		r = convert_commit(tmp, dst, keep, r);
 	else if (r && fresh)
-		unlink(dst); /* no half image left behind */
+		devio_file_remove(dst); /* no half image left behind (through a link: its target) */
 	free(tmp);
 	convert_report(&c, r);
 	return r == -EINTR ? 130 : r ? 1 : 0;

@@ -79,6 +79,8 @@ struct ring_queue {
 	struct devio_ring *ring;
 	struct ring_ent *ents;
 	unsigned nents;
+	unsigned cap;             /* entry commands its ring has room for */
+	atomic_uint held;         /* entry commands on its ring now (entries drift between rings) */
 	_Atomic uint64_t served;  /* requests this thread ran (stop log) */
 	_Atomic uint64_t shared;  /* of them, handed over by another queue's thread */
 };
@@ -316,6 +318,7 @@ static int fuse_prep_cmd(struct ring_queue *q, struct ring_ent *e, uint32_t cmd_
 	sqe->addr = (uint64_t)(uintptr_t)e->iov;
 	sqe->len = 2;
 	devio_ring_sqe_owner(sqe, e);
+	atomic_fetch_add_explicit(&q->held, 1, memory_order_relaxed);
 	cmd = (struct fuse_uring_cmd_req *)sqe->cmd;
 	cmd->qid = (uint16_t)e->q->qid;
 	cmd->commit_id = e->commit_id;
@@ -388,6 +391,7 @@ static void fuse_ring_ent_cqe(struct devio_ring *r, void *ctx, void *data, int r
 	struct ring_queue *q = ctx;
 	struct ring_ent *e = data;
 
+	atomic_fetch_sub_explicit(&q->held, 1, memory_order_relaxed);
 	if (res < 0) {
 		if (res != -ENOTCONN && res != -ECANCELED && res != -ECONNABORTED)
 			devio_warn("fuse %s: queue %u: ring entry failed: %s", q->fe->mnt, e->q->qid, strerror(-res));
@@ -400,8 +404,19 @@ static void fuse_ring_ent_cqe(struct devio_ring *r, void *ctx, void *data, int r
 	/* the kernel picked the queue by the issuing CPU: a burst from one CPU
 	 * may go to an idle queue's thread, which answers on its own ring (the
 	 * kernel takes an entry's answer from any ring) */
-	if (!devio_ring_share(r, q->fe->peers, atomic_load(&q->fe->npeers), q->qid, fuse_ring_req_bytes(e), &e->post))
+	unsigned npeers = atomic_load(&q->fe->npeers); /* before peers: it is set after them */
+
+	if (!npeers || !devio_ring_share(r, q->fe->peers, npeers, q->qid, fuse_ring_req_bytes(e), &e->post))
 		fuse_ring_request(q, e);
+}
+
+/* May this queue's thread take a request from another (owner->can_take)?
+ * Only while its ring has room for one more entry's command and I/O. */
+static bool fuse_ring_can_take(struct devio_ring *r, void *ctx)
+{
+	struct ring_queue *q = ctx;
+
+	return atomic_load_explicit(&q->held, memory_order_relaxed) < q->cap;
 }
 
 /* A request another queue's thread handed over (owner->post). */
@@ -464,6 +479,7 @@ static const struct devio_ring_owner ring_owner = {
 	.done = fuse_ring_io_done,
 	.finished = fuse_ring_finished,
 	.post = fuse_ring_post,
+	.can_take = fuse_ring_can_take,
 };
 
 /* Is cpu online?  Requests come from the CPU of the issuing task, so only
@@ -518,6 +534,9 @@ static int fuse_start_queue(struct fuse_fe *fe, struct ring_queue *q, unsigned q
 	CPU_ZERO(&cpu);
 	CPU_SET(qid, &cpu);
 	p.entries = q->nents * 2 + 8; /* commands, the backend's I/O, the inbox */
+	/* the completion queue (twice the submission queue, so at least
+	 * 2 * p.entries) holds a CQE for every command and one for its I/O */
+	q->cap = p.entries;
 	return devio_ring_start(&p, &q->ring);
 }
 

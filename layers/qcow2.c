@@ -2196,6 +2196,6 @@ int devio_qcow2_create(const char *path, uint64_t size, const struct devio_qcow2
 		return r;
 	}
 	if (out && (r = qc_new_open(path, out)))
-		unlink(path); /* nothing half made stays */
+		devio_file_remove(path); /* nothing half made stays */
 	return r;
 }

@@ -1658,7 +1658,7 @@ int devio_vhd_create_open(const char *path, uint64_t size, unsigned flags, struc
 	if (!r && (r = vhd_open_image(path, store, true, &o, &chain, out)))
 		devio_backend_close(store);
 	if (r) {
-		unlink(path); /* nothing half made stays */
+		devio_file_remove(path); /* nothing half made stays */
 		return r;
 	}
 	vhd_of(*out)->unordered = true;

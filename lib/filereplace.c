@@ -123,10 +123,14 @@ static void filereplace_sync_dir(const char *path)
 
 int devio_file_replace_end(const char *tmp, const char *path, int r)
 {
-	char *target = r ? NULL : filereplace_target(path);
+	/* the name _begin resolved, not path again: a link changed meanwhile
+	 * must not send the rename elsewhere */
+	size_t n = strlen(tmp);
+	char *target = r || n < 8 ? NULL : strndup(tmp, n - 7);
 
+	(void)path;
 	if (!r && !target)
-		r = errno ? -errno : -ENOMEM;
+		r = n < 8 ? -EINVAL : -ENOMEM;
 	if (!r && rename(tmp, target))
 		r = -errno;
 	if (r) {
@@ -137,6 +141,19 @@ int devio_file_replace_end(const char *tmp, const char *path, int r)
 	filereplace_sync_dir(target);
 	free(target);
 	return 0;
+}
+
+int devio_file_remove(const char *path)
+{
+	char *target = filereplace_target(path);
+	int r = 0;
+
+	if (!target)
+		return errno ? -errno : -ENOMEM;
+	if (unlink(target))
+		r = -errno;
+	free(target);
+	return r;
 }
 
 int devio_file_replace(const char *path, unsigned mode, int (*write_fn)(int fd, void *ctx), void *ctx)

@@ -179,7 +179,7 @@ static bool ring_claim_idle(struct devio_ring *r)
 {
 	bool idle = true;
 
-	return atomic_load_explicit(&r->idle, memory_order_relaxed) &&
+	return atomic_load_explicit(&r->idle, memory_order_relaxed) && !atomic_load(&r->stopping) &&
 	       atomic_compare_exchange_strong(&r->idle, &idle, false);
 }
 
@@ -203,7 +203,8 @@ bool devio_ring_share(struct devio_ring *r, struct devio_ring *const *peers, uns
 	for (unsigned i = 1; i <= n; i++) {
 		struct devio_ring *p = peers[(from + i) % n];
 
-		if (p && p != r && p->owner->post && ring_claim_idle(p)) {
+		if (p && p != r && p->owner->post && (!p->owner->can_take || p->owner->can_take(p, p->ctx)) &&
+		    ring_claim_idle(p)) {
 			ring_post(p, m);
 			return true;
 		}

@@ -15,6 +15,7 @@
  * checked; fuzz/fuzz_tls_psk.c runs the parser.
  */
 #include <errno.h>
+#include <stdatomic.h>
 #include <fcntl.h>
 #include <gnutls/gnutls.h>
 #include <gnutls/x509.h>
@@ -52,7 +53,7 @@ struct devio_tls {
 	bool nonblock;     /* pull: do not wait (reader thread only) */
 	bool owns_cr;      /* free cr with the session */
 	bool ktls;
-	bool broken;       /* a fatal error or a send timeout: no goodbye */
+	atomic_bool broken; /* a fatal error or a send timeout: no goodbye (reader and senders set it) */
 	uint64_t deadline; /* pull/push during the handshake */
 	char peer[64];
 	/* Read-ahead: GnuTLS asks for a record's header, then its body; one
@@ -610,10 +611,11 @@ static ssize_t tls_gnutls_errno(struct devio_tls *t, ssize_t gr)
 	case GNUTLS_E_PREMATURE_TERMINATION:
 	case GNUTLS_E_PUSH_ERROR:
 	case GNUTLS_E_PULL_ERROR:
-		t->broken = true;
+		atomic_store(&t->broken, true);
 		return -ECONNRESET;
 	default:
-		t->broken = t->broken || gnutls_error_is_fatal((int)gr);
+		if (gnutls_error_is_fatal((int)gr))
+			atomic_store(&t->broken, true);
 		devio_debug("tls %s: %s", t->peer, gnutls_strerror((int)gr));
 		return -EPROTO;
 	}
@@ -698,7 +700,7 @@ static int tls_send_all(struct devio_tls *t, const uint8_t *p, size_t len, bool 
 			if (n == -EINTR)
 				continue;
 			if (n == -EAGAIN) { /* SO_SNDTIMEO ran out: the peer reads nothing */
-				t->broken = true;
+				atomic_store(&t->broken, true);
 				return -ETIMEDOUT;
 			}
 			return (int)n;
@@ -784,7 +786,7 @@ void devio_tls_bye(struct devio_tls *t)
 	/* Do not wait for the peer's close_notify: it may never come; nor
 	 * for long on a peer that reads nothing, and not at all after the
 	 * session failed or a send timed out (the alert cannot go out). */
-	if (!t->broken) {
+	if (!atomic_load(&t->broken)) {
 		setsockopt(t->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
 		gnutls_bye(t->s, GNUTLS_SHUT_WR);
 	}

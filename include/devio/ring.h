@@ -71,6 +71,9 @@ struct devio_ring_owner {
 	/* Optional: work a peer handed over with devio_ring_share(), run on
 	 * this thread before the pass's finished requests go to done(). */
 	void (*post)(struct devio_ring *r, void *ctx, struct devio_ring_msg *m);
+	/* Optional, called from other threads: may this ring take more work
+	 * from peers (e.g. room left in its completion queue)? */
+	bool (*can_take)(struct devio_ring *r, void *ctx);
 };
 
 struct devio_ring_params {

@@ -570,12 +570,8 @@ def test_vhd_refusals_leave_nothing(tmp):
     assert sorted(os.listdir(tmp)) == ["out.vhd", "src.raw"]
 
 
-def test_failed_vhd_convert_leaves_dst_as_it_was(tmp):
-    """The source fails after 4 MiB (two blocks written): the old DST
-    stays, the half-made image is gone."""
-    out = os.path.join(tmp, "out.vhd")
-    with open(out, "wb") as f:
-        f.write(b"the old image")
+def convert_from_failing_source(tmp, fmt, dst):
+    """devio convert -O fmt from an nbdkit source that fails after 4 MiB."""
     ksock = os.path.join(tmp, "k.sock")
     pread = ('if [ "$4" -ge 4194304 ]; then echo "EIO no" >&2; exit 1; fi; '
              'head -c "$3" /dev/zero | tr "\\0" "\\141"')
@@ -583,13 +579,34 @@ def test_failed_vhd_convert_leaves_dst_as_it_was(tmp):
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: os.path.exists(ksock), 10, ksock)
-        p = devio("convert", "-O", "vhd", f"nbd+unix:///?socket={ksock}", out, check=False)
+        p = devio("convert", "-O", fmt, f"nbd+unix:///?socket={ksock}", dst, check=False)
     finally:
         k.terminate()
         k.wait(timeout=20)
     assert p.returncode == 1 and "convert stopped" in p.stderr and "after 4194304 bytes" in p.stderr, p.stderr
+
+
+def test_failed_vhd_convert_leaves_dst_as_it_was(tmp):
+    """The source fails after 4 MiB (two blocks written): the old DST
+    stays, the half-made image is gone."""
+    out = os.path.join(tmp, "out.vhd")
+    with open(out, "wb") as f:
+        f.write(b"the old image")
+    convert_from_failing_source(tmp, "vhd", out)
     assert read(out) == b"the old image"
     assert sorted(os.listdir(tmp)) == ["k.sock", "out.vhd"]
+
+
+def test_failed_raw_convert_through_a_symlink_keeps_the_link(tmp):
+    """A raw DST is written in place, through a symlink to its target; when
+    the source fails, the half-written target goes and the link stays (it
+    used to be the link that was removed, the half image left)."""
+    os.mkdir(os.path.join(tmp, "images"))
+    link = os.path.join(tmp, "out.raw")
+    os.symlink("images/disk.raw", link)
+    convert_from_failing_source(tmp, "raw", link)
+    assert os.path.islink(link) and os.readlink(link) == "images/disk.raw"
+    assert os.listdir(os.path.join(tmp, "images")) == []
 
 
 def test_usage_errors():
