@@ -54,6 +54,7 @@ struct dr_link {
 struct remote_conn {
 	struct dr_link l;
 	bool busy;
+	uint64_t outages; /* rm->outages when it was dialled */
 };
 
 struct remote {
@@ -85,6 +86,7 @@ struct remote {
 	unsigned reconnect_s;
 	struct devio_range_lock ranges;
 	uint64_t down_since;
+	uint64_t outages;       /* losses seen so far: a connection dialled before the last one is stale */
 	bool told_expired;
 	bool dead;              /* the server now offers another export: every request fails */
 };
@@ -280,6 +282,9 @@ static int dr_conn_open(struct remote *rm, struct remote_conn **out)
 			dr_hangup(&l);
 		if (r == 0) {
 			c->l = l;
+			pthread_mutex_lock(&rm->lock);
+			c->outages = rm->outages;
+			pthread_mutex_unlock(&rm->lock);
 			*out = c;
 			return 0;
 		}
@@ -288,7 +293,8 @@ static int dr_conn_open(struct remote *rm, struct remote_conn **out)
 			return r;
 		}
 		if (!dr_conn_shrink(rm, c, r)) {
-			devio_err("%s: cannot connect: %s", rm->uri, strerror(-r));
+			if (!rm->reconnect_s) /* else the caller's loss says it */
+				devio_err("%s: cannot connect: %s", rm->uri, strerror(-r));
 			return r;
 		}
 	}
@@ -456,6 +462,7 @@ static bool dr_lost(struct remote *rm, int r)
 	pthread_mutex_lock(&rm->lock);
 	if (!rm->down_since) {
 		rm->down_since = now;
+		rm->outages++;
 		rm->told_expired = false;
 		devio_warn("%s: connection lost (%s); requests wait up to %u s for the server to come back", rm->uri,
 			   strerror(-r), rm->reconnect_s);
@@ -480,9 +487,23 @@ static void dr_back(struct remote *rm)
 	pthread_mutex_unlock(&rm->lock);
 }
 
+/* Was c dialled before the last loss began?  Then its failure belongs to
+ * that loss (seen, and maybe over): not a new one. */
+static bool dr_conn_stale(struct remote *rm, const struct remote_conn *c)
+{
+	bool stale;
+
+	pthread_mutex_lock(&rm->lock);
+	stale = c->outages != rm->outages;
+	pthread_mutex_unlock(&rm->lock);
+	return stale;
+}
+
 /* With reconnection: run x until answered, reconnecting with backoff
  * while the server is away (up to reconnect_s from the loss).  A change
- * that timed out is not sent again (it may still land late). */
+ * that timed out is not sent again (it may still land late).  A pooled
+ * connection older than the last loss that breaks is dropped and x tried
+ * again at once (each such connection once): the loss was told. */
 static int dr_run_reconnecting(struct remote *rm, struct xfer *x)
 {
 	uint64_t backoff_us = 50000;
@@ -500,6 +521,8 @@ static int dr_run_reconnecting(struct remote *rm, struct xfer *x)
 				dr_back(rm);
 				return x->result;
 			}
+			bool stale = dr_conn_stale(rm, c);
+
 			dr_conn_drop(c);
 			dr_conn_put(rm, c);
 			if ((r == -ETIMEDOUT || r == -EAGAIN) && x->code != DEVIO_REQ_READ) {
@@ -507,6 +530,8 @@ static int dr_run_reconnecting(struct remote *rm, struct xfer *x)
 					  rm->timeout_s);
 				return r;
 			}
+			if (stale)
+				continue;
 		}
 		if (r == -ESTALE || !dr_lost(rm, r))
 			return -EIO;

@@ -176,10 +176,14 @@ def test_restarts_under_fio_verify(scratch, kind):
     assert block_hashes(scratch.path("back.img")) == block_hashes(img)
     text = read_log(log)
     assert "AddressSanitizer" not in text and "runtime error:" not in text, text
-    # each loss told once, each return told once; at most RESTARTS of each
+    # each loss told once and each return told once: a pooled connection
+    # that breaks after the loss it belongs to was told is dropped quietly.
+    # A connection dialled to a restarted server before anyone noticed the
+    # restart is indistinguishable from one to the newest server, so a
+    # restart can be told twice (seen once in ~10 runs): at most 2x RESTARTS
     lost = text.count("connection lost")
     back = text.count("reconnected after")
-    assert 1 <= lost <= RESTARTS and back == lost, text
+    assert 1 <= lost <= 2 * RESTARTS and back == lost, text
     assert "error" not in text.lower().replace("errors", ""), text
     assert passes >= 2
 
