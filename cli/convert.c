@@ -212,7 +212,7 @@ static int convert_commit(const char *tmp, const char *dst, int keep, int r)
 		r = -errno;
 		devio_err("convert: %s: closing the new image: %s", tmp, strerror(-r));
 	}
-	rr = devio_file_replace_end(tmp, dst, r);
+	rr = devio_file_replace_end(tmp, r);
 	if (rr && !r)
 		devio_err("convert: cannot rename %s to %s: %s", tmp, dst, strerror(-rr));
 	return rr;

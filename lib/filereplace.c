@@ -19,6 +19,8 @@
 #include <unistd.h>
 #include "devio/util.h"
 
+#define FILEREPLACE_SUFFIX ".XXXXXX" /* the temporary's: the target's name and this */
+
 /* A new file PATH.XXXXXX (six random letters or digits, as mkstemp's) made
  * with O_EXCL and MODE, so the kernel applies the umask: no umask() call,
  * which would change it for every thread of a running server, and no
@@ -26,7 +28,7 @@
 static int filereplace_open_tmp(const char *path, unsigned mode, char *tmp)
 {
 	static const char set[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-	char *x = tmp + strlen(path) + 1;
+	char *x = tmp + strlen(path) + 1; /* after the suffix's dot */
 
 	for (int tries = 0; tries < 100; tries++) {
 		unsigned char rnd[6];
@@ -94,7 +96,7 @@ int devio_file_replace_begin(const char *path, unsigned mode, char **tmp)
 	*tmp = NULL;
 	if (!target)
 		return errno ? -errno : -ENOMEM;
-	if (asprintf(tmp, "%s.XXXXXX", target) < 0) {
+	if (asprintf(tmp, "%s" FILEREPLACE_SUFFIX, target) < 0) {
 		*tmp = NULL;
 		free(target);
 		return -ENOMEM;
@@ -121,16 +123,16 @@ static void filereplace_sync_dir(const char *path)
 	free(copy);
 }
 
-int devio_file_replace_end(const char *tmp, const char *path, int r)
+int devio_file_replace_end(const char *tmp, int r)
 {
-	/* the name _begin resolved, not path again: a link changed meanwhile
-	 * must not send the rename elsewhere */
-	size_t n = strlen(tmp);
-	char *target = r || n < 8 ? NULL : strndup(tmp, n - 7);
+	/* the name _begin resolved (the temporary's less its suffix), not the
+	 * caller's path again: a link changed meanwhile must not send the
+	 * rename elsewhere */
+	size_t n = strlen(tmp), suffix = strlen(FILEREPLACE_SUFFIX);
+	char *target = r || n <= suffix ? NULL : strndup(tmp, n - suffix);
 
-	(void)path;
 	if (!r && !target)
-		r = n < 8 ? -EINVAL : -ENOMEM;
+		r = n <= suffix ? -EINVAL : -ENOMEM;
 	if (!r && rename(tmp, target))
 		r = -errno;
 	if (r) {
@@ -168,7 +170,7 @@ int devio_file_replace(const char *path, unsigned mode, int (*write_fn)(int fd, 
 		r = -errno;
 	if (close(fd) && !r)
 		r = -errno;
-	r = devio_file_replace_end(tmp, path, r);
+	r = devio_file_replace_end(tmp, r);
 	free(tmp);
 	return r;
 }

@@ -39,13 +39,13 @@ extern "C" {
 
 struct devio_ring;
 struct devio_backend;
+struct devio_workers;
 
-/* Work posted to a ring's thread from another thread (devio_ring_post);
- * embedded in the owner's own structure. */
+/* Work a peer hands to a ring's thread (devio_ring_share); embedded in
+ * the owner's own structure. */
 struct devio_ring_msg {
 	struct devio_ring_msg *next;
 };
-struct devio_workers;
 
 /* The owner's protocol.  Every callback runs on the ring's thread. */
 struct devio_ring_owner {

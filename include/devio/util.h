@@ -100,10 +100,11 @@ int devio_file_replace(const char *path, unsigned mode, int (*write_fn)(int fd, 
 /* The same in two steps, for a writer that opens the file by name:
  * _begin makes the temporary file (*tmp, malloc'd; freed by the caller)
  * and returns its descriptor or -errno; _end with r == 0 renames it over
- * path (the file _begin resolved path to) and syncs the folder (the writer synced the bytes), with r != 0 or
- * when the rename fails removes it.  Returns r or the rename's -errno. */
+ * the file _begin resolved path to and syncs the folder (the writer
+ * synced the bytes), with r != 0 or when the rename fails removes it.
+ * Returns r or the rename's -errno. */
 int devio_file_replace_begin(const char *path, unsigned mode, char **tmp);
-int devio_file_replace_end(const char *tmp, const char *path, int r);
+int devio_file_replace_end(const char *tmp, int r);
 /* Remove the file path names, following a symbolic link there as
  * devio_file_replace does (the link stays): for a new file that failed
  * half made.  0 or -errno. */

@@ -214,7 +214,7 @@ static void test_file_replace(void **state)
 	assert_true(fd >= 0);
 	assert_int_equal(util_entries(dir), 3);
 	close(fd);
-	assert_int_equal(devio_file_replace_end(tmp, path, -EINTR), -EINTR);
+	assert_int_equal(devio_file_replace_end(tmp, -EINTR), -EINTR);
 	free(tmp);
 	util_expect(path, "second");
 	assert_int_equal(util_entries(dir), 2);
