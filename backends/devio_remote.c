@@ -453,13 +453,16 @@ static int dr_run_once_more(struct remote *rm, struct xfer *x)
 }
 
 /* A loss seen by one request (r): the first says so; false once the
- * server has been gone past the timeout (said once). */
+ * server has been gone past the timeout (said once).  The clock is read
+ * under the lock: read before it, another thread could start the outage
+ * after our reading, and now - down_since would wrap to "gone for ages". */
 static bool dr_lost(struct remote *rm, int r)
 {
-	uint64_t now = devio_now_ns();
+	uint64_t now;
 	bool wait = true;
 
 	pthread_mutex_lock(&rm->lock);
+	now = devio_now_ns();
 	if (!rm->down_since) {
 		rm->down_since = now;
 		rm->outages++;

@@ -311,16 +311,21 @@ static int shmc_reap(struct shmc *c)
 	return 0;
 }
 
-/* A request the server has kept longer than the timeout ends it all. */
+/* A request the server has kept longer than the timeout ends it all.
+ * (Not now - timeout as a limit: within the timeout of boot, as in a
+ * freshly booted guest, that wraps and every request looks overdue.) */
 static int shmc_overdue(struct shmc *c)
 {
-	uint64_t limit = devio_now_ns() - (uint64_t)c->timeout_s * 1000000000u;
+	uint64_t now = devio_now_ns(), most = (uint64_t)c->timeout_s * 1000000000u;
 	int r = 0;
 
 	pthread_mutex_lock(&c->lock);
-	for (uint32_t i = 0; i < c->nslots && !r; i++)
-		if (c->slots[i].live && c->slots[i].started_ns < limit) /* published: started_ns is its own */
+	for (uint32_t i = 0; i < c->nslots && !r; i++) {
+		uint64_t t = c->slots[i].started_ns; /* published: its own; may be after now */
+
+		if (c->slots[i].live && t < now && now - t > most)
 			r = -ETIMEDOUT;
+	}
 	pthread_mutex_unlock(&c->lock);
 	return r;
 }

@@ -167,7 +167,10 @@ def test_restarts_under_fio_verify(scratch, kind):
     far = Far(scratch, img, kind)
     far.start()
     mnt, dev, log = attach(scratch, far.uri)
-    passes = restarts_during_fio(far, dev, RESTARTS)
+    try:
+        passes = restarts_during_fio(far, dev, RESTARTS)
+    except AssertionError as e:  # what the client and the servers said, with fio's failure
+        raise AssertionError(f"{e}\n--- attach log:\n{read_log(log)}\n--- servers:\n{far.output()}") from None
     with open(dev, "rb+", buffering=0) as f:
         os.fsync(f.fileno())
     # every block of the device is the image's, read back through it (O_DIRECT: not the page cache)
