@@ -346,6 +346,20 @@ int devio_listen_mode(const struct devio_addr *a, int backlog, unsigned mode, lo
 	}
 }
 
+/* With nobody listening on a local port in the ephemeral range, a
+ * connect() may be given that very port as its own and connect to itself
+ * (TCP simultaneous open): it then reads back what it sends and holds
+ * the port, so the server cannot bind it when it comes back. */
+bool devio_socket_is_self(int fd)
+{
+	struct sockaddr_storage me, peer;
+	socklen_t ml = sizeof(me), pl = sizeof(peer);
+
+	if (getsockname(fd, (struct sockaddr *)&me, &ml) || getpeername(fd, (struct sockaddr *)&peer, &pl))
+		return false;
+	return ml == pl && !memcmp(&me, &peer, ml);
+}
+
 int devio_connect(const struct devio_addr *a)
 {
 	struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV };
@@ -379,9 +393,13 @@ int devio_connect(const struct devio_addr *a)
 			r = -errno;
 			continue;
 		}
-		if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0)
-			break;
-		r = -errno;
+		if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
+			if (!devio_socket_is_self(fd))
+				break;
+			r = -ECONNREFUSED; /* nobody listens there */
+		} else {
+			r = -errno;
+		}
 		close(fd);
 		fd = -1;
 	}

@@ -77,8 +77,11 @@ int devio_listen(const struct devio_addr *a, int backlog);
 /* The same; a Unix socket file gets exactly mode (devio_listen: 0600) and,
  * if gid >= 0, that group, whatever the umask. */
 int devio_listen_mode(const struct devio_addr *a, int backlog, unsigned mode, long gid);
-/* Connected socket with TCP_NODELAY for TCP.  Returns fd or -errno. */
+/* Connected socket with TCP_NODELAY for TCP.  Returns fd or -errno (a
+ * TCP socket that connected to itself is -ECONNREFUSED). */
 int devio_connect(const struct devio_addr *a);
+/* Is this TCP socket connected to itself (its own address and port)? */
+bool devio_socket_is_self(int fd);
 /* Tune a connected stream socket for block I/O (TCP_NODELAY, buffers). */
 void devio_socket_tune(int fd);
 

@@ -1,8 +1,10 @@
-/* test_util.c - size parsing, address parsing, the request checks and
- * replacing a file whole (lib/filereplace.c). */
+/* test_util.c - size parsing, address parsing, the request checks,
+ * replacing a file whole (lib/filereplace.c) and telling a TCP socket
+ * connected to itself (lib/net.c). */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -11,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include "devio/backend.h"
@@ -228,6 +231,34 @@ static void test_file_replace(void **state)
 	umask(mask);
 }
 
+/* A socket bound to a port, connecting to that port, connects to itself
+ * (TCP simultaneous open): told as such; a real connection is not. */
+static void test_socket_is_self(void **state)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	socklen_t al = sizeof(a);
+	int s = socket(AF_INET, SOCK_STREAM, 0), l = socket(AF_INET, SOCK_STREAM, 0), c;
+
+	(void)state;
+	assert_true(s >= 0 && l >= 0);
+	assert_int_equal(bind(s, (struct sockaddr *)&a, sizeof(a)), 0);
+	assert_int_equal(getsockname(s, (struct sockaddr *)&a, &al), 0);
+	assert_int_equal(connect(s, (struct sockaddr *)&a, sizeof(a)), 0);
+	assert_true(devio_socket_is_self(s));
+	close(s);
+
+	a.sin_port = 0;
+	assert_int_equal(bind(l, (struct sockaddr *)&a, sizeof(a)), 0);
+	assert_int_equal(listen(l, 1), 0);
+	al = sizeof(a);
+	assert_int_equal(getsockname(l, (struct sockaddr *)&a, &al), 0);
+	c = socket(AF_INET, SOCK_STREAM, 0);
+	assert_int_equal(connect(c, (struct sockaddr *)&a, sizeof(a)), 0);
+	assert_false(devio_socket_is_self(c));
+	close(c);
+	close(l);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -235,6 +266,7 @@ int main(void)
 		cmocka_unit_test(test_addr_parse),
 		cmocka_unit_test(test_request_check),
 		cmocka_unit_test(test_file_replace),
+		cmocka_unit_test(test_socket_is_self),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
