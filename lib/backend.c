@@ -28,7 +28,8 @@ static bool backend_unknown_scheme(const char *source)
 	return true;
 }
 
-static int store_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out)
+static int backend_store_open(const char *source, const struct devio_open_opts *opts,
+			      struct devio_backend **out)
 {
 	uint64_t size;
 	int r;
@@ -79,7 +80,7 @@ int devio_rbd_open(const char *source, const struct devio_open_opts *opts, struc
 static int backend_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out)
 {
 	struct devio_backend *store, *fmt;
-	int r = store_open(source, opts, &store);
+	int r = backend_store_open(source, opts, &store);
 
 	if (r)
 		return r;
@@ -96,7 +97,8 @@ static int backend_open(const char *source, const struct devio_open_opts *opts, 
 
 /* With --cow: the stack below opened read-only whatever the options say
  * (the source is never written), the overlay on top. */
-static int cow_stack_open(const char *source, const struct devio_open_opts *opts, struct devio_backend **out)
+static int backend_cow_stack_open(const char *source, const struct devio_open_opts *opts,
+				  struct devio_backend **out)
 {
 	struct devio_open_opts below = *opts;
 	struct devio_backend *lower;
@@ -119,7 +121,8 @@ int devio_backend_open(const char *source, const struct devio_open_opts *opts, s
 {
 	static const struct devio_open_opts none;
 	unsigned long errors = devio_log_errors();
-	int r = opts && opts->cow ? cow_stack_open(source, opts, out) : backend_open(source, opts ? opts : &none, out);
+	int r = opts && opts->cow ? backend_cow_stack_open(source, opts, out)
+				  : backend_open(source, opts ? opts : &none, out);
 
 	if (r && devio_log_errors() == errors)
 		devio_err("%s: cannot open: %s", source, strerror(-r));

@@ -21,7 +21,7 @@
 #define SEEK_DATA_ 3
 #define SEEK_HOLE_ 4
 
-static const struct { uint32_t op; const char *name; size_t arg; } ops[] = {
+static const struct { uint32_t op; const char *name; size_t arg; } fc_ops[] = {
 	{ DEVIO_FUSE_LOOKUP, "LOOKUP", 0 },
 	{ DEVIO_FUSE_FORGET, "FORGET", 8 },
 	{ DEVIO_FUSE_GETATTR, "GETATTR", 16 },
@@ -54,17 +54,17 @@ static const struct { uint32_t op; const char *name; size_t arg; } ops[] = {
 
 size_t devio_fuse_arg_size(uint32_t opcode)
 {
-	for (size_t i = 0; i < sizeof(ops) / sizeof(ops[0]); i++)
-		if (ops[i].op == opcode)
-			return ops[i].arg;
+	for (size_t i = 0; i < sizeof(fc_ops) / sizeof(fc_ops[0]); i++)
+		if (fc_ops[i].op == opcode)
+			return fc_ops[i].arg;
 	return 0;
 }
 
 const char *devio_fuse_opname(uint32_t opcode)
 {
-	for (size_t i = 0; i < sizeof(ops) / sizeof(ops[0]); i++)
-		if (ops[i].op == opcode)
-			return ops[i].name;
+	for (size_t i = 0; i < sizeof(fc_ops) / sizeof(fc_ops[0]); i++)
+		if (fc_ops[i].op == opcode)
+			return fc_ops[i].name;
 	return "UNKNOWN";
 }
 
@@ -93,7 +93,7 @@ int devio_fuse_split(const uint8_t *buf, size_t n, struct devio_fuse_msg *msg)
 }
 
 /* Copy the op header into a zeroed struct; -EINVAL if the kernel sent less. */
-static int get_arg(const struct devio_fuse_msg *msg, void *dst, size_t need)
+static int fc_get_arg(const struct devio_fuse_msg *msg, void *dst, size_t need)
 {
 	if (msg->arglen < need || !msg->arg)
 		return -EINVAL;
@@ -101,7 +101,7 @@ static int get_arg(const struct devio_fuse_msg *msg, void *dst, size_t need)
 	return 0;
 }
 
-static int put_reply(struct devio_fuse_msg *msg, const void *body, size_t len)
+static int fc_put_reply(struct devio_fuse_msg *msg, const void *body, size_t len)
 {
 	if (len > msg->reply_cap)
 		return -EINVAL;
@@ -110,7 +110,7 @@ static int put_reply(struct devio_fuse_msg *msg, const void *body, size_t len)
 	return 0;
 }
 
-static void fill_attr(const struct devio_fuse_fs *fs, uint64_t ino, struct fuse_attr *a)
+static void fc_fill_attr(const struct devio_fuse_fs *fs, uint64_t ino, struct fuse_attr *a)
 {
 	memset(a, 0, sizeof(*a));
 	a->ino = ino;
@@ -129,16 +129,16 @@ static void fill_attr(const struct devio_fuse_fs *fs, uint64_t ino, struct fuse_
 	a->blocks = (fs->size + 511) / 512;
 }
 
-static void fill_entry(const struct devio_fuse_fs *fs, struct fuse_entry_out *e)
+static void fc_fill_entry(const struct devio_fuse_fs *fs, struct fuse_entry_out *e)
 {
 	memset(e, 0, sizeof(*e));
 	e->nodeid = DEVIO_FUSE_FILE_ID;
 	e->generation = 1;
 	e->entry_valid = e->attr_valid = ATTR_VALID_SECONDS;
-	fill_attr(fs, DEVIO_FUSE_FILE_ID, &e->attr);
+	fc_fill_attr(fs, DEVIO_FUSE_FILE_ID, &e->attr);
 }
 
-static int do_init(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
+static int fc_do_init(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 {
 	struct fuse_init_in in = { 0 };
 	struct fuse_init_out out = { 0 };
@@ -151,7 +151,7 @@ static int do_init(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 	if (in.major < 7)
 		return -EPROTO;
 	if (in.major > 7) /* the kernel retries with 7 */
-		return put_reply(msg, &out, 8);
+		return fc_put_reply(msg, &out, 8);
 	if (in.minor < 23) /* a 64-byte init_out, parallel DIO writes */
 		return -EPROTO;
 	offered = in.flags;
@@ -179,10 +179,10 @@ static int do_init(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 	fs->uring_granted = (want & DEVIO_FUSE_OVER_IO_URING) != 0;
 	fs->timeout_granted = (want & DEVIO_FUSE_REQUEST_TIMEOUT) != 0;
 	fs->initialized = true;
-	return put_reply(msg, &out, sizeof(out));
+	return fc_put_reply(msg, &out, sizeof(out));
 }
 
-static int do_lookup(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
+static int fc_do_lookup(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 {
 	struct fuse_entry_out e;
 	size_t n = strlen(fs->name);
@@ -192,39 +192,39 @@ static int do_lookup(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 	/* the name and its NUL */
 	if (msg->datalen != n + 1 || memcmp(msg->data, fs->name, n + 1))
 		return -ENOENT;
-	fill_entry(fs, &e);
-	return put_reply(msg, &e, sizeof(e));
+	fc_fill_entry(fs, &e);
+	return fc_put_reply(msg, &e, sizeof(e));
 }
 
-static int attr_reply(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
+static int fc_attr_reply(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 {
 	struct fuse_attr_out o = { .attr_valid = ATTR_VALID_SECONDS };
 
 	if (msg->in.nodeid != DEVIO_FUSE_ROOT_ID && msg->in.nodeid != DEVIO_FUSE_FILE_ID)
 		return -ENOENT;
-	fill_attr(fs, msg->in.nodeid, &o.attr);
-	return put_reply(msg, &o, sizeof(o));
+	fc_fill_attr(fs, msg->in.nodeid, &o.attr);
+	return fc_put_reply(msg, &o, sizeof(o));
 }
 
-static int do_setattr(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
+static int fc_do_setattr(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 {
 	struct fuse_setattr_in in;
 
-	if (get_arg(msg, &in, sizeof(in)))
+	if (fc_get_arg(msg, &in, sizeof(in)))
 		return -EINVAL;
 	if ((in.valid & DEVIO_FATTR_SIZE) && (msg->in.nodeid != DEVIO_FUSE_FILE_ID || in.size != fs->size))
 		return -EPERM; /* the size of a disk is fixed */
 	if (in.valid & (DEVIO_FATTR_MODE | DEVIO_FATTR_UID | DEVIO_FATTR_GID))
 		return -EPERM;
-	return attr_reply(fs, msg); /* times: accepted, not kept */
+	return fc_attr_reply(fs, msg); /* times: accepted, not kept */
 }
 
-static int do_open(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg, bool dir)
+static int fc_do_open(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg, bool dir)
 {
 	struct fuse_open_in in;
 	struct fuse_open_out out = { 0 };
 
-	if (get_arg(msg, &in, sizeof(in)))
+	if (fc_get_arg(msg, &in, sizeof(in)))
 		return -EINVAL;
 	if (dir != (msg->in.nodeid == DEVIO_FUSE_ROOT_ID))
 		return dir ? -ENOTDIR : -EISDIR;
@@ -236,10 +236,10 @@ static int do_open(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg, bool di
 		return -EPERM;
 	if (!dir)
 		out.open_flags = DEVIO_FOPEN_PARALLEL_DIRECT_WRITES;
-	return put_reply(msg, &out, sizeof(out));
+	return fc_put_reply(msg, &out, sizeof(out));
 }
 
-static int do_statfs(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
+static int fc_do_statfs(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 {
 	struct fuse_kstatfs st = { 0 };
 
@@ -247,12 +247,12 @@ static int do_statfs(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 	st.blocks = (fs->size + STATFS_BSIZE - 1) / STATFS_BSIZE;
 	st.files = 2;
 	st.namelen = 255;
-	return put_reply(msg, &st, sizeof(st));
+	return fc_put_reply(msg, &st, sizeof(st));
 }
 
 /* One directory entry at *pos of the reply; false when it does not fit. */
-static bool add_dirent(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg, size_t cap, bool plus,
-		       uint64_t ino, uint64_t off, const char *name)
+static bool fc_add_dirent(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg, size_t cap, bool plus,
+			  uint64_t ino, uint64_t off, const char *name)
 {
 	size_t namelen = strlen(name);
 	size_t head = plus ? sizeof(struct fuse_direntplus) : sizeof(struct fuse_dirent);
@@ -268,7 +268,7 @@ static bool add_dirent(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg, siz
 		struct fuse_entry_out e = { 0 };
 
 		if (ino == DEVIO_FUSE_FILE_ID)
-			fill_entry(fs, &e); /* counts as a lookup; "." and ".." do not */
+			fc_fill_entry(fs, &e); /* counts as a lookup; "." and ".." do not */
 		memcpy(p, &e, sizeof(e));
 		p += sizeof(e);
 	}
@@ -278,30 +278,30 @@ static bool add_dirent(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg, siz
 	return true;
 }
 
-static int do_readdir(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg, bool plus)
+static int fc_do_readdir(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg, bool plus)
 {
 	struct fuse_rw_in in;
 	const char *names[3] = { ".", "..", fs->name };
 	uint64_t inos[3] = { DEVIO_FUSE_ROOT_ID, DEVIO_FUSE_ROOT_ID, DEVIO_FUSE_FILE_ID };
 	size_t cap;
 
-	if (get_arg(msg, &in, sizeof(in)))
+	if (fc_get_arg(msg, &in, sizeof(in)))
 		return -EINVAL;
 	if (msg->in.nodeid != DEVIO_FUSE_ROOT_ID)
 		return -ENOTDIR;
 	cap = in.size < msg->reply_cap ? in.size : msg->reply_cap;
 	msg->reply_len = 0;
 	for (uint64_t i = in.offset; i < 3; i++)
-		if (!add_dirent(fs, msg, cap, plus, inos[i], i + 1, names[i]))
+		if (!fc_add_dirent(fs, msg, cap, plus, inos[i], i + 1, names[i]))
 			break;
 	return 0;
 }
 
-static int do_access(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
+static int fc_do_access(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 {
 	struct fuse_access_in in;
 
-	if (get_arg(msg, &in, sizeof(in)))
+	if (fc_get_arg(msg, &in, sizeof(in)))
 		return -EINVAL;
 	if (msg->in.nodeid != DEVIO_FUSE_ROOT_ID && msg->in.nodeid != DEVIO_FUSE_FILE_ID)
 		return -ENOENT;
@@ -310,7 +310,7 @@ static int do_access(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 	return 0;
 }
 
-static void start_io(struct devio_fuse_msg *msg, enum devio_op op, uint64_t off, uint64_t len, void *buf)
+static void fc_start_io(struct devio_fuse_msg *msg, enum devio_op op, uint64_t off, uint64_t len, void *buf)
 {
 	memset(&msg->req, 0, sizeof(msg->req));
 	msg->req.op = op;
@@ -320,12 +320,12 @@ static void start_io(struct devio_fuse_msg *msg, enum devio_op op, uint64_t off,
 	msg->has_io = true;
 }
 
-static int do_read(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
+static int fc_do_read(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 {
 	struct fuse_rw_in in;
 	uint64_t len;
 
-	if (get_arg(msg, &in, sizeof(in)))
+	if (fc_get_arg(msg, &in, sizeof(in)))
 		return -EINVAL;
 	if (msg->in.nodeid != DEVIO_FUSE_FILE_ID)
 		return -EISDIR;
@@ -334,16 +334,16 @@ static int do_read(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 	if (in.offset >= fs->size)
 		return 0; /* end of file: zero bytes */
 	len = fs->size - in.offset < in.size ? fs->size - in.offset : in.size;
-	start_io(msg, DEVIO_OP_READ, in.offset, len, msg->reply);
+	fc_start_io(msg, DEVIO_OP_READ, in.offset, len, msg->reply);
 	return 0;
 }
 
-static int do_write(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
+static int fc_do_write(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 {
 	struct fuse_rw_in in;
 	uint64_t len;
 
-	if (get_arg(msg, &in, sizeof(in)))
+	if (fc_get_arg(msg, &in, sizeof(in)))
 		return -EINVAL;
 	if (msg->in.nodeid != DEVIO_FUSE_FILE_ID)
 		return -EISDIR;
@@ -354,17 +354,17 @@ static int do_write(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 	if (in.size && in.offset >= fs->size)
 		return -ENOSPC;
 	len = fs->size - in.offset < in.size ? fs->size - in.offset : in.size;
-	start_io(msg, DEVIO_OP_WRITE, in.offset, len, (void *)msg->data);
+	fc_start_io(msg, DEVIO_OP_WRITE, in.offset, len, (void *)msg->data);
 	return 0;
 }
 
-static int do_fallocate(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
+static int fc_do_fallocate(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 {
 	struct fuse_fallocate_in in;
 	uint32_t caps = fs->backend->caps;
 	uint64_t end, len;
 
-	if (get_arg(msg, &in, sizeof(in)))
+	if (fc_get_arg(msg, &in, sizeof(in)))
 		return -EINVAL;
 	if (msg->in.nodeid != DEVIO_FUSE_FILE_ID)
 		return -EISDIR;
@@ -384,14 +384,14 @@ static int do_fallocate(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 			return -EOPNOTSUPP;
 		/* TRIM (the backends' TRIM reads back as zeroes), else ZERO */
 		if (caps & DEVIO_CAP_TRIM)
-			start_io(msg, DEVIO_OP_TRIM, in.offset, len, NULL);
+			fc_start_io(msg, DEVIO_OP_TRIM, in.offset, len, NULL);
 		else if (caps & DEVIO_CAP_ZERO)
-			start_io(msg, DEVIO_OP_ZERO, in.offset, len, NULL);
+			fc_start_io(msg, DEVIO_OP_ZERO, in.offset, len, NULL);
 		else
 			return -EOPNOTSUPP;
 		return 0;
 	}
-	start_io(msg, DEVIO_OP_ZERO, in.offset, len, NULL);
+	fc_start_io(msg, DEVIO_OP_ZERO, in.offset, len, NULL);
 	msg->req.flags = DEVIO_REQ_NO_HOLE;
 	return 0;
 }
@@ -402,7 +402,7 @@ struct seek_ctx {
 	bool hit;
 };
 
-static int seek_cb(void *ctx, uint64_t off, uint64_t len, uint32_t flags)
+static int fc_seek_cb(void *ctx, uint64_t off, uint64_t len, uint32_t flags)
 {
 	struct seek_ctx *s = ctx;
 	bool data = !(flags & DEVIO_EXTENT_HOLE);
@@ -417,7 +417,7 @@ static int seek_cb(void *ctx, uint64_t off, uint64_t len, uint32_t flags)
 }
 
 /* SEEK_DATA/SEEK_HOLE from the backend's extents (all data if it has none). */
-static int find_extent(struct devio_fuse_fs *fs, uint64_t off, bool want_data, uint64_t *out)
+static int fc_find_extent(struct devio_fuse_fs *fs, uint64_t off, bool want_data, uint64_t *out)
 {
 	struct devio_backend *b = fs->backend;
 	struct seek_ctx s = { .want_data = want_data };
@@ -431,7 +431,7 @@ static int find_extent(struct devio_fuse_fs *fs, uint64_t off, bool want_data, u
 		int r;
 
 		s.next = off;
-		r = b->ops->extents(b, off, fs->size - off, seek_cb, &s);
+		r = b->ops->extents(b, off, fs->size - off, fc_seek_cb, &s);
 		if (r < 0)
 			return r;
 		if (s.hit) {
@@ -448,13 +448,13 @@ static int find_extent(struct devio_fuse_fs *fs, uint64_t off, bool want_data, u
 	return 0;
 }
 
-static int do_lseek(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
+static int fc_do_lseek(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 {
 	struct fuse_lseek_in in;
 	struct fuse_lseek_out out;
 	int r;
 
-	if (get_arg(msg, &in, sizeof(in)))
+	if (fc_get_arg(msg, &in, sizeof(in)))
 		return -EINVAL;
 	if (msg->in.nodeid != DEVIO_FUSE_FILE_ID)
 		return -EISDIR;
@@ -462,54 +462,54 @@ static int do_lseek(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 		return -EINVAL;
 	if (in.offset >= fs->size)
 		return -ENXIO;
-	r = find_extent(fs, in.offset, in.whence == SEEK_DATA_, &out.offset);
+	r = fc_find_extent(fs, in.offset, in.whence == SEEK_DATA_, &out.offset);
 	if (r)
 		return r;
-	return put_reply(msg, &out, sizeof(out));
+	return fc_put_reply(msg, &out, sizeof(out));
 }
 
-static int do_flush_op(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
+static int fc_do_flush_op(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 {
 	if (msg->in.nodeid != DEVIO_FUSE_FILE_ID || fs->readonly)
 		return 0;
-	start_io(msg, DEVIO_OP_FLUSH, 0, 0, NULL);
+	fc_start_io(msg, DEVIO_OP_FLUSH, 0, 0, NULL);
 	return 0;
 }
 
-static int dispatch(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
+static int fc_dispatch(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 {
 	uint32_t op = msg->in.opcode;
 
 	if (!fs->initialized && op != DEVIO_FUSE_INIT)
 		return -EIO;
 	switch (op) {
-	case DEVIO_FUSE_INIT: return fs->initialized ? -EINVAL : do_init(fs, msg);
-	case DEVIO_FUSE_LOOKUP: return do_lookup(fs, msg);
+	case DEVIO_FUSE_INIT: return fs->initialized ? -EINVAL : fc_do_init(fs, msg);
+	case DEVIO_FUSE_LOOKUP: return fc_do_lookup(fs, msg);
 	case DEVIO_FUSE_FORGET:
 	case DEVIO_FUSE_BATCH_FORGET:
 	case DEVIO_FUSE_INTERRUPT: /* requests finish quickly; nothing to cancel */
 		msg->no_reply = true;
 		return 0;
-	case DEVIO_FUSE_GETATTR: return attr_reply(fs, msg);
-	case DEVIO_FUSE_SETATTR: return do_setattr(fs, msg);
-	case DEVIO_FUSE_OPEN: return do_open(fs, msg, false);
-	case DEVIO_FUSE_OPENDIR: return do_open(fs, msg, true);
+	case DEVIO_FUSE_GETATTR: return fc_attr_reply(fs, msg);
+	case DEVIO_FUSE_SETATTR: return fc_do_setattr(fs, msg);
+	case DEVIO_FUSE_OPEN: return fc_do_open(fs, msg, false);
+	case DEVIO_FUSE_OPENDIR: return fc_do_open(fs, msg, true);
 	case DEVIO_FUSE_RELEASE:
 	case DEVIO_FUSE_RELEASEDIR:
 	case DEVIO_FUSE_FSYNCDIR:
 		return 0;
-	case DEVIO_FUSE_READ: return do_read(fs, msg);
-	case DEVIO_FUSE_WRITE: return do_write(fs, msg);
-	case DEVIO_FUSE_STATFS: return do_statfs(fs, msg);
+	case DEVIO_FUSE_READ: return fc_do_read(fs, msg);
+	case DEVIO_FUSE_WRITE: return fc_do_write(fs, msg);
+	case DEVIO_FUSE_STATFS: return fc_do_statfs(fs, msg);
 	case DEVIO_FUSE_FSYNC:
 	case DEVIO_FUSE_FLUSH:
 	case DEVIO_FUSE_SYNCFS:
-		return do_flush_op(fs, msg);
-	case DEVIO_FUSE_READDIR: return do_readdir(fs, msg, false);
-	case DEVIO_FUSE_READDIRPLUS: return do_readdir(fs, msg, true);
-	case DEVIO_FUSE_ACCESS: return do_access(fs, msg);
-	case DEVIO_FUSE_FALLOCATE: return do_fallocate(fs, msg);
-	case DEVIO_FUSE_LSEEK: return do_lseek(fs, msg);
+		return fc_do_flush_op(fs, msg);
+	case DEVIO_FUSE_READDIR: return fc_do_readdir(fs, msg, false);
+	case DEVIO_FUSE_READDIRPLUS: return fc_do_readdir(fs, msg, true);
+	case DEVIO_FUSE_ACCESS: return fc_do_access(fs, msg);
+	case DEVIO_FUSE_FALLOCATE: return fc_do_fallocate(fs, msg);
+	case DEVIO_FUSE_LSEEK: return fc_do_lseek(fs, msg);
 	case DEVIO_FUSE_DESTROY:
 		fs->destroyed = true;
 		return 0;
@@ -523,7 +523,7 @@ void devio_fuse_handle(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 	msg->reply_len = 0;
 	msg->no_reply = false;
 	msg->has_io = false;
-	msg->error = dispatch(fs, msg);
+	msg->error = fc_dispatch(fs, msg);
 	if (msg->error) {
 		msg->has_io = false;
 		msg->reply_len = 0;
@@ -551,6 +551,6 @@ void devio_fuse_finish(struct devio_fuse_fs *fs, struct devio_fuse_msg *msg)
 	} else if (msg->in.opcode == DEVIO_FUSE_WRITE) {
 		struct fuse_write_out out = { .size = (uint32_t)req->length };
 
-		put_reply(msg, &out, sizeof(out));
+		fc_put_reply(msg, &out, sizeof(out));
 	}
 }

@@ -13,7 +13,7 @@
 #include "devio/loop.h"
 #include "devio/util.h"
 
-static bool read_dio_flag(int number)
+static bool loop_read_dio_flag(int number)
 {
 	char path[64], v = '0';
 	int fd;
@@ -29,7 +29,8 @@ static bool read_dio_flag(int number)
 }
 
 /* One try: a free device configured with file_fd; -EBUSY if someone took it first. */
-static int configure_free(int ctl, int file_fd, bool readonly, uint32_t block_size, struct devio_loop *out)
+static int loop_configure_free(int ctl, int file_fd, bool readonly, uint32_t block_size,
+			       struct devio_loop *out)
 {
 	struct loop_config cfg;
 	int n, fd;
@@ -77,13 +78,13 @@ int devio_loop_attach(const char *file, bool readonly, uint32_t block_size, stru
 	}
 	/* another process may grab the free device between the two calls */
 	for (int tries = 0; tries < 20 && r == -EBUSY; tries++)
-		r = configure_free(ctl, file_fd, readonly, block_size, out);
+		r = loop_configure_free(ctl, file_fd, readonly, block_size, out);
 	close(ctl);
 	if (r) {
 		devio_err("loop: %s: LOOP_CONFIGURE failed: %s", file, strerror(-r));
 		goto out_file;
 	}
-	out->direct_io = read_dio_flag(out->number);
+	out->direct_io = loop_read_dio_flag(out->number);
 	if (!out->direct_io)
 		devio_warn("loop: %s on %s: the kernel refused direct I/O; using its page cache", file, out->path);
 out_file:

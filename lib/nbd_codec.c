@@ -62,7 +62,7 @@ uint16_t devio_nbd_tflags(const struct devio_backend *b, bool structured)
 }
 
 /* Send one option reply: header and len bytes of data. */
-static int send_rep(struct negotiation *n, uint32_t opt, uint32_t type, const void *data, uint32_t len)
+static int nc_send_rep(struct negotiation *n, uint32_t opt, uint32_t type, const void *data, uint32_t len)
 {
 	uint8_t hdr[NBD_OPTION_REPLY_HEADER_SIZE];
 	int r;
@@ -75,13 +75,13 @@ static int send_rep(struct negotiation *n, uint32_t opt, uint32_t type, const vo
 }
 
 /* An error reply with a message for the human at the client. */
-static int send_err(struct negotiation *n, uint32_t opt, uint32_t type, const char *msg)
+static int nc_send_err(struct negotiation *n, uint32_t opt, uint32_t type, const char *msg)
 {
 	devio_debug("nbd %s: option %u: %s", n->io->peer, opt, msg);
-	return send_rep(n, opt, type, msg, (uint32_t)strlen(msg));
+	return nc_send_rep(n, opt, type, msg, (uint32_t)strlen(msg));
 }
 
-static struct devio_export *find_export(struct negotiation *n, const uint8_t *name, uint32_t len)
+static struct devio_export *nc_find_export(struct negotiation *n, const uint8_t *name, uint32_t len)
 {
 	for (size_t i = 0; i < n->srv->n_exports; i++) {
 		const char *e = n->srv->exports[i].name;
@@ -91,16 +91,16 @@ static struct devio_export *find_export(struct negotiation *n, const uint8_t *na
 	return NULL;
 }
 
-static bool meta_applies(struct negotiation *n, const struct devio_export *e)
+static bool nc_meta_applies(struct negotiation *n, const struct devio_export *e)
 {
 	return n->meta_set && !strcmp(n->meta_export, e->name);
 }
 
 /* NBD_OPT_EXPORT_NAME: cannot fail with a reply; an unknown name drops
  * the connection, as the protocol says. */
-static int opt_export_name(struct negotiation *n)
+static int nc_opt_export_name(struct negotiation *n)
 {
-	struct devio_export *e = find_export(n, n->data, n->len);
+	struct devio_export *e = nc_find_export(n, n->data, n->len);
 	uint8_t reply[10 + 124];
 	size_t len = n->no_zeroes ? 10 : sizeof(reply);
 
@@ -110,7 +110,7 @@ static int opt_export_name(struct negotiation *n)
 		return -ENOENT;
 	}
 	n->s->export = e;
-	n->s->base_allocation = n->s->structured && meta_applies(n, e);
+	n->s->base_allocation = n->s->structured && nc_meta_applies(n, e);
 	n->s->tflags = devio_nbd_tflags(e->backend, n->s->structured);
 	n->s->max_payload = NBD_MAX_PAYLOAD; /* the client never learns a maximum */
 	memset(reply, 0, sizeof(reply));
@@ -119,13 +119,13 @@ static int opt_export_name(struct negotiation *n)
 	return n->io->write(n->io->ctx, reply, len);
 }
 
-static int opt_list(struct negotiation *n)
+static int nc_opt_list(struct negotiation *n)
 {
 	uint8_t buf[4 + 4096];
 	int r;
 
 	if (n->len)
-		return send_err(n, NBD_OPT_LIST, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
+		return nc_send_err(n, NBD_OPT_LIST, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
 	for (size_t i = 0; i < n->srv->n_exports; i++) {
 		const char *name = n->srv->exports[i].name;
 		size_t len = strlen(name);
@@ -134,14 +134,14 @@ static int opt_list(struct negotiation *n)
 			continue;
 		nbd_put32(buf, (uint32_t)len);
 		memcpy(buf + 4, name, len);
-		r = send_rep(n, NBD_OPT_LIST, NBD_REP_SERVER, buf, (uint32_t)(4 + len));
+		r = nc_send_rep(n, NBD_OPT_LIST, NBD_REP_SERVER, buf, (uint32_t)(4 + len));
 		if (r)
 			return r;
 	}
-	return send_rep(n, NBD_OPT_LIST, NBD_REP_ACK, NULL, 0);
+	return nc_send_rep(n, NBD_OPT_LIST, NBD_REP_ACK, NULL, 0);
 }
 
-static int send_info(struct negotiation *n, uint32_t opt, uint16_t type, const void *data, uint32_t len)
+static int nc_send_info(struct negotiation *n, uint32_t opt, uint16_t type, const void *data, uint32_t len)
 {
 	uint8_t buf[2 + 4096];
 
@@ -149,20 +149,20 @@ static int send_info(struct negotiation *n, uint32_t opt, uint16_t type, const v
 		len = 4096; /* names come from our command line; never longer in practice */
 	nbd_put16(buf, type);
 	memcpy(buf + 2, data, len);
-	return send_rep(n, opt, NBD_REP_INFO, buf, 2 + len);
+	return nc_send_rep(n, opt, NBD_REP_INFO, buf, 2 + len);
 }
 
-static int send_description(struct negotiation *n, uint32_t opt, const struct devio_export *e)
+static int nc_send_description(struct negotiation *n, uint32_t opt, const struct devio_export *e)
 {
 	char desc[512];
 	int len = snprintf(desc, sizeof(desc), "devio %s export", e->backend->ops->name ? e->backend->ops->name : "");
 
 	if (len < 0 || len >= (int)sizeof(desc))
 		return 0;
-	return send_info(n, opt, NBD_INFO_DESCRIPTION, desc, (uint32_t)len);
+	return nc_send_info(n, opt, NBD_INFO_DESCRIPTION, desc, (uint32_t)len);
 }
 
-static int send_block_size(struct negotiation *n, uint32_t opt, const struct devio_backend *b)
+static int nc_send_block_size(struct negotiation *n, uint32_t opt, const struct devio_backend *b)
 {
 	uint8_t bs[12];
 	uint32_t pref = b->block_size > NBD_DEFAULT_PREFERRED ? b->block_size : NBD_DEFAULT_PREFERRED;
@@ -170,12 +170,12 @@ static int send_block_size(struct negotiation *n, uint32_t opt, const struct dev
 	nbd_put32(bs, 1);
 	nbd_put32(bs + 4, pref);
 	nbd_put32(bs + 8, NBD_MAX_BLOCK); /* whatever b->max_io: the front end splits */
-	return send_info(n, opt, NBD_INFO_BLOCK_SIZE, bs, sizeof(bs));
+	return nc_send_info(n, opt, NBD_INFO_BLOCK_SIZE, bs, sizeof(bs));
 }
 
 /* NBD_OPT_INFO and NBD_OPT_GO: name, requested infos; reply with the
  * infos (NBD_INFO_EXPORT always), then ACK.  Returns 1 after a GO. */
-static int opt_info_go(struct negotiation *n, uint32_t opt)
+static int nc_opt_info_go(struct negotiation *n, uint32_t opt)
 {
 	struct devio_export *e;
 	uint32_t namelen;
@@ -186,16 +186,17 @@ static int opt_info_go(struct negotiation *n, uint32_t opt)
 	int r;
 
 	if (n->len < 6)
-		return send_err(n, opt, NBD_REP_ERR_INVALID, "option too short");
+		return nc_send_err(n, opt, NBD_REP_ERR_INVALID, "option too short");
 	namelen = nbd_get32(n->data);
 	if (namelen > n->len - 6)
-		return send_err(n, opt, NBD_REP_ERR_INVALID, "export name longer than the option");
+		return nc_send_err(n, opt, NBD_REP_ERR_INVALID, "export name longer than the option");
 	ninfos = nbd_get16(n->data + 4 + namelen);
 	if ((uint64_t)n->len != 6ull + namelen + 2ull * ninfos)
-		return send_err(n, opt, NBD_REP_ERR_INVALID, "information request count does not match the option length");
-	e = find_export(n, n->data + 4, namelen);
+		return nc_send_err(n, opt, NBD_REP_ERR_INVALID,
+				   "information request count does not match the option length");
+	e = nc_find_export(n, n->data + 4, namelen);
 	if (!e)
-		return send_err(n, opt, NBD_REP_ERR_UNKNOWN, "no such export");
+		return nc_send_err(n, opt, NBD_REP_ERR_UNKNOWN, "no such export");
 	tflags = devio_nbd_tflags(e->backend, n->s->structured);
 	infos = n->data + 6 + namelen;
 	for (uint16_t i = 0; i < ninfos; i++) {
@@ -203,45 +204,45 @@ static int opt_info_go(struct negotiation *n, uint32_t opt)
 
 		r = 0;
 		if (type == NBD_INFO_NAME)
-			r = send_info(n, opt, NBD_INFO_NAME, e->name, (uint32_t)strlen(e->name));
+			r = nc_send_info(n, opt, NBD_INFO_NAME, e->name, (uint32_t)strlen(e->name));
 		else if (type == NBD_INFO_DESCRIPTION)
-			r = send_description(n, opt, e);
+			r = nc_send_description(n, opt, e);
 		else if (type == NBD_INFO_BLOCK_SIZE)
 			asked_sizes = true; /* sent below in any case */
 		if (r)
 			return r;
 	}
 	/* Our minimum block size is 1, so sending the sizes unasked is safe. */
-	if ((r = send_block_size(n, opt, e->backend)))
+	if ((r = nc_send_block_size(n, opt, e->backend)))
 		return r;
 	nbd_put64(exp, e->backend->size);
 	nbd_put16(exp + 8, tflags);
-	if ((r = send_info(n, opt, NBD_INFO_EXPORT, exp, sizeof(exp))))
+	if ((r = nc_send_info(n, opt, NBD_INFO_EXPORT, exp, sizeof(exp))))
 		return r;
-	if ((r = send_rep(n, opt, NBD_REP_ACK, NULL, 0)))
+	if ((r = nc_send_rep(n, opt, NBD_REP_ACK, NULL, 0)))
 		return r;
 	if (opt != NBD_OPT_GO)
 		return 0;
 	n->s->export = e;
 	n->s->tflags = tflags;
-	n->s->base_allocation = n->s->structured && meta_applies(n, e);
+	n->s->base_allocation = n->s->structured && nc_meta_applies(n, e);
 	/* Asking for the block sizes in GO is a promise to keep to them. */
 	n->s->max_payload = asked_sizes ? NBD_MAX_BLOCK : NBD_MAX_PAYLOAD;
 	return 1;
 }
 
-static int opt_structured_reply(struct negotiation *n)
+static int nc_opt_structured_reply(struct negotiation *n)
 {
 	if (n->len)
-		return send_err(n, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ERR_INVALID,
-				"NBD_OPT_STRUCTURED_REPLY takes no data");
+		return nc_send_err(n, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ERR_INVALID,
+				   "NBD_OPT_STRUCTURED_REPLY takes no data");
 	n->s->structured = true;
-	return send_rep(n, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NULL, 0);
+	return nc_send_rep(n, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NULL, 0);
 }
 
 /* Does a query name base:allocation?  LIST also accepts the bare
  * namespace "base:" (every context in it). */
-static bool query_matches(const uint8_t *q, uint32_t len, bool list)
+static bool nc_query_matches(const uint8_t *q, uint32_t len, bool list)
 {
 	static const char ctx[] = "base:allocation";
 
@@ -250,31 +251,31 @@ static bool query_matches(const uint8_t *q, uint32_t len, bool list)
 	return list && len == 5 && !memcmp(q, "base:", 5);
 }
 
-static int send_meta_context(struct negotiation *n, uint32_t opt, uint32_t id)
+static int nc_send_meta_context(struct negotiation *n, uint32_t opt, uint32_t id)
 {
 	static const char ctx[] = "base:allocation";
 	uint8_t buf[4 + sizeof(ctx)];
 
 	nbd_put32(buf, id);
 	memcpy(buf + 4, ctx, sizeof(ctx) - 1);
-	return send_rep(n, opt, NBD_REP_META_CONTEXT, buf, (uint32_t)(4 + sizeof(ctx) - 1));
+	return nc_send_rep(n, opt, NBD_REP_META_CONTEXT, buf, (uint32_t)(4 + sizeof(ctx) - 1));
 }
 
 /* NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT: export name,
  * query count, queries.  We know one context, base:allocation. */
-static int opt_meta_context(struct negotiation *n, uint32_t opt)
+static int nc_opt_meta_context(struct negotiation *n, uint32_t opt)
 {
 	bool list = opt == NBD_OPT_LIST_META_CONTEXT, found = false;
 	uint32_t namelen, nq, pos;
 	struct devio_export *e;
 
 	if (!n->s->structured)
-		return send_err(n, opt, NBD_REP_ERR_INVALID, "negotiate structured replies first");
+		return nc_send_err(n, opt, NBD_REP_ERR_INVALID, "negotiate structured replies first");
 	if (n->len < 8)
-		return send_err(n, opt, NBD_REP_ERR_INVALID, "option too short");
+		return nc_send_err(n, opt, NBD_REP_ERR_INVALID, "option too short");
 	namelen = nbd_get32(n->data);
 	if (namelen > n->len - 8)
-		return send_err(n, opt, NBD_REP_ERR_INVALID, "export name longer than the option");
+		return nc_send_err(n, opt, NBD_REP_ERR_INVALID, "export name longer than the option");
 	nq = nbd_get32(n->data + 4 + namelen);
 	pos = 8 + namelen;
 	/* First pass: check the whole query list fits exactly. */
@@ -282,19 +283,19 @@ static int opt_meta_context(struct negotiation *n, uint32_t opt)
 		uint32_t qlen;
 
 		if (n->len - pos < 4)
-			return send_err(n, opt, NBD_REP_ERR_INVALID, "query list longer than the option");
+			return nc_send_err(n, opt, NBD_REP_ERR_INVALID, "query list longer than the option");
 		qlen = nbd_get32(n->data + pos);
 		if (qlen > n->len - pos - 4)
-			return send_err(n, opt, NBD_REP_ERR_INVALID, "query longer than the option");
-		if (query_matches(n->data + pos + 4, qlen, list))
+			return nc_send_err(n, opt, NBD_REP_ERR_INVALID, "query longer than the option");
+		if (nc_query_matches(n->data + pos + 4, qlen, list))
 			found = true;
 		pos += 4 + qlen;
 	}
 	if (pos != n->len)
-		return send_err(n, opt, NBD_REP_ERR_INVALID, "trailing bytes after the queries");
-	e = find_export(n, n->data + 4, namelen);
+		return nc_send_err(n, opt, NBD_REP_ERR_INVALID, "trailing bytes after the queries");
+	e = nc_find_export(n, n->data + 4, namelen);
 	if (!e)
-		return send_err(n, opt, NBD_REP_ERR_UNKNOWN, "no such export");
+		return nc_send_err(n, opt, NBD_REP_ERR_UNKNOWN, "no such export");
 	if (list && nq == 0)
 		found = true;
 	if (!list) {
@@ -302,26 +303,27 @@ static int opt_meta_context(struct negotiation *n, uint32_t opt)
 		snprintf(n->meta_export, sizeof(n->meta_export), "%s", e->name);
 	}
 	if (found) {
-		int r = send_meta_context(n, opt, list ? 0 : NBD_META_ID_BASE_ALLOCATION);
+		int r = nc_send_meta_context(n, opt, list ? 0 : NBD_META_ID_BASE_ALLOCATION);
 		if (r)
 			return r;
 	}
-	return send_rep(n, opt, NBD_REP_ACK, NULL, 0);
+	return nc_send_rep(n, opt, NBD_REP_ACK, NULL, 0);
 }
 
 /* NBD_OPT_STARTTLS: ACK, then the handshake; a failed one ends the
  * connection.  Nothing negotiated in the clear carries over. */
-static int opt_starttls(struct negotiation *n)
+static int nc_opt_starttls(struct negotiation *n)
 {
 	int r;
 
 	if (n->io->tls_mode == DEVIO_TLS_OFF || !n->io->starttls)
-		return send_err(n, NBD_OPT_STARTTLS, NBD_REP_ERR_UNSUP, "this server does not offer TLS");
+		return nc_send_err(n, NBD_OPT_STARTTLS, NBD_REP_ERR_UNSUP, "this server does not offer TLS");
 	if (n->tls)
-		return send_err(n, NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID, "TLS is already on");
+		return nc_send_err(n, NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID, "TLS is already on");
 	if (n->len)
-		return send_err(n, NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
-	if ((r = send_rep(n, NBD_OPT_STARTTLS, NBD_REP_ACK, NULL, 0)))
+		return nc_send_err(n, NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID,
+				   "NBD_OPT_STARTTLS takes no data");
+	if ((r = nc_send_rep(n, NBD_OPT_STARTTLS, NBD_REP_ACK, NULL, 0)))
 		return r;
 	if ((r = n->io->starttls(n->io->ctx)))
 		return r;
@@ -334,7 +336,7 @@ static int opt_starttls(struct negotiation *n)
 /* Under --tls require, before STARTTLS: 1 when opt may run, else 0
  * after refusing it with ERR_TLS_REQD (an EXPORT_NAME cannot be refused:
  * the connection ends) or -errno. */
-static int tls_allows(struct negotiation *n, uint32_t opt)
+static int nc_tls_allows(struct negotiation *n, uint32_t opt)
 {
 	if (n->io->tls_mode != DEVIO_TLS_REQUIRE || n->tls || opt == NBD_OPT_STARTTLS || opt == NBD_OPT_ABORT)
 		return 1;
@@ -342,11 +344,11 @@ static int tls_allows(struct negotiation *n, uint32_t opt)
 		devio_warn("nbd %s: NBD_OPT_EXPORT_NAME before TLS (--tls require); closing", n->io->peer);
 		return -EACCES;
 	}
-	return send_err(n, opt, NBD_REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first");
+	return nc_send_err(n, opt, NBD_REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first");
 }
 
 /* Options this server carries out. */
-static bool option_implemented(uint32_t opt)
+static bool nc_option_implemented(uint32_t opt)
 {
 	switch (opt) {
 	case NBD_OPT_EXPORT_NAME:
@@ -366,7 +368,7 @@ static bool option_implemented(uint32_t opt)
 
 /* Read len bytes of option data and throw them away, in pieces through
  * n->data; all the skipping of one negotiation gets NBD_OPTION_SKIP_NS. */
-static int skip_data(struct negotiation *n, uint32_t opt, uint32_t len)
+static int nc_skip_data(struct negotiation *n, uint32_t opt, uint32_t len)
 {
 	int r;
 
@@ -392,7 +394,7 @@ static int skip_data(struct negotiation *n, uint32_t opt, uint32_t len)
  * NBD_MAX_OPTION_LEN: any length for an option we do not implement (it
  * gets ERR_UNSUP), up to NBD_MAX_OPTION_SKIP for one we do (ERR_TOO_BIG).
  * Returns 0, 1 when the payload was thrown away, or -errno. */
-static int read_option(struct negotiation *n, uint32_t *opt)
+static int nc_read_option(struct negotiation *n, uint32_t *opt)
 {
 	uint8_t hdr[NBD_OPTION_HEADER_SIZE];
 	uint32_t len;
@@ -409,63 +411,63 @@ static int read_option(struct negotiation *n, uint32_t *opt)
 		n->len = len;
 		return len ? n->io->read(n->io->ctx, n->data, len) : 0;
 	}
-	if (*opt == NBD_OPT_EXPORT_NAME || (option_implemented(*opt) && len > NBD_MAX_OPTION_SKIP)) {
+	if (*opt == NBD_OPT_EXPORT_NAME || (nc_option_implemented(*opt) && len > NBD_MAX_OPTION_SKIP)) {
 		devio_warn("nbd %s: option %u with %u bytes of data is too large; closing", n->io->peer, *opt, len);
 		return -EMSGSIZE;
 	}
-	r = skip_data(n, *opt, len);
+	r = nc_skip_data(n, *opt, len);
 	return r ? r : 1;
 }
 
 /* Run one option; 1 once the client chose an export, 0 to go on. */
-static int do_option(struct negotiation *n, uint32_t opt)
+static int nc_do_option(struct negotiation *n, uint32_t opt)
 {
 	int r;
 
 	switch (opt) {
 	case NBD_OPT_EXPORT_NAME:
-		r = opt_export_name(n);
+		r = nc_opt_export_name(n);
 		return r ? r : 1;
 	case NBD_OPT_ABORT:
-		send_rep(n, opt, NBD_REP_ACK, NULL, 0); /* the peer may already be gone */
+		nc_send_rep(n, opt, NBD_REP_ACK, NULL, 0); /* the peer may already be gone */
 		return -ECONNABORTED;
 	case NBD_OPT_LIST:
-		return opt_list(n);
+		return nc_opt_list(n);
 	case NBD_OPT_STARTTLS:
-		return opt_starttls(n);
+		return nc_opt_starttls(n);
 	case NBD_OPT_INFO:
 	case NBD_OPT_GO:
-		return opt_info_go(n, opt);
+		return nc_opt_info_go(n, opt);
 	case NBD_OPT_STRUCTURED_REPLY:
-		return opt_structured_reply(n);
+		return nc_opt_structured_reply(n);
 	case NBD_OPT_LIST_META_CONTEXT:
 	case NBD_OPT_SET_META_CONTEXT:
-		return opt_meta_context(n, opt);
+		return nc_opt_meta_context(n, opt);
 	default:
-		return send_err(n, opt, NBD_REP_ERR_UNSUP, "unknown option");
+		return nc_send_err(n, opt, NBD_REP_ERR_UNSUP, "unknown option");
 	}
 }
 
-/* Answer an option whose payload read_option() threw away. */
-static int refuse_skipped(struct negotiation *n, uint32_t opt)
+/* Answer an option whose payload nc_read_option() threw away. */
+static int nc_refuse_skipped(struct negotiation *n, uint32_t opt)
 {
-	if (option_implemented(opt))
-		return send_err(n, opt, NBD_REP_ERR_TOO_BIG, "option data too large");
-	return do_option(n, opt); /* ERR_UNSUP; n->len is 0 */
+	if (nc_option_implemented(opt))
+		return nc_send_err(n, opt, NBD_REP_ERR_TOO_BIG, "option data too large");
+	return nc_do_option(n, opt); /* ERR_UNSUP; n->len is 0 */
 }
 
-/* Run or refuse one option read_option() read (skipped: its data was
+/* Run or refuse one option nc_read_option() read (skipped: its data was
  * thrown away).  1 once the client chose an export, 0 to go on. */
-static int run_option(struct negotiation *n, uint32_t opt, bool skipped)
+static int nc_run_option(struct negotiation *n, uint32_t opt, bool skipped)
 {
-	int r = tls_allows(n, opt);
+	int r = nc_tls_allows(n, opt);
 
 	if (r != 1)
 		return r; /* 0: refused with a reply */
-	return skipped ? refuse_skipped(n, opt) : do_option(n, opt);
+	return skipped ? nc_refuse_skipped(n, opt) : nc_do_option(n, opt);
 }
 
-static int greet(struct negotiation *n)
+static int nc_greet(struct negotiation *n)
 {
 	uint8_t hello[18], cflags[4];
 	uint32_t f;
@@ -504,18 +506,18 @@ int devio_nbd_negotiate(struct devio_nbd_io *io, struct devio_server *srv, struc
 	n->io = io;
 	n->srv = srv;
 	n->s = out;
-	if ((r = greet(n)))
+	if ((r = nc_greet(n)))
 		goto out_free;
 	for (unsigned i = 0; i < NBD_MAX_OPTIONS; i++) {
 		uint32_t opt = 0;
 
-		r = read_option(n, &opt);
+		r = nc_read_option(n, &opt);
 		/* A SET_META_CONTEXT replaces the selection even when it fails
 		 * (malformed, too big, unknown export, no structured replies). */
 		if (r >= 0 && opt == NBD_OPT_SET_META_CONTEXT)
 			n->meta_set = false;
 		if (r >= 0)
-			r = run_option(n, opt, r == 1);
+			r = nc_run_option(n, opt, r == 1);
 		if (r)
 			goto out_free;
 	}
@@ -586,7 +588,7 @@ int devio_nbd_decode_option_reply(const uint8_t hdr[NBD_OPTION_REPLY_HEADER_SIZE
 }
 
 /* Command flags each command may carry, given what was negotiated. */
-static uint16_t allowed_flags(const struct devio_nbd_session *s, uint16_t type)
+static uint16_t nc_allowed_flags(const struct devio_nbd_session *s, uint16_t type)
 {
 	uint16_t f = (s->tflags & NBD_FLAG_SEND_FUA) ? NBD_CMD_FLAG_FUA : 0;
 
@@ -603,7 +605,7 @@ static uint16_t allowed_flags(const struct devio_nbd_session *s, uint16_t type)
 	}
 }
 
-static bool advertised(const struct devio_nbd_session *s, uint16_t type)
+static bool nc_advertised(const struct devio_nbd_session *s, uint16_t type)
 {
 	switch (type) {
 	case NBD_CMD_READ:
@@ -652,7 +654,7 @@ const char *devio_nbd_error_name(uint32_t err)
 
 /* Refuse with err, saying why (printf-style) if the caller wants to know. */
 static uint32_t __attribute__((format(printf, 4, 5)))
-refuse(uint32_t err, char *why, size_t whylen, const char *fmt, ...)
+nc_refuse(uint32_t err, char *why, size_t whylen, const char *fmt, ...)
 {
 	va_list ap;
 
@@ -665,13 +667,16 @@ refuse(uint32_t err, char *why, size_t whylen, const char *fmt, ...)
 }
 
 /* The rule a command that was not advertised breaks. */
-static uint32_t refuse_unadvertised(const struct devio_nbd_session *s, uint16_t type, char *why, size_t whylen)
+static uint32_t nc_refuse_unadvertised(const struct devio_nbd_session *s, uint16_t type, char *why,
+				       size_t whylen)
 {
 	if (type == NBD_CMD_BLOCK_STATUS && !s->structured)
-		return refuse(NBD_EINVAL, why, whylen, "structured replies not negotiated");
+		return nc_refuse(NBD_EINVAL, why, whylen, "structured replies not negotiated");
 	if (type == NBD_CMD_BLOCK_STATUS)
-		return refuse(NBD_EINVAL, why, whylen, "no metadata context selected (NBD_OPT_SET_META_CONTEXT)");
-	return refuse(NBD_EINVAL, why, whylen, "%s not advertised for this export", devio_nbd_cmd_name(type));
+		return nc_refuse(NBD_EINVAL, why, whylen,
+				 "no metadata context selected (NBD_OPT_SET_META_CONTEXT)");
+	return nc_refuse(NBD_EINVAL, why, whylen, "%s not advertised for this export",
+			 devio_nbd_cmd_name(type));
 }
 
 uint32_t devio_nbd_check_request(const struct devio_nbd_session *s, const struct devio_nbd_request *r,
@@ -682,26 +687,27 @@ uint32_t devio_nbd_check_request(const struct devio_nbd_session *s, const struct
 	uint16_t bad_flags;
 
 	if (!devio_nbd_cmd_name(r->type))
-		return refuse(NBD_EINVAL, why, whylen, "NBD_CMD %u unknown", r->type);
-	if ((bad_flags = r->flags & ~allowed_flags(s, r->type)))
-		return refuse(NBD_EINVAL, why, whylen, "command flags 0x%x not valid for %s or not negotiated",
-			      bad_flags, devio_nbd_cmd_name(r->type));
+		return nc_refuse(NBD_EINVAL, why, whylen, "NBD_CMD %u unknown", r->type);
+	if ((bad_flags = r->flags & ~nc_allowed_flags(s, r->type)))
+		return nc_refuse(NBD_EINVAL, why, whylen,
+				 "command flags 0x%x not valid for %s or not negotiated",
+				 bad_flags, devio_nbd_cmd_name(r->type));
 	if (writes && (b->caps & DEVIO_CAP_READONLY))
-		return refuse(NBD_EPERM, why, whylen, "write to a read-only export");
-	if (!advertised(s, r->type))
-		return refuse_unadvertised(s, r->type, why, whylen);
+		return nc_refuse(NBD_EPERM, why, whylen, "write to a read-only export");
+	if (!nc_advertised(s, r->type))
+		return nc_refuse_unadvertised(s, r->type, why, whylen);
 	if (r->type == NBD_CMD_DISC || r->type == NBD_CMD_FLUSH)
 		return 0;
 	if ((r->type == NBD_CMD_READ || r->type == NBD_CMD_WRITE) && r->length > s->max_payload)
-		return refuse(NBD_EOVERFLOW, why, whylen, "length 0x%x over the %u MiB maximum%s", r->length,
-			      s->max_payload >> 20,
-			      s->max_payload == NBD_MAX_BLOCK ? " block size the client asked for" : "");
+		return nc_refuse(NBD_EOVERFLOW, why, whylen, "length 0x%x over the %u MiB maximum%s",
+				 r->length, s->max_payload >> 20,
+				 s->max_payload == NBD_MAX_BLOCK ? " block size the client asked for" : "");
 	if (r->type == NBD_CMD_BLOCK_STATUS && r->length == 0)
-		return refuse(NBD_EINVAL, why, whylen, "NBD_CMD_BLOCK_STATUS of length 0");
+		return nc_refuse(NBD_EINVAL, why, whylen, "NBD_CMD_BLOCK_STATUS of length 0");
 	if (r->offset > b->size || r->length > b->size - r->offset)
-		return refuse(r->type == NBD_CMD_WRITE || r->type == NBD_CMD_WRITE_ZEROES ? NBD_ENOSPC : NBD_EINVAL,
-			      why, whylen, "offset+length past the end of the %llu-byte export",
-			      (unsigned long long)b->size);
+		return nc_refuse(r->type == NBD_CMD_WRITE || r->type == NBD_CMD_WRITE_ZEROES ? NBD_ENOSPC : NBD_EINVAL,
+				 why, whylen, "offset+length past the end of the %llu-byte export",
+				 (unsigned long long)b->size);
 	return 0;
 }
 

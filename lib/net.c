@@ -15,7 +15,7 @@
 #include <unistd.h>
 #include "devio/util.h"
 
-static int copy_str(char *dst, size_t dstlen, const char *src, size_t n)
+static int net_copy_str(char *dst, size_t dstlen, const char *src, size_t n)
 {
 	if (n >= dstlen)
 		return -ENAMETOOLONG;
@@ -25,7 +25,7 @@ static int copy_str(char *dst, size_t dstlen, const char *src, size_t n)
 }
 
 /* "[HOST:]PORT", "[v6]:PORT", "HOST:" */
-static int parse_hostport(const char *s, const char *default_port, struct devio_addr *a)
+static int net_parse_hostport(const char *s, const char *default_port, struct devio_addr *a)
 {
 	const char *colon;
 
@@ -33,11 +33,11 @@ static int parse_hostport(const char *s, const char *default_port, struct devio_
 		const char *close = strchr(s, ']');
 		if (!close || (close[1] && close[1] != ':'))
 			return -EINVAL;
-		if (copy_str(a->host, sizeof(a->host), s + 1, (size_t)(close - s - 1)))
+		if (net_copy_str(a->host, sizeof(a->host), s + 1, (size_t)(close - s - 1)))
 			return -ENAMETOOLONG;
 		s = close[1] ? close + 2 : close + 1;
 	} else if ((colon = strrchr(s, ':'))) {
-		if (copy_str(a->host, sizeof(a->host), s, (size_t)(colon - s)))
+		if (net_copy_str(a->host, sizeof(a->host), s, (size_t)(colon - s)))
 			return -ENAMETOOLONG;
 		s = colon + 1;
 	}
@@ -51,7 +51,7 @@ static int parse_hostport(const char *s, const char *default_port, struct devio_
 			return -EINVAL;
 	if (strlen(s) > 5 || strtoul(s, NULL, 10) > 65535)
 		return -ERANGE; /* getaddrinfo would take port 99999 as 34463 */
-	return copy_str(a->port, sizeof(a->port), s, strlen(s));
+	return net_copy_str(a->port, sizeof(a->port), s, strlen(s));
 }
 
 int devio_addr_parse(const char *s, const char *default_port, struct devio_addr *a)
@@ -65,21 +65,23 @@ int devio_addr_parse(const char *s, const char *default_port, struct devio_addr 
 	}
 	if (!strncmp(s, "tcp:", 4)) {
 		a->kind = DEVIO_ADDR_TCP;
-		return parse_hostport(s + 4, default_port, a);
+		return net_parse_hostport(s + 4, default_port, a);
 	}
 	if (!strcmp(s, "systemd") || !strncmp(s, "systemd:", 8)) {
 		a->kind = DEVIO_ADDR_SYSTEMD;
-		return copy_str(a->path, sizeof(a->path), s + 7 + (s[7] == ':'), strlen(s + 7 + (s[7] == ':')));
+		return net_copy_str(a->path, sizeof(a->path), s + 7 + (s[7] == ':'),
+				    strlen(s + 7 + (s[7] == ':')));
 	}
 	if (!strncmp(s, "unix:", 5)) {
 		a->kind = DEVIO_ADDR_UNIX;
 		if (!s[5])
 			return -EINVAL;
-		return copy_str(a->path, sizeof(((struct sockaddr_un *)0)->sun_path), s + 5, strlen(s + 5));
+		return net_copy_str(a->path, sizeof(((struct sockaddr_un *)0)->sun_path), s + 5,
+				    strlen(s + 5));
 	}
 	if (s[0] == '/') {
 		a->kind = DEVIO_ADDR_DEVICE;
-		return copy_str(a->path, sizeof(a->path), s, strlen(s));
+		return net_copy_str(a->path, sizeof(a->path), s, strlen(s));
 	}
 	return -EINVAL;
 }
@@ -117,7 +119,7 @@ void devio_socket_tune(int fd)
 	setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof(buf));
 }
 
-static int unix_sockaddr(const struct devio_addr *a, struct sockaddr_un *sun)
+static int net_unix_sockaddr(const struct devio_addr *a, struct sockaddr_un *sun)
 {
 	memset(sun, 0, sizeof(*sun));
 	sun->sun_family = AF_UNIX;
@@ -129,12 +131,12 @@ static int unix_sockaddr(const struct devio_addr *a, struct sockaddr_un *sun)
 
 /* A socket file at the path: 0 if nobody accepts on it any more (stale,
  * ours to replace), -EADDRINUSE if a server answers (logged). */
-static int unix_check_stale(const struct devio_addr *a)
+static int net_unix_check_stale(const struct devio_addr *a)
 {
 	struct sockaddr_un sun;
 	int fd, r;
 
-	if (unix_sockaddr(a, &sun))
+	if (net_unix_sockaddr(a, &sun))
 		return 0;
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
@@ -152,7 +154,7 @@ static int unix_check_stale(const struct devio_addr *a)
 
 /* Make room at the path: nothing there, or a stale socket (removed unless
  * someone replaced it meanwhile).  0 or -errno (logged). */
-static int unix_clear_path(const struct devio_addr *a)
+static int net_unix_clear_path(const struct devio_addr *a)
 {
 	struct stat st, now;
 	int r;
@@ -163,7 +165,7 @@ static int unix_clear_path(const struct devio_addr *a)
 		devio_err("%s: exists and is not a socket; not replacing it", a->path);
 		return -EEXIST;
 	}
-	if ((r = unix_check_stale(a)))
+	if ((r = net_unix_check_stale(a)))
 		return r;
 	if (lstat(a->path, &now) == 0 && now.st_dev == st.st_dev && now.st_ino == st.st_ino)
 		unlink(a->path);
@@ -173,7 +175,7 @@ static int unix_clear_path(const struct devio_addr *a)
 /* Give the listening socket at tmp the path.  link() never replaces, so
  * of two servers starting at once one gets the path and the other finds
  * it in use.  0 or -errno (logged). */
-static int unix_publish(const struct devio_addr *tmp, const struct devio_addr *a)
+static int net_unix_publish(const struct devio_addr *tmp, const struct devio_addr *a)
 {
 	int r;
 
@@ -185,7 +187,7 @@ static int unix_publish(const struct devio_addr *tmp, const struct devio_addr *a
 			devio_err("%s: cannot listen: %s", a->path, strerror(-r));
 			return r;
 		}
-		if ((r = unix_clear_path(a)))
+		if ((r = net_unix_clear_path(a)))
 			return r;
 	}
 	devio_err("%s: in use by another server; not replacing it", a->path);
@@ -197,12 +199,12 @@ static int unix_publish(const struct devio_addr *tmp, const struct devio_addr *a
  * made mode first (nobody can open the file wider than that, even for a
  * moment), then the file is set to the mode and group (before it is
  * linked to its real path).  0 or -errno. */
-static int unix_set_mode(int fd, unsigned mode)
+static int net_unix_set_mode(int fd, unsigned mode)
 {
 	return fchmod(fd, mode) ? -errno : 0;
 }
 
-static int unix_fix_file(const struct devio_addr *real, const char *path, unsigned mode, long gid)
+static int net_unix_fix_file(const struct devio_addr *real, const char *path, unsigned mode, long gid)
 {
 	int r = 0;
 
@@ -220,25 +222,25 @@ static int unix_fix_file(const struct devio_addr *real, const char *path, unsign
  * temporary name and link it into place once it accepts connections, so
  * a client that sees the path can always connect.  A live socket at the
  * path is never replaced ("in use by another server"); a stale one is. */
-static int listen_unix(const struct devio_addr *a, int backlog, unsigned mode, long gid)
+static int net_listen_unix(const struct devio_addr *a, int backlog, unsigned mode, long gid)
 {
 	struct devio_addr tmp = *a;
 	struct sockaddr_un sun;
 	int fd, r;
 
-	if ((r = unix_clear_path(a)))
+	if ((r = net_unix_clear_path(a)))
 		return r;
 	if (snprintf(tmp.path, sizeof(tmp.path), "%s.%d.tmp", a->path, (int)getpid()) >= (int)sizeof(tmp.path) ||
-	    unix_sockaddr(&tmp, &sun)) {
+	    net_unix_sockaddr(&tmp, &sun)) {
 		tmp = *a; /* no room for the temporary name: bind in place */
-		if ((r = unix_sockaddr(a, &sun)))
+		if ((r = net_unix_sockaddr(a, &sun)))
 			return r;
 	}
 	unlink(tmp.path);
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return -errno;
-	if ((r = unix_set_mode(fd, mode))) {
+	if ((r = net_unix_set_mode(fd, mode))) {
 		close(fd);
 		return r;
 	}
@@ -249,13 +251,13 @@ static int listen_unix(const struct devio_addr *a, int backlog, unsigned mode, l
 		close(fd);
 		return r;
 	}
-	if ((r = unix_fix_file(a, tmp.path, mode, gid))) {
+	if ((r = net_unix_fix_file(a, tmp.path, mode, gid))) {
 		unlink(tmp.path);
 		close(fd);
 		return r;
 	}
 	if (strcmp(tmp.path, a->path)) {
-		r = unix_publish(&tmp, a);
+		r = net_unix_publish(&tmp, a);
 		unlink(tmp.path);
 		if (r) {
 			close(fd);
@@ -269,7 +271,7 @@ static int listen_unix(const struct devio_addr *a, int backlog, unsigned mode, l
  * one socket takes IPv4 clients too (as v4-mapped ::ffff:a.b.c.d, which
  * --allow's IPv4 entries match: lib/access.c).  -EAFNOSUPPORT where the
  * machine has no IPv6 (the caller then binds 0.0.0.0). */
-static int listen_tcp_dual(const struct devio_addr *a, int backlog)
+static int net_listen_tcp_dual(const struct devio_addr *a, int backlog)
 {
 	struct sockaddr_in6 sin6 = { .sin6_family = AF_INET6, .sin6_addr = IN6ADDR_ANY_INIT,
 				     .sin6_port = htons((uint16_t)strtoul(a->port, NULL, 10)) };
@@ -289,7 +291,7 @@ static int listen_tcp_dual(const struct devio_addr *a, int backlog)
 	return fd;
 }
 
-static int listen_tcp(const struct devio_addr *a, int backlog)
+static int net_listen_tcp(const struct devio_addr *a, int backlog)
 {
 	struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE | AI_NUMERICSERV };
 	struct addrinfo *res, *ai;
@@ -297,7 +299,7 @@ static int listen_tcp(const struct devio_addr *a, int backlog)
 	int fd = -1, r, one = 1;
 
 	if (!strcmp(host, "*") || !strcmp(host, "::")) {
-		fd = listen_tcp_dual(a, backlog);
+		fd = net_listen_tcp_dual(a, backlog);
 		if (fd >= 0 || (fd != -EAFNOSUPPORT && fd != -EADDRNOTAVAIL))
 			return fd;
 		host = "0.0.0.0"; /* no IPv6 here: every IPv4 interface */
@@ -338,9 +340,9 @@ int devio_listen_mode(const struct devio_addr *a, int backlog, unsigned mode, lo
 {
 	switch (a->kind) {
 	case DEVIO_ADDR_TCP:
-		return listen_tcp(a, backlog);
+		return net_listen_tcp(a, backlog);
 	case DEVIO_ADDR_UNIX:
-		return listen_unix(a, backlog, mode, gid);
+		return net_listen_unix(a, backlog, mode, gid);
 	default:
 		return -EINVAL;
 	}
@@ -368,7 +370,7 @@ int devio_connect(const struct devio_addr *a)
 	int fd = -1, r;
 
 	if (a->kind == DEVIO_ADDR_UNIX) {
-		if ((r = unix_sockaddr(a, &sun)))
+		if ((r = net_unix_sockaddr(a, &sun)))
 			return r;
 		fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 		if (fd < 0)

@@ -54,18 +54,18 @@ struct pctx {
 	uint64_t *offset, *length;
 };
 
-static uint32_t get_le32(const uint8_t *p)
+static uint32_t part_get_le32(const uint8_t *p)
 {
 	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-static uint64_t get_le64(const uint8_t *p)
+static uint64_t part_get_le64(const uint8_t *p)
 {
-	return (uint64_t)get_le32(p) | (uint64_t)get_le32(p + 4) << 32;
+	return (uint64_t)part_get_le32(p) | (uint64_t)part_get_le32(p + 4) << 32;
 }
 
 /* CRC-32 (IEEE 802.3, reflected, as GPT uses), bit by bit: tables are small. */
-static uint32_t crc32_ieee(const uint8_t *p, size_t len)
+static uint32_t part_crc32_ieee(const uint8_t *p, size_t len)
 {
 	uint32_t crc = 0xFFFFFFFFu;
 
@@ -78,7 +78,7 @@ static uint32_t crc32_ieee(const uint8_t *p, size_t len)
 }
 
 /* Read len bytes at off, which must lie inside the image. */
-static int read_at(struct pctx *c, void *buf, uint64_t len, uint64_t off, const char *what)
+static int part_read_at(struct pctx *c, void *buf, uint64_t len, uint64_t off, const char *what)
 {
 	int r;
 
@@ -94,7 +94,8 @@ static int read_at(struct pctx *c, void *buf, uint64_t len, uint64_t off, const 
 }
 
 /* Read a 512-byte sector with a partition table and check its 0x55AA. */
-static int read_table(struct pctx *c, uint64_t lba, uint8_t *sec, struct mbr_entry e[4], const char *what)
+static int part_read_table(struct pctx *c, uint64_t lba, uint8_t *sec, struct mbr_entry e[4],
+			   const char *what)
 {
 	uint64_t off = lba * SECTOR;
 	int r;
@@ -103,7 +104,7 @@ static int read_table(struct pctx *c, uint64_t lba, uint8_t *sec, struct mbr_ent
 		devio_err("%s: %s at sector %" PRIu64 " is out of range", c->name, what, lba);
 		return -EINVAL;
 	}
-	r = read_at(c, sec, SECTOR, off, what);
+	r = part_read_at(c, sec, SECTOR, off, what);
 	if (r)
 		return r;
 	if (sec[510] != 0x55 || sec[511] != 0xAA) {
@@ -115,26 +116,26 @@ static int read_table(struct pctx *c, uint64_t lba, uint8_t *sec, struct mbr_ent
 
 		e[i].boot = p[0];
 		e[i].type = p[4];
-		e[i].start = get_le32(p + 8);
-		e[i].sectors = get_le32(p + 12);
+		e[i].start = part_get_le32(p + 8);
+		e[i].sectors = part_get_le32(p + 12);
 	}
 	return 0;
 }
 
-static bool is_extended(uint8_t type)
+static bool part_is_extended(uint8_t type)
 {
 	return type == 0x05 || type == 0x0F || type == 0x85;
 }
 
 /* Does the entry hold a partition?  Linux and sfdisk go by the size,
  * ImDisk by the type. */
-static bool is_used(const struct pctx *c, const struct mbr_entry *e)
+static bool part_is_used(const struct pctx *c, const struct mbr_entry *e)
 {
 	return c->linux_numbers ? e->sectors != 0 : e->type != 0;
 }
 
 /* The partition found: check it lies inside the image and report it. */
-static int found(struct pctx *c, uint64_t start_lba, uint64_t sectors, uint32_t ss, uint64_t table_off)
+static int part_found(struct pctx *c, uint64_t start_lba, uint64_t sectors, uint32_t ss, uint64_t table_off)
 {
 	uint64_t off = start_lba * ss, len = sectors * ss;
 
@@ -157,7 +158,7 @@ static int found(struct pctx *c, uint64_t start_lba, uint64_t sectors, uint32_t 
  * EBR's first entry is a logical partition relative to that EBR; its
  * second entry links to the next EBR relative to ext_lba.  Returns 0 if
  * found, 1 if the chain ended without reaching the partition wanted. */
-static int walk_ebrs(struct pctx *c, uint64_t ext_lba)
+static int part_walk_ebrs(struct pctx *c, uint64_t ext_lba)
 {
 	uint64_t visited[MAX_LOGICALS];
 	uint64_t lba = ext_lba;
@@ -174,15 +175,15 @@ static int walk_ebrs(struct pctx *c, uint64_t ext_lba)
 			}
 		}
 		visited[i] = lba;
-		r = read_table(c, lba, sec, e, "extended boot record");
+		r = part_read_table(c, lba, sec, e, "extended boot record");
 		if (r)
 			return r;
-		if (is_used(c, &e[0]) && !is_extended(e[0].type)) {
+		if (part_is_used(c, &e[0]) && !part_is_extended(e[0].type)) {
 			c->seen++;
 			if (++c->number == c->want)
-				return found(c, lba + e[0].start, e[0].sectors, SECTOR, lba * SECTOR);
+				return part_found(c, lba + e[0].start, e[0].sectors, SECTOR, lba * SECTOR);
 		}
-		if (!is_extended(e[1].type) || e[1].start == 0)
+		if (!part_is_extended(e[1].type) || e[1].start == 0)
 			return 1;
 		lba = ext_lba + e[1].start;
 	}
@@ -194,8 +195,8 @@ static int walk_ebrs(struct pctx *c, uint64_t ext_lba)
 /* Check a GPT header at lba (sectors of ss bytes): signature, size, CRC,
  * then the entry array (bounded) and its CRC.  On success *entries is
  * malloc'd. */
-static int gpt_load(struct pctx *c, uint32_t ss, uint64_t lba, uint8_t **entries, uint32_t *count,
-		    uint32_t *esize)
+static int part_gpt_load(struct pctx *c, uint32_t ss, uint64_t lba, uint8_t **entries, uint32_t *count,
+			 uint32_t *esize)
 {
 	uint8_t hdr[SECTOR];
 	uint64_t off, array_lba, array_bytes;
@@ -206,27 +207,27 @@ static int gpt_load(struct pctx *c, uint32_t ss, uint64_t lba, uint8_t **entries
 	if (lba > UINT64_MAX / ss)
 		return -EINVAL;
 	off = lba * ss;
-	r = read_at(c, hdr, SECTOR, off, "GPT header");
+	r = part_read_at(c, hdr, SECTOR, off, "GPT header");
 	if (r)
 		return r;
 	if (memcmp(hdr, "EFI PART", 8)) {
 		devio_err("%s: no \"EFI PART\" GPT header at offset %" PRIu64, c->name, off);
 		return -EINVAL;
 	}
-	hsize = get_le32(hdr + 12);
+	hsize = part_get_le32(hdr + 12);
 	if (hsize < 92 || hsize > SECTOR) {
 		devio_err("%s: GPT header at offset %" PRIu64 ": bad header size %" PRIu32, c->name, off, hsize);
 		return -EINVAL;
 	}
-	crc = get_le32(hdr + 16);
+	crc = part_get_le32(hdr + 16);
 	memset(hdr + 16, 0, 4);
-	if (crc32_ieee(hdr, hsize) != crc) {
+	if (part_crc32_ieee(hdr, hsize) != crc) {
 		devio_err("%s: GPT header at offset %" PRIu64 ": CRC32 mismatch", c->name, off);
 		return -EINVAL;
 	}
-	array_lba = get_le64(hdr + 72);
-	*count = get_le32(hdr + 80);
-	*esize = get_le32(hdr + 84);
+	array_lba = part_get_le64(hdr + 72);
+	*count = part_get_le32(hdr + 80);
+	*esize = part_get_le32(hdr + 84);
 	if (*esize < 128 || *esize > GPT_MAX_ENTRY_SIZE || *esize % 8 || *count > GPT_MAX_ENTRIES) {
 		devio_err("%s: GPT header at offset %" PRIu64 ": %" PRIu32 " entries of %" PRIu32
 			  " bytes is not a valid table", c->name, off, *count, *esize);
@@ -240,8 +241,8 @@ static int gpt_load(struct pctx *c, uint32_t ss, uint64_t lba, uint8_t **entries
 	arr = malloc(array_bytes ? array_bytes : 1);
 	if (!arr)
 		return -ENOMEM;
-	r = read_at(c, arr, array_bytes, array_lba * ss, "GPT entry array");
-	if (!r && crc32_ieee(arr, array_bytes) != get_le32(hdr + 88)) {
+	r = part_read_at(c, arr, array_bytes, array_lba * ss, "GPT entry array");
+	if (!r && part_crc32_ieee(arr, array_bytes) != part_get_le32(hdr + 88)) {
 		devio_err("%s: GPT entry array at offset %" PRIu64 ": CRC32 mismatch", c->name, array_lba * ss);
 		r = -EINVAL;
 	}
@@ -253,7 +254,7 @@ static int gpt_load(struct pctx *c, uint32_t ss, uint64_t lba, uint8_t **entries
 	return 0;
 }
 
-static bool all_zero(const uint8_t *p, size_t n)
+static bool part_all_zero(const uint8_t *p, size_t n)
 {
 	while (n--)
 		if (*p++)
@@ -262,7 +263,7 @@ static bool all_zero(const uint8_t *p, size_t n)
 }
 
 /* The GPT's sector size: where "EFI PART" is, at 512 or at 4096. */
-static uint32_t gpt_sector_size(struct pctx *c)
+static uint32_t part_gpt_sector_size(struct pctx *c)
 {
 	uint8_t sig[8];
 
@@ -273,14 +274,14 @@ static uint32_t gpt_sector_size(struct pctx *c)
 }
 
 /* The primary header at LBA 1, else the backup in the last sector. */
-static int gpt_load_any(struct pctx *c, uint32_t ss, uint8_t **arr, uint32_t *count, uint32_t *esize)
+static int part_gpt_load_any(struct pctx *c, uint32_t ss, uint8_t **arr, uint32_t *count, uint32_t *esize)
 {
 	uint64_t last = c->image_size / ss - 1;
-	int r = gpt_load(c, ss, 1, arr, count, esize);
+	int r = part_gpt_load(c, ss, 1, arr, count, esize);
 
 	if (r != -EINVAL || last <= 1)
 		return r;
-	r = gpt_load(c, ss, last, arr, count, esize);
+	r = part_gpt_load(c, ss, last, arr, count, esize);
 	if (!r)
 		devio_warn("%s: primary GPT damaged; using the backup header at offset %" PRIu64, c->name,
 			   last * ss);
@@ -288,20 +289,20 @@ static int gpt_load_any(struct pctx *c, uint32_t ss, uint8_t **arr, uint32_t *co
 }
 
 /* GPT: entries with a non-zero type GUID count 1, 2, ... in table order. */
-static int find_gpt(struct pctx *c)
+static int part_find_gpt(struct pctx *c)
 {
 	uint8_t *arr = NULL;
-	uint32_t count = 0, esize = 0, ss = gpt_sector_size(c);
-	int r = gpt_load_any(c, ss, &arr, &count, &esize);
+	uint32_t count = 0, esize = 0, ss = part_gpt_sector_size(c);
+	int r = part_gpt_load_any(c, ss, &arr, &count, &esize);
 
 	if (r)
 		return r;
 	r = -ENOENT;
 	for (uint32_t i = 0; i < count; i++) {
 		const uint8_t *e = arr + (size_t)i * esize;
-		uint64_t first = get_le64(e + 32), last = get_le64(e + 40);
+		uint64_t first = part_get_le64(e + 32), last = part_get_le64(e + 40);
 
-		if (all_zero(e, 16))
+		if (part_all_zero(e, 16))
 			continue;
 		c->seen++;
 		if ((c->linux_numbers ? (int)i + 1 : c->seen) != c->want)
@@ -311,7 +312,7 @@ static int find_gpt(struct pctx *c)
 				  i + 1, first, last);
 			r = -EINVAL;
 		} else {
-			r = found(c, first, last - first + 1, ss, 2 * (uint64_t)ss);
+			r = part_found(c, first, last - first + 1, ss, 2 * (uint64_t)ss);
 		}
 		break;
 	}
@@ -321,31 +322,31 @@ static int find_gpt(struct pctx *c)
 
 /* The primary slots: Linux numbers them by slot, ImDisk counts the used
  * ones.  -ENOENT: not among them. */
-static int find_primary(struct pctx *c, const struct mbr_entry e[4])
+static int part_find_primary(struct pctx *c, const struct mbr_entry e[4])
 {
 	for (int i = 0; i < 4; i++) {
-		if (!is_used(c, &e[i]))
+		if (!part_is_used(c, &e[i]))
 			continue;
 		c->number = c->linux_numbers ? i + 1 : c->number + 1;
-		if (!c->linux_numbers || !is_extended(e[i].type))
+		if (!c->linux_numbers || !part_is_extended(e[i].type))
 			c->seen++;
 		if (c->number != c->want)
 			continue;
-		if (c->linux_numbers && is_extended(e[i].type)) {
+		if (c->linux_numbers && part_is_extended(e[i].type)) {
 			devio_err("%s: partition %d is the extended partition, a container of the logical ones "
 				  "(5 and up), not a partition to serve", c->name, c->want);
 			return -EINVAL;
 		}
-		return found(c, e[i].start, e[i].sectors, SECTOR, 0);
+		return part_found(c, e[i].start, e[i].sectors, SECTOR, 0);
 	}
 	return -ENOENT;
 }
 
-static int find_mbr(struct pctx *c)
+static int part_find_mbr(struct pctx *c)
 {
 	uint8_t sec[SECTOR];
 	struct mbr_entry e[4];
-	int r = read_table(c, 0, sec, e, "master boot record");
+	int r = part_read_table(c, 0, sec, e, "master boot record");
 
 	if (r)
 		return r;
@@ -358,16 +359,16 @@ static int find_mbr(struct pctx *c)
 	}
 	for (int i = 0; i < 4; i++)
 		if (e[i].type == 0xEE)
-			return find_gpt(c);
-	r = find_primary(c, e);
+			return part_find_gpt(c);
+	r = part_find_primary(c, e);
 	if (r != -ENOENT)
 		return r;
 	if (c->linux_numbers)
 		c->number = 4; /* logical partitions start at 5 */
 	for (int i = 0; i < 4; i++) {
-		if (!is_used(c, &e[i]) || !is_extended(e[i].type) || e[i].start == 0)
+		if (!part_is_used(c, &e[i]) || !part_is_extended(e[i].type) || e[i].start == 0)
 			continue;
-		r = walk_ebrs(c, e[i].start);
+		r = part_walk_ebrs(c, e[i].start);
 		if (r <= 0)
 			return r;
 	}
@@ -390,7 +391,7 @@ int devio_partition_find(const char *name, devio_read_fn read, void *ctx, uint64
 		devio_err("%s: %" PRIu64 " bytes is too small to hold a partition table", c.name, image_size);
 		return -EINVAL;
 	}
-	r = find_mbr(&c);
+	r = part_find_mbr(&c);
 	if (r == -ENOENT)
 		devio_err("%s: no partition %d (the tables list %d)", c.name, n, c.seen);
 	return r;

@@ -23,14 +23,14 @@ const char *devio_op_name(enum devio_op op)
 }
 
 /* offset + length overflows or passes the end of the backend */
-static bool out_of_range(const struct devio_backend *b, uint64_t off, uint64_t len)
+static bool req_out_of_range(const struct devio_backend *b, uint64_t off, uint64_t len)
 {
 	return off > b->size || len > b->size - off;
 }
 
 /* The backend that holds the bytes under b: past the layers that only
  * move requests (remap). */
-static struct devio_backend *store_of(const struct devio_backend *b)
+static struct devio_backend *req_store_of(const struct devio_backend *b)
 {
 	while (b->ops->remap)
 		b = b->lower;
@@ -39,7 +39,7 @@ static struct devio_backend *store_of(const struct devio_backend *b)
 
 /* The store at the bottom of b's stack, past the format layers that
  * move most requests too (try_remap). */
-static const struct devio_backend *bottom_of(const struct devio_backend *b)
+static const struct devio_backend *req_bottom_of(const struct devio_backend *b)
 {
 	while (b->ops->remap || b->ops->try_remap)
 		b = b->lower;
@@ -48,23 +48,23 @@ static const struct devio_backend *bottom_of(const struct devio_backend *b)
 
 bool devio_backend_async(const struct devio_backend *b)
 {
-	return bottom_of(b)->ops->submit != NULL;
+	return req_bottom_of(b)->ops->submit != NULL;
 }
 
 /* A fixed buffer is moved only by I/O on the caller's ring. */
-static bool store_takes_fixed(const struct devio_backend *s)
+static bool req_store_takes_fixed(const struct devio_backend *s)
 {
 	return (s->caps & DEVIO_CAP_FIXED) && s->ops->ring_submit && s->ops->ring_cqe;
 }
 
 bool devio_backend_takes_fixed(const struct devio_backend *b)
 {
-	return store_takes_fixed(store_of(b));
+	return req_store_takes_fixed(req_store_of(b));
 }
 
 /* The buffer: memory for every op that has bytes, or a kind the store
  * takes for this op. */
-static int check_buffer(const struct devio_backend *s, const struct devio_request *req)
+static int req_check_buffer(const struct devio_backend *s, const struct devio_request *req)
 {
 	bool rw = req->op == DEVIO_OP_READ || req->op == DEVIO_OP_WRITE;
 	uint32_t cap = req->op == DEVIO_OP_READ ? DEVIO_CAP_SPLICE_READ : DEVIO_CAP_SPLICE_WRITE;
@@ -85,7 +85,7 @@ static int check_buffer(const struct devio_backend *s, const struct devio_reques
 	case DEVIO_BUF_FIXED:
 		if (!rw)
 			return -EINVAL;
-		if (!store_takes_fixed(s))
+		if (!req_store_takes_fixed(s))
 			return -EOPNOTSUPP;
 		/* FUA must ride on the write itself: no flush after from the ring */
 		if (req->op == DEVIO_OP_WRITE && (req->flags & DEVIO_REQ_FUA) && !(s->caps & DEVIO_CAP_PWRITE_FUA))
@@ -110,15 +110,15 @@ int devio_request_check(const struct devio_backend *b, const struct devio_reques
 		return -EROFS;
 	if (req->op == DEVIO_OP_FLUSH)
 		return 0;
-	if (out_of_range(b, req->offset, req->length))
+	if (req_out_of_range(b, req->offset, req->length))
 		return req->op == DEVIO_OP_WRITE || req->op == DEVIO_OP_ZERO ? -ENOSPC : -EINVAL;
-	s = store_of(b);
+	s = req_store_of(b);
 	ops = s->ops;
 	/* a READ into a pipe a format layer offers (SPLICE_READ) is the
 	 * store's under it to take, or -EAGAIN where the layer keeps it */
-	if ((r = check_buffer(req->kind == DEVIO_BUF_PIPE && req->op == DEVIO_OP_READ &&
-					      (s->caps & DEVIO_CAP_SPLICE_READ) ? bottom_of(s) : s,
-			      req)))
+	if ((r = req_check_buffer(req->kind == DEVIO_BUF_PIPE && req->op == DEVIO_OP_READ &&
+						  (s->caps & DEVIO_CAP_SPLICE_READ) ? req_bottom_of(s) : s,
+				  req)))
 		return r;
 	if (req->op == DEVIO_OP_WRITE && !ops->pwrite)
 		return -EROFS;
@@ -134,7 +134,7 @@ int devio_request_check(const struct devio_backend *b, const struct devio_reques
 /* What a format layer's try_remap is offered: a READ or WRITE of some
  * bytes in memory, no FUA (the layer's metadata may not be durable yet),
  * and none moved by such a layer already. */
-static bool remap_offered(const struct devio_request *req)
+static bool req_remap_offered(const struct devio_request *req)
 {
 	if (req->kind == DEVIO_BUF_PIPE)
 		return req->op == DEVIO_OP_READ && req->length && !req->remapper;
@@ -145,12 +145,12 @@ static bool remap_offered(const struct devio_request *req)
 /* Move a checked request through the layers that remap it (and a format
  * layer that takes it: try_remap), into the coordinates of the backend
  * that runs it; req->backend becomes that backend. */
-static struct devio_backend *descend(struct devio_backend *b, struct devio_request *req)
+static struct devio_backend *req_descend(struct devio_backend *b, struct devio_request *req)
 {
 	for (;;) {
 		if (b->ops->remap)
 			b->ops->remap(b, req);
-		else if (b->ops->try_remap && remap_offered(req) && b->ops->try_remap(b, req))
+		else if (b->ops->try_remap && req_remap_offered(req) && b->ops->try_remap(b, req))
 			req->remapper = b;
 		else
 			break;
@@ -161,7 +161,7 @@ static struct devio_backend *descend(struct devio_backend *b, struct devio_reque
 }
 
 /* The end of a request a format layer moved: its remap_done. */
-static void remap_finish(struct devio_request *req)
+static void req_remap_finish(struct devio_request *req)
 {
 	struct devio_backend *l = req->remapper;
 
@@ -170,25 +170,25 @@ static void remap_finish(struct devio_request *req)
 		l->ops->remap_done(l, req);
 }
 
-static void remap_complete(struct devio_request *req)
+static void req_remap_complete(struct devio_request *req)
 {
 	req->complete = req->remap_complete;
-	remap_finish(req);
+	req_remap_finish(req);
 	req->complete(req);
 }
 
 /* A moved request tells its layer when it is done, whoever completes it. */
-static void remap_hook(struct devio_request *req)
+static void req_remap_hook(struct devio_request *req)
 {
-	if (req->remapper && req->complete != remap_complete) {
+	if (req->remapper && req->complete != req_remap_complete) {
 		req->remap_complete = req->complete;
-		req->complete = remap_complete;
+		req->complete = req_remap_complete;
 	}
 }
 
 /* FUA asks for a flush after a change, unless the store's pwrite honoured
  * it itself (memory buffers only: a pipe or a mapping has no RWF_DSYNC). */
-static bool needs_flush_after(const struct devio_backend *b, const struct devio_request *req)
+static bool req_needs_flush_after(const struct devio_backend *b, const struct devio_request *req)
 {
 	return (req->flags & DEVIO_REQ_FUA) && b->ops->flush &&
 	       !(req->op == DEVIO_OP_WRITE && req->kind == DEVIO_BUF_MEM && (b->caps & DEVIO_CAP_PWRITE_FUA));
@@ -201,11 +201,11 @@ int devio_map_end(struct devio_request *req)
 	if (req->op != DEVIO_OP_WRITE || req->kind != DEVIO_BUF_MAP || req->length == 0)
 		return 0;
 	b->ops->unmap(b, req);
-	return needs_flush_after(b, req) ? b->ops->flush(b) : 0;
+	return req_needs_flush_after(b, req) ? b->ops->flush(b) : 0;
 }
 
 /* ZERO for a backend without a zero callback: write zeroes. */
-static int zero_by_writing(struct devio_backend *b, uint64_t off, uint64_t len)
+static int req_zero_by_writing(struct devio_backend *b, uint64_t off, uint64_t len)
 {
 	static const char zeroes[65536];
 	int r = 0;
@@ -219,7 +219,7 @@ static int zero_by_writing(struct devio_backend *b, uint64_t off, uint64_t len)
 	return r;
 }
 
-static int run_sync(struct devio_backend *b, struct devio_request *req)
+static int req_run_sync(struct devio_backend *b, struct devio_request *req)
 {
 	const struct devio_backend_ops *ops = b->ops;
 	int r = 0;
@@ -246,14 +246,14 @@ static int run_sync(struct devio_backend *b, struct devio_request *req)
 		break;
 	case DEVIO_OP_ZERO:
 		r = ops->zero ? ops->zero(b, req->offset, req->length, req->flags)
-			      : zero_by_writing(b, req->offset, req->length);
+			      : req_zero_by_writing(b, req->offset, req->length);
 		break;
 	case DEVIO_OP_CACHE:
 		return 0;
 	default:
 		return -EINVAL;
 	}
-	if (!r && needs_flush_after(b, req))
+	if (!r && req_needs_flush_after(b, req))
 		r = ops->flush(b);
 	return r;
 }
@@ -263,7 +263,7 @@ static int run_sync(struct devio_backend *b, struct devio_request *req)
  * ring), only for what the backend finishes alone: a READ or WRITE of some
  * bytes (FUA only where pwrite honours it: the core's FUA is a flush
  * after) or a FLUSH.  TRIM, ZERO and CACHE take the usual way. */
-static bool ring_eligible(const struct devio_backend *b, const struct devio_request *req)
+static bool req_ring_eligible(const struct devio_backend *b, const struct devio_request *req)
 {
 	if (!req->ring || !b->ops->ring_submit || !b->ops->ring_cqe || !devio_ring_is_current(req->ring))
 		return false;
@@ -278,11 +278,11 @@ static bool ring_eligible(const struct devio_backend *b, const struct devio_requ
 
 /* The backend's asynchronous paths: the caller's ring, then its own.  0 if
  * one took req, -EAGAIN if both declined, or the error to complete it with. */
-static int submit_async(struct devio_backend *b, struct devio_request *req)
+static int req_submit_async(struct devio_backend *b, struct devio_request *req)
 {
 	int r = -EAGAIN;
 
-	if (ring_eligible(b, req))
+	if (req_ring_eligible(b, req))
 		r = b->ops->ring_submit(b, req, req->ring);
 	if ((r == -EAGAIN || r == -EOPNOTSUPP) && b->ops->submit)
 		r = b->ops->submit(b, req);
@@ -291,7 +291,7 @@ static int submit_async(struct devio_backend *b, struct devio_request *req)
 
 /* A fixed buffer's only way: the store's I/O on the caller's ring, from
  * that ring's thread.  0 if queued, else the error to complete it with. */
-static int submit_fixed(struct devio_backend *b, struct devio_request *req)
+static int req_submit_fixed(struct devio_backend *b, struct devio_request *req)
 {
 	int r;
 
@@ -303,19 +303,19 @@ static int submit_fixed(struct devio_backend *b, struct devio_request *req)
 	return r == -EAGAIN ? -EBUSY : r;
 }
 
-/* Run a checked (r == 0) request on b, the backend descend() reached:
+/* Run a checked (r == 0) request on b, the backend req_descend() reached:
  * its asynchronous paths, else synchronously; or complete it with r. */
-static void run_at(struct devio_backend *b, struct devio_request *req, int r)
+static void req_run_at(struct devio_backend *b, struct devio_request *req, int r)
 {
 	if (!r && req->kind == DEVIO_BUF_FIXED) {
-		r = submit_fixed(b, req);
+		r = req_submit_fixed(b, req);
 		if (r == 0)
 			return;
 		r = r == -EAGAIN ? 0 : r;
 		goto done;
 	}
 	if (!r && req->kind == DEVIO_BUF_MEM) {
-		r = submit_async(b, req);
+		r = req_submit_async(b, req);
 		if (r == 0)
 			return; /* complete() will be called by the backend */
 		if (r != -EAGAIN)
@@ -323,30 +323,30 @@ static void run_at(struct devio_backend *b, struct devio_request *req, int r)
 		r = 0; /* the backend declined: run it synchronously */
 	}
 	if (!r)
-		r = run_sync(b, req);
+		r = req_run_sync(b, req);
 done:
 	req->result = r;
 	req->complete(req);
 }
 
 /* devio_submit() of a request that may have been moved by a format layer
- * already (a worker of the pool runs it where descend() stopped). */
-static void submit_from(struct devio_backend *b, struct devio_request *req)
+ * already (a worker of the pool runs it where req_descend() stopped). */
+static void req_submit_from(struct devio_backend *b, struct devio_request *req)
 {
 	int r;
 
 	req->backend = b;
 	r = devio_request_check(b, req);
 	if (!r)
-		b = descend(b, req); /* through the layers that remap, to the store */
-	remap_hook(req);
-	run_at(b, req, r);
+		b = req_descend(b, req); /* through the layers that remap, to the store */
+	req_remap_hook(req);
+	req_run_at(b, req, r);
 }
 
 void devio_submit(struct devio_backend *b, struct devio_request *req)
 {
 	req->remapper = NULL;
-	submit_from(b, req);
+	req_submit_from(b, req);
 }
 
 int devio_run(struct devio_backend *b, struct devio_request *req)
@@ -357,9 +357,9 @@ int devio_run(struct devio_backend *b, struct devio_request *req)
 	req->remapper = NULL;
 	req->result = devio_request_check(b, req);
 	if (req->result == 0) {
-		req->result = run_sync(descend(b, req), req);
+		req->result = req_run_sync(req_descend(b, req), req);
 		if (req->remapper)
-			remap_finish(req);
+			req_remap_finish(req);
 	}
 	return req->result;
 }
@@ -372,7 +372,7 @@ struct sync_wait {
 	void *opaque;
 };
 
-static void sync_complete(struct devio_request *req)
+static void req_sync_complete(struct devio_request *req)
 {
 	struct sync_wait *w = req->opaque;
 
@@ -394,7 +394,7 @@ int devio_execute(struct devio_backend *b, struct devio_request *req)
 	r = devio_request_check(b, req);
 	if (r)
 		return req->result = r;
-	req->complete = sync_complete;
+	req->complete = req_sync_complete;
 	req->opaque = &w;
 	devio_submit(b, req);
 	pthread_mutex_lock(&w.lock);
@@ -417,7 +417,7 @@ int devio_execute(struct devio_backend *b, struct devio_request *req)
  * decided by the first backend with data callbacks. */
 bool devio_wants_pool(const struct devio_backend *b, unsigned threads)
 {
-	if (store_of(b)->ops->submit || threads == 1)
+	if (req_store_of(b)->ops->submit || threads == 1)
 		return false;
 	return threads > 1 || b->run != DEVIO_RUN_CPU;
 }
@@ -436,7 +436,7 @@ struct devio_workers {
 	pthread_t threads[];
 };
 
-static void *worker_main(void *arg)
+static void *req_worker_main(void *arg)
 {
 	struct devio_workers *w = arg;
 
@@ -456,7 +456,7 @@ static void *worker_main(void *arg)
 			w->tail = NULL;
 		pthread_mutex_unlock(&w->lock);
 		req->next = NULL;
-		submit_from(req->backend, req);
+		req_submit_from(req->backend, req);
 	}
 }
 
@@ -472,7 +472,7 @@ struct devio_workers *devio_workers_new(unsigned nthreads)
 	pthread_mutex_init(&w->lock, NULL);
 	pthread_cond_init(&w->cond, NULL);
 	for (w->n = 0; w->n < nthreads; w->n++)
-		if (pthread_create(&w->threads[w->n], NULL, worker_main, w))
+		if (pthread_create(&w->threads[w->n], NULL, req_worker_main, w))
 			break;
 	if (w->n == 0) {
 		free(w);
@@ -482,7 +482,7 @@ struct devio_workers *devio_workers_new(unsigned nthreads)
 }
 
 /* Does a format layer in b's stack move requests (try_remap)? */
-static bool has_try_remap(const struct devio_backend *b)
+static bool req_has_try_remap(const struct devio_backend *b)
 {
 	for (; b->ops->remap || b->ops->try_remap; b = b->lower)
 		if (b->ops->try_remap)
@@ -499,19 +499,19 @@ static bool has_try_remap(const struct devio_backend *b)
 
 /* Start a moved request on b's asynchronous paths from the pool's entry,
  * or run it here if it is small: true if it started or ran. */
-static bool pool_entry_async(struct devio_backend *b, struct devio_request *req)
+static bool req_pool_entry_async(struct devio_backend *b, struct devio_request *req)
 {
 	int r;
 
-	if (req->kind != DEVIO_BUF_MEM || (!b->ops->submit && !ring_eligible(b, req)))
+	if (req->kind != DEVIO_BUF_MEM || (!b->ops->submit && !req_ring_eligible(b, req)))
 		return false;
-	r = submit_async(b, req);
+	r = req_submit_async(b, req);
 	if (r == 0)
 		return true;
 	if (r == -EAGAIN && req->length > POOL_INLINE_MAX)
 		return false; /* to the pool, which runs it synchronously */
 	if (r == -EAGAIN)
-		r = run_sync(b, req);
+		r = req_run_sync(b, req);
 	req->result = r;
 	req->complete(req);
 	return true;
@@ -520,15 +520,15 @@ static bool pool_entry_async(struct devio_backend *b, struct devio_request *req)
 /* The pool's entry: a request that a format layer moves onto an
  * asynchronous store (an allocated qcow2 cluster in an image file) starts
  * right here, on the front end's thread, as a raw file's would; the rest
- * of that layer's requests go to the pool from where descend() stopped. */
+ * of that layer's requests go to the pool from where req_descend() stopped. */
 void devio_workers_submit(struct devio_workers *w, struct devio_backend *b, struct devio_request *req)
 {
 	req->backend = b;
 	req->remapper = NULL;
-	if (has_try_remap(b) && devio_request_check(b, req) == 0) {
-		b = descend(b, req);
-		remap_hook(req);
-		if (req->remapper && pool_entry_async(b, req))
+	if (req_has_try_remap(b) && devio_request_check(b, req) == 0) {
+		b = req_descend(b, req);
+		req_remap_hook(req);
+		if (req->remapper && req_pool_entry_async(b, req))
 			return;
 	}
 	req->next = NULL;
