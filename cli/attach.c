@@ -69,7 +69,7 @@ struct attach_args {
 	struct daemon_opts daemon;
 };
 
-static bool wants_nbd_device(int argc, char **argv)
+static bool attach_wants_nbd_device(int argc, char **argv)
 {
 	for (int i = 1; i < argc; i++)
 		if (!strncmp(argv[i], "--nbd-device", 12))
@@ -77,7 +77,7 @@ static bool wants_nbd_device(int argc, char **argv)
 	return false;
 }
 
-static int parse_one(struct attach_args *a, int c, const char *val)
+static int attach_parse_one(struct attach_args *a, int c, const char *val)
 {
 	switch (c) {
 	case OPT_SIZE:
@@ -101,7 +101,7 @@ static int parse_one(struct attach_args *a, int c, const char *val)
 }
 
 /* 0, or the exit status of a usage error. */
-static int parse_attach(int argc, char **argv, struct attach_args *a)
+static int attach_parse(int argc, char **argv, struct attach_args *a)
 {
 	int c, r;
 
@@ -111,7 +111,7 @@ static int parse_attach(int argc, char **argv, struct attach_args *a)
 		if (r == 1)
 			r = daemon_parse(&a->daemon, c, optarg);
 		if (r == 1)
-			r = parse_one(a, c, optarg);
+			r = attach_parse_one(a, c, optarg);
 		if (r) /* the option said what is wrong */
 			return cli_usage_hint("attach");
 	}
@@ -126,7 +126,7 @@ static int parse_attach(int argc, char **argv, struct attach_args *a)
 }
 
 /* Open the URI and serve it through the front end until signalled. */
-static int run_attach(struct attach_args *a)
+static int attach_run(struct attach_args *a)
 {
 	struct devio_export ex = { .name = "", .source = a->uri };
 	struct devio_server srv = { .exports = &ex, .n_exports = 1, .opts = a->fe.serve };
@@ -146,7 +146,7 @@ int cmd_attach(int argc, char **argv)
 	struct option *own;
 	int rc;
 
-	if (wants_nbd_device(argc, argv))
+	if (attach_wants_nbd_device(argc, argv))
 		return attach_nbd_device(argc, argv);
 	memset(&a, 0, sizeof(a));
 	a.open.remote_timeout = ATTACH_TIMEOUT_S;
@@ -155,9 +155,9 @@ int cmd_attach(int argc, char **argv)
 		free(own);
 		return 1;
 	}
-	rc = parse_attach(argc, argv, &a);
+	rc = attach_parse(argc, argv, &a);
 	if (rc == 0 && !daemon_start(&a.daemon, &rc))
-		rc = run_attach(&a);
+		rc = attach_run(&a);
 	feopts_free(&a.fe);
 	free(own);
 	return rc;

@@ -50,7 +50,7 @@ struct nbd_target {
 /* Connect and negotiate one socket up to the transmission phase, with
  * the same handshake as the nbd:// backend (lib/nbd_client.c) minus
  * structured replies, which the kernel's client does not speak. */
-static int nbd_connect_one(const struct nbd_target *t, struct devio_nbd_client_info *info)
+static int an_connect_one(const struct nbd_target *t, struct devio_nbd_client_info *info)
 {
 	return devio_nbd_client_connect(&t->u, &t->hs, info);
 }
@@ -64,7 +64,7 @@ struct nl_msg {
 	int depth;
 };
 
-static void nl_init(struct nl_msg *m, uint16_t type, uint8_t cmd, uint8_t version)
+static void an_nl_init(struct nl_msg *m, uint16_t type, uint8_t cmd, uint8_t version)
 {
 	struct nlmsghdr *h = (struct nlmsghdr *)m->buf;
 	struct genlmsghdr *g = NLMSG_DATA(h);
@@ -78,7 +78,7 @@ static void nl_init(struct nl_msg *m, uint16_t type, uint8_t cmd, uint8_t versio
 	m->len = NLMSG_LENGTH(GENL_HDRLEN);
 }
 
-static int nl_put(struct nl_msg *m, uint16_t type, const void *data, size_t len)
+static int an_nl_put(struct nl_msg *m, uint16_t type, const void *data, size_t len)
 {
 	struct nlattr *a = (struct nlattr *)(m->buf + m->len);
 
@@ -92,18 +92,18 @@ static int nl_put(struct nl_msg *m, uint16_t type, const void *data, size_t len)
 	return 0;
 }
 
-static int nl_put_u32(struct nl_msg *m, uint16_t type, uint32_t v) { return nl_put(m, type, &v, 4); }
-static int nl_put_u64(struct nl_msg *m, uint16_t type, uint64_t v) { return nl_put(m, type, &v, 8); }
+static int an_nl_put_u32(struct nl_msg *m, uint16_t type, uint32_t v) { return an_nl_put(m, type, &v, 4); }
+static int an_nl_put_u64(struct nl_msg *m, uint16_t type, uint64_t v) { return an_nl_put(m, type, &v, 8); }
 
-static int nl_nest_start(struct nl_msg *m, uint16_t type)
+static int an_nl_nest_start(struct nl_msg *m, uint16_t type)
 {
 	if (m->depth == 4)
 		return -E2BIG;
 	m->nest[m->depth++] = m->len;
-	return nl_put(m, type | NLA_F_NESTED, NULL, 0);
+	return an_nl_put(m, type | NLA_F_NESTED, NULL, 0);
 }
 
-static void nl_nest_end(struct nl_msg *m)
+static void an_nl_nest_end(struct nl_msg *m)
 {
 	struct nlattr *a = (struct nlattr *)(m->buf + m->nest[--m->depth]);
 
@@ -111,7 +111,7 @@ static void nl_nest_end(struct nl_msg *m)
 }
 
 /* Find attribute type among the top-level attributes of a genl reply. */
-static const struct nlattr *nl_find(const struct nlmsghdr *h, uint16_t type)
+static const struct nlattr *an_nl_find(const struct nlmsghdr *h, uint16_t type)
 {
 	const char *p = (const char *)NLMSG_DATA(h) + GENL_HDRLEN;
 	const char *end = (const char *)h + h->nlmsg_len;
@@ -129,7 +129,7 @@ static const struct nlattr *nl_find(const struct nlmsghdr *h, uint16_t type)
 }
 
 /* Send m; read replies until the ACK.  on_reply sees each data message. */
-static int nl_talk(int fd, struct nl_msg *m, void (*on_reply)(const struct nlmsghdr *, void *), void *ctx)
+static int an_nl_talk(int fd, struct nl_msg *m, void (*on_reply)(const struct nlmsghdr *, void *), void *ctx)
 {
 	struct sockaddr_nl sa = { .nl_family = AF_NETLINK };
 	char buf[NL_BUF] __attribute__((aligned(8)));
@@ -170,7 +170,7 @@ struct family_ids {
 };
 
 /* The nested attributes inside a, one by one: *p starts at 0. */
-static const struct nlattr *nl_next_nested(const struct nlattr *a, size_t *p)
+static const struct nlattr *an_nl_next_nested(const struct nlattr *a, size_t *p)
 {
 	const char *base = (const char *)a + NLA_HDRLEN;
 	size_t len = a->nla_len - NLA_HDRLEN;
@@ -186,16 +186,16 @@ static const struct nlattr *nl_next_nested(const struct nlattr *a, size_t *p)
 }
 
 /* CTRL_ATTR_MCAST_GROUPS: the id of the group named NBD_GENL_MCAST_GROUP_NAME. */
-static uint32_t mcast_group_id(const struct nlattr *groups)
+static uint32_t an_mcast_group_id(const struct nlattr *groups)
 {
 	const struct nlattr *g, *f;
 	size_t p = 0, q;
 
-	while ((g = nl_next_nested(groups, &p))) {
+	while ((g = an_nl_next_nested(groups, &p))) {
 		const char *name = NULL;
 		uint32_t id = 0;
 
-		for (q = 0; (f = nl_next_nested(g, &q));) {
+		for (q = 0; (f = an_nl_next_nested(g, &q));) {
 			size_t n = f->nla_len - NLA_HDRLEN;
 			const char *v = (const char *)f + NLA_HDRLEN;
 
@@ -210,21 +210,21 @@ static uint32_t mcast_group_id(const struct nlattr *groups)
 	return 0;
 }
 
-static void family_reply(const struct nlmsghdr *h, void *ctx)
+static void an_family_reply(const struct nlmsghdr *h, void *ctx)
 {
 	struct family_ids *ids = ctx;
-	const struct nlattr *a = nl_find(h, CTRL_ATTR_FAMILY_ID);
+	const struct nlattr *a = an_nl_find(h, CTRL_ATTR_FAMILY_ID);
 
 	if (a && a->nla_len >= NLA_HDRLEN + 2)
 		memcpy(&ids->family, (const char *)a + NLA_HDRLEN, 2);
-	a = nl_find(h, CTRL_ATTR_MCAST_GROUPS);
+	a = an_nl_find(h, CTRL_ATTR_MCAST_GROUPS);
 	if (a)
-		ids->mcast = mcast_group_id(a);
+		ids->mcast = an_mcast_group_id(a);
 }
 
 /* Open a generic netlink socket and resolve the "nbd" family (and its
  * multicast group, if mcast is not NULL). */
-static int nbd_genl_open_ids(uint16_t *family, uint32_t *mcast)
+static int an_genl_open_ids(uint16_t *family, uint32_t *mcast)
 {
 	struct nl_msg *m = malloc(sizeof(*m));
 	struct family_ids ids = { 0, 0 };
@@ -237,10 +237,10 @@ static int nbd_genl_open_ids(uint16_t *family, uint32_t *mcast)
 		r = -errno;
 		goto out;
 	}
-	nl_init(m, GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1);
-	r = nl_put(m, CTRL_ATTR_FAMILY_NAME, NBD_GENL_FAMILY_NAME, sizeof(NBD_GENL_FAMILY_NAME));
+	an_nl_init(m, GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1);
+	r = an_nl_put(m, CTRL_ATTR_FAMILY_NAME, NBD_GENL_FAMILY_NAME, sizeof(NBD_GENL_FAMILY_NAME));
 	if (!r)
-		r = nl_talk(fd, m, family_reply, &ids);
+		r = an_nl_talk(fd, m, an_family_reply, &ids);
 	if (!r && !ids.family)
 		r = -ENOENT;
 	*family = ids.family;
@@ -257,20 +257,20 @@ out:
 	return r;
 }
 
-static int nbd_genl_open(uint16_t *family)
+static int an_genl_open(uint16_t *family)
 {
-	return nbd_genl_open_ids(family, NULL);
+	return an_genl_open_ids(family, NULL);
 }
 
-static void index_reply(const struct nlmsghdr *h, void *ctx)
+static void an_index_reply(const struct nlmsghdr *h, void *ctx)
 {
-	const struct nlattr *a = nl_find(h, NBD_ATTR_INDEX);
+	const struct nlattr *a = an_nl_find(h, NBD_ATTR_INDEX);
 
 	if (a && a->nla_len >= NLA_HDRLEN + 4)
 		memcpy(ctx, (const char *)a + NLA_HDRLEN, 4);
 }
 
-static uint64_t pick_block_size(const struct devio_nbd_client_info *info)
+static uint64_t an_pick_block_size(const struct devio_nbd_client_info *info)
 {
 	uint32_t bs = info->pref_block ? info->pref_block : info->min_block;
 
@@ -287,34 +287,34 @@ struct nbd_timeouts {
 	uint32_t request, dead_conn;
 };
 
-static int nbd_genl_connect(int nl, uint16_t family, int index, const struct devio_nbd_client_info *info,
-			    const int *fds, int nfds, const struct nbd_timeouts *to, uint32_t *got_index)
+static int an_genl_connect(int nl, uint16_t family, int index, const struct devio_nbd_client_info *info,
+			   const int *fds, int nfds, const struct nbd_timeouts *to, uint32_t *got_index)
 {
 	struct nl_msg *m = malloc(sizeof(*m));
 	int r = 0;
 
 	if (!m)
 		return -ENOMEM;
-	nl_init(m, family, NBD_CMD_CONNECT, NBD_GENL_VERSION);
+	an_nl_init(m, family, NBD_CMD_CONNECT, NBD_GENL_VERSION);
 	if (index >= 0)
-		r |= nl_put_u32(m, NBD_ATTR_INDEX, (uint32_t)index);
-	r |= nl_put_u64(m, NBD_ATTR_SIZE_BYTES, info->size);
-	r |= nl_put_u64(m, NBD_ATTR_BLOCK_SIZE_BYTES, pick_block_size(info));
-	r |= nl_put_u64(m, NBD_ATTR_SERVER_FLAGS, info->tflags);
+		r |= an_nl_put_u32(m, NBD_ATTR_INDEX, (uint32_t)index);
+	r |= an_nl_put_u64(m, NBD_ATTR_SIZE_BYTES, info->size);
+	r |= an_nl_put_u64(m, NBD_ATTR_BLOCK_SIZE_BYTES, an_pick_block_size(info));
+	r |= an_nl_put_u64(m, NBD_ATTR_SERVER_FLAGS, info->tflags);
 	if (to->request)
-		r |= nl_put_u64(m, NBD_ATTR_TIMEOUT, to->request);
+		r |= an_nl_put_u64(m, NBD_ATTR_TIMEOUT, to->request);
 	if (to->dead_conn)
-		r |= nl_put_u64(m, NBD_ATTR_DEAD_CONN_TIMEOUT, to->dead_conn);
-	r |= nl_nest_start(m, NBD_ATTR_SOCKETS);
+		r |= an_nl_put_u64(m, NBD_ATTR_DEAD_CONN_TIMEOUT, to->dead_conn);
+	r |= an_nl_nest_start(m, NBD_ATTR_SOCKETS);
 	for (int i = 0; i < nfds && !r; i++) {
-		r |= nl_nest_start(m, NBD_SOCK_ITEM);
-		r |= nl_put_u32(m, NBD_SOCK_FD, (uint32_t)fds[i]);
-		nl_nest_end(m);
+		r |= an_nl_nest_start(m, NBD_SOCK_ITEM);
+		r |= an_nl_put_u32(m, NBD_SOCK_FD, (uint32_t)fds[i]);
+		an_nl_nest_end(m);
 	}
-	nl_nest_end(m);
+	an_nl_nest_end(m);
 	*got_index = UINT32_MAX;
 	if (!r)
-		r = nl_talk(nl, m, index_reply, got_index);
+		r = an_nl_talk(nl, m, an_index_reply, got_index);
 	free(m);
 	return r;
 }
@@ -323,14 +323,14 @@ static int nbd_genl_connect(int nl, uint16_t family, int index, const struct dev
 
 static volatile sig_atomic_t mon_stop;
 
-static void mon_on_signal(int sig)
+static void an_mon_on_signal(int sig)
 {
 	(void)sig;
 	mon_stop = 1;
 }
 
 /* Is /dev/nbdN attached?  The kernel shows its pid file while it is. */
-static bool mon_attached(uint32_t index)
+static bool an_mon_attached(uint32_t index)
 {
 	char path[64];
 	struct stat st;
@@ -340,7 +340,7 @@ static bool mon_attached(uint32_t index)
 }
 
 /* A netlink socket in the "nbd" family's multicast group. */
-static int mon_subscribe(uint32_t group)
+static int an_mon_subscribe(uint32_t group)
 {
 	struct sockaddr_nl sa = { .nl_family = AF_NETLINK };
 	int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_GENERIC), r;
@@ -359,7 +359,7 @@ static int mon_subscribe(uint32_t group)
 /* How many NBD_CMD_LINK_DEAD notifications for /dev/nbdN are queued (the
  * kernel sends one per connection that dies); reads them all.  A lost
  * notification (ENOBUFS) counts as one. */
-static unsigned mon_link_dead(int fd, uint16_t family, uint32_t index)
+static unsigned an_mon_link_dead(int fd, uint16_t family, uint32_t index)
 {
 	char buf[NL_BUF] __attribute__((aligned(8)));
 	unsigned dead = 0;
@@ -384,7 +384,7 @@ static unsigned mon_link_dead(int fd, uint16_t family, uint32_t index)
 			if (h->nlmsg_type != family || h->nlmsg_len < NLMSG_LENGTH(GENL_HDRLEN) ||
 			    g->cmd != NBD_CMD_LINK_DEAD)
 				continue;
-			a = nl_find(h, NBD_ATTR_INDEX);
+			a = an_nl_find(h, NBD_ATTR_INDEX);
 			if (a && a->nla_len >= NLA_HDRLEN + 4) {
 				memcpy(&i, (const char *)a + NLA_HDRLEN, 4);
 				dead += i == index;
@@ -394,22 +394,22 @@ static unsigned mon_link_dead(int fd, uint16_t family, uint32_t index)
 }
 
 /* Hand one connected socket to the kernel in place of a dead one. */
-static int nbd_genl_reconfigure(int nl, uint16_t family, uint32_t index, int fd)
+static int an_genl_reconfigure(int nl, uint16_t family, uint32_t index, int fd)
 {
 	struct nl_msg *m = malloc(sizeof(*m));
 	int r = 0;
 
 	if (!m)
 		return -ENOMEM;
-	nl_init(m, family, NBD_CMD_RECONFIGURE, NBD_GENL_VERSION);
-	r |= nl_put_u32(m, NBD_ATTR_INDEX, index);
-	r |= nl_nest_start(m, NBD_ATTR_SOCKETS);
-	r |= nl_nest_start(m, NBD_SOCK_ITEM);
-	r |= nl_put_u32(m, NBD_SOCK_FD, (uint32_t)fd);
-	nl_nest_end(m);
-	nl_nest_end(m);
+	an_nl_init(m, family, NBD_CMD_RECONFIGURE, NBD_GENL_VERSION);
+	r |= an_nl_put_u32(m, NBD_ATTR_INDEX, index);
+	r |= an_nl_nest_start(m, NBD_ATTR_SOCKETS);
+	r |= an_nl_nest_start(m, NBD_SOCK_ITEM);
+	r |= an_nl_put_u32(m, NBD_SOCK_FD, (uint32_t)fd);
+	an_nl_nest_end(m);
+	an_nl_nest_end(m);
 	if (!r)
-		r = nl_talk(nl, m, NULL, NULL);
+		r = an_nl_talk(nl, m, NULL, NULL);
 	free(m);
 	return r;
 }
@@ -425,13 +425,13 @@ struct monitor {
 
 /* One new socket for the export the device was attached to: the socket,
  * -EAGAIN (why says why; try again) or -ESTALE (another export now). */
-static int mon_dial(const struct monitor *m, char *why, size_t len)
+static int an_mon_dial(const struct monitor *m, char *why, size_t len)
 {
 	struct devio_nbd_client_info now = { 0 };
 	int fd;
 
 	devio_log_quiet(true); /* one line per loss, not per attempt */
-	fd = nbd_connect_one(m->t, &now);
+	fd = an_connect_one(m->t, &now);
 	devio_log_quiet(false);
 	if (fd < 0) {
 		snprintf(why, len, "%s", strerror(-fd));
@@ -449,24 +449,24 @@ static int mon_dial(const struct monitor *m, char *why, size_t len)
 
 /* Replace dead connections (more may die meanwhile) with backoff until
  * none is left.  0, or -ESTALE. */
-static int mon_reconnect(const struct monitor *m, unsigned dead)
+static int an_mon_reconnect(const struct monitor *m, unsigned dead)
 {
 	uint64_t t0 = devio_now_ns(), backoff_us = 50000;
 	unsigned given = 0;
 	bool told = false;
 	char why[160] = "";
 
-	while (given < dead && !mon_stop && mon_attached(m->index)) {
-		int fd = mon_dial(m, why, sizeof(why)), r;
+	while (given < dead && !mon_stop && an_mon_attached(m->index)) {
+		int fd = an_mon_dial(m, why, sizeof(why)), r;
 
 		if (fd == -ESTALE)
 			return fd;
 		if (fd >= 0) {
-			r = nbd_genl_reconfigure(m->nl, m->family, m->index, fd);
+			r = an_genl_reconfigure(m->nl, m->family, m->index, fd);
 			close(fd); /* the kernel holds its own reference */
 			if (!r) {
 				given++;
-				dead += mon_link_dead(m->mon, m->family, m->index);
+				dead += an_mon_link_dead(m->mon, m->family, m->index);
 				continue;
 			}
 			snprintf(why, sizeof(why), "NBD_CMD_RECONFIGURE: %s", strerror(-r));
@@ -478,7 +478,7 @@ static int mon_reconnect(const struct monitor *m, unsigned dead)
 		}
 		usleep((useconds_t)backoff_us);
 		backoff_us = backoff_us * 2 > 2000000 ? 2000000 : backoff_us * 2;
-		dead += mon_link_dead(m->mon, m->family, m->index);
+		dead += an_mon_link_dead(m->mon, m->family, m->index);
 	}
 	if (given)
 		devio_info("%s: /dev/nbd%u: connection lost; reconnected after %.1f s (%u socket(s) given)",
@@ -488,22 +488,22 @@ static int mon_reconnect(const struct monitor *m, unsigned dead)
 
 /* Watch /dev/nbdN until it is detached (or SIGTERM/SIGINT: the device
  * stays).  0, or 1 when the server came back with another export. */
-static int mon_run(const struct monitor *m)
+static int an_mon_run(const struct monitor *m)
 {
-	struct sigaction sa = { .sa_handler = mon_on_signal }; /* no SA_RESTART: poll returns */
+	struct sigaction sa = { .sa_handler = an_mon_on_signal }; /* no SA_RESTART: poll returns */
 
 	sigaction(SIGTERM, &sa, NULL);
 	sigaction(SIGINT, &sa, NULL);
 	devio_info("%s: /dev/nbd%u: reconnecting when the server goes away (requests wait %u s)", m->t->hs.name,
 		   m->index, m->dead_conn);
-	while (!mon_stop && mon_attached(m->index)) {
+	while (!mon_stop && an_mon_attached(m->index)) {
 		struct pollfd p = { .fd = m->mon, .events = POLLIN };
 		unsigned dead;
 
 		if (poll(&p, 1, 1000) <= 0)
 			continue;
-		dead = mon_link_dead(m->mon, m->family, m->index);
-		if (dead && mon_reconnect(m, dead) == -ESTALE)
+		dead = an_mon_link_dead(m->mon, m->family, m->index);
+		if (dead && an_mon_reconnect(m, dead) == -ESTALE)
 			return 1;
 	}
 	return 0;
@@ -511,7 +511,7 @@ static int mon_run(const struct monitor *m)
 
 /* ---- the commands ---- */
 
-static void attach_usage(FILE *out)
+static void an_usage(FILE *out)
 {
 	fprintf(out, "usage: devio attach nbd://HOST[:PORT][/EXPORT]|nbd+unix:///EXPORT?socket=PATH\n"
 			"         --nbd-device [/dev/nbdN] [--connections N] [--timeout SECONDS] [--reconnect]\n"
@@ -522,7 +522,7 @@ static void attach_usage(FILE *out)
 		RECONNECT_REQUEST_TIMEOUT_S);
 }
 
-static int parse_nbd_index(const char *dev, int *index)
+static int an_parse_nbd_index(const char *dev, int *index)
 {
 	uint64_t v;
 
@@ -542,7 +542,7 @@ struct attach_args {
 	bool reconnect;      /* stay as the monitor */
 };
 
-static int parse_attach_args(int argc, char **argv, struct attach_args *a)
+static int an_parse_args(int argc, char **argv, struct attach_args *a)
 {
 	uint64_t v;
 
@@ -556,13 +556,13 @@ static int parse_attach_args(int argc, char **argv, struct attach_args *a)
 			if (i + 1 < argc && (!strncmp(argv[i + 1], "/dev/nbd", 8) ||
 					     (!strncmp(argv[i + 1], "nbd", 3) && strncmp(argv[i + 1], "nbd:", 4) &&
 					      strncmp(argv[i + 1], "nbd+", 4)))) {
-				if (parse_nbd_index(argv[++i], &a->index)) {
+				if (an_parse_nbd_index(argv[++i], &a->index)) {
 					devio_err("--nbd-device: want /dev/nbdN, got '%s'", argv[i]);
 					return -EINVAL;
 				}
 			}
 		} else if (!strncmp(argv[i], "--nbd-device=", 13)) {
-			if (parse_nbd_index(argv[i] + 13, &a->index)) {
+			if (an_parse_nbd_index(argv[i] + 13, &a->index)) {
 				devio_err("--nbd-device: want /dev/nbdN, got '%s'", argv[i] + 13);
 				return -EINVAL;
 			}
@@ -579,7 +579,7 @@ static int parse_attach_args(int argc, char **argv, struct attach_args *a)
 			}
 			a->timeout = (uint32_t)v;
 		} else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
-			attach_usage(stdout);
+			an_usage(stdout);
 			exit(0);
 		} else if (!strcmp(argv[i], "-V") || !strcmp(argv[i], "--version")) {
 			cli_version();
@@ -600,7 +600,7 @@ static int parse_attach_args(int argc, char **argv, struct attach_args *a)
 	return 0;
 }
 
-static unsigned default_connections(const struct devio_nbd_client_info *info)
+static unsigned an_default_connections(const struct devio_nbd_client_info *info)
 {
 	long n = sysconf(_SC_NPROCESSORS_ONLN);
 
@@ -610,24 +610,24 @@ static unsigned default_connections(const struct devio_nbd_client_info *info)
 }
 
 /* Open every connection: returns how many, or -errno with none left open. */
-static int open_connections(const struct nbd_target *t, struct attach_args *a, struct devio_nbd_client_info *info,
-			    int *fds)
+static int an_open_connections(const struct nbd_target *t, struct attach_args *a,
+			       struct devio_nbd_client_info *info, int *fds)
 {
 	int n = 0, r;
 
-	r = nbd_connect_one(t, info);
+	r = an_connect_one(t, info);
 	if (r < 0)
 		return r;
 	fds[n++] = r;
 	if (!a->connections)
-		a->connections = default_connections(info);
+		a->connections = an_default_connections(info);
 	else if (a->connections > 1 && !(info->tflags & NBD_FLAG_CAN_MULTI_CONN))
 		devio_warn("%s: server does not advertise CAN_MULTI_CONN; using %u connections anyway", t->hs.name,
 			   a->connections);
 	while ((unsigned)n < a->connections) {
 		struct devio_nbd_client_info more = { 0 };
 
-		r = nbd_connect_one(t, &more);
+		r = an_connect_one(t, &more);
 		if (r < 0)
 			goto out_close;
 		fds[n++] = r;
@@ -659,7 +659,7 @@ int attach_nbd_device(int argc, char **argv)
 	if (!t)
 		return 1;
 	/* usage errors point at this form's own help (docs/cli.md) */
-	if (parse_attach_args(argc, argv, &a)) {
+	if (an_parse_args(argc, argv, &a)) {
 		rc = cli_usage_hint("attach --nbd-device");
 		goto out;
 	}
@@ -671,19 +671,19 @@ int attach_nbd_device(int argc, char **argv)
 	t->hs.name = a.uri;
 	t->hs.export = t->u.export;
 	t->hs.timeout_s = a.timeout ? a.timeout : NBD_CLIENT_TIMEOUT_S;
-	r = open_connections(t, &a, &info, fds);
+	r = an_open_connections(t, &a, &info, fds);
 	if (r < 0)
 		goto out;
 	nfds = r;
 	devio_info("%s: export of %llu bytes, flags 0x%x, %d connection%s negotiated", a.uri,
 		   (unsigned long long)info.size, info.tflags, nfds, nfds == 1 ? "" : "s");
-	nl = nbd_genl_open_ids(&family, &group);
+	nl = an_genl_open_ids(&family, &group);
 	if (nl < 0)
 		goto out_close;
 	to = (struct nbd_timeouts){ .request = a.timeout };
 	if (a.reconnect) {
 		/* listening before CONNECT: no notification is missed */
-		mon = group ? mon_subscribe(group) : -ENOENT;
+		mon = group ? an_mon_subscribe(group) : -ENOENT;
 		if (mon < 0) {
 			devio_err("%s: --reconnect: the nbd family's notifications: %s", a.uri, strerror(-mon));
 			goto out_close;
@@ -691,7 +691,7 @@ int attach_nbd_device(int argc, char **argv)
 		to.request = RECONNECT_REQUEST_TIMEOUT_S;
 		to.dead_conn = a.timeout ? a.timeout : RECONNECT_TIMEOUT_S;
 	}
-	r = nbd_genl_connect(nl, family, a.index, &info, fds, nfds, &to, &index);
+	r = an_genl_connect(nl, family, a.index, &info, fds, nfds, &to, &index);
 	if (r) {
 		devio_err("%s: NBD_CMD_CONNECT%s: %s", a.uri, a.index >= 0 ? " (device busy?)" : "", strerror(-r));
 		goto out_close;
@@ -701,7 +701,7 @@ int attach_nbd_device(int argc, char **argv)
 	printf("/dev/nbd%u\n", index);
 	fflush(stdout);
 	devio_info("%s: attached as /dev/nbd%u: %llu bytes, block %llu, %d connection%s, flags 0x%x", a.uri, index,
-		   (unsigned long long)info.size, (unsigned long long)pick_block_size(&info), nfds,
+		   (unsigned long long)info.size, (unsigned long long)an_pick_block_size(&info), nfds,
 		   nfds == 1 ? "" : "s", info.tflags);
 	rc = 0;
 out_close:
@@ -712,7 +712,7 @@ out_close:
 		struct monitor m = { .nl = nl, .mon = mon, .family = family, .index = index,
 				     .dead_conn = to.dead_conn, .t = t, .info = &info };
 
-		rc = mon_run(&m);
+		rc = an_mon_run(&m);
 	}
 	if (mon >= 0)
 		close(mon);
@@ -729,11 +729,11 @@ int detach_nbd_device(const char *dev)
 	uint16_t family;
 	int index, nl, r;
 
-	if (parse_nbd_index(dev, &index)) {
+	if (an_parse_nbd_index(dev, &index)) {
 		devio_err("detach: want /dev/nbdN, got '%s'", dev);
 		return 2;
 	}
-	nl = nbd_genl_open(&family);
+	nl = an_genl_open(&family);
 	if (nl < 0)
 		return 1;
 	m = malloc(sizeof(*m));
@@ -741,10 +741,10 @@ int detach_nbd_device(const char *dev)
 		close(nl);
 		return 1;
 	}
-	nl_init(m, family, NBD_CMD_DISCONNECT, NBD_GENL_VERSION);
-	r = nl_put_u32(m, NBD_ATTR_INDEX, (uint32_t)index);
+	an_nl_init(m, family, NBD_CMD_DISCONNECT, NBD_GENL_VERSION);
+	r = an_nl_put_u32(m, NBD_ATTR_INDEX, (uint32_t)index);
 	if (!r)
-		r = nl_talk(nl, m, NULL, NULL);
+		r = an_nl_talk(nl, m, NULL, NULL);
 	free(m);
 	close(nl);
 	if (r) {

@@ -29,7 +29,7 @@
  * devio serving a block device on Linux says 0), as serve's --size. */
 static uint64_t client_size;
 
-static int open_export(const char *source, bool readonly, struct devio_backend **out)
+static int cc_open_export(const char *source, bool readonly, struct devio_backend **out)
 {
 	struct devio_open_opts o = { .readonly = readonly, .has_size = client_size != 0, .size = client_size };
 
@@ -38,7 +38,7 @@ static int open_export(const char *source, bool readonly, struct devio_backend *
 
 /* Run one request on this thread: these commands wait for every request
  * anyway. */
-static int run(struct devio_backend *b, enum devio_op op, void *buf, uint64_t len, uint64_t off)
+static int cc_run(struct devio_backend *b, enum devio_op op, void *buf, uint64_t len, uint64_t off)
 {
 	struct devio_request req = { .op = op, .offset = off, .length = len, .buf = buf };
 
@@ -46,7 +46,7 @@ static int run(struct devio_backend *b, enum devio_op op, void *buf, uint64_t le
 }
 
 /* A size option's value; a bad one is a usage error (said, and exit 2). */
-static void size_arg(const char *cmd, const char *opt, const char *val, uint64_t *out)
+static void cc_size_arg(const char *cmd, const char *opt, const char *val, uint64_t *out)
 {
 	int r = devio_parse_size(val, out);
 
@@ -58,7 +58,7 @@ static void size_arg(const char *cmd, const char *opt, const char *val, uint64_t
 
 /* ---- info ---- */
 
-static const struct { uint32_t bit; const char *name; } cap_names[] = {
+static const struct { uint32_t bit; const char *name; } cc_cap_names[] = {
 	{ DEVIO_CAP_READONLY, "readonly" }, { DEVIO_CAP_FLUSH, "flush" }, { DEVIO_CAP_FUA, "fua" },
 	{ DEVIO_CAP_TRIM, "trim" }, { DEVIO_CAP_ZERO, "zero" }, { DEVIO_CAP_FAST_ZERO, "fast_zero" },
 	{ DEVIO_CAP_EXTENTS, "extents" }, { DEVIO_CAP_MULTI_CONN, "multi_conn" }, { DEVIO_CAP_CACHE, "cache" },
@@ -69,7 +69,7 @@ struct info_walk {
 	uint64_t allocated; /* bytes in extents that are no hole */
 };
 
-static int info_extent(void *ctx, uint64_t off, uint64_t len, uint32_t flags)
+static int cc_info_extent(void *ctx, uint64_t off, uint64_t len, uint32_t flags)
 {
 	struct info_walk *w = ctx;
 
@@ -80,13 +80,13 @@ static int info_extent(void *ctx, uint64_t off, uint64_t len, uint32_t flags)
 }
 
 /* Allocated bytes: the sum of the data extents through the whole stack. */
-static int info_allocated(struct devio_backend *b, uint64_t *out)
+static int cc_info_allocated(struct devio_backend *b, uint64_t *out)
 {
 	struct info_walk w = { 0, 0 };
 
 	while (w.pos < b->size) {
 		uint64_t before = w.pos;
-		int r = devio_extents(b, w.pos, b->size - w.pos, info_extent, &w);
+		int r = devio_extents(b, w.pos, b->size - w.pos, cc_info_extent, &w);
 
 		if (r)
 			return r;
@@ -97,15 +97,15 @@ static int info_allocated(struct devio_backend *b, uint64_t *out)
 	return 0;
 }
 
-static void info_describe(struct devio_backend *b, char *out, size_t outlen)
+static void cc_info_describe(struct devio_backend *b, char *out, size_t outlen)
 {
 	out[0] = '\0';
 	if (b->ops->describe)
 		b->ops->describe(b, out, outlen);
 }
 
-static int info_json(const char *source, struct devio_backend *b, const char *format, int ar, uint64_t allocated,
-		     json_t *server)
+static int cc_info_json(const char *source, struct devio_backend *b, const char *format, int ar,
+			uint64_t allocated, json_t *server)
 {
 	json_t *root = json_object(), *caps = json_array();
 	int r;
@@ -117,9 +117,9 @@ static int info_json(const char *source, struct devio_backend *b, const char *fo
 	json_object_set_new(root, "allocated", ar ? json_null() : json_integer((json_int_t)allocated));
 	json_object_set_new(root, "alignment", json_integer(b->block_size ? b->block_size : 1));
 	json_object_set_new(root, "read_only", json_boolean(b->caps & DEVIO_CAP_READONLY));
-	for (size_t i = 0; i < sizeof(cap_names) / sizeof(cap_names[0]); i++)
-		if (b->caps & cap_names[i].bit)
-			json_array_append_new(caps, json_string(cap_names[i].name));
+	for (size_t i = 0; i < sizeof(cc_cap_names) / sizeof(cc_cap_names[0]); i++)
+		if (b->caps & cc_cap_names[i].bit)
+			json_array_append_new(caps, json_string(cc_cap_names[i].name));
 	json_object_set_new(root, "caps", caps);
 	json_object_set_new(root, "stack", cli_json_stack(b));
 	if (server) /* a running devio server on this machine: what `devio status` says of it */
@@ -129,7 +129,8 @@ static int info_json(const char *source, struct devio_backend *b, const char *fo
 	return r;
 }
 
-static void info_text(const char *source, struct devio_backend *b, const char *format, int ar, uint64_t allocated)
+static void cc_info_text(const char *source, struct devio_backend *b, const char *format, int ar,
+			 uint64_t allocated)
 {
 	static char esc[4 * 4096 + 16];
 	char desc[512];
@@ -142,18 +143,18 @@ static void info_text(const char *source, struct devio_backend *b, const char *f
 	else
 		printf("allocated: %llu\n", (unsigned long long)allocated);
 	printf("alignment: %u\ncaps:", b->block_size ? b->block_size : 1);
-	for (size_t i = 0; i < sizeof(cap_names) / sizeof(cap_names[0]); i++)
-		if (b->caps & cap_names[i].bit)
-			printf(" %s", cap_names[i].name);
+	for (size_t i = 0; i < sizeof(cc_cap_names) / sizeof(cc_cap_names[0]); i++)
+		if (b->caps & cc_cap_names[i].bit)
+			printf(" %s", cc_cap_names[i].name);
 	printf("\nstack:\n");
 	for (struct devio_backend *l = b; l; l = l->lower) {
-		info_describe(l, desc, sizeof(desc));
+		cc_info_describe(l, desc, sizeof(desc));
 		printf("  %s: %s\n", l->ops->name ? l->ops->name : "layer",
 		       desc[0] ? cli_text_escape(desc, esc, sizeof(esc)) : "-");
 	}
 }
 
-static void info_usage(FILE *out)
+static void cc_info_usage(FILE *out)
 {
 	fprintf(out, "usage: devio info URI|IMAGE [--json] " CLI_EXPORT_USAGE "\n"
 		     "  format, size, allocation, flags and layers of an export; for the URI of a running\n"
@@ -173,7 +174,7 @@ int cmd_info(int argc, char **argv)
 	int c, ar, rc = 0;
 
 	optind = 1;
-	while ((c = cli_getopt("info", argc, argv, "jhV", opts, info_usage)) != -1) {
+	while ((c = cli_getopt("info", argc, argv, "jhV", opts, cc_info_usage)) != -1) {
 		if (c == 'j')
 			json = true;
 		else if (cli_export_option("info", c, optarg, &o) < 0)
@@ -190,12 +191,12 @@ int cmd_info(int argc, char **argv)
 	if (devio_backend_open(argv[optind], &o, &b))
 		return 1;
 	cli_format_name(b, format, sizeof(format));
-	ar = info_allocated(b, &allocated);
+	ar = cc_info_allocated(b, &allocated);
 	server = cli_is_uri(argv[optind]) ? cli_status_find_uri(argv[optind]) : NULL;
 	if (json) {
-		rc = info_json(argv[optind], b, format, ar, allocated, server) ? 1 : 0;
+		rc = cc_info_json(argv[optind], b, format, ar, allocated, server) ? 1 : 0;
 	} else {
-		info_text(argv[optind], b, format, ar, allocated);
+		cc_info_text(argv[optind], b, format, ar, allocated);
 		if (server) {
 			printf("server (devio status):\n");
 			cli_status_print(server);
@@ -208,7 +209,7 @@ int cmd_info(int argc, char **argv)
 
 /* ---- cat ---- */
 
-static void cat_usage(FILE *out)
+static void cc_cat_usage(FILE *out)
 {
 	fprintf(out, "usage: devio cat URI|IMAGE [--offset N] [--length N] [--size N]\n");
 }
@@ -226,19 +227,19 @@ int cmd_cat(int argc, char **argv)
 	int c, r = 0;
 
 	optind = 1;
-	while ((c = cli_getopt("cat", argc, argv, "o:l:hV", opts, cat_usage)) != -1) {
+	while ((c = cli_getopt("cat", argc, argv, "o:l:hV", opts, cc_cat_usage)) != -1) {
 		if (c == 'o')
-			size_arg("cat", "--offset", optarg, &off);
+			cc_size_arg("cat", "--offset", optarg, &off);
 		else if (c == 's')
-			size_arg("cat", "--size", optarg, &client_size);
+			cc_size_arg("cat", "--size", optarg, &client_size);
 		else if (c == 'l') {
-			size_arg("cat", "--length", optarg, &len);
+			cc_size_arg("cat", "--length", optarg, &len);
 			has_len = true;
 		}
 	}
 	if (optind != argc - 1)
 		return cli_usage_error("cat", "want one URI or IMAGE");
-	if (open_export(argv[optind], true, &b))
+	if (cc_open_export(argv[optind], true, &b))
 		return 1;
 	if (off > b->size || (has_len && len > b->size - off)) {
 		devio_err("cat: %s: range %llu+%llu is beyond the end (%llu bytes)", argv[optind],
@@ -255,7 +256,7 @@ int cmd_cat(int argc, char **argv)
 	while (off < end && !r) {
 		uint64_t n = end - off < CLIENT_CHUNK ? end - off : CLIENT_CHUNK;
 
-		r = run(b, DEVIO_OP_READ, buf, n, off);
+		r = cc_run(b, DEVIO_OP_READ, buf, n, off);
 		if (r)
 			devio_err("cat: %s: read at %llu: %s", argv[optind], (unsigned long long)off, strerror(-r));
 		else if ((r = devio_write_full(STDOUT_FILENO, buf, n)))
@@ -270,7 +271,7 @@ int cmd_cat(int argc, char **argv)
 /* ---- write ---- */
 
 /* Fill up to n bytes from fd; *got < n only at EOF. */
-static int read_upto(int fd, char *buf, size_t n, size_t *got)
+static int cc_read_upto(int fd, char *buf, size_t n, size_t *got)
 {
 	*got = 0;
 	while (*got < n) {
@@ -287,7 +288,7 @@ static int read_upto(int fd, char *buf, size_t n, size_t *got)
 	return 0;
 }
 
-static void write_usage(FILE *out)
+static void cc_write_usage(FILE *out)
 {
 	fprintf(out, "usage: devio write URI|IMAGE [--offset N] [--size N] < DATA\n");
 }
@@ -303,15 +304,15 @@ int cmd_write(int argc, char **argv)
 	int c, r = 0;
 
 	optind = 1;
-	while ((c = cli_getopt("write", argc, argv, "o:hV", opts, write_usage)) != -1) {
+	while ((c = cli_getopt("write", argc, argv, "o:hV", opts, cc_write_usage)) != -1) {
 		if (c == 'o')
-			size_arg("write", "--offset", optarg, &off);
+			cc_size_arg("write", "--offset", optarg, &off);
 		else if (c == 's')
-			size_arg("write", "--size", optarg, &client_size);
+			cc_size_arg("write", "--size", optarg, &client_size);
 	}
 	if (optind != argc - 1)
 		return cli_usage_error("write", "want one URI or IMAGE");
-	if (open_export(argv[optind], false, &b))
+	if (cc_open_export(argv[optind], false, &b))
 		return 1;
 	buf = malloc(CLIENT_CHUNK);
 	for (;;) {
@@ -321,13 +322,13 @@ int cmd_write(int argc, char **argv)
 			r = -ENOMEM;
 			break;
 		}
-		if ((r = read_upto(STDIN_FILENO, buf, CLIENT_CHUNK, &got))) {
+		if ((r = cc_read_upto(STDIN_FILENO, buf, CLIENT_CHUNK, &got))) {
 			devio_err("write: stdin: %s", strerror(-r));
 			break;
 		}
 		if (got == 0)
 			break;
-		if ((r = run(b, DEVIO_OP_WRITE, buf, got, off))) {
+		if ((r = cc_run(b, DEVIO_OP_WRITE, buf, got, off))) {
 			devio_err("write: %s: write at %llu of %zu bytes: %s", argv[optind], (unsigned long long)off,
 				  got, strerror(-r));
 			break;
@@ -337,7 +338,7 @@ int cmd_write(int argc, char **argv)
 		if (got < CLIENT_CHUNK)
 			break;
 	}
-	if (!r && (r = run(b, DEVIO_OP_FLUSH, NULL, 0, 0)))
+	if (!r && (r = cc_run(b, DEVIO_OP_FLUSH, NULL, 0, 0)))
 		devio_err("write: %s: flush: %s", argv[optind], strerror(-r));
 	free(buf);
 	devio_backend_close(b);
@@ -352,9 +353,9 @@ int cmd_write(int argc, char **argv)
 
 static volatile sig_atomic_t copy_interrupted;
 
-static void on_copy_signal(int sig) { copy_interrupted = sig; }
+static void cc_on_copy_signal(int sig) { copy_interrupted = sig; }
 
-static void format_eta(double secs, char *out, size_t outlen)
+static void cc_format_eta(double secs, char *out, size_t outlen)
 {
 	unsigned long s = secs < 0 ? 0 : secs > 359999 ? 359999 : (unsigned long)secs;
 
@@ -367,7 +368,7 @@ static void format_eta(double secs, char *out, size_t outlen)
 }
 
 /* One line, redrawn in place: bar, percent, MiB, rate, time left. */
-static void progress(uint64_t done, uint64_t total, uint64_t start_ns)
+static void cc_progress(uint64_t done, uint64_t total, uint64_t start_ns)
 {
 	double secs = (double)(devio_now_ns() - start_ns) / 1e9;
 	double rate = secs > 0 ? (double)done / secs : 0.0;
@@ -378,7 +379,7 @@ static void progress(uint64_t done, uint64_t total, uint64_t start_ns)
 		bar[i] = i < pct * 40 / 100 ? '#' : '.';
 	bar[40] = '\0';
 	if (rate > 0)
-		format_eta((double)(total - done) / rate, eta, sizeof(eta));
+		cc_format_eta((double)(total - done) / rate, eta, sizeof(eta));
 	fprintf(stderr, "\r[%s] %3d%% %llu/%llu MiB %.1f MiB/s ETA %s\033[K", bar, pct,
 		(unsigned long long)(done >> 20), (unsigned long long)(total >> 20), rate / 1048576.0, eta);
 }
@@ -402,7 +403,7 @@ struct zero_walk {
 	bool data;      /* met an extent that may hold data */
 };
 
-static int zero_extent(void *ctx, uint64_t off, uint64_t len, uint32_t flags)
+static int cc_zero_extent(void *ctx, uint64_t off, uint64_t len, uint32_t flags)
 {
 	struct zero_walk *z = ctx;
 
@@ -415,7 +416,7 @@ static int zero_extent(void *ctx, uint64_t off, uint64_t len, uint32_t flags)
 }
 
 /* Does [off, off+len) of the source read as zeroes, by its extents? */
-static bool block_is_zero(struct devio_backend *b, uint64_t off, uint64_t len)
+static bool cc_block_is_zero(struct devio_backend *b, uint64_t off, uint64_t len)
 {
 	struct zero_walk z = { .pos = off };
 
@@ -424,13 +425,13 @@ static bool block_is_zero(struct devio_backend *b, uint64_t off, uint64_t len)
 	while (z.pos < off + len && !z.data) {
 		uint64_t before = z.pos;
 
-		if (devio_extents(b, z.pos, off + len - z.pos, zero_extent, &z) < 0 || z.pos == before)
+		if (devio_extents(b, z.pos, off + len - z.pos, cc_zero_extent, &z) < 0 || z.pos == before)
 			return false;
 	}
 	return !z.data && z.pos >= off + len;
 }
 
-static void *copy_reader(void *arg)
+static void *cc_copy_reader(void *arg)
 {
 	struct copy_job *j = arg;
 	struct cli_copy *c = j->c;
@@ -452,8 +453,8 @@ static void *copy_reader(void *arg)
 		n = c->end - off < c->block ? c->end - off : c->block;
 		j->pos += n;
 		pthread_mutex_unlock(&j->lock);
-		j->zero[slot] = block_is_zero(c->src, off, n);
-		r = j->zero[slot] ? 0 : run(c->src, DEVIO_OP_READ, j->bufs[slot], n, off);
+		j->zero[slot] = cc_block_is_zero(c->src, off, n);
+		r = j->zero[slot] ? 0 : cc_run(c->src, DEVIO_OP_READ, j->bufs[slot], n, off);
 		pthread_mutex_lock(&j->lock);
 		if (r) {
 			devio_err("%s: %s: read at %llu: %s", c->cmd, c->src_name, (unsigned long long)off, strerror(-r));
@@ -471,29 +472,30 @@ static void *copy_reader(void *arg)
 	}
 }
 
-static bool all_zero(const char *p, uint64_t n)
+static bool cc_all_zero(const char *p, uint64_t n)
 {
 	return n == 0 || (p[0] == 0 && !memcmp(p, p + 1, n - 1));
 }
 
 /* Into a destination that reads as zeroes: only the pieces that are not
  * all zero are written. */
-static int copy_write_sparse(struct cli_copy *c, const char *buf, uint64_t len, uint64_t off)
+static int cc_copy_write_sparse(struct cli_copy *c, const char *buf, uint64_t len, uint64_t off)
 {
 	uint64_t pos = 0;
 
 	while (pos < len) {
-		bool zero = all_zero(buf + pos, len - pos < COPY_SPARSE ? len - pos : COPY_SPARSE);
+		bool zero = cc_all_zero(buf + pos, len - pos < COPY_SPARSE ? len - pos : COPY_SPARSE);
 		uint64_t end = pos;
 		int r = 0;
 
 		do
 			end = len - end < COPY_SPARSE ? len : end + COPY_SPARSE;
-		while (end < len && all_zero(buf + end, len - end < COPY_SPARSE ? len - end : COPY_SPARSE) == zero);
+		while (end < len &&
+		       cc_all_zero(buf + end, len - end < COPY_SPARSE ? len - end : COPY_SPARSE) == zero);
 		if (zero)
 			c->skipped += end - pos;
 		else
-			r = run(c->dst, DEVIO_OP_WRITE, (char *)buf + pos, end - pos, off + pos);
+			r = cc_run(c->dst, DEVIO_OP_WRITE, (char *)buf + pos, end - pos, off + pos);
 		if (r)
 			return r;
 		pos = end;
@@ -501,7 +503,7 @@ static int copy_write_sparse(struct cli_copy *c, const char *buf, uint64_t len, 
 	return 0;
 }
 
-static int copy_write(struct copy_job *j, int slot)
+static int cc_copy_write(struct copy_job *j, int slot)
 {
 	struct cli_copy *c = j->c;
 
@@ -510,13 +512,13 @@ static int copy_write(struct copy_job *j, int slot)
 		return 0;
 	}
 	if (j->zero[slot])
-		return run(c->dst, DEVIO_OP_ZERO, NULL, j->lens[slot], j->offs[slot]);
+		return cc_run(c->dst, DEVIO_OP_ZERO, NULL, j->lens[slot], j->offs[slot]);
 	if (c->dst_zero)
-		return copy_write_sparse(c, j->bufs[slot], j->lens[slot], j->offs[slot]);
-	return run(c->dst, DEVIO_OP_WRITE, j->bufs[slot], j->lens[slot], j->offs[slot]);
+		return cc_copy_write_sparse(c, j->bufs[slot], j->lens[slot], j->offs[slot]);
+	return cc_run(c->dst, DEVIO_OP_WRITE, j->bufs[slot], j->lens[slot], j->offs[slot]);
 }
 
-static int copy_writer(struct copy_job *j, uint64_t start_ns)
+static int cc_copy_writer(struct copy_job *j, uint64_t start_ns)
 {
 	struct cli_copy *c = j->c;
 	int r = 0;
@@ -530,7 +532,7 @@ static int copy_writer(struct copy_job *j, uint64_t start_ns)
 			return j->rerr;
 		}
 		pthread_mutex_unlock(&j->lock);
-		r = copy_write(j, slot);
+		r = cc_copy_write(j, slot);
 		pthread_mutex_lock(&j->lock);
 		if (!r && j->zero[slot])
 			c->zeroed += j->lens[slot];
@@ -547,19 +549,19 @@ static int copy_writer(struct copy_job *j, uint64_t start_ns)
 		if (r)
 			return r;
 		if (c->progress)
-			progress(c->done - c->start, c->end - c->start, start_ns);
+			cc_progress(c->done - c->start, c->end - c->start, start_ns);
 	}
 }
 
-static int copy_threads(struct copy_job *j)
+static int cc_copy_threads(struct copy_job *j)
 {
 	uint64_t start_ns = devio_now_ns();
 	pthread_t t;
 	int r;
 
-	if ((r = pthread_create(&t, NULL, copy_reader, j)))
+	if ((r = pthread_create(&t, NULL, cc_copy_reader, j)))
 		return -r;
-	r = copy_writer(j, start_ns);
+	r = cc_copy_writer(j, start_ns);
 	pthread_mutex_lock(&j->lock);
 	j->failed = true; /* stop the reader if the writer gave up */
 	pthread_cond_broadcast(&j->cond);
@@ -572,7 +574,7 @@ static int copy_threads(struct copy_job *j)
 
 int cli_copy_run(struct cli_copy *c)
 {
-	struct sigaction sa = { .sa_handler = on_copy_signal }, old_int, old_term;
+	struct sigaction sa = { .sa_handler = cc_on_copy_signal }, old_int, old_term;
 	struct copy_job j = { .c = c, .pos = c->start, .lock = PTHREAD_MUTEX_INITIALIZER,
 			      .cond = PTHREAD_COND_INITIALIZER };
 	int r = -ENOMEM;
@@ -584,7 +586,7 @@ int cli_copy_run(struct cli_copy *c)
 	if (j.bufs[0] && j.bufs[1]) {
 		sigaction(SIGINT, &sa, &old_int);
 		sigaction(SIGTERM, &sa, &old_term);
-		r = copy_threads(&j);
+		r = cc_copy_threads(&j);
 		sigaction(SIGINT, &old_int, NULL);
 		sigaction(SIGTERM, &old_term, NULL);
 		if (!r && copy_interrupted)
@@ -599,7 +601,7 @@ int cli_copy_run(struct cli_copy *c)
 
 /* ---- copy ---- */
 
-static void copy_usage(FILE *out)
+static void cc_copy_usage(FILE *out)
 {
 	fprintf(out, "usage: devio copy SRC DST [--resume-from N] [--block-size N (512..64M)] [--size N]\n"
 		     "  DST is created (sparse) when it is a file that does not exist; SRC and DST must\n"
@@ -617,13 +619,13 @@ int cmd_copy(int argc, char **argv)
 	int c, r, rc = 1;
 
 	optind = 1;
-	while ((c = cli_getopt("copy", argc, argv, "r:b:hV", opts, copy_usage)) != -1) {
+	while ((c = cli_getopt("copy", argc, argv, "r:b:hV", opts, cc_copy_usage)) != -1) {
 		if (c == 'r')
-			size_arg("copy", "--resume-from", optarg, &resume);
+			cc_size_arg("copy", "--resume-from", optarg, &resume);
 		else if (c == 's')
-			size_arg("copy", "--size", optarg, &client_size);
+			cc_size_arg("copy", "--size", optarg, &client_size);
 		else if (c == 'b')
-			size_arg("copy", "--block-size", optarg, &j.block);
+			cc_size_arg("copy", "--block-size", optarg, &j.block);
 		if (c == 'b' && (j.block < 512 || j.block > (64u << 20)))
 			return cli_usage_error("copy", "--block-size: want 512..64M, got '%s'", optarg);
 	}
@@ -636,7 +638,7 @@ int cmd_copy(int argc, char **argv)
 			  j.dst_name);
 		return 1;
 	}
-	if (open_export(j.src_name, true, &j.src))
+	if (cc_open_export(j.src_name, true, &j.src))
 		return 1;
 	/* a missing DST file is made, sparse, as convert makes it */
 	if (!cli_is_uri(j.dst_name) && access(j.dst_name, F_OK) && errno == ENOENT) {
@@ -644,7 +646,7 @@ int cmd_copy(int argc, char **argv)
 			goto out_src;
 		j.dst_zero = true;
 	}
-	if (open_export(j.dst_name, false, &j.dst))
+	if (cc_open_export(j.dst_name, false, &j.dst))
 		goto out_src;
 	if (j.dst->caps & DEVIO_CAP_READONLY) {
 		devio_err("copy: %s is read-only", j.dst_name);

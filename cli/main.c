@@ -10,7 +10,7 @@ static const struct {
 	const char *name;
 	int (*fn)(int, char **);
 	const char *help;
-} commands[] = {
+} main_commands[] = {
 	{ "serve", cmd_serve, "serve SOURCE FRONTEND... [options]   serve an image (devio serve --help)" },
 	{ "info", cmd_info, "info URI|IMAGE [--json]  format, size, allocation, flags and layers of an export" },
 	{ "cat", cmd_cat, "cat URI|IMAGE [--offset N] [--length N]   export bytes to stdout" },
@@ -23,11 +23,11 @@ static const struct {
 	{ "list", cmd_list, "list URI                 a server's exports (NBD_OPT_LIST)" },
 };
 
-static void usage(FILE *out)
+static void main_usage(FILE *out)
 {
 	fprintf(out, "usage: devio COMMAND [ARGS]\n\ncommands:\n");
-	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
-		fprintf(out, "  devio %s\n", commands[i].help);
+	for (size_t i = 0; i < sizeof(main_commands) / sizeof(main_commands[0]); i++)
+		fprintf(out, "  devio %s\n", main_commands[i].help);
 	fprintf(out, "\nFRONTEND (repeatable, with its argument):");
 	for (size_t i = 0; devio_frontends[i]; i++)
 		fprintf(out, " --%s%s", devio_frontends[i]->option, devio_frontends[i + 1] ? "," : "\n");
@@ -55,16 +55,16 @@ int main(int argc, char **argv)
 	if (argc < 2)
 		return cli_usage_error(NULL, "no command given");
 	if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "help")) {
-		usage(stdout);
+		main_usage(stdout);
 		return 0;
 	}
 	if (!strcmp(argv[1], "-V") || !strcmp(argv[1], "--version") || !strcmp(argv[1], "version")) {
 		cli_version();
 		return 0;
 	}
-	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
-		if (!strcmp(argv[1], commands[i].name))
-			return commands[i].fn(argc - 1, argv + 1);
+	for (size_t i = 0; i < sizeof(main_commands) / sizeof(main_commands[0]); i++)
+		if (!strcmp(argv[1], main_commands[i].name))
+			return main_commands[i].fn(argc - 1, argv + 1);
 	if (main_unknown_command(argc, argv))
 		return cli_usage_error(NULL, "unknown command '%s'", argv[1]);
 	return cmd_imdisk(argc, argv);

@@ -44,7 +44,7 @@ static void serve_usage(const struct feopts *f, FILE *out)
 	fprintf(out, "  -v, --verbose  -q, --quiet\n");
 }
 
-static int parse_size_opt(const char *opt, const char *val, uint64_t *out)
+static int serve_parse_size_opt(const char *opt, const char *val, uint64_t *out)
 {
 	int r = devio_parse_size(val, out);
 
@@ -57,9 +57,9 @@ static int parse_size_opt(const char *opt, const char *val, uint64_t *out)
 
 static volatile sig_atomic_t stop_signal, handover_signal;
 
-static void on_signal(int sig) { stop_signal = sig; }
+static void serve_on_signal(int sig) { stop_signal = sig; }
 
-static void on_handover(int sig) { handover_signal = sig; }
+static void serve_on_handover(int sig) { handover_signal = sig; }
 
 /* SIGUSR2: hand every front end over (frontend.h handover); true when
  * all of them are ready to stop for a successor, false to serve on. */
@@ -81,7 +81,8 @@ static bool serve_handover(struct serve_frontend *fe, size_t n)
 
 static time_t serve_started;
 
-static void write_status(struct devio_server *srv, struct serve_frontend *fe, size_t n, char *path, size_t pathlen)
+static void serve_write_status(struct devio_server *srv, struct serve_frontend *fe, size_t n, char *path,
+			       size_t pathlen)
 {
 	char tmp[PATH_MAX + 64];
 	FILE *f = NULL;
@@ -196,7 +197,7 @@ static void serve_env_build(struct serve_frontend *fe, size_t n, struct serve_en
 		}
 }
 
-static bool all_finished(struct serve_frontend *fe, size_t n)
+static bool serve_all_finished(struct serve_frontend *fe, size_t n)
 {
 	for (size_t i = 0; i < n; i++)
 		if (!fe[i].type->finished || !fe[i].type->finished(fe[i].state))
@@ -206,7 +207,7 @@ static bool all_finished(struct serve_frontend *fe, size_t n)
 
 int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 {
-	struct sigaction sa = { .sa_handler = on_signal }, sh = { .sa_handler = on_handover };
+	struct sigaction sa = { .sa_handler = serve_on_signal }, sh = { .sa_handler = serve_on_handover };
 	static struct serve_env env;
 	char status_path[PATH_MAX + 32];
 	size_t started = 0;
@@ -234,19 +235,20 @@ int serve_run(struct devio_server *srv, struct serve_frontend *fe, size_t n)
 	}
 	if ((r = runstate_lock()))
 		devio_debug("%s: cannot take this server's lock file: %s", runstate_dir(), strerror(-r));
-	write_status(srv, fe, n, status_path, sizeof(status_path));
+	serve_write_status(srv, fe, n, status_path, sizeof(status_path));
 	serve_env_build(fe, n, &env);
 	if (daemon_ready(env.env, env.n)) {
 		rc = 1;
 		goto stop_status;
 	}
-	for (unsigned tick = 1; !stop_signal && !all_finished(fe, n) && (run_status = daemon_tick()) < 0; tick++) {
+	for (unsigned tick = 1;
+	     !stop_signal && !serve_all_finished(fe, n) && (run_status = daemon_tick()) < 0; tick++) {
 		struct timespec ts = { 0, 50 * 1000 * 1000 };
 		nanosleep(&ts, NULL);
 		if (handover_signal && serve_handover(fe, n))
 			break;
 		if (tick % 20 == 0 && status_path[0]) /* live counters for `devio status` */
-			write_status(srv, fe, n, status_path, sizeof(status_path));
+			serve_write_status(srv, fe, n, status_path, sizeof(status_path));
 	}
 	if (stop_signal)
 		devio_info("signal %d: stopping", (int)stop_signal);
@@ -311,7 +313,7 @@ struct serve_args {
 	struct daemon_opts daemon;
 };
 
-static int add_export(struct serve_args *a, const char *name, const char *source)
+static int serve_add_export(struct serve_args *a, const char *name, const char *source)
 {
 	if (a->n_sources == MAX_EXPORTS) {
 		devio_err("too many exports (at most %d)", MAX_EXPORTS);
@@ -322,7 +324,7 @@ static int add_export(struct serve_args *a, const char *name, const char *source
 	return 0;
 }
 
-static int parse_export_opt(struct serve_args *a, char *val)
+static int serve_parse_export_opt(struct serve_args *a, char *val)
 {
 	char *eq = strchr(val, '=');
 
@@ -331,10 +333,10 @@ static int parse_export_opt(struct serve_args *a, char *val)
 		return -EINVAL;
 	}
 	*eq = '\0';
-	return add_export(a, val, eq + 1);
+	return serve_add_export(a, val, eq + 1);
 }
 
-static int parse_one(struct serve_args *a, int c, char *val)
+static int serve_parse_one(struct serve_args *a, int c, char *val)
 {
 	uint64_t v;
 
@@ -342,8 +344,10 @@ static int parse_one(struct serve_args *a, int c, char *val)
 	case 'r': a->open.readonly = true; return 0;
 	case 'v': devio_log_set_level(DEVIO_LOG_DEBUG); return 0;
 	case 'q': devio_log_set_level(DEVIO_LOG_WARN); return 0;
-	case OPT_OFFSET: a->open.has_offset = true; return parse_size_opt("--offset", val, &a->open.offset);
-	case OPT_SIZE: a->open.has_size = true; return parse_size_opt("--size", val, &a->open.size);
+	case OPT_OFFSET:
+		a->open.has_offset = true;
+		return serve_parse_size_opt("--offset", val, &a->open.offset);
+	case OPT_SIZE: a->open.has_size = true; return serve_parse_size_opt("--size", val, &a->open.size);
 	case OPT_PARTITION:
 		if (devio_parse_u64(val, &v) || v < 1 || v > 128) {
 			devio_err("--partition: want 1..128, got '%s'", val);
@@ -351,7 +355,7 @@ static int parse_one(struct serve_args *a, int c, char *val)
 		}
 		a->open.partition = (int)v;
 		return 0;
-	case OPT_RAM_MAX: return parse_size_opt("--ram-max", val, &a->open.ram_max);
+	case OPT_RAM_MAX: return serve_parse_size_opt("--ram-max", val, &a->open.ram_max);
 	case OPT_DIRECT: a->open.direct = true; return 0;
 	case OPT_FORMAT: a->open.format = val; return 0;
 	case OPT_CEPH_CONF: a->open.ceph_conf = val; return 0;
@@ -360,19 +364,19 @@ static int parse_one(struct serve_args *a, int c, char *val)
 	case OPT_CEPH_TIMEOUT: return devio_opt_uint("ceph-timeout", val, &a->open.ceph_timeout);
 	case OPT_REMOTE_TIMEOUT: return devio_opt_uint("remote-timeout", val, &a->open.remote_timeout);
 	case OPT_COW: a->open.cow = val; return 0;
-	case OPT_EXPORT: return parse_export_opt(a, val);
+	case OPT_EXPORT: return serve_parse_export_opt(a, val);
 	default: return -EINVAL;
 	}
 }
 
-static void close_exports(struct devio_server *srv)
+static void serve_close_exports(struct devio_server *srv)
 {
 	for (size_t i = 0; i < srv->n_exports; i++)
 		devio_backend_close(srv->exports[i].backend);
 	free(srv->exports);
 }
 
-static int open_exports(struct serve_args *a, struct devio_server *srv)
+static int serve_open_exports(struct serve_args *a, struct devio_server *srv)
 {
 	srv->exports = calloc(a->n_sources, sizeof(*srv->exports));
 	if (!srv->exports)
@@ -385,7 +389,7 @@ static int open_exports(struct serve_args *a, struct devio_server *srv)
 		e->source = a->sources[i];
 		r = devio_backend_open(e->source, &a->open, &e->backend);
 		if (r) { /* the backend said why */
-			close_exports(srv);
+			serve_close_exports(srv);
 			return r;
 		}
 		srv->n_exports++;
@@ -464,7 +468,7 @@ static int serve_parse(struct serve_args *a, int argc, char **argv)
 		if (r == 1)
 			r = daemon_parse(&a->daemon, c, optarg);
 		if (r == 1)
-			r = parse_one(a, c, optarg);
+			r = serve_parse_one(a, c, optarg);
 		if (r) /* the option said what is wrong */
 			return cli_usage_hint("serve");
 	}
@@ -499,7 +503,7 @@ int cmd_serve(int argc, char **argv)
 		free(own);
 		return 1;
 	}
-	add_export(&a, "", NULL); /* slot 0: the default export, the positional SOURCE */
+	serve_add_export(&a, "", NULL); /* slot 0: the default export, the positional SOURCE */
 	rc = serve_parse(&a, argc, argv);
 	if (rc)
 		goto out;
@@ -508,10 +512,10 @@ int cmd_serve(int argc, char **argv)
 	if (daemon_start(&a.daemon, &rc))
 		goto out; /* the --fork parent: the child is ready, or failed */
 	rc = 1;
-	if (open_exports(&a, &srv))
+	if (serve_open_exports(&a, &srv))
 		goto out;
 	rc = serve_run(&srv, a.fe.fe, a.fe.n_fe);
-	close_exports(&srv);
+	serve_close_exports(&srv);
 out:
 	for (size_t i = 0; i <= MAX_EXPORTS; i++)
 		free(a.absolute[i]);
