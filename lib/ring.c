@@ -141,24 +141,32 @@ void devio_ring_wake(struct devio_ring *r)
 		devio_warn("%s: eventfd: %s", r->name, strerror(errno));
 }
 
+/* Push node onto the lock-free stack *head (an _Atomic pointer to node's
+ * own type, linked by node->next) and wake r's thread if the stack was
+ * empty (else a wake-up is already on its way).  A macro so that the inbox
+ * of requests and the posts keep their own types. */
+#define RING_PUSH(r, head, node) \
+	do { \
+		typeof(node) ring_old_ = atomic_load_explicit(head, memory_order_relaxed); \
+		do \
+			(node)->next = ring_old_; \
+		while (!atomic_compare_exchange_weak_explicit(head, &ring_old_, node, memory_order_release, \
+							      memory_order_relaxed)); \
+		if (!ring_old_) \
+			devio_ring_wake(r); \
+	} while (0)
+
 /* req->complete for requests started with devio_ring_submit(). */
 static void ring_req_complete(struct devio_request *req)
 {
 	struct devio_ring *r = req->ring;
-	struct devio_request *old;
 
 	if (devio_ring_is_current(r)) {
 		req->next = r->local;
 		r->local = req;
 		return;
 	}
-	old = atomic_load_explicit(&r->inbox, memory_order_relaxed);
-	do
-		req->next = old;
-	while (!atomic_compare_exchange_weak_explicit(&r->inbox, &old, req, memory_order_release,
-						      memory_order_relaxed));
-	if (!old) /* else a wake-up is already on its way */
-		devio_ring_wake(r);
+	RING_PUSH(r, &r->inbox, req);
 }
 
 void devio_ring_submit(struct devio_ring *r, struct devio_backend *b, struct devio_request *req)
@@ -186,13 +194,7 @@ static bool ring_claim_idle(struct devio_ring *r)
 /* owner->post(m) on r's thread in its next pass; woken if it waits. */
 static void ring_post(struct devio_ring *r, struct devio_ring_msg *m)
 {
-	struct devio_ring_msg *old = atomic_load_explicit(&r->posts, memory_order_relaxed);
-
-	do
-		m->next = old;
-	while (!atomic_compare_exchange_weak_explicit(&r->posts, &old, m, memory_order_release, memory_order_relaxed));
-	if (!old) /* else a wake-up is already on its way */
-		devio_ring_wake(r);
+	RING_PUSH(r, &r->posts, m);
 }
 
 bool devio_ring_share(struct devio_ring *r, struct devio_ring *const *peers, unsigned n, unsigned from,
