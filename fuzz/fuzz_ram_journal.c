@@ -3,7 +3,6 @@
  * image on memfds.  Whatever it does must stay inside the image: the
  * image's size never changes, and anything but a complete, checksummed
  * journal leaves it untouched. */
-#define _GNU_SOURCE
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
