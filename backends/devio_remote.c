@@ -81,12 +81,13 @@ struct remote {
 	 * what is open when the server refuses one more (ImDisk's devio
 	 * serves one connection): requests then wait for those. */
 	unsigned max_conns;
+	bool told_cap;          /* the first cap was warned about; later ones (after a loss) are debug */
 	/* Reconnection (reconnect_s > 0): changes hold their bytes from first
 	 * send to answer; the outage's start (0: connected), said once. */
 	unsigned reconnect_s;
 	struct devio_range_lock ranges;
 	uint64_t down_since;
-	uint64_t outages;       /* losses seen so far: a connection dialled before the last one is stale */
+	uint64_t outages;       /* losses told so far: a failure on a connection dialled before the last one belongs to it */
 	bool told_expired;
 	bool dead;              /* the server now offers another export: every request fails */
 };
@@ -194,8 +195,10 @@ static bool dr_conn_shrink(struct remote *rm, struct remote_conn *c, int err)
 	for (unsigned i = 0; i < REMOTE_MAX_CONNS; i++)
 		open += rm->conns[i].l.fd >= 0;
 	if (open && open < rm->max_conns) {
-		devio_warn("%s: the server refused connection %u (%s): using the %u it accepted", rm->uri, open + 1,
-			   strerror(-err), open);
+		if (!rm->told_cap)
+			devio_warn("%s: the server refused connection %u (%s): using the %u it accepted", rm->uri,
+				   open + 1, strerror(-err), open);
+		rm->told_cap = true;
 		rm->max_conns = open;
 	}
 	c->busy = false;
@@ -263,10 +266,11 @@ static int dr_check_export(struct remote *rm, struct dr_link *l)
 	return 0;
 }
 
-/* An open connection, marked busy: dialled if need be.  With
+/* An open connection, marked busy: dialled if need be (a new one belongs
+ * to `seen`, the count of losses told before the dial began).  With
  * reconnection, a failed dial during a loss is the caller's to wait for
  * (no pool shrinking: the other connections are as dead). */
-static int dr_conn_open(struct remote *rm, struct remote_conn **out)
+static int dr_conn_open(struct remote *rm, uint64_t seen, struct remote_conn **out)
 {
 	for (;;) {
 		struct remote_conn *c = dr_conn_get(rm);
@@ -281,9 +285,9 @@ static int dr_conn_open(struct remote *rm, struct remote_conn **out)
 		if (r == 0 && rm->reconnect_s && (r = dr_check_export(rm, &l)))
 			dr_hangup(&l);
 		if (r == 0) {
+			pthread_mutex_lock(&rm->lock); /* the pool's fds are counted under it */
 			c->l = l;
-			pthread_mutex_lock(&rm->lock);
-			c->outages = rm->outages;
+			c->outages = seen;
 			pthread_mutex_unlock(&rm->lock);
 			*out = c;
 			return 0;
@@ -300,9 +304,17 @@ static int dr_conn_open(struct remote *rm, struct remote_conn **out)
 	}
 }
 
-static void dr_conn_drop(struct remote_conn *c)
+/* Close c (busy: the caller's); its slot is free for a dial again. */
+static void dr_conn_drop(struct remote *rm, struct remote_conn *c)
 {
-	dr_hangup(&c->l);
+	struct dr_link l;
+
+	pthread_mutex_lock(&rm->lock); /* the pool's fds are counted under it */
+	l = c->l;
+	c->l.fd = -1;
+	c->l.tls = NULL;
+	pthread_mutex_unlock(&rm->lock);
+	dr_hangup(&l);
 }
 
 /* SO_RCVTIMEO/SO_SNDTIMEO bound each call; a server that trickles a
@@ -432,7 +444,7 @@ static int dr_run_once_more(struct remote *rm, struct xfer *x)
 	int r = -ECONNRESET;
 
 	for (int attempt = 0; attempt < 2; attempt++) {
-		if ((r = dr_conn_open(rm, &c)))
+		if ((r = dr_conn_open(rm, 0, &c)))
 			break;
 		r = dr_exchange(rm, &c->l, x);
 		if (r == 0) {
@@ -446,27 +458,49 @@ static int dr_run_once_more(struct remote *rm, struct xfer *x)
 			attempt = 1;
 		devio_warn("%s: connection lost at offset %llu (%s)%s", rm->uri, (unsigned long long)x->off,
 			   strerror(-r), attempt ? "" : "; reconnecting");
-		dr_conn_drop(c);
+		dr_conn_drop(rm, c);
 		dr_conn_put(rm, c);
 	}
 	return r ? r : x->result;
 }
 
-/* A loss seen by one request (r): the first says so; false once the
- * server has been gone past the timeout (said once).  The clock is read
- * under the lock: read before it, another thread could start the outage
- * after our reading, and now - down_since would wrap to "gone for ages". */
-static bool dr_lost(struct remote *rm, int r)
+/* Losses told so far. */
+static uint64_t dr_outages(struct remote *rm)
 {
+	uint64_t n;
+
+	pthread_mutex_lock(&rm->lock);
+	n = rm->outages;
+	pthread_mutex_unlock(&rm->lock);
+	return n;
+}
+
+enum dr_loss { DR_LOSS_WAIT, DR_LOSS_AGAIN, DR_LOSS_EXPIRED };
+
+/* A failure (r) of an attempt that began when `seen` losses had been told
+ * (a pooled connection: when it was dialled).  Decided under one lock:
+ * a new loss is told once and waited for (the pool may open all its
+ * connections again: a refusal that capped it may have been this loss);
+ * a failure that belongs to an older loss is that one's, waited for while
+ * it lasts and tried again at once when it is over (a connection dialled
+ * before it, found broken only now).  EXPIRED once the server has been
+ * gone past the timeout (said once).  The clock is read under the lock:
+ * read before it, another thread could start the outage after our
+ * reading, and now - down_since would wrap to "gone for ages". */
+static enum dr_loss dr_lost(struct remote *rm, int r, uint64_t seen)
+{
+	enum dr_loss v = DR_LOSS_WAIT;
 	uint64_t now;
-	bool wait = true;
 
 	pthread_mutex_lock(&rm->lock);
 	now = devio_now_ns();
-	if (!rm->down_since) {
+	if (!rm->down_since && seen != rm->outages) {
+		v = DR_LOSS_AGAIN;
+	} else if (!rm->down_since) {
 		rm->down_since = now;
 		rm->outages++;
 		rm->told_expired = false;
+		rm->max_conns = REMOTE_MAX_CONNS;
 		devio_warn("%s: connection lost (%s); requests wait up to %u s for the server to come back", rm->uri,
 			   strerror(-r), rm->reconnect_s);
 	} else if (now - rm->down_since >= (uint64_t)rm->reconnect_s * 1000000000ull) {
@@ -474,70 +508,62 @@ static bool dr_lost(struct remote *rm, int r)
 			devio_err("%s: no server for %u s (%s): requests fail with EIO until it is back", rm->uri,
 				  rm->reconnect_s, strerror(-r));
 		rm->told_expired = true;
-		wait = false;
+		v = DR_LOSS_EXPIRED;
 	}
 	pthread_mutex_unlock(&rm->lock);
-	return wait;
+	return v;
 }
 
-/* An exchange went through: the end of a loss, if there was one. */
-static void dr_back(struct remote *rm)
+/* An exchange that began when `began` losses had been told went through:
+ * the end of a loss, if there was one and the exchange began after it
+ * was told (an answer read just before the loss, from the server that
+ * is gone, says nothing of the one to come back). */
+static void dr_back(struct remote *rm, uint64_t began)
 {
 	pthread_mutex_lock(&rm->lock);
-	if (rm->down_since)
+	if (rm->down_since && began == rm->outages) {
 		devio_info("%s: reconnected after %.1f s", rm->uri, (double)(devio_now_ns() - rm->down_since) / 1e9);
-	rm->down_since = 0;
+		rm->down_since = 0;
+	}
 	pthread_mutex_unlock(&rm->lock);
-}
-
-/* Was c dialled before the last loss began?  Then its failure belongs to
- * that loss (seen, and maybe over): not a new one. */
-static bool dr_conn_stale(struct remote *rm, const struct remote_conn *c)
-{
-	bool stale;
-
-	pthread_mutex_lock(&rm->lock);
-	stale = c->outages != rm->outages;
-	pthread_mutex_unlock(&rm->lock);
-	return stale;
 }
 
 /* With reconnection: run x until answered, reconnecting with backoff
  * while the server is away (up to reconnect_s from the loss).  A change
- * that timed out is not sent again (it may still land late).  A pooled
- * connection older than the last loss that breaks is dropped and x tried
- * again at once (each such connection once): the loss was told. */
+ * that timed out is not sent again (it may still land late).  A failure
+ * that belongs to a loss already over is tried again at once (dr_lost). */
 static int dr_run_reconnecting(struct remote *rm, struct xfer *x)
 {
 	uint64_t backoff_us = 50000;
 	int r;
 
 	for (;;) {
+		uint64_t began = dr_outages(rm), seen = began;
 		struct remote_conn *c;
+		enum dr_loss v;
 
 		if (dr_dead(rm))
 			return -EIO;
-		if (!(r = dr_conn_open(rm, &c))) {
+		if (!(r = dr_conn_open(rm, began, &c))) {
 			r = dr_exchange(rm, &c->l, x);
 			if (r == 0) {
 				dr_conn_put(rm, c);
-				dr_back(rm);
+				dr_back(rm, began);
 				return x->result;
 			}
-			bool stale = dr_conn_stale(rm, c);
-
-			dr_conn_drop(c);
+			seen = c->outages;
+			dr_conn_drop(rm, c);
 			dr_conn_put(rm, c);
 			if ((r == -ETIMEDOUT || r == -EAGAIN) && x->code != DEVIO_REQ_READ) {
 				devio_err("%s: no answer at offset %llu within %u s", rm->uri, (unsigned long long)x->off,
 					  rm->timeout_s);
 				return r;
 			}
-			if (stale)
-				continue;
 		}
-		if (r == -ESTALE || !dr_lost(rm, r))
+		if (r == -ESTALE || (v = dr_lost(rm, r, seen)) == DR_LOSS_EXPIRED)
 			return -EIO;
+		if (v == DR_LOSS_AGAIN)
+			continue;
 		usleep((useconds_t)backoff_us);
 		backoff_us = backoff_us * 2 > 1000000 ? 1000000 : backoff_us * 2;
 	}
@@ -734,7 +760,7 @@ static void dr_close(struct devio_backend *b)
 		if (rm->conns[i].l.fd >= 0) {
 			if (dr_write(&rm->conns[i].l, bye, sizeof(bye)))
 				devio_debug("%s: CLOSE not delivered", rm->uri);
-			dr_conn_drop(&rm->conns[i]);
+			dr_conn_drop(rm, &rm->conns[i]);
 		}
 	devio_tls_creds_free(rm->tls_creds);
 	pthread_cond_destroy(&rm->freed);

@@ -89,7 +89,8 @@ struct remote {
 	bool lost;                   /* the reader saw the connection end: the manager takes over */
 	bool closing;
 	uint32_t conn;               /* connection number, counted from 1 */
-	uint64_t down_since;         /* devio_now_ns() of the loss; requests wait until + timeout */
+	uint64_t down_since;         /* devio_now_ns() of the loss, until the server answers again */
+	uint64_t backoff_ns;         /* pause before redialling a server lost again before it answered */
 	unsigned timeout_s;          /* 0: no reconnection (dead at the first loss) */
 	pthread_t manager;           /* reconnects and replays (only with timeout_s) */
 	bool manager_live;
@@ -222,12 +223,21 @@ static void nr_fail_all(struct remote *rm)
  * reader: complete it now, or leave that to its sender if it is still
  * being sent.  Only the reader answers, and a sender frees only answered
  * slots, so the slot is still there. */
+/* The server answers on a connection made after a loss: the loss is over
+ * (lock held). */
+static void nr_outage_over_locked(struct remote *rm)
+{
+	rm->down_since = 0;
+	rm->backoff_ns = 0;
+}
+
 static void nr_answer_slot(struct remote *rm, uint64_t cookie, int result)
 {
 	unsigned i = (uint32_t)cookie;
 	struct devio_request *req = NULL;
 
 	pthread_mutex_lock(&rm->lock);
+	nr_outage_over_locked(rm); /* read by this connection's reader: the current one */
 	if (rm->slot[i]) /* cannot be NULL (see above); never a NULL dereference */
 		req = nr_settle_locked(rm, i, result);
 	pthread_mutex_unlock(&rm->lock);
@@ -400,16 +410,23 @@ static void nr_conn_lost(struct remote *rm, int r)
 		nr_fail_all(rm);
 		pthread_mutex_lock(&rm->lock);
 	} else {
+		/* a connection lost again before the server answered anything (a
+		 * server that crashes on what is sent again) is the same loss:
+		 * the wait is counted from the first, and told once */
+		bool again = rm->down_since != 0;
+
 		rm->up = false;
 		rm->conn_ok = false;
-		rm->down_since = devio_now_ns();
+		if (!again)
+			rm->down_since = devio_now_ns();
 		for (unsigned i = 0; i < REMOTE_SLOTS; i++) {
 			if (rm->state[i] == SLOT_INFLIGHT && rm->slot_conn[i] == rm->conn)
 				rm->state[i] = SLOT_QUEUED;
 			n += rm->state[i] != SLOT_FREE;
 		}
-		devio_warn("%s: connection lost (%s) with %u request(s) in flight; they wait up to %u s for the server",
-			   rm->name, r == -ECONNRESET ? "closed by the server" : strerror(-r), n, rm->timeout_s);
+		devio_log(again ? DEVIO_LOG_DEBUG : DEVIO_LOG_WARN,
+			  "%s: connection lost (%s) with %u request(s) in flight; they wait up to %u s for the server",
+			  rm->name, r == -ECONNRESET ? "closed by the server" : strerror(-r), n, rm->timeout_s);
 	}
 	rm->lost = true;
 	pthread_cond_broadcast(&rm->mgr_cond);
@@ -475,7 +492,8 @@ static bool nr_is_change(const struct devio_request *req)
 /* Has the server been gone longer than the timeout (lock held)? */
 static bool nr_expired_locked(const struct remote *rm)
 {
-	return !rm->up && rm->down_since &&
+	/* not while connected again: a replay under way is the server back */
+	return !rm->conn_ok && rm->down_since &&
 	       devio_now_ns() - rm->down_since >= (uint64_t)rm->timeout_s * 1000000000ull;
 }
 
@@ -1005,6 +1023,14 @@ static void nr_expire_locked(struct remote *rm, const char *why, bool *told)
 	pthread_mutex_lock(&rm->lock);
 }
 
+static bool nr_in_flight_locked(const struct remote *rm)
+{
+	for (unsigned i = 0; i < REMOTE_SLOTS; i++)
+		if (rm->state[i] == SLOT_INFLIGHT)
+			return true;
+	return false;
+}
+
 /* Send what waits, oldest first (lock held).  A FLUSH goes out only once
  * every older request sent again on this connection is answered.  Up
  * when nothing is left; stops early if this connection is lost too. */
@@ -1021,7 +1047,8 @@ static unsigned nr_replay_locked(struct remote *rm)
 				best = (int)i;
 		if (best < 0) {
 			rm->up = true;
-			rm->down_since = 0;
+			if (!nr_in_flight_locked(rm)) /* nothing to wait for: over */
+				nr_outage_over_locked(rm);
 			pthread_cond_broadcast(&rm->cond);
 			break;
 		}
@@ -1079,6 +1106,11 @@ static void nr_reconnect_locked(struct remote *rm)
 	char why[256] = "not tried yet";
 	bool told = false;
 
+	if (rm->backoff_ns) { /* lost again before it answered: not at once */
+		snprintf(why, sizeof(why), "it closes the connection before answering");
+		nr_nap_locked(rm, rm->backoff_ns);
+		backoff = rm->backoff_ns * 2 > 2000000000u ? 2000000000u : rm->backoff_ns * 2;
+	}
 	while (!rm->closing) {
 		struct devio_nbd_client_info info;
 		struct devio_tls *tls;
@@ -1092,6 +1124,7 @@ static void nr_reconnect_locked(struct remote *rm)
 			devio_tls_free(tls);
 			close(fd);
 		} else if (fd >= 0) {
+			rm->backoff_ns = backoff; /* until it answers */
 			nr_take_connection_locked(rm, fd, tls, &info);
 			return;
 		} else if (fd == -ESTALE) {
