@@ -215,13 +215,15 @@ static void dr_conn_put(struct remote *rm, struct remote_conn *c)
 	pthread_mutex_unlock(&rm->lock);
 }
 
-/* Has the server come back with another export (for good)? */
-static bool dr_dead(struct remote *rm)
+/* Has the server come back with another export (for good)?  And how
+ * many losses have been told so far (in *outages). */
+static bool dr_dead(struct remote *rm, uint64_t *outages)
 {
 	bool dead;
 
 	pthread_mutex_lock(&rm->lock);
 	dead = rm->dead;
+	*outages = rm->outages;
 	pthread_mutex_unlock(&rm->lock);
 	return dead;
 }
@@ -464,17 +466,6 @@ static int dr_run_once_more(struct remote *rm, struct xfer *x)
 	return r ? r : x->result;
 }
 
-/* Losses told so far. */
-static uint64_t dr_outages(struct remote *rm)
-{
-	uint64_t n;
-
-	pthread_mutex_lock(&rm->lock);
-	n = rm->outages;
-	pthread_mutex_unlock(&rm->lock);
-	return n;
-}
-
 enum dr_loss { DR_LOSS_WAIT, DR_LOSS_AGAIN, DR_LOSS_EXPIRED };
 
 /* A failure (r) of an attempt that began when `seen` losses had been told
@@ -538,12 +529,13 @@ static int dr_run_reconnecting(struct remote *rm, struct xfer *x)
 	int r;
 
 	for (;;) {
-		uint64_t began = dr_outages(rm), seen = began;
+		uint64_t began, seen;
 		struct remote_conn *c;
 		enum dr_loss v;
 
-		if (dr_dead(rm))
+		if (dr_dead(rm, &began))
 			return -EIO;
+		seen = began;
 		if (!(r = dr_conn_open(rm, began, &c))) {
 			r = dr_exchange(rm, &c->l, x);
 			if (r == 0) {
