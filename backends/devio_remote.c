@@ -81,15 +81,22 @@ struct remote {
 	 * what is open when the server refuses one more (ImDisk's devio
 	 * serves one connection): requests then wait for those. */
 	unsigned max_conns;
-	bool told_cap;          /* the first cap was warned about; later ones (after a loss) are debug */
+	bool told_cap;          /* the first cap is warned about; one learnt again after a loss is not */
 	/* Reconnection (reconnect_s > 0): changes hold their bytes from first
 	 * send to answer; the outage's start (0: connected), said once. */
 	unsigned reconnect_s;
 	struct devio_range_lock ranges;
 	uint64_t down_since;
 	uint64_t outages;       /* losses told so far: a failure on a connection dialled before the last one belongs to it */
+	uint64_t epoch;         /* losses told and ended so far: did anything change since an attempt began? */
 	bool told_expired;
 	bool dead;              /* the server now offers another export: every request fails */
+};
+
+/* What an attempt saw when it began (dr_dead): the losses told, and the
+ * losses told and ended. */
+struct dr_mark {
+	uint64_t outages, epoch;
 };
 
 /* ---- connections ---- */
@@ -183,28 +190,37 @@ static struct remote_conn *dr_conn_get(struct remote *rm)
 	return c;
 }
 
-/* Dialling slot c failed: when other connections are open the server
- * takes no more (a one-connection server), so the pool shrinks to them and
- * the request waits for one (true); when none is, it is an error (false).
- * Gives the slot back either way. */
-static bool dr_conn_shrink(struct remote *rm, struct remote_conn *c, int err)
+enum dr_refusal { DR_REFUSAL_LOSS, DR_REFUSAL_CAP, DR_REFUSAL_ERROR };
+
+/* Dialling slot c failed (err): decided under the lock, the slot given
+ * back.  With reconnection, while a loss is told or once one was told or
+ * ended since the attempt began (m), it is a LOSS for the caller to judge
+ * (no shrinking: the other connections are as dead).  Else, when other
+ * connections are open, the server takes no more (a one-connection
+ * server): the pool shrinks to them and the request waits for one (CAP);
+ * when none is, it is an ERROR (with reconnection, a loss too). */
+static enum dr_refusal dr_conn_refused(struct remote *rm, struct remote_conn *c, int err, const struct dr_mark *m)
 {
+	enum dr_refusal v = DR_REFUSAL_ERROR;
 	unsigned open = 0;
 
 	pthread_mutex_lock(&rm->lock);
 	for (unsigned i = 0; i < REMOTE_MAX_CONNS; i++)
 		open += rm->conns[i].l.fd >= 0;
-	if (open && open < rm->max_conns) {
-		if (!rm->told_cap)
+	if (rm->reconnect_s && (rm->down_since || m->epoch != rm->epoch)) {
+		v = DR_REFUSAL_LOSS;
+	} else if (open) {
+		v = DR_REFUSAL_CAP;
+		if (open < rm->max_conns && !rm->told_cap)
 			devio_warn("%s: the server refused connection %u (%s): using the %u it accepted", rm->uri,
 				   open + 1, strerror(-err), open);
 		rm->told_cap = true;
-		rm->max_conns = open;
+		rm->max_conns = open < rm->max_conns ? open : rm->max_conns;
 	}
 	c->busy = false;
 	pthread_cond_broadcast(&rm->freed);
 	pthread_mutex_unlock(&rm->lock);
-	return open > 0;
+	return v;
 }
 
 static void dr_conn_put(struct remote *rm, struct remote_conn *c)
@@ -215,28 +231,18 @@ static void dr_conn_put(struct remote *rm, struct remote_conn *c)
 	pthread_mutex_unlock(&rm->lock);
 }
 
-/* Has the server come back with another export (for good)?  And how
- * many losses have been told so far (in *outages). */
-static bool dr_dead(struct remote *rm, uint64_t *outages)
+/* Has the server come back with another export (for good)?  And what
+ * an attempt beginning now sees (*m). */
+static bool dr_dead(struct remote *rm, struct dr_mark *m)
 {
 	bool dead;
 
 	pthread_mutex_lock(&rm->lock);
 	dead = rm->dead;
-	*outages = rm->outages;
+	m->outages = rm->outages;
+	m->epoch = rm->epoch;
 	pthread_mutex_unlock(&rm->lock);
 	return dead;
-}
-
-/* Is the server lost right now (a loss seen and no exchange since)? */
-static bool dr_outage(struct remote *rm)
-{
-	bool lost;
-
-	pthread_mutex_lock(&rm->lock);
-	lost = rm->down_since != 0;
-	pthread_mutex_unlock(&rm->lock);
-	return lost;
 }
 
 /* A connection dialled after a loss must reach the same export: INFO
@@ -269,10 +275,9 @@ static int dr_check_export(struct remote *rm, struct dr_link *l)
 }
 
 /* An open connection, marked busy: dialled if need be (a new one belongs
- * to `seen`, the count of losses told before the dial began).  With
- * reconnection, a failed dial during a loss is the caller's to wait for
- * (no pool shrinking: the other connections are as dead). */
-static int dr_conn_open(struct remote *rm, uint64_t seen, struct remote_conn **out)
+ * to m->outages, the losses told before the attempt began).  A refused
+ * dial: dr_conn_refused. */
+static int dr_conn_open(struct remote *rm, const struct dr_mark *m, struct remote_conn **out)
 {
 	for (;;) {
 		struct remote_conn *c = dr_conn_get(rm);
@@ -289,20 +294,22 @@ static int dr_conn_open(struct remote *rm, uint64_t seen, struct remote_conn **o
 		if (r == 0) {
 			pthread_mutex_lock(&rm->lock); /* the pool's fds are counted under it */
 			c->l = l;
-			c->outages = seen;
+			c->outages = m->outages;
 			pthread_mutex_unlock(&rm->lock);
 			*out = c;
 			return 0;
 		}
-		if (rm->reconnect_s && (r == -ESTALE || dr_outage(rm))) {
+		if (r == -ESTALE) { /* another export: said, and for good */
 			dr_conn_put(rm, c);
 			return r;
 		}
-		if (!dr_conn_shrink(rm, c, r)) {
-			if (!rm->reconnect_s) /* else the caller's loss says it */
-				devio_err("%s: cannot connect: %s", rm->uri, strerror(-r));
-			return r;
-		}
+		enum dr_refusal v = dr_conn_refused(rm, c, r, m);
+
+		if (v == DR_REFUSAL_CAP)
+			continue;
+		if (v == DR_REFUSAL_ERROR && !rm->reconnect_s) /* else the caller's loss says it */
+			devio_err("%s: cannot connect: %s", rm->uri, strerror(-r));
+		return r;
 	}
 }
 
@@ -446,7 +453,9 @@ static int dr_run_once_more(struct remote *rm, struct xfer *x)
 	int r = -ECONNRESET;
 
 	for (int attempt = 0; attempt < 2; attempt++) {
-		if ((r = dr_conn_open(rm, 0, &c)))
+		static const struct dr_mark none;
+
+		if ((r = dr_conn_open(rm, &none, &c)))
 			break;
 		r = dr_exchange(rm, &c->l, x);
 		if (r == 0) {
@@ -468,30 +477,36 @@ static int dr_run_once_more(struct remote *rm, struct xfer *x)
 
 enum dr_loss { DR_LOSS_WAIT, DR_LOSS_AGAIN, DR_LOSS_EXPIRED };
 
-/* A failure (r) of an attempt that began when `seen` losses had been told
- * (a pooled connection: when it was dialled).  Decided under one lock:
- * a new loss is told once and waited for (the pool may open all its
- * connections again: a refusal that capped it may have been this loss);
- * a failure that belongs to an older loss is that one's, waited for while
- * it lasts and tried again at once when it is over (a connection dialled
- * before it, found broken only now).  EXPIRED once the server has been
- * gone past the timeout (said once).  The clock is read under the lock:
- * read before it, another thread could start the outage after our
- * reading, and now - down_since would wrap to "gone for ages". */
-static enum dr_loss dr_lost(struct remote *rm, int r, uint64_t seen)
+/* A failure (r) of an attempt that began with m, on a connection dialled
+ * when `seen` losses had been told (a failed dial: m->outages), decided
+ * under one lock with the clock (read before it, another thread could
+ * start the outage after our reading, and now - down_since would wrap to
+ * "gone for ages"):
+ * - no loss now, but one was told or ended since the attempt began, or
+ *   the connection is older than the last loss: that loss's, over: AGAIN;
+ * - no loss now: a new one, told once and WAITed for; the pool may open
+ *   all its connections again (a refusal that capped it may have been
+ *   this loss), and those waiting for a slot are woken;
+ * - a loss now, and the connection is older than it: it says nothing of
+ *   the server now, AGAIN (a fresh dial tells);
+ * - else the loss's: WAIT, or EXPIRED once the server has been gone past
+ *   the timeout (said once). */
+static enum dr_loss dr_lost(struct remote *rm, int r, uint64_t seen, const struct dr_mark *m)
 {
 	enum dr_loss v = DR_LOSS_WAIT;
 	uint64_t now;
 
 	pthread_mutex_lock(&rm->lock);
 	now = devio_now_ns();
-	if (!rm->down_since && seen != rm->outages) {
+	if (seen != rm->outages || (!rm->down_since && m->epoch != rm->epoch)) {
 		v = DR_LOSS_AGAIN;
 	} else if (!rm->down_since) {
 		rm->down_since = now;
 		rm->outages++;
+		rm->epoch++;
 		rm->told_expired = false;
 		rm->max_conns = REMOTE_MAX_CONNS;
+		pthread_cond_broadcast(&rm->freed);
 		devio_warn("%s: connection lost (%s); requests wait up to %u s for the server to come back", rm->uri,
 			   strerror(-r), rm->reconnect_s);
 	} else if (now - rm->down_since >= (uint64_t)rm->reconnect_s * 1000000000ull) {
@@ -505,16 +520,17 @@ static enum dr_loss dr_lost(struct remote *rm, int r, uint64_t seen)
 	return v;
 }
 
-/* An exchange that began when `began` losses had been told went through:
- * the end of a loss, if there was one and the exchange began after it
- * was told (an answer read just before the loss, from the server that
- * is gone, says nothing of the one to come back). */
-static void dr_back(struct remote *rm, uint64_t began)
+/* An exchange of an attempt that began with m went through: the end of a
+ * loss, if there was one and the attempt began after it was told (an
+ * answer read just before the loss, from the server that is gone, says
+ * nothing of the one to come back). */
+static void dr_back(struct remote *rm, const struct dr_mark *m)
 {
 	pthread_mutex_lock(&rm->lock);
-	if (rm->down_since && began == rm->outages) {
+	if (rm->down_since && m->outages == rm->outages) {
 		devio_info("%s: reconnected after %.1f s", rm->uri, (double)(devio_now_ns() - rm->down_since) / 1e9);
 		rm->down_since = 0;
+		rm->epoch++;
 	}
 	pthread_mutex_unlock(&rm->lock);
 }
@@ -529,18 +545,19 @@ static int dr_run_reconnecting(struct remote *rm, struct xfer *x)
 	int r;
 
 	for (;;) {
-		uint64_t began, seen;
+		struct dr_mark m;
 		struct remote_conn *c;
+		uint64_t seen;
 		enum dr_loss v;
 
-		if (dr_dead(rm, &began))
+		if (dr_dead(rm, &m))
 			return -EIO;
-		seen = began;
-		if (!(r = dr_conn_open(rm, began, &c))) {
+		seen = m.outages;
+		if (!(r = dr_conn_open(rm, &m, &c))) {
 			r = dr_exchange(rm, &c->l, x);
 			if (r == 0) {
 				dr_conn_put(rm, c);
-				dr_back(rm, began);
+				dr_back(rm, &m);
 				return x->result;
 			}
 			seen = c->outages;
@@ -552,7 +569,7 @@ static int dr_run_reconnecting(struct remote *rm, struct xfer *x)
 				return r;
 			}
 		}
-		if (r == -ESTALE || (v = dr_lost(rm, r, seen)) == DR_LOSS_EXPIRED)
+		if (r == -ESTALE || (v = dr_lost(rm, r, seen, &m)) == DR_LOSS_EXPIRED)
 			return -EIO;
 		if (v == DR_LOSS_AGAIN)
 			continue;

@@ -90,7 +90,8 @@ struct remote {
 	bool closing;
 	uint32_t conn;               /* connection number, counted from 1 */
 	uint64_t down_since;         /* devio_now_ns() of the loss, until the server answers again */
-	uint64_t backoff_ns;         /* pause before redialling a server lost again before it answered */
+	uint64_t backoff_ns;         /* pause before redialling a server that has not answered since the last */
+	bool told_back;              /* this loss's first reconnection was told (the others are debug) */
 	unsigned timeout_s;          /* 0: no reconnection (dead at the first loss) */
 	pthread_t manager;           /* reconnects and replays (only with timeout_s) */
 	bool manager_live;
@@ -223,9 +224,9 @@ static void nr_fail_all(struct remote *rm)
  * reader: complete it now, or leave that to its sender if it is still
  * being sent.  Only the reader answers, and a sender frees only answered
  * slots, so the slot is still there. */
-/* The server answers on a connection made after a loss: the loss is over
- * (lock held). */
-static void nr_outage_over_locked(struct remote *rm)
+/* The server answers (on the current connection): a loss is over, and
+ * the next one is redialled at once (lock held). */
+static void nr_answered_locked(struct remote *rm)
 {
 	rm->down_since = 0;
 	rm->backoff_ns = 0;
@@ -237,7 +238,7 @@ static void nr_answer_slot(struct remote *rm, uint64_t cookie, int result)
 	struct devio_request *req = NULL;
 
 	pthread_mutex_lock(&rm->lock);
-	nr_outage_over_locked(rm); /* read by this connection's reader: the current one */
+	nr_answered_locked(rm); /* read by this connection's reader: the current one */
 	if (rm->slot[i]) /* cannot be NULL (see above); never a NULL dereference */
 		req = nr_settle_locked(rm, i, result);
 	pthread_mutex_unlock(&rm->lock);
@@ -417,8 +418,10 @@ static void nr_conn_lost(struct remote *rm, int r)
 
 		rm->up = false;
 		rm->conn_ok = false;
-		if (!again)
+		if (!again) {
 			rm->down_since = devio_now_ns();
+			rm->told_back = false;
+		}
 		for (unsigned i = 0; i < REMOTE_SLOTS; i++) {
 			if (rm->state[i] == SLOT_INFLIGHT && rm->slot_conn[i] == rm->conn)
 				rm->state[i] = SLOT_QUEUED;
@@ -1047,8 +1050,8 @@ static unsigned nr_replay_locked(struct remote *rm)
 				best = (int)i;
 		if (best < 0) {
 			rm->up = true;
-			if (!nr_in_flight_locked(rm)) /* nothing to wait for: over */
-				nr_outage_over_locked(rm);
+			if (!nr_in_flight_locked(rm)) /* nothing to wait for: over (the pause */
+				rm->down_since = 0;   /* grows until the server answers) */
 			pthread_cond_broadcast(&rm->cond);
 			break;
 		}
@@ -1094,8 +1097,10 @@ static void nr_take_connection_locked(struct remote *rm, int fd, struct devio_tl
 	}
 	rm->reader_live = true;
 	n = nr_replay_locked(rm);
-	devio_info("%s: reconnected after %.1f s; %u request(s) sent again (in flight at the loss or held since)", rm->name,
-		   (double)(devio_now_ns() - t0) / 1e9, n);
+	devio_log(rm->told_back ? DEVIO_LOG_DEBUG : DEVIO_LOG_INFO,
+		  "%s: reconnected after %.1f s; %u request(s) sent again (in flight at the loss or held since)", rm->name,
+		  (double)(devio_now_ns() - t0) / 1e9, n);
+	rm->told_back = true;
 }
 
 /* Reconnect with backoff (lock held, as on return): up again, dead

@@ -449,5 +449,6 @@ def test_a_server_lost_again_during_the_replay_still_times_out(serve, scratch):
     before_stop = text.split("stopping")[0]  # (its flush at exit meets the server once more)
     assert "no server for 2 s (it closes the connection before answering)" in before_stop, text
     assert before_stop.count("connection lost") == 1, text  # one loss, told once
+    assert before_stop.count("reconnected after") == 1, text  # and its return once
     # the redials back off: not thousands of connections in those seconds
     assert far.connections < 40, far.connections
