@@ -152,25 +152,33 @@ static void runstate_read_start(struct run_server *s)
 	fclose(f);
 }
 
+/* Everything PID may have left in dir (the .tmp files: killed while
+ * writing one). */
 static void runstate_remove(const char *dir, pid_t pid)
 {
-	static const char *const ext[] = { "status", "json", "lock" };
+	static const char *const ext[] = { "status", "json", "lock", "status.tmp", "json.tmp" };
 	char path[PATH_MAX + 32];
 
-	for (size_t i = 0; i < 3; i++) {
+	for (size_t i = 0; i < sizeof(ext) / sizeof(ext[0]); i++) {
 		snprintf(path, sizeof(path), "%s/%d.%s", dir, (int)pid, ext[i]);
 		unlink(path);
 	}
 }
 
-/* A PID.lock without PID.status: a server that died while starting. */
-static void runstate_orphan_lock(const char *dir, pid_t pid)
+/* A PID.lock, PID.json or a .tmp file without PID.status: a server that
+ * died while starting or while writing its files, once nobody holds its
+ * lock (or, without a lock file, once the pid is gone). */
+static void runstate_orphan(const char *dir, pid_t pid)
 {
 	char path[PATH_MAX + 32];
 	struct stat st;
+	int held;
 
 	snprintf(path, sizeof(path), "%s/%d.status", dir, (int)pid);
-	if (stat(path, &st) < 0 && errno == ENOENT && runstate_lock_held(dir, pid) == 0)
+	if (stat(path, &st) == 0 || errno != ENOENT)
+		return;
+	held = runstate_lock_held(dir, pid);
+	if (held == 0 || (held == -ENOENT && kill(pid, 0) < 0 && errno == ESRCH))
 		runstate_remove(dir, pid);
 }
 
@@ -187,12 +195,10 @@ static bool runstate_each_in(const char *dir, bool (*fn)(const struct run_server
 
 		if (s.pid <= 0 || !dot)
 			continue;
-		if (!strcmp(dot, ".lock")) {
-			runstate_orphan_lock(dir, s.pid);
+		if (strcmp(dot, ".status")) {
+			runstate_orphan(dir, s.pid);
 			continue;
 		}
-		if (strcmp(dot, ".status"))
-			continue;
 		snprintf(s.dir, sizeof(s.dir), "%s", dir);
 		snprintf(s.status_path, sizeof(s.status_path), "%s/%d.status", dir, (int)s.pid);
 		runstate_read_start(&s);

@@ -94,6 +94,15 @@ class Server:
         return self.proc.returncode
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prune_run_dir():
+    """Tests kill servers with SIGKILL on purpose; what those left in the
+    run directory (PID.status, .json, .lock) goes at the end of the run,
+    as any reader of it removes the entries of dead servers."""
+    yield
+    subprocess.run([DEVIO, "status"], capture_output=True, timeout=60)
+
+
 @pytest.fixture
 def serve():
     """serve(args...) starts a server; every server is stopped at teardown."""

@@ -261,6 +261,30 @@ def test_stale_status_with_a_reused_pid_signals_nothing(scratch, how):
                 pass
 
 
+@pytest.mark.parametrize("lock", [True, False])
+def test_files_of_a_server_killed_before_its_status_go(lock):
+    """A server killed while starting or while writing its files leaves
+    PID.json, PID.status.tmp or PID.json.tmp without PID.status: the next
+    reader removes them once the pid is gone (its lock held by nobody)."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    names = [f"{gone.pid}.{ext}" for ext in ("json", "status.tmp", "json.tmp")] + ([f"{gone.pid}.lock"] if lock else [])
+    os.makedirs(RUN_DIR, exist_ok=True)
+    try:
+        for name in names:
+            with open(os.path.join(RUN_DIR, name), "w") as f:
+                f.write("{}\n" if "json" in name else "")
+        r = devio("status")
+        assert r.returncode == 0, r.stderr
+        assert not [n for n in names if n in status_files()], status_files()
+    finally:
+        for name in names:
+            try:
+                os.unlink(os.path.join(RUN_DIR, name))
+            except FileNotFoundError:
+                pass
+
+
 def test_detach_force_frees_a_hung_server(serve, scratch):
     """A stopped FUSE server blocks the loop device; detach --force aborts
     the connection, the reader gets an error, everything goes."""
