@@ -54,7 +54,7 @@ struct dr_link {
 struct remote_conn {
 	struct dr_link l;
 	bool busy;
-	uint64_t outages; /* rm->outages when it was dialled */
+	uint64_t outages; /* rm->outages when the attempt that dialled it began */
 };
 
 struct remote {
@@ -211,11 +211,13 @@ static enum dr_refusal dr_conn_refused(struct remote *rm, struct remote_conn *c,
 		v = DR_REFUSAL_LOSS;
 	} else if (open) {
 		v = DR_REFUSAL_CAP;
-		if (open < rm->max_conns && !rm->told_cap)
-			devio_warn("%s: the server refused connection %u (%s): using the %u it accepted", rm->uri,
-				   open + 1, strerror(-err), open);
-		rm->told_cap = true;
-		rm->max_conns = open < rm->max_conns ? open : rm->max_conns;
+		if (open < rm->max_conns) {
+			if (!rm->told_cap)
+				devio_warn("%s: the server refused connection %u (%s): using the %u it accepted",
+					   rm->uri, open + 1, strerror(-err), open);
+			rm->told_cap = true;
+			rm->max_conns = open;
+		}
 	}
 	c->busy = false;
 	pthread_cond_broadcast(&rm->freed);

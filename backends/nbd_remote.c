@@ -220,10 +220,6 @@ static void nr_fail_all(struct remote *rm)
 	nr_complete_all(done, n);
 }
 
-/* The answer for the request in slot i, which nr_find_slot() returned to the
- * reader: complete it now, or leave that to its sender if it is still
- * being sent.  Only the reader answers, and a sender frees only answered
- * slots, so the slot is still there. */
 /* The server answers (on the current connection): a loss is over, and
  * the next one is redialled at once (lock held). */
 static void nr_answered_locked(struct remote *rm)
@@ -232,6 +228,10 @@ static void nr_answered_locked(struct remote *rm)
 	rm->backoff_ns = 0;
 }
 
+/* The answer for the request in slot i, which nr_find_slot() returned to the
+ * reader: complete it now, or leave that to its sender if it is still
+ * being sent.  Only the reader answers, and a sender frees only answered
+ * slots, so the slot is still there. */
 static void nr_answer_slot(struct remote *rm, uint64_t cookie, int result)
 {
 	unsigned i = (uint32_t)cookie;
@@ -1050,8 +1050,10 @@ static unsigned nr_replay_locked(struct remote *rm)
 				best = (int)i;
 		if (best < 0) {
 			rm->up = true;
-			if (!nr_in_flight_locked(rm)) /* nothing to wait for: over (the pause */
-				rm->down_since = 0;   /* grows until the server answers) */
+			/* nothing to wait for: the loss is over (its redial pause
+			 * stays until the server answers something) */
+			if (!nr_in_flight_locked(rm))
+				rm->down_since = 0;
 			pthread_cond_broadcast(&rm->cond);
 			break;
 		}
@@ -1103,6 +1105,12 @@ static void nr_take_connection_locked(struct remote *rm, int fd, struct devio_tl
 	rm->told_back = true;
 }
 
+/* The pause after one of ns: doubled, up to 2 s. */
+static uint64_t nr_next_backoff(uint64_t ns)
+{
+	return ns * 2 > 2000000000u ? 2000000000u : ns * 2;
+}
+
 /* Reconnect with backoff (lock held, as on return): up again, dead
  * (another export, said why), or closing. */
 static void nr_reconnect_locked(struct remote *rm)
@@ -1114,7 +1122,7 @@ static void nr_reconnect_locked(struct remote *rm)
 	if (rm->backoff_ns) { /* lost again before it answered: not at once */
 		snprintf(why, sizeof(why), "it closes the connection before answering");
 		nr_nap_locked(rm, rm->backoff_ns);
-		backoff = rm->backoff_ns * 2 > 2000000000u ? 2000000000u : rm->backoff_ns * 2;
+		backoff = nr_next_backoff(rm->backoff_ns);
 	}
 	while (!rm->closing) {
 		struct devio_nbd_client_info info;
@@ -1140,7 +1148,7 @@ static void nr_reconnect_locked(struct remote *rm)
 			return;
 		} else {
 			nr_nap_locked(rm, backoff);
-			backoff = backoff * 2 > 2000000000u ? 2000000000u : backoff * 2;
+			backoff = nr_next_backoff(backoff);
 		}
 	}
 }

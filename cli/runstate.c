@@ -165,21 +165,17 @@ static void runstate_remove(const char *dir, pid_t pid)
 	}
 }
 
-/* A PID.lock, PID.json or a .tmp file without PID.status: a server that
- * died while starting or while writing its files, once nobody holds its
- * lock (or, without a lock file, once the pid is gone). */
-static void runstate_orphan(const char *dir, pid_t pid)
+/* A PID.lock, PID.json or a .tmp file without PID.status: what a server
+ * that died while starting or while writing its files left, once it is
+ * not alive (runstate_alive). */
+static void runstate_orphan(const struct run_server *s)
 {
 	char path[PATH_MAX + 32];
 	struct stat st;
-	int held;
 
-	snprintf(path, sizeof(path), "%s/%d.status", dir, (int)pid);
-	if (stat(path, &st) == 0 || errno != ENOENT)
-		return;
-	held = runstate_lock_held(dir, pid);
-	if (held == 0 || (held == -ENOENT && kill(pid, 0) < 0 && errno == ESRCH))
-		runstate_remove(dir, pid);
+	snprintf(path, sizeof(path), "%s/%d.status", s->dir, (int)s->pid);
+	if (stat(path, &st) < 0 && errno == ENOENT && !runstate_alive(s))
+		runstate_remove(s->dir, s->pid);
 }
 
 /* The entries of one directory; true once fn asked to stop. */
@@ -195,11 +191,11 @@ static bool runstate_each_in(const char *dir, bool (*fn)(const struct run_server
 
 		if (s.pid <= 0 || !dot)
 			continue;
+		snprintf(s.dir, sizeof(s.dir), "%s", dir);
 		if (strcmp(dot, ".status")) {
-			runstate_orphan(dir, s.pid);
+			runstate_orphan(&s);
 			continue;
 		}
-		snprintf(s.dir, sizeof(s.dir), "%s", dir);
 		snprintf(s.status_path, sizeof(s.status_path), "%s/%d.status", dir, (int)s.pid);
 		runstate_read_start(&s);
 		s.alive = runstate_alive(&s);
